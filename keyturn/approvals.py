@@ -1,0 +1,357 @@
+"""Approval tickets: the state machine, votes and separation of duties.
+
+Everything that affects a ticket's state lives here. States and the events
+that move between them are a table (``TRANSITIONS``); every change is a
+conditional UPDATE (``WHERE status = <from>``) inside a transaction that
+first locks the ticket row, so when two surfaces decide at the same instant
+exactly one wins and the other gets ``AlreadyDecided`` naming the outcome.
+
+Rules enforced here and nowhere else:
+
+* a requester can never vote on their own ticket, whatever their groups;
+* only members of the ticket's approver groups may vote; each counts once;
+* N-of-M: the ticket is approved when ``min_approvals`` distinct approvers
+  approved; one rejection rejects it;
+* an approval binds to the statement text, bind parameters, connection and
+  requester (``binding``) and is claimed to run exactly once.
+
+This module must not know about sockets or protocols. Decisions are
+announced through ``on_change`` (the bus), called after commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import func, select, text, update
+from sqlalchemy.exc import IntegrityError
+
+from keyturn.errors import (
+    AlreadyDecided,
+    AlreadyVoted,
+    InvalidTransition,
+    NotAnApprover,
+    NotFound,
+    SelfApproval,
+)
+from keyturn.identity import Identity
+from keyturn.models import Ticket, TicketEvent, Vote
+from keyturn.store import Store
+
+PENDING, APPROVED, REJECTED, EXPIRED, CANCELLED, EXECUTED, FAILED = (
+    "pending", "approved", "rejected", "expired", "cancelled", "executed", "failed")
+
+# state -> {event: next state}
+TRANSITIONS: dict[str, dict[str, str]] = {
+    PENDING: {"approve": APPROVED, "reject": REJECTED, "expire": EXPIRED, "cancel": CANCELLED},
+    APPROVED: {"execute": EXECUTED, "fail": FAILED, "cancel": CANCELLED, "expire": EXPIRED},
+    REJECTED: {},
+    EXPIRED: {},
+    CANCELLED: {},
+    EXECUTED: {},
+    FAILED: {},
+}
+FINAL = {s for s, t in TRANSITIONS.items() if not t}
+DECIDED = {APPROVED, REJECTED, EXPIRED, CANCELLED, EXECUTED, FAILED}
+
+# How long an approved defer-mode ticket may wait for its re-run.
+DEFER_WINDOW = 3600.0
+
+
+def binding_of(requester: str, connection: str, statement: str, params: Any) -> str:
+    """What an approval is bound to: change any part and it no longer applies."""
+    blob = json.dumps([requester, connection, statement, params], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass
+class TicketRequest:
+    requester: str
+    requester_groups: tuple[str, ...]
+    connection: str
+    statement: str
+    classification: str
+    rule: str
+    reason: str
+    approver_groups: tuple[str, ...]
+    min_approvals: int
+    timeout: float
+    mode: str = "hold"
+    params: list[Any] | None = None
+    tables: tuple[str, ...] = ()
+    client_addr: str = ""
+    application: str = ""
+    session_id: str = ""
+    in_transaction: bool = False
+    row_estimate: int | None = None
+    protocol: str = "postgres"
+    gateway_id: str = ""
+
+
+@dataclass
+class VoteResult:
+    ticket: Ticket
+    decided: bool
+    approvals: int
+    required: int
+    votes: list[dict[str, Any]] = field(default_factory=list)
+
+
+def ticket_json(t: Ticket, votes: list[Vote] | None = None,
+                events: list[TicketEvent] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        c: getattr(t, c) for c in (
+            "id", "status", "requester", "requester_groups", "connection", "protocol",
+            "client_addr", "application", "session_id", "statement", "params", "classification",
+            "tables", "rule", "reason", "in_transaction", "row_estimate", "approver_groups",
+            "min_approvals", "mode", "created_at", "expires_at", "decided_at", "decided_by",
+            "decision_comment", "executed_at", "result_rows", "result_error")
+    }
+    if votes is not None:
+        out["votes"] = [{"approver": v.approver, "vote": v.vote, "comment": v.comment,
+                         "via": v.via, "at": v.at} for v in votes]
+        out["approvals"] = sum(1 for v in votes if v.vote == "approve")
+    if events is not None:
+        out["events"] = [{"at": e.at, "kind": e.kind, "actor": e.actor, "detail": e.detail}
+                         for e in events]
+    return out
+
+
+class Approvals:
+    def __init__(self, store: Store, *, on_change: Callable[[int, str], None] | None = None,
+                 audit: Callable[..., None] | None = None):
+        self.store = store
+        self.on_change = on_change or (lambda _id, _status: None)
+        self.audit = audit or (lambda **_: None)
+
+    # ---- reading
+
+    def get(self, ticket_id: int) -> Ticket:
+        with self.store.session() as s:
+            t = s.get(Ticket, ticket_id)
+            if t is None:
+                raise NotFound(f"no ticket {ticket_id}")
+            return t
+
+    def detail(self, ticket_id: int) -> dict[str, Any]:
+        with self.store.session() as s:
+            t = s.get(Ticket, ticket_id)
+            if t is None:
+                raise NotFound(f"no ticket {ticket_id}")
+            votes = list(s.scalars(select(Vote).where(Vote.ticket_id == t.id).order_by(Vote.id)))
+            events = list(s.scalars(select(TicketEvent).where(TicketEvent.ticket_id == t.id)
+                                    .order_by(TicketEvent.id)))
+            return ticket_json(t, votes, events)
+
+    def list(self, *, status: str | None = None, requester: str | None = None,
+             limit: int = 100) -> list[Ticket]:
+        with self.store.session() as s:
+            q = select(Ticket).order_by(Ticket.id.desc()).limit(limit)
+            if status:
+                q = q.where(Ticket.status == status)
+            if requester:
+                q = q.where(Ticket.requester == requester)
+            return list(s.scalars(q))
+
+    def statuses(self, ids: list[int]) -> dict[int, str]:
+        if not ids:
+            return {}
+        with self.store.session() as s:
+            rows = s.execute(select(Ticket.id, Ticket.status).where(Ticket.id.in_(ids)))
+            return {i: st for i, st in rows}
+
+    def can_decide(self, ident: Identity, t: Ticket) -> bool:
+        return ident.user != t.requester and bool(set(ident.groups) & set(t.approver_groups))
+
+    # ---- writing
+
+    def create(self, req: TicketRequest, *, now: float | None = None) -> Ticket:
+        now = time.time() if now is None else now
+        t = Ticket(
+            status=PENDING, requester=req.requester, requester_groups=list(req.requester_groups),
+            connection=req.connection, protocol=req.protocol, client_addr=req.client_addr,
+            application=req.application, session_id=req.session_id, statement=req.statement,
+            params=req.params,
+            binding=binding_of(req.requester, req.connection, req.statement, req.params),
+            classification=req.classification, tables=list(req.tables), rule=req.rule,
+            reason=req.reason, in_transaction=req.in_transaction, row_estimate=req.row_estimate,
+            approver_groups=list(req.approver_groups), min_approvals=req.min_approvals,
+            mode=req.mode, gateway_id=req.gateway_id, created_at=now,
+            expires_at=now + req.timeout,
+        )
+        with self.store.session() as s, s.begin():
+            s.add(t)
+            s.flush()
+            s.add(TicketEvent(ticket_id=t.id, at=now, kind="created", actor=req.requester,
+                              detail={"rule": req.rule, "mode": req.mode}))
+            self._announce(s, t.id, PENDING)
+        self.on_change(t.id, PENDING)
+        return t
+
+    def _lock(self, s: Any, ticket_id: int) -> Ticket:
+        t = s.scalars(select(Ticket).where(Ticket.id == ticket_id).with_for_update()).first()
+        if t is None:
+            raise NotFound(f"no ticket {ticket_id}")
+        return t
+
+    def _announce(self, s: Any, ticket_id: int, status: str) -> None:
+        # With PostgreSQL the notification is delivered at commit, atomically with the change.
+        if not self.store.is_sqlite:
+            s.execute(text("SELECT pg_notify('keyturn_tickets', :p)"),
+                      {"p": f"{ticket_id}:{status}"})
+
+    def _move(self, s: Any, t: Ticket, event: str, now: float, **values: Any) -> str:
+        nxt = TRANSITIONS[t.status].get(event)
+        if nxt is None:
+            raise InvalidTransition(f"ticket {t.id} is {t.status}; cannot {event}",
+                                    ticket=t.id, status=t.status)
+        res = s.execute(update(Ticket).where(Ticket.id == t.id, Ticket.status == t.status)
+                        .values(status=nxt, **values))
+        if res.rowcount != 1:
+            raise AlreadyDecided(f"ticket {t.id} changed concurrently", ticket=t.id)
+        return nxt
+
+    def _already(self, t: Ticket) -> AlreadyDecided:
+        who = f" by {t.decided_by}" if t.decided_by else ""
+        why = f": {t.decision_comment}" if t.decision_comment else ""
+        return AlreadyDecided(f"ticket {t.id} was already {t.status}{who}{why}", ticket=t.id,
+                              status=t.status, decided_by=t.decided_by)
+
+    def vote(self, ticket_id: int, ident: Identity, vote: str, comment: str | None = None,
+             *, via: str = "api", now: float | None = None) -> VoteResult:
+        if vote not in ("approve", "reject"):
+            raise ValueError("vote must be approve or reject")
+        if vote == "reject" and not (comment and comment.strip()):
+            raise InvalidTransition("a rejection needs a reason")
+        now = time.time() if now is None else now
+        expired = False
+        with self.store.session() as s, s.begin():
+            t = self._lock(s, ticket_id)
+            if t.status != PENDING:
+                raise self._already(t)
+            if now >= t.expires_at:
+                self._move(s, t, "expire", now, decided_at=now, decided_by=None,
+                           decision_comment="no decision before the timeout")
+                s.add(TicketEvent(ticket_id=t.id, at=now, kind="expired", actor=None, detail={}))
+                self._announce(s, t.id, EXPIRED)
+                expired = True
+            else:
+                if ident.user == t.requester:
+                    raise SelfApproval(f"{ident.user} requested ticket {t.id} and cannot decide it"
+                                       " (separation of duties)", ticket=t.id)
+                if not set(ident.groups) & set(t.approver_groups):
+                    raise NotAnApprover(
+                        f"{ident.user} is not in an approver group of ticket {t.id} "
+                        f"({', '.join(t.approver_groups)})", ticket=t.id)
+                try:
+                    with s.begin_nested():
+                        s.add(Vote(ticket_id=t.id, approver=ident.user, vote=vote,
+                                   comment=comment, via=via, at=now))
+                except IntegrityError:
+                    raise AlreadyVoted(f"{ident.user} already voted on ticket {t.id}",
+                                       ticket=t.id) from None
+                s.add(TicketEvent(ticket_id=t.id, at=now, kind=f"vote:{vote}", actor=ident.user,
+                                  detail={"comment": comment, "via": via}))
+                approvals = s.scalar(select(func.count()).select_from(Vote).where(
+                    Vote.ticket_id == t.id, Vote.vote == "approve")) or 0
+                decided = False
+                if vote == "reject":
+                    self._move(s, t, "reject", now, decided_at=now, decided_by=ident.user,
+                               decision_comment=comment)
+                    decided = True
+                elif approvals >= t.min_approvals:
+                    approvers = list(s.scalars(select(Vote.approver).where(
+                        Vote.ticket_id == t.id, Vote.vote == "approve").order_by(Vote.id)))
+                    self._move(s, t, "approve", now, decided_at=now,
+                               decided_by=", ".join(approvers), decision_comment=comment)
+                    decided = True
+                if decided:
+                    s.add(TicketEvent(ticket_id=t.id, at=now, kind="decided", actor=ident.user,
+                                      detail={"status": APPROVED if vote == "approve"
+                                              else REJECTED}))
+                    self._announce(s, t.id, APPROVED if vote == "approve" else REJECTED)
+        t = self.get(ticket_id)
+        if expired:
+            self.on_change(t.id, t.status)
+            self.audit(kind="ticket", user=None, connection=t.connection, ticket_id=t.id,
+                       outcome=EXPIRED, statement=t.statement)
+            raise self._already(t)
+        self.audit(kind="vote", user=ident.user, connection=t.connection, ticket_id=t.id,
+                   action=vote, outcome=t.status, reason=comment, statement=t.statement,
+                   detail={"via": via})
+        if decided:
+            self.on_change(t.id, t.status)
+        return VoteResult(t, decided, approvals, t.min_approvals)
+
+    def finish(self, ticket_id: int, event: str, *, actor: str | None = None,
+               comment: str | None = None, rows: int | None = None, error: str | None = None,
+               now: float | None = None) -> Ticket:
+        """Non-vote transitions: expire, cancel, execute, fail."""
+        now = time.time() if now is None else now
+        with self.store.session() as s, s.begin():
+            t = self._lock(s, ticket_id)
+            if event not in TRANSITIONS[t.status]:
+                if t.status in DECIDED:
+                    raise self._already(t)
+                raise InvalidTransition(f"ticket {t.id} is {t.status}; cannot {event}")
+            values: dict[str, Any] = {}
+            if event in ("expire", "cancel") and t.status == PENDING:
+                values = {"decided_at": now, "decided_by": actor, "decision_comment": comment}
+            if event in ("execute", "fail"):
+                values = {"executed_at": now, "result_rows": rows, "result_error": error}
+            nxt = self._move(s, t, event, now, **values)
+            s.add(TicketEvent(ticket_id=t.id, at=now, kind=nxt, actor=actor,
+                              detail={k: v for k, v in (("comment", comment), ("rows", rows),
+                                                        ("error", error)) if v is not None}))
+            self._announce(s, t.id, nxt)
+        self.on_change(ticket_id, nxt)
+        return self.get(ticket_id)
+
+    def claim(self, ticket_id: int, binding: str, *, now: float | None = None) -> bool:
+        """Take an approved ticket to run its statement exactly once."""
+        now = time.time() if now is None else now
+        with self.store.session() as s, s.begin():
+            res = s.execute(update(Ticket).where(
+                Ticket.id == ticket_id, Ticket.status == APPROVED, Ticket.binding == binding,
+                Ticket.claimed_at.is_(None)).values(claimed_at=now))
+            return res.rowcount == 1
+
+    def claim_deferred(self, binding: str, *, now: float | None = None) -> Ticket | None:
+        """An approved, unclaimed defer-mode ticket for exactly this request."""
+        now = time.time() if now is None else now
+        with self.store.session() as s:
+            ids = list(s.scalars(select(Ticket.id).where(
+                Ticket.binding == binding, Ticket.status == APPROVED, Ticket.mode == "defer",
+                Ticket.claimed_at.is_(None), Ticket.decided_at > now - DEFER_WINDOW)
+                .order_by(Ticket.id)))
+        for tid in ids:
+            if self.claim(tid, binding, now=now):
+                return self.get(tid)
+        return None
+
+    def expire_due(self, *, now: float | None = None) -> list[int]:
+        now = time.time() if now is None else now
+        with self.store.session() as s:
+            due = list(s.scalars(select(Ticket.id).where(Ticket.status == PENDING,
+                                                         Ticket.expires_at <= now)))
+        done = []
+        for tid in due:
+            try:
+                t = self.finish(tid, "expire", comment="no decision before the timeout", now=now)
+            except (AlreadyDecided, InvalidTransition):
+                continue
+            self.audit(kind="ticket", connection=t.connection, ticket_id=t.id, outcome=EXPIRED,
+                       statement=t.statement, user=t.requester)
+            done.append(tid)
+        return done
+
+    def add_event(self, ticket_id: int, kind: str, actor: str | None = None,
+                  **detail: Any) -> None:
+        with self.store.session() as s, s.begin():
+            s.add(TicketEvent(ticket_id=ticket_id, at=time.time(), kind=kind, actor=actor,
+                              detail=detail))

@@ -1,0 +1,348 @@
+"""The ``keyturn`` command line.
+
+This is the composition root: it reads the config, builds services and
+starts surfaces (gateway, portal). Surfaces live in their own packages and
+are imported lazily here, so the core never depends on them at import time.
+
+Ticket commands (``tickets``, ``approve``, ``reject``) talk to the portal's
+JSON API with ``KEYTURN_TOKEN``, exactly as a script would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from keyturn.config import Config, load_config, parse_duration
+from keyturn.errors import ConfigError, KeyturnError
+
+log = logging.getLogger("keyturn")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config)
+
+
+def _services(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from keyturn.services import build_services
+
+    return build_services(_config(args))
+
+
+def _when(value: str | None) -> float | None:
+    """An ISO date/time (UTC if no zone) or a relative age like ``2h`` / ``7d``."""
+    if not value:
+        return None
+    try:
+        return dt.datetime.now(dt.UTC).timestamp() - parse_duration(value)
+    except ValueError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise KeyturnError(f"cannot read time {value!r}: use ISO 8601 (2026-11-22T10:00) "
+                           "or an age like 2h") from exc
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when.timestamp()
+
+
+def _fmt_time(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from keyturn.store import Store
+
+    cfg = _config(args)
+    Store(cfg.store_url).upgrade()
+    print(f"store schema is current ({cfg.store_url.split('://')[0]})")
+    return 0
+
+
+def cmd_policy_explain(args: argparse.Namespace) -> int:
+    from keyturn.analysis import Analyzer, StatementClass
+    from keyturn.policy import Request, evaluate
+
+    cfg = _config(args)
+    if args.connection not in cfg.connections:
+        raise KeyturnError(f"unknown connection {args.connection!r} "
+                           f"(configured: {', '.join(cfg.connections) or 'none'})")
+    if args.user not in cfg.users:
+        raise KeyturnError(f"unknown user {args.user!r}")
+    conn = cfg.connections[args.connection]
+    analyzer = Analyzer(unknown_function_class=StatementClass(conn.unknown_function_class))
+    sql = args.sql if args.sql != "-" else sys.stdin.read()
+    analysis = analyzer.analyze(sql)
+    decision = evaluate(cfg, Request(args.user, cfg.groups_of(args.user), conn,
+                                     analysis.statements, analysis.error))
+    out = decision.to_json()
+    out["user"], out["groups"], out["connection"] = args.user, list(cfg.groups_of(args.user)), \
+        conn.name
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    svc = _services(args)
+    ids = svc.identities
+    if args.token_cmd == "create":
+        ttl = parse_duration(args.ttl) if args.ttl else None
+        issued = ids.create_token(args.user, description=args.description or "", ttl=ttl)
+        svc.record_audit(kind="token", user=args.user, action="create",
+                         detail={"token_id": issued.id, "by": "cli"})
+        if args.quiet:
+            print(issued.token)
+        else:
+            print(f"token {issued.id} for {issued.user}, expires {_fmt_time(issued.expires_at)}")
+            print("It is shown once; store it now:")
+            print(issued.token)
+        return 0
+    if args.token_cmd == "list":
+        rows = ids.list_tokens(args.user)
+        print(f"{'id':>4}  {'user':<12} {'prefix':<11} {'state':<8} {'expires':<21} description")
+        import time
+
+        now = time.time()
+        for r in rows:
+            state = "revoked" if r.revoked_at else ("expired" if r.expires_at <= now else "active")
+            print(f"{r.id:>4}  {r.user:<12} {r.prefix:<11} {state:<8} {_fmt_time(r.expires_at):<21}"
+                  f" {r.description}")
+        return 0
+    row = ids.revoke_token(args.id)
+    svc.record_audit(kind="token", user=row.user, action="revoke",
+                     detail={"token_id": row.id, "by": "cli"})
+    print(f"token {row.id} of {row.user} revoked")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    svc = _services(args)
+    if args.audit_cmd == "verify":
+        result = svc.audit.verify()
+        if args.json:
+            print(json.dumps(result.to_json(), indent=2))
+        elif result.ok:
+            print(f"audit chain OK: {result.count} records, head {result.head_seq} "
+                  f"{result.head_hash[:16]}…")
+        else:
+            print(f"audit chain BROKEN ({result.count} records):")
+            for p in result.problems:
+                print(f"  - {p}")
+        return 0 if result.ok else 1
+    out = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout
+    try:
+        n = svc.audit.export(out, args.format, _when(args.since), _when(args.until))
+    finally:
+        if args.output:
+            out.close()
+    svc.record_audit(kind="export", user=os.environ.get("USER"), action="audit-export",
+                     detail={"format": args.format, "since": args.since, "until": args.until,
+                             "records": n})
+    print(f"exported {n} records", file=sys.stderr)
+    return 0
+
+
+# ---- API client commands
+
+def _api(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> Any:
+    import requests
+
+    token = os.environ.get("KEYTURN_TOKEN")
+    if not token:
+        raise KeyturnError("set KEYTURN_TOKEN to your access token (keyturn token create)")
+    base = args.url or os.environ.get("KEYTURN_URL")
+    if not base:
+        try:
+            base = _config(args).portal.public_url
+        except ConfigError:
+            base = "http://127.0.0.1:8080"
+    try:
+        resp = requests.request(method, f"{base.rstrip('/')}/api/v1{path}", json=body,
+                                headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    except requests.RequestException as exc:
+        raise KeyturnError(f"cannot reach the Keyturn API at {base}: {exc}") from exc
+    try:
+        data = resp.json()
+    except ValueError:
+        raise KeyturnError(f"API answered {resp.status_code} without JSON") from None
+    if resp.status_code >= 400:
+        raise KeyturnError(data.get("message", f"API error {resp.status_code}"), **{
+            k: v for k, v in data.items() if k not in ("message",)})
+    return data
+
+
+def cmd_tickets(args: argparse.Namespace) -> int:
+    q = f"?limit={args.limit}" + (f"&status={args.status}" if args.status else "") + \
+        ("&mine=1" if args.mine else "")
+    data = _api(args, "GET", f"/tickets{q}")
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    tickets = data["tickets"]
+    if not tickets:
+        print("no tickets")
+        return 0
+    for t in tickets:
+        mark = "*" if t.get("can_decide") and t["status"] == "pending" else " "
+        stmt = " ".join(t["statement"].split())
+        print(f"{mark}{t['id']:>5} {t['status']:<9} {t['requester']:<10} {t['connection']:<12} "
+              f"{t['classification']:<8} {stmt[:60]}")
+    return 0
+
+
+def cmd_decide(args: argparse.Namespace) -> int:
+    vote = args.cmd
+    body = {"comment": args.comment} if vote == "approve" else {"reason": args.reason}
+    data = _api(args, "POST", f"/tickets/{args.ticket}/{vote}", body)
+    t = data["ticket"]
+    if data["decided"]:
+        print(f"ticket {t['id']} {t['status']}" + (f" by {t['decided_by']}" if t['decided_by']
+                                                    else ""))
+    else:
+        print(f"ticket {t['id']}: approval recorded ({data['approvals']} of {data['required']})")
+    return 0
+
+
+# ---- long-running surfaces
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from keyturn.runner import run
+
+    return run(_config(args), gateway=True, portal=False)
+
+
+def cmd_portal(args: argparse.Namespace) -> int:
+    from keyturn.runner import run
+
+    return run(_config(args), gateway=False, portal=True)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from keyturn.runner import run
+
+    return run(_config(args), gateway=True, portal=True)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from keyturn.demo import run_demo
+
+    return run_demo(args.dir, pg_port=args.pg_port, gateway_port=args.port,
+                    portal_port=args.portal_port)
+
+
+def cmd_bots(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if not cfg.integrations:
+        print("no integrations configured (integrations: slack / teams in the config); "
+              "nothing to run", file=sys.stderr)
+        return 2
+    print("Slack and Teams bots are not part of this version yet", file=sys.stderr)
+    return 2
+
+
+# ---------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="keyturn", description="Keyturn access gateway")
+    p.add_argument("-c", "--config", help="config file (default: $KEYTURN_CONFIG or ./keyturn.yaml)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("demo", help="start a throwaway PostgreSQL, gateway and API with demo users")
+    d.add_argument("--dir", default=".demo")
+    d.add_argument("--port", type=int, default=6432, help="gateway port")
+    d.add_argument("--portal-port", type=int, default=8080)
+    d.add_argument("--pg-port", type=int, default=None)
+    d.set_defaults(fn=cmd_demo)
+    sub.add_parser("up", help="run gateway and portal in one process").set_defaults(fn=cmd_up)
+    sub.add_parser("gateway", help="run the protocol gateway").set_defaults(fn=cmd_gateway)
+    sub.add_parser("portal", help="run the web portal and JSON API").set_defaults(fn=cmd_portal)
+    sub.add_parser("bots", help="run the Slack / Teams bots").set_defaults(fn=cmd_bots)
+
+    db = sub.add_parser("db", help="store maintenance")
+    dbs = db.add_subparsers(dest="db_cmd", required=True)
+    dbs.add_parser("upgrade", help="migrate the store to the newest schema").set_defaults(
+        fn=cmd_db_upgrade)
+
+    pol = sub.add_parser("policy", help="policy tools")
+    pols = pol.add_subparsers(dest="policy_cmd", required=True)
+    ex = pols.add_parser("explain", help="print the Decision for a statement as JSON")
+    ex.add_argument("--user", required=True)
+    ex.add_argument("--connection", required=True)
+    ex.add_argument("sql", help="the statement ('-' reads stdin)")
+    ex.set_defaults(fn=cmd_policy_explain)
+
+    tok = sub.add_parser("token", help="gateway access tokens")
+    toks = tok.add_subparsers(dest="token_cmd", required=True)
+    tc = toks.add_parser("create")
+    tc.add_argument("--user", required=True)
+    tc.add_argument("--description")
+    tc.add_argument("--ttl", help="lifetime, e.g. 12h or 30d (default from config, 90d)")
+    tc.add_argument("-q", "--quiet", action="store_true", help="print only the token")
+    tc.set_defaults(fn=cmd_token)
+    tl = toks.add_parser("list")
+    tl.add_argument("--user")
+    tl.set_defaults(fn=cmd_token)
+    tr = toks.add_parser("revoke")
+    tr.add_argument("id", type=int)
+    tr.set_defaults(fn=cmd_token)
+
+    for name in ("tickets", "approve", "reject"):
+        sp = sub.add_parser(name, help={"tickets": "list tickets (uses the API)",
+                                        "approve": "approve a ticket", "reject": "reject a ticket"
+                                        }[name])
+        sp.add_argument("--url", help="portal URL (default: $KEYTURN_URL or the config's "
+                                      "portal.public_url)")
+        if name == "tickets":
+            sp.add_argument("--status")
+            sp.add_argument("--mine", action="store_true")
+            sp.add_argument("--limit", type=int, default=50)
+            sp.add_argument("--json", action="store_true")
+            sp.set_defaults(fn=cmd_tickets)
+        else:
+            sp.add_argument("ticket", type=int)
+            if name == "approve":
+                sp.add_argument("--comment", default=None)
+            else:
+                sp.add_argument("--reason", required=True)
+            sp.set_defaults(fn=cmd_decide)
+
+    au = sub.add_parser("audit", help="audit trail")
+    aus = au.add_subparsers(dest="audit_cmd", required=True)
+    av = aus.add_parser("verify", help="check the hash chain")
+    av.add_argument("--json", action="store_true")
+    av.set_defaults(fn=cmd_audit)
+    ae = aus.add_parser("export", help="export records")
+    ae.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    ae.add_argument("--since", help="ISO time or age (2h, 7d)")
+    ae.add_argument("--until", help="ISO time or age")
+    ae.add_argument("-o", "--output", help="file (default stdout)")
+    ae.set_defaults(fn=cmd_audit)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.fn(args) or 0)
+    except KeyturnError as exc:
+        print(f"keyturn: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

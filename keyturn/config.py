@@ -1,0 +1,517 @@
+"""Load and validate ``keyturn.yaml``.
+
+One YAML file describes the store, identity (users and groups), connections,
+policies and integrations. It is validated completely at start-up; every
+error names the key path and the line it came from, so an operator can fix
+the file without guessing. Secrets are never inline: they are referenced with
+``*_env`` (an environment variable) or ``*_file`` (a file), and resolved only
+when used.
+
+This module must not open network connections or touch the store.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from keyturn.errors import ConfigError
+
+CONNECTION_TYPES = ("postgres", "mysql", "ssh", "http", "kubernetes")
+ACTIONS = ("allow", "block", "review", "mask")
+REVIEW_MODES = ("hold", "defer")
+STATEMENT_CLASSES = (
+    "transaction", "session", "read", "write", "ddl", "privilege",
+    "procedural", "admin", "file", "unknown",
+)
+# Keys whose value would be a secret if written inline.
+_SECRET_KEYS = {"password", "secret", "token", "secret_key", "signing_secret", "bot_token",
+                "client_secret", "app_password"}
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from ``90``, ``"90s"``, ``"10m"``, ``"1h"``."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    m = _DURATION.match(str(value))
+    if not m:
+        raise ValueError(f"not a duration: {value!r} (use e.g. 30s, 10m, 1h)")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+# ---------------------------------------------------------------- YAML with lines
+
+class _Doc:
+    """Plain Python data plus the source line of every key path."""
+
+    def __init__(self, path: str, text: str):
+        self.path = path
+        self.lines: dict[tuple[Any, ...], int] = {}
+        try:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+        self.data = self._convert(node, ()) if node is not None else {}
+
+    def _convert(self, node: yaml.Node, at: tuple[Any, ...]) -> Any:
+        self.lines[at] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            out: dict[str, Any] = {}
+            for knode, vnode in node.value:
+                key = yaml.safe_load(yaml.serialize(knode))
+                if key in out:
+                    raise ConfigError(
+                        f"{self.path}:{knode.start_mark.line + 1}: {_fmt(at + (key,))}: duplicate key")
+                self.lines[at + (key,)] = knode.start_mark.line + 1
+                out[key] = self._convert(vnode, at + (key,))
+                self.lines[at + (key,)] = knode.start_mark.line + 1
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self._convert(v, at + (i,)) for i, v in enumerate(node.value)]
+        return yaml.safe_load(yaml.serialize(node))
+
+    def error(self, at: tuple[Any, ...], message: str) -> ConfigError:
+        probe = at
+        while probe and probe not in self.lines:
+            probe = probe[:-1]
+        line = self.lines.get(probe)
+        where = f"{self.path}:{line}" if line else self.path
+        return ConfigError(f"{where}: {_fmt(at)}: {message}")
+
+
+def _fmt(at: Iterable[Any]) -> str:
+    out = ""
+    for part in at:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+# ---------------------------------------------------------------- typed config
+
+@dataclass(frozen=True)
+class SecretRef:
+    """A secret named by environment variable or file; resolved on use."""
+
+    env: str | None = None
+    file: str | None = None
+    where: str = ""
+
+    def resolve(self) -> str:
+        if self.env:
+            value = os.environ.get(self.env)
+            if value is None:
+                raise ConfigError(f"{self.where}: environment variable {self.env} is not set")
+            return value
+        if self.file:
+            try:
+                return Path(self.file).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"{self.where}: cannot read {self.file}: {exc.strerror}") from exc
+        raise ConfigError(f"{self.where}: no secret configured")
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    groups: tuple[str, ...] = ()
+    email: str | None = None
+    display_name: str | None = None
+
+
+@dataclass(frozen=True)
+class ReviewSettings:
+    approvers: tuple[str, ...]
+    min_approvals: int = 1
+    timeout: float = 600.0
+    mode: str = "hold"
+
+
+@dataclass(frozen=True)
+class Match:
+    users: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    connections: tuple[str, ...] = ()
+    classes: tuple[str, ...] = ()
+    tables: tuple[str, ...] = ()
+    functions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    match: Match
+    action: str
+    reason: str | None = None
+    review: ReviewSettings | None = None
+    line: int | None = None
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    rules: tuple[Rule, ...]
+    default_action: str = "block"
+
+
+@dataclass(frozen=True)
+class Target:
+    host: str
+    port: int
+    dbname: str | None = None
+    user: str | None = None
+    password: SecretRef | None = None
+    sslmode: str = "disable"
+
+
+@dataclass(frozen=True)
+class Connection:
+    name: str
+    type: str
+    target: Target
+    policy: str
+    unknown_function_class: str = "write"
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Listener:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    postgres: Listener | None = Listener("127.0.0.1", 6432)
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    gateway_id: str = "gateway"
+
+
+@dataclass(frozen=True)
+class PortalSettings:
+    listen: Listener = Listener("127.0.0.1", 8080)
+    public_url: str = "http://127.0.0.1:8080"
+    secret_key: SecretRef | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    store_url: str
+    users: dict[str, User]
+    connections: dict[str, Connection]
+    policies: dict[str, Policy]
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    portal: PortalSettings = field(default_factory=PortalSettings)
+    integrations: dict[str, Any] = field(default_factory=dict)
+    token_ttl: float = 90 * 86400.0
+
+    def groups_of(self, user: str) -> tuple[str, ...]:
+        u = self.users.get(user)
+        return u.groups if u else ()
+
+    def members_of(self, group: str) -> list[str]:
+        return sorted(n for n, u in self.users.items() if group in u.groups)
+
+
+# ---------------------------------------------------------------- validation
+
+_TOP_KEYS = {"store", "identity", "connections", "policies", "integrations", "gateway", "portal"}
+
+
+class _Validator:
+    def __init__(self, doc: _Doc):
+        self.doc = doc
+
+    def err(self, at: tuple[Any, ...], message: str) -> ConfigError:
+        return self.doc.error(at, message)
+
+    def mapping(self, value: Any, at: tuple[Any, ...], allowed: set[str] | None = None) -> dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.err(at, f"expected a mapping, got {type(value).__name__}")
+        if allowed is not None:
+            for key in value:
+                if key in _SECRET_KEYS:
+                    raise self.err(at + (key,), f"secrets must not be inline; use {key}_env or "
+                                                f"{key}_file")
+                if key not in allowed:
+                    raise self.err(at + (key,), f"unknown key (expected one of: "
+                                                f"{', '.join(sorted(allowed))})")
+        return value
+
+    def str_list(self, value: Any, at: tuple[Any, ...]) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            return (value,)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.err(at, "expected a string or a list of strings")
+        return tuple(value)
+
+    def string(self, value: Any, at: tuple[Any, ...], *, required: bool = True) -> str:
+        if value is None and not required:
+            return ""
+        if not isinstance(value, str) or not value:
+            raise self.err(at, "expected a non-empty string" if value is not None else
+                           "is required")
+        return value
+
+    def secret(self, m: dict, key: str, at: tuple[Any, ...]) -> SecretRef | None:
+        env, file = m.get(f"{key}_env"), m.get(f"{key}_file")
+        if env is None and file is None:
+            return None
+        if env is not None and file is not None:
+            raise self.err(at + (f"{key}_env",), f"give {key}_env or {key}_file, not both")
+        where = self.doc.error(at + (f"{key}_env" if env else f"{key}_file",), "").args[0]
+        return SecretRef(env=env, file=file, where=where.rsplit(": ", 1)[0])
+
+    def listener(self, value: Any, at: tuple[Any, ...]) -> Listener:
+        if isinstance(value, int):
+            return Listener("127.0.0.1", value)
+        if isinstance(value, str) and ":" in value:
+            host, _, port = value.rpartition(":")
+            if port.isdigit():
+                return Listener(host or "127.0.0.1", int(port))
+        raise self.err(at, f"expected HOST:PORT or a port number, got {value!r}")
+
+    # ---- sections
+
+    def run(self) -> Config:
+        top = self.mapping(self.doc.data, (), _TOP_KEYS)
+        store = self.mapping(top.get("store"), ("store",), {"url", "url_env"})
+        if "url_env" in store:
+            url = os.environ.get(store["url_env"])
+            if not url:
+                raise self.err(("store", "url_env"), f"environment variable {store['url_env']} "
+                                                     "is not set")
+        else:
+            url = store.get("url", "sqlite:///keyturn.db")
+        if not isinstance(url, str) or not url.startswith(("sqlite:", "postgresql")):
+            raise self.err(("store", "url"), "expected sqlite:///PATH or postgresql://...")
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:////") and \
+                url != "sqlite:///:memory:":
+            # Relative SQLite paths are relative to the config file, not the cwd.
+            base = Path(self.doc.path).resolve().parent
+            url = "sqlite:///" + str(base / url[len("sqlite:///"):])
+
+        users = self.identity(top.get("identity"))
+        policies = self.policies(top.get("policies"))
+        connections = self.connections(top.get("connections"), policies)
+        for pname, policy in policies.items():
+            for i, rule in enumerate(policy.rules):
+                for u in rule.match.users:
+                    if u not in users:
+                        raise self.err(("policies", pname, "rules", i, "match", "users"),
+                                       f"unknown user {u!r}")
+                for c in rule.match.connections:
+                    if c not in connections:
+                        raise self.err(("policies", pname, "rules", i, "match", "connections"),
+                                       f"unknown connection {c!r}")
+        integrations = self.mapping(top.get("integrations"), ("integrations",))
+        for key, val in integrations.items():
+            self.mapping(val, ("integrations", key))
+            for k in val or {}:
+                if k in _SECRET_KEYS:
+                    raise self.err(("integrations", key, k),
+                                   f"secrets must not be inline; use {k}_env or {k}_file")
+        return Config(
+            path=self.doc.path, store_url=url, users=users, connections=connections,
+            policies=policies, gateway=self.gateway(top.get("gateway")),
+            portal=self.portal(top.get("portal")), integrations=integrations,
+            token_ttl=self.token_ttl(top.get("identity")),
+        )
+
+    def token_ttl(self, ident: Any) -> float:
+        raw = (ident or {}).get("token_ttl", "90d")
+        try:
+            return parse_duration(raw)
+        except ValueError as exc:
+            raise self.err(("identity", "token_ttl"), str(exc)) from exc
+
+    def identity(self, value: Any) -> dict[str, User]:
+        ident = self.mapping(value, ("identity",), {"users", "groups", "token_ttl"})
+        users_raw = self.mapping(ident.get("users"), ("identity", "users"))
+        users: dict[str, User] = {}
+        for name, spec in users_raw.items():
+            at = ("identity", "users", name)
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.@-]{1,63}", name):
+                raise self.err(at, "user names are 1-63 letters, digits, _ . @ -")
+            spec = self.mapping(spec, at, {"groups", "email", "name"})
+            users[name] = User(name=name, groups=self.str_list(spec.get("groups"), at + ("groups",)),
+                               email=spec.get("email"), display_name=spec.get("name"))
+        groups_raw = self.mapping(ident.get("groups"), ("identity", "groups"))
+        for group, members in groups_raw.items():
+            at = ("identity", "groups", group)
+            for member in self.str_list(members, at):
+                if member not in users:
+                    raise self.err(at, f"unknown user {member!r}")
+                u = users[member]
+                if group not in u.groups:
+                    users[member] = User(u.name, u.groups + (group,), u.email, u.display_name)
+        return users
+
+    def policies(self, value: Any) -> dict[str, Policy]:
+        raw = self.mapping(value, ("policies",))
+        out: dict[str, Policy] = {}
+        for pname, spec in raw.items():
+            at = ("policies", pname)
+            if isinstance(spec, list):
+                spec = {"rules": spec}
+            spec = self.mapping(spec, at, {"rules", "default"})
+            rules_raw = spec.get("rules") or []
+            if not isinstance(rules_raw, list):
+                raise self.err(at + ("rules",), "expected a list of rules")
+            rules = []
+            seen: set[str] = set()
+            for i, r in enumerate(rules_raw):
+                rule = self.rule(r, at + ("rules", i))
+                if rule.name in seen:
+                    raise self.err(at + ("rules", i, "name"), f"duplicate rule name {rule.name!r}")
+                seen.add(rule.name)
+                rules.append(rule)
+            default = spec.get("default", "block")
+            if default not in ("allow", "block"):
+                raise self.err(at + ("default",), "expected allow or block")
+            out[pname] = Policy(pname, tuple(rules), default)
+        return out
+
+    def rule(self, value: Any, at: tuple[Any, ...]) -> Rule:
+        r = self.mapping(value, at, {"name", "match", "action", "reason", "review", "mask"})
+        name = self.string(r.get("name"), at + ("name",))
+        action = r.get("action")
+        if action not in ACTIONS:
+            raise self.err(at + ("action",), f"expected one of {', '.join(ACTIONS)}, got {action!r}")
+        if action == "mask":
+            raise self.err(at + ("action",), "mask rules are not supported by this version yet")
+        m = self.mapping(r.get("match"), at + ("match",),
+                         {"users", "groups", "connections", "class", "tables", "functions"})
+        classes = tuple(c.lower() for c in self.str_list(m.get("class"), at + ("match", "class")))
+        for c in classes:
+            if c not in STATEMENT_CLASSES:
+                raise self.err(at + ("match", "class"),
+                               f"unknown class {c!r} (expected {', '.join(STATEMENT_CLASSES)})")
+        match = Match(
+            users=self.str_list(m.get("users"), at + ("match", "users")),
+            groups=self.str_list(m.get("groups"), at + ("match", "groups")),
+            connections=self.str_list(m.get("connections"), at + ("match", "connections")),
+            classes=classes,
+            tables=tuple(t.lower() if '"' not in t else t
+                         for t in self.str_list(m.get("tables"), at + ("match", "tables"))),
+            functions=tuple(f.lower() for f in
+                            self.str_list(m.get("functions"), at + ("match", "functions"))),
+        )
+        review = None
+        if action == "review":
+            rv = self.mapping(r.get("review"), at + ("review",),
+                              {"approvers", "min_approvals", "timeout", "mode"})
+            approvers = self.str_list(rv.get("approvers"), at + ("review", "approvers"))
+            if not approvers:
+                raise self.err(at + ("review", "approvers"), "a review needs approver groups")
+            n = rv.get("min_approvals", 1)
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise self.err(at + ("review", "min_approvals"), "expected an integer >= 1")
+            try:
+                timeout = parse_duration(rv.get("timeout", "10m"))
+            except ValueError as exc:
+                raise self.err(at + ("review", "timeout"), str(exc)) from exc
+            mode = rv.get("mode", "hold")
+            if mode not in REVIEW_MODES:
+                raise self.err(at + ("review", "mode"), "expected hold or defer")
+            review = ReviewSettings(approvers, n, timeout, mode)
+        elif r.get("review") is not None:
+            raise self.err(at + ("review",), "review settings need action: review")
+        reason = r.get("reason")
+        if reason is not None and not isinstance(reason, str):
+            raise self.err(at + ("reason",), "expected a string")
+        return Rule(name, match, action, reason, review, self.doc.lines.get(at))
+
+    def connections(self, value: Any, policies: dict[str, Policy]) -> dict[str, Connection]:
+        if value is None:
+            return {}
+        if not isinstance(value, list):
+            raise self.err(("connections",), "expected a list of connections")
+        out: dict[str, Connection] = {}
+        for i, spec in enumerate(value):
+            at = ("connections", i)
+            c = self.mapping(spec, at, {"name", "type", "target", "policy", "description",
+                                        "unknown_functions"})
+            name = self.string(c.get("name"), at + ("name",))
+            if name in out:
+                raise self.err(at + ("name",), f"duplicate connection name {name!r}")
+            ctype = c.get("type")
+            if ctype not in CONNECTION_TYPES:
+                raise self.err(at + ("type",), f"expected one of {', '.join(CONNECTION_TYPES)}")
+            if ctype != "postgres":
+                raise self.err(at + ("type",), f"{ctype} connections are not supported by this "
+                                               "version yet (postgres is)")
+            policy = self.string(c.get("policy"), at + ("policy",))
+            if policy not in policies:
+                raise self.err(at + ("policy",), f"unknown policy {policy!r}")
+            t = self.mapping(c.get("target"), at + ("target",),
+                             {"host", "port", "dbname", "user", "password_env", "password_file",
+                              "sslmode"})
+            port = t.get("port", 5432)
+            if not isinstance(port, int) or not 0 < port < 65536:
+                raise self.err(at + ("target", "port"), "expected a port number")
+            sslmode = t.get("sslmode", "disable")
+            if sslmode not in ("disable", "prefer", "require", "verify-full"):
+                raise self.err(at + ("target", "sslmode"),
+                               "expected disable, prefer, require or verify-full")
+            target = Target(
+                host=self.string(t.get("host"), at + ("target", "host")), port=port,
+                dbname=t.get("dbname") or name, user=t.get("user"),
+                password=self.secret(t, "password", at + ("target",)), sslmode=sslmode,
+            )
+            ufc = c.get("unknown_functions", "write")
+            if ufc not in STATEMENT_CLASSES:
+                raise self.err(at + ("unknown_functions",), "expected a statement class")
+            out[name] = Connection(name, ctype, target, policy, ufc,
+                                   c.get("description") or "")
+        return out
+
+    def gateway(self, value: Any) -> GatewaySettings:
+        g = self.mapping(value, ("gateway",), {"postgres", "tls", "id"})
+        tls = self.mapping(g.get("tls"), ("gateway", "tls"), {"cert_file", "key_file"})
+        if bool(tls.get("cert_file")) != bool(tls.get("key_file")):
+            raise self.err(("gateway", "tls"), "give both cert_file and key_file")
+        pg = self.listener(g["postgres"], ("gateway", "postgres")) if "postgres" in g else \
+            Listener("127.0.0.1", 6432)
+        return GatewaySettings(pg, tls.get("cert_file"), tls.get("key_file"),
+                               str(g.get("id", "gateway")))
+
+    def portal(self, value: Any) -> PortalSettings:
+        p = self.mapping(value, ("portal",), {"listen", "public_url", "secret_key_env",
+                                              "secret_key_file"})
+        listen = self.listener(p["listen"], ("portal", "listen")) if "listen" in p else \
+            Listener("127.0.0.1", 8080)
+        url = p.get("public_url") or f"http://{listen.host}:{listen.port}"
+        return PortalSettings(listen, url.rstrip("/"), self.secret(p, "secret_key", ("portal",)))
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read and validate the config file (``-c`` / ``KEYTURN_CONFIG`` / ./keyturn.yaml)."""
+    path = str(path or os.environ.get("KEYTURN_CONFIG") or "keyturn.yaml")
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+    return _Validator(_Doc(path, text)).run()
+
+
+def parse_config(text: str, path: str = "<config>") -> Config:
+    return _Validator(_Doc(path, text)).run()

@@ -1,0 +1,66 @@
+"""Error types shared by every Keyturn component.
+
+Errors are small classes that carry data (an HTTP status for the API, a
+SQLSTATE for the wire protocols), so each surface can render them natively.
+"""
+
+from __future__ import annotations
+
+
+class KeyturnError(Exception):
+    """Base class. ``status`` is the HTTP status the API answers with."""
+
+    status = 400
+    code = "error"
+
+    def __init__(self, message: str, **data: object):
+        super().__init__(message)
+        self.message = message
+        self.data = data
+
+    def to_json(self) -> dict[str, object]:
+        return {"error": self.code, "message": self.message, **self.data}
+
+
+class ConfigError(KeyturnError):
+    code = "config"
+
+
+class NotFound(KeyturnError):
+    status = 404
+    code = "not_found"
+
+
+class Unauthorized(KeyturnError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(KeyturnError):
+    status = 403
+    code = "forbidden"
+
+
+class SelfApproval(Forbidden):
+    code = "self_approval"
+
+
+class NotAnApprover(Forbidden):
+    code = "not_an_approver"
+
+
+class AlreadyVoted(KeyturnError):
+    status = 409
+    code = "already_voted"
+
+
+class AlreadyDecided(KeyturnError):
+    """The ticket left ``pending`` before this decision arrived."""
+
+    status = 409
+    code = "already_decided"
+
+
+class InvalidTransition(KeyturnError):
+    status = 409
+    code = "invalid_transition"

@@ -1,0 +1,138 @@
+"""SQLAlchemy 2 table definitions for Keyturn's store.
+
+The schema is owned by Alembic (migrations/); these classes mirror it. Times
+are stored as UTC epoch seconds (floats) so that SQLite and PostgreSQL compare
+and sort them identically and the audit hash chain is byte-stable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class UserSalt(Base):
+    """One SCRAM salt per user: every token of the user is derived with it, so
+    the gateway can check a SCRAM proof against all of the user's tokens."""
+
+    __tablename__ = "user_salts"
+    user: Mapped[str] = mapped_column(String(64), primary_key=True)
+    salt: Mapped[bytes] = mapped_column()
+    iterations: Mapped[int] = mapped_column(Integer)
+
+
+class Token(Base):
+    __tablename__ = "tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user: Mapped[str] = mapped_column(String(64), index=True)
+    description: Mapped[str] = mapped_column(String(200), default="")
+    prefix: Mapped[str] = mapped_column(String(16))
+    lookup_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    stored_key: Mapped[bytes] = mapped_column()
+    server_key: Mapped[bytes] = mapped_column()
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float] = mapped_column(Float)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_used_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Ticket(Base):
+    __tablename__ = "tickets"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    requester: Mapped[str] = mapped_column(String(64), index=True)
+    requester_groups: Mapped[list[str]] = mapped_column(JSON, default=list)
+    connection: Mapped[str] = mapped_column(String(128), index=True)
+    protocol: Mapped[str] = mapped_column(String(16), default="postgres")
+    client_addr: Mapped[str] = mapped_column(String(64), default="")
+    application: Mapped[str] = mapped_column(String(200), default="")
+    session_id: Mapped[str] = mapped_column(String(64), default="")
+    statement: Mapped[str] = mapped_column(Text)
+    params: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    binding: Mapped[str] = mapped_column(String(64), index=True)
+    classification: Mapped[str] = mapped_column(String(16))
+    tables: Mapped[list[str]] = mapped_column(JSON, default=list)
+    rule: Mapped[str] = mapped_column(String(128))
+    reason: Mapped[str] = mapped_column(Text)
+    in_transaction: Mapped[bool] = mapped_column(Boolean, default=False)
+    row_estimate: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    approver_groups: Mapped[list[str]] = mapped_column(JSON, default=list)
+    min_approvals: Mapped[int] = mapped_column(Integer, default=1)
+    mode: Mapped[str] = mapped_column(String(8), default="hold")
+    gateway_id: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+    expires_at: Mapped[float] = mapped_column(Float)
+    decided_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    decided_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    decision_comment: Mapped[str | None] = mapped_column(Text, nullable=True)
+    claimed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    executed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    result_rows: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    result_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Vote(Base):
+    """One approver's vote. The unique key makes each approver count once."""
+
+    __tablename__ = "ticket_votes"
+    __table_args__ = (UniqueConstraint("ticket_id", "approver", name="uq_vote_once"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id"), index=True)
+    approver: Mapped[str] = mapped_column(String(64))
+    vote: Mapped[str] = mapped_column(String(8))
+    comment: Mapped[str | None] = mapped_column(Text, nullable=True)
+    via: Mapped[str] = mapped_column(String(16), default="api")
+    at: Mapped[float] = mapped_column(Float)
+
+
+class TicketEvent(Base):
+    """The ticket's timeline: created, notified, each vote, decided, executed."""
+
+    __tablename__ = "ticket_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id"), index=True)
+    at: Mapped[float] = mapped_column(Float)
+    kind: Mapped[str] = mapped_column(String(32))
+    actor: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class AuditRecord(Base):
+    """One hash-chained audit record. ``seq`` is dense: a gap means deletion."""
+
+    __tablename__ = "audit_records"
+    __table_args__ = (Index("ix_audit_at", "at"),)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    at: Mapped[float] = mapped_column(Float)
+    kind: Mapped[str] = mapped_column(String(32))
+    user: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    connection: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    session_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    client_addr: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    statement: Mapped[str | None] = mapped_column(Text, nullable=True)
+    classification: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    action: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    rule: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    ticket_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    outcome: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    duration_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    rows: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditHead(Base):
+    """The chain's newest seq and hash, so that deleting the tail is detected."""
+
+    __tablename__ = "audit_head"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    hash: Mapped[str] = mapped_column(String(64))

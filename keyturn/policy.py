@@ -1,0 +1,204 @@
+"""Policy evaluation: ``evaluate(request) -> Decision``.
+
+Rules are data from the config file. For each statement the rules of the
+connection's policy are tried top to bottom and the **first rule that matches
+decides** that statement. A message with several statements gets the most
+severe of its statements' decisions (block > review > allow); among equally
+severe ones the first statement's rule is reported. No matching rule means the
+policy's ``default`` action (``block`` unless configured), so anything
+unforeseen fails closed.
+
+Table and function matching leans to the safe side: a ``block`` or ``review``
+rule matches when *any* table (function) of the statement matches one of its
+globs; an ``allow`` rule only when *every* one does. A statement that changes
+who you are or how SQL is read (``SET ROLE``...) is blocked before any rule.
+
+Every Decision carries the rule and a reason, which travel into the audit
+trail, the ticket, the client's error and ``keyturn policy explain``.
+This module must stay pure: no I/O, no store, no protocol code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any, Protocol
+
+from keyturn.config import Config, Connection, Policy, ReviewSettings, Rule
+
+SEVERITY = {"allow": 0, "review": 1, "block": 2}
+BUILTIN_IDENTITY_RULE = "builtin:session-identity"
+BUILTIN_UNPARSED_RULE = "builtin:unparsed"
+
+
+class StatementLike(Protocol):
+    text: str
+    tables: tuple[str, ...]
+    functions: tuple[str, ...]
+    reasons: tuple[str, ...]
+    forbidden: str | None
+
+    @property
+    def cls(self) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Request:
+    """Who asks what on which connection."""
+
+    user: str
+    groups: tuple[str, ...]
+    connection: Connection
+    statements: Sequence[StatementLike]
+    parse_error: str | None = None
+
+
+@dataclass(frozen=True)
+class StatementDecision:
+    text: str
+    classification: str
+    action: str
+    rule: str | None
+    reason: str
+    tables: tuple[str, ...]
+    functions: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"text": self.text, "class": self.classification, "action": self.action,
+                "rule": self.rule, "reason": self.reason, "tables": list(self.tables),
+                "functions": list(self.functions)}
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str
+    rule: str | None
+    reason: str
+    classification: str
+    review: ReviewSettings | None
+    statements: tuple[StatementDecision, ...]
+
+    @property
+    def tables(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(t for s in self.statements for t in s.tables))
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "action": self.action, "rule": self.rule, "reason": self.reason,
+            "class": self.classification,
+            "statements": [s.to_json() for s in self.statements],
+        }
+        if self.review:
+            out["review"] = {"approvers": list(self.review.approvers),
+                             "min_approvals": self.review.min_approvals,
+                             "timeout_seconds": self.review.timeout, "mode": self.review.mode}
+        return out
+
+
+def _cls_name(cls: Any) -> str:
+    return str(getattr(cls, "value", cls))
+
+
+def _qualify(pattern: str) -> str:
+    return pattern if "." in pattern else f"public.{pattern}"
+
+
+def _names_match(names: Iterable[str], globs: tuple[str, ...], *, every: bool) -> bool:
+    names = list(names)
+    if not names:
+        return False
+    pats = [_qualify(g) for g in globs]
+    hits = (any(fnmatchcase(n, p) for p in pats) for n in names)
+    return all(hits) if every else any(hits)
+
+
+def rule_matches(rule: Rule, req: Request, st: StatementLike) -> bool:
+    m = rule.match
+    if m.users and req.user not in m.users:
+        return False
+    if m.groups and not set(m.groups) & set(req.groups):
+        return False
+    if m.connections and req.connection.name not in m.connections:
+        return False
+    if m.classes and _cls_name(st.cls) not in m.classes:
+        return False
+    every = rule.action == "allow"
+    if m.tables and not _names_match(st.tables, m.tables, every=every):
+        return False
+    return not (m.functions and not _names_match(st.functions, m.functions, every=every))
+
+
+def _explain(rule: Rule, st: StatementLike) -> str:
+    cls = _cls_name(st.cls)
+    why = "; ".join(st.reasons)
+    base = rule.reason or f"{cls} statement matched rule {rule.name!r}"
+    return f"{base} ({why})" if why and not rule.reason else base
+
+
+def evaluate_statement(policy: Policy, req: Request, st: StatementLike) -> StatementDecision:
+    cls = _cls_name(st.cls)
+    if st.forbidden:
+        return StatementDecision(st.text, cls, "block", BUILTIN_IDENTITY_RULE, st.forbidden,
+                                 st.tables, st.functions)
+    for rule in policy.rules:
+        if rule_matches(rule, req, st):
+            return StatementDecision(st.text, cls, rule.action, rule.name, _explain(rule, st),
+                                     st.tables, st.functions)
+    why = "; ".join(st.reasons)
+    reason = f"no rule of policy {policy.name!r} matched this {cls} statement; default is " \
+             f"{policy.default_action}" + (f" ({why})" if why else "")
+    return StatementDecision(st.text, cls, policy.default_action, None, reason, st.tables,
+                             st.functions)
+
+
+def evaluate(config: Config, req: Request) -> Decision:
+    policy = config.policies[req.connection.policy]
+    if req.parse_error is not None or not req.statements:
+        if req.parse_error is not None:
+            # Fail closed: what cannot be parsed is treated as the riskiest class.
+            fake = _Unparsed(req.parse_error)
+            sd = evaluate_statement(policy, req, fake)
+            return Decision(sd.action, sd.rule or BUILTIN_UNPARSED_RULE, sd.reason, "unknown",
+                            _review_of(policy, sd.rule), (sd,))
+        return Decision("allow", None, "empty query", "read", None, ())
+    decisions = tuple(evaluate_statement(policy, req, st) for st in req.statements)
+    worst = decisions[0]
+    for d in decisions[1:]:
+        if SEVERITY[d.action] > SEVERITY[worst.action]:
+            worst = d
+    riskiest = max(req.statements, key=lambda s: _risk(s.cls))
+    reason = worst.reason
+    if len(decisions) > 1:
+        reason = f"{reason} [statement {decisions.index(worst) + 1} of {len(decisions)}]"
+    return Decision(worst.action, worst.rule, reason, _cls_name(riskiest.cls),
+                    _review_of(policy, worst.rule), decisions)
+
+
+def _review_of(policy: Policy, rule_name: str | None) -> ReviewSettings | None:
+    for rule in policy.rules:
+        if rule.name == rule_name:
+            return rule.review
+    return None
+
+
+def _risk(cls: Any) -> int:
+    risk = getattr(cls, "risk", None)
+    return int(risk) if risk is not None else 99
+
+
+@dataclass(frozen=True)
+class _Unparsed:
+    error: str
+    text: str = ""
+    tables: tuple[str, ...] = ()
+    functions: tuple[str, ...] = ()
+    forbidden: str | None = None
+
+    @property
+    def cls(self) -> str:
+        return "unknown"
+
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        return (f"could not parse: {self.error}",)

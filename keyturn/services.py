@@ -1,0 +1,41 @@
+"""Wiring: build the store-backed services one process needs from a Config.
+
+Portal, bots, gateway and CLI all start here, so they share one way of
+opening the store and announcing decisions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from keyturn.approvals import Approvals
+from keyturn.audit import AuditLog
+from keyturn.config import Config
+from keyturn.identity import Identities
+from keyturn.store import Store
+
+
+@dataclass
+class Services:
+    config: Config
+    store: Store
+    identities: Identities
+    approvals: Approvals
+    audit: AuditLog
+
+    def record_audit(self, **rec: Any) -> None:
+        """Synchronous audit append, for low-volume surfaces (API, CLI, portal)."""
+        self.audit.append([rec])
+
+
+def build_services(config: Config, *, store: Store | None = None, upgrade: bool = True,
+                   audit_sink: Any = None) -> Services:
+    store = store or Store(config.store_url)
+    if upgrade:
+        store.upgrade()
+    audit = AuditLog(store)
+    services = Services(config, store, Identities(config, store), None, audit)  # type: ignore[arg-type]
+    sink = audit_sink or services.record_audit
+    services.approvals = Approvals(store, audit=sink)
+    return services

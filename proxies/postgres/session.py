@@ -1,0 +1,775 @@
+"""One client connection through the PostgreSQL gateway.
+
+``ClientSession`` is the asyncio.Protocol for the client side and decides
+what happens to each message: it authenticates the client with SCRAM against
+the user's access tokens, logs in to the target with stored credentials,
+then classifies every Query and Execute, asks ``keyturn.policy`` and
+forwards, blocks or holds.
+
+Ordering is kept with a queue of *expected responses*: every message we
+forward to the target appends what the target will answer (ParseComplete,
+ReadyForQuery, ...), and anything the gateway itself must say (a block
+error, a notice) is queued behind it, so our messages reach the client
+exactly where PostgreSQL would have put them. While a statement is held, the
+client's later messages wait in a backlog, in order.
+
+Bytes are framed by the sans-I/O codec; the target side lives in
+upstream.py. This module must not block the event loop: store calls go to
+threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from keyturn.approvals import APPROVED, CANCELLED, EXPIRED, REJECTED, TicketRequest, binding_of
+from keyturn.errors import AlreadyDecided, InvalidTransition
+from keyturn.policy import Decision, Request, evaluate
+from proxies.postgres import codec
+from proxies.postgres.auth import AuthError, ScramServer
+from proxies.postgres.codec import NEED_DATA, Message, ProtocolError
+
+if TYPE_CHECKING:
+    from keyturn.config import Connection
+    from keyturn.identity import Identity
+    from proxies.postgres.gateway import PostgresGateway
+    from proxies.postgres.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+MAX_BACKLOG = 64 * 1024 * 1024
+REFUSED_STARTUP = {
+    "options": "it can change the role or settings that decide how SQL is read",
+    "role": "it changes who you are",
+    "session_authorization": "it changes who you are",
+}
+SAFE_ENCODINGS = {"utf8", "utf-8", "unicode", "sql_ascii"}
+_FAKE_SALT_SECRET = secrets.token_bytes(32)
+
+
+@dataclass(slots=True)
+class Ctx:
+    """What the audit record of one forwarded request needs."""
+
+    statement: str
+    classification: str
+    action: str
+    rule: str | None
+    reason: str
+    t0: float
+    ticket_id: int | None = None
+    params: list[Any] | None = None
+    rows: int | None = None
+    tags: list[str] = field(default_factory=list)
+    error: dict[str, str] | None = None
+
+
+@dataclass(slots=True)
+class Expect:
+    """One response the target owes us, or (kind "!") bytes of our own to send."""
+
+    kind: bytes
+    ctx: Ctx | None = None
+    inject: bytes | None = None
+    rfq: bool = False
+
+
+@dataclass(slots=True)
+class StmtInfo:
+    sql: str
+    analysis: Any
+    decision: Decision | None = None
+
+
+def _param_text(value: bytes | None, fmt: int) -> Any:
+    if value is None:
+        return None
+    if fmt == 0:
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    return "\\x" + value.hex()
+
+
+class ClientSession(asyncio.Protocol):
+    def __init__(self, gw: PostgresGateway):
+        self.gw = gw
+        self.reader = codec.FrontendReader()
+        self.phase = "startup"
+        self.transport: asyncio.Transport | None = None
+        self.upstream: Upstream | None = None
+        self.tls_active = False
+        self.client_addr = ""
+        self.session_id = secrets.token_hex(8)
+        self.key: tuple[int, int] | None = None
+        self.user = ""
+        self.identity: Identity | None = None
+        self.conn: Connection | None = None
+        self.startup_params: dict[str, str] = {}
+        self.application = ""
+        self.scram: ScramServer | None = None
+        self.expect: deque[Expect] = deque()
+        self.backlog: deque[Message] = deque()
+        self.backlog_bytes = 0
+        self.holding = False
+        self.held_ticket: int | None = None
+        self.skip_until_sync = False
+        self.stmts: dict[str, StmtInfo] = {}
+        self.portals: dict[str, tuple[str, list[Any] | None]] = {}
+        self.prepared: Any = None
+        self.tx_status = "I"
+        self.closed = False
+        self.terminating = False
+        self.connected_at = time.time()
+
+    # ------------------------------------------------------------ asyncio
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.client_addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.reader.receive_data(data)
+            if self.phase == "startup":
+                self._startup_events()
+            elif self.phase == "auth":
+                self._auth_messages()
+            elif self.phase == "ready":
+                self._client_messages(self.reader.next_messages())
+            elif self.phase == "tls":
+                raise codec.RemoteProtocolError("unencrypted data after SSLRequest")
+            # "connecting": kept in the reader until the target is ready.
+        except ProtocolError as exc:
+            self.fatal(exc.sqlstate, exc.message)
+        except Exception:
+            log.exception("session %s failed", self.session_id)
+            self.fatal("XX000", "keyturn: internal error in the gateway (see its log)")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.gw.drop_key(self.key)
+        if self.upstream:
+            self.upstream.close()
+        if self.held_ticket is not None:
+            self._cancel_held("client disconnected")
+        if self.identity is not None:
+            self.gw.audit(kind="disconnect", user=self.user, connection=self.conn_name,
+                          session_id=self.session_id, client_addr=self.client_addr,
+                          duration_ms=(time.time() - self.connected_at) * 1000)
+
+    def pause_writing(self) -> None:
+        if self.upstream:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream:
+            self.upstream.resume_reading()
+
+    @property
+    def conn_name(self) -> str | None:
+        return self.conn.name if self.conn else None
+
+    # ------------------------------------------------------------ output helpers
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def fatal(self, sqlstate: str, message: str, detail: str | None = None) -> None:
+        """End this one connection with a FATAL error; others are unaffected."""
+        if self.closed:
+            return
+        if self.phase not in ("tls",):
+            self.write(codec.encode_error("FATAL", sqlstate, message, detail=detail))
+        log.info("session %s closed: %s %s", self.session_id, sqlstate, message)
+        if self.transport:
+            self.transport.close()
+        self.connection_lost(None)
+
+    async def shutdown(self, reason: str) -> None:
+        if self.held_ticket is not None:
+            await asyncio.to_thread(self._cancel_held_sync, reason)
+        self.fatal("57P01", f"keyturn: {reason}")
+
+    # ------------------------------------------------------------ startup
+
+    def _startup_events(self) -> None:
+        while self.phase == "startup":
+            ev = self.reader.next_event()
+            if ev is NEED_DATA:
+                return
+            if isinstance(ev, codec.SSLRequest):
+                if self.reader.pending():
+                    raise codec.RemoteProtocolError("unencrypted data after SSLRequest")
+                if self.gw.tls is None or self.tls_active:
+                    self.write(b"N")
+                    continue
+                self.write(b"S")
+                self.phase = "tls"
+                assert self.transport is not None
+                self.transport.pause_reading()
+                self.gw.spawn(self._start_tls())
+                return
+            if isinstance(ev, codec.GSSENCRequest):
+                self.write(b"N")
+                continue
+            if isinstance(ev, codec.CancelRequest):
+                self.gw.cancel(ev.pid, ev.secret)
+                if self.transport:
+                    self.transport.close()
+                self.closed = True
+                return
+            if isinstance(ev, codec.StartupMessage):
+                self._on_startup(ev.params)
+                return
+
+    async def _start_tls(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self.transport is not None and self.gw.tls is not None
+        try:
+            transport = await loop.start_tls(self.transport, self, self.gw.tls, server_side=True)
+        except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
+            log.info("TLS handshake with %s failed: %s", self.client_addr, exc)
+            self.closed = True
+            if self.transport:
+                self.transport.close()
+            return
+        if transport is None:
+            self.closed = True
+            return
+        self.transport = transport
+        self.tls_active = True
+        self.reader = codec.FrontendReader()
+        self.phase = "startup"
+
+    def _on_startup(self, params: dict[str, str]) -> None:
+        self.startup_params = params
+        self.user = params.get("user", "")
+        database = params.get("database") or self.user
+        self.application = params.get("application_name", "")
+        if not self.user:
+            raise ProtocolError("no user name in the startup packet", "28000")
+        repl = params.get("replication")
+        if repl is not None and repl.lower() not in ("false", "off", "no", "0"):
+            self.fatal("0A000", "keyturn: replication connections are not allowed")
+            return
+        for key, why in REFUSED_STARTUP.items():
+            if params.get(key):
+                self.fatal("42501", f"keyturn: startup parameter {key!r} is refused: {why}")
+                return
+        scs = params.get("standard_conforming_strings")
+        if scs is not None and scs.lower() in ("off", "false", "no", "0"):
+            self.fatal("42501", "keyturn: standard_conforming_strings=off is refused: it "
+                                "changes how SQL string literals are read")
+            return
+        enc = params.get("client_encoding")
+        if enc is not None and enc.lower() not in SAFE_ENCODINGS and enc.lower() != "auto":
+            self.fatal("42501", f"keyturn: client_encoding {enc!r} is refused: use UTF8")
+            return
+        conn = self.gw.config.connections.get(database)
+        if conn is None or conn.type != "postgres":
+            self.fatal("3D000", f'keyturn: connection "{database}" does not exist',
+                       detail="The database name you connect to picks a Keyturn connection.")
+            return
+        self.conn = conn
+        self.phase = "auth"
+        self.reader.start_typed()
+        self.gw.spawn(self._begin_auth())
+
+    async def _begin_auth(self) -> None:
+        from keyturn.identity import fake_salt
+
+        creds = await asyncio.to_thread(self.gw.services.identities.scram_credentials, self.user)
+        if creds is None:
+            self.scram = ScramServer(fake_salt(self.user, _FAKE_SALT_SECRET), 4096, [])
+        else:
+            self.scram = ScramServer(creds.salt, creds.iterations, creds.candidates)
+        self.write(codec.encode_auth_sasl(["SCRAM-SHA-256"]))
+        # Messages that arrived meanwhile are still in the reader.
+        self.data_received(b"")
+
+    def _auth_messages(self) -> None:
+        if self.scram is None:
+            return
+        for msg in self.reader.next_messages():
+            if msg.type != b"p":
+                raise codec.RemoteProtocolError(
+                    f"expected a SASL response, got message type {msg.type!r}")
+            try:
+                if self.scram.matched_key is None and not getattr(self, "_sasl_started", False):
+                    mech, data = codec.decode_sasl_initial_response(msg.body)
+                    if mech != "SCRAM-SHA-256":
+                        raise AuthError(f"SASL mechanism {mech!r} is not offered")
+                    self._sasl_started = True
+                    self.write(codec.encode_auth_sasl_continue(
+                        self.scram.handle_client_first(data or b"")))
+                else:
+                    final = self.scram.handle_client_final(msg.body)
+                    self._authenticated(final)
+                    return
+            except AuthError as exc:
+                log.info("authentication of %r failed: %s", self.user, exc)
+                self.gw.audit(kind="auth_failed", user=self.user, connection=self.conn_name,
+                              session_id=self.session_id, client_addr=self.client_addr,
+                              reason=str(exc), outcome="denied")
+                self.fatal("28P01", f'password authentication failed for user "{self.user}"',
+                           detail="Use a Keyturn access token as the password "
+                                  "(keyturn token create).")
+                return
+
+    def _authenticated(self, server_final: bytes) -> None:
+        self.identity = self.gw.services.identities.identity_of(self.user,
+                                                                self.scram.matched_key)
+        self.write(codec.encode_auth_sasl_final(server_final))
+        self.phase = "connecting"
+        self.gw.audit(kind="connect", user=self.user, connection=self.conn_name,
+                      session_id=self.session_id, client_addr=self.client_addr,
+                      detail={"application": self.application, "tls": self.tls_active,
+                              "token_id": self.scram.matched_key})
+        self.gw.spawn(self._connect_upstream())
+
+    async def _connect_upstream(self) -> None:
+        from keyturn.analysis import PreparedStatements
+        from proxies.postgres.upstream import Upstream, UpstreamError
+
+        assert self.conn is not None
+        self.prepared = PreparedStatements()
+        forward = {k: v for k, v in self.startup_params.items()
+                   if k not in ("user", "database", "replication", *REFUSED_STARTUP)}
+        forward["client_encoding"] = "UTF8"
+        try:
+            self.upstream = await Upstream.connect(self, self.conn, forward)
+        except UpstreamError as exc:
+            self.fatal(exc.sqlstate, f"keyturn: cannot reach connection {self.conn.name!r}: "
+                                     f"{exc.message}")
+            return
+        if self.closed:
+            self.upstream.close()
+            return
+        self.key = self.gw.new_key(self)
+        out = [codec.encode_auth_ok()]
+        out += [codec.encode_parameter_status(k, v) for k, v in self.upstream.parameters.items()]
+        out.append(codec.encode_backend_key_data(*self.key))
+        out.append(codec.encode_ready_for_query(self.upstream.tx_status))
+        self.tx_status = self.upstream.tx_status
+        self.write(b"".join(out))
+        self.phase = "ready"
+        self.data_received(b"")
+
+    # ------------------------------------------------------------ client -> target
+
+    def _client_messages(self, msgs: list[Message]) -> None:
+        if not msgs:
+            return
+        if self.holding:
+            self._to_backlog(msgs)
+            return
+        out: list[bytes] = []
+        for i, msg in enumerate(msgs):
+            if not self._client_message(msg, out):
+                # A hold started: everything after it waits, in order.
+                self._to_backlog(msgs[i + 1:])
+                break
+        if out and self.upstream:
+            self.upstream.write(b"".join(out))
+
+    def _to_backlog(self, msgs: list[Message]) -> None:
+        for m in msgs:
+            self.backlog.append(m)
+            self.backlog_bytes += len(m.raw)
+        if self.backlog_bytes > MAX_BACKLOG:
+            self.fatal("54000", "keyturn: too much data sent while a statement is held")
+
+    def _client_message(self, msg: Message, out: list[bytes]) -> bool:
+        """Handle one message; False when it started a hold."""
+        t = msg.type
+        if self.skip_until_sync and t != b"S":
+            return True
+        if t == b"Q":
+            return self._on_query(msg, out)
+        if t == b"B":
+            b = codec.decode_bind(msg.body)
+            params = [_param_text(v, b.param_formats[0] if len(b.param_formats) == 1 else
+                                  (b.param_formats[i] if b.param_formats else 0))
+                      for i, v in enumerate(b.params)] if b.params else None
+            self.portals[b.portal] = (b.statement, params)
+            self.expect.append(Expect(b"B"))
+            out.append(msg.raw)
+            return True
+        if t == b"E":
+            return self._on_execute(msg, out)
+        if t == b"P":
+            p = codec.decode_parse(msg.body)
+            self.stmts[p.name] = StmtInfo(p.query, self.gw.analyzer(self.conn).analyze(p.query))
+            self.expect.append(Expect(b"P"))
+            out.append(msg.raw)
+            return True
+        if t == b"S":
+            self.skip_until_sync = False
+            self.expect.append(Expect(b"S"))
+            out.append(msg.raw)
+            return True
+        if t == b"D":
+            self.expect.append(Expect(b"D"))
+            out.append(msg.raw)
+            return True
+        if t == b"C":
+            c = codec.decode_close(msg.body)
+            (self.stmts if c.kind == "S" else self.portals).pop(c.name, None)
+            self.expect.append(Expect(b"C"))
+            out.append(msg.raw)
+            return True
+        if t in (b"d", b"c", b"f", b"H"):
+            out.append(msg.raw)
+            return True
+        if t == b"X":
+            self.terminating = True
+            out.append(msg.raw)
+            return True
+        if t == b"F":
+            self._inject(codec.encode_error("ERROR", "42501", "keyturn: FunctionCall messages "
+                                            "are refused; call the function from SQL instead"),
+                         rfq=True)
+            return True
+        raise codec.RemoteProtocolError(f"unexpected message type {t!r} in a session")
+
+    # ---- decisions
+
+    def _decide(self, analysis: Any) -> Decision:
+        assert self.identity is not None and self.conn is not None
+        return evaluate(self.gw.config, Request(self.user, self.identity.groups, self.conn,
+                                                analysis.statements, analysis.error))
+
+    def _on_query(self, msg: Message, out: list[bytes]) -> bool:
+        sql = codec.decode_query(msg.body)
+        analysis = self.gw.analyzer(self.conn).analyze(sql, self.prepared)
+        decision = self._decide(analysis)
+        ctx = Ctx(sql, decision.classification, decision.action, decision.rule, decision.reason,
+                  time.time())
+        if decision.action == "allow":
+            self.expect.append(Expect(b"Q", ctx))
+            out.append(msg.raw)
+            return True
+        if decision.action == "block":
+            self._blocked(ctx, rfq=True)
+            return True
+        return self._start_review(msg, ctx, decision, analysis, out, kind=b"Q")
+
+    def _on_execute(self, msg: Message, out: list[bytes]) -> bool:
+        e = codec.decode_execute(msg.body)
+        stmt_name, params = self.portals.get(e.portal, (None, None))
+        info = self.stmts.get(stmt_name) if stmt_name is not None else None
+        if info is None:
+            # A portal we did not see bound (e.g. a DECLAREd cursor) cannot be judged here.
+            ctx = Ctx(f"<portal {e.portal!r}>", "unknown", "block", "builtin:unknown-portal",
+                      "keyturn did not see this portal being bound; it cannot be analysed",
+                      time.time())
+            self._blocked(ctx, rfq=False)
+            return True
+        if info.decision is None:
+            info.decision = self._decide(info.analysis)
+        d = info.decision
+        ctx = Ctx(info.sql, d.classification, d.action, d.rule, d.reason, time.time(),
+                  params=params)
+        if d.action == "allow":
+            self.expect.append(Expect(b"E", ctx))
+            out.append(msg.raw)
+            return True
+        if d.action == "block":
+            self._blocked(ctx, rfq=False)
+            return True
+        return self._start_review(msg, ctx, d, info.analysis, out, kind=b"E")
+
+    def _blocked(self, ctx: Ctx, *, rfq: bool) -> None:
+        rule = f"rule {ctx.rule!r}" if ctx.rule else "the policy default"
+        self._inject(codec.encode_error("ERROR", "42501",
+                                        f"keyturn: blocked by {rule}: {ctx.reason}"), rfq=rfq)
+        if not rfq:
+            self.skip_until_sync = True
+        self._audit(ctx, outcome="blocked")
+
+    def _inject(self, data: bytes, *, rfq: bool = False) -> None:
+        """Send our own message after everything the target still owes the client."""
+        if not self.expect:
+            self.write(data + (codec.encode_ready_for_query(self.tx_status) if rfq else b""))
+        else:
+            self.expect.append(Expect(b"!", inject=data, rfq=rfq))
+
+    def _audit(self, ctx: Ctx, *, outcome: str) -> None:
+        detail: dict[str, Any] = {}
+        if ctx.params is not None:
+            detail["params"] = ctx.params
+        if ctx.error:
+            detail["sqlstate"] = ctx.error.get("C")
+        if len(ctx.tags) > 1:
+            detail["tags"] = ctx.tags
+        self.gw.audit(kind="statement", user=self.user, connection=self.conn_name,
+                      session_id=self.session_id, client_addr=self.client_addr,
+                      statement=ctx.statement, classification=ctx.classification,
+                      action=ctx.action, rule=ctx.rule, reason=ctx.reason,
+                      ticket_id=ctx.ticket_id, outcome=outcome,
+                      duration_ms=round((time.time() - ctx.t0) * 1000, 3), rows=ctx.rows,
+                      detail=detail)
+
+    # ---- holds
+
+    def _start_review(self, msg: Message, ctx: Ctx, decision: Decision, analysis: Any,
+                      out: list[bytes], *, kind: bytes) -> bool:
+        # Everything decided so far must reach the target before we wait.
+        if out and self.upstream:
+            self.upstream.write(b"".join(out))
+            out.clear()
+        self.holding = True
+        self.gw.spawn(self._review(msg, ctx, decision, analysis, kind))
+        return False
+
+    async def _review(self, msg: Message, ctx: Ctx, decision: Decision, analysis: Any,
+                      kind: bytes) -> None:
+        try:
+            await self._review_inner(msg, ctx, decision, analysis, kind)
+        except Exception:
+            log.exception("hold in session %s failed", self.session_id)
+            self._inject(codec.encode_error("ERROR", "XX000", "keyturn: the approval workflow "
+                                            "failed; the statement was not run"), rfq=kind == b"Q")
+            if kind == b"E":
+                self.skip_until_sync = True
+            self._audit(ctx, outcome="error")
+        finally:
+            self.held_ticket = None
+            self.holding = False
+        if not self.closed and self.backlog:
+            pending = list(self.backlog)
+            self.backlog.clear()
+            self.backlog_bytes = 0
+            self._client_messages(pending)
+
+    async def _review_inner(self, msg: Message, ctx: Ctx, decision: Decision, analysis: Any,
+                            kind: bytes) -> None:
+        assert self.conn is not None and self.identity is not None and decision.review
+        review = decision.review
+        approvals = self.gw.services.approvals
+        binding = binding_of(self.user, self.conn.name, ctx.statement, ctx.params)
+        if review.mode == "defer":
+            ticket = await asyncio.to_thread(approvals.claim_deferred, binding)
+            if ticket is not None:
+                ctx.ticket_id = ticket.id
+                self._inject(codec.encode_notice(
+                    "NOTICE", "00000", f"keyturn: running ticket {ticket.id}, approved by "
+                                       f"{ticket.decided_by}"))
+                self._forward_approved(msg, ctx, kind)
+                return
+        statements = analysis.statements
+        estimate = None
+        if len(statements) == 1 and getattr(statements[0], "is_dml", False):
+            estimate = await asyncio.to_thread(self.gw.explain_rows, self.conn, ctx.statement,
+                                               ctx.params)
+        req = TicketRequest(
+            requester=self.user, requester_groups=self.identity.groups,
+            connection=self.conn.name, statement=ctx.statement,
+            classification=decision.classification, rule=decision.rule or "",
+            reason=decision.reason, approver_groups=review.approvers,
+            min_approvals=review.min_approvals, timeout=review.timeout, mode=review.mode,
+            params=ctx.params, tables=decision.tables, client_addr=self.client_addr,
+            application=self.application, session_id=self.session_id,
+            in_transaction=self.tx_status in ("T", "E"), row_estimate=estimate,
+            gateway_id=self.gw.config.gateway.gateway_id)
+        ticket = await asyncio.to_thread(approvals.create, req)
+        ctx.ticket_id = ticket.id
+        url = f"{self.gw.config.portal.public_url}/tickets/{ticket.id}"
+        self.gw.audit(kind="held", user=self.user, connection=self.conn.name,
+                      session_id=self.session_id, client_addr=self.client_addr,
+                      statement=ctx.statement, classification=ctx.classification,
+                      action="review", rule=ctx.rule, reason=ctx.reason, ticket_id=ticket.id,
+                      outcome="pending", detail={"mode": review.mode, "row_estimate": estimate})
+        if review.mode == "defer":
+            self._inject(codec.encode_error(
+                "ERROR", "42501",
+                f"keyturn: deferred for approval — ticket {ticket.id} (rule {ctx.rule}: "
+                f"{ctx.reason}). Run the identical statement again once it is approved: {url}"),
+                rfq=kind == b"Q")
+            if kind == b"E":
+                self.skip_until_sync = True
+            return
+        self._inject(codec.encode_notice(
+            "NOTICE", "00000",
+            f"keyturn: held for approval — ticket {ticket.id} (rule {ctx.rule}: {ctx.reason}). "
+            f"Approve at {url}. Waiting up to {_human(review.timeout)}."))
+        if kind == b"E" and self.upstream:
+            # Let the target flush ParseComplete/BindComplete so the client sees them now.
+            self.upstream.write(codec.encode_flush())
+        self.held_ticket = ticket.id
+        fut = self.gw.watcher.wait(ticket.id)
+        try:
+            status = await asyncio.wait_for(fut, timeout=review.timeout + 30)
+        except asyncio.TimeoutError:
+            status = await asyncio.to_thread(self._expire_sync, ticket.id)
+        finally:
+            self.gw.watcher.forget(ticket.id, fut)
+        self.held_ticket = None
+        if self.closed:
+            return
+        t = await asyncio.to_thread(approvals.get, ticket.id)
+        if status == APPROVED:
+            if await asyncio.to_thread(approvals.claim, ticket.id, binding):
+                self._inject(codec.encode_notice(
+                    "NOTICE", "00000", f"keyturn: ticket {ticket.id} approved by "
+                                       f"{t.decided_by}" +
+                                       (f" ({t.decision_comment})" if t.decision_comment else "")))
+                self._forward_approved(msg, ctx, kind)
+                return
+            status, t = "cancelled", await asyncio.to_thread(approvals.get, ticket.id)
+        if status == REJECTED:
+            text = f"keyturn: ticket {ticket.id} rejected by {t.decided_by}: {t.decision_comment}"
+            code = "42501"
+        elif status == EXPIRED:
+            text = (f"keyturn: ticket {ticket.id} expired after {_human(review.timeout)} "
+                    "without a decision; the statement was not run")
+            code = "57014"
+        elif status == CANCELLED:
+            text = f"keyturn: ticket {ticket.id} cancelled" + \
+                   (f": {t.decision_comment}" if t.decision_comment else "") + \
+                   "; the statement was not run"
+            code = "57014"
+        else:
+            text, code = f"keyturn: ticket {ticket.id} is {status}; the statement was not run", \
+                "42501"
+        self._inject(codec.encode_error("ERROR", code, text), rfq=kind == b"Q")
+        if kind == b"E":
+            self.skip_until_sync = True
+        ctx.action = "review"
+        self._audit(ctx, outcome=status)
+
+    def _forward_approved(self, msg: Message, ctx: Ctx, kind: bytes) -> None:
+        ctx.t0 = time.time()
+        self.expect.append(Expect(kind, ctx))
+        if self.upstream:
+            self.upstream.write(msg.raw)
+
+    def _expire_sync(self, ticket_id: int) -> str:
+        try:
+            return self.gw.services.approvals.finish(
+                ticket_id, "expire", comment="no decision before the timeout").status
+        except (AlreadyDecided, InvalidTransition):
+            return self.gw.services.approvals.get(ticket_id).status
+
+    def _cancel_held_sync(self, reason: str) -> None:
+        tid = self.held_ticket
+        if tid is None:
+            return
+        try:
+            self.gw.services.approvals.finish(tid, "cancel", actor=self.user, comment=reason)
+        except (AlreadyDecided, InvalidTransition):
+            pass
+
+    def _cancel_held(self, reason: str) -> None:
+        self.gw.spawn(asyncio.to_thread(self._cancel_held_sync, reason))
+
+    async def on_cancel_request(self) -> None:
+        if self.held_ticket is not None:
+            await asyncio.to_thread(self._cancel_held_sync, "cancelled by the client (Ctrl-C)")
+        elif self.upstream and self.upstream.backend_key:
+            await self.gw.send_target_cancel(self.conn, *self.upstream.backend_key)
+
+    # ------------------------------------------------------------ target -> client
+
+    def server_messages(self, msgs: list[Message]) -> None:
+        out: list[bytes] = []
+        expect = self.expect
+        for m in msgs:
+            t = m.type
+            if t == b"D" or t == b"d":
+                out.append(m.raw)
+                continue
+            out.append(m.raw)
+            if not expect:
+                continue
+            head = expect[0]
+            if t == b"Z":
+                self.tx_status = chr(m.body[0]) if m.body else "I"
+                expect.popleft()
+                if head.ctx is not None:
+                    self._finished(head.ctx)
+            elif t == b"C":
+                tag = codec.decode_command_complete(m.body)
+                if head.ctx is not None:
+                    head.ctx.tags.append(tag)
+                    head.ctx.rows = _rows(tag, head.ctx.rows)
+                if head.kind == b"E":
+                    expect.popleft()
+                    if head.ctx is not None:
+                        self._finished(head.ctx)
+            elif t == b"E":
+                fields = codec.decode_error_fields(m.body)
+                if head.ctx is not None:
+                    head.ctx.error = fields
+                if head.kind != b"Q" and head.kind != b"S":
+                    # Extended protocol: the target skips everything up to Sync.
+                    while expect and expect[0].kind != b"S":
+                        dropped = expect.popleft()
+                        if dropped.ctx is not None:
+                            if dropped.ctx.error is None:
+                                dropped.ctx.error = fields
+                            self._finished(dropped.ctx)
+            elif t in (b"1", b"2", b"3", b"n", b"I", b"s") or (t == b"T" and head.kind == b"D"):
+                if t in (b"I", b"s") and head.kind != b"E":
+                    continue
+                expect.popleft()
+                if head.ctx is not None:
+                    self._finished(head.ctx)
+            else:
+                continue
+            while expect and expect[0].kind == b"!":
+                inj = expect.popleft()
+                out.append(inj.inject or b"")
+                if inj.rfq:
+                    out.append(codec.encode_ready_for_query(self.tx_status))
+        if out:
+            self.write(b"".join(out))
+
+    def _finished(self, ctx: Ctx) -> None:
+        outcome = "error" if ctx.error else "ok"
+        if ctx.ticket_id is not None:
+            tid = ctx.ticket_id
+            approvals = self.gw.services.approvals
+            if ctx.error:
+                err = f"{ctx.error.get('C', '')}: {ctx.error.get('M', '')}"
+                self.gw.spawn(asyncio.to_thread(approvals.finish, tid, "fail", actor=self.user,
+                                                error=err))
+            else:
+                self.gw.spawn(asyncio.to_thread(approvals.finish, tid, "execute",
+                                                actor=self.user, rows=ctx.rows))
+            outcome = "executed" if not ctx.error else "failed"
+        self._audit(ctx, outcome=outcome)
+
+    def upstream_lost(self, message: str) -> None:
+        if self.terminating and self.transport:
+            self.transport.close()
+        elif not self.closed:
+            self.fatal("08006", f"keyturn: lost the connection to the target: {message}")
+
+
+def _rows(tag: str, current: int | None) -> int | None:
+    last = tag.rsplit(" ", 1)[-1]
+    if last.isdigit() and tag.split(" ", 1)[0] in ("SELECT", "INSERT", "UPDATE", "DELETE",
+                                                  "MERGE", "COPY", "FETCH", "MOVE"):
+        return (current or 0) + int(last)
+    return current
+
+
+def _human(seconds: float) -> str:
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{int(seconds // 3600)}h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{int(seconds // 60)}m"
+    return f"{int(seconds)}s"

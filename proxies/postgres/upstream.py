@@ -1,0 +1,189 @@
+"""The gateway's connection to the target PostgreSQL server.
+
+``Upstream.connect`` opens the TCP connection, negotiates TLS when the
+connection's ``sslmode`` asks for it, sends the startup packet and logs in
+with the stored credentials (trust, cleartext, md5 or SCRAM-SHA-256) — the
+client never sees them. After login every framed message is handed to the
+client session, which owns all decisions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from typing import TYPE_CHECKING
+
+from proxies.postgres import codec
+from proxies.postgres.auth import AuthError, TargetAuthenticator
+from proxies.postgres.codec import ProtocolError
+
+if TYPE_CHECKING:
+    from keyturn.config import Connection
+    from proxies.postgres.session import ClientSession
+
+log = logging.getLogger(__name__)
+
+
+class UpstreamError(Exception):
+    def __init__(self, message: str, sqlstate: str = "08001"):
+        super().__init__(message)
+        self.message = message
+        self.sqlstate = sqlstate
+
+
+class Upstream(asyncio.Protocol):
+    def __init__(self, session: ClientSession, conn: Connection):
+        self.session = session
+        self.conn = conn
+        self.reader = codec.BackendReader()
+        self.transport: asyncio.Transport | None = None
+        self.parameters: dict[str, str] = {}
+        self.backend_key: tuple[int, int] | None = None
+        self.tx_status = "I"
+        self.ready = False
+        self._ssl_reply: asyncio.Future[bytes] | None = None
+        self._login: asyncio.Future[None] | None = None
+        self._auth: TargetAuthenticator | None = None
+        self._closed = False
+
+    @classmethod
+    async def connect(cls, session: ClientSession, conn: Connection,
+                      params: dict[str, str]) -> Upstream:
+        loop = asyncio.get_running_loop()
+        t = conn.target
+        try:
+            password = t.password.resolve() if t.password else None
+        except Exception as exc:
+            raise UpstreamError(f"target credentials unavailable: {exc}") from exc
+        try:
+            transport, self = await asyncio.wait_for(
+                loop.create_connection(lambda: cls(session, conn), t.host, t.port), 10)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise UpstreamError(f"{t.host}:{t.port}: {exc}") from exc
+        try:
+            if t.sslmode != "disable":
+                await self._negotiate_tls(loop)
+            self._auth = TargetAuthenticator(t.user or session.user, password)
+            self._login = loop.create_future()
+            startup = dict(params, user=t.user or session.user, database=t.dbname or conn.name)
+            self.transport.write(codec.encode_startup(startup))
+            await asyncio.wait_for(self._login, 15)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    async def _negotiate_tls(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert self.transport is not None
+        self._ssl_reply = loop.create_future()
+        self.transport.write(codec.encode_ssl_request())
+        reply = await asyncio.wait_for(self._ssl_reply, 10)
+        if reply == b"S":
+            ctx = ssl.create_default_context()
+            if self.conn.target.sslmode != "verify-full":
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            try:
+                self.transport = await loop.start_tls(self.transport, self, ctx,
+                                                      server_hostname=self.conn.target.host)
+            except (OSError, ssl.SSLError) as exc:
+                raise UpstreamError(f"TLS to the target failed: {exc}") from exc
+        elif self.conn.target.sslmode in ("require", "verify-full"):
+            raise UpstreamError("the target does not accept TLS but sslmode requires it")
+
+    # ---- asyncio
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self._ssl_reply is not None and not self._ssl_reply.done():
+            self._ssl_reply.set_result(data[:1])
+            if len(data) > 1:
+                self._fail(UpstreamError("target sent data after its SSL reply"))
+            return
+        try:
+            self.reader.receive_data(data)
+            msgs = self.reader.next_messages()
+        except ProtocolError as exc:
+            log.error("target %s sent invalid protocol: %s", self.conn.name, exc.message)
+            self._fail(UpstreamError(f"invalid protocol from the target: {exc.message}"))
+            self.session.upstream_lost("invalid protocol from the target")
+            return
+        if self.ready:
+            self.session.server_messages(msgs)
+        else:
+            self._login_messages(msgs)
+
+    def _login_messages(self, msgs: list[codec.Message]) -> None:
+        for i, m in enumerate(msgs):
+            t = m.type
+            try:
+                if t == b"R":
+                    code, payload = codec.decode_auth(m.body)
+                    assert self._auth is not None
+                    reply = self._auth.respond(code, payload)
+                    if reply and self.transport:
+                        self.transport.write(reply)
+                elif t == b"S":
+                    name, value = codec.decode_parameter_status(m.body)
+                    self.parameters[name] = value
+                elif t == b"K":
+                    self.backend_key = codec.decode_backend_key_data(m.body)
+                elif t == b"E":
+                    f = codec.decode_error_fields(m.body)
+                    raise UpstreamError(f"target refused the login: {f.get('M', '')}",
+                                        f.get("C", "08001"))
+                elif t == b"Z":
+                    self.tx_status = chr(m.body[0])
+                    self.ready = True
+                    if self._login and not self._login.done():
+                        self._login.set_result(None)
+                    rest = msgs[i + 1:]
+                    if rest:
+                        self.session.server_messages(rest)
+                    return
+            except AuthError as exc:
+                self._fail(UpstreamError(f"cannot log in to the target: {exc}", "28000"))
+                return
+            except UpstreamError as exc:
+                self._fail(exc)
+                return
+
+    def _fail(self, exc: UpstreamError) -> None:
+        if self._login and not self._login.done():
+            self._login.set_exception(exc)
+        if self._ssl_reply and not self._ssl_reply.done():
+            self._ssl_reply.set_exception(exc)
+        self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        err = UpstreamError(f"the target closed the connection{f': {exc}' if exc else ''}",
+                            "08006")
+        if self._login and not self._login.done():
+            self._login.set_exception(err)
+        if self._ssl_reply and not self._ssl_reply.done():
+            self._ssl_reply.set_exception(err)
+        if self.ready:
+            self.session.upstream_lost(err.message)
+
+    # ---- used by the session
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None and not self._closed:
+            self._closed = True
+            self.transport.close()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.resume_reading()

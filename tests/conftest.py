@@ -1,0 +1,222 @@
+"""Test session fixtures: real PostgreSQL servers and a real Keyturn process.
+
+Nothing here depends on a server a person started: the session starts a
+throwaway PostgreSQL cluster (keyturn.localpg) and runs ``keyturn up`` as a
+subprocess with its own config, store and free ports.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from keyturn.localpg import LocalPostgres
+
+ROOT = Path(__file__).resolve().parent.parent
+KEYTURN = [sys.executable, "-m", "keyturn.cli"]
+APP_PASSWORD = "app-secret-Zx81"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"port {port} did not open")
+
+
+@pytest.fixture(scope="session")
+def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPostgres]:
+    server = LocalPostgres(tmp_path_factory.mktemp("pg"), auth="scram-sha-256")
+    server.start()
+    server.create_role("app", APP_PASSWORD, password_encryption="scram-sha-256")
+    server.create_database("shop", owner="app")
+    server.execute(textwrap.dedent("""
+        CREATE TABLE customers (id serial PRIMARY KEY, name text, email text, ssn text);
+        INSERT INTO customers (name, email, ssn)
+          SELECT 'name ' || g, 'user' || g || '@example.com', '123-45-' || lpad(g::text, 4, '0')
+          FROM generate_series(1, 50) g;
+        CREATE TABLE orders (id serial PRIMARY KEY, customer_id int, status text, total numeric);
+        INSERT INTO orders (customer_id, status, total)
+          SELECT g % 50 + 1, CASE WHEN g % 5 = 0 THEN 'cancelled' ELSE 'paid' END, g
+          FROM generate_series(1, 200) g;
+        ALTER TABLE customers OWNER TO app; ALTER TABLE orders OWNER TO app;
+    """), dbname="shop")
+    yield server
+    server.stop()
+
+
+POLICY = """
+policies:
+  shop:
+    default: block
+    rules:
+      - name: no-file-access
+        match: {class: [file, admin, privilege, procedural, unknown]}
+        action: block
+      - name: no-ddl
+        match: {class: ddl}
+        action: block
+        reason: schema changes go through migrations
+      - name: reads
+        match: {class: [read, transaction, session]}
+        action: allow
+      - name: deferred-inserts
+        match: {class: write, tables: ["public.audit_requests"]}
+        action: review
+        review: {approvers: [approvers], timeout: 10m, mode: defer}
+      - name: two-person-truncate
+        match: {class: write, tables: ["public.big_*"]}
+        action: review
+        review: {approvers: [approvers], min_approvals: 2, timeout: 10m}
+      - name: writes-need-approval
+        match: {class: write}
+        action: review
+        reason: data changes need a second pair of eyes
+        review: {approvers: [approvers], min_approvals: 1, timeout: %(timeout)s}
+"""
+
+
+@dataclass
+class Keyturn:
+    """A running ``keyturn up`` process and what it takes to talk to it."""
+
+    base: Path
+    config: Path
+    gateway_port: int
+    portal_port: int
+    pg: LocalPostgres
+    proc: subprocess.Popen | None = None
+    tokens: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.portal_port}"
+
+    def cli(self, *args: str, token_of: str | None = None, check: bool = True,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ)
+        if token_of:
+            env["KEYTURN_TOKEN"] = self.tokens[token_of]
+        res = subprocess.run([*KEYTURN, "-c", str(self.config), *args], capture_output=True,
+                             text=True, env=env, timeout=timeout, cwd=self.base)
+        if check and res.returncode != 0:
+            raise AssertionError(f"keyturn {' '.join(args)} failed ({res.returncode}):\n"
+                                 f"{res.stdout}\n{res.stderr}")
+        return res
+
+    def dsn(self, user: str, *, sslmode: str = "disable", dbname: str = "shop") -> str:
+        return (f"host=127.0.0.1 port={self.gateway_port} dbname={dbname} user={user} "
+                f"password={self.tokens[user]} sslmode={sslmode}")
+
+    def psql(self, user: str, sql: str, *, sslmode: str = "disable",
+             **popen: object) -> subprocess.Popen[str]:
+        env = dict(os.environ, PGCONNECT_TIMEOUT="10")
+        return subprocess.Popen(
+            ["psql", self.dsn(user, sslmode=sslmode), "-X", "-v", "ON_ERROR_STOP=1", "-At",
+             "-c", sql], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            **popen)  # type: ignore[call-overload]
+
+    def start(self) -> None:
+        log = open(self.base / "keyturn.log", "w")
+        self.proc = subprocess.Popen([*KEYTURN, "-c", str(self.config), "up"], cwd=self.base,
+                                     stdout=log, stderr=subprocess.STDOUT)
+        wait_port(self.gateway_port, proc=self.proc)
+        wait_port(self.portal_port, proc=self.proc)
+
+    def stop(self) -> int:
+        if self.proc is None:
+            return 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return -9
+        finally:
+            self.proc = None
+
+    def log(self) -> str:
+        return (self.base / "keyturn.log").read_text()
+
+    def wait_ticket(self, status: str = "pending", *, user: str = "bob",
+                    timeout: float = 20) -> dict:
+        import requests
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r = requests.get(f"{self.url}/api/v1/tickets?status={status}",
+                             headers={"Authorization": f"Bearer {self.tokens[user]}"}, timeout=5)
+            tickets = r.json()["tickets"]
+            if tickets:
+                return tickets[0]
+            time.sleep(0.05)
+        raise TimeoutError(f"no {status} ticket appeared\n{self.log()[-3000:]}")
+
+
+def make_keyturn(base: Path, pg: LocalPostgres, *, store_url: str | None = None,
+                 timeout: str = "10m", extra: str = "") -> Keyturn:
+    base.mkdir(parents=True, exist_ok=True)
+    gport, pport = free_port(), free_port()
+    (base / "app.password").write_text(APP_PASSWORD)
+    from keyturn.tlsutil import ensure_self_signed
+
+    ensure_self_signed(base / "gw.crt", base / "gw.key")
+    cfg = textwrap.dedent(f"""
+        store:
+          url: {store_url or 'sqlite:///keyturn.db'}
+        gateway:
+          postgres: 127.0.0.1:{gport}
+          tls: {{cert_file: {base / 'gw.crt'}, key_file: {base / 'gw.key'}}}
+        portal:
+          listen: 127.0.0.1:{pport}
+        identity:
+          users:
+            alice: {{groups: [engineers]}}
+            bob: {{groups: [approvers]}}
+            dana: {{groups: [approvers]}}
+            erin: {{groups: [approvers, engineers]}}
+            carol: {{groups: [auditors]}}
+        connections:
+          - name: shop
+            type: postgres
+            target: {{host: 127.0.0.1, port: {pg.port}, dbname: shop, user: app,
+                      password_file: {base / 'app.password'}}}
+            policy: shop
+    """) + POLICY % {"timeout": timeout} + extra
+    path = base / "keyturn.yaml"
+    path.write_text(cfg)
+    kt = Keyturn(base, path, gport, pport, pg)
+    kt.cli("db", "upgrade")
+    for user in ("alice", "bob", "dana", "erin", "carol"):
+        kt.tokens[user] = kt.cli("token", "create", "--user", user, "-q").stdout.strip()
+    return kt
+
+
+@pytest.fixture(scope="module")
+def keyturn(pg: LocalPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyturn]:
+    kt = make_keyturn(tmp_path_factory.mktemp("kt"), pg)
+    kt.start()
+    yield kt
+    kt.stop()

@@ -1,0 +1,247 @@
+"""Core services on a real SQLite store: config, tokens, approvals, audit."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from keyturn.approvals import TRANSITIONS, TicketRequest
+from keyturn.config import parse_config
+from keyturn.errors import (
+    AlreadyDecided,
+    AlreadyVoted,
+    ConfigError,
+    InvalidTransition,
+    NotAnApprover,
+    SelfApproval,
+    Unauthorized,
+)
+from keyturn.services import Services, build_services
+
+CONFIG = """
+store: {url: "sqlite:///%(db)s"}
+identity:
+  users:
+    alice: {groups: [engineers]}
+    bob: {groups: [approvers]}
+    dana: {groups: [approvers]}
+    erin: {groups: [approvers, engineers]}
+connections:
+  - name: shop
+    type: postgres
+    target: {host: 127.0.0.1, port: 5432, user: app, password_env: SHOP_PW}
+    policy: p
+policies:
+  p:
+    rules:
+      - name: reads
+        match: {class: read}
+        action: allow
+"""
+
+
+@pytest.fixture()
+def svc(tmp_path: Path) -> Services:
+    cfg = parse_config(CONFIG % {"db": tmp_path / "k.db"}, str(tmp_path / "keyturn.yaml"))
+    return build_services(cfg)
+
+
+def ticket(svc: Services, requester: str = "alice", n: int = 1, timeout: float = 600) -> int:
+    t = svc.approvals.create(TicketRequest(
+        requester=requester, requester_groups=svc.config.groups_of(requester),
+        connection="shop", statement="DELETE FROM orders", classification="write",
+        rule="writes", reason="r", approver_groups=("approvers",), min_approvals=n,
+        timeout=timeout))
+    return t.id
+
+
+def who(svc: Services, user: str):  # type: ignore[no-untyped-def]
+    return svc.identities.identity_of(user)
+
+
+# ---------------------------------------------------------------- config
+
+@pytest.mark.parametrize("snippet, line, needle", [
+    ("connections:\n  - name: x\n    type: oracle\n", 3, "connections[0].type"),
+    ("connections:\n  - name: x\n    type: postgres\n    target: {host: h, password: s}\n"
+     "    policy: p\npolicies: {p: []}\n", 4, "secrets must not be inline"),
+    ("policies:\n  p:\n    rules:\n      - name: r\n        action: maybe\n", 5,
+     "policies.p.rules[0].action"),
+    ("policies:\n  p:\n    rules:\n      - name: r\n        action: review\n", 4,
+     "needs approver groups"),
+    ("policies:\n  p:\n    rules:\n      - name: r\n        match: {class: writes}\n"
+     "        action: allow\n", 5, "unknown class 'writes'"),
+    ("identity:\n  users:\n    a: {groups: [x]}\n  bogus: 1\n", 4, "identity.bogus"),
+    ("store: {url: mysql://x}\n", 1, "store.url"),
+    ("a: [\n", 2, "invalid YAML"),
+])
+def test_config_errors_name_key_and_line(snippet: str, line: int, needle: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse_config(snippet, "k.yaml")
+    msg = str(exc.value)
+    assert msg.startswith(f"k.yaml:{line}:"), msg
+    assert needle in msg
+
+
+def test_config_secret_reference_resolves_from_env(monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: Path) -> None:
+    cfg = parse_config(CONFIG % {"db": tmp_path / "k.db"}, "k.yaml")
+    ref = cfg.connections["shop"].target.password
+    assert ref is not None
+    monkeypatch.delenv("SHOP_PW", raising=False)
+    with pytest.raises(ConfigError, match="SHOP_PW is not set"):
+        ref.resolve()
+    monkeypatch.setenv("SHOP_PW", "s3cret")
+    assert ref.resolve() == "s3cret"
+
+
+# ---------------------------------------------------------------- tokens
+
+def test_tokens_hashed_expire_and_revoke(svc: Services) -> None:
+    issued = svc.identities.create_token("alice", ttl=3600)
+    assert svc.identities.authenticate_token(issued.token).user == "alice"
+    with svc.store.engine.connect() as c:
+        stored = c.execute(text("SELECT * FROM tokens")).mappings().one()
+    assert issued.token not in {str(v) for v in stored.values()}
+    svc.identities.revoke_token(issued.id)
+    with pytest.raises(Unauthorized):
+        svc.identities.authenticate_token(issued.token)
+    old = svc.identities.create_token("alice", ttl=1, now=time.time() - 10)
+    with pytest.raises(Unauthorized):
+        svc.identities.authenticate_token(old.token)
+    creds = svc.identities.scram_credentials("alice")
+    assert creds is not None and creds.candidates == ()
+
+
+# ---------------------------------------------------------------- approvals
+
+def test_transition_table_is_complete() -> None:
+    for state, events in TRANSITIONS.items():
+        for nxt in events.values():
+            assert nxt in TRANSITIONS, (state, nxt)
+
+
+def test_requester_can_never_approve_own_ticket(svc: Services) -> None:
+    tid = ticket(svc, requester="erin")  # erin is also an approver
+    with pytest.raises(SelfApproval):
+        svc.approvals.vote(tid, who(svc, "erin"), "approve")
+    assert svc.approvals.get(tid).status == "pending"
+
+
+def test_non_approver_cannot_vote(svc: Services) -> None:
+    tid = ticket(svc, requester="bob")
+    with pytest.raises(NotAnApprover):
+        svc.approvals.vote(tid, who(svc, "alice"), "approve")
+
+
+def test_n_of_m_counts_each_approver_once(svc: Services) -> None:
+    tid = ticket(svc, n=2)
+    r = svc.approvals.vote(tid, who(svc, "bob"), "approve")
+    assert not r.decided and r.approvals == 1
+    with pytest.raises(AlreadyVoted):
+        svc.approvals.vote(tid, who(svc, "bob"), "approve")
+    assert svc.approvals.get(tid).status == "pending"
+    r = svc.approvals.vote(tid, who(svc, "dana"), "approve")
+    assert r.decided and r.ticket.status == "approved"
+    assert r.ticket.decided_by == "bob, dana"
+
+
+def test_reject_needs_reason_and_later_decider_is_told(svc: Services) -> None:
+    tid = ticket(svc)
+    with pytest.raises(InvalidTransition):
+        svc.approvals.vote(tid, who(svc, "bob"), "reject", "  ")
+    svc.approvals.vote(tid, who(svc, "bob"), "reject", "not today")
+    with pytest.raises(AlreadyDecided) as exc:
+        svc.approvals.vote(tid, who(svc, "dana"), "approve")
+    assert "rejected by bob: not today" in exc.value.message
+
+
+def test_simultaneous_decisions_have_exactly_one_outcome(svc: Services) -> None:
+    for _ in range(5):
+        tid = ticket(svc)
+        results: list[str] = []
+        barrier = threading.Barrier(2)
+
+        def decide(user: str, vote: str) -> None:
+            barrier.wait()
+            try:
+                svc.approvals.vote(tid, who(svc, user), vote, "reason")
+                results.append(f"won:{vote}")
+            except AlreadyDecided:
+                results.append("late")
+
+        threads = [threading.Thread(target=decide, args=("bob", "approve")),
+                   threading.Thread(target=decide, args=("dana", "reject"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(r.split(":")[0] for r in results) == ["late", "won"]
+        final = svc.approvals.get(tid).status
+        winner = next(r for r in results if r.startswith("won")).split(":")[1]
+        assert final == {"approve": "approved", "reject": "rejected"}[winner]
+
+
+def test_expiry_and_claim_once(svc: Services) -> None:
+    tid = ticket(svc, timeout=0.01)
+    time.sleep(0.05)
+    assert svc.approvals.expire_due() == [tid]
+    with pytest.raises(AlreadyDecided):
+        svc.approvals.vote(tid, who(svc, "bob"), "approve")
+    tid = ticket(svc)
+    svc.approvals.vote(tid, who(svc, "bob"), "approve")
+    t = svc.approvals.get(tid)
+    assert not svc.approvals.claim(tid, "wrong-binding")
+    assert svc.approvals.claim(tid, t.binding)
+    assert not svc.approvals.claim(tid, t.binding)
+    done = svc.approvals.finish(tid, "execute", rows=3)
+    assert done.status == "executed" and done.result_rows == 3
+
+
+# ---------------------------------------------------------------- audit
+
+def _fill(svc: Services, n: int = 5) -> None:
+    svc.audit.append([{"kind": "statement", "user": "alice", "statement": f"SELECT {i}",
+                       "action": "allow", "at": 1000.0 + i} for i in range(n)])
+
+
+def test_audit_chain_verifies(svc: Services) -> None:
+    _fill(svc)
+    _fill(svc)
+    r = svc.audit.verify()
+    assert r.ok and r.count == 10 and r.head_seq == 10
+
+
+@pytest.mark.parametrize("tamper, expect", [
+    ("UPDATE audit_records SET statement = 'SELECT 42' WHERE seq = 3", "record 3: content"),
+    ("DELETE FROM audit_records WHERE seq = 2", "record 2 missing"),
+    ("DELETE FROM audit_records WHERE seq = 5", "records at the end were removed"),
+    ("UPDATE audit_records SET seq = CASE seq WHEN 2 THEN 3 ELSE 2 END WHERE seq IN (2, 3)",
+     "link to previous record broken"),
+])
+def test_audit_verify_detects_tampering(svc: Services, tamper: str, expect: str) -> None:
+    _fill(svc)
+    with svc.store.engine.begin() as c:
+        if "CASE" in tamper:
+            c.execute(text("UPDATE audit_records SET seq = seq + 100 WHERE seq IN (2, 3)"))
+            c.execute(text("UPDATE audit_records SET seq = 5 - (seq - 100) WHERE seq IN (102, 103)"))
+        else:
+            c.execute(text(tamper))
+    r = svc.audit.verify()
+    assert not r.ok
+    assert any(expect in p for p in r.problems), r.problems
+
+
+def test_audit_writer_flushes_everything_on_close(svc: Services) -> None:
+    from keyturn.audit import AuditWriter
+
+    w = AuditWriter(svc.audit, interval=10).start()
+    for i in range(2500):
+        w.record(kind="statement", statement=f"SELECT {i}")
+    w.close()
+    r = svc.audit.verify()
+    assert r.ok and r.count == 2500
