@@ -1,10 +1,11 @@
 """Curated data for classifying PostgreSQL statements: functions, settings, statement kinds.
 
-This module is data only.  Every entry maps a name to ``(class, reason)`` where ``class`` is
-the *value* of a ``keyturn.analysis.StatementClass`` member ("read", "write", ...) and
-``reason`` is a short phrase completing "function <name> ..." (or "" when a reviewer needs no
-explanation).  ``postgres.py`` converts the strings to enum members at import time, so a typo
-here fails loudly when the package is imported.
+This module is data only.  Classification tables map a name to ``(class, reason)`` where
+``class`` is the *value* of a ``keyturn.analysis.StatementClass`` member ("read", "write",
+...) and ``reason`` is a short phrase completing "function <name> ..." (or "" when a reviewer
+needs no explanation); the last section holds display names for commands.  ``postgres.py``
+converts the strings to enum members at import time, so a typo here fails loudly when the
+package is imported.
 
 It must not contain logic, and it must not import the analyser: the analyser imports it.
 Anything *missing* from this catalogue is treated as risky by the analyser (fail closed), so
@@ -205,7 +206,8 @@ _FILES = {
 
 # Functions that run SQL handed to them as a string (or read a table named by a string):
 # the gateway cannot see what that SQL does, so they are as risky as unparseable input.
-_OPAQUE = _same("unknown", "runs SQL (or reads a table) given as a string, which is not analysed", """
+_OPAQUE = _same("unknown", "runs SQL (or reads a table) named in a string, which is not analysed",
+                """
     query_to_xml query_to_xmlschema query_to_xml_and_xmlschema cursor_to_xml
     cursor_to_xmlschema table_to_xml table_to_xmlschema table_to_xml_and_xmlschema
     schema_to_xml schema_to_xmlschema schema_to_xml_and_xmlschema database_to_xml
@@ -397,3 +399,45 @@ TRUSTED_LANGUAGES: frozenset[str] = frozenset({"sql", "plpgsql"})
 
 #: Languages whose functions are loaded from shared libraries on the server.
 LIBRARY_LANGUAGES: frozenset[str] = frozenset({"c", "internal"})
+
+# --- display names ----------------------------------------------------------------------------
+
+#: Row-locking clause strengths, as written in SQL.
+LOCK_STRENGTHS: Mapping[str, str] = {
+    "LCS_FORUPDATE": "FOR UPDATE", "LCS_FORNOKEYUPDATE": "FOR NO KEY UPDATE",
+    "LCS_FORSHARE": "FOR SHARE", "LCS_FORKEYSHARE": "FOR KEY SHARE",
+}
+
+#: Transaction statement kinds, as written in SQL.
+TRANSACTION_COMMANDS: Mapping[str, str] = {
+    "TRANS_STMT_BEGIN": "BEGIN", "TRANS_STMT_START": "START TRANSACTION",
+    "TRANS_STMT_COMMIT": "COMMIT", "TRANS_STMT_ROLLBACK": "ROLLBACK",
+    "TRANS_STMT_SAVEPOINT": "SAVEPOINT", "TRANS_STMT_RELEASE": "RELEASE",
+    "TRANS_STMT_ROLLBACK_TO": "ROLLBACK TO SAVEPOINT",
+    "TRANS_STMT_PREPARE": "PREPARE TRANSACTION", "TRANS_STMT_COMMIT_PREPARED": "COMMIT PREPARED",
+    "TRANS_STMT_ROLLBACK_PREPARED": "ROLLBACK PREPARED",
+}
+
+#: Command names for statement kinds whose name is not derived from the node name.
+COMMANDS: Mapping[str, str] = {
+    "InsertStmt": "INSERT", "UpdateStmt": "UPDATE", "DeleteStmt": "DELETE", "MergeStmt": "MERGE",
+    "CopyStmt": "COPY", "DoStmt": "DO", "ExplainStmt": "EXPLAIN", "PrepareStmt": "PREPARE",
+    "ExecuteStmt": "EXECUTE", "DeallocateStmt": "DEALLOCATE", "VariableShowStmt": "SHOW",
+    "CallStmt": "CALL", "DeclareCursorStmt": "DECLARE CURSOR", "ClosePortalStmt": "CLOSE",
+    "CheckPointStmt": "CHECKPOINT", "CreateStmt": "CREATE TABLE", "ViewStmt": "CREATE VIEW",
+    "IndexStmt": "CREATE INDEX", "RuleStmt": "CREATE RULE", "CreateTrigStmt": "CREATE TRIGGER",
+    "CreatedbStmt": "CREATE DATABASE", "DropdbStmt": "DROP DATABASE",
+    "CreatePLangStmt": "CREATE LANGUAGE", "CreateFdwStmt": "CREATE FOREIGN DATA WRAPPER",
+    "AlterFdwStmt": "ALTER FOREIGN DATA WRAPPER", "CreateForeignServerStmt": "CREATE SERVER",
+    "AlterForeignServerStmt": "ALTER SERVER", "DefineStmt": "CREATE",
+    "CompositeTypeStmt": "CREATE TYPE", "CreateEnumStmt": "CREATE TYPE",
+    "CreateRangeStmt": "CREATE TYPE", "AlterEnumStmt": "ALTER TYPE",
+    "CommentStmt": "COMMENT", "SecLabelStmt": "SECURITY LABEL", "RenameStmt": "ALTER",
+    "AlterObjectSchemaStmt": "ALTER", "AlterOwnerStmt": "ALTER",
+    "RefreshMatViewStmt": "REFRESH MATERIALIZED VIEW", "CreateAmStmt": "CREATE ACCESS METHOD",
+    "CreateSeqStmt": "CREATE SEQUENCE", "AlterSeqStmt": "ALTER SEQUENCE",
+    "CreateEventTrigStmt": "CREATE EVENT TRIGGER", "AlterEventTrigStmt": "ALTER EVENT TRIGGER",
+    "CreateStatsStmt": "CREATE STATISTICS", "AlterStatsStmt": "ALTER STATISTICS",
+    "CreateOpClassStmt": "CREATE OPERATOR CLASS", "CreateOpFamilyStmt": "CREATE OPERATOR FAMILY",
+    "AlterOpFamilyStmt": "ALTER OPERATOR FAMILY", "ConstraintsSetStmt": "SET CONSTRAINTS",
+}

@@ -103,7 +103,7 @@ class PostgresGateway:
 
     def new_key(self, session: ClientSession) -> tuple[int, int]:
         while True:
-            key = (secrets.randbits(31) or 1, secrets.randbits(32) - 2**31)
+            key = (secrets.randbits(31) or 1, secrets.randbits(32))
             if key not in self.sessions:
                 self.sessions[key] = session
                 return key

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import struct
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -84,18 +85,42 @@ class Expect:
 class StmtInfo:
     sql: str
     analysis: Any
+    param_types: tuple[int, ...] = ()
     decision: Decision | None = None
 
 
-def _param_text(value: bytes | None, fmt: int) -> Any:
+_BINARY_INTS = {21: "!h", 23: "!i", 20: "!q", 26: "!I"}
+_BINARY_FLOATS = {700: "!f", 701: "!d"}
+_TEXT_OIDS = {25, 1043, 1042, 19, 114, 3802}
+
+
+def _param_text(value: bytes | None, fmt: int, oid: int = 0) -> Any:
+    """A bind parameter as people read it (tickets, audit); raw hex if unknown."""
     if value is None:
         return None
-    if fmt == 0:
-        try:
+    try:
+        if fmt == 0 or oid in _TEXT_OIDS:
             return value.decode("utf-8")
-        except UnicodeDecodeError:
-            pass
+        if oid in _BINARY_INTS:
+            return str(struct.unpack(_BINARY_INTS[oid], value)[0])
+        if oid in _BINARY_FLOATS:
+            return repr(struct.unpack(_BINARY_FLOATS[oid], value)[0])
+        if oid == 16 and len(value) == 1:
+            return "true" if value[0] else "false"
+    except (UnicodeDecodeError, struct.error):
+        pass
     return "\\x" + value.hex()
+
+
+def _bind_params(b: codec.Bind, types: tuple[int, ...]) -> list[Any] | None:
+    if not b.params:
+        return None
+    fmts = b.param_formats
+    out = []
+    for i, v in enumerate(b.params):
+        fmt = fmts[0] if len(fmts) == 1 else (fmts[i] if i < len(fmts) else 0)
+        out.append(_param_text(v, fmt, types[i] if i < len(types) else 0))
+    return out
 
 
 class ClientSession(asyncio.Protocol):
@@ -202,6 +227,16 @@ class ClientSession(asyncio.Protocol):
             await asyncio.to_thread(self._cancel_held_sync, reason)
         self.fatal("57P01", f"keyturn: {reason}")
 
+    def _spawn(self, coro: Any) -> None:
+        self.gw.spawn(self._guard(coro))
+
+    async def _guard(self, coro: Any) -> None:
+        try:
+            await coro
+        except Exception:
+            log.exception("session %s failed", self.session_id)
+            self.fatal("XX000", "keyturn: internal error in the gateway (see its log)")
+
     # ------------------------------------------------------------ startup
 
     def _startup_events(self) -> None:
@@ -210,8 +245,6 @@ class ClientSession(asyncio.Protocol):
             if ev is NEED_DATA:
                 return
             if isinstance(ev, codec.SSLRequest):
-                if self.reader.pending():
-                    raise codec.RemoteProtocolError("unencrypted data after SSLRequest")
                 if self.gw.tls is None or self.tls_active:
                     self.write(b"N")
                     continue
@@ -219,7 +252,7 @@ class ClientSession(asyncio.Protocol):
                 self.phase = "tls"
                 assert self.transport is not None
                 self.transport.pause_reading()
-                self.gw.spawn(self._start_tls())
+                self._spawn(self._start_tls())
                 return
             if isinstance(ev, codec.GSSENCRequest):
                 self.write(b"N")
@@ -274,7 +307,7 @@ class ClientSession(asyncio.Protocol):
                                 "changes how SQL string literals are read")
             return
         enc = params.get("client_encoding")
-        if enc is not None and enc.lower() not in SAFE_ENCODINGS and enc.lower() != "auto":
+        if enc is not None and enc.strip("'\" ").lower() not in SAFE_ENCODINGS | {"auto"}:
             self.fatal("42501", f"keyturn: client_encoding {enc!r} is refused: use UTF8")
             return
         conn = self.gw.config.connections.get(database)
@@ -285,7 +318,7 @@ class ClientSession(asyncio.Protocol):
         self.conn = conn
         self.phase = "auth"
         self.reader.start_typed()
-        self.gw.spawn(self._begin_auth())
+        self._spawn(self._begin_auth())
 
     async def _begin_auth(self) -> None:
         from keyturn.identity import fake_salt
@@ -337,7 +370,7 @@ class ClientSession(asyncio.Protocol):
                       session_id=self.session_id, client_addr=self.client_addr,
                       detail={"application": self.application, "tls": self.tls_active,
                               "token_id": self.scram.matched_key})
-        self.gw.spawn(self._connect_upstream())
+        self._spawn(self._connect_upstream())
 
     async def _connect_upstream(self) -> None:
         from keyturn.analysis import PreparedStatements
@@ -400,10 +433,9 @@ class ClientSession(asyncio.Protocol):
             return self._on_query(msg, out)
         if t == b"B":
             b = codec.decode_bind(msg.body)
-            params = [_param_text(v, b.param_formats[0] if len(b.param_formats) == 1 else
-                                  (b.param_formats[i] if b.param_formats else 0))
-                      for i, v in enumerate(b.params)] if b.params else None
-            self.portals[b.portal] = (b.statement, params)
+            info = self.stmts.get(b.statement)
+            self.portals[b.portal] = (b.statement,
+                                      _bind_params(b, info.param_types if info else ()))
             self.expect.append(Expect(b"B"))
             out.append(msg.raw)
             return True
@@ -411,7 +443,8 @@ class ClientSession(asyncio.Protocol):
             return self._on_execute(msg, out)
         if t == b"P":
             p = codec.decode_parse(msg.body)
-            self.stmts[p.name] = StmtInfo(p.query, self.gw.analyzer(self.conn).analyze(p.query))
+            self.stmts[p.name] = StmtInfo(p.query, self.gw.analyzer(self.conn).analyze(p.query),
+                                          p.param_types)
             self.expect.append(Expect(b"P"))
             out.append(msg.raw)
             return True
@@ -531,7 +564,7 @@ class ClientSession(asyncio.Protocol):
             self.upstream.write(b"".join(out))
             out.clear()
         self.holding = True
-        self.gw.spawn(self._review(msg, ctx, decision, analysis, kind))
+        self._spawn(self._review(msg, ctx, decision, analysis, kind))
         return False
 
     async def _review(self, msg: Message, ctx: Ctx, decision: Decision, analysis: Any,
@@ -673,7 +706,7 @@ class ClientSession(asyncio.Protocol):
             pass
 
     def _cancel_held(self, reason: str) -> None:
-        self.gw.spawn(asyncio.to_thread(self._cancel_held_sync, reason))
+        self._spawn(asyncio.to_thread(self._cancel_held_sync, reason))
 
     async def on_cancel_request(self) -> None:
         if self.held_ticket is not None:
@@ -744,10 +777,10 @@ class ClientSession(asyncio.Protocol):
             approvals = self.gw.services.approvals
             if ctx.error:
                 err = f"{ctx.error.get('C', '')}: {ctx.error.get('M', '')}"
-                self.gw.spawn(asyncio.to_thread(approvals.finish, tid, "fail", actor=self.user,
+                self._spawn(asyncio.to_thread(approvals.finish, tid, "fail", actor=self.user,
                                                 error=err))
             else:
-                self.gw.spawn(asyncio.to_thread(approvals.finish, tid, "execute",
+                self._spawn(asyncio.to_thread(approvals.finish, tid, "execute",
                                                 actor=self.user, rows=ctx.rows))
             outcome = "executed" if not ctx.error else "failed"
         self._audit(ctx, outcome=outcome)

@@ -1,0 +1,36 @@
+# Two commands on a fresh machine:
+#   make demo   set everything up and run the demo
+#   make test   set everything up and run the test suite
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed-stamp
+PYTHON  ?= python3
+
+.PHONY: demo test deps system-deps lint bench clean
+
+system-deps:
+	@./scripts/system-deps.sh
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+deps: system-deps $(STAMP)
+
+demo: deps
+	$(VENV)/bin/keyturn demo
+
+test: deps
+	$(PY) -m pytest -q -p no:cacheprovider
+
+lint: deps
+	$(VENV)/bin/ruff check keyturn proxies portal bots tests bench
+
+bench: deps
+	@./scripts/system-deps.sh pgbouncer
+	$(PY) bench/pgbench_compare.py
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache

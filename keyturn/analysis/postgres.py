@@ -1,0 +1,989 @@
+"""Risk classification of PostgreSQL statements for the Keyturn gateway.
+
+Every SQL message a client sends is parsed with pglast (PostgreSQL's own parser) and the
+*whole* parse tree is walked: data-modifying CTEs, functions called in FROM, defaults, EXPLAIN
+targets, COPY queries and PREPARE bodies all count.  Each statement gets a StatementClass, the
+tables and functions it touches, the reasons for its class, and a ``forbidden`` reason when it
+would change who the session is or how the server reads SQL.
+
+This module must fail closed: anything it cannot parse or does not recognise is UNKNOWN, the
+riskiest class, and an unknown function is at least ``unknown_function_class``.  It must not
+execute SQL or talk to a database, and it must not use ``pglast.parse_sql`` (AST objects) on
+the hot path: ``parse_sql_json`` is about ten times cheaper.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pglast.ast
+from pglast import parser as _pg
+
+from keyturn.analysis import catalogue
+
+
+class StatementClass(enum.StrEnum):
+    """How risky a statement is; members are listed from least to most risky.
+
+    A ``str`` enum (``StatementClass.READ == "read"``), so it serialises as its value.
+    """
+
+    TRANSACTION = "transaction"
+    SESSION = "session"
+    READ = "read"
+    WRITE = "write"
+    DDL = "ddl"
+    PRIVILEGE = "privilege"
+    PROCEDURAL = "procedural"
+    ADMIN = "admin"
+    FILE = "file"
+    UNKNOWN = "unknown"
+
+    @property
+    def risk(self) -> int:
+        return _RISK[self]
+
+
+_RISK: dict[StatementClass, int] = {cls: i for i, cls in enumerate(StatementClass)}
+C = StatementClass
+
+
+def riskiest(classes: Iterable[StatementClass], default: StatementClass) -> StatementClass:
+    return max(classes, key=_RISK.__getitem__, default=default)
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    """One classified statement of a message."""
+
+    text: str
+    cls: StatementClass
+    command: str
+    tables: tuple[str, ...]
+    functions: tuple[str, ...]
+    reasons: tuple[str, ...]
+    forbidden: str | None
+    is_dml: bool
+    prepared_name: str | None
+    literal_dependent: bool
+
+
+def _unique(items: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(item for item in items if item))
+
+
+@dataclass(frozen=True, slots=True)
+class Analysis:
+    """The classification of one SQL message (one or more statements)."""
+
+    text: str
+    statements: tuple[Statement, ...]
+    error: str | None
+
+    @property
+    def cls(self) -> StatementClass:
+        if self.error is not None:
+            return C.UNKNOWN
+        # An empty or comment-only message runs nothing.
+        return riskiest((s.cls for s in self.statements), C.READ)
+
+    @property
+    def forbidden(self) -> str | None:
+        return next((s.forbidden for s in self.statements if s.forbidden), None)
+
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        error = (f"could not analyse: {self.error}",) if self.error is not None else ()
+        return _unique([*error, *(r for s in self.statements for r in s.reasons)])
+
+    @property
+    def tables(self) -> tuple[str, ...]:
+        return _unique(t for s in self.statements for t in s.tables)
+
+    @property
+    def functions(self) -> tuple[str, ...]:
+        return _unique(f for s in self.statements for f in s.functions)
+
+
+class PreparedStatements:
+    """One client session's memory of SQL-level PREPARE, so EXECUTE can be classified.
+
+    The gateway never learns whether the server accepted a PREPARE, so a name prepared twice
+    keeps the riskiest of both candidates, and forgetting a name makes EXECUTE UNKNOWN:
+    either mistake errs towards caution.  The proxy may also call ``remember``/``forget``
+    for protocol-level prepared statements, which share PostgreSQL's namespace.
+    """
+
+    MAX_NAMES = 10_000
+
+    __slots__ = ("_by_name",)
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, Statement] = {}
+
+    def remember(self, name: str, statement: Statement) -> None:
+        old = self._by_name.get(name)
+        if old is not None:
+            self._by_name[name] = _merge_candidates(name, old, statement)
+        elif len(self._by_name) < self.MAX_NAMES:
+            # Past the cap the name is not stored, so its EXECUTE is UNKNOWN (fail closed).
+            self._by_name[name] = statement
+
+    def forget(self, name: str) -> None:
+        self._by_name.pop(name, None)
+
+    def forget_all(self) -> None:
+        self._by_name.clear()
+
+    def lookup(self, name: str) -> Statement | None:
+        return self._by_name.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+
+def _merge_candidates(name: str, old: Statement, new: Statement) -> Statement:
+    top = new if new.cls.risk >= old.cls.risk else old
+    note = f"{name} was prepared more than once; assuming the riskiest definition"
+    return Statement(
+        text=new.text, cls=top.cls, command=top.command,
+        tables=_unique([*old.tables, *new.tables]),
+        functions=_unique([*old.functions, *new.functions]),
+        reasons=_unique([note, *top.reasons, *old.reasons, *new.reasons]),
+        forbidden=old.forbidden or new.forbidden, is_dml=old.is_dml or new.is_dml,
+        prepared_name=name, literal_dependent=old.literal_dependent or new.literal_dependent,
+    )
+
+
+# --- catalogue, converted once so a typo in catalogue.py fails at import -------------------
+
+Entry = tuple[StatementClass, str]
+
+
+def _entries(data: Mapping[str, tuple[str, str]]) -> dict[str, Entry]:
+    return {name: (StatementClass(cls), reason) for name, (cls, reason) in data.items()}
+
+
+_BUILTINS = _entries(catalogue.BUILTIN_FUNCTIONS)
+_EXTENSIONS = _entries(catalogue.EXTENSION_FUNCTIONS)
+_SETTINGS = _entries(catalogue.SETTINGS)
+_SETTING_PREFIXES = _entries(catalogue.SETTING_PREFIXES)
+_STATIC = _entries(catalogue.STATEMENTS)
+_DROPS = _entries(catalogue.DROP_CLASSES)
+
+
+def _struct_fields() -> dict[str, dict[str, str]]:
+    # parse_sql_json writes a field whose C type is a specific struct (RangeVar *relation,
+    # FuncCall *funccall, ...) without the {"NodeName": ...} wrapper that Node * fields get,
+    # so the walker needs pglast's slot types to know what such a dict is.
+    names = {n for n, obj in vars(pglast.ast).items()
+             if isinstance(obj, type) and issubclass(obj, pglast.ast.Node)}
+    out: dict[str, dict[str, str]] = {}
+    for name in names:
+        slots = getattr(getattr(pglast.ast, name), "__slots__", None)
+        if not isinstance(slots, dict):
+            continue
+        fields = {field: info.c_type.rstrip("*") for field, info in slots.items()
+                  if info.c_type.rstrip("*") in names - {"Node", "Expr"}}
+        if fields:
+            out[name] = fields
+    return out
+
+
+_FIELD_TYPES = _struct_fields()
+_NODE_NAMES = frozenset(n for n, obj in vars(pglast.ast).items() if isinstance(obj, type))
+_NO_FIELDS: dict[str, str] = {}
+_NO_CTES: frozenset[str] = frozenset()
+# Nodes that cannot contain a relation, a function call or a statement.
+_LEAVES = frozenset({"String", "Integer", "Float", "Boolean", "BitString", "A_Const", "A_Star",
+                     "ParamRef", "SQLValueFunction", "RoleSpec", "Alias", "ColumnRef"})
+# Statement kinds that may be served from the normalized-text cache (see Analyzer): common
+# statements whose classification reads no constant except where it says so (literal
+# flag).  Everything else is cached by exact text only.
+_SHAPE_KINDS = frozenset({
+    "SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt", "ExplainStmt",
+    "CopyStmt", "TransactionStmt", "VariableShowStmt", "VariableSetStmt", "FetchStmt",
+    "ClosePortalStmt", "DeclareCursorStmt", "ListenStmt", "UnlistenStmt", "NotifyStmt",
+    "LockStmt", "CallStmt", "DoStmt",
+})
+_TABLE_OBJECTS = frozenset({"OBJECT_TABLE", "OBJECT_VIEW", "OBJECT_MATVIEW",
+                            "OBJECT_FOREIGN_TABLE", "OBJECT_SEQUENCE", "OBJECT_INDEX"})
+_ENCODING_JUNK = re.compile(r"[^0-9a-z]")
+_RUN, _PLAN = "run", "plan"
+
+
+def _names(items: Any) -> list[str]:
+    # A qualified name is a list of {"String": {"sval": ...}} nodes.
+    out = []
+    for item in items or ():
+        value = item.get("String") if isinstance(item, dict) else None
+        out.append(value.get("sval", "") if isinstance(value, dict) else "?")
+    return out
+
+
+def _literal(node: Any) -> str | None:
+    """The text of a constant argument, or None when it is not a plain constant."""
+    if not isinstance(node, dict) or len(node) != 1:
+        return None
+    ((kind, body),) = node.items()
+    if kind == "TypeCast":
+        return _literal(body.get("arg"))
+    if kind != "A_Const" or body.get("isnull"):
+        return None
+    for field in ("sval", "ival", "fval", "boolval", "bsval"):
+        if field in body:
+            value = body[field].get(field)
+            if field == "boolval":
+                return "true" if value else "false"
+            return str(value if value is not None else 0 if field == "ival" else "")
+    return None
+
+
+def _qualify(catalog: str | None, schema: str | None, name: str) -> str:
+    # Unqualified names are reported in public, the convention policy patterns use too; the
+    # real schema depends on the session's search_path, which is not tracked here.
+    return ".".join(p for p in (catalog, schema or "public", name) if p)
+
+
+def _object_word(objtype: str | None) -> str:
+    word = (objtype or "OBJECT_UNKNOWN").removeprefix("OBJECT_")
+    return {"MATVIEW": "MATERIALIZED VIEW", "FDW": "FOREIGN DATA WRAPPER",
+            "FOREIGN_SERVER": "SERVER"}.get(word, word.replace("_", " "))
+
+
+class _Walk:
+    """Walks one top-level statement's JSON tree and collects its findings."""
+
+    __slots__ = ("an", "prepared", "text", "findings", "tables", "functions", "forbidden",
+                 "literal", "session_bound", "effects", "mode", "in_cte", "wrapper", "is_dml",
+                 "prepared_name")
+
+    def __init__(self, analyzer: Analyzer, prepared: PreparedStatements | None, text: str):
+        self.an, self.prepared, self.text = analyzer, prepared, text
+        self.findings: list[tuple[StatementClass, str]] = []
+        self.tables: dict[str, None] = {}
+        self.functions: dict[str, None] = {}
+        self.forbidden: str | None = None
+        self.literal = False
+        self.session_bound = False
+        self.effects: list[tuple[str, str, Statement | None]] = []
+        self.mode = _RUN
+        self.in_cte = 0
+        self.wrapper: str | None = None
+        self.is_dml = False
+        self.prepared_name: str | None = None
+
+    # -- results ---------------------------------------------------------------------------
+
+    def add(self, cls: StatementClass, reason: str) -> None:
+        self.findings.append((cls, reason))
+
+    def forbid(self, reason: str) -> None:
+        self.forbidden = self.forbidden or reason
+
+    def statement(self, kind: str, body: dict[str, Any]) -> Statement:
+        self.stmt(kind, body, _NO_CTES, top=True)
+        cls = riskiest((f[0] for f in self.findings), C.UNKNOWN)
+        if kind == "SelectStmt" and cls is C.READ and not self.tables and any(
+                f[0] is C.SESSION for f in self.findings):
+            # SELECT set_config(...) / pg_advisory_lock(...) reading no table is, in effect,
+            # a session command.  Only table-less SELECTs, so no data read is relabelled.
+            cls = C.SESSION
+        # Reasons for the final class first, then the rest by risk; sorted() is stable, so
+        # walk order breaks ties.
+        ordered = sorted(self.findings, key=lambda f: (f[0] is not cls, -f[0].risk))
+        return Statement(
+            text=self.text, cls=cls,
+            command=_command(kind, body), tables=tuple(self.tables),
+            functions=tuple(self.functions), reasons=_unique(r for _, r in ordered),
+            forbidden=self.forbidden, is_dml=self.is_dml, prepared_name=self.prepared_name,
+            literal_dependent=self.literal,
+        )
+
+    def merge(self, other: Statement) -> None:
+        self.tables.update(dict.fromkeys(other.tables))
+        self.functions.update(dict.fromkeys(other.functions))
+        if other.forbidden:
+            self.forbid(other.forbidden)
+        self.literal = self.literal or other.literal_dependent
+
+    # -- generic traversal -----------------------------------------------------------------
+
+    def node(self, kind: str, body: dict[str, Any], ctes: frozenset[str]) -> None:
+        if kind in _LEAVES:
+            return
+        if kind in _STMT_KINDS:
+            self.stmt(kind, body, ctes, top=False)
+            return
+        handler = _NODE_HANDLERS.get(kind)
+        if handler is not None:
+            handler(self, body, ctes)
+            return
+        if kind.endswith("Stmt"):
+            self.add(C.UNKNOWN, f"unrecognised statement type {kind}")
+        self.children(kind, body, ctes)
+
+    def children(self, kind: str, body: dict[str, Any], ctes: frozenset[str],
+                 skip: tuple[str, ...] = ()) -> None:
+        # json.loads only makes dict, list, str, int, float, bool and None, so exact type
+        # checks are safe here (and this loop is the analyser's hot spot).
+        types = _FIELD_TYPES.get(kind, _NO_FIELDS)
+        for field, value in body.items():
+            kind_of = type(value)
+            if kind_of is dict:
+                if not value or field in skip:
+                    continue
+                sub = types.get(field)
+                if sub is None or (len(value) == 1 and next(iter(value)) in _NODE_NAMES):
+                    # A Node * field, or (defensively) a struct field that arrived wrapped.
+                    self.tagged(value, ctes)
+                else:
+                    self.node(sub, value, ctes)
+            elif kind_of is list and field not in skip:
+                self.items(value, ctes)
+
+    def tagged(self, value: dict[str, Any], ctes: frozenset[str]) -> None:
+        for kind, body in value.items():
+            kind_of = type(body)
+            if kind_of is dict:
+                if kind not in _LEAVES:
+                    self.node(kind, body, ctes)
+            elif kind_of is list:
+                self.items(body, ctes)
+
+    def items(self, values: list[Any], ctes: frozenset[str]) -> None:
+        for value in values:
+            kind_of = type(value)
+            if kind_of is dict:
+                self.tagged(value, ctes)
+            elif kind_of is list:
+                self.items(value, ctes)
+
+    def wrapped(self, query: Any, ctes: frozenset[str], label: str, mode: str = _RUN) -> None:
+        saved = self.wrapper, self.mode
+        self.wrapper = label
+        self.mode = _PLAN if _PLAN in (mode, self.mode) else _RUN
+        try:
+            if isinstance(query, dict):
+                self.tagged(query, ctes)
+        finally:
+            self.wrapper, self.mode = saved
+
+    def with_clause(self, clause: Any, ctes: frozenset[str]) -> frozenset[str]:
+        if not clause:
+            return ctes
+        items = [c.get("CommonTableExpr", {}) for c in clause.get("ctes") or ()]
+        names = [c.get("ctename", "") for c in items]
+        visible_all = ctes | frozenset(names)
+        self.in_cte += 1
+        try:
+            for i, cte in enumerate(items):
+                # A non-recursive CTE sees only the CTEs before it; a same-named table
+                # referenced earlier is a real table and must be reported.
+                seen = visible_all if clause.get("recursive") else ctes | frozenset(names[:i])
+                self.children("CommonTableExpr", cte, seen)
+        finally:
+            self.in_cte -= 1
+        return visible_all
+
+    # -- relations and functions -----------------------------------------------------------
+
+    def relation(self, body: Any, ctes: frozenset[str]) -> str | None:
+        if not isinstance(body, dict):
+            return None
+        schema, catalog = body.get("schemaname"), body.get("catalogname")
+        name = body.get("relname")
+        if not name or (not schema and not catalog and name in ctes):
+            return None
+        qualified = _qualify(catalog, schema, name)
+        self.tables[qualified] = None
+        return qualified
+
+    def call(self, names: list[str], args: list[Any]) -> None:
+        if not names:
+            self.add(C.UNKNOWN, "function call without a name")
+            return
+        qualified, entry = self.an.resolve(names)
+        self.functions[qualified] = None
+        if entry is None:
+            cls = self.an.unknown_function_class
+            if self.mode == _PLAN:
+                # The planner may evaluate immutable or stable user functions.
+                self.add(cls, f"function {qualified} is not in the catalogue and may run "
+                              "while planning")
+            else:
+                self.add(cls, f"function {qualified} is not in the catalogue "
+                              f"(treated as {cls.value})")
+            return
+        cls, reason = entry
+        if qualified == "pg_catalog.set_config":
+            cls, reason = self.set_config(args)
+        if self.mode == _PLAN:
+            return  # catalogued side effects are all volatile functions: never run by planning
+        self.add(cls, f"function {qualified} {reason}" if reason else "")
+
+    def set_config(self, args: list[Any]) -> Entry:
+        self.literal = True
+        name = _literal(args[0]) if args else None
+        if name is None:
+            self.forbid("set_config() with a setting name that is not a constant")
+            return C.SESSION, "changes a session setting that cannot be determined"
+        value = _literal(args[1]) if len(args) > 1 else None
+        return self.setting("set_config()", name.strip().lower(), value, has_value=True)
+
+    def setting(self, verb: str, name: str, value: str | None, *, has_value: bool) -> Entry:
+        if name in catalogue.IDENTITY_SETTINGS:
+            self.forbid(f"{verb} {name} changes the database role of the session")
+        elif name == "standard_conforming_strings" and has_value:
+            self.literal = True
+            if value is None or value.strip().lower() not in catalogue.TRUE_WORDS:
+                self.forbid(f"{verb} standard_conforming_strings other than on changes how "
+                            "string literals are read")
+        elif name == "client_encoding" and has_value:
+            self.literal = True
+            if value is None or _ENCODING_JUNK.sub("", value.lower()) not in catalogue.UTF8_NAMES:
+                self.forbid(f"{verb} client_encoding other than UTF8 changes how the query "
+                            "text is read")
+        entry = _SETTINGS.get(name) or next(
+            (e for prefix, e in _SETTING_PREFIXES.items() if name.startswith(prefix)), None)
+        if entry is None and name.startswith("transaction"):
+            return C.TRANSACTION, "changes transaction characteristics"
+        return entry or (C.SESSION, "changes a session setting")
+
+    # -- statements --------------------------------------------------------------------------
+
+    def stmt(self, kind: str, body: dict[str, Any], ctes: frozenset[str], top: bool) -> None:
+        handler = _STMT_HANDLERS.get(kind)
+        if handler is not None:
+            handler(self, body, ctes, top)
+            return
+        static = _STATIC.get(kind)
+        if static is None:
+            self.add(C.UNKNOWN, f"unrecognised statement type {kind}")
+        elif self.mode == _RUN:
+            self.add(static[0], static[1] if top else f"nested {static[1]}")
+        self.children(kind, body, ctes)
+
+    def _s_SelectStmt(self, body: dict[str, Any], ctes: frozenset[str], top: bool) -> None:
+        if top:
+            self.add(C.READ, "VALUES computes rows" if body.get("valuesLists")
+                     else "SELECT reads data")
+        into = body.get("intoClause")
+        if into and self.mode == _RUN:
+            target = self.relation(into.get("rel"), _NO_CTES)
+            self.add(C.DDL, f"SELECT INTO creates table {target}")
+        for clause in body.get("lockingClause") or ():
+            strength = clause.get("LockingClause", {}).get("strength", "")
+            words = catalogue.LOCK_STRENGTHS.get(strength, "FOR UPDATE/SHARE")
+            self.add(C.READ, f"SELECT {words} locks the rows it reads")
+        ctes = self.with_clause(body.get("withClause"), ctes)
+        # lockingClause names aliases (FOR UPDATE OF o), not tables.
+        self.children("SelectStmt", body, ctes, skip=("withClause", "intoClause",
+                                                      "lockingClause"))
+
+    def _dml(self, kind: str, verb: str, body: dict[str, Any], ctes: frozenset[str],
+             top: bool) -> None:
+        rel = body.get("relation")
+        target = self.relation(rel, _NO_CTES)  # a DML target is always a real table
+        if isinstance(rel, dict) and rel.get("relname") == "pg_settings" and \
+                rel.get("schemaname") in (None, "pg_catalog"):
+            self.forbid(f"{verb} pg_settings changes session settings, including the role")
+        label, self.wrapper = self.wrapper, None
+        if self.mode == _RUN:
+            if top:
+                self.add(C.WRITE, f"{verb} {target} modifies rows")
+            elif self.in_cte:
+                self.add(C.WRITE, f"data-modifying CTE: {verb} {target}")
+            else:
+                self.add(C.WRITE, f"{label or 'nested statement'}: {verb} {target}")
+        if top:
+            self.is_dml = True
+        ctes = self.with_clause(body.get("withClause"), ctes)
+        self.children(kind, body, ctes, skip=("relation", "withClause"))
+
+    def _s_InsertStmt(self, body: dict[str, Any], ctes: frozenset[str], top: bool) -> None:
+        self._dml("InsertStmt", "INSERT", body, ctes, top)
+
+    def _s_UpdateStmt(self, body: dict[str, Any], ctes: frozenset[str], top: bool) -> None:
+        self._dml("UpdateStmt", "UPDATE", body, ctes, top)
+
+    def _s_DeleteStmt(self, body: dict[str, Any], ctes: frozenset[str], top: bool) -> None:
+        self._dml("DeleteStmt", "DELETE", body, ctes, top)
+
+    def _s_MergeStmt(self, body: dict[str, Any], ctes: frozenset[str], top: bool) -> None:
+        self._dml("MergeStmt", "MERGE", body, ctes, top)
+
+    def _s_ExplainStmt(self, body: dict[str, Any], ctes: frozenset[str], top: bool) -> None:
+        if _explain_analyze(body.get("options") or ()):
+            self.add(C.READ, "EXPLAIN ANALYZE executes the statement")
+            self.wrapped(body.get("query"), ctes, "EXPLAIN ANALYZE executes")
+        else:
+            self.add(C.READ, "EXPLAIN without ANALYZE only plans the statement")
+            self.wrapped(body.get("query"), ctes, "EXPLAIN plans", _PLAN)
+
+    def _s_CopyStmt(self, body: dict[str, Any], ctes: frozenset[str], top: bool) -> None:
+        target = self.relation(body.get("relation"), _NO_CTES)
+        direction = "FROM" if body.get("is_from") else "TO"
+        if body.get("is_program"):
+            self.add(C.FILE, f"COPY {direction} PROGRAM runs a command on the server")
+        elif body.get("filename") is not None:
+            self.add(C.FILE, f"COPY {direction} a file reads or writes the server's file system")
+        elif body.get("is_from"):
+            self.add(C.WRITE, f"COPY FROM STDIN loads rows into {target}")
+        else:
+            self.add(C.READ, "COPY TO STDOUT reads data")
+        self.wrapped(body.get("query"), ctes, "COPY runs")
+        self.children("CopyStmt", body, ctes, skip=("relation", "query"))
+
+    def _s_CreateTableAsStmt(self, body: dict[str, Any], ctes: frozenset[str],
+                             top: bool) -> None:
+        into = body.get("into") or {}
+        target = self.relation(into.get("rel"), _NO_CTES)
+        what = _object_word(body.get("objtype", "OBJECT_TABLE")).lower()
+        if self.mode == _RUN:
+            self.add(C.DDL, f"CREATE {what.upper()} AS creates {what} {target}")
+        self.wrapped(body.get("query"), ctes, f"CREATE {what.upper()} AS runs")
+        self.children("IntoClause", into, ctes, skip=("rel",))
+
+    def _s_DeclareCursorStmt(self, body: dict[str, Any], ctes: frozenset[str],
+                             top: bool) -> None:
+        self.add(C.READ, "DECLARE CURSOR runs its query as rows are fetched")
+        self.wrapped(body.get("query"), ctes, "cursor runs")
+
+    def _s_PrepareStmt(self, body: dict[str, Any], ctes: frozenset[str], top: bool) -> None:
+        name = body.get("name", "")
+        query = body.get("query") or {}
+        if len(query) != 1:
+            self.add(C.UNKNOWN, "PREPARE without a statement")
+            return
+        ((kind, inner_body),) = query.items()
+        inner = _Walk(self.an, self.prepared, self.text)
+        remembered = inner.statement(kind, inner_body)
+        remembered = _with_name(remembered, name)
+        # Preparing runs nothing; the remembered class applies at EXECUTE.
+        self.add(C.SESSION, f"PREPARE {name} stores a {remembered.cls.value} statement "
+                            f"({remembered.command}) for a later EXECUTE")
+        self.merge(remembered)
+        self.effects.append(("prepare", name, remembered))
+        self.session_bound = True
+        if top:
+            self.prepared_name = name
+
+    def _s_ExecuteStmt(self, body: dict[str, Any], ctes: frozenset[str], top: bool) -> None:
+        name = body.get("name", "")
+        self.session_bound = True
+        remembered = self.prepared.lookup(name) if self.prepared is not None else None
+        if remembered is None:
+            self.add(C.UNKNOWN, f"EXECUTE of prepared statement {name}, whose PREPARE was "
+                                "not seen in this session")
+        else:
+            self.add(remembered.cls, f"EXECUTE of prepared {name}: {remembered.command} "
+                                     f"({remembered.cls.value})")
+            for reason in remembered.reasons:
+                self.add(C.TRANSACTION, reason)  # explanation only; the class is counted above
+            self.merge(remembered)
+        if top:
+            self.prepared_name = name
+        self.children("ExecuteStmt", body, ctes)
+
+    def _s_DeallocateStmt(self, body: dict[str, Any], ctes: frozenset[str], top: bool) -> None:
+        self.session_bound = True
+        if body.get("isall"):
+            self.add(C.SESSION, "DEALLOCATE ALL forgets every prepared statement")
+            self.effects.append(("forget_all", "", None))
+        else:
+            name = body.get("name", "")
+            self.add(C.SESSION, f"DEALLOCATE forgets prepared statement {name}")
+            self.effects.append(("forget", name, None))
+            self.prepared_name = name
+
+    def _s_DiscardStmt(self, body: dict[str, Any], ctes: frozenset[str], top: bool) -> None:
+        target = body.get("target", "")
+        if target == "DISCARD_ALL":
+            self.add(C.SESSION, "DISCARD ALL resets the session")
+            self.forbid("DISCARD ALL runs SET SESSION AUTHORIZATION DEFAULT and RESET ALL")
+            self.effects.append(("forget_all", "", None))
+            self.session_bound = True
+        else:
+            self.add(C.SESSION, f"DISCARD {target.removeprefix('DISCARD_')} drops session state")
+
+    def _s_VariableSetStmt(self, body: dict[str, Any], ctes: frozenset[str],
+                           top: bool) -> None:
+        if not top:
+            # SET clauses of CREATE FUNCTION, ALTER ROLE/DATABASE/SYSTEM configure other
+            # sessions or code; their parent statement decides the class.
+            return
+        kind = body.get("kind", "")
+        name = str(body.get("name", "")).lower()
+        verb = "RESET" if kind.startswith("VAR_RESET") else "SET"
+        if body.get("is_local"):
+            verb += " LOCAL"
+        if kind == "VAR_RESET_ALL":
+            # role and session_authorization are exempt from RESET ALL in PostgreSQL.
+            self.add(C.SESSION, "RESET ALL restores session defaults")
+            return
+        if name.startswith("transaction") or name == "session characteristics":
+            self.add(C.TRANSACTION if name.startswith("transaction") else C.SESSION,
+                     f"SET {name.upper()} changes transaction characteristics")
+            return
+        args = body.get("args") or ()
+        value = _literal(args[0]) if kind == "VAR_SET_VALUE" and len(args) == 1 else None
+        has_value = kind in ("VAR_SET_VALUE", "VAR_SET_CURRENT")
+        cls, reason = self.setting(verb, name, value, has_value=has_value)
+        self.add(cls, f"{verb} {name} {reason}")
+
+    def _s_TransactionStmt(self, body: dict[str, Any], ctes: frozenset[str],
+                           top: bool) -> None:
+        kind = body.get("kind", "")
+        words = catalogue.TRANSACTION_COMMANDS.get(kind, "transaction statement")
+        if kind in ("TRANS_STMT_PREPARE", "TRANS_STMT_COMMIT_PREPARED",
+                    "TRANS_STMT_ROLLBACK_PREPARED"):
+            self.add(C.ADMIN, f"{words} is two-phase commit: it can finish work that was not "
+                              "reviewed in this session")
+        else:
+            self.add(C.TRANSACTION, f"{words} controls the transaction")
+
+    def _s_CallStmt(self, body: dict[str, Any], ctes: frozenset[str], top: bool) -> None:
+        call = body.get("funccall") or {}
+        qualified, _ = self.an.resolve(_names(call.get("funcname")))
+        self.add(C.PROCEDURAL, f"CALL runs procedure {qualified}")
+        self.node("FuncCall", call, ctes)
+
+    def _s_DropStmt(self, body: dict[str, Any], ctes: frozenset[str], top: bool) -> None:
+        objtype = body.get("removeType", "")
+        cls, reason = _DROPS.get(objtype, (C.DDL, "changes the schema"))
+        if self.mode == _RUN:
+            self.add(cls, f"DROP {_object_word(objtype)} {reason}")
+        if objtype in _TABLE_OBJECTS:
+            for obj in body.get("objects") or ():
+                names = _names((obj.get("List") or {}).get("items"))
+                if names:
+                    self.tables[_qualify(*([None] * (3 - len(names))), *names[-3:])] = None
+
+    def _s_AlterTableStmt(self, body: dict[str, Any], ctes: frozenset[str], top: bool) -> None:
+        target = self.relation(body.get("relation"), _NO_CTES)
+        word = _object_word(body.get("objtype", "OBJECT_TABLE"))
+        self.add(C.DDL, f"ALTER {word} {target} changes the schema")
+        for cmd in body.get("cmds") or ():
+            subtype = (cmd.get("AlterTableCmd") or {}).get("subtype", "")
+            if subtype in catalogue.ALTER_TABLE_PRIVILEGE_CMDS:
+                self.add(C.PRIVILEGE, catalogue.ALTER_TABLE_PRIVILEGE_CMDS[subtype])
+        self.children("AlterTableStmt", body, ctes, skip=("relation",))
+
+    def _s_GrantStmt(self, body: dict[str, Any], ctes: frozenset[str], top: bool) -> None:
+        verb = "GRANT" if body.get("is_grant") else "REVOKE"
+        self.add(C.PRIVILEGE, f"{verb} changes privileges" if top
+                 else f"nested {verb} changes privileges")
+        self.children("GrantStmt", body, _NO_CTES, skip=("grantees", "grantor"))
+
+    def _s_GrantRoleStmt(self, body: dict[str, Any], ctes: frozenset[str], top: bool) -> None:
+        verb = "GRANT" if body.get("is_grant") else "REVOKE"
+        self.add(C.PRIVILEGE, f"{verb} of role membership changes who can act as whom")
+
+    def _s_RenameStmt(self, body: dict[str, Any], ctes: frozenset[str], top: bool) -> None:
+        if body.get("renameType") == "OBJECT_ROLE":
+            self.add(C.PRIVILEGE, "ALTER ROLE ... RENAME changes a role")
+        else:
+            self.add(C.DDL, f"ALTER {_object_word(body.get('renameType'))} ... RENAME changes "
+                            "the schema")
+        self.relation(body.get("relation"), _NO_CTES)
+
+    def _s_CreateSchemaStmt(self, body: dict[str, Any], ctes: frozenset[str],
+                            top: bool) -> None:
+        self.add(C.DDL, "CREATE SCHEMA changes the schema")
+        if body.get("authrole"):
+            self.add(C.PRIVILEGE, "CREATE SCHEMA AUTHORIZATION sets the schema's owner")
+        self.children("CreateSchemaStmt", body, ctes)
+
+    def _s_CreateFunctionStmt(self, body: dict[str, Any], ctes: frozenset[str],
+                              top: bool) -> None:
+        what = "PROCEDURE" if body.get("is_procedure") else "FUNCTION"
+        language, definer = _function_options(body.get("options") or ())
+        if language is None or language in catalogue.TRUSTED_LANGUAGES:
+            inspected = "its body is analysed" if body.get("sql_body") else \
+                "its body is not analysed"
+            self.add(C.DDL, f"CREATE {what} stores code that runs later ({inspected})")
+        elif language in catalogue.LIBRARY_LANGUAGES:
+            self.add(C.FILE, f"CREATE {what} LANGUAGE {language} loads a shared library "
+                             "from the server's file system")
+        else:
+            self.add(C.PROCEDURAL, f"CREATE {what} LANGUAGE {language} stores code that is "
+                                   "not analysed")
+        if definer:
+            self.add(C.PRIVILEGE, "SECURITY DEFINER code runs with its owner's privileges")
+        self.children("CreateFunctionStmt", body, ctes, skip=("options",))
+
+    def _s_AlterFunctionStmt(self, body: dict[str, Any], ctes: frozenset[str],
+                             top: bool) -> None:
+        self.add(C.DDL, "ALTER FUNCTION changes stored code")
+        if _function_options(body.get("actions") or ())[1]:
+            self.add(C.PRIVILEGE, "SECURITY DEFINER code runs with its owner's privileges")
+
+    def _s_CreateTrigStmt(self, body: dict[str, Any], ctes: frozenset[str], top: bool) -> None:
+        qualified, _ = self.an.resolve(_names(body.get("funcname")))
+        self.functions[qualified] = None
+        self.add(C.DDL, f"CREATE TRIGGER runs {qualified} on future writes")
+        self.children("CreateTrigStmt", body, ctes, skip=("funcname",))
+
+
+def _with_name(statement: Statement, name: str) -> Statement:
+    return Statement(
+        text=statement.text, cls=statement.cls, command=statement.command,
+        tables=statement.tables, functions=statement.functions, reasons=statement.reasons,
+        forbidden=statement.forbidden, is_dml=statement.is_dml, prepared_name=name,
+        literal_dependent=statement.literal_dependent,
+    )
+
+
+def _function_options(options: Iterable[Any]) -> tuple[str | None, bool]:
+    language, definer = None, False
+    for option in options:
+        elem = option.get("DefElem") if isinstance(option, dict) else None
+        if not elem:
+            continue
+        arg = elem.get("arg") or {}
+        if elem.get("defname") == "language":
+            language = str((arg.get("String") or {}).get("sval", "?")).lower()
+        elif elem.get("defname") == "security":
+            definer = bool((arg.get("Boolean") or {}).get("boolval"))
+    return language, definer
+
+
+def _explain_analyze(options: Iterable[Any]) -> bool:
+    for option in options:
+        elem = option.get("DefElem") if isinstance(option, dict) else None
+        if not elem or str(elem.get("defname", "")).lower() not in ("analyze", "analyse"):
+            continue
+        arg = elem.get("arg")
+        if not arg:
+            return True
+        # PostgreSQL accepts true/false/on/off/1/0; anything not clearly false counts as
+        # ANALYZE so an odd spelling cannot hide an executed statement.
+        if "Integer" in arg:
+            off = not (arg["Integer"] or {}).get("ival")
+        elif "Boolean" in arg:
+            off = not (arg["Boolean"] or {}).get("boolval")
+        else:
+            off = _literal_text(arg) in ("false", "off", "0")
+        if not off:
+            return True
+    return False
+
+
+def _literal_text(node: dict[str, Any]) -> str:
+    for value in node.values():
+        if isinstance(value, dict):
+            return str(value.get("sval", "")).strip().lower()
+    return ""
+
+
+_STMT_HANDLERS = {name[3:]: fn for name, fn in vars(_Walk).items() if name.startswith("_s_")}
+_STMT_KINDS = frozenset(_STMT_HANDLERS) | frozenset(_STATIC)
+_NODE_HANDLERS = {
+    "RangeVar": lambda w, body, ctes: w.relation(body, ctes),
+    "FuncCall": lambda w, body, ctes: (
+        w.call(_names(body.get("funcname")), body.get("args") or []),
+        w.children("FuncCall", body, ctes, skip=("funcname",)),
+    ),
+}
+_CAMEL = re.compile(r"[A-Z]+(?![a-z])|[A-Z][a-z]*")
+
+
+def _command(kind: str, body: dict[str, Any]) -> str:
+    if kind == "SelectStmt":
+        return "VALUES" if body.get("valuesLists") else "SELECT"
+    if kind == "TransactionStmt":
+        return catalogue.TRANSACTION_COMMANDS.get(body.get("kind", ""), "TRANSACTION")
+    if kind == "VariableSetStmt":
+        return "RESET" if str(body.get("kind", "")).startswith("VAR_RESET") else "SET"
+    if kind == "FetchStmt":
+        return "MOVE" if body.get("ismove") else "FETCH"
+    if kind == "VacuumStmt":
+        return "VACUUM" if body.get("is_vacuumcmd") else "ANALYZE"
+    if kind in ("GrantStmt", "GrantRoleStmt"):
+        return "GRANT" if body.get("is_grant") else "REVOKE"
+    if kind == "DropStmt":
+        return f"DROP {_object_word(body.get('removeType'))}"
+    if kind == "AlterTableStmt":
+        return f"ALTER {_object_word(body.get('objtype', 'OBJECT_TABLE'))}"
+    if kind == "CreateTableAsStmt":
+        return f"CREATE {_object_word(body.get('objtype', 'OBJECT_TABLE'))} AS"
+    if kind == "CreateFunctionStmt":
+        return "CREATE PROCEDURE" if body.get("is_procedure") else "CREATE FUNCTION"
+    if kind in catalogue.COMMANDS:
+        return catalogue.COMMANDS[kind]
+    if kind in _STMT_KINDS:
+        return " ".join(_CAMEL.findall(kind.removesuffix("Stmt"))).upper()
+    return "UNKNOWN"
+
+
+# --- the analyser -------------------------------------------------------------------------
+
+# Texts longer than this are analysed every time rather than pinned in memory as cache keys.
+_MAX_CACHED_TEXT = 64 * 1024
+
+
+class _LRU:
+    """A small thread-safe LRU map; size 0 disables it."""
+
+    __slots__ = ("_data", "_size", "_lock")
+
+    def __init__(self, size: int) -> None:
+        self._data: OrderedDict[Hashable, Any] = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> Any:
+        with self._lock:
+            value = self._data.get(key)
+            if value is not None:
+                self._data.move_to_end(key)
+            return value
+
+    def put(self, key: Hashable, value: Any) -> None:
+        if self._size <= 0:
+            return
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self._size:
+                self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class Analyzer:
+    """Classifies SQL messages.  Thread-safe; share one per gateway.
+
+    Two caches sit in front of the parser.  The first is keyed by the exact text and holds
+    any analysis that does not depend on session state.  The second is keyed by the text as
+    ``pglast.parser.normalize`` rewrites it (every constant replaced by $n, everything else
+    kept), so a statement repeated with other constants is classified without walking its
+    tree again; it only holds common statement kinds whose classification read no constant
+    (``literal_dependent`` is false).  pg_query's fingerprint is deliberately not used as a
+    key: it also ignores schema names and the names of aliased relations, so
+    ``SELECT * FROM secrets s`` would share an entry with ``SELECT * FROM public_data s``.
+    Statements that PREPARE, EXECUTE or DEALLOCATE are never cached, so session memory is
+    updated on every call.
+    """
+
+    def __init__(self, *, unknown_function_class: StatementClass = StatementClass.WRITE,
+                 cache_size: int = 10_000) -> None:
+        self.unknown_function_class = StatementClass(unknown_function_class)
+        self._by_text = _LRU(cache_size)
+        self._by_shape = _LRU(cache_size)
+
+    def resolve(self, names: list[str]) -> tuple[str, Entry | None]:
+        """Qualified name of a called function and its catalogue entry (None if unknown)."""
+        if len(names) == 1:
+            entry = _BUILTINS.get(names[0])
+            if entry is not None:
+                return f"pg_catalog.{names[0]}", entry
+            return f"public.{names[0]}", _EXTENSIONS.get(names[0])
+        qualified = ".".join(names)
+        if len(names) == 2 and names[0] == "pg_catalog" and names[1] in _BUILTINS:
+            return qualified, _BUILTINS[names[1]]
+        # Another schema's pg_read_file is a user function, not the builtin.
+        return qualified, _EXTENSIONS.get(names[-1]) if names else None
+
+    def analyze(self, sql: str, prepared: PreparedStatements | None = None) -> Analysis:
+        cached = self._by_text.get(sql)
+        if cached is not None:
+            return cached
+        if "\x00" in sql:
+            # libpg_query stops at a NUL byte, so it would see less than the server rejects.
+            return Analysis(sql, (), "query text contains a NUL character")
+        shape = _shape(sql) if len(sql) <= _MAX_CACHED_TEXT else None
+        if shape is not None:
+            template = self._by_shape.get(shape)
+            if template is not None:
+                hit = _from_template(sql, template)
+                if hit is not None:
+                    self._by_text.put(sql, hit)
+                    return hit
+        analysis, by_text, by_shape = self._analyze(sql, prepared)
+        if by_text and len(sql) <= _MAX_CACHED_TEXT:
+            self._by_text.put(sql, analysis)
+        if by_shape and shape is not None:
+            self._by_shape.put(shape, analysis.statements)
+        return analysis
+
+    def _analyze(self, sql: str, prepared: PreparedStatements | None
+                 ) -> tuple[Analysis, bool, bool]:
+        """The analysis, whether it may be cached by text, and whether by shape."""
+        try:
+            tree = json.loads(_pg.parse_sql_json(sql))
+        except _pg.ParseError as exc:
+            return Analysis(sql, (), f"syntax error: {exc}"), True, False
+        except RecursionError:
+            return Analysis(sql, (), "statement is nested too deeply to analyse"), True, False
+        except Exception as exc:  # e.g. text that cannot be encoded as UTF-8
+            return Analysis(sql, (), f"could not parse: {type(exc).__name__}: {exc}"), False, False
+        by_text = by_shape = True
+        statements: list[Statement] = []
+        try:
+            raw = sql.encode("utf-8")
+            for raw_stmt in tree.get("stmts") or ():
+                ((kind, body),) = raw_stmt["stmt"].items()
+                # Locations are byte offsets into the UTF-8 text; stmt_len 0 means "to the end".
+                start = raw_stmt.get("stmt_location", 0)
+                length = raw_stmt.get("stmt_len", 0)
+                text = raw[start:start + length if length else len(raw)]
+                walk = _Walk(self, prepared, text.decode("utf-8", "replace").strip())
+                statements.append(walk.statement(kind, body))
+                if walk.session_bound:
+                    by_text = by_shape = False
+                elif kind not in _SHAPE_KINDS or walk.literal:
+                    by_shape = False
+                if prepared is not None:
+                    _apply(prepared, walk.effects)
+        except RecursionError:
+            return Analysis(sql, (), "statement is nested too deeply to analyse"), True, False
+        except Exception as exc:  # fail closed on any surprise in the tree
+            error = f"analysis failed: {type(exc).__name__}: {exc}"
+            return Analysis(sql, (), error), False, False
+        return Analysis(sql, tuple(statements), None), by_text, by_shape
+
+
+def _shape(sql: str) -> str | None:
+    try:
+        return _pg.normalize(sql)
+    except Exception:  # a parse error is reported by the full analysis
+        return None
+
+
+def _apply(prepared: PreparedStatements, effects: list[tuple[str, str, Statement | None]]
+           ) -> None:
+    for action, name, statement in effects:
+        if action == "prepare" and statement is not None:
+            prepared.remember(name, statement)
+        elif action == "forget":
+            prepared.forget(name)
+        elif action == "forget_all":
+            prepared.forget_all()
+
+
+def _from_template(sql: str, template: tuple[Statement, ...]) -> Analysis | None:
+    try:
+        # The same texts the full analysis cuts from stmt_location/stmt_len, then strips.
+        texts = _pg.split(sql)
+    except Exception:
+        return None
+    if len(texts) != len(template):
+        return None
+    return Analysis(sql, tuple(
+        Statement(text, s.cls, s.command, s.tables, s.functions, s.reasons, s.forbidden,
+                  s.is_dml, s.prepared_name, s.literal_dependent)
+        for text, s in zip(texts, template, strict=True)
+    ), None)

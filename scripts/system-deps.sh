@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Install the system packages Keyturn's demo and tests need, only if missing.
+# Debian/Ubuntu with apt-get; run as root (or with sudo available).
+set -euo pipefail
+
+need=()
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 \
+  || need+=(postgresql)
+command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
+command -v pgbench >/dev/null 2>&1 || need+=(postgresql-contrib)
+for extra in "$@"; do
+  case "$extra" in
+    pgbouncer) command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || need+=(pgbouncer) ;;
+    *) dpkg -s "$extra" >/dev/null 2>&1 || need+=("$extra") ;;
+  esac
+done
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+
+if [ ${#need[@]} -eq 0 ]; then
+  exit 0
+fi
+echo "installing system packages: ${need[*]}"
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+# Debian's postgresql package starts a cluster of its own; Keyturn never uses it.
+if [ -x /usr/sbin/service ] && printf '%s\n' "${need[@]}" | grep -qx postgresql; then
+  $SUDO service postgresql stop >/dev/null 2>&1 || true
+fi

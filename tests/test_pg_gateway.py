@@ -1,0 +1,486 @@
+"""The PostgreSQL gateway end to end: real PostgreSQL, real clients, a real
+``keyturn up`` process, decisions made by ``keyturn approve`` in another process."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+import threading
+import time
+
+import psycopg
+import pytest
+
+from tests.conftest import Keyturn
+
+pytestmark = pytest.mark.integration
+
+
+def count(kt: Keyturn, sql: str) -> int:
+    with psycopg.connect(kt.pg.dsn("shop")) as c:
+        return c.execute(sql).fetchone()[0]
+
+
+def connect(kt: Keyturn, user: str = "alice", **kw: object) -> psycopg.Connection:
+    return psycopg.connect(kt.dsn(user), autocommit=True, **kw)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- basics
+
+def test_psql_read_is_allowed(keyturn: Keyturn) -> None:
+    p = keyturn.psql("alice", "SELECT count(*) FROM customers")
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert out.strip() == "50"
+
+
+def test_psql_over_tls(keyturn: Keyturn) -> None:
+    p = keyturn.psql("alice", "SHOW ssl", sslmode="require")
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    # The gateway terminates TLS; the target link is plain in this set-up.
+    with psycopg.connect(keyturn.dsn("alice", sslmode="require")) as c:
+        assert c.pgconn.ssl_in_use
+
+
+def test_blocked_statement_names_rule_and_session_stays_usable(keyturn: Keyturn) -> None:
+    with connect(keyturn) as c:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as exc:
+            c.execute("DROP TABLE orders")
+        assert "blocked by rule 'no-ddl'" in str(exc.value)
+        assert c.execute("SELECT 1").fetchone() == (1,)
+    assert count(keyturn, "SELECT count(*) FROM pg_tables WHERE tablename = 'orders'") == 1
+
+
+def test_wrong_or_revoked_token_is_refused(keyturn: Keyturn) -> None:
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(keyturn.dsn("alice").replace(keyturn.tokens["alice"], "kt_wrong"))
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(keyturn.dsn("alice").replace("user=alice", "user=nobody"))
+    tok = keyturn.cli("token", "create", "--user", "alice", "-q").stdout.strip()
+    dsn = keyturn.dsn("alice").replace(keyturn.tokens["alice"], tok)
+    psycopg.connect(dsn).close()
+    tid = [line.split()[0] for line in keyturn.cli("token", "list").stdout.splitlines()][-1]
+    keyturn.cli("token", "revoke", tid)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(dsn)
+
+
+def test_target_credentials_never_reach_the_client(keyturn: Keyturn) -> None:
+    p = keyturn.psql("alice", "SELECT current_user; SHOW ALL")
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert "app" in out.splitlines()[0]
+    assert "app-secret" not in out + err
+
+
+@pytest.mark.parametrize("options, needle", [
+    ({"options": "-c role=postgres"}, "startup parameter 'options' is refused"),
+    ({"options": "-c standard_conforming_strings=off"}, "'options' is refused"),
+    ({"client_encoding": "SJIS"}, "client_encoding 'SJIS' is refused"),
+    ({"dbname": "nosuch"}, 'connection "nosuch" does not exist'),
+    ({"replication": "database"}, "replication connections are not allowed"),
+])
+def test_refused_startup_parameters(keyturn: Keyturn, options: dict, needle: str) -> None:
+    with pytest.raises(psycopg.OperationalError, match=needle):
+        psycopg.connect(keyturn.dsn("alice"), **options)
+
+
+@pytest.mark.parametrize("sql", [
+    "SET ROLE postgres",
+    "SET SESSION AUTHORIZATION postgres",
+    "SELECT set_config('role', 'postgres', false)",
+    "SET standard_conforming_strings = off",
+    "SET client_encoding = 'LATIN1'",
+])
+def test_refused_identity_changes(keyturn: Keyturn, sql: str) -> None:
+    with connect(keyturn) as c:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute(sql)
+        assert c.execute("SELECT current_user").fetchone() == ("app",)
+
+
+def test_function_call_message_is_refused(keyturn: Keyturn) -> None:
+    from proxies.postgres import codec
+
+    # FunctionCall ('F') for oid 1598 (random()) with no arguments, result format text.
+    body = struct.pack("!I", 1598) + struct.pack("!h", 0) + struct.pack("!h", 0) + \
+        struct.pack("!h", 0)
+    raw = _raw_session(keyturn, codec.encode_message(b"F", body))
+    assert b"FunctionCall messages are refused" in raw and b"42501" in raw
+
+
+def _raw_session(kt: Keyturn, payload: bytes) -> bytes:
+    """Send raw bytes on a connection psycopg logged in (SCRAM) and read to ReadyForQuery."""
+    c = psycopg.connect(kt.dsn("alice"), autocommit=True)
+    sock = socket.socket(fileno=c.pgconn.socket)
+    sock = sock.dup()
+    try:
+        sock.sendall(payload)
+        sock.settimeout(5)
+        data = b""
+        while b"Z\x00\x00\x00\x05" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return data
+    finally:
+        sock.close()
+        c.close()
+
+
+# ---------------------------------------------------------------- holds
+
+def test_held_delete_released_by_approve_in_another_process(keyturn: Keyturn) -> None:
+    before = count(keyturn, "SELECT count(*) FROM orders WHERE status = 'cancelled'")
+    assert before > 0
+    p = keyturn.psql("alice", "DELETE FROM orders WHERE status = 'cancelled'")
+    t = keyturn.wait_ticket()
+    assert p.poll() is None, "psql must still be waiting"
+    assert t["requester"] == "alice" and t["connection"] == "shop"
+    assert t["classification"] == "write" and t["rule"] == "writes-need-approval"
+    assert t["statement"] == "DELETE FROM orders WHERE status = 'cancelled'"
+    assert t["row_estimate"] is not None and t["row_estimate"] > 0
+    assert t["application"] == "psql"
+    assert count(keyturn, "SELECT count(*) FROM orders WHERE status = 'cancelled'") == before
+    res = keyturn.cli("approve", str(t["id"]), "--comment", "looks fine", token_of="bob")
+    assert f"ticket {t['id']} approved by bob" in res.stdout
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert f"held for approval — ticket {t['id']}" in err
+    assert f"ticket {t['id']} approved by bob" in err
+    assert out.strip() == f"DELETE {before}"
+    assert count(keyturn, "SELECT count(*) FROM orders WHERE status = 'cancelled'") == 0
+    detail = keyturn.cli("tickets", "--json", token_of="bob").stdout
+    deadline = time.monotonic() + 10
+    while '"executed"' not in detail and time.monotonic() < deadline:
+        time.sleep(0.1)
+        detail = keyturn.cli("tickets", "--json", token_of="bob").stdout
+    assert '"executed"' in detail
+
+
+def test_rejection_reaches_psql_with_approver_and_reason(keyturn: Keyturn) -> None:
+    p = keyturn.psql("alice", "UPDATE customers SET email = 'x' WHERE id = 1")
+    t = keyturn.wait_ticket()
+    keyturn.cli("reject", str(t["id"]), "--reason", "use the admin tool", token_of="dana")
+    out, err = p.communicate(timeout=30)
+    assert p.returncode != 0
+    assert f"ticket {t['id']} rejected by dana: use the admin tool" in err
+    assert count(keyturn, "SELECT count(*) FROM customers WHERE email = 'x'") == 0
+
+
+def test_separation_of_duties(keyturn: Keyturn) -> None:
+    p = keyturn.psql("erin", "UPDATE customers SET name = 'erin' WHERE id = 2")
+    t = keyturn.wait_ticket()
+    res = keyturn.cli("approve", str(t["id"]), token_of="erin", check=False)
+    assert res.returncode != 0 and "separation of duties" in res.stderr
+    res = keyturn.cli("approve", str(t["id"]), token_of="alice", check=False)
+    assert res.returncode != 0 and "not in an approver group" in res.stderr
+    keyturn.cli("reject", str(t["id"]), "--reason", "no", token_of="bob")
+    p.communicate(timeout=30)
+    assert p.returncode != 0
+
+
+def test_two_decisions_at_the_same_instant(keyturn: Keyturn) -> None:
+    p = keyturn.psql("alice", "UPDATE orders SET total = total WHERE id = 3")
+    t = keyturn.wait_ticket()
+    results: dict[str, subprocess.CompletedProcess[str]] = {}
+
+    def run(user: str, *args: str) -> None:
+        results[user] = keyturn.cli(*args, token_of=user, check=False)
+
+    threads = [threading.Thread(target=run, args=("bob", "approve", str(t["id"]))),
+               threading.Thread(target=run, args=("dana", "reject", str(t["id"]),
+                                                  "--reason", "race"))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    codes = sorted(r.returncode for r in results.values())
+    assert codes == [0, 2], {u: (r.stdout, r.stderr) for u, r in results.items()}
+    loser = next(r for r in results.values() if r.returncode)
+    assert "already" in loser.stderr
+    p.communicate(timeout=30)
+
+
+def test_cancel_request_cancels_the_ticket(keyturn: Keyturn) -> None:
+    c = connect(keyturn)
+    errors: list[Exception] = []
+
+    def run() -> None:
+        try:
+            c.execute("DELETE FROM orders WHERE id = 7")
+        except Exception as exc:  # noqa: BLE001 - the error is what we assert on
+            errors.append(exc)
+
+    th = threading.Thread(target=run)
+    th.start()
+    t = keyturn.wait_ticket()
+    c.cancel_safe()
+    th.join(20)
+    assert errors and isinstance(errors[0], psycopg.errors.QueryCanceled)
+    assert "cancelled" in str(errors[0])
+    assert c.execute("SELECT 1").fetchone() == (1,)
+    c.close()
+    status = keyturn.cli("tickets", "--json", token_of="bob").stdout
+    assert f'"id": {t["id"]}' in status
+    assert count(keyturn, "SELECT count(*) FROM orders WHERE id = 7") == 1
+
+
+def test_disconnect_cancels_the_ticket(keyturn: Keyturn) -> None:
+    import requests
+
+    p = keyturn.psql("alice", "DELETE FROM orders WHERE id = 8")
+    t = keyturn.wait_ticket()
+    p.kill()
+    p.wait()
+    deadline = time.monotonic() + 10
+    status = None
+    while time.monotonic() < deadline:
+        status = requests.get(f"{keyturn.url}/api/v1/tickets/{t['id']}", headers={
+            "Authorization": f"Bearer {keyturn.tokens['bob']}"}, timeout=5).json()["status"]
+        if status != "pending":
+            break
+        time.sleep(0.1)
+    assert status == "cancelled"
+
+
+def test_extended_protocol_hold_binds_parameters(keyturn: Keyturn) -> None:
+    c = connect(keyturn)
+    result: list[object] = []
+
+    def run() -> None:
+        cur = c.execute("UPDATE orders SET status = %s WHERE id = %s", ("refunded", 11))
+        result.append(cur.rowcount)
+
+    th = threading.Thread(target=run)
+    th.start()
+    t = keyturn.wait_ticket()
+    assert t["statement"] == "UPDATE orders SET status = $1 WHERE id = $2"
+    assert t["params"] == ["refunded", "11"]
+    keyturn.cli("approve", str(t["id"]), token_of="bob")
+    th.join(30)
+    assert result == [1]
+    assert count(keyturn, "SELECT count(*) FROM orders WHERE status = 'refunded'") == 1
+    # The session goes on normally, with pipelined statements after the hold.
+    assert c.execute("SELECT status FROM orders WHERE id = %s", (11,)).fetchone() == ("refunded",)
+    c.close()
+
+
+def test_defer_mode_runs_identical_statement_once(keyturn: Keyturn) -> None:
+    keyturn.pg.execute("CREATE TABLE IF NOT EXISTS audit_requests (note text)", dbname="shop")
+    keyturn.pg.execute("ALTER TABLE audit_requests OWNER TO app", dbname="shop")
+    sql = "INSERT INTO audit_requests VALUES ('deferred')"
+    with connect(keyturn) as c:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="deferred for approval"):
+            c.execute(sql)
+    t = keyturn.wait_ticket()
+    assert t["mode"] == "defer"
+    keyturn.cli("approve", str(t["id"]), token_of="bob")
+    with connect(keyturn) as c:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="deferred"):
+            c.execute(sql.replace("deferred", "other text"))
+        c.execute(sql)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="deferred"):
+            c.execute(sql)
+    assert count(keyturn, "SELECT count(*) FROM audit_requests WHERE note = 'deferred'") == 1
+    keyturn.skip_pending()  # the two new deferred tickets stay pending
+
+
+def test_expiry(pg, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import make_keyturn
+
+    kt = make_keyturn(tmp_path / "kt", pg, timeout="2s")
+    kt.start()
+    try:
+        p = kt.psql("alice", "DELETE FROM orders WHERE id = 12")
+        out, err = p.communicate(timeout=30)
+        assert p.returncode != 0
+        assert "expired after 2s without a decision" in err
+        assert count(kt, "SELECT count(*) FROM orders WHERE id = 12") == 1
+    finally:
+        assert kt.stop() == 0
+
+
+# ---------------------------------------------------------------- evasion
+
+@pytest.mark.parametrize("sql", [
+    "SELECT 1; DELETE FROM orders WHERE id = 21",
+    "WITH gone AS (DELETE FROM orders WHERE id = 21 RETURNING *) SELECT count(*) FROM gone",
+    "EXPLAIN ANALYZE DELETE FROM orders WHERE id = 21",
+    "SELECT * FROM (SELECT 1) s; WITH x AS (UPDATE orders SET total = 0 WHERE id = 21 "
+    "RETURNING 1) SELECT * FROM x",
+    "/* nested /* comment */ */ DELETE FROM orders WHERE id = 21",
+    "DELETE FROM U&\"\\006frders\" WHERE id = 21",
+    "SELECT $q$ harmless $q$; DELETE FROM orders WHERE id = 21",
+])
+def test_evasions_of_write_detection_are_held(keyturn: Keyturn, sql: str) -> None:
+    with connect(keyturn) as c:
+        done = threading.Event()
+        errors: list[Exception] = []
+
+        def run() -> None:
+            try:
+                c.execute(sql)
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+            done.set()
+
+        th = threading.Thread(target=run)
+        th.start()
+        t = keyturn.wait_ticket()
+        assert not done.is_set()
+        keyturn.cli("reject", str(t["id"]), "--reason", "evasion test", token_of="bob")
+        th.join(20)
+        assert errors and "rejected by bob" in str(errors[0])
+    assert count(keyturn, "SELECT count(*) FROM orders WHERE id = 21 AND total <> 0") == 1
+
+
+@pytest.mark.parametrize("sql, rule", [
+    ("DO $$ BEGIN DELETE FROM orders; END $$", "no-file-access"),
+    ("COPY orders TO PROGRAM 'cat > /tmp/x'", "no-file-access"),
+    ("COPY orders FROM '/etc/passwd'", "no-file-access"),
+    ("SELECT * FROM pg_read_file('/etc/passwd')", "no-file-access"),
+    ("SELECT 1; SELECT pg_ls_dir('.')", "no-file-access"),
+    ("PREPARE p AS DELETE FROM orders; EXECUTE p", "reads"),
+    ("select U&\"pg\\005fread\\005ffile\"('/etc/passwd')", "no-file-access"),
+    ("CREATE TABLE x (id int)", "no-ddl"),
+    ("this is not sql", "no-file-access"),
+])
+def test_dangerous_statements_are_blocked(keyturn: Keyturn, sql: str, rule: str) -> None:
+    with connect(keyturn) as c:
+        if rule == "reads":
+            # PREPARE itself runs nothing; the EXECUTE of a DELETE is held like the DELETE.
+            c.execute(sql.split(";")[0])
+            done = threading.Event()
+            errs: list[Exception] = []
+
+            def run() -> None:
+                try:
+                    c.execute("EXECUTE p")
+                except Exception as exc:  # noqa: BLE001
+                    errs.append(exc)
+                done.set()
+
+            th = threading.Thread(target=run)
+            th.start()
+            t = keyturn.wait_ticket()
+            assert t["statement"] == "EXECUTE p"
+            keyturn.cli("reject", str(t["id"]), "--reason", "no", token_of="bob")
+            th.join(20)
+            assert errs
+            return
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as exc:
+            c.execute(sql)
+        assert f"rule '{rule}'" in str(exc.value)
+        assert c.execute("SELECT 1").fetchone() == (1,)
+    assert count(keyturn, "SELECT count(*) FROM orders") > 100
+
+
+# ---------------------------------------------------------------- protocol
+
+def test_copy_in_and_out(keyturn: Keyturn) -> None:
+    with connect(keyturn) as c:
+        with c.cursor() as cur:
+            with cur.copy("COPY (SELECT id, email FROM customers ORDER BY id LIMIT 5) "
+                          "TO STDOUT") as copy:
+                rows = [r for r in copy.rows()]
+        assert len(rows) == 5 and rows[0][1] == "user1@example.com"
+
+
+def test_cancel_of_a_running_query_is_forwarded(keyturn: Keyturn) -> None:
+    c = connect(keyturn)
+    errors: list[Exception] = []
+
+    def run() -> None:
+        try:
+            c.execute("SELECT pg_sleep(30)")
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    th = threading.Thread(target=run)
+    t0 = time.monotonic()
+    th.start()
+    time.sleep(0.5)
+    c.cancel_safe()
+    th.join(20)
+    assert time.monotonic() - t0 < 10
+    assert errors and isinstance(errors[0], psycopg.errors.QueryCanceled)
+    c.close()
+
+
+def test_asyncpg_prepared_statements(keyturn: Keyturn) -> None:
+    import asyncio
+
+    import asyncpg
+
+    async def main() -> list:
+        conn = await asyncpg.connect(host="127.0.0.1", port=keyturn.gateway_port, user="alice",
+                                     password=keyturn.tokens["alice"], database="shop",
+                                     ssl=False)
+        stmt = await conn.prepare("SELECT id, email FROM customers WHERE id = $1")
+        rows = [await stmt.fetchrow(i) for i in (1, 2, 3)]
+        async with conn.transaction():
+            n = await conn.fetchval("SELECT count(*) FROM orders")
+        await conn.close()
+        return [*rows, n]
+
+    res = asyncio.run(main())
+    assert res[0]["email"] == "user1@example.com" and res[2]["id"] == 3 and res[3] >= 150
+
+
+def test_sqlalchemy_through_the_gateway(keyturn: Keyturn) -> None:
+    from sqlalchemy import create_engine, text
+
+    url = (f"postgresql+psycopg://alice:{keyturn.tokens['alice']}@127.0.0.1:"
+           f"{keyturn.gateway_port}/shop")
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        n = conn.execute(text("SELECT count(*) FROM customers WHERE id < :n"), {"n": 10}).scalar()
+    engine.dispose()
+    assert n == 9
+
+
+@pytest.mark.parametrize("payload, needle", [
+    (struct.pack("!i", 4), b"08P01"),                                 # length < 8
+    (struct.pack("!ii", 20000, 196608) + b"x" * 100, b"08P01"),       # oversized startup
+    (struct.pack("!ii", 8, 1234), b"08P01"),                          # unknown version/code
+    (struct.pack("!ii", 8, 80877103) + b"garbage", b"08P01"),         # plaintext after SSLRequest
+])
+def test_malformed_input_closes_only_that_connection(keyturn: Keyturn, payload: bytes,
+                                                     needle: bytes) -> None:
+    with socket.create_connection(("127.0.0.1", keyturn.gateway_port), timeout=5) as s:
+        s.sendall(payload)
+        data = b""
+        try:
+            while chunk := s.recv(4096):
+                data += chunk
+        except (ConnectionResetError, TimeoutError):
+            pass
+    assert needle in data or data in (b"", b"S"), data
+    with connect(keyturn) as c:
+        assert c.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_gssenc_request_is_declined(keyturn: Keyturn) -> None:
+    with socket.create_connection(("127.0.0.1", keyturn.gateway_port), timeout=5) as s:
+        s.sendall(struct.pack("!ii", 8, 80877104))
+        assert s.recv(1) == b"N"
+
+
+def test_pgbench_select_only_through_gateway(keyturn: Keyturn) -> None:
+    for mode in ("simple", "prepared"):
+        res = subprocess.run(["pgbench", "-S", "-M", mode, "-c", "2", "-t", "300", "-n",
+                              keyturn.dsn("alice", dbname="bench")],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert "number of transactions actually processed: 600/600" in res.stdout
+
+
+def test_audit_trail_verifies_after_the_session(keyturn: Keyturn) -> None:
+    res = keyturn.cli("audit", "verify")
+    assert "audit chain OK" in res.stdout
+    export = keyturn.cli("audit", "export", "--format", "jsonl").stdout
+    assert '"kind": "held"' in export and '"outcome": "blocked"' in export
