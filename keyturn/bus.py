@@ -70,7 +70,7 @@ class DecisionWatcher:
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=5)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
             ids = list(self._waiters)
             try:

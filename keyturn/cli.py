@@ -254,7 +254,8 @@ def cmd_bots(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="keyturn", description="Keyturn access gateway")
-    p.add_argument("-c", "--config", help="config file (default: $KEYTURN_CONFIG or ./keyturn.yaml)")
+    p.add_argument("-c", "--config",
+                   help="config file (default: $KEYTURN_CONFIG or ./keyturn.yaml)")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -336,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    if not args.verbose:
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
     try:
         return int(args.fn(args) or 0)
     except KeyturnError as exc:

@@ -63,7 +63,8 @@ class _Doc:
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+            problem = getattr(exc, "problem", exc)
+            raise ConfigError(f"{path}{line}: invalid YAML: {problem}") from exc
         self.data = self._convert(node, ()) if node is not None else {}
 
     def _convert(self, node: yaml.Node, at: tuple[Any, ...]) -> Any:
@@ -73,8 +74,8 @@ class _Doc:
             for knode, vnode in node.value:
                 key = yaml.safe_load(yaml.serialize(knode))
                 if key in out:
-                    raise ConfigError(
-                        f"{self.path}:{knode.start_mark.line + 1}: {_fmt(at + (key,))}: duplicate key")
+                    line = knode.start_mark.line + 1
+                raise ConfigError(f"{self.path}:{line}: {_fmt(at + (key,))}: duplicate key")
                 self.lines[at + (key,)] = knode.start_mark.line + 1
                 out[key] = self._convert(vnode, at + (key,))
                 self.lines[at + (key,)] = knode.start_mark.line + 1
@@ -352,7 +353,8 @@ class _Validator:
             if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.@-]{1,63}", name):
                 raise self.err(at, "user names are 1-63 letters, digits, _ . @ -")
             spec = self.mapping(spec, at, {"groups", "email", "name"})
-            users[name] = User(name=name, groups=self.str_list(spec.get("groups"), at + ("groups",)),
+            groups = self.str_list(spec.get("groups"), at + ("groups",))
+            users[name] = User(name=name, groups=groups,
                                email=spec.get("email"), display_name=spec.get("name"))
         groups_raw = self.mapping(ident.get("groups"), ("identity", "groups"))
         for group, members in groups_raw.items():
@@ -395,7 +397,8 @@ class _Validator:
         name = self.string(r.get("name"), at + ("name",))
         action = r.get("action")
         if action not in ACTIONS:
-            raise self.err(at + ("action",), f"expected one of {', '.join(ACTIONS)}, got {action!r}")
+            raise self.err(at + ("action",),
+                           f"expected one of {', '.join(ACTIONS)}, got {action!r}")
         if action == "mask":
             raise self.err(at + ("action",), "mask rules are not supported by this version yet")
         m = self.mapping(r.get("match"), at + ("match",),

@@ -119,6 +119,7 @@ class Keyturn:
     proc: subprocess.Popen | None = None
     tokens: dict[str, str] = field(default_factory=dict)
     last_ticket: int = 0
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -126,7 +127,7 @@ class Keyturn:
 
     def cli(self, *args: str, token_of: str | None = None, check: bool = True,
             timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        env = dict(os.environ)
+        env = dict(os.environ, **self.env)
         if token_of:
             env["KEYTURN_TOKEN"] = self.tokens[token_of]
         res = subprocess.run([*KEYTURN, "-c", str(self.config), *args], capture_output=True,
@@ -151,7 +152,8 @@ class Keyturn:
     def start(self) -> None:
         log = open(self.base / "keyturn.log", "w")
         self.proc = subprocess.Popen([*KEYTURN, "-c", str(self.config), "up"], cwd=self.base,
-                                     stdout=log, stderr=subprocess.STDOUT)
+                                     stdout=log, stderr=subprocess.STDOUT,
+                                     env=dict(os.environ, **self.env))
         wait_port(self.gateway_port, proc=self.proc)
         wait_port(self.portal_port, proc=self.proc)
 
@@ -196,8 +198,10 @@ class Keyturn:
         raise TimeoutError(f"no {status} ticket appeared\n{self.log()[-3000:]}")
 
 
-def make_keyturn(base: Path, pg: LocalPostgres, *, store_url: str | None = None,
+def make_keyturn(base: Path, pg: LocalPostgres, *, store_url_env: dict[str, str] | None = None,
                  timeout: str = "10m", extra: str = "") -> Keyturn:
+    """Write a config and create tokens; ``store_url_env`` = {VAR: url} uses a
+    PostgreSQL store named by environment variable (never inline in the file)."""
     base.mkdir(parents=True, exist_ok=True)
     gport, pport = free_port(), free_port()
     (base / "app.password").write_text(APP_PASSWORD)
@@ -206,7 +210,7 @@ def make_keyturn(base: Path, pg: LocalPostgres, *, store_url: str | None = None,
     ensure_self_signed(base / "gw.crt", base / "gw.key")
     cfg = textwrap.dedent(f"""
         store:
-          url: {store_url or 'sqlite:///keyturn.db'}
+          {f'url_env: {next(iter(store_url_env))}' if store_url_env else 'url: sqlite:///keyturn.db'}
         gateway:
           postgres: 127.0.0.1:{gport}
           tls: {{cert_file: {base / 'gw.crt'}, key_file: {base / 'gw.key'}}}
@@ -233,7 +237,7 @@ def make_keyturn(base: Path, pg: LocalPostgres, *, store_url: str | None = None,
     """) + POLICY % {"timeout": timeout} + extra
     path = base / "keyturn.yaml"
     path.write_text(cfg)
-    kt = Keyturn(base, path, gport, pport, pg)
+    kt = Keyturn(base, path, gport, pport, pg, env=dict(store_url_env or {}))
     kt.cli("db", "upgrade")
     for user in ("alice", "bob", "dana", "erin", "carol"):
         kt.tokens[user] = kt.cli("token", "create", "--user", user, "-q").stdout.strip()

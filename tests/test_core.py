@@ -166,7 +166,8 @@ def test_simultaneous_decisions_have_exactly_one_outcome(svc: Services) -> None:
         results: list[str] = []
         barrier = threading.Barrier(2)
 
-        def decide(user: str, vote: str) -> None:
+        def decide(user: str, vote: str, tid: int = tid, barrier: threading.Barrier = barrier,
+                   results: list[str] = results) -> None:
             barrier.wait()
             try:
                 svc.approvals.vote(tid, who(svc, user), vote, "reason")
@@ -228,7 +229,8 @@ def test_audit_verify_detects_tampering(svc: Services, tamper: str, expect: str)
     with svc.store.engine.begin() as c:
         if "CASE" in tamper:
             c.execute(text("UPDATE audit_records SET seq = seq + 100 WHERE seq IN (2, 3)"))
-            c.execute(text("UPDATE audit_records SET seq = 5 - (seq - 100) WHERE seq IN (102, 103)"))
+            c.execute(text("UPDATE audit_records SET seq = 5 - (seq - 100) "
+                           "WHERE seq IN (102, 103)"))
         else:
             c.execute(text(tamper))
     r = svc.audit.verify()

@@ -446,7 +446,7 @@ def test_sqlalchemy_through_the_gateway(keyturn: Keyturn) -> None:
 @pytest.mark.parametrize("payload, needle", [
     (struct.pack("!i", 4), b"08P01"),                                 # length < 8
     (struct.pack("!ii", 20000, 196608) + b"x" * 100, b"08P01"),       # oversized startup
-    (struct.pack("!ii", 8, 1234), b"08P01"),                          # unknown version/code
+    (struct.pack("!ii", 8, 1234), b"0A000"),                          # unknown version/code
     (struct.pack("!ii", 8, 80877103) + b"garbage", b"08P01"),         # plaintext after SSLRequest
 ])
 def test_malformed_input_closes_only_that_connection(keyturn: Keyturn, payload: bytes,

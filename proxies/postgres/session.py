@@ -272,7 +272,7 @@ class ClientSession(asyncio.Protocol):
         assert self.transport is not None and self.gw.tls is not None
         try:
             transport = await loop.start_tls(self.transport, self, self.gw.tls, server_side=True)
-        except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, ConnectionError) as exc:
             log.info("TLS handshake with %s failed: %s", self.client_addr, exc)
             self.closed = True
             if self.transport:
@@ -645,7 +645,7 @@ class ClientSession(asyncio.Protocol):
         fut = self.gw.watcher.wait(ticket.id)
         try:
             status = await asyncio.wait_for(fut, timeout=review.timeout + 30)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             status = await asyncio.to_thread(self._expire_sync, ticket.id)
         finally:
             self.gw.watcher.forget(ticket.id, fut)

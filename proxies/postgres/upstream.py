@@ -59,7 +59,7 @@ class Upstream(asyncio.Protocol):
         try:
             transport, self = await asyncio.wait_for(
                 loop.create_connection(lambda: cls(session, conn), t.host, t.port), 10)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             raise UpstreamError(f"{t.host}:{t.port}: {exc}") from exc
         try:
             if t.sslmode != "disable":

@@ -1,0 +1,108 @@
+"""Policy evaluation with the real analyser: rule order, matching, explain."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from keyturn.analysis import Analyzer
+from keyturn.config import parse_config
+from keyturn.policy import Decision, Request, evaluate
+
+CONFIG = """
+identity:
+  users:
+    alice: {groups: [engineers]}
+    ops: {groups: [dba]}
+connections:
+  - {name: shop, type: postgres, target: {host: h}, policy: p}
+  - {name: other, type: postgres, target: {host: h}, policy: p}
+policies:
+  p:
+    rules:
+      - name: dba-anything
+        match: {groups: [dba]}
+        action: allow
+      - name: payroll-is-private
+        match: {tables: ["payroll.*"]}
+        action: block
+        reason: payroll data is private
+      - name: reads-of-public
+        match: {class: read, tables: ["public.*"]}
+        action: allow
+      - name: plain-reads
+        match: {class: read}
+        action: allow
+      - name: writes-on-other
+        match: {class: write, connections: [other]}
+        action: block
+      - name: writes
+        match: {class: write}
+        action: review
+        review: {approvers: [dba], timeout: 5m}
+      - name: no-sleep
+        match: {functions: ["pg_catalog.pg_sleep"]}
+        action: block
+"""
+
+cfg = parse_config(CONFIG, "k.yaml")
+analyzer = Analyzer()
+
+
+def decide(sql: str, user: str = "alice", conn: str = "shop") -> Decision:
+    a = analyzer.analyze(sql)
+    return evaluate(cfg, Request(user, cfg.groups_of(user), cfg.connections[conn], a.statements,
+                                 a.error))
+
+
+@pytest.mark.parametrize("sql, user, conn, action, rule", [
+    ("SELECT * FROM orders", "alice", "shop", "allow", "reads-of-public"),
+    ("SELECT * FROM payroll.salaries", "alice", "shop", "block", "payroll-is-private"),
+    # An allow rule with tables must cover every table: payroll still blocks first,
+    # and a join outside public.* falls through to the next allow rule.
+    ("SELECT * FROM orders JOIN audit.log USING (id)", "alice", "shop", "allow", "plain-reads"),
+    ("DELETE FROM orders", "alice", "shop", "review", "writes"),
+    ("DELETE FROM orders", "alice", "other", "block", "writes-on-other"),
+    ("DELETE FROM payroll.salaries", "ops", "shop", "allow", "dba-anything"),  # first match wins
+    ("SELECT 1; DELETE FROM orders", "alice", "shop", "review", "writes"),  # riskiest wins
+    ("SELECT 1; DELETE FROM payroll.x; DELETE FROM orders", "alice", "shop", "block",
+     "payroll-is-private"),
+    ("DROP TABLE orders", "alice", "shop", "block", None),  # no rule: policy default
+    ("not sql at all", "alice", "shop", "block", "builtin:unparsed"),
+    ("SET ROLE postgres", "ops", "shop", "block", "builtin:session-identity"),
+])
+def test_rule_order_and_matching(sql: str, user: str, conn: str, action: str,
+                                 rule: str | None) -> None:
+    d = decide(sql, user, conn)
+    assert (d.action, d.rule) == (action, rule), d.to_json()
+    assert d.reason
+
+
+def test_review_settings_travel_with_the_decision() -> None:
+    d = decide("UPDATE orders SET total = 0")
+    assert d.review is not None and d.review.approvers == ("dba",) and d.review.timeout == 300
+
+
+def test_policy_explain_cli_prints_decision_json(tmp_path: Path) -> None:
+    path = tmp_path / "keyturn.yaml"
+    path.write_text(CONFIG + f"store: {{url: 'sqlite:///{tmp_path}/k.db'}}\n")
+    res = subprocess.run([sys.executable, "-m", "keyturn.cli", "policy", "explain", "-h"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0
+    res = subprocess.run([sys.executable, "-m", "keyturn.cli", "-c", str(path), "policy",
+                          "explain", "--user", "alice", "--connection", "shop",
+                          "WITH x AS (DELETE FROM orders RETURNING *) SELECT * FROM x"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["action"] == "review" and out["rule"] == "writes" and out["class"] == "write"
+    assert out["statements"][0]["tables"] == ["public.orders"]
+    assert out["review"]["timeout_seconds"] == 300
+    bad = subprocess.run([sys.executable, "-m", "keyturn.cli", "-c", str(path), "policy",
+                          "explain", "--user", "mallory", "--connection", "shop", "SELECT 1"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown user 'mallory'" in bad.stderr
