@@ -60,8 +60,8 @@ def percentile(values: Sequence[float], p: float) -> float:
 
 
 def machine_line() -> str:
-    return (f"{os.cpu_count()} cores (nproc {os.sched_getaffinity(0).__len__()}), "
-            f"kernel {os.uname().release}, {time.strftime('%Y-%m-%d %H:%M %Z')}")
+    return (f"nproc {len(os.sched_getaffinity(0))}, kernel {os.uname().release}, "
+            f"{time.strftime('%Y-%m-%d %H:%M %Z')}")
 
 
 # ---------------------------------------------------------------- processes and ports

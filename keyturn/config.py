@@ -75,8 +75,7 @@ class _Doc:
                 key = yaml.safe_load(yaml.serialize(knode))
                 if key in out:
                     line = knode.start_mark.line + 1
-                raise ConfigError(f"{self.path}:{line}: {_fmt(at + (key,))}: duplicate key")
-                self.lines[at + (key,)] = knode.start_mark.line + 1
+                    raise ConfigError(f"{self.path}:{line}: {_fmt(at + (key,))}: duplicate key")
                 out[key] = self._convert(vnode, at + (key,))
                 self.lines[at + (key,)] = knode.start_mark.line + 1
             return out
