@@ -247,3 +247,25 @@ def test_audit_writer_flushes_everything_on_close(svc: Services) -> None:
     w.close()
     r = svc.audit.verify()
     assert r.ok and r.count == 2500
+
+
+def test_config_rejects_duplicate_keys() -> None:
+    with pytest.raises(ConfigError, match=r"k.yaml:4: identity.users.alice: duplicate key"):
+        parse_config("identity:\n  users:\n    alice: {}\n    alice: {}\n", "k.yaml")
+
+
+def test_audit_export_filters_by_time_in_both_formats(svc: Services) -> None:
+    import csv
+    import io
+    import json
+
+    _fill(svc, 10)  # at = 1000 .. 1009
+    buf = io.StringIO()
+    assert svc.audit.export(buf, "jsonl", since=1003, until=1006) == 3
+    rows = [json.loads(line) for line in buf.getvalue().splitlines()]
+    assert [r["statement"] for r in rows] == ["SELECT 3", "SELECT 4", "SELECT 5"]
+    assert all(len(r["hash"]) == 64 for r in rows)
+    buf = io.StringIO()
+    assert svc.audit.export(buf, "csv") == 10
+    parsed = list(csv.DictReader(io.StringIO(buf.getvalue())))
+    assert len(parsed) == 10 and parsed[0]["seq"] == "1" and parsed[9]["statement"] == "SELECT 9"

@@ -484,3 +484,30 @@ def test_audit_trail_verifies_after_the_session(keyturn: Keyturn) -> None:
     assert "audit chain OK" in res.stdout
     export = keyturn.cli("audit", "export", "--format", "jsonl").stdout
     assert '"kind": "held"' in export and '"outcome": "blocked"' in export
+
+
+def test_async_notifications_and_parameter_status_pass_through(keyturn: Keyturn) -> None:
+    with connect(keyturn) as c:
+        c.execute("SET application_name = 'renamed'")
+        assert c.info.parameter_status("application_name") == "renamed"
+        c.execute("LISTEN keyturn_test")
+        with psycopg.connect(keyturn.pg.dsn("shop"), autocommit=True) as direct:
+            direct.execute("NOTIFY keyturn_test, 'hello'")
+        gen = c.notifies(timeout=5, stop_after=1)
+        notes = list(gen)
+        assert [n.payload for n in notes] == ["hello"]
+
+
+def test_copy_from_stdin_is_held_then_streams(keyturn: Keyturn) -> None:
+    keyturn.pg.execute("CREATE TABLE IF NOT EXISTS imports (id int, note text); "
+                       "ALTER TABLE imports OWNER TO app", dbname="shop")
+    p = subprocess.Popen(["psql", keyturn.dsn("alice"), "-X", "-v", "ON_ERROR_STOP=1", "-c",
+                          "COPY imports FROM STDIN"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t = keyturn.wait_ticket()
+    assert t["statement"] == "COPY imports FROM STDIN" and t["classification"] == "write"
+    keyturn.cli("approve", str(t["id"]), token_of="bob")
+    out, err = p.communicate("1\tone\n2\ttwo\n3\tthree\n", timeout=30)
+    assert p.returncode == 0, err
+    assert out.strip() == "COPY 3"
+    assert count(keyturn, "SELECT count(*) FROM imports") == 3

@@ -11,6 +11,26 @@ It must not contain logic, and it must not import the analyser: the analyser imp
 Anything *missing* from this catalogue is treated as risky by the analyser (fail closed), so
 the lists below only need to be right, not complete.  Add a name only after checking what the
 function does in the PostgreSQL documentation.
+
+How built-in functions are classified, and how this catalogue was audited
+-------------------------------------------------------------------------
+``pg_builtins.txt`` (next to this file, written by ``scripts/gen_pg_builtins.py``) lists every
+function name in pg_catalog.  The analyser looks a called built-in up here first and treats
+one that is listed there but not here as a READ; a name in neither place is an unknown
+function.  So every built-in with a side effect must have an entry below.
+
+The catalogue was audited against the full list from PostgreSQL 15.18 (2,646 names): every
+name was read once, and every name matching one of ``AUDIT_PATTERNS`` (lo_*, pg_ls_*,
+pg_read_*, *file*, pg_stat_reset*, *slot*, *wal*, *backup*, *advisory*, terminate/cancel/
+reload/rotate/promote, sequences, notify, set*, summarize, gin_clean, binary_upgrade_*,
+import/export, restore, *_to_xml*, pg_log_*, pg_create_/pg_drop_/pg_copy_*, replication and
+origins, replay, pg_switch*, txid_current/pg_current_xact*, *next*, sleep, flush,
+extension, write/unlink/truncate/reset/clear/advance/emit/create/drop/put/setup/sync,
+start/stop, query/cursor/sql/exec/eval, kill/shutdown/restart, vacuum/checkpoint) has an
+explicit entry, a read included (``_AUDITED_READS``).  tests/test_analysis.py enforces the
+latter, so a regenerated list with a new risky-looking built-in fails until it is classified
+here.  Entries for functions newer than 15 (``pg_sync_replication_slots``, ``uuidv7``, ...)
+come from the PostgreSQL 16-18 documentation.
 """
 
 from __future__ import annotations
@@ -26,7 +46,9 @@ def _same(cls: str, reason: str, names: str) -> dict[str, Entry]:
 
 
 # Built-in functions that only compute a value from their arguments or read data the caller
-# can already read with SELECT.  Resolved unqualified or as pg_catalog.<name>.
+# can already read with SELECT.  Resolved unqualified or as pg_catalog.<name>.  A built-in
+# needs no entry to be a read (pg_builtins.txt covers it); these document common reads and
+# cover functions added after the PostgreSQL version pg_builtins.txt was generated from.
 _READS = _same("read", "", """
     count sum avg min max array_agg string_agg json_agg json_agg_strict jsonb_agg
     jsonb_agg_strict json_object_agg jsonb_object_agg json_object_agg_strict
@@ -117,7 +139,7 @@ _READS = _same("read", "", """
     pg_safe_snapshot_blocking_pids pg_isolation_test_session_is_blocked
     pg_control_checkpoint pg_control_system pg_control_init pg_control_recovery
     pg_get_replication_slots pg_available_extensions pg_available_extension_versions
-    pg_extension_config_dump pg_show_all_settings pg_show_all_file_settings
+    pg_show_all_settings pg_show_all_file_settings
     pg_hba_file_rules pg_ident_file_mappings pg_get_backend_memory_contexts
     pg_get_shmem_allocations pg_stat_get_activity pg_stat_get_backend_pid
     pg_stat_get_numscans pg_stat_get_tuples_returned pg_stat_get_live_tuples
@@ -131,6 +153,27 @@ _READS = _same("read", "", """
     pg_xact_commit_timestamp pg_xact_commit_timestamp_origin pg_last_committed_xact
     pg_get_multixact_members pg_age pg_mxid_age mxid_age
     current_setting loread lo_get lo_lseek lo_lseek64 lo_tell lo_tell64 lo_close
+""")
+
+# Built-ins whose names match an AUDIT_PATTERNS entry and that were checked and found to
+# only read (statistics getters, replication-origin progress, validators, ...).
+_AUDITED_READS = _same("read", "", """
+    pg_event_trigger_dropped_objects pg_extension_update_paths pg_get_wal_resource_managers
+    pg_replication_origin_oid pg_replication_origin_progress
+    pg_replication_origin_session_is_setup pg_replication_origin_session_progress
+    pg_show_replication_origin_status pg_stat_have_stats pg_stat_get_replication_slot
+    pg_stat_get_subscription_stats pg_stat_get_wal_receiver pg_stat_get_wal_senders
+    pg_stat_get_bgwriter_stat_reset_time pg_stat_get_db_stat_reset_time
+    pg_stat_get_buf_fsync_backend pg_stat_get_checkpoint_sync_time
+    pg_stat_get_checkpoint_write_time pg_stat_get_db_blk_write_time pg_stat_get_db_temp_files
+    pg_stat_get_bgwriter_buf_written_checkpoints pg_stat_get_bgwriter_requested_checkpoints
+    pg_stat_get_bgwriter_timed_checkpoints pg_stat_get_autovacuum_count
+    pg_stat_get_vacuum_count pg_stat_get_last_vacuum_time pg_stat_get_last_autovacuum_time
+    pg_stat_get_ins_since_vacuum pg_stat_get_db_sessions_killed
+    pg_stat_get_backend_activity_start pg_stat_get_backend_start
+    pg_stat_get_backend_xact_start prsd_start prsd_nexttoken
+    gin_extract_jsonb_query gin_extract_jsonb_query_path pg_get_function_sqlbody
+    fmgr_sql_validator plpgsql_validator postgresql_fdw_validator
 """)
 
 _NOTED_READS: dict[str, Entry] = {
@@ -163,13 +206,41 @@ _WRITES = {
     "pg_notify": ("write", "sends a notification to other sessions"),
 }
 
+_DDL = {
+    "pg_import_system_collations": ("ddl", "creates collations from the operating system's "
+                                           "locales"),
+    "pg_extension_config_dump": ("ddl", "marks a table as extension configuration"),
+}
+
+# Entry points of procedural languages: they run code the gateway cannot inspect (they take
+# an internal argument, so SQL cannot call them usefully, but that is PostgreSQL's check).
+_PROCEDURAL = _same("procedural", "is a procedural-language handler",
+                    "plpgsql_call_handler plpgsql_inline_handler")
+
 _ADMIN = {
     **_same("admin", "signals another server process", "pg_terminate_backend pg_cancel_backend"),
     **_same("admin", "changes server operation", """
         pg_reload_conf pg_rotate_logfile pg_rotate_logfile_old pg_switch_wal pg_switch_xlog
         pg_create_restore_point pg_promote pg_start_backup pg_stop_backup pg_backup_start
         pg_backup_stop pg_wal_replay_pause pg_wal_replay_resume
-        pg_log_backend_memory_contexts pg_import_system_collations
+        pg_log_backend_memory_contexts pg_nextoid pg_stop_making_pinned_objects
+    """),
+    **_same("admin", "runs index maintenance", """
+        brin_summarize_new_values brin_summarize_range brin_desummarize_range
+        gin_clean_pending_list
+    """),
+    **_same("admin", "is for pg_upgrade only and changes catalog internals", """
+        binary_upgrade_create_empty_extension binary_upgrade_set_missing_value
+        binary_upgrade_set_next_array_pg_type_oid binary_upgrade_set_next_heap_pg_class_oid
+        binary_upgrade_set_next_heap_relfilenode binary_upgrade_set_next_index_pg_class_oid
+        binary_upgrade_set_next_index_relfilenode
+        binary_upgrade_set_next_multirange_array_pg_type_oid
+        binary_upgrade_set_next_multirange_pg_type_oid binary_upgrade_set_next_pg_authid_oid
+        binary_upgrade_set_next_pg_enum_oid binary_upgrade_set_next_pg_tablespace_oid
+        binary_upgrade_set_next_pg_type_oid binary_upgrade_set_next_toast_pg_class_oid
+        binary_upgrade_set_next_toast_relfilenode binary_upgrade_set_record_init_privs
+        binary_upgrade_logical_slot_has_caught_up binary_upgrade_add_sub_rel_state
+        binary_upgrade_replorigin_advance
     """),
     **_same("admin", "manages replication", """
         pg_create_physical_replication_slot pg_create_logical_replication_slot
@@ -191,8 +262,11 @@ _ADMIN = {
     """),
 }
 
+# adminpack's functions are listed here, not among EXTENSION_FUNCTIONS: adminpack always
+# installs into pg_catalog (it is not relocatable).  They are not in pg_builtins.txt.
 _FILES = {
-    **_same("file", "reads server files", "pg_read_file pg_read_binary_file pg_file_read"),
+    **_same("file", "reads server files",
+            "pg_read_file pg_read_binary_file pg_read_file_old pg_file_read"),
     **_same("file", "lists or inspects server directories", """
         pg_ls_dir pg_ls_logdir pg_ls_waldir pg_ls_tmpdir pg_ls_archive_statusdir
         pg_ls_logicalsnapdir pg_ls_logicalmapdir pg_ls_replslotdir pg_ls_summariesdir
@@ -200,6 +274,7 @@ _FILES = {
     """),
     **_same("file", "writes, renames or deletes server files (adminpack)",
             "pg_file_write pg_file_rename pg_file_unlink pg_file_sync"),
+    "pg_logfile_rotate": ("admin", "rotates the server log (adminpack 1.0)"),
     "lo_import": ("file", "reads a server file into a large object"),
     "lo_export": ("file", "writes a large object to a server file"),
 }
@@ -217,7 +292,8 @@ _OPAQUE = _same("unknown", "runs SQL (or reads a table) named in a string, which
 #: Built-in functions (they live in pg_catalog).  A call qualified with any other schema is
 #: a different, user-defined function and is not looked up here.
 BUILTIN_FUNCTIONS: Mapping[str, Entry] = {
-    **_READS, **_NOTED_READS, **_SESSION, **_WRITES, **_ADMIN, **_FILES, **_OPAQUE,
+    **_READS, **_AUDITED_READS, **_NOTED_READS, **_SESSION, **_WRITES, **_DDL, **_PROCEDURAL,
+    **_ADMIN, **_FILES, **_OPAQUE,
 }
 
 #: Extension functions.  Extensions install into a schema of the installer's choosing, so
@@ -228,11 +304,41 @@ EXTENSION_FUNCTIONS: Mapping[str, Entry] = {
         dblink dblink_exec dblink_connect dblink_connect_u dblink_send_query dblink_open
         dblink_fetch dblink_close dblink_get_result dblink_disconnect dblink_cancel_query
     """),
+    **_same("admin", "uses or inspects connections to another server (dblink)", """
+        dblink_get_connections dblink_is_busy dblink_error_message dblink_get_notify
+        dblink_current_query dblink_get_pkey dblink_build_sql_insert dblink_build_sql_delete
+        dblink_build_sql_update dblink_fdw_validator
+    """),
     **_same("unknown", "runs SQL given as a string (tablefunc), which is not analysed",
             "crosstab crosstab2 crosstab3 crosstab4 connectby"),
+    "xpath_table": ("unknown", "runs SQL built from strings (xml2), which is not analysed"),
+    "lo_manage": ("write", "deletes large objects (lo extension trigger)"),
     "pg_stat_statements_reset": ("admin", "resets server statistics"),
     "pg_prewarm": ("admin", "loads relations into the server's buffer cache"),
+    **_same("admin", "controls the autoprewarm worker (pg_prewarm)",
+            "autoprewarm_start_worker autoprewarm_dump_now"),
+    **_same("admin", "rewrites tuples directly, bypassing MVCC (pg_surgery)",
+            "heap_force_kill heap_force_freeze"),
+    "pg_truncate_visibility_map": ("admin", "truncates a relation's visibility map "
+                                            "(pg_visibility)"),
 }
+
+#: Regular expressions (``re.search``) for built-in function names that look risky.  Every
+#: name in pg_builtins.txt matching one must have an entry in BUILTIN_FUNCTIONS (a read
+#: included), so regenerating the list cannot silently make such a function a READ.
+AUDIT_PATTERNS: tuple[str, ...] = (
+    r"^lo_", r"^lo(read|write)$", r"^pg_ls_", r"^pg_read_", r"file",
+    r"^pg_stat_(reset|clear|force)", r"slot", r"wal", r"backup", r"advisory",
+    r"terminate|cancel|reload|rotate|promote|signal",
+    r"^(set|next|curr|last)val$", r"sequence", r"notif|listen", r"^set", r"set_config|_conf$",
+    r"summarize", r"gin_clean", r"^binary_upgrade_", r"import|export", r"restore", r"_to_xml",
+    r"^pg_log_", r"^pg_(create|drop|copy)_", r"replication|^pg_logical|origin", r"replay",
+    r"^pg_switch", r"^pg_current_xact|^txid_current", r"next", r"sleep", r"flush", r"extension",
+    r"(^|_)write|unlink|truncate|(^|_)reset|clear|advance|emit|(^|_)create|(^|_)drop|_put$",
+    r"setup|sync", r"^pg_file_|logdir", r"dblink", r"prewarm", r"_stats$",
+    r"(^|_)(start|stop)(_|$)", r"(^|_)query(_|$)|cursor|sql|exec|eval|^ts_(stat|rewrite)$",
+    r"kill|shutdown|restart", r"vacuum|checkpoint",
+)
 
 #: Session settings (GUCs) whose change deserves more than the SESSION class, for SET and
 #: set_config().  Names are compared lowercased, as PostgreSQL does.

@@ -21,6 +21,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 import pglast.ast
@@ -176,6 +177,23 @@ def _entries(data: Mapping[str, tuple[str, str]]) -> dict[str, Entry]:
 
 _BUILTINS = _entries(catalogue.BUILTIN_FUNCTIONS)
 _EXTENSIONS = _entries(catalogue.EXTENSION_FUNCTIONS)
+
+
+def _builtin_names() -> frozenset[str]:
+    # Every function name in pg_catalog (scripts/gen_pg_builtins.py); one per line, "#" starts
+    # a comment line.  A missing or empty file fails the import rather than silently making
+    # every built-in an unknown function.
+    text = resources.files("keyturn.analysis").joinpath("pg_builtins.txt").read_text("utf-8")
+    names = frozenset(line.strip() for line in text.splitlines()
+                      if line.strip() and not line.lstrip().startswith("#"))
+    if not names:
+        raise RuntimeError("keyturn/analysis/pg_builtins.txt lists no functions")
+    return names
+
+
+#: Built-in function names; one with no catalogue entry only computes or reads (READ).
+_BUILTIN_NAMES = _builtin_names()
+_BUILTIN_READ: Entry = (StatementClass.READ, "")
 _SETTINGS = _entries(catalogue.SETTINGS)
 _SETTING_PREFIXES = _entries(catalogue.SETTING_PREFIXES)
 _STATIC = _entries(catalogue.STATEMENTS)
@@ -885,17 +903,24 @@ class Analyzer:
         self._by_shape = _LRU(cache_size)
 
     def resolve(self, names: list[str]) -> tuple[str, Entry | None]:
-        """Qualified name of a called function and its catalogue entry (None if unknown)."""
-        if len(names) == 1:
-            entry = _BUILTINS.get(names[0])
+        """Qualified name of a called function and its catalogue entry (None if unknown).
+
+        An unqualified or pg_catalog-qualified name is looked up in the curated catalogue
+        (side effects and reviewed reads), then among extension functions, then in the list
+        of PostgreSQL's built-in functions, where it is a plain read.  A name qualified with
+        any other schema is user or extension code: only extension functions match it.
+        """
+        if len(names) == 1 or (len(names) == 2 and names[0] == "pg_catalog"):
+            name = names[-1]
+            entry = _BUILTINS.get(name)
             if entry is not None:
-                return f"pg_catalog.{names[0]}", entry
-            return f"public.{names[0]}", _EXTENSIONS.get(names[0])
-        qualified = ".".join(names)
-        if len(names) == 2 and names[0] == "pg_catalog" and names[1] in _BUILTINS:
-            return qualified, _BUILTINS[names[1]]
-        # Another schema's pg_read_file is a user function, not the builtin.
-        return qualified, _EXTENSIONS.get(names[-1]) if names else None
+                return f"pg_catalog.{name}", entry
+            entry = _EXTENSIONS.get(name)
+            if entry is None and name in _BUILTIN_NAMES:
+                return f"pg_catalog.{name}", _BUILTIN_READ
+            return (f"public.{name}" if len(names) == 1 else ".".join(names)), entry
+        # Another schema's pg_read_file or version is a user function, not the builtin.
+        return ".".join(names), _EXTENSIONS.get(names[-1]) if names else None
 
     def analyze(self, sql: str, prepared: PreparedStatements | None = None) -> Analysis:
         cached = self._by_text.get(sql)
