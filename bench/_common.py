@@ -251,6 +251,7 @@ class KeyturnProcess:
             """) + policy)
         self.log_path = self.dir / "keyturn.log"
         self.proc: subprocess.Popen | None = None
+        self.portal_proc: subprocess.Popen | None = None
         self.tokens: dict[str, str] = {}
         ws.keyturns.append(self)
 
@@ -272,18 +273,25 @@ class KeyturnProcess:
             self.tokens[user] = self.cli("token", "create", "--user", user, "-q").stdout.strip()
 
     def start(self, command: str) -> None:
-        """``command`` is ``gateway`` or ``up``."""
+        """``command`` is ``gateway``, ``up`` (gateway + API in one process) or ``split``
+        (``keyturn gateway`` and ``keyturn portal`` as two processes sharing the store)."""
         with open(self.log_path, "ab") as log:
-            self.proc = self.ws.popen([*KEYTURN, "-c", str(self.config), command], cwd=self.dir,
-                                      stdout=log, stderr=subprocess.STDOUT, env=self.env)
+            self.proc = self.ws.popen(
+                [*KEYTURN, "-c", str(self.config), "gateway" if command == "split" else command],
+                cwd=self.dir, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+            if command == "split":
+                self.portal_proc = self.ws.popen(
+                    [*KEYTURN, "-c", str(self.config), "portal"], cwd=self.dir, stdout=log,
+                    stderr=subprocess.STDOUT, env=self.env)
         wait_port(self.gateway_port, proc=self.proc, log=self.log_path)
-        if self.portal_port and command == "up":
-            wait_port(self.portal_port, proc=self.proc, log=self.log_path)
+        if self.portal_port and command in ("up", "split"):
+            wait_port(self.portal_port, proc=self.portal_proc or self.proc, log=self.log_path)
 
     def stop(self) -> int | None:
         """SIGTERM (the gateway flushes its audit queue), wait for the exit."""
         code = stop_process(self.proc, timeout=60)
-        self.proc = None
+        stop_process(self.portal_proc, timeout=60)
+        self.proc = self.portal_proc = None
         return code
 
     def dsn(self, user: str, dbname: str) -> str:
@@ -302,13 +310,19 @@ class KeyturnProcess:
         return out
 
     def report_log(self) -> None:
+        """Print the gateway log's problems, grouped (numbers and hex masked)."""
         problems = self.log_problems()
         if not problems:
-            progress(f"gateway log {self.log_path.name}: no errors or tracebacks")
+            progress(f"gateway log {self.log_path}: no errors or tracebacks")
             return
-        progress(f"gateway log: {len(problems)} error lines/tracebacks; first ones:")
-        for p in problems[:10]:
-            print("    " + p[:300])
+        groups: dict[str, int] = {}
+        for p in problems:
+            key = re.sub(r"^\S+ \S+ ", "", p)  # drop the timestamp
+            key = re.sub(r"\\x[0-9a-f]+|\b\d+\b", "#", key)
+            groups[key] = groups.get(key, 0) + 1
+        progress(f"gateway log {self.log_path}: {len(problems)} error lines/tracebacks:")
+        for key, count in sorted(groups.items(), key=lambda kv: -kv[1])[:10]:
+            print(f"    {count:>6} x {key[:250]}")
 
 
 def approver_worker(ws: Workspace, kt: KeyturnProcess, user: str, *extra: str

@@ -8,6 +8,8 @@ Analyzer unless it is specifically about cache sharing.
 from __future__ import annotations
 
 import random
+import re
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,6 +17,9 @@ from hypothesis import strategies as st
 from pglast import parser as pg
 
 from keyturn.analysis import Analysis, Analyzer, PreparedStatements, StatementClass, catalogue
+from keyturn.analysis.postgres import _BUILTIN_NAMES as BUILTIN_NAMES
+
+BUILTINS_FILE = Path(catalogue.__file__).with_name("pg_builtins.txt")
 
 C = StatementClass
 TRANSACTION, SESSION, READ, WRITE, DDL = C.TRANSACTION, C.SESSION, C.READ, C.WRITE, C.DDL
@@ -25,6 +30,39 @@ PRIVILEGE, PROCEDURAL, ADMIN, FILE, UNKNOWN = (
 def analyze(sql: str, prepared: PreparedStatements | None = None) -> Analysis:
     return Analyzer().analyze(sql, prepared)
 
+
+# What psql sends for \d (list relations) and \d t (its columns query).
+PSQL_LIST_TABLES = """
+SELECT n.nspname as "Schema", c.relname as "Name",
+  CASE c.relkind WHEN 'r' THEN 'table' WHEN 'v' THEN 'view' WHEN 'm' THEN 'materialized view'
+    WHEN 'i' THEN 'index' WHEN 'S' THEN 'sequence' WHEN 't' THEN 'TOAST table'
+    WHEN 'f' THEN 'foreign table' WHEN 'p' THEN 'partitioned table'
+    WHEN 'I' THEN 'partitioned index' END as "Type",
+  pg_catalog.pg_get_userbyid(c.relowner) as "Owner"
+FROM pg_catalog.pg_class c
+     LEFT JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     LEFT JOIN pg_catalog.pg_am am ON am.oid = c.relam
+WHERE c.relkind IN ('r','p','v','m','S','f','')
+      AND n.nspname <> 'pg_catalog'
+      AND n.nspname !~ '^pg_toast'
+      AND n.nspname <> 'information_schema'
+  AND pg_catalog.pg_table_is_visible(c.oid)
+ORDER BY 1,2;"""
+PSQL_DESCRIBE_COLUMNS = """
+SELECT a.attname,
+  pg_catalog.format_type(a.atttypid, a.atttypmod),
+  (SELECT pg_catalog.pg_get_expr(d.adbin, d.adrelid, true)
+   FROM pg_catalog.pg_attrdef d
+   WHERE d.adrelid = a.attrelid AND d.adnum = a.attnum AND a.atthasdef),
+  a.attnotnull,
+  (SELECT c.collname FROM pg_catalog.pg_collation c, pg_catalog.pg_type t
+   WHERE c.oid = a.attcollation AND t.oid = a.atttypid AND a.attcollation <> t.typcollation)
+   AS attcollation,
+  a.attidentity,
+  a.attgenerated
+FROM pg_catalog.pg_attribute a
+WHERE a.attrelid = '16384' AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum;"""
 
 CLASS_CASES = [
     # reads
@@ -44,6 +82,19 @@ CLASS_CASES = [
     ("SELECT * FROM generate_series(1, 10) g, unnest(ARRAY[1]) u", READ),
     ("SELECT pg_sleep(1)", READ),
     ("SELECT current_setting('search_path')", READ),
+    # built-ins with no side effect, as drivers and tools send them
+    ("select current_schema()", READ),
+    ("select pg_catalog.version()", READ),
+    ("SELECT format_type(atttypid, atttypmod) FROM pg_attribute", READ),
+    (PSQL_LIST_TABLES, READ),
+    (PSQL_DESCRIBE_COLUMNS, READ),
+    ("SELECT pg_catalog.has_table_privilege('t', 'SELECT'), to_regclass('t'), "
+     "array_to_string(ARRAY[1, 2], ','), pg_catalog.pg_get_expr(adbin, adrelid) "
+     "FROM pg_catalog.pg_attrdef", READ),
+    ("SELECT pg_relation_filenode('t'), pg_filenode_relation(0, 1), pg_trigger_depth(), "
+     "pg_column_size(1), pg_database_size('d'), pg_get_wal_replay_pause_state(), "
+     "pg_partition_root('t'), make_date(2024, 1, 1)", READ),
+    ("EXPLAIN SELECT current_schema()", READ),
     ("SELECT $x$ ; DELETE FROM t $x$", READ),
     ("SELECT 'a; DELETE FROM t'", READ),
     ("SELECT 1 -- ; DELETE FROM t", READ),
@@ -127,6 +178,9 @@ CLASS_CASES = [
     ("LOCK TABLE t", WRITE),
     ("REFRESH MATERIALIZED VIEW m", WRITE),
     ("SELECT my_func(1)", WRITE),
+    ("select my_func()", WRITE),
+    ("select myschema.version()", WRITE),
+    ('SELECT "Version"()', WRITE),
     ("SELECT public.pg_read_file('/etc/passwd')", WRITE),
     ("SELECT myschema.pg_read_file('/etc/passwd')", WRITE),
     ('SELECT "PG_READ_FILE"(\'/etc/passwd\')', WRITE),
@@ -185,6 +239,10 @@ CLASS_CASES = [
     ("SELECT pg_switch_wal()", ADMIN),
     ("SELECT pg_create_logical_replication_slot('s', 'pgoutput')", ADMIN),
     ("SELECT pg_stat_reset()", ADMIN),
+    ("SELECT brin_summarize_new_values('i')", ADMIN),
+    ("SELECT gin_clean_pending_list('i')", ADMIN),
+    ("SELECT pg_catalog.pg_nextoid('t', 'c', 'i')", ADMIN),
+    ("SELECT heap_force_kill('t', ARRAY['(0,1)'::tid])", ADMIN),
     ("SELECT dblink_exec('dbname=x', 'DROP TABLE x')", ADMIN),
     ("SELECT * FROM dblink('dbname=x', 'SELECT 1') AS t(a int)", ADMIN),
     ("SELECT other.dblink_exec('dbname=x', 'DROP TABLE x')", ADMIN),
@@ -227,6 +285,8 @@ CLASS_CASES = [
     ("SELECT 1; SELECT pg_read_file('x')", FILE),
     # opaque or unparseable
     ("SELECT query_to_xml('DELETE FROM t RETURNING 1', true, true, '')", UNKNOWN),
+    ("select query_to_xml('delete from t', true, true, '')", UNKNOWN),
+    ("SELECT cursor_to_xml('c', 10, false, true, '')", UNKNOWN),
     ("SELECT table_to_xml('secrets', true, true, '')", UNKNOWN),
     ("SELECT * FROM ts_stat('SELECT v FROM t')", UNKNOWN),
     ("SELECT 1; $$ $$", UNKNOWN),
@@ -260,6 +320,16 @@ def test_unknown_function_class_is_configurable() -> None:
     strict = Analyzer(unknown_function_class=UNKNOWN)
     assert strict.analyze("SELECT my_func()").cls is UNKNOWN
     assert strict.analyze("SELECT lower('x')").cls is READ
+    # Built-ins are known whether curated or only in pg_builtins.txt; another schema's
+    # function of the same name is not a built-in.
+    assert strict.analyze("select current_schema()").cls is READ
+    assert strict.analyze("select pg_catalog.version()").cls is READ
+    assert strict.analyze("select myschema.version()").cls is UNKNOWN
+    assert strict.analyze("select my_func()").cls is UNKNOWN
+    assert strict.analyze("select nextval('s')").cls is WRITE
+    assert strict.analyze("select lo_import('/etc/passwd')").cls is FILE
+    assert strict.analyze("select pg_terminate_backend(1)").cls is ADMIN
+    assert strict.analyze("select query_to_xml('delete from t', true, true, '')").cls is UNKNOWN
     result = Analyzer().analyze("SELECT my_func()")
     assert any("public.my_func" in r for r in result.reasons)
 
@@ -396,6 +466,10 @@ FUNCTION_CASES = [
     ("EXECUTE p(lower('x'))", ("pg_catalog.lower",)),
     ("SELECT count(*) FILTER (WHERE f(x)) FROM t", ("pg_catalog.count", "public.f")),
     ("SELECT dblink('x', 'y')", ("public.dblink",)),
+    ("select current_schema()", ("pg_catalog.current_schema",)),
+    ("select pg_catalog.version()", ("pg_catalog.version",)),
+    ("select myschema.version()", ("myschema.version",)),
+    ("SELECT format_type(1, 2)", ("pg_catalog.format_type",)),
     ("SELECT current_user, coalesce(1, 2), greatest(1, 2)", ()),
 ]
 
@@ -693,6 +767,45 @@ def test_catalogue_entries_are_valid_classes() -> None:
             assert isinstance(reason, str)
     assert catalogue.BUILTIN_FUNCTIONS["pg_read_file"][0] == "file"
     assert catalogue.BUILTIN_FUNCTIONS["count"][0] == "read"
+
+
+def test_builtin_list_is_loaded() -> None:
+    header = BUILTINS_FILE.read_text("utf-8").splitlines()[0]
+    assert header.startswith("# generated by scripts/gen_pg_builtins.py from PostgreSQL ")
+    assert len(BUILTIN_NAMES) > 2000
+    assert {"current_schema", "version", "format_type", "pg_get_expr", "has_table_privilege",
+            "to_regclass", "array_to_string", "pg_table_is_visible"} <= BUILTIN_NAMES
+
+
+def test_builtin_list_has_no_extension_functions() -> None:
+    # Contrib functions (dblink, adminpack, lo, ...) are classified only by the curated
+    # catalogue; a list generated from a cluster with extensions installed must not be used.
+    adminpack = {"pg_file_write", "pg_file_rename", "pg_file_unlink", "pg_file_sync",
+                 "pg_file_read", "pg_file_length", "pg_logdir_ls", "pg_logfile_rotate"}
+    assert not (set(catalogue.EXTENSION_FUNCTIONS) | adminpack) & BUILTIN_NAMES
+
+
+def test_every_risky_looking_builtin_is_curated() -> None:
+    # A regenerated pg_builtins.txt must not make a risky built-in READ by default: every name
+    # matching an audit pattern needs a decision in the catalogue (a read included).
+    patterns = re.compile("|".join(f"(?:{p})" for p in catalogue.AUDIT_PATTERNS))
+    missing = sorted(n for n in BUILTIN_NAMES
+                     if patterns.search(n) and n not in catalogue.BUILTIN_FUNCTIONS)
+    assert not missing, f"classify these in keyturn/analysis/catalogue.py: {missing}"
+
+
+def test_audit_patterns_cover_the_known_side_effects() -> None:
+    # The patterns describe the risky families: every curated built-in with a side effect
+    # matches one, so the audit test above would catch a new member of each family.
+    patterns = re.compile("|".join(f"(?:{p})" for p in catalogue.AUDIT_PATTERNS))
+    unmatched = sorted(name for name, (cls, _) in catalogue.BUILTIN_FUNCTIONS.items()
+                       if cls != "read" and not patterns.search(name))
+    assert not unmatched
+    for name in ("lo_import", "lowrite", "pg_read_file", "pg_ls_dir", "pg_stat_file",
+                 "pg_stat_reset", "pg_terminate_backend", "pg_cancel_backend", "setval",
+                 "nextval", "pg_notify", "set_config", "pg_advisory_lock", "pg_switch_wal",
+                 "pg_create_restore_point", "query_to_xml", "txid_current", "pg_nextoid"):
+        assert patterns.search(name), name
 
 
 SQL_PIECES = st.sampled_from([

@@ -37,7 +37,7 @@ def test_tables_live_in_postgres(kt_pgstore: Keyturn) -> None:
 
 def test_hold_released_across_processes_via_notify(kt_pgstore: Keyturn) -> None:
     kt = kt_pgstore
-    p = kt.psql("alice", "UPDATE orders SET total = total + 0 WHERE id = 30")
+    p = kt.psql("alice", "UPDATE orders SET total = total + 0 WHERE id = 33")
     t = kt.wait_ticket()
     assert p.poll() is None
     t0 = time.monotonic()
