@@ -317,7 +317,7 @@ class KeyturnProcess:
             return
         groups: dict[str, int] = {}
         for p in problems:
-            key = re.sub(r"^\S+ \S+ ", "", p)  # drop the timestamp
+            key = re.sub(r"^\d{4}-\d\d-\d\d \S+ ", "", p)  # drop the timestamp
             key = re.sub(r"\\x[0-9a-f]+|\b\d+\b", "#", key)
             groups[key] = groups.get(key, 0) + 1
         progress(f"gateway log {self.log_path}: {len(problems)} error lines/tracebacks:")

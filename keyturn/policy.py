@@ -152,7 +152,10 @@ def evaluate_statement(policy: Policy, req: Request, st: StatementLike) -> State
                              st.functions)
 
 
-def evaluate(config: Config, req: Request) -> Decision:
+def evaluate(config: Config, req: Request, *,
+             verdicts: dict[tuple[Any, ...], StatementDecision] | None = None) -> Decision:
+    """The Decision for a request. ``verdicts`` memoises per-statement results
+    (the gateway passes one per process; see ``PolicyEngine``)."""
     policy = config.policies[req.connection.policy]
     if req.parse_error is not None or not req.statements:
         if req.parse_error is not None:
@@ -162,7 +165,14 @@ def evaluate(config: Config, req: Request) -> Decision:
             return Decision(sd.action, sd.rule or BUILTIN_UNPARSED_RULE, sd.reason, "unknown",
                             _review_of(policy, sd.rule), (sd,))
         return Decision("allow", None, "empty query", "read", None, ())
-    decisions = tuple(evaluate_statement(policy, req, st) for st in req.statements)
+    if verdicts is None:
+        decisions = tuple(evaluate_statement(policy, req, st) for st in req.statements)
+    else:
+        decisions = tuple(_memo_statement(verdicts, policy, req, st) for st in req.statements)
+    if len(decisions) == 1:
+        d = decisions[0]
+        return Decision(d.action, d.rule, d.reason, d.classification,
+                        _review_of(policy, d.rule) if d.action == "review" else None, decisions)
     worst = decisions[0]
     for d in decisions[1:]:
         if SEVERITY[d.action] > SEVERITY[worst.action]:
@@ -173,6 +183,33 @@ def evaluate(config: Config, req: Request) -> Decision:
         reason = f"{reason} [statement {decisions.index(worst) + 1} of {len(decisions)}]"
     return Decision(worst.action, worst.rule, reason, _cls_name(riskiest.cls),
                     _review_of(policy, worst.rule), decisions)
+
+
+def _memo_statement(verdicts: dict[tuple[Any, ...], StatementDecision], policy: Policy,
+                    req: Request, st: StatementLike) -> StatementDecision:
+    # Everything a verdict depends on, except the statement text itself.
+    key = (req.connection.name, req.user, req.groups, st.cls, st.tables, st.functions,
+           st.forbidden, st.reasons)
+    hit = verdicts.get(key)
+    if hit is None:
+        if len(verdicts) > 20_000:
+            verdicts.clear()
+        hit = verdicts[key] = evaluate_statement(policy, req, st)
+    if hit.text == st.text:
+        return hit
+    return StatementDecision(st.text, hit.classification, hit.action, hit.rule, hit.reason,
+                             hit.tables, hit.functions)
+
+
+class PolicyEngine:
+    """``evaluate`` with a per-process memo of statement verdicts (hot path)."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self._verdicts: dict[tuple[Any, ...], StatementDecision] = {}
+
+    def evaluate(self, req: Request) -> Decision:
+        return evaluate(self.config, req, verdicts=self._verdicts)
 
 
 def _review_of(policy: Policy, rule_name: str | None) -> ReviewSettings | None:

@@ -11,7 +11,7 @@ import pytest
 
 from keyturn.analysis import Analyzer
 from keyturn.config import parse_config
-from keyturn.policy import Decision, Request, evaluate
+from keyturn.policy import Decision, PolicyEngine, Request, evaluate
 
 CONFIG = """
 identity:
@@ -51,12 +51,17 @@ policies:
 
 cfg = parse_config(CONFIG, "k.yaml")
 analyzer = Analyzer()
+engine = PolicyEngine(cfg)
 
 
 def decide(sql: str, user: str = "alice", conn: str = "shop") -> Decision:
     a = analyzer.analyze(sql)
-    return evaluate(cfg, Request(user, cfg.groups_of(user), cfg.connections[conn], a.statements,
-                                 a.error))
+    req = Request(user, cfg.groups_of(user), cfg.connections[conn], a.statements, a.error)
+    plain = evaluate(cfg, req)
+    # The gateway's memoised engine must agree with the plain evaluation, twice.
+    assert engine.evaluate(req) == plain
+    assert engine.evaluate(req) == plain
+    return plain
 
 
 @pytest.mark.parametrize("sql, user, conn, action, rule", [

@@ -19,6 +19,7 @@ from keyturn.analysis import Analyzer, StatementClass
 from keyturn.audit import AuditWriter
 from keyturn.bus import DecisionWatcher
 from keyturn.config import Connection
+from keyturn.policy import PolicyEngine
 from keyturn.services import Services
 from proxies.postgres import codec
 
@@ -42,6 +43,7 @@ class PostgresGateway:
             ctx.load_cert_chain(gw.tls_cert_file, gw.tls_key_file)
             self.tls = ctx
         self._analyzers: dict[str, Analyzer] = {}
+        self.policy = PolicyEngine(self.config)
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.loop: asyncio.AbstractEventLoop | None = None

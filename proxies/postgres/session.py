@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from keyturn.approvals import APPROVED, CANCELLED, EXPIRED, REJECTED, TicketRequest, binding_of
 from keyturn.errors import AlreadyDecided, InvalidTransition
-from keyturn.policy import Decision, Request, evaluate
+from keyturn.policy import Decision, Request
 from proxies.postgres import codec
 from proxies.postgres.auth import AuthError, ScramServer
 from proxies.postgres.codec import NEED_DATA, Message, ProtocolError
@@ -481,8 +481,8 @@ class ClientSession(asyncio.Protocol):
 
     def _decide(self, analysis: Any) -> Decision:
         assert self.identity is not None and self.conn is not None
-        return evaluate(self.gw.config, Request(self.user, self.identity.groups, self.conn,
-                                                analysis.statements, analysis.error))
+        return self.gw.policy.evaluate(Request(self.user, self.identity.groups, self.conn,
+                                               analysis.statements, analysis.error))
 
     def _on_query(self, msg: Message, out: list[bytes]) -> bool:
         sql = codec.decode_query(msg.body)
