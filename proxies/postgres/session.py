@@ -140,6 +140,7 @@ class ClientSession(asyncio.Protocol):
         self.startup_params: dict[str, str] = {}
         self.application = ""
         self.scram: ScramServer | None = None
+        self.sasl_started = False
         self.expect: deque[Expect] = deque()
         self.backlog: deque[Message] = deque()
         self.backlog_bytes = 0
@@ -340,11 +341,11 @@ class ClientSession(asyncio.Protocol):
                 raise codec.RemoteProtocolError(
                     f"expected a SASL response, got message type {msg.type!r}")
             try:
-                if self.scram.matched_key is None and not getattr(self, "_sasl_started", False):
+                if not self.sasl_started:
                     mech, data = codec.decode_sasl_initial_response(msg.body)
                     if mech != "SCRAM-SHA-256":
                         raise AuthError(f"SASL mechanism {mech!r} is not offered")
-                    self._sasl_started = True
+                    self.sasl_started = True
                     self.write(codec.encode_auth_sasl_continue(
                         self.scram.handle_client_first(data or b"")))
                 else:

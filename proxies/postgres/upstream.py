@@ -169,6 +169,15 @@ class Upstream(asyncio.Protocol):
         if self.ready:
             self.session.upstream_lost(err.message)
 
+    def pause_writing(self) -> None:
+        # The target reads slower than the client sends (COPY FROM STDIN): stop reading the client.
+        if self.session.transport is not None:
+            self.session.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.session.transport is not None and not self.session.closed:
+            self.session.transport.resume_reading()
+
     # ---- used by the session
 
     def write(self, data: bytes) -> None:
