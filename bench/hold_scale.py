@@ -71,6 +71,16 @@ async def run_clients(kt: KeyturnProcess, ws: Workspace, n: int, threads: int) -
     progress(f"  {n} connected in {out['connect_s']:.1f}s; RSS {rss_kib(kt.proc.pid)} KiB")
     out["rss_connected"] = rss_kib(kt.proc.pid)
 
+    try:
+        return await hold_and_release(kt, ws, n, threads, conns, out)
+    finally:
+        # Also on Ctrl-C: drop the sockets at once rather than sending 1000 cancel requests.
+        for c in conns:
+            c.terminate()
+
+
+async def hold_and_release(kt: KeyturnProcess, ws: Workspace, n: int, threads: int,
+                           conns: list[asyncpg.Connection], out: dict) -> dict:
     done: dict[int, float] = {}
     statuses: dict[int, str] = {}
 

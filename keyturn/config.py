@@ -198,6 +198,8 @@ class GatewaySettings:
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     gateway_id: str = "gateway"
+    # scram: always SCRAM-SHA-256. password: a cleartext token inside TLS (SCRAM without TLS).
+    client_auth: str = "scram"
 
 
 @dataclass(frozen=True)
@@ -487,14 +489,17 @@ class _Validator:
         return out
 
     def gateway(self, value: Any) -> GatewaySettings:
-        g = self.mapping(value, ("gateway",), {"postgres", "tls", "id"})
+        g = self.mapping(value, ("gateway",), {"postgres", "tls", "id", "client_auth"})
+        client_auth = g.get("client_auth", "scram")
+        if client_auth not in ("scram", "password"):
+            raise self.err(("gateway", "client_auth"), "expected scram or password")
         tls = self.mapping(g.get("tls"), ("gateway", "tls"), {"cert_file", "key_file"})
         if bool(tls.get("cert_file")) != bool(tls.get("key_file")):
             raise self.err(("gateway", "tls"), "give both cert_file and key_file")
         pg = self.listener(g["postgres"], ("gateway", "postgres")) if "postgres" in g else \
             Listener("127.0.0.1", 6432)
         return GatewaySettings(pg, tls.get("cert_file"), tls.get("key_file"),
-                               str(g.get("id", "gateway")))
+                               str(g.get("id", "gateway")), client_auth)
 
     def portal(self, value: Any) -> PortalSettings:
         p = self.mapping(value, ("portal",), {"listen", "public_url", "secret_key_env",

@@ -199,7 +199,8 @@ class Keyturn:
 
 
 def make_keyturn(base: Path, pg: LocalPostgres, *, store_url_env: dict[str, str] | None = None,
-                 timeout: str = "10m", extra: str = "") -> Keyturn:
+                 timeout: str = "10m", extra: str = "", client_auth: str = "scram",
+                 target_sslmode: str = "disable") -> Keyturn:
     """Write a config and create tokens; ``store_url_env`` = {VAR: url} uses a
     PostgreSQL store named by environment variable (never inline in the file)."""
     base.mkdir(parents=True, exist_ok=True)
@@ -214,6 +215,7 @@ def make_keyturn(base: Path, pg: LocalPostgres, *, store_url_env: dict[str, str]
         gateway:
           postgres: 127.0.0.1:{gport}
           tls: {{cert_file: {base / 'gw.crt'}, key_file: {base / 'gw.key'}}}
+          client_auth: {client_auth}
         portal:
           listen: 127.0.0.1:{pport}
         identity:
@@ -227,7 +229,7 @@ def make_keyturn(base: Path, pg: LocalPostgres, *, store_url_env: dict[str, str]
           - name: shop
             type: postgres
             target: {{host: 127.0.0.1, port: {pg.port}, dbname: shop, user: app,
-                      password_file: {base / 'app.password'}}}
+                      password_file: {base / 'app.password'}, sslmode: {target_sslmode}}}
             policy: shop
           - name: bench
             type: postgres

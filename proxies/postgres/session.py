@@ -141,6 +141,7 @@ class ClientSession(asyncio.Protocol):
         self.application = ""
         self.scram: ScramServer | None = None
         self.sasl_started = False
+        self.cleartext = False
         self.expect: deque[Expect] = deque()
         self.backlog: deque[Message] = deque()
         self.backlog_bytes = 0
@@ -324,6 +325,13 @@ class ClientSession(asyncio.Protocol):
     async def _begin_auth(self) -> None:
         from keyturn.identity import fake_salt
 
+        if self.tls_active and self.gw.config.gateway.client_auth == "password":
+            # A cleartext token is only ever accepted inside TLS.
+            self.cleartext = True
+            self.write(codec.encode_auth_cleartext_request())
+            self.data_received(b"")
+            return
+
         creds = await asyncio.to_thread(self.gw.services.identities.scram_credentials, self.user)
         if creds is None:
             self.scram = ScramServer(fake_salt(self.user, _FAKE_SALT_SECRET), 4096, [])
@@ -334,12 +342,17 @@ class ClientSession(asyncio.Protocol):
         self.data_received(b"")
 
     def _auth_messages(self) -> None:
-        if self.scram is None:
+        if self.scram is None and not self.cleartext:
             return
         for msg in self.reader.next_messages():
             if msg.type != b"p":
                 raise codec.RemoteProtocolError(
-                    f"expected a SASL response, got message type {msg.type!r}")
+                    f"expected a password message, got message type {msg.type!r}")
+            if self.cleartext:
+                token = codec.decode_password(msg.body).decode("utf-8", "replace")
+                self.phase = "checking"
+                self._spawn(self._check_cleartext(token))
+                return
             try:
                 if not self.sasl_started:
                     mech, data = codec.decode_sasl_initial_response(msg.body)
@@ -353,24 +366,41 @@ class ClientSession(asyncio.Protocol):
                     self._authenticated(final)
                     return
             except AuthError as exc:
-                log.info("authentication of %r failed: %s", self.user, exc)
-                self.gw.audit(kind="auth_failed", user=self.user, connection=self.conn_name,
-                              session_id=self.session_id, client_addr=self.client_addr,
-                              reason=str(exc), outcome="denied")
-                self.fatal("28P01", f'password authentication failed for user "{self.user}"',
-                           detail="Use a Keyturn access token as the password "
-                                  "(keyturn token create).")
+                self._auth_failed(str(exc))
                 return
 
-    def _authenticated(self, server_final: bytes) -> None:
-        self.identity = self.gw.services.identities.identity_of(self.user,
-                                                                self.scram.matched_key)
-        self.write(codec.encode_auth_sasl_final(server_final))
+    async def _check_cleartext(self, token: str) -> None:
+        from keyturn.errors import Unauthorized
+
+        try:
+            ident = await asyncio.to_thread(self.gw.services.identities.authenticate_token, token)
+            if ident.user != self.user:
+                raise Unauthorized("token belongs to another user")
+        except Unauthorized as exc:
+            self._auth_failed(str(exc))
+            return
+        self._authenticated(None, ident.token_id)
+
+    def _auth_failed(self, why: str) -> None:
+        log.info("authentication of %r failed: %s", self.user, why)
+        self.gw.audit(kind="auth_failed", user=self.user, connection=self.conn_name,
+                      session_id=self.session_id, client_addr=self.client_addr,
+                      reason=why, outcome="denied")
+        self.fatal("28P01", f'password authentication failed for user "{self.user}"',
+                   detail="Use a Keyturn access token as the password (keyturn token create).")
+
+    def _authenticated(self, server_final: bytes | None, token_id: int | None = None) -> None:
+        if server_final is not None:
+            assert self.scram is not None
+            token_id = self.scram.matched_key
+            self.write(codec.encode_auth_sasl_final(server_final))
+        self.identity = self.gw.services.identities.identity_of(self.user, token_id)
         self.phase = "connecting"
         self.gw.audit(kind="connect", user=self.user, connection=self.conn_name,
                       session_id=self.session_id, client_addr=self.client_addr,
                       detail={"application": self.application, "tls": self.tls_active,
-                              "token_id": self.scram.matched_key})
+                              "token_id": token_id,
+                              "method": "password" if self.cleartext else "scram"})
         self._spawn(self._connect_upstream())
 
     async def _connect_upstream(self) -> None:
