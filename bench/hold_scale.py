@@ -25,7 +25,6 @@ import time
 import asyncpg
 import psycopg
 import requests
-
 from _common import (
     POLICY_WRITES_REVIEWED,
     KeyturnProcess,
@@ -180,8 +179,8 @@ def main() -> int:
     print_table(["measure", "value"], [
         ["connect n clients through the gateway", f"{res['connect_s']:.1f} s"],
         ["time to hold all (first UPDATE sent -> API lists n pending)", f"{res['hold_s']:.1f} s"],
-        ["approve calls (first sent -> last returned)", f"{res['approve_s']:.1f} s "
-                                                        f"(HTTP {', '.join(res['approve_codes'])})"],
+        ["approve calls (first sent -> last returned)",
+         f"{res['approve_s']:.1f} s (HTTP {', '.join(res['approve_codes'])})"],
         ["first approve sent -> last client released", f"{res['release_s']:.1f} s"],
         ["gateway RSS before", f"{rss_before / mib:.0f} MiB"],
         ["gateway RSS with n clients connected", f"{res['rss_connected'] / mib:.0f} MiB"],

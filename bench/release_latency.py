@@ -33,7 +33,6 @@ import time
 
 import psycopg
 import requests
-
 from _common import (
     POLICY_WRITES_REVIEWED,
     KeyturnProcess,
@@ -147,13 +146,14 @@ def main() -> int:
     for (store, layout), lat in results.items():
         r, s = lat["returned"], lat["sent"]
         p99 = percentile(r, 99)
-        rows.append([store, "keyturn up" if layout == "up" else "gateway + portal", len(r), f"{percentile(r, 50):.1f}", f"{percentile(r, 95):.1f}",
+        rows.append([store, "keyturn up" if layout == "up" else "gateway + portal", len(r),
+                     f"{percentile(r, 50):.1f}", f"{percentile(r, 95):.1f}",
                      f"{p99:.1f}", f"{max(r):.1f}", f"{min(r):.1f}",
                      f"{percentile(s, 50):.1f} / {percentile(s, 99):.1f}",
                      f"<= {TARGET_P99_MS[store]:.0f}",
                      "yes" if p99 <= TARGET_P99_MS[store] else "NO"])
-    print_table(["store", "processes", "n", "p50", "p95", "p99", "max", "min", "from sent p50 / p99",
-                 "target p99", "met?"], rows)
+    print_table(["store", "processes", "n", "p50", "p95", "p99", "max", "min",
+                 "from sent p50 / p99", "target p99", "met?"], rows)
     return 0
 
 
