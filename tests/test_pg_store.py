@@ -77,3 +77,48 @@ def test_audit_chain_in_postgres_store(kt_pgstore: Keyturn, tmp_path: Path) -> N
     kt_pgstore.cli("audit", "export", "--format", "csv", "-o", str(tmp_path / "a.csv"))
     text = (tmp_path / "a.csv").read_text()
     assert text.startswith("seq,at,kind") and "UPDATE orders SET total" in text
+
+
+def test_simultaneous_votes_on_postgres_store(kt_pgstore: Keyturn) -> None:
+    import threading
+
+    from keyturn.approvals import TicketRequest
+    from keyturn.config import load_config
+    from keyturn.errors import AlreadyDecided
+    from keyturn.services import build_services
+
+    import os
+
+    os.environ["KEYTURN_TEST_STORE"] = kt_pgstore.env["KEYTURN_TEST_STORE"]
+    svc = build_services(load_config(kt_pgstore.config))
+    for n in (1, 2):
+        t = svc.approvals.create(TicketRequest(
+            requester="alice", requester_groups=("engineers",), connection="shop",
+            statement="DELETE FROM orders", classification="write", rule="r", reason="r",
+            approver_groups=("approvers",), min_approvals=n, timeout=600))
+        outcomes: list[str] = []
+        barrier = threading.Barrier(2)
+
+        def vote(user: str, tid: int = t.id, barrier: threading.Barrier = barrier,
+                 outcomes: list[str] = outcomes) -> None:
+            barrier.wait()
+            try:
+                r = svc.approvals.vote(tid, svc.identities.identity_of(user), "approve")
+                outcomes.append("decided" if r.decided else "counted")
+            except AlreadyDecided:
+                outcomes.append("late")
+
+        threads = [threading.Thread(target=vote, args=(u,)) for u in ("bob", "dana")]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        final = svc.approvals.get(t.id)
+        if n == 1:
+            # Exactly one approval decides; the other approver is told it was decided.
+            assert sorted(outcomes) == ["decided", "late"]
+        else:
+            # Two of two: the row lock serialises the votes, so the second one decides.
+            assert sorted(outcomes) == ["counted", "decided"]
+        assert final.status == "approved"
+    svc.store.dispose()
