@@ -79,7 +79,8 @@ def test_audit_chain_in_postgres_store(kt_pgstore: Keyturn, tmp_path: Path) -> N
     assert text.startswith("seq,at,kind") and "UPDATE orders SET total" in text
 
 
-def test_simultaneous_votes_on_postgres_store(kt_pgstore: Keyturn) -> None:
+def test_simultaneous_votes_on_postgres_store(kt_pgstore: Keyturn,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
 
     from keyturn.approvals import TicketRequest
@@ -87,9 +88,7 @@ def test_simultaneous_votes_on_postgres_store(kt_pgstore: Keyturn) -> None:
     from keyturn.errors import AlreadyDecided
     from keyturn.services import build_services
 
-    import os
-
-    os.environ["KEYTURN_TEST_STORE"] = kt_pgstore.env["KEYTURN_TEST_STORE"]
+    monkeypatch.setenv("KEYTURN_TEST_STORE", kt_pgstore.env["KEYTURN_TEST_STORE"])
     svc = build_services(load_config(kt_pgstore.config))
     for n in (1, 2):
         t = svc.approvals.create(TicketRequest(
