@@ -26,6 +26,29 @@ def connect(kt: Keyturn, user: str = "alice", **kw: object) -> psycopg.Connectio
     return psycopg.connect(kt.dsn(user), autocommit=True, **kw)  # type: ignore[arg-type]
 
 
+class InBackground:
+    """Run one statement on a connection in a thread; keep its result or error."""
+
+    def __init__(self, conn: psycopg.Connection, sql: str, params: tuple = ()):
+        self.result: object = None
+        self.error: Exception | None = None
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(conn, sql, params))
+        self.thread.start()
+
+    def _run(self, conn: psycopg.Connection, sql: str, params: tuple) -> None:
+        try:
+            self.result = conn.execute(sql, params or None).rowcount
+        except Exception as exc:  # noqa: BLE001 - the error is what tests assert on
+            self.error = exc
+        self.done.set()
+
+    def join(self, timeout: float = 20) -> InBackground:
+        self.thread.join(timeout)
+        assert self.done.is_set(), "the statement is still waiting"
+        return self
+
+
 # ---------------------------------------------------------------- basics
 
 def test_psql_read_is_allowed(keyturn: Keyturn) -> None:
@@ -207,21 +230,12 @@ def test_two_decisions_at_the_same_instant(keyturn: Keyturn) -> None:
 
 def test_cancel_request_cancels_the_ticket(keyturn: Keyturn) -> None:
     c = connect(keyturn)
-    errors: list[Exception] = []
-
-    def run() -> None:
-        try:
-            c.execute("DELETE FROM orders WHERE id = 7")
-        except Exception as exc:  # noqa: BLE001 - the error is what we assert on
-            errors.append(exc)
-
-    th = threading.Thread(target=run)
-    th.start()
+    bg = InBackground(c, "DELETE FROM orders WHERE id = 7")
     t = keyturn.wait_ticket()
     c.cancel_safe()
-    th.join(20)
-    assert errors and isinstance(errors[0], psycopg.errors.QueryCanceled)
-    assert "cancelled" in str(errors[0])
+    bg.join()
+    assert isinstance(bg.error, psycopg.errors.QueryCanceled)
+    assert "cancelled" in str(bg.error)
     assert c.execute("SELECT 1").fetchone() == (1,)
     c.close()
     status = keyturn.cli("tickets", "--json", token_of="bob").stdout
@@ -249,20 +263,12 @@ def test_disconnect_cancels_the_ticket(keyturn: Keyturn) -> None:
 
 def test_extended_protocol_hold_binds_parameters(keyturn: Keyturn) -> None:
     c = connect(keyturn)
-    result: list[object] = []
-
-    def run() -> None:
-        cur = c.execute("UPDATE orders SET status = %s WHERE id = %s", ("refunded", 11))
-        result.append(cur.rowcount)
-
-    th = threading.Thread(target=run)
-    th.start()
+    bg = InBackground(c, "UPDATE orders SET status = %s WHERE id = %s", ("refunded", 11))
     t = keyturn.wait_ticket()
     assert t["statement"] == "UPDATE orders SET status = $1 WHERE id = $2"
     assert t["params"] == ["refunded", "11"]
     keyturn.cli("approve", str(t["id"]), token_of="bob")
-    th.join(30)
-    assert result == [1]
+    assert bg.join().error is None and bg.result == 1
     assert count(keyturn, "SELECT count(*) FROM orders WHERE status = 'refunded'") == 1
     # The session goes on normally, with pipelined statements after the hold.
     assert c.execute("SELECT status FROM orders WHERE id = %s", (11,)).fetchone() == ("refunded",)
@@ -318,23 +324,11 @@ def test_expiry(pg, tmp_path) -> None:  # type: ignore[no-untyped-def]
 ])
 def test_evasions_of_write_detection_are_held(keyturn: Keyturn, sql: str) -> None:
     with connect(keyturn) as c:
-        done = threading.Event()
-        errors: list[Exception] = []
-
-        def run() -> None:
-            try:
-                c.execute(sql)
-            except Exception as exc:  # noqa: BLE001
-                errors.append(exc)
-            done.set()
-
-        th = threading.Thread(target=run)
-        th.start()
+        bg = InBackground(c, sql)
         t = keyturn.wait_ticket()
-        assert not done.is_set()
+        assert not bg.done.is_set()
         keyturn.cli("reject", str(t["id"]), "--reason", "evasion test", token_of="bob")
-        th.join(20)
-        assert errors and "rejected by bob" in str(errors[0])
+        assert "rejected by bob" in str(bg.join().error)
     assert count(keyturn, "SELECT count(*) FROM orders WHERE id = 21 AND total <> 0") == 1
 
 
@@ -354,23 +348,11 @@ def test_dangerous_statements_are_blocked(keyturn: Keyturn, sql: str, rule: str)
         if rule == "reads":
             # PREPARE itself runs nothing; the EXECUTE of a DELETE is held like the DELETE.
             c.execute(sql.split(";")[0])
-            done = threading.Event()
-            errs: list[Exception] = []
-
-            def run() -> None:
-                try:
-                    c.execute("EXECUTE p")
-                except Exception as exc:  # noqa: BLE001
-                    errs.append(exc)
-                done.set()
-
-            th = threading.Thread(target=run)
-            th.start()
+            bg = InBackground(c, "EXECUTE p")
             t = keyturn.wait_ticket()
-            assert t["statement"] == "EXECUTE p"
+            assert t["statement"] == "EXECUTE p" and t["classification"] == "write"
             keyturn.cli("reject", str(t["id"]), "--reason", "no", token_of="bob")
-            th.join(20)
-            assert errs
+            assert "rejected by bob" in str(bg.join().error)
             return
         with pytest.raises(psycopg.errors.InsufficientPrivilege) as exc:
             c.execute(sql)
@@ -392,22 +374,13 @@ def test_copy_in_and_out(keyturn: Keyturn) -> None:
 
 def test_cancel_of_a_running_query_is_forwarded(keyturn: Keyturn) -> None:
     c = connect(keyturn)
-    errors: list[Exception] = []
-
-    def run() -> None:
-        try:
-            c.execute("SELECT pg_sleep(30)")
-        except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    th = threading.Thread(target=run)
     t0 = time.monotonic()
-    th.start()
+    bg = InBackground(c, "SELECT pg_sleep(30)")
     time.sleep(0.5)
     c.cancel_safe()
-    th.join(20)
+    bg.join()
     assert time.monotonic() - t0 < 10
-    assert errors and isinstance(errors[0], psycopg.errors.QueryCanceled)
+    assert isinstance(bg.error, psycopg.errors.QueryCanceled)
     c.close()
 
 

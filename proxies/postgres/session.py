@@ -521,14 +521,7 @@ class ClientSession(asyncio.Protocol):
         decision = self._decide(analysis)
         ctx = Ctx(sql, decision.classification, decision.action, decision.rule, decision.reason,
                   time.time())
-        if decision.action == "allow":
-            self.expect.append(Expect(b"Q", ctx))
-            out.append(msg.raw)
-            return True
-        if decision.action == "block":
-            self._blocked(ctx, rfq=True)
-            return True
-        return self._start_review(msg, ctx, decision, analysis, out, kind=b"Q")
+        return self._dispatch(msg, ctx, decision, analysis, out, b"Q")
 
     def _on_execute(self, msg: Message, out: list[bytes]) -> bool:
         e = codec.decode_execute(msg.body)
@@ -546,14 +539,19 @@ class ClientSession(asyncio.Protocol):
         d = info.decision
         ctx = Ctx(info.sql, d.classification, d.action, d.rule, d.reason, time.time(),
                   params=params)
-        if d.action == "allow":
-            self.expect.append(Expect(b"E", ctx))
+        return self._dispatch(msg, ctx, d, info.analysis, out, b"E")
+
+    def _dispatch(self, msg: Message, ctx: Ctx, decision: Decision, analysis: Any,
+                  out: list[bytes], kind: bytes) -> bool:
+        """Forward, block or hold one Query (kind Q) or Execute (kind E)."""
+        if decision.action == "allow":
+            self.expect.append(Expect(kind, ctx))
             out.append(msg.raw)
             return True
-        if d.action == "block":
-            self._blocked(ctx, rfq=False)
+        if decision.action == "block":
+            self._blocked(ctx, rfq=kind == b"Q")
             return True
-        return self._start_review(msg, ctx, d, info.analysis, out, kind=b"E")
+        return self._start_review(msg, ctx, decision, analysis, out, kind=kind)
 
     def _blocked(self, ctx: Ctx, *, rfq: bool) -> None:
         rule = f"rule {ctx.rule!r}" if ctx.rule else "the policy default"
