@@ -6,10 +6,8 @@ seq and hash. ``verify`` therefore detects an edited record (hash mismatch),
 a deleted one (seq gap / broken link / head mismatch) and reordering (broken
 links).
 
-The gateway must not wait for the database per statement: ``AuditWriter``
-queues records in memory and a background thread appends them in batches,
-one transaction per batch. ``close()`` (called on SIGTERM / shutdown) drains
-the queue so nothing is lost.
+The gateway must not spend its event loop on the database: it appends
+records to a local spool that another process ingests (auditspool.py).
 
 This module must not import protocol or web code.
 """
@@ -21,16 +19,14 @@ import hashlib
 import io
 import json
 import logging
-import threading
 import time
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 from sqlalchemy import select
 
-from keyturn.models import AuditHead, AuditRecord
+from keyturn.models import AuditHead, AuditRecord, AuditSpoolCursor
 from keyturn.store import Store
 
 log = logging.getLogger(__name__)
@@ -73,10 +69,12 @@ class AuditLog:
     def __init__(self, store: Store):
         self.store = store
 
-    def append(self, records: list[dict[str, Any]]) -> None:
+    def append(self, records: list[dict[str, Any]],
+               cursor: tuple[str, int] | None = None) -> None:
         """Chain and insert a batch in one transaction (Core executemany: the ORM
-        costs ~100 µs a row, which the gateway's audit volume cannot afford)."""
-        if not records:
+        costs ~100 µs a row). ``cursor`` = (spool file, offset) is stored in the
+        same transaction by the spool ingester."""
+        if not records and cursor is None:
             return
         table = AuditRecord.__table__
         with self.store.session() as s, s.begin():
@@ -94,8 +92,21 @@ class AuditLog:
                 rec["prev_hash"], rec["hash"] = prev, h
                 rows.append(rec)
                 prev = h
-            s.execute(table.insert(), rows)
-            head.seq, head.hash = seq, prev
+            if rows:
+                s.execute(table.insert(), rows)
+                head.seq, head.hash = seq, prev
+            if cursor is not None:
+                row = s.get(AuditSpoolCursor, cursor[0])
+                if row is None:
+                    s.add(AuditSpoolCursor(source=cursor[0], offset=cursor[1]))
+                else:
+                    row.offset = cursor[1]
+
+    def forget_cursor(self, source: str) -> None:
+        with self.store.session() as s, s.begin():
+            row = s.get(AuditSpoolCursor, source)
+            if row is not None:
+                s.delete(row)
 
     def verify(self) -> VerifyResult:
         problems: list[str] = []
@@ -156,95 +167,6 @@ class AuditLog:
                 out.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
             n += 1
         return n
-
-
-class AuditWriter:
-    """Batches records off the hot path; a thread writes them to the store.
-
-    ``record()`` costs one deque append. Records are never dropped: a failed
-    batch is kept and retried (with the error logged) until it lands or
-    ``close()`` gives up after its deadline, in which case the records are
-    written as JSON lines to ``spill_path`` so an operator can re-ingest them.
-    """
-
-    def __init__(self, log_: AuditLog, *, interval: float = 0.05, batch: int = 2000,
-                 spill_path: str | None = None):
-        self.log = log_
-        self.interval = interval
-        self.batch = batch
-        self.spill_path = spill_path
-        self._queue: deque[dict[str, Any]] = deque()
-        self._wake = threading.Event()
-        self._stop = False
-        self._thread: threading.Thread | None = None
-        self.written = 0
-
-    def start(self) -> AuditWriter:
-        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
-        self._thread.start()
-        return self
-
-    def record(self, **rec: Any) -> None:
-        if "at" not in rec:
-            rec["at"] = time.time()
-        self._queue.append(rec)
-
-    def pending(self) -> int:
-        return len(self._queue)
-
-    def _take(self) -> list[dict[str, Any]]:
-        out = []
-        q = self._queue
-        while q and len(out) < self.batch:
-            out.append(q.popleft())
-        return out
-
-    def _write(self, batch: list[dict[str, Any]]) -> bool:
-        try:
-            self.log.append(batch)
-        except Exception:
-            log.exception("audit batch of %d records failed; will retry", len(batch))
-            self._queue.extendleft(reversed(batch))
-            return False
-        self.written += len(batch)
-        return True
-
-    def _run(self) -> None:
-        while not self._stop:
-            self._wake.wait(self.interval)
-            self._wake.clear()
-            while self._queue and not self._stop:
-                if not self._write(self._take()):
-                    time.sleep(0.5)
-                    break
-
-    def flush(self, timeout: float = 10.0) -> bool:
-        """Write everything queued so far (from the caller's thread)."""
-        deadline = time.monotonic() + timeout
-        while self._queue and time.monotonic() < deadline:
-            if not self._write(self._take()):
-                time.sleep(0.2)
-        return not self._queue
-
-    def close(self, timeout: float = 10.0) -> None:
-        self._stop = True
-        self._wake.set()
-        if self._thread:
-            self._thread.join(timeout)
-        if not self.flush(timeout):
-            self._spill()
-
-    def _spill(self) -> None:
-        records = list(self._queue)
-        self._queue.clear()
-        if not self.spill_path:
-            log.error("audit store unreachable; %d records could not be written", len(records))
-            return
-        with open(self.spill_path, "a", encoding="utf-8") as fh:
-            for rec in records:
-                fh.write(json.dumps(rec, default=str) + "\n")
-        log.error("audit store unreachable; %d records spilled to %s", len(records),
-                  self.spill_path)
 
 
 def export_string(log_: AuditLog, fmt: str = "jsonl") -> str:

@@ -127,6 +127,12 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     svc = _services(args)
+    if args.audit_cmd == "ingest":
+        return _audit_ingest(args, svc)
+    from keyturn.auditspool import AuditIngester
+
+    # Include what this host's gateway has recorded but not yet ingested.
+    AuditIngester(svc.audit, svc.config.gateway.audit_spool).run_once()
     if args.audit_cmd == "verify":
         result = svc.audit.verify()
         if args.json:
@@ -134,6 +140,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
         elif result.ok:
             print(f"audit chain OK: {result.count} records, head {result.head_seq} "
                   f"{result.head_hash[:16]}…")
+        from keyturn.auditspool import spool_backlog
+
+        backlog = spool_backlog(svc.config.gateway.audit_spool, svc.audit)
+        if backlog:
+            print(f"note: {backlog} bytes of gateway audit spool are not ingested yet "
+                  f"({svc.config.gateway.audit_spool}); run `keyturn audit ingest`",
+                  file=sys.stderr)
         else:
             print(f"audit chain BROKEN ({result.count} records):")
             for p in result.problems:
@@ -149,6 +162,26 @@ def cmd_audit(args: argparse.Namespace) -> int:
                      detail={"format": args.format, "since": args.since, "until": args.until,
                              "records": n})
     print(f"exported {n} records", file=sys.stderr)
+    return 0
+
+
+def _audit_ingest(args: argparse.Namespace, svc: Any) -> int:
+    import signal
+    import threading
+
+    from keyturn.auditspool import AuditIngester
+
+    ing = AuditIngester(svc.audit, svc.config.gateway.audit_spool)
+    if not args.follow:
+        n = ing.run_once()
+        print(f"ingested {n} audit records from {ing.dir}")
+        return 0
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    log.info("audit ingester following %s", ing.dir)
+    ing.follow(stop)
+    log.info("audit ingester stopped after %d records", ing.ingested)
     return 0
 
 
@@ -323,6 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     av = aus.add_parser("verify", help="check the hash chain")
     av.add_argument("--json", action="store_true")
     av.set_defaults(fn=cmd_audit)
+    ai = aus.add_parser("ingest", help="move gateway audit spool records into the store")
+    ai.add_argument("--follow", action="store_true",
+                    help="keep ingesting until SIGTERM, then drain (run by the gateway)")
+    ai.set_defaults(fn=cmd_audit)
     ae = aus.add_parser("export", help="export records")
     ae.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     ae.add_argument("--since", help="ISO time or age (2h, 7d)")

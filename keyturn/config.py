@@ -200,6 +200,7 @@ class GatewaySettings:
     gateway_id: str = "gateway"
     # scram: always SCRAM-SHA-256. password: a cleartext token inside TLS (SCRAM without TLS).
     client_auth: str = "scram"
+    audit_spool: str = "audit-spool"
 
 
 @dataclass(frozen=True)
@@ -489,7 +490,8 @@ class _Validator:
         return out
 
     def gateway(self, value: Any) -> GatewaySettings:
-        g = self.mapping(value, ("gateway",), {"postgres", "tls", "id", "client_auth"})
+        g = self.mapping(value, ("gateway",), {"postgres", "tls", "id", "client_auth",
+                                               "audit_spool"})
         client_auth = g.get("client_auth", "scram")
         if client_auth not in ("scram", "password"):
             raise self.err(("gateway", "client_auth"), "expected scram or password")
@@ -499,7 +501,9 @@ class _Validator:
         pg = self.listener(g["postgres"], ("gateway", "postgres")) if "postgres" in g else \
             Listener("127.0.0.1", 6432)
         return GatewaySettings(pg, tls.get("cert_file"), tls.get("key_file"),
-                               str(g.get("id", "gateway")), client_auth)
+                               str(g.get("id", "gateway")), client_auth,
+                               str(Path(self.doc.path).resolve().parent /
+                                   g.get("audit_spool", "audit-spool")))
 
     def portal(self, value: Any) -> PortalSettings:
         p = self.mapping(value, ("portal",), {"listen", "public_url", "secret_key_env",

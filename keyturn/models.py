@@ -139,6 +139,15 @@ class AuditRecord(Base):
     hash: Mapped[str] = mapped_column(String(64))
 
 
+class AuditSpoolCursor(Base):
+    """How far the ingester has read each gateway spool file; updated in the same
+    transaction as the records it ingested, so nothing is skipped or doubled."""
+
+    __tablename__ = "audit_spool"
+    source: Mapped[str] = mapped_column(String(200), primary_key=True)
+    offset: Mapped[int] = mapped_column(Integer)
+
+
 class AuditHead(Base):
     """The chain's newest seq and hash, so that deleting the tail is detected."""
 

@@ -1,22 +1,31 @@
 """Run long-lived surfaces in one process: gateway (asyncio on uvloop) and/or
-the portal (a threaded WSGI server). SIGTERM and Ctrl-C stop accepting,
-cancel holds cleanly and flush the audit queue before exit, so nothing is
-lost.
+the portal (a threaded WSGI server).
+
+A gateway process records audit events to its local spool and starts a
+lower-priority child, ``keyturn audit ingest --follow``, that moves them into
+the store (see auditspool.py). SIGTERM and Ctrl-C stop accepting, cancel
+holds cleanly, close the spool and let the ingester drain it before exit, so
+nothing is lost; anything the ingester cannot finish stays in the spool and
+is ingested at the next start.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 
-from keyturn.audit import AuditWriter
+from keyturn.auditspool import AuditSpool
 from keyturn.config import Config
 from keyturn.services import Services, build_services
 
 log = logging.getLogger(__name__)
+INGEST_DRAIN_TIMEOUT = 600
 
 
 def start_portal(services: Services) -> tuple[threading.Thread, Callable[[], None]]:
@@ -32,12 +41,50 @@ def start_portal(services: Services) -> tuple[threading.Thread, Callable[[], Non
     return thread, server.shutdown
 
 
+class Ingester:
+    """The ``keyturn audit ingest --follow`` child, restarted if it dies."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.stopping = False
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "keyturn.cli", "-c", self.config.path, "audit", "ingest",
+             "--follow"],
+            # Lower priority: under load the gateway's own work comes first; the spool
+            # absorbs the difference and the ingester catches up when load drops.
+            preexec_fn=lambda: os.nice(10))  # noqa: PLW1509
+
+    def check(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None and not self.stopping:
+            log.error("audit ingester exited with %s; restarting it", self.proc.returncode)
+            self.start()
+
+    def stop(self) -> None:
+        self.stopping = True
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        log.info("waiting for the audit ingester to drain the spool")
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(INGEST_DRAIN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            log.error("audit ingester did not finish in %ss; the rest of the spool is kept "
+                      "in %s and ingested at the next start", INGEST_DRAIN_TIMEOUT,
+                      self.config.gateway.audit_spool)
+            self.proc.kill()
+
+
 def run(config: Config, *, gateway: bool, portal: bool,
         ready: Callable[[Services], None] | None = None) -> int:
-    writer_box: list[AuditWriter] = []
-    services = build_services(config, audit_sink=lambda **rec: writer_box[0].record(**rec))
-    writer = AuditWriter(services.audit, spill_path=None).start()
-    writer_box.append(writer)
+    spool = AuditSpool(config.gateway.audit_spool, config.gateway.gateway_id) if gateway \
+        else None
+    services = build_services(config, audit_sink=spool.record if spool else None)
+    ingester = Ingester(config) if spool else None
+    if ingester:
+        ingester.start()
     stops: list[Callable[[], None]] = []
     try:
         if portal:
@@ -49,7 +96,7 @@ def run(config: Config, *, gateway: bool, portal: bool,
             from proxies.postgres.gateway import PostgresGateway
 
             async def main() -> None:
-                gw = PostgresGateway(services, writer)
+                gw = PostgresGateway(services, spool)
                 await gw.start()
                 stop_event = asyncio.Event()
                 loop = asyncio.get_running_loop()
@@ -57,7 +104,12 @@ def run(config: Config, *, gateway: bool, portal: bool,
                     loop.add_signal_handler(sig, stop_event.set)
                 if ready:
                     ready(services)
-                await stop_event.wait()
+                while not stop_event.is_set():
+                    try:
+                        await asyncio.wait_for(stop_event.wait(), 2)
+                    except TimeoutError:
+                        if ingester:
+                            ingester.check()
                 log.info("stopping: closing listeners and cancelling holds")
                 await gw.stop()
 
@@ -72,7 +124,10 @@ def run(config: Config, *, gateway: bool, portal: bool,
     finally:
         for stop in stops:
             stop()
-        writer.close()
-        log.info("audit queue flushed (%d records written)", writer.written)
+        if spool:
+            spool.close()
+            log.info("audit spool closed (%d records this run)", spool.records)
+        if ingester:
+            ingester.stop()
         services.store.dispose()
     return 0

@@ -238,15 +238,46 @@ def test_audit_verify_detects_tampering(svc: Services, tamper: str, expect: str)
     assert any(expect in p for p in r.problems), r.problems
 
 
-def test_audit_writer_flushes_everything_on_close(svc: Services) -> None:
-    from keyturn.audit import AuditWriter
+def test_audit_spool_is_ingested_exactly_once(svc: Services, tmp_path: Path) -> None:
+    from keyturn.auditspool import AuditIngester, AuditSpool
 
-    w = AuditWriter(svc.audit, interval=10).start()
+    spool = AuditSpool(tmp_path / "spool", "gw")
     for i in range(2500):
-        w.record(kind="statement", statement=f"SELECT {i}")
-    w.close()
+        spool.record(kind="statement", statement=f"SELECT {i}")
+    spool._fh.flush()
+    ing = AuditIngester(svc.audit, tmp_path / "spool", batch=1000)
+    first = ing.run_once()
+    assert 0 < first <= 2500
+    # A second ingester (e.g. an operator's `keyturn audit ingest`) never doubles records.
+    AuditIngester(svc.audit, tmp_path / "spool").run_once()
+    for i in range(2500, 3000):
+        spool.record(kind="statement", statement=f"SELECT {i}")
+    spool.close()
+    ing.run_once()
     r = svc.audit.verify()
-    assert r.ok and r.count == 2500
+    assert r.ok and r.count == 3000
+    statements = [rec["statement"] for rec in svc.audit.iter_records()]
+    assert statements == [f"SELECT {i}" for i in range(3000)]
+    assert not list((tmp_path / "spool").glob("*.jsonl")), "a finished spool file is removed"
+
+
+def test_audit_spool_partial_line_waits_and_garbage_is_kept(svc: Services,
+                                                           tmp_path: Path) -> None:
+    from keyturn.auditspool import EOF_MARK, AuditIngester
+
+    d = tmp_path / "spool"
+    d.mkdir()
+    f = d / "gw-1-1.jsonl"
+    f.write_text('{"kind":"statement","statement":"SELECT 1"}\nnot json\n{"kind":"stat')
+    ing = AuditIngester(svc.audit, d)
+    assert ing.run_once() == 2
+    with open(f, "a") as fh:
+        fh.write('ement","statement":"SELECT 2"}\n' + EOF_MARK)
+    assert ing.run_once() == 1
+    recs = list(svc.audit.iter_records())
+    assert [r["kind"] for r in recs] == ["statement", "unreadable", "statement"]
+    assert recs[1]["detail"]["raw"] == "not json\n"
+    assert not f.exists()
 
 
 def test_config_rejects_duplicate_keys() -> None:

@@ -16,7 +16,7 @@ import ssl
 from typing import TYPE_CHECKING, Any
 
 from keyturn.analysis import Analyzer, StatementClass
-from keyturn.audit import AuditWriter
+from keyturn.auditspool import AuditSpool
 from keyturn.bus import DecisionWatcher
 from keyturn.config import Connection
 from keyturn.policy import PolicyEngine
@@ -30,10 +30,10 @@ log = logging.getLogger(__name__)
 
 
 class PostgresGateway:
-    def __init__(self, services: Services, audit: AuditWriter):
+    def __init__(self, services: Services, audit: AuditSpool):
         self.services = services
         self.config = services.config
-        self.audit_writer = audit
+        self.audit_spool = audit
         self.watcher = DecisionWatcher(services.approvals, services.store)
         self.sessions: dict[tuple[int, int], ClientSession] = {}
         self.tls: ssl.SSLContext | None = None
@@ -101,7 +101,7 @@ class PostgresGateway:
         return a
 
     def audit(self, **rec: Any) -> None:
-        self.audit_writer.record(**rec)
+        self.audit_spool.record(**rec)
 
     def new_key(self, session: ClientSession) -> tuple[int, int]:
         while True:

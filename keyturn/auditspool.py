@@ -1,0 +1,195 @@
+"""The audit spool: an append-only local log, ingested into the store elsewhere.
+
+The gateway records every statement. Chaining and inserting a record costs
+tens of microseconds of Python, which on the gateway's event loop would cost
+throughput, so the gateway only appends one JSON line per record to a local
+spool file (``AuditSpool``, a few microseconds). A separate, lower-priority
+process (``keyturn audit ingest``, started by the gateway) reads the spool,
+hash-chains the records and inserts them in batches (``AuditIngester``).
+
+Nothing is lost on the way:
+
+* the spool is flushed to the OS every 100 ms and fsynced on close, so a
+  gateway crash loses at most the last flush interval of an OS crash;
+* the ingester stores its read offset per spool file in the same transaction
+  as the records (table ``audit_spool``), so a crash never duplicates or
+  skips a record;
+* a spool file ends with an end marker; only then, fully ingested, is it
+  deleted. Files left behind by a crash are ingested at the next start.
+
+This module must not import protocol or web code.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from keyturn.audit import AuditLog
+from keyturn.models import AuditSpoolCursor
+
+log = logging.getLogger(__name__)
+
+EOF_MARK = '{"_eof":true}\n'
+ROTATE_BYTES = 64 * 1024 * 1024
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
+
+
+class AuditSpool:
+    """Gateway side: append records to ``<dir>/<name>-<time>-<pid>.jsonl``."""
+
+    def __init__(self, directory: str | os.PathLike[str], name: str = "gateway",
+                 *, flush_interval: float = 0.1):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.flush_interval = flush_interval
+        self._lock = threading.Lock()
+        self._open()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._flusher, name="audit-spool", daemon=True)
+        self._thread.start()
+        self.records = 0
+
+    def _open(self) -> None:
+        stamp = f"{time.time():.6f}".replace(".", "")
+        self.path = self.dir / f"{self.name}-{stamp}-{os.getpid()}.jsonl"
+        self._fh = open(self.path, "a", encoding="utf-8", buffering=1 << 16)  # noqa: SIM115
+        self._size = 0
+
+    def record(self, **rec: Any) -> None:
+        if "at" not in rec:
+            rec["at"] = time.time()
+        line = _dumps(rec) + "\n"
+        with self._lock:
+            self._fh.write(line)
+            self._size += len(line)
+            self.records += 1
+            if self._size >= ROTATE_BYTES:
+                self._close_file()
+                self._open()
+
+    def _close_file(self) -> None:
+        self._fh.write(EOF_MARK)
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+
+    def _flusher(self) -> None:
+        while not self._stop.wait(self.flush_interval):
+            with self._lock:
+                if not self._fh.closed:
+                    self._fh.flush()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        with self._lock:
+            if not self._fh.closed:
+                self._close_file()
+
+
+class AuditIngester:
+    """Reads spool files in order and appends their records to the chain."""
+
+    def __init__(self, audit: AuditLog, directory: str | os.PathLike[str], *,
+                 batch: int = 5000):
+        self.audit = audit
+        self.dir = Path(directory)
+        self.batch = batch
+        self.ingested = 0
+
+    def pending_files(self) -> list[Path]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(self.dir.glob("*.jsonl"), key=lambda p: p.name.split("-", 1)[-1])
+
+    def _offset(self, source: str) -> int:
+        with self.audit.store.session() as s:
+            row = s.get(AuditSpoolCursor, source)
+            return row.offset if row else 0
+
+    def run_once(self) -> int:
+        """Ingest everything complete in the spool now; returns records ingested.
+
+        An exclusive lock on the spool directory keeps two ingesters (the
+        gateway's child and an operator's ``keyturn audit ingest``) from reading
+        the same lines twice.
+        """
+        if not self.dir.is_dir():
+            return 0
+        done = 0
+        with open(self.dir / ".ingest.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            for path in self.pending_files():
+                done += self._ingest_file(path)
+        return done
+
+    def _ingest_file(self, path: Path) -> int:
+        source = path.name
+        offset = self._offset(source)
+        done = 0
+        finished = False
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            while True:
+                records: list[dict[str, Any]] = []
+                pos = offset
+                for raw in fh:
+                    if not raw.endswith(b"\n"):
+                        break  # a partial line: the writer is mid-record
+                    pos += len(raw)
+                    if raw == EOF_MARK.encode():
+                        finished = True
+                        break
+                    try:
+                        records.append(json.loads(raw))
+                    except ValueError:
+                        # Never drop what we cannot read: keep it, marked, in the chain.
+                        records.append({"kind": "unreadable", "detail": {
+                            "raw": raw.decode("utf-8", "replace"), "spool": source}})
+                    if len(records) >= self.batch:
+                        break
+                if records or pos != offset:
+                    self.audit.append(records, cursor=(source, pos))
+                    done += len(records)
+                    offset = pos
+                    fh.seek(offset)
+                if finished or len(records) < self.batch:
+                    break
+        if finished:
+            self.audit.forget_cursor(source)
+            path.unlink(missing_ok=True)
+        self.ingested += done
+        return done
+
+    def follow(self, stop: threading.Event, interval: float = 0.2) -> None:
+        """Ingest until ``stop`` is set, then drain what is complete and return."""
+        while not stop.is_set():
+            try:
+                if self.run_once() == 0:
+                    stop.wait(interval)
+            except Exception:
+                log.exception("audit ingest failed; retrying")
+                stop.wait(1.0)
+        self.run_once()
+
+
+def spool_backlog(directory: str | os.PathLike[str], audit: AuditLog) -> int:
+    """Bytes written to the spool but not yet ingested (for status output)."""
+    total = 0
+    ing = AuditIngester(audit, directory)
+    for path in ing.pending_files():
+        with audit.store.session() as s:
+            row = s.scalars(select(AuditSpoolCursor).where(
+                AuditSpoolCursor.source == path.name)).first()
+        total += max(0, path.stat().st_size - (row.offset if row else 0))
+    return total
