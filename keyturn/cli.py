@@ -140,6 +140,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
         elif result.ok:
             print(f"audit chain OK: {result.count} records, head {result.head_seq} "
                   f"{result.head_hash[:16]}…")
+        else:
+            print(f"audit chain BROKEN ({result.count} records):")
+            for p in result.problems:
+                print(f"  - {p}")
         from keyturn.auditspool import spool_backlog
 
         backlog = spool_backlog(svc.config.gateway.audit_spool, svc.audit)
@@ -147,10 +151,6 @@ def cmd_audit(args: argparse.Namespace) -> int:
             print(f"note: {backlog} bytes of gateway audit spool are not ingested yet "
                   f"({svc.config.gateway.audit_spool}); run `keyturn audit ingest`",
                   file=sys.stderr)
-        else:
-            print(f"audit chain BROKEN ({result.count} records):")
-            for p in result.problems:
-                print(f"  - {p}")
         return 0 if result.ok else 1
     out = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout
     try:

@@ -74,3 +74,20 @@ def test_sigterm_flushes_every_audit_record(pg: LocalPostgres, tmp_path: Path) -
     selects = [line for line in export.splitlines() if '"statement": "SELECT ' in line]
     assert len(selects) == 300
     assert "audit chain OK" in kt.cli("audit", "verify").stdout
+
+
+def test_audit_verify_cli_detects_a_tampered_record(pg: LocalPostgres, tmp_path: Path) -> None:
+    import sqlite3
+
+    kt = make_keyturn(tmp_path / "kt", pg)
+    kt.start()
+    with psycopg.connect(kt.dsn("alice"), autocommit=True) as c:
+        c.execute("SELECT 'before tampering'")
+    assert kt.stop() == 0
+    ok = kt.cli("audit", "verify")
+    assert ok.returncode == 0 and "audit chain OK" in ok.stdout and "BROKEN" not in ok.stdout
+    with sqlite3.connect(kt.base / "keyturn.db") as db:
+        db.execute("UPDATE audit_records SET statement = 'SELECT 1' "
+                   "WHERE statement = 'SELECT ''before tampering'''")
+    bad = kt.cli("audit", "verify", check=False)
+    assert bad.returncode == 1 and "BROKEN" in bad.stdout and "edited" in bad.stdout
