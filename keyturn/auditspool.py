@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import select
 
 from keyturn.audit import AuditLog
@@ -39,8 +40,9 @@ from keyturn.models import AuditSpoolCursor
 log = logging.getLogger(__name__)
 
 EOF_MARK = '{"_eof":true}\n'
+_EOF_BYTES = EOF_MARK.encode()
 ROTATE_BYTES = 64 * 1024 * 1024
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
+_OPTS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
 
 
 class AuditSpool:
@@ -62,13 +64,17 @@ class AuditSpool:
     def _open(self) -> None:
         stamp = f"{time.time():.6f}".replace(".", "")
         self.path = self.dir / f"{self.name}-{stamp}-{os.getpid()}.jsonl"
-        self._fh = open(self.path, "a", encoding="utf-8", buffering=1 << 16)  # noqa: SIM115
+        self._fh = open(self.path, "ab", buffering=1 << 16)  # noqa: SIM115
         self._size = 0
 
     def record(self, **rec: Any) -> None:
+        self.write(rec)
+
+    def write(self, rec: dict[str, Any]) -> None:
+        """Append one record (hot path: ~1 µs with orjson)."""
         if "at" not in rec:
             rec["at"] = time.time()
-        line = _dumps(rec) + "\n"
+        line = orjson.dumps(rec, default=str, option=_OPTS)
         with self._lock:
             self._fh.write(line)
             self._size += len(line)
@@ -78,7 +84,7 @@ class AuditSpool:
                 self._open()
 
     def _close_file(self) -> None:
-        self._fh.write(EOF_MARK)
+        self._fh.write(_EOF_BYTES)
         self._fh.flush()
         os.fsync(self._fh.fileno())
         self._fh.close()
@@ -147,7 +153,7 @@ class AuditIngester:
                     if not raw.endswith(b"\n"):
                         break  # a partial line: the writer is mid-record
                     pos += len(raw)
-                    if raw == EOF_MARK.encode():
+                    if raw == _EOF_BYTES:
                         finished = True
                         break
                     try:

@@ -576,13 +576,14 @@ class ClientSession(asyncio.Protocol):
             detail["sqlstate"] = ctx.error.get("C")
         if len(ctx.tags) > 1:
             detail["tags"] = ctx.tags
-        self.gw.audit(kind="statement", user=self.user, connection=self.conn_name,
-                      session_id=self.session_id, client_addr=self.client_addr,
-                      statement=ctx.statement, classification=ctx.classification,
-                      action=ctx.action, rule=ctx.rule, reason=ctx.reason,
-                      ticket_id=ctx.ticket_id, outcome=outcome,
-                      duration_ms=round((time.time() - ctx.t0) * 1000, 3), rows=ctx.rows,
-                      detail=detail)
+        now = time.time()
+        self.gw.audit_spool.write({
+            "at": now, "kind": "statement", "user": self.user, "connection": self.conn_name,
+            "session_id": self.session_id, "client_addr": self.client_addr,
+            "statement": ctx.statement, "classification": ctx.classification,
+            "action": ctx.action, "rule": ctx.rule, "reason": ctx.reason,
+            "ticket_id": ctx.ticket_id, "outcome": outcome,
+            "duration_ms": round((now - ctx.t0) * 1000, 3), "rows": ctx.rows, "detail": detail})
 
     # ---- holds
 
