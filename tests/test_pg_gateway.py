@@ -484,3 +484,25 @@ def test_copy_from_stdin_is_held_then_streams(keyturn: Keyturn) -> None:
     assert p.returncode == 0, err
     assert out.strip() == "COPY 3"
     assert count(keyturn, "SELECT count(*) FROM imports") == 3
+
+
+def test_asyncpg_binary_parameters_are_readable_in_the_ticket(keyturn: Keyturn) -> None:
+    import asyncio
+
+    import asyncpg
+
+    async def main() -> str:
+        conn = await asyncpg.connect(host="127.0.0.1", port=keyturn.gateway_port, user="alice",
+                                     password=keyturn.tokens["alice"], database="shop",
+                                     ssl=False)
+        task = asyncio.ensure_future(conn.execute(
+            "UPDATE orders SET total = total WHERE id = $1 AND status = $2", 13, "paid"))
+        t = await asyncio.to_thread(keyturn.wait_ticket)
+        assert t["params"] == ["13", "paid"], t["params"]
+        assert t["row_estimate"] is not None
+        await asyncio.to_thread(keyturn.cli, "approve", str(t["id"]), token_of="bob")
+        status = await asyncio.wait_for(task, 20)
+        await conn.close()
+        return status
+
+    assert asyncio.run(main()) == "UPDATE 1"

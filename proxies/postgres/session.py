@@ -79,6 +79,7 @@ class Expect:
     ctx: Ctx | None = None
     inject: bytes | None = None
     rfq: bool = False
+    name: str | None = None  # the statement a Describe asks about
 
 
 @dataclass(slots=True)
@@ -463,10 +464,14 @@ class ClientSession(asyncio.Protocol):
         if t == b"Q":
             return self._on_query(msg, out)
         if t == b"B":
-            b = codec.decode_bind(msg.body)
-            info = self.stmts.get(b.statement)
-            self.portals[b.portal] = (b.statement,
-                                      _bind_params(b, info.param_types if info else ()))
+            # Only the names now; parameters are decoded when someone needs to read them.
+            body = msg.body
+            i = body.find(b"\0")
+            j = body.find(b"\0", i + 1)
+            if i < 0 or j < 0:
+                raise codec.RemoteProtocolError("invalid Bind message")
+            self.portals[body[:i].decode("utf-8", "replace")] = (
+                body[i + 1:j].decode("utf-8", "replace"), body)
             self.expect.append(Expect(b"B"))
             out.append(msg.raw)
             return True
@@ -485,7 +490,8 @@ class ClientSession(asyncio.Protocol):
             out.append(msg.raw)
             return True
         if t == b"D":
-            self.expect.append(Expect(b"D"))
+            dsc = codec.decode_describe(msg.body)
+            self.expect.append(Expect(b"D", name=dsc.name if dsc.kind == "S" else None))
             out.append(msg.raw)
             return True
         if t == b"C":
@@ -525,7 +531,7 @@ class ClientSession(asyncio.Protocol):
 
     def _on_execute(self, msg: Message, out: list[bytes]) -> bool:
         e = codec.decode_execute(msg.body)
-        stmt_name, params = self.portals.get(e.portal, (None, None))
+        stmt_name, bind_body = self.portals.get(e.portal, (None, b""))
         info = self.stmts.get(stmt_name) if stmt_name is not None else None
         if info is None:
             # A portal we did not see bound (e.g. a DECLAREd cursor) cannot be judged here.
@@ -537,6 +543,10 @@ class ClientSession(asyncio.Protocol):
         if info.decision is None:
             info.decision = self._decide(info.analysis)
         d = info.decision
+        params = None
+        if d.action != "allow" or d.classification != "read":
+            # Tickets and the audit of non-reads carry the exact parameters.
+            params = _bind_params(codec.decode_bind(bind_body), info.param_types)
         ctx = Ctx(info.sql, d.classification, d.action, d.rule, d.reason, time.time(),
                   params=params)
         return self._dispatch(msg, ctx, d, info.analysis, out, b"E")
@@ -634,7 +644,9 @@ class ClientSession(asyncio.Protocol):
                 return
         statements = analysis.statements
         estimate = None
-        if len(statements) == 1 and getattr(statements[0], "is_dml", False):
+        readable = not ctx.params or not any(
+            isinstance(p, str) and p.startswith("\\x") for p in ctx.params)
+        if len(statements) == 1 and getattr(statements[0], "is_dml", False) and readable:
             estimate = await asyncio.to_thread(self.gw.explain_rows, self.conn, ctx.statement,
                                                ctx.params)
         req = TicketRequest(
@@ -784,6 +796,10 @@ class ClientSession(asyncio.Protocol):
                             if dropped.ctx.error is None:
                                 dropped.ctx.error = fields
                             self._finished(dropped.ctx)
+            elif t == b"t":
+                if head.kind == b"D" and head.name is not None:
+                    self._learn_param_types(head.name, m.body)
+                continue
             elif t in (b"1", b"2", b"3", b"n", b"I", b"s") or (t == b"T" and head.kind == b"D"):
                 if t in (b"I", b"s") and head.kind != b"E":
                     continue
@@ -799,6 +815,16 @@ class ClientSession(asyncio.Protocol):
                     out.append(codec.encode_ready_for_query(self.tx_status))
         if out:
             self.write(b"".join(out))
+
+    def _learn_param_types(self, name: str, body: bytes) -> None:
+        """Parameter types the server inferred (clients such as asyncpg send 0 =
+        unspecified in Parse), so binary parameters can be shown to approvers."""
+        info = self.stmts.get(name)
+        if info is None or len(body) < 2:
+            return
+        (n,) = struct.unpack_from("!h", body, 0)
+        if len(body) >= 2 + 4 * n:
+            info.param_types = struct.unpack_from(f"!{n}I", body, 2)
 
     def _finished(self, ctx: Ctx) -> None:
         outcome = "error" if ctx.error else "ok"
