@@ -1,0 +1,65 @@
+"""`keyturn demo` end to end: the command a new user runs first."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port, wait_port
+
+pytestmark = pytest.mark.integration
+
+
+def test_demo_runs_holds_and_stops_cleanly(tmp_path: Path) -> None:
+    gport, pport = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keyturn.cli", "demo", "--dir", str(tmp_path / "demo"),
+         "--port", str(gport), "--portal-port", str(pport)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_port(gport, timeout=60, proc=proc)
+        banner = ""
+        deadline = time.monotonic() + 30
+        while "Ctrl-C stops the demo" not in banner and time.monotonic() < deadline:
+            banner += proc.stdout.readline()  # type: ignore[union-attr]
+        psql_line = re.search(r"PGPASSWORD=(\S+) psql \"([^\"]+)\"", banner)
+        assert psql_line, banner
+        token, dsn = psql_line.groups()
+        env = dict(os.environ, PGPASSWORD=token)
+        read = subprocess.run(["psql", dsn, "-XAtc", "SELECT count(*) FROM customers"],
+                              capture_output=True, text=True, env=env, timeout=30)
+        assert read.returncode == 0 and int(read.stdout) == 200, read.stderr
+        blocked = subprocess.run(["psql", dsn, "-XAtc", "DROP TABLE orders"],
+                                 capture_output=True, text=True, env=env, timeout=30)
+        assert "blocked by rule 'no-ddl'" in blocked.stderr
+        held = subprocess.Popen(["psql", dsn, "-XAtc",
+                                 "DELETE FROM orders WHERE status = 'cancelled'"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env)
+        approve = re.search(r"KEYTURN_TOKEN=(\S+) .*? -c (\S+) approve", banner)
+        assert approve, banner
+        bob, cfg = approve.groups()
+        kt_env = dict(os.environ, KEYTURN_TOKEN=bob)
+        deadline = time.monotonic() + 20
+        listing = ""
+        while "pending" not in listing and time.monotonic() < deadline:
+            listing = subprocess.run([sys.executable, "-m", "keyturn.cli", "-c", cfg, "tickets"],
+                                     capture_output=True, text=True, env=kt_env).stdout
+            time.sleep(0.2)
+        ticket = listing.split()[1] if listing.startswith("*") else listing.split()[0]
+        subprocess.run([sys.executable, "-m", "keyturn.cli", "-c", cfg, "approve", ticket],
+                       check=True, capture_output=True, env=kt_env)
+        out, err = held.communicate(timeout=30)
+        assert held.returncode == 0 and out.startswith("DELETE "), err
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, rest
+    assert "stopping PostgreSQL" in rest
