@@ -26,7 +26,7 @@ import secrets
 import struct
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from keyturn.approvals import APPROVED, CANCELLED, EXPIRED, REJECTED, TicketRequest, binding_of
@@ -67,7 +67,7 @@ class Ctx:
     ticket_id: int | None = None
     params: list[Any] | None = None
     rows: int | None = None
-    tags: list[str] = field(default_factory=list)
+    tags: list[str] | None = None
     error: dict[str, str] | None = None
 
 
@@ -150,6 +150,7 @@ class ClientSession(asyncio.Protocol):
         self.held_ticket: int | None = None
         self.skip_until_sync = False
         self.stmts: dict[str, StmtInfo] = {}
+        self.verdicts: dict[tuple[Any, ...], Decision] = {}
         self.portals: dict[str, tuple[str, list[Any] | None]] = {}
         self.prepared: Any = None
         self.tx_status = "I"
@@ -524,7 +525,19 @@ class ClientSession(asyncio.Protocol):
     def _on_query(self, msg: Message, out: list[bytes]) -> bool:
         sql = codec.decode_query(msg.body)
         analysis = self.gw.analyzer(self.conn).analyze(sql, self.prepared)
-        decision = self._decide(analysis)
+        statements = analysis.statements
+        if len(statements) == 1 and analysis.error is None:
+            # Hot path: one statement whose verdict this session has seen before
+            # (the verdict depends on everything in the key, never on the text).
+            st = statements[0]
+            key = (st.cls, st.tables, st.functions, st.forbidden, st.reasons)
+            decision = self.verdicts.get(key)
+            if decision is None:
+                decision = self._decide(analysis)
+                if decision.action == "allow" and len(self.verdicts) < 4096:
+                    self.verdicts[key] = decision
+        else:
+            decision = self._decide(analysis)
         ctx = Ctx(sql, decision.classification, decision.action, decision.rule, decision.reason,
                   time.time())
         return self._dispatch(msg, ctx, decision, analysis, out, b"Q")
@@ -584,7 +597,7 @@ class ClientSession(asyncio.Protocol):
             detail["params"] = ctx.params
         if ctx.error:
             detail["sqlstate"] = ctx.error.get("C")
-        if len(ctx.tags) > 1:
+        if ctx.tags and len(ctx.tags) > 1:
             detail["tags"] = ctx.tags
         now = time.time()
         self.gw.audit_spool.write({
@@ -778,7 +791,10 @@ class ClientSession(asyncio.Protocol):
             elif t == b"C":
                 tag = codec.decode_command_complete(m.body)
                 if head.ctx is not None:
-                    head.ctx.tags.append(tag)
+                    if head.ctx.tags is None:
+                        head.ctx.tags = [tag]
+                    else:
+                        head.ctx.tags.append(tag)
                     head.ctx.rows = _rows(tag, head.ctx.rows)
                 if head.kind == b"E":
                     expect.popleft()
