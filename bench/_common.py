@@ -96,6 +96,34 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def cpu_ticks(pid: int) -> tuple[int, int]:
+    """(utime, stime) of a process in clock ticks (from /proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]), int(fields[12])
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of a process (scans /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def machine_cpu() -> tuple[int, int, int]:
+    """Whole-machine (user + nice, system + irq + softirq, idle + iowait) ticks."""
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return v[0] + v[1], v[2] + v[5] + v[6], v[3] + v[4]
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
 def stop_process(proc: subprocess.Popen | None, timeout: float = 30) -> int | None:
     """SIGTERM, wait, then SIGKILL; returns the exit code."""
     if proc is None or proc.poll() is not None:
@@ -287,10 +315,11 @@ class KeyturnProcess:
         if self.portal_port and command in ("up", "split"):
             wait_port(self.portal_port, proc=self.portal_proc or self.proc, log=self.log_path)
 
-    def stop(self) -> int | None:
-        """SIGTERM (the gateway flushes its audit queue), wait for the exit."""
-        code = stop_process(self.proc, timeout=60)
-        stop_process(self.portal_proc, timeout=60)
+    def stop(self, timeout: float = 60) -> int | None:
+        """SIGTERM, wait for the exit. The gateway closes its audit spool and waits for its
+        ingester child to drain it, which takes a while after a heavy run: ``timeout``."""
+        code = stop_process(self.proc, timeout=timeout)
+        stop_process(self.portal_proc, timeout=timeout)
         self.proc = self.portal_proc = None
         return code
 

@@ -3,9 +3,8 @@
     python bench/_relay.py LISTEN_PORT TARGET_HOST TARGET_PORT
 
 For each accepted client it opens one connection to the target and forwards bytes both
-ways with ``transport.write`` - no parsing, no buffering of its own, no flow control, no
-logging. The client side is paused until the target connection is up, so nothing has to be
-queued. It uses the same event loop (uvloop) and the same transport API as the Keyturn
+ways with ``transport.write`` - no parsing, no flow control, no logging. Only what the client
+sends before the target connection is up (the startup packet) is kept until then. It uses the same event loop (uvloop) and the same transport API as the Keyturn
 gateway, so ``pgbench`` through it shows how fast a Python relay can be on this machine
 before any PostgreSQL protocol work is done. Used as a baseline by pgbench_compare.py.
 """
@@ -43,11 +42,11 @@ class _Client(asyncio.Protocol):
         self.host, self.port = host, port
         self.target: asyncio.Transport | None = None
         self.transport: asyncio.Transport | None = None
+        self.early: list[bytes] = []  # received before the target connection was up
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        transport.pause_reading()  # type: ignore[attr-defined]
-        asyncio.get_running_loop().create_task(self._connect())
+        self._task = asyncio.get_running_loop().create_task(self._connect())
 
     async def _connect(self) -> None:
         assert self.transport is not None
@@ -62,10 +61,15 @@ class _Client(asyncio.Protocol):
             target.close()
             return
         self.target = target
-        self.transport.resume_reading()
+        if self.early:
+            target.write(b"".join(self.early))
+            self.early = []
 
     def data_received(self, data: bytes) -> None:
-        self.target.write(data)  # type: ignore[union-attr]
+        if self.target is not None:
+            self.target.write(data)
+        else:
+            self.early.append(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.target is not None:

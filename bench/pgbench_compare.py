@@ -1,14 +1,21 @@
-"""Throughput: pgbench -S through Keyturn, next to direct PostgreSQL and pgbouncer.
+"""Throughput: pgbench -S through Keyturn, next to direct PostgreSQL, pgbouncer and a bare relay.
 
     .venv/bin/python bench/pgbench_compare.py [--duration 20] [--clients 8] [--keep]
 
 Starts, under one temp directory: a throwaway PostgreSQL cluster (pgbench -i -s 10),
-pgbouncer (session pooling, trust auth) and ``keyturn gateway`` with a SQLite store and a
-policy that allows read/transaction/session and blocks everything else, so every statement
-is classified, decided and audited. Then, for each protocol mode (simple, prepared), runs
+pgbouncer (session pooling, trust auth), a bare asyncio.Protocol relay on uvloop
+(bench/_relay.py: forwards bytes both ways with transport.write and nothing else, the ceiling
+of a Python relay on this machine) and ``keyturn gateway`` with a SQLite store and a policy
+that allows read/transaction/session and blocks everything else, so every statement is
+classified, decided and audited. Then, for each protocol mode (simple, prepared), runs
 ``pgbench -S -M <mode> -c 8 -j 2 -T <duration> -n`` against each target in turn and prints
-TPS side by side, plus Keyturn/pgbouncer. Finally stops the gateway (SIGTERM: it flushes its
-audit queue) and runs ``keyturn audit verify`` to show every statement was audited.
+TPS side by side, plus Keyturn/pgbouncer and Keyturn/relay, and the CPU each proxy used.
+
+Audit check: the gateway appends audit records to a local spool that its lower-priority
+child (``keyturn audit ingest --follow``) moves into the store. After the runs the script
+stops the gateway with SIGTERM (it closes the spool and waits for the ingester to drain it),
+checks that the spool directory is empty, counts per mode the pgbench statements audited as
+``ok`` against the transactions pgbench reports, and runs ``keyturn audit verify``.
 
 pgbouncer comes from Debian (``apt-get install pgbouncer``; ``make bench`` installs it).
 """
@@ -21,13 +28,19 @@ import re
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from _common import (
+    BENCH_DIR,
+    CLK_TCK,
     POLICY_READS_ONLY,
     KeyturnProcess,
     Workspace,
+    child_pids,
+    cpu_ticks,
     free_port,
+    machine_cpu,
     machine_line,
     print_table,
     progress,
@@ -37,11 +50,15 @@ from _common import (
 
 PGBOUNCER = "/usr/sbin/pgbouncer"
 MODES = ("simple", "prepared")
-TARGETS = ("postgres", "pgbouncer", "keyturn")
+TARGETS = ("postgres", "pgbouncer", "relay", "keyturn")
+HEADINGS = {"postgres": "postgres", "pgbouncer": "pgbouncer", "relay": "bare relay",
+            "keyturn": "keyturn"}
 TPS = re.compile(r"^tps = ([\d.]+) \((?:without initial connection time|"
                  r"excluding connections establishing)\)", re.M)
 PROCESSED = re.compile(r"^number of transactions actually processed: (\d+)", re.M)
 FAILED = re.compile(r"^number of failed transactions: (\d+)", re.M)
+# pgbench -S runs this one statement per transaction; -M prepared sends it with $1.
+PGBENCH_SELECT = "SELECT abalance FROM pgbench_accounts WHERE aid = %"
 
 
 def ensure_pgbouncer() -> None:
@@ -90,17 +107,58 @@ pidfile = {d / 'pgbouncer.pid'}
     return port
 
 
-def pgbench(dsn: str, mode: str, args: argparse.Namespace) -> tuple[float, int, int]:
-    """(tps, transactions, failed transactions) of one pgbench -S run."""
+def start_relay(ws: Workspace, pg_port: int) -> tuple[int, int]:
+    """bench/_relay.py in front of the cluster; returns (port, pid)."""
+    port = free_port()
+    log = ws.base / "relay.log"
+    with open(log, "wb") as out:
+        proc = ws.popen([sys.executable, str(BENCH_DIR / "_relay.py"), str(port), "127.0.0.1",
+                         str(pg_port)], stdout=out, stderr=subprocess.STDOUT)
+    wait_port(port, proc=proc, log=log)
+    return port, proc.pid
+
+
+def pgbench(dsn: str, mode: str, args: argparse.Namespace, pids: list[int]) -> dict:
+    """One pgbench -S run: tps, transactions, failed transactions, and the CPU used meanwhile
+    by the processes ``pids`` (the proxy) and by the whole machine."""
     cmd = ["pgbench", "-S", "-M", mode, "-c", str(args.clients), "-j", str(args.threads),
            "-T", str(args.duration), "-n", dsn]
+    before = [cpu_ticks(p) for p in pids]
+    m0, t0 = machine_cpu(), time.monotonic()
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 120)
+    m1, wall = machine_cpu(), time.monotonic() - t0
+    after = [cpu_ticks(p) for p in pids]
     m = TPS.search(res.stdout)
     if res.returncode != 0 or m is None:
         raise RuntimeError(f"pgbench failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
     failed = FAILED.search(res.stdout)
-    return (float(m.group(1)), int(PROCESSED.search(res.stdout).group(1)),
-            int(failed.group(1)) if failed else 0)
+    machine = [b - a for a, b in zip(m0, m1, strict=True)]
+    total = sum(machine) or 1
+    return {
+        "tps": float(m.group(1)),
+        "n": int(PROCESSED.search(res.stdout).group(1)),
+        "failed": int(failed.group(1)) if failed else 0,
+        # % of one core, user and system, of the proxy process(es) during the run
+        "proxy_user": sum(b[0] - a[0] for a, b in zip(before, after, strict=True))
+        / CLK_TCK / wall * 100,
+        "proxy_sys": sum(b[1] - a[1] for a, b in zip(before, after, strict=True))
+        / CLK_TCK / wall * 100,
+        "machine": [x / total * 100 for x in machine],  # user, system, idle %
+    }
+
+
+def audit_counts(db_path: Path) -> tuple[dict, dict, dict]:
+    """(records by kind, statement records by outcome, ok pgbench statements by mode)."""
+    with sqlite3.connect(db_path) as db:
+        by_kind = dict(db.execute("SELECT kind, count(*) FROM audit_records GROUP BY kind"))
+        outcomes = dict(db.execute(
+            "SELECT outcome, count(*) FROM audit_records WHERE kind = 'statement' "
+            "GROUP BY outcome"))
+        by_mode = dict(db.execute(
+            "SELECT CASE WHEN statement LIKE '%$1%' THEN 'prepared' ELSE 'simple' END, count(*) "
+            "FROM audit_records WHERE kind = 'statement' AND outcome = 'ok' "
+            "AND statement LIKE ? GROUP BY 1", (PGBENCH_SELECT,)))
+    return by_kind, outcomes, by_mode
 
 
 def main() -> int:
@@ -113,7 +171,7 @@ def main() -> int:
     args = ap.parse_args()
     ensure_pgbouncer()
     print(f"machine: {machine_line()}")
-    results: dict[tuple[str, str], tuple[float, int, int]] = {}
+    results: dict[tuple[str, str], dict] = {}
     with Workspace("pgbench", keep=args.keep) as ws:
         progress("starting PostgreSQL")
         pg = ws.postgres("pg", max_connections="200")
@@ -123,32 +181,63 @@ def main() -> int:
                        check=True, capture_output=True)
         progress("starting pgbouncer")
         bouncer_port = start_pgbouncer(ws, pg.port, args.clients)
+        bouncer_pid = ws.procs[-1].pid
+        progress("starting the bare relay (bench/_relay.py)")
+        relay_port, relay_pid = start_relay(ws, pg.port)
         progress("starting keyturn gateway")
         kt = KeyturnProcess(ws, pg, "bench", POLICY_READS_ONLY, portal=False)
         kt.create_tokens("alice")
         kt.start("gateway")
+        assert kt.proc is not None
+        time.sleep(1)  # let the gateway start its audit ingester child
+        ingesters = child_pids(kt.proc.pid)
+        progress(f"gateway pid {kt.proc.pid}, audit ingester pid(s) {ingesters}")
+        plain = "dbname=bench user=postgres sslmode=disable"
         dsns = {
-            "postgres": f"host=127.0.0.1 port={pg.port} dbname=bench user=postgres "
-                        "sslmode=disable",
-            "pgbouncer": f"host=127.0.0.1 port={bouncer_port} dbname=bench user=postgres "
-                         "sslmode=disable",
+            "postgres": f"host=127.0.0.1 port={pg.port} {plain}",
+            "pgbouncer": f"host=127.0.0.1 port={bouncer_port} {plain}",
+            "relay": f"host=127.0.0.1 port={relay_port} {plain}",
             "keyturn": kt.dsn("alice", "bench"),
         }
+        pids = {"postgres": [], "pgbouncer": [bouncer_pid], "relay": [relay_pid],
+                "keyturn": [kt.proc.pid]}
+        ingest_cpu: dict[str, tuple[float, float]] = {}
         for mode in MODES:
             for target in TARGETS:
                 progress(f"pgbench -S -M {mode} -c {args.clients} -j {args.threads} "
                          f"-T {args.duration} against {target}")
-                results[target, mode] = pgbench(dsns[target], mode, args)
-                tps, n, failed = results[target, mode]
-                progress(f"  {tps:,.0f} tps ({n:,} transactions, {failed} failed)")
-        progress("stopping the gateway (SIGTERM flushes the audit queue)")
-        code = kt.stop()
+                if target == "keyturn":
+                    ing0 = [cpu_ticks(p) for p in ingesters]
+                    t0 = time.monotonic()
+                r = results[target, mode] = pgbench(dsns[target], mode, args, pids[target])
+                if target == "keyturn":
+                    wall = time.monotonic() - t0
+                    ing1 = [cpu_ticks(p) for p in ingesters]
+                    ingest_cpu[mode] = tuple(  # type: ignore[assignment]
+                        sum(b[k] - a[k] for a, b in zip(ing0, ing1, strict=True))
+                        / CLK_TCK / wall * 100 for k in (0, 1))
+                progress(f"  {r['tps']:,.0f} tps ({r['n']:,} transactions, {r['failed']} "
+                         f"failed); proxy CPU user {r['proxy_user']:.0f}% sys "
+                         f"{r['proxy_sys']:.0f}% of a core; machine user/sys/idle "
+                         + "/".join(f"{x:.0f}%" for x in r["machine"]))
+
+        # ---- audit: stop (SIGTERM drains the spool), then check and verify
+        db_path = kt.dir / "keyturn.db"
+        spool = kt.dir / "audit-spool"
+        before_stop = audit_counts(db_path)[1].get("ok", 0)
+        spool_bytes = sum(f.stat().st_size for f in spool.glob("*.jsonl"))
+        progress(f"before SIGTERM: {before_stop:,} ok statement records in the store, "
+                 f"{spool_bytes:,} bytes in the spool")
+        progress("stopping the gateway (SIGTERM: closes the spool, the ingester drains it)")
+        t0 = time.monotonic()
+        code = kt.stop(timeout=900)
+        stop_s = time.monotonic() - t0
+        left = sorted(f.name for f in spool.glob("*.jsonl"))
+        after_stop = audit_counts(db_path)
+        progress(f"gateway exited with {code} after {stop_s:.1f}s; spool files left: "
+                 f"{left or 'none'}")
         verify = kt.cli("audit", "verify", check=False)
-        with sqlite3.connect(kt.dir / "keyturn.db") as db:
-            by_kind = dict(db.execute("SELECT kind, count(*) FROM audit_records GROUP BY kind"))
-            statement_outcomes = dict(db.execute(
-                "SELECT outcome, count(*) FROM audit_records WHERE kind = 'statement' "
-                "GROUP BY outcome"))
+        by_kind, outcomes, by_mode = audit_counts(db_path)
         kt.report_log()
 
         print()
@@ -156,26 +245,57 @@ def main() -> int:
               f"scale {args.scale}; TPS without initial connection time")
         rows = []
         for mode in MODES:
-            pgb = results["pgbouncer", mode][0]
-            rows.append([mode] + [f"{results[t, mode][0]:,.0f}" for t in TARGETS]
-                        + [f"{results['keyturn', mode][0] / pgb:.2f}",
-                           "yes" if results["keyturn", mode][0] >= 0.8 * pgb else "NO"])
-        print_table(["mode", "postgres", "pgbouncer", "keyturn", "keyturn/pgbouncer",
-                     ">= 0.8?"], rows)
-        failed = {k: v[2] for k, v in results.items() if v[2]}
-        if failed:
-            print(f"failed transactions: {failed}")
-        through_kt = sum(results["keyturn", m][1] for m in MODES)
+            pgb = results["pgbouncer", mode]["tps"]
+            kt_tps = results["keyturn", mode]["tps"]
+            rows.append([mode] + [f"{results[t, mode]['tps']:,.0f}" for t in TARGETS]
+                        + [f"{kt_tps / pgb:.2f}", f"{kt_tps / results['relay', mode]['tps']:.2f}",
+                           "yes" if kt_tps >= 0.8 * pgb else "NO"])
+        print_table(["mode"] + [HEADINGS[t] for t in TARGETS]
+                    + ["keyturn/pgbouncer", "keyturn/relay", "keyturn >= 0.8 x pgbouncer?"],
+                    rows)
+        failed = {f"{t}/{m}": v["failed"] for (t, m), v in results.items() if v["failed"]}
+        print(f"failed transactions: {failed or 'none'}")
+
         print()
-        print(f"gateway exit code after SIGTERM: {code}")
-        print(f"keyturn audit verify: {(verify.stdout + verify.stderr).strip()}")
-        print(f"audit records by kind: {by_kind}; statement outcomes: {statement_outcomes}")
-        print(f"pgbench transactions through keyturn: {through_kt:,}; statement records: "
-              f"{by_kind.get('statement', 0):,} (pgbench also runs a few set-up queries per "
-              f"run, each audited)")
+        print("CPU during each run: the proxy process as % of one core (user + sys), and the "
+              "whole machine (2 cores) user / sys / idle")
+        rows = []
+        for mode in MODES:
+            for t in TARGETS:
+                r = results[t, mode]
+                proxy = (f"{r['proxy_user']:.0f} + {r['proxy_sys']:.0f}" if pids[t] else "-")
+                extra = ""
+                if t == "keyturn" and mode in ingest_cpu:
+                    extra = (f"ingester {ingest_cpu[mode][0]:.0f} + "
+                             f"{ingest_cpu[mode][1]:.0f}")
+                rows.append([mode, HEADINGS[t], proxy, extra,
+                             " / ".join(f"{x:.0f}" for x in r["machine"])])
+        print_table(["mode", "target", "proxy % (user + sys)", "keyturn audit ingester %",
+                     "machine user / sys / idle %"], rows)
+
+        print()
+        print("audit check")
+        print(f"  before SIGTERM: {before_stop:,} ok statement records ingested, "
+              f"{spool_bytes:,} bytes in the spool")
+        print(f"  gateway exit code after SIGTERM: {code} ({stop_s:.1f}s to drain and exit); "
+              f"spool files left: {left or 'none'}; ok statement records after the drain: "
+              f"{after_stop[1].get('ok', 0):,}")
+        print(f"  keyturn audit verify: {(verify.stdout + verify.stderr).strip()}")
+        print(f"  audit records by kind: {by_kind}; statement outcomes: {outcomes}")
+        ok = verify.returncode == 0 and not left and code == 0
+        for mode in MODES:
+            n = results["keyturn", mode]["n"]
+            audited = by_mode.get(mode, 0)
+            # pgbench counts only transactions it finished; a statement still in flight when
+            # -T ends is audited but not counted, so up to one per client more is expected.
+            good = n <= audited <= n + args.clients
+            ok &= good
+            print(f"  {mode}: pgbench transactions through keyturn {n:,}; pgbench SELECTs "
+                  f"audited ok {audited:,} -> {'every statement audited' if good else 'MISMATCH'}")
+        print(f"  audit check: {'PASS' if ok else 'FAIL'}")
         if args.keep:
             print(f"logs: {Path(kt.log_path)}")
-    return 0
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -506,3 +506,29 @@ def test_asyncpg_binary_parameters_are_readable_in_the_ticket(keyturn: Keyturn) 
         return status
 
     assert asyncio.run(main()) == "UPDATE 1"
+
+
+def test_pipelined_messages_wait_behind_a_hold_in_order(keyturn: Keyturn) -> None:
+    c = connect(keyturn)
+    results: dict[str, object] = {}
+
+    def run() -> None:
+        with c.pipeline():
+            upd = c.execute("UPDATE orders SET total = total + 1 WHERE id = %s", (14,))
+            sel = c.execute("SELECT total FROM orders WHERE id = %s", (14,))
+            sel2 = c.execute("SELECT count(*) FROM customers")
+        results["upd"] = upd.rowcount
+        results["sel"] = sel.fetchone()[0]
+        results["sel2"] = sel2.fetchone()[0]
+
+    before = count(keyturn, "SELECT total FROM orders WHERE id = 14")
+    th = threading.Thread(target=run)
+    th.start()
+    t = keyturn.wait_ticket()
+    time.sleep(0.3)
+    assert "sel" not in results, "later pipelined statements must wait behind the hold"
+    keyturn.cli("approve", str(t["id"]), token_of="bob")
+    th.join(20)
+    # The SELECT ran after the approved UPDATE, exactly in the order sent.
+    assert results == {"upd": 1, "sel": before + 1, "sel2": 50}
+    c.close()
