@@ -4,9 +4,10 @@
 
 For each accepted client it opens one connection to the target and forwards bytes both
 ways with ``transport.write`` - no parsing, no flow control, no logging. Only what the client
-sends before the target connection is up (the startup packet) is kept until then. It uses the same event loop (uvloop) and the same transport API as the Keyturn
-gateway, so ``pgbench`` through it shows how fast a Python relay can be on this machine
-before any PostgreSQL protocol work is done. Used as a baseline by pgbench_compare.py.
+sends before the target connection is up (the startup packet) is kept until then. It uses
+the same event loop (uvloop) and the same transport API as the Keyturn gateway, so
+``pgbench`` through it shows how fast a Python relay can be on this machine before any
+PostgreSQL protocol work is done. Used as a baseline by pgbench_compare.py.
 """
 
 from __future__ import annotations
