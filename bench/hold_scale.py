@@ -11,7 +11,10 @@ for its own row: all of them are held. Once the API lists n pending tickets, a s
 process approves them all with concurrent HTTP calls as bob (bench/_approver.py --bulk).
 Reports the time to hold all, the time from the first approve to the last release, the
 gateway's RSS (VmRSS) before / while holding / after, and checks in the database that every
-row was updated exactly once.
+row was updated exactly once. It also checks what approvers see on the held tickets: asyncpg
+sends int4 parameters in binary with unspecified types in Parse, so each ticket's ``params``
+must read as its row id (not hex) and ``row_estimate`` (the planner's EXPLAIN estimate) must
+be set.
 """
 
 from __future__ import annotations
@@ -46,11 +49,30 @@ def raise_nofile(need: int) -> None:
         progress(f"RLIMIT_NOFILE soft limit raised from {soft} to {new}")
 
 
-def pending_ids(kt: KeyturnProcess, status: str = "pending") -> list[int]:
+def tickets(kt: KeyturnProcess, status: str = "pending") -> list[dict]:
     r = requests.get(f"{kt.url}/api/v1/tickets?status={status}&limit=1000",
                      headers={"Authorization": f"Bearer {kt.tokens['bob']}"}, timeout=60)
     r.raise_for_status()
-    return [t["id"] for t in r.json()["tickets"]]
+    return r.json()["tickets"]
+
+
+def pending_ids(kt: KeyturnProcess, status: str = "pending") -> list[int]:
+    return [t["id"] for t in tickets(kt, status)]
+
+
+def check_tickets(held: list[dict], n: int) -> dict:
+    """What approvers see: readable params (the row ids 1..n, once each) and row estimates."""
+    params = [t.get("params") for t in held]
+    readable = sorted(p[0] for p in params if isinstance(p, list) and len(p) == 1
+                      and isinstance(p[0], str) and p[0].isdigit())
+    return {
+        "params_ok": readable == sorted(str(i) for i in range(1, n + 1)),
+        "params_readable": len(readable),
+        "params_hex": sum(1 for p in params if p and any(str(v).startswith("\\x") for v in p)),
+        "params_example": params[0] if params else None,
+        "estimates": sum(1 for t in held if t.get("row_estimate") is not None),
+        "estimate_values": sorted({t.get("row_estimate") for t in held}, key=str),
+    }
 
 
 async def run_clients(kt: KeyturnProcess, ws: Workspace, n: int, threads: int) -> dict:
@@ -94,9 +116,11 @@ async def hold_and_release(kt: KeyturnProcess, ws: Workspace, n: int, threads: i
     t_send = time.monotonic()
     tasks = [asyncio.create_task(update(i, c)) for i, c in enumerate(conns, start=1)]
     ids: list[int] = []
+    held: list[dict] = []
     while len(ids) < n:
         await asyncio.sleep(0.25)
-        ids = await asyncio.to_thread(pending_ids, kt)
+        held = await asyncio.to_thread(tickets, kt)
+        ids = [t["id"] for t in held]
         if done:
             raise RuntimeError(f"{len(done)} clients finished before approval, e.g. "
                                f"{next(iter(statuses.values()))}")
@@ -104,6 +128,8 @@ async def hold_and_release(kt: KeyturnProcess, ws: Workspace, n: int, threads: i
             raise TimeoutError(f"only {len(ids)} of {n} tickets pending after 600 s")
     out["hold_s"] = time.monotonic() - t_send
     progress(f"  {n} pending tickets after {out['hold_s']:.1f}s")
+    out["tickets"] = check_tickets(held, n)
+    progress(f"  tickets: {out['tickets']}")
     await asyncio.sleep(1)
     out["rss_holding"] = rss_kib(kt.proc.pid)
     progress(f"  gateway RSS while holding: {out['rss_holding']} KiB")
@@ -171,6 +197,7 @@ def main() -> int:
             time.sleep(0.5)
         kt.stop()
         kt.report_log()
+        problems = len(kt.log_problems())
 
     print()
     print(f"{n} statements held at once, {args.store} store, approved by one process with "
@@ -190,10 +217,20 @@ def main() -> int:
         ["clients that got UPDATE 1", f"{res['ok']}/{n}"],
         ["rows updated exactly once (v = 1) / otherwise", f"{once}/{n} / {other}"],
         ["tickets in status executed", f"{len(executed)}/{n}"],
+        ["held tickets whose params read as their row id (e.g. " +
+         f"{res['tickets']['params_example']})",
+         f"{res['tickets']['params_readable']}/{n} (hex: {res['tickets']['params_hex']})"],
+        ["held tickets with a row_estimate (values)",
+         f"{res['tickets']['estimates']}/{n} ({res['tickets']['estimate_values']})"],
+        ["gateway log: ERROR lines / tracebacks", f"{problems}"],
     ])
     if res["errors"]:
         print(f"client errors (first {len(res['errors'])}): {res['errors']}")
-    return 0 if res["ok"] == n and once == n and other == 0 else 1
+    good = (res["ok"] == n and once == n and other == 0 and len(executed) == n
+            and res["tickets"]["params_ok"] and res["tickets"]["estimates"] == n
+            and problems == 0)
+    print(f"checks: {'PASS' if good else 'FAIL'}")
+    return 0 if good else 1
 
 
 if __name__ == "__main__":

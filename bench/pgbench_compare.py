@@ -161,6 +161,13 @@ def audit_counts(db_path: Path) -> tuple[dict, dict, dict]:
     return by_kind, outcomes, by_mode
 
 
+def spool_backlog(db_path: Path, spool: Path) -> int:
+    """Bytes of the gateway's audit spool files past the ingester's stored offsets."""
+    with sqlite3.connect(db_path) as db:
+        offsets = dict(db.execute('SELECT source, "offset" FROM audit_spool'))
+    return sum(max(0, f.stat().st_size - offsets.get(f.name, 0)) for f in spool.glob("*.jsonl"))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--duration", type=int, default=20, help="seconds per pgbench run")
@@ -225,9 +232,9 @@ def main() -> int:
         db_path = kt.dir / "keyturn.db"
         spool = kt.dir / "audit-spool"
         before_stop = audit_counts(db_path)[1].get("ok", 0)
-        spool_bytes = sum(f.stat().st_size for f in spool.glob("*.jsonl"))
+        spool_bytes = spool_backlog(db_path, spool)
         progress(f"before SIGTERM: {before_stop:,} ok statement records in the store, "
-                 f"{spool_bytes:,} bytes in the spool")
+                 f"{spool_bytes:,} bytes of spool not ingested yet")
         progress("stopping the gateway (SIGTERM: closes the spool, the ingester drains it)")
         t0 = time.monotonic()
         code = kt.stop(timeout=900)
@@ -276,7 +283,7 @@ def main() -> int:
         print()
         print("audit check")
         print(f"  before SIGTERM: {before_stop:,} ok statement records ingested, "
-              f"{spool_bytes:,} bytes in the spool")
+              f"{spool_bytes:,} bytes of spool not ingested yet")
         print(f"  gateway exit code after SIGTERM: {code} ({stop_s:.1f}s to drain and exit); "
               f"spool files left: {left or 'none'}; ok statement records after the drain: "
               f"{after_stop[1].get('ok', 0):,}")

@@ -148,7 +148,7 @@ class Approvals:
                                     .order_by(TicketEvent.id)))
             return ticket_json(t, votes, events)
 
-    def list(self, *, status: str | None = None, requester: str | None = None,
+    def find(self, *, status: str | None = None, requester: str | None = None,
              limit: int = 100) -> list[Ticket]:
         with self.store.session() as s:
             q = select(Ticket).order_by(Ticket.id.desc()).limit(limit)
@@ -212,7 +212,7 @@ class Approvals:
                                     ticket=t.id, status=t.status)
         res = s.execute(update(Ticket).where(Ticket.id == t.id, Ticket.status == t.status)
                         .values(status=nxt, **values))
-        if res.rowcount != 1:
+        if res.rowcount != 1:  # type: ignore[attr-defined]
             raise AlreadyDecided(f"ticket {t.id} changed concurrently", ticket=t.id)
         return nxt
 
@@ -319,7 +319,7 @@ class Approvals:
             res = s.execute(update(Ticket).where(
                 Ticket.id == ticket_id, Ticket.status == APPROVED, Ticket.binding == binding,
                 Ticket.claimed_at.is_(None)).values(claimed_at=now))
-            return res.rowcount == 1
+            return res.rowcount == 1  # type: ignore[attr-defined]
 
     def claim_deferred(self, binding: str, *, now: float | None = None) -> Ticket | None:
         """An approved, unclaimed defer-mode ticket for exactly this request."""

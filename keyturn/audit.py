@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 
 from keyturn.models import AuditHead, AuditRecord, AuditSpoolCursor
 from keyturn.store import Store
@@ -76,7 +76,6 @@ class AuditLog:
         same transaction by the spool ingester."""
         if not records and cursor is None:
             return
-        table = AuditRecord.__table__
         with self.store.session() as s, s.begin():
             head = s.scalars(select(AuditHead).where(AuditHead.id == 1).with_for_update()).one()
             seq, prev = head.seq, head.hash
@@ -93,7 +92,7 @@ class AuditLog:
                 rows.append(rec)
                 prev = h
             if rows:
-                s.execute(table.insert(), rows)
+                s.execute(insert(AuditRecord), rows)
                 head.seq, head.hash = seq, prev
             if cursor is not None:
                 row = s.get(AuditSpoolCursor, cursor[0])

@@ -110,9 +110,9 @@ class DecisionWatcher:
                     for tid, status in statuses.items():
                         self.resolve(tid, status)
                     async for note in conn.notifies():
-                        tid, _, status = note.payload.partition(":")
-                        if tid.isdigit():
-                            self.resolve(int(tid), status)
+                        ticket, _, status = note.payload.partition(":")
+                        if ticket.isdigit():
+                            self.resolve(int(ticket), status)
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -33,12 +33,16 @@ BUILTIN_UNPARSED_RULE = "builtin:unparsed"
 
 
 class StatementLike(Protocol):
-    text: str
-    tables: tuple[str, ...]
-    functions: tuple[str, ...]
-    reasons: tuple[str, ...]
-    forbidden: str | None
-
+    @property
+    def text(self) -> str: ...
+    @property
+    def tables(self) -> tuple[str, ...]: ...
+    @property
+    def functions(self) -> tuple[str, ...]: ...
+    @property
+    def reasons(self) -> tuple[str, ...]: ...
+    @property
+    def forbidden(self) -> str | None: ...
     @property
     def cls(self) -> Any: ...
 

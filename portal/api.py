@@ -54,7 +54,7 @@ def list_tickets():  # type: ignore[no-untyped-def]
     mine = request.args.get("mine") in ("1", "true")
     limit = min(int(request.args.get("limit", 100)), 1000)
     svc = services()
-    rows = svc.approvals.list(status=status, requester=g.identity.user if mine else None,
+    rows = svc.approvals.find(status=status, requester=g.identity.user if mine else None,
                               limit=limit)
     out = []
     for t in rows:

@@ -56,8 +56,10 @@ class PostgresGateway:
         self.loop = asyncio.get_running_loop()
         loop = self.loop
         # Decisions taken in this process (expiry, cancel) release holds directly.
-        self.services.approvals.on_change = lambda tid, status: loop.call_soon_threadsafe(
-            self.watcher.resolve, tid, status)
+        def on_change(ticket_id: int, status: str) -> None:
+            loop.call_soon_threadsafe(self.watcher.resolve, ticket_id, status)
+
+        self.services.approvals.on_change = on_change
         self.watcher.start()
         listen = self.config.gateway.postgres
         assert listen is not None

@@ -151,7 +151,7 @@ class ClientSession(asyncio.Protocol):
         self.skip_until_sync = False
         self.stmts: dict[str, StmtInfo] = {}
         self.verdicts: dict[tuple[Any, ...], Decision] = {}
-        self.portals: dict[str, tuple[str, list[Any] | None]] = {}
+        self.portals: dict[str, tuple[str, bytes]] = {}
         self.prepared: Any = None
         self.tx_status = "I"
         self.closed = False
