@@ -1,6 +1,7 @@
 """Throughput: pgbench -S through Keyturn, next to direct PostgreSQL, pgbouncer and a bare relay.
 
     .venv/bin/python bench/pgbench_compare.py [--duration 20] [--clients 8] [--keep]
+                                              [--profile]
 
 Starts, under one temp directory: a throwaway PostgreSQL cluster (pgbench -i -s 10),
 pgbouncer (session pooling, trust auth), a bare asyncio.Protocol relay on uvloop
@@ -17,6 +18,12 @@ stops the gateway with SIGTERM (it closes the spool and waits for the ingester t
 checks that the spool directory is empty, counts per mode the pgbench statements audited as
 ``ok`` against the transactions pgbench reports, and runs ``keyturn audit verify``.
 
+``--profile`` adds one more keyturn run in simple mode after the measured ones (not in the
+table), with py-spy sampling the gateway (``--gil --nonblocking``, raw stacks kept in the work
+directory), and prints where the gateway's GIL-held samples are: inside its two
+``transport.write`` calls (to the client and to the target), framing, analysis, policy, the
+audit spool, other session code, and the event loop itself.
+
 pgbouncer comes from Debian (``apt-get install pgbouncer``; ``make bench`` installs it).
 """
 
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -161,11 +169,79 @@ def audit_counts(db_path: Path) -> tuple[dict, dict, dict]:
     return by_kind, outcomes, by_mode
 
 
-def spool_backlog(db_path: Path, spool: Path) -> int:
-    """Bytes of the gateway's audit spool files past the ingester's stored offsets."""
+# Where a py-spy sample is, by the innermost frame in Keyturn's own code (file suffix).
+PROFILE_PARTS = (
+    ("proxies/postgres/codec.py", "framing and message codec"),
+    ("keyturn/analysis/", "statement analysis (cache lookup, parse)"),
+    ("keyturn/policy.py", "policy decision"),
+    ("keyturn/auditspool.py", "audit spool append"),
+    ("proxies/postgres/session.py", "other session code"),
+    ("proxies/postgres/upstream.py", "other session code"),
+    ("proxies/postgres/", "other gateway code"),
+    ("keyturn/", "other keyturn code"),
+)
+FRAME = re.compile(r"^(.*) \((.*?)(?::(\d+))?\)$")
+
+
+def profile_keyturn(ws: Workspace, pid: int, dsn: str, args: argparse.Namespace
+                    ) -> tuple[dict, int]:
+    """py-spy on the gateway during one extra keyturn pgbench run in simple mode."""
+    pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    out = ws.base / "profile-keyturn-simple.txt"
+    spy = subprocess.Popen([pyspy, "record", "--pid", str(pid), "--gil", "--nonblocking",
+                            "--rate", "100", "--format", "raw", "--output", str(out),
+                            "--duration", str(args.duration)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    r = pgbench(dsn, "simple", args, [pid])
+    _, err = spy.communicate(timeout=120)
+    if spy.returncode != 0 or not out.exists():
+        raise RuntimeError(f"py-spy failed ({spy.returncode}): {err}")
+    parts: dict[str, int] = {}
+    leaves: dict[str, int] = {}
+    total = 0
+    for line in out.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [FRAME.match(f) for f in stack.split(";")]
+        frames = [m for m in frames if m]
+        leaf = frames[-1] if frames else None
+        if leaf:
+            key = f"{leaf.group(1)} ({leaf.group(2)}:{leaf.group(3)})"
+            leaves[key] = leaves.get(key, 0) + n
+        part = "other (no Keyturn frame)"
+        for m in reversed(frames):
+            func, path = m.group(1), m.group(2)
+            if "asyncio/" in path:  # uvloop's own C code, below asyncio.Runner.run
+                part = "event loop (uvloop: polling, callbacks)"
+                break
+            if func.endswith("write") and path.endswith(("postgres/session.py",
+                                                         "postgres/upstream.py")) and m is leaf:
+                part = "transport.write (send to client / target)"
+                break
+            hit = next((name for suffix, name in PROFILE_PARTS if suffix in path), None)
+            if hit:
+                part = hit
+                break
+        parts[part] = parts.get(part, 0) + n
+    r["profile"] = {"file": str(out), "samples": total, "parts": parts, "leaves": leaves}
+    return r, r["n"]
+
+
+def ingest_snapshot(db_path: Path, spool: Path) -> tuple[int, int]:
+    """(ok statement records in the store, bytes of spool past the ingester's offsets), the
+    two read in one transaction (the ingester stores its offsets with the records)."""
     with sqlite3.connect(db_path) as db:
+        db.execute("BEGIN")
+        ok = db.execute("SELECT count(*) FROM audit_records WHERE kind = 'statement' "
+                        "AND outcome = 'ok'").fetchone()[0]
         offsets = dict(db.execute('SELECT source, "offset" FROM audit_spool'))
-    return sum(max(0, f.stat().st_size - offsets.get(f.name, 0)) for f in spool.glob("*.jsonl"))
+        db.execute("COMMIT")
+    return ok, sum(max(0, f.stat().st_size - offsets.get(f.name, 0))
+                   for f in spool.glob("*.jsonl"))
 
 
 def main() -> int:
@@ -175,6 +251,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--scale", type=int, default=10)
     ap.add_argument("--keep", action="store_true", help="keep the temp directory (logs)")
+    ap.add_argument("--profile", action="store_true",
+                    help="one extra keyturn simple run under py-spy (not in the table)")
     args = ap.parse_args()
     ensure_pgbouncer()
     print(f"machine: {machine_line()}")
@@ -228,11 +306,19 @@ def main() -> int:
                          f"{r['proxy_sys']:.0f}% of a core; machine user/sys/idle "
                          + "/".join(f"{x:.0f}%" for x in r["machine"]))
 
+        extra = {"simple": 0, "prepared": 0}  # audited statements outside the table
+        profile = None
+        if args.profile:
+            progress(f"extra run for the profile: pgbench -S -M simple -T {args.duration} "
+                     "against keyturn with py-spy on the gateway")
+            profile, extra["simple"] = profile_keyturn(ws, kt.proc.pid, dsns["keyturn"], args)
+            progress(f"  {profile['tps']:,.0f} tps under py-spy ({profile['n']:,} "
+                     "transactions)")
+
         # ---- audit: stop (SIGTERM drains the spool), then check and verify
         db_path = kt.dir / "keyturn.db"
         spool = kt.dir / "audit-spool"
-        before_stop = audit_counts(db_path)[1].get("ok", 0)
-        spool_bytes = spool_backlog(db_path, spool)
+        before_stop, spool_bytes = ingest_snapshot(db_path, spool)
         progress(f"before SIGTERM: {before_stop:,} ok statement records in the store, "
                  f"{spool_bytes:,} bytes of spool not ingested yet")
         progress("stopping the gateway (SIGTERM: closes the spool, the ingester drains it)")
@@ -264,21 +350,41 @@ def main() -> int:
         print(f"failed transactions: {failed or 'none'}")
 
         print()
-        print("CPU during each run: the proxy process as % of one core (user + sys), and the "
-              "whole machine (2 cores) user / sys / idle")
+        print("CPU during each run: the proxy process as % of one core and in µs per pgbench "
+              "transaction (user + sys), and the whole machine (2 cores) user / sys / idle")
         rows = []
         for mode in MODES:
             for t in TARGETS:
                 r = results[t, mode]
-                proxy = (f"{r['proxy_user']:.0f} + {r['proxy_sys']:.0f}" if pids[t] else "-")
-                extra = ""
+                per_tx = 1e4 / r["tps"]  # µs per transaction for 1 % of a core
+                proxy = per_tx_s = ingester = ""
+                if pids[t]:
+                    proxy = f"{r['proxy_user']:.0f} + {r['proxy_sys']:.0f}"
+                    per_tx_s = (f"{r['proxy_user'] * per_tx:.0f} + "
+                                f"{r['proxy_sys'] * per_tx:.0f}")
                 if t == "keyturn" and mode in ingest_cpu:
-                    extra = (f"ingester {ingest_cpu[mode][0]:.0f} + "
-                             f"{ingest_cpu[mode][1]:.0f}")
-                rows.append([mode, HEADINGS[t], proxy, extra,
+                    u, k = ingest_cpu[mode]
+                    ingester = f"{u:.0f} + {k:.0f} ({u * per_tx:.0f} + {k * per_tx:.0f} µs)"
+                rows.append([mode, HEADINGS[t], proxy or "-", per_tx_s or "-", ingester,
                              " / ".join(f"{x:.0f}" for x in r["machine"])])
-        print_table(["mode", "target", "proxy % (user + sys)", "keyturn audit ingester %",
-                     "machine user / sys / idle %"], rows)
+        print_table(["mode", "target", "proxy % of a core", "proxy µs / transaction",
+                     "keyturn audit ingester %", "machine user / sys / idle %"], rows)
+
+        if profile:
+            prof = profile["profile"]
+            total = prof["samples"] or 1
+            print()
+            print(f"py-spy on the gateway during an extra keyturn simple run "
+                  f"({profile['tps']:,.0f} tps under the profiler; gateway CPU "
+                  f"{profile['proxy_user']:.0f}% user + {profile['proxy_sys']:.0f}% sys of a "
+                  f"core): {prof['samples']:,} GIL-held samples; raw stacks {prof['file']}")
+            print_table(["where (innermost Keyturn frame)", "% of GIL-held samples"],
+                        [[k, f"{v / total * 100:.1f}"] for k, v in
+                         sorted(prof["parts"].items(), key=lambda kv: -kv[1])])
+            print()
+            print_table(["top innermost frames", "%"],
+                        [[k, f"{v / total * 100:.1f}"] for k, v in
+                         sorted(prof["leaves"].items(), key=lambda kv: -kv[1])[:12]])
 
         print()
         print("audit check")
@@ -291,13 +397,15 @@ def main() -> int:
         print(f"  audit records by kind: {by_kind}; statement outcomes: {outcomes}")
         ok = verify.returncode == 0 and not left and code == 0
         for mode in MODES:
-            n = results["keyturn", mode]["n"]
+            n = results["keyturn", mode]["n"] + extra[mode]
             audited = by_mode.get(mode, 0)
             # pgbench counts only transactions it finished; a statement still in flight when
             # -T ends is audited but not counted, so up to one per client more is expected.
-            good = n <= audited <= n + args.clients
+            good = n <= audited <= n + args.clients * (2 if extra[mode] else 1)
             ok &= good
-            print(f"  {mode}: pgbench transactions through keyturn {n:,}; pgbench SELECTs "
+            print(f"  {mode}: pgbench transactions through keyturn {n:,}"
+                  + (f" (incl. {extra[mode]:,} in the profiled run)" if extra[mode] else "")
+                  + "; pgbench SELECTs "
                   f"audited ok {audited:,} -> {'every statement audited' if good else 'MISMATCH'}")
         print(f"  audit check: {'PASS' if ok else 'FAIL'}")
         if args.keep:
