@@ -184,7 +184,7 @@ class Approvals:
             mode=req.mode, gateway_id=req.gateway_id, created_at=now,
             expires_at=now + req.timeout,
         )
-        with self.store.session() as s, s.begin():
+        with self.store.write() as s:
             s.add(t)
             s.flush()
             s.add(TicketEvent(ticket_id=t.id, at=now, kind="created", actor=req.requester,
@@ -230,7 +230,7 @@ class Approvals:
             raise InvalidTransition("a rejection needs a reason")
         now = time.time() if now is None else now
         expired = False
-        with self.store.session() as s, s.begin():
+        with self.store.write() as s:
             t = self._lock(s, ticket_id)
             if t.status != PENDING:
                 raise self._already(t)
@@ -293,7 +293,7 @@ class Approvals:
                now: float | None = None) -> Ticket:
         """Non-vote transitions: expire, cancel, execute, fail."""
         now = time.time() if now is None else now
-        with self.store.session() as s, s.begin():
+        with self.store.write() as s:
             t = self._lock(s, ticket_id)
             if event not in TRANSITIONS[t.status]:
                 if t.status in DECIDED:
@@ -315,7 +315,7 @@ class Approvals:
     def claim(self, ticket_id: int, binding: str, *, now: float | None = None) -> bool:
         """Take an approved ticket to run its statement exactly once."""
         now = time.time() if now is None else now
-        with self.store.session() as s, s.begin():
+        with self.store.write() as s:
             res = s.execute(update(Ticket).where(
                 Ticket.id == ticket_id, Ticket.status == APPROVED, Ticket.binding == binding,
                 Ticket.claimed_at.is_(None)).values(claimed_at=now))
@@ -352,6 +352,6 @@ class Approvals:
 
     def add_event(self, ticket_id: int, kind: str, actor: str | None = None,
                   **detail: Any) -> None:
-        with self.store.session() as s, s.begin():
+        with self.store.write() as s:
             s.add(TicketEvent(ticket_id=ticket_id, at=time.time(), kind=kind, actor=actor,
                               detail=detail))

@@ -76,7 +76,7 @@ class AuditLog:
         same transaction by the spool ingester."""
         if not records and cursor is None:
             return
-        with self.store.session() as s, s.begin():
+        with self.store.write() as s:
             head = s.scalars(select(AuditHead).where(AuditHead.id == 1).with_for_update()).one()
             seq, prev = head.seq, head.hash
             rows = []
@@ -102,7 +102,7 @@ class AuditLog:
                     row.offset = cursor[1]
 
     def forget_cursor(self, source: str) -> None:
-        with self.store.session() as s, s.begin():
+        with self.store.write() as s:
             row = s.get(AuditSpoolCursor, source)
             if row is not None:
                 s.delete(row)

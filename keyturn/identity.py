@@ -92,7 +92,7 @@ class Identities:
             raise NotFound(f"unknown user {user!r} (users come from the config file)")
         now = time.time() if now is None else now
         token = TOKEN_PREFIX + secrets.token_urlsafe(30)
-        with self.store.session() as s, s.begin():
+        with self.store.write() as s:
             salt_row = s.get(UserSalt, user)
             if salt_row is None:
                 salt_row = UserSalt(user=user, salt=secrets.token_bytes(16),
@@ -114,7 +114,7 @@ class Identities:
             return list(s.scalars(q))
 
     def revoke_token(self, token_id: int, *, user: str | None = None) -> Token:
-        with self.store.session() as s, s.begin():
+        with self.store.write() as s:
             row = s.get(Token, token_id)
             if row is None or (user is not None and row.user != user):
                 raise NotFound(f"no token {token_id}")
@@ -125,7 +125,7 @@ class Identities:
     def authenticate_token(self, token: str) -> Identity:
         """API / cleartext login: the token alone says who you are."""
         now = time.time()
-        with self.store.session() as s, s.begin():
+        with self.store.write() as s:
             row = s.scalars(select(Token).where(Token.lookup_hash == lookup_hash(token))).first()
             if row is None or row.revoked_at is not None or row.expires_at <= now:
                 raise Unauthorized("invalid, expired or revoked token")
@@ -149,7 +149,7 @@ class Identities:
             return ScramCredentials(salt_row.salt, salt_row.iterations, cands)
 
     def touch_token(self, token_id: int) -> None:
-        with self.store.session() as s, s.begin():
+        with self.store.write() as s:
             row = s.get(Token, token_id)
             if row is not None:
                 row.last_used_at = time.time()

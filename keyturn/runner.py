@@ -41,6 +41,19 @@ def start_portal(services: Services) -> tuple[threading.Thread, Callable[[], Non
     return thread, server.shutdown
 
 
+def _ingester_child_setup() -> None:
+    # Lower priority: under load the gateway's own work comes first; the spool
+    # absorbs the difference and the ingester catches up when load drops.
+    os.nice(10)
+    # If the gateway dies without stopping us, drain and exit instead of lingering.
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 class Ingester:
     """The ``keyturn audit ingest --follow`` child, restarted if it dies."""
 
@@ -53,9 +66,7 @@ class Ingester:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "keyturn.cli", "-c", self.config.path, "audit", "ingest",
              "--follow"],
-            # Lower priority: under load the gateway's own work comes first; the spool
-            # absorbs the difference and the ingester catches up when load drops.
-            preexec_fn=lambda: os.nice(10))  # noqa: PLW1509
+            preexec_fn=_ingester_child_setup)
 
     def check(self) -> None:
         if self.proc is not None and self.proc.poll() is not None and not self.stopping:

@@ -8,6 +8,8 @@ about tickets or audit semantics; it only opens and migrates the database.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, inspect
@@ -42,13 +44,25 @@ class Store:
         self.engine: Engine = create_engine(self.url, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
-            # SQLite's own BEGIN is deferred; take the write lock at BEGIN so that
-            # read-then-write sections (votes, audit chain) serialise cleanly.
-            event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+            event.listen(self.engine, "begin", _sqlite_begin)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def session(self) -> Session:
+        """A session for reading (with SQLite a deferred transaction, which WAL
+        lets run alongside a writer)."""
         return self.sessions()
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """A session in a write transaction, committed on exit.
+
+        With SQLite the write lock is taken at BEGIN (``BEGIN IMMEDIATE``) so
+        read-then-write sections (votes, the audit chain) serialise instead of
+        failing on a stale snapshot; with PostgreSQL the callers lock rows.
+        """
+        with self.sessions() as s, s.begin():
+            s.connection(execution_options={"keyturn_write": True})
+            yield s
 
     def upgrade(self) -> None:
         """Bring the schema to the newest revision (``keyturn db upgrade``)."""
@@ -67,6 +81,14 @@ class Store:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _sqlite_begin(conn) -> None:  # type: ignore[no-untyped-def]
+    # pysqlite issues no BEGIN of its own (isolation_level None); we do.
+    if conn.get_execution_options().get("keyturn_write"):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        conn.exec_driver_sql("BEGIN")
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
