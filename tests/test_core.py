@@ -300,3 +300,26 @@ def test_audit_export_filters_by_time_in_both_formats(svc: Services) -> None:
     assert svc.audit.export(buf, "csv") == 10
     parsed = list(csv.DictReader(io.StringIO(buf.getvalue())))
     assert len(parsed) == 10 and parsed[0]["seq"] == "1" and parsed[9]["statement"] == "SELECT 9"
+
+
+def test_sqlite_reads_do_not_wait_for_a_writer(svc: Services) -> None:
+    """A login (a read) must not queue behind a long write, e.g. an audit ingest batch."""
+    svc.identities.create_token("alice")
+    holding, release = threading.Event(), threading.Event()
+
+    def long_write() -> None:
+        with svc.store.write() as s:
+            s.execute(text("INSERT INTO audit_spool (source, \"offset\") VALUES ('x', 1)"))
+            holding.set()
+            release.wait(10)
+
+    th = threading.Thread(target=long_write)
+    th.start()
+    holding.wait(5)
+    t0 = time.monotonic()
+    creds = svc.identities.scram_credentials("alice")
+    elapsed = time.monotonic() - t0
+    release.set()
+    th.join()
+    assert creds is not None and len(creds.candidates) == 1
+    assert elapsed < 1.0
