@@ -23,7 +23,6 @@ This module must not import protocol or web code.
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import threading
@@ -157,8 +156,8 @@ class AuditIngester:
                         finished = True
                         break
                     try:
-                        records.append(json.loads(raw))
-                    except ValueError:
+                        records.append(orjson.loads(raw))
+                    except orjson.JSONDecodeError:
                         # Never drop what we cannot read: keep it, marked, in the chain.
                         records.append({"kind": "unreadable", "detail": {
                             "raw": raw.decode("utf-8", "replace"), "spool": source}})

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import orjson
 from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -33,7 +34,9 @@ class Store:
     def __init__(self, url: str):
         self.url = normalize_url(url)
         self.is_sqlite = self.url.startswith("sqlite")
-        kwargs: dict = {"future": True}
+        # JSON columns (audit detail, ticket params) serialised with orjson: the audit
+        # ingester writes one per record.
+        kwargs: dict = {"future": True, "json_serializer": _json_dumps}
         if self.is_sqlite:
             path = self.url.split("///", 1)[-1]
             if path and path != ":memory:":
@@ -81,6 +84,10 @@ class Store:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _json_dumps(value: object) -> str:
+    return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 def _sqlite_begin(conn) -> None:  # type: ignore[no-untyped-def]
