@@ -37,6 +37,7 @@ from proxies.postgres.auth import AuthError, ScramServer
 from proxies.postgres.codec import NEED_DATA, Message, ProtocolError
 
 if TYPE_CHECKING:
+    from keyturn.analysis import Analyzer
     from keyturn.config import Connection
     from keyturn.identity import Identity
     from proxies.postgres.gateway import PostgresGateway
@@ -141,6 +142,8 @@ class ClientSession(asyncio.Protocol):
         self.startup_params: dict[str, str] = {}
         self.application = ""
         self.scram: ScramServer | None = None
+        # Chosen with the connection at startup, before any statement can arrive.
+        self.analyzer: Analyzer = None  # type: ignore[assignment]
         self.sasl_started = False
         self.cleartext = False
         self.expect: deque[Expect] = deque()
@@ -320,6 +323,7 @@ class ClientSession(asyncio.Protocol):
                        detail="The database name you connect to picks a Keyturn connection.")
             return
         self.conn = conn
+        self.analyzer = self.gw.analyzer(conn)
         self.phase = "auth"
         self.reader.start_typed()
         self._spawn(self._begin_auth())
@@ -344,7 +348,8 @@ class ClientSession(asyncio.Protocol):
         self.data_received(b"")
 
     def _auth_messages(self) -> None:
-        if self.scram is None and not self.cleartext:
+        scram = self.scram
+        if scram is None and not self.cleartext:
             return
         for msg in self.reader.next_messages():
             if msg.type != b"p":
@@ -361,10 +366,12 @@ class ClientSession(asyncio.Protocol):
                     if mech != "SCRAM-SHA-256":
                         raise AuthError(f"SASL mechanism {mech!r} is not offered")
                     self.sasl_started = True
+                    assert scram is not None
                     self.write(codec.encode_auth_sasl_continue(
-                        self.scram.handle_client_first(data or b"")))
+                        scram.handle_client_first(data or b"")))
                 else:
-                    final = self.scram.handle_client_final(msg.body)
+                    assert scram is not None
+                    final = scram.handle_client_final(msg.body)
                     self._authenticated(final)
                     return
             except AuthError as exc:
@@ -480,7 +487,7 @@ class ClientSession(asyncio.Protocol):
             return self._on_execute(msg, out)
         if t == b"P":
             p = codec.decode_parse(msg.body)
-            self.stmts[p.name] = StmtInfo(p.query, self.gw.analyzer(self.conn).analyze(p.query),
+            self.stmts[p.name] = StmtInfo(p.query, self.analyzer.analyze(p.query),
                                           p.param_types)
             self.expect.append(Expect(b"P"))
             out.append(msg.raw)
@@ -524,7 +531,7 @@ class ClientSession(asyncio.Protocol):
 
     def _on_query(self, msg: Message, out: list[bytes]) -> bool:
         sql = codec.decode_query(msg.body)
-        analysis = self.gw.analyzer(self.conn).analyze(sql, self.prepared)
+        analysis = self.analyzer.analyze(sql, self.prepared)
         statements = analysis.statements
         if len(statements) == 1 and analysis.error is None:
             # Hot path: one statement whose verdict this session has seen before
@@ -766,7 +773,7 @@ class ClientSession(asyncio.Protocol):
     async def on_cancel_request(self) -> None:
         if self.held_ticket is not None:
             await asyncio.to_thread(self._cancel_held_sync, "cancelled by the client (Ctrl-C)")
-        elif self.upstream and self.upstream.backend_key:
+        elif self.upstream and self.upstream.backend_key and self.conn:
             await self.gw.send_target_cancel(self.conn, *self.upstream.backend_key)
 
     # ------------------------------------------------------------ target -> client
