@@ -56,7 +56,6 @@ TRANSITIONS: dict[str, dict[str, str]] = {
     EXECUTED: {},
     FAILED: {},
 }
-FINAL = {s for s, t in TRANSITIONS.items() if not t}
 DECIDED = {APPROVED, REJECTED, EXPIRED, CANCELLED, EXECUTED, FAILED}
 
 # How long an approved defer-mode ticket may wait for its re-run.
@@ -349,9 +348,3 @@ class Approvals:
                        statement=t.statement, user=t.requester)
             done.append(tid)
         return done
-
-    def add_event(self, ticket_id: int, kind: str, actor: str | None = None,
-                  **detail: Any) -> None:
-        with self.store.write() as s:
-            s.add(TicketEvent(ticket_id=ticket_id, at=time.time(), kind=kind, actor=actor,
-                              detail=detail))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import logging
 import time
@@ -171,9 +170,3 @@ class AuditLog:
                 out.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
             n += 1
         return n
-
-
-def export_string(log_: AuditLog, fmt: str = "jsonl") -> str:
-    buf = io.StringIO()
-    log_.export(buf, fmt)
-    return buf.getvalue()

@@ -67,11 +67,6 @@ def scram_keys(token: str, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
     return hashlib.sha256(client_key).digest(), server_key
 
 
-def fake_salt(user: str, secret: bytes) -> bytes:
-    """A stable salt for unknown users, so SCRAM does not reveal who exists."""
-    return hmac.new(secret, user.encode(), hashlib.sha256).digest()[:16]
-
-
 class Identities:
     def __init__(self, config: Config, store: Store):
         self.config = config
@@ -147,9 +142,3 @@ class Identities:
                 Token.user == user, Token.revoked_at.is_(None), Token.expires_at > now))
             cands = tuple((r.id, r.stored_key, r.server_key) for r in rows)
             return ScramCredentials(salt_row.salt, salt_row.iterations, cands)
-
-    def touch_token(self, token_id: int) -> None:
-        with self.store.write() as s:
-            row = s.get(Token, token_id)
-            if row is not None:
-                row.last_used_at = time.time()

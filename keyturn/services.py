@@ -34,8 +34,9 @@ def build_services(config: Config, *, store: Store | None = None, upgrade: bool 
     store = store or Store(config.store_url)
     if upgrade:
         store.upgrade()
-    audit = AuditLog(store)
-    services = Services(config, store, Identities(config, store), None, audit)  # type: ignore[arg-type]
-    sink = audit_sink or services.record_audit
-    services.approvals = Approvals(store, audit=sink)
+    services = Services(config, store, Identities(config, store), Approvals(store),
+                        AuditLog(store))
+    # Decisions are audited through the process's sink: the gateway's spool, or a
+    # synchronous append for low-volume surfaces.
+    services.approvals.audit = audit_sink or services.record_audit
     return services

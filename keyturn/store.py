@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import orjson
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
@@ -78,9 +78,6 @@ class Store:
         with self.engine.begin() as conn:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
-
-    def is_current(self) -> bool:
-        return inspect(self.engine).has_table("alembic_version")
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -33,7 +33,7 @@ from keyturn.approvals import APPROVED, CANCELLED, EXPIRED, REJECTED, TicketRequ
 from keyturn.errors import AlreadyDecided, InvalidTransition
 from keyturn.policy import Decision, Request
 from proxies.postgres import codec
-from proxies.postgres.auth import AuthError, ScramServer
+from proxies.postgres.auth import AuthError, ScramServer, mock_salt
 from proxies.postgres.codec import NEED_DATA, Message, ProtocolError
 
 if TYPE_CHECKING:
@@ -329,8 +329,6 @@ class ClientSession(asyncio.Protocol):
         self._spawn(self._begin_auth())
 
     async def _begin_auth(self) -> None:
-        from keyturn.identity import fake_salt
-
         if self.tls_active and self.gw.config.gateway.client_auth == "password":
             # A cleartext token is only ever accepted inside TLS.
             self.cleartext = True
@@ -340,7 +338,7 @@ class ClientSession(asyncio.Protocol):
 
         creds = await asyncio.to_thread(self.gw.services.identities.scram_credentials, self.user)
         if creds is None:
-            self.scram = ScramServer(fake_salt(self.user, _FAKE_SALT_SECRET), 4096, [])
+            self.scram = ScramServer(mock_salt(_FAKE_SALT_SECRET, self.user), 4096, [])
         else:
             self.scram = ScramServer(creds.salt, creds.iterations, creds.candidates)
         self.write(codec.encode_auth_sasl(["SCRAM-SHA-256"]))
