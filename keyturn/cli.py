@@ -125,6 +125,26 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_user(args: argparse.Namespace) -> int:
+    """Portal accounts. The portal package is imported lazily (composition root)."""
+    import getpass
+
+    from portal.accounts import set_password
+
+    svc = _services(args)
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass(f"portal password for {args.name}: ")
+        if getpass.getpass("again: ") != password:
+            raise KeyturnError("the passwords differ; nothing changed")
+    set_password(svc.config, svc.store, args.name, password)
+    svc.record_audit(kind="account", user=args.name, action="set-password",
+                     detail={"by": "cli"})
+    print(f"portal password set for {args.name}")
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     svc = _services(args)
     if args.audit_cmd == "ingest":
@@ -251,13 +271,13 @@ def cmd_decide(args: argparse.Namespace) -> int:
 def cmd_gateway(args: argparse.Namespace) -> int:
     from keyturn.runner import run
 
-    return run(_config(args), gateway=True, portal=False)
+    return run(_config(args), gateway=True, portal=False, bots=False)
 
 
 def cmd_portal(args: argparse.Namespace) -> int:
     from keyturn.runner import run
 
-    return run(_config(args), gateway=False, portal=True)
+    return run(_config(args), gateway=False, portal=True, bots=False)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -274,13 +294,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bots(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    if not cfg.integrations:
-        print("no integrations configured (integrations: slack / teams in the config); "
-              "nothing to run", file=sys.stderr)
-        return 2
-    print("Slack and Teams bots are not part of this version yet", file=sys.stderr)
-    return 2
+    from bots.cli import run_bots_command
+
+    return run_bots_command(args, _config(args))
 
 
 # ---------------------------------------------------------------- parser
@@ -301,7 +317,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("up", help="run gateway and portal in one process").set_defaults(fn=cmd_up)
     sub.add_parser("gateway", help="run the protocol gateway").set_defaults(fn=cmd_gateway)
     sub.add_parser("portal", help="run the web portal and JSON API").set_defaults(fn=cmd_portal)
-    sub.add_parser("bots", help="run the Slack / Teams bots").set_defaults(fn=cmd_bots)
+    bots = sub.add_parser("bots", help="run the Slack / Teams bots (or manage chat links)")
+    bots.set_defaults(fn=cmd_bots, bots_cmd=None)
+    botss = bots.add_subparsers(dest="bots_cmd")
+    bl = botss.add_parser("link", help="link a Slack / Teams account to a Keyturn user")
+    bl.add_argument("--platform", choices=("slack", "teams"), required=True)
+    bl.add_argument("--id", required=True, help="Slack user id (U...) or Teams AAD object id")
+    bl.add_argument("--user", required=True, help="Keyturn user")
+    bu = botss.add_parser("unlink", help="remove a chat account link")
+    bu.add_argument("--platform", choices=("slack", "teams"), required=True)
+    bu.add_argument("--id", required=True)
+    botss.add_parser("links", help="list chat account links")
+    botss.add_parser("outbox", help="show undelivered chat notifications")
 
     db = sub.add_parser("db", help="store maintenance")
     dbs = db.add_subparsers(dest="db_cmd", required=True)
@@ -330,6 +357,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr = toks.add_parser("revoke")
     tr.add_argument("id", type=int)
     tr.set_defaults(fn=cmd_token)
+
+    us = sub.add_parser("user", help="portal sign-in accounts")
+    uss = us.add_subparsers(dest="user_cmd", required=True)
+    sp_pw = uss.add_parser("set-password", help="set a local portal password for a configured "
+                                                 "user")
+    sp_pw.add_argument("name")
+    sp_pw.add_argument("--password-stdin", action="store_true",
+                       help="read the password from the first line of stdin")
+    sp_pw.set_defaults(fn=cmd_user)
 
     for name in ("tickets", "approve", "reject"):
         sp = sub.add_parser(name, help={"tickets": "list tickets (uses the API)",

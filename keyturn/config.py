@@ -204,10 +204,80 @@ class GatewaySettings:
 
 
 @dataclass(frozen=True)
+class OidcSettings:
+    """Single sign-on through an OpenID Connect provider (issuer discovery)."""
+
+    issuer: str
+    client_id: str
+    client_secret: SecretRef | None = None
+    groups_claim: str = "groups"
+    username_claim: str = "preferred_username"
+    scopes: tuple[str, ...] = ("openid", "profile", "email")
+    label: str = "single sign-on"
+
+
+@dataclass(frozen=True)
 class PortalSettings:
     listen: Listener = Listener("127.0.0.1", 8080)
     public_url: str = "http://127.0.0.1:8080"
     secret_key: SecretRef | None = None
+    # Portal roles that do not follow from policy come from these groups.
+    manager_groups: tuple[str, ...] = ("managers",)
+    auditor_groups: tuple[str, ...] = ("auditors",)
+    admin_groups: tuple[str, ...] = ("admins",)
+    session_lifetime: float = 8 * 3600.0
+    # None: Secure cookies exactly when public_url is https.
+    cookie_secure: bool | None = None
+    oidc: OidcSettings | None = None
+
+
+@dataclass(frozen=True)
+class SlackSettings:
+    """``integrations.slack``: the Slack app the bots run as."""
+
+    bot_token: SecretRef
+    signing_secret: SecretRef | None
+    app_token: SecretRef | None
+    mode: str = "http"
+    channel: str = ""
+    connection_channels: dict[str, str] = field(default_factory=dict)
+    policy_channels: dict[str, str] = field(default_factory=dict)
+    reminders: tuple[float, ...] = ()
+    api_base_url: str | None = None
+    statement_chars: int = 700
+
+    def channel_for(self, connection: str, policy: str | None) -> str:
+        return (self.connection_channels.get(connection)
+                or (self.policy_channels.get(policy) if policy else None) or self.channel)
+
+
+@dataclass(frozen=True)
+class TeamsSettings:
+    """``integrations.teams``: the Azure Bot registration and where cards go."""
+
+    app_id: str
+    app_password: SecretRef
+    tenant_id: str
+    service_url: str
+    conversation_id: str
+    connection_conversations: dict[str, str] = field(default_factory=dict)
+    openid_metadata_url: str = "https://login.botframework.com/v1/.well-known/openidconfiguration"
+    issuer: str = "https://api.botframework.com"
+    token_url: str = "https://login.microsoftonline.com/botframework.com/oauth2/v2.0/token"
+    statement_chars: int = 700
+
+    def conversation_for(self, connection: str) -> str:
+        return self.connection_conversations.get(connection) or self.conversation_id
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    """The bots process: its HTTP listener and the platforms it serves."""
+
+    listen: Listener = Listener("127.0.0.1", 3000)
+    slack: SlackSettings | None = None
+    teams: TeamsSettings | None = None
+    poll_interval: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -221,6 +291,7 @@ class Config:
     portal: PortalSettings = field(default_factory=PortalSettings)
     integrations: dict[str, Any] = field(default_factory=dict)
     token_ttl: float = 90 * 86400.0
+    chat: ChatSettings | None = None
 
     def groups_of(self, user: str) -> tuple[str, ...]:
         u = self.users.get(user)
@@ -326,17 +397,12 @@ class _Validator:
                         raise self.err(("policies", pname, "rules", i, "match", "connections"),
                                        f"unknown connection {c!r}")
         integrations = self.mapping(top.get("integrations"), ("integrations",))
-        for key, val in integrations.items():
-            self.mapping(val, ("integrations", key))
-            for k in val or {}:
-                if k in _SECRET_KEYS:
-                    raise self.err(("integrations", key, k),
-                                   f"secrets must not be inline; use {k}_env or {k}_file")
+        chat = self.integrations(integrations, connections, policies)
         return Config(
             path=self.doc.path, store_url=url, users=users, connections=connections,
             policies=policies, gateway=self.gateway(top.get("gateway")),
             portal=self.portal(top.get("portal")), integrations=integrations,
-            token_ttl=self.token_ttl(top.get("identity")),
+            token_ttl=self.token_ttl(top.get("identity")), chat=chat,
         )
 
     def token_ttl(self, ident: Any) -> float:
@@ -507,11 +573,169 @@ class _Validator:
 
     def portal(self, value: Any) -> PortalSettings:
         p = self.mapping(value, ("portal",), {"listen", "public_url", "secret_key_env",
-                                              "secret_key_file"})
+                                              "secret_key_file", "roles", "session_lifetime",
+                                              "cookie_secure", "oidc"})
+        for k in ("secret_key", "password"):
+            if k in p:
+                raise self.err(("portal", k), f"secrets must not be inline; use {k}_env or "
+                                              f"{k}_file")
         listen = self.listener(p["listen"], ("portal", "listen")) if "listen" in p else \
             Listener("127.0.0.1", 8080)
         url = p.get("public_url") or f"http://{listen.host}:{listen.port}"
-        return PortalSettings(listen, url.rstrip("/"), self.secret(p, "secret_key", ("portal",)))
+        roles = self.mapping(p.get("roles"), ("portal", "roles"),
+                             {"managers", "auditors", "admins"})
+        groups = {k: self.str_list(roles[k], ("portal", "roles", k)) if k in roles
+                  else (k,) for k in ("managers", "auditors", "admins")}
+        try:
+            lifetime = parse_duration(p.get("session_lifetime", "8h"))
+        except ValueError as exc:
+            raise self.err(("portal", "session_lifetime"), str(exc)) from exc
+        secure = p.get("cookie_secure")
+        if secure is not None and not isinstance(secure, bool):
+            raise self.err(("portal", "cookie_secure"), "expected true or false")
+        return PortalSettings(listen, url.rstrip("/"), self.secret(p, "secret_key", ("portal",)),
+                              groups["managers"], groups["auditors"], groups["admins"], lifetime,
+                              secure, self.oidc(p.get("oidc")))
+
+    def oidc(self, value: Any) -> OidcSettings | None:
+        if value is None:
+            return None
+        at = ("portal", "oidc")
+        o = self.mapping(value, at, {"issuer", "client_id", "client_secret_env",
+                                     "client_secret_file", "groups_claim", "username_claim",
+                                     "scopes", "label", "client_secret"})
+        if "client_secret" in o:
+            raise self.err(at + ("client_secret",), "secrets must not be inline; use "
+                                                    "client_secret_env or client_secret_file")
+        issuer = self.string(o.get("issuer"), at + ("issuer",))
+        if not issuer.startswith(("https://", "http://")):
+            raise self.err(at + ("issuer",), "expected an https:// URL")
+        scopes = self.str_list(o.get("scopes"), at + ("scopes",)) or \
+            ("openid", "profile", "email")
+        if "openid" not in scopes:
+            raise self.err(at + ("scopes",), "must include openid")
+        return OidcSettings(
+            issuer.rstrip("/"), self.string(o.get("client_id"), at + ("client_id",)),
+            self.secret(o, "client_secret", at),
+            self.string(o.get("groups_claim", "groups"), at + ("groups_claim",)),
+            self.string(o.get("username_claim", "preferred_username"),
+                        at + ("username_claim",)),
+            scopes, str(o.get("label") or "single sign-on"))
+
+
+    # ---- integrations (the chat bots)
+
+    def integrations(self, value: dict, connections: dict[str, Connection],
+                     policies: dict[str, Policy]) -> ChatSettings | None:
+        at = ("integrations",)
+        m = self.mapping(value, at, {"listen", "poll_interval", "slack", "teams"})
+        if not m.get("slack") and not m.get("teams"):
+            return None
+        listen = self.listener(m["listen"], at + ("listen",)) if "listen" in m else \
+            Listener("127.0.0.1", 3000)
+        try:
+            poll = parse_duration(m.get("poll_interval", 0.5))
+        except ValueError as exc:
+            raise self.err(at + ("poll_interval",), str(exc)) from exc
+        slack = self.slack(m["slack"], connections, policies) if m.get("slack") else None
+        teams = self.teams(m["teams"], connections) if m.get("teams") else None
+        return ChatSettings(listen, slack, teams, poll)
+
+    def _url(self, value: Any, at: tuple[Any, ...]) -> str:
+        if not isinstance(value, str) or not value.startswith(("http://", "https://")):
+            raise self.err(at, f"expected an http(s) URL, got {value!r}")
+        return value
+
+    def _chars(self, m: dict, at: tuple[Any, ...]) -> int:
+        n = m.get("statement_chars", 700)
+        if not isinstance(n, int) or isinstance(n, bool) or not 80 <= n <= 2900:
+            raise self.err(at + ("statement_chars",), "expected an integer from 80 to 2900")
+        return n
+
+    def _required_secret(self, m: dict, key: str, at: tuple[Any, ...], why: str) -> SecretRef:
+        ref = self.secret(m, key, at)
+        if ref is None:
+            raise self.err(at + (f"{key}_env",), f"{why}: give {key}_env or {key}_file")
+        return ref
+
+    def _name_map(self, value: Any, at: tuple[Any, ...], known: dict[str, Any],
+                  what: str) -> dict[str, str]:
+        raw = self.mapping(value, at)
+        for k, v in raw.items():
+            if k not in known:
+                raise self.err(at + (k,), f"unknown {what} {k!r}")
+            self.string(v, at + (k,))
+        return dict(raw)
+
+    def slack(self, value: Any, connections: dict[str, Connection],
+              policies: dict[str, Policy]) -> SlackSettings:
+        at = ("integrations", "slack")
+        secrets = {f"{k}_{s}" for k in ("bot_token", "signing_secret", "app_token")
+                   for s in ("env", "file")}
+        m = self.mapping(value, at, secrets | {"mode", "channel", "channels", "reminders",
+                                               "api_base_url", "statement_chars", "app_token"})
+        if "app_token" in m:
+            raise self.err(at + ("app_token",), "secrets must not be inline; use app_token_env "
+                                                "or app_token_file")
+        mode = m.get("mode", "http")
+        if mode not in ("http", "socket"):
+            raise self.err(at + ("mode",), "expected http or socket")
+        bot = self._required_secret(m, "bot_token", at, "the bot token (xoxb-...) is required")
+        signing = self.secret(m, "signing_secret", at)
+        app_token = self.secret(m, "app_token", at)
+        if mode == "http" and signing is None:
+            raise self.err(at + ("signing_secret_env",), "HTTP mode checks request signatures: "
+                           "give signing_secret_env or signing_secret_file")
+        if mode == "socket" and app_token is None:
+            raise self.err(at + ("app_token_env",), "Socket Mode needs an app-level token "
+                           "(xapp-...): give app_token_env or app_token_file")
+        channel = self.string(m.get("channel"), at + ("channel",))
+        ch = self.mapping(m.get("channels"), at + ("channels",), {"connections", "policies"})
+        conn_ch = self._name_map(ch.get("connections"), at + ("channels", "connections"),
+                                 connections, "connection")
+        pol_ch = self._name_map(ch.get("policies"), at + ("channels", "policies"), policies,
+                                "policy")
+        rem_raw = m.get("reminders") or []
+        if not isinstance(rem_raw, list):
+            rem_raw = [rem_raw]
+        reminders = []
+        for i, r in enumerate(rem_raw):
+            try:
+                reminders.append(parse_duration(r))
+            except ValueError as exc:
+                raise self.err(at + ("reminders", i), f"{exc} (time before expiry)") from exc
+        base = self._url(m["api_base_url"], at + ("api_base_url",)) if "api_base_url" in m \
+            else None
+        if base and not base.endswith("/"):
+            base += "/"
+        return SlackSettings(bot, signing, app_token, mode, channel, conn_ch, pol_ch,
+                             tuple(sorted(reminders, reverse=True)), base, self._chars(m, at))
+
+    def teams(self, value: Any, connections: dict[str, Connection]) -> TeamsSettings:
+        at = ("integrations", "teams")
+        m = self.mapping(value, at, {"app_id", "app_password_env", "app_password_file",
+                                     "tenant_id", "service_url", "conversation_id",
+                                     "conversations", "openid_metadata_url", "issuer",
+                                     "token_url", "statement_chars"})
+        defaults = TeamsSettings("", SecretRef(), "", "", "")
+        return TeamsSettings(
+            app_id=self.string(m.get("app_id"), at + ("app_id",)),
+            app_password=self._required_secret(m, "app_password", at,
+                                               "the bot's client secret is required"),
+            tenant_id=self.string(m.get("tenant_id"), at + ("tenant_id",)),
+            service_url=self._url(m.get("service_url"), at + ("service_url",)).rstrip("/"),
+            conversation_id=self.string(m.get("conversation_id"), at + ("conversation_id",)),
+            connection_conversations=self._name_map(
+                self.mapping(m.get("conversations"), at + ("conversations",),
+                             {"connections"}).get("connections"),
+                at + ("conversations", "connections"), connections, "connection"),
+            openid_metadata_url=self._url(m.get("openid_metadata_url",
+                                                defaults.openid_metadata_url),
+                                          at + ("openid_metadata_url",)),
+            issuer=self.string(m.get("issuer", defaults.issuer), at + ("issuer",)),
+            token_url=self._url(m.get("token_url", defaults.token_url), at + ("token_url",)),
+            statement_chars=self._chars(m, at),
+        )
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:

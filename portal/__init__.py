@@ -1,33 +1,78 @@
-"""Keyturn's web app: the JSON API under /api/v1 (and, later, the portal).
+"""Keyturn's web app: the approval portal (HTML + HTMX) and the JSON API /api/v1.
 
-``create_app(services)`` is the app factory; blueprints hold the areas.
-The app only calls keyturn services; it holds no business rules itself.
+``create_app(services)`` is the app factory; one blueprint per area. The app
+only calls keyturn services; it holds no business rules itself (ticket state
+changes go through keyturn.approvals, never through ticket rows).
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import secrets
 from typing import Any
 
-from flask import Flask, jsonify
+from flask import Flask
 
-from keyturn.errors import KeyturnError
 from keyturn.services import Services
+
+
+def _secret_key(services: Services) -> str:
+    ref = services.config.portal.secret_key
+    if ref is not None:
+        return ref.resolve()
+    # No configured key: a per-process random key. Sessions end when the process
+    # restarts, which is the safe failure for a demo or a single-process set-up.
+    return secrets.token_urlsafe(48)
 
 
 def create_app(services: Services, config: dict[str, Any] | None = None) -> Flask:
     app = Flask(__name__)
-    app.config.update(JSON_SORT_KEYS=False)
+    settings = services.config.portal
+    secure = settings.cookie_secure if settings.cookie_secure is not None \
+        else settings.public_url.startswith("https://")
+    app.config.update(
+        JSON_SORT_KEYS=False,
+        SECRET_KEY=_secret_key(services),
+        SESSION_COOKIE_NAME="keyturn_session",
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=secure,
+        REMEMBER_COOKIE_HTTPONLY=True,
+        REMEMBER_COOKIE_SECURE=secure,
+        REMEMBER_COOKIE_SAMESITE="Lax",
+        PERMANENT_SESSION_LIFETIME=dt.timedelta(seconds=settings.session_lifetime),
+        MAX_CONTENT_LENGTH=1024 * 1024,
+    )
     if config:
         app.config.update(config)
     app.extensions["keyturn"] = services
 
+    from portal import (
+        auditview,
+        auth,
+        configview,
+        dashboard,
+        errors,
+        export,
+        filters,
+        history,
+        htmx,
+        queue,
+        security,
+        tickets,
+        tokens,
+    )
     from portal.api import bp as api_bp
 
+    security.init_app(app)
+    htmx.init_app(app)
+    filters.init_app(app)
+    auth.init_app(app)
+    errors.init_app(app)
     app.register_blueprint(api_bp)
-
-    @app.errorhandler(KeyturnError)
-    def keyturn_error(exc: KeyturnError):  # type: ignore[no-untyped-def]
-        return jsonify(exc.to_json()), exc.status
+    for module in (auth, queue, tickets, history, auditview, export, tokens, configview,
+                   dashboard):
+        app.register_blueprint(module.bp)
 
     @app.get("/healthz")
     def healthz():  # type: ignore[no-untyped-def]

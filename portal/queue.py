@@ -1,0 +1,61 @@
+"""The pending queue (approvers, managers) and "my requests" (everyone).
+
+Both update live: the list is an HTMX fragment of its page that polls every
+couple of seconds, so tickets created or decided anywhere (gateway, CLI,
+chat, another browser) appear and disappear without a reload.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, current_app, redirect, request, url_for
+
+from keyturn.models import Ticket
+from keyturn.services import Services
+from portal import queries
+from portal.htmx import page_or_block
+from portal.roles import ADMIN, APPROVER, AUDITOR, MANAGER, require, viewer
+
+bp = Blueprint("queue", __name__)
+POLL = "every 2s"
+
+
+def services() -> Services:
+    return current_app.extensions["keyturn"]
+
+
+@bp.get("/")
+@require()
+def home():  # type: ignore[no-untyped-def]
+    v = viewer()
+    if v.has(APPROVER, MANAGER, ADMIN):
+        return redirect(url_for("queue.pending"))
+    if v.has(AUDITOR):
+        return redirect(url_for("history.index"))
+    return redirect(url_for("queue.mine"))
+
+
+@bp.get("/queue")
+@require(APPROVER, MANAGER, ADMIN)
+def pending():  # type: ignore[no-untyped-def]
+    svc = services()
+    v = viewer()
+    a = request.args
+    f = queries.QueueFilter(connection=a.get("connection", "").strip(),
+                            requester=a.get("requester", "").strip(),
+                            rule=a.get("rule", "").strip(),
+                            min_age=queries.parse_age(a.get("age", "").strip() or None))
+    rows = [t for t in queries.pending(svc.store, f) if v.may_see(t)]
+    decide = {t.id: svc.approvals.can_decide(v.identity, t) for t in rows}
+    return page_or_block(
+        "queue.html", "queue_list", tickets=rows, can_decide=decide, filters=f,
+        age=a.get("age", ""), poll=POLL,
+        connections=sorted(svc.config.connections),
+        rules=queries.distinct_values(svc.store, Ticket.rule),
+        requesters=sorted(svc.config.users))
+
+
+@bp.get("/mine")
+@require()
+def mine():  # type: ignore[no-untyped-def]
+    rows = queries.mine(services().store, viewer().user)
+    return page_or_block("mine.html", "mine_list", tickets=rows, poll=POLL)

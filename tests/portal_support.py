@@ -1,0 +1,142 @@
+"""Shared fixtures for the portal tests: a real SQLite store, the real app,
+a test client that signs in through the real login form, and helpers to make
+tickets through keyturn.approvals (as the gateway does)."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from keyturn.approvals import TicketRequest
+from keyturn.config import parse_config
+from keyturn.services import Services, build_services
+from portal import create_app
+from portal.accounts import set_password
+
+PASSWORD = "correct-horse-battery"
+USERS = ("alice", "bob", "dana", "erin", "carol", "mona", "adam")
+
+CONFIG = """
+store: {url: "sqlite:///%(db)s"}
+portal:
+  listen: 127.0.0.1:8080
+%(portal_extra)s
+identity:
+  users:
+    alice: {groups: [engineers], name: Alice Adams}
+    bob: {groups: [approvers], name: Bob Brown}
+    dana: {groups: [approvers]}
+    erin: {groups: [approvers, engineers]}
+    carol: {groups: [auditors]}
+    mona: {groups: [managers]}
+    adam: {groups: [admins]}
+connections:
+  - name: shop
+    type: postgres
+    target: {host: 127.0.0.1, port: 5432, user: app, password_env: SHOP_PW}
+    policy: shop
+  - name: billing
+    type: postgres
+    target: {host: 127.0.0.1, port: 5432, user: app, password_env: SHOP_PW}
+    policy: shop
+policies:
+  shop:
+    rules:
+      - name: reads
+        match: {class: read}
+        action: allow
+      - name: no-ddl
+        match: {class: ddl}
+        action: block
+      - name: writes
+        match: {class: write}
+        action: review
+        reason: data changes need a second pair of eyes
+        review: {approvers: [approvers], timeout: 10m}
+"""
+
+
+def make_services(tmp: Path, portal_extra: str = "") -> Services:
+    text = CONFIG % {"db": tmp / "k.db", "portal_extra": portal_extra}
+    cfg = parse_config(text, str(tmp / "keyturn.yaml"))
+    svc = build_services(cfg)
+    for u in USERS:
+        set_password(cfg, svc.store, u, PASSWORD)
+    return svc
+
+
+def make_ticket(svc: Services, requester: str = "alice", *, connection: str = "shop",
+                statement: str = "DELETE FROM orders WHERE status = 'cancelled'",
+                rule: str = "writes", approvers: tuple[str, ...] = ("approvers",),
+                n: int = 1, timeout: float = 600, now: float | None = None) -> int:
+    t = svc.approvals.create(TicketRequest(
+        requester=requester, requester_groups=svc.config.groups_of(requester),
+        connection=connection, statement=statement, classification="write", rule=rule,
+        reason="data changes need a second pair of eyes", approver_groups=approvers,
+        min_approvals=n, timeout=timeout, client_addr="10.0.0.7", application="psql",
+        session_id="s-abc123", row_estimate=42, tables=("public.orders",)), now=now)
+    return t.id
+
+
+def csrf_of(html: str) -> str:
+    m = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert m, "no CSRF token in the page"
+    return m.group(1)
+
+
+class Auth:
+    """Sign in through the real login form (CSRF token included)."""
+
+    def __init__(self, client: FlaskClient):
+        self.client = client
+
+    def login(self, user: str, password: str = PASSWORD) -> Any:
+        page = self.client.get("/login")
+        return self.client.post("/login", data={"username": user, "password": password,
+                                                "csrf_token": csrf_of(page.text)})
+
+    def csrf(self, path: str = "/tokens") -> str:
+        return csrf_of(self.client.get(path).text)
+
+    def post(self, path: str, data: dict[str, str] | None = None, *, htmx: bool = False,
+             page: str = "/tokens") -> Any:
+        token = self.csrf(page)
+        headers = {"X-CSRF-Token": token, "HX-Request": "true"} if htmx else {}
+        body = dict(data or {})
+        if not htmx:
+            body["csrf_token"] = token
+        return self.client.post(path, data=body, headers=headers)
+
+
+@pytest.fixture()
+def svc(tmp_path: Path) -> Services:
+    return make_services(tmp_path)
+
+
+@pytest.fixture()
+def app(svc: Services) -> Iterator[Flask]:
+    app = create_app(svc)
+    app.config.update(TESTING=True)
+    yield app
+    svc.store.dispose()
+
+
+@pytest.fixture()
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+@pytest.fixture()
+def auth(client: FlaskClient) -> Auth:
+    return Auth(client)
+
+
+def now() -> float:
+    return time.time()
