@@ -1,4 +1,5 @@
-"""Shared fixtures for the portal tests: a real SQLite store, the real app,
+"""Shared fixtures for the portal tests (import the ``*_fixture`` names; the
+fixtures are called svc, app, client and auth): a real SQLite store, the real app,
 a test client that signs in through the real login form, and helpers to make
 tickets through keyturn.approvals (as the gateway does)."""
 
@@ -63,13 +64,33 @@ policies:
 """
 
 
+_TEMPLATE: dict[str, Path] = {}
+
+
+def _template_db() -> Path:
+    """A migrated store with every portal password set, made once per test run:
+    password hashing is deliberately slow, so tests copy this file instead."""
+    if "db" not in _TEMPLATE:
+        import tempfile
+
+        base = Path(tempfile.mkdtemp(prefix="kt-portal-template-"))
+        cfg = parse_config(CONFIG % {"db": base / "k.db", "portal_extra": ""},
+                           str(base / "keyturn.yaml"))
+        svc = build_services(cfg)
+        for u in USERS:
+            set_password(cfg, svc.store, u, PASSWORD)
+        svc.store.dispose()
+        _TEMPLATE["db"] = base / "k.db"
+    return _TEMPLATE["db"]
+
+
 def make_services(tmp: Path, portal_extra: str = "") -> Services:
+    import shutil
+
+    shutil.copy(_template_db(), tmp / "k.db")
     text = CONFIG % {"db": tmp / "k.db", "portal_extra": portal_extra}
     cfg = parse_config(text, str(tmp / "keyturn.yaml"))
-    svc = build_services(cfg)
-    for u in USERS:
-        set_password(cfg, svc.store, u, PASSWORD)
-    return svc
+    return build_services(cfg)
 
 
 def make_ticket(svc: Services, requester: str = "alice", *, connection: str = "shop",
@@ -115,26 +136,26 @@ class Auth:
         return self.client.post(path, data=body, headers=headers)
 
 
-@pytest.fixture()
-def svc(tmp_path: Path) -> Services:
+@pytest.fixture(name="svc")
+def svc_fixture(tmp_path: Path) -> Services:
     return make_services(tmp_path)
 
 
-@pytest.fixture()
-def app(svc: Services) -> Iterator[Flask]:
+@pytest.fixture(name="app")
+def app_fixture(svc: Services) -> Iterator[Flask]:
     app = create_app(svc)
     app.config.update(TESTING=True)
     yield app
     svc.store.dispose()
 
 
-@pytest.fixture()
-def client(app: Flask) -> FlaskClient:
+@pytest.fixture(name="client")
+def client_fixture(app: Flask) -> FlaskClient:
     return app.test_client()
 
 
-@pytest.fixture()
-def auth(client: FlaskClient) -> Auth:
+@pytest.fixture(name="auth")
+def auth_fixture(client: FlaskClient) -> Auth:
     return Auth(client)
 
 
