@@ -161,3 +161,16 @@ def auth_fixture(client: FlaskClient) -> Auth:
 
 def now() -> float:
     return time.time()
+
+
+def set_portal_password(kt: Any, user: str, password: str = PASSWORD) -> None:
+    """``keyturn user set-password USER --password-stdin`` against a Keyturn's config."""
+    import os
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "keyturn.cli", "-c", str(kt.config), "user",
+                          "set-password", user, "--password-stdin"], input=password + "\n",
+                         capture_output=True, text=True, env=dict(os.environ, **kt.env),
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
