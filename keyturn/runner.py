@@ -12,6 +12,7 @@ is ingested at the next start.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -89,7 +90,8 @@ class Ingester:
 
 
 def run(config: Config, *, gateway: bool, portal: bool,
-        ready: Callable[[Services], None] | None = None) -> int:
+        ready: Callable[[Services], None] | None = None, bots: bool | None = None) -> int:
+    """``bots``: run the Slack / Teams bots too; None = when integrations are configured."""
     spool = AuditSpool(config.gateway.audit_spool, config.gateway.gateway_id) if gateway \
         else None
     services = build_services(config, audit_sink=spool.record if spool else None)
@@ -101,6 +103,10 @@ def run(config: Config, *, gateway: bool, portal: bool,
         if portal:
             _, stop = start_portal(services)
             stops.append(stop)
+        if config.chat is not None and bots is not False:
+            from bots.server import start_in_thread
+
+            stops.append(start_in_thread(config))
         if gateway:
             import uvloop
 
@@ -109,6 +115,10 @@ def run(config: Config, *, gateway: bool, portal: bool,
             async def main() -> None:
                 gw = PostgresGateway(services, spool)
                 await gw.start()
+                # Everything loaded so far lives as long as the process: keep it out of
+                # the cyclic collector's full passes, which the relay would pay for.
+                gc.collect()
+                gc.freeze()
                 stop_event = asyncio.Event()
                 loop = asyncio.get_running_loop()
                 for sig in (signal.SIGINT, signal.SIGTERM):

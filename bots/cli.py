@@ -1,0 +1,59 @@
+"""``keyturn bots`` and its subcommands (link, unlink, links, outbox)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from keyturn.config import Config
+from keyturn.errors import KeyturnError
+
+
+def run_bots_command(args: argparse.Namespace, cfg: Config) -> int:
+    if args.bots_cmd is None:
+        if cfg.chat is None:
+            print("no integrations configured (integrations: slack / teams in the config); "
+                  "nothing to run", file=sys.stderr)
+            return 2
+        from keyturn.runner import run
+
+        return run(cfg, gateway=False, portal=False, bots=True)
+    from bots.links import Links
+    from keyturn.services import build_services
+
+    svc = build_services(cfg)
+    links = Links(cfg, svc.store)
+    by = os.environ.get("USER") or "cli"
+    if args.bots_cmd == "link":
+        row = links.link(args.platform, args.id, args.user, by=by)
+        svc.record_audit(kind="chat", user=args.user, action="link", outcome="ok",
+                         detail={"platform": args.platform, "platform_user": args.id, "by": by})
+        print(f"{row.platform} account {row.platform_user} is now {row.user}")
+        return 0
+    if args.bots_cmd == "unlink":
+        if not links.unlink(args.platform, args.id):
+            raise KeyturnError(f"no {args.platform} link for {args.id}")
+        svc.record_audit(kind="chat", action="unlink", outcome="ok",
+                         detail={"platform": args.platform, "platform_user": args.id, "by": by})
+        print(f"{args.platform} account {args.id} unlinked")
+        return 0
+    if args.bots_cmd == "links":
+        rows = links.all()
+        if not rows:
+            print("no links")
+        for r in rows:
+            print(f"{r.platform:<6} {r.platform_user:<40} {r.user:<16} {r.source}")
+        return 0
+    from sqlalchemy import select
+
+    from bots.models import OutboxItem
+
+    with svc.store.session() as s:
+        rows = list(s.scalars(select(OutboxItem).where(OutboxItem.sent_at.is_(None))
+                              .order_by(OutboxItem.id)))
+    print(f"{len(rows)} undelivered")
+    for r in rows:
+        print(f"{r.id:>6} {r.platform:<6} ticket {r.ticket_id:<6} {r.kind:<10} "
+              f"attempts {r.attempts:<3} {r.last_error or ''}")
+    return 0

@@ -1,0 +1,113 @@
+"""What every chat listener needs: services, identity links, settings, and the
+one way a chat click becomes a vote.
+
+Refusals (unmapped person, wrong group, own ticket, already decided) are
+returned as a message for the clicker alone and audited; the ticket is not
+touched. Separation of duties is enforced by ``keyturn.approvals``, exactly
+as for the portal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from bots.links import Links
+from keyturn.config import ChatSettings
+from keyturn.errors import KeyturnError, Unauthorized
+from keyturn.services import Services
+
+log = logging.getLogger(__name__)
+
+UNMAPPED = ("Keyturn does not know who you are. Ask an operator to link your account "
+            "(`keyturn bots link`) or use the e-mail address Keyturn knows you by.")
+
+
+@dataclass(frozen=True)
+class VoteOutcome:
+    ok: bool
+    message: str
+    decided: bool = False
+    status: str | None = None
+
+
+@dataclass
+class BotContext:
+    services: Services
+    links: Links
+    chat: ChatSettings
+
+    @property
+    def portal_url(self) -> str:
+        return self.services.config.portal.public_url
+
+    def policy_of(self, connection: str) -> str | None:
+        conn = self.services.config.connections.get(connection)
+        return conn.policy if conn else None
+
+    def audit_refusal(self, *, platform: str, user: str | None, platform_user: str,
+                      ticket_id: int | None, reason: str, action: str) -> None:
+        try:
+            self.services.record_audit(
+                kind="chat", user=user, ticket_id=ticket_id, action=action, outcome="refused",
+                reason=reason, detail={"platform": platform, "platform_user": platform_user})
+        except Exception:
+            log.exception("could not audit a refused chat action")
+
+    def vote(self, *, platform: str, platform_user: str, user: str | None, ticket_id: int,
+             vote: str, comment: str | None) -> VoteOutcome:
+        """Synchronous: run it in a thread from async code."""
+        if user is None:
+            self.audit_refusal(platform=platform, user=None, platform_user=platform_user,
+                               ticket_id=ticket_id, reason="unmapped chat user", action=vote)
+            return VoteOutcome(False, UNMAPPED)
+        try:
+            ident = self.services.identities.identity_of(user)
+            res = self.services.approvals.vote(ticket_id, ident, vote, comment, via=platform)
+        except (KeyturnError, Unauthorized) as exc:
+            self.audit_refusal(platform=platform, user=user, platform_user=platform_user,
+                               ticket_id=ticket_id, reason=exc.message, action=vote)
+            return VoteOutcome(False, exc.message)
+        t = res.ticket
+        if res.decided:
+            verb = "approved" if vote == "approve" else "rejected"
+            return VoteOutcome(True, f"You {verb} ticket #{t.id}.", True, t.status)
+        return VoteOutcome(True, f"Your approval of ticket #{t.id} is recorded "
+                                 f"({res.approvals} of {res.required}).", False, t.status)
+
+    def precheck(self, *, platform: str, platform_user: str, user: str | None,
+                 ticket_id: int) -> str | None:
+        """Why this person cannot decide this ticket now, or None. Used before
+        asking for a rejection reason; the vote itself checks again."""
+        reason = None
+        if user is None:
+            reason, message = "unmapped chat user", UNMAPPED
+        else:
+            try:
+                t = self.services.approvals.get(ticket_id)
+                ident = self.services.identities.identity_of(user)
+            except KeyturnError as exc:
+                reason = message = exc.message
+            else:
+                if t.status != "pending":
+                    who = f" by {t.decided_by}" if t.decided_by else ""
+                    reason = message = f"ticket {t.id} was already {t.status}{who}"
+                elif t.requester == user:
+                    reason = message = (f"{user} requested ticket {t.id} and cannot decide it "
+                                        "(separation of duties)")
+                elif not self.services.approvals.can_decide(ident, t):
+                    reason = message = (f"{user} is not in an approver group of ticket {t.id} "
+                                        f"({', '.join(t.approver_groups)})")
+        if reason is None:
+            return None
+        self.audit_refusal(platform=platform, user=user, platform_user=platform_user,
+                           ticket_id=ticket_id, reason=reason, action="reject")
+        return message
+
+    async def precheck_async(self, **kw: Any) -> str | None:
+        return await asyncio.to_thread(lambda: self.precheck(**kw))
+
+    async def avote(self, **kw: Any) -> VoteOutcome:
+        return await asyncio.to_thread(lambda: self.vote(**kw))

@@ -1,0 +1,147 @@
+"""The platform-neutral view of a ticket that Slack blocks and Teams cards share.
+
+Everything a chat message shows is computed here from the ticket's CURRENT
+state in the store, so a message rendered late (after an outage) is still
+right. The statement goes through ``statement_excerpt`` and nowhere else, so
+literal redaction can be added in one place.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from keyturn.approvals import APPROVED, CANCELLED, EXECUTED, EXPIRED, FAILED, PENDING, REJECTED
+
+STATUS_WORDS = {
+    PENDING: "Pending approval", APPROVED: "Approved", REJECTED: "Rejected",
+    EXPIRED: "Expired", CANCELLED: "Cancelled", EXECUTED: "Approved and executed",
+    FAILED: "Approved; execution failed",
+}
+
+
+def statement_excerpt(ticket: dict[str, Any], limit: int) -> tuple[str, bool]:
+    """The statement as chat may show it: the one place to redact literals,
+    shortened to ``limit`` characters. Returns (text, truncated)."""
+    text = (ticket.get("statement") or "").strip()
+    if len(text) <= limit:
+        return text, False
+    return text[: max(limit - 1, 1)].rstrip() + "…", True
+
+
+def fmt_time(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def fmt_left(seconds: float) -> str:
+    if seconds <= 0:
+        return "expired"
+    s = int(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    if s >= 60:
+        return f"{s // 60}m {s % 60}s"
+    return f"{s}s"
+
+
+@dataclass(frozen=True)
+class TicketView:
+    """What every chat rendering of one ticket needs."""
+
+    id: int
+    status: str
+    requester: str
+    connection: str
+    statement: str
+    truncated: bool
+    classification: str
+    rule: str
+    reason: str
+    row_estimate: int | None
+    time_left: str
+    approvals: int
+    required: int
+    votes: tuple[dict[str, Any], ...]
+    decided_by: str | None
+    decided_at: str
+    comment: str | None
+    result_rows: int | None
+    result_error: str | None
+    portal_url: str
+
+    @property
+    def pending(self) -> bool:
+        return self.status == PENDING
+
+    @property
+    def status_word(self) -> str:
+        return STATUS_WORDS.get(self.status, self.status)
+
+    @property
+    def estimate(self) -> str:
+        return "unknown" if self.row_estimate is None else f"~{self.row_estimate} rows"
+
+    def outcome_line(self) -> str:
+        """One sentence: who decided, when and why (empty while pending)."""
+        if self.pending:
+            return ""
+        if self.status == EXPIRED:
+            return f"Expired at {self.decided_at}: no decision before the timeout."
+        if self.status == CANCELLED:
+            return f"Cancelled at {self.decided_at}" + (f": {self.comment}" if self.comment
+                                                        else ".")
+        verb = "Rejected" if self.status == REJECTED else "Approved"
+        line = f"{verb} by {self.decided_by or 'unknown'} at {self.decided_at}"
+        line += f": {self.comment}" if self.comment else "."
+        if self.status == EXECUTED:
+            line += f" Executed; {self.result_rows if self.result_rows is not None else '?'}" \
+                    " rows affected."
+        if self.status == FAILED:
+            line += f" Execution failed: {self.result_error}"
+        return line
+
+
+def ticket_view(detail: dict[str, Any], *, portal_url: str, limit: int,
+                now: float | None = None) -> TicketView:
+    """Build the view from ``Approvals.detail`` output."""
+    now = time.time() if now is None else now
+    text, truncated = statement_excerpt(detail, limit)
+    votes = tuple(detail.get("votes") or ())
+    return TicketView(
+        id=detail["id"], status=detail["status"], requester=detail["requester"],
+        connection=detail["connection"], statement=text, truncated=truncated,
+        classification=detail["classification"], rule=detail["rule"],
+        reason=detail["reason"], row_estimate=detail.get("row_estimate"),
+        time_left=fmt_left(detail["expires_at"] - now),
+        approvals=sum(1 for v in votes if v["vote"] == "approve"),
+        required=detail["min_approvals"], votes=votes, decided_by=detail.get("decided_by"),
+        decided_at=fmt_time(detail.get("decided_at")), comment=detail.get("decision_comment"),
+        result_rows=detail.get("result_rows"), result_error=detail.get("result_error"),
+        portal_url=f"{portal_url.rstrip('/')}/tickets/{detail['id']}",
+    )
+
+
+def requester_note(what: str, view: TicketView) -> str:
+    """The text of a requester's direct message for one status change."""
+    head = f"Your request #{view.id} on {view.connection}"
+    if what == "created":
+        return (f"{head} is waiting for approval ({view.required} needed; rule {view.rule}). "
+                f"Follow it here: {view.portal_url}")
+    if what == APPROVED:
+        return f"{head} was approved by {view.decided_by}."
+    if what == REJECTED:
+        return f"{head} was rejected by {view.decided_by}: {view.comment}"
+    if what == EXPIRED:
+        return f"{head} expired: no decision before the timeout."
+    if what == CANCELLED:
+        return f"{head} was cancelled."
+    if what == EXECUTED:
+        rows = view.result_rows if view.result_rows is not None else "?"
+        return f"{head} was executed: {rows} rows affected."
+    if what == FAILED:
+        return f"{head} failed when it ran: {view.result_error}"
+    return f"{head} is now {view.status}."

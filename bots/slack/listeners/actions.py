@@ -1,0 +1,61 @@
+"""Approve and Reject buttons.
+
+``ack()`` first (Slack allows three seconds), then the vote goes through
+``keyturn.approvals``. The message itself is updated by the outbox from the
+store, so a click and a portal decision end in the same message.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from slack_bolt.async_app import AsyncApp
+
+from bots.slack.blocks import APPROVE, REJECT, reject_modal
+from bots.slack.listeners.deps import SlackDeps
+
+log = logging.getLogger(__name__)
+
+
+def _click(body: dict[str, Any]) -> tuple[str, str | None, int | None]:
+    user = body["user"]["id"]
+    channel = (body.get("channel") or {}).get("id") or (body.get("container") or {}).get(
+        "channel_id")
+    try:
+        ticket = int(body["actions"][0]["value"])
+    except (KeyError, IndexError, ValueError):
+        ticket = None
+    return user, channel, ticket
+
+
+def register(app: AsyncApp, deps: SlackDeps) -> None:
+    @app.action(APPROVE)
+    async def approve(ack: Any, body: dict[str, Any]) -> None:
+        await ack()
+        slack_user, channel, ticket = _click(body)
+        if ticket is None:
+            await deps.tell(channel=channel, user=slack_user, text="That button is malformed.")
+            return
+        user = await deps.people.keyturn_user(slack_user)
+        out = await deps.ctx.avote(platform="slack", platform_user=slack_user, user=user,
+                                   ticket_id=ticket, vote="approve", comment=None)
+        await deps.tell(channel=channel, user=slack_user, text=out.message)
+
+    @app.action(REJECT)
+    async def reject(ack: Any, body: dict[str, Any]) -> None:
+        await ack()
+        slack_user, channel, ticket = _click(body)
+        if ticket is None:
+            await deps.tell(channel=channel, user=slack_user, text="That button is malformed.")
+            return
+        user = await deps.people.keyturn_user(slack_user)
+        # Refuse before asking for a reason: nobody should type a reason that cannot count.
+        refusal = await deps.ctx.precheck_async(platform="slack", platform_user=slack_user,
+                                          user=user, ticket_id=ticket)
+        if refusal:
+            await deps.tell(channel=channel, user=slack_user, text=refusal)
+            return
+        await deps.client.views_open(trigger_id=body["trigger_id"],
+                                     view=reject_modal(ticket, channel=channel))
+

@@ -1,0 +1,27 @@
+"""What the Slack listeners share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bots.context import BotContext
+from bots.slack.people import SlackPeople
+from keyturn.config import SlackSettings
+
+
+@dataclass
+class SlackDeps:
+    ctx: BotContext
+    settings: SlackSettings
+    client: AsyncWebClient
+    people: SlackPeople
+
+    async def tell(self, *, channel: str | None, user: str, text: str) -> None:
+        """An ephemeral note to one person: in the channel of the click when there
+        is one, else as a DM."""
+        if channel:
+            await self.client.chat_postEphemeral(channel=channel, user=user, text=text)
+        else:
+            await self.client.chat_postMessage(channel=user, text=text)

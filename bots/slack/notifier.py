@@ -1,0 +1,158 @@
+"""Slack deliveries of outbox rows: the ticket message, its in-place updates,
+thread replies per vote, reminders and the requester's DMs.
+
+Each delivery renders the ticket's current state from the store. Slack errors
+become retries; HTTP 429 pauses all Slack deliveries for Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+import aiohttp
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+from sqlalchemy import select
+
+from bots.context import BotContext
+from bots.models import ChatMessage, OutboxItem
+from bots.outbox import Planned, RetryLater
+from bots.render import TicketView, fmt_left, requester_note, ticket_view
+from bots.slack.blocks import summary, ticket_blocks
+from bots.slack.people import SlackPeople
+from keyturn.config import SlackSettings
+from keyturn.models import Ticket, TicketEvent
+
+FINAL_EVENTS = {"decided", "expired", "cancelled", "executed", "failed"}
+
+
+class SlackNotifier:
+    platform = "slack"
+
+    def __init__(self, ctx: BotContext, settings: SlackSettings, client: AsyncWebClient,
+                 people: SlackPeople):
+        self.ctx = ctx
+        self.settings = settings
+        self.client = client
+        self.people = people
+
+    # ---- planning
+
+    def plan(self, event: TicketEvent, ticket: Ticket) -> Sequence[Planned]:
+        kind = event.kind
+        if kind == "created":
+            return [Planned("post"), Planned("dm", {"what": "created"})]
+        if kind.startswith("vote:"):
+            if ticket.min_approvals > 1:
+                return [Planned("vote_reply", {"approver": event.actor, "vote": kind[5:],
+                                               "comment": (event.detail or {}).get("comment")}),
+                        Planned("update")]
+            return []
+        if kind in FINAL_EVENTS:
+            what = (event.detail or {}).get("status") if kind == "decided" else kind
+            return [Planned("update"), Planned("dm", {"what": what})]
+        return []
+
+    def scheduled(self, pending: Sequence[Ticket], now: float
+                  ) -> Sequence[tuple[int, Planned]]:
+        out = []
+        for t in pending:
+            for before in self.settings.reminders:
+                # Only reminders whose moment has come, and not for tickets created
+                # inside the window (they were just announced).
+                if t.expires_at - before <= now < t.expires_at and \
+                        t.created_at < t.expires_at - before:
+                    out.append((t.id, Planned("reminder", {"before": before},
+                                              dedupe=f"reminder:{t.id}:{int(before)}")))
+        return out
+
+    # ---- delivery
+
+    async def deliver(self, item: OutboxItem) -> str | None:
+        detail = await asyncio.to_thread(self.ctx.services.approvals.detail, item.ticket_id)
+        view = ticket_view(detail, portal_url=self.ctx.portal_url,
+                           limit=self.settings.statement_chars)
+        try:
+            return await self._send(item, view)
+        except SlackApiError as exc:
+            resp = exc.response
+            if resp.status_code == 429:
+                after = float(resp.headers.get("Retry-After", resp.headers.get("retry-after", 1)))
+                raise RetryLater(f"rate limited for {after}s", after=after,
+                                 platform_wide=True) from exc
+            raise RetryLater(f"Slack answered {resp.status_code}: "
+                             f"{resp.get('error') if isinstance(resp.data, dict) else ''}"
+                             ) from exc
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise RetryLater(f"Slack unreachable: {exc!r}") from exc
+
+    async def _send(self, item: OutboxItem, view: TicketView) -> str | None:
+        ref = await asyncio.to_thread(self._message, item.ticket_id)
+        if item.kind == "post":
+            if ref is not None:  # a retried post that already went out: keep one message
+                return await self._update(ref, view)
+            channel = self.settings.channel_for(view.connection, self.ctx.policy_of(
+                view.connection))
+            resp = await self.client.chat_postMessage(
+                channel=channel, text=summary(view), blocks=await self._blocks(view),
+                unfurl_links=False)
+            await asyncio.to_thread(self._remember, item.ticket_id, resp["channel"], resp["ts"])
+            return None
+        if item.kind == "update":
+            if ref is None:
+                return "no Slack message to update"
+            return await self._update(ref, view)
+        if item.kind == "vote_reply":
+            if ref is None:
+                return "no Slack message to reply to"
+            p = item.payload
+            verb = "approved" if p.get("vote") == "approve" else "rejected"
+            text = f"{p.get('approver')} {verb} ({view.approvals} of {view.required} approvals)"
+            if p.get("comment"):
+                text += f": {p['comment']}"
+            await self.client.chat_postMessage(channel=ref.channel, thread_ts=ref.ref, text=text)
+            return None
+        if item.kind == "reminder":
+            if not view.pending:
+                return "ticket no longer pending"
+            detail_left = fmt_left(float(item.payload.get("before", 0)))
+            link = ""
+            if ref is not None:
+                permalink = await self.client.chat_getPermalink(channel=ref.channel,
+                                                                message_ts=ref.ref)
+                link = f" <{permalink.get('permalink')}|Open the request>"
+            channel = ref.channel if ref else self.settings.channel_for(
+                view.connection, self.ctx.policy_of(view.connection))
+            await self.client.chat_postMessage(channel=channel, text=(
+                f"Reminder: ticket #{view.id} ({view.classification} on {view.connection} by "
+                f"{view.requester}) expires in about {detail_left} with {view.approvals} of "
+                f"{view.required} approvals.{link}"))
+            return None
+        if item.kind == "dm":
+            sid = await self.people.slack_id(view.requester)
+            if sid is None:
+                return f"{view.requester} has no Slack account Keyturn knows"
+            await self.client.chat_postMessage(channel=sid, text=requester_note(
+                str(item.payload.get("what")), view))
+            return None
+        return f"unknown delivery kind {item.kind}"
+
+    async def _blocks(self, view: TicketView) -> list[dict]:
+        return ticket_blocks(view, requester_slack=await self.people.slack_id(view.requester))
+
+    async def _update(self, ref: ChatMessage, view: TicketView) -> None:
+        await self.client.chat_update(channel=ref.channel, ts=ref.ref, text=summary(view),
+                                      blocks=await self._blocks(view))
+
+    def _message(self, ticket_id: int) -> ChatMessage | None:
+        with self.ctx.services.store.session() as s:
+            return s.scalars(select(ChatMessage).where(
+                ChatMessage.platform == "slack", ChatMessage.ticket_id == ticket_id,
+                ChatMessage.purpose == "ticket")).first()
+
+    def _remember(self, ticket_id: int, channel: str, ts: str) -> None:
+        with self.ctx.services.store.write() as s:
+            s.add(ChatMessage(platform="slack", ticket_id=ticket_id, purpose="ticket",
+                              channel=channel, ref=ts, extra={}, created_at=time.time()))

@@ -1,0 +1,416 @@
+"""Slack end to end against a local Slack Web API stand-in: the real Bolt app
+served by the real bots server, driven by signed HTTP requests exactly as
+Slack sends them; tickets made and decided through keyturn.approvals."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+import requests
+from sqlalchemy import select
+
+from bots.models import OutboxItem
+from bots.server import start_in_thread
+from keyturn.approvals import TicketRequest
+from keyturn.config import load_config
+from keyturn.models import AuditRecord, Vote
+from keyturn.services import Services, build_services
+from tests.chat_standins import (
+    SlackStandIn,
+    block_action,
+    slack_headers,
+    slash,
+    view_submission,
+)
+from tests.conftest import KEYTURN, free_port
+
+SECRET = "slack-signing-secret-1"
+CHANNEL = "CAPPROVALS"
+
+CONFIG = """
+store: {{url: "sqlite:///{base}/keyturn.db"}}
+portal: {{listen: 127.0.0.1:18080, public_url: "https://keyturn.example"}}
+identity:
+  users:
+    alice: {{groups: [engineers], email: alice@example.com}}
+    bob: {{groups: [approvers], email: bob@example.com}}
+    dana: {{groups: [approvers], email: dana@example.com}}
+    carol: {{groups: [auditors], email: carol@example.com}}
+connections:
+  - name: shop
+    type: postgres
+    target: {{host: 127.0.0.1, port: 5432}}
+    policy: shop
+  - name: billing
+    type: postgres
+    target: {{host: 127.0.0.1, port: 5432}}
+    policy: shop
+policies:
+  shop:
+    rules:
+      - name: writes-need-approval
+        match: {{class: write}}
+        action: review
+        review: {{approvers: [approvers]}}
+integrations:
+  listen: 127.0.0.1:{port}
+  poll_interval: 0.1
+  slack:
+    mode: {mode}
+    bot_token_file: {base}/bot-token
+    signing_secret_file: {base}/signing-secret
+    app_token_file: {base}/app-token
+    channel: {channel}
+    channels: {{connections: {{billing: CBILLING}}}}
+    reminders: [3s]
+    api_base_url: {api}/api/
+    statement_chars: 120
+"""
+
+
+class Harness:
+    def __init__(self, base: Path, slack: SlackStandIn, *, mode: str = "http"):
+        base.mkdir(parents=True, exist_ok=True)
+        (base / "bot-token").write_text(slack.token)
+        (base / "signing-secret").write_text(SECRET)
+        (base / "app-token").write_text(slack.app_token)
+        self.port = free_port()
+        self.path = base / "keyturn.yaml"
+        self.path.write_text(CONFIG.format(base=base, port=self.port, mode=mode,
+                                           channel=CHANNEL, api=slack.url))
+        self.config = load_config(self.path)
+        self.svc: Services = build_services(self.config)
+        self.slack = slack
+        self.stop = start_in_thread(self.config)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/slack/events"
+
+    def ticket(self, *, requester: str = "alice", statement: str = "DELETE FROM orders WHERE "
+               "id < 10", connection: str = "shop", min_approvals: int = 1,
+               timeout: float = 600) -> int:
+        t = self.svc.approvals.create(TicketRequest(
+            requester=requester, requester_groups=("engineers",), connection=connection,
+            statement=statement, classification="write", rule="writes-need-approval",
+            reason="data changes need a second pair of eyes", approver_groups=("approvers",),
+            min_approvals=min_approvals, timeout=timeout, row_estimate=9, tables=("orders",)))
+        return t.id
+
+    def post(self, body: str, *, ts: int | None = None, secret: str = SECRET,
+             content_type: str = "application/x-www-form-urlencoded") -> requests.Response:
+        return requests.post(self.url, data=body.encode(), timeout=10,
+                             headers=slack_headers(body, secret, ts=ts,
+                                                   content_type=content_type))
+
+    def interact(self, payload: dict[str, Any], **kw: Any) -> requests.Response:
+        return self.post(urlencode({"payload": json.dumps(payload)}), **kw)
+
+    def command(self, user: str, text: str) -> requests.Response:
+        return self.post(urlencode(slash(user, text)))
+
+    def message(self, ticket: int, channel: str = CHANNEL) -> dict[str, Any]:
+        """The ticket's channel message as the stand-in holds it now."""
+        mine = [m for m in self.slack.channel_messages(channel)
+                if f"Ticket #{ticket}>" in json.dumps(m.get("blocks"))]
+        assert len(mine) == 1, f"expected one message for #{ticket}, found {len(mine)}"
+        return mine[0]
+
+    def wait_message(self, ticket: int, contains: str, channel: str = CHANNEL,
+                     timeout: float = 15) -> dict[str, Any]:
+        def probe() -> Any:
+            for (c, _), m in self.slack.messages.items():
+                blob = json.dumps(m.get("blocks"))
+                if c == channel and f"Ticket #{ticket}>" in blob and contains in blob:
+                    return m
+            return None
+        return self.slack.wait_for(probe, timeout, f"message #{ticket} with {contains!r}")
+
+    def wait_dm(self, slack_id: str, contains: str, timeout: float = 15) -> str:
+        def probe() -> Any:
+            return next((t for (c, _), m in self.slack.messages.items() if c == slack_id
+                         for t in [m["text"] or ""] if contains in t), None)
+        return self.slack.wait_for(probe, timeout, f"DM to {slack_id} with {contains!r}")
+
+    def wait_ephemeral(self, slack_id: str, contains: str, timeout: float = 10) -> str:
+        def probe() -> Any:
+            return next((c.args.get("text") for c in self.slack.calls
+                         if c.method == "chat.postEphemeral" and c.args.get("user") == slack_id
+                         and contains in (c.args.get("text") or "")), None)
+        return self.slack.wait_for(probe, timeout, f"ephemeral to {slack_id}: {contains!r}")
+
+    def audits(self, **where: Any) -> list[AuditRecord]:
+        with self.svc.store.session() as s:
+            rows = list(s.scalars(select(AuditRecord).order_by(AuditRecord.seq)))
+        return [r for r in rows if all(getattr(r, k) == v for k, v in where.items())]
+
+    def wait_drained(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.svc.store.session() as s:
+                left = s.scalars(select(OutboxItem).where(OutboxItem.sent_at.is_(None))).all()
+            if not left:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"outbox not drained: {[(r.kind, r.last_error) for r in left]}")
+
+
+@pytest.fixture(scope="module")
+def slack() -> Iterator[SlackStandIn]:
+    s = SlackStandIn().start()
+    s.add_user("UALICE", "alice@example.com")
+    s.add_user("UBOB", "bob@example.com")
+    s.add_user("UDANA", "dana@example.com")
+    s.add_user("UCAROL", "carol@example.com")
+    s.add_user("UNOBODY", "nobody@elsewhere.example")
+    s.add_user("UFAKEBOB", "bob@example.com", confirmed=False)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def h(slack: SlackStandIn, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+    harness = Harness(tmp_path_factory.mktemp("slack"), slack)
+    yield harness
+    harness.stop()
+
+
+def _texts(blocks: list[dict[str, Any]]) -> str:
+    return json.dumps(blocks, ensure_ascii=False)
+
+
+# ---------------------------------------------------------------- the ticket message
+
+def test_ticket_message_shows_context_and_approve_click_decides(h: Harness) -> None:
+    tid = h.ticket(statement="DELETE FROM orders WHERE id < 10")
+    msg = h.wait_message(tid, "Pending approval")
+    blob = _texts(msg["blocks"])
+    assert "<@UALICE>" in blob                       # requester mentioned (mapped by e-mail)
+    assert "shop" in blob and "writes-need-approval" in blob
+    assert "data changes need a second pair of eyes" in blob
+    assert "```DELETE FROM orders WHERE id &lt; 10```" in blob   # code block, escaped
+    assert "~9 rows" in blob                         # EXPLAIN estimate
+    assert "0 of 1" in blob and "Time left" in blob
+    buttons = [e["action_id"] for b in msg["blocks"] if b["type"] == "actions"
+               for e in b["elements"]]
+    assert buttons == ["kt_approve", "kt_reject"]
+    h.wait_dm("UALICE", f"#{tid} on shop is waiting for approval")
+    assert f"https://keyturn.example/tickets/{tid}" in h.wait_dm("UALICE", f"#{tid}")
+
+    r = h.interact(block_action("UBOB", "kt_approve", tid, ts=msg["ts"]))
+    assert r.status_code == 200
+    final = h.wait_message(tid, "Approved by bob")
+    assert not [b for b in final["blocks"] if b["type"] == "actions"], "buttons must go"
+    t = h.svc.approvals.get(tid)
+    assert (t.status, t.decided_by) == ("approved", "bob")
+    with h.svc.store.session() as s:
+        assert s.scalars(select(Vote.via).where(Vote.ticket_id == tid)).all() == ["slack"]
+    h.wait_dm("UALICE", f"#{tid} on shop was approved by bob")
+    h.wait_ephemeral("UBOB", f"You approved ticket #{tid}")
+
+
+def test_long_statement_is_truncated_with_portal_link(h: Harness) -> None:
+    stmt = "UPDATE orders SET status = 'x' WHERE id IN (" + ", ".join(map(str, range(200))) + ")"
+    tid = h.ticket(statement=stmt)
+    blob = _texts(h.wait_message(tid, "Pending approval")["blocks"])
+    assert stmt not in blob and "…```" in blob
+    assert f"<https://keyturn.example/tickets/{tid}|Statement truncated: view in portal>" in blob
+
+
+def test_connection_channel_overrides_default(h: Harness) -> None:
+    tid = h.ticket(connection="billing")
+    h.wait_message(tid, "Pending approval", channel="CBILLING")
+    assert not [m for m in h.slack.channel_messages(CHANNEL)
+                if f"Ticket #{tid}>" in json.dumps(m["blocks"])]
+
+
+def test_reject_opens_modal_and_reason_reaches_message_and_requester(h: Harness) -> None:
+    tid = h.ticket()
+    msg = h.wait_message(tid, "Pending approval")
+    h.interact(block_action("UDANA", "kt_reject", tid, ts=msg["ts"]))
+    opened = h.slack.wait_for(lambda: [c for c in h.slack.calls if c.method == "views.open"
+                                       and f'"ticket": {tid}' in c.args["view"]
+                                       ["private_metadata"]], what="views.open")
+    assert opened[0].args["view"]["callback_id"] == "kt_reject_modal"
+    assert h.svc.approvals.get(tid).status == "pending"     # opening the modal decides nothing
+
+    # An empty reason is refused inside the modal.
+    r = h.interact(view_submission("UDANA", tid, "   "))
+    assert r.status_code == 200 and r.json()["response_action"] == "errors"
+    assert h.svc.approvals.get(tid).status == "pending"
+
+    r = h.interact(view_submission("UDANA", tid, "not during the sale"))
+    assert r.status_code == 200
+    final = h.wait_message(tid, "Rejected by dana")
+    assert "not during the sale" in _texts(final["blocks"])
+    t = h.svc.approvals.get(tid)
+    assert (t.status, t.decided_by, t.decision_comment) == ("rejected", "dana",
+                                                             "not during the sale")
+    h.wait_dm("UALICE", f"#{tid} on shop was rejected by dana: not during the sale")
+
+
+# ---------------------------------------------------------------- who may click
+
+def test_unmapped_clicker_is_refused_and_nothing_changes(h: Harness) -> None:
+    tid = h.ticket()
+    h.wait_message(tid, "Pending approval")
+    for user in ("UNOBODY", "UFAKEBOB", "UUNKNOWN"):   # foreign e-mail, unconfirmed, no user
+        assert h.interact(block_action(user, "kt_approve", tid)).status_code == 200
+        h.wait_ephemeral(user, "Keyturn does not know who you are")
+    h.interact(block_action("UNOBODY", "kt_reject", tid))
+    assert len(h.slack.ephemerals("UNOBODY")) == 2
+    assert not [c for c in h.slack.calls if c.method == "views.open"
+                and f'"ticket": {tid}' in c.args["view"]["private_metadata"]]
+    assert h.svc.approvals.detail(tid)["votes"] == []
+    assert h.svc.approvals.get(tid).status == "pending"
+    refused = h.audits(kind="chat", ticket_id=tid, outcome="refused")
+    assert {r.detail["platform_user"] for r in refused} >= {"UNOBODY", "UFAKEBOB", "UUNKNOWN"}
+
+
+def test_wrong_group_and_self_approval_are_refused(h: Harness) -> None:
+    tid = h.ticket(requester="alice")
+    h.wait_message(tid, "Pending approval")
+    h.interact(block_action("UCAROL", "kt_approve", tid))
+    h.wait_ephemeral("UCAROL", "carol is not in an approver group")
+    # alice, requester, is linked explicitly too (CLI) and gets approver rights nowhere.
+    h.interact(block_action("UALICE", "kt_approve", tid))
+    h.wait_ephemeral("UALICE", "cannot decide it (separation of duties)")
+    h.interact(block_action("UALICE", "kt_reject", tid))
+    h.slack.wait_for(lambda: len([e for e in h.slack.ephemerals("UALICE")
+                                  if "separation of duties" in e]) == 2, what="second refusal")
+    assert h.svc.approvals.get(tid).status == "pending"
+    assert h.svc.approvals.detail(tid)["votes"] == []
+
+
+def test_explicit_link_made_by_cli_maps_a_slack_user(h: Harness) -> None:
+    import subprocess
+
+    h.slack.add_user("UDANA2", None)   # no e-mail at all: only a link can map this account
+    tid = h.ticket()
+    h.wait_message(tid, "Pending approval")
+    h.interact(block_action("UDANA2", "kt_approve", tid))
+    h.wait_ephemeral("UDANA2", "does not know who you are")
+    res = subprocess.run([*KEYTURN, "-c", str(h.path), "bots", "link", "--platform", "slack",
+                          "--id", "UDANA2", "--user", "dana"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    bad = subprocess.run([*KEYTURN, "-c", str(h.path), "bots", "link", "--platform", "slack",
+                          "--id", "UX", "--user", "mallory"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown user 'mallory'" in bad.stderr
+    h.interact(block_action("UDANA2", "kt_approve", tid))
+    h.wait_message(tid, "Approved by dana")
+
+
+def test_double_click_gives_one_decision_and_late_clicker_learns_who(h: Harness) -> None:
+    tid = h.ticket()
+    h.wait_message(tid, "Pending approval")
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda u=u: results.append(
+        h.interact(block_action(u, "kt_approve", tid)).status_code))
+        for u in ("UBOB", "UDANA", "UBOB")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [200, 200, 200]
+    final = h.wait_message(tid, "Approved by")
+    t = h.svc.approvals.get(tid)
+    assert t.status == "approved" and t.decided_by in ("bob", "dana")
+    assert len(h.svc.approvals.detail(tid)["votes"]) == 1
+    late = "dana" if t.decided_by == "bob" else "bob"
+    h.wait_ephemeral(f"U{late.upper()}", f"already approved by {t.decided_by}")
+    assert f"Approved by {t.decided_by}" in _texts(final["blocks"])
+
+
+def test_two_of_three_posts_a_thread_reply_per_vote(h: Harness) -> None:
+    tid = h.ticket(min_approvals=2)
+    msg = h.wait_message(tid, "0 of 2")
+    h.interact(block_action("UBOB", "kt_approve", tid))
+    h.wait_message(tid, "1 of 2")
+    h.slack.wait_for(lambda: [m for m in h.slack.replies(CHANNEL, msg["ts"])
+                              if "bob approved (1 of 2 approvals)" in m["text"]],
+                     what="thread reply for bob")
+    h.wait_ephemeral("UBOB", "recorded (1 of 2)")
+    assert h.svc.approvals.get(tid).status == "pending"
+    h.interact(block_action("UBOB", "kt_approve", tid))      # counts once
+    h.wait_ephemeral("UBOB", "already voted")
+    h.interact(block_action("UDANA", "kt_approve", tid))
+    final = h.wait_message(tid, "Approved by bob, dana")
+    assert not [b for b in final["blocks"] if b["type"] == "actions"]
+    h.slack.wait_for(lambda: len(h.slack.replies(CHANNEL, msg["ts"])) == 2, what="two replies")
+
+
+def test_decision_made_elsewhere_updates_the_message(h: Harness) -> None:
+    tid = h.ticket()
+    h.wait_message(tid, "Pending approval")
+    h.svc.approvals.vote(tid, h.svc.identities.identity_of("dana"), "approve", via="portal")
+    h.wait_message(tid, "Approved by dana")
+    h.svc.approvals.finish(tid, "execute", rows=7)
+    h.wait_message(tid, "7 rows affected")
+    h.wait_dm("UALICE", f"#{tid} on shop was executed: 7 rows affected")
+
+
+def test_expiry_updates_message_and_reminder_is_posted_once(h: Harness) -> None:
+    tid = h.ticket(timeout=5)          # reminders: [3s] before expiry
+    h.wait_message(tid, "Pending approval")
+    h.slack.wait_for(lambda: [c for c in h.slack.calls_to("chat.postMessage")
+                              if f"Reminder: ticket #{tid}" in (c.args.get("text") or "")],
+                     timeout=10, what="reminder")
+    time.sleep(max(0.0, h.svc.approvals.get(tid).expires_at - time.time()) + 0.1)
+    assert h.svc.approvals.expire_due() == [tid]
+    h.wait_message(tid, "Expired at")
+    h.wait_dm("UALICE", f"#{tid} on shop expired")
+    reminders = [c for c in h.slack.calls_to("chat.postMessage")
+                 if f"Reminder: ticket #{tid}" in (c.args.get("text") or "")]
+    assert len(reminders) == 1
+
+
+# ---------------------------------------------------------------- /keyturn
+
+def test_slash_commands_answer_ephemerally(h: Harness) -> None:
+    mine = h.ticket(requester="alice")
+    h.wait_message(mine, "Pending approval")
+    r = h.command("UALICE", "mine")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["response_type"] == "ephemeral" and f"*#{mine}* pending" in body["text"]
+
+    body = h.command("UBOB", "pending").json()
+    assert body["response_type"] == "ephemeral"
+    ids = [e["value"] for b in body["blocks"] if b["type"] == "actions" for e in b["elements"]]
+    assert str(mine) in ids
+    assert h.command("UALICE", "pending").json()["blocks"][0]["text"]["text"] == \
+        "Nothing is waiting for you."
+
+    body = h.command("UBOB", f"status {mine}").json()
+    assert body["response_type"] == "ephemeral" and f"*#{mine}* Pending approval" in body["text"]
+    assert "You may not see" in h.command("UNOBODY", f"status {mine}").json()["text"] or \
+        "does not know who you are" in h.command("UNOBODY", f"status {mine}").json()["text"]
+    assert "no ticket #99999" in h.command("UBOB", "status 99999").json()["text"].lower()
+    assert "/keyturn mine" in h.command("UBOB", "help").json()["text"]
+    assert "/keyturn mine" in h.command("UBOB", "").json()["text"]
+
+
+# ---------------------------------------------------------------- forged and replayed
+
+def test_forged_and_replayed_requests_get_401_and_are_audited(h: Harness) -> None:
+    tid = h.ticket()
+    h.wait_message(tid, "Pending approval")
+    body = urlencode({"payload": json.dumps(block_action("UBOB", "kt_approve", tid))})
+    forged = h.post(body, secret="not-the-secret")
+    replayed = h.post(body, ts=int(time.time()) - 600)       # validly signed, 10 minutes old
+    unsigned = requests.post(h.url, data=body, timeout=10,
+                             headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert [forged.status_code, replayed.status_code, unsigned.status_code] == [401, 401, 401]
+    time.sleep(0.5)
+    assert h.svc.approvals.get(tid).status == "pending"
+    reasons = [r.reason for r in h.audits(kind="chat", outcome="unauthorized")]
+    assert "bad signature" in reasons
+    assert any("old (replay?)" in r for r in reasons)
+    assert any("missing" in r for r in reasons)
