@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 import orjson
-from sqlalchemy import insert, select
+from sqlalchemy import select
 
 from keyturn.models import AuditHead, AuditRecord, AuditSpoolCursor
 from keyturn.store import Store
@@ -32,18 +32,30 @@ from keyturn.store import Store
 log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
-_AUDIT_INSERT = insert(AuditRecord.__table__)  # type: ignore[arg-type]
 FIELDS = ("seq", "at", "kind", "user", "connection", "session_id", "client_addr", "statement",
           "classification", "action", "rule", "reason", "ticket_id", "outcome", "duration_ms",
           "rows", "detail")
-_RECORD_KEYS = set(FIELDS) - {"seq"}
+
+
+_CANONICAL = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
 
 
 def record_hash(prev_hash: str, rec: dict[str, Any]) -> str:
     """sha256(prev_hash || canonical JSON): sorted keys, no spaces, UTF-8 (orjson)."""
-    body = orjson.dumps({k: rec.get(k) for k in FIELDS}, default=str,
-                        option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+    body = orjson.dumps({k: rec.get(k) for k in FIELDS}, default=str, option=_CANONICAL)
     return hashlib.sha256(prev_hash.encode() + body).hexdigest()
+
+
+# Column order of the raw insert below (the table's columns, hash last).
+_INSERT_COLUMNS = (*FIELDS, "prev_hash", "hash")
+
+
+def _insert_sql(dialect: str) -> str:
+    mark = "?" if dialect == "sqlite" else "%s"
+    values = [f"CAST({mark} AS JSON)" if c == "detail" and dialect != "sqlite" else mark
+              for c in _INSERT_COLUMNS]
+    cols = ", ".join(f'"{c}"' for c in _INSERT_COLUMNS)
+    return f"INSERT INTO audit_records ({cols}) VALUES ({', '.join(values)})"
 
 
 def _row_dict(r: AuditRecord) -> dict[str, Any]:
@@ -82,21 +94,27 @@ class AuditLog:
             head = s.scalars(select(AuditHead).where(AuditHead.id == 1).with_for_update()).one()
             seq, prev = head.seq, head.hash
             rows = []
+            dumps, sha256, now = orjson.dumps, hashlib.sha256, time.time()
             for raw in records:
-                rec = {k: raw.get(k) for k in _RECORD_KEYS}
-                rec["detail"] = rec["detail"] or {}
+                rec = {k: raw.get(k) for k in FIELDS}
+                detail = rec["detail"] = rec["detail"] or {}
                 at = rec["at"]
-                rec["at"] = float(at) if at is not None else time.time()
+                rec["at"] = float(at) if at is not None else now
                 seq += 1
                 rec["seq"] = seq
-                h = record_hash(prev, rec)
+                # record_hash(), inlined: rec holds exactly FIELDS here.
+                h = sha256(prev.encode() + dumps(rec, default=str, option=_CANONICAL)
+                           ).hexdigest()
+                rec["detail"] = dumps(detail, default=str, option=orjson.OPT_NON_STR_KEYS
+                                      ).decode()
                 rec["prev_hash"], rec["hash"] = prev, h
-                rows.append(rec)
+                rows.append(tuple(rec[c] for c in _INSERT_COLUMNS))
                 prev = h
             if rows:
-                # Core insert on the session's connection: the ORM's bulk path costs
-                # more per row than the rest of the ingest together.
-                s.connection().execute(_AUDIT_INSERT, rows)
+                # A driver-level executemany: SQLAlchemy's per-row parameter processing
+                # costs more than the hashing and the insert together.
+                conn = s.connection()
+                conn.exec_driver_sql(_insert_sql(conn.dialect.name), rows)
                 head.seq, head.hash = seq, prev
             if cursor is not None:
                 row = s.get(AuditSpoolCursor, cursor[0])

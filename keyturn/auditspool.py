@@ -6,6 +6,9 @@ throughput, so the gateway only appends one JSON line per record to a local
 spool file (``AuditSpool``, a few microseconds). A separate, lower-priority
 process (``keyturn audit ingest``, started by the gateway) reads the spool,
 hash-chains the records and inserts them in batches (``AuditIngester``).
+It runs under SCHED_IDLE while its backlog is small, so on a busy machine
+traffic comes first and ingestion catches up in idle time, with a bounded
+backlog (``IngestPriority``).
 
 Nothing is lost on the way:
 
@@ -111,6 +114,7 @@ class AuditIngester:
         self.dir = Path(directory)
         self.batch = batch
         self.ingested = 0
+        self.position: tuple[str, int] = ("", 0)  # last (spool file, offset) ingested
 
     def pending_files(self) -> list[Path]:
         if not self.dir.is_dir():
@@ -167,6 +171,7 @@ class AuditIngester:
                     self.audit.append(records, cursor=(source, pos))
                     done += len(records)
                     offset = pos
+                    self.position = (source, pos)
                     fh.seek(offset)
                 if finished or len(records) < self.batch:
                     break
@@ -176,8 +181,28 @@ class AuditIngester:
         self.ingested += done
         return done
 
-    def follow(self, stop: threading.Event, interval: float = 0.2) -> None:
-        """Ingest until ``stop`` is set, then drain what is complete and return."""
+    def backlog_bytes(self) -> int:
+        """Spool bytes not yet ingested (no store access: for the priority watchdog)."""
+        total = 0
+        source, offset = self.position
+        for path in self.pending_files():
+            try:
+                size = path.stat().st_size
+            except OSError:
+                continue
+            total += max(0, size - offset) if path.name == source else size
+        return total
+
+    def follow(self, stop: threading.Event, interval: float = 0.2, *,
+               idle_priority: bool = True) -> None:
+        """Ingest until ``stop`` is set, then drain what is complete and return.
+
+        With ``idle_priority`` the ingest runs under SCHED_IDLE while the backlog
+        is small (see ``IngestPriority``), and at normal priority to drain.
+        """
+        priority = IngestPriority(self) if idle_priority else None
+        if priority:
+            priority.start(stop)
         while not stop.is_set():
             try:
                 if self.run_once() == 0:
@@ -185,7 +210,85 @@ class AuditIngester:
             except Exception:
                 log.exception("audit ingest failed; retrying")
                 stop.wait(1.0)
+        if priority:
+            priority.normal()
         self.run_once()
+
+
+class IngestPriority:
+    """Keep audit ingestion off a busy machine's CPU, with a bounded backlog.
+
+    The ingest thread runs under Linux's SCHED_IDLE policy: it gets CPU only
+    when nothing else wants it, so under load the gateway, the target and the
+    clients come first and the records wait, durable, in the spool. When the
+    backlog passes ``high`` bytes (~100,000 records) a watchdog thread moves the
+    ingest back to normal scheduling (at the process's nice level) until the
+    backlog is below ``low``, so the store never falls behind by more than a
+    bounded amount even under sustained load. Where SCHED_IDLE is unavailable,
+    or the process could not leave it again (no privilege), nothing changes.
+    """
+
+    def __init__(self, ingester: AuditIngester, *, high: int = 32 << 20, low: int = 4 << 20,
+                 interval: float = 1.0):
+        self.ingester = ingester
+        self.high, self.low, self.interval = high, low, interval
+        self.tid = 0
+        self.idle = False
+        self.switches = 0
+
+    @staticmethod
+    def supported() -> bool:
+        if not hasattr(os, "SCHED_IDLE"):
+            return False
+        result: list[bool] = []
+
+        def probe() -> None:  # in a throwaway thread: idle and back again
+            try:
+                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+                os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+                result.append(True)
+            except OSError:
+                result.append(False)
+
+        t = threading.Thread(target=probe)
+        t.start()
+        t.join()
+        return result == [True]
+
+    def start(self, stop: threading.Event) -> None:
+        if not self.supported():
+            log.info("audit ingest runs at normal priority (SCHED_IDLE not available)")
+            return
+        self.tid = threading.get_native_id()
+        # The watchdog is started first so it keeps normal scheduling.
+        threading.Thread(target=self._watch, args=(stop,), name="ingest-priority",
+                         daemon=True).start()
+        self._set(idle=True)
+
+    def _set(self, *, idle: bool) -> None:
+        if not self.tid or idle == self.idle:
+            return
+        policy = os.SCHED_IDLE if idle else os.SCHED_OTHER
+        try:
+            os.sched_setscheduler(self.tid, policy, os.sched_param(0))
+        except OSError as exc:
+            log.warning("cannot change the audit ingest priority: %s", exc)
+            return
+        self.idle = idle
+        self.switches += 1
+
+    def normal(self) -> None:
+        self._set(idle=False)
+
+    def _watch(self, stop: threading.Event) -> None:
+        while not stop.wait(self.interval):
+            backlog = self.ingester.backlog_bytes()
+            if self.idle and backlog > self.high:
+                log.info("audit spool backlog %d MiB: ingesting at normal priority",
+                         backlog >> 20)
+                self._set(idle=False)
+            elif not self.idle and backlog < self.low:
+                self._set(idle=True)
 
 
 def spool_backlog(directory: str | os.PathLike[str], audit: AuditLog) -> int:

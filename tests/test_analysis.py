@@ -832,3 +832,82 @@ def test_fuzz_sql_like_text_never_raises(sql: str) -> None:
     assert isinstance(first.cls, StatementClass)
     # A second call (possibly cached) agrees with the first.
     assert analyzer.analyze(sql, PreparedStatements()).cls is first.cls
+
+
+# ---------------------------------------------------------------- the gateway's fast shape
+
+from keyturn.analysis.postgres import fast_shape  # noqa: E402
+
+
+@pytest.mark.parametrize(("a", "b"), [
+    ("SELECT abalance FROM pgbench_accounts WHERE aid = 1;",
+     "SELECT abalance FROM pgbench_accounts WHERE aid = 987654;"),
+    ("SELECT * FROM t WHERE x = 3.14 LIMIT 10", "SELECT * FROM t WHERE x = 2 LIMIT 99"),
+    ("UPDATE t SET v = v + 1 WHERE id = 5", "UPDATE t SET v = v + 70 WHERE id = 6"),
+])
+def test_fast_shape_merges_texts_that_differ_only_in_numbers(a, b):
+    assert fast_shape(a) == fast_shape(b) is not None
+    assert pg.normalize(a) == pg.normalize(b)  # a subset of what the parser's shape merges
+
+
+@pytest.mark.parametrize(("a", "b"), [
+    ("SELECT * FROM t1", "SELECT * FROM t2"),                 # digits inside identifiers
+    ("SELECT * FROM s1.t", "SELECT * FROM s2.t"),
+    ("SELECT c1 FROM t", "SELECT c2 FROM t"),
+    ("SELECT 0x1F", "SELECT 0x2F"),                           # PostgreSQL 15: 0 AS x1F
+    ("SELECT 1e5", "SELECT 2e5"),
+    ("SELECT .5", "SELECT .6"),
+    ("SELECT x.1", "SELECT x.2"),
+])
+def test_fast_shape_keeps_everything_but_bare_numbers(a, b):
+    assert fast_shape(a) != fast_shape(b)
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT 'x'", 'SELECT "t1".a FROM "t1"', "SELECT $1", "SELECT $$1$$", "SELECT 1 -- 2",
+    "SELECT /* 1 */ 2", "SELECT E'\\x41'", "SELECT * FROM t\u0663",   # non-ASCII digit
+    "SELECT * FROM \u00e91", "SELECT 1\x00",
+])
+def test_fast_shape_refuses_texts_it_cannot_read_by_eye(sql):
+    assert fast_shape(sql) is None
+
+
+_FAST_CORPUS = [
+    "SELECT a FROM t WHERE id = 1",
+    "SELECT pg_terminate_backend(123)",
+    "SELECT lo_unlink(4711)",
+    "SELECT nextval(5)",
+    "DELETE FROM t WHERE id = 1",
+    "SELECT * FROM t ORDER BY 1 LIMIT 5 OFFSET 10",
+    "SET statement_timeout = 5000",
+    "SELECT 1; DELETE FROM t WHERE id = 2",
+    "FETCH 10 FROM c",
+    "SELECT * FROM generate_series(1, 10) g, t1 WHERE t1.id = g",
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(_FAST_CORPUS), st.lists(st.integers(0, 10**9), min_size=8, max_size=8))
+def test_texts_with_one_fast_shape_classify_alike(sql, numbers):
+    """The gateway reuses a verdict for every text with the same fast shape once the
+    analyser has marked that shape known, so those texts must classify identically."""
+    it = iter(numbers)
+    other = re.sub(r"(?<![\w$.])\d+(?![\w.])", lambda m: str(next(it)), sql)
+    assert fast_shape(other) == fast_shape(sql)
+    analyzer = Analyzer()
+    first = analyzer.analyze(sql)
+    if not analyzer.known_shape(fast_shape(sql)):
+        return  # never reused: nothing to prove
+    second = Analyzer().analyze(other)
+    strip = lambda a: [(s.cls, s.command, s.tables, s.functions, s.reasons, s.forbidden)  # noqa: E731
+                       for s in a.statements]
+    assert strip(first) == strip(second)
+
+
+def test_a_shape_is_known_only_when_its_class_reads_no_constant():
+    analyzer = Analyzer()
+    analyzer.analyze("SELECT a FROM t WHERE id = 7")
+    assert analyzer.known_shape(fast_shape("SELECT a FROM t WHERE id = 8"))
+    analyzer.analyze("PREPARE p1 AS SELECT 1")
+    assert not analyzer.known_shape(fast_shape("PREPARE p1 AS SELECT 2"))
+    assert not analyzer.known_shape(fast_shape("SELECT b FROM t WHERE id = 7"))

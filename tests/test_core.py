@@ -261,6 +261,50 @@ def test_audit_spool_is_ingested_exactly_once(svc: Services, tmp_path: Path) -> 
     assert not list((tmp_path / "spool").glob("*.jsonl")), "a finished spool file is removed"
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "SCHED_IDLE"), reason="Linux scheduling only")
+def test_ingest_runs_idle_until_the_backlog_is_large(svc: Services, tmp_path: Path) -> None:
+    """The ingest thread yields the CPU to traffic (SCHED_IDLE) but is moved back to
+    normal scheduling while the backlog is above the bound, and drains everything."""
+    import os
+
+    from keyturn.auditspool import AuditIngester, AuditSpool, IngestPriority
+
+    if not IngestPriority.supported():
+        pytest.skip("this process cannot leave SCHED_IDLE again")
+    spool = AuditSpool(tmp_path / "spool", "gw")
+    ing = AuditIngester(svc.audit, tmp_path / "spool", batch=200)
+    stop = threading.Event()
+    policies: list[int] = []
+    prio = IngestPriority(ing, high=60_000, low=10_000, interval=0.05)
+    ing_thread = threading.Thread(target=lambda: (prio.start(stop), _follow(ing, stop, policies)))
+
+    def _follow(ing: AuditIngester, stop: threading.Event, seen: list[int]) -> None:
+        while not stop.is_set():
+            seen.append(os.sched_getscheduler(0))
+            if ing.run_once() == 0:
+                stop.wait(0.02)
+        prio.normal()
+        ing.run_once()
+
+    ing_thread.start()
+    time.sleep(0.3)
+    assert policies and set(policies) == {os.SCHED_IDLE}, "idle while nothing is pending"
+    for i in range(3000):  # ~0.25 MB: far above `high`
+        spool.record(kind="statement", statement=f"SELECT {i}")
+    spool._fh.flush()
+    deadline = time.time() + 30
+    while ing.ingested < 3000 and time.time() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    ing_thread.join(10)
+    spool.close()
+    ing.run_once()
+    assert os.SCHED_OTHER in policies, "a large backlog is ingested at normal priority"
+    assert prio.switches >= 2
+    r = svc.audit.verify()
+    assert r.ok and r.count == 3000
+
+
 def test_audit_spool_partial_line_waits_and_garbage_is_kept(svc: Services,
                                                            tmp_path: Path) -> None:
     from keyturn.auditspool import EOF_MARK, AuditIngester

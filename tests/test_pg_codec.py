@@ -312,6 +312,97 @@ def test_next_messages_returns_good_prefix_then_raises():
         reader.next_event()
 
 
+def _scan_all(reader: BackendReader, chunks: list[bytes]) -> tuple[bytes, list[Message]]:
+    """Forwarded bytes and the (non-row) messages scan() reported, as Messages."""
+    forwarded, seen = b"", []
+    for chunk in chunks:
+        data, frames = reader.scan(chunk)
+        for t, start, end in frames:
+            assert data[start:start + 1] == t
+            seen.append(Message(t, data[start + 5:end], data[start:end]))
+        forwarded += data
+    return forwarded, seen
+
+
+def _feed_all(reader: FrontendReader, chunks: list[bytes]) -> list[Message]:
+    out: list[Message] = []
+    for chunk in chunks:
+        out.extend(reader.feed(chunk))
+    return out
+
+
+def _typed(make: Callable[[], FrontendReader | BackendReader]) -> FrontendReader | BackendReader:
+    reader = make()
+    if isinstance(reader, FrontendReader):
+        reader.start_typed()
+    return reader
+
+
+@pytest.mark.parametrize(
+    ("make", "stream"),
+    [(FrontendReader, FRONTEND_STREAM), (BackendReader, BACKEND_STREAM)],
+    ids=["frontend", "backend"],
+)
+def test_relay_framing_matches_next_messages_at_every_split(make, stream):
+    if make is FrontendReader:
+        stream = stream[len(codec.encode_startup(STARTUP_PARAMS)) :]
+    expected = feed_fast(_typed(make), [stream])
+    splits = [[stream[:i], stream[i:]] for i in range(len(stream) + 1)]
+    splits.append([stream[i:i + 1] for i in range(len(stream))])  # byte by byte
+    for chunks in splits:
+        reader = _typed(make)
+        if isinstance(reader, FrontendReader):
+            assert _feed_all(reader, chunks) == expected
+        else:
+            forwarded, seen = _scan_all(reader, chunks)
+            assert forwarded == stream  # every byte forwarded once, in order
+            assert seen == [m for m in expected if m.type not in (b"D", b"d")]
+        assert reader.pending == 0
+
+
+def test_feed_does_not_copy_a_chunk_holding_one_message():
+    reader = _typed(FrontendReader)
+    query = codec.encode_query("SELECT 1")
+    (message,) = reader.feed(query)
+    assert message.raw is query
+
+
+def test_relay_framing_returns_good_prefix_then_raises():
+    good = codec.encode_ready_for_query("I")
+    reader = BackendReader()
+    data, frames = reader.scan(good + b"?\0\0\0\4")
+    assert data == good and [f[0] for f in frames] == [b"Z"]
+    with pytest.raises(RemoteProtocolError, match="invalid message type"):
+        reader.scan(good)
+    reader = _typed(FrontendReader)
+    assert [m.type for m in reader.feed(codec.encode_sync() + b"Z\0\0\0\4")] == [b"S"]
+    with pytest.raises(RemoteProtocolError):
+        reader.feed(codec.encode_sync())
+
+
+def test_relay_framing_checks_the_header_before_buffering():
+    reader = BackendReader(max_message_size=100)
+    with pytest.raises(RemoteProtocolError, match="message too large"):
+        reader.scan(b"D" + struct.pack("!i", 101))
+    reader = _typed(FrontendReader)
+    reader.feed(b"Q\0")  # a header cut in two is buffered...
+    with pytest.raises(RemoteProtocolError, match="length"):
+        reader.feed(b"\0\0\1")  # ...and checked once it is whole
+
+
+def test_a_large_message_in_small_pieces_is_joined_once():
+    body = b"x" * 200_000
+    message = codec.encode_message(b"d", body)
+    reader = BackendReader()
+    seen = b""
+    for i in range(0, len(message), 1000):
+        data, frames = reader.scan(message[i:i + 1000])
+        seen += data
+        # Until the message is complete nothing is forwarded and nothing re-framed.
+        assert data == (message if i + 1000 >= len(message) else b"")
+    assert seen == message and reader.pending == 0
+
+
 def test_next_messages_refused_in_startup_phase():
     with pytest.raises(LocalProtocolError):
         FrontendReader().next_messages()
@@ -590,6 +681,17 @@ def _run_fast(reader: FrontendReader | BackendReader, data: bytes, split: int) -
                 assert isinstance(message, Message)
     except ProtocolError:
         pass
+    # The relay framing of the same bytes: only ProtocolError, never another exception.
+    relay = type(reader)(max_message_size=1000)
+    try:
+        for chunk in (data[:split], data[split:]):
+            if isinstance(relay, FrontendReader):
+                relay.start_typed()
+                assert all(isinstance(m, Message) for m in relay.feed(chunk))
+            else:
+                relay.scan(chunk)
+    except ProtocolError:
+        pass
 
 
 _STREAMS = st.binary(max_size=200) | st.lists(
@@ -636,3 +738,6 @@ def test_arbitrary_valid_messages_survive_arbitrary_chunking(messages, splits):
     expected = [Message(t, b, codec.encode_message(t, b)) for t, b in messages]
     assert feed(BackendReader, chunks) == expected
     assert feed_fast(BackendReader(), chunks) == expected
+    forwarded, seen = _scan_all(BackendReader(), chunks)
+    assert forwarded == stream
+    assert seen == [m for m in expected if m.type not in (b"D", b"d")]

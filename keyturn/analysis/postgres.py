@@ -879,6 +879,26 @@ class _LRU:
         return len(self._data)
 
 
+# The cheap shape: texts with no quotes, dollars, backslashes or comments can be
+# tokenised by eye, so a bare number there is always a numeric constant. Texts that
+# differ only in such numbers are a subset of those pglast.normalize merges.
+_UNSAFE_FOR_FAST_SHAPE = re.compile(r"['\"$\\\x00]|--|/\*")
+_BARE_NUMBER = re.compile(r"(?<![\w$.])\d+(?:\.\d+)?(?![\w.])", re.ASCII)
+
+
+def fast_shape(sql: str) -> str | None:
+    """The text with every bare numeric constant replaced by 0, or None when the text
+    holds anything (quotes, dollars, backslashes, comments) that makes that unsafe.
+
+    About 1 µs, against 10+ µs for ``pglast.parser.normalize``; the gateway keys its
+    per-session memo of allowed statements on it (``Analyzer.known_shape``)."""
+    # ASCII only: PostgreSQL identifiers may hold any non-ASCII letter or digit, and
+    # "t٣" must never look like "t" followed by a number.
+    if len(sql) > _MAX_CACHED_TEXT or not sql.isascii() or _UNSAFE_FOR_FAST_SHAPE.search(sql):
+        return None
+    return _BARE_NUMBER.sub("0", sql)
+
+
 class Analyzer:
     """Classifies SQL messages.  Thread-safe; share one per gateway.
 
@@ -899,6 +919,7 @@ class Analyzer:
         self.unknown_function_class = StatementClass(unknown_function_class)
         self._by_text = _LRU(cache_size)
         self._by_shape = _LRU(cache_size)
+        self._by_fast = _LRU(cache_size)
 
     def resolve(self, names: list[str]) -> tuple[str, Entry | None]:
         """Qualified name of a called function and its catalogue entry (None if unknown).
@@ -934,13 +955,26 @@ class Analyzer:
                 hit = _from_template(sql, template)
                 if hit is not None:
                     self._by_text.put(sql, hit)
+                    self._note_fast(sql, template)
                     return hit
         analysis, by_text, by_shape = self._analyze(sql, prepared)
         if by_text and len(sql) <= _MAX_CACHED_TEXT:
             self._by_text.put(sql, analysis)
         if by_shape and shape is not None:
             self._by_shape.put(shape, analysis.statements)
+            self._note_fast(sql, analysis.statements)
         return analysis
+
+    def _note_fast(self, sql: str, template: tuple[Statement, ...]) -> None:
+        key = fast_shape(sql)
+        if key is not None:
+            self._by_fast.put(key, template)
+
+    def known_shape(self, key: str) -> bool:
+        """True when every text whose ``fast_shape`` is ``key`` classifies like the one
+        analysed: it was cached by shape (its class read no constant, it has no
+        session effects). Until then, and after the cache starts over, False."""
+        return self._by_fast.get(key) is not None
 
     def _analyze(self, sql: str, prepared: PreparedStatements | None
                  ) -> tuple[Analysis, bool, bool]:

@@ -145,7 +145,7 @@ _new_tuple = tuple.__new__
 class _TypedReader:
     """Buffer + typed-phase framing shared by both directions."""
 
-    __slots__ = ("_buf", "_limit", "_types", "_error")
+    __slots__ = ("_buf", "_limit", "_types", "_error", "_need")
 
     def __init__(self, types: frozenset[bytes], max_message_size: int) -> None:
         if max_message_size < 4:
@@ -154,6 +154,7 @@ class _TypedReader:
         self._limit = max_message_size
         self._types = types
         self._error: RemoteProtocolError | None = None
+        self._need = 0  # bytes _buf must hold before framing can make progress (feed/scan)
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         if self._error is None:  # after an error nothing is parsed; don't hoard it
@@ -217,6 +218,37 @@ class _TypedReader:
             del buf[:off]
         return out
 
+    # ---- the relay hot path: frame each chunk as it arrives
+
+    def _input(self, data: bytes) -> bytes | None:
+        """The bytes to frame now, or None while the buffered message is incomplete.
+
+        Most chunks start and end on message boundaries, so they are framed in
+        place; only a message cut across reads is buffered, and it is joined
+        once, when complete (never re-copied per read, so a 64 MiB COPY row
+        arriving in small pieces costs O(n)).
+        """
+        if self._error is not None:
+            raise self._error
+        buf = self._buf
+        if buf:
+            buf += data
+            if len(buf) < self._need:
+                return None
+            data = bytes(buf)
+            buf.clear()
+        return data
+
+    def _keep(self, data: bytes, off: int) -> None:
+        """Buffer the incomplete message that starts at ``off``."""
+        rest = memoryview(data)[off:]
+        self._buf += rest
+        if len(rest) >= 5:
+            self._need = _HDR.unpack_from(rest, 0)[1] + 1
+        else:
+            self._need = 5
+
+
 
 class BackendReader(_TypedReader):
     """Frames bytes coming FROM a PostgreSQL server (always typed messages).
@@ -236,10 +268,47 @@ class BackendReader(_TypedReader):
         return self._next_typed()
 
     def next_messages(self) -> list[Message]:
-        """Every complete message in the buffer (hot path)."""
+        """Every complete message in the buffer."""
         if self._error is not None:
             raise self._error
         return self._messages()
+
+    def scan(self, data: bytes) -> tuple[bytes, list[tuple[bytes, int, int]]]:
+        """Frame one chunk from the server without copying it (relay hot path).
+
+        Returns the bytes of every complete message (to forward as they are)
+        and ``(type, start, end)`` for each of them except DataRow and
+        CopyData, which a relay forwards without looking; ``chunk[start + 5:end]``
+        is a message's body. An incomplete last message is kept for the next
+        call. Invalid framing raises ``RemoteProtocolError`` (after returning
+        the valid messages before it, if any).
+        """
+        chunk = self._input(data)
+        frames: list[tuple[bytes, int, int]] = []
+        if chunk is None:
+            return b"", frames
+        n = len(chunk)
+        off = 0
+        types, limit, unpack, append = self._types, self._limit, _HDR.unpack_from, frames.append
+        try:
+            while n - off >= 5:
+                t, length = unpack(chunk, off)
+                if t not in types or length < 4 or length > limit:
+                    raise self._bad_header(t, length)
+                end = off + 1 + length
+                if end > n:
+                    break
+                if t != b"D" and t != b"d":
+                    append((t, off, end))
+                off = end
+        except RemoteProtocolError:
+            if not off:
+                raise
+        if off < n:
+            if self._error is None:
+                self._keep(chunk, off)
+            return chunk[:off], frames
+        return chunk, frames
 
 
 class FrontendReader(_TypedReader):
@@ -266,12 +335,46 @@ class FrontendReader(_TypedReader):
         return self._next_typed()
 
     def next_messages(self) -> list[Message]:
-        """Every complete typed message in the buffer (hot path)."""
+        """Every complete typed message in the buffer."""
         if self._error is not None:
             raise self._error
         if self._startup:
             raise LocalProtocolError("next_messages() called during the startup phase")
         return self._messages()
+
+    def feed(self, data: bytes) -> list[Message]:
+        """Frame one chunk of typed messages (relay hot path).
+
+        Equivalent to ``receive_data`` + ``next_messages``, but a chunk that
+        holds exactly one message (the usual case) is not copied at all. Only
+        for the typed phase, with nothing left unread from ``receive_data``.
+        """
+        if self._startup:
+            raise LocalProtocolError("feed() called during the startup phase")
+        chunk = self._input(data)
+        out: list[Message] = []
+        if chunk is None:
+            return out
+        n = len(chunk)
+        off = 0
+        types, limit, unpack, append = self._types, self._limit, _HDR.unpack_from, out.append
+        try:
+            while n - off >= 5:
+                t, length = unpack(chunk, off)
+                if t not in types or length < 4 or length > limit:
+                    raise self._bad_header(t, length)
+                end = off + 1 + length
+                if end > n:
+                    break
+                raw = chunk if (off == 0 and end == n) else chunk[off:end]
+                append(_new_tuple(Message, (t, raw[5:], raw)))
+                off = end
+        except RemoteProtocolError:
+            if not off:
+                raise
+        if off < n and self._error is None:
+            self._keep(chunk, off)
+        return out
 
     def _next_startup(self) -> StartupEvent | _NeedData:
         buf = self._buf

@@ -29,6 +29,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from keyturn.analysis.postgres import fast_shape
 from keyturn.approvals import APPROVED, CANCELLED, EXPIRED, REJECTED, TicketRequest, binding_of
 from keyturn.errors import AlreadyDecided, InvalidTransition
 from keyturn.policy import Decision, Request
@@ -90,6 +91,9 @@ class StmtInfo:
     param_types: tuple[int, ...] = ()
     decision: Decision | None = None
 
+
+# Responses that carry no per-request state are shared (never mutated).
+_EXPECT_B, _EXPECT_P, _EXPECT_S, _EXPECT_C = Expect(b"B"), Expect(b"P"), Expect(b"S"), Expect(b"C")
 
 _BINARY_INTS = {21: "!h", 23: "!i", 20: "!q", 26: "!I"}
 _BINARY_FLOATS = {700: "!f", 701: "!d"}
@@ -154,6 +158,7 @@ class ClientSession(asyncio.Protocol):
         self.skip_until_sync = False
         self.stmts: dict[str, StmtInfo] = {}
         self.verdicts: dict[tuple[Any, ...], Decision] = {}
+        self.fast_verdicts: dict[str, Decision] = {}
         self.portals: dict[str, tuple[str, bytes]] = {}
         self.prepared: Any = None
         self.tx_status = "I"
@@ -170,13 +175,16 @@ class ClientSession(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
+            if self.phase == "ready":
+                self._client_messages(self.reader.feed(data))
+                return
             self.reader.receive_data(data)
             if self.phase == "startup":
                 self._startup_events()
             elif self.phase == "auth":
                 self._auth_messages()
             elif self.phase == "ready":
-                self._client_messages(self.reader.next_messages())
+                self._client_messages(self.reader.feed(b""))
             elif self.phase == "tls":
                 raise codec.RemoteProtocolError("unencrypted data after SSLRequest")
             # "connecting": kept in the reader until the target is ready.
@@ -478,7 +486,7 @@ class ClientSession(asyncio.Protocol):
                 raise codec.RemoteProtocolError("invalid Bind message")
             self.portals[body[:i].decode("utf-8", "replace")] = (
                 body[i + 1:j].decode("utf-8", "replace"), body)
-            self.expect.append(Expect(b"B"))
+            self.expect.append(_EXPECT_B)
             out.append(msg.raw)
             return True
         if t == b"E":
@@ -487,12 +495,12 @@ class ClientSession(asyncio.Protocol):
             p = codec.decode_parse(msg.body)
             self.stmts[p.name] = StmtInfo(p.query, self.analyzer.analyze(p.query),
                                           p.param_types)
-            self.expect.append(Expect(b"P"))
+            self.expect.append(_EXPECT_P)
             out.append(msg.raw)
             return True
         if t == b"S":
             self.skip_until_sync = False
-            self.expect.append(Expect(b"S"))
+            self.expect.append(_EXPECT_S)
             out.append(msg.raw)
             return True
         if t == b"D":
@@ -503,7 +511,7 @@ class ClientSession(asyncio.Protocol):
         if t == b"C":
             c = codec.decode_close(msg.body)
             (self.stmts if c.kind == "S" else self.portals).pop(c.name, None)
-            self.expect.append(Expect(b"C"))
+            self.expect.append(_EXPECT_C)
             out.append(msg.raw)
             return True
         if t in (b"d", b"c", b"f", b"H"):
@@ -529,6 +537,17 @@ class ClientSession(asyncio.Protocol):
 
     def _on_query(self, msg: Message, out: list[bytes]) -> bool:
         sql = codec.decode_query(msg.body)
+        fast = fast_shape(sql)
+        if fast is not None:
+            # Hottest path: a statement this session was allowed to run before, with
+            # other numbers in it (pgbench, ORMs that inline ids).
+            decision = self.fast_verdicts.get(fast)
+            if decision is not None:
+                self.expect.append(Expect(b"Q", Ctx(sql, decision.classification, "allow",
+                                                     decision.rule, decision.reason,
+                                                     time.time())))
+                out.append(msg.raw)
+                return True
         analysis = self.analyzer.analyze(sql, self.prepared)
         statements = analysis.statements
         if len(statements) == 1 and analysis.error is None:
@@ -541,6 +560,9 @@ class ClientSession(asyncio.Protocol):
                 decision = self._decide(analysis)
                 if decision.action == "allow" and len(self.verdicts) < 4096:
                     self.verdicts[key] = decision
+            if (decision.action == "allow" and fast is not None
+                    and len(self.fast_verdicts) < 4096 and self.analyzer.known_shape(fast)):
+                self.fast_verdicts[fast] = decision
         else:
             decision = self._decide(analysis)
         ctx = Ctx(sql, decision.classification, decision.action, decision.rule, decision.reason,
@@ -548,12 +570,17 @@ class ClientSession(asyncio.Protocol):
         return self._dispatch(msg, ctx, decision, analysis, out, b"Q")
 
     def _on_execute(self, msg: Message, out: list[bytes]) -> bool:
-        e = codec.decode_execute(msg.body)
-        stmt_name, bind_body = self.portals.get(e.portal, (None, b""))
+        body = msg.body
+        end = body.find(b"\0")
+        if end < 0 or len(body) != end + 5:
+            codec.decode_execute(body)  # raises the precise protocol error
+            raise codec.RemoteProtocolError("invalid Execute message")
+        portal = body[:end].decode("utf-8", "replace") if end else ""
+        stmt_name, bind_body = self.portals.get(portal, (None, b""))
         info = self.stmts.get(stmt_name) if stmt_name is not None else None
         if info is None:
             # A portal we did not see bound (e.g. a DECLAREd cursor) cannot be judged here.
-            ctx = Ctx(f"<portal {e.portal!r}>", "unknown", "block", "builtin:unknown-portal",
+            ctx = Ctx(f"<portal {portal!r}>", "unknown", "block", "builtin:unknown-portal",
                       "keyturn did not see this portal being bound; it cannot be analysed",
                       time.time())
             self._blocked(ctx, rfq=False)
@@ -597,21 +624,26 @@ class ClientSession(asyncio.Protocol):
             self.expect.append(Expect(b"!", inject=data, rfq=rfq))
 
     def _audit(self, ctx: Ctx, *, outcome: str) -> None:
-        detail: dict[str, Any] = {}
-        if ctx.params is not None:
-            detail["params"] = ctx.params
-        if ctx.error:
-            detail["sqlstate"] = ctx.error.get("C")
-        if ctx.tags and len(ctx.tags) > 1:
-            detail["tags"] = ctx.tags
         now = time.time()
-        self.gw.audit_spool.write({
+        rec = {
             "at": now, "kind": "statement", "user": self.user, "connection": self.conn_name,
             "session_id": self.session_id, "client_addr": self.client_addr,
             "statement": ctx.statement, "classification": ctx.classification,
-            "action": ctx.action, "rule": ctx.rule, "reason": ctx.reason,
-            "ticket_id": ctx.ticket_id, "outcome": outcome,
-            "duration_ms": round((now - ctx.t0) * 1000, 3), "rows": ctx.rows, "detail": detail})
+            "action": ctx.action, "rule": ctx.rule, "reason": ctx.reason, "outcome": outcome,
+            "duration_ms": round((now - ctx.t0) * 1000, 3), "rows": ctx.rows}
+        # Absent keys are stored as NULL / {} by the ingester; the hot path skips them.
+        if ctx.ticket_id is not None:
+            rec["ticket_id"] = ctx.ticket_id
+        if ctx.params is not None or ctx.error or (ctx.tags and len(ctx.tags) > 1):
+            detail: dict[str, Any] = {}
+            if ctx.params is not None:
+                detail["params"] = ctx.params
+            if ctx.error:
+                detail["sqlstate"] = ctx.error.get("C")
+            if ctx.tags and len(ctx.tags) > 1:
+                detail["tags"] = ctx.tags
+            rec["detail"] = detail
+        self.gw.audit_spool.write(rec)
 
     # ---- holds
 
@@ -777,36 +809,51 @@ class ClientSession(asyncio.Protocol):
     # ------------------------------------------------------------ target -> client
 
     def server_messages(self, msgs: list[Message]) -> None:
-        out: list[bytes] = []
-        expect = self.expect
+        """Messages the target sent with its login reply (already framed)."""
+        chunk = b"".join(m.raw for m in msgs)
+        frames, off = [], 0
         for m in msgs:
-            t = m.type
-            if t == b"D" or t == b"d":
-                out.append(m.raw)
-                continue
-            out.append(m.raw)
+            end = off + len(m.raw)
+            if m.type != b"D" and m.type != b"d":
+                frames.append((m.type, off, end))
+            off = end
+        if chunk:
+            self.server_data(chunk, frames)
+
+    def server_data(self, chunk: bytes, frames: list[tuple[bytes, int, int]]) -> None:
+        """Relay one chunk of complete messages from the target to the client.
+
+        ``frames`` lists every message but DataRow/CopyData (codec
+        ``BackendReader.scan``). The chunk goes out as it came unless the
+        gateway must slot its own messages in after a response completes.
+        """
+        expect = self.expect
+        out: list[bytes] | None = None
+        seg = 0
+        for t, start, end in frames:
             if not expect:
                 continue
             head = expect[0]
             if t == b"Z":
-                self.tx_status = chr(m.body[0]) if m.body else "I"
+                self.tx_status = chr(chunk[start + 5]) if end > start + 5 else "I"
                 expect.popleft()
                 if head.ctx is not None:
                     self._finished(head.ctx)
             elif t == b"C":
-                tag = codec.decode_command_complete(m.body)
                 if head.ctx is not None:
-                    if head.ctx.tags is None:
-                        head.ctx.tags = [tag]
+                    tag = codec.decode_command_complete(chunk[start + 5:end])
+                    ctx = head.ctx
+                    if ctx.tags is None:
+                        ctx.tags = [tag]
                     else:
-                        head.ctx.tags.append(tag)
-                    head.ctx.rows = _rows(tag, head.ctx.rows)
+                        ctx.tags.append(tag)
+                    ctx.rows = _rows(tag, ctx.rows)
                 if head.kind == b"E":
                     expect.popleft()
                     if head.ctx is not None:
                         self._finished(head.ctx)
             elif t == b"E":
-                fields = codec.decode_error_fields(m.body)
+                fields = codec.decode_error_fields(chunk[start + 5:end])
                 if head.ctx is not None:
                     head.ctx.error = fields
                 if head.kind != b"Q" and head.kind != b"S":
@@ -819,7 +866,7 @@ class ClientSession(asyncio.Protocol):
                             self._finished(dropped.ctx)
             elif t == b"t":
                 if head.kind == b"D" and head.name is not None:
-                    self._learn_param_types(head.name, m.body)
+                    self._learn_param_types(head.name, chunk[start + 5:end])
                 continue
             elif t in (b"1", b"2", b"3", b"n", b"I", b"s") or (t == b"T" and head.kind == b"D"):
                 if t in (b"I", b"s") and head.kind != b"E":
@@ -829,12 +876,20 @@ class ClientSession(asyncio.Protocol):
                     self._finished(head.ctx)
             else:
                 continue
-            while expect and expect[0].kind == b"!":
-                inj = expect.popleft()
-                out.append(inj.inject or b"")
-                if inj.rfq:
-                    out.append(codec.encode_ready_for_query(self.tx_status))
-        if out:
+            if expect and expect[0].kind == b"!":
+                if out is None:
+                    out = []
+                out.append(chunk[seg:end])
+                seg = end
+                while expect and expect[0].kind == b"!":
+                    inj = expect.popleft()
+                    out.append(inj.inject or b"")
+                    if inj.rfq:
+                        out.append(codec.encode_ready_for_query(self.tx_status))
+        if out is None:
+            self.write(chunk)
+        else:
+            out.append(chunk[seg:])
             self.write(b"".join(out))
 
     def _learn_param_types(self, name: str, body: bytes) -> None:

@@ -104,6 +104,11 @@ class Upstream(asyncio.Protocol):
                 self._fail(UpstreamError("target sent data after its SSL reply"))
             return
         try:
+            if self.ready:
+                chunk, frames = self.reader.scan(data)
+                if chunk:
+                    self.session.server_data(chunk, frames)
+                return
             self.reader.receive_data(data)
             msgs = self.reader.next_messages()
         except ProtocolError as exc:
@@ -111,10 +116,7 @@ class Upstream(asyncio.Protocol):
             self._fail(UpstreamError(f"invalid protocol from the target: {exc.message}"))
             self.session.upstream_lost("invalid protocol from the target")
             return
-        if self.ready:
-            self.session.server_messages(msgs)
-        else:
-            self._login_messages(msgs)
+        self._login_messages(msgs)
 
     def _login_messages(self, msgs: list[codec.Message]) -> None:
         for i, m in enumerate(msgs):
