@@ -414,3 +414,65 @@ def test_forged_and_replayed_requests_get_401_and_are_audited(h: Harness) -> Non
     assert "bad signature" in reasons
     assert any("old (replay?)" in r for r in reasons)
     assert any("missing" in r for r in reasons)
+
+
+# ---------------------------------------------------------------- delivery that loses nothing
+
+def test_outage_and_rate_limit_then_every_message_ends_right(h: Harness) -> None:
+    h.wait_drained()
+    h.slack.down()
+    approved, rejected, pending = h.ticket(), h.ticket(), h.ticket()
+    bob, dana = (h.svc.identities.identity_of(u) for u in ("bob", "dana"))
+    # Decisions arrive (portal, CLI) while the create messages still wait to go out.
+    h.svc.approvals.vote(approved, bob, "approve", via="portal")
+    h.svc.approvals.vote(rejected, dana, "reject", "wrong table", via="api")
+    time.sleep(2.5)
+    with h.svc.store.session() as s:
+        failing = s.scalars(select(OutboxItem).where(OutboxItem.sent_at.is_(None),
+                                                     OutboxItem.attempts > 0)).all()
+    assert failing and all(r.last_error for r in failing)
+    # Nothing was lost or skipped while Slack was away: every row waits.
+    assert {r.ticket_id for r in failing} <= {approved, rejected, pending}
+
+    h.slack.fail("chat.postMessage", 429, count=1, retry_after=1)
+    h.slack.up()
+    h.wait_drained(timeout=40)
+    assert "Approved by bob" in _texts(h.message(approved)["blocks"])
+    assert "Rejected by dana" in _texts(h.message(rejected)["blocks"])
+    assert "wrong table" in _texts(h.message(rejected)["blocks"])
+    assert "Pending approval" in _texts(h.message(pending)["blocks"])
+    h.wait_dm("UALICE", f"#{approved} on shop was approved by bob")
+    h.wait_dm("UALICE", f"#{rejected} on shop was rejected by dana: wrong table")
+    for tid in (approved, rejected, pending):
+        h.wait_dm("UALICE", f"#{tid} on shop is waiting for approval")
+    # Retry-After was honoured: nothing went to Slack within a second of the 429.
+    limited = next(c for c in h.slack.calls if c.status == 429)
+    after = [c for c in h.slack.calls if c.at > limited.at and c.method != "auth.test"]
+    assert after and after[0].at - limited.at >= 0.95
+
+
+# ---------------------------------------------------------------- Socket Mode
+
+def test_socket_mode_click_and_command(tmp_path: Path) -> None:
+    slack = SlackStandIn().start()
+    slack.add_user("UALICE", "alice@example.com")
+    slack.add_user("UBOB", "bob@example.com")
+    h = Harness(tmp_path, slack, mode="socket")
+    try:
+        tid = h.ticket()
+        h.wait_message(tid, "Pending approval")
+        # No HTTP endpoint in Socket Mode: the route does not exist.
+        assert requests.post(h.url, data="x", timeout=5).status_code == 404
+        eid = slack.socket_send("slash_commands", slash("UBOB", f"status {tid}"))
+        reply = slack.wait_for(lambda: slack.socket_replies.get(eid), what="command ack")
+        assert f"*#{tid}* Pending approval" in reply["payload"]["text"]
+        assert reply["payload"]["response_type"] == "ephemeral"
+        eid = slack.socket_send("interactive", block_action("UBOB", "kt_approve", tid))
+        slack.wait_for(lambda: slack.socket_replies.get(eid), what="click ack")
+        h.wait_message(tid, "Approved by bob")
+        assert h.svc.approvals.get(tid).decided_by == "bob"
+        opened = [c for c in slack.calls if c.method == "apps.connections.open"]
+        assert opened and opened[0].headers["Authorization"] == f"Bearer {slack.app_token}"
+    finally:
+        h.stop()
+        slack.stop()
