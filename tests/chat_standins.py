@@ -19,8 +19,8 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from aiohttp import WSMsgType, web
-from authlib.jose import JsonWebKey, jwt
-from cryptography.hazmat.primitives.asymmetric import rsa
+from joserfc import jwt
+from joserfc.jwk import RSAKey
 
 from tests.conftest import free_port
 
@@ -275,8 +275,8 @@ class TeamsStandIn(StandIn):
         self.app_id = app_id
         self.app_password = app_password
         self.issuer = "https://api.botframework.com"
-        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.kid = "test-key-1"
+        self.key = RSAKey.generate_key(2048, parameters={"kid": self.kid})
         self.members: dict[str, dict[str, Any]] = {}
         self.activities: dict[tuple[str, str], dict[str, Any]] = {}
         self.ids = itertools.count(1)
@@ -291,11 +291,11 @@ class TeamsStandIn(StandIn):
         app.router.add_post("/v3/conversations/{cid}/activities", self.post_activity)
         app.router.add_put("/v3/conversations/{cid}/activities/{aid}", self.put_activity)
         app.router.add_get("/v3/conversations/{cid}/members/{uid}", self.member)
+        app.router.add_get("/v3/conversations/{cid}/members", self.roster)
         return app
 
     def public_jwk(self) -> dict[str, Any]:
-        jwk = JsonWebKey.import_key(self.key.public_key(), {"kty": "RSA"}).as_dict()
-        return {**jwk, "kid": self.kid, "use": "sig", "alg": "RS256"}
+        return {**self.key.as_dict(private=False), "use": "sig", "alg": "RS256"}
 
     def sign(self, claims: dict[str, Any] | None = None, *, key: Any = None,
              kid: str | None = None) -> str:
@@ -304,7 +304,7 @@ class TeamsStandIn(StandIn):
                 "exp": now + 600, "serviceurl": self.url}
         body.update(claims or {})
         header = {"alg": "RS256", "kid": kid or self.kid, "typ": "JWT"}
-        return jwt.encode(header, body, key or self.key).decode()
+        return jwt.encode(header, body, key or self.key)
 
     def add_member(self, user_id: str, aad: str, email: str) -> None:
         self.members[user_id] = {"id": user_id, "aadObjectId": aad, "email": email,
@@ -395,6 +395,12 @@ class TeamsStandIn(StandIn):
             return web.json_response({"error": {"code": "MemberNotFoundInConversation"}},
                                      status=404)
         return web.json_response(m)
+
+    async def roster(self, request: web.Request) -> web.Response:
+        refused = await self._guard(request, "roster", {"conversation": request.match_info["cid"]})
+        if refused:
+            return refused
+        return web.json_response(list(self.members.values()))
 
     # ---- what tests look at
 

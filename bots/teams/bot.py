@@ -1,0 +1,112 @@
+"""The Teams messaging endpoint (``POST /api/messages``).
+
+Every activity's JWT is validated before anything else; a bad one gets 401
+and an audit record. ``adaptiveCard/action`` invokes (Action.Execute) carry
+the verb: ``approve``, ``reject`` (with the ``reason`` input) or ``refresh``.
+The answer is the card in the ticket's current state, or, for a refusal, a
+message only the clicker sees. Votes go through ``keyturn.approvals``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from bots.context import BotContext
+from bots.teams.auth import AuthError, ConnectorToken, InboundAuth
+from bots.teams.cards import CARD_TYPE, ticket_card
+from bots.teams.connector import Connector
+from bots.teams.notifier import TeamsNotifier
+from bots.teams.people import TeamsPeople
+from keyturn.config import TeamsSettings
+from keyturn.errors import NotFound
+
+log = logging.getLogger(__name__)
+MESSAGE_TYPE = "application/vnd.microsoft.activity.message"
+
+
+def _message(text: str) -> dict[str, Any]:
+    return {"statusCode": 200, "type": MESSAGE_TYPE, "value": text}
+
+
+class TeamsBot:
+    def __init__(self, ctx: BotContext, settings: TeamsSettings):
+        self.ctx = ctx
+        self.settings = settings
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        self.inbound = InboundAuth(settings, self.session)
+        self.connector = Connector(self.session, ConnectorToken(settings, self.session))
+        self.people = TeamsPeople(settings, self.connector, ctx.links)
+        self.notifier = TeamsNotifier(ctx, settings, self.connector, self.people)
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/api/messages", self.handle)
+
+    async def stop(self) -> None:
+        await self.session.close()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            activity = json.loads(raw or b"{}")
+            if not isinstance(activity, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            activity = {}
+        try:
+            await self.inbound.validate(request.headers.get("Authorization"),
+                                        activity.get("serviceUrl"))
+        except AuthError as exc:
+            log.warning("refused a Teams request from %s: %s", request.remote, exc)
+            self.ctx.services.record_audit(
+                kind="chat", action="teams-request", outcome="unauthorized", reason=str(exc),
+                client_addr=request.remote or "", detail={"platform": "teams",
+                                                          "path": request.path})
+            return web.json_response({"error": "unauthorized", "message": str(exc)},
+                                     status=401)
+        if not activity.get("type"):
+            return web.json_response({"error": "bad_request",
+                                      "message": "the body is not an activity"}, status=400)
+        if activity["type"] == "invoke" and activity.get("name") == "adaptiveCard/action":
+            return web.json_response(await self.on_action(activity))
+        if activity["type"] in ("message", "conversationUpdate"):
+            await self.people.keyturn_user(activity)   # learns a linked person's address
+        return web.Response(status=200)
+
+    async def on_action(self, activity: dict[str, Any]) -> dict[str, Any]:
+        action = (activity.get("value") or {}).get("action") or {}
+        verb = action.get("verb")
+        data = action.get("data") or {}
+        try:
+            ticket = int(data.get("ticket"))
+        except (TypeError, ValueError):
+            return {"statusCode": 400, "type": "application/vnd.microsoft.error",
+                    "value": {"code": "BadRequest", "message": "no ticket in the action"}}
+        try:
+            await self._view_card(ticket)
+        except NotFound:
+            return _message(f"There is no ticket #{ticket}.")
+        if verb == "refresh":
+            return await self._view_card(ticket)
+        if verb not in ("approve", "reject"):
+            return _message(f"Unknown action {verb!r}.")
+        sender = activity.get("from") or {}
+        platform_user = sender.get("aadObjectId") or sender.get("id") or "?"
+        user = await self.people.keyturn_user(activity)
+        reason = (data.get("reason") or "").strip() or None
+        if verb == "reject" and reason is None:
+            return _message("A rejection needs a reason.")
+        out = await self.ctx.avote(platform="teams", platform_user=platform_user, user=user,
+                                   ticket_id=ticket, vote=verb, comment=reason)
+        if not out.ok:
+            return _message(out.message)
+        return await self._view_card(ticket)
+
+    async def _view_card(self, ticket: int) -> dict[str, Any]:
+        view = await asyncio.to_thread(self.notifier.view, ticket)
+        return {"statusCode": 200, "type": CARD_TYPE, "value": ticket_card(view)}

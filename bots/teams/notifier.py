@@ -1,0 +1,99 @@
+"""Teams deliveries of outbox rows: the ticket card in the approvers'
+conversation, its in-place updates, and proactive 1:1 messages to the
+requester on every status change."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import select
+
+from bots.context import BotContext
+from bots.models import ChatMessage, OutboxItem
+from bots.outbox import Planned
+from bots.render import TicketView, requester_note, ticket_view
+from bots.teams.cards import attachment, ticket_card
+from bots.teams.connector import Connector
+from keyturn.config import TeamsSettings
+from keyturn.models import Ticket, TicketEvent
+
+FINAL_EVENTS = {"decided", "expired", "cancelled", "executed", "failed"}
+
+
+class TeamsNotifier:
+    platform = "teams"
+
+    def __init__(self, ctx: BotContext, settings: TeamsSettings, connector: Connector,
+                 people: Any):
+        self.ctx = ctx
+        self.settings = settings
+        self.connector = connector
+        self.people = people
+
+    def plan(self, event: TicketEvent, ticket: Ticket) -> Sequence[Planned]:
+        if event.kind == "created":
+            return [Planned("post"), Planned("dm", {"what": "created"})]
+        if event.kind.startswith("vote:"):
+            return [Planned("update")] if ticket.min_approvals > 1 else []
+        if event.kind in FINAL_EVENTS:
+            what = (event.detail or {}).get("status") if event.kind == "decided" else event.kind
+            return [Planned("update"), Planned("dm", {"what": what})]
+        return []
+
+    def scheduled(self, pending: Sequence[Ticket], now: float
+                  ) -> Sequence[tuple[int, Planned]]:
+        return []
+
+    def view(self, ticket_id: int) -> TicketView:
+        return ticket_view(self.ctx.services.approvals.detail(ticket_id),
+                           portal_url=self.ctx.portal_url, limit=self.settings.statement_chars)
+
+    def card_activity(self, view: TicketView) -> dict[str, Any]:
+        return {"type": "message", "summary": f"Ticket #{view.id} {view.status_word}",
+                "attachments": [attachment(ticket_card(view))]}
+
+    async def deliver(self, item: OutboxItem) -> str | None:
+        view = await asyncio.to_thread(self.view, item.ticket_id)
+        ref = await asyncio.to_thread(self._message, item.ticket_id)
+        url = self.settings.service_url
+        if item.kind == "post":
+            if ref is not None:
+                await self.connector.update_activity(url, ref.channel, ref.ref,
+                                                     self.card_activity(view))
+                return None
+            conv = self.settings.conversation_for(view.connection)
+            aid = await self.connector.post_activity(url, conv, self.card_activity(view))
+            await asyncio.to_thread(self._remember, item.ticket_id, conv, aid)
+            return None
+        if item.kind == "update":
+            if ref is None:
+                return "no Teams card to update"
+            await self.connector.update_activity(url, ref.channel, ref.ref,
+                                                 self.card_activity(view))
+            return None
+        if item.kind == "dm":
+            address = await self.people.address_of(view.requester)
+            if address is None:
+                return f"{view.requester} has no Teams account Keyturn knows"
+            conv = await self.connector.open_personal(
+                address.get("service_url") or url, self.settings.app_id, address["id"],
+                address.get("tenant_id") or self.settings.tenant_id)
+            await self.connector.post_activity(address.get("service_url") or url, conv, {
+                "type": "message", "text": requester_note(str(item.payload.get("what")), view)})
+            return None
+        return f"unknown delivery kind {item.kind}"
+
+    def _message(self, ticket_id: int) -> ChatMessage | None:
+        with self.ctx.services.store.session() as s:
+            return s.scalars(select(ChatMessage).where(
+                ChatMessage.platform == "teams", ChatMessage.ticket_id == ticket_id,
+                ChatMessage.purpose == "ticket")).first()
+
+    def _remember(self, ticket_id: int, conversation: str, activity_id: str) -> None:
+        with self.ctx.services.store.write() as s:
+            s.add(ChatMessage(platform="teams", ticket_id=ticket_id, purpose="ticket",
+                              channel=conversation, ref=activity_id, extra={},
+                              created_at=time.time()))

@@ -1,0 +1,249 @@
+"""Teams end to end against a local Bot Framework stand-in: Adaptive Card
+invokes signed with a test key (served from a local JWKS) are POSTed into the
+real messaging endpoint of the real bots server."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from joserfc import jwt
+from joserfc.jwk import OctKey, RSAKey
+from sqlalchemy import select
+
+from bots.links import Links
+from bots.models import OutboxItem
+from bots.server import start_in_thread
+from keyturn.approvals import TicketRequest
+from keyturn.config import load_config
+from keyturn.models import AuditRecord
+from keyturn.services import build_services
+from tests.chat_standins import TeamsStandIn
+from tests.conftest import free_port
+
+CONV = "19:approvers@thread.tacv2"
+TENANT = "tenant-1"
+
+CONFIG = """
+store: {{url: "sqlite:///{base}/keyturn.db"}}
+portal: {{public_url: "https://keyturn.example"}}
+identity:
+  users:
+    alice: {{groups: [engineers], email: alice@example.com}}
+    bob: {{groups: [approvers], email: bob@example.com}}
+    dana: {{groups: [approvers], email: dana@example.com}}
+    carol: {{groups: [auditors], email: carol@example.com}}
+connections:
+  - {{name: shop, type: postgres, target: {{host: 127.0.0.1}}, policy: shop}}
+policies:
+  shop:
+    rules:
+      - {{name: writes-need-approval, match: {{class: write}}, action: review,
+          review: {{approvers: [approvers]}}}}
+integrations:
+  listen: 127.0.0.1:{port}
+  poll_interval: 0.1
+  teams:
+    app_id: {app_id}
+    app_password_file: {base}/teams-secret
+    tenant_id: {tenant}
+    service_url: {api}
+    conversation_id: "{conv}"
+    openid_metadata_url: {api}/openid
+    token_url: {api}/botframework/token
+"""
+
+
+class TeamsHarness:
+    def __init__(self, base: Path, teams: TeamsStandIn):
+        (base / "teams-secret").write_text(teams.app_password)
+        self.port = free_port()
+        path = base / "keyturn.yaml"
+        path.write_text(CONFIG.format(base=base, port=self.port, app_id=teams.app_id,
+                                      tenant=TENANT, api=teams.url, conv=CONV))
+        self.config = load_config(path)
+        self.svc = build_services(self.config)
+        self.links = Links(self.config, self.svc.store)
+        self.teams = teams
+        self.stop = start_in_thread(self.config)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/messages"
+
+    def ticket(self, *, requester: str = "alice", min_approvals: int = 1) -> int:
+        return self.svc.approvals.create(TicketRequest(
+            requester=requester, requester_groups=("engineers",), connection="shop",
+            statement="UPDATE orders SET status = 'void' WHERE id = 3", classification="write",
+            rule="writes-need-approval", reason="data changes need a second pair of eyes",
+            approver_groups=("approvers",), min_approvals=min_approvals, timeout=600,
+            row_estimate=1)).id
+
+    def invoke(self, user_id: str, aad: str, verb: str, ticket: int, *,
+               reason: str | None = None, token: str | None = None) -> requests.Response:
+        data: dict[str, Any] = {"ticket": ticket}
+        if reason is not None:
+            data["reason"] = reason
+        activity = {
+            "type": "invoke", "name": "adaptiveCard/action", "id": f"inv-{time.time()}",
+            "channelId": "msteams", "serviceUrl": self.teams.url,
+            "from": {"id": user_id, "aadObjectId": aad},
+            "recipient": {"id": f"28:{self.teams.app_id}"},
+            "conversation": {"id": CONV, "tenantId": TENANT, "conversationType": "channel"},
+            "channelData": {"tenant": {"id": TENANT}},
+            "value": {"action": {"type": "Action.Execute", "verb": verb, "data": data}},
+        }
+        token = self.teams.sign() if token is None else token
+        return requests.post(self.url, json=activity, timeout=10,
+                             headers={"Authorization": f"Bearer {token}"})
+
+    def card(self, ticket: int, contains: str, timeout: float = 15) -> dict[str, Any]:
+        def probe() -> Any:
+            for c in self.teams.cards(CONV):
+                blob = repr(c)
+                if f"Ticket #{ticket} " in blob and contains in blob:
+                    return c
+            return None
+        return self.teams.wait_for(probe, timeout, f"card #{ticket} with {contains!r}")
+
+    def personal(self, user_id: str, contains: str, timeout: float = 15) -> str:
+        conv = f"a:1on1-{user_id}"
+        return self.teams.wait_for(lambda: next((t for t in self.teams.texts(conv)
+                                                 if contains in t), None),
+                                   timeout, f"1:1 to {user_id} with {contains!r}")
+
+    def audits(self, **where: Any) -> list[AuditRecord]:
+        with self.svc.store.session() as s:
+            rows = list(s.scalars(select(AuditRecord).order_by(AuditRecord.seq)))
+        return [r for r in rows if all(getattr(r, k) == v for k, v in where.items())]
+
+
+@pytest.fixture(scope="module")
+def teams() -> Iterator[TeamsStandIn]:
+    t = TeamsStandIn().start()
+    t.add_member("29:alice", "aad-alice", "alice@example.com")
+    t.add_member("29:bob", "aad-bob", "bob@example.com")
+    t.add_member("29:dana", "aad-dana", "dana@example.com")
+    t.add_member("29:carol", "aad-carol", "carol@example.com")
+    t.add_member("29:stranger", "aad-stranger", "stranger@elsewhere.example")
+    yield t
+    t.stop()
+
+
+@pytest.fixture(scope="module")
+def th(teams: TeamsStandIn, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TeamsHarness]:
+    h = TeamsHarness(tmp_path_factory.mktemp("teams"), teams)
+    yield h
+    h.stop()
+
+
+def test_card_posted_and_approve_invoke_decides(th: TeamsHarness) -> None:
+    tid = th.ticket()
+    card = th.card(tid, "Pending approval")
+    blob = repr(card)
+    for part in ("alice", "shop", "writes-need-approval", "~1 rows", "0 of 1",
+                 "UPDATE orders SET status = 'void' WHERE id = 3", "Time left"):
+        assert part in blob, part
+    verbs = [a.get("verb") for a in card["actions"] if a["type"] == "Action.Execute"]
+    reject = next(a for a in card["actions"] if a["type"] == "Action.ShowCard")
+    assert verbs == ["approve"] and reject["card"]["actions"][0]["verb"] == "reject"
+    assert reject["card"]["body"][0]["id"] == "reason"
+    assert card["refresh"]["action"]["verb"] == "refresh"
+    th.personal("29:alice", f"#{tid} on shop is waiting for approval")
+
+    r = th.invoke("29:bob", "aad-bob", "approve", tid)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["type"] == "application/vnd.microsoft.card.adaptive"
+    assert "Approved by bob" in repr(body["value"]) and "refresh" not in body["value"]
+    final = th.card(tid, "Approved by bob")
+    assert not [a for a in final["actions"] if a["type"] != "Action.OpenUrl"]
+    th.personal("29:alice", f"#{tid} on shop was approved by bob")
+    assert th.svc.approvals.get(tid).decided_by == "bob"
+    # The outbound calls carried the token from the token endpoint.
+    assert th.teams.calls_to("token")
+
+
+def test_reject_needs_a_reason_and_refresh_shows_current_state(th: TeamsHarness) -> None:
+    tid = th.ticket()
+    th.card(tid, "Pending approval")
+    body = th.invoke("29:dana", "aad-dana", "reject", tid, reason="  ").json()
+    assert body["type"] == "application/vnd.microsoft.activity.message"
+    assert "needs a reason" in body["value"]
+    assert th.svc.approvals.get(tid).status == "pending"
+    body = th.invoke("29:dana", "aad-dana", "reject", tid, reason="wrong order id").json()
+    assert "Rejected by dana" in repr(body["value"]) and "wrong order id" in repr(body["value"])
+    th.card(tid, "wrong order id")
+    th.personal("29:alice", f"#{tid} on shop was rejected by dana: wrong order id")
+    refreshed = th.invoke("29:carol", "aad-carol", "refresh", tid).json()
+    assert "Rejected by dana" in repr(refreshed["value"])
+
+
+def test_unmapped_wrong_group_and_self_approval_are_refused(th: TeamsHarness) -> None:
+    tid = th.ticket(requester="alice")
+    th.card(tid, "Pending approval")
+    th.links.link("teams", "aad-alice", "alice", by="test")       # explicit AAD link
+    for uid, aad, expect in (("29:stranger", "aad-stranger", "does not know who you are"),
+                             ("29:ghost", "aad-ghost", "does not know who you are"),
+                             ("29:carol", "aad-carol", "not in an approver group"),
+                             ("29:alice", "aad-alice", "separation of duties")):
+        body = th.invoke(uid, aad, "approve", tid).json()
+        assert body["type"] == "application/vnd.microsoft.activity.message", uid
+        assert expect in body["value"], (uid, body)
+    # A member lookup that returns someone else's AAD id does not borrow their e-mail.
+    body = th.invoke("29:bob", "aad-not-bob", "approve", tid).json()
+    assert "does not know who you are" in body["value"]
+    assert th.svc.approvals.get(tid).status == "pending"
+    assert th.svc.approvals.detail(tid)["votes"] == []
+    assert len(th.audits(kind="chat", ticket_id=tid, outcome="refused")) == 5
+
+
+def test_bad_tokens_get_401_and_are_audited(th: TeamsHarness) -> None:
+    tid = th.ticket()
+    th.card(tid, "Pending approval")
+    now = int(time.time())
+    foreign = RSAKey.generate_key(2048, parameters={"kid": th.teams.kid})
+    bad = {
+        "expired": th.teams.sign({"exp": now - 3600, "iat": now - 7200, "nbf": now - 7200}),
+        "audience": th.teams.sign({"aud": "someone-else"}),
+        "issuer": th.teams.sign({"iss": "https://evil.example"}),
+        "signature": th.teams.sign(key=foreign),
+        "service url": th.teams.sign({"serviceurl": "https://evil.example"}),
+        "hs256": jwt.encode({"alg": "HS256", "kid": th.teams.kid},
+                            {"iss": th.teams.issuer, "aud": th.teams.app_id, "exp": now + 600},
+                            OctKey.import_key("x" * 32)),
+        "garbage": "not.a.jwt",
+    }
+    before = len(th.audits(kind="chat", outcome="unauthorized"))
+    for name, token in bad.items():
+        r = th.invoke("29:bob", "aad-bob", "approve", tid, token=token)
+        assert r.status_code == 401, name
+    r = requests.post(th.url, json={"type": "invoke"}, timeout=10)
+    assert r.status_code == 401
+    assert th.svc.approvals.get(tid).status == "pending"
+    assert len(th.audits(kind="chat", outcome="unauthorized")) - before == len(bad) + 1
+
+
+def test_teams_outage_and_429_then_cards_end_right(th: TeamsHarness) -> None:
+    th.teams.down()
+    tid = th.ticket()
+    th.svc.approvals.vote(tid, th.svc.identities.identity_of("dana"), "approve", via="portal")
+    time.sleep(2)
+    th.teams.fail("post_activity", 429, count=1, retry_after=1)
+    th.teams.up()
+    th.card(tid, "Approved by dana", timeout=40)
+    th.personal("29:alice", f"#{tid} on shop was approved by dana", timeout=40)
+    cards = [c for c in th.teams.cards(CONV) if f"Ticket #{tid} " in repr(c)]
+    assert len(cards) == 1
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with th.svc.store.session() as s:
+            if not s.scalars(select(OutboxItem).where(OutboxItem.sent_at.is_(None))).all():
+                break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("Teams outbox did not drain")
