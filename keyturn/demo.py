@@ -128,16 +128,24 @@ def run_demo(directory: str, *, pg_port: int | None, gateway_port: int,
         config = load_config(cfg_path)
 
         def ready(services: Services) -> None:
+            # The portal package is imported lazily, as the runner does: the demo is a
+            # composition root like the CLI, and the core never imports surfaces at import time.
+            from portal.accounts import set_password
+
             tokens = {}
+            portal_password = secrets.token_urlsafe(9)
             for user in DEMO_USERS:
                 tokens[user] = services.identities.create_token(user, description="demo").token
                 (base / f"{user}.token").write_text(tokens[user])
                 (base / f"{user}.token").chmod(0o600)
+                set_password(services.config, services.store, user, portal_password)
+            (base / "portal.password").write_text(portal_password)
+            (base / "portal.password").chmod(0o600)
             exe = shlex.quote(sys.argv[0]) if sys.argv[0].endswith("keyturn") else "keyturn"
             cfg = shlex.quote(str(cfg_path))
             print(textwrap.dedent(f"""
                 ─────────────────────────────────────────────────────────────────────
-                Keyturn demo is running.  Gateway 127.0.0.1:{gateway_port}  API {config.portal.public_url}
+                Keyturn demo is running.  Gateway 127.0.0.1:{gateway_port}  Portal and API {config.portal.public_url}
 
                 1. As alice (engineer), connect through the gateway:
                    PGPASSWORD={tokens['alice']} psql "host=127.0.0.1 port={gateway_port} dbname=shop user=alice sslmode=require"
@@ -150,6 +158,10 @@ def run_demo(directory: str, *, pg_port: int | None, gateway_port: int,
                    KEYTURN_TOKEN={tokens['bob']} {exe} -c {cfg} tickets
                    KEYTURN_TOKEN={tokens['bob']} {exe} -c {cfg} approve <ticket> --comment "ok"
                    KEYTURN_TOKEN={tokens['bob']} {exe} -c {cfg} reject <ticket> --reason "why"
+
+                   or in the portal: {config.portal.public_url}/queue
+                   sign in as bob (approver), alice (engineer) or carol (auditor),
+                   password {portal_password}   (also in {base}/portal.password)
 
                 3. Check the audit trail:  {exe} -c {cfg} audit verify
 
