@@ -76,6 +76,43 @@ def test_blocked_statement_names_rule_and_session_stays_usable(keyturn: Keyturn)
     assert count(keyturn, "SELECT count(*) FROM pg_tables WHERE tablename = 'orders'") == 1
 
 
+@pytest.mark.parametrize("protocol", ["simple", "extended"])
+def test_a_refusal_aborts_the_transaction_like_an_error(keyturn: Keyturn, protocol: str) -> None:
+    """A blocked statement inside BEGIN must not let a later COMMIT commit the work done
+    before it: PostgreSQL aborts a transaction on any error, and so does the gateway."""
+    cursor = psycopg.ClientCursor if protocol == "simple" else psycopg.Cursor
+    with psycopg.connect(keyturn.dsn("alice"), cursor_factory=cursor) as c:
+        before = c.execute("SHOW application_name").fetchone()[0]
+        c.commit()
+        c.execute("SET application_name = 'inside-the-transaction'")  # undone on rollback
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="blocked by rule"):
+            c.execute("DROP TABLE orders")
+        assert c.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            c.execute("SELECT 1")
+        c.rollback()
+        assert c.execute("SHOW application_name").fetchone()[0] == before
+        # Outside a transaction block the session simply goes on.
+        c.rollback()
+        c.autocommit = True
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("DROP TABLE orders")
+        assert c.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert c.execute("SELECT 2").fetchone() == (2,)
+    assert count(keyturn, "SELECT count(*) FROM pg_tables WHERE tablename = 'orders'") == 1
+
+
+def test_psql_commit_after_a_refusal_rolls_back(keyturn: Keyturn) -> None:
+    script = ("BEGIN;\nSET application_name = 'inside';\nDROP TABLE orders;\nCOMMIT;\n"
+              "SHOW application_name;\n")
+    p = subprocess.Popen(["psql", "-X", "-At", keyturn.dsn("alice")], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = p.communicate(script, timeout=30)
+    assert "blocked by rule 'no-ddl'" in err
+    assert "ROLLBACK" in out.splitlines()  # psql reports the COMMIT of an aborted transaction
+    assert out.splitlines()[-1] != "inside"
+
+
 def test_wrong_or_revoked_token_is_refused(keyturn: Keyturn) -> None:
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         psycopg.connect(keyturn.dsn("alice").replace(keyturn.tokens["alice"], "kt_wrong"))

@@ -82,6 +82,7 @@ class Expect:
     inject: bytes | None = None
     rfq: bool = False
     name: str | None = None  # the statement a Describe asks about
+    replace: bytes | None = None  # sent to the client instead of the target's error
 
 
 @dataclass(slots=True)
@@ -91,6 +92,12 @@ class StmtInfo:
     param_types: tuple[int, ...] = ()
     decision: Decision | None = None
 
+
+# Sent to the target in place of a refused statement: it fails the transaction the
+# statement was in, exactly as a real error would (the client sees our error instead).
+# (The target's log shows the text, so it says what happened.)
+_FAIL_TRANSACTION = codec.encode_query(
+    "SELECT 'keyturn refused a statement; this transaction is aborted'::pg_catalog.int4")
 
 # Responses that carry no per-request state are shared (never mutated).
 _EXPECT_B, _EXPECT_P, _EXPECT_S, _EXPECT_C = Expect(b"B"), Expect(b"P"), Expect(b"S"), Expect(b"C")
@@ -156,6 +163,7 @@ class ClientSession(asyncio.Protocol):
         self.holding = False
         self.held_ticket: int | None = None
         self.skip_until_sync = False
+        self.fail_at_sync = False
         self.stmts: dict[str, StmtInfo] = {}
         self.verdicts: dict[tuple[Any, ...], Decision] = {}
         self.fast_verdicts: dict[str, Decision] = {}
@@ -500,6 +508,15 @@ class ClientSession(asyncio.Protocol):
             return True
         if t == b"S":
             self.skip_until_sync = False
+            if self.fail_at_sync:
+                # A refused Execute: end the batch with a failing query instead of Sync, so
+                # the target aborts the (possibly implicit) transaction, as PostgreSQL would
+                # have after an error; its error is swallowed (the client already has ours)
+                # and its ReadyForQuery answers the client's Sync.
+                self.fail_at_sync = False
+                self.expect.append(Expect(b"Q", replace=b""))
+                out.append(_FAIL_TRANSACTION)
+                return True
             self.expect.append(_EXPECT_S)
             out.append(msg.raw)
             return True
@@ -522,9 +539,9 @@ class ClientSession(asyncio.Protocol):
             out.append(msg.raw)
             return True
         if t == b"F":
-            self._inject(codec.encode_error("ERROR", "42501", "keyturn: FunctionCall messages "
+            self._refuse(codec.encode_error("ERROR", "42501", "keyturn: FunctionCall messages "
                                             "are refused; call the function from SQL instead"),
-                         rfq=True)
+                         b"Q", out)
             return True
         raise codec.RemoteProtocolError(f"unexpected message type {t!r} in a session")
 
@@ -583,7 +600,7 @@ class ClientSession(asyncio.Protocol):
             ctx = Ctx(f"<portal {portal!r}>", "unknown", "block", "builtin:unknown-portal",
                       "keyturn did not see this portal being bound; it cannot be analysed",
                       time.time())
-            self._blocked(ctx, rfq=False)
+            self._blocked(ctx, b"E", out)
             return True
         if info.decision is None:
             info.decision = self._decide(info.analysis)
@@ -604,17 +621,36 @@ class ClientSession(asyncio.Protocol):
             out.append(msg.raw)
             return True
         if decision.action == "block":
-            self._blocked(ctx, rfq=kind == b"Q")
+            self._blocked(ctx, kind, out)
             return True
         return self._start_review(msg, ctx, decision, analysis, out, kind=kind)
 
-    def _blocked(self, ctx: Ctx, *, rfq: bool) -> None:
+    def _blocked(self, ctx: Ctx, kind: bytes, out: list[bytes]) -> None:
         rule = f"rule {ctx.rule!r}" if ctx.rule else "the policy default"
-        self._inject(codec.encode_error("ERROR", "42501",
-                                        f"keyturn: blocked by {rule}: {ctx.reason}"), rfq=rfq)
-        if not rfq:
-            self.skip_until_sync = True
+        self._refuse(codec.encode_error("ERROR", "42501",
+                                        f"keyturn: blocked by {rule}: {ctx.reason}"), kind, out)
         self._audit(ctx, outcome="blocked")
+
+    def _refuse(self, error: bytes, kind: bytes, out: list[bytes] | None = None) -> None:
+        """Answer a Query (kind Q) or Execute (kind E) with our error instead of running it.
+
+        Like any error, a refusal aborts the transaction it happens in: the target is
+        sent a query that fails, so a later COMMIT cannot commit work done before the
+        refusal, and the client's ReadyForQuery reports the failed transaction ('E').
+        For a Query the target's error is replaced by ours; for an Execute ours goes
+        out now, the rest of the batch is skipped and the failing query stands in for
+        the Sync. ``out`` holds messages not yet written to the target (None: write now).
+        """
+        if kind == b"Q":
+            self.expect.append(Expect(b"Q", replace=error))
+            if out is not None:
+                out.append(_FAIL_TRANSACTION)
+            elif self.upstream:
+                self.upstream.write(_FAIL_TRANSACTION)
+            return
+        self._inject(error)
+        self.skip_until_sync = True
+        self.fail_at_sync = True
 
     def _inject(self, data: bytes, *, rfq: bool = False) -> None:
         """Send our own message after everything the target still owes the client."""
@@ -663,10 +699,8 @@ class ClientSession(asyncio.Protocol):
             await self._review_inner(msg, ctx, decision, analysis, kind)
         except Exception:
             log.exception("hold in session %s failed", self.session_id)
-            self._inject(codec.encode_error("ERROR", "XX000", "keyturn: the approval workflow "
-                                            "failed; the statement was not run"), rfq=kind == b"Q")
-            if kind == b"E":
-                self.skip_until_sync = True
+            self._refuse(codec.encode_error("ERROR", "XX000", "keyturn: the approval workflow "
+                                            "failed; the statement was not run"), kind)
             self._audit(ctx, outcome="error")
         finally:
             self.held_ticket = None
@@ -718,13 +752,11 @@ class ClientSession(asyncio.Protocol):
                       action="review", rule=ctx.rule, reason=ctx.reason, ticket_id=ticket.id,
                       outcome="pending", detail={"mode": review.mode, "row_estimate": estimate})
         if review.mode == "defer":
-            self._inject(codec.encode_error(
+            self._refuse(codec.encode_error(
                 "ERROR", "42501",
                 f"keyturn: deferred for approval — ticket {ticket.id} (rule {ctx.rule}: "
                 f"{ctx.reason}). Run the identical statement again once it is approved: {url}"),
-                rfq=kind == b"Q")
-            if kind == b"E":
-                self.skip_until_sync = True
+                kind)
             return
         self._inject(codec.encode_notice(
             "NOTICE", "00000",
@@ -769,9 +801,7 @@ class ClientSession(asyncio.Protocol):
         else:
             text, code = f"keyturn: ticket {ticket.id} is {status}; the statement was not run", \
                 "42501"
-        self._inject(codec.encode_error("ERROR", code, text), rfq=kind == b"Q")
-        if kind == b"E":
-            self.skip_until_sync = True
+        self._refuse(codec.encode_error("ERROR", code, text), kind)
         ctx.action = "review"
         self._audit(ctx, outcome=status)
 
@@ -853,6 +883,15 @@ class ClientSession(asyncio.Protocol):
                     if head.ctx is not None:
                         self._finished(head.ctx)
             elif t == b"E":
+                if head.replace is not None:
+                    # Our refusal stands in for the error of the query that failed the
+                    # target's transaction.
+                    if out is None:
+                        out = []
+                    out.append(chunk[seg:start])
+                    out.append(head.replace)
+                    seg = end
+                    continue
                 fields = codec.decode_error_fields(chunk[start + 5:end])
                 if head.ctx is not None:
                     head.ctx.error = fields
