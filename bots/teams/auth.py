@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 from joserfc import jwt
-from joserfc.errors import JoseError
+from joserfc.errors import InvalidKeyIdError, JoseError
 from joserfc.jwk import KeySet
 
 from keyturn.config import TeamsSettings
@@ -70,9 +70,7 @@ class InboundAuth:
         try:
             try:
                 decoded = jwt.decode(token, keys, algorithms=["RS256"])
-            except (JoseError, ValueError) as first:
-                if "kid" not in str(first).lower() and "key" not in str(first).lower():
-                    raise
+            except InvalidKeyIdError:
                 decoded = jwt.decode(token, await self._key_set(refresh=True),
                                      algorithms=["RS256"])
             jwt.JWTClaimsRegistry(

@@ -69,6 +69,8 @@ class TeamsBot:
                                                           "path": request.path})
             return web.json_response({"error": "unauthorized", "message": str(exc)},
                                      status=401)
+        log.debug("Teams %s activity from serviceUrl %s in conversation %s", activity.get("type"),
+                  activity.get("serviceUrl"), (activity.get("conversation") or {}).get("id"))
         if not activity.get("type"):
             return web.json_response({"error": "bad_request",
                                       "message": "the body is not an activity"}, status=400)
