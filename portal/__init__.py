@@ -8,12 +8,15 @@ changes go through keyturn.approvals, never through ticket rows).
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import secrets
 from typing import Any
 
 from flask import Flask
 
 from keyturn.services import Services
+
+log = logging.getLogger(__name__)
 
 
 def _secret_key(services: Services) -> str:
@@ -22,6 +25,8 @@ def _secret_key(services: Services) -> str:
         return ref.resolve()
     # No configured key: a per-process random key. Sessions end when the process
     # restarts, which is the safe failure for a demo or a single-process set-up.
+    log.info("portal.secret_key_env/_file not set: portal sessions last until this process "
+             "stops (set a key when running several portal processes)")
     return secrets.token_urlsafe(48)
 
 

@@ -15,6 +15,7 @@ from flask import Blueprint, current_app, g, jsonify, request
 from keyturn.approvals import ticket_json
 from keyturn.errors import Forbidden, KeyturnError, Unauthorized
 from keyturn.services import Services
+from portal.roles import ADMIN, AUDITOR, MANAGER, roles_for
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -37,8 +38,9 @@ def token_required(fn):  # type: ignore[no-untyped-def]
 
 def _visible(ticket: Any) -> bool:
     ident = g.identity
+    roles = roles_for(services().config, ident.groups)
     return (ticket.requester == ident.user or bool(set(ident.groups) & set(ticket.approver_groups))
-            or bool({"auditors", "managers", "admins"} & set(ident.groups)))
+            or bool({AUDITOR, MANAGER, ADMIN} & roles))
 
 
 @bp.get("/whoami")

@@ -30,6 +30,7 @@ from keyturn.services import Services
 from portal import oidc
 from portal.accounts import check_password
 from portal.roles import Viewer, roles_for, viewer
+from portal.throttle import LoginThrottle
 
 bp = Blueprint("auth", __name__)
 login_manager = LoginManager()
@@ -90,14 +91,27 @@ def login():  # type: ignore[no-untyped-def]
     status = 200
     username = ""
     if request.method == "POST":
-        username = (request.form.get("username") or "").strip()
+        username = (request.form.get("username") or "").strip()[:64]
         password = request.form.get("password") or ""
+        addr = request.remote_addr or ""
+        throttle: LoginThrottle = current_app.extensions["keyturn_login_throttle"]
+        wait = throttle.wait_seconds(username, addr)
+        if wait > 0:
+            svc.record_audit(kind="login", user=username or None, action="portal-login",
+                             outcome="throttled", client_addr=addr,
+                             detail={"method": "password"})
+            error = (f"Too many failed sign-ins. Try again in {int(wait) // 60 + 1} "
+                     "minutes.")
+            return render_template("login.html", error=error, username=username,
+                                   next=request.values.get("next", ""),
+                                   oidc=svc.config.portal.oidc), 429
         if username and password and check_password(svc.config, svc.store, username, password):
+            throttle.succeeded(username)
             start_session(username, svc.config.groups_of(username), "password")
             return redirect(safe_next(request.form.get("next")), 303)
-        svc.record_audit(kind="login", user=username[:64] or None, action="portal-login",
-                         outcome="failed", client_addr=request.remote_addr,
-                         detail={"method": "password"})
+        throttle.failed(username, addr)
+        svc.record_audit(kind="login", user=username or None, action="portal-login",
+                         outcome="failed", client_addr=addr, detail={"method": "password"})
         error = "Unknown user or wrong password."
         status = 401
     return render_template("login.html", error=error, username=username,
@@ -148,6 +162,7 @@ def _unauthorized() -> Any:
 
 
 def init_app(app: Flask) -> None:
+    app.extensions["keyturn_login_throttle"] = LoginThrottle()
     login_manager.init_app(app)
     login_manager.unauthorized_handler(_unauthorized)
     login_manager.session_protection = None  # the session is rebuilt on every request anyway

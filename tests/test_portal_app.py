@@ -453,3 +453,42 @@ def test_dashboard_figures(app: Flask, svc: Services) -> None:
     assert "<td>approvers</td><td>5</td><td>3m 00s</td><td>1h 00m</td>" in html
     assert "<svg class=\"chart\"" in html and "<rect class=\"bar\"" in html
     assert "<span>alice</span><b>6</b>" in html
+
+
+def test_password_guessing_is_throttled(app: Flask, svc: Services) -> None:
+    a = Auth(app.test_client())
+    for _ in range(5):
+        assert a.login("bob", "guess-guess-guess").status_code == 401
+    r = a.login("bob")  # the right password, but too late
+    assert r.status_code == 429 and "Too many failed sign-ins" in r.text
+    assert a.client.get("/queue").status_code == 302
+    # Another user from another address is not affected...
+    other = app.test_client()
+    page = other.get("/login", environ_base={"REMOTE_ADDR": "10.9.9.9"})
+    r = other.post("/login", environ_base={"REMOTE_ADDR": "10.9.9.9"},
+                   data={"username": "dana", "password": PASSWORD,
+                         "csrf_token": csrf_of(page.text)})
+    assert r.status_code == 303
+    outcomes = [x["outcome"] for x in svc.audit.iter_records(kind="login")]
+    assert outcomes == ["failed"] * 5 + ["throttled", "ok"]
+
+
+def test_throttle_window_passes() -> None:
+    from portal.throttle import LoginThrottle
+
+    t = LoginThrottle(limit=2, window=60)
+    t.failed("bob", "1.1.1.1", now=0)
+    t.failed("bob", "2.2.2.2", now=10)
+    assert t.wait_seconds("BOB", "3.3.3.3", now=20) == 40  # by user name, any case
+    assert t.wait_seconds("dana", "1.1.1.1", now=20) == 0
+    assert t.wait_seconds("bob", "3.3.3.3", now=61) == 0
+
+
+def test_api_visibility_follows_portal_roles(app: Flask, svc: Services) -> None:
+    tid = make_ticket(svc, "erin", approvers=("dbas",))
+    c = app.test_client()
+    for user, sees in (("mona", True), ("adam", True), ("carol", True), ("bob", False),
+                       ("alice", False)):
+        token = svc.identities.create_token(user).token
+        r = c.get(f"/api/v1/tickets/{tid}", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == (200 if sees else 403), user
