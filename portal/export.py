@@ -146,7 +146,7 @@ def stream_export(svc: Services, f: dict[str, Any], who: str) -> Iterator[bytes]
         head_seq, head_hash = (head.seq, head.hash) if head else (0, "0" * 64)
     sink = _Sink()
     files: dict[str, Any] = {}
-    with zipfile.ZipFile(sink, "w") as zf:  # type: ignore[arg-type]
+    with zipfile.ZipFile(sink, "w") as zf:  # type: ignore[call-overload]
         makers: list[tuple[str, Callable[[], Iterator[dict[str, Any]]], str,
                            tuple[str, ...]]] = [
             ("tickets.csv", lambda: _iter_tickets(svc, f), "csv", TICKET_FIELDS),

@@ -139,7 +139,7 @@ def decode_cursor(cursor: str | None) -> tuple[float, int] | None:
         raise BadFilter("the page link is damaged; start from the first page") from exc
 
 
-def history_query(f: HistoryFilter) -> Select[tuple[Ticket]]:
+def history_query(f: HistoryFilter) -> Select[Any]:
     return select(Ticket).where(*f.where()).order_by(Ticket.decided_at.desc(),
                                                      Ticket.id.desc())
 
