@@ -19,6 +19,8 @@ def run_bots_command(args: argparse.Namespace, cfg: Config) -> int:
         from keyturn.runner import run
 
         return run(cfg, gateway=False, portal=False, bots=True)
+    if args.bots_cmd == "claim":
+        return _claim(args, cfg)
     from bots.links import Links
     from keyturn.services import build_services
 
@@ -56,4 +58,31 @@ def run_bots_command(args: argparse.Namespace, cfg: Config) -> int:
     for r in rows:
         print(f"{r.id:>6} {r.platform:<6} ticket {r.ticket_id:<6} {r.kind:<10} "
               f"attempts {r.attempts:<3} {r.last_error or ''}")
+    return 0
+
+
+def _claim(args: argparse.Namespace, cfg: Config) -> int:
+    """Redeem a link code with the caller's own access token."""
+    import requests
+
+    token = os.environ.get("KEYTURN_TOKEN")
+    if not token:
+        raise KeyturnError("set KEYTURN_TOKEN to your access token (keyturn token create)")
+    base = args.url or os.environ.get("KEYTURN_BOTS_URL")
+    if not base:
+        if cfg.chat is None:
+            raise KeyturnError("no integrations configured; give --url of `keyturn bots`")
+        base = f"http://{cfg.chat.listen.host}:{cfg.chat.listen.port}"
+    try:
+        resp = requests.post(f"{base.rstrip('/')}/links/claim", json={"code": args.code},
+                             headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    except requests.RequestException as exc:
+        raise KeyturnError(f"cannot reach the bots at {base}: {exc}") from exc
+    try:
+        data = resp.json()
+    except ValueError:
+        raise KeyturnError(f"the bots answered {resp.status_code} without JSON") from None
+    if resp.status_code >= 400:
+        raise KeyturnError(data.get("message", f"error {resp.status_code}"))
+    print(f"{data['platform']} account {data['platform_user']} is now linked to {data['user']}")
     return 0

@@ -7,17 +7,25 @@ by verified e-mail; that needs no row here.
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 import time
 from typing import Any
 
 from sqlalchemy import delete, select
 
-from bots.models import IdentityLink
+from bots.models import IdentityLink, LinkCode
 from keyturn.config import Config
-from keyturn.errors import KeyturnError, NotFound
+from keyturn.errors import KeyturnError, NotFound, Unauthorized
 from keyturn.store import Store
 
 PLATFORMS = ("slack", "teams")
+CODE_TTL = 600.0
+_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"   # no 0/O, 1/I/L: codes are typed by people
+
+
+def _hash(code: str) -> str:
+    return hashlib.sha256(code.strip().upper().replace("-", "").encode()).hexdigest()
 
 
 class Links:
@@ -48,6 +56,29 @@ class Links:
                     row.address = address
             s.flush()
             return row
+
+    def start_claim(self, platform: str, platform_user: str, *,
+                    address: dict[str, Any] | None = None, now: float | None = None) -> str:
+        """A one-time code for this chat account (shown only to its owner in chat)."""
+        now = time.time() if now is None else now
+        raw = "".join(secrets.choice(_ALPHABET) for _ in range(10))
+        with self.store.write() as s:
+            s.add(LinkCode(code_hash=_hash(raw), platform=platform, platform_user=platform_user,
+                           address=address or {}, created_at=now, expires_at=now + CODE_TTL))
+        return f"{raw[:5]}-{raw[5:]}"
+
+    def claim(self, code: str, user: str, *, now: float | None = None) -> IdentityLink:
+        """Redeem a code as ``user`` (already authenticated): links the chat account
+        that asked for the code. Single use; expired or unknown codes fail alike."""
+        now = time.time() if now is None else now
+        with self.store.write() as s:
+            row = s.scalars(select(LinkCode).where(LinkCode.code_hash == _hash(code))).first()
+            if row is None or row.used_at is not None or row.expires_at <= now:
+                raise Unauthorized("unknown, used or expired link code (ask for a new one with "
+                                   "/keyturn link)")
+            row.used_at = now
+            platform, platform_user, address = row.platform, row.platform_user, row.address
+        return self.link(platform, platform_user, user, by=user, address=address)
 
     def remember_address(self, platform: str, platform_user: str,
                          address: dict[str, Any]) -> None:

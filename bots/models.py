@@ -85,3 +85,19 @@ class IdentityLink(Base):
     address: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[float] = mapped_column(Float)
     created_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class LinkCode(Base):
+    """A one-time code that proves control of a chat account: the chat user asks
+    for it (``/keyturn link``), the Keyturn user redeems it while signed in with
+    their own token. Only its hash is stored; it expires in minutes."""
+
+    __tablename__ = "chat_link_codes"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    code_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    platform: Mapped[str] = mapped_column(String(16))
+    platform_user: Mapped[str] = mapped_column(String(200))
+    address: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float] = mapped_column(Float)
+    used_at: Mapped[float | None] = mapped_column(Float, nullable=True)

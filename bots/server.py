@@ -48,6 +48,9 @@ class BotsServer:
     async def start(self) -> None:
         app = web.Application(client_max_size=1 << 20)
         app.router.add_get("/healthz", self._health)
+        from bots.claim import ClaimEndpoint
+
+        ClaimEndpoint(self.ctx).routes(app)
         notifiers: list[Notifier] = []
         if self.chat.slack is not None:
             from bots.slack.app import SlackBot

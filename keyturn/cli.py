@@ -329,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     bu.add_argument("--id", required=True)
     botss.add_parser("links", help="list chat account links")
     botss.add_parser("outbox", help="show undelivered chat notifications")
+    bc = botss.add_parser("claim", help="link your chat account with the code the bot gave you")
+    bc.add_argument("code")
+    bc.add_argument("--url", help="URL of `keyturn bots` (default: $KEYTURN_BOTS_URL or "
+                                  "integrations.listen)")
 
     db = sub.add_parser("db", help="store maintenance")
     dbs = db.add_subparsers(dest="db_cmd", required=True)

@@ -476,3 +476,53 @@ def test_socket_mode_click_and_command(tmp_path: Path) -> None:
     finally:
         h.stop()
         slack.stop()
+
+
+# ---------------------------------------------------------------- self-service links
+
+def test_link_code_from_slack_redeemed_with_own_token(h: Harness) -> None:
+    import os
+    import re
+    import subprocess
+
+    h.slack.add_user("UNEWDANA", None)
+    body = h.command("UNEWDANA", "link").json()
+    assert body["response_type"] == "ephemeral"
+    code = re.search(r"keyturn bots claim ([A-Z0-9]{5}-[A-Z0-9]{5})", body["text"]).group(1)
+    claim_url = f"http://127.0.0.1:{h.port}/links/claim"
+
+    # Somebody else's token and a made-up token: refused, audited, nothing linked.
+    assert requests.post(claim_url, json={"code": code}, timeout=5,
+                         headers={"Authorization": "Bearer kt_forged"}).status_code == 401
+    assert requests.post(claim_url, json={"code": "AAAAA-BBBBB"}, timeout=5, headers={
+        "Authorization": f"Bearer {h.svc.identities.create_token('bob').token}"}
+    ).status_code == 401
+    assert len(h.audits(action="link-claim", outcome="unauthorized")) >= 2
+
+    token = h.svc.identities.create_token("dana").token
+    res = subprocess.run([*KEYTURN, "-c", str(h.path), "bots", "claim", code.lower()],
+                         capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, KEYTURN_TOKEN=token))
+    assert res.returncode == 0, res.stderr
+    assert "slack account UNEWDANA is now linked to dana" in res.stdout
+    again = subprocess.run([*KEYTURN, "-c", str(h.path), "bots", "claim", code],
+                           capture_output=True, text=True, timeout=60,
+                           env=dict(os.environ, KEYTURN_TOKEN=token))
+    assert again.returncode == 2 and "unknown, used or expired" in again.stderr
+
+    tid = h.ticket()
+    h.wait_message(tid, "Pending approval")
+    h.interact(block_action("UNEWDANA", "kt_approve", tid))
+    h.wait_message(tid, "Approved by dana")
+
+
+def test_expired_link_code_is_refused(h: Harness) -> None:
+    from bots.links import Links
+
+    links = Links(h.config, h.svc.store)
+    code = links.start_claim("slack", "ULATE", now=time.time() - 3600)
+    r = requests.post(f"http://127.0.0.1:{h.port}/links/claim", json={"code": code}, timeout=5,
+                      headers={"Authorization":
+                               f"Bearer {h.svc.identities.create_token('bob').token}"})
+    assert r.status_code == 401 and "expired" in r.json()["message"]
+    assert links.user_of("slack", "ULATE") is None

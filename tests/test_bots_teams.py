@@ -247,3 +247,33 @@ def test_teams_outage_and_429_then_cards_end_right(th: TeamsHarness) -> None:
         time.sleep(0.1)
     else:
         raise AssertionError("Teams outbox did not drain")
+
+
+def test_link_code_only_in_a_personal_chat(th: TeamsHarness) -> None:
+    import re
+
+    def message(conv_type: str, conv: str) -> None:
+        activity = {"type": "message", "id": f"m-{time.time()}", "text": "link",
+                    "channelId": "msteams", "serviceUrl": th.teams.url,
+                    "from": {"id": "29:newbie", "aadObjectId": "aad-newbie"},
+                    "conversation": {"id": conv, "tenantId": TENANT,
+                                     "conversationType": conv_type}}
+        r = requests.post(th.url, json=activity, timeout=10,
+                          headers={"Authorization": f"Bearer {th.teams.sign()}"})
+        assert r.status_code == 200
+
+    message("channel", CONV)
+    th.teams.wait_for(lambda: any("1:1 chat, not in a channel" in t
+                                  for t in th.teams.texts(CONV)), what="channel refusal")
+    message("personal", "a:newbie-1on1")
+    text = th.teams.wait_for(lambda: next((t for t in th.teams.texts("a:newbie-1on1")
+                                           if "keyturn bots claim" in t), None), what="code")
+    code = re.search(r"claim ([A-Z0-9]{5}-[A-Z0-9]{5})", text).group(1)
+    r = requests.post(f"http://127.0.0.1:{th.port}/links/claim", json={"code": code},
+                      timeout=5, headers={"Authorization":
+                                          f"Bearer {th.svc.identities.create_token('bob').token}"})
+    assert r.status_code == 200 and r.json()["user"] == "bob"
+    tid = th.ticket()
+    th.card(tid, "Pending approval")
+    body = th.invoke("29:newbie", "aad-newbie", "approve", tid).json()
+    assert "Approved by bob" in repr(body["value"])

@@ -78,7 +78,32 @@ class TeamsBot:
             return web.json_response(await self.on_action(activity))
         if activity["type"] in ("message", "conversationUpdate"):
             await self.people.keyturn_user(activity)   # learns a linked person's address
+        if activity["type"] == "message" and (activity.get("text") or "").strip().lower() \
+                == "link":
+            await self.on_link(activity)
         return web.Response(status=200)
+
+    async def on_link(self, activity: dict[str, Any]) -> None:
+        """A link code, answered only in a 1:1 chat: in a channel others would see it."""
+        conv = activity.get("conversation") or {}
+        service_url = (activity.get("serviceUrl") or self.settings.service_url).rstrip("/")
+        sender = activity.get("from") or {}
+        if conv.get("conversationType", "personal") != "personal":
+            text = "Send me `link` in a 1:1 chat, not in a channel."
+        elif not sender.get("aadObjectId"):
+            text = "Teams did not say who you are (no AAD object id); ask an operator."
+        else:
+            code = await asyncio.to_thread(
+                self.ctx.links.start_claim, "teams", sender["aadObjectId"],
+                address={"id": sender.get("id"), "service_url": service_url,
+                         "tenant_id": conv.get("tenantId") or self.settings.tenant_id})
+            text = (f"To link this Teams account to your Keyturn user, run within 10 minutes, "
+                    f"with your access token in KEYTURN_TOKEN: keyturn bots claim {code}")
+        try:
+            await self.connector.post_activity(service_url, conv["id"], {
+                "type": "message", "text": text, "replyToId": activity.get("id")})
+        except Exception:
+            log.exception("could not answer a Teams link request")
 
     async def on_action(self, activity: dict[str, Any]) -> dict[str, Any]:
         action = (activity.get("value") or {}).get("action") or {}

@@ -1,4 +1,4 @@
-"""chat outbox, cursor, message references and identity links
+"""chat outbox, cursor, message references, identity links and link codes
 
 Revision ID: 0004
 Revises: 0002
@@ -67,9 +67,23 @@ def upgrade() -> None:
         sa.UniqueConstraint("platform", "platform_user", name="uq_chat_link"),
     )
     op.create_index("ix_chat_identity_links_user", "chat_identity_links", ["user"])
+    op.create_table(
+        "chat_link_codes",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("code_hash", sa.String(length=64), nullable=False),
+        sa.Column("platform", sa.String(length=16), nullable=False),
+        sa.Column("platform_user", sa.String(length=200), nullable=False),
+        sa.Column("address", sa.JSON(), nullable=False),
+        sa.Column("created_at", sa.Float(), nullable=False),
+        sa.Column("expires_at", sa.Float(), nullable=False),
+        sa.Column("used_at", sa.Float(), nullable=True),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("code_hash"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("chat_link_codes")
     op.drop_table("chat_identity_links")
     op.drop_table("chat_messages")
     op.drop_table("chat_outbox")

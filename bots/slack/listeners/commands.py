@@ -18,7 +18,11 @@ HELP = ("*/keyturn* commands:\n"
         "• `/keyturn mine`: your requests and their status\n"
         "• `/keyturn pending`: requests you can decide, with buttons\n"
         "• `/keyturn status N`: one ticket\n"
+        "• `/keyturn link`: link this Slack account to your Keyturn user\n"
         "• `/keyturn help`: this text")
+LINK_TEXT = ("To link this Slack account to your Keyturn user, run within 10 minutes, with "
+             "your access token in KEYTURN_TOKEN:\n`keyturn bots claim {code}`\n"
+             "Keep the code to yourself: whoever redeems it decides who this account is.")
 OVERSIGHT = {"auditors", "managers", "admins"}
 
 
@@ -27,6 +31,11 @@ def register(app: AsyncApp, deps: SlackDeps) -> None:
     async def keyturn(ack: Any, command: dict[str, Any]) -> None:
         words = (command.get("text") or "").split()
         sub = words[0].lower() if words else "help"
+        if sub == "link":
+            code = await asyncio.to_thread(deps.ctx.links.start_claim, "slack",
+                                           command["user_id"])
+            await ack(response_type="ephemeral", text=LINK_TEXT.format(code=code))
+            return
         if sub == "help" or sub not in ("mine", "pending", "status"):
             await ack(response_type="ephemeral", text=HELP)
             return
