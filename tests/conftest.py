@@ -88,6 +88,10 @@ policies:
         match: {class: ddl}
         action: block
         reason: schema changes go through migrations
+      - name: vault-is-off-limits
+        match: {tables: ["vault.*"]}
+        action: block
+        reason: the vault schema holds secrets
       - name: reads
         match: {class: [read, transaction, session]}
         action: allow

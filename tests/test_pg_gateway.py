@@ -113,6 +113,63 @@ def test_psql_commit_after_a_refusal_rolls_back(keyturn: Keyturn) -> None:
     assert out.splitlines()[-1] != "inside"
 
 
+@pytest.fixture(scope="module")
+def vault(keyturn: Keyturn) -> None:
+    """A schema the policy blocks, holding a table with the same name as public.customers;
+    the target role may read it, so only the gateway stands in the way."""
+    with psycopg.connect(keyturn.pg.dsn("shop"), autocommit=True) as c:
+        c.execute("CREATE SCHEMA IF NOT EXISTS vault")
+        c.execute("CREATE TABLE IF NOT EXISTS vault.customers (secret text)")
+        c.execute("INSERT INTO vault.customers VALUES ('the-crown-jewels')")
+        c.execute("GRANT USAGE ON SCHEMA vault TO app")
+        c.execute("GRANT SELECT ON ALL TABLES IN SCHEMA vault TO app")
+
+
+@pytest.mark.parametrize("switch", [
+    "SET search_path = vault",
+    "SET search_path TO 'vault', public",
+    "SELECT set_config('search_path', 'vault', false)",
+    "SET LOCAL search_path = \"vault\"",
+])
+@pytest.mark.parametrize("protocol", ["simple", "extended"])
+def test_search_path_cannot_hide_a_blocked_schema(keyturn: Keyturn, vault: None, switch: str,
+                                                  protocol: str) -> None:
+    cursor = psycopg.ClientCursor if protocol == "simple" else psycopg.Cursor
+    with psycopg.connect(keyturn.dsn("alice"), cursor_factory=cursor) as c:
+        assert c.execute("SELECT count(*) FROM customers").fetchone() == (50,)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="vault-is-off-limits"):
+            c.execute("SELECT * FROM vault.customers")
+        c.rollback()
+        c.execute(switch)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="vault-is-off-limits"):
+            c.execute("SELECT * FROM customers")  # would read vault.customers
+        c.rollback()
+
+
+def test_search_path_in_one_message_and_in_the_startup_packet(keyturn: Keyturn,
+                                                              vault: None) -> None:
+    p = keyturn.psql("alice", "SET search_path = vault; SELECT secret FROM customers")
+    out, err = p.communicate(timeout=30)
+    assert p.returncode != 0 and "vault-is-off-limits" in err
+    assert "crown" not in out
+
+    import asyncio
+
+    import asyncpg
+
+    async def startup_param() -> None:
+        conn = await asyncpg.connect(host="127.0.0.1", port=keyturn.gateway_port, user="alice",
+                                     password=keyturn.tokens["alice"], database="shop",
+                                     ssl=False, server_settings={"search_path": "vault"})
+        try:
+            with pytest.raises(asyncpg.InsufficientPrivilegeError, match="vault"):
+                await conn.fetch("SELECT secret FROM customers")
+        finally:
+            await conn.close()
+
+    asyncio.run(startup_param())
+
+
 def test_wrong_or_revoked_token_is_refused(keyturn: Keyturn) -> None:
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         psycopg.connect(keyturn.dsn("alice").replace(keyturn.tokens["alice"], "kt_wrong"))

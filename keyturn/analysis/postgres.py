@@ -14,6 +14,7 @@ the hot path: ``parse_sql_json`` is about ten times cheaper.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import re
@@ -72,6 +73,33 @@ class Statement:
     is_dml: bool
     prepared_name: str | None
     literal_dependent: bool
+    # Relations named without a schema (reported in ``tables`` as public.<name>); the
+    # gateway re-resolves them when the session's search_path may have changed.
+    unqualified: tuple[str, ...] = ()
+    # The schemas a SET search_path / set_config('search_path') names ("$user" kept,
+    # ("*",) when the value cannot be read), or None when it leaves search_path alone.
+    search_path: tuple[str, ...] | None = None
+
+
+#: search_path as the gateway assumes it until a session changes it.
+DEFAULT_SEARCH_PATH: tuple[str, ...] = ("public",)
+
+
+def search_path_schemas(value: str | None) -> tuple[str, ...]:
+    """Every schema a search_path value could name, generously: the value split at
+    commas, each part with and without quotes and case folding (extra candidates only
+    make the gateway more careful). None or an empty value: ("*",), unknown."""
+    if value is None:
+        return ("*",)
+    out: dict[str, None] = {}
+    for part in value.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        bare = part.strip('"')
+        for candidate in (part, bare, bare.lower()):
+            out[candidate] = None
+    return tuple(out) or DEFAULT_SEARCH_PATH
 
 
 def _unique(items: Iterable[str]) -> tuple[str, ...]:
@@ -161,6 +189,7 @@ def _merge_candidates(name: str, old: Statement, new: Statement) -> Statement:
         reasons=_unique([note, *top.reasons, *old.reasons, *new.reasons]),
         forbidden=old.forbidden or new.forbidden, is_dml=old.is_dml or new.is_dml,
         prepared_name=name, literal_dependent=old.literal_dependent or new.literal_dependent,
+        unqualified=_unique([*old.unqualified, *new.unqualified]),
     )
 
 
@@ -282,7 +311,7 @@ class _Walk:
 
     __slots__ = ("an", "prepared", "text", "findings", "tables", "functions", "forbidden",
                  "literal", "session_bound", "effects", "mode", "in_cte", "wrapper", "is_dml",
-                 "prepared_name")
+                 "prepared_name", "unqualified", "search_path")
 
     def __init__(self, analyzer: Analyzer, prepared: PreparedStatements | None, text: str):
         self.an, self.prepared, self.text = analyzer, prepared, text
@@ -298,6 +327,8 @@ class _Walk:
         self.wrapper: str | None = None
         self.is_dml = False
         self.prepared_name: str | None = None
+        self.unqualified: dict[str, None] = {}
+        self.search_path: tuple[str, ...] | None = None
 
     # -- results ---------------------------------------------------------------------------
 
@@ -323,11 +354,13 @@ class _Walk:
             command=_command(kind, body), tables=tuple(self.tables),
             functions=tuple(self.functions), reasons=_unique(r for _, r in ordered),
             forbidden=self.forbidden, is_dml=self.is_dml, prepared_name=self.prepared_name,
-            literal_dependent=self.literal,
+            literal_dependent=self.literal, unqualified=tuple(self.unqualified),
+            search_path=self.search_path,
         )
 
     def merge(self, other: Statement) -> None:
         self.tables.update(dict.fromkeys(other.tables))
+        self.unqualified.update(dict.fromkeys(other.unqualified))
         self.functions.update(dict.fromkeys(other.functions))
         if other.forbidden:
             self.forbid(other.forbidden)
@@ -423,6 +456,8 @@ class _Walk:
             return None
         qualified = _qualify(catalog, schema, name)
         self.tables[qualified] = None
+        if not schema and not catalog:
+            self.unqualified[name] = None
         return qualified
 
     def call(self, names: list[str], args: list[Any]) -> None:
@@ -455,6 +490,8 @@ class _Walk:
             self.forbid("set_config() with a setting name that is not a constant")
             return C.SESSION, "changes a session setting that cannot be determined"
         value = _literal(args[1]) if len(args) > 1 else None
+        if name.strip().lower() == "search_path":
+            self.search_path = search_path_schemas(value)
         return self.setting("set_config()", name.strip().lower(), value, has_value=True)
 
     def setting(self, verb: str, name: str, value: str | None, *, has_value: bool) -> Entry:
@@ -647,6 +684,7 @@ class _Walk:
         if kind == "VAR_RESET_ALL":
             # role and session_authorization are exempt from RESET ALL in PostgreSQL.
             self.add(C.SESSION, "RESET ALL restores session defaults")
+            self.search_path = DEFAULT_SEARCH_PATH
             return
         if name.startswith("transaction") or name == "session characteristics":
             self.add(C.TRANSACTION if name.startswith("transaction") else C.SESSION,
@@ -655,6 +693,16 @@ class _Walk:
         args = body.get("args") or ()
         value = _literal(args[0]) if kind == "VAR_SET_VALUE" and len(args) == 1 else None
         has_value = kind in ("VAR_SET_VALUE", "VAR_SET_CURRENT")
+        if name == "search_path":
+            self.literal = True  # the schemas are constants: never share a cached shape
+            if kind == "VAR_SET_VALUE":
+                parts = [_literal(a) for a in args]
+                self.search_path = search_path_schemas(
+                    None if None in parts else ",".join(p or "" for p in parts))
+            elif kind == "VAR_SET_CURRENT":
+                self.search_path = ("*",)
+            else:  # RESET search_path, SET search_path TO DEFAULT
+                self.search_path = DEFAULT_SEARCH_PATH
         cls, reason = self.setting(verb, name, value, has_value=has_value)
         self.add(cls, f"{verb} {name} {reason}")
 
@@ -685,6 +733,8 @@ class _Walk:
                 names = _names((obj.get("List") or {}).get("items"))
                 if names:
                     self.tables[_qualify(*([None] * (3 - len(names))), *names[-3:])] = None
+                    if len(names) == 1:
+                        self.unqualified[names[0]] = None
 
     def _s_AlterTableStmt(self, body: dict[str, Any], ctes: frozenset[str], top: bool) -> None:
         target = self.relation(body.get("relation"), _NO_CTES)
@@ -753,12 +803,7 @@ class _Walk:
 
 
 def _with_name(statement: Statement, name: str) -> Statement:
-    return Statement(
-        text=statement.text, cls=statement.cls, command=statement.command,
-        tables=statement.tables, functions=statement.functions, reasons=statement.reasons,
-        forbidden=statement.forbidden, is_dml=statement.is_dml, prepared_name=name,
-        literal_dependent=statement.literal_dependent,
-    )
+    return dataclasses.replace(statement, prepared_name=name)
 
 
 def _function_options(options: Iterable[Any]) -> tuple[str | None, bool]:
@@ -1042,7 +1087,8 @@ def _from_template(sql: str, template: tuple[Statement, ...]) -> Analysis | None
             s = template[0]
             return Analysis(sql, (Statement(text, s.cls, s.command, s.tables, s.functions,
                                             s.reasons, s.forbidden, s.is_dml, s.prepared_name,
-                                            s.literal_dependent),), None)
+                                            s.literal_dependent, s.unqualified,
+                                            s.search_path),), None)
     try:
         # The same texts the full analysis cuts from stmt_location/stmt_len, then strips.
         texts = _pg.split(sql)
@@ -1052,6 +1098,6 @@ def _from_template(sql: str, template: tuple[Statement, ...]) -> Analysis | None
         return None
     return Analysis(sql, tuple(
         Statement(text, s.cls, s.command, s.tables, s.functions, s.reasons, s.forbidden,
-                  s.is_dml, s.prepared_name, s.literal_dependent)
+                  s.is_dml, s.prepared_name, s.literal_dependent, s.unqualified, s.search_path)
         for text, s in zip(texts, template, strict=True)
     ), None)

@@ -21,6 +21,7 @@ threads.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import struct
@@ -29,7 +30,13 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from keyturn.analysis.postgres import fast_shape
+from keyturn.analysis import StatementClass
+from keyturn.analysis.postgres import (
+    DEFAULT_SEARCH_PATH,
+    Statement,
+    fast_shape,
+    search_path_schemas,
+)
 from keyturn.approvals import APPROVED, CANCELLED, EXPIRED, REJECTED, TicketRequest, binding_of
 from keyturn.errors import AlreadyDecided, InvalidTransition
 from keyturn.policy import Decision, Request
@@ -92,6 +99,8 @@ class StmtInfo:
     param_types: tuple[int, ...] = ()
     decision: Decision | None = None
 
+
+_DEFAULT_SCHEMAS = frozenset(DEFAULT_SEARCH_PATH)
 
 # Sent to the target in place of a refused statement: it fails the transaction the
 # statement was in, exactly as a real error would (the client sees our error instead).
@@ -167,6 +176,9 @@ class ClientSession(asyncio.Protocol):
         self.stmts: dict[str, StmtInfo] = {}
         self.verdicts: dict[tuple[Any, ...], Decision] = {}
         self.fast_verdicts: dict[str, Decision] = {}
+        # Every schema this session's search_path may name (it only grows: a SET may be
+        # rolled back, so the gateway cannot know it was undone).
+        self.schemas: frozenset[str] = frozenset(DEFAULT_SEARCH_PATH)
         self.portals: dict[str, tuple[str, bytes]] = {}
         self.prepared: Any = None
         self.tx_status = "I"
@@ -340,6 +352,8 @@ class ClientSession(asyncio.Protocol):
             return
         self.conn = conn
         self.analyzer = self.gw.analyzer(conn)
+        if params.get("search_path") is not None:
+            self.schemas |= set(search_path_schemas(params["search_path"]))
         self.phase = "auth"
         self.reader.start_typed()
         self._spawn(self._begin_auth())
@@ -501,8 +515,9 @@ class ClientSession(asyncio.Protocol):
             return self._on_execute(msg, out)
         if t == b"P":
             p = codec.decode_parse(msg.body)
-            self.stmts[p.name] = StmtInfo(p.query, self.analyzer.analyze(p.query),
-                                          p.param_types)
+            analysis = self.analyzer.analyze(p.query)
+            self._note_search_path(analysis.statements)
+            self.stmts[p.name] = StmtInfo(p.query, analysis, p.param_types)
             self.expect.append(_EXPECT_P)
             out.append(msg.raw)
             return True
@@ -549,8 +564,44 @@ class ClientSession(asyncio.Protocol):
 
     def _decide(self, analysis: Any) -> Decision:
         assert self.identity is not None and self.conn is not None
+        statements = analysis.statements
+        if self.schemas != _DEFAULT_SCHEMAS:
+            statements = tuple(self._resolve(st) for st in statements)
         return self.gw.policy.evaluate(Request(self.user, self.identity.groups, self.conn,
-                                               analysis.statements, analysis.error))
+                                               statements, analysis.error))
+
+    def _note_search_path(self, statements: tuple[Statement, ...]) -> None:
+        """Widen the schemas unqualified names may resolve in; forget memoised verdicts."""
+        for st in statements:
+            if st.search_path is None:
+                continue
+            wider = self.schemas | set(st.search_path)
+            if wider != self.schemas:
+                self.schemas = wider
+                self.verdicts.clear()
+                self.fast_verdicts.clear()
+                for info in self.stmts.values():
+                    info.decision = None
+
+    def _resolve(self, st: Statement) -> Statement:
+        """The statement with each unqualified table in every schema the session's
+        search_path may name, so a rule on ``secret.*`` sees ``SELECT * FROM t`` after
+        ``SET search_path = secret``. An unreadable search_path makes it unknown."""
+        if not st.unqualified:
+            return st
+        names = ", ".join(st.unqualified)
+        if "*" in self.schemas:
+            return dataclasses.replace(st, cls=StatementClass.UNKNOWN, reasons=(
+                f"the session set search_path to a value keyturn cannot read, so {names} "
+                "cannot be resolved", *st.reasons))
+        assert self.conn is not None
+        role = self.conn.target.user or self.user
+        schemas = sorted(role if s == "$user" else s for s in self.schemas)
+        extra = [f"{schema}.{name}" for name in st.unqualified for schema in schemas]
+        return dataclasses.replace(
+            st, tables=tuple(dict.fromkeys([*st.tables, *extra])),
+            reasons=(*st.reasons, f"search_path may resolve {names} in schema(s) "
+                                  f"{', '.join(schemas)}"))
 
     def _on_query(self, msg: Message, out: list[bytes]) -> bool:
         sql = codec.decode_query(msg.body)
@@ -567,6 +618,7 @@ class ClientSession(asyncio.Protocol):
                 return True
         analysis = self.analyzer.analyze(sql, self.prepared)
         statements = analysis.statements
+        self._note_search_path(statements)
         if len(statements) == 1 and analysis.error is None:
             # Hot path: one statement whose verdict this session has seen before
             # (the verdict depends on everything in the key, never on the text).
