@@ -52,12 +52,12 @@ def run_bots_command(args: argparse.Namespace, cfg: Config) -> int:
     from bots.models import OutboxItem
 
     with svc.store.session() as s:
-        rows = list(s.scalars(select(OutboxItem).where(OutboxItem.sent_at.is_(None))
-                              .order_by(OutboxItem.id)))
-    print(f"{len(rows)} undelivered")
-    for r in rows:
-        print(f"{r.id:>6} {r.platform:<6} ticket {r.ticket_id:<6} {r.kind:<10} "
-              f"attempts {r.attempts:<3} {r.last_error or ''}")
+        waiting = list(s.scalars(select(OutboxItem).where(OutboxItem.sent_at.is_(None))
+                                 .order_by(OutboxItem.id)))
+    print(f"{len(waiting)} undelivered")
+    for item in waiting:
+        print(f"{item.id:>6} {item.platform:<6} ticket {item.ticket_id:<6} {item.kind:<10} "
+              f"attempts {item.attempts:<3} {item.last_error or ''}")
     return 0
 
 

@@ -89,9 +89,14 @@ policies:
 def write_demo(base: Path, *, pg_port: int, gateway_port: int, portal_port: int,
                pw_file: Path, cert: Path, key: Path) -> Path:
     path = base / "keyturn.yaml"
-    path.write_text(DEMO_CONFIG.format(pg_port=pg_port, gateway_port=gateway_port,
-                                       portal_port=portal_port, pw_file=pw_file, cert=cert,
-                                       key=key))
+    text = DEMO_CONFIG.format(pg_port=pg_port, gateway_port=gateway_port,
+                              portal_port=portal_port, pw_file=pw_file, cert=cert, key=key)
+    # Chat bots in the demo: an ``integrations:`` block kept in <dir>/integrations.yaml
+    # (the config is rewritten on every start; this file is not).
+    extra = base / "integrations.yaml"
+    if extra.exists():
+        text += "\n# from integrations.yaml\n" + extra.read_text()
+    path.write_text(text)
     return path
 
 

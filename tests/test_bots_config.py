@@ -95,3 +95,20 @@ def test_bots_command_without_integrations_says_so(tmp_path) -> None:  # type: i
     res = subprocess.run([*KEYTURN, "-c", str(cfg), "bots"], capture_output=True, text=True,
                          timeout=60)
     assert res.returncode == 2 and "no integrations configured" in res.stderr
+
+
+def test_demo_config_takes_integrations_from_its_directory(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from keyturn.config import load_config
+    from keyturn.demo import write_demo
+
+    def write():  # type: ignore[no-untyped-def]
+        return load_config(write_demo(tmp_path, pg_port=5999, gateway_port=6999,
+                                      portal_port=8999, pw_file=tmp_path / "pw",
+                                      cert=tmp_path / "c", key=tmp_path / "k"))
+
+    assert write().chat is None
+    (tmp_path / "integrations.yaml").write_text(
+        "integrations:\n  slack: {bot_token_env: T, signing_secret_env: S, channel: C1}\n")
+    cfg = write()
+    assert cfg.chat is not None and cfg.chat.slack is not None
+    assert cfg.chat.slack.channel == "C1"

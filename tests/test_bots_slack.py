@@ -433,6 +433,12 @@ def test_outage_and_rate_limit_then_every_message_ends_right(h: Harness) -> None
     assert failing and all(r.last_error for r in failing)
     # Nothing was lost or skipped while Slack was away: every row waits.
     assert {r.ticket_id for r in failing} <= {approved, rejected, pending}
+    import subprocess
+
+    shown = subprocess.run([*KEYTURN, "-c", str(h.path), "bots", "outbox"], capture_output=True,
+                           text=True, timeout=60)
+    assert shown.returncode == 0 and "undelivered" in shown.stdout
+    assert f"ticket {approved:<6} post" in shown.stdout and "Slack unreachable" in shown.stdout
 
     h.slack.fail("chat.postMessage", 429, count=1, retry_after=1)
     h.slack.up()

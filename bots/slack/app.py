@@ -36,8 +36,9 @@ class SlackBot:
         self.ctx = ctx
         self.settings = settings
         token = settings.bot_token.resolve()
-        kw = {"base_url": settings.api_base_url} if settings.api_base_url else {}
-        self.client = AsyncWebClient(token=token, timeout=10, **kw)
+        self.client = AsyncWebClient(
+            token=token, timeout=10,
+            base_url=settings.api_base_url or AsyncWebClient.BASE_URL)
         self.people = SlackPeople(self.client, ctx.links)
         self.signing_secret = settings.signing_secret.resolve() if settings.signing_secret \
             else None
@@ -84,7 +85,7 @@ class SlackBot:
             return f"timestamp is {int(age)}s old (replay?)"
         expected = SignatureVerifier(self.signing_secret).generate_signature(
             timestamp=timestamp, body=body)
-        if not hmac.compare_digest(expected, signature):
+        if expected is None or not hmac.compare_digest(expected, signature):
             return "bad signature"
         return None
 

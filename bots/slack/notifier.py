@@ -92,7 +92,8 @@ class SlackNotifier:
         ref = await asyncio.to_thread(self._message, item.ticket_id)
         if item.kind == "post":
             if ref is not None:  # a retried post that already went out: keep one message
-                return await self._update(ref, view)
+                await self._update(ref, view)
+                return None
             channel = self.settings.channel_for(view.connection, self.ctx.policy_of(
                 view.connection))
             resp = await self.client.chat_postMessage(
@@ -103,7 +104,8 @@ class SlackNotifier:
         if item.kind == "update":
             if ref is None:
                 return "no Slack message to update"
-            return await self._update(ref, view)
+            await self._update(ref, view)
+            return None
         if item.kind == "vote_reply":
             if ref is None:
                 return "no Slack message to reply to"

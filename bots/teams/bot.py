@@ -110,7 +110,7 @@ class TeamsBot:
         verb = action.get("verb")
         data = action.get("data") or {}
         try:
-            ticket = int(data.get("ticket"))
+            ticket = int(str(data.get("ticket")))
         except (TypeError, ValueError):
             return {"statusCode": 400, "type": "application/vnd.microsoft.error",
                     "value": {"code": "BadRequest", "message": "no ticket in the action"}}

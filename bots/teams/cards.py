@@ -46,9 +46,12 @@ def ticket_card(view: TicketView, *, refresh_users: list[str] | None = None) -> 
     }
     data = {"ticket": view.id}
     if view.pending:
+        # Without userIds Teams refreshes for everyone in conversations of up to 60
+        # people; an explicit list names who (at most 60) in bigger ones.
         card["refresh"] = {"action": {"type": "Action.Execute", "verb": "refresh",
-                                      "data": data},
-                           "userIds": (refresh_users or [])[:60]}
+                                      "data": data}}
+        if refresh_users:
+            card["refresh"]["userIds"] = refresh_users[:60]
         card["actions"] = [
             {"type": "Action.Execute", "title": "Approve", "verb": "approve", "data": data,
              "style": "positive"},

@@ -15,11 +15,12 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from bots.render import ticket_view
 from bots.teams.cards import ticket_card
 
-SAMPLE = {
+SAMPLE: dict[str, Any] = {
     "id": 42, "status": "pending", "requester": "alice", "connection": "shop",
     "statement": "DELETE FROM orders WHERE status = 'cancelled' AND created_at < now() - "
                  "interval '90 days'",
