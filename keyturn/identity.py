@@ -60,11 +60,19 @@ def lookup_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def scram_keys(token: str, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
-    salted = hashlib.pbkdf2_hmac("sha256", token.encode(), salt, iterations)
+def salted_keys(password: bytes, salt: bytes, iterations: int) -> tuple[bytes, bytes, bytes]:
+    """SCRAM-SHA-256 (RFC 5802/7677): ClientKey, StoredKey and ServerKey of a password
+    (already SASLprep'd). The one derivation shared by token storage and the proxies."""
+    salted = hashlib.pbkdf2_hmac("sha256", password, salt, iterations)
     client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
     server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
-    return hashlib.sha256(client_key).digest(), server_key
+    return client_key, hashlib.sha256(client_key).digest(), server_key
+
+
+def scram_keys(token: str, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
+    """StoredKey and ServerKey of an access token (ASCII, so SASLprep leaves it as is)."""
+    _, stored_key, server_key = salted_keys(token.encode(), salt, iterations)
+    return stored_key, server_key
 
 
 class Identities:

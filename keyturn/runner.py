@@ -113,6 +113,7 @@ def run(config: Config, *, gateway: bool, portal: bool,
             from proxies.postgres.gateway import PostgresGateway
 
             async def main() -> None:
+                assert spool is not None  # a gateway process always has its spool
                 gw = PostgresGateway(services, spool)
                 await gw.start()
                 # Everything loaded so far lives as long as the process: keep it out of

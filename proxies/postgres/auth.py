@@ -31,6 +31,8 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from keyturn.identity import salted_keys
+
 from . import codec
 
 SCRAM_SHA_256: Final = "SCRAM-SHA-256"
@@ -133,12 +135,6 @@ class ScramVerifier:
     server_key: bytes
 
 
-def _salted_keys(password: bytes, salt: bytes, iterations: int) -> tuple[bytes, bytes, bytes]:
-    salted = hashlib.pbkdf2_hmac("sha256", password, salt, iterations)
-    client_key = _hmac(salted, b"Client Key")
-    return client_key, hashlib.sha256(client_key).digest(), _hmac(salted, b"Server Key")
-
-
 def scram_verifier(
     password: str, *, salt: bytes | None = None, iterations: int = DEFAULT_ITERATIONS
 ) -> ScramVerifier:
@@ -146,7 +142,7 @@ def scram_verifier(
         raise ValueError("iterations must be positive")
     if salt is None:
         salt = secrets.token_bytes(16)  # PostgreSQL's salt length
-    _, stored_key, server_key = _salted_keys(pg_saslprep(password), salt, iterations)
+    _, stored_key, server_key = salted_keys(pg_saslprep(password), salt, iterations)
     return ScramVerifier(salt, iterations, stored_key, server_key)
 
 
@@ -384,7 +380,7 @@ class TargetAuthenticator:
         if not 1 <= iterations <= MAX_ITERATIONS or not salt:
             raise AuthError(f"refusing SCRAM parameters: {iterations} iterations")
         assert self._password is not None  # checked when SASL started
-        client_key, stored_key, server_key = _salted_keys(
+        client_key, stored_key, server_key = salted_keys(
             pg_saslprep(self._password), salt, iterations
         )
         without_proof = f"c=biws,r={nonce}"  # biws = base64("n,,")
