@@ -93,6 +93,12 @@ class Outbox:
 
     def pump(self, *, batch: int = 500) -> int:
         """Plan outbox rows for new ticket events; returns how many events were read."""
+        # Look before taking the write lock: with SQLite it is the store's only one.
+        with self.store.session() as s:
+            cur = s.get(ChatCursor, CURSOR)
+            newest = s.scalar(select(func.max(TicketEvent.id)))
+            if cur is not None and (newest is None or newest <= cur.last_event_id):
+                return 0
         with self.store.write() as s:
             cur = s.get(ChatCursor, CURSOR)
             if cur is None:

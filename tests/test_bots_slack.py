@@ -76,7 +76,8 @@ integrations:
 
 
 class Harness:
-    def __init__(self, base: Path, slack: SlackStandIn, *, mode: str = "http"):
+    def __init__(self, base: Path, slack: SlackStandIn, *, mode: str = "http",
+                 start: bool = True):
         base.mkdir(parents=True, exist_ok=True)
         (base / "bot-token").write_text(slack.token)
         (base / "signing-secret").write_text(SECRET)
@@ -88,6 +89,9 @@ class Harness:
         self.config = load_config(self.path)
         self.svc: Services = build_services(self.config)
         self.slack = slack
+        self.stop = start_in_thread(self.config) if start else (lambda: None)
+
+    def start(self) -> None:
         self.stop = start_in_thread(self.config)
 
     @property
@@ -532,3 +536,28 @@ def test_expired_link_code_is_refused(h: Harness) -> None:
                                f"Bearer {h.svc.identities.create_token('bob').token}"})
     assert r.status_code == 401 and "expired" in r.json()["message"]
     assert links.user_of("slack", "ULATE") is None
+
+
+def test_first_start_announces_pending_tickets_not_history(tmp_path: Path) -> None:
+    slack = SlackStandIn().start()
+    h = Harness(tmp_path, slack, start=False)
+    try:
+        old = h.ticket()
+        h.svc.approvals.vote(old, h.svc.identities.identity_of("bob"), "approve")
+        waiting = h.ticket()
+        h.start()
+        h.wait_message(waiting, "Pending approval")
+        h.wait_drained()
+        assert not [m for m in slack.channel_messages(CHANNEL)
+                    if f"Ticket #{old}>" in json.dumps(m["blocks"])]
+        # A restart continues from the stored cursor: nothing is announced twice.
+        h.stop()
+        h.start()
+        later = h.ticket()
+        h.wait_message(later, "Pending approval")
+        h.wait_drained()
+        assert len([m for m in slack.channel_messages(CHANNEL)
+                    if f"Ticket #{waiting}>" in json.dumps(m["blocks"])]) == 1
+    finally:
+        h.stop()
+        slack.stop()
