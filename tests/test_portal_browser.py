@@ -100,7 +100,16 @@ def test_bob_approves_and_rejects_held_statements(browser: Any, live: Keyturn,
         assert "DELETE FROM orders" in row.inner_text()
         assert "you can decide" in row.inner_text()
         page.screenshot(path=str(shots / "queue-live-laptop.png"), full_page=True)
-        row.locator("a").click()
+        # Keyboard users keep their place: focus survives the list refreshing itself.
+        link = row.locator("a")
+        link.focus()
+        focused = link.get_attribute("href")
+        with page.expect_response(lambda r: "/queue" in r.url and
+                                  r.request.headers.get("hx-request") == "true"):
+            pass
+        page.wait_for_timeout(200)
+        assert page.evaluate("document.activeElement.getAttribute('href')") == focused
+        link.click()
         page.wait_for_url("**/tickets/*")
         page.get_by_label("Comment (optional)").fill("one row, checked")
         page.screenshot(path=str(shots / "ticket-live-laptop.png"), full_page=True)
