@@ -87,6 +87,8 @@ def safe_next(target: str | None) -> str:
 @bp.route("/login", methods=["GET", "POST"])
 def login():  # type: ignore[no-untyped-def]
     svc = services()
+    if request.method == "GET" and viewer().is_authenticated:
+        return redirect(safe_next(request.args.get("next")))
     error = None
     status = 200
     username = ""

@@ -18,7 +18,7 @@ from sqlalchemy import Select, and_, func, or_, select
 from keyturn.approvals import DECIDED, PENDING
 from keyturn.config import parse_duration
 from keyturn.errors import KeyturnError
-from keyturn.models import AuditRecord, Ticket, TicketEvent
+from keyturn.models import AuditRecord, Ticket, TicketEvent, Vote
 from keyturn.store import Store
 
 
@@ -77,6 +77,15 @@ def pending(store: Store, f: QueueFilter, *, limit: int = 500) -> list[Ticket]:
         q = q.where(Ticket.created_at <= time.time() - f.min_age)
     with store.session() as s:
         return list(s.scalars(q.limit(limit)))
+
+
+def voted_by(store: Store, user: str, ids: list[int]) -> set[int]:
+    """Which of these tickets ``user`` already voted on (N-of-M tickets stay pending)."""
+    if not ids:
+        return set()
+    with store.session() as s:
+        return set(s.scalars(select(Vote.ticket_id).where(Vote.approver == user,
+                                                          Vote.ticket_id.in_(ids))))
 
 
 def mine(store: Store, user: str, *, limit: int = 100) -> list[Ticket]:

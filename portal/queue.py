@@ -12,7 +12,7 @@ from flask import Blueprint, current_app, redirect, request, url_for
 from keyturn.models import Ticket
 from keyturn.services import Services
 from portal import queries
-from portal.htmx import page_or_block
+from portal.htmx import is_htmx, page_or_block
 from portal.roles import ADMIN, APPROVER, AUDITOR, MANAGER, require, viewer
 
 bp = Blueprint("queue", __name__)
@@ -45,13 +45,15 @@ def pending():  # type: ignore[no-untyped-def]
                             rule=a.get("rule", "").strip(),
                             min_age=queries.parse_age(a.get("age", "").strip() or None))
     rows = [t for t in queries.pending(svc.store, f) if v.may_see(t)]
-    decide = {t.id: svc.approvals.can_decide(v.identity, t) for t in rows}
+    voted = queries.voted_by(svc.store, v.user, [t.id for t in rows])
+    decide = {t.id: t.id not in voted and svc.approvals.can_decide(v.identity, t)
+              for t in rows}
+    # The filter choices are only drawn on the full page, not on every live refresh.
+    rules = [] if is_htmx() else queries.distinct_values(svc.store, Ticket.rule)
     return page_or_block(
-        "queue.html", "queue_list", tickets=rows, can_decide=decide, filters=f,
-        age=a.get("age", ""), poll=POLL,
-        connections=sorted(svc.config.connections),
-        rules=queries.distinct_values(svc.store, Ticket.rule),
-        requesters=sorted(svc.config.users))
+        "queue.html", "queue_list", tickets=rows, can_decide=decide, voted=voted, filters=f,
+        age=a.get("age", ""), poll=POLL, connections=sorted(svc.config.connections),
+        rules=rules, requesters=sorted(svc.config.users))
 
 
 @bp.get("/mine")

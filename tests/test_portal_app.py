@@ -492,3 +492,24 @@ def test_api_visibility_follows_portal_roles(app: Flask, svc: Services) -> None:
         token = svc.identities.create_token(user).token
         r = c.get(f"/api/v1/tickets/{tid}", headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == (200 if sees else 403), user
+
+
+def test_two_person_rule_in_the_portal(app: Flask, svc: Services) -> None:
+    tid = make_ticket(svc, "alice", n=2)
+    bob, dana = _as(app, "bob"), _as(app, "dana")
+    r = bob.post(f"/tickets/{tid}/approve", {"comment": "looks right"}, htmx=True)
+    assert r.status_code == 200 and "1 of 2 needed" in r.text
+    assert svc.approvals.get(tid).status == "pending"
+    row = bob.client.get("/queue").text.split(f'data-ticket="{tid}"')[1].split("</li>")[0]
+    assert "you approved" in row and "you can decide" not in row
+    r = bob.post(f"/tickets/{tid}/approve", htmx=True)
+    assert r.status_code == 409 and "already voted" in r.text
+    r = dana.post(f"/tickets/{tid}/approve", htmx=True)
+    assert r.status_code == 200 and f"Ticket {tid} approved." in r.text
+    assert svc.approvals.get(tid).decided_by == "bob, dana"
+
+
+def test_signed_in_visit_to_login_goes_home(app: Flask) -> None:
+    bob = _as(app, "bob")
+    r = bob.client.get("/login")
+    assert r.status_code == 302 and r.headers["Location"] == "/"
