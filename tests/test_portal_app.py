@@ -513,3 +513,38 @@ def test_signed_in_visit_to_login_goes_home(app: Flask) -> None:
     bob = _as(app, "bob")
     r = bob.client.get("/login")
     assert r.status_code == 302 and r.headers["Location"] == "/"
+
+
+PUBLIC = {"static", "auth.login", "auth.sso_start", "auth.sso_callback", "healthz"}
+
+
+def _concrete(rule: str) -> str:
+    return (rule.replace("<int:ticket_id>", "1").replace("<int:token_id>", "1")
+            .replace("<any(approve, reject):vote>", "approve").replace("<session_id>", "s"))
+
+
+def test_every_state_changing_route_needs_the_csrf_token(app: Flask, svc: Services) -> None:
+    make_ticket(svc)
+    svc.identities.create_token("adam")
+    adam = _as(app, "adam")
+    checked = []
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint.startswith("api.") or rule.endpoint == "static":
+            continue
+        for method in sorted((rule.methods or set()) - {"GET", "HEAD", "OPTIONS"}):
+            r = adam.client.open(_concrete(rule.rule), method=method, data={"x": "1"})
+            assert r.status_code == 403, (rule.rule, method, r.status_code)
+            checked.append(rule.endpoint)
+    assert {"tickets.decide", "tokens.create", "tokens.revoke", "export.download",
+            "configview.connections", "auth.logout", "auth.login"} <= set(checked)
+
+
+def test_every_page_needs_sign_in(app: Flask) -> None:
+    anon = app.test_client()
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint in PUBLIC or rule.endpoint.startswith("api."):
+            continue
+        r = anon.get(_concrete(rule.rule))
+        assert r.status_code in (302, 405), rule.rule
+        if r.status_code == 302:
+            assert r.headers["Location"].startswith("/login"), rule.rule
