@@ -16,7 +16,7 @@ from typing import Any
 
 from bots.links import Links
 from keyturn.config import ChatSettings
-from keyturn.errors import KeyturnError, Unauthorized
+from keyturn.errors import KeyturnError
 from keyturn.services import Services
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class BotContext:
         try:
             ident = self.services.identities.identity_of(user)
             res = self.services.approvals.vote(ticket_id, ident, vote, comment, via=platform)
-        except (KeyturnError, Unauthorized) as exc:
+        except KeyturnError as exc:
             self.audit_refusal(platform=platform, user=user, platform_user=platform_user,
                                ticket_id=ticket_id, reason=exc.message, action=vote)
             return VoteOutcome(False, exc.message)

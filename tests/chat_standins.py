@@ -294,6 +294,11 @@ class TeamsStandIn(StandIn):
         app.router.add_get("/v3/conversations/{cid}/members", self.roster)
         return app
 
+    def rotate_key(self) -> None:
+        """Publish a new signing key (new kid) instead of the old one."""
+        self.kid = f"test-key-{uuid.uuid4().hex[:6]}"
+        self.key = RSAKey.generate_key(2048, parameters={"kid": self.kid})
+
     def public_jwk(self) -> dict[str, Any]:
         return {**self.key.as_dict(private=False), "use": "sig", "alg": "RS256"}
 

@@ -561,3 +561,30 @@ def test_first_start_announces_pending_tickets_not_history(tmp_path: Path) -> No
     finally:
         h.stop()
         slack.stop()
+
+
+def test_keyturn_bots_runs_alone_and_stops_cleanly(tmp_path: Path) -> None:
+    """The Procfile's ``bots: keyturn bots`` process."""
+    import signal
+    import subprocess
+
+    from tests.conftest import wait_port
+
+    slack = SlackStandIn().start()
+    slack.add_user("UBOB", "bob@example.com")
+    h = Harness(tmp_path, slack, start=False)
+    proc = subprocess.Popen([*KEYTURN, "-c", str(h.path), "bots"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_port(h.port, proc=proc)
+        health = requests.get(f"http://127.0.0.1:{h.port}/healthz", timeout=5).json()
+        assert health == {"ok": True, "outbox_backlog": 0}
+        tid = h.ticket()
+        h.wait_message(tid, "Pending approval")
+        h.interact(block_action("UBOB", "kt_approve", tid))
+        h.wait_message(tid, "Approved by bob")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+        slack.stop()
+    assert proc.returncode == 0, out

@@ -277,3 +277,35 @@ def test_link_code_only_in_a_personal_chat(th: TeamsHarness) -> None:
     th.card(tid, "Pending approval")
     body = th.invoke("29:newbie", "aad-newbie", "approve", tid).json()
     assert "Approved by bob" in repr(body["value"])
+
+
+def test_signing_key_rotation_is_picked_up_and_old_keys_stop_working() -> None:
+    """InboundAuth against the stand-in's real OpenID metadata and JWKS over HTTP."""
+    import asyncio
+
+    import aiohttp
+
+    from bots.teams.auth import AuthError, InboundAuth
+    from keyturn.config import SecretRef, TeamsSettings
+
+    teams = TeamsStandIn().start()
+    settings = TeamsSettings(app_id=teams.app_id, app_password=SecretRef(env="UNUSED"),
+                             tenant_id=TENANT, service_url=teams.url, conversation_id=CONV,
+                             openid_metadata_url=f"{teams.url}/openid")
+
+    async def go() -> None:
+        async with aiohttp.ClientSession() as session:
+            auth = InboundAuth(settings, session, refetch_interval=0)
+            old = teams.sign()
+            assert (await auth.validate(f"Bearer {old}", teams.url))["aud"] == teams.app_id
+            teams.rotate_key()
+            new = teams.sign()
+            assert (await auth.validate(f"Bearer {new}", teams.url))["aud"] == teams.app_id
+            with pytest.raises(AuthError):     # the retired key is no longer published
+                await auth.validate(f"Bearer {old}", teams.url)
+
+    try:
+        asyncio.run(go())
+        assert len(teams.calls_to("jwks")) >= 2
+    finally:
+        teams.stop()

@@ -35,9 +35,11 @@ class AuthError(Exception):
 
 
 class InboundAuth:
-    def __init__(self, settings: TeamsSettings, session: aiohttp.ClientSession):
+    def __init__(self, settings: TeamsSettings, session: aiohttp.ClientSession, *,
+                 refetch_interval: float = REFETCH_INTERVAL):
         self.settings = settings
         self.session = session
+        self.refetch_interval = refetch_interval
         self._keys: KeySet | None = None
         self._fetched = 0.0
         self._lock = asyncio.Lock()
@@ -46,7 +48,7 @@ class InboundAuth:
         async with self._lock:
             now = time.monotonic()
             stale = self._keys is None or now - self._fetched > KEYS_TTL
-            if stale or (refresh and now - self._fetched > REFETCH_INTERVAL):
+            if stale or (refresh and now - self._fetched > self.refetch_interval):
                 async with self.session.get(self.settings.openid_metadata_url) as r:
                     r.raise_for_status()
                     meta = await r.json(content_type=None)
