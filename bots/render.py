@@ -63,6 +63,7 @@ class TicketView:
     reason: str
     row_estimate: int | None
     time_left: str
+    expires_at: float
     approvals: int
     required: int
     votes: tuple[dict[str, Any], ...]
@@ -116,7 +117,7 @@ def ticket_view(detail: dict[str, Any], *, portal_url: str, limit: int,
         connection=detail["connection"], statement=text, truncated=truncated,
         classification=detail["classification"], rule=detail["rule"],
         reason=detail["reason"], row_estimate=detail.get("row_estimate"),
-        time_left=fmt_left(detail["expires_at"] - now),
+        time_left=fmt_left(detail["expires_at"] - now), expires_at=detail["expires_at"],
         approvals=sum(1 for v in votes if v["vote"] == "approve"),
         required=detail["min_approvals"], votes=votes, decided_by=detail.get("decided_by"),
         decided_at=fmt_time(detail.get("decided_at")), comment=detail.get("decision_comment"),

@@ -202,6 +202,8 @@ def test_ticket_message_shows_context_and_approve_click_decides(h: Harness) -> N
     assert "```DELETE FROM orders WHERE id &lt; 10```" in blob   # code block, escaped
     assert "~9 rows" in blob                         # EXPLAIN estimate
     assert "0 of 1" in blob and "Time left" in blob
+    expires = int(h.svc.approvals.get(tid).expires_at)
+    assert f"<!date^{expires}^{{date_short_pretty}} {{time}}|" in blob   # reader's time zone
     buttons = [e["action_id"] for b in msg["blocks"] if b["type"] == "actions"
                for e in b["elements"]]
     assert buttons == ["kt_approve", "kt_reject"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from bots.render import TicketView
+from bots.render import TicketView, fmt_time
 
 APPROVE, REJECT, REJECT_MODAL = "kt_approve", "kt_reject", "kt_reject_modal"
 
@@ -23,6 +23,13 @@ def code(text: str) -> str:
 
 def who(user: str, slack_id: str | None) -> str:
     return f"<@{slack_id}>" if slack_id else esc(user)
+
+
+def expires(view: TicketView) -> str:
+    """The expiry in each reader's own time zone: stays right while the message
+    sits in the channel, unlike the countdown next to it."""
+    return (f"until <!date^{int(view.expires_at)}^{{date_short_pretty}} {{time}}|"
+            f"{fmt_time(view.expires_at)}>")
 
 
 def summary(view: TicketView) -> str:
@@ -42,8 +49,8 @@ def ticket_blocks(view: TicketView, *, requester_slack: str | None) -> list[dict
             {"type": "mrkdwn", "text": f"*Class*\n{esc(view.classification)}"},
             {"type": "mrkdwn", "text": f"*Rule*\n{esc(view.rule)}"},
             {"type": "mrkdwn", "text": f"*EXPLAIN estimate*\n{view.estimate}"},
-            {"type": "mrkdwn", "text": (f"*Time left*\n{view.time_left}" if view.pending
-                                        else f"*Decided*\n{view.decided_at}")},
+            {"type": "mrkdwn", "text": (f"*Time left*\n{view.time_left} ({expires(view)})"
+                                        if view.pending else f"*Decided*\n{view.decided_at}")},
             {"type": "mrkdwn", "text": f"*Approvals*\n{view.approvals} of {view.required}"},
         ]},
         {"type": "section", "text": {"type": "mrkdwn",
