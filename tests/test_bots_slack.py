@@ -43,6 +43,7 @@ identity:
     bob: {{groups: [approvers], email: bob@example.com}}
     dana: {{groups: [approvers], email: dana@example.com}}
     carol: {{groups: [auditors], email: carol@example.com}}
+    frank: {{groups: [engineers], email: frank@example.com}}
 connections:
   - name: shop
     type: postgres
@@ -173,6 +174,7 @@ def slack() -> Iterator[SlackStandIn]:
     s.add_user("UBOB", "bob@example.com")
     s.add_user("UDANA", "dana@example.com")
     s.add_user("UCAROL", "carol@example.com")
+    s.add_user("UFRANK", "frank@example.com")
     s.add_user("UNOBODY", "nobody@elsewhere.example")
     s.add_user("UFAKEBOB", "bob@example.com", confirmed=False)
     yield s
@@ -396,8 +398,10 @@ def test_slash_commands_answer_ephemerally(h: Harness) -> None:
 
     body = h.command("UBOB", f"status {mine}").json()
     assert body["response_type"] == "ephemeral" and f"*#{mine}* Pending approval" in body["text"]
-    assert "You may not see" in h.command("UNOBODY", f"status {mine}").json()["text"] or \
-        "does not know who you are" in h.command("UNOBODY", f"status {mine}").json()["text"]
+    assert "does not know who you are" in h.command("UNOBODY", f"status {mine}").json()["text"]
+    assert f"You may not see ticket #{mine}" in h.command("UFRANK", f"status {mine}").json()[
+        "text"]                                      # another engineer
+    assert f"*#{mine}*" in h.command("UCAROL", f"status {mine}").json()["text"]   # auditor
     assert "no ticket #99999" in h.command("UBOB", "status 99999").json()["text"].lower()
     assert "/keyturn mine" in h.command("UBOB", "help").json()["text"]
     assert "/keyturn mine" in h.command("UBOB", "").json()["text"]
