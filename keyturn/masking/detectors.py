@@ -1,0 +1,436 @@
+"""Content detectors: the backstop that catches sensitive values lineage did not.
+
+On a masked connection every text value going to the client (and the message/detail of
+errors and notices) is scanned. The cost is paid per value on the relay hot path, so:
+
+- All detectors are compiled into ONE regular expression, an alternation of named groups,
+  searched once per value. There is no loop over detectors per value.
+- Checks a regex cannot express (Luhn for cards, mod-97 for IBANs, the header of a JWT,
+  digit counts for phones) run only on candidate matches.
+- A pre-filter looks for the few things any built-in match must contain (a digit, ``@``,
+  a key prefix such as ``eyJ``/``AKIA``/``ghp_``, ``-----BEGIN``, or ``key=``-like text);
+  values without any of them skip the regex entirely. Custom detectors can match anything,
+  so a set with custom detectors always runs the full scan.
+
+Built-in detectors (names usable in ``DetectorSet.build(enabled=...)``; ``secrets`` is
+shorthand for ``api_key``, ``jwt`` and ``private_key``):
+
+``email``       local@domain.tld, any letter case.
+``ssn``         US SSN ``AAA-GG-SSSS`` (dashes or single spaces), area not 000/666/9xx,
+                group not 00, serial not 0000. Nine bare digits are an SSN only right after
+                a label (``SSN``, ``SSN#``, ``social security number``): on their own they
+                are indistinguishable from ZIP+4 codes, order numbers and ids.
+``card``        13-19 digits, optionally grouped by single spaces or dashes, first digit 2-6
+                (the issuer ranges of Visa, Mastercard, Amex, Discover, JCB, Diners,
+                UnionPay, Maestro), passing the Luhn check. When a longer digit run fails,
+                shorter runs ending at a group separator are tried (``4111 1111 1111 1111
+                2031`` still hits).
+``iban``        country code + 2 check digits + BBAN, spaces allowed, length as registered
+                for the country, mod-97 == 1.
+``phone``       ``+`` followed by 8-15 digits (E.164, separators allowed); North American
+                ``(AAA) EEE-NNNN`` / ``AAA-EEE-NNNN`` / ``AAA.EEE.NNNN`` with separators;
+                national trunk formats such as ``020 7946 0958`` and ``06 12 34 56 78``.
+                Bare digit runs are never phones: they are usually ids, amounts or years.
+``api_key``     Stripe ``sk_/rk_live_/test_``, AWS ``AKIA``/``ASIA`` access key ids,
+                GitHub ``ghp_``/``gho_``/``ghu_``/``ghs_``/``ghr_``/``github_pat_``, Slack
+                ``xoxb-``/``xoxp-``/``xoxa-``/``xoxr-``/``xoxs-``, and generic assignments
+                ``api_key=…``, ``secret_key: …``, ``password=…`` (only the value is redacted).
+``jwt``         three base64url segments whose first decodes to a JSON object (``eyJ…``).
+``private_key`` PEM ``-----BEGIN … PRIVATE KEY-----`` blocks through their END line, or to
+                the end of the value when the END line is missing (a truncated key is still
+                a key).
+
+Detectors see values in their usual written forms. A user who can write SQL can encode a
+value (reverse it, interleave characters) so no pattern sees it; that is why lineage-based
+masking comes first and detectors are the backstop.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+# A validator receives the candidate text and returns the (start, end) of the real hit
+# inside it, or None to reject the candidate.
+Validator = Callable[[str], "tuple[int, int] | None"]
+
+REDACTED = "<redacted:{}>"
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """One detected value: ``text[start:end]`` matched detector ``name``."""
+
+    name: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class _Detector:
+    name: str
+    pattern: str  # may contain (?P<v>...) marking the part that is the sensitive value
+    validator: Validator | None = None
+
+
+# ---------------------------------------------------------------- validators
+
+
+def _luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i & 1:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+_GROUP_SEP = re.compile(r"[ -]")
+
+
+def _card(candidate: str) -> tuple[int, int] | None:
+    # The regex took the longest run; try it, then shorter runs cut at a separator, so a
+    # card followed by another group of digits (an expiry year, a CVC) is still found.
+    ends = [len(candidate)] + [m.start() for m in _GROUP_SEP.finditer(candidate)][::-1]
+    for end in ends:
+        digits = candidate[:end].replace(" ", "").replace("-", "")
+        if 13 <= len(digits) <= 19 and _luhn_ok(digits):
+            return 0, end
+    return None
+
+
+# ISO 13616 registry lengths (country code -> total IBAN length).
+IBAN_LENGTHS: dict[str, int] = {
+    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22,
+    "BH": 22, "BR": 29, "BY": 28, "CH": 21, "CR": 22, "CY": 28, "CZ": 24, "DE": 22,
+    "DK": 18, "DO": 28, "EE": 20, "EG": 29, "ES": 24, "FI": 18, "FO": 18, "FR": 27,
+    "GB": 22, "GE": 22, "GI": 23, "GL": 18, "GR": 27, "GT": 28, "HR": 21, "HU": 28,
+    "IE": 22, "IL": 23, "IQ": 23, "IS": 26, "IT": 27, "JO": 30, "KW": 30, "KZ": 20,
+    "LB": 28, "LC": 32, "LI": 21, "LT": 20, "LU": 20, "LV": 21, "LY": 25, "MC": 27,
+    "MD": 24, "ME": 22, "MK": 19, "MR": 27, "MT": 31, "MU": 30, "NL": 18, "NO": 15,
+    "PK": 24, "PL": 28, "PS": 29, "PT": 25, "QA": 29, "RO": 24, "RS": 22, "SA": 24,
+    "SC": 31, "SD": 18, "SE": 24, "SI": 19, "SK": 24, "SM": 27, "ST": 25, "SV": 28,
+    "TL": 23, "TN": 24, "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20,
+}  # fmt: skip
+
+
+def _iban_ok(compact: str) -> bool:
+    rearranged = compact[4:] + compact[:4]
+    # int(c, 36) maps 0-9 to 0-9 and A-Z to 10-35, exactly the IBAN letter numbering.
+    return int("".join(str(int(c, 36)) for c in rearranged)) % 97 == 1
+
+
+def _iban(candidate: str) -> tuple[int, int] | None:
+    expected = IBAN_LENGTHS.get(candidate[:2].upper())
+    if expected is None:
+        return None
+    # Cut the candidate at the registered length (the regex may have run on into
+    # following words) and map that cut back to a position in the original text.
+    count = 0
+    for pos, ch in enumerate(candidate):
+        if ch != " ":
+            count += 1
+            if count == expected:
+                compact = candidate[: pos + 1].replace(" ", "").upper()
+                return (0, pos + 1) if _iban_ok(compact) else None
+    return None
+
+
+def _phone(candidate: str) -> tuple[int, int] | None:
+    n = sum(ch.isdigit() for ch in candidate)
+    if candidate.startswith("+"):
+        return (0, len(candidate)) if 8 <= n <= 15 else None
+    return (0, len(candidate)) if 10 <= n <= 11 else None
+
+
+def _jwt(candidate: str) -> tuple[int, int] | None:
+    header = candidate.split(".", 1)[0]
+    try:
+        decoded = json.loads(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)))
+    except (binascii.Error, ValueError):
+        return None
+    return (0, len(candidate)) if isinstance(decoded, dict) else None
+
+
+# ---------------------------------------------------------------- built-in patterns
+
+# Every built-in starts a match at a token boundary (see _BOUNDARY); the per-detector
+# lookbehinds below add what a boundary means for that detector. Starting only at
+# boundaries also keeps the search linear on long runs of letters or digits.
+_BOUNDARY = r"(?<![A-Za-z0-9])"
+
+_BUILTINS: tuple[_Detector, ...] = (
+    _Detector(
+        "private_key",
+        r"-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----"
+        r"(?s:.*?-----END[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----|.*)",
+    ),
+    _Detector(
+        "jwt",
+        r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*(?![A-Za-z0-9_-])",
+        _jwt,
+    ),
+    _Detector(
+        "api_key",
+        r"(?:"
+        r"(?:sk|rk)_(?:live|test)_[A-Za-z0-9]{10,247}"
+        r"|(?:AKIA|ASIA)[A-Z0-9]{16}"
+        r"|gh[pousr]_[A-Za-z0-9]{36,251}"
+        r"|github_pat_[A-Za-z0-9_]{22,251}"
+        r"|xox[abprs]-[A-Za-z0-9-]{10,250}"
+        r")(?![A-Za-z0-9_])"
+        r"|(?i:(?:api|access|secret|auth|client|private)[_-]?(?:key|token|secret)"
+        r"|passw(?:or)?d)[\"']?[ \t]*[:=][ \t]*[\"']?(?P<v>[^\s\"',;&<>]{8,})",
+    ),
+    _Detector(
+        "email",
+        r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,64}@"
+        r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}\.)+[A-Za-z]{2,63}(?![A-Za-z0-9-])",
+    ),
+    _Detector(
+        "ssn",
+        r"(?<![0-9-])(?!000|666|9)[0-9]{3}(?P<s>[- ])(?!00)[0-9]{2}(?P=s)(?!0000)[0-9]{4}"
+        r"(?![0-9]|-[0-9])"
+        r"|(?i:ssn|social[ \t]+security(?:[ \t]+(?:number|no\.?))?)[ \t]*[#:=]?[ \t]*"
+        r"(?P<v>(?!000|666|9)[0-9]{3}(?!00)[0-9]{2}(?!0000)[0-9]{4})(?![0-9])",
+    ),
+    _Detector(
+        "iban",
+        r"[A-Za-z]{2}[0-9]{2}(?: ?[A-Za-z0-9]){11,30}",
+        _iban,
+    ),
+    _Detector(
+        "card",
+        r"(?<![0-9-])[2-6][0-9](?:[ -]?[0-9]){11,17}(?![0-9])",
+        _card,
+    ),
+    _Detector(
+        "phone",
+        # One digit per repetition keeps the match deterministic (no backtracking blow-up
+        # on long digit runs); the validator counts digits.
+        r"(?<![0-9+])\+[1-9](?:[ .-]?\(?[0-9]\)?){7,14}(?![0-9])"
+        r"|(?<![0-9(-])\([2-9][0-9]{2}\)[ ]?[2-9][0-9]{2}[-. ][0-9]{4}(?![0-9])"
+        r"|(?<![0-9.-])[2-9][0-9]{2}(?P<n>[-.])[2-9][0-9]{2}(?P=n)[0-9]{4}(?![0-9]|[-.][0-9])"
+        r"|(?<![0-9.-])0[1-9](?:[ .-][0-9]{2}){4}(?![0-9]|[ .-][0-9])"
+        r"|(?<![0-9.-])0[1-9][0-9]{1,3}[ -][0-9]{3,4}[ -]?[0-9]{3,4}(?![0-9]|[ -][0-9])",
+        _phone,
+    ),
+)
+
+BUILTIN_NAMES: tuple[str, ...] = tuple(d.name for d in _BUILTINS)
+ALIASES: dict[str, tuple[str, ...]] = {"secrets": ("api_key", "jwt", "private_key")}
+
+# Everything a built-in match must contain somewhere. Kept in step with _BUILTINS: a
+# value this misses is never scanned, so each detector's mandatory text must appear here.
+_PREFILTER_SRC = (
+    r"[0-9@]|eyJ|-----BEGIN|_live_|_test_|AKIA|ASIA|gh[pousr]_|github_pat_|xox[abprs]-"
+    r"|(?i:key|token|secret|passw(?:or)?d)[\"']?[ \t]*[:=]"
+)
+_PREFILTER = re.compile(_PREFILTER_SRC)
+_PREFILTER_BYTES = re.compile(_PREFILTER_SRC.encode())
+
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,62}")
+_LEADING_FLAGS = re.compile(r"\(\?([aiLmsux]+)\)")
+_BACKREF = re.compile(r"\\[1-9]|\(\?P=|\(\?P<|\(\?<(?![=!])")
+
+
+class DetectorConfigError(ValueError):
+    """A detector name or custom pattern in config cannot be used."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"detector {name!r}: {reason}")
+        self.name = name
+        self.reason = reason
+
+
+def _custom_detector(name: str, pattern: str) -> _Detector:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise DetectorConfigError(
+            str(name), "names start with a letter and use letters, digits, _ . - only"
+        )
+    if name in BUILTIN_NAMES or name in ALIASES:
+        raise DetectorConfigError(name, "is a built-in detector; choose another name")
+    if not isinstance(pattern, str) or not pattern:
+        raise DetectorConfigError(name, "the pattern must be a non-empty string")
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise DetectorConfigError(name, f"invalid regular expression {pattern!r}: {exc}") from exc
+    if _BACKREF.search(pattern):
+        # Group numbers and names change once patterns are combined into one.
+        raise DetectorConfigError(
+            name, "named groups and backreferences are not supported; use (?:...) groups"
+        )
+    if compiled.search("") is not None:
+        raise DetectorConfigError(name, f"pattern {pattern!r} matches the empty string")
+    # A leading (?i) is global in Python and must come first in the whole pattern;
+    # scope it to this detector instead.
+    flags = _LEADING_FLAGS.match(pattern)
+    if flags:
+        pattern = f"(?{flags.group(1)}:{pattern[flags.end():]})"
+    return _Detector(name, pattern)
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    name: str
+    group: str
+    value_group: str | None
+    validator: Validator | None
+    alone: re.Pattern[str]  # this detector only, for the rare retry after a rejected match
+
+
+class DetectorSet:
+    """A fixed set of detectors compiled into one pattern; build once, scan many values."""
+
+    def __init__(self, builtins: Iterable[_Detector], customs: Iterable[_Detector]) -> None:
+        parts: list[str] = []
+        compiled: list[_Compiled] = []
+        entries = [(d, _BOUNDARY) for d in builtins] + [(d, "") for d in customs]
+        for i, (det, prefix) in enumerate(entries):
+            group = f"d{i}"
+            value_group = f"d{i}v" if "(?P<v>" in det.pattern else None
+            src = det.pattern
+            # Inner group names must be unique in the combined pattern.
+            for inner in ("v", "s", "n"):
+                src = src.replace(f"(?P<{inner}>", f"(?P<d{i}{inner}>")
+                src = src.replace(f"(?P={inner})", f"(?P=d{i}{inner})")
+            alt = f"{prefix}(?P<{group}>{src})"
+            parts.append(alt)
+            compiled.append(
+                _Compiled(det.name, group, value_group, det.validator, re.compile(alt))
+            )
+        self._detectors = tuple(compiled)
+        self._by_group = {c.group: (i, c) for i, c in enumerate(compiled)}
+        self._pattern: re.Pattern[str] | None = re.compile("|".join(parts)) if parts else None
+        # Custom detectors can match anything, so no pre-filter can speak for them.
+        has_custom = any(prefix == "" for _, prefix in entries)
+        self._prefilter = None if has_custom else _PREFILTER
+        self._prefilter_bytes = None if has_custom else _PREFILTER_BYTES
+        self.names: tuple[str, ...] = tuple(c.name for c in compiled)
+
+    @classmethod
+    def build(
+        cls,
+        enabled: Iterable[str] | None = None,
+        custom: Mapping[str, str] | None = None,
+    ) -> DetectorSet:
+        """Compile the built-ins named in ``enabled`` (None = all) plus ``custom`` regexes.
+
+        Raises DetectorConfigError (a ValueError) naming the detector for an unknown name,
+        a pattern that does not compile, or one that matches the empty string.
+        """
+        if enabled is None:
+            wanted = set(BUILTIN_NAMES)
+        else:
+            if isinstance(enabled, str):
+                enabled = [enabled]
+            wanted = set()
+            for name in enabled:
+                if name in ALIASES:
+                    wanted.update(ALIASES[name])
+                elif name in BUILTIN_NAMES:
+                    wanted.add(name)
+                else:
+                    known = ", ".join((*BUILTIN_NAMES, *ALIASES))
+                    raise DetectorConfigError(
+                        str(name), f"unknown built-in detector (known: {known})"
+                    )
+        # Built-ins keep their fixed priority order (most specific first), whatever
+        # order config lists them in.
+        detectors = [d for d in _BUILTINS if d.name in wanted]
+        customs = [_custom_detector(n, p) for n, p in (custom or {}).items()]
+        return cls(detectors, customs)
+
+    # ------------------------------------------------------------ scanning
+
+    def scan(self, text: str) -> list[Hit]:
+        """All detected values in ``text``, left to right, never overlapping."""
+        pattern = self._pattern
+        if pattern is None:
+            return []
+        if self._prefilter is not None and self._prefilter.search(text) is None:
+            return []
+        hits: list[Hit] = []
+        pos = 0
+        end_of_text = len(text)
+        while pos <= end_of_text:
+            m = pattern.search(text, pos)
+            if m is None:
+                break
+            index, det = self._by_group[m.lastgroup]  # type: ignore[index]
+            hit = self._accept(det, m)
+            if hit is None:
+                hit = self._retry(index, text, m.start())
+            if hit is None or hit.end <= hit.start:
+                # Rejected candidate (or an empty custom match): look again one further on.
+                pos = m.start() + 1
+                continue
+            hits.append(hit)
+            pos = hit.end
+        return hits
+
+    @staticmethod
+    def _accept(det: _Compiled, m: re.Match[str]) -> Hit | None:
+        group = det.value_group if det.value_group and m.group(det.value_group) else det.group
+        start, end = m.span(group)
+        if det.validator is None:
+            return Hit(det.name, start, end)
+        span = det.validator(m.string[start:end])
+        if span is None:
+            return None
+        return Hit(det.name, start + span[0], start + span[1])
+
+    def _retry(self, index: int, text: str, at: int) -> Hit | None:
+        # The first detector to match here was rejected by its validator; a later detector
+        # may still match at the same place (a Luhn-failing digit run can be a phone).
+        for det in self._detectors[index + 1 :]:
+            m = det.alone.match(text, at)
+            if m is not None:
+                hit = self._accept(det, m)
+                if hit is not None:
+                    return hit
+        return None
+
+    def redact(self, text: str) -> tuple[str, dict[str, int]]:
+        """Replace each hit with ``<redacted:NAME>``; also count hits per detector."""
+        hits = self.scan(text)
+        if not hits:
+            return text, {}
+        out: list[str] = []
+        counts: dict[str, int] = {}
+        last = 0
+        for hit in hits:
+            out.append(text[last : hit.start])
+            out.append(REDACTED.format(hit.name))
+            counts[hit.name] = counts.get(hit.name, 0) + 1
+            last = hit.end
+        out.append(text[last:])
+        return "".join(out), counts
+
+    def redact_bytes(self, value: bytes) -> tuple[bytes, dict[str, int]]:
+        """``redact`` for a UTF-8 wire value.
+
+        Returns ``value`` itself (same object) when nothing matched, so callers can skip
+        copying. Bytes that are not valid UTF-8 are scanned as far as they are readable and
+        kept byte-for-byte otherwise.
+        """
+        if self._pattern is None:
+            return value, {}
+        if self._prefilter_bytes is not None and self._prefilter_bytes.search(value) is None:
+            return value, {}
+        text = bytes(value).decode("utf-8", "surrogateescape")
+        redacted, counts = self.redact(text)
+        if not counts:
+            return value, {}
+        return redacted.encode("utf-8", "surrogateescape"), counts
+
+    def __repr__(self) -> str:
+        return f"DetectorSet({', '.join(self.names)})"
