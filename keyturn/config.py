@@ -32,7 +32,7 @@ STATEMENT_CLASSES = (
 )
 # Keys whose value would be a secret if written inline.
 _SECRET_KEYS = {"password", "secret", "token", "secret_key", "signing_secret", "bot_token",
-                "client_secret", "app_password"}
+                "client_secret", "app_password", "mask_key"}
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
@@ -149,6 +149,25 @@ class Match:
     functions: tuple[str, ...] = ()
 
 
+MASK_STYLES = ("full", "partial", "email", "null", "hash")
+# Refusals a masking rule may lift (``mask.allow``); see docs/masking.md.
+MASK_REFUSALS = ("predicates", "whole_row", "aggregates", "catalog", "procedural")
+
+
+@dataclass(frozen=True)
+class MaskSettings:
+    """What a rule masks and how. Patterns are globs: columns ``schema.table.column``,
+    tags as attached to columns in the connection's ``columns``."""
+
+    columns: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    style: str = "full"
+    styles: tuple[tuple[str, str], ...] = ()  # (tag or column glob, style), first match wins
+    groups: tuple[tuple[str, str], ...] = ()  # (group, style or "exempt")
+    allow: tuple[str, ...] = ()  # refusals lifted
+    writes: str = "block"  # writes that copy sensitive values elsewhere
+
+
 @dataclass(frozen=True)
 class Rule:
     name: str
@@ -157,6 +176,7 @@ class Rule:
     reason: str | None = None
     review: ReviewSettings | None = None
     line: int | None = None
+    mask: MaskSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -184,6 +204,11 @@ class Connection:
     policy: str
     unknown_function_class: str = "write"
     description: str = ""
+    # Tags attached to columns: (``schema.table.column`` glob, tags).
+    columns: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Content detectors run on masked results (None: all built-ins) and custom ones.
+    detectors: tuple[str, ...] | None = None
+    custom_detectors: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -201,6 +226,7 @@ class GatewaySettings:
     # scram: always SCRAM-SHA-256. password: a cleartext token inside TLS (SCRAM without TLS).
     client_auth: str = "scram"
     audit_spool: str = "audit-spool"
+    mask_key: SecretRef | None = None  # HMAC key of the "hash" masking style
 
 
 @dataclass(frozen=True)
@@ -467,8 +493,6 @@ class _Validator:
         if action not in ACTIONS:
             raise self.err(at + ("action",),
                            f"expected one of {', '.join(ACTIONS)}, got {action!r}")
-        if action == "mask":
-            raise self.err(at + ("action",), "mask rules are not supported by this version yet")
         m = self.mapping(r.get("match"), at + ("match",),
                          {"users", "groups", "connections", "class", "tables", "functions"})
         classes = tuple(c.lower() for c in self.str_list(m.get("class"), at + ("match", "class")))
@@ -509,7 +533,51 @@ class _Validator:
         reason = r.get("reason")
         if reason is not None and not isinstance(reason, str):
             raise self.err(at + ("reason",), "expected a string")
-        return Rule(name, match, action, reason, review, self.doc.lines.get(at))
+        mask = None
+        if r.get("mask") is not None or action == "mask":
+            if action == "block":
+                raise self.err(at + ("mask",), "a blocked statement returns nothing to mask")
+            mask = self.mask(r.get("mask"), at + ("mask",))
+        return Rule(name, match, action, reason, review, self.doc.lines.get(at), mask)
+
+    def mask_style(self, value: Any, at: tuple[Any, ...], *, exempt: bool = False) -> str:
+        text = str(value) if isinstance(value, (str, int)) else ""
+        kind, _, keep = text.partition(":")
+        if exempt and text == "exempt":
+            return text
+        if kind not in MASK_STYLES or (keep and (kind != "partial" or not keep.isdigit())):
+            extra = ", exempt" if exempt else ""
+            raise self.err(at, f"expected a mask style: {', '.join(MASK_STYLES)}, "
+                               f"partial:N{extra}; got {value!r}")
+        return text
+
+    def mask(self, value: Any, at: tuple[Any, ...]) -> MaskSettings:
+        m = self.mapping(value, at, {"columns", "tags", "style", "styles", "groups", "allow",
+                                     "writes"})
+        columns = tuple(c.lower() if '"' not in c else c
+                        for c in self.str_list(m.get("columns"), at + ("columns",)))
+        for c in columns:
+            if c.count(".") != 2:
+                raise self.err(at + ("columns",), f"column {c!r}: expected schema.table.column "
+                                                  "(globs allowed, e.g. public.*.email)")
+        tags = self.str_list(m.get("tags"), at + ("tags",))
+        if not columns and not tags:
+            raise self.err(at, "say what is sensitive: columns and/or tags")
+        style = self.mask_style(m.get("style", "full"), at + ("style",))
+        styles = tuple((str(k), self.mask_style(v, at + ("styles", k)))
+                       for k, v in self.mapping(m.get("styles"), at + ("styles",)).items())
+        groups = tuple((str(k), self.mask_style(v, at + ("groups", k), exempt=True))
+                       for k, v in self.mapping(m.get("groups"), at + ("groups",)).items())
+        allow = self.str_list(m.get("allow"), at + ("allow",))
+        for a in allow:
+            if a not in MASK_REFUSALS:
+                raise self.err(at + ("allow",), f"unknown refusal {a!r} (expected "
+                                                f"{', '.join(MASK_REFUSALS)})")
+        writes = m.get("writes", "block")
+        if writes != "block":
+            raise self.err(at + ("writes",), "expected block (sending such writes to review "
+                                              "is not supported by this version yet)")
+        return MaskSettings(columns, tags, style, styles, groups, allow, writes)
 
     def connections(self, value: Any, policies: dict[str, Policy]) -> dict[str, Connection]:
         if value is None:
@@ -520,7 +588,8 @@ class _Validator:
         for i, spec in enumerate(value):
             at = ("connections", i)
             c = self.mapping(spec, at, {"name", "type", "target", "policy", "description",
-                                        "unknown_functions"})
+                                        "unknown_functions", "columns", "detectors",
+                                        "custom_detectors"})
             name = self.string(c.get("name"), at + ("name",))
             if name in out:
                 raise self.err(at + ("name",), f"duplicate connection name {name!r}")
@@ -551,13 +620,31 @@ class _Validator:
             ufc = c.get("unknown_functions", "write")
             if ufc not in STATEMENT_CLASSES:
                 raise self.err(at + ("unknown_functions",), "expected a statement class")
+            columns = []
+            for col, tags in self.mapping(c.get("columns"), at + ("columns",)).items():
+                if not isinstance(col, str) or col.count(".") != 2:
+                    raise self.err(at + ("columns", col), "expected schema.table.column "
+                                                          "(globs allowed)")
+                columns.append((col.lower() if '"' not in col else col,
+                                self.str_list(tags, at + ("columns", col))))
+            detectors = None
+            if "detectors" in c:
+                detectors = self.str_list(c.get("detectors"), at + ("detectors",))
+            custom = self.mapping(c.get("custom_detectors"), at + ("custom_detectors",))
+            for dname, rx in custom.items():
+                try:
+                    re.compile(str(rx))
+                except re.error as exc:
+                    raise self.err(at + ("custom_detectors", dname),
+                                   f"invalid regular expression: {exc}") from exc
             out[name] = Connection(name, ctype, target, policy, ufc,
-                                   c.get("description") or "")
+                                   c.get("description") or "", tuple(columns), detectors,
+                                   tuple((str(k), str(v)) for k, v in custom.items()))
         return out
 
     def gateway(self, value: Any) -> GatewaySettings:
         g = self.mapping(value, ("gateway",), {"postgres", "tls", "id", "client_auth",
-                                               "audit_spool"})
+                                               "audit_spool", "mask_key_env", "mask_key_file"})
         client_auth = g.get("client_auth", "scram")
         if client_auth not in ("scram", "password"):
             raise self.err(("gateway", "client_auth"), "expected scram or password")
@@ -569,7 +656,8 @@ class _Validator:
         return GatewaySettings(pg, tls.get("cert_file"), tls.get("key_file"),
                                str(g.get("id", "gateway")), client_auth,
                                str(Path(self.doc.path).resolve().parent /
-                                   g.get("audit_spool", "audit-spool")))
+                                   g.get("audit_spool", "audit-spool")),
+                               self.secret(g, "mask_key", ("gateway",)))
 
     def portal(self, value: Any) -> PortalSettings:
         p = self.mapping(value, ("portal",), {"listen", "public_url", "secret_key_env",

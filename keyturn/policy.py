@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, Protocol
 
-from keyturn.config import Config, Connection, Policy, ReviewSettings, Rule
+from keyturn.config import Config, Connection, MaskSettings, Policy, ReviewSettings, Rule
 
-SEVERITY = {"allow": 0, "review": 1, "block": 2}
+SEVERITY = {"allow": 0, "mask": 0, "review": 1, "block": 2}
 BUILTIN_IDENTITY_RULE = "builtin:session-identity"
 BUILTIN_UNPARSED_RULE = "builtin:unparsed"
 
@@ -82,6 +82,8 @@ class Decision:
     classification: str
     review: ReviewSettings | None
     statements: tuple[StatementDecision, ...]
+    # Masking of the results: (rule, settings) of every deciding rule that masks.
+    masks: tuple[tuple[str, MaskSettings], ...] = ()
 
     @property
     def tables(self) -> tuple[str, ...]:
@@ -97,6 +99,9 @@ class Decision:
             out["review"] = {"approvers": list(self.review.approvers),
                              "min_approvals": self.review.min_approvals,
                              "timeout_seconds": self.review.timeout, "mode": self.review.mode}
+        if self.masks:
+            out["mask"] = [{"rule": name, "columns": list(m.columns), "tags": list(m.tags),
+                            "style": m.style} for name, m in self.masks]
         return out
 
 
@@ -173,10 +178,12 @@ def evaluate(config: Config, req: Request, *,
         decisions = tuple(evaluate_statement(policy, req, st) for st in req.statements)
     else:
         decisions = tuple(_memo_statement(verdicts, policy, req, st) for st in req.statements)
+    masks = _masks_of(policy, decisions)
     if len(decisions) == 1:
         d = decisions[0]
         return Decision(d.action, d.rule, d.reason, d.classification,
-                        _review_of(policy, d.rule) if d.action == "review" else None, decisions)
+                        _review_of(policy, d.rule) if d.action == "review" else None, decisions,
+                        masks)
     worst = decisions[0]
     for d in decisions[1:]:
         if SEVERITY[d.action] > SEVERITY[worst.action]:
@@ -186,7 +193,23 @@ def evaluate(config: Config, req: Request, *,
     if len(decisions) > 1:
         reason = f"{reason} [statement {decisions.index(worst) + 1} of {len(decisions)}]"
     return Decision(worst.action, worst.rule, reason, _cls_name(riskiest.cls),
-                    _review_of(policy, worst.rule), decisions)
+                    _review_of(policy, worst.rule), decisions, masks)
+
+
+def _masks_of(policy: Policy, decisions: Iterable[StatementDecision]
+              ) -> tuple[tuple[str, MaskSettings], ...]:
+    out: dict[str, MaskSettings] = {}
+    for d in decisions:
+        if d.rule and d.rule not in out:
+            for rule in policy.rules:
+                if rule.name == d.rule and rule.mask is not None:
+                    out[rule.name] = rule.mask
+    return tuple(out.items())
+
+
+def masks_in(policy: Policy) -> bool:
+    """Whether any rule of the policy masks results (the gateway then inspects rows)."""
+    return any(rule.mask is not None for rule in policy.rules)
 
 
 def _memo_statement(verdicts: dict[tuple[Any, ...], StatementDecision], policy: Policy,

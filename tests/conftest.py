@@ -111,6 +111,28 @@ policies:
 """
 
 
+MASK_POLICY = """
+  masked:
+    default: block
+    rules:
+      - name: masked-no-changes
+        match: {class: [ddl, file, admin, privilege, procedural, unknown, write]}
+        action: block
+      - name: auditors-see-partial
+        match: {groups: [auditors], class: [read, transaction, session]}
+        action: mask
+        mask: {tags: ["pii.*", "pci.*"], style: "partial:4"}
+      - name: masked-reads
+        match: {class: [read, transaction, session]}
+        action: mask
+        mask:
+          tags: ["pii.*", "pci.*"]
+          style: full
+          styles: {pii.email: email, pci.card: "partial:4", pii.name: hash}
+          groups: {approvers: "null"}
+"""
+
+
 @dataclass
 class Keyturn:
     """A running ``keyturn up`` process and what it takes to talk to it."""
@@ -240,7 +262,17 @@ def make_keyturn(base: Path, pg: LocalPostgres, *, store_url_env: dict[str, str]
             target: {{host: 127.0.0.1, port: {pg.port}, dbname: bench, user: app,
                       password_file: {base / 'app.password'}}}
             policy: readonly
-    """) + POLICY % {"timeout": timeout} + extra
+          - name: shopmask
+            type: postgres
+            target: {{host: 127.0.0.1, port: {pg.port}, dbname: shop, user: app,
+                      password_file: {base / 'app.password'}}}
+            policy: masked
+            columns:
+              public.people.email: [pii.email]
+              public.people.ssn: [pii.ssn]
+              public.people.card_number: [pci.card]
+              public.people.full_name: [pii.name]
+    """) + POLICY % {"timeout": timeout} + MASK_POLICY + extra
     path = base / "keyturn.yaml"
     path.write_text(cfg)
     kt = Keyturn(base, path, gport, pport, pg, env=dict(store_url_env or {}))

@@ -43,6 +43,8 @@ class PostgresGateway:
             ctx.load_cert_chain(gw.tls_cert_file, gw.tls_key_file)
             self.tls = ctx
         self._analyzers: dict[str, Analyzer] = {}
+        self._origins: dict[str, dict[tuple[int, int], str]] = {}
+        self.mask_key = _mask_key(self.config)
         self.policy = PolicyEngine(self.config)
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -101,6 +103,36 @@ class PostgresGateway:
             a = Analyzer(unknown_function_class=StatementClass(conn.unknown_function_class))
             self._analyzers[conn.unknown_function_class] = a
         return a
+
+    def column_origins(self, conn: Connection) -> dict[tuple[int, int], str]:
+        """(table oid, column number) -> ``schema.table.column`` for every user column of
+        the connection's database, which RowDescription names as each field's origin.
+        Cached per connection; ``forget_origins`` drops it after DDL (runs in a thread)."""
+        cached = self._origins.get(conn.name)
+        if cached is not None:
+            return cached
+        import psycopg
+
+        t = conn.target
+        password = t.password.resolve() if t.password else None
+        with psycopg.connect(host=t.host, port=t.port, dbname=t.dbname, user=t.user,
+                             password=password, connect_timeout=5,
+                             sslmode="require" if t.sslmode != "disable" else "disable",
+                             application_name="keyturn-catalog", autocommit=True) as c:
+            rows = c.execute(
+                "SELECT c.oid, a.attnum, n.nspname, c.relname, a.attname "
+                "FROM pg_catalog.pg_attribute a "
+                "JOIN pg_catalog.pg_class c ON c.oid = a.attrelid "
+                "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE a.attnum > 0 AND NOT a.attisdropped "
+                "AND c.relkind IN ('r', 'p', 'v', 'm', 'f') "
+                "AND n.nspname NOT IN ('pg_catalog', 'information_schema')").fetchall()
+        origins = {(int(oid), int(num)): f"{ns}.{rel}.{col}" for oid, num, ns, rel, col in rows}
+        self._origins[conn.name] = origins
+        return origins
+
+    def forget_origins(self, conn: Connection) -> None:
+        self._origins.pop(conn.name, None)
 
     def audit(self, **rec: Any) -> None:
         self.audit_spool.record(**rec)
@@ -172,3 +204,12 @@ def _literal(value: Any) -> str:
     if value is None:
         return "NULL"
     return "'" + str(value).replace("'", "''") + "'"
+
+
+def _mask_key(config: Any) -> bytes:
+    """The HMAC key of the ``hash`` masking style: configured (stable across restarts
+    and gateways) or, failing that, random for this process."""
+    ref = config.gateway.mask_key
+    if ref is not None:
+        return ref.resolve().encode()
+    return secrets.token_bytes(32)

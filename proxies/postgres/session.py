@@ -39,7 +39,7 @@ from keyturn.analysis.postgres import (
 )
 from keyturn.approvals import APPROVED, CANCELLED, EXPIRED, REJECTED, TicketRequest, binding_of
 from keyturn.errors import AlreadyDecided, InvalidTransition
-from keyturn.policy import Decision, Request
+from keyturn.policy import Decision, Request, masks_in
 from proxies.postgres import codec
 from proxies.postgres.auth import AuthError, ScramServer, mock_salt
 from proxies.postgres.codec import NEED_DATA, Message, ProtocolError
@@ -78,6 +78,15 @@ class Ctx:
     rows: int | None = None
     tags: list[str] | None = None
     error: dict[str, str] | None = None
+    # Masking (masked connections only): the sensitivity, the statement's lineage, the
+    # plan for the current result, what was masked and what the detectors found.
+    sens: Any = None
+    lineages: Any = None
+    portal: str | None = None
+    plan: Any = None
+    masked: dict[str, int] | None = None
+    detected: dict[str, int] | None = None
+    refusal: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -90,6 +99,7 @@ class Expect:
     rfq: bool = False
     name: str | None = None  # the statement a Describe asks about
     replace: bytes | None = None  # sent to the client instead of the target's error
+    plan_for: Ctx | None = None  # our own Describe(portal): its answer plans ctx's masking
 
 
 @dataclass(slots=True)
@@ -101,6 +111,7 @@ class StmtInfo:
 
 
 _DEFAULT_SCHEMAS = frozenset(DEFAULT_SEARCH_PATH)
+_MASKED_TYPES = frozenset((b"T", b"D", b"C", b"E", b"N"))
 
 # Sent to the target in place of a refused statement: it fails the transaction the
 # statement was in, exactly as a real error would (the client sees our error instead).
@@ -179,6 +190,11 @@ class ClientSession(asyncio.Protocol):
         # Every schema this session's search_path may name (it only grows: a SET may be
         # rolled back, so the gateway cannot know it was undone).
         self.schemas: frozenset[str] = frozenset(DEFAULT_SEARCH_PATH)
+        # Masking: set when the connection's policy masks anything (rows are then read).
+        self.masking = False
+        self.origins: dict[tuple[int, int], str] = {}
+        self.detectors: Any = None
+        self._maskers: dict[str, Any] = {}
         self.portals: dict[str, tuple[str, bytes]] = {}
         self.prepared: Any = None
         self.tx_status = "I"
@@ -352,6 +368,7 @@ class ClientSession(asyncio.Protocol):
             return
         self.conn = conn
         self.analyzer = self.gw.analyzer(conn)
+        self.masking = masks_in(self.gw.config.policies[conn.policy])
         if params.get("search_path") is not None:
             self.schemas |= set(search_path_schemas(params["search_path"]))
         self.phase = "auth"
@@ -458,6 +475,20 @@ class ClientSession(asyncio.Protocol):
         if self.closed:
             self.upstream.close()
             return
+        if self.masking:
+            from keyturn.masking.detectors import DetectorSet
+
+            try:
+                self.origins = await asyncio.to_thread(self.gw.column_origins, self.conn)
+                self.detectors = DetectorSet.build(self.conn.detectors,
+                                                   dict(self.conn.custom_detectors)) \
+                    if self.conn.detectors != () else None
+            except Exception as exc:
+                log.exception("masking set-up for %s failed", self.conn.name)
+                self.upstream.close()
+                self.fatal("08001", f"keyturn: connection {self.conn.name!r} masks results "
+                                    f"but its catalog cannot be read: {exc}")
+                return
         self.key = self.gw.new_key(self)
         out = [codec.encode_auth_ok()]
         out += [codec.encode_parameter_status(k, v) for k, v in self.upstream.parameters.items()]
@@ -629,7 +660,7 @@ class ClientSession(asyncio.Protocol):
                 decision = self._decide(analysis)
                 if decision.action == "allow" and len(self.verdicts) < 4096:
                     self.verdicts[key] = decision
-            if (decision.action == "allow" and fast is not None
+            if (decision.action == "allow" and fast is not None and not decision.masks
                     and len(self.fast_verdicts) < 4096 and self.analyzer.known_shape(fast)):
                 self.fast_verdicts[fast] = decision
         else:
@@ -662,15 +693,22 @@ class ClientSession(asyncio.Protocol):
             # Tickets and the audit of non-reads carry the exact parameters.
             params = _bind_params(codec.decode_bind(bind_body), info.param_types)
         ctx = Ctx(info.sql, d.classification, d.action, d.rule, d.reason, time.time(),
-                  params=params)
+                  params=params, portal=portal)
         return self._dispatch(msg, ctx, d, info.analysis, out, b"E")
 
     def _dispatch(self, msg: Message, ctx: Ctx, decision: Decision, analysis: Any,
                   out: list[bytes], kind: bytes) -> bool:
         """Forward, block or hold one Query (kind Q) or Execute (kind E)."""
-        if decision.action == "allow":
-            self.expect.append(Expect(kind, ctx))
-            out.append(msg.raw)
+        if self.masking:
+            if decision.classification == "ddl" and decision.action != "block":
+                # Column origins may change: new sessions re-read them.
+                assert self.conn is not None
+                self.gw.forget_origins(self.conn)
+            if decision.masks and decision.action != "block" and \
+                    not self._mask_setup(ctx, decision, analysis, kind, out):
+                return True
+        if decision.action == "allow" or decision.action == "mask":
+            self._forward(msg, ctx, kind, out)
             return True
         if decision.action == "block":
             self._blocked(ctx, kind, out)
@@ -722,8 +760,14 @@ class ClientSession(asyncio.Protocol):
         # Absent keys are stored as NULL / {} by the ingester; the hot path skips them.
         if ctx.ticket_id is not None:
             rec["ticket_id"] = ctx.ticket_id
-        if ctx.params is not None or ctx.error or (ctx.tags and len(ctx.tags) > 1):
+        if ctx.params is not None or ctx.error or (ctx.tags and len(ctx.tags) > 1) or \
+                ctx.masked or ctx.detected:
             detail: dict[str, Any] = {}
+            if ctx.masked:
+                detail["masked"] = ctx.masked
+                detail["mask_rules"] = sorted({r for r, _ in ctx.sens.masks}) if ctx.sens else []
+            if ctx.detected:
+                detail["detector_hits"] = ctx.detected
             if ctx.params is not None:
                 detail["params"] = ctx.params
             if ctx.error:
@@ -859,9 +903,119 @@ class ClientSession(asyncio.Protocol):
 
     def _forward_approved(self, msg: Message, ctx: Ctx, kind: bytes) -> None:
         ctx.t0 = time.time()
-        self.expect.append(Expect(kind, ctx))
+        out: list[bytes] = []
+        self._forward(msg, ctx, kind, out)
         if self.upstream:
-            self.upstream.write(msg.raw)
+            self.upstream.write(b"".join(out))
+
+    def _forward(self, msg: Message, ctx: Ctx, kind: bytes, out: list[bytes]) -> None:
+        if kind == b"E" and self.masking:
+            # Learn the result's shape and formats before its rows: our own Describe of
+            # the portal, answered to us alone.
+            out.append(codec.encode_describe("P", ctx.portal or ""))
+            self.expect.append(Expect(b"D", plan_for=ctx))
+        self.expect.append(Expect(kind, ctx))
+        out.append(msg.raw)
+
+    # ---- masking
+
+    def _mask_setup(self, ctx: Ctx, decision: Decision, analysis: Any, kind: bytes,
+                    out: list[bytes]) -> bool:
+        """Check a statement a masking rule decided; False when it was refused."""
+        from keyturn.analysis.lineage import trace
+        from keyturn.masking.engine import Sensitivity, check
+
+        assert self.conn is not None and self.identity is not None
+        sens = Sensitivity(self.conn, decision.masks, self.identity.groups)
+        try:
+            lineages = trace(ctx.statement)
+            why = check(lineages, sens, tables=decision.tables,
+                        classes=[s.classification for s in decision.statements])
+        except Exception as exc:  # fail closed: what cannot be traced cannot be masked
+            lineages, why = [], f"the statement cannot be traced for masking ({exc})"
+        if why is not None:
+            ctx.action, ctx.rule, ctx.reason = "block", decision.masks[0][0], why
+            self._blocked(ctx, kind, out)
+            return False
+        ctx.sens, ctx.lineages = sens, lineages
+        return True
+
+    def _masker(self, style: str) -> Any:
+        fn = self._maskers.get(style)
+        if fn is None:
+            from keyturn.masking.styles import MaskStyle, masker
+
+            fn = self._maskers[style] = masker(MaskStyle.parse(style), self.gw.mask_key)
+        return fn
+
+    def _plan(self, ctx: Ctx | None, body: bytes) -> None:
+        """A RowDescription arrived for ctx's result: decide which fields to mask."""
+        from keyturn.masking.engine import output_plan
+
+        if ctx is None:
+            return
+        fields = codec.decode_row_description(body)
+        spec = [(f.name, f.table_oid, f.column_number, f.type_oid, f.format) for f in fields]
+        plan = output_plan(spec, ctx.lineages or [], ctx.sens, self.origins) \
+            if ctx.sens is not None else []
+        maskers: dict[int, tuple[Any, str]] = {}
+        for fp in plan:
+            if fp.binary and fp.type_oid not in _TEXT_OIDS:
+                ctx.refusal = codec.encode_error(
+                    "ERROR", "42501",
+                    f"keyturn: column {fields[fp.index].name!r} must be masked "
+                    f"({fp.mask.why}) but was requested in binary format; request it "
+                    "as text")
+            maskers[fp.index] = (self._masker(fp.mask.style), fields[fp.index].name)
+        text = [f.format == 0 or f.type_oid in _TEXT_OIDS for f in fields]
+        ctx.plan = (maskers, text)
+
+    def _mask_row(self, ctx: Ctx | None, body: bytes) -> bytes | None:
+        """The DataRow with masked and detected values replaced; None if unchanged."""
+        from keyturn.masking.styles import mask_bytes
+
+        maskers, text = ctx.plan if ctx is not None and ctx.plan else ({}, None)
+        detectors = self.detectors
+        if not maskers and detectors is None:
+            return None
+        values = list(codec.decode_data_row(body))
+        changed = False
+        for i, v in enumerate(values):
+            if v is None:
+                continue
+            m = maskers.get(i)
+            if m is not None:
+                values[i] = mask_bytes(m[0], v)
+                changed = True
+                if ctx is not None:
+                    ctx.masked = ctx.masked or {}
+                    ctx.masked[m[1]] = ctx.masked.get(m[1], 0) + 1
+            elif detectors is not None and (text is None or (i < len(text) and text[i])):
+                new, hits = detectors.redact_bytes(v)
+                if hits:
+                    values[i] = new
+                    changed = True
+                    if ctx is not None:
+                        ctx.detected = ctx.detected or {}
+                        for k, n in hits.items():
+                            ctx.detected[k] = ctx.detected.get(k, 0) + n
+        return codec.encode_data_row(values) if changed else None
+
+    def _redact_notice(self, t: bytes, body: bytes) -> bytes | None:
+        """Error and notice texts quote values (a cast error quotes its input)."""
+        if self.detectors is None:
+            return None
+        fields = codec.decode_error_fields(body)
+        changed = False
+        for key in ("M", "D", "H", "W"):
+            if key in fields:
+                new, hits = self.detectors.redact(fields[key])
+                if hits:
+                    fields[key], changed = new, True
+        if not changed:
+            return None
+        payload = b"".join(k.encode() + v.encode() + b"\0" for k, v in fields.items()) + b"\0"
+        return codec.encode_message(t, payload)
 
     def _expire_sync(self, ticket_id: int) -> str:
         try:
@@ -916,6 +1070,23 @@ class ClientSession(asyncio.Protocol):
             if not expect:
                 continue
             head = expect[0]
+            if self.masking and t in _MASKED_TYPES and head.replace is None:
+                new = self._mask_message(head, t, chunk, start, end)
+                if new is not None:
+                    if out is None:
+                        out = []
+                    out.append(chunk[seg:start])
+                    out.append(new)
+                    seg = end
+                if t == b"D" or t == b"N" or (t == b"T" and head.plan_for is not None):
+                    if t == b"T":
+                        expect.popleft()
+                    continue
+                if t == b"C" and head.ctx is not None and head.ctx.refusal is not None:
+                    if head.kind == b"E":
+                        expect.popleft()
+                        self._finished(head.ctx)
+                    continue
             if t == b"Z":
                 self.tx_status = chr(chunk[start + 5]) if end > start + 5 else "I"
                 expect.popleft()
@@ -963,6 +1134,13 @@ class ClientSession(asyncio.Protocol):
                 if t in (b"I", b"s") and head.kind != b"E":
                     continue
                 expect.popleft()
+                if head.plan_for is not None:
+                    # NoData for our own Describe: nothing to mask, nothing to forward.
+                    if out is None:
+                        out = []
+                    out.append(chunk[seg:start])
+                    seg = end
+                    continue
                 if head.ctx is not None:
                     self._finished(head.ctx)
             else:
@@ -982,6 +1160,32 @@ class ClientSession(asyncio.Protocol):
         else:
             out.append(chunk[seg:])
             self.write(b"".join(out))
+
+    def _mask_message(self, head: Expect, t: bytes, chunk: bytes, start: int, end: int
+                      ) -> bytes | None:
+        """Masked connections: what to send instead of this message (b"" = nothing)."""
+        body = chunk[start + 5:end]
+        if t == b"T":
+            if head.plan_for is not None:
+                self._plan(head.plan_for, body)
+                return b""  # the answer to our own Describe
+            self._plan(head.ctx, body)
+            return None
+        ctx = head.ctx
+        if t == b"D":
+            if ctx is not None and ctx.refusal is not None:
+                return b""
+            new = self._mask_row(ctx, body)
+            return None if new is None else new
+        if t == b"C":
+            if ctx is not None and ctx.refusal is not None:
+                self._audit_mask_refusal(ctx)
+                return ctx.refusal
+            return None
+        return self._redact_notice(t, body)  # E, N
+
+    def _audit_mask_refusal(self, ctx: Ctx) -> None:
+        ctx.error = {"C": "42501", "M": "column requested in binary format"}
 
     def _learn_param_types(self, name: str, body: bytes) -> None:
         """Parameter types the server inferred (clients such as asyncpg send 0 =

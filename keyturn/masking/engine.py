@@ -1,0 +1,243 @@
+"""Which values a masking decision hides, how, and what it refuses.
+
+``Sensitivity`` answers, for one user on one connection under the masking
+rules that decided a statement, whether a source column is sensitive and with
+which style (tags come from the connection's ``columns``; rules name columns
+and tags by glob; per-group styles and exemptions apply).
+
+``check`` looks at a statement's lineage (keyturn.analysis.lineage) before it
+runs and returns the reason to refuse it, if any: whole-row / JSON / XML
+conversions of sensitive tables, functions that run SQL given as text,
+concatenating aggregates and hashes of sensitive values, sensitive columns in
+predicates, statistics catalogs, procedural code, and writes that copy
+sensitive values elsewhere. Each family can be lifted per rule (``allow``).
+
+``output_plan`` decides, once the result's RowDescription is known, which
+output fields to mask: by the field's source column when PostgreSQL names one,
+and by lineage for expressions.
+
+This module must not import protocol or web code.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any
+
+from keyturn.analysis.lineage import Lineage
+from keyturn.config import Connection, MaskSettings
+
+JSON_XML = frozenset({
+    "row_to_json", "to_json", "to_jsonb", "json_agg", "jsonb_agg", "json_object_agg",
+    "jsonb_object_agg", "json_build_object", "jsonb_build_object", "json_build_array",
+    "jsonb_build_array", "array_to_json", "json_object", "jsonb_object", "json_strip_nulls",
+    "jsonb_strip_nulls", "jsonb_pretty", "table_to_xml", "query_to_xml", "cursor_to_xml",
+    "table_to_xml_and_xmlschema", "query_to_xml_and_xmlschema", "cursor_to_xmlschema",
+    "xmlforest", "xmlelement", "xmlagg", "xmlconcat", "hstore", "row", "record_out",
+    "to_tsvector", "jsonb_to_record", "json_populate_record", "jsonb_populate_record",
+})
+# Functions that run SQL given as text, or read tables by name, out of the analyser's sight.
+RUNS_SQL = re.compile(r"(^|_)query(_|$)|cursor|(^|_)exec|eval|^dblink|^table_to_xml|"
+                      r"^schema_to_xml|^database_to_xml")
+CONCATENATING = frozenset({
+    "string_agg", "array_agg", "json_agg", "jsonb_agg", "xmlagg", "json_object_agg",
+    "jsonb_object_agg", "listagg", "group_concat",
+})
+HASHES = frozenset({
+    "md5", "sha224", "sha256", "sha384", "sha512", "digest", "hmac", "hashtext",
+    "hashtextextended", "crc32", "crc32c", "hash_record", "hash_array", "encode",
+})
+STATISTICS = frozenset({
+    "pg_stats", "pg_stats_ext", "pg_stats_ext_exprs", "pg_statistic", "pg_statistic_ext",
+    "pg_statistic_ext_data", "pg_stat_statements",
+})
+
+
+@dataclass(frozen=True)
+class ColumnMask:
+    column: str
+    style: str
+    rule: str
+    why: str
+
+
+class Sensitivity:
+    """Sensitive columns for one user and one set of deciding masking rules."""
+
+    def __init__(self, connection: Connection, masks: Sequence[tuple[str, MaskSettings]],
+                 groups: Sequence[str]):
+        self.connection = connection
+        self.masks = tuple(masks)
+        self.groups = set(groups)
+        self._memo: dict[str, ColumnMask | None] = {}
+
+    @property
+    def active(self) -> bool:
+        return bool(self.masks)
+
+    def allows(self, refusal: str) -> bool:
+        """True when every deciding masking rule lifts this refusal."""
+        return bool(self.masks) and all(refusal in m.allow for _, m in self.masks)
+
+    def tags_of(self, column: str) -> list[str]:
+        return [t for pat, tags in self.connection.columns if fnmatchcase(column, pat)
+                for t in tags]
+
+    def column(self, column: str) -> ColumnMask | None:
+        """The mask for a ``schema.table.column`` source (``schema.table.*`` = any of its
+        columns), or None when it is not sensitive for this user."""
+        if column in self._memo:
+            return self._memo[column]
+        hit = None
+        for rule, m in self.masks:
+            hit = self._column(column, rule, m)
+            if hit is not None:
+                break
+        self._memo[column] = hit
+        return hit
+
+    def _column(self, column: str, rule: str, m: MaskSettings) -> ColumnMask | None:
+        wildcard = column.endswith(".*")
+        table = column[:-2] if wildcard else None
+        why = None
+        matched: str | None = None
+        for pat in m.columns:
+            if fnmatchcase(column, pat) or (wildcard and fnmatchcase(table or "", _table_of(pat))):
+                why, matched = f"column {pat}", pat
+                break
+        if why is None:
+            tags = self.tags_of(column) if not wildcard else [
+                t for pat, tags in self.connection.columns
+                if fnmatchcase(table or "", _table_of(pat)) for t in tags]
+            for tag in tags:
+                if any(fnmatchcase(tag, tp) for tp in m.tags):
+                    why, matched = f"tag {tag}", tag
+                    break
+        if why is None:
+            return None
+        style = m.style
+        for pat, st in m.styles:
+            if matched is not None and (fnmatchcase(matched, pat) or fnmatchcase(column, pat)):
+                style = st
+                break
+        for group, st in m.groups:
+            if group in self.groups:
+                if st == "exempt":
+                    return None
+                style = st
+                break
+        return ColumnMask(column, style, rule, f"{why} (rule {rule})")
+
+    def first(self, sources: set[str]) -> ColumnMask | None:
+        for src in sorted(sources):
+            hit = self.column(src)
+            if hit is not None:
+                return hit
+        return None
+
+    def table_sensitive(self, table: str) -> bool:
+        return self.column(f"{table}.*") is not None
+
+
+def _table_of(pattern: str) -> str:
+    return pattern.rsplit(".", 1)[0]
+
+
+def check(lineages: Sequence[Lineage], sens: Sensitivity, *, classes: Sequence[str] = (),
+          tables: Sequence[str] = ()) -> str | None:
+    """The reason to refuse a statement on a masked connection, or None."""
+    if not sens.active:
+        return None
+    if "procedural" in classes and not sens.allows("procedural"):
+        return "procedural code cannot be followed by masking (mask.allow: procedural)"
+    if not sens.allows("catalog"):
+        for t in tables:
+            if t.rsplit(".", 1)[-1] in STATISTICS:
+                return f"{t} exposes sampled column values on a masked connection " \
+                       "(mask.allow: catalog)"
+    for lin in lineages:
+        if lin.copy:
+            hit = sens.first(lin.all_sources | {f"{t}.*" for t in lin.star_tables})
+            if hit is not None:
+                return f"COPY … TO would send masked column {hit.column} ({hit.why}) " \
+                       "unmasked; query it with SELECT instead"
+        for fname, args, whole in lin.calls:
+            base = fname.rsplit(".", 1)[-1]
+            if RUNS_SQL.search(base):
+                return f"{base}() runs SQL or reads a table out of the gateway's sight on a " \
+                       "masked connection"
+            if base in JSON_XML and not sens.allows("whole_row"):
+                hit = sens.first(args) or next(
+                    (sens.column(f"{t}.*") for t in whole if sens.table_sensitive(t)), None)
+                if hit is not None:
+                    return f"{base}() would convert masked column {hit.column} ({hit.why}) " \
+                           "to JSON/XML (mask.allow: whole_row)"
+            if (base in CONCATENATING or base in HASHES) and not sens.allows("aggregates"):
+                hit = sens.first(args)
+                if hit is not None:
+                    kind = "aggregates" if base in CONCATENATING else "hashes"
+                    return f"{base}() {kind} masked column {hit.column} ({hit.why}) " \
+                           "(mask.allow: aggregates)"
+        if not sens.allows("whole_row"):
+            for t in sorted(lin.whole_rows):
+                if sens.table_sensitive(t):
+                    hit = sens.column(f"{t}.*")
+                    return f"a whole-row value of {t} would carry masked columns " \
+                           f"({hit.why if hit else ''}) (mask.allow: whole_row)"
+        if not sens.allows("predicates"):
+            hit = sens.first({p for p in lin.predicates if not p.endswith(".*")})
+            if hit is not None:
+                return f"masked column {hit.column} ({hit.why}) is used in a condition or " \
+                       "ordering, which could reveal it (mask.allow: predicates)"
+        hit = sens.first(lin.writes)
+        if hit is not None:
+            return f"the statement copies masked column {hit.column} ({hit.why}) into " \
+                   "another place"
+    return None
+
+
+@dataclass
+class FieldPlan:
+    index: int
+    mask: ColumnMask
+    type_oid: int
+    binary: bool
+
+
+def output_plan(fields: Sequence[tuple[str, int, int, int, int]], lineages: Sequence[Lineage],
+                sens: Sensitivity, origins: dict[tuple[int, int], str]) -> list[FieldPlan]:
+    """Which fields of a RowDescription to mask: ``fields`` = (name, table_oid, attnum,
+    type_oid, format) per field; ``origins`` maps (table_oid, attnum) to a column."""
+    if not sens.active:
+        return []
+    aligned: list[set[str]] | None = None
+    if len(lineages) == 1 and lineages[0].outputs is not None \
+            and len(lineages[0].outputs) == len(fields):
+        aligned = [o.sources for o in lineages[0].outputs]
+    loose: set[str] = set()
+    for lin in lineages:
+        loose |= lin.all_sources
+    plan = []
+    for i, (_name, table_oid, attnum, type_oid, fmt) in enumerate(fields):
+        hit = None
+        origin = origins.get((table_oid, attnum)) if table_oid else None
+        if origin is not None:
+            hit = sens.column(origin)
+        if hit is None:
+            if aligned is not None:
+                hit = sens.first(aligned[i])
+            elif not table_oid or origin is None:
+                # Cannot tell which source feeds this field: mask it if anything could.
+                hit = sens.first(loose)
+        if hit is not None:
+            plan.append(FieldPlan(i, hit, type_oid, fmt == 1))
+    return plan
+
+
+def describe(plan: Sequence[FieldPlan], fields: Sequence[tuple[Any, ...]]) -> dict[str, Any]:
+    """For the audit record and ``policy explain``: output column -> why it is masked."""
+    return {str(fields[p.index][0]): {"source": p.mask.column, "style": p.mask.style,
+                                      "why": p.mask.why} for p in plan}
