@@ -117,7 +117,12 @@ class HistoryFilter:
         if self.requester:
             conds.append(Ticket.requester == self.requester)
         if self.approver:
-            conds.append(Ticket.decided_by.contains(self.approver))
+            # decided_by lists the approvers of N-of-M tickets as "bob, dana".
+            a = self.approver
+            conds.append(or_(Ticket.decided_by == a,
+                             Ticket.decided_by.startswith(f"{a}, ", autoescape=True),
+                             Ticket.decided_by.endswith(f", {a}", autoescape=True),
+                             Ticket.decided_by.contains(f", {a}, ", autoescape=True)))
         if self.connection:
             conds.append(Ticket.connection == self.connection)
         if self.outcome:
@@ -127,10 +132,9 @@ class HistoryFilter:
         if self.until is not None:
             conds.append(Ticket.decided_at < self.until)
         if self.text:
-            like = f"%{self.text.lower()}%"
-            conds.append(or_(func.lower(Ticket.statement).like(like),
-                             func.lower(Ticket.reason).like(like),
-                             func.lower(Ticket.decision_comment).like(like)))
+            t = self.text.lower()
+            conds.append(or_(*(func.lower(c).contains(t, autoescape=True) for c in (
+                Ticket.statement, Ticket.reason, Ticket.decision_comment))))
         return conds
 
 
@@ -197,10 +201,9 @@ class AuditFilter:
         if self.until is not None:
             conds.append(AuditRecord.at < self.until)
         if self.text:
-            like = f"%{self.text.lower()}%"
-            conds.append(or_(func.lower(AuditRecord.statement).like(like),
-                             func.lower(AuditRecord.reason).like(like),
-                             func.lower(AuditRecord.rule).like(like)))
+            t = self.text.lower()
+            conds.append(or_(*(func.lower(c).contains(t, autoescape=True) for c in (
+                AuditRecord.statement, AuditRecord.reason, AuditRecord.rule))))
         return conds
 
 

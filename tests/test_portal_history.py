@@ -191,3 +191,20 @@ def test_session_view_in_order_with_decisions(app: Flask, svc: Services) -> None
     assert f"ticket #{tid}" in html and "rejected" in html and "wrong table" in html
     assert "No records for this session" in _as(app, "carol").client.get(
         "/audit/sessions/nope").text
+
+
+def test_history_approver_and_wildcards_match_exactly(app: Flask, svc: Services) -> None:
+    bob, dana = svc.identities.identity_of("bob"), svc.identities.identity_of("dana")
+    both = make_ticket(svc, n=2, statement="UPDATE t SET pct = '100%'")
+    svc.approvals.vote(both, bob, "approve", None)
+    svc.approvals.vote(both, dana, "approve", None)
+    only_dana = make_ticket(svc, statement="UPDATE t SET a_b = 1")
+    svc.approvals.vote(only_dana, dana, "approve", None)
+    carol = _as(app, "carol")
+    assert _ids(carol.client.get("/history?approver=bob").text) == [both]
+    assert set(_ids(carol.client.get("/history?approver=dana").text)) == {both, only_dana}
+    assert _ids(carol.client.get("/history?approver=da").text) == []
+    # % and _ are text to search for, not wildcards
+    assert _ids(carol.client.get("/history?q=100%25").text) == [both]
+    assert _ids(carol.client.get("/history?q=a_b").text) == [only_dana]
+    assert _ids(carol.client.get("/history?q=%25").text) == [both]
