@@ -199,3 +199,60 @@ def test_masking_is_audited(keyturn: Keyturn) -> None:
     detail = mine[-1]["detail"]
     assert detail["masked"] == {"email": 3, "ssn": 3}
     assert detail["mask_rules"] == ["masked-reads"]
+
+
+def test_views_and_inheritance_children_carry_their_sources_masks(keyturn: Keyturn,
+                                                                  truth: dict) -> None:
+    keyturn.pg.execute(
+        "CREATE OR REPLACE VIEW people_contacts AS SELECT id, email AS contact, "
+        "upper(ssn) AS tax_id, city FROM ONLY people; "
+        "CREATE TABLE IF NOT EXISTS people_archive () INHERITS (people); "
+        "INSERT INTO people_archive SELECT id + 1000, full_name, email, ssn, card_number, "
+        "city FROM ONLY people WHERE id = 1 AND NOT EXISTS (SELECT 1 FROM people_archive); "
+        "ALTER VIEW people_contacts OWNER TO app; ALTER TABLE people_archive OWNER TO app",
+        dbname="shop")
+    # The catalog is read per gateway; DDL through the gateway or a restart refreshes it.
+    keyturn.stop()
+    keyturn.start()
+    (row,) = masked(keyturn, "SELECT contact, tax_id, city FROM people_contacts WHERE id = 1")
+    assert row[0] != truth["email"] and EMAIL_SHAPE.match(row[0])
+    assert truth["ssn"] not in row[1] and row[2] == truth["city"]
+    (row,) = masked(keyturn, "SELECT * FROM people_contacts WHERE id = 1")
+    assert truth["email"] not in row and truth["ssn"].upper() not in row
+    (row,) = masked(keyturn, "SELECT ssn, email FROM people_archive")  # a child table
+    assert truth["ssn"] not in row[0] and truth["email"] != row[1]
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        masked(keyturn, "SELECT c FROM people_contacts c")
+
+
+def test_prepared_statements_and_cursors_keep_their_masks(keyturn: Keyturn,
+                                                         truth: dict) -> None:
+    with psycopg.connect(keyturn.dsn("alice", dbname="shopmask"), autocommit=True) as c:
+        c.execute("PREPARE p AS SELECT upper(ssn), email FROM people WHERE id = $1")
+        row = c.execute("EXECUTE p(1)").fetchone()
+        assert truth["ssn"] not in row[0] and row[1] != truth["email"]
+        with c.transaction():
+            c.execute("DECLARE cur CURSOR FOR SELECT ssn || '' AS s, card_number FROM people "
+                      "WHERE id = 1")
+            row = c.execute("FETCH 1 FROM cur").fetchone()
+        assert truth["ssn"] not in row[0] and row[1] != truth["card"]
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("PREPARE q AS SELECT id FROM people WHERE ssn = $1")  # predicate
+
+
+def test_a_masked_column_requested_in_binary_is_refused_unless_text(keyturn: Keyturn) -> None:
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="binary"):
+        masked(keyturn, "SELECT convert_to(ssn, 'UTF8') FROM people WHERE id = %s",
+               params=(1,), binary=True)
+
+
+def test_partitions_and_views_derive_from_their_sources() -> None:
+    from keyturn.masking.engine import derived_columns
+
+    columns = {"public.ledger_2026": ["id", "ssn"], "public.v": ["a", "b"]}
+    derived = derived_columns(
+        [("public.v", " SELECT people.id AS a,\n    lower(people.ssn) AS b\n   FROM people;")],
+        [("public.ledger_2026", "public.ledger")], columns)
+    assert derived["public.ledger_2026.ssn"] == {"public.ledger.ssn"}
+    assert derived["public.v.b"] == {"public.people.ssn"}
+    assert derived["public.v.a"] == {"public.people.id"}

@@ -55,6 +55,12 @@ class Lineage:
     star_tables: set[str] = field(default_factory=set)
     unaligned: bool = False  # a table's * in the select list
     copy: bool = False  # COPY … TO: the rows leave as CopyData
+    # SQL-level prepared statements and cursors: the session keeps the lineage of what
+    # PREPARE / DECLARE named, and EXECUTE / FETCH take it from there.
+    prepares: str | None = None
+    declares: str | None = None
+    executes: str | None = None
+    fetches: str | None = None
 
     @property
     def all_sources(self) -> set[str]:
@@ -127,9 +133,19 @@ class _Tracer:
             for k, v in inner.items():
                 self.statement(k, v)
         elif kind == "DeclareCursorStmt":
+            lin.declares = body.get("portalname") or ""
             inner = body.get("query") or {}
             for k, v in inner.items():
                 self.statement(k, v)
+        elif kind == "PrepareStmt":
+            lin.prepares = body.get("name") or ""
+            inner = body.get("query") or {}
+            for k, v in inner.items():
+                self.statement(k, v)
+        elif kind == "ExecuteStmt":
+            lin.executes = body.get("name") or ""
+        elif kind == "FetchStmt" and not body.get("ismove"):
+            lin.fetches = body.get("portalname") or ""
         elif kind == "CopyStmt" and body.get("query"):
             lin.copy = True
             for k, v in body["query"].items():

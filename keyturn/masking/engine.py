@@ -56,6 +56,45 @@ STATISTICS = frozenset({
 })
 
 
+@dataclass
+class MaskCatalog:
+    """What the gateway knows of a target database's columns (read once, then cached):
+    RowDescription origins, columns whose values come from other columns (views,
+    inheritance children, partitions) and each table's columns in order."""
+
+    origins: dict[tuple[int, int], str]
+    derived: dict[str, set[str]]
+    columns: dict[str, list[str]]
+
+
+def derived_columns(views: Sequence[tuple[str, str]], parents: Sequence[tuple[str, str]],
+                    columns: dict[str, list[str]]) -> dict[str, set[str]]:
+    """``schema.view.column`` -> its sources, from each view's definition (positions of
+    its select list, as stored with ``*`` expanded); ``schema.child.column`` -> the
+    parent's column of that name. A view whose definition cannot be traced derives
+    every column from everything it reads."""
+    from keyturn.analysis.lineage import trace
+
+    out: dict[str, set[str]] = {}
+    for view, definition in views:
+        cols = columns.get(view, [])
+        try:
+            (lin,) = trace(definition)
+        except Exception:
+            lin = None
+        if lin is not None and lin.outputs is not None and len(lin.outputs) == len(cols):
+            for col, o in zip(cols, lin.outputs, strict=True):
+                out[f"{view}.{col}"] = set(o.sources)
+        else:
+            every = lin.all_sources | {f"{t}.*" for t in lin.star_tables} if lin else set()
+            for col in cols:
+                out[f"{view}.{col}"] = set(every) or {f"{view}.*"}
+    for child, parent in parents:
+        for col in columns.get(child, []):
+            out.setdefault(f"{child}.{col}", set()).add(f"{parent}.{col}")
+    return out
+
+
 @dataclass(frozen=True)
 class ColumnMask:
     column: str
@@ -68,10 +107,11 @@ class Sensitivity:
     """Sensitive columns for one user and one set of deciding masking rules."""
 
     def __init__(self, connection: Connection, masks: Sequence[tuple[str, MaskSettings]],
-                 groups: Sequence[str]):
+                 groups: Sequence[str], derived: dict[str, set[str]] | None = None):
         self.connection = connection
         self.masks = tuple(masks)
         self.groups = set(groups)
+        self.derived = derived or {}
         self._memo: dict[str, ColumnMask | None] = {}
 
     @property
@@ -91,11 +131,24 @@ class Sensitivity:
         columns), or None when it is not sensitive for this user."""
         if column in self._memo:
             return self._memo[column]
+        self._memo[column] = None  # a view defined on itself cannot loop us
         hit = None
         for rule, m in self.masks:
             hit = self._column(column, rule, m)
             if hit is not None:
                 break
+        if hit is None:
+            # A view's, child table's or partition's column carries its sources' values.
+            sources = self.derived.get(column)
+            if column.endswith(".*"):
+                prefix = column[:-1]
+                sources = {s for c, srcs in self.derived.items() if c.startswith(prefix)
+                           for s in srcs}
+            if sources:
+                inner = self.first(sources)
+                if inner is not None:
+                    hit = ColumnMask(column, inner.style, inner.rule,
+                                     f"{inner.why}, through {column}")
         self._memo[column] = hit
         return hit
 

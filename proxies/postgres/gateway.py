@@ -19,6 +19,7 @@ from keyturn.analysis import Analyzer, StatementClass
 from keyturn.auditspool import AuditSpool
 from keyturn.bus import DecisionWatcher
 from keyturn.config import Connection
+from keyturn.masking.engine import MaskCatalog, derived_columns
 from keyturn.policy import PolicyEngine
 from keyturn.services import Services
 from proxies.postgres import codec
@@ -43,7 +44,7 @@ class PostgresGateway:
             ctx.load_cert_chain(gw.tls_cert_file, gw.tls_key_file)
             self.tls = ctx
         self._analyzers: dict[str, Analyzer] = {}
-        self._origins: dict[str, dict[tuple[int, int], str]] = {}
+        self._origins: dict[str, MaskCatalog] = {}
         self.mask_key = _mask_key(self.config)
         self.policy = PolicyEngine(self.config)
         self._server: asyncio.AbstractServer | None = None
@@ -104,7 +105,7 @@ class PostgresGateway:
             self._analyzers[conn.unknown_function_class] = a
         return a
 
-    def column_origins(self, conn: Connection) -> dict[tuple[int, int], str]:
+    def column_origins(self, conn: Connection) -> MaskCatalog:
         """(table oid, column number) -> ``schema.table.column`` for every user column of
         the connection's database, which RowDescription names as each field's origin.
         Cached per connection; ``forget_origins`` drops it after DDL (runs in a thread)."""
@@ -127,9 +128,30 @@ class PostgresGateway:
                 "WHERE a.attnum > 0 AND NOT a.attisdropped "
                 "AND c.relkind IN ('r', 'p', 'v', 'm', 'f') "
                 "AND n.nspname NOT IN ('pg_catalog', 'information_schema')").fetchall()
+            # Columns that carry other columns' values: a view's columns (from its stored
+            # definition) and an inheritance child's or partition's (its parent's).
+            views = c.execute(
+                "SELECT n.nspname || '.' || c.relname, pg_catalog.pg_get_viewdef(c.oid) "
+                "FROM pg_catalog.pg_class c "
+                "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE c.relkind IN ('v', 'm') "
+                "AND n.nspname NOT IN ('pg_catalog', 'information_schema')").fetchall()
+            parents = c.execute(
+                "SELECT cn.nspname || '.' || cc.relname, pn.nspname || '.' || pc.relname "
+                "FROM pg_catalog.pg_inherits i "
+                "JOIN pg_catalog.pg_class cc ON cc.oid = i.inhrelid "
+                "JOIN pg_catalog.pg_namespace cn ON cn.oid = cc.relnamespace "
+                "JOIN pg_catalog.pg_class pc ON pc.oid = i.inhparent "
+                "JOIN pg_catalog.pg_namespace pn ON pn.oid = pc.relnamespace").fetchall()
         origins = {(int(oid), int(num)): f"{ns}.{rel}.{col}" for oid, num, ns, rel, col in rows}
-        self._origins[conn.name] = origins
-        return origins
+        columns: dict[str, list[str]] = {}
+        for (_oid, _num), full in sorted(origins.items()):
+            table, _, col = full.rpartition(".")
+            columns.setdefault(table, []).append(col)
+        derived = derived_columns(views, parents, columns)
+        catalog = MaskCatalog(origins, derived, columns)
+        self._origins[conn.name] = catalog
+        return catalog
 
     def forget_origins(self, conn: Connection) -> None:
         self._origins.pop(conn.name, None)

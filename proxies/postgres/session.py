@@ -192,9 +192,12 @@ class ClientSession(asyncio.Protocol):
         self.schemas: frozenset[str] = frozenset(DEFAULT_SEARCH_PATH)
         # Masking: set when the connection's policy masks anything (rows are then read).
         self.masking = False
-        self.origins: dict[tuple[int, int], str] = {}
+        self.catalog: Any = None  # keyturn.masking.engine.MaskCatalog
         self.detectors: Any = None
         self._maskers: dict[str, Any] = {}
+        # Lineage of SQL-level PREPAREd statements and DECLAREd cursors, by name.
+        self.mask_prepared: dict[str, Any] = {}
+        self.mask_cursors: dict[str, Any] = {}
         self.portals: dict[str, tuple[str, bytes]] = {}
         self.prepared: Any = None
         self.tx_status = "I"
@@ -479,7 +482,7 @@ class ClientSession(asyncio.Protocol):
             from keyturn.masking.detectors import DetectorSet
 
             try:
-                self.origins = await asyncio.to_thread(self.gw.column_origins, self.conn)
+                self.catalog = await asyncio.to_thread(self.gw.column_origins, self.conn)
                 self.detectors = DetectorSet.build(self.conn.detectors,
                                                    dict(self.conn.custom_detectors)) \
                     if self.conn.detectors != () else None
@@ -926,11 +929,12 @@ class ClientSession(asyncio.Protocol):
         from keyturn.masking.engine import Sensitivity, check
 
         assert self.conn is not None and self.identity is not None
-        sens = Sensitivity(self.conn, decision.masks, self.identity.groups)
+        sens = Sensitivity(self.conn, decision.masks, self.identity.groups,
+                           self.catalog.derived if self.catalog else None)
         try:
-            lineages = trace(ctx.statement)
-            why = check(lineages, sens, tables=decision.tables,
-                        classes=[s.classification for s in decision.statements])
+            lineages, why = self._follow(trace(ctx.statement))
+            why = why or check(lineages, sens, tables=decision.tables,
+                               classes=[s.classification for s in decision.statements])
         except Exception as exc:  # fail closed: what cannot be traced cannot be masked
             lineages, why = [], f"the statement cannot be traced for masking ({exc})"
         if why is not None:
@@ -939,6 +943,27 @@ class ClientSession(asyncio.Protocol):
             return False
         ctx.sens, ctx.lineages = sens, lineages
         return True
+
+    def _follow(self, lineages: list[Any]) -> tuple[list[Any], str | None]:
+        """EXECUTE and FETCH return what PREPARE and DECLARE named: use that lineage,
+        and remember what this message prepares or declares."""
+        out = []
+        for lin in lineages:
+            if lin.prepares is not None:
+                self.mask_prepared[lin.prepares] = lin
+            if lin.declares is not None:
+                self.mask_cursors[lin.declares] = lin
+            if lin.executes is not None or lin.fetches is not None:
+                known = self.mask_prepared.get(lin.executes) if lin.executes is not None \
+                    else self.mask_cursors.get(lin.fetches)
+                if known is None:
+                    what = f"prepared statement {lin.executes!r}" if lin.executes is not None \
+                        else f"cursor {lin.fetches!r}"
+                    return [], f"{what} was not created through this masked session, so " \
+                               "its results cannot be followed"
+                lin = known
+            out.append(lin)
+        return out, None
 
     def _masker(self, style: str) -> Any:
         fn = self._maskers.get(style)
@@ -956,7 +981,7 @@ class ClientSession(asyncio.Protocol):
             return
         fields = codec.decode_row_description(body)
         spec = [(f.name, f.table_oid, f.column_number, f.type_oid, f.format) for f in fields]
-        plan = output_plan(spec, ctx.lineages or [], ctx.sens, self.origins) \
+        plan = output_plan(spec, ctx.lineages or [], ctx.sens, self.catalog.origins) \
             if ctx.sens is not None else []
         maskers: dict[int, tuple[Any, str]] = {}
         for fp in plan:
