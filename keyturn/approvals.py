@@ -90,6 +90,9 @@ class TicketRequest:
     row_estimate: int | None = None
     protocol: str = "postgres"
     gateway_id: str = ""
+    # The binding of what runs when ``statement``/``params`` are shown redacted (masking);
+    # None: computed from them.
+    binding: str | None = None
 
 
 @dataclass
@@ -176,7 +179,8 @@ class Approvals:
             connection=req.connection, protocol=req.protocol, client_addr=req.client_addr,
             application=req.application, session_id=req.session_id, statement=req.statement,
             params=req.params,
-            binding=binding_of(req.requester, req.connection, req.statement, req.params),
+            binding=req.binding or binding_of(req.requester, req.connection, req.statement,
+                                              req.params),
             classification=req.classification, tables=list(req.tables), rule=req.rule,
             reason=req.reason, in_transaction=req.in_transaction, row_estimate=req.row_estimate,
             approver_groups=list(req.approver_groups), min_approvals=req.min_approvals,

@@ -116,8 +116,12 @@ MASK_POLICY = """
     default: block
     rules:
       - name: masked-no-changes
-        match: {class: [ddl, file, admin, privilege, procedural, unknown, write]}
+        match: {class: [ddl, file, admin, privilege, procedural, unknown]}
         action: block
+      - name: masked-writes-reviewed
+        match: {class: write}
+        action: review
+        review: {approvers: [approvers], timeout: 10m}
       - name: auditors-see-partial
         match: {groups: [auditors], class: [read, transaction, session]}
         action: mask

@@ -256,3 +256,45 @@ def test_partitions_and_views_derive_from_their_sources() -> None:
     assert derived["public.ledger_2026.ssn"] == {"public.ledger.ssn"}
     assert derived["public.v.b"] == {"public.people.ssn"}
     assert derived["public.v.a"] == {"public.people.id"}
+
+
+def test_tickets_and_audit_show_sensitive_literals_redacted(keyturn: Keyturn) -> None:
+    """The approver sees WHERE ssn = '<redacted>'; the statement that runs after the
+    approval is the real one, with the real value."""
+    ssn = direct(keyturn, "SELECT ssn FROM ONLY people WHERE id = 2")[0][0]
+    keyturn.skip_pending()
+    p = subprocess.Popen(["psql", "-X", "-At", keyturn.dsn("alice", dbname="shopmask"), "-c",
+                          f"UPDATE people SET city = 'Moved' WHERE ssn = '{ssn}'"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t = keyturn.wait_ticket()
+    assert t["statement"] == "UPDATE people SET city = 'Moved' WHERE ssn = '<redacted>'"
+    shown = keyturn.cli("tickets", "--json", token_of="bob").stdout
+    assert ssn not in shown
+    keyturn.cli("approve", str(t["id"]), token_of="bob")
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert out.strip() == "UPDATE 1"
+    assert direct(keyturn, "SELECT city FROM ONLY people WHERE id = 2") == [("Moved",)]
+    export = keyturn.cli("audit", "export", "--format", "jsonl").stdout
+    assert ssn not in export and "WHERE ssn = '<redacted>'" in export
+
+
+def test_bind_parameters_of_sensitive_columns_are_redacted_in_tickets(keyturn: Keyturn) -> None:
+    ssn = direct(keyturn, "SELECT ssn FROM ONLY people WHERE id = 3")[0][0]
+    keyturn.skip_pending()
+    import threading
+
+    done: list[int] = []
+
+    def run() -> None:
+        with psycopg.connect(keyturn.dsn("alice", dbname="shopmask"), autocommit=True) as c:
+            done.append(c.execute("UPDATE people SET city = %s WHERE ssn = %s",
+                                  ("Elsewhere", ssn)).rowcount)
+
+    th = threading.Thread(target=run)
+    th.start()
+    t = keyturn.wait_ticket()
+    assert t["params"] == ["Elsewhere", "<redacted>"]
+    keyturn.cli("approve", str(t["id"]), token_of="bob")
+    th.join(30)
+    assert done == [1]

@@ -87,6 +87,10 @@ class Ctx:
     masked: dict[str, int] | None = None
     detected: dict[str, int] | None = None
     refusal: bytes | None = None
+    # On masked connections: the statement and parameters as shown (literals that touch
+    # sensitive columns redacted); what runs is unchanged.
+    shown: str | None = None
+    shown_params: list[Any] | None = None
 
 
 @dataclass(slots=True)
@@ -195,6 +199,7 @@ class ClientSession(asyncio.Protocol):
         self.catalog: Any = None  # keyturn.masking.engine.MaskCatalog
         self.detectors: Any = None
         self._maskers: dict[str, Any] = {}
+        self._sensitive_name: Any = None
         # Lineage of SQL-level PREPAREd statements and DECLAREd cursors, by name.
         self.mask_prepared: dict[str, Any] = {}
         self.mask_cursors: dict[str, Any] = {}
@@ -703,6 +708,7 @@ class ClientSession(asyncio.Protocol):
                   out: list[bytes], kind: bytes) -> bool:
         """Forward, block or hold one Query (kind Q) or Execute (kind E)."""
         if self.masking:
+            self._redact(ctx)
             if decision.classification == "ddl" and decision.action != "block":
                 # Column origins may change: new sessions re-read them.
                 assert self.conn is not None
@@ -757,7 +763,7 @@ class ClientSession(asyncio.Protocol):
         rec = {
             "at": now, "kind": "statement", "user": self.user, "connection": self.conn_name,
             "session_id": self.session_id, "client_addr": self.client_addr,
-            "statement": ctx.statement, "classification": ctx.classification,
+            "statement": ctx.shown or ctx.statement, "classification": ctx.classification,
             "action": ctx.action, "rule": ctx.rule, "reason": ctx.reason, "outcome": outcome,
             "duration_ms": round((now - ctx.t0) * 1000, 3), "rows": ctx.rows}
         # Absent keys are stored as NULL / {} by the ingester; the hot path skips them.
@@ -772,7 +778,7 @@ class ClientSession(asyncio.Protocol):
             if ctx.detected:
                 detail["detector_hits"] = ctx.detected
             if ctx.params is not None:
-                detail["params"] = ctx.params
+                detail["params"] = ctx.shown_params if ctx.shown is not None else ctx.params
             if ctx.error:
                 detail["sqlstate"] = ctx.error.get("C")
             if ctx.tags and len(ctx.tags) > 1:
@@ -834,20 +840,22 @@ class ClientSession(asyncio.Protocol):
                                                ctx.params)
         req = TicketRequest(
             requester=self.user, requester_groups=self.identity.groups,
-            connection=self.conn.name, statement=ctx.statement,
+            connection=self.conn.name, statement=ctx.shown or ctx.statement,
             classification=decision.classification, rule=decision.rule or "",
             reason=decision.reason, approver_groups=review.approvers,
             min_approvals=review.min_approvals, timeout=review.timeout, mode=review.mode,
-            params=ctx.params, tables=decision.tables, client_addr=self.client_addr,
+            params=ctx.shown_params if ctx.shown is not None else ctx.params,
+            tables=decision.tables, client_addr=self.client_addr,
             application=self.application, session_id=self.session_id,
             in_transaction=self.tx_status in ("T", "E"), row_estimate=estimate,
-            gateway_id=self.gw.config.gateway.gateway_id)
+            gateway_id=self.gw.config.gateway.gateway_id, binding=binding)
         ticket = await asyncio.to_thread(approvals.create, req)
         ctx.ticket_id = ticket.id
         url = f"{self.gw.config.portal.public_url}/tickets/{ticket.id}"
         self.gw.audit(kind="held", user=self.user, connection=self.conn.name,
                       session_id=self.session_id, client_addr=self.client_addr,
-                      statement=ctx.statement, classification=ctx.classification,
+                      statement=ctx.shown or ctx.statement,
+                      classification=ctx.classification,
                       action="review", rule=ctx.rule, reason=ctx.reason, ticket_id=ticket.id,
                       outcome="pending", detail={"mode": review.mode, "row_estimate": estimate})
         if review.mode == "defer":
@@ -943,6 +951,19 @@ class ClientSession(asyncio.Protocol):
             return False
         ctx.sens, ctx.lineages = sens, lineages
         return True
+
+    def _redact(self, ctx: Ctx) -> None:
+        from keyturn.masking.redact import redact_params, redact_statement, sensitive_names
+
+        if self._sensitive_name is None:
+            assert self.conn is not None
+            policy = self.gw.config.policies[self.conn.policy]
+            patterns = [p for p, _ in self.conn.columns]
+            patterns += [c for r in policy.rules if r.mask for c in r.mask.columns]
+            self._sensitive_name = sensitive_names(patterns)
+        ctx.shown, hidden = redact_statement(ctx.statement, self._sensitive_name,
+                                             self.detectors)
+        ctx.shown_params = redact_params(ctx.params, hidden, self.detectors)
 
     def _follow(self, lineages: list[Any]) -> tuple[list[Any], str | None]:
         """EXECUTE and FETCH return what PREPARE and DECLARE named: use that lineage,
