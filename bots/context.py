@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from bots.links import Links
+from keyturn.approvals import APPROVED, EXECUTED, FAILED
 from keyturn.config import ChatSettings
-from keyturn.errors import KeyturnError
+from keyturn.errors import AlreadyDecided, KeyturnError
 from keyturn.services import Services
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,11 @@ class BotContext:
         try:
             ident = self.services.identities.identity_of(user)
             res = self.services.approvals.vote(ticket_id, ident, vote, comment, via=platform)
+        except AlreadyDecided as exc:
+            message = self.decided_first(ticket_id) or exc.message
+            self.audit_refusal(platform=platform, user=user, platform_user=platform_user,
+                               ticket_id=ticket_id, reason=message, action=vote)
+            return VoteOutcome(False, message)
         except KeyturnError as exc:
             self.audit_refusal(platform=platform, user=user, platform_user=platform_user,
                                ticket_id=ticket_id, reason=exc.message, action=vote)
@@ -76,6 +82,18 @@ class BotContext:
             return VoteOutcome(True, f"You {verb} ticket #{t.id}.", True, t.status)
         return VoteOutcome(True, f"Your approval of ticket #{t.id} is recorded "
                                  f"({res.approvals} of {res.required}).", False, t.status)
+
+    def decided_first(self, ticket_id: int) -> str | None:
+        """Who decided before this click, in the words of the decision (a ticket that
+        has since run was still *approved* by its approvers)."""
+        try:
+            t = self.services.approvals.get(ticket_id)
+        except KeyturnError:
+            return None
+        state = APPROVED if t.status in (APPROVED, EXECUTED, FAILED) else t.status
+        who = f" by {t.decided_by}" if t.decided_by else ""
+        why = f": {t.decision_comment}" if t.decision_comment and state != APPROVED else ""
+        return f"ticket {t.id} was already {state}{who}{why}"
 
     def precheck(self, *, platform: str, platform_user: str, user: str | None,
                  ticket_id: int) -> str | None:
@@ -92,8 +110,7 @@ class BotContext:
                 reason = message = exc.message
             else:
                 if t.status != "pending":
-                    who = f" by {t.decided_by}" if t.decided_by else ""
-                    reason = message = f"ticket {t.id} was already {t.status}{who}"
+                    reason = message = self.decided_first(ticket_id) or "already decided"
                 elif t.requester == user:
                     reason = message = (f"{user} requested ticket {t.id} and cannot decide it "
                                         "(separation of duties)")
