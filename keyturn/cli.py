@@ -88,6 +88,17 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
     out = decision.to_json()
     out["user"], out["groups"], out["connection"] = args.user, list(cfg.groups_of(args.user)), \
         conn.name
+    if decision.masks and decision.action != "block":
+        from keyturn.masking.engine import explain
+
+        masking = explain(sql, decision.masks, conn, cfg.groups_of(args.user),
+                          tables=decision.tables,
+                          classes=[s.classification for s in decision.statements])
+        out["masking"] = masking
+        if masking["refused"]:
+            # What the gateway does with it: refuse, naming the masking rule.
+            out["action"], out["rule"] = "block", decision.masks[0][0]
+            out["reason"] = masking["refused"]
     print(json.dumps(out, indent=2))
     return 0
 
@@ -406,7 +417,19 @@ def build_parser() -> argparse.ArgumentParser:
     ae.add_argument("--until", help="ISO time or age")
     ae.add_argument("-o", "--output", help="file (default stdout)")
     ae.set_defaults(fn=cmd_audit)
+    _config_option_everywhere(p)
     return p
+
+
+def _config_option_everywhere(parser: argparse.ArgumentParser) -> None:
+    """``-c FILE`` is accepted after any subcommand too (``keyturn policy explain -c F``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if not any("-c" in a.option_strings for a in sub._actions):
+                    sub.add_argument("-c", "--config", default=argparse.SUPPRESS,
+                                     help="config file (also accepted before the command)")
+                _config_option_everywhere(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -294,3 +294,42 @@ def describe(plan: Sequence[FieldPlan], fields: Sequence[tuple[Any, ...]]) -> di
     """For the audit record and ``policy explain``: output column -> why it is masked."""
     return {str(fields[p.index][0]): {"source": p.mask.column, "style": p.mask.style,
                                       "why": p.mask.why} for p in plan}
+
+
+def explain(sql: str, masks: Sequence[tuple[str, MaskSettings]], connection: Connection,
+            groups: Sequence[str], *, tables: Sequence[str] = (),
+            classes: Sequence[str] = ()) -> dict[str, Any]:
+    """What ``policy explain`` shows about masking: the refusal, if any, and for each
+    output column its sources and whether (and why) it will be masked. Without the
+    target's catalog a ``*`` over a table is reported as such: its columns are masked by
+    their origin at run time."""
+    from keyturn.analysis.lineage import trace
+
+    sens = Sensitivity(connection, masks, groups)
+    try:
+        lineages = trace(sql)
+    except Exception as exc:
+        return {"refused": f"the statement cannot be traced for masking ({exc})",
+                "outputs": []}
+    out: dict[str, Any] = {"refused": check(lineages, sens, tables=tables, classes=classes)}
+    outputs: list[dict[str, Any]] = []
+    for lin in lineages:
+        if lin.outputs is None:
+            for t in sorted(lin.star_tables):
+                hit = sens.column(f"{t}.*")
+                outputs.append({"name": f"{t}.*", "sources": [f"{t}.*"], "masked": None if hit
+                                is None else {"style": "per column", "why": f"columns of {t} "
+                                              "matching the masking rules, by origin"}})
+            if lin.expression_sources:
+                hit = sens.first(lin.expression_sources)
+                outputs.append({"name": "(expressions)", "sources": sorted(
+                    lin.expression_sources), "masked": None if hit is None else {
+                    "style": hit.style, "why": hit.why}})
+            continue
+        for o in lin.outputs:
+            hit = sens.first(o.sources)
+            outputs.append({"name": o.name, "sources": sorted(o.sources),
+                            "masked": None if hit is None else {"style": hit.style,
+                                                                "why": hit.why}})
+    out["outputs"] = outputs
+    return out
