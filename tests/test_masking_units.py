@@ -599,6 +599,16 @@ class TestCustomDetectors:
         # Custom patterns are not anchored at word starts: the configured regex decides.
         assert names("xxT#1", ds) == ["ticket"]
 
+    def test_custom_flags_stay_scoped(self) -> None:
+        ds = DetectorSet.build(
+            custom={"code": r"(?i)project-\d+", "verbose": r"(?x) ORD - \d{4}  # order id"}
+        )
+        assert found("PROJECT-12 and ord-0001 and ORD-0001 at x@example.com", ds) == [
+            ("code", "PROJECT-12"),
+            ("verbose", "ORD-0001"),
+            ("email", "x@example.com"),
+        ]
+
     def test_custom_runs_without_prefilter(self) -> None:
         ds = DetectorSet.build(custom={"codename": "Bluebird"})
         assert names("Operation Bluebird", ds) == ["codename"]
@@ -608,6 +618,8 @@ class TestCustomDetectors:
         [
             ({"bad": "EMP-(\\d{6}"}, "detector 'bad': invalid regular expression"),
             ({"empty": "x*"}, "detector 'empty': pattern 'x*' matches the empty string"),
+            ({"edge": r"\b"}, "matches the empty string"),
+            ({"ahead": "(?=a)"}, "matches the empty string"),
             ({"named": "(?P<id>\\d+)"}, "named groups and backreferences are not supported"),
             ({"backref": "(a)\\1"}, "named groups and backreferences are not supported"),
             ({"email": "foo"}, "detector 'email': is a built-in detector"),

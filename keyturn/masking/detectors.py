@@ -351,6 +351,7 @@ ALIASES: dict[str, tuple[str, ...]] = {"secrets": ("api_key", "jwt", "private_ke
 
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,62}")
 _LEADING_FLAGS = re.compile(r"\(\?([aiLmsux]+)\)")
+_EMPTY_PROBES = ("", "a", "0", " ", "a b", "x-1.", "\n")
 _BACKREF = re.compile(r"\\[1-9]|\(\?P=|\(\?P<|\(\?<(?![=!])")
 
 
@@ -381,13 +382,21 @@ def _custom_detector(name: str, pattern: str) -> _Detector:
         raise DetectorConfigError(
             name, "named groups and backreferences are not supported; use (?:...) groups"
         )
-    if compiled.search("") is not None:
-        raise DetectorConfigError(name, f"pattern {pattern!r} matches the empty string")
+    # A pattern that can match nothing (x*, \b) would "hit" everywhere and redact nothing.
+    for probe in _EMPTY_PROBES:
+        if any(m.end() == m.start() for m in compiled.finditer(probe)):
+            raise DetectorConfigError(name, f"pattern {pattern!r} matches the empty string")
     # A leading (?i) is global in Python and must come first in the whole pattern;
     # scope it to this detector instead.
     flags = _LEADING_FLAGS.match(pattern)
     if flags:
-        pattern = f"(?{flags.group(1)}:{pattern[flags.end():]})"
+        # In verbose mode a trailing comment would swallow the closing parenthesis.
+        tail = "\n" if "x" in flags.group(1) else ""
+        pattern = f"(?{flags.group(1)}:{pattern[flags.end():]}{tail})"
+    try:
+        re.compile(f"(?:{pattern})")
+    except re.error as exc:
+        raise DetectorConfigError(name, f"cannot combine pattern {pattern!r}: {exc}") from exc
     return _Detector(name, "", pattern)
 
 
