@@ -513,6 +513,40 @@ class TestSecrets:
         assert names("AKIAIOSFODNN7EXAMPLE", ds) == ["api_key"]
 
 
+class TestWireShapedValues:
+    """Values as the relay sees them: error messages, COPY rows, JSON, log lines."""
+
+    def test_postgres_error_quoting_a_value(self) -> None:
+        message = 'invalid input syntax for type integer: "123-45-6789"'
+        out, counts = ALL.redact(message)
+        assert out == 'invalid input syntax for type integer: "<redacted:ssn>"'
+        assert counts == {"ssn": 1}
+        detail = "Key (email)=(Jane.Roe@Example.com) already exists."
+        assert ALL.redact(detail)[0] == "Key (email)=(<redacted:email>) already exists."
+
+    def test_copy_rows(self) -> None:
+        csv_row = '42,"Roe, Jane",jane@example.com,4111111111111111,2024-01-15\n'
+        out, counts = ALL.redact(csv_row)
+        assert out == '42,"Roe, Jane",<redacted:email>,<redacted:card>,2024-01-15\n'
+        text_row = "7\t078-05-1120\t+44 20 7946 0958\tactive\n"
+        out, counts = ALL.redact(text_row)
+        assert out == "7\t<redacted:ssn>\t<redacted:phone>\tactive\n"
+
+    def test_json_document(self) -> None:
+        doc = json.dumps(
+            {"id": 981, "iban": "GB82 WEST 1234 5698 7654 32", "token": make_jwt({"sub": "1"})}
+        )
+        out, counts = ALL.redact(doc)
+        assert counts == {"iban": 1, "jwt": 1}
+        assert json.loads(out) == {
+            "id": 981, "iban": "<redacted:iban>", "token": "<redacted:jwt>",
+        }  # fmt: skip
+
+    def test_already_masked_values_are_left_alone(self) -> None:
+        for value in ("****1111", "********", "j***@example.com", "h:0123456789abcdef"):
+            assert ALL.scan(value) == [], value
+
+
 class TestDetectorSet:
     def test_all_builtins_by_default(self) -> None:
         assert set(ALL.names) == set(BUILTIN_NAMES)
