@@ -367,6 +367,8 @@ class TestIBAN:
             "GB82WEST1234569876543",  # too short for GB
             "XX89370400440532013000",  # no such country
             "AB12CDEFGHIJKLMNOP",
+            "GB82WEST12345698765432XYZ",  # glued to more characters
+            "be211e15370df85b541ef61c5afde540",  # hex digest whose first 16 pass mod-97
         ],
     )
     def test_rejected(self, text: str) -> None:

@@ -30,7 +30,7 @@ shorthand for ``api_key``, ``jwt`` and ``private_key``):
                 shorter runs ending at a group separator are tried (``4111 1111 1111 1111
                 2031`` still hits).
 ``iban``        country code + 2 check digits + BBAN, spaces allowed, length as registered
-                for the country, mod-97 == 1.
+                for the country and not glued to further letters or digits, mod-97 == 1.
 ``phone``       ``+`` followed by 8-15 digits (E.164, separators allowed); North American
                 ``(AAA) EEE-NNNN`` / ``AAA-EEE-NNNN`` / ``AAA.EEE.NNNN`` with separators;
                 national trunk formats such as ``020 7946 0958`` and ``06 12 34 56 78``.
@@ -155,6 +155,10 @@ def _iban(candidate: str) -> tuple[int, int] | None:
         if ch != " ":
             count += 1
             if count == expected:
+                if pos + 1 < len(candidate) and candidate[pos + 1] != " ":
+                    # Glued to more letters or digits: part of a longer token (a hex
+                    # digest, a reference), not an IBAN.
+                    return None
                 compact = candidate[: pos + 1].replace(" ", "").upper()
                 return (0, pos + 1) if _iban_ok(compact) else None
     return None

@@ -173,6 +173,8 @@ def mask_bytes(fn: Masker, value: bytes) -> bytes | None:
     """
     if fn is _to_null:
         return None
+    if fn is _full:
+        return FULL_MASK_BYTES  # the same for every value: no need to decode it
     try:
         text = bytes(value).decode("utf-8")
     except UnicodeDecodeError:
