@@ -332,6 +332,11 @@ class TestCard:
             "41111111111111111111",  # 20 digits
             "4111  1111  1111  1111",  # double spaces are not card grouping
             "1732300000000",  # epoch milliseconds
+            "41111111111114",  # Luhn-valid, but Visa numbers have 13, 16 or 19 digits
+            "5500000000000004006",  # Mastercard prefix, Luhn-valid, 19 digits
+            "3111111111111113",  # Luhn-valid, no issuer uses 31
+            "4111111111111111abc",  # glued to letters
+            "41111111-1111-1111-1111-111111111111",  # UUID shape, digits only
         ],
     )
     def test_rejected(self, text: str) -> None:
@@ -685,11 +690,11 @@ _emails = st.builds(
     st.sampled_from(["com", "org", "IO", "co"]),
 )
 _cards = st.builds(
-    lambda first, body, sep: sep.join(
-        re.findall(".{1,4}", luhn_complete(first + body))
+    lambda issuer, body, sep: sep.join(
+        re.findall(".{1,4}", luhn_complete(issuer[0] + body[: issuer[1] - len(issuer[0]) - 1]))
     ),
-    st.sampled_from(["4", "51", "37", "6011", "35"]),
-    st.from_regex(r"[0-9]{11,13}", fullmatch=True),
+    st.sampled_from([("4", 16), ("4", 13), ("51", 16), ("37", 15), ("6011", 16), ("35", 19)]),
+    st.from_regex(r"[0-9]{18}", fullmatch=True),
     st.sampled_from(["", " ", "-"]),
 )
 _ssns = st.builds(

@@ -24,11 +24,12 @@ shorthand for ``api_key``, ``jwt`` and ``private_key``):
                 group not 00, serial not 0000. Nine bare digits are an SSN only right after
                 a label (``SSN``, ``SSN#``, ``social security number``): on their own they
                 are indistinguishable from ZIP+4 codes, order numbers and ids.
-``card``        13-19 digits, optionally grouped by single spaces or dashes, first digit 2-6
-                (the issuer ranges of Visa, Mastercard, Amex, Discover, JCB, Diners,
-                UnionPay, Maestro), passing the Luhn check. When a longer digit run fails,
-                shorter runs ending at a group separator are tried (``4111 1111 1111 1111
-                2031`` still hits).
+``card``        13-19 digits, optionally grouped by single spaces or dashes (groups of 1-6
+                digits), in an issuer range with that range's length (Visa 4: 13/16/19,
+                Mastercard 51-55/2221-2720: 16, Amex 34/37: 15, Diners, JCB, Discover,
+                UnionPay, Maestro), passing the Luhn check, not glued to letters or digits.
+                When a longer run fails, shorter runs ending at a group separator are
+                tried (``4111 1111 1111 1111 2031`` still hits).
 ``iban``        country code + 2 check digits + BBAN, spaces allowed, length as registered
                 for the country and not glued to further letters or digits, mod-97 == 1.
 ``phone``       ``+`` followed by 8-15 digits (E.164, separators allowed); North American
@@ -112,13 +113,37 @@ def _luhn_ok(digits: str) -> bool:
 _GROUP_SEP = re.compile(r"[ -]")
 
 
+def _issuer_length_ok(digits: str) -> bool:
+    # Issuer ranges and their card lengths: random 13-19 digit numbers mostly fail here
+    # before Luhn is even asked (ids, timestamps, account numbers).
+    n = len(digits)
+    p2, p4 = int(digits[:2]), int(digits[:4])
+    if digits[0] == "4":  # Visa
+        return n in (13, 16, 19)
+    if 51 <= p2 <= 55 or 2221 <= p4 <= 2720:  # Mastercard
+        return n == 16
+    if p2 in (34, 37):  # American Express
+        return n == 15
+    if p2 in (30, 36, 38, 39):  # Diners Club
+        return 14 <= n <= 19
+    if p2 == 35:  # JCB
+        return 16 <= n <= 19
+    if p2 == 50 or 56 <= p2 <= 69:  # Maestro, Discover, UnionPay, RuPay, ...
+        return 13 <= n <= 19
+    return False
+
+
 def _card(candidate: str) -> tuple[int, int] | None:
     # The regex took the longest run; try it, then shorter runs cut at a separator, so a
     # card followed by another group of digits (an expiry year, a CVC) is still found.
     ends = [len(candidate)] + [m.start() for m in _GROUP_SEP.finditer(candidate)][::-1]
     for end in ends:
-        digits = candidate[:end].replace(" ", "").replace("-", "")
-        if 13 <= len(digits) <= 19 and _luhn_ok(digits):
+        groups = _GROUP_SEP.split(candidate[:end])
+        if len(groups) > 1 and not all(len(g) <= 6 for g in groups):
+            # Cards are printed in groups of 4 (Amex 4-6-5); 8-4-4-4-12 is a UUID.
+            continue
+        digits = "".join(groups)
+        if 13 <= len(digits) <= 19 and _issuer_length_ok(digits) and _luhn_ok(digits):
             return 0, end
     return None
 
@@ -315,7 +340,7 @@ _BUILTINS: tuple[_Detector, ...] = (
     _Detector(
         "card",
         "2-6",
-        r"(?<![A-Za-z0-9-].)[0-9](?:[ -]?[0-9]){11,17}(?![0-9])",
+        r"(?<![A-Za-z0-9-].)[0-9](?:[ -]?[0-9]){11,17}(?![A-Za-z0-9])",
         _card,
         gate=_TOKEN_DIGIT,
     ),
