@@ -252,7 +252,8 @@ class KeyturnProcess:
     STORE_ENV = "KEYTURN_BENCH_STORE_URL"
 
     def __init__(self, ws: Workspace, pg: LocalPostgres, dbname: str, policy: str, *,
-                 portal: bool, store_url: str | None = None, name: str = "keyturn"):
+                 portal: bool, store_url: str | None = None, name: str = "keyturn",
+                 connection_extra: str = ""):
         self.ws = ws
         self.dir = ws.base / name
         self.dir.mkdir()
@@ -276,7 +277,7 @@ class KeyturnProcess:
                 type: postgres
                 target: {{host: 127.0.0.1, port: {pg.port}, dbname: {dbname}, user: postgres}}
                 policy: bench
-            """) + policy)
+            """) + textwrap.indent(textwrap.dedent(connection_extra), "    ") + policy)
         self.log_path = self.dir / "keyturn.log"
         self.proc: subprocess.Popen | None = None
         self.portal_proc: subprocess.Popen | None = None

@@ -48,7 +48,7 @@ CONCATENATING = frozenset({
 })
 HASHES = frozenset({
     "md5", "sha224", "sha256", "sha384", "sha512", "digest", "hmac", "hashtext",
-    "hashtextextended", "crc32", "crc32c", "hash_record", "hash_array", "encode",
+    "hashtextextended", "crc32", "crc32c", "hash_record", "hash_array",
 })
 STATISTICS = frozenset({
     "pg_stats", "pg_stats_ext", "pg_stats_ext_exprs", "pg_statistic", "pg_statistic_ext",

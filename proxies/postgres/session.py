@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import secrets
 import struct
@@ -87,6 +88,8 @@ class Ctx:
     masked: dict[str, int] | None = None
     detected: dict[str, int] | None = None
     refusal: bytes | None = None
+    rewrite: Any = None  # DataRow (chunk, body start, end) -> replacement, or None
+    mask_counts: Any = None  # [(field names, masked values per field)] per result
     # On masked connections: the statement and parameters as shown (literals that touch
     # sensitive columns redacted); what runs is unchanged.
     shown: str | None = None
@@ -115,7 +118,75 @@ class StmtInfo:
 
 
 _DEFAULT_SCHEMAS = frozenset(DEFAULT_SEARCH_PATH)
-_MASKED_TYPES = frozenset((b"T", b"D", b"C", b"E", b"N"))
+_MASKED_TYPES = frozenset((b"T", b"C", b"E", b"N"))
+# Types whose text form holds no free text: the detectors skip them.
+_PLAIN_OIDS = frozenset((16, 20, 21, 23, 26, 700, 701, 1700, 1082, 1083, 1114, 1184, 1186,
+                         1266, 2950, 790))
+
+
+def _row_rewriter(maskers: dict[int, Any], detect: frozenset[int], detectors: Any,
+                  ctx: Ctx) -> Any:
+    """A fast DataRow rewriter for one result: masked fields replaced, text fields run
+    through the detectors, everything else copied in runs. Returns the new message, or
+    None when the row is unchanged; b"" drops it (a refused result)."""
+    counts = [0] * (max(maskers, default=-1) + 1)
+    # Counted here, summed into the audit record when the statement finishes.
+    ctx.mask_counts = (ctx.mask_counts or []) + [(ctx.plan or [], counts)]
+    if ctx.detected is None:
+        ctx.detected = {}
+    hits_total = ctx.detected
+    from_bytes = int.from_bytes
+    null = b"\xff\xff\xff\xff"
+    # Fields past the last one to rewrite are copied without being walked.
+    last = max([*maskers, *detect], default=-1)
+    mlist = [maskers.get(i) for i in range(last + 1)]
+    dlist = [i in detect for i in range(last + 1)]
+
+    def rewrite(chunk: bytes, start: int, end: int) -> bytes | None:
+        if ctx.refusal is not None:
+            return b""
+        n = min(from_bytes(chunk[start:start + 2], "big"), last + 1)
+        pos = start + 2
+        keep = start
+        parts: list[bytes] | None = None
+        for i in range(n):
+            ln = from_bytes(chunk[pos:pos + 4], "big", signed=True)
+            vstart = pos + 4
+            vend = vstart + ln if ln > 0 else vstart
+            m = mlist[i]
+            if m is not None:
+                if ln >= 0:
+                    new = m(chunk[vstart:vend])
+                    if parts is None:
+                        parts = []
+                    parts.append(chunk[keep:pos])
+                    if new is None:
+                        parts.append(null)
+                    else:
+                        parts.append(len(new).to_bytes(4, "big"))
+                        parts.append(new)
+                    keep = vend
+                    counts[i] += 1
+            elif ln > 0 and dlist[i]:
+                value = chunk[vstart:vend]
+                new, hits = detectors.redact_bytes(value)
+                if hits:
+                    if parts is None:
+                        parts = []
+                    parts.append(chunk[keep:pos])
+                    parts.append(len(new).to_bytes(4, "big"))
+                    parts.append(new)
+                    keep = vend
+                    for k, c in hits.items():
+                        hits_total[k] = hits_total.get(k, 0) + c
+            pos = vend
+        if parts is None:
+            return None
+        parts.append(chunk[keep:end])
+        payload = b"".join(parts)
+        return b"D" + (len(payload) + 4).to_bytes(4, "big") + payload
+
+    return rewrite
 
 # Sent to the target in place of a refused statement: it fails the transaction the
 # statement was in, exactly as a real error would (the client sees our error instead).
@@ -769,6 +840,13 @@ class ClientSession(asyncio.Protocol):
         # Absent keys are stored as NULL / {} by the ingester; the hot path skips them.
         if ctx.ticket_id is not None:
             rec["ticket_id"] = ctx.ticket_id
+        if ctx.mask_counts:
+            masked: dict[str, int] = {}
+            for names, counts in ctx.mask_counts:
+                for i, n in enumerate(counts):
+                    if n:
+                        masked[names[i]] = masked.get(names[i], 0) + n
+            ctx.masked = masked or None
         if ctx.params is not None or ctx.error or (ctx.tags and len(ctx.tags) > 1) or \
                 ctx.masked or ctx.detected:
             detail: dict[str, Any] = {}
@@ -987,15 +1065,23 @@ class ClientSession(asyncio.Protocol):
         return out, None
 
     def _masker(self, style: str) -> Any:
+        """bytes -> bytes | None (NULL) for a style, built once per session."""
         fn = self._maskers.get(style)
         if fn is None:
-            from keyturn.masking.styles import MaskStyle, masker
+            from keyturn.masking import styles
 
-            fn = self._maskers[style] = masker(MaskStyle.parse(style), self.gw.mask_key)
+            text_fn = styles.masker(styles.MaskStyle.parse(style), self.gw.mask_key)
+            if text_fn is styles._full:
+                constant = styles.FULL_MASK.encode()
+                fn = lambda _v: constant  # noqa: E731 - the cheapest callable
+            else:
+                fn = functools.partial(styles.mask_bytes, text_fn)
+            self._maskers[style] = fn
         return fn
 
     def _plan(self, ctx: Ctx | None, body: bytes) -> None:
-        """A RowDescription arrived for ctx's result: decide which fields to mask."""
+        """A RowDescription arrived for ctx's result: decide which fields to mask and
+        build the row rewriter for it (None when rows pass through untouched)."""
         from keyturn.masking.engine import output_plan
 
         if ctx is None:
@@ -1004,7 +1090,7 @@ class ClientSession(asyncio.Protocol):
         spec = [(f.name, f.table_oid, f.column_number, f.type_oid, f.format) for f in fields]
         plan = output_plan(spec, ctx.lineages or [], ctx.sens, self.catalog.origins) \
             if ctx.sens is not None else []
-        maskers: dict[int, tuple[Any, str]] = {}
+        maskers: dict[int, Any] = {}
         for fp in plan:
             if fp.binary and fp.type_oid not in _TEXT_OIDS:
                 ctx.refusal = codec.encode_error(
@@ -1012,40 +1098,15 @@ class ClientSession(asyncio.Protocol):
                     f"keyturn: column {fields[fp.index].name!r} must be masked "
                     f"({fp.mask.why}) but was requested in binary format; request it "
                     "as text")
-            maskers[fp.index] = (self._masker(fp.mask.style), fields[fp.index].name)
-        text = [f.format == 0 or f.type_oid in _TEXT_OIDS for f in fields]
-        ctx.plan = (maskers, text)
-
-    def _mask_row(self, ctx: Ctx | None, body: bytes) -> bytes | None:
-        """The DataRow with masked and detected values replaced; None if unchanged."""
-        from keyturn.masking.styles import mask_bytes
-
-        maskers, text = ctx.plan if ctx is not None and ctx.plan else ({}, None)
-        detectors = self.detectors
-        if not maskers and detectors is None:
-            return None
-        values = list(codec.decode_data_row(body))
-        changed = False
-        for i, v in enumerate(values):
-            if v is None:
-                continue
-            m = maskers.get(i)
-            if m is not None:
-                values[i] = mask_bytes(m[0], v)
-                changed = True
-                if ctx is not None:
-                    ctx.masked = ctx.masked or {}
-                    ctx.masked[m[1]] = ctx.masked.get(m[1], 0) + 1
-            elif detectors is not None and (text is None or (i < len(text) and text[i])):
-                new, hits = detectors.redact_bytes(v)
-                if hits:
-                    values[i] = new
-                    changed = True
-                    if ctx is not None:
-                        ctx.detected = ctx.detected or {}
-                        for k, n in hits.items():
-                            ctx.detected[k] = ctx.detected.get(k, 0) + n
-        return codec.encode_data_row(values) if changed else None
+            maskers[fp.index] = self._masker(fp.mask.style)
+        # The detectors read text values: text-format values of any type that is not a
+        # number, date, time, boolean or uuid (whose text cannot hold a secret).
+        detect = frozenset(i for i, f in enumerate(fields)
+                           if i not in maskers and (f.format == 0 or f.type_oid in _TEXT_OIDS)
+                           and f.type_oid not in _PLAIN_OIDS) if self.detectors else frozenset()
+        ctx.plan = [f.name for f in fields]
+        ctx.rewrite = _row_rewriter(maskers, detect, self.detectors, ctx) \
+            if maskers or detect else None
 
     def _redact_notice(self, t: bytes, body: bytes) -> bytes | None:
         """Error and notice texts quote values (a cast error quotes its input)."""
@@ -1116,6 +1177,19 @@ class ClientSession(asyncio.Protocol):
             if not expect:
                 continue
             head = expect[0]
+            if t == b"D":
+                # Rows appear in frames only on masked connections.
+                ctx = head.ctx
+                rewrite = ctx.rewrite if ctx is not None else None
+                if rewrite is not None:
+                    new = rewrite(chunk, start + 5, end)
+                    if new is not None:
+                        if out is None:
+                            out = []
+                        out.append(chunk[seg:start])
+                        out.append(new)
+                        seg = end
+                continue
             if self.masking and t in _MASKED_TYPES and head.replace is None:
                 new = self._mask_message(head, t, chunk, start, end)
                 if new is not None:
@@ -1218,11 +1292,6 @@ class ClientSession(asyncio.Protocol):
             self._plan(head.ctx, body)
             return None
         ctx = head.ctx
-        if t == b"D":
-            if ctx is not None and ctx.refusal is not None:
-                return b""
-            new = self._mask_row(ctx, body)
-            return None if new is None else new
         if t == b"C":
             if ctx is not None and ctx.refusal is not None:
                 self._audit_mask_refusal(ctx)
