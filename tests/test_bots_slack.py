@@ -273,7 +273,8 @@ def test_unmapped_clicker_is_refused_and_nothing_changes(h: Harness) -> None:
         assert h.interact(block_action(user, "kt_approve", tid)).status_code == 200
         h.wait_ephemeral(user, "Keyturn does not know who you are")
     h.interact(block_action("UNOBODY", "kt_reject", tid))
-    assert len(h.slack.ephemerals("UNOBODY")) == 2
+    # The listener answers after the ack: wait for the second refusal.
+    h.slack.wait_for(lambda: len(h.slack.ephemerals("UNOBODY")) == 2, what="reject refusal")
     assert not [c for c in h.slack.calls if c.method == "views.open"
                 and f'"ticket": {tid}' in c.args["view"]["private_metadata"]]
     assert h.svc.approvals.detail(tid)["votes"] == []
