@@ -181,8 +181,9 @@ def test_groups_get_their_own_style(keyturn: Keyturn, truth: dict) -> None:
     ("SELECT query_to_xml('SELECT * FROM people', true, true, '')", "query_to_xml"),
     ("SELECT table_to_xml('people', true, true, '')", "table_to_xml"),
     ("SELECT * FROM pg_stats WHERE tablename = 'people'", "pg_stats"),
-    ("COPY people TO STDOUT", "COPY"),
-    ("COPY (SELECT ssn FROM people) TO STDOUT", "COPY"),
+    ("COPY people TO STDOUT (FORMAT binary)", "binary format cannot be masked"),
+    ("COPY (SELECT * FROM people) TO STDOUT", "list the columns"),
+    ("COPY people TO STDOUT (FORMAT csv, FORCE_QUOTE *)", "cannot be masked"),
 ])
 def test_what_cannot_be_masked_is_refused(keyturn: Keyturn, sql: str, why: str) -> None:
     with pytest.raises(psycopg.errors.InsufficientPrivilege) as exc:
@@ -312,3 +313,43 @@ def test_bind_parameters_of_sensitive_columns_are_redacted_in_tickets(keyturn: K
     keyturn.cli("approve", str(t["id"]), token_of="bob")
     th.join(30)
     assert done == [1]
+
+
+def _copy_out(kt: Keyturn, sql: str, dbname: str = "shopmask") -> str:
+    res = subprocess.run(["psql", "-X", "-q", kt.dsn("alice", dbname=dbname) if dbname else
+                          kt.pg.dsn("shop"), "-c", sql], capture_output=True, text=True,
+                         timeout=30)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+@pytest.mark.parametrize("sql", [
+    "COPY (SELECT id, full_name, email, ssn, card_number, city FROM ONLY people "
+    "ORDER BY id) TO STDOUT",
+    "COPY (SELECT id, full_name, email, ssn, card_number, city FROM ONLY people "
+    "ORDER BY id) TO STDOUT (FORMAT csv, HEADER true)",
+    "COPY (SELECT id, full_name, email, ssn, card_number, city FROM ONLY people "
+    "ORDER BY id) TO STDOUT (FORMAT csv, DELIMITER ';')",
+])
+def test_copy_to_stdout_is_masked_in_text_and_csv(keyturn: Keyturn, truth: dict,
+                                                  sql: str) -> None:
+    real = _copy_out(keyturn, sql, dbname="").splitlines()
+    through = _copy_out(keyturn, sql).splitlines()
+    assert len(real) == len(through) == 20 + ("HEADER" in sql)
+    if "HEADER" in sql:
+        assert through[0] == real[0]  # the header line is not data
+    sep = ";" if "DELIMITER" in sql else ("," if "csv" in sql else "\t")
+    row = dict(zip(("id", "name", "email", "ssn", "card", "city"),
+                   through[-20].split(sep), strict=True))
+    assert row["id"] == "1" and row["city"] == truth["city"]  # plain fields untouched
+    assert EMAIL_SHAPE.match(row["email"]) and row["ssn"] == "********"
+    assert row["card"].endswith(truth["card"][-4:]) and row["card"] != truth["card"]
+    assert row["name"].startswith("h:")
+    for value in (truth["email"], truth["ssn"], truth["card"], truth["name"]):
+        assert value not in "\n".join(through)
+
+
+def test_copy_of_a_whole_table_masks_its_sensitive_columns(keyturn: Keyturn,
+                                                          truth: dict) -> None:
+    out = _copy_out(keyturn, "COPY people (id, ssn, city) TO STDOUT")
+    assert truth["ssn"] not in out and "1\t********\t" + truth["city"] in out.splitlines()

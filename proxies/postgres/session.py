@@ -90,6 +90,7 @@ class Ctx:
     refusal: bytes | None = None
     rewrite: Any = None  # DataRow (chunk, body start, end) -> replacement, or None
     mask_counts: Any = None  # [(field names, masked values per field)] per result
+    copy: Any = None  # keyturn.masking.copy.CopyMasker for COPY … TO rows
     # On masked connections: the statement and parameters as shown (literals that touch
     # sensitive columns redacted); what runs is unchanged.
     shown: str | None = None
@@ -840,6 +841,9 @@ class ClientSession(asyncio.Protocol):
         # Absent keys are stored as NULL / {} by the ingester; the hot path skips them.
         if ctx.ticket_id is not None:
             rec["ticket_id"] = ctx.ticket_id
+        if ctx.copy is not None and (ctx.copy.masked or ctx.copy.detected):
+            ctx.mask_counts = (ctx.mask_counts or []) + [(["copy"], [ctx.copy.masked])]
+            ctx.detected = {**(ctx.detected or {}), **ctx.copy.detected} or None
         if ctx.mask_counts:
             masked: dict[str, int] = {}
             for names, counts in ctx.mask_counts:
@@ -1023,12 +1027,43 @@ class ClientSession(asyncio.Protocol):
                                classes=[s.classification for s in decision.statements])
         except Exception as exc:  # fail closed: what cannot be traced cannot be masked
             lineages, why = [], f"the statement cannot be traced for masking ({exc})"
+        if why is None and any(lin.copy for lin in lineages):
+            why = self._copy_plan(ctx, sens, lineages)
         if why is not None:
             ctx.action, ctx.rule, ctx.reason = "block", decision.masks[0][0], why
             self._blocked(ctx, kind, out)
             return False
         ctx.sens, ctx.lineages = sens, lineages
         return True
+
+    def _copy_plan(self, ctx: Ctx, sens: Any, lineages: list[Any]) -> str | None:
+        """COPY … TO on a masked connection: plan the masking of its rows, or say why
+        it cannot be masked."""
+        from keyturn.masking import styles
+        from keyturn.masking.copy import CopyMasker, copy_options
+
+        opts, why = copy_options(ctx.statement)
+        if opts is None:
+            return why
+        (lin,) = lineages
+        if opts.relation is not None:
+            names = opts.columns or (self.catalog.columns.get(opts.relation)
+                                     if self.catalog else None)
+            if names is None:
+                return f"the columns of {opts.relation} are not known to the gateway"
+            sources = [{f"{opts.relation}.{n}"} for n in names]
+        elif lin.outputs is not None:
+            sources = [o.sources for o in lin.outputs]
+        else:
+            return "COPY (SELECT * …) cannot be masked; list the columns"
+        maskers = {}
+        for i, srcs in enumerate(sources):
+            hit = sens.first(srcs)
+            if hit is not None:
+                maskers[i] = styles.masker(styles.MaskStyle.parse(hit.style),
+                                           self.gw.mask_key)
+        ctx.copy = CopyMasker(opts, maskers, self.detectors)
+        return None
 
     def _redact(self, ctx: Ctx) -> None:
         from keyturn.masking.redact import redact_params, redact_statement, sensitive_names
@@ -1177,6 +1212,19 @@ class ClientSession(asyncio.Protocol):
             if not expect:
                 continue
             head = expect[0]
+            if t == b"d":
+                # COPY rows from the target (only framed on masked connections).
+                ctx = head.ctx
+                cm = ctx.copy if ctx is not None else None
+                if cm is not None:
+                    new = cm.rewrite(chunk[start + 5:end])
+                    if new is not None:
+                        if out is None:
+                            out = []
+                        out.append(chunk[seg:start])
+                        out.append(codec.encode_message(b"d", new))
+                        seg = end
+                continue
             if t == b"D":
                 # Rows appear in frames only on masked connections.
                 ctx = head.ctx
