@@ -22,6 +22,9 @@ from keyturn.services import Services
 
 log = logging.getLogger(__name__)
 
+# The timeline event the bots themselves write (see BotContext.notified).
+NOTIFIED = "notified"
+
 UNMAPPED = ("Keyturn does not know who you are. Ask an operator to link your account "
             "(`keyturn bots link`) or use the e-mail address Keyturn knows you by.")
 
@@ -128,3 +131,16 @@ class BotContext:
 
     async def avote(self, **kw: Any) -> VoteOutcome:
         return await asyncio.to_thread(lambda: self.vote(**kw))
+
+    def notified(self, ticket_id: int, platform: str, channel: str,
+                 **extra: Any) -> None:
+        """Put "notified" on the ticket's timeline once the ticket message reached a
+        chat channel. Once per platform: a retried post (message already out, note
+        not yet written) records it then. The outbox never plans deliveries for
+        this event kind (``bots.outbox.OWN_EVENTS``)."""
+        events = self.services.approvals.detail(ticket_id).get("events", [])
+        if any(e["kind"] == NOTIFIED and (e["detail"] or {}).get("platform") == platform
+               for e in events):
+            return
+        self.services.approvals.note(ticket_id, NOTIFIED, None,
+                                     {"platform": platform, "channel": channel, **extra})

@@ -37,6 +37,8 @@ from keyturn.store import Store
 
 log = logging.getLogger(__name__)
 CURSOR = "ticket_events"
+# Events the bots write themselves ("notified"): never a reason to send anything.
+OWN_EVENTS = frozenset({"notified"})
 
 
 class RetryLater(Exception):
@@ -112,6 +114,8 @@ class Outbox:
             tickets = {t.id: t for t in s.scalars(select(Ticket).where(Ticket.id.in_(ids)))}
             now = time.time()
             for ev in events:
+                if ev.kind in OWN_EVENTS:
+                    continue
                 for platform, notifier in self.notifiers.items():
                     for p in notifier.plan(ev, tickets[ev.ticket_id]):
                         s.add(OutboxItem(platform=platform, ticket_id=ev.ticket_id, kind=p.kind,

@@ -57,6 +57,8 @@ TRANSITIONS: dict[str, dict[str, str]] = {
     FAILED: {},
 }
 DECIDED = {APPROVED, REJECTED, EXPIRED, CANCELLED, EXECUTED, FAILED}
+# Event kinds only transitions write; ``Approvals.note`` refuses them.
+NOTE_KINDS_RESERVED = {"created", "decided", *DECIDED}
 
 # How long an approved defer-mode ticket may wait for its re-run.
 DEFER_WINDOW = 3600.0
@@ -314,6 +316,23 @@ class Approvals:
             self._announce(s, t.id, nxt)
         self.on_change(ticket_id, nxt)
         return self.get(ticket_id)
+
+    def note(self, ticket_id: int, kind: str, actor: str | None = None,
+             detail: dict[str, Any] | None = None, *, now: float | None = None) -> TicketEvent:
+        """Add a timeline event that is not a transition (e.g. "notified": the ticket
+        reached a chat channel). The ticket's status is untouched and nobody is
+        woken: waiters and listeners care about status changes only."""
+        if kind in NOTE_KINDS_RESERVED or kind.startswith("vote:"):
+            raise ValueError(f"{kind!r} is a ticket transition, not a note")
+        now = time.time() if now is None else now
+        with self.store.write() as s:
+            if s.get(Ticket, ticket_id) is None:
+                raise NotFound(f"no ticket {ticket_id}")
+            ev = TicketEvent(ticket_id=ticket_id, at=now, kind=kind, actor=actor,
+                             detail=dict(detail or {}))
+            s.add(ev)
+            s.flush()
+            return ev
 
     def claim(self, ticket_id: int, binding: str, *, now: float | None = None) -> bool:
         """Take an approved ticket to run its statement exactly once."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from typing import Any
 
 from flask import Flask
 
@@ -47,6 +48,23 @@ def left(ts: float | None) -> str:
     return span(remaining) if remaining > 0 else "due"
 
 
+PLATFORMS = {"slack": "Slack", "teams": "Teams"}
+
+
+def chat_place(detail: dict[str, Any] | None) -> str:
+    """Where a "notified" event went: ``Slack #approvals``, ``Teams 19:abc@thread``.
+    Slack channels read with a ``#`` as people know them; Teams conversation ids
+    are shown as they are (they have no short name we could know)."""
+    detail = detail or {}
+    platform = str(detail.get("platform") or "chat")
+    channel = str(detail.get("channel") or "").strip()
+    name = PLATFORMS.get(platform, platform)
+    if platform == "slack" and channel and not channel.startswith("#"):
+        channel = f"#{channel}"
+    return f"{name} {channel}".strip()
+
+
 def init_app(app: Flask) -> None:
     app.jinja_env.filters.update(when=when, iso=iso, age=age, left=left, span=span,
-                                 sql=render_statement, one_line=one_line)
+                                 sql=render_statement, one_line=one_line,
+                                 chat_place=chat_place)

@@ -5,6 +5,7 @@ Slack sends them; tickets made and decided through keyturn.approvals."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -16,11 +17,11 @@ import pytest
 import requests
 from sqlalchemy import select
 
-from bots.models import OutboxItem
+from bots.models import ChatCursor, OutboxItem
 from bots.server import start_in_thread
 from keyturn.approvals import TicketRequest
 from keyturn.config import load_config
-from keyturn.models import AuditRecord, Vote
+from keyturn.models import AuditRecord, TicketEvent, Vote
 from keyturn.services import Services, build_services
 from tests.chat_standins import (
     SlackStandIn,
@@ -156,6 +157,19 @@ class Harness:
             rows = list(s.scalars(select(AuditRecord).order_by(AuditRecord.seq)))
         return [r for r in rows if all(getattr(r, k) == v for k, v in where.items())]
 
+    def notified(self, ticket: int) -> list[TicketEvent]:
+        with self.svc.store.session() as s:
+            return list(s.scalars(select(TicketEvent).where(
+                TicketEvent.ticket_id == ticket, TicketEvent.kind == "notified")))
+
+    def wait_pumped(self, event_id: int, timeout: float = 15) -> None:
+        """Until the bots' cursor has read past ``event_id``."""
+        def probe() -> Any:
+            with self.svc.store.session() as s:
+                cur = s.get(ChatCursor, "ticket_events")
+                return cur is not None and cur.last_event_id >= event_id
+        self.slack.wait_for(probe, timeout, f"bots cursor past event {event_id}")
+
     def wait_drained(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -237,6 +251,30 @@ def test_connection_channel_overrides_default(h: Harness) -> None:
     h.wait_message(tid, "Pending approval", channel="CBILLING")
     assert not [m for m in h.slack.channel_messages(CHANNEL)
                 if f"Ticket #{tid}>" in json.dumps(m["blocks"])]
+
+
+def test_delivered_message_is_notified_on_the_timeline_and_sends_nothing_more(
+        h: Harness) -> None:
+    tid = h.ticket(connection="billing")
+    msg = h.wait_message(tid, "Pending approval", channel="CBILLING")
+    ev = h.slack.wait_for(lambda: h.notified(tid), what="notified event")
+    assert len(ev) == 1
+    assert ev[0].actor is None
+    assert ev[0].detail == {"platform": "slack", "channel": "CBILLING",
+                            "channel_id": "CBILLING", "ts": msg["ts"]}
+    t = h.svc.approvals.get(tid)
+    assert t.status == "pending" and t.decided_at is None      # a note, not a transition
+    h.wait_pumped(ev[0].id)
+    h.wait_drained()
+    # The bots read their own event back and planned nothing for it: the create
+    # planned one post and one DM, and those are all Slack ever got for this ticket.
+    with h.svc.store.session() as s:
+        kinds = sorted(s.scalars(select(OutboxItem.kind).where(OutboxItem.ticket_id == tid)))
+    assert kinds == ["dm", "post"]
+    posts = [c for c in h.slack.calls_to("chat.postMessage")
+             if re.search(rf"#{tid}\b", json.dumps(c.args))]
+    assert [c.args["channel"] for c in posts] == ["CBILLING", "UALICE"]
+    assert not [c for c in h.slack.calls_to("chat.update") if c.args.get("ts") == msg["ts"]]
 
 
 def test_reject_opens_modal_and_reason_reaches_message_and_requester(h: Harness) -> None:
@@ -458,6 +496,9 @@ def test_outage_and_rate_limit_then_every_message_ends_right(h: Harness) -> None
     assert "Rejected by dana" in _texts(h.message(rejected)["blocks"])
     assert "wrong table" in _texts(h.message(rejected)["blocks"])
     assert "Pending approval" in _texts(h.message(pending)["blocks"])
+    # Each ticket reached the channel once, after the outage, and says so once.
+    for tid in (approved, rejected, pending):
+        assert [e.detail["channel"] for e in h.notified(tid)] == [CHANNEL]
     h.wait_dm("UALICE", f"#{approved} on shop was approved by bob")
     h.wait_dm("UALICE", f"#{rejected} on shop was rejected by dana: wrong table")
     for tid in (approved, rejected, pending):
@@ -499,7 +540,6 @@ def test_socket_mode_click_and_command(tmp_path: Path) -> None:
 
 def test_link_code_from_slack_redeemed_with_own_token(h: Harness) -> None:
     import os
-    import re
     import subprocess
 
     h.slack.add_user("UNEWDANA", None)

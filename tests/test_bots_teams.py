@@ -16,11 +16,11 @@ from joserfc.jwk import OctKey, RSAKey
 from sqlalchemy import select
 
 from bots.links import Links
-from bots.models import OutboxItem
+from bots.models import ChatCursor, OutboxItem
 from bots.server import start_in_thread
 from keyturn.approvals import TicketRequest
 from keyturn.config import load_config
-from keyturn.models import AuditRecord
+from keyturn.models import AuditRecord, TicketEvent
 from keyturn.services import build_services
 from tests.chat_standins import TeamsStandIn
 from tests.conftest import free_port
@@ -115,6 +115,11 @@ class TeamsHarness:
         return self.teams.wait_for(lambda: next((t for t in self.teams.texts(conv)
                                                  if contains in t), None),
                                    timeout, f"1:1 to {user_id} with {contains!r}")
+
+    def notified(self, ticket: int) -> list[TicketEvent]:
+        with self.svc.store.session() as s:
+            return list(s.scalars(select(TicketEvent).where(
+                TicketEvent.ticket_id == ticket, TicketEvent.kind == "notified")))
 
     def audits(self, **where: Any) -> list[AuditRecord]:
         with self.svc.store.session() as s:
@@ -228,6 +233,33 @@ def test_bad_tokens_get_401_and_are_audited(th: TeamsHarness) -> None:
     assert len(th.audits(kind="chat", outcome="unauthorized")) - before == len(bad) + 1
 
 
+def test_posted_card_is_notified_on_the_timeline_and_sends_nothing_more(
+        th: TeamsHarness) -> None:
+    tid = th.ticket()
+    th.card(tid, "Pending approval")
+    th.personal("29:alice", f"#{tid} on shop is waiting for approval")
+    ev = th.teams.wait_for(lambda: th.notified(tid), what="notified event")
+    assert len(ev) == 1 and ev[0].detail["platform"] == "teams"
+    assert ev[0].detail["channel"] == CONV
+    with th.teams.lock:
+        assert f"Ticket #{tid} " in repr(th.teams.activities[(CONV, ev[0].detail["activity_id"])])
+    assert th.svc.approvals.get(tid).status == "pending"
+
+    def pumped() -> bool:
+        with th.svc.store.session() as s:
+            cur = s.get(ChatCursor, "ticket_events")
+            return cur is not None and cur.last_event_id >= ev[0].id
+    th.teams.wait_for(pumped, what="bots cursor past the notified event")
+    time.sleep(0.5)      # a few more delivery passes: nothing may follow
+    with th.svc.store.session() as s:
+        rows = list(s.scalars(select(OutboxItem).where(OutboxItem.ticket_id == tid)))
+    assert sorted(r.kind for r in rows) == ["dm", "post"]
+    assert all(r.sent_at for r in rows)
+    card_calls = [c for c in th.teams.calls if c.method in ("post_activity", "put_activity")
+                  and c.args.get("conversation") == CONV and f"Ticket #{tid} " in repr(c.args)]
+    assert [c.method for c in card_calls] == ["post_activity"]
+
+
 def test_teams_outage_and_429_then_cards_end_right(th: TeamsHarness) -> None:
     th.teams.down()
     tid = th.ticket()
@@ -239,6 +271,8 @@ def test_teams_outage_and_429_then_cards_end_right(th: TeamsHarness) -> None:
     th.personal("29:alice", f"#{tid} on shop was approved by dana", timeout=40)
     cards = [c for c in th.teams.cards(CONV) if f"Ticket #{tid} " in repr(c)]
     assert len(cards) == 1
+    th.teams.wait_for(lambda: th.notified(tid), what="notified event")
+    assert [e.detail["channel"] for e in th.notified(tid)] == [CONV]
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         with th.svc.store.session() as s:

@@ -91,15 +91,18 @@ class SlackNotifier:
     async def _send(self, item: OutboxItem, view: TicketView) -> str | None:
         ref = await asyncio.to_thread(self._message, item.ticket_id)
         if item.kind == "post":
-            if ref is not None:  # a retried post that already went out: keep one message
-                await self._update(ref, view)
-                return None
             channel = self.settings.channel_for(view.connection, self.ctx.policy_of(
                 view.connection))
-            resp = await self.client.chat_postMessage(
-                channel=channel, text=summary(view), blocks=await self._blocks(view),
-                unfurl_links=False)
-            await asyncio.to_thread(self._remember, item.ticket_id, resp["channel"], resp["ts"])
+            if ref is not None:  # a retried post that already went out: keep one message
+                await self._update(ref, view)
+            else:
+                resp = await self.client.chat_postMessage(
+                    channel=channel, text=summary(view), blocks=await self._blocks(view),
+                    unfurl_links=False)
+                ref = await asyncio.to_thread(self._remember, item.ticket_id, resp["channel"],
+                                              resp["ts"])
+            await asyncio.to_thread(self.ctx.notified, item.ticket_id, "slack", channel,
+                                    channel_id=ref.channel, ts=ref.ref)
             return None
         if item.kind == "update":
             if ref is None:
@@ -154,7 +157,9 @@ class SlackNotifier:
                 ChatMessage.platform == "slack", ChatMessage.ticket_id == ticket_id,
                 ChatMessage.purpose == "ticket")).first()
 
-    def _remember(self, ticket_id: int, channel: str, ts: str) -> None:
+    def _remember(self, ticket_id: int, channel: str, ts: str) -> ChatMessage:
+        row = ChatMessage(platform="slack", ticket_id=ticket_id, purpose="ticket",
+                          channel=channel, ref=ts, extra={}, created_at=time.time())
         with self.ctx.services.store.write() as s:
-            s.add(ChatMessage(platform="slack", ticket_id=ticket_id, purpose="ticket",
-                              channel=channel, ref=ts, extra={}, created_at=time.time()))
+            s.add(row)
+        return row

@@ -60,13 +60,16 @@ class TeamsNotifier:
         ref = await asyncio.to_thread(self._message, item.ticket_id)
         url = self.settings.service_url
         if item.kind == "post":
-            if ref is not None:
+            conv = self.settings.conversation_for(view.connection)
+            if ref is not None:  # a retried post that already went out: keep one card
                 await self.connector.update_activity(url, ref.channel, ref.ref,
                                                      self.card_activity(view))
-                return None
-            conv = self.settings.conversation_for(view.connection)
-            aid = await self.connector.post_activity(url, conv, self.card_activity(view))
-            await asyncio.to_thread(self._remember, item.ticket_id, conv, aid)
+                conv, aid = ref.channel, ref.ref
+            else:
+                aid = await self.connector.post_activity(url, conv, self.card_activity(view))
+                await asyncio.to_thread(self._remember, item.ticket_id, conv, aid)
+            await asyncio.to_thread(self.ctx.notified, item.ticket_id, "teams", conv,
+                                    activity_id=aid)
             return None
         if item.kind == "update":
             if ref is None:
