@@ -121,3 +121,20 @@ class Links:
             if u.email and u.email.lower() == email:
                 return name
         return None
+
+    def of_user(self, user: str) -> list[IdentityLink]:
+        """Every chat account linked to ``user``, oldest first."""
+        with self.store.session() as s:
+            return list(s.scalars(select(IdentityLink).where(IdentityLink.user == user)
+                                  .order_by(IdentityLink.id)))
+
+    def unlink_own(self, link_id: int, user: str) -> IdentityLink:
+        """Remove one of ``user``'s own links. Someone else's link id answers exactly
+        like a missing one, so ids reveal nothing."""
+        with self.store.write() as s:
+            row = s.scalars(select(IdentityLink).where(IdentityLink.id == link_id,
+                                                       IdentityLink.user == user)).first()
+            if row is None:
+                raise NotFound(f"no chat account link {link_id}")
+            s.delete(row)
+            return row

@@ -55,6 +55,7 @@ def create_app(services: Services, config: dict[str, Any] | None = None) -> Flas
     from portal import (
         auditview,
         auth,
+        chatlinks,
         configview,
         dashboard,
         errors,
@@ -75,8 +76,8 @@ def create_app(services: Services, config: dict[str, Any] | None = None) -> Flas
     auth.init_app(app)
     errors.init_app(app)
     app.register_blueprint(api_bp)
-    for module in (auth, queue, tickets, history, auditview, export, tokens, configview,
-                   dashboard):
+    for module in (auth, queue, tickets, history, auditview, export, tokens, chatlinks,
+                   configview, dashboard):
         app.register_blueprint(module.bp)
 
     @app.get("/healthz")

@@ -520,6 +520,7 @@ PUBLIC = {"static", "auth.login", "auth.sso_start", "auth.sso_callback", "health
 
 def _concrete(rule: str) -> str:
     return (rule.replace("<int:ticket_id>", "1").replace("<int:token_id>", "1")
+            .replace("<int:link_id>", "1")
             .replace("<any(approve, reject):vote>", "approve").replace("<session_id>", "s"))
 
 
@@ -536,7 +537,8 @@ def test_every_state_changing_route_needs_the_csrf_token(app: Flask, svc: Servic
             assert r.status_code == 403, (rule.rule, method, r.status_code)
             checked.append(rule.endpoint)
     assert {"tickets.decide", "tokens.create", "tokens.revoke", "export.download",
-            "configview.connections", "auth.logout", "auth.login"} <= set(checked)
+            "configview.connections", "auth.logout", "auth.login", "chatlinks.claim",
+            "chatlinks.unlink"} <= set(checked)
 
 
 def test_every_page_needs_sign_in(app: Flask) -> None:

@@ -97,8 +97,10 @@ class TeamsBot:
                 self.ctx.links.start_claim, "teams", sender["aadObjectId"],
                 address={"id": sender.get("id"), "service_url": service_url,
                          "tenant_id": conv.get("tenantId") or self.settings.tenant_id})
-            text = (f"To link this Teams account to your Keyturn user, run within 10 minutes, "
-                    f"with your access token in KEYTURN_TOKEN: keyturn bots claim {code}")
+            text = (f"To link this Teams account to your Keyturn user, within 10 minutes enter "
+                    f"the code {code} on the portal's Chat accounts page "
+                    f"({self.ctx.portal_url.rstrip('/')}/chat-accounts), or run, with your "
+                    f"access token in KEYTURN_TOKEN: keyturn bots claim {code}")
         try:
             await self.connector.post_activity(service_url, conv["id"], {
                 "type": "message", "text": text, "replyToId": activity.get("id")})

@@ -20,8 +20,9 @@ HELP = ("*/keyturn* commands:\n"
         "• `/keyturn status N`: one ticket\n"
         "• `/keyturn link`: link this Slack account to your Keyturn user\n"
         "• `/keyturn help`: this text")
-LINK_TEXT = ("To link this Slack account to your Keyturn user, run within 10 minutes, with "
-             "your access token in KEYTURN_TOKEN:\n`keyturn bots claim {code}`\n"
+LINK_TEXT = ("To link this Slack account to your Keyturn user, within 10 minutes enter the "
+             "code `{code}` on the portal's Chat accounts page (<{portal}/chat-accounts>), or "
+             "run, with your access token in KEYTURN_TOKEN:\n`keyturn bots claim {code}`\n"
              "Keep the code to yourself: whoever redeems it decides who this account is.")
 OVERSIGHT = {"auditors", "managers", "admins"}
 
@@ -34,7 +35,8 @@ def register(app: AsyncApp, deps: SlackDeps) -> None:
         if sub == "link":
             code = await asyncio.to_thread(deps.ctx.links.start_claim, "slack",
                                            command["user_id"])
-            await ack(response_type="ephemeral", text=LINK_TEXT.format(code=code))
+            await ack(response_type="ephemeral", text=LINK_TEXT.format(
+                code=code, portal=deps.ctx.portal_url.rstrip("/")))
             return
         if sub == "help" or sub not in ("mine", "pending", "status"):
             await ack(response_type="ephemeral", text=HELP)
