@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import psycopg  # noqa: E402
 from _common import (  # noqa: E402
+    POLICY_READS_ONLY,
     KeyturnProcess,
     Workspace,
     machine_line,
@@ -26,15 +27,6 @@ from _common import (  # noqa: E402
     progress,
 )
 
-READS = """\
-policies:
-  bench:
-    default: block
-    rules:
-      - name: reads
-        match: {class: [read, transaction, session]}
-        action: allow
-"""
 MASKED_READS = """\
 policies:
   bench:
@@ -81,7 +73,7 @@ def main() -> int:
             f"g * 1.5 FROM generate_series(1, {args.rows}) g", dbname="bench")
         paths: list[tuple[str, str]] = [("direct", pg.dsn("bench"))]
         for name, policy, extra in (
-                ("keyturn, no masking rule", READS, ""),
+                ("keyturn, no masking rule", POLICY_READS_ONLY, ""),
                 ("keyturn, masking", MASKED_READS, COLUMNS + "detectors: []\n"),
                 ("keyturn, masking + detectors", MASKED_READS, COLUMNS)):
             progress(f"starting keyturn gateway: {name}")

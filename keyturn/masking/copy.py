@@ -112,7 +112,10 @@ class CopyMasker:
 
     def __init__(self, opts: CopyOptions, maskers: dict[int, Callable[[str], str | None]],
                  detectors: Any = None):
+        assert opts.delimiter is not None and opts.null is not None  # set by copy_options
         self.opts = opts
+        self.delimiter: str = opts.delimiter
+        self.null: str = opts.null
         self.maskers = maskers
         self.detectors = detectors
         self.header_pending = opts.header
@@ -135,15 +138,15 @@ class CopyMasker:
         return None if new == data else new
 
     def _text(self, line: str, end: str) -> str:
-        fields = line.split(self.opts.delimiter)
+        fields = line.split(self.delimiter)
         for i, fn in self.maskers.items():
-            if i < len(fields) and fields[i] != self.opts.null:
+            if i < len(fields) and fields[i] != self.null:
                 new = fn(_unescape_text(fields[i]))
-                fields[i] = self.opts.null if new is None else \
-                    _escape_text(new, self.opts.delimiter)  # type: ignore[assignment]
+                fields[i] = self.null if new is None else \
+                    _escape_text(new, self.delimiter)  # type: ignore[assignment]
                 self.masked += 1
         self._detect(fields)
-        return self.opts.delimiter.join(fields) + end
+        return self.delimiter.join(fields) + end
 
     def _detect(self, fields: list[str]) -> None:
         """The detectors read the fields the masking left (masked ones are already safe)."""
@@ -159,24 +162,24 @@ class CopyMasker:
                     self.detected[k] = self.detected.get(k, 0) + n
 
     def _csv(self, line: str, end: str) -> str:
-        fields = _csv_split(line, self.opts.delimiter)
+        fields = _csv_split(line, self.delimiter)
         for i, fn in self.maskers.items():
             if i >= len(fields):
                 continue
             raw = fields[i]
-            if raw == self.opts.null and not raw.startswith('"'):
+            if raw == self.null and not raw.startswith('"'):
                 continue  # NULL stays NULL
             value = raw[1:-1].replace('""', '"') if raw.startswith('"') else raw
             new = fn(value)
             if new is None:
-                fields[i] = "" if self.opts.null == "" else self.opts.null
-            elif new == "" or any(c in new for c in (self.opts.delimiter, '"', "\n", "\r")):
+                fields[i] = "" if self.null == "" else self.null
+            elif new == "" or any(c in new for c in (self.delimiter, '"', "\n", "\r")):
                 fields[i] = '"' + new.replace('"', '""') + '"'
             else:
                 fields[i] = new
             self.masked += 1
         self._detect(fields)
-        return self.opts.delimiter.join(fields) + end
+        return self.delimiter.join(fields) + end
 
 
 def _csv_split(line: str, delimiter: str) -> list[str]:

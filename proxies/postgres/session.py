@@ -120,6 +120,16 @@ class StmtInfo:
 
 _DEFAULT_SCHEMAS = frozenset(DEFAULT_SEARCH_PATH)
 _MASKED_TYPES = frozenset((b"T", b"C", b"E", b"N"))
+
+
+def _splice(out: list[bytes] | None, chunk: bytes, seg: int, start: int, end: int,
+            new: bytes) -> tuple[list[bytes], int]:
+    """Replace chunk[start:end] by ``new`` in the output being built from ``chunk``."""
+    if out is None:
+        out = []
+    out.append(chunk[seg:start])
+    out.append(new)
+    return out, end
 # Types whose text form holds no free text: the detectors skip them.
 _PLAIN_OIDS = frozenset((16, 20, 21, 23, 26, 700, 701, 1700, 1082, 1083, 1114, 1184, 1186,
                          1266, 2950, 790))
@@ -155,31 +165,28 @@ def _row_rewriter(maskers: dict[int, Any], detect: frozenset[int], detectors: An
             vstart = pos + 4
             vend = vstart + ln if ln > 0 else vstart
             m = mlist[i]
+            replaced = False
             if m is not None:
                 if ln >= 0:
                     new = m(chunk[vstart:vend])
-                    if parts is None:
-                        parts = []
-                    parts.append(chunk[keep:pos])
-                    if new is None:
-                        parts.append(null)
-                    else:
-                        parts.append(len(new).to_bytes(4, "big"))
-                        parts.append(new)
-                    keep = vend
+                    replaced = True
                     counts[i] += 1
             elif ln > 0 and dlist[i]:
-                value = chunk[vstart:vend]
-                new, hits = detectors.redact_bytes(value)
+                new, hits = detectors.redact_bytes(chunk[vstart:vend])
                 if hits:
-                    if parts is None:
-                        parts = []
-                    parts.append(chunk[keep:pos])
-                    parts.append(len(new).to_bytes(4, "big"))
-                    parts.append(new)
-                    keep = vend
+                    replaced = True
                     for k, c in hits.items():
                         hits_total[k] = hits_total.get(k, 0) + c
+            if replaced:
+                if parts is None:
+                    parts = []
+                parts.append(chunk[keep:pos])
+                if new is None:
+                    parts.append(null)
+                else:
+                    parts.append(len(new).to_bytes(4, "big"))
+                    parts.append(new)
+                keep = vend
             pos = vend
         if parts is None:
             return None
@@ -1212,40 +1219,23 @@ class ClientSession(asyncio.Protocol):
             if not expect:
                 continue
             head = expect[0]
-            if t == b"d":
-                # COPY rows from the target (only framed on masked connections).
+            if t == b"D" or t == b"d":
+                # Rows (DataRow, COPY data) are framed only on masked connections.
                 ctx = head.ctx
-                cm = ctx.copy if ctx is not None else None
-                if cm is not None:
-                    new = cm.rewrite(chunk[start + 5:end])
-                    if new is not None:
-                        if out is None:
-                            out = []
-                        out.append(chunk[seg:start])
-                        out.append(codec.encode_message(b"d", new))
-                        seg = end
-                continue
-            if t == b"D":
-                # Rows appear in frames only on masked connections.
-                ctx = head.ctx
-                rewrite = ctx.rewrite if ctx is not None else None
-                if rewrite is not None:
-                    new = rewrite(chunk, start + 5, end)
-                    if new is not None:
-                        if out is None:
-                            out = []
-                        out.append(chunk[seg:start])
-                        out.append(new)
-                        seg = end
+                new = None
+                if ctx is not None:
+                    if t == b"D" and ctx.rewrite is not None:
+                        new = ctx.rewrite(chunk, start + 5, end)
+                    elif t == b"d" and ctx.copy is not None:
+                        line = ctx.copy.rewrite(chunk[start + 5:end])
+                        new = None if line is None else codec.encode_message(b"d", line)
+                if new is not None:
+                    out, seg = _splice(out, chunk, seg, start, end, new)
                 continue
             if self.masking and t in _MASKED_TYPES and head.replace is None:
                 new = self._mask_message(head, t, chunk, start, end)
                 if new is not None:
-                    if out is None:
-                        out = []
-                    out.append(chunk[seg:start])
-                    out.append(new)
-                    seg = end
+                    out, seg = _splice(out, chunk, seg, start, end, new)
                 if t == b"D" or t == b"N" or (t == b"T" and head.plan_for is not None):
                     if t == b"T":
                         expect.popleft()
@@ -1277,11 +1267,7 @@ class ClientSession(asyncio.Protocol):
                 if head.replace is not None:
                     # Our refusal stands in for the error of the query that failed the
                     # target's transaction.
-                    if out is None:
-                        out = []
-                    out.append(chunk[seg:start])
-                    out.append(head.replace)
-                    seg = end
+                    out, seg = _splice(out, chunk, seg, start, end, head.replace)
                     continue
                 fields = codec.decode_error_fields(chunk[start + 5:end])
                 if head.ctx is not None:
