@@ -23,6 +23,7 @@ import pytest
 from conftest import ROOT, Keyturn, make_keyturn
 from portal_support import PASSWORD, make_services, make_ticket, set_portal_password
 
+from bots.links import Links
 from keyturn.localpg import LocalPostgres
 from keyturn.services import Services
 
@@ -170,9 +171,15 @@ def _seed(svc: Services) -> None:
                 svc.approvals.vote(tid, (bob, dana)[k % 2], "approve", "ok",
                                    via=("portal", "slack", "teams")[k % 3],
                                    now=at + 60 * (k + 1) * (day % 3 + 1))
-    make_ticket(svc, "alice", statement=stmts[0], now=now - 420)
-    make_ticket(svc, "erin", statement=stmts[1], connection="billing", now=now - 95)
-    make_ticket(svc, "alice", statement=stmts[2], now=now - 20)
+    for tid in (make_ticket(svc, "alice", statement=stmts[0], now=now - 420),
+                make_ticket(svc, "erin", statement=stmts[1], connection="billing", now=now - 95),
+                make_ticket(svc, "alice", statement=stmts[2], now=now - 20)):
+        svc.approvals.note(tid, "notified", None, {"platform": "slack", "channel": "approvals"})
+        svc.approvals.note(tid, "notified", None, {"platform": "teams",
+                                                    "channel": "19:approvers@thread.tacv2"})
+    links = Links(svc.config, svc.store)
+    links.link("teams", "6f1c2a7e-0b7d-4c55-9a61-2f3d8e4b1c90", "dana", by="adam")
+    links.claim(links.start_claim("slack", "U04DANA7QK"), "dana")
     svc.audit.append([
         {"kind": "connect", "user": "alice", "connection": "shop", "session_id": "a1b2c3d4e5",
          "client_addr": "10.0.3.14"},
@@ -216,6 +223,7 @@ PAGES = [  # (name, user, path)
     ("session", "carol", "/audit/sessions/a1b2c3d4e5"),
     ("export", "carol", "/export"),
     ("tokens", "alice", "/tokens"),
+    ("chat-accounts", "dana", "/chat-accounts"),
     ("policies", "alice", "/policies"),
     ("dashboard", "mona", "/dashboard"),
     ("error-403", "alice", "/dashboard"),

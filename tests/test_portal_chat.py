@@ -94,7 +94,7 @@ def test_claim_a_code_see_the_link_and_unlink(app: Flask, svc: Services) -> None
     assert "Your Slack account UDANA42 is now linked to dana." in r.text
     assert links.user_of("slack", "UDANA42") == "dana"
     listed = dana.client.get("/chat-accounts").text
-    assert "<code>UDANA42</code>" in listed and "No linked chat accounts" not in listed
+    assert "<b>Slack</b> <code>UDANA42</code>" in listed and "No linked chat accounts" not in listed
     ok = _audits(svc, kind="chat", action="link-claim", outcome="ok")
     assert [(a.user, a.detail) for a in ok] == [
         ("dana", {"by": "portal", "platform": "slack", "platform_user": "UDANA42"})]
@@ -155,7 +155,7 @@ def test_cannot_see_or_unlink_someone_elses_link(app: Flask, svc: Services) -> N
     dana = _as(app, "dana")
     page = dana.client.get("/chat-accounts").text
     assert "aad-dana" in page and "UBOB" not in page
-    assert "an operator" not in page and "<td>adam</td>" in page
+    assert "an operator" not in page and "by adam</small>" in page
     r = dana.post(f"/chat-accounts/{bobs.id}/unlink", page="/chat-accounts")
     assert r.status_code == 404 and f"You have no chat account link {bobs.id}." in r.text
     assert links.user_of("slack", "UBOB") == "bob"
