@@ -353,3 +353,22 @@ def test_copy_of_a_whole_table_masks_its_sensitive_columns(keyturn: Keyturn,
                                                           truth: dict) -> None:
     out = _copy_out(keyturn, "COPY people (id, ssn, city) TO STDOUT")
     assert truth["ssn"] not in out and "1\t********\t" + truth["city"] in out.splitlines()
+
+
+def test_data_errors_do_not_quote_masked_values(keyturn: Keyturn, truth: dict) -> None:
+    """A cast error quotes its input; a name matches no detector, so the quote itself goes."""
+    with pytest.raises(psycopg.errors.InvalidTextRepresentation) as exc:
+        masked(keyturn, "SELECT full_name::int FROM people WHERE id = 1")
+    message = exc.value.diag.message_primary or ""
+    assert truth["name"] not in message and '"<redacted>"' in message
+
+
+def test_functions_whose_body_the_gateway_cannot_see_are_refused(keyturn: Keyturn) -> None:
+    keyturn.pg.execute(
+        "CREATE OR REPLACE FUNCTION public.people_ssns() RETURNS SETOF text "
+        "LANGUAGE sql AS 'SELECT ssn FROM people'; "
+        "ALTER FUNCTION public.people_ssns() OWNER TO app", dbname="shop")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        masked(keyturn, "SELECT * FROM people_ssns()")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="not a PostgreSQL built-in"):
+        masked(keyturn, "SELECT upper(city), people_ssns() FROM people")

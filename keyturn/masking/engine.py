@@ -195,6 +195,13 @@ class Sensitivity:
         return self.column(f"{table}.*") is not None
 
 
+def _builtin(fname: str) -> bool:
+    from keyturn.analysis.postgres import _BUILTIN_NAMES
+
+    schema, _, base = fname.rpartition(".")
+    return schema in ("", "pg_catalog") and base in _BUILTIN_NAMES
+
+
 def _table_of(pattern: str) -> str:
     return pattern.rsplit(".", 1)[0]
 
@@ -214,6 +221,9 @@ def check(lineages: Sequence[Lineage], sens: Sensitivity, *, classes: Sequence[s
     for lin in lineages:
         for fname, args, whole in lin.calls:
             base = fname.rsplit(".", 1)[-1]
+            if not sens.allows("procedural") and not _builtin(fname):
+                return f"{fname}() is not a PostgreSQL built-in: its body may return masked " \
+                       "columns out of the gateway's sight (mask.allow: procedural)"
             if RUNS_SQL.search(base):
                 return f"{base}() runs SQL or reads a table out of the gateway's sight on a " \
                        "masked connection"

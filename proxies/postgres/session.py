@@ -24,6 +24,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import re
 import secrets
 import struct
 import time
@@ -120,6 +121,7 @@ class StmtInfo:
 
 _DEFAULT_SCHEMAS = frozenset(DEFAULT_SEARCH_PATH)
 _MASKED_TYPES = frozenset((b"T", b"C", b"E", b"N"))
+_QUOTED = re.compile(r'"[^"]*"')
 
 
 def _splice(out: list[bytes] | None, chunk: bytes, seg: int, start: int, end: int,
@@ -1150,14 +1152,25 @@ class ClientSession(asyncio.Protocol):
         ctx.rewrite = _row_rewriter(maskers, detect, self.detectors, ctx) \
             if maskers or detect else None
 
-    def _redact_notice(self, t: bytes, body: bytes) -> bytes | None:
-        """Error and notice texts quote values (a cast error quotes its input)."""
-        if self.detectors is None:
-            return None
+    def _redact_notice(self, t: bytes, body: bytes, ctx: Ctx | None = None) -> bytes | None:
+        """Error and notice texts quote values (a cast error quotes its input). The
+        detectors read them; and when the statement reads masked columns, the quoted
+        values of data errors (SQLSTATE class 22, 23) are redacted outright, since a
+        name or an address matches no detector."""
         fields = codec.decode_error_fields(body)
         changed = False
+        quoting = ctx is not None and ctx.sens is not None and \
+            fields.get("C", "")[:2] in ("22", "23") and \
+            ctx.sens.first({src for lin in ctx.lineages or () for src in
+                            lin.all_sources | lin.predicates}) is not None
         for key in ("M", "D", "H", "W"):
-            if key in fields:
+            if key not in fields:
+                continue
+            if quoting:
+                new_text = _QUOTED.sub('"<redacted>"', fields[key])
+                if new_text != fields[key]:
+                    fields[key], changed = new_text, True
+            if self.detectors is not None:
                 new, hits = self.detectors.redact(fields[key])
                 if hits:
                     fields[key], changed = new, True
@@ -1331,7 +1344,7 @@ class ClientSession(asyncio.Protocol):
                 self._audit_mask_refusal(ctx)
                 return ctx.refusal
             return None
-        return self._redact_notice(t, body)  # E, N
+        return self._redact_notice(t, body, ctx)  # E, N
 
     def _audit_mask_refusal(self, ctx: Ctx) -> None:
         ctx.error = {"C": "42501", "M": "column requested in binary format"}
