@@ -573,6 +573,33 @@ def test_link_code_from_slack_redeemed_with_own_token(h: Harness) -> None:
     h.wait_message(tid, "Approved by dana")
 
 
+def test_link_code_from_slack_redeemed_on_the_portal(h: Harness) -> None:
+    from portal import create_app
+    from portal.accounts import set_password
+    from tests.portal_support import Auth
+
+    h.slack.add_user("UPORTALBOB", None)          # no e-mail: only a link can map it
+    tid = h.ticket()
+    msg = h.wait_message(tid, "Pending approval")
+    h.interact(block_action("UPORTALBOB", "kt_approve", tid, ts=msg["ts"]))
+    h.wait_ephemeral("UPORTALBOB", "Keyturn does not know who you are")
+
+    body = h.command("UPORTALBOB", "link").json()
+    assert body["response_type"] == "ephemeral"
+    assert "<https://keyturn.example/chat-accounts>" in body["text"]
+    code = re.search(r"the code `([A-Z0-9]{5}-[A-Z0-9]{5})`", body["text"]).group(1)
+
+    set_password(h.config, h.svc.store, "bob", "portal-password-for-bob")
+    app = create_app(h.svc)
+    bob = Auth(app.test_client())
+    assert bob.login("bob", "portal-password-for-bob").status_code == 303
+    r = bob.post("/chat-accounts/claim", {"code": code}, page="/chat-accounts")
+    assert r.status_code == 200 and "Your Slack account UPORTALBOB is now linked to bob" in r.text
+
+    h.interact(block_action("UPORTALBOB", "kt_approve", tid, ts=msg["ts"]))
+    h.wait_message(tid, "Approved by bob")
+
+
 def test_expired_link_code_is_refused(h: Harness) -> None:
     from bots.links import Links
 

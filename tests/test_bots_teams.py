@@ -303,6 +303,8 @@ def test_link_code_only_in_a_personal_chat(th: TeamsHarness) -> None:
     text = th.teams.wait_for(lambda: next((t for t in th.teams.texts("a:newbie-1on1")
                                            if "keyturn bots claim" in t), None), what="code")
     code = re.search(r"claim ([A-Z0-9]{5}-[A-Z0-9]{5})", text).group(1)
+    assert f"the code {code} on the portal's Chat accounts page " \
+        "(https://keyturn.example/chat-accounts)" in text
     r = requests.post(f"http://127.0.0.1:{th.port}/links/claim", json={"code": code},
                       timeout=5, headers={"Authorization":
                                           f"Bearer {th.svc.identities.create_token('bob').token}"})
