@@ -32,6 +32,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from keyturn.analysis import StatementClass
 from keyturn.analysis.postgres import (
     DEFAULT_SEARCH_PATH,
@@ -122,6 +124,7 @@ class StmtInfo:
 _DEFAULT_SCHEMAS = frozenset(DEFAULT_SEARCH_PATH)
 _MASKED_TYPES = frozenset((b"T", b"C", b"E", b"N"))
 _QUOTED = re.compile(r'"[^"]*"')
+_LINE = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
 
 
 def _splice(out: list[bytes] | None, chunk: bytes, seg: int, start: int, end: int,
@@ -281,6 +284,7 @@ class ClientSession(asyncio.Protocol):
         self.detectors: Any = None
         self._maskers: dict[str, Any] = {}
         self._sensitive_name: Any = None
+        self._audit_prefix: bytes | None = None
         # Lineage of SQL-level PREPAREd statements and DECLAREd cursors, by name.
         self.mask_prepared: dict[str, Any] = {}
         self.mask_cursors: dict[str, Any] = {}
@@ -841,10 +845,9 @@ class ClientSession(asyncio.Protocol):
 
     def _audit(self, ctx: Ctx, *, outcome: str) -> None:
         now = time.time()
-        rec = {
-            "at": now, "kind": "statement", "user": self.user, "connection": self.conn_name,
-            "session_id": self.session_id, "client_addr": self.client_addr,
-            "statement": ctx.shown or ctx.statement, "classification": ctx.classification,
+        rec: dict[str, Any] = {
+            "at": now, "statement": ctx.shown or ctx.statement,
+            "classification": ctx.classification,
             "action": ctx.action, "rule": ctx.rule, "reason": ctx.reason, "outcome": outcome,
             "duration_ms": round((now - ctx.t0) * 1000, 3), "rows": ctx.rows}
         # Absent keys are stored as NULL / {} by the ingester; the hot path skips them.
@@ -875,7 +878,14 @@ class ClientSession(asyncio.Protocol):
             if ctx.tags and len(ctx.tags) > 1:
                 detail["tags"] = ctx.tags
             rec["detail"] = detail
-        self.gw.audit_spool.write(rec)
+        prefix = self._audit_prefix
+        if prefix is None:
+            # The fields every statement record of this session shares, serialised once.
+            prefix = self._audit_prefix = orjson.dumps({
+                "kind": "statement", "user": self.user, "connection": self.conn_name,
+                "session_id": self.session_id, "client_addr": self.client_addr})[:-1] + b","
+        self.gw.audit_spool.write_line(
+            prefix + orjson.dumps(rec, default=str, option=_LINE)[1:])
 
     # ---- holds
 
