@@ -126,6 +126,7 @@ class AuditIngester:
         self.batch = batch
         self.ingested = 0
         self.position: tuple[str, int] = ("", 0)  # last (spool file, offset) ingested
+        self.priority: IngestPriority | None = None
 
     def pending_files(self) -> list[Path]:
         if not self.dir.is_dir():
@@ -179,7 +180,15 @@ class AuditIngester:
                     if len(records) >= self.batch:
                         break
                 if records or pos != offset:
-                    self.audit.append(records, cursor=(source, pos))
+                    # Never hold the store's write lock (SQLite) or the chain head's row
+                    # lock while idle-scheduled: approvals and audit writes would wait on us.
+                    if self.priority is not None:
+                        self.priority.boost()
+                    try:
+                        self.audit.append(records, cursor=(source, pos))
+                    finally:
+                        if self.priority is not None:
+                            self.priority.unboost()
                     done += len(records)
                     offset = pos
                     self.position = (source, pos)
@@ -214,6 +223,7 @@ class AuditIngester:
         priority = IngestPriority(self) if idle_priority else None
         if priority:
             priority.start(stop)
+            self.priority = priority
         while not stop.is_set():
             try:
                 if self.run_once() == 0:
@@ -246,6 +256,7 @@ class IngestPriority:
         self.tid = 0
         self.idle = False
         self.switches = 0
+        self._boosted = False
 
     @staticmethod
     def supported() -> bool:
@@ -290,6 +301,17 @@ class IngestPriority:
 
     def normal(self) -> None:
         self._set(idle=False)
+
+    def boost(self) -> None:
+        """Normal scheduling for a moment (while a store transaction is open)."""
+        self._boosted = self.idle
+        if self._boosted:
+            self._set(idle=False)
+
+    def unboost(self) -> None:
+        if self._boosted:
+            self._boosted = False
+            self._set(idle=True)
 
     def _watch(self, stop: threading.Event) -> None:
         while not stop.wait(self.interval):

@@ -38,6 +38,25 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 
 
+def fold_identifiers(pattern: str) -> str:
+    """``schema.table.column`` as PostgreSQL names it: unquoted parts folded to lower case,
+    quoted parts kept as written without their quotes (``public."Staff".SSN`` ->
+    ``public.Staff.ssn``)."""
+    parts, buf, quoted = [], "", False
+    for ch in pattern:
+        if ch == '"':
+            quoted = not quoted
+            buf += ch
+        elif ch == "." and not quoted:
+            parts.append(buf)
+            buf = ""
+        else:
+            buf += ch
+    parts.append(buf)
+    return ".".join(p[1:-1].replace('""', '"') if len(p) > 1 and p[0] == p[-1] == '"'
+                    else p.lower() for p in parts)
+
+
 def parse_duration(value: Any) -> float:
     """Seconds from ``90``, ``"90s"``, ``"10m"``, ``"1h"``."""
     if isinstance(value, bool):
@@ -554,7 +573,7 @@ class _Validator:
     def mask(self, value: Any, at: tuple[Any, ...]) -> MaskSettings:
         m = self.mapping(value, at, {"columns", "tags", "style", "styles", "groups", "allow",
                                      "writes"})
-        columns = tuple(c.lower() if '"' not in c else c
+        columns = tuple(fold_identifiers(c)
                         for c in self.str_list(m.get("columns"), at + ("columns",)))
         for c in columns:
             if c.count(".") != 2:
@@ -625,7 +644,7 @@ class _Validator:
                 if not isinstance(col, str) or col.count(".") != 2:
                     raise self.err(at + ("columns", col), "expected schema.table.column "
                                                           "(globs allowed)")
-                columns.append((col.lower() if '"' not in col else col,
+                columns.append((fold_identifiers(col),
                                 self.str_list(tags, at + ("columns", col))))
             detectors = None
             if "detectors" in c:

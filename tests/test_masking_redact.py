@@ -51,3 +51,36 @@ def test_unparseable_text_still_passes_the_detectors() -> None:
     d = DetectorSet.build()
     text, hidden = redact_statement("SELEC 'jane@example.com' garbage", SENSITIVE, d)
     assert "jane@example.com" not in text and hidden == set()
+
+
+@pytest.mark.parametrize(("sql", "shown"), [
+    ("SELECT * FROM people WHERE starts_with(ssn, '123-45')",
+     "SELECT * FROM people WHERE starts_with(ssn, '<redacted>')"),
+    ("INSERT INTO people (id, ssn) SELECT 1, '999-00-1111'",
+     "INSERT INTO people (id, ssn) SELECT 1, '<redacted>'"),
+    ("INSERT INTO people (id, city) VALUES (1, 'x') ON CONFLICT (id) DO UPDATE SET ssn = '5'",
+     "INSERT INTO people (id, city) VALUES (1, 'x') ON CONFLICT (id) DO UPDATE SET ssn = "
+     "'<redacted>'"),
+    ("MERGE INTO people p USING src s ON p.id = s.id WHEN MATCHED THEN UPDATE SET ssn = '1' "
+     "WHEN NOT MATCHED THEN INSERT (id, ssn) VALUES (2, '2')",
+     "MERGE INTO people p USING src s ON p.id = s.id WHEN MATCHED THEN UPDATE SET ssn = "
+     "'<redacted>' WHEN NOT MATCHED THEN INSERT (id, ssn) VALUES (2, '<redacted>')"),
+])
+def test_more_places_where_literals_meet_sensitive_columns(sql: str, shown: str) -> None:
+    assert redact_statement(sql, SENSITIVE)[0] == shown
+
+
+def test_copy_text_with_an_escaped_delimiter_keeps_fields_aligned() -> None:
+    from keyturn.masking.copy import CopyMasker, copy_options
+
+    opts, why = copy_options("COPY people (name, ssn) TO STDOUT WITH (DELIMITER 'e')")
+    assert why is None
+    masker = CopyMasker(opts, {1: lambda v: "********"})
+    assert masker.rewrite(b"Alic\\e Smithe123-45-6789\n") == b"Alic\\e Smithe********\n"
+
+
+def test_mixed_case_identifiers_in_config_follow_postgresql_folding() -> None:
+    from keyturn.config import fold_identifiers
+
+    assert fold_identifiers('public."Staff".SSN') == "public.Staff.ssn"
+    assert fold_identifiers("Public.Staff.SSN") == "public.staff.ssn"

@@ -86,7 +86,14 @@ class _Item:
             return {f"{self.table}.{name}"}
         if self.outputs is not None:
             hits = [o for o in self.outputs if o.name == name]
-            return set().union(*(o.sources for o in hits)) if hits else None
+            if hits:
+                return set().union(*(o.sources for o in hits))
+            # A derived table or CTE that selected a table's *: the column is that table's.
+            stars = [o for o in self.outputs if o.name == "*"]
+            if stars:
+                return {src[:-1] + name if src.endswith(".*") else src
+                        for o in stars for src in o.sources}
+            return None
         return set(self.sources)  # a function in FROM: its arguments
 
     def everything(self) -> set[str]:
@@ -111,9 +118,9 @@ def _sval(node: Any) -> str | None:
 
 
 def _qualified(rv: dict[str, Any]) -> str:
+    # The parser has already folded unquoted names to lower case and kept quoted ones.
     parts = [rv.get("catalogname"), rv.get("schemaname") or "public", rv.get("relname")]
-    return ".".join(p for p in parts if p).lower() if '"' not in str(rv) else \
-        ".".join(p for p in parts if p)
+    return ".".join(p for p in parts if p)
 
 
 class _Tracer:
@@ -126,6 +133,11 @@ class _Tracer:
         lin = self.lin
         if kind == "SelectStmt":
             lin.outputs = self.select(body, None, {})
+            if body.get("intoClause"):
+                # SELECT … INTO t creates a table holding these values.
+                for o in lin.outputs:
+                    lin.writes |= o.sources
+                lin.writes |= lin.expression_sources
         elif kind in ("InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"):
             self.write(kind, body)
         elif kind == "ExplainStmt":
@@ -398,7 +410,16 @@ class _Tracer:
             alias = (body.get("alias") or {}).get("aliasname") or f"?func{len(scope.items)}"
             scope.items[alias] = _Item(sources=srcs)
         else:
-            scope.items[f"?{kind}{len(scope.items)}"] = _Item(sources=self.expr(body, scope))
+            if kind == "RangeTableSample":
+                # people TABLESAMPLE SYSTEM (n): the sampled relation is in scope as itself.
+                self.lin.predicates |= self.expr(body.get("args"), scope)
+                self.lin.predicates |= self.expr(body.get("repeatable"), scope)
+                self.from_item(body.get("relation"), scope)
+                return
+            # Anything else: every relation inside it is read; its columns are unknown.
+            srcs = self.expr(body, scope) | {f"{t}.*" for t in _relations(body)}
+            self.lin.tables |= {t for t in _relations(body)}
+            scope.items[f"?{kind}{len(scope.items)}"] = _Item(sources=srcs)
 
     # ---- expressions
 
@@ -497,6 +518,20 @@ class _Tracer:
                 continue
             elif isinstance(body, (dict, list)):
                 self._expr(body, scope, out)
+
+
+def _relations(node: Any) -> set[str]:
+    out: set[str] = set()
+    if isinstance(node, list):
+        for n in node:
+            out |= _relations(n)
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            if k == "RangeVar" and isinstance(v, dict):
+                out.add(_qualified(v))
+            else:
+                out |= _relations(v)
+    return out
 
 
 def _whole(srcs: set[str]) -> set[str]:

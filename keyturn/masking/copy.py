@@ -138,7 +138,7 @@ class CopyMasker:
         return None if new == data else new
 
     def _text(self, line: str, end: str) -> str:
-        fields = line.split(self.delimiter)
+        fields = _text_split(line, self.delimiter)
         for i, fn in self.maskers.items():
             if i < len(fields) and fields[i] != self.null:
                 new = fn(_unescape_text(fields[i]))
@@ -180,6 +180,25 @@ class CopyMasker:
             self.masked += 1
         self._detect(fields)
         return self.delimiter.join(fields) + end
+
+
+def _text_split(line: str, delimiter: str) -> list[str]:
+    """Raw text-format fields: a delimiter after a backslash belongs to the value."""
+    if "\\" not in line:
+        return line.split(delimiter)
+    fields: list[str] = []
+    start, i, n = 0, 0, len(line)
+    while i < n:
+        c = line[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == delimiter:
+            fields.append(line[start:i])
+            start = i + 1
+        i += 1
+    fields.append(line[start:])
+    return fields
 
 
 def _csv_split(line: str, delimiter: str) -> list[str]:

@@ -50,6 +50,13 @@ HASHES = frozenset({
     "md5", "sha224", "sha256", "sha384", "sha512", "digest", "hmac", "hashtext",
     "hashtextextended", "crc32", "crc32c", "hash_record", "hash_array",
 })
+# Functions that put a value where the masking cannot follow it: session settings (reported
+# back in ParameterStatus, read with current_setting/SHOW), notifications, large objects.
+SINKS = frozenset({
+    "set_config", "pg_notify", "lo_from_bytea", "lo_put", "lowrite", "pg_advisory_lock",
+    "pg_advisory_xact_lock", "pg_try_advisory_lock", "pg_try_advisory_xact_lock",
+    "pg_advisory_lock_shared", "pg_try_advisory_lock_shared", "txid_current_if_assigned",
+})
 STATISTICS = frozenset({
     "pg_stats", "pg_stats_ext", "pg_stats_ext_exprs", "pg_statistic", "pg_statistic_ext",
     "pg_statistic_ext_data", "pg_stat_statements",
@@ -224,6 +231,11 @@ def check(lineages: Sequence[Lineage], sens: Sensitivity, *, classes: Sequence[s
             if not sens.allows("procedural") and not _builtin(fname):
                 return f"{fname}() is not a PostgreSQL built-in: its body may return masked " \
                        "columns out of the gateway's sight (mask.allow: procedural)"
+            if base in SINKS:
+                hit = sens.first(args)
+                if hit is not None:
+                    return f"{base}() would carry masked column {hit.column} ({hit.why}) out " \
+                           "of the result, where it cannot be masked"
             if RUNS_SQL.search(base):
                 return f"{base}() runs SQL or reads a table out of the gateway's sight on a " \
                        "masked connection"
@@ -246,7 +258,7 @@ def check(lineages: Sequence[Lineage], sens: Sensitivity, *, classes: Sequence[s
                     return f"a whole-row value of {t} would carry masked columns " \
                            f"({hit.why if hit else ''}) (mask.allow: whole_row)"
         if not sens.allows("predicates"):
-            hit = sens.first({p for p in lin.predicates if not p.endswith(".*")})
+            hit = sens.first(lin.predicates)
             if hit is not None:
                 return f"masked column {hit.column} ({hit.why}) is used in a condition or " \
                        "ordering, which could reveal it (mask.allow: predicates)"
@@ -272,9 +284,11 @@ def output_plan(fields: Sequence[tuple[str, int, int, int, int]], lineages: Sequ
     if not sens.active:
         return []
     aligned: list[set[str]] | None = None
+    plain: list[bool] = []
     if len(lineages) == 1 and lineages[0].outputs is not None \
             and len(lineages[0].outputs) == len(fields):
         aligned = [o.sources for o in lineages[0].outputs]
+        plain = [o.plain for o in lineages[0].outputs]
     loose: set[str] = set()
     for lin in lineages:
         loose |= lin.all_sources
@@ -284,15 +298,36 @@ def output_plan(fields: Sequence[tuple[str, int, int, int, int]], lineages: Sequ
         origin = origins.get((table_oid, attnum)) if table_oid else None
         if origin is not None:
             hit = sens.column(origin)
+        elif table_oid:
+            # A table the gateway has not seen (created since it read the catalog): its
+            # columns may carry anything.
+            any_hit = sens.first(loose) or sens.first(
+                {f"{t}.*" for lin in lineages for t in lin.tables})
+            if any_hit is not None or loose:
+                hit = ColumnMask(f"oid {table_oid}.{attnum}", "full", any_hit.rule if any_hit
+                                 else sens.masks[0][0], "a column of a table created after "
+                                 "the gateway read the catalog")
         if hit is None:
             if aligned is not None:
                 hit = sens.first(aligned[i])
-            elif not table_oid or origin is None:
+                if hit is not None and not plain[i]:
+                    hit = _expression_style(hit)
+            elif not table_oid:
                 # Cannot tell which source feeds this field: mask it if anything could.
                 hit = sens.first(loose)
+                if hit is not None:
+                    hit = _expression_style(hit)
         if hit is not None:
             plan.append(FieldPlan(i, hit, type_oid, fmt == 1))
     return plan
+
+
+def _expression_style(hit: ColumnMask) -> ColumnMask:
+    """A value computed from a masked column gets the full style: a partial or email shape
+    of ``'x' || substr(ssn, 1, 4)`` would show the very characters it hides."""
+    if hit.style.startswith(("partial", "email")):
+        return ColumnMask(hit.column, "full", hit.rule, f"{hit.why}; computed value")
+    return hit
 
 
 def describe(plan: Sequence[FieldPlan], fields: Sequence[tuple[Any, ...]]) -> dict[str, Any]:

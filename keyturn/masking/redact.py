@@ -82,6 +82,12 @@ class _Finder:
     def touches(self, node: Any) -> bool:
         return any(self.sensitive(c) for c in _columns(node))
 
+    def assignments(self, targets: Any) -> None:
+        for t in targets or ():
+            rt = t.get("ResTarget") or {}
+            if self.sensitive(rt.get("name") or "") or self.touches(rt.get("val")):
+                _constants(rt.get("val"), self.consts, self.params)
+
     def walk(self, node: Any) -> None:
         if isinstance(node, list):
             for x in node:
@@ -98,17 +104,31 @@ class _Finder:
                 # ssn IN (SELECT …) / ssn = ANY (…): the test expression's constants.
                 if body.get("testexpr") is not None and self.touches(body["testexpr"]):
                     _constants(body.get("subselect"), self.consts, self.params)
+            elif kind == "FuncCall" and isinstance(body, dict):
+                # starts_with(ssn, '123-45'), position('x' in ssn), …
+                if self.touches(body.get("args")):
+                    _constants(body.get("args"), self.consts, self.params)
             elif kind == "UpdateStmt" and isinstance(body, dict):
-                for t in body.get("targetList") or ():
-                    rt = t.get("ResTarget") or {}
-                    if self.sensitive(rt.get("name") or "") or self.touches(rt.get("val")):
-                        _constants(rt.get("val"), self.consts, self.params)
+                self.assignments(body.get("targetList"))
+            elif kind in ("OnConflictClause", "onConflictClause") and isinstance(body, dict):
+                self.assignments(body.get("targetList"))
+            elif kind == "MergeWhenClause" and isinstance(body, dict):
+                targets = body.get("targetList") or ()
+                self.assignments(targets)
+                names = [(t.get("ResTarget") or {}).get("name") or "" for t in targets]
+                for i, v in enumerate(body.get("values") or ()):
+                    if not names or (i < len(names) and self.sensitive(names[i])):
+                        _constants(v, self.consts, self.params)
             elif kind == "InsertStmt" and isinstance(body, dict):
                 cols = [(c.get("ResTarget") or {}).get("name") or ""
                         for c in body.get("cols") or ()]
                 sel = (body.get("selectStmt") or {}).get("SelectStmt") or {}
-                for row in sel.get("valuesLists") or ():
-                    items = (row.get("List") or {}).get("items") or ()
+                rows = [(row.get("List") or {}).get("items") or ()
+                        for row in sel.get("valuesLists") or ()]
+                # INSERT … SELECT 'x', …: the select list lines up with the columns too.
+                rows.append([(t.get("ResTarget") or {}).get("val")
+                             for t in sel.get("targetList") or ()])
+                for items in rows:
                     for i, item in enumerate(items):
                         # Without a column list every position could be sensitive.
                         if not cols or (i < len(cols) and self.sensitive(cols[i])):

@@ -111,6 +111,7 @@ class Expect:
     name: str | None = None  # the statement a Describe asks about
     replace: bytes | None = None  # sent to the client instead of the target's error
     plan_for: Ctx | None = None  # our own Describe(portal): its answer plans ctx's masking
+    swallow: bool = False  # the answer to a message of our own: not forwarded
 
 
 @dataclass(slots=True)
@@ -124,6 +125,9 @@ class StmtInfo:
 _DEFAULT_SCHEMAS = frozenset(DEFAULT_SEARCH_PATH)
 _MASKED_TYPES = frozenset((b"T", b"C", b"E", b"N"))
 _QUOTED = re.compile(r'"[^"]*"')
+_FAILING_ROW = re.compile(r"(Failing row contains |Key )\(.*\)(?=[^()]*$)", re.S)
+# Types whose binary wire form is their UTF-8 text (jsonb adds a version byte: not here).
+_MASKABLE_BINARY = frozenset((25, 1043, 1042, 19, 114))
 _LINE = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
 
 
@@ -204,8 +208,10 @@ def _row_rewriter(maskers: dict[int, Any], detect: frozenset[int], detectors: An
 # Sent to the target in place of a refused statement: it fails the transaction the
 # statement was in, exactly as a real error would (the client sees our error instead).
 # (The target's log shows the text, so it says what happened.)
-_FAIL_TRANSACTION = codec.encode_query(
-    "SELECT 'keyturn refused a statement; this transaction is aborted'::pg_catalog.int4")
+_FAIL_SQL = "SELECT 'keyturn refused a statement; this transaction is aborted'::pg_catalog.int4"
+_FAIL_TRANSACTION = codec.encode_query(_FAIL_SQL)
+_FAIL_EXTENDED = codec.encode_parse("", _FAIL_SQL) + codec.encode_bind("", "") + \
+    codec.encode_execute("", 0)
 
 # Responses that carry no per-request state are shared (never mutated).
 _EXPECT_B, _EXPECT_P, _EXPECT_S, _EXPECT_C = Expect(b"B"), Expect(b"P"), Expect(b"S"), Expect(b"C")
@@ -285,6 +291,7 @@ class ClientSession(asyncio.Protocol):
         self._maskers: dict[str, Any] = {}
         self._sensitive_name: Any = None
         self._audit_prefix: bytes | None = None
+        self._catalog_refreshing = False
         # Lineage of SQL-level PREPAREd statements and DECLAREd cursors, by name.
         self.mask_prepared: dict[str, Any] = {}
         self.mask_cursors: dict[str, Any] = {}
@@ -648,14 +655,17 @@ class ClientSession(asyncio.Protocol):
         if t == b"S":
             self.skip_until_sync = False
             if self.fail_at_sync:
-                # A refused Execute: end the batch with a failing query instead of Sync, so
-                # the target aborts the (possibly implicit) transaction, as PostgreSQL would
-                # have after an error; its error is swallowed (the client already has ours)
-                # and its ReadyForQuery answers the client's Sync.
+                # A refused Execute: before the client's Sync, run a statement that fails,
+                # so the target aborts the (possibly implicit) transaction as PostgreSQL
+                # would have after an error. Its answers are swallowed (the client already
+                # has our error). If the target is already skipping to Sync after an
+                # earlier error, it skips these too and the Sync still answers.
                 self.fail_at_sync = False
-                self.expect.append(Expect(b"Q", replace=b""))
-                out.append(_FAIL_TRANSACTION)
-                return True
+                out.append(_FAIL_EXTENDED)
+                # (The constant cast fails already at Parse; any of the three may fail.)
+                self.expect.append(Expect(b"P", swallow=True, replace=b""))
+                self.expect.append(Expect(b"B", swallow=True, replace=b""))
+                self.expect.append(Expect(b"E", replace=b""))
             self.expect.append(_EXPECT_S)
             out.append(msg.raw)
             return True
@@ -753,7 +763,7 @@ class ClientSession(asyncio.Protocol):
                 decision = self._decide(analysis)
                 if decision.action == "allow" and len(self.verdicts) < 4096:
                     self.verdicts[key] = decision
-            if (decision.action == "allow" and fast is not None and not decision.masks
+            if (decision.action == "allow" and fast is not None and not self.masking
                     and len(self.fast_verdicts) < 4096 and self.analyzer.known_shape(fast)):
                 self.fast_verdicts[fast] = decision
         else:
@@ -794,10 +804,6 @@ class ClientSession(asyncio.Protocol):
         """Forward, block or hold one Query (kind Q) or Execute (kind E)."""
         if self.masking:
             self._redact(ctx)
-            if decision.classification == "ddl" and decision.action != "block":
-                # Column origins may change: new sessions re-read them.
-                assert self.conn is not None
-                self.gw.forget_origins(self.conn)
             if decision.masks and decision.action != "block" and \
                     not self._mask_setup(ctx, decision, analysis, kind, out):
                 return True
@@ -1118,6 +1124,25 @@ class ClientSession(asyncio.Protocol):
             out.append(lin)
         return out, None
 
+    def _refresh_catalog(self) -> None:
+        """Drop the gateway's cached catalog and read it again for this session; until
+        then, columns of tables the gateway has not seen are fully masked."""
+        if self._catalog_refreshing or self.conn is None:
+            return
+        self._catalog_refreshing = True
+        conn = self.conn
+        self.gw.forget_origins(conn)
+
+        async def refresh() -> None:
+            try:
+                self.catalog = await asyncio.to_thread(self.gw.column_origins, conn)
+            except Exception:
+                log.exception("re-reading the catalog of %s failed", conn.name)
+            finally:
+                self._catalog_refreshing = False
+
+        self._spawn(refresh())
+
     def _masker(self, style: str) -> Any:
         """bytes -> bytes | None (NULL) for a style, built once per session."""
         fn = self._maskers.get(style)
@@ -1142,11 +1167,15 @@ class ClientSession(asyncio.Protocol):
             return
         fields = codec.decode_row_description(body)
         spec = [(f.name, f.table_oid, f.column_number, f.type_oid, f.format) for f in fields]
+        if self.catalog is not None and any(
+                f.table_oid and (f.table_oid, f.column_number) not in self.catalog.origins
+                for f in fields):
+            self._refresh_catalog()
         plan = output_plan(spec, ctx.lineages or [], ctx.sens, self.catalog.origins) \
             if ctx.sens is not None else []
         maskers: dict[int, Any] = {}
         for fp in plan:
-            if fp.binary and fp.type_oid not in _TEXT_OIDS:
+            if fp.binary and fp.type_oid not in _MASKABLE_BINARY:
                 ctx.refusal = codec.encode_error(
                     "ERROR", "42501",
                     f"keyturn: column {fields[fp.index].name!r} must be masked "
@@ -1163,23 +1192,25 @@ class ClientSession(asyncio.Protocol):
             if maskers or detect else None
 
     def _redact_notice(self, t: bytes, body: bytes, ctx: Ctx | None = None) -> bytes | None:
-        """Error and notice texts quote values (a cast error quotes its input). The
-        detectors read them; and when the statement reads masked columns, the quoted
-        values of data errors (SQLSTATE class 22, 23) are redacted outright, since a
-        name or an address matches no detector."""
+        """Error and notice texts quote values: a cast error quotes its input, a
+        regclass or setting lookup quotes the name it was given, a constraint error
+        shows the failing row. The detectors read them all; the failing row of a
+        constraint error is always hidden on a masked connection; and when the statement
+        reads masked columns, every quoted value is redacted, since a name or an address
+        matches no detector."""
         fields = codec.decode_error_fields(body)
         changed = False
         quoting = ctx is not None and ctx.sens is not None and \
-            fields.get("C", "")[:2] in ("22", "23") and \
             ctx.sens.first({src for lin in ctx.lineages or () for src in
-                            lin.all_sources | lin.predicates}) is not None
+                            lin.all_sources | lin.predicates | lin.writes}) is not None
         for key in ("M", "D", "H", "W"):
             if key not in fields:
                 continue
+            new_text = _FAILING_ROW.sub(r"\1(<redacted>)", fields[key])
             if quoting:
-                new_text = _QUOTED.sub('"<redacted>"', fields[key])
-                if new_text != fields[key]:
-                    fields[key], changed = new_text, True
+                new_text = _QUOTED.sub('"<redacted>"', new_text)
+            if new_text != fields[key]:
+                fields[key], changed = new_text, True
             if self.detectors is not None:
                 new, hits = self.detectors.redact(fields[key])
                 if hits:
@@ -1291,6 +1322,10 @@ class ClientSession(asyncio.Protocol):
                     # Our refusal stands in for the error of the query that failed the
                     # target's transaction.
                     out, seg = _splice(out, chunk, seg, start, end, head.replace)
+                    if head.kind != b"Q":
+                        # Extended protocol: the target now skips to the Sync.
+                        while expect and expect[0].kind != b"S":
+                            expect.popleft()
                     continue
                 fields = codec.decode_error_fields(chunk[start + 5:end])
                 if head.ctx is not None:
@@ -1311,6 +1346,9 @@ class ClientSession(asyncio.Protocol):
                 if t in (b"I", b"s") and head.kind != b"E":
                     continue
                 expect.popleft()
+                if head.swallow:
+                    out, seg = _splice(out, chunk, seg, start, end, b"")
+                    continue
                 if head.plan_for is not None:
                     # NoData for our own Describe: nothing to mask, nothing to forward.
                     if out is None:
@@ -1371,6 +1409,9 @@ class ClientSession(asyncio.Protocol):
 
     def _finished(self, ctx: Ctx) -> None:
         outcome = "error" if ctx.error else "ok"
+        if self.masking and ctx.classification == "ddl" and not ctx.error:
+            # Columns may have changed once DDL has run: read the catalog again.
+            self._refresh_catalog()
         if ctx.ticket_id is not None:
             tid = ctx.ticket_id
             approvals = self.gw.services.approvals
