@@ -218,6 +218,7 @@ def test_bad_tokens_get_401_and_are_audited(th: TeamsHarness) -> None:
         "issuer": th.teams.sign({"iss": "https://evil.example"}),
         "signature": th.teams.sign(key=foreign),
         "service url": th.teams.sign({"serviceurl": "https://evil.example"}),
+        "no service url": th.teams.sign({"serviceurl": None}),
         "hs256": jwt.encode({"alg": "HS256", "kid": th.teams.kid},
                             {"iss": th.teams.issuer, "aud": th.teams.app_id, "exp": now + 600},
                             OctKey.import_key("x" * 32)),

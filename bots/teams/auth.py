@@ -85,8 +85,10 @@ class InboundAuth:
             raise AuthError(f"invalid token: {exc}") from exc
         claims = decoded.claims
         claimed = (claims.get("serviceurl") or claims.get("serviceUrl") or "").rstrip("/")
-        if service_url and claimed and claimed != service_url.rstrip("/"):
-            raise AuthError("token serviceurl does not match the activity")
+        if service_url and claimed != service_url.rstrip("/"):
+            # The Bot Connector always names the service URL the activity came from; a
+            # token without it could be replayed against any conversation.
+            raise AuthError("token serviceurl is missing or does not match the activity")
         return claims
 
 
