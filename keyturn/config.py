@@ -184,7 +184,8 @@ class MaskSettings:
     styles: tuple[tuple[str, str], ...] = ()  # (tag or column glob, style), first match wins
     groups: tuple[tuple[str, str], ...] = ()  # (group, style or "exempt")
     allow: tuple[str, ...] = ()  # refusals lifted
-    writes: str = "block"  # writes that copy sensitive values elsewhere
+    writes: str = "block"  # writes that copy sensitive values elsewhere: block or review
+    writes_review: ReviewSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -531,22 +532,7 @@ class _Validator:
         )
         review = None
         if action == "review":
-            rv = self.mapping(r.get("review"), at + ("review",),
-                              {"approvers", "min_approvals", "timeout", "mode"})
-            approvers = self.str_list(rv.get("approvers"), at + ("review", "approvers"))
-            if not approvers:
-                raise self.err(at + ("review", "approvers"), "a review needs approver groups")
-            n = rv.get("min_approvals", 1)
-            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-                raise self.err(at + ("review", "min_approvals"), "expected an integer >= 1")
-            try:
-                timeout = parse_duration(rv.get("timeout", "10m"))
-            except ValueError as exc:
-                raise self.err(at + ("review", "timeout"), str(exc)) from exc
-            mode = rv.get("mode", "hold")
-            if mode not in REVIEW_MODES:
-                raise self.err(at + ("review", "mode"), "expected hold or defer")
-            review = ReviewSettings(approvers, n, timeout, mode)
+            review = self.review_settings(r.get("review"), at + ("review",))
         elif r.get("review") is not None:
             raise self.err(at + ("review",), "review settings need action: review")
         reason = r.get("reason")
@@ -558,6 +544,23 @@ class _Validator:
                 raise self.err(at + ("mask",), "a blocked statement returns nothing to mask")
             mask = self.mask(r.get("mask"), at + ("mask",))
         return Rule(name, match, action, reason, review, self.doc.lines.get(at), mask)
+
+    def review_settings(self, value: Any, at: tuple[Any, ...]) -> ReviewSettings:
+        rv = self.mapping(value, at, {"approvers", "min_approvals", "timeout", "mode"})
+        approvers = self.str_list(rv.get("approvers"), at + ("approvers",))
+        if not approvers:
+            raise self.err(at + ("approvers",), "a review needs approver groups")
+        n = rv.get("min_approvals", 1)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise self.err(at + ("min_approvals",), "expected an integer >= 1")
+        try:
+            timeout = parse_duration(rv.get("timeout", "10m"))
+        except ValueError as exc:
+            raise self.err(at + ("timeout",), str(exc)) from exc
+        mode = rv.get("mode", "hold")
+        if mode not in REVIEW_MODES:
+            raise self.err(at + ("mode",), "expected hold or defer")
+        return ReviewSettings(approvers, n, timeout, mode)
 
     def mask_style(self, value: Any, at: tuple[Any, ...], *, exempt: bool = False) -> str:
         text = str(value) if isinstance(value, (str, int)) else ""
@@ -592,11 +595,15 @@ class _Validator:
             if a not in MASK_REFUSALS:
                 raise self.err(at + ("allow",), f"unknown refusal {a!r} (expected "
                                                 f"{', '.join(MASK_REFUSALS)})")
-        writes = m.get("writes", "block")
-        if writes != "block":
-            raise self.err(at + ("writes",), "expected block (sending such writes to review "
-                                              "is not supported by this version yet)")
-        return MaskSettings(columns, tags, style, styles, groups, allow, writes)
+        writes, writes_review = m.get("writes", "block"), None
+        if isinstance(writes, dict):
+            w = self.mapping(writes, at + ("writes",), {"review"})
+            writes_review = self.review_settings(w.get("review"), at + ("writes", "review"))
+            writes = "review"
+        elif writes != "block":
+            raise self.err(at + ("writes",), "expected block, or review: {approvers: [...], "
+                                              "min_approvals, timeout, mode}")
+        return MaskSettings(columns, tags, style, styles, groups, allow, writes, writes_review)
 
     def connections(self, value: Any, policies: dict[str, Policy]) -> dict[str, Connection]:
         if value is None:

@@ -118,6 +118,12 @@ MASK_POLICY = """
       - name: masked-no-changes
         match: {class: [ddl, file, admin, privilege, procedural, unknown]}
         action: block
+      - name: erin-writes-masked
+        match: {users: [erin], class: write}
+        action: allow
+        mask:
+          tags: ["pii.*", "pci.*"]
+          writes: {review: {approvers: [approvers], timeout: 10m}}
       - name: masked-writes-reviewed
         match: {class: write}
         action: review

@@ -81,7 +81,8 @@ def test_explain_reports_a_refusal_as_the_gateway_would(tmp_path: Path) -> None:
     ("style: partial:x", "expected a mask style"),
     ("allow: [everything]", "unknown refusal"),
     ("columns: [people.ssn, public.people.phone]", "expected schema.table.column"),
-    ("writes: review", "not supported"),
+    ("writes: review", "expected block, or review"),
+    ("writes: {review: {approvers: []}}", "a review needs approver groups"),
 ])
 def test_bad_mask_settings_name_the_line(snippet: str, needle: str) -> None:
     if snippet.startswith("columns"):
@@ -94,6 +95,15 @@ def test_bad_mask_settings_name_the_line(snippet: str, needle: str) -> None:
         parse_config(text, "k.yaml")
     assert needle in str(exc.value) and "k.yaml:" in str(exc.value)
     assert "policies.crm.rules[0].mask" in str(exc.value)
+
+
+def test_writes_review_settings_are_parsed() -> None:
+    cfg = parse_config(CONFIG.replace("style: full", "style: full\n          writes: {review: "
+                                                     "{approvers: [dba], timeout: 5m}}"))
+    mask = cfg.policies["crm"].rules[0].mask
+    assert mask is not None and mask.writes == "review"
+    assert mask.writes_review is not None and mask.writes_review.approvers == ("dba",)
+    assert mask.writes_review.timeout == 300
 
 
 def test_a_block_rule_cannot_mask() -> None:

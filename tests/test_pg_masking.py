@@ -450,3 +450,32 @@ def test_tables_created_after_the_catalog_was_read_are_masked(keyturn: Keyturn,
             break
         time.sleep(0.2)
     assert row == ("********", truth["city"])  # the view's column now carries ssn's mask
+
+
+def test_a_rule_can_send_copying_writes_to_review(keyturn: Keyturn, truth: dict) -> None:
+    """erin's writes are allowed, except those that copy a masked value elsewhere: the
+    rule sends those to an approver (mask.writes.review), and they run once approved."""
+    keyturn.pg.execute("CREATE TABLE IF NOT EXISTS people_notes (note text); "
+                       "ALTER TABLE people_notes OWNER TO app", dbname="shop")
+    with psycopg.connect(keyturn.dsn("erin", dbname="shopmask"), autocommit=True) as c:
+        c.execute("INSERT INTO people_notes VALUES ('plain note')")  # runs at once
+    keyturn.skip_pending()
+    import threading
+
+    done: list[int] = []
+
+    def run() -> None:
+        with psycopg.connect(keyturn.dsn("erin", dbname="shopmask"), autocommit=True) as c:
+            done.append(c.execute("INSERT INTO people_notes SELECT ssn FROM ONLY people "
+                                  "WHERE id = 1").rowcount)
+
+    th = threading.Thread(target=run)
+    th.start()
+    t = keyturn.wait_ticket()
+    assert t["rule"] == "erin-writes-masked" and "copies masked column" in t["reason"]
+    assert done == []
+    keyturn.cli("approve", str(t["id"]), token_of="bob")
+    th.join(30)
+    assert done == [1]
+    assert direct(keyturn, "SELECT count(*) FROM people_notes WHERE note = "
+                           f"'{truth['ssn']}'") == [(1,)]

@@ -214,8 +214,10 @@ def _table_of(pattern: str) -> str:
 
 
 def check(lineages: Sequence[Lineage], sens: Sensitivity, *, classes: Sequence[str] = (),
-          tables: Sequence[str] = ()) -> str | None:
-    """The reason to refuse a statement on a masked connection, or None."""
+          tables: Sequence[str] = (), writes: bool = True) -> str | None:
+    """The reason to refuse a statement on a masked connection, or None. ``writes``:
+    also refuse writes that copy masked values (see ``copied`` for sending them to
+    review instead)."""
     if not sens.active:
         return None
     if "procedural" in classes and not sens.allows("procedural"):
@@ -262,10 +264,19 @@ def check(lineages: Sequence[Lineage], sens: Sensitivity, *, classes: Sequence[s
             if hit is not None:
                 return f"masked column {hit.column} ({hit.why}) is used in a condition or " \
                        "ordering, which could reveal it (mask.allow: predicates)"
-        hit = sens.first(lin.writes)
+        hit = sens.first(lin.writes) if writes else None
         if hit is not None:
             return f"the statement copies masked column {hit.column} ({hit.why}) into " \
                    "another place"
+    return None
+
+
+def copied(lineages: Sequence[Lineage], sens: Sensitivity) -> ColumnMask | None:
+    """The masked column a write would copy into another place, if any."""
+    for lin in lineages:
+        hit = sens.first(lin.writes)
+        if hit is not None:
+            return hit
     return None
 
 

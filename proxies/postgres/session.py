@@ -804,9 +804,11 @@ class ClientSession(asyncio.Protocol):
         """Forward, block or hold one Query (kind Q) or Execute (kind E)."""
         if self.masking:
             self._redact(ctx)
-            if decision.masks and decision.action != "block" and \
-                    not self._mask_setup(ctx, decision, analysis, kind, out):
-                return True
+            if decision.masks and decision.action != "block":
+                checked = self._mask_setup(ctx, decision, analysis, kind, out)
+                if checked is None:
+                    return True
+                decision = checked
         if decision.action == "allow" or decision.action == "mask":
             self._forward(msg, ctx, kind, out)
             return True
@@ -1038,18 +1040,22 @@ class ClientSession(asyncio.Protocol):
     # ---- masking
 
     def _mask_setup(self, ctx: Ctx, decision: Decision, analysis: Any, kind: bytes,
-                    out: list[bytes]) -> bool:
-        """Check a statement a masking rule decided; False when it was refused."""
+                    out: list[bytes]) -> Decision | None:
+        """Check a statement a masking rule decided: None when it was refused, else the
+        decision to go on with (a write copying masked values may become a review)."""
         from keyturn.analysis.lineage import trace
-        from keyturn.masking.engine import Sensitivity, check
+        from keyturn.masking.engine import Sensitivity, check, copied
 
         assert self.conn is not None and self.identity is not None
         sens = Sensitivity(self.conn, decision.masks, self.identity.groups,
                            self.catalog.derived if self.catalog else None)
+        reviewers = next((m.writes_review for _, m in decision.masks
+                          if m.writes_review is not None), None)
         try:
             lineages, why = self._follow(trace(ctx.statement))
             why = why or check(lineages, sens, tables=decision.tables,
-                               classes=[s.classification for s in decision.statements])
+                               classes=[s.classification for s in decision.statements],
+                               writes=reviewers is None)
         except Exception as exc:  # fail closed: what cannot be traced cannot be masked
             lineages, why = [], f"the statement cannot be traced for masking ({exc})"
         if why is None and any(lin.copy for lin in lineages):
@@ -1057,9 +1063,17 @@ class ClientSession(asyncio.Protocol):
         if why is not None:
             ctx.action, ctx.rule, ctx.reason = "block", decision.masks[0][0], why
             self._blocked(ctx, kind, out)
-            return False
+            return None
         ctx.sens, ctx.lineages = sens, lineages
-        return True
+        hit = copied(lineages, sens) if reviewers is not None else None
+        if hit is not None and decision.action != "review":
+            # The rule sends writes that copy masked values to an approver instead.
+            reason = f"the statement copies masked column {hit.column} ({hit.why}) into " \
+                     "another place"
+            ctx.action, ctx.rule, ctx.reason = "review", hit.rule, reason
+            return dataclasses.replace(decision, action="review", rule=hit.rule,
+                                       reason=reason, review=reviewers)
+        return decision
 
     def _copy_plan(self, ctx: Ctx, sens: Any, lineages: list[Any]) -> str | None:
         """COPY … TO on a masked connection: plan the masking of its rows, or say why
@@ -1301,9 +1315,17 @@ class ClientSession(asyncio.Protocol):
                     continue
             if t == b"Z":
                 self.tx_status = chr(chunk[start + 5]) if end > start + 5 else "I"
-                expect.popleft()
-                if head.ctx is not None:
-                    self._finished(head.ctx)
+                # ReadyForQuery ends a Sync or a simple Query. Anything still expected
+                # before it was skipped by the target after an error (messages that
+                # reached us after the target's error already arrived): drop it.
+                while expect:
+                    entry = expect.popleft()
+                    if entry.ctx is not None:
+                        if entry.kind not in (b"S", b"Q") and entry.ctx.error is None:
+                            entry.ctx.error = {"C": "", "M": "skipped after an earlier error"}
+                        self._finished(entry.ctx)
+                    if entry.kind == b"S" or entry.kind == b"Q":
+                        break
             elif t == b"C":
                 if head.ctx is not None:
                     tag = codec.decode_command_complete(chunk[start + 5:end])
