@@ -15,6 +15,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -299,3 +300,35 @@ def keyturn(pg: LocalPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iter
     kt.start()
     yield kt
     kt.stop()
+
+
+@dataclass
+class DemoRun:
+    """A running ``keyturn demo``: its banner, ports, and (after it stopped) the rest of
+    its output."""
+
+    proc: subprocess.Popen[str]
+    banner: str
+    gateway_port: int
+    portal_port: int
+    rest: str = ""
+
+
+@contextmanager
+def running_demo(base: Path) -> Iterator[DemoRun]:
+    """Start ``keyturn demo`` in ``base``, wait for its banner; Ctrl-C it on exit."""
+    gport, pport = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keyturn.cli", "demo", "--dir", str(base / "demo"),
+         "--port", str(gport), "--portal-port", str(pport)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = DemoRun(proc, "", gport, pport)
+    try:
+        wait_port(gport, timeout=60, proc=proc)
+        deadline = time.monotonic() + 30
+        while "Ctrl-C stops the demo" not in run.banner and time.monotonic() < deadline:
+            run.banner += proc.stdout.readline()  # type: ignore[union-attr]
+        yield run
+    finally:
+        proc.send_signal(signal.SIGINT)
+        run.rest, _ = proc.communicate(timeout=60)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -12,23 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, wait_port
+from tests.conftest import running_demo
 
 pytestmark = pytest.mark.integration
 
 
 def test_demo_runs_holds_and_stops_cleanly(tmp_path: Path) -> None:
-    gport, pport = free_port(), free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "keyturn.cli", "demo", "--dir", str(tmp_path / "demo"),
-         "--port", str(gport), "--portal-port", str(pport)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_port(gport, timeout=60, proc=proc)
-        banner = ""
-        deadline = time.monotonic() + 30
-        while "Ctrl-C stops the demo" not in banner and time.monotonic() < deadline:
-            banner += proc.stdout.readline()  # type: ignore[union-attr]
+    with running_demo(tmp_path) as demo:
+        banner = demo.banner
         psql_line = re.search(r"PGPASSWORD=(\S+) psql \"([^\"]+)\"", banner)
         assert psql_line, banner
         token, dsn = psql_line.groups()
@@ -58,8 +48,5 @@ def test_demo_runs_holds_and_stops_cleanly(tmp_path: Path) -> None:
                        check=True, capture_output=True, env=kt_env)
         out, err = held.communicate(timeout=30)
         assert held.returncode == 0 and out.startswith("DELETE "), err
-    finally:
-        proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, rest
-    assert "stopping PostgreSQL" in rest
+    assert demo.proc.returncode == 0, demo.rest
+    assert "stopping PostgreSQL" in demo.rest
