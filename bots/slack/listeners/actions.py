@@ -30,14 +30,21 @@ def _click(body: dict[str, Any]) -> tuple[str, str | None, int | None]:
 
 
 def register(app: AsyncApp, deps: SlackDeps) -> None:
-    @app.action(APPROVE)
-    async def approve(ack: Any, body: dict[str, Any]) -> None:
-        await ack()
+    async def clicked(body: dict[str, Any]) -> tuple[str, str | None, int, Any] | None:
+        """Who clicked which ticket's button, or None (after telling them) if malformed."""
         slack_user, channel, ticket = _click(body)
         if ticket is None:
             await deps.tell(channel=channel, user=slack_user, text="That button is malformed.")
+            return None
+        return slack_user, channel, ticket, await deps.people.keyturn_user(slack_user)
+
+    @app.action(APPROVE)
+    async def approve(ack: Any, body: dict[str, Any]) -> None:
+        await ack()
+        click = await clicked(body)
+        if click is None:
             return
-        user = await deps.people.keyturn_user(slack_user)
+        slack_user, channel, ticket, user = click
         out = await deps.ctx.avote(platform="slack", platform_user=slack_user, user=user,
                                    ticket_id=ticket, vote="approve", comment=None)
         await deps.tell(channel=channel, user=slack_user, text=out.message)
@@ -45,11 +52,10 @@ def register(app: AsyncApp, deps: SlackDeps) -> None:
     @app.action(REJECT)
     async def reject(ack: Any, body: dict[str, Any]) -> None:
         await ack()
-        slack_user, channel, ticket = _click(body)
-        if ticket is None:
-            await deps.tell(channel=channel, user=slack_user, text="That button is malformed.")
+        click = await clicked(body)
+        if click is None:
             return
-        user = await deps.people.keyturn_user(slack_user)
+        slack_user, channel, ticket, user = click
         # Refuse before asking for a reason: nobody should type a reason that cannot count.
         refusal = await deps.ctx.precheck_async(platform="slack", platform_user=slack_user,
                                           user=user, ticket_id=ticket)
