@@ -36,6 +36,9 @@ from keyturn.models import Ticket, TicketEvent
 from keyturn.store import Store
 
 log = logging.getLogger(__name__)
+
+# Ticket events after which a ticket's chat message shows its final state.
+FINAL_EVENTS = frozenset({"decided", "expired", "cancelled", "executed", "failed"})
 CURSOR = "ticket_events"
 # Events the bots write themselves ("notified"): never a reason to send anything.
 OWN_EVENTS = frozenset({"notified"})

@@ -18,14 +18,12 @@ from sqlalchemy import select
 
 from bots.context import BotContext
 from bots.models import ChatMessage, OutboxItem
-from bots.outbox import Planned, RetryLater
+from bots.outbox import FINAL_EVENTS, Planned, RetryLater
 from bots.render import TicketView, fmt_left, requester_note, ticket_view
 from bots.slack.blocks import summary, ticket_blocks
 from bots.slack.people import SlackPeople
 from keyturn.config import SlackSettings
 from keyturn.models import Ticket, TicketEvent
-
-FINAL_EVENTS = {"decided", "expired", "cancelled", "executed", "failed"}
 
 
 class SlackNotifier:

@@ -13,14 +13,12 @@ from sqlalchemy import select
 
 from bots.context import BotContext
 from bots.models import ChatMessage, OutboxItem
-from bots.outbox import Planned
+from bots.outbox import FINAL_EVENTS, Planned
 from bots.render import TicketView, requester_note, ticket_view
 from bots.teams.cards import attachment, ticket_card
 from bots.teams.connector import Connector
 from keyturn.config import TeamsSettings
 from keyturn.models import Ticket, TicketEvent
-
-FINAL_EVENTS = {"decided", "expired", "cancelled", "executed", "failed"}
 
 
 class TeamsNotifier:
