@@ -19,6 +19,12 @@ for extra in "$@"; do
   esac
 done
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+# The gateway's compiled hot loops (proxies/postgres/_speedups.c) need a C compiler and
+# the headers of the Python that builds the virtualenv.
+command -v gcc >/dev/null 2>&1 || need+=(gcc libc6-dev)
+python3 -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+  2>/dev/null || need+=(python3-dev)
 
 if [ ${#need[@]} -eq 0 ] && [ ${#optional[@]} -eq 0 ]; then
   exit 0

@@ -284,6 +284,7 @@ def make_keyturn(base: Path, pg: LocalPostgres, *, store_url_env: dict[str, str]
               public.people.ssn: [pii.ssn]
               public.people.card_number: [pci.card]
               public.people.full_name: [pii.name]
+              hr.staff.ssn: [pii.ssn]
     """) + POLICY % {"timeout": timeout} + MASK_POLICY + extra
     path = base / "keyturn.yaml"
     path.write_text(cfg)

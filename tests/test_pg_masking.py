@@ -261,6 +261,68 @@ def test_a_masked_column_requested_in_binary_is_refused_unless_text(keyturn: Key
                params=(1,), binary=True)
 
 
+@pytest.fixture()
+def scratch(keyturn: Keyturn) -> str:
+    keyturn.pg.execute("DROP TABLE IF EXISTS mask_scratch; CREATE TABLE mask_scratch (v int); "
+                       "ALTER TABLE mask_scratch OWNER TO app", dbname="shop")
+    return "mask_scratch"
+
+
+BINARY_SSN = "SELECT convert_to(ssn, 'UTF8') FROM people WHERE id = %s"
+
+
+def test_a_binary_refusal_aborts_the_transaction_like_an_error(keyturn: Keyturn,
+                                                              scratch: str) -> None:
+    with psycopg.connect(keyturn.dsn("erin", dbname="shopmask")) as c:
+        c.execute(f"INSERT INTO {scratch} VALUES (1)")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="binary"):
+            c.execute(BINARY_SSN, (1,), binary=True)
+        # The target itself says the transaction is aborted: COMMIT cannot keep the
+        # insert made before the refusal.
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            c.execute("SELECT 1")
+        c.rollback()
+        c.execute(f"INSERT INTO {scratch} VALUES (3)")  # the session goes on
+        c.commit()
+    assert direct(keyturn, f"SELECT v FROM {scratch}") == [(3,)]
+
+
+def test_a_binary_refusal_skips_the_rest_of_a_pipeline(keyturn: Keyturn, scratch: str) -> None:
+    with psycopg.connect(keyturn.dsn("erin", dbname="shopmask"), autocommit=True) as c:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="binary"):
+            with c.pipeline():
+                c.execute(f"INSERT INTO {scratch} VALUES (1)")
+                c.execute(BINARY_SSN, (1,), binary=True)
+                c.execute(f"INSERT INTO {scratch} VALUES (2)")
+        # One batch, one implicit transaction: nothing of it was kept, as after an error.
+        assert c.execute(f"SELECT count(*) FROM {scratch}").fetchone() == (0,)
+        # Binary results that need no masking still run in a pipeline.
+        with c.pipeline():
+            c.execute(f"INSERT INTO {scratch} VALUES (4)")
+            cur = c.execute("SELECT id, city FROM people WHERE id = %s", (1,), binary=True)
+        assert cur.fetchone()[0] == 1
+    assert direct(keyturn, f"SELECT v FROM {scratch}") == [(4,)]
+
+
+def test_search_path_cannot_hide_a_masked_column(keyturn: Keyturn) -> None:
+    keyturn.pg.execute(
+        "CREATE SCHEMA IF NOT EXISTS hr AUTHORIZATION app; "
+        "CREATE TABLE IF NOT EXISTS hr.staff (id int, ssn text); "
+        "ALTER TABLE hr.staff OWNER TO app; TRUNCATE hr.staff; "
+        "INSERT INTO hr.staff VALUES (1, '078-05-1120')", dbname="shop")
+    with psycopg.connect(keyturn.dsn("alice", dbname="shopmask"), autocommit=True) as c:
+        assert c.execute("SELECT lower(ssn) FROM hr.staff").fetchone() == ("********",)
+        c.execute("SET search_path = hr, public")
+        # Unqualified, through an expression (no column origin in RowDescription): the
+        # lineage must still find hr.staff.ssn.
+        for sql in ("SELECT lower(ssn) FROM staff", "SELECT ssn || '' FROM staff s",
+                    "WITH x AS (SELECT ssn FROM staff) SELECT upper(ssn) FROM x"):
+            (value,) = c.execute(sql).fetchone()
+            assert "078-05-1120" not in value and set(value) <= {"*"}, (sql, value)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="ssn"):
+            c.execute("SELECT id FROM staff WHERE ssn LIKE '078%'")
+
+
 def test_partitions_and_views_derive_from_their_sources() -> None:
     from keyturn.masking.engine import derived_columns
 

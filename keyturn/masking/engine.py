@@ -114,11 +114,15 @@ class Sensitivity:
     """Sensitive columns for one user and one set of deciding masking rules."""
 
     def __init__(self, connection: Connection, masks: Sequence[tuple[str, MaskSettings]],
-                 groups: Sequence[str], derived: dict[str, set[str]] | None = None):
+                 groups: Sequence[str], derived: dict[str, set[str]] | None = None,
+                 schemas: Sequence[str] = ()):
         self.connection = connection
         self.masks = tuple(masks)
         self.groups = set(groups)
         self.derived = derived or {}
+        # Schemas besides public that the session's search_path may name: lineage reports
+        # an unqualified table in public, so its columns are checked in each of them too.
+        self.schemas = tuple(s for s in schemas if s != "public")
         self._memo: dict[str, ColumnMask | None] = {}
 
     @property
@@ -156,6 +160,15 @@ class Sensitivity:
                 if inner is not None:
                     hit = ColumnMask(column, inner.style, inner.rule,
                                      f"{inner.why}, through {column}")
+        if hit is None and self.schemas and column.startswith("public."):
+            rest = column[len("public."):]
+            for schema in self.schemas:
+                inner = self.column(f"{schema}.{rest}")
+                if inner is not None:
+                    hit = ColumnMask(column, inner.style, inner.rule,
+                                     f"{inner.why}, as search_path may resolve "
+                                     f"{rest.rsplit('.', 1)[0]} in schema {schema}")
+                    break
         self._memo[column] = hit
         return hit
 

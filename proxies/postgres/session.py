@@ -44,7 +44,7 @@ from keyturn.analysis.postgres import (
 from keyturn.approvals import APPROVED, CANCELLED, EXPIRED, REJECTED, TicketRequest, binding_of
 from keyturn.errors import AlreadyDecided, InvalidTransition
 from keyturn.policy import Decision, Request, masks_in
-from proxies.postgres import codec
+from proxies.postgres import codec, rowmask
 from proxies.postgres.auth import AuthError, ScramServer, mock_salt
 from proxies.postgres.codec import NEED_DATA, Message, ProtocolError
 
@@ -112,6 +112,7 @@ class Expect:
     replace: bytes | None = None  # sent to the client instead of the target's error
     plan_for: Ctx | None = None  # our own Describe(portal): its answer plans ctx's masking
     swallow: bool = False  # the answer to a message of our own: not forwarded
+    then: Message | None = None  # with plan_for: the Execute waiting for this answer
 
 
 @dataclass(slots=True)
@@ -144,66 +145,24 @@ _PLAIN_OIDS = frozenset((16, 20, 21, 23, 26, 700, 701, 1700, 1082, 1083, 1114, 1
                          1266, 2950, 790))
 
 
-def _row_rewriter(maskers: dict[int, Any], detect: frozenset[int], detectors: Any,
-                  ctx: Ctx) -> Any:
-    """A fast DataRow rewriter for one result: masked fields replaced, text fields run
-    through the detectors, everything else copied in runs. Returns the new message, or
-    None when the row is unchanged; b"" drops it (a refused result)."""
-    counts = [0] * (max(maskers, default=-1) + 1)
-    # Counted here, summed into the audit record when the statement finishes.
-    ctx.mask_counts = (ctx.mask_counts or []) + [(ctx.plan or [], counts)]
+def _detect_op(detectors: Any, ctx: Ctx) -> tuple[int, Any]:
+    """The row masker's op for a free-text field: detector hits are redacted and counted
+    into ctx.detected (summed into the audit record when the statement finishes)."""
     if ctx.detected is None:
         ctx.detected = {}
     hits_total = ctx.detected
-    from_bytes = int.from_bytes
-    null = b"\xff\xff\xff\xff"
-    # Fields past the last one to rewrite are copied without being walked.
-    last = max([*maskers, *detect], default=-1)
-    mlist = [maskers.get(i) for i in range(last + 1)]
-    dlist = [i in detect for i in range(last + 1)]
+    redact = detectors.redact_bytes
 
-    def rewrite(chunk: bytes, start: int, end: int) -> bytes | None:
-        if ctx.refusal is not None:
-            return b""
-        n = min(from_bytes(chunk[start:start + 2], "big"), last + 1)
-        pos = start + 2
-        keep = start
-        parts: list[bytes] | None = None
-        for i in range(n):
-            ln = from_bytes(chunk[pos:pos + 4], "big", signed=True)
-            vstart = pos + 4
-            vend = vstart + ln if ln > 0 else vstart
-            m = mlist[i]
-            replaced = False
-            if m is not None:
-                if ln >= 0:
-                    new = m(chunk[vstart:vend])
-                    replaced = True
-                    counts[i] += 1
-            elif ln > 0 and dlist[i]:
-                new, hits = detectors.redact_bytes(chunk[vstart:vend])
-                if hits:
-                    replaced = True
-                    for k, c in hits.items():
-                        hits_total[k] = hits_total.get(k, 0) + c
-            if replaced:
-                if parts is None:
-                    parts = []
-                parts.append(chunk[keep:pos])
-                if new is None:
-                    parts.append(null)
-                else:
-                    parts.append(len(new).to_bytes(4, "big"))
-                    parts.append(new)
-                keep = vend
-            pos = vend
-        if parts is None:
+    def detect(value: bytes) -> bytes | None:
+        new, hits = redact(value)
+        if not hits:
             return None
-        parts.append(chunk[keep:end])
-        payload = b"".join(parts)
-        return b"D" + (len(payload) + 4).to_bytes(4, "big") + payload
+        for k, c in hits.items():
+            hits_total[k] = hits_total.get(k, 0) + c
+        return new
 
-    return rewrite
+    return (rowmask.OP_DETECT, detect)
+
 
 # Sent to the target in place of a refused statement: it fails the transaction the
 # statement was in, exactly as a real error would (the client sees our error instead).
@@ -237,6 +196,16 @@ def _param_text(value: bytes | None, fmt: int, oid: int = 0) -> Any:
     except (UnicodeDecodeError, struct.error):
         pass
     return "\\x" + value.hex()
+
+
+def _binary_results(portal: tuple[str, bytes] | None) -> bool:
+    """Whether the Bind of a portal asks for any result column in binary format."""
+    if portal is None:
+        return False
+    try:
+        return bool(portal[1]) and any(codec.decode_bind(portal[1]).result_formats)
+    except codec.ProtocolError:
+        return True  # cannot tell: the riskier answer
 
 
 def _bind_params(b: codec.Bind, types: tuple[int, ...]) -> list[Any] | None:
@@ -288,7 +257,7 @@ class ClientSession(asyncio.Protocol):
         self.masking = False
         self.catalog: Any = None  # keyturn.masking.engine.MaskCatalog
         self.detectors: Any = None
-        self._maskers: dict[str, Any] = {}
+        self._mask_ops: dict[str, Any] = {}
         self._sensitive_name: Any = None
         self._audit_prefix: bytes | None = None
         self._catalog_refreshing = False
@@ -810,8 +779,7 @@ class ClientSession(asyncio.Protocol):
                     return True
                 decision = checked
         if decision.action == "allow" or decision.action == "mask":
-            self._forward(msg, ctx, kind, out)
-            return True
+            return self._forward(msg, ctx, kind, out)
         if decision.action == "block":
             self._blocked(ctx, kind, out)
             return True
@@ -867,6 +835,8 @@ class ClientSession(asyncio.Protocol):
         if ctx.mask_counts:
             masked: dict[str, int] = {}
             for names, counts in ctx.mask_counts:
+                if not isinstance(counts, list):
+                    counts = counts.counts  # a row masker
                 for i, n in enumerate(counts):
                     if n:
                         masked[names[i]] = masked.get(names[i], 0) + n
@@ -919,11 +889,7 @@ class ClientSession(asyncio.Protocol):
         finally:
             self.held_ticket = None
             self.holding = False
-        if not self.closed and self.backlog:
-            pending = list(self.backlog)
-            self.backlog.clear()
-            self.backlog_bytes = 0
-            self._client_messages(pending)
+        self._replay_backlog()
 
     async def _review_inner(self, msg: Message, ctx: Ctx, decision: Decision, analysis: Any,
                             kind: bytes) -> None:
@@ -1028,14 +994,51 @@ class ClientSession(asyncio.Protocol):
         if self.upstream:
             self.upstream.write(b"".join(out))
 
-    def _forward(self, msg: Message, ctx: Ctx, kind: bytes, out: list[bytes]) -> None:
+    def _forward(self, msg: Message, ctx: Ctx, kind: bytes, out: list[bytes]) -> bool:
+        """Send a Query or Execute on; False when the Execute waits (see below)."""
         if kind == b"E" and self.masking:
             # Learn the result's shape and formats before its rows: our own Describe of
             # the portal, answered to us alone.
             out.append(codec.encode_describe("P", ctx.portal or ""))
+            if ctx.sens is not None and _binary_results(self.portals.get(ctx.portal or "")):
+                # A masked column in a binary format that cannot be masked is refused
+                # before it runs, so that, like any error, the refusal skips the rest of
+                # the batch and aborts its transaction: the Execute (and every later
+                # message) waits for the Describe's answer.
+                out.append(codec.encode_flush())
+                self.expect.append(Expect(b"D", plan_for=ctx, then=msg))
+                self.holding = True
+                return False
             self.expect.append(Expect(b"D", plan_for=ctx))
         self.expect.append(Expect(kind, ctx))
         out.append(msg.raw)
+        return True
+
+    def _release_execute(self, head: Expect) -> None:
+        """The answer to our Describe arrived for an Execute that waited for it: refuse
+        it (a masked column in binary format) or send it, then go on with the backlog."""
+        ctx, msg = head.plan_for, head.then
+        assert ctx is not None and msg is not None
+        self.holding = False
+        if ctx.refusal is not None:
+            error, ctx.refusal = ctx.refusal, None
+            self._audit_mask_refusal(ctx, error)
+            ctx.action = "block"
+            self._refuse(error, b"E")
+            self._audit(ctx, outcome="blocked")
+        else:
+            self.expect.append(Expect(b"E", ctx))
+            if self.upstream:
+                self.upstream.write(msg.raw)
+        self._replay_backlog()
+
+    def _replay_backlog(self) -> None:
+        """A wait ended: handle the client messages that arrived meanwhile, in order."""
+        if not self.closed and self.backlog:
+            pending = list(self.backlog)
+            self.backlog.clear()
+            self.backlog_bytes = 0
+            self._client_messages(pending)
 
     # ---- masking
 
@@ -1047,8 +1050,11 @@ class ClientSession(asyncio.Protocol):
         from keyturn.masking.engine import Sensitivity, check, copied
 
         assert self.conn is not None and self.identity is not None
+        role = self.conn.target.user or self.user
         sens = Sensitivity(self.conn, decision.masks, self.identity.groups,
-                           self.catalog.derived if self.catalog else None)
+                           self.catalog.derived if self.catalog else None,
+                           schemas=sorted(role if s == "$user" else s for s in self.schemas
+                                          if s != "*"))
         reviewers = next((m.writes_review for _, m in decision.masks
                           if m.writes_review is not None), None)
         try:
@@ -1157,20 +1163,28 @@ class ClientSession(asyncio.Protocol):
 
         self._spawn(refresh())
 
-    def _masker(self, style: str) -> Any:
-        """bytes -> bytes | None (NULL) for a style, built once per session."""
-        fn = self._maskers.get(style)
-        if fn is None:
+    def _mask_op(self, style: str) -> Any:
+        """The row masker's op for a style (proxies/postgres/rowmask.py), built once per
+        session."""
+        op = self._mask_ops.get(style)
+        if op is None:
             from keyturn.masking import styles
 
-            text_fn = styles.masker(styles.MaskStyle.parse(style), self.gw.mask_key)
-            if text_fn is styles._full:
-                constant = styles.FULL_MASK.encode()
-                fn = lambda _v: constant  # noqa: E731 - the cheapest callable
+            parsed = styles.MaskStyle.parse(style)
+            text_fn = styles.masker(parsed, self.gw.mask_key)
+            fn = functools.partial(styles.mask_bytes, text_fn)
+            if parsed.kind == "full":
+                op = (rowmask.OP_CONST, styles.FULL_MASK_BYTES)
+            elif parsed.kind == "null":
+                op = (rowmask.OP_NULL,)
+            elif parsed.kind == "partial":
+                op = (rowmask.OP_PARTIAL, parsed.keep, fn)
+            elif parsed.kind == "email":
+                op = (rowmask.OP_EMAIL, fn)
             else:
-                fn = functools.partial(styles.mask_bytes, text_fn)
-            self._maskers[style] = fn
-        return fn
+                op = (rowmask.OP_CALL, fn)
+            self._mask_ops[style] = op
+        return op
 
     def _plan(self, ctx: Ctx | None, body: bytes) -> None:
         """A RowDescription arrived for ctx's result: decide which fields to mask and
@@ -1187,7 +1201,7 @@ class ClientSession(asyncio.Protocol):
             self._refresh_catalog()
         plan = output_plan(spec, ctx.lineages or [], ctx.sens, self.catalog.origins) \
             if ctx.sens is not None else []
-        maskers: dict[int, Any] = {}
+        ops: dict[int, Any] = {}
         for fp in plan:
             if fp.binary and fp.type_oid not in _MASKABLE_BINARY:
                 ctx.refusal = codec.encode_error(
@@ -1195,15 +1209,24 @@ class ClientSession(asyncio.Protocol):
                     f"keyturn: column {fields[fp.index].name!r} must be masked "
                     f"({fp.mask.why}) but was requested in binary format; request it "
                     "as text")
-            maskers[fp.index] = self._masker(fp.mask.style)
-        # The detectors read text values: text-format values of any type that is not a
-        # number, date, time, boolean or uuid (whose text cannot hold a secret).
-        detect = frozenset(i for i, f in enumerate(fields)
-                           if i not in maskers and (f.format == 0 or f.type_oid in _TEXT_OIDS)
-                           and f.type_oid not in _PLAIN_OIDS) if self.detectors else frozenset()
+            ops[fp.index] = self._mask_op(fp.mask.style)
+        if self.detectors:
+            # The detectors read text values: text-format values of any type that is not
+            # a number, date, time, boolean or uuid (whose text cannot hold a secret).
+            detect = None
+            for i, f in enumerate(fields):
+                if i not in ops and (f.format == 0 or f.type_oid in _TEXT_OIDS) \
+                        and f.type_oid not in _PLAIN_OIDS:
+                    detect = detect or _detect_op(self.detectors, ctx)
+                    ops[i] = detect
         ctx.plan = [f.name for f in fields]
-        ctx.rewrite = _row_rewriter(maskers, detect, self.detectors, ctx) \
-            if maskers or detect else None
+        if ops:
+            # Fields past the last one with an op are copied without being walked.
+            masker = rowmask.RowMasker([ops.get(i) for i in range(max(ops) + 1)])
+            ctx.rewrite = masker
+            ctx.mask_counts = (ctx.mask_counts or []) + [(ctx.plan, masker)]
+        else:
+            ctx.rewrite = None
 
     def _redact_notice(self, t: bytes, body: bytes, ctx: Ctx | None = None) -> bytes | None:
         """Error and notice texts quote values: a cast error quotes its input, a
@@ -1283,30 +1306,26 @@ class ClientSession(asyncio.Protocol):
         expect = self.expect
         out: list[bytes] | None = None
         seg = 0
+        masking = self.masking
+        prev = 0
+        waiting: Expect | None = None  # an Execute whose Describe answer is here
         for t, start, end in frames:
+            if masking and start > prev and expect:
+                # Rows (DataRow, COPY data) lie between the frames listed.
+                out, seg = self._rows(expect[0], chunk, prev, start, out, seg)
+            prev = end
             if not expect:
                 continue
             head = expect[0]
-            if t == b"D" or t == b"d":
-                # Rows (DataRow, COPY data) are framed only on masked connections.
-                ctx = head.ctx
-                new = None
-                if ctx is not None:
-                    if t == b"D" and ctx.rewrite is not None:
-                        new = ctx.rewrite(chunk, start + 5, end)
-                    elif t == b"d" and ctx.copy is not None:
-                        line = ctx.copy.rewrite(chunk[start + 5:end])
-                        new = None if line is None else codec.encode_message(b"d", line)
-                if new is not None:
-                    out, seg = _splice(out, chunk, seg, start, end, new)
-                continue
             if self.masking and t in _MASKED_TYPES and head.replace is None:
                 new = self._mask_message(head, t, chunk, start, end)
                 if new is not None:
                     out, seg = _splice(out, chunk, seg, start, end, new)
-                if t == b"D" or t == b"N" or (t == b"T" and head.plan_for is not None):
+                if t == b"N" or (t == b"T" and head.plan_for is not None):
                     if t == b"T":
                         expect.popleft()
+                        if head.then is not None:
+                            waiting = head
                     continue
                 if t == b"C" and head.ctx is not None and head.ctx.refusal is not None:
                     if head.kind == b"E":
@@ -1377,6 +1396,8 @@ class ClientSession(asyncio.Protocol):
                         out = []
                     out.append(chunk[seg:start])
                     seg = end
+                    if head.then is not None:
+                        waiting = head
                     continue
                 if head.ctx is not None:
                     self._finished(head.ctx)
@@ -1392,11 +1413,55 @@ class ClientSession(asyncio.Protocol):
                     out.append(inj.inject or b"")
                     if inj.rfq:
                         out.append(codec.encode_ready_for_query(self.tx_status))
+        if masking and prev < len(chunk) and expect:
+            out, seg = self._rows(expect[0], chunk, prev, len(chunk), out, seg)
         if out is None:
             self.write(chunk)
         else:
             out.append(chunk[seg:])
             self.write(b"".join(out))
+        if waiting is not None:
+            self._release_execute(waiting)
+
+    def _rows(self, head: Expect, chunk: bytes, start: int, end: int,
+              out: list[bytes] | None, seg: int) -> tuple[list[bytes] | None, int]:
+        """Masked connections: the DataRow or CopyData messages in chunk[start:end]
+        (a run between two other messages), masked as head's statement requires."""
+        ctx = head.ctx
+        if ctx is None:
+            return out, seg
+        new: bytes | None = None
+        if ctx.rewrite is not None:
+            if ctx.refusal is not None:
+                new = b""  # the result is refused: no row of it goes out
+            else:
+                try:
+                    new = ctx.rewrite.rows(chunk, start, end)
+                except ValueError as exc:
+                    # Rows that cannot be read cannot be masked: none of them goes out.
+                    log.error("session %s: %s from the target", self.session_id, exc)
+                    ctx.refusal = codec.encode_error(
+                        "ERROR", "XX000", "keyturn: the target sent a row the gateway "
+                        "cannot read, so it cannot be masked; the result is withheld")
+                    new = b""
+        elif ctx.copy is not None:
+            parts: list[bytes] = []
+            changed = False
+            p = start
+            while p < end:  # whole messages, framed by the codec already
+                e = p + 1 + int.from_bytes(chunk[p + 1:p + 5], "big")
+                line = ctx.copy.rewrite(chunk[p + 5:e]) if chunk[p] == 0x64 else None  # d
+                if line is not None:
+                    parts.append(codec.encode_message(b"d", line))
+                    changed = True
+                else:
+                    parts.append(chunk[p:e])
+                p = e
+            if changed:
+                new = b"".join(parts)
+        if new is None:
+            return out, seg
+        return _splice(out, chunk, seg, start, end, new)
 
     def _mask_message(self, head: Expect, t: bytes, chunk: bytes, start: int, end: int
                       ) -> bytes | None:
@@ -1411,13 +1476,14 @@ class ClientSession(asyncio.Protocol):
         ctx = head.ctx
         if t == b"C":
             if ctx is not None and ctx.refusal is not None:
-                self._audit_mask_refusal(ctx)
+                self._audit_mask_refusal(ctx, ctx.refusal)
                 return ctx.refusal
             return None
         return self._redact_notice(t, body, ctx)  # E, N
 
-    def _audit_mask_refusal(self, ctx: Ctx) -> None:
-        ctx.error = {"C": "42501", "M": "column requested in binary format"}
+    def _audit_mask_refusal(self, ctx: Ctx, error: bytes) -> None:
+        fields = codec.decode_error_fields(error[5:])
+        ctx.error = {"C": fields.get("C", ""), "M": fields.get("M", "")}
 
     def _learn_param_types(self, name: str, body: bytes) -> None:
         """Parameter types the server inferred (clients such as asyncpg send 0 =

@@ -105,7 +105,7 @@ class Upstream(asyncio.Protocol):
             return
         try:
             if self.ready:
-                chunk, frames = self.reader.scan(data, rows=self.session.masking)
+                chunk, frames = self.reader.scan(data)
                 if chunk:
                     self.session.server_data(chunk, frames)
                 return
