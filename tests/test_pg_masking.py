@@ -30,8 +30,9 @@ def masked(kt: Keyturn, sql: str, user: str = "alice", **kw: object) -> list[tup
         return c.execute(sql, **kw).fetchall()  # type: ignore[arg-type]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def truth(keyturn: Keyturn) -> dict[str, tuple]:
+    """The people table every test here reads (created once), and its first row."""
     keyturn.pg.execute(
         "CREATE TABLE IF NOT EXISTS people (id int PRIMARY KEY, full_name text, email text, "
         "ssn text, card_number text, city text); "
@@ -204,7 +205,7 @@ def test_detectors_redact_values_and_error_messages(keyturn: Keyturn) -> None:
     assert "4111" not in message and "redacted" in message
 
 
-def test_masking_is_audited(keyturn: Keyturn) -> None:
+def test_masking_is_audited(keyturn: Keyturn, truth: dict) -> None:
     masked(keyturn, "SELECT email, ssn FROM people ORDER BY id LIMIT 3")
     export = keyturn.cli("audit", "export", "--format", "jsonl").stdout
     records = [json.loads(line) for line in export.splitlines() if line.strip()]
@@ -213,6 +214,7 @@ def test_masking_is_audited(keyturn: Keyturn) -> None:
     assert mine, "the masked statement is in the audit trail"
     detail = mine[-1]["detail"]
     assert detail["masked"] == {"email": 3, "ssn": 3}
+    assert detail["masked_by"] == {"email": "masked-reads", "ssn": "masked-reads"}
     assert detail["mask_rules"] == ["masked-reads"]
 
 

@@ -93,6 +93,7 @@ class Ctx:
     refusal: bytes | None = None
     rewrite: Any = None  # DataRow (chunk, body start, end) -> replacement, or None
     mask_counts: Any = None  # [(field names, masked values per field)] per result
+    masked_by: Any = None  # {output column: the rule that masks it}
     copy: Any = None  # keyturn.masking.copy.CopyMasker for COPY … TO rows
     # On masked connections: the statement and parameters as shown (literals that touch
     # sensitive columns redacted); what runs is unchanged.
@@ -846,6 +847,9 @@ class ClientSession(asyncio.Protocol):
             detail: dict[str, Any] = {}
             if ctx.masked:
                 detail["masked"] = ctx.masked
+                if ctx.masked_by:
+                    detail["masked_by"] = {c: ctx.masked_by[c] for c in ctx.masked
+                                           if c in ctx.masked_by}
                 detail["mask_rules"] = sorted({r for r, _ in ctx.sens.masks}) if ctx.sens else []
             if ctx.detected:
                 detail["detector_hits"] = ctx.detected
@@ -1210,6 +1214,9 @@ class ClientSession(asyncio.Protocol):
                     f"({fp.mask.why}) but was requested in binary format; request it "
                     "as text")
             ops[fp.index] = self._mask_op(fp.mask.style)
+            if ctx.masked_by is None:
+                ctx.masked_by = {}
+            ctx.masked_by[fields[fp.index].name] = fp.mask.rule
         if self.detectors:
             # The detectors read text values: text-format values of any type that is not
             # a number, date, time, boolean or uuid (whose text cannot hold a secret).
