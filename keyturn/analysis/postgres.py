@@ -892,6 +892,7 @@ def _command(kind: str, body: dict[str, Any]) -> str:
 
 # Texts longer than this are analysed every time rather than pinned in memory as cache keys.
 _MAX_CACHED_TEXT = 64 * 1024
+MAX_SHAPED_TEXT = _MAX_CACHED_TEXT  # fast_shape gives None for longer texts
 
 
 class _LRU:

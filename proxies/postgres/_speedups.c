@@ -12,6 +12,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <string.h>
+#include <time.h>
 
 /* Operation codes; keep in step with rowmask.py. */
 enum {
@@ -533,17 +534,790 @@ static PyTypeObject RowMaskerType = {
     .tp_new = RowMasker_new,
 };
 
+
+/* ================================================================ fast shape
+ *
+ * The twin of keyturn.analysis.postgres.fast_shape (regular expressions there):
+ * None when the text is not ASCII, is longer than max_len, or holds a quote, a
+ * dollar, a backslash, a NUL, "--" or a slash-star; otherwise the text with every bare
+ * number ((?<![\w$.])\d+(?:\.\d+)?(?![\w.])) replaced by "0".
+ */
+
+static inline int
+is_word(unsigned char c)
+{
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_';
+}
+
+static inline int
+is_digit(unsigned char c)
+{
+    return c >= '0' && c <= '9';
+}
+
+/* Writes the shape into out (n bytes at most). Returns its length, or -1 if unsafe. */
+static Py_ssize_t
+shape_into(const unsigned char *s, Py_ssize_t n, char *out)
+{
+    Py_ssize_t o = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = s[i];
+        if (c & 0x80 || c == '\'' || c == '"' || c == '$' || c == '\\' || c == 0)
+            return -1;
+        if ((c == '-' && i + 1 < n && s[i + 1] == '-') || (c == '/' && i + 1 < n && s[i + 1] == '*'))
+            return -1;
+    }
+    Py_ssize_t i = 0;
+    while (i < n) {
+        unsigned char c = s[i];
+        if (is_digit(c) && (i == 0 || !(is_word(s[i - 1]) || s[i - 1] == '$' || s[i - 1] == '.'))) {
+            Py_ssize_t j = i;
+            while (j < n && is_digit(s[j]))
+                j++;
+            Py_ssize_t end = j;
+            if (j + 1 < n && s[j] == '.' && is_digit(s[j + 1])) {
+                end = j + 1;
+                while (end < n && is_digit(s[end]))
+                    end++;
+            }
+            if (end >= n || !(is_word(s[end]) || s[end] == '.')) {
+                out[o++] = '0';
+                i = end;
+                continue;
+            }
+            /* no match here; the digits that follow cannot start one either */
+            memcpy(out + o, s + i, j - i);
+            o += j - i;
+            i = j;
+            continue;
+        }
+        out[o++] = (char)c;
+        i++;
+    }
+    return o;
+}
+
+/* The shape as a str, Py_None (new ref) when unsafe, NULL on error. */
+static PyObject *
+shape_object(const unsigned char *s, Py_ssize_t n)
+{
+    PyObject *str = PyUnicode_New(n, 127);
+    if (str == NULL)
+        return NULL;
+    Py_ssize_t len = shape_into(s, n, (char *)PyUnicode_1BYTE_DATA(str));
+    if (len < 0) {
+        Py_DECREF(str);
+        return Py_NewRef(Py_None);
+    }
+    if (len == n)
+        return str;
+    PyObject *shorter = PyUnicode_FromStringAndSize((const char *)PyUnicode_1BYTE_DATA(str), len);
+    Py_DECREF(str);
+    return shorter;
+}
+
+PyDoc_STRVAR(fast_shape_doc,
+"fast_shape(sql, max_len) -> str | None\n\n"
+"The compiled twin of keyturn.analysis.postgres.fast_shape.");
+
+static PyObject *
+py_fast_shape(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyUnicode_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "fast_shape(sql: str, max_len: int)");
+        return NULL;
+    }
+    Py_ssize_t max_len = PyLong_AsSsize_t(args[1]);
+    if (max_len == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *sql = args[0];
+    if (PyUnicode_GET_LENGTH(sql) > max_len || !PyUnicode_IS_ASCII(sql))
+        Py_RETURN_NONE;
+    return shape_object(PyUnicode_1BYTE_DATA(sql), PyUnicode_GET_LENGTH(sql));
+}
+
+/* ================================================================ FastPath
+ *
+ * The relay's common case in one call per network chunk: simple Queries whose
+ * shape the session already allowed (the verdicts dict), and Bind/Execute/Sync
+ * of prepared statements the session already allowed as reads (the statements
+ * dict), with the target's ordinary answers (RowDescription, DataRow,
+ * CommandComplete, BindComplete, ReadyForQuery). Audit lines for these are built
+ * here. Anything else (an error, a notice, a message of another type, a chunk
+ * not made of whole messages, more than MAX_BATCH messages) makes client() or
+ * server() return False having changed nothing, and the session handles the
+ * chunk in Python after taking the pending entries over with drain().
+ */
+
+#define MAX_BATCH 32
+
+typedef struct {
+    char kind;          /* 'Q', 'B', 'E', 'S', 'D' (Describe of the unnamed portal) */
+    PyObject *decision; /* Q, E: the Decision */
+    PyObject *fragment; /* Q, E: "classification":…,"action":…,"rule":…,"reason":… */
+    PyObject *raw;      /* Q: the chunk holding the text; E: the statement's JSON string */
+    PyObject *sql;      /* E: the statement text (str) */
+    Py_ssize_t off, len;/* Q: the statement text in raw */
+    double t0;
+    long long rows;     /* -1: none */
+    PyObject *tag;      /* the CommandComplete tag (bytes) once seen */
+} Entry;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *session;
+    PyObject *verdicts;      /* str shape -> (Decision, fragment bytes) */
+    PyObject *stmts;         /* bytes name -> (Decision, fragment, sql JSON bytes, sql str, name str) */
+    PyObject *portals;       /* the session's portals: str -> (statement name, Bind body) */
+    PyObject *client_write;
+    PyObject *upstream_write;
+    PyObject *audit_write;
+    PyObject *prefix;        /* bytes: the session's part of every record, up to a comma */
+    Py_ssize_t max_len;      /* longest text with a shape */
+    Entry *q;
+    Py_ssize_t head, tail, cap;
+} FastPath;
+
+static PyObject *str_tx_status, *str_I, *str_T, *str_E, *str_empty;
+
+static void
+entry_clear(Entry *e)
+{
+    Py_CLEAR(e->decision);
+    Py_CLEAR(e->fragment);
+    Py_CLEAR(e->raw);
+    Py_CLEAR(e->sql);
+    Py_CLEAR(e->tag);
+}
+
+static int
+FastPath_traverse(FastPath *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->session);
+    Py_VISIT(self->verdicts);
+    Py_VISIT(self->stmts);
+    Py_VISIT(self->portals);
+    Py_VISIT(self->client_write);
+    Py_VISIT(self->upstream_write);
+    Py_VISIT(self->audit_write);
+    for (Py_ssize_t i = self->head; i < self->tail; i++) {
+        Py_VISIT(self->q[i].decision);
+        Py_VISIT(self->q[i].sql);
+    }
+    return 0;
+}
+
+static int
+FastPath_clear(FastPath *self)
+{
+    Py_CLEAR(self->session);
+    Py_CLEAR(self->verdicts);
+    Py_CLEAR(self->stmts);
+    Py_CLEAR(self->portals);
+    Py_CLEAR(self->client_write);
+    Py_CLEAR(self->upstream_write);
+    Py_CLEAR(self->audit_write);
+    Py_CLEAR(self->prefix);
+    for (Py_ssize_t i = self->head; i < self->tail; i++)
+        entry_clear(&self->q[i]);
+    self->head = self->tail = 0;
+    return 0;
+}
+
+static void
+FastPath_dealloc(FastPath *self)
+{
+    PyObject_GC_UnTrack(self);
+    FastPath_clear(self);
+    PyMem_Free(self->q);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+FastPath_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"session", "verdicts", "stmts", "portals", "client_write",
+                             "upstream_write", "audit_write", "prefix", "max_len", NULL};
+    PyObject *session, *verdicts, *stmts, *portals, *cw, *uw, *aw, *prefix;
+    Py_ssize_t max_len;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!O!O!OOOSn:FastPath", kwlist, &session,
+                                     &PyDict_Type, &verdicts, &PyDict_Type, &stmts,
+                                     &PyDict_Type, &portals, &cw, &uw, &aw, &prefix, &max_len))
+        return NULL;
+    FastPath *self = (FastPath *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->session = Py_NewRef(session);
+    self->verdicts = Py_NewRef(verdicts);
+    self->stmts = Py_NewRef(stmts);
+    self->portals = Py_NewRef(portals);
+    self->client_write = Py_NewRef(cw);
+    self->upstream_write = Py_NewRef(uw);
+    self->audit_write = Py_NewRef(aw);
+    self->prefix = Py_NewRef(prefix);
+    self->max_len = max_len;
+    self->cap = 16;
+    self->q = PyMem_Calloc(self->cap, sizeof(Entry));
+    if (self->q == NULL) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    return (PyObject *)self;
+}
+
+static Entry *
+push(FastPath *self)
+{
+    if (self->head == self->tail)
+        self->head = self->tail = 0;
+    if (self->tail == self->cap) {
+        if (self->head > 0) {
+            memmove(self->q, self->q + self->head, (self->tail - self->head) * sizeof(Entry));
+            self->tail -= self->head;
+            self->head = 0;
+        }
+        else {
+            Entry *q = PyMem_Realloc(self->q, 2 * self->cap * sizeof(Entry));
+            if (q == NULL) {
+                PyErr_NoMemory();
+                return NULL;
+            }
+            self->q = q;
+            self->cap *= 2;
+        }
+    }
+    Entry *e = &self->q[self->tail++];
+    memset(e, 0, sizeof(Entry));
+    e->rows = -1;
+    return e;
+}
+
+static double
+now_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* ---- client -> target */
+
+typedef struct {
+    char type;
+    Py_ssize_t start, end;   /* the whole message */
+    PyObject *verdict;       /* Q: borrowed (Decision, fragment); B, E: borrowed stmt entry */
+} Planned;
+
+static const char *
+cstr_end(const char *p, const char *end)
+{
+    const char *z = memchr(p, 0, end - p);
+    return z;
+}
+
+PyDoc_STRVAR(client_doc,
+"client(chunk) -> bool\n\n"
+"Forward a chunk from the client if every message in it is one the fast path\n"
+"handles; False (nothing done) otherwise.");
+
+static PyObject *
+FastPath_client(FastPath *self, PyObject *chunk)
+{
+    if (!PyBytes_Check(chunk)) {
+        PyErr_SetString(PyExc_TypeError, "chunk must be bytes");
+        return NULL;
+    }
+    const char *base = PyBytes_AS_STRING(chunk);
+    const unsigned char *u = (const unsigned char *)base;
+    Py_ssize_t n = PyBytes_GET_SIZE(chunk);
+    Planned plan[MAX_BATCH];
+    int count = 0;
+    PyObject *bound = NULL; /* the statement a Bind in this chunk bound to the unnamed portal */
+    Py_ssize_t p = 0;
+    if (n == 0)
+        Py_RETURN_FALSE;
+    /* First pass: decide, change nothing. */
+    while (p < n) {
+        if (n - p < 5 || count == MAX_BATCH)
+            Py_RETURN_FALSE;
+        uint32_t length = get_u32(u + p + 1);
+        if (length < 4 || (Py_ssize_t)length > n - p - 1)
+            Py_RETURN_FALSE;
+        Py_ssize_t end = p + 1 + length;
+        const char *body = base + p + 5, *bend = base + end;
+        Planned *pl = &plan[count];
+        pl->type = base[p];
+        pl->start = p;
+        pl->end = end;
+        pl->verdict = NULL;
+        switch (base[p]) {
+        case 'Q': {
+            Py_ssize_t tlen = bend - body - 1;
+            if (tlen < 0 || bend[-1] != 0 || tlen > self->max_len)
+                Py_RETURN_FALSE;
+            PyObject *shape = shape_object((const unsigned char *)body, tlen);
+            if (shape == NULL)
+                return NULL;
+            if (shape == Py_None) {
+                Py_DECREF(shape);
+                Py_RETURN_FALSE;
+            }
+            PyObject *hit = PyDict_GetItemWithError(self->verdicts, shape);
+            Py_DECREF(shape);
+            if (hit == NULL) {
+                if (PyErr_Occurred())
+                    return NULL;
+                Py_RETURN_FALSE;
+            }
+            if (!PyTuple_Check(hit) || PyTuple_GET_SIZE(hit) != 2)
+                Py_RETURN_FALSE;
+            pl->verdict = hit;
+            break;
+        }
+        case 'B': {
+            const char *z = cstr_end(body, bend);
+            if (z == NULL || z != body) /* only the unnamed portal */
+                Py_RETURN_FALSE;
+            const char *name = z + 1;
+            const char *z2 = cstr_end(name, bend);
+            if (z2 == NULL)
+                Py_RETURN_FALSE;
+            PyObject *key = PyBytes_FromStringAndSize(name, z2 - name);
+            if (key == NULL)
+                return NULL;
+            PyObject *st = PyDict_GetItemWithError(self->stmts, key);
+            Py_DECREF(key);
+            if (st == NULL) {
+                if (PyErr_Occurred())
+                    return NULL;
+                Py_RETURN_FALSE;
+            }
+            if (!PyTuple_Check(st) || PyTuple_GET_SIZE(st) != 5)
+                Py_RETURN_FALSE;
+            pl->verdict = st;
+            bound = st;
+            break;
+        }
+        case 'E':
+            /* the unnamed portal, bound earlier in this same chunk */
+            if (bound == NULL || bend - body != 5 || body[0] != 0)
+                Py_RETURN_FALSE;
+            pl->verdict = bound;
+            break;
+        case 'D':
+            /* Describe of the unnamed portal (libpq sends one with each prepared query) */
+            if (length != 6 || body[0] != 'P' || body[1] != 0)
+                Py_RETURN_FALSE;
+            break;
+        case 'S':
+        case 'H':
+            if (length != 4)
+                Py_RETURN_FALSE;
+            break;
+        default:
+            Py_RETURN_FALSE;
+        }
+        count++;
+        p = end;
+    }
+    /* Second pass: queue what the target owes, then forward the chunk unchanged. */
+    double t0 = now_seconds();
+    for (int i = 0; i < count; i++) {
+        Planned *pl = &plan[i];
+        if (pl->type == 'H')
+            continue;
+        if (pl->type == 'B') {
+            /* keep the session's view of the unnamed portal in step */
+            PyObject *body = PyBytes_FromStringAndSize(base + pl->start + 5, pl->end - pl->start - 5);
+            if (body == NULL)
+                return NULL;
+            PyObject *value = PyTuple_Pack(2, PyTuple_GET_ITEM(pl->verdict, 4), body);
+            Py_DECREF(body);
+            if (value == NULL || PyDict_SetItem(self->portals, str_empty, value) < 0) {
+                Py_XDECREF(value);
+                return NULL;
+            }
+            Py_DECREF(value);
+        }
+        Entry *e = push(self);
+        if (e == NULL)
+            return NULL;
+        e->kind = pl->type;
+        e->t0 = t0;
+        if (pl->type == 'Q') {
+            e->decision = Py_NewRef(PyTuple_GET_ITEM(pl->verdict, 0));
+            e->fragment = Py_NewRef(PyTuple_GET_ITEM(pl->verdict, 1));
+            e->raw = Py_NewRef(chunk);
+            e->off = pl->start + 5;
+            e->len = pl->end - pl->start - 6;
+        }
+        else if (pl->type == 'E') {
+            e->decision = Py_NewRef(PyTuple_GET_ITEM(pl->verdict, 0));
+            e->fragment = Py_NewRef(PyTuple_GET_ITEM(pl->verdict, 1));
+            e->raw = Py_NewRef(PyTuple_GET_ITEM(pl->verdict, 2));
+            e->sql = Py_NewRef(PyTuple_GET_ITEM(pl->verdict, 3));
+        }
+    }
+    PyObject *r = PyObject_CallOneArg(self->upstream_write, chunk);
+    if (r == NULL)
+        return NULL;
+    Py_DECREF(r);
+    Py_RETURN_TRUE;
+}
+
+/* ---- target -> client */
+
+static const char *const ROW_VERBS[] = {"SELECT", "INSERT", "UPDATE", "DELETE", "MERGE",
+                                        "COPY", "FETCH", "MOVE", NULL};
+
+/* The rows a CommandComplete tag reports (the twin of session._rows), or -1. */
+static long long
+tag_rows(const char *tag, Py_ssize_t n)
+{
+    Py_ssize_t sp = -1;
+    for (Py_ssize_t i = n - 1; i >= 0; i--)
+        if (tag[i] == ' ') {
+            sp = i;
+            break;
+        }
+    if (sp < 0 || sp == n - 1)
+        return -1;
+    long long v = 0;
+    for (Py_ssize_t i = sp + 1; i < n; i++) {
+        if (!is_digit((unsigned char)tag[i]) || v > 1000000000000000LL)
+            return -1;
+        v = v * 10 + (tag[i] - '0');
+    }
+    Py_ssize_t w = 0;
+    while (w < n && tag[w] != ' ')
+        w++;
+    for (int k = 0; ROW_VERBS[k] != NULL; k++)
+        if ((Py_ssize_t)strlen(ROW_VERBS[k]) == w && memcmp(tag, ROW_VERBS[k], w) == 0)
+            return v;
+    return -1;
+}
+
+static int
+json_ascii(Buf *b, const char *s, Py_ssize_t n)
+{
+    static const char hex[] = "0123456789abcdef";
+    if (buf_reserve(b, 2 + 6 * n) < 0)
+        return -1;
+    char *o = b->data + b->len;
+    *o++ = '"';
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c == '"' || c == '\\') {
+            *o++ = '\\';
+            *o++ = (char)c;
+        }
+        else if (c < 0x20) {
+            *o++ = '\\';
+            switch (c) {
+            case '\n': *o++ = 'n'; break;
+            case '\r': *o++ = 'r'; break;
+            case '\t': *o++ = 't'; break;
+            case '\b': *o++ = 'b'; break;
+            case '\f': *o++ = 'f'; break;
+            default:
+                *o++ = 'u'; *o++ = '0'; *o++ = '0';
+                *o++ = hex[c >> 4]; *o++ = hex[c & 15];
+            }
+        }
+        else {
+            *o++ = (char)c;
+        }
+    }
+    *o++ = '"';
+    b->len = o - b->data;
+    return 0;
+}
+
+/* One audit line, in the keys and order ClientSession._audit writes. */
+static int
+audit(FastPath *self, Entry *e, double now)
+{
+    Buf b = {NULL, 0, 0};
+    char num[64];
+    int rc = -1;
+    if (buf_add(&b, PyBytes_AS_STRING(self->prefix), PyBytes_GET_SIZE(self->prefix)) < 0)
+        goto done;
+    int k = snprintf(num, sizeof num, "\"at\":%.6f,\"statement\":", now);
+    if (buf_add(&b, num, k) < 0)
+        goto done;
+    if (e->kind == 'Q') {
+        if (json_ascii(&b, PyBytes_AS_STRING(e->raw) + e->off, e->len) < 0)
+            goto done;
+    }
+    else if (buf_add(&b, PyBytes_AS_STRING(e->raw), PyBytes_GET_SIZE(e->raw)) < 0)
+        goto done;
+    if (buf_add(&b, ",", 1) < 0 ||
+        buf_add(&b, PyBytes_AS_STRING(e->fragment), PyBytes_GET_SIZE(e->fragment)) < 0)
+        goto done;
+    if (e->rows >= 0)
+        k = snprintf(num, sizeof num, ",\"outcome\":\"ok\",\"duration_ms\":%.3f,\"rows\":%lld}\n",
+                     (now - e->t0) * 1000, e->rows);
+    else
+        k = snprintf(num, sizeof num, ",\"outcome\":\"ok\",\"duration_ms\":%.3f,\"rows\":null}\n",
+                     (now - e->t0) * 1000);
+    if (buf_add(&b, num, k) < 0)
+        goto done;
+    PyObject *line = PyBytes_FromStringAndSize(b.data, b.len);
+    if (line == NULL)
+        goto done;
+    PyObject *r = PyObject_CallOneArg(self->audit_write, line);
+    Py_DECREF(line);
+    if (r == NULL)
+        goto done;
+    Py_DECREF(r);
+    rc = 0;
+done:
+    PyMem_Free(b.data);
+    return rc;
+}
+
+PyDoc_STRVAR(server_doc,
+"server(chunk) -> bool\n\n"
+"Relay a chunk from the target if it holds only ordinary answers to what the\n"
+"fast path queued; False (nothing done) otherwise.");
+
+static PyObject *
+FastPath_server(FastPath *self, PyObject *chunk)
+{
+    if (!PyBytes_Check(chunk)) {
+        PyErr_SetString(PyExc_TypeError, "chunk must be bytes");
+        return NULL;
+    }
+    if (self->head == self->tail)
+        Py_RETURN_FALSE;
+    const char *base = PyBytes_AS_STRING(chunk);
+    const unsigned char *u = (const unsigned char *)base;
+    Py_ssize_t n = PyBytes_GET_SIZE(chunk);
+    /* First pass: every message must be whole and answer the queue as expected. */
+    Py_ssize_t idx = self->head, p = 0;
+    while (p < n) {
+        if (n - p < 5)
+            Py_RETURN_FALSE;
+        uint32_t length = get_u32(u + p + 1);
+        if (length < 4 || (Py_ssize_t)length > n - p - 1)
+            Py_RETURN_FALSE;
+        if (idx == self->tail)
+            Py_RETURN_FALSE;
+        char kind = self->q[idx].kind;
+        switch (base[p]) {
+        case 'T':
+            if (kind == 'D')
+                idx++; /* answers a Describe */
+            else if (kind != 'Q' && kind != 'E')
+                Py_RETURN_FALSE;
+            break;
+        case 'n':
+            if (kind != 'D')
+                Py_RETURN_FALSE;
+            idx++;
+            break;
+        case 'D':
+            if (kind != 'Q' && kind != 'E')
+                Py_RETURN_FALSE;
+            break;
+        case 'C':
+            if (kind == 'E')
+                idx++;
+            else if (kind != 'Q')
+                Py_RETURN_FALSE;
+            break;
+        case '2':
+            if (kind != 'B')
+                Py_RETURN_FALSE;
+            idx++;
+            break;
+        case 'Z':
+            if (kind != 'Q' && kind != 'S')
+                Py_RETURN_FALSE;
+            if (length != 5)
+                Py_RETURN_FALSE;
+            idx++;
+            break;
+        default:
+            Py_RETURN_FALSE;
+        }
+        p += 1 + length;
+    }
+    /* Second pass: forward, then account for each answer. */
+    PyObject *r = PyObject_CallOneArg(self->client_write, chunk);
+    if (r == NULL)
+        return NULL;
+    Py_DECREF(r);
+    double now = 0;
+    p = 0;
+    while (p < n) {
+        Py_ssize_t end = p + 1 + get_u32(u + p + 1);
+        Entry *e = &self->q[self->head];
+        switch (base[p]) {
+        case 'C': {
+            Py_ssize_t tlen = end - p - 6; /* without the terminating NUL */
+            const char *tag = base + p + 5;
+            const char *z = memchr(tag, 0, end - p - 5);
+            if (z != NULL)
+                tlen = z - tag;
+            long long rows = tag_rows(tag, tlen);
+            if (rows >= 0)
+                e->rows = (e->rows < 0 ? 0 : e->rows) + rows;
+            Py_XSETREF(e->tag, PyBytes_FromStringAndSize(tag, tlen));
+            if (e->tag == NULL)
+                return NULL;
+            if (e->kind == 'E') {
+                if (now == 0)
+                    now = now_seconds();
+                int rc = audit(self, e, now);
+                entry_clear(e);
+                self->head++;
+                if (rc < 0)
+                    return NULL;
+            }
+            break;
+        }
+        case 'T':
+        case 'n':
+            if (e->kind == 'D') {
+                entry_clear(e);
+                self->head++;
+            }
+            break;
+        case '2':
+            entry_clear(e);
+            self->head++;
+            break;
+        case 'Z': {
+            PyObject *st = base[p + 5] == 'T' ? str_T : base[p + 5] == 'E' ? str_E : str_I;
+            if (PyObject_SetAttr(self->session, str_tx_status, st) < 0)
+                return NULL;
+            int rc = 0;
+            if (e->kind == 'Q') {
+                if (now == 0)
+                    now = now_seconds();
+                rc = audit(self, e, now);
+            }
+            entry_clear(e);
+            self->head++;
+            if (rc < 0)
+                return NULL;
+            break;
+        }
+        default:
+            break;
+        }
+        p = end;
+    }
+    Py_RETURN_TRUE;
+}
+
+PyDoc_STRVAR(drain_doc,
+"drain() -> list\n\n"
+"Hand the queued entries over: (kind, sql, decision, t0, rows, tag) each, oldest\n"
+"first; kind is b'Q', b'B', b'E', b'S' or b'D'; rows and tag None when not seen yet.");
+
+static PyObject *
+FastPath_drain(FastPath *self, PyObject *unused)
+{
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    for (Py_ssize_t i = self->head; i < self->tail; i++) {
+        Entry *e = &self->q[i];
+        PyObject *sql;
+        if (e->kind == 'Q')
+            sql = PyUnicode_DecodeASCII(PyBytes_AS_STRING(e->raw) + e->off, e->len, "strict");
+        else
+            sql = Py_NewRef(e->sql ? e->sql : Py_None);
+        if (sql == NULL)
+            goto fail;
+        PyObject *item = Py_BuildValue("(y#NOdOO)", &e->kind, (Py_ssize_t)1, sql,
+                                       e->decision ? e->decision : Py_None, e->t0,
+                                       Py_None, e->tag ? e->tag : Py_None);
+        if (item == NULL)
+            goto fail;
+        if (e->rows >= 0) {
+            PyObject *rows = PyLong_FromLongLong(e->rows);
+            if (rows == NULL) {
+                Py_DECREF(item);
+                goto fail;
+            }
+            PyObject *old = PyTuple_GET_ITEM(item, 4);
+            PyTuple_SET_ITEM(item, 4, rows);
+            Py_DECREF(old);
+        }
+        if (PyList_Append(out, item) < 0) {
+            Py_DECREF(item);
+            goto fail;
+        }
+        Py_DECREF(item);
+    }
+    for (Py_ssize_t i = self->head; i < self->tail; i++)
+        entry_clear(&self->q[i]);
+    self->head = self->tail = 0;
+    return out;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
+static PyObject *
+FastPath_get_pending(FastPath *self, void *closure)
+{
+    return PyLong_FromSsize_t(self->tail - self->head);
+}
+
+static PyMethodDef FastPath_methods[] = {
+    {"client", (PyCFunction)FastPath_client, METH_O, client_doc},
+    {"server", (PyCFunction)FastPath_server, METH_O, server_doc},
+    {"drain", (PyCFunction)FastPath_drain, METH_NOARGS, drain_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef FastPath_getset[] = {
+    {"pending", (getter)FastPath_get_pending, NULL, "entries queued", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject FastPathType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "proxies.postgres._speedups.FastPath",
+    .tp_basicsize = sizeof(FastPath),
+    .tp_dealloc = (destructor)FastPath_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "FastPath(...): the relay's common case, one call per chunk (see session.py).",
+    .tp_traverse = (traverseproc)FastPath_traverse,
+    .tp_clear = (inquiry)FastPath_clear,
+    .tp_methods = FastPath_methods,
+    .tp_getset = FastPath_getset,
+    .tp_new = FastPath_new,
+};
+
+static PyMethodDef module_methods[] = {
+    {"fast_shape", (PyCFunction)(void (*)(void))py_fast_shape, METH_FASTCALL, fast_shape_doc},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef speedups_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "proxies.postgres._speedups",
     .m_doc = "Compiled hot loops of the PostgreSQL gateway (see rowmask.py for the reference).",
     .m_size = -1,
+    .m_methods = module_methods,
 };
 
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
-    if (PyType_Ready(&RowMaskerType) < 0)
+    if (PyType_Ready(&RowMaskerType) < 0 || PyType_Ready(&FastPathType) < 0)
+        return NULL;
+    str_tx_status = PyUnicode_InternFromString("tx_status");
+    str_I = PyUnicode_InternFromString("I");
+    str_T = PyUnicode_InternFromString("T");
+    str_E = PyUnicode_InternFromString("E");
+    str_empty = PyUnicode_InternFromString("");
+    if (!str_tx_status || !str_I || !str_T || !str_E || !str_empty)
         return NULL;
     PyObject *m = PyModule_Create(&speedups_module);
     if (m == NULL)
@@ -551,6 +1325,12 @@ PyInit__speedups(void)
     Py_INCREF(&RowMaskerType);
     if (PyModule_AddObject(m, "RowMasker", (PyObject *)&RowMaskerType) < 0) {
         Py_DECREF(&RowMaskerType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&FastPathType);
+    if (PyModule_AddObject(m, "FastPath", (PyObject *)&FastPathType) < 0) {
+        Py_DECREF(&FastPathType);
         Py_DECREF(m);
         return NULL;
     }

@@ -23,9 +23,10 @@ inputs.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
+
+from proxies.postgres.speedups import compiled
 
 OP_CONST, OP_NULL, OP_PARTIAL, OP_EMAIL, OP_CALL, OP_DETECT = 1, 2, 3, 4, 5, 6
 _NULL = b"\xff\xff\xff\xff"
@@ -123,15 +124,5 @@ class PyRowMasker:
         return b"D" + (len(payload) + 4).to_bytes(4, "big") + payload
 
 
-def _compiled() -> Any:
-    if os.environ.get("KEYTURN_NO_SPEEDUPS"):
-        return None
-    try:
-        from proxies.postgres import _speedups
-    except ImportError:
-        return None
-    return _speedups.RowMasker
-
-
-CRowMasker = _compiled()
+CRowMasker = compiled.RowMasker if compiled else None
 RowMasker: Any = CRowMasker or PyRowMasker

@@ -37,6 +37,7 @@ import orjson
 from keyturn.analysis import StatementClass
 from keyturn.analysis.postgres import (
     DEFAULT_SEARCH_PATH,
+    MAX_SHAPED_TEXT,
     Statement,
     fast_shape,
     search_path_schemas,
@@ -47,6 +48,7 @@ from keyturn.policy import Decision, Request, masks_in
 from proxies.postgres import codec, rowmask
 from proxies.postgres.auth import AuthError, ScramServer, mock_salt
 from proxies.postgres.codec import NEED_DATA, Message, ProtocolError
+from proxies.postgres.speedups import compiled as _speedups
 
 if TYPE_CHECKING:
     from keyturn.analysis import Analyzer
@@ -199,6 +201,12 @@ def _param_text(value: bytes | None, fmt: int, oid: int = 0) -> Any:
     return "\\x" + value.hex()
 
 
+def _fragment(d: Decision) -> bytes:
+    """An allowed decision's fields of a statement's audit record, as JSON (no braces)."""
+    return orjson.dumps({"classification": d.classification, "action": "allow",
+                         "rule": d.rule, "reason": d.reason})[1:-1]
+
+
 def _binary_results(portal: tuple[str, bytes] | None) -> bool:
     """Whether the Bind of a portal asks for any result column in binary format."""
     if portal is None:
@@ -250,7 +258,12 @@ class ClientSession(asyncio.Protocol):
         self.fail_at_sync = False
         self.stmts: dict[str, StmtInfo] = {}
         self.verdicts: dict[tuple[Any, ...], Decision] = {}
-        self.fast_verdicts: dict[str, Decision] = {}
+        # Allowed statement shapes: (Decision, its audit fields as JSON) per fast_shape.
+        self.fast_verdicts: dict[str, tuple[Decision, bytes]] = {}
+        # Prepared statements allowed as reads, for the compiled fast path:
+        # name -> (Decision, audit fields, statement as JSON, statement, name).
+        self.fast_stmts: dict[bytes, tuple[Any, ...]] = {}
+        self.fast: Any = None  # the compiled fast path, once the session is ready
         # Every schema this session's search_path may name (it only grows: a SET may be
         # rolled back, so the gateway cannot know it was undone).
         self.schemas: frozenset[str] = frozenset(DEFAULT_SEARCH_PATH)
@@ -282,6 +295,11 @@ class ClientSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             if self.phase == "ready":
+                fast = self.fast
+                if fast is not None and not self.expect and not self.holding and \
+                        not self.skip_until_sync and not self.fail_at_sync and \
+                        not self.reader.pending and fast.client(data):
+                    return
                 self._client_messages(self.reader.feed(data))
                 return
             self.reader.receive_data(data)
@@ -567,11 +585,36 @@ class ClientSession(asyncio.Protocol):
         self.tx_status = self.upstream.tx_status
         self.write(b"".join(out))
         self.phase = "ready"
+        if _speedups is not None and not self.masking:
+            self.fast = _speedups.FastPath(self, self.fast_verdicts, self.fast_stmts, self.portals,
+                                  self.write, self.upstream.write, self.gw.audit_spool.write_line,
+                                  self._audit_prefix_bytes(), MAX_SHAPED_TEXT)
         self.data_received(b"")
 
     # ------------------------------------------------------------ client -> target
 
+    def _take_fast(self) -> None:
+        """Take over what the compiled fast path queued (before anything is queued here),
+        so the session's expectation queue stays in the order the target answers."""
+        assert self.fast is not None
+        expect = self.expect
+        for kind, sql, decision, t0, rows, tag in self.fast.drain():
+            if kind == b"B":
+                expect.append(_EXPECT_B)
+            elif kind == b"S":
+                expect.append(_EXPECT_S)
+            elif kind == b"D":
+                expect.append(Expect(b"D"))  # Describe of the unnamed portal
+            else:
+                ctx = Ctx(sql, decision.classification, "allow", decision.rule, decision.reason,
+                          t0, portal="" if kind == b"E" else None)
+                if tag is not None:
+                    ctx.tags, ctx.rows = [tag.decode("utf-8", "replace")], rows
+                expect.append(Expect(kind, ctx))
+
     def _client_messages(self, msgs: list[Message]) -> None:
+        if self.fast is not None and self.fast.pending:
+            self._take_fast()
         if not msgs:
             return
         if self.holding:
@@ -619,6 +662,7 @@ class ClientSession(asyncio.Protocol):
             analysis = self.analyzer.analyze(p.query)
             self._note_search_path(analysis.statements)
             self.stmts[p.name] = StmtInfo(p.query, analysis, p.param_types)
+            self.fast_stmts.pop(p.name.encode(), None)
             self.expect.append(_EXPECT_P)
             out.append(msg.raw)
             return True
@@ -647,6 +691,8 @@ class ClientSession(asyncio.Protocol):
         if t == b"C":
             c = codec.decode_close(msg.body)
             (self.stmts if c.kind == "S" else self.portals).pop(c.name, None)
+            if c.kind == "S":
+                self.fast_stmts.pop(c.name.encode(), None)
             self.expect.append(_EXPECT_C)
             out.append(msg.raw)
             return True
@@ -684,6 +730,7 @@ class ClientSession(asyncio.Protocol):
                 self.schemas = wider
                 self.verdicts.clear()
                 self.fast_verdicts.clear()
+                self.fast_stmts.clear()
                 for info in self.stmts.values():
                     info.decision = None
 
@@ -713,8 +760,9 @@ class ClientSession(asyncio.Protocol):
         if fast is not None:
             # Hottest path: a statement this session was allowed to run before, with
             # other numbers in it (pgbench, ORMs that inline ids).
-            decision = self.fast_verdicts.get(fast)
-            if decision is not None:
+            hit = self.fast_verdicts.get(fast)
+            if hit is not None:
+                decision = hit[0]
                 self.expect.append(Expect(b"Q", Ctx(sql, decision.classification, "allow",
                                                      decision.rule, decision.reason,
                                                      time.time())))
@@ -735,7 +783,7 @@ class ClientSession(asyncio.Protocol):
                     self.verdicts[key] = decision
             if (decision.action == "allow" and fast is not None and not self.masking
                     and len(self.fast_verdicts) < 4096 and self.analyzer.known_shape(fast)):
-                self.fast_verdicts[fast] = decision
+                self.fast_verdicts[fast] = (decision, _fragment(decision))
         else:
             decision = self._decide(analysis)
         ctx = Ctx(sql, decision.classification, decision.action, decision.rule, decision.reason,
@@ -761,6 +809,12 @@ class ClientSession(asyncio.Protocol):
         if info.decision is None:
             info.decision = self._decide(info.analysis)
         d = info.decision
+        if self.fast is not None and d.action == "allow" and d.classification == "read":
+            # Bind/Execute/Sync of this statement can now take the compiled fast path.
+            key = stmt_name.encode()
+            if key not in self.fast_stmts and len(self.fast_stmts) < 4096:
+                self.fast_stmts[key] = (d, _fragment(d), orjson.dumps(info.sql), info.sql,
+                                        stmt_name)
         params = None
         if d.action != "allow" or d.classification != "read":
             # Tickets and the audit of non-reads carry the exact parameters.
@@ -815,6 +869,8 @@ class ClientSession(asyncio.Protocol):
 
     def _inject(self, data: bytes, *, rfq: bool = False) -> None:
         """Send our own message after everything the target still owes the client."""
+        if self.fast is not None and self.fast.pending:
+            self._take_fast()
         if not self.expect:
             self.write(data + (codec.encode_ready_for_query(self.tx_status) if rfq else b""))
         else:
@@ -860,14 +916,17 @@ class ClientSession(asyncio.Protocol):
             if ctx.tags and len(ctx.tags) > 1:
                 detail["tags"] = ctx.tags
             rec["detail"] = detail
+        self.gw.audit_spool.write_line(
+            self._audit_prefix_bytes() + orjson.dumps(rec, default=str, option=_LINE)[1:])
+
+    def _audit_prefix_bytes(self) -> bytes:
+        """The fields every statement record of this session shares, serialised once."""
         prefix = self._audit_prefix
         if prefix is None:
-            # The fields every statement record of this session shares, serialised once.
             prefix = self._audit_prefix = orjson.dumps({
                 "kind": "statement", "user": self.user, "connection": self.conn_name,
                 "session_id": self.session_id, "client_addr": self.client_addr})[:-1] + b","
-        self.gw.audit_spool.write_line(
-            prefix + orjson.dumps(rec, default=str, option=_LINE)[1:])
+        return prefix
 
     # ---- holds
 
@@ -1310,6 +1369,8 @@ class ClientSession(asyncio.Protocol):
         ``BackendReader.scan``). The chunk goes out as it came unless the
         gateway must slot its own messages in after a response completes.
         """
+        if self.fast is not None and self.fast.pending:
+            self._take_fast()
         expect = self.expect
         out: list[bytes] | None = None
         seg = 0

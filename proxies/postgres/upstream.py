@@ -105,6 +105,14 @@ class Upstream(asyncio.Protocol):
             return
         try:
             if self.ready:
+                session = self.session
+                fast = session.fast
+                if fast is not None and fast.pending:
+                    # The compiled fast path relays the ordinary answers to what it sent
+                    # (see ClientSession); anything else goes the Python way below.
+                    if not self.reader.pending and not session.closed and fast.server(data):
+                        return
+                    session._take_fast()
                 chunk, frames = self.reader.scan(data)
                 if chunk:
                     self.session.server_data(chunk, frames)
