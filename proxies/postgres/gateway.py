@@ -22,7 +22,7 @@ from keyturn.config import Connection
 from keyturn.masking.engine import MaskCatalog, derived_columns
 from keyturn.policy import PolicyEngine
 from keyturn.services import Services
-from proxies.postgres import codec
+from proxies.postgres import codec, speedups
 
 if TYPE_CHECKING:
     from proxies.postgres.session import ClientSession
@@ -69,9 +69,10 @@ class PostgresGateway:
         self._server = await loop.create_server(lambda: ClientSession(self), listen.host,
                                                 listen.port, reuse_address=True)
         self.port = self._server.sockets[0].getsockname()[1]
-        log.info("postgres gateway on %s:%d (%d connections, TLS %s)", listen.host, self.port,
+        log.info("postgres gateway on %s:%d (%d connections, TLS %s, compiled fast path %s)",
+                 listen.host, self.port,
                  sum(1 for c in self.config.connections.values() if c.type == "postgres"),
-                 "on" if self.tls else "off")
+                 "on" if self.tls else "off", speedups.state())
 
     async def stop(self) -> None:
         if self._server:

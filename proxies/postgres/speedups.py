@@ -28,3 +28,12 @@ def _load() -> Any:
 
 
 compiled = _load()
+
+
+def state() -> str:
+    """For the gateway's start-up log line."""
+    if compiled is not None:
+        return "on"
+    if os.environ.get("KEYTURN_NO_SPEEDUPS"):
+        return "off (KEYTURN_NO_SPEEDUPS is set)"
+    return "off (proxies/postgres/_speedups.c is not built; reinstall with a C compiler)"
