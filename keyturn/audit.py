@@ -65,6 +65,37 @@ def _row_dict(r: AuditRecord) -> dict[str, Any]:
 
 
 @dataclass
+class Chained:
+    """A batch of records hashed onto the chain head ``after`` = (seq, hash)."""
+
+    after: tuple[int, str]
+    rows: list[tuple[Any, ...]]
+    seq: int
+    hash: str
+
+
+def chain(records: list[dict[str, Any]], seq: int, prev: str) -> Chained:
+    """Number and hash ``records`` onto the head (seq, prev): insert-ready rows."""
+    after = (seq, prev)
+    rows = []
+    dumps, sha256, now = orjson.dumps, hashlib.sha256, time.time()
+    for raw in records:
+        rec = {k: raw.get(k) for k in FIELDS}
+        detail = rec["detail"] = rec["detail"] or {}
+        at = rec["at"]
+        rec["at"] = float(at) if at is not None else now
+        seq += 1
+        rec["seq"] = seq
+        # record_hash(), inlined: rec holds exactly FIELDS here.
+        h = sha256(prev.encode() + dumps(rec, default=str, option=_CANONICAL)).hexdigest()
+        rec["detail"] = dumps(detail, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+        rec["prev_hash"], rec["hash"] = prev, h
+        rows.append(tuple(rec[c] for c in _INSERT_COLUMNS))
+        prev = h
+    return Chained(after, rows, seq, prev)
+
+
+@dataclass
 class VerifyResult:
     ok: bool
     count: int
@@ -84,44 +115,37 @@ class AuditLog:
         self.store = store
 
     def append(self, records: list[dict[str, Any]],
-               cursor: tuple[str, int] | None = None) -> None:
+               cursor: tuple[str, int] | None = None, *,
+               prepared: Chained | None = None) -> None:
         """Chain and insert a batch in one transaction (Core executemany: the ORM
         costs ~100 µs a row). ``cursor`` = (spool file, offset) is stored in the
-        same transaction by the spool ingester."""
+        same transaction by the spool ingester. ``prepared`` is the batch already
+        chained onto the head read earlier (``chain``): used when the head is still
+        that one, so the hashing can happen before the store is locked."""
         if not records and cursor is None:
             return
         with self.store.write() as s:
             head = s.scalars(select(AuditHead).where(AuditHead.id == 1).with_for_update()).one()
-            seq, prev = head.seq, head.hash
-            rows = []
-            dumps, sha256, now = orjson.dumps, hashlib.sha256, time.time()
-            for raw in records:
-                rec = {k: raw.get(k) for k in FIELDS}
-                detail = rec["detail"] = rec["detail"] or {}
-                at = rec["at"]
-                rec["at"] = float(at) if at is not None else now
-                seq += 1
-                rec["seq"] = seq
-                # record_hash(), inlined: rec holds exactly FIELDS here.
-                h = sha256(prev.encode() + dumps(rec, default=str, option=_CANONICAL)
-                           ).hexdigest()
-                rec["detail"] = dumps(detail, default=str, option=orjson.OPT_NON_STR_KEYS
-                                      ).decode()
-                rec["prev_hash"], rec["hash"] = prev, h
-                rows.append(tuple(rec[c] for c in _INSERT_COLUMNS))
-                prev = h
-            if rows:
+            if prepared is None or prepared.after != (head.seq, head.hash):
+                prepared = chain(records, head.seq, head.hash)
+            if prepared.rows:
                 # A driver-level executemany: SQLAlchemy's per-row parameter processing
                 # costs more than the hashing and the insert together.
                 conn = s.connection()
-                conn.exec_driver_sql(_insert_sql(conn.dialect.name), rows)
-                head.seq, head.hash = seq, prev
+                conn.exec_driver_sql(_insert_sql(conn.dialect.name), prepared.rows)
+                head.seq, head.hash = prepared.seq, prepared.hash
             if cursor is not None:
                 row = s.get(AuditSpoolCursor, cursor[0])
                 if row is None:
                     s.add(AuditSpoolCursor(source=cursor[0], offset=cursor[1]))
                 else:
                     row.offset = cursor[1]
+
+    def head(self) -> tuple[int, str]:
+        """The chain's head (seq, hash) as of now, without locking it."""
+        with self.store.session() as s:
+            head = s.get(AuditHead, 1)
+            return (head.seq, head.hash) if head is not None else (0, GENESIS)
 
     def forget_cursor(self, source: str) -> None:
         with self.store.write() as s:

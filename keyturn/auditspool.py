@@ -36,7 +36,7 @@ from typing import Any
 import orjson
 from sqlalchemy import select
 
-from keyturn.audit import AuditLog
+from keyturn.audit import AuditLog, chain
 from keyturn.models import AuditSpoolCursor
 
 log = logging.getLogger(__name__)
@@ -173,12 +173,15 @@ class AuditIngester:
                     if len(records) >= self.batch:
                         break
                 if records or pos != offset:
+                    # Hash the batch onto the head as it is now, still idle-scheduled; the
+                    # store re-hashes it in the rare case another writer moved the head.
+                    prepared = chain(records, *self.audit.head()) if records else None
                     # Never hold the store's write lock (SQLite) or the chain head's row
                     # lock while idle-scheduled: approvals and audit writes would wait on us.
                     if self.priority is not None:
                         self.priority.boost()
                     try:
-                        self.audit.append(records, cursor=(source, pos))
+                        self.audit.append(records, cursor=(source, pos), prepared=prepared)
                     finally:
                         if self.priority is not None:
                             self.priority.unboost()
@@ -235,14 +238,14 @@ class IngestPriority:
     The ingest thread runs under Linux's SCHED_IDLE policy: it gets CPU only
     when nothing else wants it, so under load the gateway, the target and the
     clients come first and the records wait, durable, in the spool. When the
-    backlog passes ``high`` bytes (~100,000 records) a watchdog thread moves the
+    backlog passes ``high`` bytes (~750,000 records) a watchdog thread moves the
     ingest back to normal scheduling (at the process's nice level) until the
     backlog is below ``low``, so the store never falls behind by more than a
     bounded amount even under sustained load. Where SCHED_IDLE is unavailable,
     or the process could not leave it again (no privilege), nothing changes.
     """
 
-    def __init__(self, ingester: AuditIngester, *, high: int = 32 << 20, low: int = 4 << 20,
+    def __init__(self, ingester: AuditIngester, *, high: int = 256 << 20, low: int = 16 << 20,
                  interval: float = 1.0):
         self.ingester = ingester
         self.high, self.low, self.interval = high, low, interval

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import threading
 import time
 from pathlib import Path
@@ -215,6 +217,25 @@ def test_audit_chain_verifies(svc: Services) -> None:
     _fill(svc)
     r = svc.audit.verify()
     assert r.ok and r.count == 10 and r.head_seq == 10
+
+
+def test_a_batch_hashed_before_the_lock_is_rechained_if_the_head_moved(svc: Services) -> None:
+    from keyturn.audit import chain
+
+    _fill(svc, 2)
+    batch = [{"kind": "statement", "user": "bob", "statement": f"SELECT {i}", "at": 2000.0 + i}
+             for i in range(3)]
+    stale = chain(batch, *svc.audit.head())
+    _fill(svc, 2)  # another writer appends in between
+    svc.audit.append(batch, prepared=stale)
+    fresh = chain(batch[:1], *svc.audit.head())
+    svc.audit.append(batch[:1], prepared=fresh)  # head unchanged: used as it is
+    r = svc.audit.verify()
+    assert r.ok and r.count == 8 and r.head_seq == 8 and r.head_hash == fresh.hash
+    out = io.StringIO()
+    svc.audit.export(out)
+    users = [json.loads(line)["user"] for line in out.getvalue().splitlines()]
+    assert users == ["alice"] * 4 + ["bob"] * 4
 
 
 @pytest.mark.parametrize("tamper, expect", [

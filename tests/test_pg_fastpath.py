@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import re
 import struct
+import time
 from types import SimpleNamespace
 
 import orjson
@@ -265,6 +266,9 @@ def test_fast_path_audit_lines_are_json_with_control_characters_escaped() -> Non
     assert s.fast.pending == 0
     assert [orjson.loads(r)["statement"] for r in records] == [sql, sql]
     assert [orjson.loads(r)["rows"] for r in records] == [1, 1]
+    python_line, fast_line = (orjson.loads(r) for r in records)
+    assert python_line["at"] <= fast_line["at"] <= time.time()
+    assert 0 <= fast_line["duration_ms"] < 60_000
     assert records[1].count(b"\\r\\f") == 1  # escaped by the compiled audit line
 
 

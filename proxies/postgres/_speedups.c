@@ -1033,6 +1033,40 @@ json_ascii(Buf *b, const char *s, Py_ssize_t n)
     return 0;
 }
 
+/* Decimal digits of v >= 0 at p; returns the count. */
+static int
+put_uint(char *p, unsigned long long v)
+{
+    char tmp[24];
+    int n = 0;
+    do {
+        tmp[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    for (int i = 0; i < n; i++)
+        p[i] = tmp[n - 1 - i];
+    return n;
+}
+
+/* v (>= 0) with exactly `places` decimals (printf's %.Nf is slow: glibc's
+   printf_fp showed up in profiles of the relay). */
+static int
+put_fixed(char *p, double v, int places)
+{
+    unsigned long long scale = places == 6 ? 1000000ULL : 1000ULL;
+    if (!(v >= 0))
+        v = 0;
+    unsigned long long units = (unsigned long long)(v * (double)scale + 0.5);
+    int n = put_uint(p, units / scale);
+    p[n++] = '.';
+    unsigned long long frac = units % scale;
+    for (int i = places - 1; i >= 0; i--) {
+        p[n + i] = (char)('0' + frac % 10);
+        frac /= 10;
+    }
+    return n + places;
+}
+
 /* One audit line, in the keys and order ClientSession._audit writes. */
 static int
 audit(FastPath *self, Entry *e, double now)
@@ -1042,7 +1076,11 @@ audit(FastPath *self, Entry *e, double now)
     int rc = -1;
     if (buf_add(&b, PyBytes_AS_STRING(self->prefix), PyBytes_GET_SIZE(self->prefix)) < 0)
         goto done;
-    int k = snprintf(num, sizeof num, "\"at\":%.6f,\"statement\":", now);
+    int k = 0;
+    memcpy(num, "\"at\":", 5);
+    k = 5 + put_fixed(num + 5, now, 6);
+    memcpy(num + k, ",\"statement\":", 13);
+    k += 13;
     if (buf_add(&b, num, k) < 0)
         goto done;
     if (e->kind == 'Q') {
@@ -1054,12 +1092,20 @@ audit(FastPath *self, Entry *e, double now)
     if (buf_add(&b, ",", 1) < 0 ||
         buf_add(&b, PyBytes_AS_STRING(e->fragment), PyBytes_GET_SIZE(e->fragment)) < 0)
         goto done;
+    static const char mid[] = ",\"outcome\":\"ok\",\"duration_ms\":";
+    memcpy(num, mid, sizeof mid - 1);
+    k = sizeof mid - 1;
+    k += put_fixed(num + k, (now - e->t0) * 1000, 3);
+    memcpy(num + k, ",\"rows\":", 8);
+    k += 8;
     if (e->rows >= 0)
-        k = snprintf(num, sizeof num, ",\"outcome\":\"ok\",\"duration_ms\":%.3f,\"rows\":%lld}\n",
-                     (now - e->t0) * 1000, e->rows);
-    else
-        k = snprintf(num, sizeof num, ",\"outcome\":\"ok\",\"duration_ms\":%.3f,\"rows\":null}\n",
-                     (now - e->t0) * 1000);
+        k += put_uint(num + k, (unsigned long long)e->rows);
+    else {
+        memcpy(num + k, "null", 4);
+        k += 4;
+    }
+    num[k++] = '}';
+    num[k++] = '\n';
     if (buf_add(&b, num, k) < 0)
         goto done;
     PyObject *line = PyBytes_FromStringAndSize(b.data, b.len);
