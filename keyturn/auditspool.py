@@ -30,6 +30,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +192,8 @@ class AuditIngester:
                     fh.seek(offset)
                 if finished or len(records) < self.batch:
                     break
+                if self.priority is not None and self.priority.defer():
+                    break  # the machine got busy: the rest waits, durable, in the spool
         if finished:
             self.audit.forget_cursor(source)
             path.unlink(missing_ok=True)
@@ -222,7 +225,9 @@ class AuditIngester:
             self.priority = priority
         while not stop.is_set():
             try:
-                if self.run_once() == 0:
+                if priority is not None and priority.defer():
+                    stop.wait(interval)
+                elif self.run_once() == 0:
                     stop.wait(interval)
             except Exception:
                 log.exception("audit ingest failed; retrying")
@@ -246,13 +251,24 @@ class IngestPriority:
     """
 
     def __init__(self, ingester: AuditIngester, *, high: int = 256 << 20, low: int = 16 << 20,
-                 interval: float = 1.0):
+                 interval: float = 1.0, idle_floor: float = 0.25, max_lag: float = 60.0,
+                 cpu_sample: Callable[[], tuple[float, float]] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.ingester = ingester
         self.high, self.low, self.interval = high, low, interval
+        self.idle_floor, self.max_lag = idle_floor, max_lag
         self.tid = 0
         self.idle = False
         self.switches = 0
+        self.deferred = 0  # times ingestion waited for a busy machine
         self._boosted = False
+        self._cpu_sample = cpu_sample or _cpu_sample
+        self._clock = clock
+        self._last: tuple[float, float] | None = None
+        self._checked = float("-inf")
+        self._busy = False
+        self._big = False
+        self._caught_up = clock()
 
     @staticmethod
     def supported() -> bool:
@@ -309,6 +325,31 @@ class IngestPriority:
             self._boosted = False
             self._set(idle=True)
 
+    def defer(self) -> bool:
+        """True while ingesting should wait: the machine is busy (under ``idle_floor``
+        of its CPU idle, not counting this process), the backlog is under ``high`` and
+        the store caught up with the spool less than ``max_lag`` seconds ago. SCHED_IDLE
+        alone still lets the ingester fill every gap between the clients' round trips,
+        which costs the gateway context switches and caches; this leaves them alone."""
+        now = self._clock()
+        if now - self._checked >= 0.5:
+            self._checked = now
+            sample = self._cpu_sample()
+            if self._last is not None and sample[0] > self._last[0]:
+                total = sample[0] - self._last[0]
+                free = sample[1] - self._last[1]
+                self._busy = free / total < self.idle_floor
+            self._last = sample
+            backlog = self.ingester.backlog_bytes()
+            if backlog == 0:
+                self._caught_up = now
+            self._big = backlog >= self.high
+        if not self._busy or self._big or \
+                now - self._caught_up >= self.max_lag:
+            return False
+        self.deferred += 1
+        return True
+
     def _watch(self, stop: threading.Event) -> None:
         while not stop.wait(self.interval):
             backlog = self.ingester.backlog_bytes()
@@ -318,6 +359,21 @@ class IngestPriority:
                 self._set(idle=False)
             elif not self.idle and backlog < self.low:
                 self._set(idle=True)
+
+
+def _cpu_sample() -> tuple[float, float]:
+    """(all CPU time, idle CPU time + this process's CPU time) in seconds, machine-wide,
+    from /proc/stat; (0, 0) where that is unavailable (never deferring)."""
+    try:
+        with open("/proc/stat", "rb") as fh:
+            fields = [int(x) for x in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return (0.0, 0.0)
+    tick = os.sysconf("SC_CLK_TCK")
+    own = os.times()
+    # user nice system idle iowait irq softirq steal (guest time is inside user)
+    total = sum(fields[:8]) / tick
+    return (total, (fields[3] + fields[4]) / tick + own.user + own.system)
 
 
 def spool_backlog(directory: str | os.PathLike[str], audit: AuditLog) -> int:

@@ -326,6 +326,55 @@ def test_ingest_runs_idle_until_the_backlog_is_large(svc: Services, tmp_path: Pa
     assert r.ok and r.count == 3000
 
 
+def test_ingest_waits_while_the_machine_is_busy_within_bounds(svc: Services,
+                                                             tmp_path: Path) -> None:
+    """Under load the ingester leaves the CPU alone (records wait in the spool), but
+    not once the backlog is large or the store has lagged too long; then it ingests."""
+    from keyturn.auditspool import AuditIngester, AuditSpool, IngestPriority
+
+    spool = AuditSpool(tmp_path / "spool", "gw")
+    ing = AuditIngester(svc.audit, tmp_path / "spool", batch=100)
+    cpu = {"total": 0.0, "free": 0.0, "now": 0.0}
+    prio = IngestPriority(ing, high=50_000, max_lag=60.0,
+                          cpu_sample=lambda: (cpu["total"], cpu["free"]),
+                          clock=lambda: cpu["now"])
+    ing.priority = prio
+
+    def tick(now: float, free_share: float) -> bool:
+        """Half a second or more later, with this share of the CPU idle meanwhile."""
+        cpu["now"] = now
+        cpu["total"] += 2.0
+        cpu["free"] += 2.0 * free_share
+        return prio.defer()
+
+    assert not tick(0.0, 0.05)  # first sample: nothing measured yet
+    assert not tick(1.0, 0.9), "an idle machine: ingest"
+    for i in range(300):
+        spool.record(kind="statement", statement=f"SELECT {i}")
+    spool._fh.flush()
+    assert tick(2.0, 0.05), "busy, small backlog, store fresh: wait"
+    cpu["now"] = 2.2
+    assert prio.defer(), "decided per half second, not per call"
+    assert tick(30.0, 0.1) and prio.deferred == 3
+    assert not tick(62.0, 0.1), "the store lagged a minute: ingest even though busy"
+    # A busy machine stops an ingest between batches; nothing is lost or doubled.
+    prio._caught_up = 62.0
+    assert tick(63.0, 0.1)
+    done = ing.run_once()
+    assert done == 100, "one batch, then it waits"
+    assert not tick(64.0, 0.8)
+    ing.run_once()
+    for i in range(300, 2000):  # ~120 KB: above `high`
+        spool.record(kind="statement", statement=f"SELECT {i}")
+    spool.close()
+    assert not tick(65.0, 0.05), "a large backlog is ingested even on a busy machine"
+    ing.run_once()
+    r = svc.audit.verify()
+    assert r.ok and r.count == 2000
+    assert [x["statement"] for x in svc.audit.iter_records()] == \
+        [f"SELECT {i}" for i in range(2000)]
+
+
 def test_audit_spool_partial_line_waits_and_garbage_is_kept(svc: Services,
                                                            tmp_path: Path) -> None:
     from keyturn.auditspool import EOF_MARK, AuditIngester

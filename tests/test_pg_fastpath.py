@@ -168,9 +168,10 @@ def new_session(fast: bool, records: list[bytes]) -> tuple[ClientSession, Upstre
     up.ready = True
     s.upstream = up
     if fast:
-        s.fast = compiled.FastPath(s, s.fast_verdicts, s.fast_stmts, s.portals, s.write,
-                                   up.write, spool.write_line, s._audit_prefix_bytes(),
-                                   MAX_SHAPED_TEXT)
+        assert s.transport is not None and up.transport is not None
+        s.fast = compiled.FastPath(s, s.fast_verdicts, s.fast_stmts, s.portals,
+                                   s.transport.write, up.transport.write, spool.write_line,
+                                   s._audit_prefix_bytes(), MAX_SHAPED_TEXT)
     return s, up
 
 

@@ -298,7 +298,8 @@ class ClientSession(asyncio.Protocol):
                 fast = self.fast
                 if fast is not None and not self.expect and not self.holding and \
                         not self.skip_until_sync and not self.fail_at_sync and \
-                        not self.reader.pending and fast.client(data):
+                        not self.reader.pending and not self.closed and \
+                        not self.upstream.closed and fast.client(data):  # type: ignore[union-attr]
                     return
                 self._client_messages(self.reader.feed(data))
                 return
@@ -586,9 +587,12 @@ class ClientSession(asyncio.Protocol):
         self.write(b"".join(out))
         self.phase = "ready"
         if _speedups is not None and not self.masking:
-            self.fast = _speedups.FastPath(self, self.fast_verdicts, self.fast_stmts, self.portals,
-                                  self.write, self.upstream.write, self.gw.audit_spool.write_line,
-                                  self._audit_prefix_bytes(), MAX_SHAPED_TEXT)
+            # It writes to both transports directly: callers check that neither is closed.
+            assert self.transport is not None and self.upstream.transport is not None
+            self.fast = _speedups.FastPath(
+                self, self.fast_verdicts, self.fast_stmts, self.portals, self.transport.write,
+                self.upstream.transport.write, self.gw.audit_spool.write_line,
+                self._audit_prefix_bytes(), MAX_SHAPED_TEXT)
         self.data_received(b"")
 
     # ------------------------------------------------------------ client -> target

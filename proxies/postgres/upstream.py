@@ -45,7 +45,7 @@ class Upstream(asyncio.Protocol):
         self._ssl_reply: asyncio.Future[bytes] | None = None
         self._login: asyncio.Future[None] | None = None
         self._auth: TargetAuthenticator | None = None
-        self._closed = False
+        self.closed = False
 
     @classmethod
     async def connect(cls, session: ClientSession, conn: Connection,
@@ -169,7 +169,7 @@ class Upstream(asyncio.Protocol):
         self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._closed = True
+        self.closed = True
         err = UpstreamError(f"the target closed the connection{f': {exc}' if exc else ''}",
                             "08006")
         if self._login and not self._login.done():
@@ -191,18 +191,18 @@ class Upstream(asyncio.Protocol):
     # ---- used by the session
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self._closed:
+        if self.transport is not None and not self.closed:
             self.transport.write(data)
 
     def close(self) -> None:
-        if self.transport is not None and not self._closed:
-            self._closed = True
+        if self.transport is not None and not self.closed:
+            self.closed = True
             self.transport.close()
 
     def pause_reading(self) -> None:
-        if self.transport is not None and not self._closed:
+        if self.transport is not None and not self.closed:
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.transport is not None and not self._closed:
+        if self.transport is not None and not self.closed:
             self.transport.resume_reading()
