@@ -213,13 +213,15 @@ class AuditIngester:
         return total
 
     def follow(self, stop: threading.Event, interval: float = 0.2, *,
-               idle_priority: bool = True) -> None:
+               idle_priority: bool = True, priority: IngestPriority | None = None) -> None:
         """Ingest until ``stop`` is set, then drain what is complete and return.
 
         With ``idle_priority`` the ingest runs under SCHED_IDLE while the backlog
-        is small (see ``IngestPriority``), and at normal priority to drain.
+        is small and waits while the machine is busy (see ``IngestPriority``); it
+        drains at normal priority. ``priority`` replaces the default policy (tests).
         """
-        priority = IngestPriority(self) if idle_priority else None
+        if priority is None and idle_priority:
+            priority = IngestPriority(self)
         if priority:
             priority.start(stop)
             self.priority = priority
@@ -234,6 +236,7 @@ class AuditIngester:
                 stop.wait(1.0)
         if priority:
             priority.normal()
+            self.priority = None  # the final drain neither waits nor changes priority
         self.run_once()
 
 

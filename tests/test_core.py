@@ -375,6 +375,38 @@ def test_ingest_waits_while_the_machine_is_busy_within_bounds(svc: Services,
         [f"SELECT {i}" for i in range(2000)]
 
 
+def test_ingest_drains_everything_at_stop_even_on_a_busy_machine(svc: Services,
+                                                                tmp_path: Path) -> None:
+    from keyturn.auditspool import AuditIngester, AuditSpool, IngestPriority
+
+    spool = AuditSpool(tmp_path / "spool", "gw")
+    ing = AuditIngester(svc.audit, tmp_path / "spool", batch=100)
+    clock = {"now": 0.0, "total": 0.0}
+
+    def busy() -> tuple[float, float]:  # the machine never has idle CPU
+        clock["total"] += 1.0
+        return (clock["total"], 0.0)
+
+    def ticking() -> float:
+        clock["now"] += 1.0
+        return clock["now"]
+
+    prio = IngestPriority(ing, cpu_sample=busy, clock=ticking)
+    stop = threading.Event()
+    t = threading.Thread(target=ing.follow, args=(stop, 0.01), kwargs={"priority": prio})
+    t.start()
+    for i in range(1000):
+        spool.record(kind="statement", statement=f"SELECT {i}")
+    spool.close()
+    time.sleep(0.3)
+    assert prio.deferred > 0 and ing.ingested < 1000, "busy: the ingester waited"
+    stop.set()
+    t.join(10)
+    assert ing.ingested == 1000
+    assert not list((tmp_path / "spool").glob("*.jsonl")), "drained to the end marker"
+    assert svc.audit.verify().count == 1000
+
+
 def test_audit_spool_partial_line_waits_and_garbage_is_kept(svc: Services,
                                                            tmp_path: Path) -> None:
     from keyturn.auditspool import EOF_MARK, AuditIngester
