@@ -1,7 +1,7 @@
 """Throughput: pgbench -S through Keyturn, next to direct PostgreSQL, pgbouncer and a bare relay.
 
-    .venv/bin/python bench/pgbench_compare.py [--duration 20] [--clients 8] [--keep]
-                                              [--profile]
+    .venv/bin/python bench/pgbench_compare.py [--duration 20] [--rounds 1] [--clients 8]
+                                              [--keep] [--profile]
 
 Starts, under one temp directory: a throwaway PostgreSQL cluster (pgbench -i -s 10),
 pgbouncer (session pooling, trust auth), a bare asyncio.Protocol relay on uvloop
@@ -11,6 +11,8 @@ that allows read/transaction/session and blocks everything else, so every statem
 classified, decided and audited. Then, for each protocol mode (simple, prepared), runs
 ``pgbench -S -M <mode> -c 8 -j 2 -T <duration> -n`` against each target in turn and prints
 TPS side by side, plus Keyturn/pgbouncer and Keyturn/relay, and the CPU each proxy used.
+With ``--rounds N`` all of that is repeated N times, in alternating target order, and the
+table shows each round and the median (runs on a shared 2-core VM drift by 20 % and more).
 
 Audit check: the gateway appends audit records to a local spool that its lower-priority
 child (``keyturn audit ingest --follow``) moves into the store. After the runs the script
@@ -251,12 +253,16 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--scale", type=int, default=10)
     ap.add_argument("--keep", action="store_true", help="keep the temp directory (logs)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every target this many times, in alternating order, and "
+                         "report the median (the machine drifts between runs)")
     ap.add_argument("--profile", action="store_true",
                     help="one extra keyturn simple run under py-spy (not in the table)")
     args = ap.parse_args()
     ensure_pgbouncer()
     print(f"machine: {machine_line()}")
     results: dict[tuple[str, str], dict] = {}
+    runs: dict[tuple[str, str], list[dict]] = {}
     with Workspace("pgbench", keep=args.keep) as ws:
         progress("starting PostgreSQL")
         pg = ws.postgres("pg", max_connections="200")
@@ -287,24 +293,35 @@ def main() -> int:
         pids = {"postgres": [], "pgbouncer": [bouncer_pid], "relay": [relay_pid],
                 "keyturn": [kt.proc.pid]}
         ingest_cpu: dict[str, tuple[float, float]] = {}
-        for mode in MODES:
-            for target in TARGETS:
-                progress(f"pgbench -S -M {mode} -c {args.clients} -j {args.threads} "
-                         f"-T {args.duration} against {target}")
-                if target == "keyturn":
-                    ing0 = [cpu_ticks(p) for p in ingesters]
-                    t0 = time.monotonic()
-                r = results[target, mode] = pgbench(dsns[target], mode, args, pids[target])
-                if target == "keyturn":
-                    wall = time.monotonic() - t0
-                    ing1 = [cpu_ticks(p) for p in ingesters]
-                    ingest_cpu[mode] = tuple(  # type: ignore[assignment]
-                        sum(b[k] - a[k] for a, b in zip(ing0, ing1, strict=True))
-                        / CLK_TCK / wall * 100 for k in (0, 1))
-                progress(f"  {r['tps']:,.0f} tps ({r['n']:,} transactions, {r['failed']} "
-                         f"failed); proxy CPU user {r['proxy_user']:.0f}% sys "
-                         f"{r['proxy_sys']:.0f}% of a core; machine user/sys/idle "
-                         + "/".join(f"{x:.0f}%" for x in r["machine"]))
+        for rnd in range(args.rounds):
+            # Alternate the order so a drifting machine favours no target.
+            order = TARGETS if rnd % 2 == 0 else tuple(reversed(TARGETS))
+            for mode in MODES:
+                for target in order:
+                    progress(f"{f'round {rnd + 1}/{args.rounds}: ' if args.rounds > 1 else ''}"
+                             f"pgbench -S -M {mode} -c {args.clients} -j {args.threads} "
+                             f"-T {args.duration} against {target}")
+                    if target == "keyturn":
+                        ing0 = [cpu_ticks(p) for p in ingesters]
+                        t0 = time.monotonic()
+                    r = pgbench(dsns[target], mode, args, pids[target])
+                    runs.setdefault((target, mode), []).append(r)
+                    if target == "keyturn":
+                        wall = time.monotonic() - t0
+                        ing1 = [cpu_ticks(p) for p in ingesters]
+                        ingest_cpu[mode] = tuple(  # type: ignore[assignment]
+                            sum(b[k] - a[k] for a, b in zip(ing0, ing1, strict=True))
+                            / CLK_TCK / wall * 100 for k in (0, 1))
+                    progress(f"  {r['tps']:,.0f} tps ({r['n']:,} transactions, {r['failed']} "
+                             f"failed); proxy CPU user {r['proxy_user']:.0f}% sys "
+                             f"{r['proxy_sys']:.0f}% of a core; machine user/sys/idle "
+                             + "/".join(f"{x:.0f}%" for x in r["machine"]))
+        for key, rs in runs.items():
+            # The median run (by TPS) stands for the target; transactions are summed.
+            med = dict(sorted(rs, key=lambda r: r["tps"])[len(rs) // 2])
+            med["n"] = sum(r["n"] for r in rs)
+            med["failed"] = sum(r["failed"] for r in rs)
+            results[key] = med
 
         extra = {"simple": 0, "prepared": 0}  # audited statements outside the table
         profile = None
@@ -333,9 +350,22 @@ def main() -> int:
         by_kind, outcomes, by_mode = audit_counts(db_path)
         kt.report_log()
 
+        if args.rounds > 1:
+            print()
+            print("each round (TPS; keyturn/pgbouncer and keyturn/relay):")
+            rows = []
+            for rnd in range(args.rounds):
+                for mode in MODES:
+                    tps = {t: runs[t, mode][rnd]["tps"] for t in TARGETS}
+                    rows.append([str(rnd + 1), mode] + [f"{tps[t]:,.0f}" for t in TARGETS]
+                                + [f"{tps['keyturn'] / tps['pgbouncer']:.2f}",
+                                   f"{tps['keyturn'] / tps['relay']:.2f}"])
+            print_table(["round", "mode"] + [HEADINGS[t] for t in TARGETS]
+                        + ["keyturn/pgbouncer", "keyturn/relay"], rows)
         print()
         print(f"pgbench -S -c {args.clients} -j {args.threads} -T {args.duration} -n, "
-              f"scale {args.scale}; TPS without initial connection time")
+              f"scale {args.scale}; TPS without initial connection time"
+              + (f"; median of {args.rounds} rounds" if args.rounds > 1 else ""))
         rows = []
         for mode in MODES:
             pgb = results["pgbouncer", mode]["tps"]
