@@ -291,3 +291,57 @@ def test_fast_shape_examples() -> None:
         assert compiled.fast_shape(sql, MAX_SHAPED_TEXT) == shape == fast_shape(sql)
     assert compiled.fast_shape("1" * 20, 10) is None
     assert re.fullmatch(r"0", compiled.fast_shape("123", 10))
+
+
+def _hostile(fast: bool, client: list[bytes], answer: bytes) -> tuple:
+    records: list[bytes] = []
+    s, up = new_session(fast, records)
+    assert s.transport is not None
+    bind = msg(b"B", b"\0s1\0" + struct.pack("!hhi", 0, 1, 1) + b"1" + struct.pack("!h", 0))
+    # Teach the session the statement and the query shape (Python path), then go on.
+    s.data_received(codec.encode_parse("s1", "SELECT v FROM acc WHERE id = $1") + bind
+                    + codec.encode_execute("", 0) + codec.encode_sync())
+    up.data_received(msg(b"1", b"") + msg(b"2", b"") + msg(b"C", b"SELECT 1\0")
+                     + msg(b"Z", b"I"))
+    s.data_received(codec.encode_query("SELECT 1 AS a"))
+    up.data_received(msg(b"C", b"SELECT 1\0") + msg(b"Z", b"I"))
+    start = len(s.transport.data)
+    s.data_received(b"".join(client))  # one chunk, as clients send a batch
+    if fast:
+        assert s.fast.pending, "the fast path took the client's messages"
+    error = None
+    try:
+        up.data_received(answer)
+    except Exception as exc:  # noqa: BLE001 - compared between the two paths
+        error = type(exc)
+    recs = [{k: v for k, v in orjson.loads(r).items() if k not in ("at", "duration_ms")}
+            for r in records]
+    return bytes(s.transport.data[start:]), recs, s.tx_status, s.closed, error
+
+
+HUGE = b"SELECT 10000000000000009\0"
+CASES = {
+    "huge row count, query": ([codec.encode_query("SELECT 2 AS a")],
+                              msg(b"C", HUGE) + msg(b"Z", b"I")),
+    "huge row count, execute": ([msg(b"B", b"\0s1\0" + struct.pack("!hhi", 0, 1, 1) + b"2"
+                                     + struct.pack("!h", 0)), codec.encode_execute("", 0),
+                                 codec.encode_sync()],
+                                msg(b"2", b"") + msg(b"C", b"SELECT 99999999999999999999\0")
+                                + msg(b"Z", b"T")),
+    "several tags for one query": ([codec.encode_query("SELECT 3 AS a")],
+                                   msg(b"C", b"SELECT 1\0") * 3 + msg(b"Z", b"I")),
+    "odd transaction status": ([codec.encode_query("SELECT 4 AS a")],
+                               msg(b"C", b"SELECT 1\0") + msg(b"Z", b"X")),
+    "empty CommandComplete": ([codec.encode_query("SELECT 5 AS a")],
+                              b"C\0\0\0\x04" + msg(b"Z", b"I")),
+    "tag without terminator": ([codec.encode_query("SELECT 6 AS a")],
+                               msg(b"C", b"SELECT 1") + msg(b"Z", b"I")),
+    "bytes after the tag": ([codec.encode_query("SELECT 7 AS a")],
+                            msg(b"C", b"SELECT 1\0x") + msg(b"Z", b"I")),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_odd_or_hostile_answers_are_handled_exactly_like_the_python_session(case: str) -> None:
+    client, answer = CASES[case]
+    assert _hostile(True, client, answer) == _hostile(False, client, answer)

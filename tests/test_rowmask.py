@@ -173,3 +173,11 @@ def test_the_gateway_uses_the_compiled_masker_when_it_is_built():
     else:
         assert C is not None, "proxies/postgres/_speedups.c was not built"
         assert rowmask.RowMasker is C
+
+
+@needs_c
+def test_style_functions_may_return_bytearray_in_both_maskers():
+    row = data_row([b"abc", None])
+    ops = [(rowmask.OP_CALL, lambda v: bytearray(v.upper())), (rowmask.OP_CALL, lambda v: b"z")]
+    assert C(ops).rows(row, 0, len(row)) == rowmask.PyRowMasker(ops).rows(row, 0, len(row))
+    assert fields(C(ops).rows(row, 0, len(row))) == [b"ABC", None]

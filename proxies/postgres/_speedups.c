@@ -72,6 +72,8 @@ buf_reserve(Buf *b, Py_ssize_t extra)
 static int
 buf_add(Buf *b, const char *src, Py_ssize_t n)
 {
+    if (n <= 0)
+        return 0;
     if (buf_reserve(b, n) < 0)
         return -1;
     memcpy(b->data + b->len, src, n);
@@ -151,6 +153,9 @@ apply_fallback(PyObject *fn, const char *v, Py_ssize_t n, Buf *out, int detect, 
     }
     else if (PyBytes_Check(res)) {
         rc = buf_field(out, PyBytes_AS_STRING(res), PyBytes_GET_SIZE(res));
+    }
+    else if (PyByteArray_Check(res)) {
+        rc = buf_field(out, PyByteArray_AS_STRING(res), PyByteArray_GET_SIZE(res));
     }
     else {
         PyErr_Format(PyExc_TypeError, "masking function returned %.100s, not bytes or None",
@@ -831,18 +836,21 @@ FastPath_client(FastPath *self, PyObject *chunk)
     const unsigned char *u = (const unsigned char *)base;
     Py_ssize_t n = PyBytes_GET_SIZE(chunk);
     Planned plan[MAX_BATCH];
+    for (int i = 0; i < MAX_BATCH; i++)
+        plan[i].verdict = NULL; /* owned references, released on every way out */
     int count = 0;
+    PyObject *result = NULL;
     PyObject *bound = NULL; /* the statement a Bind in this chunk bound to the unnamed portal */
     Py_ssize_t p = 0;
     if (n == 0)
-        Py_RETURN_FALSE;
+        goto bail;
     /* First pass: decide, change nothing. */
     while (p < n) {
         if (n - p < 5 || count == MAX_BATCH)
-            Py_RETURN_FALSE;
+            goto bail;
         uint32_t length = get_u32(u + p + 1);
         if (length < 4 || (Py_ssize_t)length > n - p - 1)
-            Py_RETURN_FALSE;
+            goto bail;
         Py_ssize_t end = p + 1 + length;
         const char *body = base + p + 5, *bend = base + end;
         Planned *pl = &plan[count];
@@ -854,68 +862,70 @@ FastPath_client(FastPath *self, PyObject *chunk)
         case 'Q': {
             Py_ssize_t tlen = bend - body - 1;
             if (tlen < 0 || bend[-1] != 0 || tlen > self->max_len)
-                Py_RETURN_FALSE;
+                goto bail;
             PyObject *shape = shape_object((const unsigned char *)body, tlen);
             if (shape == NULL)
-                return NULL;
+                goto fail;
             if (shape == Py_None) {
                 Py_DECREF(shape);
-                Py_RETURN_FALSE;
+                goto bail;
             }
             PyObject *hit = PyDict_GetItemWithError(self->verdicts, shape);
             Py_DECREF(shape);
             if (hit == NULL) {
                 if (PyErr_Occurred())
-                    return NULL;
-                Py_RETURN_FALSE;
+                    goto fail;
+                goto bail;
             }
-            if (!PyTuple_Check(hit) || PyTuple_GET_SIZE(hit) != 2)
-                Py_RETURN_FALSE;
-            pl->verdict = hit;
+            if (!PyTuple_Check(hit) || PyTuple_GET_SIZE(hit) != 2 ||
+                !PyBytes_Check(PyTuple_GET_ITEM(hit, 1)))
+                goto bail;
+            pl->verdict = Py_NewRef(hit);
             break;
         }
         case 'B': {
             const char *z = cstr_end(body, bend);
             if (z == NULL || z != body) /* only the unnamed portal */
-                Py_RETURN_FALSE;
+                goto bail;
             const char *name = z + 1;
             const char *z2 = cstr_end(name, bend);
             if (z2 == NULL)
-                Py_RETURN_FALSE;
+                goto bail;
             PyObject *key = PyBytes_FromStringAndSize(name, z2 - name);
             if (key == NULL)
-                return NULL;
+                goto fail;
             PyObject *st = PyDict_GetItemWithError(self->stmts, key);
             Py_DECREF(key);
             if (st == NULL) {
                 if (PyErr_Occurred())
-                    return NULL;
-                Py_RETURN_FALSE;
+                    goto fail;
+                goto bail;
             }
-            if (!PyTuple_Check(st) || PyTuple_GET_SIZE(st) != 5)
-                Py_RETURN_FALSE;
-            pl->verdict = st;
+            if (!PyTuple_Check(st) || PyTuple_GET_SIZE(st) != 5 ||
+                !PyBytes_Check(PyTuple_GET_ITEM(st, 1)) || !PyBytes_Check(PyTuple_GET_ITEM(st, 2)))
+                goto bail;
+            pl->verdict = Py_NewRef(st);
             bound = st;
             break;
         }
         case 'E':
             /* the unnamed portal, bound earlier in this same chunk */
             if (bound == NULL || bend - body != 5 || body[0] != 0)
-                Py_RETURN_FALSE;
-            pl->verdict = bound;
+                goto bail;
+            pl->verdict = Py_NewRef(bound);
             break;
         case 'D':
             /* Describe of the unnamed portal (libpq sends one with each prepared query) */
             if (length != 6 || body[0] != 'P' || body[1] != 0)
-                Py_RETURN_FALSE;
+                goto bail;
             break;
         case 'S':
         case 'H':
             if (length != 4)
-                Py_RETURN_FALSE;
+                goto bail;
             break;
         default:
-            Py_RETURN_FALSE;
+            goto bail;
         }
         count++;
         p = end;
@@ -930,18 +940,18 @@ FastPath_client(FastPath *self, PyObject *chunk)
             /* keep the session's view of the unnamed portal in step */
             PyObject *body = PyBytes_FromStringAndSize(base + pl->start + 5, pl->end - pl->start - 5);
             if (body == NULL)
-                return NULL;
+                goto fail;
             PyObject *value = PyTuple_Pack(2, PyTuple_GET_ITEM(pl->verdict, 4), body);
             Py_DECREF(body);
             if (value == NULL || PyDict_SetItem(self->portals, str_empty, value) < 0) {
                 Py_XDECREF(value);
-                return NULL;
+                goto fail;
             }
             Py_DECREF(value);
         }
         Entry *e = push(self);
         if (e == NULL)
-            return NULL;
+            goto fail;
         e->kind = pl->type;
         e->t0 = t0;
         if (pl->type == 'Q') {
@@ -960,9 +970,16 @@ FastPath_client(FastPath *self, PyObject *chunk)
     }
     PyObject *r = PyObject_CallOneArg(self->upstream_write, chunk);
     if (r == NULL)
-        return NULL;
+        goto fail;
     Py_DECREF(r);
-    Py_RETURN_TRUE;
+    result = Py_NewRef(Py_True);
+    goto fail;
+bail:
+    result = Py_NewRef(Py_False);
+fail:
+    for (int i = 0; i < MAX_BATCH; i++)
+        Py_XDECREF(plan[i].verdict);
+    return result;
 }
 
 /* ---- target -> client */
@@ -1072,7 +1089,7 @@ static int
 audit(FastPath *self, Entry *e, double now)
 {
     Buf b = {NULL, 0, 0};
-    char num[64];
+    char num[160]; /* the longest piece: 30 + 20 + 1 + 3 + 8 + 20 + 2 bytes */
     int rc = -1;
     if (buf_add(&b, PyBytes_AS_STRING(self->prefix), PyBytes_GET_SIZE(self->prefix)) < 0)
         goto done;
@@ -1140,7 +1157,7 @@ FastPath_server(FastPath *self, PyObject *chunk)
     const unsigned char *u = (const unsigned char *)base;
     Py_ssize_t n = PyBytes_GET_SIZE(chunk);
     /* First pass: every message must be whole and answer the queue as expected. */
-    Py_ssize_t idx = self->head, p = 0;
+    Py_ssize_t idx = self->head, p = 0, q_tagged = -1;
     while (p < n) {
         if (n - p < 5)
             Py_RETURN_FALSE;
@@ -1166,12 +1183,27 @@ FastPath_server(FastPath *self, PyObject *chunk)
             if (kind != 'Q' && kind != 'E')
                 Py_RETURN_FALSE;
             break;
-        case 'C':
+        case 'C': {
+            /* a tag exactly as decode_command_complete reads it, with a row count
+               small enough to be the same number in C; one tag per Query (several
+               go to the Python session, which keeps them all) */
+            const char *tag = base + p + 5;
+            Py_ssize_t tlen = (Py_ssize_t)length - 5;
+            if (length < 5 || tag[tlen] != 0 || memchr(tag, 0, tlen) != NULL)
+                Py_RETURN_FALSE;
+            Py_ssize_t digits = 0;
+            while (digits < tlen && is_digit((unsigned char)tag[tlen - 1 - digits]))
+                digits++;
+            if (digits > 15)
+                Py_RETURN_FALSE;
             if (kind == 'E')
                 idx++;
-            else if (kind != 'Q')
+            else if (kind != 'Q' || self->q[idx].tag != NULL || q_tagged == idx)
                 Py_RETURN_FALSE;
+            else
+                q_tagged = idx;
             break;
+        }
         case '2':
             if (kind != 'B')
                 Py_RETURN_FALSE;
@@ -1235,8 +1267,14 @@ FastPath_server(FastPath *self, PyObject *chunk)
             self->head++;
             break;
         case 'Z': {
-            PyObject *st = base[p + 5] == 'T' ? str_T : base[p + 5] == 'E' ? str_E : str_I;
-            if (PyObject_SetAttr(self->session, str_tx_status, st) < 0)
+            unsigned char status = (unsigned char)base[p + 5];
+            PyObject *st = status == 'I' ? Py_NewRef(str_I) : status == 'T' ? Py_NewRef(str_T)
+                           : status == 'E' ? Py_NewRef(str_E) : PyUnicode_FromOrdinal(status);
+            if (st == NULL)
+                return NULL;
+            int set = PyObject_SetAttr(self->session, str_tx_status, st);
+            Py_DECREF(st);
+            if (set < 0)
                 return NULL;
             int rc = 0;
             if (e->kind == 'Q') {

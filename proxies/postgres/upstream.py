@@ -107,7 +107,7 @@ class Upstream(asyncio.Protocol):
             if self.ready:
                 session = self.session
                 fast = session.fast
-                if fast is not None and fast.pending:
+                if fast is not None and fast.pending and not session.expect:
                     # The compiled fast path relays the ordinary answers to what it sent
                     # (see ClientSession); anything else goes the Python way below.
                     if not self.reader.pending and not session.closed and fast.server(data):
@@ -123,6 +123,10 @@ class Upstream(asyncio.Protocol):
             log.error("target %s sent invalid protocol: %s", self.conn.name, exc.message)
             self._fail(UpstreamError(f"invalid protocol from the target: {exc.message}"))
             self.session.upstream_lost("invalid protocol from the target")
+            return
+        except Exception:
+            log.exception("relaying from target %s failed", self.conn.name)
+            self.session.fatal("XX000", "keyturn: internal error in the gateway (see its log)")
             return
         self._login_messages(msgs)
 
