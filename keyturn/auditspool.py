@@ -132,6 +132,13 @@ class AuditIngester:
             row = s.get(AuditSpoolCursor, source)
             return row.offset if row else 0
 
+    def resume_position(self) -> None:
+        """Start the backlog count where the store left off: after a restart the first
+        spool file may be partly ingested already (its offset is in the store)."""
+        files = self.pending_files()
+        if files:
+            self.position = (files[0].name, self._offset(files[0].name))
+
     def run_once(self) -> int:
         """Ingest everything complete in the spool now; returns records ingested.
 
@@ -220,6 +227,7 @@ class AuditIngester:
         is small and waits while the machine is busy (see ``IngestPriority``); it
         drains at normal priority. ``priority`` replaces the default policy (tests).
         """
+        self.resume_position()
         if priority is None and idle_priority:
             priority = IngestPriority(self)
         if priority:

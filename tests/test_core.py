@@ -407,6 +407,25 @@ def test_ingest_drains_everything_at_stop_even_on_a_busy_machine(svc: Services,
     assert svc.audit.verify().count == 1000
 
 
+def test_backlog_after_a_restart_counts_only_what_is_not_ingested(svc: Services,
+                                                                  tmp_path: Path) -> None:
+    from keyturn.auditspool import AuditIngester, AuditSpool
+
+    spool = AuditSpool(tmp_path / "spool", "gw")
+    for i in range(1000):
+        spool.record(kind="statement", statement=f"SELECT {i}")
+    spool._fh.flush()
+    (path,) = (tmp_path / "spool").glob("*.jsonl")
+    assert AuditIngester(svc.audit, tmp_path / "spool", batch=400).run_once() == 1000
+    spool.record(kind="statement", statement="SELECT 1000")
+    spool._fh.flush()
+    restarted = AuditIngester(svc.audit, tmp_path / "spool")
+    assert restarted.backlog_bytes() == path.stat().st_size, "unknown position: all of it"
+    restarted.resume_position()
+    assert 0 < restarted.backlog_bytes() < 100, "only the record written since"
+    spool.close()
+
+
 def test_audit_spool_partial_line_waits_and_garbage_is_kept(svc: Services,
                                                            tmp_path: Path) -> None:
     from keyturn.auditspool import EOF_MARK, AuditIngester
