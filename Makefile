@@ -27,6 +27,7 @@ test: deps
 
 lint: deps
 	$(VENV)/bin/ruff check keyturn proxies portal bots tests bench
+	$(VENV)/bin/mypy keyturn proxies portal bots
 
 bench: deps
 	@./scripts/system-deps.sh pgbouncer

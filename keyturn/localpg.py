@@ -532,7 +532,7 @@ class LocalPostgres:
                 f"password_encryption must be one of {PASSWORD_ENCRYPTIONS}, "
                 f"got {password_encryption!r}"
             )
-        options = [
+        options: list[sql.Composable] = [
             sql.SQL("LOGIN" if login else "NOLOGIN"),
             sql.SQL("SUPERUSER" if superuser else "NOSUPERUSER"),
         ]

@@ -222,7 +222,7 @@ class _Tracer:
         ctes = dict(ctes)
         for cte in (wc or {}).get("ctes") or ():
             c = cte.get("CommonTableExpr") or {}
-            name = c.get("ctename")
+            name = c.get("ctename") or ""
             query = c.get("ctequery") or {}
             outs: list[Output] = []
             for k, v in query.items():
@@ -298,7 +298,7 @@ class _Tracer:
                 return set(outs[n - 1].sources)
             return set()
         if isinstance(node, dict) and "ColumnRef" in node:
-            fields = node["ColumnRef"].get("fields") or ()
+            fields = node["ColumnRef"].get("fields") or []
             if len(fields) == 1:
                 name = _sval(fields[0])
                 hits = [o for o in outs if o.name == name]
@@ -312,7 +312,7 @@ class _Tracer:
             rt = target.get("ResTarget") or {}
             val = rt.get("val")
             if isinstance(val, dict) and "ColumnRef" in val:
-                fields = val["ColumnRef"].get("fields") or ()
+                fields = val["ColumnRef"].get("fields") or []
                 if fields and isinstance(fields[-1], dict) and "A_Star" in fields[-1]:
                     expanded = self.star(fields[:-1], scope)
                     if expanded is None:
@@ -400,8 +400,8 @@ class _Tracer:
                     self.lin.predicates |= self.column([u], scope)
             alias = (body.get("alias") or {}).get("aliasname")
             if alias:
-                srcs = set().union(*(i.everything() for i in scope.items.values()))
-                scope.items[alias] = _Item(sources=srcs)
+                inner = set().union(*(i.everything() for i in scope.items.values()))
+                scope.items[alias] = _Item(sources=inner)
         elif kind == "RangeFunction":
             srcs: set[str] = set()
             for f in body.get("functions") or ():

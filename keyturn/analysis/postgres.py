@@ -294,7 +294,7 @@ def _literal(node: Any) -> str | None:
     return None
 
 
-def _qualify(catalog: str | None, schema: str | None, name: str) -> str:
+def _qualify(catalog: str | None, schema: str | None, name: str | None) -> str:
     # Unqualified names are reported in public, the convention policy patterns use too; the
     # real schema depends on the session's search_path, which is not tracked here.
     return ".".join(p for p in (catalog, schema or "public", name) if p)
@@ -690,7 +690,7 @@ class _Walk:
             self.add(C.TRANSACTION if name.startswith("transaction") else C.SESSION,
                      f"SET {name.upper()} changes transaction characteristics")
             return
-        args = body.get("args") or ()
+        args = body.get("args") or []
         value = _literal(args[0]) if kind == "VAR_SET_VALUE" and len(args) == 1 else None
         has_value = kind in ("VAR_SET_VALUE", "VAR_SET_CURRENT")
         if name == "search_path":

@@ -315,7 +315,8 @@ class TargetAuthenticator:
         if code == codec.AUTH_SASL_CONTINUE:
             return self._sasl_continue(payload)
         if code == codec.AUTH_SASL_FINAL:
-            return self._sasl_final(payload)
+            self._sasl_final(payload)
+            return None
         if code not in (codec.AUTH_CLEARTEXT_PASSWORD, codec.AUTH_MD5_PASSWORD, codec.AUTH_SASL):
             raise AuthError(f"target requested unsupported authentication method {code}")
         if self._allowed is not None and code not in self._allowed:

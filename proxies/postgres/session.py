@@ -766,10 +766,9 @@ class ClientSession(asyncio.Protocol):
             # other numbers in it (pgbench, ORMs that inline ids).
             hit = self.fast_verdicts.get(fast)
             if hit is not None:
-                decision = hit[0]
-                self.expect.append(Expect(b"Q", Ctx(sql, decision.classification, "allow",
-                                                     decision.rule, decision.reason,
-                                                     time.time())))
+                known = hit[0]
+                self.expect.append(Expect(b"Q", Ctx(sql, known.classification, "allow",
+                                                     known.rule, known.reason, time.time())))
                 out.append(msg.raw)
                 return True
         analysis = self.analyzer.analyze(sql, self.prepared)
@@ -813,7 +812,8 @@ class ClientSession(asyncio.Protocol):
         if info.decision is None:
             info.decision = self._decide(info.analysis)
         d = info.decision
-        if self.fast is not None and d.action == "allow" and d.classification == "read":
+        if self.fast is not None and d.action == "allow" and d.classification == "read" \
+                and stmt_name is not None:
             # Bind/Execute/Sync of this statement can now take the compiled fast path.
             key = stmt_name.encode()
             if key not in self.fast_stmts and len(self.fast_stmts) < 4096:

@@ -21,7 +21,7 @@ def _load() -> Any:
     if os.environ.get("KEYTURN_NO_SPEEDUPS"):
         return None
     try:
-        from proxies.postgres import _speedups
+        from proxies.postgres import _speedups  # type: ignore[attr-defined]
     except ImportError:
         return None
     return _speedups

@@ -67,6 +67,7 @@ class Upstream(asyncio.Protocol):
             self._auth = TargetAuthenticator(t.user or session.user, password)
             self._login = loop.create_future()
             startup = dict(params, user=t.user or session.user, database=t.dbname or conn.name)
+            assert self.transport is not None
             self.transport.write(codec.encode_startup(startup))
             await asyncio.wait_for(self._login, 15)
         except BaseException:
