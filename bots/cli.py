@@ -63,26 +63,15 @@ def run_bots_command(args: argparse.Namespace, cfg: Config) -> int:
 
 def _claim(args: argparse.Namespace, cfg: Config) -> int:
     """Redeem a link code with the caller's own access token."""
-    import requests
+    from keyturn.cli import access_token, token_request
 
-    token = os.environ.get("KEYTURN_TOKEN")
-    if not token:
-        raise KeyturnError("set KEYTURN_TOKEN to your access token (keyturn token create)")
+    token = access_token()
     base = args.url or os.environ.get("KEYTURN_BOTS_URL")
     if not base:
         if cfg.chat is None:
             raise KeyturnError("no integrations configured; give --url of `keyturn bots`")
         base = f"http://{cfg.chat.listen.host}:{cfg.chat.listen.port}"
-    try:
-        resp = requests.post(f"{base.rstrip('/')}/links/claim", json={"code": args.code},
-                             headers={"Authorization": f"Bearer {token}"}, timeout=30)
-    except requests.RequestException as exc:
-        raise KeyturnError(f"cannot reach the bots at {base}: {exc}") from exc
-    try:
-        data = resp.json()
-    except ValueError:
-        raise KeyturnError(f"the bots answered {resp.status_code} without JSON") from None
-    if resp.status_code >= 400:
-        raise KeyturnError(data.get("message", f"error {resp.status_code}"))
+    data = token_request("POST", base, "/links/claim", {"code": args.code}, token=token,
+                         service="the bots", answerer="the bots", fallback="error")
     print(f"{data['platform']} account {data['platform_user']} is now linked to {data['user']}")
     return 0

@@ -62,6 +62,22 @@ class Planned:
     dedupe: str | None = None
 
 
+def ticket_plan(event: TicketEvent, ticket: Ticket, votes: Sequence[Planned]
+                ) -> Sequence[Planned]:
+    """What every platform delivers for a ticket event: the new ticket posted and its
+    requester told; after a vote on an N-of-M ticket, ``votes`` (the platform's own);
+    once decided or finished, the post updated and the requester told."""
+    kind = event.kind
+    if kind == "created":
+        return [Planned("post"), Planned("dm", {"what": "created"})]
+    if kind.startswith("vote:"):
+        return list(votes) if ticket.min_approvals > 1 else []
+    if kind in FINAL_EVENTS:
+        what = (event.detail or {}).get("status") if kind == "decided" else kind
+        return [Planned("update"), Planned("dm", {"what": what})]
+    return []
+
+
 class Notifier(Protocol):
     platform: str
 

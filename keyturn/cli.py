@@ -218,31 +218,48 @@ def _audit_ingest(args: argparse.Namespace, svc: Any) -> int:
 
 # ---- API client commands
 
-def _api(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> Any:
-    import requests
-
+def access_token() -> str:
+    """The caller's access token (KEYTURN_TOKEN), for commands that call Keyturn over HTTP."""
     token = os.environ.get("KEYTURN_TOKEN")
     if not token:
         raise KeyturnError("set KEYTURN_TOKEN to your access token (keyturn token create)")
+    return token
+
+
+def token_request(method: str, base: str, path: str, body: dict | None, *, token: str,
+                  service: str, answerer: str, fallback: str, details: bool = False) -> Any:
+    """A JSON request with the caller's access token, with errors people can read:
+    ``service`` names what could not be reached, ``answerer`` what answered without JSON,
+    ``fallback`` the error when the answer has no message; ``details`` keeps the answer's
+    other fields on the error."""
+    import requests
+
+    try:
+        resp = requests.request(method, f"{base.rstrip('/')}{path}", json=body,
+                                headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    except requests.RequestException as exc:
+        raise KeyturnError(f"cannot reach {service} at {base}: {exc}") from exc
+    try:
+        data = resp.json()
+    except ValueError:
+        raise KeyturnError(f"{answerer} answered {resp.status_code} without JSON") from None
+    if resp.status_code >= 400:
+        extra = {k: v for k, v in data.items() if k != "message"} if details else {}
+        raise KeyturnError(data.get("message", f"{fallback} {resp.status_code}"), **extra)
+    return data
+
+
+def _api(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> Any:
+    token = access_token()
     base = args.url or os.environ.get("KEYTURN_URL")
     if not base:
         try:
             base = _config(args).portal.public_url
         except ConfigError:
             base = "http://127.0.0.1:8080"
-    try:
-        resp = requests.request(method, f"{base.rstrip('/')}/api/v1{path}", json=body,
-                                headers={"Authorization": f"Bearer {token}"}, timeout=30)
-    except requests.RequestException as exc:
-        raise KeyturnError(f"cannot reach the Keyturn API at {base}: {exc}") from exc
-    try:
-        data = resp.json()
-    except ValueError:
-        raise KeyturnError(f"API answered {resp.status_code} without JSON") from None
-    if resp.status_code >= 400:
-        raise KeyturnError(data.get("message", f"API error {resp.status_code}"), **{
-            k: v for k, v in data.items() if k not in ("message",)})
-    return data
+    return token_request(method, base, f"/api/v1{path}", body, token=token,
+                         service="the Keyturn API", answerer="API", fallback="API error",
+                         details=True)
 
 
 def cmd_tickets(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from bots.context import BotContext
 from bots.models import ChatMessage, OutboxItem
-from bots.outbox import FINAL_EVENTS, Planned, RetryLater
+from bots.outbox import Planned, RetryLater, ticket_plan
 from bots.render import TicketView, fmt_left, requester_note, ticket_view
 from bots.slack.blocks import summary, ticket_blocks
 from bots.slack.people import SlackPeople
@@ -39,19 +39,11 @@ class SlackNotifier:
     # ---- planning
 
     def plan(self, event: TicketEvent, ticket: Ticket) -> Sequence[Planned]:
-        kind = event.kind
-        if kind == "created":
-            return [Planned("post"), Planned("dm", {"what": "created"})]
-        if kind.startswith("vote:"):
-            if ticket.min_approvals > 1:
-                return [Planned("vote_reply", {"approver": event.actor, "vote": kind[5:],
-                                               "comment": (event.detail or {}).get("comment")}),
-                        Planned("update")]
-            return []
-        if kind in FINAL_EVENTS:
-            what = (event.detail or {}).get("status") if kind == "decided" else kind
-            return [Planned("update"), Planned("dm", {"what": what})]
-        return []
+        # A vote on an N-of-M ticket is also answered in the post's thread.
+        votes = [Planned("vote_reply", {"approver": event.actor, "vote": event.kind[5:],
+                                        "comment": (event.detail or {}).get("comment")}),
+                 Planned("update")] if event.kind.startswith("vote:") else []
+        return ticket_plan(event, ticket, votes)
 
     def scheduled(self, pending: Sequence[Ticket], now: float
                   ) -> Sequence[tuple[int, Planned]]:

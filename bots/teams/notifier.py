@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from bots.context import BotContext
 from bots.models import ChatMessage, OutboxItem
-from bots.outbox import FINAL_EVENTS, Planned
+from bots.outbox import Planned, ticket_plan
 from bots.render import TicketView, requester_note, ticket_view
 from bots.teams.cards import attachment, ticket_card
 from bots.teams.connector import Connector
@@ -32,14 +32,7 @@ class TeamsNotifier:
         self.people = people
 
     def plan(self, event: TicketEvent, ticket: Ticket) -> Sequence[Planned]:
-        if event.kind == "created":
-            return [Planned("post"), Planned("dm", {"what": "created"})]
-        if event.kind.startswith("vote:"):
-            return [Planned("update")] if ticket.min_approvals > 1 else []
-        if event.kind in FINAL_EVENTS:
-            what = (event.detail or {}).get("status") if event.kind == "decided" else event.kind
-            return [Planned("update"), Planned("dm", {"what": what})]
-        return []
+        return ticket_plan(event, ticket, [Planned("update")])
 
     def scheduled(self, pending: Sequence[Ticket], now: float
                   ) -> Sequence[tuple[int, Planned]]:

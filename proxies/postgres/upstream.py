@@ -108,15 +108,15 @@ class Upstream(asyncio.Protocol):
             if self.ready:
                 session = self.session
                 fast = session.fast
-                if fast is not None and fast.pending and not session.expect:
-                    # The compiled fast path relays the ordinary answers to what it sent
-                    # (see ClientSession); anything else goes the Python way below.
-                    if not self.reader.pending and not session.closed and fast.server(data):
-                        return
-                    session._take_fast()
+                if fast is not None and fast.pending and not session.expect and \
+                        not self.reader.pending and not session.closed and fast.server(data):
+                    # The compiled fast path relayed the ordinary answers to what it sent
+                    # (see ClientSession); anything else goes the Python way below, where
+                    # server_data takes over what the fast path still expects.
+                    return
                 chunk, frames = self.reader.scan(data)
                 if chunk:
-                    self.session.server_data(chunk, frames)
+                    session.server_data(chunk, frames)
                 return
             self.reader.receive_data(data)
             msgs = self.reader.next_messages()
