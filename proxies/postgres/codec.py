@@ -273,13 +273,13 @@ class BackendReader(_TypedReader):
             raise self._error
         return self._messages()
 
-    def scan(self, data: bytes, *, rows: bool = False
-             ) -> tuple[bytes, list[tuple[bytes, int, int]]]:
+    def scan(self, data: bytes) -> tuple[bytes, list[tuple[bytes, int, int]]]:
         """Frame one chunk from the server without copying it (relay hot path).
 
         Returns the bytes of every complete message (to forward as they are)
         and ``(type, start, end)`` for each of them except DataRow and
-        CopyData (unless ``rows``), which a relay forwards without looking;
+        CopyData, which a relay forwards without looking (masking rewrites the
+        runs of them that lie between the frames returned);
         ``chunk[start + 5:end]`` is a message's body. An incomplete last
         message is kept for the next call. Invalid framing raises
         ``RemoteProtocolError`` (after returning the valid messages before it, if any).
@@ -299,7 +299,7 @@ class BackendReader(_TypedReader):
                 end = off + 1 + length
                 if end > n:
                     break
-                if rows or (t != b"D" and t != b"d"):
+                if t != b"D" and t != b"d":
                     append((t, off, end))
                 off = end
         except RemoteProtocolError:
