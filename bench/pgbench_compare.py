@@ -14,6 +14,12 @@ TPS side by side, plus Keyturn/pgbouncer and Keyturn/relay, and the CPU each pro
 With ``--rounds N`` all of that is repeated N times, in alternating target order, and the
 table shows each round and the median (runs on a shared 2-core VM drift by 20 % and more).
 
+Before every measured run the script waits until Keyturn's audit ingester has caught up
+with the spool (at most 180 s), so that no target, a baseline or Keyturn, is measured while
+the ingester works off the previous Keyturn run's records; the ingester's own CPU is
+reported per audited statement next to the table (the ingester defers its work while the
+machine is busy, see docs/operations.md, so a 20 s run does not pay for it).
+
 Audit check: the gateway appends audit records to a local spool that its lower-priority
 child (``keyturn audit ingest --follow``) moves into the store. After the runs the script
 stops the gateway with SIGTERM (it closes the spool and waits for the ingester to drain it),
@@ -246,6 +252,27 @@ def ingest_snapshot(db_path: Path, spool: Path) -> tuple[int, int]:
                    for f in spool.glob("*.jsonl"))
 
 
+def settle(db_path: Path, spool: Path, ingesters: list[int], timeout: float = 180
+           ) -> tuple[float, float, int]:
+    """Wait until the ingester has moved the whole spool into the store.
+    (seconds waited, ingester CPU seconds meanwhile, statement records ingested meanwhile)"""
+    t0 = time.monotonic()
+    c0 = sum(sum(cpu_ticks(p)) for p in ingesters)
+    ok0, backlog = ingest_snapshot(db_path, spool)
+    said = False
+    while backlog > 0 and time.monotonic() - t0 < timeout:
+        if not said:
+            progress(f"  waiting for the audit ingester: {backlog:,} bytes of spool to ingest")
+            said = True
+        time.sleep(0.5)
+        _, backlog = ingest_snapshot(db_path, spool)
+    ok1, backlog = ingest_snapshot(db_path, spool)
+    if backlog:
+        progress(f"  the ingester is still {backlog:,} bytes behind after {timeout:.0f}s")
+    cpu = (sum(sum(cpu_ticks(p)) for p in ingesters) - c0) / CLK_TCK
+    return time.monotonic() - t0, cpu, ok1 - ok0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--duration", type=int, default=20, help="seconds per pgbench run")
@@ -293,6 +320,9 @@ def main() -> int:
         pids = {"postgres": [], "pgbouncer": [bouncer_pid], "relay": [relay_pid],
                 "keyturn": [kt.proc.pid]}
         ingest_cpu: dict[str, tuple[float, float]] = {}
+        db_path = kt.dir / "keyturn.db"
+        spool = kt.dir / "audit-spool"
+        catch_up = [0.0, 0.0, 0]  # seconds waited, ingester CPU seconds, records ingested
         for rnd in range(args.rounds):
             # Alternate the order so a drifting machine favours no target.
             order = TARGETS if rnd % 2 == 0 else tuple(reversed(TARGETS))
@@ -301,6 +331,9 @@ def main() -> int:
                     progress(f"{f'round {rnd + 1}/{args.rounds}: ' if args.rounds > 1 else ''}"
                              f"pgbench -S -M {mode} -c {args.clients} -j {args.threads} "
                              f"-T {args.duration} against {target}")
+                    waited, cpu, ingested = settle(db_path, spool, ingesters)
+                    for i, v in enumerate((waited, cpu, ingested)):
+                        catch_up[i] += v
                     if target == "keyturn":
                         ing0 = [cpu_ticks(p) for p in ingesters]
                         t0 = time.monotonic()
@@ -333,8 +366,6 @@ def main() -> int:
                      "transactions)")
 
         # ---- audit: stop (SIGTERM drains the spool), then check and verify
-        db_path = kt.dir / "keyturn.db"
-        spool = kt.dir / "audit-spool"
         before_stop, spool_bytes = ingest_snapshot(db_path, spool)
         progress(f"before SIGTERM: {before_stop:,} ok statement records in the store, "
                  f"{spool_bytes:,} bytes of spool not ingested yet")
@@ -399,6 +430,10 @@ def main() -> int:
                              " / ".join(f"{x:.0f}" for x in r["machine"])])
         print_table(["mode", "target", "proxy % of a core", "proxy µs / transaction",
                      "keyturn audit ingester %", "machine user / sys / idle %"], rows)
+        waited, cpu, ingested = catch_up
+        print(f"keyturn's audit ingester between the runs (waited for before each run): "
+              f"{ingested:,} statement records in {waited:.1f}s, {cpu:.1f}s of CPU"
+              + (f" = {cpu / ingested * 1e6:.0f} µs per record" if ingested else ""))
 
         if profile:
             prof = profile["profile"]

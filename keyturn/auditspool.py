@@ -12,8 +12,10 @@ backlog (``IngestPriority``).
 
 Nothing is lost on the way:
 
-* the spool is flushed to the OS every 100 ms and fsynced on close, so a
-  gateway crash loses at most the last flush interval of an OS crash;
+* records wait in memory (``LineBuffer``, or the gateway's compiled twin)
+  until a flusher thread writes them to the spool file, every 100 ms and at
+  close; files are fsynced when closed. A gateway crash (kill -9) loses at
+  most the last 100 ms of records, an OS crash what the OS had not written;
 * the ingester stores its read offset per spool file in the same transaction
   as the records (table ``audit_spool``), so a crash never duplicates or
   skips a record;
@@ -48,26 +50,86 @@ ROTATE_BYTES = 64 * 1024 * 1024
 _OPTS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
 
 
+PENDING_LIMIT = 1 << 20  # bytes of lines pending before a writer flushes them itself
+
+
+class LineBuffer:
+    """The spool's pending lines: ``append`` from any thread, ``take`` by the flusher.
+
+    The gateway uses the compiled twin, ``proxies.postgres._speedups.AuditBuffer``, which
+    its fast path appends to without a Python call; this one serves everywhere else. When
+    more than ``limit`` bytes are pending, ``append`` calls ``on_full`` (the spool writes
+    them out at once), so a stalled flusher cannot grow memory without bound."""
+
+    def __init__(self, limit: int = PENDING_LIMIT, on_full: Callable[[], None] | None = None):
+        self.limit = limit
+        self.on_full = on_full
+        self.lines = 0
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._lock = threading.Lock()
+        self._flushing = False
+
+    def append(self, line: bytes) -> None:
+        if not isinstance(line, bytes):  # refused here, not when take() joins them
+            raise TypeError("line must be bytes")
+        with self._lock:
+            self._parts.append(line)
+            self._size += len(line)
+            self.lines += 1
+            full = self._size > self.limit and not self._flushing
+            if full:
+                self._flushing = True
+        if full and self.on_full is not None:
+            try:
+                self.on_full()
+            finally:
+                self._flushing = False
+
+    def take(self) -> bytes:
+        with self._lock:
+            parts, self._parts, self._size = self._parts, [], 0
+        return b"".join(parts)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+
 class AuditSpool:
-    """Gateway side: append records to ``<dir>/<name>-<time>-<pid>.jsonl``."""
+    """Gateway side: append records to ``<dir>/<name>-<time>-<pid>.jsonl``.
+
+    ``write_line`` only adds the line to a buffer in memory (``LineBuffer`` or the
+    ``buffer`` factory given, with the same interface); a flusher thread writes the
+    buffer to the file every ``flush_interval`` seconds, in order, and rotates files."""
 
     def __init__(self, directory: str | os.PathLike[str], name: str = "gateway",
-                 *, flush_interval: float = 0.1):
+                 *, flush_interval: float = 0.1,
+                 buffer: Callable[..., Any] | None = None):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.flush_interval = flush_interval
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the file: flushes, rotation, close
+        self._unwritten = b""  # taken from the buffer, not yet written (a full disk)
+        self._buf = (buffer or LineBuffer)(limit=PENDING_LIMIT, on_full=self.flush)
+        self.write_line: Callable[[bytes], None] = self._buf.append
+        """Append one record already serialised as a JSON line (the gateway's hot path
+        joins a per-session prefix to the per-statement fields)."""
         self._open()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._flusher, name="audit-spool", daemon=True)
         self._thread.start()
-        self.records = 0
+
+    @property
+    def records(self) -> int:
+        """Records appended by this process."""
+        return int(self._buf.lines)
 
     def _open(self) -> None:
         stamp = f"{time.time():.6f}".replace(".", "")
         self.path = self.dir / f"{self.name}-{stamp}-{os.getpid()}.jsonl"
-        self._fh = open(self.path, "ab", buffering=1 << 16)  # noqa: SIM115
+        self._fh = open(self.path, "ab", buffering=0)  # noqa: SIM115
         self._size = 0
 
     def record(self, **rec: Any) -> None:
@@ -79,32 +141,41 @@ class AuditSpool:
             rec["at"] = time.time()
         self.write_line(orjson.dumps(rec, default=str, option=_OPTS))
 
-    def write_line(self, line: bytes) -> None:
-        """Append one record already serialised as a JSON line (the gateway's hot path
-        joins a per-session prefix to the per-statement fields)."""
+    def flush(self) -> None:
+        """Write every pending line to the spool file (in order) and hand it to the OS."""
         with self._lock:
-            self._fh.write(line)
-            self._size += len(line)
-            self.records += 1
+            if self._fh.closed:
+                return
+            data = memoryview(self._unwritten + self._buf.take())
+            self._unwritten = b""
+            try:
+                while data:  # an unbuffered file: each write says how much it took
+                    n = self._fh.write(data)
+                    self._size += n
+                    data = data[n:]
+            except OSError:
+                self._unwritten = bytes(data)  # kept, in order, for the next flush
+                raise
             if self._size >= ROTATE_BYTES:
                 self._close_file()
                 self._open()
 
     def _close_file(self) -> None:
         self._fh.write(_EOF_BYTES)
-        self._fh.flush()
         os.fsync(self._fh.fileno())
         self._fh.close()
 
     def _flusher(self) -> None:
         while not self._stop.wait(self.flush_interval):
-            with self._lock:
-                if not self._fh.closed:
-                    self._fh.flush()
+            try:
+                self.flush()
+            except Exception:  # a full disk: keep the lines, try again next time
+                log.exception("audit spool %s: flush failed", self.path)
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(5)
+        self.flush()
         with self._lock:
             if not self._fh.closed:
                 self._close_file()

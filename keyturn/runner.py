@@ -92,8 +92,13 @@ class Ingester:
 def run(config: Config, *, gateway: bool, portal: bool,
         ready: Callable[[Services], None] | None = None, bots: bool | None = None) -> int:
     """``bots``: run the Slack / Teams bots too; None = when integrations are configured."""
-    spool = AuditSpool(config.gateway.audit_spool, config.gateway.gateway_id) if gateway \
-        else None
+    spool = None
+    if gateway:
+        from proxies.postgres.speedups import compiled
+
+        # the compiled buffer lets the gateway's fast path append audit lines in C
+        spool = AuditSpool(config.gateway.audit_spool, config.gateway.gateway_id,
+                           buffer=compiled.AuditBuffer if compiled is not None else None)
     services = build_services(config, audit_sink=spool.record if spool else None)
     ingester = Ingester(config) if spool else None
     if ingester:

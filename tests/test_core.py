@@ -265,7 +265,7 @@ def test_audit_spool_is_ingested_exactly_once(svc: Services, tmp_path: Path) -> 
     spool = AuditSpool(tmp_path / "spool", "gw")
     for i in range(2500):
         spool.record(kind="statement", statement=f"SELECT {i}")
-    spool._fh.flush()
+    spool.flush()
     ing = AuditIngester(svc.audit, tmp_path / "spool", batch=1000)
     first = ing.run_once()
     assert 0 < first <= 2500
@@ -312,7 +312,7 @@ def test_ingest_runs_idle_until_the_backlog_is_large(svc: Services, tmp_path: Pa
     assert policies and set(policies) == {os.SCHED_IDLE}, "idle while nothing is pending"
     for i in range(3000):  # ~0.25 MB: far above `high`
         spool.record(kind="statement", statement=f"SELECT {i}")
-    spool._fh.flush()
+    spool.flush()
     deadline = time.time() + 30
     while ing.ingested < 3000 and time.time() < deadline:
         time.sleep(0.05)
@@ -351,7 +351,7 @@ def test_ingest_waits_while_the_machine_is_busy_within_bounds(svc: Services,
     assert not tick(1.0, 0.9), "an idle machine: ingest"
     for i in range(300):
         spool.record(kind="statement", statement=f"SELECT {i}")
-    spool._fh.flush()
+    spool.flush()
     assert tick(2.0, 0.05), "busy, small backlog, store fresh: wait"
     cpu["now"] = 2.2
     assert prio.defer(), "decided per half second, not per call"
@@ -414,11 +414,11 @@ def test_backlog_after_a_restart_counts_only_what_is_not_ingested(svc: Services,
     spool = AuditSpool(tmp_path / "spool", "gw")
     for i in range(1000):
         spool.record(kind="statement", statement=f"SELECT {i}")
-    spool._fh.flush()
+    spool.flush()
     (path,) = (tmp_path / "spool").glob("*.jsonl")
     assert AuditIngester(svc.audit, tmp_path / "spool", batch=400).run_once() == 1000
     spool.record(kind="statement", statement="SELECT 1000")
-    spool._fh.flush()
+    spool.flush()
     restarted = AuditIngester(svc.audit, tmp_path / "spool")
     assert restarted.backlog_bytes() == path.stat().st_size, "unknown position: all of it"
     restarted.resume_position()
@@ -488,3 +488,66 @@ def test_sqlite_reads_do_not_wait_for_a_writer(svc: Services) -> None:
     th.join()
     assert creds is not None and len(creds.candidates) == 1
     assert elapsed < 1.0
+
+
+def _buffers() -> list:
+    from keyturn.auditspool import LineBuffer
+    from proxies.postgres.speedups import compiled
+
+    return [LineBuffer] + ([compiled.AuditBuffer] if compiled is not None else [])
+
+
+@pytest.mark.parametrize("make", _buffers(), ids=lambda m: m.__name__)
+def test_spool_buffers_hand_over_every_line_once_in_order(make) -> None:
+    full: list[int] = []
+    buf = make(limit=100, on_full=lambda: full.append(buf.size))
+    lines = [f'{{"n":{i}}}\n'.encode() for i in range(50)]
+    taken = b""
+    for i, line in enumerate(lines):
+        buf.append(line)
+        if i % 20 == 19:
+            taken += buf.take()
+    taken += buf.take()
+    assert taken == b"".join(lines)
+    assert buf.lines == 50 and buf.size == 0 and buf.take() == b""
+    # on_full is called each time an append leaves more than `limit` bytes pending
+    assert full and all(size > 100 for size in full)
+    with pytest.raises(TypeError):
+        buf.append("not bytes")
+
+
+@pytest.mark.parametrize("make", _buffers(), ids=lambda m: m.__name__)
+def test_spool_writes_a_full_buffer_at_once_and_keeps_lines_a_failed_write_missed(
+        tmp_path: Path, make, monkeypatch: pytest.MonkeyPatch) -> None:
+    import keyturn.auditspool as auditspool
+
+    monkeypatch.setattr(auditspool, "PENDING_LIMIT", 1000)
+    spool = auditspool.AuditSpool(tmp_path, "gw", flush_interval=3600, buffer=make)
+    line = b'{"kind":"statement","statement":"SELECT 1"}\n'
+    for _ in range(30):  # > 1000 bytes: the writer flushes without waiting for the thread
+        spool.write_line(line)
+    assert spool.path.read_bytes().count(line) >= 22
+    # A write that fails (a full disk) loses nothing: the next flush writes it, in order.
+    real = spool._fh
+    calls = []
+
+    class Full:
+        def write(self, data: bytes) -> int:
+            calls.append(len(data))
+            if len(calls) == 1:
+                return real.write(bytes(data[:10]))  # a partial write first
+            raise OSError(28, "No space left on device")
+
+        closed = False
+
+    spool._fh = Full()  # type: ignore[assignment]
+    spool.write_line(b'{"n":1}\n')
+    with pytest.raises(OSError):
+        spool.flush()
+    spool._fh = real
+    spool.write_line(b'{"n":2}\n')
+    spool.close()
+    assert spool.records == 32
+    data = spool.path.read_bytes()
+    assert data.count(line) == 30
+    assert data.endswith(b'{"n":1}\n{"n":2}\n' + auditspool._EOF_BYTES)

@@ -65,6 +65,15 @@ class Sink:
     def close(self) -> None:
         pass
 
+    def set_protocol(self, protocol: object) -> None:
+        self.protocol = protocol  # the compiled Relay, in "relay" mode
+
+
+def feed(side: ClientSession | Upstream, data: bytes) -> None:
+    """Deliver a chunk the way the event loop does: to the transport's protocol."""
+    relay = getattr(side.transport, "protocol", None)
+    (relay or side).data_received(data)
+
 
 class Target:
     """Answers what the gateway sends the way PostgreSQL would, for the statements used
@@ -145,11 +154,16 @@ class Target:
         return bytes(out)
 
 
-def new_session(fast: bool, records: list[bytes]) -> tuple[ClientSession, Upstream]:
+
+
+def new_session(fast: bool | str, records: list[bytes]) -> tuple[ClientSession, Upstream]:
+    """A ready session on Sink transports. ``fast="relay"`` installs the compiled relays
+    and the compiled audit buffer, as the gateway does; call ``collect`` for the lines."""
     cfg = parse_config(CFG)
-    spool = SimpleNamespace(write_line=records.append)
+    buf = compiled.AuditBuffer() if fast == "relay" else None
+    spool = SimpleNamespace(write_line=buf.append if buf else records.append, buf=buf)
     gw = SimpleNamespace(config=cfg, policy=PolicyEngine(cfg), audit_spool=spool,
-                         _analyzers={}, audit=lambda **k: None)
+                         _analyzers={}, audit=lambda **k: None, drop_key=lambda key: None)
     gw.analyzer = lambda conn: PostgresGateway.analyzer(gw, conn)  # type: ignore[arg-type]
     s = ClientSession(gw)  # type: ignore[arg-type]
     s.connection_made(Sink())  # type: ignore[arg-type]
@@ -172,7 +186,16 @@ def new_session(fast: bool, records: list[bytes]) -> tuple[ClientSession, Upstre
         s.fast = compiled.FastPath(s, s.fast_verdicts, s.fast_stmts, s.portals,
                                    s.transport.write, up.transport.write, spool.write_line,
                                    s._audit_prefix_bytes(), MAX_SHAPED_TEXT)
+        if fast == "relay":
+            s._install_relays()
     return s, up
+
+
+def collect(s: ClientSession, records: list[bytes]) -> list[bytes]:
+    buf = s.gw.audit_spool.buf
+    if buf is not None:
+        records.extend(buf.take().splitlines(keepends=True))
+    return records
 
 
 def client_messages(rng: random.Random) -> list[bytes]:
@@ -212,7 +235,7 @@ def cut(rng: random.Random, data: bytes) -> list[bytes]:
     return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
 
 
-def run(seed: int, fast: bool) -> tuple[bytes, bytes, list[dict], str, int]:
+def run(seed: int, fast: bool | str) -> tuple[bytes, bytes, list[dict], str, int]:
     rng = random.Random(seed)
     target = Target(random.Random(seed + 1))
     records: list[bytes] = []
@@ -224,15 +247,15 @@ def run(seed: int, fast: bool) -> tuple[bytes, bytes, list[dict], str, int]:
         data = b"".join(b"".join(client_messages(rng)) for _ in range(rng.randint(1, 3)))
         for piece in cut(rng, data):
             before = s.fast.pending if fast else 0
-            s.data_received(piece)
+            feed(s, piece)
             handled += (s.fast.pending if fast else 0) > before
         new = bytes(up.transport.data[sent:])
         sent = len(up.transport.data)
         answer = target.feed(new)
         for piece in cut(rng, answer):
-            up.data_received(piece)
+            feed(up, piece)
     recs = []
-    for line in records:
+    for line in collect(s, records):
         r = orjson.loads(line)
         for k in ("at", "duration_ms", "session_id"):
             r.pop(k, None)
@@ -240,10 +263,12 @@ def run(seed: int, fast: bool) -> tuple[bytes, bytes, list[dict], str, int]:
     return (bytes(up.transport.data), bytes(s.transport.data), recs, s.tx_status, handled)
 
 
+@pytest.mark.parametrize("fast", [True, "relay"])
 @pytest.mark.parametrize("seed", range(40))
-def test_fast_path_relays_and_audits_exactly_like_the_python_session(seed: int) -> None:
+def test_fast_path_relays_and_audits_exactly_like_the_python_session(
+        seed: int, fast: bool | str) -> None:
     to_target, to_client, records, tx, _ = run(seed, fast=False)
-    f_target, f_client, f_records, f_tx, handled = run(seed, fast=True)
+    f_target, f_client, f_records, f_tx, handled = run(seed, fast=fast)
     assert f_target == to_target
     assert f_client == to_client
     assert f_records == records
@@ -251,9 +276,10 @@ def test_fast_path_relays_and_audits_exactly_like_the_python_session(seed: int) 
     assert records, "the scenario audited statements"
 
 
-def test_the_fast_path_takes_most_of_a_plain_workload() -> None:
+@pytest.mark.parametrize("fast", [True, "relay"])
+def test_the_fast_path_takes_most_of_a_plain_workload(fast: bool | str) -> None:
     # Guards against the fast path silently never engaging (the test above would pass).
-    handled = sum(run(seed, fast=True)[4] for seed in range(5))
+    handled = sum(run(seed, fast=fast)[4] for seed in range(5))
     assert handled > 50
 
 
@@ -293,29 +319,28 @@ def test_fast_shape_examples() -> None:
     assert re.fullmatch(r"0", compiled.fast_shape("123", 10))
 
 
-def _hostile(fast: bool, client: list[bytes], answer: bytes) -> tuple:
+def _hostile(fast: bool | str, client: list[bytes], answer: bytes) -> tuple:
     records: list[bytes] = []
     s, up = new_session(fast, records)
     assert s.transport is not None
     bind = msg(b"B", b"\0s1\0" + struct.pack("!hhi", 0, 1, 1) + b"1" + struct.pack("!h", 0))
     # Teach the session the statement and the query shape (Python path), then go on.
-    s.data_received(codec.encode_parse("s1", "SELECT v FROM acc WHERE id = $1") + bind
-                    + codec.encode_execute("", 0) + codec.encode_sync())
-    up.data_received(msg(b"1", b"") + msg(b"2", b"") + msg(b"C", b"SELECT 1\0")
-                     + msg(b"Z", b"I"))
-    s.data_received(codec.encode_query("SELECT 1 AS a"))
-    up.data_received(msg(b"C", b"SELECT 1\0") + msg(b"Z", b"I"))
+    feed(s, codec.encode_parse("s1", "SELECT v FROM acc WHERE id = $1") + bind
+         + codec.encode_execute("", 0) + codec.encode_sync())
+    feed(up, msg(b"1", b"") + msg(b"2", b"") + msg(b"C", b"SELECT 1\0") + msg(b"Z", b"I"))
+    feed(s, codec.encode_query("SELECT 1 AS a"))
+    feed(up, msg(b"C", b"SELECT 1\0") + msg(b"Z", b"I"))
     start = len(s.transport.data)
-    s.data_received(b"".join(client))  # one chunk, as clients send a batch
+    feed(s, b"".join(client))  # one chunk, as clients send a batch
     if fast:
         assert s.fast.pending, "the fast path took the client's messages"
     error = None
     try:
-        up.data_received(answer)
+        feed(up, answer)
     except Exception as exc:  # noqa: BLE001 - compared between the two paths
         error = type(exc)
     recs = [{k: v for k, v in orjson.loads(r).items() if k not in ("at", "duration_ms")}
-            for r in records]
+            for r in collect(s, records)]
     return bytes(s.transport.data[start:]), recs, s.tx_status, s.closed, error
 
 
@@ -342,6 +367,84 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_odd_or_hostile_answers_are_handled_exactly_like_the_python_session(case: str) -> None:
+@pytest.mark.parametrize("fast", [True, "relay"])
+def test_odd_or_hostile_answers_are_handled_exactly_like_the_python_session(
+        case: str, fast: bool | str) -> None:
     client, answer = CASES[case]
-    assert _hostile(True, client, answer) == _hostile(False, client, answer)
+    assert _hostile(fast, client, answer) == _hostile(False, client, answer)
+
+
+def _learned_relay_session() -> tuple[ClientSession, Upstream, list[str]]:
+    """A session with relays whose Python entry points count their calls."""
+    records: list[bytes] = []
+    s, up = new_session(True, records)
+    calls: list[str] = []
+    py_client, py_server = s.data_received, up.data_received
+    s.data_received = lambda d: (calls.append("client"), py_client(d))[1]  # type: ignore[method-assign]
+    up.data_received = lambda d: (calls.append("server"), py_server(d))[1]  # type: ignore[method-assign]
+    s._install_relays()
+    return s, up, calls
+
+
+def test_relays_keep_the_common_case_out_of_python() -> None:
+    s, up, calls = _learned_relay_session()
+    answer = (msg(b"T", struct.pack("!h", 1) + b"x\0" + b"\0" * 18)
+              + msg(b"D", struct.pack("!hi", 1, 1) + b"7") + msg(b"C", b"SELECT 1\0")
+              + msg(b"Z", b"I"))
+    for i in range(100):
+        feed(s, codec.encode_query(f"SELECT abalance FROM acc WHERE aid = {i};"))
+        feed(up, answer)
+    # The first query teaches the session its shape (Python both ways), the second one
+    # arms the relays through the session; then none.
+    assert calls == ["client", "server", "client"]
+    assert s.transport is not None and bytes(s.transport.data).count(answer) == 100
+    assert s.fast.armed and s.fast.pending == 0
+    # An async notice from the target while nothing is pending goes to Python and
+    # disarms; the next query re-arms through the session.
+    feed(up, msg(b"S", b"application_name\0x\0"))
+    assert calls[-1] == "server" and not s.fast.armed
+    feed(s, codec.encode_query("SELECT abalance FROM acc WHERE aid = 5;"))
+    assert calls[-1] == "client" and s.fast.armed
+
+
+def test_a_closed_target_disarms_the_client_relay() -> None:
+    s, up, calls = _learned_relay_session()
+    feed(s, codec.encode_query("SELECT abalance FROM acc WHERE aid = 1;"))
+    feed(up, msg(b"C", b"SELECT 1\0") + msg(b"Z", b"I"))
+    feed(s, codec.encode_query("SELECT abalance FROM acc WHERE aid = 2;"))
+    feed(up, msg(b"C", b"SELECT 1\0") + msg(b"Z", b"I"))
+    assert s.fast.armed
+    assert up.transport is not None
+    sent = len(up.transport.data)
+    up.close()
+    assert not s.fast.armed
+    feed(s, codec.encode_query("SELECT abalance FROM acc WHERE aid = 3;"))
+    assert calls[-1] == "client", "the session, not the fast path, saw the query"
+    assert len(up.transport.data) == sent, "nothing was written to the closed target"
+
+
+def test_an_error_inside_a_relay_ends_only_that_session() -> None:
+    s, up, calls = _learned_relay_session()
+    feed(s, codec.encode_query("SELECT abalance FROM acc WHERE aid = 1;"))
+    feed(up, msg(b"C", b"SELECT 1\0") + msg(b"Z", b"I"))
+
+    writes: list[bytes] = []
+
+    def broken(data: bytes) -> None:
+        if writes:
+            raise RuntimeError("socket gone")
+        writes.append(data)
+
+    # The fast path holds the transport's write; make the next write fail.
+    assert s.transport is not None
+    s.fast = compiled.FastPath(s, s.fast_verdicts, s.fast_stmts, s.portals, s.transport.write,
+                               broken, s.gw.audit_spool.write_line, s._audit_prefix_bytes(),
+                               MAX_SHAPED_TEXT)
+    s._install_relays()
+    feed(s, codec.encode_query("SELECT abalance FROM acc WHERE aid = 2;"))  # arms
+    assert s.fast.armed and not s.closed
+    n = len(calls)
+    feed(s, codec.encode_query("SELECT abalance FROM acc WHERE aid = 3;"))  # must not raise
+    assert len(calls) == n, "the relay itself met the error"
+    assert s.closed
+    assert b"XX000" in bytes(s.transport.data)

@@ -641,6 +641,155 @@ py_fast_shape(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return shape_object(PyUnicode_1BYTE_DATA(sql), PyUnicode_GET_LENGTH(sql));
 }
 
+/* ================================================================ AuditBuffer
+ *
+ * The audit spool's pending lines (keyturn/auditspool.py, LineBuffer is the
+ * Python twin). append() adds one JSON line; take() hands everything appended so
+ * far to the spool's flusher, which writes it to the spool file. Both run with
+ * the GIL held and never release it, so a take() sees every append() before it
+ * and none after. The fast path appends its lines here without a Python call.
+ * When more than `limit` bytes are pending, append() calls on_full() (the spool
+ * writes them out at once), so a stalled flusher cannot grow memory unbounded.
+ */
+
+typedef struct {
+    PyObject_HEAD
+    Buf buf;
+    Py_ssize_t lines;   /* lines appended since creation */
+    Py_ssize_t limit;
+    PyObject *on_full;  /* callable or None */
+    int flushing;       /* on_full() is running (it may append itself) */
+} AuditBuffer;
+
+static PyTypeObject AuditBufferType;
+
+static int
+AuditBuffer_traverse(AuditBuffer *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->on_full);
+    return 0;
+}
+
+static int
+AuditBuffer_clear(AuditBuffer *self)
+{
+    Py_CLEAR(self->on_full);
+    return 0;
+}
+
+static void
+AuditBuffer_dealloc(AuditBuffer *self)
+{
+    PyObject_GC_UnTrack(self);
+    AuditBuffer_clear(self);
+    PyMem_Free(self->buf.data);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+AuditBuffer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"limit", "on_full", NULL};
+    Py_ssize_t limit = 1 << 20;
+    PyObject *on_full = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|nO:AuditBuffer", kwlist, &limit, &on_full))
+        return NULL;
+    if (on_full != Py_None && !PyCallable_Check(on_full)) {
+        PyErr_SetString(PyExc_TypeError, "on_full must be callable or None");
+        return NULL;
+    }
+    AuditBuffer *self = (AuditBuffer *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->limit = limit;
+    self->on_full = Py_NewRef(on_full);
+    return (PyObject *)self;
+}
+
+/* After a line was added: count it, and let the spool write out a full buffer. */
+static int
+audit_buffer_added(AuditBuffer *self)
+{
+    self->lines++;
+    if (self->buf.len > self->limit && self->on_full != Py_None && !self->flushing) {
+        self->flushing = 1;
+        PyObject *r = PyObject_CallNoArgs(self->on_full);
+        self->flushing = 0;
+        if (r == NULL)
+            return -1;
+        Py_DECREF(r);
+    }
+    return 0;
+}
+
+static PyObject *
+AuditBuffer_append(AuditBuffer *self, PyObject *line)
+{
+    if (!PyBytes_Check(line)) {
+        PyErr_SetString(PyExc_TypeError, "line must be bytes");
+        return NULL;
+    }
+    if (buf_add(&self->buf, PyBytes_AS_STRING(line), PyBytes_GET_SIZE(line)) < 0)
+        return NULL;
+    if (audit_buffer_added(self) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+AuditBuffer_take(AuditBuffer *self, PyObject *unused)
+{
+    PyObject *out = PyBytes_FromStringAndSize(self->buf.data, self->buf.len);
+    if (out == NULL)
+        return NULL;
+    self->buf.len = 0;
+    if (self->buf.cap > (4 << 20)) { /* give back what a burst took */
+        PyMem_Free(self->buf.data);
+        self->buf.data = NULL;
+        self->buf.cap = 0;
+    }
+    return out;
+}
+
+static PyObject *
+AuditBuffer_get_lines(AuditBuffer *self, void *closure)
+{
+    return PyLong_FromSsize_t(self->lines);
+}
+
+static PyObject *
+AuditBuffer_get_size(AuditBuffer *self, void *closure)
+{
+    return PyLong_FromSsize_t(self->buf.len);
+}
+
+static PyMethodDef AuditBuffer_methods[] = {
+    {"append", (PyCFunction)AuditBuffer_append, METH_O, "append(line: bytes): add one line"},
+    {"take", (PyCFunction)AuditBuffer_take, METH_NOARGS,
+     "take() -> bytes: everything appended since the last take()"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef AuditBuffer_getset[] = {
+    {"lines", (getter)AuditBuffer_get_lines, NULL, "lines appended since creation", NULL},
+    {"size", (getter)AuditBuffer_get_size, NULL, "bytes pending", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject AuditBufferType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "proxies.postgres._speedups.AuditBuffer",
+    .tp_basicsize = sizeof(AuditBuffer),
+    .tp_dealloc = (destructor)AuditBuffer_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "AuditBuffer(limit=1 MiB, on_full=None): the audit spool's pending lines.",
+    .tp_traverse = (traverseproc)AuditBuffer_traverse,
+    .tp_clear = (inquiry)AuditBuffer_clear,
+    .tp_methods = AuditBuffer_methods,
+    .tp_getset = AuditBuffer_getset,
+    .tp_new = AuditBuffer_new,
+};
+
 /* ================================================================ FastPath
  *
  * The relay's common case in one call per network chunk: simple Queries whose
@@ -676,11 +825,12 @@ typedef struct {
     PyObject *portals;       /* the session's portals: str -> (statement name, Bind body) */
     PyObject *client_write;
     PyObject *upstream_write;
-    PyObject *audit_write;
+    PyObject *audit_write;   /* a callable, or the AuditBuffer itself (appended to in C) */
     PyObject *prefix;        /* bytes: the session's part of every record, up to a comma */
     Py_ssize_t max_len;      /* longest text with a shape */
     Entry *q;
     Py_ssize_t head, tail, cap;
+    int armed;               /* see Relay: the last client chunk went the fast way */
 } FastPath;
 
 static PyObject *str_tx_status, *str_I, *str_T, *str_E, *str_empty;
@@ -758,6 +908,9 @@ FastPath_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->portals = Py_NewRef(portals);
     self->client_write = Py_NewRef(cw);
     self->upstream_write = Py_NewRef(uw);
+    if (PyCFunction_Check(aw) && PyCFunction_GET_SELF(aw) != NULL &&
+        Py_IS_TYPE(PyCFunction_GET_SELF(aw), &AuditBufferType))
+        aw = PyCFunction_GET_SELF(aw); /* its append(): add lines without a call */
     self->audit_write = Py_NewRef(aw);
     self->prefix = Py_NewRef(prefix);
     self->max_len = max_len;
@@ -973,10 +1126,13 @@ FastPath_client(FastPath *self, PyObject *chunk)
         goto fail;
     Py_DECREF(r);
     result = Py_NewRef(Py_True);
-    goto fail;
+    self->armed = 1;
+    goto done;
 bail:
     result = Py_NewRef(Py_False);
 fail:
+    self->armed = 0;
+done:
     for (int i = 0; i < MAX_BATCH; i++)
         Py_XDECREF(plan[i].verdict);
     return result;
@@ -1088,7 +1244,12 @@ put_fixed(char *p, double v, int places)
 static int
 audit(FastPath *self, Entry *e, double now)
 {
-    Buf b = {NULL, 0, 0};
+    Buf tmp = {NULL, 0, 0};
+    AuditBuffer *direct = Py_IS_TYPE(self->audit_write, &AuditBufferType)
+                          ? (AuditBuffer *)self->audit_write : NULL;
+    Buf *bp = direct ? &direct->buf : &tmp;
+    Py_ssize_t start = bp->len;
+#define b (*bp)
     char num[160]; /* the longest piece: 30 + 20 + 1 + 3 + 8 + 20 + 2 bytes */
     int rc = -1;
     if (buf_add(&b, PyBytes_AS_STRING(self->prefix), PyBytes_GET_SIZE(self->prefix)) < 0)
@@ -1125,7 +1286,12 @@ audit(FastPath *self, Entry *e, double now)
     num[k++] = '\n';
     if (buf_add(&b, num, k) < 0)
         goto done;
-    PyObject *line = PyBytes_FromStringAndSize(b.data, b.len);
+#undef b
+    if (direct) {
+        rc = audit_buffer_added(direct);
+        return rc;
+    }
+    PyObject *line = PyBytes_FromStringAndSize(tmp.data, tmp.len);
     if (line == NULL)
         goto done;
     PyObject *r = PyObject_CallOneArg(self->audit_write, line);
@@ -1135,7 +1301,9 @@ audit(FastPath *self, Entry *e, double now)
     Py_DECREF(r);
     rc = 0;
 done:
-    PyMem_Free(b.data);
+    if (direct)
+        direct->buf.len = start; /* no half line */
+    PyMem_Free(tmp.data);
     return rc;
 }
 
@@ -1304,6 +1472,7 @@ PyDoc_STRVAR(drain_doc,
 static PyObject *
 FastPath_drain(FastPath *self, PyObject *unused)
 {
+    self->armed = 0;
     PyObject *out = PyList_New(0);
     if (out == NULL)
         return NULL;
@@ -1352,7 +1521,22 @@ FastPath_get_pending(FastPath *self, void *closure)
     return PyLong_FromSsize_t(self->tail - self->head);
 }
 
+static PyObject *
+FastPath_disarm(FastPath *self, PyObject *unused)
+{
+    self->armed = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+FastPath_get_armed(FastPath *self, void *closure)
+{
+    return PyBool_FromLong(self->armed);
+}
+
 static PyMethodDef FastPath_methods[] = {
+    {"disarm", (PyCFunction)FastPath_disarm, METH_NOARGS,
+     "disarm(): the next chunk on either side goes to the Python session first"},
     {"client", (PyCFunction)FastPath_client, METH_O, client_doc},
     {"server", (PyCFunction)FastPath_server, METH_O, server_doc},
     {"drain", (PyCFunction)FastPath_drain, METH_NOARGS, drain_doc},
@@ -1361,6 +1545,8 @@ static PyMethodDef FastPath_methods[] = {
 
 static PyGetSetDef FastPath_getset[] = {
     {"pending", (getter)FastPath_get_pending, NULL, "entries queued", NULL},
+    {"armed", (getter)FastPath_get_armed, NULL,
+     "the relays may call the fast path without asking the session", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -1376,6 +1562,200 @@ static PyTypeObject FastPathType = {
     .tp_methods = FastPath_methods,
     .tp_getset = FastPath_getset,
     .tp_new = FastPath_new,
+};
+
+/* ================================================================ Relay
+ *
+ * The protocol object uvloop calls for one side of a ready session, so that a
+ * chunk the fast path takes never enters the Python interpreter (uvloop caches
+ * protocol.data_received, a C method here). Relay(fast, owner, side):
+ * side 'c' serves the client transport for the ClientSession `owner`, side 's'
+ * the target transport for the Upstream `owner`.
+ *
+ * While the fast path is armed (the last client chunk went the fast way, which
+ * the session allows only when it has nothing of its own in flight), a chunk
+ * goes straight to FastPath.client / FastPath.server. Any other chunk, and every
+ * chunk after one the fast path did not take, disarms it and goes to
+ * owner.data_received, exactly as without a Relay; the session re-arms it by
+ * calling FastPath.client itself once its own queue is empty again. Everything
+ * else a protocol receives (connection_lost, eof_received, pause_writing,
+ * resume_writing) disarms and is passed on to the owner.
+ */
+
+typedef struct {
+    PyObject_HEAD
+    FastPath *fast;
+    PyObject *owner;
+    PyObject *slow;   /* owner.data_received */
+    char side;
+} Relay;
+
+static PyObject *str_data_received, *str_fast_failed;
+
+static int
+Relay_traverse(Relay *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->fast);
+    Py_VISIT(self->owner);
+    Py_VISIT(self->slow);
+    return 0;
+}
+
+static int
+Relay_clear(Relay *self)
+{
+    Py_CLEAR(self->fast);
+    Py_CLEAR(self->owner);
+    Py_CLEAR(self->slow);
+    return 0;
+}
+
+static void
+Relay_dealloc(Relay *self)
+{
+    PyObject_GC_UnTrack(self);
+    Relay_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"fast", "owner", "side", NULL};
+    PyObject *fast, *owner;
+    const char *side;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!Os:Relay", kwlist, &FastPathType, &fast,
+                                     &owner, &side))
+        return NULL;
+    if (strcmp(side, "client") != 0 && strcmp(side, "server") != 0) {
+        PyErr_SetString(PyExc_ValueError, "side must be 'client' or 'server'");
+        return NULL;
+    }
+    PyObject *slow = PyObject_GetAttr(owner, str_data_received);
+    if (slow == NULL)
+        return NULL;
+    Relay *self = (Relay *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        Py_DECREF(slow);
+        return NULL;
+    }
+    self->fast = (FastPath *)Py_NewRef(fast);
+    self->owner = Py_NewRef(owner);
+    self->slow = slow;
+    self->side = side[0];
+    return (PyObject *)self;
+}
+
+static PyObject *
+Relay_data_received(Relay *self, PyObject *data)
+{
+    FastPath *fast = self->fast;
+    if (fast->armed && PyBytes_CheckExact(data)) {
+        PyObject *r;
+        if (self->side == 'c')
+            r = FastPath_client(fast, data);
+        else if (fast->head != fast->tail)
+            r = FastPath_server(fast, data);
+        else
+            r = Py_NewRef(Py_False); /* nothing the fast path waits for */
+        if (r == Py_True) {
+            Py_DECREF(r);
+            Py_RETURN_NONE;
+        }
+        if (r == NULL) {
+            /* as the owner's data_received does for an unexpected error: it logs and
+               ends this session, the gateway goes on */
+            fast->armed = 0;
+            PyObject *type, *exc, *tb;
+            PyErr_Fetch(&type, &exc, &tb);
+            PyErr_NormalizeException(&type, &exc, &tb);
+            if (tb != NULL && exc != NULL)
+                PyException_SetTraceback(exc, tb);
+            Py_XDECREF(type);
+            Py_XDECREF(tb);
+            if (exc == NULL)
+                exc = Py_NewRef(Py_None);
+            PyObject *h = PyObject_CallMethodOneArg(self->owner, str_fast_failed, exc);
+            Py_DECREF(exc);
+            if (h == NULL)
+                return NULL;
+            Py_DECREF(h);
+            Py_RETURN_NONE;
+        }
+        Py_DECREF(r);
+    }
+    fast->armed = 0;
+    return PyObject_CallOneArg(self->slow, data);
+}
+
+static PyObject *
+relay_forward(Relay *self, const char *name, PyObject *const *args, Py_ssize_t nargs)
+{
+    self->fast->armed = 0;
+    PyObject *m = PyObject_GetAttrString(self->owner, name);
+    if (m == NULL)
+        return NULL;
+    PyObject *r = PyObject_Vectorcall(m, args, nargs, NULL);
+    Py_DECREF(m);
+    return r;
+}
+
+static PyObject *
+Relay_connection_lost(Relay *self, PyObject *exc)
+{
+    return relay_forward(self, "connection_lost", &exc, 1);
+}
+
+static PyObject *
+Relay_eof_received(Relay *self, PyObject *unused)
+{
+    return relay_forward(self, "eof_received", NULL, 0);
+}
+
+static PyObject *
+Relay_pause_writing(Relay *self, PyObject *unused)
+{
+    return relay_forward(self, "pause_writing", NULL, 0);
+}
+
+static PyObject *
+Relay_resume_writing(Relay *self, PyObject *unused)
+{
+    return relay_forward(self, "resume_writing", NULL, 0);
+}
+
+static PyObject *
+Relay_get_owner(Relay *self, void *closure)
+{
+    return Py_NewRef(self->owner);
+}
+
+static PyMethodDef Relay_methods[] = {
+    {"data_received", (PyCFunction)Relay_data_received, METH_O, NULL},
+    {"connection_lost", (PyCFunction)Relay_connection_lost, METH_O, NULL},
+    {"eof_received", (PyCFunction)Relay_eof_received, METH_NOARGS, NULL},
+    {"pause_writing", (PyCFunction)Relay_pause_writing, METH_NOARGS, NULL},
+    {"resume_writing", (PyCFunction)Relay_resume_writing, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Relay_getset[] = {
+    {"owner", (getter)Relay_get_owner, NULL, "the Python protocol behind this relay", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject RelayType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "proxies.postgres._speedups.Relay",
+    .tp_basicsize = sizeof(Relay),
+    .tp_dealloc = (destructor)Relay_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Relay(fast, owner, side): the protocol of one side of a ready session.",
+    .tp_traverse = (traverseproc)Relay_traverse,
+    .tp_clear = (inquiry)Relay_clear,
+    .tp_methods = Relay_methods,
+    .tp_getset = Relay_getset,
+    .tp_new = Relay_new,
 };
 
 static PyMethodDef module_methods[] = {
@@ -1394,7 +1774,12 @@ static struct PyModuleDef speedups_module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
-    if (PyType_Ready(&RowMaskerType) < 0 || PyType_Ready(&FastPathType) < 0)
+    if (PyType_Ready(&RowMaskerType) < 0 || PyType_Ready(&FastPathType) < 0 ||
+        PyType_Ready(&AuditBufferType) < 0 || PyType_Ready(&RelayType) < 0)
+        return NULL;
+    str_data_received = PyUnicode_InternFromString("data_received");
+    str_fast_failed = PyUnicode_InternFromString("fast_failed");
+    if (!str_data_received || !str_fast_failed)
         return NULL;
     str_tx_status = PyUnicode_InternFromString("tx_status");
     str_I = PyUnicode_InternFromString("I");
@@ -1412,9 +1797,9 @@ PyInit__speedups(void)
         Py_DECREF(m);
         return NULL;
     }
-    Py_INCREF(&FastPathType);
-    if (PyModule_AddObject(m, "FastPath", (PyObject *)&FastPathType) < 0) {
-        Py_DECREF(&FastPathType);
+    if (PyModule_AddObjectRef(m, "FastPath", (PyObject *)&FastPathType) < 0 ||
+        PyModule_AddObjectRef(m, "AuditBuffer", (PyObject *)&AuditBufferType) < 0 ||
+        PyModule_AddObjectRef(m, "Relay", (PyObject *)&RelayType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

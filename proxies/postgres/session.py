@@ -296,10 +296,14 @@ class ClientSession(asyncio.Protocol):
         try:
             if self.phase == "ready":
                 fast = self.fast
+                # The fast path may take the chunk only while the session has nothing of
+                # its own in flight on either side; taking it arms the relays (see
+                # _install_relays), which then call it without asking here first.
+                up = self.upstream
                 if fast is not None and not self.expect and not self.holding and \
                         not self.skip_until_sync and not self.fail_at_sync and \
-                        not self.reader.pending and not self.closed and \
-                        not self.upstream.closed and fast.client(data):  # type: ignore[union-attr]
+                        not self.reader.pending and not self.closed and up is not None and \
+                        not up.closed and not up.reader.pending and fast.client(data):
                     return
                 self._client_messages(self.reader.feed(data))
                 return
@@ -319,10 +323,17 @@ class ClientSession(asyncio.Protocol):
             log.exception("session %s failed", self.session_id)
             self.fatal("XX000", "keyturn: internal error in the gateway (see its log)")
 
+    def fast_failed(self, exc: BaseException) -> None:
+        """The client relay's fast path raised (see _install_relays): as data_received."""
+        log.error("session %s failed", self.session_id, exc_info=exc)
+        self.fatal("XX000", "keyturn: internal error in the gateway (see its log)")
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self.closed:
             return
         self.closed = True
+        if self.fast is not None:
+            self.fast.disarm()
         self.gw.drop_key(self.key)
         if self.upstream:
             self.upstream.close()
@@ -593,7 +604,21 @@ class ClientSession(asyncio.Protocol):
                 self, self.fast_verdicts, self.fast_stmts, self.portals, self.transport.write,
                 self.upstream.transport.write, self.gw.audit_spool.write_line,
                 self._audit_prefix_bytes(), MAX_SHAPED_TEXT)
+            self._install_relays()
         self.data_received(b"")
+
+    def _install_relays(self) -> None:
+        """Let uvloop hand both sides' chunks to compiled relays (``_speedups.Relay``):
+        a chunk the fast path takes then never enters the interpreter; every other
+        chunk comes to data_received here or in the Upstream as before."""
+        assert _speedups is not None and self.transport is not None
+        assert self.upstream is not None and self.upstream.transport is not None
+        set_c = getattr(self.transport, "set_protocol", None)
+        set_s = getattr(self.upstream.transport, "set_protocol", None)
+        if set_c is None or set_s is None:
+            return
+        set_c(_speedups.Relay(self.fast, self, "client"))
+        set_s(_speedups.Relay(self.fast, self.upstream, "server"))
 
     # ------------------------------------------------------------ client -> target
 

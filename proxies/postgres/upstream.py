@@ -131,6 +131,11 @@ class Upstream(asyncio.Protocol):
             return
         self._login_messages(msgs)
 
+    def fast_failed(self, exc: BaseException) -> None:
+        """The target relay's fast path raised (see ClientSession._install_relays)."""
+        log.error("relaying from target %s failed", self.conn.name, exc_info=exc)
+        self.session.fatal("XX000", "keyturn: internal error in the gateway (see its log)")
+
     def _login_messages(self, msgs: list[codec.Message]) -> None:
         for i, m in enumerate(msgs):
             t = m.type
@@ -174,7 +179,7 @@ class Upstream(asyncio.Protocol):
         self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        self._closing()
         err = UpstreamError(f"the target closed the connection{f': {exc}' if exc else ''}",
                             "08006")
         if self._login and not self._login.done():
@@ -201,8 +206,14 @@ class Upstream(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
-            self.closed = True
+            self._closing()
             self.transport.close()
+
+    def _closing(self) -> None:
+        self.closed = True
+        fast = getattr(self.session, "fast", None)
+        if fast is not None:
+            fast.disarm()  # the client relay must not write to this transport any more
 
     def pause_reading(self) -> None:
         if self.transport is not None and not self.closed:
