@@ -1,7 +1,7 @@
 """Throughput: pgbench -S through Keyturn, next to direct PostgreSQL, pgbouncer and a bare relay.
 
     .venv/bin/python bench/pgbench_compare.py [--duration 20] [--rounds 1] [--clients 8]
-                                              [--keep] [--profile]
+                                              [--modes simple,prepared] [--keep] [--profile]
 
 Starts, under one temp directory: a throwaway PostgreSQL cluster (pgbench -i -s 10),
 pgbouncer (session pooling, trust auth), a bare asyncio.Protocol relay on uvloop
@@ -285,7 +285,12 @@ def main() -> int:
                          "report the median (the machine drifts between runs)")
     ap.add_argument("--profile", action="store_true",
                     help="one extra keyturn simple run under py-spy (not in the table)")
+    ap.add_argument("--modes", default=",".join(MODES),
+                    help="comma-separated protocol modes to run (default: simple,prepared)")
     args = ap.parse_args()
+    modes = tuple(m for m in args.modes.split(",") if m)
+    if not modes or set(modes) - set(MODES):
+        ap.error(f"--modes: choose from {', '.join(MODES)}")
     ensure_pgbouncer()
     print(f"machine: {machine_line()}")
     results: dict[tuple[str, str], dict] = {}
@@ -326,7 +331,7 @@ def main() -> int:
         for rnd in range(args.rounds):
             # Alternate the order so a drifting machine favours no target.
             order = TARGETS if rnd % 2 == 0 else tuple(reversed(TARGETS))
-            for mode in MODES:
+            for mode in modes:
                 for target in order:
                     progress(f"{f'round {rnd + 1}/{args.rounds}: ' if args.rounds > 1 else ''}"
                              f"pgbench -S -M {mode} -c {args.clients} -j {args.threads} "
@@ -386,7 +391,7 @@ def main() -> int:
             print("each round (TPS; keyturn/pgbouncer and keyturn/relay):")
             rows = []
             for rnd in range(args.rounds):
-                for mode in MODES:
+                for mode in modes:
                     tps = {t: runs[t, mode][rnd]["tps"] for t in TARGETS}
                     rows.append([str(rnd + 1), mode] + [f"{tps[t]:,.0f}" for t in TARGETS]
                                 + [f"{tps['keyturn'] / tps['pgbouncer']:.2f}",
@@ -398,7 +403,7 @@ def main() -> int:
               f"scale {args.scale}; TPS without initial connection time"
               + (f"; median of {args.rounds} rounds" if args.rounds > 1 else ""))
         rows = []
-        for mode in MODES:
+        for mode in modes:
             pgb = results["pgbouncer", mode]["tps"]
             kt_tps = results["keyturn", mode]["tps"]
             rows.append([mode] + [f"{results[t, mode]['tps']:,.0f}" for t in TARGETS]
@@ -414,7 +419,7 @@ def main() -> int:
         print("CPU during each run: the proxy process as % of one core and in µs per pgbench "
               "transaction (user + sys), and the whole machine (2 cores) user / sys / idle")
         rows = []
-        for mode in MODES:
+        for mode in modes:
             for t in TARGETS:
                 r = results[t, mode]
                 per_tx = 1e4 / r["tps"]  # µs per transaction for 1 % of a core
@@ -461,7 +466,7 @@ def main() -> int:
         print(f"  keyturn audit verify: {(verify.stdout + verify.stderr).strip()}")
         print(f"  audit records by kind: {by_kind}; statement outcomes: {outcomes}")
         ok = verify.returncode == 0 and not left and code == 0
-        for mode in MODES:
+        for mode in modes:
             n = results["keyturn", mode]["n"] + extra[mode]
             audited = by_mode.get(mode, 0)
             # pgbench counts only transactions it finished; a statement still in flight when
