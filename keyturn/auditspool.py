@@ -77,7 +77,8 @@ class LineBuffer:
             self._parts.append(line)
             self._size += len(line)
             self.lines += 1
-            full = self._size > self.limit and not self._flushing
+            full = self._size > self.limit and self.on_full is not None and \
+                not self._flushing
             if full:
                 self._flushing = True
         if full and self.on_full is not None:
@@ -112,6 +113,8 @@ class AuditSpool:
         self.flush_interval = flush_interval
         self._lock = threading.Lock()  # the file: flushes, rotation, close
         self._unwritten = b""  # taken from the buffer, not yet written (a full disk)
+        self._closed = False
+        self._last_error = -60.0
         self._buf = (buffer or LineBuffer)(limit=PENDING_LIMIT, on_full=self.flush)
         self.write_line: Callable[[bytes], None] = self._buf.append
         """Append one record already serialised as a JSON line (the gateway's hot path
@@ -127,10 +130,13 @@ class AuditSpool:
         return int(self._buf.lines)
 
     def _open(self) -> None:
-        stamp = f"{time.time():.6f}".replace(".", "")
-        self.path = self.dir / f"{self.name}-{stamp}-{os.getpid()}.jsonl"
-        self._fh = open(self.path, "ab", buffering=0)  # noqa: SIM115
+        self.path, self._fh = self._new_file()
         self._size = 0
+
+    def _new_file(self) -> tuple[Path, Any]:
+        stamp = f"{time.time():.6f}".replace(".", "")
+        path = self.dir / f"{self.name}-{stamp}-{os.getpid()}.jsonl"
+        return path, open(path, "ab", buffering=0)  # noqa: SIM115 - kept open
 
     def record(self, **rec: Any) -> None:
         self.write(rec)
@@ -142,9 +148,14 @@ class AuditSpool:
         self.write_line(orjson.dumps(rec, default=str, option=_OPTS))
 
     def flush(self) -> None:
-        """Write every pending line to the spool file (in order) and hand it to the OS."""
+        """Write every pending line to the spool file (in order) and hand it to the OS.
+        Raises OSError when a write fails; the lines not written are kept, in order,
+        for the next flush."""
         with self._lock:
-            if self._fh.closed:
+            if self._closed:
+                if self._buf.size:
+                    log.error("audit spool %s is closed: %d bytes of records appended after "
+                              "close are not written", self.dir, self._buf.size)
                 return
             data = memoryview(self._unwritten + self._buf.take())
             self._unwritten = b""
@@ -154,31 +165,78 @@ class AuditSpool:
                     self._size += n
                     data = data[n:]
             except OSError:
-                self._unwritten = bytes(data)  # kept, in order, for the next flush
+                self._unwritten = bytes(data)
                 raise
             if self._size >= ROTATE_BYTES:
-                self._close_file()
-                self._open()
+                self._rotate()
 
-    def _close_file(self) -> None:
-        self._fh.write(_EOF_BYTES)
-        os.fsync(self._fh.fileno())
-        self._fh.close()
+    def _rotate(self) -> None:
+        """Go on in a new file. The new one is opened before the old one gets its end
+        marker, so a failure leaves the spool writing where it was."""
+        try:
+            path, fh = self._new_file()
+        except OSError as exc:
+            self._failed(f"cannot open a new spool file ({exc}); writing on to {self.path}")
+            return
+        try:
+            fh_old = self._fh
+            self._write_all(fh_old, _EOF_BYTES)
+        except OSError:
+            fh.close()
+            path.unlink(missing_ok=True)
+            raise
+        self._fh, self.path, self._size = fh, path, 0
+        self._sync_close(fh_old)
+
+    @staticmethod
+    def _write_all(fh: Any, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[fh.write(view):]
+
+    def _sync_close(self, fh: Any) -> None:
+        try:
+            os.fsync(fh.fileno())
+        except OSError as exc:  # the lines are in the OS's cache and the ingester reads them
+            log.error("audit spool: fsync of a finished spool file failed: %s", exc)
+        finally:
+            fh.close()
+
+    def _failed(self, message: str) -> None:
+        """Log a spool failure: the first one, then at most one a minute."""
+        now = time.monotonic()
+        if now - self._last_error >= 60:
+            self._last_error = now
+            log.error("audit spool %s: %s", self.dir, message)
 
     def _flusher(self) -> None:
         while not self._stop.wait(self.flush_interval):
             try:
                 self.flush()
-            except Exception:  # a full disk: keep the lines, try again next time
-                log.exception("audit spool %s: flush failed", self.path)
+            except Exception as exc:  # a full disk: the lines are kept, try again
+                self._failed(f"writing to {self.path} failed, {len(self._unwritten):,} "
+                             f"bytes of records kept in memory: {exc!r}")
 
     def close(self) -> None:
+        """Write everything, end the file with its marker and fsync it. Never raises:
+        records that cannot be written (a full disk) are reported in the log."""
         self._stop.set()
         self._thread.join(5)
-        self.flush()
+        try:
+            self.flush()
+        except OSError as exc:
+            log.error("audit spool %s: %d bytes of records could not be written at close: "
+                      "%s", self.path, len(self._unwritten), exc)
         with self._lock:
-            if not self._fh.closed:
-                self._close_file()
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                if not self._unwritten:  # otherwise the ingester must not take it as whole
+                    self._write_all(self._fh, _EOF_BYTES)
+            except OSError as exc:
+                log.error("audit spool %s: cannot write its end marker: %s", self.path, exc)
+            self._sync_close(self._fh)
 
 
 class AuditIngester:

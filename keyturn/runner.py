@@ -152,7 +152,7 @@ def run(config: Config, *, gateway: bool, portal: bool,
         for stop in stops:
             stop()
         if spool:
-            spool.close()
+            spool.close()  # never raises; a record it could not write is logged
             log.info("audit spool closed (%d records this run)", spool.records)
         if ingester:
             ingester.stop()

@@ -551,3 +551,96 @@ def test_spool_writes_a_full_buffer_at_once_and_keeps_lines_a_failed_write_misse
     data = spool.path.read_bytes()
     assert data.count(line) == 30
     assert data.endswith(b'{"n":1}\n{"n":2}\n' + auditspool._EOF_BYTES)
+
+
+def test_spool_rotation_survives_a_failed_open_and_a_failed_fsync(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+        ) -> None:
+    import keyturn.auditspool as auditspool
+
+    monkeypatch.setattr(auditspool, "ROTATE_BYTES", 200)
+    spool = auditspool.AuditSpool(tmp_path, "gw", flush_interval=3600)
+    first = spool.path
+    lines = [f'{{"n":{i}}}\n'.encode() for i in range(60)]
+    real_new = spool._new_file
+    fails = {"open": 1}
+
+    def new_file() -> tuple:
+        if fails["open"]:
+            fails["open"] -= 1
+            raise OSError(24, "Too many open files")
+        return real_new()
+
+    monkeypatch.setattr(spool, "_new_file", new_file)
+    real_fsync = auditspool.os.fsync
+    monkeypatch.setattr(auditspool.os, "fsync",
+                        lambda fd: (_ for _ in ()).throw(OSError(5, "I/O error")))
+    for i, line in enumerate(lines):
+        spool.write_line(line)
+        if i % 10 == 9:
+            spool.flush()  # the first rotation fails to open: writing goes on in `first`
+    monkeypatch.setattr(auditspool.os, "fsync", real_fsync)
+    spool.close()
+    assert "cannot open a new spool file" in caplog.text
+    assert "fsync of a finished spool file failed" in caplog.text
+    files = sorted(tmp_path.glob("gw-*.jsonl"), key=lambda p: p.name)
+    assert files[0] == first and len(files) >= 2
+    body = b""
+    for f in files:
+        data = f.read_bytes()
+        assert data.endswith(auditspool._EOF_BYTES) and data.count(auditspool._EOF_BYTES) == 1
+        body += data[: -len(auditspool._EOF_BYTES)]
+    assert body == b"".join(lines), "every line once, in order, none after an end marker"
+
+
+def test_spool_close_with_unwritable_lines_reports_them_and_leaves_no_end_marker(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import keyturn.auditspool as auditspool
+
+    spool = auditspool.AuditSpool(tmp_path, "gw", flush_interval=3600)
+    spool.write_line(b'{"n":1}\n')
+    spool.flush()
+    real = spool._fh
+
+    class Full:
+        closed = False
+
+        def write(self, data: bytes) -> int:
+            raise OSError(28, "No space left on device")
+
+        def fileno(self) -> int:
+            return real.fileno()
+
+        def close(self) -> None:
+            real.close()
+
+    spool._fh = Full()
+    spool.write_line(b'{"n":2}\n')
+    spool.close()  # does not raise
+    assert "could not be written at close" in caplog.text
+    # no end marker: the ingester does not take the file as complete and keep it
+    assert spool.path.read_bytes() == b'{"n":1}\n'
+
+
+def test_a_stale_compiled_extension_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+    import sys
+    import types
+
+    from proxies.postgres import speedups
+
+    old = types.ModuleType("proxies.postgres._speedups")
+    old.RowMasker = old.FastPath = old.fast_shape = object  # type: ignore[attr-defined]
+    import proxies.postgres
+
+    monkeypatch.setitem(sys.modules, "proxies.postgres._speedups", old)
+    monkeypatch.setattr(proxies.postgres, "_speedups", old, raising=False)
+    monkeypatch.delenv("KEYTURN_NO_SPEEDUPS", raising=False)
+    try:
+        stale = importlib.reload(speedups)
+        assert stale.compiled is None
+        assert "older than proxies/postgres/_speedups.c" in stale.state()
+        assert "AuditBuffer, Relay" in stale.state()
+    finally:
+        monkeypatch.undo()
+        importlib.reload(speedups)

@@ -645,9 +645,10 @@ py_fast_shape(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
  *
  * The audit spool's pending lines (keyturn/auditspool.py, LineBuffer is the
  * Python twin). append() adds one JSON line; take() hands everything appended so
- * far to the spool's flusher, which writes it to the spool file. Both run with
- * the GIL held and never release it, so a take() sees every append() before it
- * and none after. The fast path appends its lines here without a Python call.
+ * far to the spool's flusher, which writes it to the spool file. Both hold the
+ * GIL while they touch the buffer (only on_full, below, may let other threads
+ * run, after the line is complete), so a take() never sees half a line. The fast
+ * path appends its lines here without a Python call.
  * When more than `limit` bytes are pending, append() calls on_full() (the spool
  * writes them out at once), so a stalled flusher cannot grow memory unbounded.
  */
@@ -711,7 +712,8 @@ static int
 audit_buffer_added(AuditBuffer *self)
 {
     self->lines++;
-    if (self->buf.len > self->limit && self->on_full != Py_None && !self->flushing) {
+    if (self->buf.len > self->limit && self->on_full != NULL && self->on_full != Py_None &&
+        !self->flushing) {
         self->flushing = 1;
         PyObject *r = PyObject_CallNoArgs(self->on_full);
         self->flushing = 0;
@@ -909,7 +911,8 @@ FastPath_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->client_write = Py_NewRef(cw);
     self->upstream_write = Py_NewRef(uw);
     if (PyCFunction_Check(aw) && PyCFunction_GET_SELF(aw) != NULL &&
-        Py_IS_TYPE(PyCFunction_GET_SELF(aw), &AuditBufferType))
+        Py_IS_TYPE(PyCFunction_GET_SELF(aw), &AuditBufferType) &&
+        PyCFunction_GET_FUNCTION(aw) == (PyCFunction)AuditBuffer_append)
         aw = PyCFunction_GET_SELF(aw); /* its append(): add lines without a call */
     self->audit_write = Py_NewRef(aw);
     self->prefix = Py_NewRef(prefix);
@@ -1121,12 +1124,13 @@ FastPath_client(FastPath *self, PyObject *chunk)
             e->sql = Py_NewRef(PyTuple_GET_ITEM(pl->verdict, 3));
         }
     }
+    /* armed before the write: a pause_writing() the write causes disarms for good */
+    self->armed = 1;
     PyObject *r = PyObject_CallOneArg(self->upstream_write, chunk);
     if (r == NULL)
         goto fail;
     Py_DECREF(r);
     result = Py_NewRef(Py_True);
-    self->armed = 1;
     goto done;
 bail:
     result = Py_NewRef(Py_False);
@@ -1576,7 +1580,9 @@ static PyTypeObject FastPathType = {
  * the session allows only when it has nothing of its own in flight), a chunk
  * goes straight to FastPath.client / FastPath.server. Any other chunk, and every
  * chunk after one the fast path did not take, disarms it and goes to
- * owner.data_received, exactly as without a Relay; the session re-arms it by
+ * owner.data_received, exactly as without a Relay (a declined chunk with a second
+ * argument False: the owner does not offer it to the fast path again); the session
+ * re-arms it by
  * calling FastPath.client itself once its own queue is empty again. Everything
  * else a protocol receives (connection_lost, eof_received, pause_writing,
  * resume_writing) disarms and is passed on to the owner.
@@ -1650,6 +1656,10 @@ static PyObject *
 Relay_data_received(Relay *self, PyObject *data)
 {
     FastPath *fast = self->fast;
+    if (fast == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "relay already cleared");
+        return NULL;
+    }
     if (fast->armed && PyBytes_CheckExact(data)) {
         PyObject *r;
         if (self->side == 'c')
@@ -1663,9 +1673,11 @@ Relay_data_received(Relay *self, PyObject *data)
             Py_RETURN_NONE;
         }
         if (r == NULL) {
+            fast->armed = 0;
+            if (!PyErr_ExceptionMatches(PyExc_Exception))
+                return NULL; /* KeyboardInterrupt, SystemExit: not this session's */
             /* as the owner's data_received does for an unexpected error: it logs and
                ends this session, the gateway goes on */
-            fast->armed = 0;
             PyObject *type, *exc, *tb;
             PyErr_Fetch(&type, &exc, &tb);
             PyErr_NormalizeException(&type, &exc, &tb);
@@ -1683,6 +1695,9 @@ Relay_data_received(Relay *self, PyObject *data)
             Py_RETURN_NONE;
         }
         Py_DECREF(r);
+        /* declined: the owner need not offer the same chunk to the fast path again */
+        fast->armed = 0;
+        return PyObject_CallFunctionObjArgs(self->slow, data, Py_False, NULL);
     }
     fast->armed = 0;
     return PyObject_CallOneArg(self->slow, data);
@@ -1691,6 +1706,10 @@ Relay_data_received(Relay *self, PyObject *data)
 static PyObject *
 relay_forward(Relay *self, const char *name, PyObject *const *args, Py_ssize_t nargs)
 {
+    if (self->fast == NULL || self->owner == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "relay already cleared");
+        return NULL;
+    }
     self->fast->armed = 0;
     PyObject *m = PyObject_GetAttrString(self->owner, name);
     if (m == NULL)

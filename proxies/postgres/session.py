@@ -292,10 +292,11 @@ class ClientSession(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.client_addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes, fast_ok: bool = True) -> None:
+        """``fast_ok=False``: the client relay's fast path already declined this chunk."""
         try:
             if self.phase == "ready":
-                fast = self.fast
+                fast = self.fast if fast_ok else None
                 # The fast path may take the chunk only while the session has nothing of
                 # its own in flight on either side; taking it arms the relays (see
                 # _install_relays), which then call it without asking here first.

@@ -8,13 +8,20 @@ behaviour). What it holds:
 - ``FastPath``: the relay's common case per network chunk (allowed simple Queries and
   Bind/Execute/Sync of allowed prepared reads, with their audit lines); the session falls
   back to Python for everything else (``ClientSession._take_fast``);
-- ``fast_shape``: the twin of ``keyturn.analysis.postgres.fast_shape``.
+- ``fast_shape``: the twin of ``keyturn.analysis.postgres.fast_shape``;
+- ``AuditBuffer``: the audit spool's pending lines (twin: ``keyturn.auditspool.LineBuffer``);
+- ``Relay``: the protocol object of each side of a ready session (see session.py).
 """
 
 from __future__ import annotations
 
 import os
 from typing import Any
+
+# What this source tree expects of the extension; a module built from older source
+# (the C file changed, the project was not reinstalled) lacks some and is not used.
+NAMES = ("RowMasker", "FastPath", "fast_shape", "AuditBuffer", "Relay")
+_stale: list[str] = []
 
 
 def _load() -> Any:
@@ -24,7 +31,8 @@ def _load() -> Any:
         from proxies.postgres import _speedups  # type: ignore[attr-defined]
     except ImportError:
         return None
-    return _speedups
+    _stale.extend(n for n in NAMES if not hasattr(_speedups, n))
+    return None if _stale else _speedups
 
 
 compiled = _load()
@@ -36,4 +44,7 @@ def state() -> str:
         return "on"
     if os.environ.get("KEYTURN_NO_SPEEDUPS"):
         return "off (KEYTURN_NO_SPEEDUPS is set)"
+    if _stale:
+        return (f"off (the built extension is older than proxies/postgres/_speedups.c, it "
+                f"lacks {', '.join(_stale)}; reinstall: make deps)")
     return "off (proxies/postgres/_speedups.c is not built; reinstall with a C compiler)"

@@ -98,7 +98,8 @@ class Upstream(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes, fast_ok: bool = True) -> None:
+        """``fast_ok=False``: the target relay's fast path already declined this chunk."""
         if self._ssl_reply is not None and not self._ssl_reply.done():
             self._ssl_reply.set_result(data[:1])
             if len(data) > 1:
@@ -108,7 +109,7 @@ class Upstream(asyncio.Protocol):
             if self.ready:
                 session = self.session
                 fast = session.fast
-                if fast is not None and fast.pending and not session.expect and \
+                if fast is not None and fast_ok and fast.pending and not session.expect and \
                         not self.reader.pending and not session.closed and fast.server(data):
                     # The compiled fast path relayed the ordinary answers to what it sent
                     # (see ClientSession); anything else goes the Python way below, where
