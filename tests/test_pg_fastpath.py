@@ -199,6 +199,13 @@ def collect(s: ClientSession, records: list[bytes]) -> list[bytes]:
     return records
 
 
+def audit_records(s: ClientSession, records: list[bytes],
+                  drop: tuple[str, ...] = ("at", "duration_ms", "session_id")) -> list[dict]:
+    """The session's audit records, without the fields that differ from run to run."""
+    return [{k: v for k, v in orjson.loads(line).items() if k not in drop}
+            for line in collect(s, records)]
+
+
 def client_messages(rng: random.Random) -> list[bytes]:
     """One client turn: a simple query, or an extended-protocol batch ending in Sync."""
     r = rng.random()
@@ -255,12 +262,7 @@ def run(seed: int, fast: bool | str) -> tuple[bytes, bytes, list[dict], str, int
         answer = target.feed(new)
         for piece in cut(rng, answer):
             feed(up, piece)
-    recs = []
-    for line in collect(s, records):
-        r = orjson.loads(line)
-        for k in ("at", "duration_ms", "session_id"):
-            r.pop(k, None)
-        recs.append(r)
+    recs = audit_records(s, records)
     return (bytes(up.transport.data), bytes(s.transport.data), recs, s.tx_status, handled)
 
 
@@ -318,12 +320,7 @@ def run_interleaved(seed: int, fast: bool | str) -> tuple[bytes, bytes, list[dic
             to_client.extend(cut(rng, target.feed(new)))
     while to_client:
         feed(up, to_client.pop(0))
-    recs = []
-    for line in collect(s, records):
-        r = orjson.loads(line)
-        for k in ("at", "duration_ms", "session_id"):
-            r.pop(k, None)
-        recs.append(r)
+    recs = audit_records(s, records)
     return bytes(up.transport.data), bytes(s.transport.data), recs, s.tx_status, armed
 
 
@@ -408,8 +405,7 @@ def _hostile(fast: bool | str, client: list[bytes], answer: bytes) -> tuple:
         feed(up, answer)
     except Exception as exc:  # noqa: BLE001 - compared between the two paths
         error = type(exc)
-    recs = [{k: v for k, v in orjson.loads(r).items() if k not in ("at", "duration_ms")}
-            for r in collect(s, records)]
+    recs = audit_records(s, records, drop=("at", "duration_ms"))
     return bytes(s.transport.data[start:]), recs, s.tx_status, s.closed, error
 
 
@@ -589,8 +585,7 @@ def test_a_message_the_target_left_half_sent_keeps_the_fast_path_away(
         feed(s, codec.encode_query("SELECT abalance FROM acc WHERE aid = 7;"))
         feed(up, body)  # the rest of the notice,
         feed(up, answer)  # then the real answer
-        recs = [{k: v for k, v in orjson.loads(r).items() if k not in ("at", "duration_ms")}
-                for r in collect(s, records)]
+        recs = audit_records(s, records, drop=("at", "duration_ms"))
         return bytes(s.transport.data), recs, s.tx_status
 
     expected = scenario(False)
