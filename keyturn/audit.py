@@ -18,6 +18,7 @@ import csv
 import hashlib
 import json
 import logging
+import operator
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ def record_hash(prev_hash: str, rec: dict[str, Any]) -> str:
 
 # Column order of the raw insert below (the table's columns, hash last).
 _INSERT_COLUMNS = (*FIELDS, "prev_hash", "hash")
+_insert_row = operator.itemgetter(*_INSERT_COLUMNS)  # a record's insert parameters, in order
 
 
 def _insert_sql(dialect: str) -> str:
@@ -80,7 +82,7 @@ def chain(records: list[dict[str, Any]], seq: int, prev: str) -> Chained:
     rows = []
     dumps, sha256, now = orjson.dumps, hashlib.sha256, time.time()
     for raw in records:
-        rec = {k: raw.get(k) for k in FIELDS}
+        rec = dict(zip(FIELDS, map(raw.get, FIELDS), strict=False))  # same length
         detail = rec["detail"] = rec["detail"] or {}
         at = rec["at"]
         rec["at"] = float(at) if at is not None else now
@@ -90,7 +92,7 @@ def chain(records: list[dict[str, Any]], seq: int, prev: str) -> Chained:
         h = sha256(prev.encode() + dumps(rec, default=str, option=_CANONICAL)).hexdigest()
         rec["detail"] = dumps(detail, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
         rec["prev_hash"], rec["hash"] = prev, h
-        rows.append(tuple(rec[c] for c in _INSERT_COLUMNS))
+        rows.append(_insert_row(rec))
         prev = h
     return Chained(after, rows, seq, prev)
 
