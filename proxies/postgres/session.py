@@ -624,11 +624,14 @@ class ClientSession(asyncio.Protocol):
     # ------------------------------------------------------------ client -> target
 
     def _take_fast(self) -> None:
-        """Take over what the compiled fast path queued (before anything is queued here),
-        so the session's expectation queue stays in the order the target answers."""
-        assert self.fast is not None
+        """Take over what the compiled fast path queued, if anything (before anything is
+        queued here), so the session's expectation queue stays in the order the target
+        answers."""
+        fast = self.fast
+        if fast is None or not fast.pending:
+            return
         expect = self.expect
-        for kind, sql, decision, t0, rows, tag in self.fast.drain():
+        for kind, sql, decision, t0, rows, tag in fast.drain():
             if kind == b"B":
                 expect.append(_EXPECT_B)
             elif kind == b"S":
@@ -643,8 +646,7 @@ class ClientSession(asyncio.Protocol):
                 expect.append(Expect(kind, ctx))
 
     def _client_messages(self, msgs: list[Message]) -> None:
-        if self.fast is not None and self.fast.pending:
-            self._take_fast()
+        self._take_fast()
         if not msgs:
             return
         if self.holding:
@@ -899,8 +901,7 @@ class ClientSession(asyncio.Protocol):
 
     def _inject(self, data: bytes, *, rfq: bool = False) -> None:
         """Send our own message after everything the target still owes the client."""
-        if self.fast is not None and self.fast.pending:
-            self._take_fast()
+        self._take_fast()
         if not self.expect:
             self.write(data + (codec.encode_ready_for_query(self.tx_status) if rfq else b""))
         else:
@@ -1399,8 +1400,7 @@ class ClientSession(asyncio.Protocol):
         ``BackendReader.scan``). The chunk goes out as it came unless the
         gateway must slot its own messages in after a response completes.
         """
-        if self.fast is not None and self.fast.pending:
-            self._take_fast()
+        self._take_fast()
         expect = self.expect
         out: list[bytes] | None = None
         seg = 0

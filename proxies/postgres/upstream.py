@@ -212,7 +212,7 @@ class Upstream(asyncio.Protocol):
 
     def _closing(self) -> None:
         self.closed = True
-        fast = getattr(self.session, "fast", None)
+        fast = self.session.fast
         if fast is not None:
             fast.disarm()  # the client relay must not write to this transport any more
 
