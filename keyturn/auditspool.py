@@ -30,6 +30,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -49,6 +50,9 @@ _EOF_BYTES = EOF_MARK.encode()
 ROTATE_BYTES = 64 * 1024 * 1024
 _OPTS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
 
+
+# Set by the gateway for its ingester child: the gateway's pid (see ``orphaned``).
+PARENT_ENV = "KEYTURN_INGEST_PARENT"
 
 PENDING_LIMIT = 1 << 20  # bytes of lines pending before a writer flushes them itself
 
@@ -250,6 +254,7 @@ class AuditIngester:
         self.ingested = 0
         self.position: tuple[str, int] = ("", 0)  # last (spool file, offset) ingested
         self.priority: IngestPriority | None = None
+        self._abort: threading.Event | None = None  # set: stop between batches
 
     def pending_files(self) -> list[Path]:
         if not self.dir.is_dir():
@@ -281,6 +286,8 @@ class AuditIngester:
         with open(self.dir / ".ingest.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             for path in self.pending_files():
+                if self._abort is not None and self._abort.is_set():
+                    break
                 done += self._ingest_file(path)
         return done
 
@@ -328,6 +335,8 @@ class AuditIngester:
                     fh.seek(offset)
                 if finished or len(records) < self.batch:
                     break
+                if self._abort is not None and self._abort.is_set():
+                    break  # told to stop now: the rest stays in the spool
                 if self.priority is not None and self.priority.defer():
                     break  # the machine got busy: the rest waits, durable, in the spool
         if finished:
@@ -349,20 +358,61 @@ class AuditIngester:
         return total
 
     def follow(self, stop: threading.Event, interval: float = 0.2, *,
-               idle_priority: bool = True, priority: IngestPriority | None = None) -> None:
+               idle_priority: bool = True, priority: IngestPriority | None = None,
+               abort: threading.Event | None = None) -> None:
         """Ingest until ``stop`` is set, then drain what is complete and return.
 
         With ``idle_priority`` the ingest runs under SCHED_IDLE while the backlog
         is small and waits while the machine is busy (see ``IngestPriority``); it
         drains at normal priority. ``priority`` replaces the default policy (tests).
+        ``abort`` cuts the final drain short between batches (a second SIGTERM): the
+        rest stays, durable, in the spool for the next start.
+
+        Called on the main thread (``keyturn audit ingest --follow``), the work runs in
+        a worker thread, and SIGTERM / SIGINT only append to a list: the main thread,
+        which does nothing but wait for the worker, turns the first into ``stop`` and a
+        second into ``abort``. A handler that called ``stop.set()`` itself would take
+        the Event's lock, and deadlock whenever the signal landed while the main thread
+        held that lock (inside ``stop.wait``) or another one the handler needs.
         """
+        if threading.current_thread() is not threading.main_thread():
+            self._follow(stop, interval, idle_priority, priority, abort)
+            return
+        abort = abort or threading.Event()
+        received: list[int] = []  # list.append takes no lock: safe in a handler
+        previous = {sig: signal.signal(sig, lambda signum, _frame: received.append(signum))
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            worker = threading.Thread(
+                target=self._follow, args=(stop, interval, idle_priority, priority, abort),
+                name="audit-ingest")
+            worker.start()
+            while worker.is_alive():
+                worker.join(0.1)
+                if received:
+                    stop.set()
+                if len(received) > 1 and not abort.is_set():
+                    log.info("second stop signal: ending the drain; the rest stays in the "
+                             "spool")
+                    abort.set()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _follow(self, stop: threading.Event, interval: float, idle_priority: bool,
+                priority: IngestPriority | None, abort: threading.Event | None) -> None:
         self.resume_position()
+        self._abort = abort
         if priority is None and idle_priority:
             priority = IngestPriority(self)
         if priority:
             priority.start(stop)
             self.priority = priority
         while not stop.is_set():
+            if self.orphaned():
+                log.info("the gateway that started this ingester is gone: draining and "
+                         "stopping")
+                break
             try:
                 if priority is not None and priority.defer():
                     stop.wait(interval)
@@ -374,7 +424,18 @@ class AuditIngester:
         if priority:
             priority.normal()
             self.priority = None  # the final drain neither waits nor changes priority
-        self.run_once()
+        try:
+            self.run_once()
+        finally:
+            self._abort = None
+
+    @staticmethod
+    def orphaned() -> bool:
+        """True when the gateway that started this ingester (``PARENT_ENV``) is gone.
+        The gateway also asks the kernel to SIGTERM us when it dies (PR_SET_PDEATHSIG);
+        this covers a gateway that died before that request took effect."""
+        parent = os.environ.get(PARENT_ENV, "")
+        return parent.isdigit() and os.getppid() != int(parent)
 
 
 class IngestPriority:

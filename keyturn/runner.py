@@ -21,7 +21,7 @@ import sys
 import threading
 from collections.abc import Callable
 
-from keyturn.auditspool import AuditSpool
+from keyturn.auditspool import PARENT_ENV, AuditSpool
 from keyturn.config import Config
 from keyturn.services import Services, build_services
 
@@ -53,6 +53,8 @@ def _ingester_child_setup() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+    # A gateway that died before the request above took effect sends nothing: the
+    # ingester notices the new parent itself (AuditIngester.orphaned).
 
 
 class Ingester:
@@ -67,7 +69,7 @@ class Ingester:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "keyturn.cli", "-c", self.config.path, "audit", "ingest",
              "--follow"],
-            preexec_fn=_ingester_child_setup)
+            preexec_fn=_ingester_child_setup, env={**os.environ, PARENT_ENV: str(os.getpid())})
 
     def check(self) -> None:
         if self.proc is not None and self.proc.poll() is not None and not self.stopping:

@@ -1,0 +1,141 @@
+"""The audit spool's housekeeping: the ingester stops cleanly on SIGTERM, fully
+ingested files of dead writers are removed, and an unwritable spool refuses new
+work instead of growing memory."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from keyturn.auditspool import AuditSpool
+from tests.test_core import CONFIG as CORE_CONFIG
+
+# The core tests' configuration, with the spool in the test's directory.
+CONFIG = CORE_CONFIG + 'gateway: {audit_spool: "%(spool)s"}\n'
+
+
+def _config(tmp_path: Path) -> Path:
+    path = tmp_path / "keyturn.yaml"
+    path.write_text(CONFIG % {"db": tmp_path / "k.db", "spool": tmp_path / "spool"})
+    subprocess.run([sys.executable, "-m", "keyturn.cli", "-c", str(path), "db", "upgrade"],
+                   check=True, capture_output=True)
+    return path
+
+
+def _stored(db: Path) -> int:
+    with sqlite3.connect(db) as c:
+        return c.execute("SELECT count(*) FROM audit_records").fetchone()[0]
+
+
+def _spooled_lines(spool: Path, db: Path) -> int:
+    """Records in the spool past the ingester's stored offsets."""
+    with sqlite3.connect(db) as c:
+        offsets = dict(c.execute('SELECT source, "offset" FROM audit_spool'))
+    return sum(1 for p in spool.glob("*.jsonl")
+               for line in p.read_bytes()[offsets.get(p.name, 0):].splitlines()
+               if line != b'{"_eof":true}')
+
+
+def _ingester(config: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "keyturn.cli", "-c", str(config), "audit",
+                             "ingest", "--follow"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+
+
+def _wait_ingesting(proc: subprocess.Popen[bytes], db: Path, total: int) -> int:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[0].decode()
+        try:
+            n = _stored(db)
+        except sqlite3.OperationalError:
+            n = 0
+        if 0 < n < total:
+            return n
+        assert n < total, "the ingester finished before the test could signal it"
+        time.sleep(0.005)
+    raise TimeoutError("the ingester did not start")
+
+
+def _fill(spool_dir: Path, n: int) -> None:
+    spool = AuditSpool(spool_dir, "gw")
+    for i in range(n):
+        spool.record(kind="statement", statement=f"SELECT {i}", user="alice")
+    spool.close()
+
+
+def test_sigterm_while_ingesting_drains_and_exits(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    _fill(tmp_path / "spool", 30_000)
+    proc = _ingester(config)
+    _wait_ingesting(proc, tmp_path / "k.db", 30_000)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0, out.decode()
+    assert _stored(tmp_path / "k.db") == 30_000, "the first SIGTERM drains the spool"
+    assert not list((tmp_path / "spool").glob("*.jsonl"))
+
+
+def test_a_storm_of_signals_never_deadlocks_and_loses_nothing(tmp_path: Path) -> None:
+    """Signals landing at any point of the ingester's work (the old handler deadlocked
+    on the stop Event's lock): it exits within seconds; the second signal cuts the
+    drain short and what is not ingested stays in the spool."""
+    config = _config(tmp_path)
+    _fill(tmp_path / "spool", 200_000)
+    proc = _ingester(config)
+    _wait_ingesting(proc, tmp_path / "k.db", 200_000)
+    t0 = time.monotonic()
+    for _ in range(300):
+        if proc.poll() is not None:
+            break
+        proc.send_signal(signal.SIGTERM if _ % 2 else signal.SIGINT)
+        time.sleep(0.001)
+    out, _ = proc.communicate(timeout=10)
+    assert time.monotonic() - t0 < 10
+    # 0, or a signal that arrived after the ingester had put back the default handlers
+    assert proc.returncode in (0, -signal.SIGINT, -signal.SIGTERM), out.decode()
+    stored = _stored(tmp_path / "k.db")
+    assert stored + _spooled_lines(tmp_path / "spool", tmp_path / "k.db") == 200_000
+    assert stored < 200_000, "the second signal ended the drain early"
+
+
+def test_the_ingester_of_a_dead_gateway_stops(tmp_path: Path) -> None:
+    """The gateway sets KEYTURN_INGEST_PARENT; when that process is gone the ingester
+    drains and exits by itself, even without the kernel's parent-death signal."""
+    config = _config(tmp_path)
+    _fill(tmp_path / "spool", 100)
+    # A short-lived middle process starts the ingester and exits: the ingester's parent
+    # changes, as when a gateway dies before its PR_SET_PDEATHSIG took effect.
+    code = ("import os, subprocess, sys; p = subprocess.Popen(sys.argv[1:], "
+            "env={**os.environ, 'KEYTURN_INGEST_PARENT': str(os.getpid())}); print(p.pid)")
+    mid = subprocess.run([sys.executable, "-c", code, sys.executable, "-m", "keyturn.cli",
+                          "-c", str(config), "audit", "ingest", "--follow"],
+                         capture_output=True, text=True, check=True)
+    pid = int(mid.stdout)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.05)
+    alive = _alive(pid)
+    if alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, "the orphaned ingester kept running"
+    assert _stored(tmp_path / "k.db") == 100
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+if __name__ == "__main__":  # pragma: no cover
+    pytest.main([__file__])
