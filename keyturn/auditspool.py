@@ -19,8 +19,13 @@ Nothing is lost on the way:
 * the ingester stores its read offset per spool file in the same transaction
   as the records (table ``audit_spool``), so a crash never duplicates or
   skips a record;
-* a spool file ends with an end marker; only then, fully ingested, is it
-  deleted. Files left behind by a crash are ingested at the next start.
+* a spool file's writer holds an exclusive lock (flock) on it while it may
+  append. A file whose lock the ingester can take is final (its writer closed
+  it, or died: the kernel drops the lock with the process, even after kill -9);
+  once ingested to its end it is deleted, so neither a clean stop nor a crash
+  leaves files behind. A file that still has records past the stored offset
+  is never deleted; a dead writer's torn last line is kept as an "unreadable"
+  record. Files closed cleanly also end with an end marker.
 
 This module must not import protocol or web code.
 """
@@ -46,6 +51,9 @@ from keyturn.models import AuditSpoolCursor
 log = logging.getLogger(__name__)
 
 EOF_MARK = '{"_eof":true}\n'
+NEW_SUFFIX = ".new"  # a spool file being created (see AuditSpool._new_file)
+# A ``.new`` file this old was left by a writer that died while creating it.
+STALE_NEW_FILE = 60.0
 _EOF_BYTES = EOF_MARK.encode()
 ROTATE_BYTES = 64 * 1024 * 1024
 _OPTS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
@@ -101,6 +109,15 @@ class LineBuffer:
         return self._size
 
 
+def _try_lock(fh: Any) -> bool:
+    """Take the spool file's writer lock if nobody holds it (kept until ``fh`` closes)."""
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 class AuditSpool:
     """Gateway side: append records to ``<dir>/<name>-<time>-<pid>.jsonl``.
 
@@ -138,9 +155,22 @@ class AuditSpool:
         self._size = 0
 
     def _new_file(self) -> tuple[Path, Any]:
+        """Open a new spool file, locked: the ingester takes a file whose lock it can get
+        as finished (its writer closed it or died) and removes it once ingested. The
+        file is created and locked under a name the ingester ignores, then renamed, so
+        it is never seen unlocked."""
         stamp = f"{time.time():.6f}".replace(".", "")
         path = self.dir / f"{self.name}-{stamp}-{os.getpid()}.jsonl"
-        return path, open(path, "ab", buffering=0)  # noqa: SIM115 - kept open
+        fresh = path.with_name(path.name + NEW_SUFFIX)
+        fh = open(fresh, "ab", buffering=0)  # noqa: SIM115 - kept open
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fresh.rename(path)
+        except OSError:
+            fh.close()
+            fresh.unlink(missing_ok=True)
+            raise
+        return path, fh
 
     def record(self, **rec: Any) -> None:
         self.write(rec)
@@ -285,11 +315,29 @@ class AuditIngester:
         done = 0
         with open(self.dir / ".ingest.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            self._sweep_new_files()
             for path in self.pending_files():
                 if self._abort is not None and self._abort.is_set():
                     break
                 done += self._ingest_file(path)
         return done
+
+    def _sweep_new_files(self) -> None:
+        """Files a writer died while creating (before its rename): empty, so removed;
+        one with content (never written by AuditSpool) is handed to ingestion."""
+        for fresh in self.dir.glob("*.jsonl" + NEW_SUFFIX):
+            try:
+                if time.time() - fresh.stat().st_mtime < STALE_NEW_FILE:
+                    continue
+                with open(fresh, "rb") as fh:
+                    if not _try_lock(fh):
+                        continue
+                    if fresh.stat().st_size:
+                        fresh.rename(fresh.with_name(fresh.name[:-len(NEW_SUFFIX)]))
+                    else:
+                        fresh.unlink()
+            except OSError:
+                log.exception("audit spool: cannot clean up %s", fresh)
 
     def _ingest_file(self, path: Path) -> int:
         source = path.name
@@ -297,12 +345,18 @@ class AuditIngester:
         done = 0
         finished = False
         with open(path, "rb") as fh:
+            # The writer holds an exclusive lock on its file while it may append to it.
+            # Once we hold the lock (ours until this file is closed), nobody writes to the
+            # file again: its end is final even without the end marker (a killed gateway).
+            writer_gone = _try_lock(fh)
             fh.seek(offset)
             while True:
                 records: list[dict[str, Any]] = []
                 pos = offset
+                at_end = True
                 for raw in fh:
-                    if not raw.endswith(b"\n"):
+                    if not raw.endswith(b"\n") and not writer_gone:
+                        at_end = False
                         break  # a partial line: the writer is mid-record
                     pos += len(raw)
                     if raw == _EOF_BYTES:
@@ -311,11 +365,14 @@ class AuditIngester:
                     try:
                         records.append(orjson.loads(raw))
                     except orjson.JSONDecodeError:
-                        # Never drop what we cannot read: keep it, marked, in the chain.
+                        # Never drop what we cannot read (a dead writer's torn last line
+                        # too): keep it, marked, in the chain.
                         records.append({"kind": "unreadable", "detail": {
                             "raw": raw.decode("utf-8", "replace"), "spool": source}})
                     if len(records) >= self.batch:
+                        at_end = False
                         break
+                finished = finished or (writer_gone and at_end)
                 if records or pos != offset:
                     # Hash the batch onto the head as it is now, still idle-scheduled; the
                     # store re-hashes it in the rare case another writer moved the head.
@@ -340,8 +397,10 @@ class AuditIngester:
                 if self.priority is not None and self.priority.defer():
                     break  # the machine got busy: the rest waits, durable, in the spool
         if finished:
-            self.audit.forget_cursor(source)
+            # Removed before its cursor is forgotten: a crash in between leaves a stale
+            # cursor row, never a file that would be ingested a second time from 0.
             path.unlink(missing_ok=True)
+            self.audit.forget_cursor(source)
         self.ingested += done
         return done
 

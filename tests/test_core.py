@@ -428,15 +428,19 @@ def test_backlog_after_a_restart_counts_only_what_is_not_ingested(svc: Services,
 
 def test_audit_spool_partial_line_waits_and_garbage_is_kept(svc: Services,
                                                            tmp_path: Path) -> None:
+    import fcntl
+
     from keyturn.auditspool import EOF_MARK, AuditIngester
 
     d = tmp_path / "spool"
     d.mkdir()
     f = d / "gw-1-1.jsonl"
-    f.write_text('{"kind":"statement","statement":"SELECT 1"}\nnot json\n{"kind":"stat')
-    ing = AuditIngester(svc.audit, d)
-    assert ing.run_once() == 2
     with open(f, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # a live writer holds its file's lock
+        fh.write('{"kind":"statement","statement":"SELECT 1"}\nnot json\n{"kind":"stat')
+        fh.flush()
+        ing = AuditIngester(svc.audit, d)
+        assert ing.run_once() == 2
         fh.write('ement","statement":"SELECT 2"}\n' + EOF_MARK)
     assert ing.run_once() == 1
     recs = list(svc.audit.iter_records())

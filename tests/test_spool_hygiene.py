@@ -13,8 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import func, select
 
-from keyturn.auditspool import AuditSpool
+from keyturn.auditspool import AuditIngester, AuditSpool
+from keyturn.config import parse_config
+from keyturn.models import AuditSpoolCursor
+from keyturn.services import Services, build_services
 from tests.test_core import CONFIG as CORE_CONFIG
 
 # The core tests' configuration, with the spool in the test's directory.
@@ -137,5 +141,98 @@ def _alive(pid: int) -> bool:
         return False
 
 
-if __name__ == "__main__":  # pragma: no cover
-    pytest.main([__file__])
+# ---------------------------------------------------------------- removing ingested files
+
+@pytest.fixture()
+def svc(tmp_path: Path) -> Services:
+    return build_services(parse_config(CONFIG % {"db": tmp_path / "k.db",
+                                                 "spool": tmp_path / "spool"},
+                                       str(tmp_path / "keyturn.yaml")))
+
+
+WRITER = """
+import sys, time
+from sqlalchemy import func, select
+
+from keyturn.auditspool import AuditIngester, AuditSpool
+from keyturn.config import parse_config
+from keyturn.models import AuditSpoolCursor
+from keyturn.services import Services, build_services
+spool = AuditSpool(sys.argv[1], "gw")
+for i in range(int(sys.argv[2])):
+    spool.record(kind="statement", statement=f"SELECT {i}")
+spool.flush()
+print("written", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_writers_file_is_ingested_to_its_end_and_removed(svc: Services,
+                                                                   tmp_path: Path) -> None:
+    spool_dir = tmp_path / "spool"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(spool_dir), "1000"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == "written\n"
+        ing = AuditIngester(svc.audit, spool_dir, batch=300)
+        assert ing.run_once() == 1000
+        assert len(list(spool_dir.glob("*.jsonl"))) == 1, "a live writer's file stays"
+    finally:
+        writer.kill()  # SIGKILL: no end marker, no close
+        writer.wait()
+    assert ing.run_once() == 0
+    assert not list(spool_dir.glob("*.jsonl")), "a dead writer's ingested file is removed"
+    assert [r["statement"] for r in svc.audit.iter_records()] == \
+        [f"SELECT {i}" for i in range(1000)]
+    with svc.store.session() as s:
+        assert s.scalar(select(func.count()).select_from(AuditSpoolCursor)) == 0
+
+
+def test_a_file_with_records_left_is_never_removed(svc: Services, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dead writer's file (no lock, no end marker, a torn last line) whose ingestion
+    fails half-way stays until every record is in the store; the torn line is kept."""
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    path = spool_dir / "gw-1-1.jsonl"
+    lines = b"".join(b'{"kind":"statement","statement":"SELECT %d"}\n' % i for i in range(50))
+    path.write_bytes(lines + b'{"kind":"statement","stat')
+    ing = AuditIngester(svc.audit, spool_dir, batch=20)
+    real_append = svc.audit.append
+    calls = {"n": 0}
+
+    def failing_append(*args: object, **kw: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("the store went away")
+        real_append(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(svc.audit, "append", failing_append)
+    with pytest.raises(RuntimeError):
+        ing.run_once()
+    assert path.exists(), "30 records are not ingested yet: the file stays"
+    monkeypatch.setattr(svc.audit, "append", real_append)
+    assert ing.run_once() == 31
+    assert not path.exists()
+    records = list(svc.audit.iter_records())
+    assert [r["statement"] for r in records[:50]] == [f"SELECT {i}" for i in range(50)]
+    assert records[50]["kind"] == "unreadable"
+    assert records[50]["detail"]["raw"] == '{"kind":"statement","stat'
+    assert svc.audit.verify().ok
+
+
+def test_a_half_created_spool_file_is_cleaned_up(svc: Services, tmp_path: Path) -> None:
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    empty = spool_dir / "gw-1-1.jsonl.new"
+    empty.write_bytes(b"")
+    young = spool_dir / "gw-2-2.jsonl.new"
+    young.write_bytes(b"")
+    written = spool_dir / "gw-3-3.jsonl.new"
+    written.write_bytes(b'{"kind":"statement","statement":"SELECT 1"}\n')
+    old = time.time() - 3600
+    for p in (empty, written):
+        os.utime(p, (old, old))
+    assert AuditIngester(svc.audit, spool_dir).run_once() == 1
+    assert sorted(p.name for p in spool_dir.iterdir() if not p.name.startswith(".")) == \
+        ["gw-2-2.jsonl.new"]
