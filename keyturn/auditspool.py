@@ -39,6 +39,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,9 @@ _OPTS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
 # Set by the gateway for its ingester child: the gateway's pid (see ``orphaned``).
 PARENT_ENV = "KEYTURN_INGEST_PARENT"
 
+# Bytes of records waiting in memory while the spool cannot be written before the gateway
+# refuses new statements (AuditSpool.accepting); twice this is the most ever held.
+MAX_PENDING = 64 << 20
 PENDING_LIMIT = 1 << 20  # bytes of lines pending before a writer flushes them itself
 
 
@@ -109,6 +113,22 @@ class LineBuffer:
         return self._size
 
 
+@dataclass
+class WriteFailure:
+    """One episode of spool writes failing, from the first failure to recovery."""
+
+    error: str
+    since: float = field(default_factory=time.monotonic)
+    dropped: int = 0  # lines dropped since the last gap record was queued
+    dropped_total: int = 0
+
+    def gap_record(self) -> bytes:
+        """The record that stands for the lines dropped in this episode."""
+        return orjson.dumps({"kind": "audit-dropped", "at": time.time(), "outcome": "lost",
+                             "reason": f"the audit spool could not be written: {self.error}",
+                             "detail": {"records": self.dropped}}, option=_OPTS)
+
+
 def _try_lock(fh: Any) -> bool:
     """Take the spool file's writer lock if nobody holds it (kept until ``fh`` closes)."""
     try:
@@ -123,20 +143,35 @@ class AuditSpool:
 
     ``write_line`` only adds the line to a buffer in memory (``LineBuffer`` or the
     ``buffer`` factory given, with the same interface); a flusher thread writes the
-    buffer to the file every ``flush_interval`` seconds, in order, and rotates files."""
+    buffer to the file every ``flush_interval`` seconds, in order, and rotates files.
+
+    When the file cannot be written (a full disk, an I/O error, a size limit) the lines
+    wait in memory and the flusher retries. Past ``max_pending`` bytes waiting, the spool
+    stops ``accepting``: the gateway refuses new statements with ``refusal`` rather than
+    run them unaudited. Past twice that, the newest lines are dropped, counted, and an
+    ``audit-dropped`` record saying how many takes their place in the file, so memory
+    stays bounded whatever the clients do. Each episode is logged when it starts, when
+    the spool starts refusing and when it recovers, never per record."""
 
     def __init__(self, directory: str | os.PathLike[str], name: str = "gateway",
                  *, flush_interval: float = 0.1,
-                 buffer: Callable[..., Any] | None = None):
+                 buffer: Callable[..., Any] | None = None,
+                 max_pending: int = MAX_PENDING):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.flush_interval = flush_interval
+        self.max_pending = max_pending
         self._lock = threading.Lock()  # the file: flushes, rotation, close
         self._unwritten = b""  # taken from the buffer, not yet written (a full disk)
         self._closed = False
         self._last_error = -60.0
-        self._buf = (buffer or LineBuffer)(limit=PENDING_LIMIT, on_full=self.flush)
+        self._failure: WriteFailure | None = None  # the current episode, if any
+        self.accepting = True
+        """False while records cannot be written and more than ``max_pending`` bytes of
+        them wait in memory: new statements must be refused (``refusal`` says why)."""
+        self._buf = (buffer or LineBuffer)(limit=min(PENDING_LIMIT, max_pending),
+                                           on_full=self._on_full)
         self.write_line: Callable[[bytes], None] = self._buf.append
         """Append one record already serialised as a JSON line (the gateway's hot path
         joins a per-session prefix to the per-statement fields)."""
@@ -144,6 +179,20 @@ class AuditSpool:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._flusher, name="audit-spool", daemon=True)
         self._thread.start()
+
+    @property
+    def refusal(self) -> str | None:
+        """The error a refused statement gets while the spool is not accepting."""
+        failure = self._failure
+        if self.accepting or failure is None:
+            return None
+        return (f"keyturn: the audit trail cannot be written ({failure.error}); new "
+                "statements are refused until it can")
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of records in memory, not yet in the spool file."""
+        return len(self._unwritten) + int(self._buf.size)
 
     @property
     def records(self) -> int:
@@ -184,25 +233,98 @@ class AuditSpool:
     def flush(self) -> None:
         """Write every pending line to the spool file (in order) and hand it to the OS.
         Raises OSError when a write fails; the lines not written are kept, in order,
-        for the next flush."""
+        for the next flush (within the bounds in the class docstring)."""
         with self._lock:
             if self._closed:
                 if self._buf.size:
                     log.error("audit spool %s is closed: %d bytes of records appended after "
                               "close are not written", self.dir, self._buf.size)
                 return
-            data = memoryview(self._unwritten + self._buf.take())
-            self._unwritten = b""
+            failure = self._failure
             try:
-                while data:  # an unbuffered file: each write says how much it took
-                    n = self._fh.write(data)
-                    self._size += n
-                    data = data[n:]
-            except OSError:
-                self._unwritten = bytes(data)
+                self._write_unwritten()  # what an earlier flush could not write comes first
+                if failure is not None and failure.dropped:
+                    # The gap goes where the lines were dropped: after those kept, before
+                    # those appended since.
+                    self._unwritten, failure.dropped = failure.gap_record(), 0
+                    self._write_unwritten()
+                self._unwritten = self._buf.take()
+                self._write_unwritten()
+                if self._size >= ROTATE_BYTES:
+                    self._rotate()
+            except OSError as exc:
+                self._unwritten = self._bounded(self._unwritten, b"", exc)
                 raise
-            if self._size >= ROTATE_BYTES:
-                self._rotate()
+            if failure is not None:
+                self._recovered(failure)
+
+    def _write_unwritten(self) -> None:
+        """Write ``_unwritten``; on failure it keeps what was not written."""
+        data = memoryview(self._unwritten)
+        try:
+            while data:  # an unbuffered file: each write says how much it took
+                n = self._fh.write(data)
+                self._size += n
+                data = data[n:]
+        finally:
+            self._unwritten = bytes(data)
+
+    def _on_full(self) -> None:
+        """The buffer passed its limit (on the appending thread, e.g. the event loop):
+        write it out now; while writes are failing, leave the retries to the flusher
+        and only move the lines under the bounds."""
+        if self._failure is None:
+            try:
+                self.flush()
+            except OSError:
+                pass  # recorded in the failure; the flusher retries
+            return
+        with self._lock:
+            if not self._closed:
+                self._unwritten = self._bounded(self._unwritten, self._buf.take(), None)
+
+    def _bounded(self, kept: bytes, new: bytes, exc: OSError | None) -> bytes:
+        """The lines to keep in memory after a failed write (``exc``) or while writes
+        fail: ``kept`` (older) then ``new``. Over ``max_pending`` bytes the spool refuses
+        new statements; over twice that the newest lines are dropped (whole lines,
+        counted), and after a drop every new line is, until the spool recovers, so the
+        gap is in one place."""
+        failure = self._failure
+        if failure is None:
+            assert exc is not None
+            failure = self._failure = WriteFailure(f"{exc.strerror or exc}")
+            log.error("audit spool: writing to %s failed (%r); records wait in memory and "
+                      "writes are retried; past %d bytes new statements are refused",
+                      self.path, exc, self.max_pending)
+        cap = 2 * self.max_pending
+        data = kept + new if new else kept
+        if failure.dropped and new:
+            cut = len(kept)
+        elif len(data) > cap:
+            cut = data.rfind(b"\n", 0, cap) + 1
+        else:
+            cut = len(data)
+        if cut < len(data):
+            if not failure.dropped_total:
+                log.error("audit spool: %d bytes of records wait in memory: dropping newer "
+                          "records until %s can be written again", cut, self.path)
+            n = data.count(b"\n", cut)
+            failure.dropped += n
+            failure.dropped_total += n
+            data = data[:cut]
+        if self.accepting and len(data) + self._buf.size > self.max_pending:
+            self.accepting = False
+            log.error("audit spool: %d bytes of records cannot be written: refusing new "
+                      "statements until %s can be written", len(data), self.path)
+        return data
+
+    def _recovered(self, failure: WriteFailure) -> None:
+        self._failure = None
+        self.accepting = True
+        log.warning("audit spool: %s is writable again after %.1f s; accepting statements"
+                    "%s", self.path, time.monotonic() - failure.since,
+                    f" ({failure.dropped_total} records were dropped)"
+                    if failure.dropped_total else "")
 
     def _rotate(self) -> None:
         """Go on in a new file. The new one is opened before the old one gets its end
@@ -247,9 +369,10 @@ class AuditSpool:
         while not self._stop.wait(self.flush_interval):
             try:
                 self.flush()
-            except Exception as exc:  # a full disk: the lines are kept, try again
-                self._failed(f"writing to {self.path} failed, {len(self._unwritten):,} "
-                             f"bytes of records kept in memory: {exc!r}")
+            except OSError:
+                pass  # a full disk: logged once by _bounded; the lines are kept, try again
+            except Exception:
+                log.exception("audit spool: flushing %s failed", self.path)
 
     def close(self) -> None:
         """Write everything, end the file with its marker and fsync it. Never raises:
@@ -259,14 +382,19 @@ class AuditSpool:
         try:
             self.flush()
         except OSError as exc:
-            log.error("audit spool %s: %d bytes of records could not be written at close: "
-                      "%s", self.path, len(self._unwritten), exc)
+            failure = self._failure
+            log.error("audit spool %s: %d bytes of records could not be written at close%s: "
+                      "%s", self.path, len(self._unwritten),
+                      f" ({failure.dropped_total} more were dropped before)"
+                      if failure and failure.dropped_total else "", exc)
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             try:
-                if not self._unwritten:  # otherwise the ingester must not take it as whole
+                # After a failed write the marker would follow a torn line; the file is
+                # final anyway once closed (its lock goes with it).
+                if not self._unwritten:
                     self._write_all(self._fh, _EOF_BYTES)
             except OSError as exc:
                 log.error("audit spool %s: cannot write its end marker: %s", self.path, exc)

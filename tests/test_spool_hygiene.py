@@ -4,6 +4,7 @@ work instead of growing memory."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -236,3 +237,93 @@ def test_a_half_created_spool_file_is_cleaned_up(svc: Services, tmp_path: Path) 
     assert AuditIngester(svc.audit, spool_dir).run_once() == 1
     assert sorted(p.name for p in spool_dir.iterdir() if not p.name.startswith(".")) == \
         ["gw-2-2.jsonl.new"]
+
+
+# ---------------------------------------------------------------- an unwritable spool
+
+UNWRITABLE = """
+import json, logging, resource, signal, sys, time
+from keyturn.auditspool import AuditSpool
+
+logging.basicConfig(format="%(levelname)s %(message)s")
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+BOUND = 100_000
+spool = AuditSpool(sys.argv[1], "gw", flush_interval=0.02, max_pending=BOUND)
+out = {}
+def wait(cond, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return cond()
+
+for i in range(100):
+    spool.record(kind="statement", statement=f"SELECT {i}")
+assert wait(lambda: spool.pending_bytes == 0)
+_, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+# The file may grow by half a line more: the next write is torn, then writes fail.
+resource.setrlimit(resource.RLIMIT_FSIZE, (spool.path.stat().st_size + 20, hard))
+i = 100
+while spool.accepting and i < 100_000:
+    spool.record(kind="statement", statement=f"SELECT {i}")
+    i += 1
+out["refused_after"] = i - 100
+out["refusal"] = spool.refusal
+# Clients keep going (refused statements are audited too): memory stays bounded.
+peak = 0
+for _ in range(50_000):
+    spool.record(kind="statement", statement=f"SELECT {i}")
+    i += 1
+    peak = max(peak, spool.pending_bytes)
+out["peak"] = peak
+time.sleep(0.3)  # the flusher retries meanwhile
+out["still_refusing"] = not spool.accepting
+resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+out["recovered"] = wait(lambda: spool.accepting)
+out["refusal_after"] = spool.refusal
+for j in range(10):
+    spool.record(kind="statement", statement=f"AFTER {j}")
+spool.close()
+out["appended"] = i
+print(json.dumps(out))
+"""
+
+
+def test_an_unwritable_spool_refuses_with_bounded_memory_and_recovers(tmp_path: Path) -> None:
+    """A real spool file whose writes fail (RLIMIT_FSIZE: EFBIG, as a full disk gives
+    ENOSPC): past the bound the spool stops accepting, memory stays under twice the
+    bound however many records arrive, the log says it once, and once writes work again
+    it accepts again, with a record of how many records were dropped in between."""
+    spool_dir = tmp_path / "spool"
+    res = subprocess.run([sys.executable, "-c", UNWRITABLE, str(spool_dir)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    bound = 100_000
+    assert 0 < out["refused_after"] * 40 < 3 * bound
+    assert out["refusal"].startswith("keyturn: the audit trail cannot be written (File too "
+                                     "large)")
+    # kept lines (twice the bound) + the buffer's own limit (the bound) + one line
+    assert 2 * bound < out["peak"] <= 3 * bound + 100
+    assert out["still_refusing"] and out["recovered"] and out["refusal_after"] is None
+    errors = [line for line in res.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 3, res.stderr  # failed, refusing, dropping: once each
+    assert "writable again" in res.stderr and "records were dropped" in res.stderr
+
+    (path,) = spool_dir.glob("*.jsonl")
+    raw = path.read_bytes().splitlines()
+    assert raw[-1] == b'{"_eof":true}'
+    records, torn = [], 0
+    for line in raw[:-1]:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            torn += 1  # the write that hit the limit half-way
+    assert torn <= 1
+    statements = [r["statement"] for r in records if r["kind"] == "statement"]
+    assert statements[:100] == [f"SELECT {i}" for i in range(100)]
+    assert statements[-10:] == [f"AFTER {j}" for j in range(10)]
+    numbers = [int(s.split()[1]) for s in statements[:-10]]
+    assert numbers == sorted(set(numbers)), "kept in order, never doubled"
+    (gap,) = [r for r in records if r["kind"] == "audit-dropped"]
+    assert len(numbers) + torn + gap["detail"]["records"] == out["appended"]
