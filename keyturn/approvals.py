@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import exists, func, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from keyturn.errors import (
@@ -40,28 +40,41 @@ from keyturn.errors import (
     SelfApproval,
 )
 from keyturn.identity import Identity
-from keyturn.models import Ticket, TicketEvent, Vote
+from keyturn.models import GatewayInstance, Ticket, TicketEvent, Vote
 from keyturn.store import Store
 
-PENDING, APPROVED, REJECTED, EXPIRED, CANCELLED, EXECUTED, FAILED = (
-    "pending", "approved", "rejected", "expired", "cancelled", "executed", "failed")
+PENDING, APPROVED, REJECTED, EXPIRED, CANCELLED, EXECUTED, FAILED, ABANDONED = (
+    "pending", "approved", "rejected", "expired", "cancelled", "executed", "failed",
+    "abandoned")
 
 # state -> {event: next state}
 TRANSITIONS: dict[str, dict[str, str]] = {
-    PENDING: {"approve": APPROVED, "reject": REJECTED, "expire": EXPIRED, "cancel": CANCELLED},
-    APPROVED: {"execute": EXECUTED, "fail": FAILED, "cancel": CANCELLED, "expire": EXPIRED},
+    PENDING: {"approve": APPROVED, "reject": REJECTED, "expire": EXPIRED, "cancel": CANCELLED,
+              "abandon": ABANDONED},
+    # "abandon" only while unclaimed: a claimed ticket's statement may be running.
+    APPROVED: {"execute": EXECUTED, "fail": FAILED, "cancel": CANCELLED, "expire": EXPIRED,
+               "abandon": ABANDONED},
     REJECTED: {},
     EXPIRED: {},
     CANCELLED: {},
     EXECUTED: {},
     FAILED: {},
+    # The gateway process holding the requester's session died (keyturn.liveness).
+    ABANDONED: {},
 }
-DECIDED = {APPROVED, REJECTED, EXPIRED, CANCELLED, EXECUTED, FAILED}
+DECIDED = {APPROVED, REJECTED, EXPIRED, CANCELLED, EXECUTED, FAILED, ABANDONED}
 # Event kinds only transitions write; ``Approvals.note`` refuses them.
 NOTE_KINDS_RESERVED = {"created", "decided", *DECIDED}
 
 # How long an approved defer-mode ticket may wait for its re-run.
 DEFER_WINDOW = 3600.0
+
+# A gateway instance whose heartbeat is this many of its own intervals old is dead, and
+# the tickets it held are abandoned (keyturn.liveness beats and sweeps).
+DEAD_AFTER_BEATS = 3
+ABANDONED_COMMENT = "the requester's session ended (the gateway holding it stopped)"
+OUTCOME_UNKNOWN = ("outcome unknown: the gateway running the statement stopped before it "
+                   "reported the result; see the audit trail")
 
 
 def binding_of(requester: str, connection: str, statement: str, params: Any) -> str:
@@ -132,6 +145,9 @@ class Approvals:
         self.store = store
         self.on_change = on_change or (lambda _id, _status: None)
         self.audit = audit or (lambda **_: None)
+        # This process's gateway instance (keyturn.liveness), stamped on the tickets it
+        # creates: when the instance dies, they are abandoned. None: not a gateway.
+        self.instance_id: str | None = None
 
     # ---- reading
 
@@ -186,7 +202,8 @@ class Approvals:
             classification=req.classification, tables=list(req.tables), rule=req.rule,
             reason=req.reason, in_transaction=req.in_transaction, row_estimate=req.row_estimate,
             approver_groups=list(req.approver_groups), min_approvals=req.min_approvals,
-            mode=req.mode, gateway_id=req.gateway_id, created_at=now,
+            mode=req.mode, gateway_id=req.gateway_id, instance_id=self.instance_id,
+            created_at=now,
             expires_at=now + req.timeout,
         )
         with self.store.write() as s:
@@ -212,16 +229,23 @@ class Approvals:
 
     def _move(self, s: Any, t: Ticket, event: str, now: float, **values: Any) -> str:
         nxt = TRANSITIONS[t.status].get(event)
-        if nxt is None:
-            raise InvalidTransition(f"ticket {t.id} is {t.status}; cannot {event}",
+        if nxt is None or (event == "abandon" and t.claimed_at is not None):
+            raise InvalidTransition(f"ticket {t.id} is {t.status}"
+                                    f"{' and claimed' if nxt else ''}; cannot {event}",
                                     ticket=t.id, status=t.status)
-        res = s.execute(update(Ticket).where(Ticket.id == t.id, Ticket.status == t.status)
-                        .values(status=nxt, **values))
+        where = [Ticket.id == t.id, Ticket.status == t.status]
+        if event == "abandon":  # never under a claim made since we read the row
+            where.append(Ticket.claimed_at.is_(None))
+        res = s.execute(update(Ticket).where(*where).values(status=nxt, **values))
         if res.rowcount != 1:  # type: ignore[attr-defined]
             raise AlreadyDecided(f"ticket {t.id} changed concurrently", ticket=t.id)
         return nxt
 
     def _already(self, t: Ticket) -> AlreadyDecided:
+        if t.status == ABANDONED:  # whoever approved it, nobody abandoned it
+            return AlreadyDecided(f"ticket {t.id} was abandoned: {ABANDONED_COMMENT}; "
+                                  "nothing ran", ticket=t.id, status=t.status,
+                                  decided_by=None)
         who = f" by {t.decided_by}" if t.decided_by else ""
         why = f": {t.decision_comment}" if t.decision_comment else ""
         return AlreadyDecided(f"ticket {t.id} was already {t.status}{who}{why}", ticket=t.id,
@@ -296,7 +320,7 @@ class Approvals:
     def finish(self, ticket_id: int, event: str, *, actor: str | None = None,
                comment: str | None = None, rows: int | None = None, error: str | None = None,
                now: float | None = None) -> Ticket:
-        """Non-vote transitions: expire, cancel, execute, fail."""
+        """Non-vote transitions: expire, cancel, abandon, execute, fail."""
         now = time.time() if now is None else now
         with self.store.write() as s:
             t = self._lock(s, ticket_id)
@@ -305,7 +329,7 @@ class Approvals:
                     raise self._already(t)
                 raise InvalidTransition(f"ticket {t.id} is {t.status}; cannot {event}")
             values: dict[str, Any] = {}
-            if event in ("expire", "cancel") and t.status == PENDING:
+            if event in ("expire", "cancel", "abandon") and t.status == PENDING:
                 values = {"decided_at": now, "decided_by": actor, "decision_comment": comment}
             if event in ("execute", "fail"):
                 values = {"executed_at": now, "result_rows": rows, "result_error": error}
@@ -370,4 +394,33 @@ class Approvals:
             self.audit(kind="ticket", connection=t.connection, ticket_id=t.id, outcome=EXPIRED,
                        statement=t.statement, user=t.requester)
             done.append(tid)
+        return done
+
+    def abandon_orphans(self, *, now: float | None = None) -> list[tuple[int, str]]:
+        """End the open tickets whose gateway instance is dead: pending and approved but
+        unclaimed ones become ``abandoned`` (nobody waits for them any more, so their
+        statement can never run); a claimed one, whose statement may have run, becomes
+        ``failed`` with an unknown outcome. Safe with several sweepers at once: every
+        change is conditional and a lost race is skipped. Returns (id, new status)."""
+        now = time.time() if now is None else now
+        alive = exists().where(
+            GatewayInstance.id == Ticket.instance_id, GatewayInstance.stopped_at.is_(None),
+            GatewayInstance.beat_at + DEAD_AFTER_BEATS * GatewayInstance.beat_interval >= now)
+        with self.store.session() as s:
+            orphans = list(s.execute(select(Ticket.id, Ticket.claimed_at).where(
+                Ticket.status.in_((PENDING, APPROVED)), Ticket.mode == "hold",
+                Ticket.instance_id.is_not(None), ~alive).order_by(Ticket.id)))
+        done = []
+        for tid, claimed_at in orphans:
+            try:
+                if claimed_at is None:
+                    t = self.finish(tid, "abandon", comment=ABANDONED_COMMENT, now=now)
+                else:
+                    t = self.finish(tid, "fail", error=OUTCOME_UNKNOWN, now=now)
+            except (AlreadyDecided, InvalidTransition):
+                continue  # decided, claimed or swept elsewhere meanwhile
+            self.audit(kind="ticket", connection=t.connection, ticket_id=t.id,
+                       outcome=t.status, statement=t.statement, user=t.requester,
+                       reason=ABANDONED_COMMENT if claimed_at is None else OUTCOME_UNKNOWN)
+            done.append((tid, t.status))
         return done

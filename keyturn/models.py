@@ -76,6 +76,9 @@ class Ticket(Base):
     min_approvals: Mapped[int] = mapped_column(Integer, default=1)
     mode: Mapped[str] = mapped_column(String(8), default="hold")
     gateway_id: Mapped[str] = mapped_column(String(64), default="")
+    # The gateway process that holds the client waiting for this ticket (GatewayInstance.id);
+    # None for tickets no gateway process holds (created by the CLI, tests, demo seeds).
+    instance_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[float] = mapped_column(Float, index=True)
     expires_at: Mapped[float] = mapped_column(Float)
     decided_at: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -85,6 +88,23 @@ class Ticket(Base):
     executed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     result_rows: Mapped[int | None] = mapped_column(Integer, nullable=True)
     result_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class GatewayInstance(Base):
+    """One run of a gateway process and its heartbeat. ``gateway_id`` is the configured
+    name, shared by every run; ``id`` is this run's own, so a restarted gateway is a new
+    instance. It counts as dead once ``beat_at`` is ``DEAD_AFTER_BEATS`` intervals old
+    (or ``stopped_at`` is set); tickets it held are then abandoned (keyturn.liveness)."""
+
+    __tablename__ = "gateway_instances"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    gateway_id: Mapped[str] = mapped_column(String(64))
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[float] = mapped_column(Float)
+    beat_at: Mapped[float] = mapped_column(Float)
+    beat_interval: Mapped[float] = mapped_column(Float)
+    stopped_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Vote(Base):

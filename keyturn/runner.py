@@ -19,10 +19,12 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 from keyturn.auditspool import PARENT_ENV, AuditSpool
 from keyturn.config import Config
+from keyturn.liveness import Instance, Sweeper
 from keyturn.services import Services, build_services
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,14 @@ def run(config: Config, *, gateway: bool, portal: bool,
     ingester = Ingester(config) if spool else None
     if ingester:
         ingester.start()
+    # Every gateway and portal process sweeps: tickets expire, and those of dead gateway
+    # instances are abandoned, whichever process holds them and whether any does.
+    sweeper = Sweeper(services.approvals)
+    instance = None
+    if gateway:
+        instance = Instance(services.store, config.gateway.gateway_id)
+        instance.register()
+        services.approvals.instance_id = instance.id  # stamped on the tickets it holds
     stops: list[Callable[[], None]] = []
     try:
         if portal:
@@ -127,6 +137,10 @@ def run(config: Config, *, gateway: bool, portal: bool,
                 # the cyclic collector's full passes, which the relay would pay for.
                 gc.collect()
                 gc.freeze()
+                assert instance is not None
+                # Kept: a task nobody references may be collected mid-run.
+                background = [asyncio.create_task(instance.run(), name="heartbeat"),
+                              asyncio.create_task(sweeper.run(), name="ticket-sweeper")]
                 stop_event = asyncio.Event()
                 loop = asyncio.get_running_loop()
                 for sig in (signal.SIGINT, signal.SIGTERM):
@@ -141,15 +155,35 @@ def run(config: Config, *, gateway: bool, portal: bool,
                             ingester.check()
                 log.info("stopping: closing listeners and cancelling holds")
                 await gw.stop()
+                for task in background:
+                    task.cancel()
+                await asyncio.gather(*background, return_exceptions=True)
+                # Dead at once: what it still held (approved, never claimed) is abandoned
+                # now rather than after the heartbeat bound.
+                await asyncio.to_thread(instance.stopped)
+                await asyncio.to_thread(sweeper.sweep)
 
             uvloop.run(main())
         else:
-            stop_event = threading.Event()
+            sweeping = threading.Event()
+            sweep_thread = threading.Thread(target=sweeper.run_until, args=(sweeping,),
+                                            name="ticket-sweeper", daemon=True)
+            sweep_thread.start()
+
+            def stop_sweeping() -> None:
+                sweeping.set()
+                sweep_thread.join(10)
+
+            stops.append(stop_sweeping)
+            # The handlers only record the signal: one that set an Event would take its
+            # lock, which the main thread may hold at that moment (inside wait()).
+            received: list[int] = []
             for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, lambda *_: stop_event.set())
+                signal.signal(sig, lambda signum, _frame: received.append(signum))
             if ready:
                 ready(services)
-            stop_event.wait()
+            while not received:
+                time.sleep(0.2)
     finally:
         for stop in stops:
             stop()
