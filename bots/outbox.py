@@ -38,7 +38,7 @@ from keyturn.store import Store
 log = logging.getLogger(__name__)
 
 # Ticket events after which a ticket's chat message shows its final state.
-FINAL_EVENTS = frozenset({"decided", "expired", "cancelled", "executed", "failed"})
+FINAL_EVENTS = frozenset({"decided", "expired", "cancelled", "abandoned", "executed", "failed"})
 CURSOR = "ticket_events"
 # Events the bots write themselves ("notified"): never a reason to send anything.
 OWN_EVENTS = frozenset({"notified"})

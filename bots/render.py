@@ -13,13 +13,24 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from keyturn.approvals import APPROVED, CANCELLED, EXECUTED, EXPIRED, FAILED, PENDING, REJECTED
+from keyturn.approvals import (
+    ABANDONED,
+    APPROVED,
+    CANCELLED,
+    EXECUTED,
+    EXPIRED,
+    FAILED,
+    PENDING,
+    REJECTED,
+)
 
 STATUS_WORDS = {
     PENDING: "Pending approval", APPROVED: "Approved", REJECTED: "Rejected",
     EXPIRED: "Expired", CANCELLED: "Cancelled", EXECUTED: "Approved and executed",
-    FAILED: "Approved; execution failed",
+    FAILED: "Approved; execution failed", ABANDONED: "Abandoned",
 }
+# Why an abandoned ticket can no longer run, in the words approvers and requesters see.
+SESSION_ENDED = "the requester's session ended (the gateway holding it stopped); nothing ran"
 
 
 def statement_excerpt(ticket: dict[str, Any], limit: int) -> tuple[str, bool]:
@@ -95,6 +106,11 @@ class TicketView:
         if self.status == CANCELLED:
             return f"Cancelled at {self.decided_at}" + (f": {self.comment}" if self.comment
                                                         else ".")
+        if self.status == ABANDONED:
+            if self.decided_by:  # approved first, and never claimed
+                return (f"Approved by {self.decided_by} at {self.decided_at}, but "
+                        f"{SESSION_ENDED}.")
+            return f"Abandoned: {SESSION_ENDED}. No decision is needed any more."
         verb = "Rejected" if self.status == REJECTED else "Approved"
         line = f"{verb} by {self.decided_by or 'unknown'} at {self.decided_at}"
         line += f": {self.comment}" if self.comment else "."
@@ -140,6 +156,9 @@ def requester_note(what: str, view: TicketView) -> str:
         return f"{head} expired: no decision before the timeout."
     if what == CANCELLED:
         return f"{head} was cancelled."
+    if what == ABANDONED:
+        return (f"{head} was abandoned: your session ended before it could run, so nothing "
+                "ran. Run the statement again to ask anew.")
     if what == EXECUTED:
         rows = view.result_rows if view.result_rows is not None else "?"
         return f"{head} was executed: {rows} rows affected."

@@ -12,6 +12,7 @@ from typing import Any
 
 from flask import Blueprint, abort, current_app, request
 
+from keyturn.approvals import ABANDONED
 from keyturn.errors import (
     AlreadyDecided,
     AlreadyVoted,
@@ -101,8 +102,12 @@ def decide(ticket_id: int, vote: str):  # type: ignore[no-untyped-def]
             t = services().approvals.get(t.id)
             who = f" by {t.decided_by}" if t.decided_by else ""
             why = f" ({t.decision_comment})" if t.decision_comment else ""
-            message = (f"This ticket was already decided elsewhere a moment ago: "
-                       f"{t.status}{who}{why}. Your {vote} was not recorded.")
+            if t.status == ABANDONED:
+                message = (f"The requester's session ended before this ticket could run, so "
+                           f"it was abandoned and nothing ran. Your {vote} was not recorded.")
+            else:
+                message = (f"This ticket was already decided elsewhere a moment ago: "
+                           f"{t.status}{who}{why}. Your {vote} was not recorded.")
     ctx = _context(t, message=message, level=level,
                    draft={"vote": vote, "text": text} if level == "error" else None)
     if is_htmx():
