@@ -170,6 +170,7 @@ class AuditSpool:
         self.accepting = True
         """False while records cannot be written and more than ``max_pending`` bytes of
         them wait in memory: new statements must be refused (``refusal`` says why)."""
+        self._watchers: list[Callable[[bool], None]] = []
         self._buf = (buffer or LineBuffer)(limit=min(PENDING_LIMIT, max_pending),
                                            on_full=self._on_full)
         self.write_line: Callable[[bytes], None] = self._buf.append
@@ -179,6 +180,21 @@ class AuditSpool:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._flusher, name="audit-spool", daemon=True)
         self._thread.start()
+
+    def watch(self, callback: Callable[[bool], None]) -> None:
+        """Call ``callback(accepting)`` whenever ``accepting`` changes. It runs on the
+        thread that noticed (the flusher, or one appending) with the spool's file lock
+        held: it must only hand the news on (``loop.call_soon_threadsafe``), e.g. to
+        disarm fast paths that append without asking."""
+        self._watchers.append(callback)
+
+    def _set_accepting(self, accepting: bool) -> None:
+        self.accepting = accepting
+        for callback in self._watchers:
+            try:
+                callback(accepting)
+            except Exception:
+                log.exception("audit spool: a watcher of its state failed")
 
     @property
     def refusal(self) -> str | None:
@@ -313,14 +329,15 @@ class AuditSpool:
             failure.dropped_total += n
             data = data[:cut]
         if self.accepting and len(data) + self._buf.size > self.max_pending:
-            self.accepting = False
+            self._set_accepting(False)
             log.error("audit spool: %d bytes of records cannot be written: refusing new "
                       "statements until %s can be written", len(data), self.path)
         return data
 
     def _recovered(self, failure: WriteFailure) -> None:
         self._failure = None
-        self.accepting = True
+        if not self.accepting:
+            self._set_accepting(True)
         log.warning("audit spool: %s is writable again after %.1f s; accepting statements"
                     "%s", self.path, time.monotonic() - failure.since,
                     f" ({failure.dropped_total} records were dropped)"

@@ -250,7 +250,8 @@ logging.basicConfig(format="%(levelname)s %(message)s")
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
 BOUND = 100_000
 spool = AuditSpool(sys.argv[1], "gw", flush_interval=0.02, max_pending=BOUND)
-out = {}
+out = {"changes": []}
+spool.watch(out["changes"].append)
 def wait(cond, timeout=5.0):
     deadline = time.monotonic() + timeout
     while not cond() and time.monotonic() < deadline:
@@ -306,6 +307,7 @@ def test_an_unwritable_spool_refuses_with_bounded_memory_and_recovers(tmp_path: 
     # kept lines (twice the bound) + the buffer's own limit (the bound) + one line
     assert 2 * bound < out["peak"] <= 3 * bound + 100
     assert out["still_refusing"] and out["recovered"] and out["refusal_after"] is None
+    assert out["changes"] == [False, True]
     errors = [line for line in res.stderr.splitlines() if "ERROR" in line]
     assert len(errors) == 3, res.stderr  # failed, refusing, dropping: once each
     assert "writable again" in res.stderr and "records were dropped" in res.stderr
