@@ -199,11 +199,36 @@ def _psql(kt: Keyturn, port: int, sql: str) -> subprocess.Popen[str]:
                             env=dict(os.environ, PGCONNECT_TIMEOUT="10"))
 
 
-@pytest.fixture()
-def fleet(pg: LocalPostgres, tmp_path: Path) -> Iterator[tuple[Keyturn, Path, int]]:
+def _ingesters_of(gateway_pid: int) -> list[int]:
+    """Running processes started with KEYTURN_INGEST_PARENT=<gateway_pid>."""
+    mark = f"KEYTURN_INGEST_PARENT={gateway_pid}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and mark in (proc / "environ").read_bytes().split(b"\0") \
+                    and (proc / "stat").read_text().split(") ", 1)[1][0] != "Z":
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def _spool_files_of(kt: Keyturn, gateway_pid: int) -> list[Path]:
+    return list((kt.base / "audit-spool").glob(f"*-{gateway_pid}.jsonl"))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def fleet(request: pytest.FixtureRequest, pg: LocalPostgres, tmp_path: Path
+          ) -> Iterator[tuple[Keyturn, Path, int]]:
     """A portal process (it sweeps) and a second gateway config on another port, all on
-    one store; the test starts the gateways."""
-    kt = make_keyturn(tmp_path / "kt", pg)
+    one store (SQLite, or PostgreSQL with LISTEN/NOTIFY); the test starts the gateways."""
+    store_env = None
+    if request.param == "postgres":
+        pg.execute("DROP DATABASE IF EXISTS keyturn_fleet")
+        pg.create_database("keyturn_fleet")
+        store_env = {"KEYTURN_TEST_STORE": f"postgresql://{pg.superuser}:"
+                     f"{pg.superuser_password}@127.0.0.1:{pg.port}/keyturn_fleet"}
+    kt = make_keyturn(tmp_path / "kt", pg, store_url_env=store_env)
     pg.execute("DROP TABLE IF EXISTS abandon_probe; CREATE TABLE abandon_probe (id int, v int);"
                "INSERT INTO abandon_probe VALUES (1, 0), (2, 0), (3, 0);"
                "ALTER TABLE abandon_probe OWNER TO app", dbname="shop")
@@ -239,6 +264,8 @@ def test_killed_gateway_tickets_are_abandoned_and_never_run(
         clients.append(_psql(kt, port_b, "UPDATE abandon_probe SET v = 1 WHERE id = 2"))
         held_b = kt.wait_ticket()["id"]
 
+        assert _ingesters_of(gw_a.pid), "the gateway runs its audit ingester"
+        assert _spool_files_of(kt, gw_a.pid), "and writes its spool file"
         gw_a.send_signal(signal.SIGKILL)
         gw_a.wait(10)
         took = _wait_status(kt, held_a, ABANDONED, timeout=10)
@@ -251,6 +278,14 @@ def test_killed_gateway_tickets_are_abandoned_and_never_run(
         assert res.returncode != 0
         assert "abandoned" in res.stderr + res.stdout
         assert _value(kt, 1) == 0, "nothing ran on the target"
+
+        # Its ingester drained the dead gateway's spool file, removed it, and exited.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (
+                _ingesters_of(gw_a.pid) or _spool_files_of(kt, gw_a.pid)):
+            time.sleep(0.1)
+        assert not _ingesters_of(gw_a.pid), "no ingester outlives its gateway"
+        assert not _spool_files_of(kt, gw_a.pid), "a dead gateway's spool file is removed"
 
         # The other gateway is alive: its ticket waited, and runs once approved.
         assert _status(kt, held_b)["status"] == PENDING
