@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -238,6 +238,28 @@ class Listener:
 
 
 @dataclass(frozen=True)
+class AuthThrottle:
+    """Back-off after failed logins (see keyturn.identity.LoginThrottle)."""
+
+    free_attempts: int = 3  # failures per user / per address answered without delay
+    base_delay: float = 0.5  # the first delayed failure waits this long, each next one twice
+    max_delay: float = 10.0
+    forget_after: float = 600.0  # a key with no failure for this long starts afresh
+
+
+@dataclass(frozen=True)
+class ClientLimits:
+    """What one gateway accepts from clients, so nobody can exhaust it or lock others out."""
+
+    login_timeout: float = 60.0  # startup, TLS and authentication (PostgreSQL, pgbouncer: 60 s)
+    max_connections: int = 1000  # every client socket, logged in or not
+    max_connections_per_user: int = 100  # logged-in sessions of one user
+    max_pending_logins: int = 256  # sockets not logged in yet; the oldest makes room
+    revocation_check: float = 2.0  # seconds between checks that sessions' tokens still hold
+    auth_throttle: AuthThrottle = AuthThrottle()
+
+
+@dataclass(frozen=True)
 class GatewaySettings:
     postgres: Listener | None = Listener("127.0.0.1", 6432)
     tls_cert_file: str | None = None
@@ -247,6 +269,7 @@ class GatewaySettings:
     client_auth: str = "scram"
     audit_spool: str = "audit-spool"
     mask_key: SecretRef | None = None  # HMAC key of the "hash" masking style
+    limits: ClientLimits = ClientLimits()
 
 
 @dataclass(frozen=True)
@@ -670,7 +693,8 @@ class _Validator:
 
     def gateway(self, value: Any) -> GatewaySettings:
         g = self.mapping(value, ("gateway",), {"postgres", "tls", "id", "client_auth",
-                                               "audit_spool", "mask_key_env", "mask_key_file"})
+                                               "audit_spool", "mask_key_env", "mask_key_file",
+                                               "limits"})
         client_auth = g.get("client_auth", "scram")
         if client_auth not in ("scram", "password"):
             raise self.err(("gateway", "client_auth"), "expected scram or password")
@@ -683,7 +707,44 @@ class _Validator:
                                str(g.get("id", "gateway")), client_auth,
                                str(Path(self.doc.path).resolve().parent /
                                    g.get("audit_spool", "audit-spool")),
-                               self.secret(g, "mask_key", ("gateway",)))
+                               self.secret(g, "mask_key", ("gateway",)),
+                               self.limits(g.get("limits")))
+
+    def limits(self, value: Any) -> ClientLimits:
+        at = ("gateway", "limits")
+        m = self.mapping(value, at, {f.name for f in fields(ClientLimits)})
+        t = self.mapping(m.get("auth_throttle"), at + ("auth_throttle",),
+                         {f.name for f in fields(AuthThrottle)})
+        d, dt = ClientLimits(), AuthThrottle()
+        throttle = AuthThrottle(
+            self._count(t, "free_attempts", dt.free_attempts, at + ("auth_throttle",), 0),
+            self._seconds(t, "base_delay", dt.base_delay, at + ("auth_throttle",)),
+            self._seconds(t, "max_delay", dt.max_delay, at + ("auth_throttle",)),
+            self._seconds(t, "forget_after", dt.forget_after, at + ("auth_throttle",)))
+        total = self._count(m, "max_connections", d.max_connections, at, 1)
+        limits = ClientLimits(
+            self._seconds(m, "login_timeout", d.login_timeout, at), total,
+            self._count(m, "max_connections_per_user", d.max_connections_per_user, at, 1),
+            self._count(m, "max_pending_logins", min(d.max_pending_logins, total), at, 1),
+            self._seconds(m, "revocation_check", d.revocation_check, at), throttle)
+        if limits.max_pending_logins > limits.max_connections:
+            raise self.err(at + ("max_pending_logins",), "must not exceed max_connections")
+        return limits
+
+    def _count(self, m: dict, key: str, default: int, at: tuple[Any, ...], low: int) -> int:
+        n = m.get(key, default)
+        if not isinstance(n, int) or isinstance(n, bool) or n < low:
+            raise self.err(at + (key,), f"expected an integer of at least {low}")
+        return n
+
+    def _seconds(self, m: dict, key: str, default: float, at: tuple[Any, ...]) -> float:
+        try:
+            value = parse_duration(m.get(key, default))
+        except ValueError as exc:
+            raise self.err(at + (key,), str(exc)) from exc
+        if value <= 0:
+            raise self.err(at + (key,), "must be more than zero")
+        return value
 
     def portal(self, value: Any) -> PortalSettings:
         p = self.mapping(value, ("portal",), {"listen", "public_url", "secret_key_env",

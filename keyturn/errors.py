@@ -64,3 +64,15 @@ class AlreadyDecided(KeyturnError):
 class InvalidTransition(KeyturnError):
     status = 409
     code = "invalid_transition"
+
+
+class StoreUnavailable(KeyturnError):
+    """The store cannot be read or written (disk full, file unwritable, server down).
+    ``reason`` is the driver's one-line complaint, for messages people read."""
+
+    status = 503
+    code = "store_unavailable"
+
+    def __init__(self, reason: str):
+        super().__init__(f"the Keyturn store is unavailable ({reason})", reason=reason)
+        self.reason = reason

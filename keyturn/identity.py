@@ -19,12 +19,17 @@ import hashlib
 import hmac
 import secrets
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from keyturn.config import Config
-from keyturn.errors import NotFound, Unauthorized
+from keyturn.config import AuthThrottle, Config
+from keyturn.errors import NotFound, StoreUnavailable, Unauthorized
 from keyturn.models import Token, UserSalt
 from keyturn.store import Store
 
@@ -128,7 +133,7 @@ class Identities:
     def authenticate_token(self, token: str) -> Identity:
         """API / cleartext login: the token alone says who you are."""
         now = time.time()
-        with self.store.write() as s:
+        with _store_errors(), self.store.write() as s:
             row = s.scalars(select(Token).where(Token.lookup_hash == lookup_hash(token))).first()
             if row is None or row.revoked_at is not None or row.expires_at <= now:
                 raise Unauthorized("invalid, expired or revoked token")
@@ -142,7 +147,7 @@ class Identities:
         if user not in self.config.users:
             return None
         now = time.time()
-        with self.store.session() as s:
+        with _store_errors(), self.store.session() as s:
             salt_row = s.get(UserSalt, user)
             if salt_row is None:
                 return None
@@ -150,3 +155,131 @@ class Identities:
                 Token.user == user, Token.revoked_at.is_(None), Token.expires_at > now))
             cands = tuple((r.id, r.stored_key, r.server_key) for r in rows)
             return ScramCredentials(salt_row.salt, salt_row.iterations, cands)
+
+    def revoked(self, token_ids: Iterable[int]) -> dict[int, str]:
+        """Of ``token_ids``, those that no longer let anyone in, with why (for ending the
+        sessions opened with them). Expiry ends no session: it only stops new logins."""
+        ids = sorted(set(token_ids))
+        if not ids:
+            return {}
+        out = {i: "was deleted" for i in ids}
+        with _store_errors(), self.store.session() as s:
+            for row in s.execute(select(Token.id, Token.user, Token.revoked_at)
+                                 .where(Token.id.in_(ids))):
+                if row.revoked_at is not None:
+                    out[row.id] = "was revoked"
+                elif row.user not in self.config.users:
+                    out[row.id] = f"belongs to user {row.user!r}, who is no longer configured"
+                else:
+                    del out[row.id]
+        return out
+
+
+@contextmanager
+def _store_errors() -> Iterator[None]:
+    """Driver and pool failures as StoreUnavailable, which callers can explain."""
+    try:
+        yield
+    except (DBAPIError, PoolTimeout) as exc:
+        orig = getattr(exc, "orig", None) or exc
+        reason = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+        raise StoreUnavailable(reason) from exc
+
+
+# ---------------------------------------------------------------- login throttling
+
+@dataclass
+class _Failures:
+    count: int = 0
+    last: float = 0.0
+    busy_until: float = 0.0  # failures keep being answered no earlier than this
+
+
+@dataclass
+class ThrottleVerdict:
+    """How long to wait before answering a login attempt, and what to audit about it."""
+
+    wait: float
+    failures_user: int = 0
+    failures_addr: int = 0
+    started: bool = False  # this failure is the first one delayed for its user or address
+
+    def detail(self) -> dict[str, object]:
+        return {"throttle_ms": round(self.wait * 1000), "failures_user": self.failures_user,
+                "failures_addr": self.failures_addr}
+
+
+@dataclass
+class LoginThrottle:
+    """Exponential back-off after failed logins, per user name and per client address.
+
+    * A failure is answered after a delay that doubles with each failure of its user or
+      of its address past ``free_attempts`` (capped at ``max_delay``); failures that
+      arrive together queue behind each other, so parallel guessing is no faster.
+    * A success waits only for its *address*'s back-off (as long as a failure from there
+      would, at most ``max_delay``): someone guessing from one address learns nothing by
+      hanging up early, and the right token from another address is never delayed by
+      a user's failures (no lock-out).
+    * Counts are forgotten ``forget_after`` seconds after their last failure. The
+      table is bounded (``max_keys``, oldest forgotten first) so made-up user names
+      cannot grow it without limit.
+
+    Protocol-neutral; the caller measures time with ``clock`` (monotonic seconds).
+    """
+
+    settings: AuthThrottle
+    max_keys: int = 100_000
+    clock: Callable[[], float] = time.monotonic
+    _keys: OrderedDict[tuple[str, str], _Failures] = field(default_factory=OrderedDict)
+
+    def _get(self, key: tuple[str, str], now: float) -> _Failures | None:
+        f = self._keys.get(key)
+        if f is not None and now - f.last > self.settings.forget_after and now >= f.busy_until:
+            del self._keys[key]
+            return None
+        return f
+
+    def _delay(self, count: int) -> float:
+        over = count - self.settings.free_attempts
+        if over <= 0:
+            return 0.0
+        return min(self.settings.max_delay, self.settings.base_delay * 2 ** min(over - 1, 32))
+
+    def success_wait(self, addr: str) -> float:
+        """Seconds to wait before telling ``addr`` that its login succeeded: as long as a
+        failure from that address would wait, so timing tells a guesser nothing, but at
+        most ``max_delay`` (people sharing an address with a guesser are slowed, never
+        locked out). A success does not count as a failure."""
+        now = self.clock()
+        f = self._get(("addr", addr), now)
+        if f is None:
+            return 0.0
+        wait = max(0.0, f.busy_until - now) + self._delay(f.count + 1)
+        return min(self.settings.max_delay, wait)
+
+    def failed(self, user: str, addr: str) -> ThrottleVerdict:
+        """Count a failed login; returns how long to wait before saying so."""
+        now = self.clock()
+        answer_at = now
+        counts = []
+        started = False
+        for key in (("user", user), ("addr", addr)):
+            f = self._get(key, now)
+            if f is None:
+                f = self._keys[key] = _Failures()
+            self._keys.move_to_end(key)
+            f.count += 1
+            f.last = now
+            delay = self._delay(f.count)
+            started |= delay > 0 and self._delay(f.count - 1) == 0
+            at = max(now, f.busy_until) + delay
+            f.busy_until = at
+            answer_at = max(answer_at, at)
+            counts.append(f.count)
+        while len(self._keys) > self.max_keys:
+            self._keys.popitem(last=False)
+        return ThrottleVerdict(answer_at - now, counts[0], counts[1], started)
+
+    def failures(self, kind: str, name: str) -> int:
+        f = self._get((kind, name), self.clock())
+        return f.count if f is not None else 0

@@ -3,22 +3,30 @@
 One ``PostgresGateway`` serves every postgres connection in the config on
 one listener; the client's ``dbname`` picks the connection. Each client gets
 a ``ClientSession`` (session.py). This module holds what sessions share: the
-TLS context, the analysers, the decision watcher (bus), the audit queue and
-the map from the cancel keys we issue to live sessions.
+TLS context, the analysers, the decision watcher (bus), the audit queue,
+the map from the cancel keys we issue to live sessions, and the limits that
+keep one client from exhausting the gateway or locking others out (client
+counts, login timeout, login throttling, ending the sessions of revoked
+tokens; see "Limits and lock-out protection" in docs/postgres-gateway.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import secrets
 import ssl
+import time
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from keyturn.analysis import Analyzer, StatementClass
 from keyturn.auditspool import AuditSpool
 from keyturn.bus import DecisionWatcher
 from keyturn.config import Connection
+from keyturn.errors import StoreUnavailable
+from keyturn.identity import LoginThrottle
 from keyturn.masking.engine import MaskCatalog, derived_columns
 from keyturn.policy import PolicyEngine
 from keyturn.services import Services
@@ -50,11 +58,22 @@ class PostgresGateway:
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.limits = self.config.gateway.limits
+        self.throttle = LoginThrottle(self.limits.auth_throttle)
+        # Sockets not logged in yet, oldest first, with their login timers.
+        self.pending: dict[ClientSession, asyncio.TimerHandle] = {}
+        self.active: set[ClientSession] = set()  # logged in (counted per user)
+        self.per_user: Counter[str] = Counter()
+        self._shed: Counter[str] = Counter()  # sockets closed before login, not yet logged
+        self._shed_logged = -10.0
+        self._shed_timer: asyncio.TimerHandle | None = None
+        self._store_down: str | None = None
+        self._revocations: asyncio.Task[None] | None = None
 
     # ---- lifecycle
 
     async def start(self) -> None:
-        from proxies.postgres.session import ClientSession
+        session_class = _counted_session_class()
 
         self.loop = asyncio.get_running_loop()
         loop = self.loop
@@ -64,10 +83,14 @@ class PostgresGateway:
 
         self.services.approvals.on_change = on_change
         self.watcher.start()
+        _raise_fd_limit(self.limits.max_connections)
+        self._revocations = loop.create_task(self._end_revoked_sessions())
         listen = self.config.gateway.postgres
         assert listen is not None
-        self._server = await loop.create_server(lambda: ClientSession(self), listen.host,
-                                                listen.port, reuse_address=True)
+        # A deep accept queue: a burst of sockets is accepted (and shed if need be) instead
+        # of dropped SYNs leaving real clients to retry after a second.
+        self._server = await loop.create_server(lambda: session_class(self), listen.host,
+                                                listen.port, reuse_address=True, backlog=1024)
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("postgres gateway on %s:%d (%d connections, TLS %s, compiled fast path %s)",
                  listen.host, self.port,
@@ -77,6 +100,12 @@ class PostgresGateway:
     async def stop(self) -> None:
         if self._server:
             self._server.close()
+        if self._revocations is not None:
+            self._revocations.cancel()
+            await asyncio.gather(self._revocations, return_exceptions=True)
+        if self._shed_timer is not None:
+            self._shed_timer.cancel()
+        self._log_shed_now()
         for session in list(self.sessions.values()):
             await session.shutdown("the gateway is shutting down")
         if self._server:
@@ -96,6 +125,151 @@ class PostgresGateway:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("gateway task failed", exc_info=task.exception())
+
+    # ---- limits: client counts, login timeout, throttling, revoked tokens
+
+    def admit(self, session: ClientSession) -> None:
+        """A new client socket (connection_made): count it against the caps and start
+        its login timer. Sockets that have not logged in are shed oldest first to make
+        room, so idle or slow ones can never keep a real user out; only logged-in
+        sessions can fill the gateway, and then the new socket is refused as
+        PostgreSQL does (53300)."""
+        limits = self.limits
+        while self.pending and (len(self.pending) >= limits.max_pending_logins or
+                                len(self.pending) + len(self.active) >= limits.max_connections):
+            self._close_before_login(next(iter(self.pending)), "53300",
+                                     "keyturn: too many connections are logging in; "
+                                     "this one had waited longest", "shed")
+        if len(self.active) >= limits.max_connections:
+            self._shed["refused"] += 1
+            self._log_shed()
+            session.write(codec.encode_error("FATAL", "53300", "sorry, too many clients already"))
+            if session.transport is not None:
+                session.transport.close()
+            return
+        assert self.loop is not None
+        self.pending[session] = self.loop.call_later(limits.login_timeout,
+                                                     self._login_timeout, session)
+
+    def logged_in(self, session: ClientSession) -> str | None:
+        """The session's user authenticated: count it per user. Returns why it is refused
+        (too many sessions of that user), or None."""
+        timer = self.pending.pop(session, None)
+        if timer is not None:
+            timer.cancel()
+        if self.per_user[session.user] >= self.limits.max_connections_per_user:
+            return f'too many connections for role "{session.user}"'
+        self.active.add(session)
+        self.per_user[session.user] += 1
+        return None
+
+    def release(self, session: ClientSession) -> None:
+        """The socket closed (connection_lost; safe to call more than once)."""
+        timer = self.pending.pop(session, None)
+        if timer is not None:
+            timer.cancel()
+        if session in self.active:
+            self.active.discard(session)
+            self.per_user[session.user] -= 1
+            if self.per_user[session.user] <= 0:
+                del self.per_user[session.user]
+
+    def _login_timeout(self, session: ClientSession) -> None:
+        if session in self.pending and not session.closed:
+            self._close_before_login(session, "57014", "canceling authentication due to "
+                                     f"timeout (keyturn login_timeout {self.limits.login_timeout:g}"
+                                     " s)", "timed out")
+
+    def _close_before_login(self, session: ClientSession, sqlstate: str, message: str,
+                            why: str) -> None:
+        """Close a socket that never logged in. Counted and logged in summary: there may be
+        thousands, and none of them is a person yet."""
+        timer = self.pending.pop(session, None)
+        if timer is not None:
+            timer.cancel()
+        if session.phase != "tls":  # mid-handshake there is no channel to write on
+            session.write(codec.encode_error("FATAL", sqlstate, message))
+        session.closed = True
+        if session.transport is not None:
+            session.transport.close()
+        self._shed[why] += 1
+        self._log_shed()
+
+    def _log_shed(self) -> None:
+        """At most one line every 10 s, the first one at once."""
+        if self._shed_timer is not None:
+            return
+        wait = self._shed_logged + 10 - time.monotonic()
+        if wait > 0:
+            assert self.loop is not None
+            self._shed_timer = self.loop.call_later(wait, self._log_shed_now)
+        else:
+            self._log_shed_now()
+
+    def _log_shed_now(self) -> None:
+        self._shed_timer = None
+        if self._shed:
+            self._shed_logged = time.monotonic()
+            log.warning("closed connections that had not logged in: %s (%d waiting, %d logged "
+                        "in; limits: %d pending, %d in all, login_timeout %g s)",
+                        ", ".join(f"{n} {why}" for why, n in sorted(self._shed.items())),
+                        len(self.pending), len(self.active), self.limits.max_pending_logins,
+                        self.limits.max_connections, self.limits.login_timeout)
+            self._shed.clear()
+
+    def store_failed(self, exc: StoreUnavailable, session: ClientSession | None = None) -> None:
+        """The store failed for the data plane: log the episode once, not per login, and
+        tell a client that was logging in why it cannot."""
+        if self._store_down is None:
+            log.error("%s: new logins are refused with this reason, open sessions keep "
+                      "running, statements that need a review fail; logged again when it "
+                      "recovers", exc.message)
+        self._store_down = exc.reason
+        if session is not None:
+            session.fatal("57P03", f"keyturn: cannot check your access token: {exc.message}",
+                          detail="Sessions already open keep working; try again when the "
+                                 "store is back.")
+
+    def store_ok(self) -> None:
+        if self._store_down is not None:
+            log.warning("the Keyturn store is available again (it failed with: %s)",
+                        self._store_down)
+            self._store_down = None
+
+    async def _end_revoked_sessions(self) -> None:
+        """Every ``revocation_check`` seconds, end the sessions whose token was revoked or
+        deleted, or whose user left the config, with a FATAL that says so. While the store
+        is unavailable open sessions keep running (an outage must not end the data plane)."""
+        while True:
+            await asyncio.sleep(self.limits.revocation_check)
+            by_token: dict[int, list[ClientSession]] = {}
+            for s in self.active:
+                tid = s.identity.token_id if s.identity is not None else None
+                if tid is not None and not s.closed:
+                    by_token.setdefault(tid, []).append(s)
+            if not by_token:
+                continue
+            try:
+                gone = await asyncio.to_thread(self.services.identities.revoked, by_token)
+            except StoreUnavailable as exc:
+                self.store_failed(exc)
+                continue
+            except Exception:
+                log.exception("checking for revoked tokens failed")
+                continue
+            self.store_ok()
+            for tid, why in gone.items():
+                for s in by_token[tid]:
+                    if s.closed:
+                        continue
+                    reason = f"your access token {why}"
+                    log.info("session %s of %s ended: token %d %s", s.session_id, s.user, tid,
+                             why)
+                    self.audit(kind="session_ended", user=s.user, connection=s.conn_name,
+                               session_id=s.session_id, client_addr=s.client_addr,
+                               reason=f"access token {tid} {why}", outcome="terminated",
+                               detail={"token_id": tid})
+                    self.spawn(s.shutdown(reason))
 
     # ---- shared helpers
 
@@ -227,6 +401,43 @@ def _literal(value: Any) -> str:
     if value is None:
         return "NULL"
     return "'" + str(value).replace("'", "''") + "'"
+
+
+def _counted_session_class() -> type[ClientSession]:
+    """ClientSession as the listener makes it: every socket is admitted against the
+    gateway's caps when it connects and released when it goes (sessions made elsewhere,
+    e.g. in tests, are not counted)."""
+    from proxies.postgres.session import ClientSession
+
+    class CountedSession(ClientSession):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            self.gw.admit(self)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.gw.release(self)  # also for sockets already marked closed
+            super().connection_lost(exc)
+
+    return CountedSession
+
+
+def _raise_fd_limit(max_connections: int) -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit: each logged-in session holds two
+    sockets (client and target), and running out of descriptors would stop accept()."""
+    needed = 2 * max_connections + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max(soft, needed) if hard == resource.RLIM_INFINITY else hard
+    if soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            log.warning("could not raise RLIMIT_NOFILE from %d to %d", soft, want,
+                        exc_info=True)
+    if soft < needed:
+        log.warning("only %d file descriptors (RLIMIT_NOFILE): gateway.limits.max_connections"
+                    " %d needs about %d; raise the limit or lower max_connections", soft,
+                    max_connections, needed)
 
 
 def _mask_key(config: Any) -> bytes:
