@@ -27,7 +27,7 @@ CONNECTION_TYPES = ("postgres", "mysql", "ssh", "http", "kubernetes")
 ACTIONS = ("allow", "block", "review", "mask")
 REVIEW_MODES = ("hold", "defer")
 STATEMENT_CLASSES = (
-    "transaction", "session", "read", "write", "ddl", "privilege",
+    "transaction", "session", "read", "lock", "write", "safety", "ddl", "privilege",
     "procedural", "admin", "file", "unknown",
 )
 # Keys whose value would be a secret if written inline.

@@ -75,9 +75,9 @@ policies:
         match: {{class: [read, transaction, session]}}
         action: allow
       - name: writes-need-approval
-        match: {{class: write}}
+        match: {{class: [write, lock, safety]}}
         action: review
-        reason: data changes need a second pair of eyes
+        reason: data changes, locks and turning off safety settings need a second pair of eyes
         review:
           approvers: [approvers]
           min_approvals: 1

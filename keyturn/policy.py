@@ -20,6 +20,7 @@ This module must stay pure: no I/O, no store, no protocol code.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -28,6 +29,7 @@ from typing import Any, Protocol
 from keyturn.config import Config, Connection, MaskSettings, Policy, ReviewSettings, Rule
 
 SEVERITY = {"allow": 0, "mask": 0, "review": 1, "block": 2}
+PERMITTING = frozenset({"allow", "mask"})
 BUILTIN_IDENTITY_RULE = "builtin:session-identity"
 BUILTIN_UNPARSED_RULE = "builtin:unparsed"
 
@@ -109,8 +111,17 @@ def _cls_name(cls: Any) -> str:
     return str(getattr(cls, "value", cls))
 
 
+@functools.lru_cache(maxsize=4096)
 def _qualify(pattern: str) -> str:
-    return pattern if "." in pattern else f"public.{pattern}"
+    # Each part cut like the server cuts identifiers (63 bytes), so a rule on a long name
+    # matches the name the server really uses.
+    pattern = pattern if "." in pattern else f"public.{pattern}"
+    return ".".join(_server_name(part) for part in pattern.split("."))
+
+
+def _server_name(name: str) -> str:
+    raw = name.encode("utf-8")
+    return name if len(raw) <= 63 else raw[:63].decode("utf-8", "ignore")
 
 
 def _names_match(names: Iterable[str], globs: tuple[str, ...], *, every: bool) -> bool:
@@ -152,12 +163,28 @@ def evaluate_statement(policy: Policy, req: Request, st: StatementLike) -> State
                                  st.tables, st.functions)
     for rule in policy.rules:
         if rule_matches(rule, req, st):
+            if cls == "unknown" and rule.action in PERMITTING and \
+                    "unknown" not in rule.match.classes:
+                return _unknown_refused(st, cls, f"rule {rule.name!r} allows it but does not "
+                                                 "name class unknown")
             return StatementDecision(st.text, cls, rule.action, rule.name, _explain(rule, st),
                                      st.tables, st.functions)
     why = "; ".join(st.reasons)
+    if cls == "unknown" and policy.default_action in PERMITTING:
+        return _unknown_refused(st, cls, f"policy {policy.name!r} allows it by default")
     reason = f"no rule of policy {policy.name!r} matched this {cls} statement; default is " \
              f"{policy.default_action}" + (f" ({why})" if why else "")
     return StatementDecision(st.text, cls, policy.default_action, None, reason, st.tables,
+                             st.functions)
+
+
+def _unknown_refused(st: StatementLike, cls: str, how: str) -> StatementDecision:
+    # Fail closed: what the gateway cannot analyse is only let through by a rule that says
+    # so in as many words (match: {class: unknown}), never by a default or a broad rule.
+    why = "; ".join(st.reasons)
+    reason = f"keyturn cannot analyse this statement and {how}; only a rule that names " \
+             "class unknown may allow it" + (f" ({why})" if why else "")
+    return StatementDecision(st.text, cls, "block", BUILTIN_UNPARSED_RULE, reason, st.tables,
                              st.functions)
 
 

@@ -25,10 +25,20 @@ C = StatementClass
 TRANSACTION, SESSION, READ, WRITE, DDL = C.TRANSACTION, C.SESSION, C.READ, C.WRITE, C.DDL
 PRIVILEGE, PROCEDURAL, ADMIN, FILE, UNKNOWN = (
     C.PRIVILEGE, C.PROCEDURAL, C.ADMIN, C.FILE, C.UNKNOWN)
+LOCK, SAFETY = C.LOCK, C.SAFETY
 
 
 def analyze(sql: str, prepared: PreparedStatements | None = None) -> Analysis:
     return Analyzer().analyze(sql, prepared)
+
+
+def run(analyzer: Analyzer, sql: str, session: PreparedStatements,
+        ok: bool = True) -> Analysis:
+    """Analyse ``sql`` and settle its namespace changes as the server would answer them."""
+    result = analyzer.analyze(sql, session)
+    for _index, name, seq in result.changes:
+        session.settle(name, seq, ok)
+    return result
 
 
 # What psql sends for \d (list relations) and \d t (its columns query).
@@ -72,7 +82,7 @@ CLASS_CASES = [
     ("VALUES (1), (2)", READ),
     ("SHOW ALL", READ),
     ("SHOW search_path", READ),
-    ("SELECT * FROM t FOR UPDATE", READ),
+    ("SELECT * FROM t FOR UPDATE", LOCK),
     ("SELECT count(*), sum(x), avg(x), now(), coalesce(a, b), greatest(1, 2), current_user, "
      "extract(year FROM now()), x SIMILAR TO 'y', trim(' a '), position('a' IN 'b'), "
      "substring('abc' FROM 1), lower(x), string_agg(x, ','), row_number() OVER () FROM t", READ),
@@ -129,7 +139,7 @@ CLASS_CASES = [
     # session
     ("SET statement_timeout = 1000", SESSION),
     ("SET search_path = app", SESSION),
-    ("RESET statement_timeout", SESSION),
+    ("RESET statement_timeout", SAFETY),
     ("RESET ALL", SESSION),
     ("SET client_encoding = 'UTF8'", SESSION),
     ("LISTEN ch", SESSION),
@@ -138,8 +148,8 @@ CLASS_CASES = [
     ("DEALLOCATE ALL", SESSION),
     ("PREPARE p AS DELETE FROM t", SESSION),
     ("SELECT set_config('application_name', 'x', false)", SESSION),
-    ("SELECT pg_advisory_lock(1)", SESSION),
-    ("SET session_replication_role = replica", ADMIN),
+    ("SELECT pg_advisory_lock(1)", LOCK),
+    ("SET session_replication_role = replica", SAFETY),
     ("SET log_statement = 'none'", ADMIN),
     ("SELECT set_config('log_statement', 'none', false)", ADMIN),
     # writes
@@ -175,7 +185,7 @@ CLASS_CASES = [
     ("SELECT txid_current()", WRITE),
     ("SELECT pg_notify('ch', 'x')", WRITE),
     ("NOTIFY ch", WRITE),
-    ("LOCK TABLE t", WRITE),
+    ("LOCK TABLE t", LOCK),
     ("REFRESH MATERIALIZED VIEW m", WRITE),
     ("SELECT my_func(1)", WRITE),
     ("select my_func()", WRITE),
@@ -304,8 +314,9 @@ def test_statement_class(sql: str, expected: StatementClass) -> None:
 
 
 def test_class_order_is_the_risk_order() -> None:
-    assert [c.risk for c in StatementClass] == list(range(10))
-    assert TRANSACTION.risk == 0 and UNKNOWN.risk == 9
+    assert [c.risk for c in StatementClass] == list(range(12))
+    assert TRANSACTION.risk == 0 and UNKNOWN.risk == 11
+    assert READ.risk < LOCK.risk < WRITE.risk < SAFETY.risk < DDL.risk
     assert READ.risk < WRITE.risk < DDL.risk < PRIVILEGE.risk < FILE.risk
 
 
@@ -504,7 +515,8 @@ def test_literal_dependent() -> None:
     assert analyze("SELECT set_config('a', 'b', false)").statements[0].literal_dependent
     assert analyze("SET client_encoding = 'UTF8'").statements[0].literal_dependent
     assert not analyze("SELECT * FROM t WHERE x = 'a'").statements[0].literal_dependent
-    assert not analyze("SET statement_timeout = 5").statements[0].literal_dependent
+    # statement_timeout = 0 turns a guard off, so its value decides the class.
+    assert analyze("SET statement_timeout = 5").statements[0].literal_dependent
 
 
 def test_parse_error_is_unknown() -> None:
@@ -565,7 +577,7 @@ def test_prepared_statement_lifecycle() -> None:
     assert stmt.tables == ("public.orders",)
     assert stmt.reasons[0] == "EXECUTE of prepared p: DELETE (write)"
 
-    assert analyzer.analyze("DEALLOCATE p", session).cls is SESSION
+    assert run(analyzer, "DEALLOCATE p", session).cls is SESSION
     assert "p" not in session
     gone = analyzer.analyze("EXECUTE p(1)", session)
     assert gone.cls is UNKNOWN and "not seen" in gone.reasons[0]
@@ -583,12 +595,12 @@ def test_prepare_and_execute_in_one_message() -> None:
 
 def test_deallocate_all_and_discard_all_forget_everything() -> None:
     analyzer, session = Analyzer(), PreparedStatements()
-    analyzer.analyze("PREPARE a AS SELECT 1; PREPARE b AS SELECT 2", session)
+    run(analyzer, "PREPARE a AS SELECT 1; PREPARE b AS SELECT 2", session)
     assert len(session) == 2
-    analyzer.analyze("DEALLOCATE ALL", session)
+    run(analyzer, "DEALLOCATE ALL", session)
     assert len(session) == 0
-    analyzer.analyze("PREPARE a AS SELECT 1", session)
-    analyzer.analyze("DISCARD ALL", session)
+    run(analyzer, "PREPARE a AS SELECT 1", session)
+    run(analyzer, "DISCARD ALL", session)
     assert analyzer.analyze("EXECUTE a", session).cls is UNKNOWN
 
 
@@ -623,7 +635,7 @@ def test_execute_is_never_served_from_cache() -> None:
     assert analyzer.analyze("EXECUTE p", first).cls is READ
     assert analyzer.analyze("EXECUTE p", second).cls is WRITE
     assert analyzer.analyze("EXECUTE q", second).cls is UNKNOWN  # same fingerprint as "p"
-    analyzer.analyze("DEALLOCATE p", first)
+    run(analyzer, "DEALLOCATE p", first)
     assert analyzer.analyze("EXECUTE p", first).cls is UNKNOWN
     # PREPARE is not cached either: a repeat must still update session memory.
     analyzer.analyze("PREPARE p AS SELECT 1", first)
@@ -911,3 +923,45 @@ def test_a_shape_is_known_only_when_its_class_reads_no_constant():
     analyzer.analyze("PREPARE p1 AS SELECT 1")
     assert not analyzer.known_shape(fast_shape("PREPARE p1 AS SELECT 2"))
     assert not analyzer.known_shape(fast_shape("SELECT b FROM t WHERE id = 7"))
+
+
+# --- the server's prepared-statement namespace, answer by answer ------------------------------
+
+def test_a_deallocate_not_yet_answered_keeps_the_old_definition() -> None:
+    # Pipelined: DEALLOCATE p; PREPARE p AS DELETE; EXECUTE p -- until the answers arrive
+    # every definition the server may hold counts, and EXECUTE is judged by the riskiest.
+    analyzer, session = Analyzer(), PreparedStatements()
+    run(analyzer, "PREPARE p AS SELECT 1", session)
+    analyzer.analyze("DEALLOCATE p", session)
+    assert analyzer.analyze("EXECUTE p", session).cls is READ
+    analyzer.analyze("PREPARE p AS DELETE FROM t", session)
+    assert analyzer.analyze("EXECUTE p", session).cls is WRITE
+
+
+def test_a_failed_prepare_does_not_replace_the_definition() -> None:
+    analyzer, session = Analyzer(), PreparedStatements()
+    run(analyzer, "PREPARE p AS DELETE FROM t", session)
+    run(analyzer, "PREPARE p AS SELECT 1", session, ok=False)  # 42P05: already exists
+    assert analyzer.analyze("EXECUTE p", session).cls is WRITE
+    run(analyzer, "DEALLOCATE p", session, ok=False)  # e.g. in an aborted transaction
+    assert analyzer.analyze("EXECUTE p", session).cls is WRITE
+    run(analyzer, "DEALLOCATE p", session)
+    assert analyzer.analyze("EXECUTE p", session).cls is UNKNOWN
+
+
+def test_prepare_deallocate_prepare_in_one_message() -> None:
+    analyzer, session = Analyzer(), PreparedStatements()
+    run(analyzer, "PREPARE p AS SELECT 1", session)
+    result = analyzer.analyze(
+        "DEALLOCATE p; PREPARE p AS DELETE FROM t; EXECUTE p", session)
+    assert result.cls is WRITE and result.statements[2].cls is WRITE
+
+
+def test_names_are_cut_at_63_bytes_like_the_server() -> None:
+    analyzer, session = Analyzer(), PreparedStatements()
+    long_a = "p" * 63 + "a"
+    long_b = "p" * 63 + "b"  # the server sees the same name
+    run(analyzer, f"PREPARE {long_a} AS DELETE FROM t", session)
+    assert analyzer.analyze(f"EXECUTE {long_b}", session).cls is WRITE
+    run(analyzer, f"DEALLOCATE {long_b}", session)
+    assert analyzer.analyze(f"EXECUTE {long_a}", session).cls is UNKNOWN

@@ -184,11 +184,13 @@ _NOTED_READS: dict[str, Entry] = {
 }
 
 _SESSION = {
-    **_same("session", "takes or releases an advisory lock held by this session", """
-        pg_advisory_lock pg_advisory_lock_shared pg_advisory_unlock
-        pg_advisory_unlock_shared pg_advisory_unlock_all pg_advisory_xact_lock
+    **_same("lock", "takes an advisory lock that can block other sessions", """
+        pg_advisory_lock pg_advisory_lock_shared pg_advisory_xact_lock
         pg_advisory_xact_lock_shared pg_try_advisory_lock pg_try_advisory_lock_shared
         pg_try_advisory_xact_lock pg_try_advisory_xact_lock_shared
+    """),
+    **_same("session", "releases an advisory lock held by this session", """
+        pg_advisory_unlock pg_advisory_unlock_shared pg_advisory_unlock_all
     """),
     "set_config": ("session", "changes a session setting"),
     "setseed": ("session", "changes this session's random seed"),
@@ -346,7 +348,7 @@ AUDIT_PATTERNS: tuple[str, ...] = (
 #: set_config().  Names are compared lowercased, as PostgreSQL does.
 SETTINGS: Mapping[str, Entry] = {
     "search_path": ("session", "changes how unqualified names resolve"),
-    "session_replication_role": ("admin", "can disable triggers and foreign-key checks"),
+
     **_same("admin", "changes what the server logs (audit trail)", """
         log_statement log_min_duration_statement log_min_messages log_min_error_statement
         log_duration log_parameter_max_length log_parameter_max_length_on_error
@@ -362,6 +364,27 @@ SETTINGS: Mapping[str, Entry] = {
         dynamic_library_path local_preload_libraries session_preload_libraries
     """),
 }
+
+#: Settings that guard the server against runaway or unchecked work, with the values (after
+#: lowercasing) that turn the guard off.  Turning one off, or RESET / DEFAULT (which may
+#: undo what the operator configured), is class SAFETY; other values are plain SESSION.
+SAFETY_SETTINGS: Mapping[str, frozenset[str]] = {
+    "statement_timeout": frozenset({"0", "0ms", "0s", "0min", "0h", "0d"}),
+    "lock_timeout": frozenset({"0", "0ms", "0s", "0min", "0h", "0d"}),
+    "idle_in_transaction_session_timeout": frozenset({"0", "0ms", "0s", "0min", "0h", "0d"}),
+    "idle_session_timeout": frozenset({"0", "0ms", "0s", "0min", "0h", "0d"}),
+    "transaction_timeout": frozenset({"0", "0ms", "0s", "0min", "0h", "0d"}),
+    # Any value: replica disables triggers and foreign-key checks, origin re-enables them
+    # where the operator set replica.  Superuser only on the server.
+    "session_replication_role": frozenset({"replica", "origin", "local"}),
+    "row_security": frozenset({"off", "false", "no", "0", "of", "fa", "fal", "fals", "n"}),
+    "check_function_bodies": frozenset({"off", "false", "no", "0", "of", "n"}),
+}
+
+#: The target session's read/write mode, which the gateway holds (read-only except for
+#: statements it lets write): only "on" may be set by a client.
+READ_ONLY_SETTINGS: frozenset[str] = frozenset({"default_transaction_read_only",
+                                                "transaction_read_only"})
 
 #: Setting-name prefixes treated like SETTINGS entries (extension-owned settings).
 SETTING_PREFIXES: Mapping[str, Entry] = {
@@ -394,7 +417,7 @@ STATEMENTS: Mapping[str, Entry] = {
     "ReturnStmt": ("read", "RETURN computes a value"),
     # writes
     "NotifyStmt": ("write", "NOTIFY sends a notification to other sessions"),
-    "LockStmt": ("write", "LOCK takes table locks that block other sessions"),
+    "LockStmt": ("lock", "LOCK takes table locks that block other sessions"),
     "RefreshMatViewStmt": ("write", "REFRESH MATERIALIZED VIEW rewrites its contents"),
     # schema changes
     "TruncateStmt": ("ddl", "TRUNCATE removes every row at once (not MVCC-safe, exclusive lock)"),

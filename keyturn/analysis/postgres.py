@@ -38,7 +38,12 @@ class StatementClass(enum.StrEnum):
     TRANSACTION = "transaction"
     SESSION = "session"
     READ = "read"
+    # Row locks (SELECT ... FOR UPDATE/SHARE), table locks and advisory locks: they read or
+    # change nothing, but block other sessions' work.
+    LOCK = "lock"
     WRITE = "write"
+    # Turns off a safety setting (timeouts, session_replication_role, row_security...).
+    SAFETY = "safety"
     DDL = "ddl"
     PRIVILEGE = "privilege"
     PROCEDURAL = "procedural"
@@ -79,6 +84,30 @@ class Statement:
     # The schemas a SET search_path / set_config('search_path') names ("$user" kept,
     # ("*",) when the value cannot be read), or None when it leaves search_path alone.
     search_path: tuple[str, ...] | None = None
+    # What the gateway's transaction guard needs to know (see FACTS).
+    facts: frozenset[str] = frozenset()
+
+
+#: Statement facts the gateway's read-only guard relies on:
+#: begin (BEGIN/START TRANSACTION), begin_ro (... READ ONLY), end (COMMIT, ROLLBACK, PREPARE
+#: TRANSACTION), chain (... AND CHAIN), savepoint (SAVEPOINT), sp_destroy (RELEASE or
+#: ROLLBACK TO, which can end a savepoint the gateway opened), copy_in (COPY FROM STDIN),
+#: hold_cursor (DECLARE ... WITH HOLD: the rest of its query runs at COMMIT).
+FACTS = frozenset({"begin", "begin_ro", "end", "chain", "savepoint", "sp_destroy", "copy_in",
+                   "hold_cursor"})
+#: Classes that run inside a read-only transaction; every other class needs write access.
+READ_ONLY_CLASSES = frozenset({"transaction", "session", "read"})
+#: PostgreSQL keeps the first NAMEDATALEN-1 bytes of identifiers and of statement and
+#: portal names; longer names that share them name the same object.
+NAME_BYTES = 63
+
+
+def server_name(name: str) -> str:
+    """A name as the server keeps it: cut to 63 bytes of UTF-8 at a character boundary."""
+    raw = name.encode("utf-8", "surrogatepass")
+    if len(raw) <= NAME_BYTES:
+        return name
+    return raw[:NAME_BYTES].decode("utf-8", "ignore")
 
 
 #: search_path as the gateway assumes it until a session changes it.
@@ -113,6 +142,9 @@ class Analysis:
     text: str
     statements: tuple[Statement, ...]
     error: str | None
+    # Changes to the session's prepared-statement names this message sends:
+    # (statement index, name or None for DEALLOCATE ALL, PreparedStatements ticket).
+    changes: tuple[tuple[int, str | None, int], ...] = ()
 
     @property
     def cls(self) -> StatementClass:
@@ -140,40 +172,97 @@ class Analysis:
 
 
 class PreparedStatements:
-    """One client session's memory of SQL-level PREPARE, so EXECUTE can be classified.
+    """One client session's model of the server's prepared-statement namespace.
 
-    The gateway never learns whether the server accepted a PREPARE, so a name prepared twice
-    keeps the riskiest of both candidates, and forgetting a name makes EXECUTE UNKNOWN:
-    either mistake errs towards caution.  The proxy may also call ``remember``/``forget``
-    for protocol-level prepared statements, which share PostgreSQL's namespace.
+    SQL PREPARE / EXECUTE / DEALLOCATE and the protocol's Parse / Bind / Close share one
+    namespace on the server, keyed by the first 63 bytes of the name.  The gateway sends a
+    change long before it learns whether the server accepted it (a PREPARE fails when the
+    name exists, a DEALLOCATE when it does not, both in an aborted transaction), so a name
+    holds every definition the server may have under it: each change is a *candidate*
+    with a sequence number, ``settle`` narrows them once the server's answer is known, and
+    a lookup sees the riskiest candidate.  A name with no candidate is unknown (EXECUTE is
+    then UNKNOWN, the riskiest class): forgetting errs towards caution, never the reverse.
     """
 
     MAX_NAMES = 10_000
 
-    __slots__ = ("_by_name",)
+    __slots__ = ("_by_name", "_seq")
 
     def __init__(self) -> None:
-        self._by_name: dict[str, Statement] = {}
+        # name -> [(seq, statement or None)]; None: the name may be free (deallocated).
+        self._by_name: dict[str, list[tuple[int, Statement | None]]] = {}
+        self._seq = 0
 
-    def remember(self, name: str, statement: Statement) -> None:
-        old = self._by_name.get(name)
-        if old is not None:
-            self._by_name[name] = _merge_candidates(name, old, statement)
-        elif len(self._by_name) < self.MAX_NAMES:
-            # Past the cap the name is not stored, so its EXECUTE is UNKNOWN (fail closed).
-            self._by_name[name] = statement
+    def _next(self) -> int:
+        self._seq += 1
+        return self._seq
 
-    def forget(self, name: str) -> None:
-        self._by_name.pop(name, None)
+    def remember(self, name: str, statement: Statement) -> int:
+        """A PREPARE (or Parse) of ``name`` was sent; returns its ticket for ``settle``."""
+        name = server_name(name)
+        seq = self._next()
+        cands = self._by_name.get(name)
+        if cands is None:
+            if len(self._by_name) >= self.MAX_NAMES:
+                return seq  # not stored: its EXECUTE is UNKNOWN (fail closed)
+            cands = self._by_name[name] = []
+        cands.append((seq, statement))
+        return seq
 
-    def forget_all(self) -> None:
-        self._by_name.clear()
+    def forget(self, name: str) -> int:
+        """A DEALLOCATE (or Close) of ``name`` was sent. Until its answer the old
+        definitions stay candidates: a failed DEALLOCATE leaves them on the server."""
+        name = server_name(name)
+        seq = self._next()
+        cands = self._by_name.get(name)
+        if cands is not None:
+            cands.append((seq, None))
+        return seq
+
+    def forget_all(self) -> int:
+        seq = self._next()
+        for cands in self._by_name.values():
+            cands.append((seq, None))
+        return seq
+
+    def settle(self, name: str | None, seq: int, ok: bool) -> None:
+        """The server answered the change ``seq`` of ``name`` (None: DEALLOCATE ALL).
+
+        A PREPARE or DEALLOCATE that succeeded replaced everything before it; one that
+        failed changed nothing, so only its own candidate goes."""
+        targets = self._by_name.values() if name is None else \
+            [c for c in (self._by_name.get(server_name(name)),) if c is not None]
+        for cands in targets:
+            if ok:
+                cands[:] = [c for c in cands if c[0] >= seq]
+            else:
+                cands[:] = [c for c in cands if c[0] != seq]
+        # A name whose only candidates are "deallocated" is free, like one never seen.
+        for key in [k for k, c in self._by_name.items() if all(st is None for _, st in c)]:
+            del self._by_name[key]
+
+    def drop(self, key: str) -> None:
+        """A protocol Parse or Close changed ``key``: what SQL EXECUTE of it runs is
+        unknown from now on (the name is forgotten, so EXECUTE of it is UNKNOWN)."""
+        self._by_name.pop(key, None)
 
     def lookup(self, name: str) -> Statement | None:
-        return self._by_name.get(name)
+        """The riskiest definition the server may hold under ``name``; None when the name
+        is unknown here (or may be free, which the server would refuse anyway)."""
+        name = server_name(name)
+        cands = [st for _, st in self._by_name.get(name, ()) if st is not None]
+        if not cands:
+            return None
+        top = cands[0]
+        for other in cands[1:]:
+            top = _merge_candidates(name, top, other)
+        return top
+
+    def candidates(self, name: str) -> int:
+        return len(self._by_name.get(server_name(name), ()))
 
     def __contains__(self, name: object) -> bool:
-        return name in self._by_name
+        return isinstance(name, str) and self.lookup(name) is not None
 
     def __len__(self) -> int:
         return len(self._by_name)
@@ -181,7 +270,7 @@ class PreparedStatements:
 
 def _merge_candidates(name: str, old: Statement, new: Statement) -> Statement:
     top = new if new.cls.risk >= old.cls.risk else old
-    note = f"{name} was prepared more than once; assuming the riskiest definition"
+    note = f"{name} may hold more than one definition on the server; assuming the riskiest"
     return Statement(
         text=new.text, cls=top.cls, command=top.command,
         tables=_unique([*old.tables, *new.tables]),
@@ -190,6 +279,7 @@ def _merge_candidates(name: str, old: Statement, new: Statement) -> Statement:
         forbidden=old.forbidden or new.forbidden, is_dml=old.is_dml or new.is_dml,
         prepared_name=name, literal_dependent=old.literal_dependent or new.literal_dependent,
         unqualified=_unique([*old.unqualified, *new.unqualified]),
+        facts=old.facts | new.facts,
     )
 
 
@@ -311,7 +401,7 @@ class _Walk:
 
     __slots__ = ("an", "prepared", "text", "findings", "tables", "functions", "forbidden",
                  "literal", "session_bound", "effects", "mode", "in_cte", "wrapper", "is_dml",
-                 "prepared_name", "unqualified", "search_path")
+                 "prepared_name", "unqualified", "search_path", "facts")
 
     def __init__(self, analyzer: Analyzer, prepared: PreparedStatements | None, text: str):
         self.an, self.prepared, self.text = analyzer, prepared, text
@@ -329,6 +419,7 @@ class _Walk:
         self.prepared_name: str | None = None
         self.unqualified: dict[str, None] = {}
         self.search_path: tuple[str, ...] | None = None
+        self.facts: set[str] = set()
 
     # -- results ---------------------------------------------------------------------------
 
@@ -355,7 +446,7 @@ class _Walk:
             functions=tuple(self.functions), reasons=_unique(r for _, r in ordered),
             forbidden=self.forbidden, is_dml=self.is_dml, prepared_name=self.prepared_name,
             literal_dependent=self.literal, unqualified=tuple(self.unqualified),
-            search_path=self.search_path,
+            search_path=self.search_path, facts=frozenset(self.facts),
         )
 
     def merge(self, other: Statement) -> None:
@@ -507,11 +598,36 @@ class _Walk:
             if value is None or _ENCODING_JUNK.sub("", value.lower()) not in catalogue.UTF8_NAMES:
                 self.forbid(f"{verb} client_encoding other than UTF8 changes how the query "
                             "text is read")
+        elif name in catalogue.READ_ONLY_SETTINGS:
+            self.literal = True
+            if not has_value or value is None or not _truthy(value):
+                self.forbid(f"{verb} {name} other than on would give the session write "
+                            "access, which keyturn grants statement by statement")
+        elif name in catalogue.SAFETY_SETTINGS:
+            self.literal = True
+            weak = catalogue.SAFETY_SETTINGS[name]
+            if not has_value or value is None or _normal_word(value) in weak:
+                return C.SAFETY, f"turns off a safety setting ({name})"
         entry = _SETTINGS.get(name) or next(
             (e for prefix, e in _SETTING_PREFIXES.items() if name.startswith(prefix)), None)
         if entry is None and name.startswith("transaction"):
             return C.TRANSACTION, "changes transaction characteristics"
         return entry or (C.SESSION, "changes a session setting")
+
+    def transaction_mode(self, verb: str, options: Iterable[Any]) -> str | None:
+        """"on" / "off" for a READ ONLY / READ WRITE option, None when there is none.
+        READ WRITE is refused: the gateway holds the target session's read/write mode."""
+        for option in options:
+            elem = option.get("DefElem") if isinstance(option, dict) else None
+            if not elem or elem.get("defname") != "transaction_read_only":
+                continue
+            value = _literal(elem.get("arg"))
+            if value is None or not _truthy(value):
+                self.forbid(f"{verb} asks for write access, which keyturn grants statement "
+                            "by statement")
+                return "off"
+            return "on"
+        return None
 
     # -- statements --------------------------------------------------------------------------
 
@@ -538,7 +654,9 @@ class _Walk:
         for clause in body.get("lockingClause") or ():
             strength = clause.get("LockingClause", {}).get("strength", "")
             words = catalogue.LOCK_STRENGTHS.get(strength, "FOR UPDATE/SHARE")
-            self.add(C.READ, f"SELECT {words} locks the rows it reads")
+            if self.mode == _RUN:
+                self.add(C.LOCK, f"SELECT {words} locks the rows it reads, blocking other "
+                                 "sessions' writes")
         ctes = self.with_clause(body.get("withClause"), ctes)
         # lockingClause names aliases (FOR UPDATE OF o), not tables.
         self.children("SelectStmt", body, ctes, skip=("withClause", "intoClause",
@@ -593,6 +711,7 @@ class _Walk:
             self.add(C.FILE, f"COPY {direction} a file reads or writes the server's file system")
         elif body.get("is_from"):
             self.add(C.WRITE, f"COPY FROM STDIN loads rows into {target}")
+            self.facts.add("copy_in")
         else:
             self.add(C.READ, "COPY TO STDOUT reads data")
         self.wrapped(body.get("query"), ctes, "COPY runs")
@@ -611,6 +730,8 @@ class _Walk:
     def _s_DeclareCursorStmt(self, body: dict[str, Any], ctes: frozenset[str],
                              top: bool) -> None:
         self.add(C.READ, "DECLARE CURSOR runs its query as rows are fetched")
+        if int(body.get("options") or 0) & _CURSOR_OPT_HOLD:
+            self.facts.add("hold_cursor")
         self.wrapped(body.get("query"), ctes, "cursor runs")
 
     def _s_PrepareStmt(self, body: dict[str, Any], ctes: frozenset[str], top: bool) -> None:
@@ -686,8 +807,11 @@ class _Walk:
             self.add(C.SESSION, "RESET ALL restores session defaults")
             self.search_path = DEFAULT_SEARCH_PATH
             return
-        if name.startswith("transaction") or name == "session characteristics":
-            self.add(C.TRANSACTION if name.startswith("transaction") else C.SESSION,
+        if name in ("transaction", "session characteristics"):
+            # SET TRANSACTION / SET SESSION CHARACTERISTICS AS TRANSACTION ...
+            self.transaction_mode(f"SET {name.upper()} ... READ WRITE",
+                                  body.get("args") or ())
+            self.add(C.TRANSACTION if name == "transaction" else C.SESSION,
                      f"SET {name.upper()} changes transaction characteristics")
             return
         args = body.get("args") or []
@@ -710,6 +834,15 @@ class _Walk:
                            top: bool) -> None:
         kind = body.get("kind", "")
         words = catalogue.TRANSACTION_COMMANDS.get(kind, "transaction statement")
+        fact = _TRANSACTION_FACTS.get(kind)
+        if fact is not None:
+            self.facts.add(fact)
+        if body.get("chain"):
+            self.facts.add("chain")
+        if kind in ("TRANS_STMT_BEGIN", "TRANS_STMT_START"):
+            mode = self.transaction_mode(f"{words} READ WRITE", body.get("options") or ())
+            if mode == "on":
+                self.facts.add("begin_ro")
         if kind in ("TRANS_STMT_PREPARE", "TRANS_STMT_COMMIT_PREPARED",
                     "TRANS_STMT_ROLLBACK_PREPARED"):
             self.add(C.ADMIN, f"{words} is two-phase commit: it can finish work that was not "
@@ -800,6 +933,23 @@ class _Walk:
         self.functions[qualified] = None
         self.add(C.DDL, f"CREATE TRIGGER runs {qualified} on future writes")
         self.children("CreateTrigStmt", body, ctes, skip=("funcname",))
+
+
+_CURSOR_OPT_HOLD = 0x0020
+_TRANSACTION_FACTS = {
+    "TRANS_STMT_BEGIN": "begin", "TRANS_STMT_START": "begin", "TRANS_STMT_COMMIT": "end",
+    "TRANS_STMT_ROLLBACK": "end", "TRANS_STMT_PREPARE": "end",
+    "TRANS_STMT_SAVEPOINT": "savepoint", "TRANS_STMT_RELEASE": "sp_destroy",
+    "TRANS_STMT_ROLLBACK_TO": "sp_destroy",
+}
+
+
+def _normal_word(value: str) -> str:
+    return value.strip().strip("'\"").lower()
+
+
+def _truthy(value: str) -> bool:
+    return _normal_word(value) in catalogue.TRUE_WORDS
 
 
 def _with_name(statement: Statement, name: str) -> Statement:
@@ -1035,6 +1185,7 @@ class Analyzer:
             return Analysis(sql, (), f"could not parse: {type(exc).__name__}: {exc}"), False, False
         by_text = by_shape = True
         statements: list[Statement] = []
+        changes: list[tuple[int, str | None, int]] = []
         try:
             raw = sql.encode("utf-8")
             for raw_stmt in tree.get("stmts") or ():
@@ -1050,13 +1201,14 @@ class Analyzer:
                 elif kind not in _SHAPE_KINDS or walk.literal:
                     by_shape = False
                 if prepared is not None:
-                    _apply(prepared, walk.effects)
+                    changes.extend((len(statements) - 1, name, seq)
+                                   for name, seq in _apply(prepared, walk.effects))
         except RecursionError:
             return Analysis(sql, (), "statement is nested too deeply to analyse"), True, False
         except Exception as exc:  # fail closed on any surprise in the tree
             error = f"analysis failed: {type(exc).__name__}: {exc}"
             return Analysis(sql, (), error), False, False
-        return Analysis(sql, tuple(statements), None), by_text, by_shape
+        return Analysis(sql, tuple(statements), None, tuple(changes)), by_text, by_shape
 
 
 def _shape(sql: str) -> str | None:
@@ -1067,14 +1219,16 @@ def _shape(sql: str) -> str | None:
 
 
 def _apply(prepared: PreparedStatements, effects: list[tuple[str, str, Statement | None]]
-           ) -> None:
+           ) -> list[tuple[str | None, int]]:
+    out: list[tuple[str | None, int]] = []
     for action, name, statement in effects:
         if action == "prepare" and statement is not None:
-            prepared.remember(name, statement)
+            out.append((name, prepared.remember(name, statement)))
         elif action == "forget":
-            prepared.forget(name)
+            out.append((name, prepared.forget(name)))
         elif action == "forget_all":
-            prepared.forget_all()
+            out.append((None, prepared.forget_all()))
+    return out
 
 
 def _from_template(sql: str, template: tuple[Statement, ...]) -> Analysis | None:
@@ -1089,7 +1243,7 @@ def _from_template(sql: str, template: tuple[Statement, ...]) -> Analysis | None
             return Analysis(sql, (Statement(text, s.cls, s.command, s.tables, s.functions,
                                             s.reasons, s.forbidden, s.is_dml, s.prepared_name,
                                             s.literal_dependent, s.unqualified,
-                                            s.search_path),), None)
+                                            s.search_path, s.facts),), None)
     try:
         # The same texts the full analysis cuts from stmt_location/stmt_len, then strips.
         texts = _pg.split(sql)
@@ -1099,6 +1253,7 @@ def _from_template(sql: str, template: tuple[Statement, ...]) -> Analysis | None
         return None
     return Analysis(sql, tuple(
         Statement(text, s.cls, s.command, s.tables, s.functions, s.reasons, s.forbidden,
-                  s.is_dml, s.prepared_name, s.literal_dependent, s.unqualified, s.search_path)
+                  s.is_dml, s.prepared_name, s.literal_dependent, s.unqualified, s.search_path,
+                  s.facts)
         for text, s in zip(texts, template, strict=True)
     ), None)
