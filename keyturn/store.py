@@ -99,7 +99,10 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
     # Python's sqlite3 opens its own transactions; we issue BEGIN ourselves.
     dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
+    # A rollback journal, not WAL: WAL's shared-memory index (-shm) is memory-mapped, and
+    # a store that becomes unwritable under it kills the whole process with SIGBUS. With a
+    # rollback journal a failed write is an ordinary error (sessions keep running).
+    cur.execute("PRAGMA journal_mode=TRUNCATE")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA foreign_keys=ON")

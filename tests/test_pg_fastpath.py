@@ -162,7 +162,8 @@ def new_session(fast: bool | str, records: list[bytes]) -> tuple[ClientSession, 
     and the compiled audit buffer, as the gateway does; call ``collect`` for the lines."""
     cfg = parse_config(CFG)
     buf = compiled.AuditBuffer() if fast == "relay" else None
-    spool = SimpleNamespace(write_line=buf.append if buf else records.append, buf=buf)
+    spool = SimpleNamespace(write_line=buf.append if buf else records.append, buf=buf,
+                            accepting=True, refusal=None)
     gw = SimpleNamespace(config=cfg, policy=PolicyEngine(cfg), audit_spool=spool,
                          _analyzers={}, audit=lambda **k: None, drop_key=lambda key: None)
     gw.analyzer = lambda conn: PostgresGateway.analyzer(gw, conn)  # type: ignore[arg-type]

@@ -233,9 +233,9 @@ def test_eleven_thousand_idle_sockets_do_not_lock_out_real_users(
         flooder.start()
         opened = time.monotonic() - t0
         for _ in range(3):
-            psql = kt.psql("alice", "SELECT count(*) FROM orders")
+            psql = kt.psql("alice", "SELECT 'served ' || 6 * 7")
             out, err = psql.communicate(timeout=60)
-            assert psql.returncode == 0 and out.strip() == "200", err
+            assert psql.returncode == 0 and out.strip() == "served 42", err
         with psycopg.connect(kt.dsn("bob"), autocommit=True, connect_timeout=10) as c:
             assert c.execute("SELECT 1").fetchone() == (1,)
         # The gateway keeps a bounded number of descriptors, whatever the flood.
@@ -418,7 +418,6 @@ def test_unwritable_sqlite_store_keeps_the_gateway_alive(pg: LocalPostgres,
     """The SQLite store's files made immutable (``chattr +i``: root cannot write them
     either) while sessions run."""
     import shutil
-    import signal
 
     if os.geteuid() != 0 or shutil.which("chattr") is None:
         pytest.skip("needs root and chattr")
@@ -448,7 +447,5 @@ def test_unwritable_sqlite_store_keeps_the_gateway_alive(pg: LocalPostgres,
         for p in frozen:
             subprocess.run(["chattr", "-i", str(p)], capture_output=True)
         kt.stop()
-    if rc == -signal.SIGBUS:
-        pytest.xfail("the gateway still dies with SIGBUS when it stops: SQLite's WAL -shm "
-                     "is memory-mapped; needs a rollback journal in keyturn/store.py")
-    assert rc == 0
+    # No SIGBUS (the store uses a rollback journal, nothing of it is memory-mapped).
+    assert rc == 0, rc

@@ -82,6 +82,10 @@ class PostgresGateway:
             loop.call_soon_threadsafe(self.watcher.resolve, ticket_id, status)
 
         self.services.approvals.on_change = on_change
+        def spool_changed(accepting: bool) -> None:
+            loop.call_soon_threadsafe(self._spool_changed, accepting)
+
+        self.audit_spool.watch(spool_changed)
         self.watcher.start()
         _raise_fd_limit(self.limits.max_connections)
         self._revocations = loop.create_task(self._end_revoked_sessions())
@@ -96,6 +100,16 @@ class PostgresGateway:
                  listen.host, self.port,
                  sum(1 for c in self.config.connections.values() if c.type == "postgres"),
                  "on" if self.tls else "off", speedups.state())
+
+    def _spool_changed(self, accepting: bool) -> None:
+        """The audit spool stopped (or resumed) accepting records: compiled fast paths
+        append without asking, so each goes back through the session, which refuses
+        statements while the spool cannot take their records."""
+        if not accepting:
+            for session in list(self.sessions.values()):
+                fast = getattr(session, "fast", None)
+                if fast is not None:
+                    fast.disarm()
 
     async def stop(self) -> None:
         if self._server:

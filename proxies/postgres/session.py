@@ -101,6 +101,9 @@ class Ctx:
     # sensitive columns redacted); what runs is unchanged.
     shown: str | None = None
     shown_params: list[Any] | None = None
+    # PREPARE / DEALLOCATE changes of the SQL namespace: (statement index, name, change),
+    # settled with the outcome when the request is audited.
+    changes: Any = None
 
 
 @dataclass(slots=True)
@@ -116,6 +119,11 @@ class Expect:
     plan_for: Ctx | None = None  # our own Describe(portal): its answer plans ctx's masking
     swallow: bool = False  # the answer to a message of our own: not forwarded
     then: Message | None = None  # with plan_for: the Execute waiting for this answer
+    # Parse / Close of a prepared statement: its key, the change's number and what the
+    # name held before (restored when the target refuses or skips the change).
+    op: int = 0
+    prior: Any = None
+    mine: Any = None
 
 
 @dataclass(slots=True)
@@ -124,6 +132,22 @@ class StmtInfo:
     analysis: Any
     param_types: tuple[int, ...] = ()
     decision: Decision | None = None
+    names: bool = False  # PREPARE / DEALLOCATE / DISCARD: it changes the SQL namespace
+
+
+#: What a prepared-statement name may hold when the target's answer to a change of it is
+#: still unknown (or the change failed after later ones were sent): never run.
+_AMBIGUOUS = StmtInfo("", None)
+_NAMESPACE_COMMANDS = frozenset(("PREPARE", "DEALLOCATE", "DISCARD"))
+
+
+def _pkey(name: str) -> str:
+    """A protocol-level statement or portal name as the server keys it: its first 63
+    bytes (a byte cut, not a character one: the server copies names with strlcpy)."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) <= 63:
+        return name
+    return raw[:63].decode("utf-8", "surrogateescape")
 
 
 _DEFAULT_SCHEMAS = frozenset(DEFAULT_SEARCH_PATH)
@@ -256,7 +280,17 @@ class ClientSession(asyncio.Protocol):
         self.held_ticket: int | None = None
         self.skip_until_sync = False
         self.fail_at_sync = False
+        # The server's prepared statements as this session sent them (keyed like the
+        # server: _pkey); see _namespace_op / _namespace_answer for the doubt kept while
+        # a Parse or Close is unanswered.
         self.stmts: dict[str, StmtInfo] = {}
+        self.syncs = 0  # Syncs sent: a Bind in the same batch as a Parse sees its result
+        self.op_seq = 0
+        self.stmt_op: dict[str, tuple[int, int]] = {}  # key -> (latest change, its batch)
+        self.doubt: dict[str, int] = {}  # key -> changes not yet answered
+        # Portals bound by this module: the statement as it was at Bind (a portal keeps
+        # the plan it was bound with, whatever the name holds later).
+        self.bound: dict[str, tuple[bytes, StmtInfo | None]] = {}
         self.verdicts: dict[tuple[Any, ...], Decision] = {}
         # Allowed statement shapes: (Decision, its audit fields as JSON) per fast_shape.
         self.fast_verdicts: dict[str, tuple[Decision, bytes]] = {}
@@ -284,6 +318,7 @@ class ClientSession(asyncio.Protocol):
         self.closed = False
         self.terminating = False
         self.connected_at = time.time()
+        self.client_ip = ""  # the address alone: login throttling counts per address
 
     # ------------------------------------------------------------ asyncio
 
@@ -291,6 +326,7 @@ class ClientSession(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.client_addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
+        self.client_ip = str(peer[0]) if isinstance(peer, tuple) else self.client_addr
 
     def data_received(self, data: bytes, fast_ok: bool = True) -> None:
         """``fast_ok=False``: the client relay's fast path already declined this chunk."""
@@ -302,6 +338,7 @@ class ClientSession(asyncio.Protocol):
                 # _install_relays), which then call it without asking here first.
                 up = self.upstream
                 if fast is not None and not self.expect and not self.holding and \
+                        self.gw.audit_spool.accepting and \
                         not self.skip_until_sync and not self.fail_at_sync and \
                         not self.reader.pending and not self.closed and up is not None and \
                         not up.closed and not up.reader.pending and fast.client(data):
@@ -477,6 +514,8 @@ class ClientSession(asyncio.Protocol):
         self._spawn(self._begin_auth())
 
     async def _begin_auth(self) -> None:
+        from keyturn.errors import StoreUnavailable
+
         if self.tls_active and self.gw.config.gateway.client_auth == "password":
             # A cleartext token is only ever accepted inside TLS.
             self.cleartext = True
@@ -484,7 +523,13 @@ class ClientSession(asyncio.Protocol):
             self.data_received(b"")
             return
 
-        creds = await asyncio.to_thread(self.gw.services.identities.scram_credentials, self.user)
+        try:
+            creds = await asyncio.to_thread(self.gw.services.identities.scram_credentials,
+                                            self.user)
+        except StoreUnavailable as exc:
+            self.gw.store_failed(exc, self)
+            return
+        self.gw.store_ok()
         if creds is None:
             self.scram = ScramServer(mock_salt(_FAKE_SALT_SECRET, self.user), 4096, [])
         else:
@@ -525,31 +570,68 @@ class ClientSession(asyncio.Protocol):
                 return
 
     async def _check_cleartext(self, token: str) -> None:
-        from keyturn.errors import Unauthorized
+        from keyturn.errors import StoreUnavailable, Unauthorized
 
         try:
             ident = await asyncio.to_thread(self.gw.services.identities.authenticate_token, token)
             if ident.user != self.user:
                 raise Unauthorized("token belongs to another user")
+        except StoreUnavailable as exc:
+            self.gw.store_failed(exc, self)
+            return
         except Unauthorized as exc:
             self._auth_failed(str(exc))
             return
+        self.gw.store_ok()
         self._authenticated(None, ident.token_id)
 
     def _auth_failed(self, why: str) -> None:
         log.info("authentication of %r failed: %s", self.user, why)
-        self.gw.audit(kind="auth_failed", user=self.user, connection=self.conn_name,
-                      session_id=self.session_id, client_addr=self.client_addr,
-                      reason=why, outcome="denied")
-        self.fatal("28P01", f'password authentication failed for user "{self.user}"',
-                   detail="Use a Keyturn access token as the password (keyturn token create).")
+        # Back-off per user and per address: the failure is told only after the delay.
+        verdict = self.gw.throttle.failed(self.user, self.client_ip)
+        who = dict(user=self.user, connection=self.conn_name, session_id=self.session_id,
+                   client_addr=self.client_addr)
+        if verdict.started:
+            log.warning("login throttling started for user %r / address %s (%d / %d failures)",
+                        self.user, self.client_ip, verdict.failures_user, verdict.failures_addr)
+            self.gw.audit(kind="auth_throttled", **who, outcome="delayed",
+                          reason="repeated failed logins: failures are answered after a "
+                                 "growing delay", detail=verdict.detail())
+        self.gw.audit(kind="auth_failed", **who, reason=why, outcome="denied",
+                      detail=verdict.detail() if verdict.wait else None)
+        fail = functools.partial(
+            self.fatal, "28P01", f'password authentication failed for user "{self.user}"',
+            detail="Use a Keyturn access token as the password (keyturn token create).")
+        if verdict.wait > 0 and not self.closed:
+            self.phase = "checking"
+            asyncio.get_running_loop().call_later(verdict.wait, fail)
+        else:
+            fail()
 
-    def _authenticated(self, server_final: bytes | None, token_id: int | None = None) -> None:
+    def _authenticated(self, server_final: bytes | None, token_id: int | None = None, *,
+                       waited: bool = False) -> None:
+        if self.closed:
+            return
+        wait = 0.0 if waited else self.gw.throttle.success_wait(self.client_ip)
+        if wait > 0:
+            # This address is throttled: hanging up early must not tell a success apart.
+            self.phase = "checking"
+            asyncio.get_running_loop().call_later(wait, functools.partial(
+                self._authenticated, server_final, token_id, waited=True))
+            return
         if server_final is not None:
             assert self.scram is not None
             token_id = self.scram.matched_key
             self.write(codec.encode_auth_sasl_final(server_final))
         self.identity = self.gw.services.identities.identity_of(self.user, token_id)
+        refused = self.gw.logged_in(self)
+        if refused is not None:
+            self.gw.audit(kind="connect", user=self.user, connection=self.conn_name,
+                          session_id=self.session_id, client_addr=self.client_addr,
+                          reason=refused, outcome="refused", detail={"token_id": token_id})
+            self.identity = None  # no disconnect record for a session that never started
+            self.fatal("53300", refused)
+            return
         self.phase = "connecting"
         self.gw.audit(kind="connect", user=self.user, connection=self.conn_name,
                       session_id=self.session_id, client_addr=self.client_addr,
@@ -682,8 +764,10 @@ class ClientSession(asyncio.Protocol):
             j = body.find(b"\0", i + 1)
             if i < 0 or j < 0:
                 raise codec.RemoteProtocolError("invalid Bind message")
-            self.portals[body[:i].decode("utf-8", "replace")] = (
-                body[i + 1:j].decode("utf-8", "replace"), body)
+            pkey = _pkey(body[:i].decode("utf-8", "surrogateescape"))
+            skey = _pkey(body[i + 1:j].decode("utf-8", "surrogateescape"))
+            self.portals[pkey] = (skey, body)
+            self.bound[pkey] = (body, self._bind_target(skey))
             self.expect.append(_EXPECT_B)
             out.append(msg.raw)
             return True
@@ -693,13 +777,14 @@ class ClientSession(asyncio.Protocol):
             p = codec.decode_parse(msg.body)
             analysis = self.analyzer.analyze(p.query)
             self._note_search_path(analysis.statements)
-            self.stmts[p.name] = StmtInfo(p.query, analysis, p.param_types)
-            self.fast_stmts.pop(p.name.encode(), None)
-            self.expect.append(_EXPECT_P)
+            info = StmtInfo(p.query, analysis, p.param_types, names=any(
+                st.command in _NAMESPACE_COMMANDS for st in analysis.statements))
+            self.expect.append(self._namespace_op(_pkey(p.name), b"P", info))
             out.append(msg.raw)
             return True
         if t == b"S":
             self.skip_until_sync = False
+            self.syncs += 1
             if self.fail_at_sync:
                 # A refused Execute: before the client's Sync, run a statement that fails,
                 # so the target aborts the (possibly implicit) transaction as PostgreSQL
@@ -707,9 +792,9 @@ class ClientSession(asyncio.Protocol):
                 # has our error). If the target is already skipping to Sync after an
                 # earlier error, it skips these too and the Sync still answers.
                 self.fail_at_sync = False
+                self.expect.append(self._namespace_op("", b"P", None, swallow=True))
                 out.append(_FAIL_EXTENDED)
                 # (The constant cast fails already at Parse; any of the three may fail.)
-                self.expect.append(Expect(b"P", swallow=True, replace=b""))
                 self.expect.append(Expect(b"B", swallow=True, replace=b""))
                 self.expect.append(Expect(b"E", replace=b""))
             self.expect.append(_EXPECT_S)
@@ -717,15 +802,17 @@ class ClientSession(asyncio.Protocol):
             return True
         if t == b"D":
             dsc = codec.decode_describe(msg.body)
-            self.expect.append(Expect(b"D", name=dsc.name if dsc.kind == "S" else None))
+            self.expect.append(Expect(b"D", name=_pkey(dsc.name) if dsc.kind == "S" else None))
             out.append(msg.raw)
             return True
         if t == b"C":
             c = codec.decode_close(msg.body)
-            (self.stmts if c.kind == "S" else self.portals).pop(c.name, None)
             if c.kind == "S":
-                self.fast_stmts.pop(c.name.encode(), None)
-            self.expect.append(_EXPECT_C)
+                self.expect.append(self._namespace_op(_pkey(c.name), b"C", None))
+            else:
+                self.portals.pop(_pkey(c.name), None)
+                self.bound.pop(_pkey(c.name), None)
+                self.expect.append(_EXPECT_C)
             out.append(msg.raw)
             return True
         if t in (b"d", b"c", b"f", b"H"):
@@ -741,6 +828,78 @@ class ClientSession(asyncio.Protocol):
                          b"Q", out)
             return True
         raise codec.RemoteProtocolError(f"unexpected message type {t!r} in a session")
+
+    # ---- the server's prepared-statement namespace
+
+    def _namespace_op(self, key: str, kind: bytes, info: StmtInfo | None, *,
+                      swallow: bool = False) -> Expect:
+        """A Parse (info: its statement) or a statement Close (None) of ``key`` is sent.
+
+        Until the target answers, the name may still hold what it held before: a Parse
+        of an existing name fails, and after an error everything up to Sync is skipped.
+        A Bind in the same batch sees the new state (if the change failed or was skipped,
+        so is the Bind); a Bind in a later batch while the answer is unknown is refused
+        as ambiguous. SQL EXECUTE of the name is unknown from now on."""
+        self.op_seq += 1
+        prior = self.stmts.get(key)
+        if info is None:
+            self.stmts.pop(key, None)
+        else:
+            self.stmts[key] = info
+        self.stmt_op[key] = (self.op_seq, self.syncs)
+        self.doubt[key] = self.doubt.get(key, 0) + 1
+        self.fast_stmts.pop(key.encode("utf-8", "surrogateescape"), None)
+        if self.prepared is not None:
+            self.prepared.drop(key)
+        return Expect(kind, op=self.op_seq, name=key, prior=prior, mine=info,
+                      swallow=swallow, replace=b"" if swallow else None)
+
+    def _namespace_answer(self, entry: Expect, ok: bool) -> None:
+        """The target accepted (ok), refused or skipped a Parse / Close of ours."""
+        key = entry.name
+        assert key is not None
+        left = self.doubt.get(key, 0) - 1
+        if left > 0:
+            self.doubt[key] = left
+        else:
+            self.doubt.pop(key, None)
+        latest = self.stmt_op.get(key, (0, 0))[0] == entry.op
+        if ok:
+            if latest:
+                if entry.mine is None:
+                    self.stmts.pop(key, None)
+                else:
+                    self.stmts[key] = entry.mine
+            return
+        self.fast_stmts.pop(key.encode("utf-8", "surrogateescape"), None)
+        if latest:
+            if entry.prior is None:
+                self.stmts.pop(key, None)
+            else:
+                self.stmts[key] = entry.prior
+        else:
+            # A later change was sent on the assumption that this one worked.
+            self.stmts[key] = _AMBIGUOUS
+
+    def _bind_target(self, key: str) -> StmtInfo | None:
+        info = self.stmts.get(key)
+        if self.doubt.get(key) and self.stmt_op.get(key, (0, -1))[1] != self.syncs:
+            return _AMBIGUOUS
+        return info
+
+    def _sql_namespace(self, changes: Any) -> None:
+        """SQL PREPARE / DEALLOCATE / DISCARD may replace or free a name a Parse made:
+        that name is unknown at the protocol level from now on (a Bind of it is refused)."""
+        for _index, name, _seq in changes:
+            keys = list(self.stmts) if name is None else [_pkey(name)]
+            for key in keys:
+                self.op_seq += 1
+                self.stmts.pop(key, None)
+                self.stmt_op[key] = (self.op_seq, self.syncs)
+            if name is None:
+                self.fast_stmts.clear()
+            else:
+                self.fast_stmts.pop(_pkey(name).encode("utf-8", "surrogateescape"), None)
 
     # ---- decisions
 
@@ -793,7 +952,7 @@ class ClientSession(asyncio.Protocol):
             # Hottest path: a statement this session was allowed to run before, with
             # other numbers in it (pgbench, ORMs that inline ids).
             hit = self.fast_verdicts.get(fast)
-            if hit is not None:
+            if hit is not None and self.gw.audit_spool.accepting:
                 known = hit[0]
                 self.expect.append(Expect(b"Q", Ctx(sql, known.classification, "allow",
                                                      known.rule, known.reason, time.time())))
@@ -819,6 +978,9 @@ class ClientSession(asyncio.Protocol):
             decision = self._decide(analysis)
         ctx = Ctx(sql, decision.classification, decision.action, decision.rule, decision.reason,
                   time.time())
+        if analysis.changes:
+            ctx.changes = analysis.changes
+            self._sql_namespace(analysis.changes)
         return self._dispatch(msg, ctx, decision, analysis, out, b"Q")
 
     def _on_execute(self, msg: Message, out: list[bytes]) -> bool:
@@ -827,9 +989,21 @@ class ClientSession(asyncio.Protocol):
         if end < 0 or len(body) != end + 5:
             codec.decode_execute(body)  # raises the precise protocol error
             raise codec.RemoteProtocolError("invalid Execute message")
-        portal = body[:end].decode("utf-8", "replace") if end else ""
+        portal = _pkey(body[:end].decode("utf-8", "surrogateescape")) if end else ""
         stmt_name, bind_body = self.portals.get(portal, (None, b""))
-        info = self.stmts.get(stmt_name) if stmt_name is not None else None
+        bound = self.bound.get(portal)
+        if bound is not None and bound[0] is bind_body:
+            info = bound[1]  # bound here: the statement as it was at Bind
+        else:
+            # Bound by the compiled fast path (a statement allowed as a read), if at all.
+            info = self.stmts.get(stmt_name) if stmt_name is not None else None
+        if info is _AMBIGUOUS:
+            ctx = Ctx(f"<prepared statement {stmt_name!r}>", "unknown", "block",
+                      "builtin:ambiguous-statement",
+                      "the statement name was changed (Parse/Close/PREPARE/DEALLOCATE) and "
+                      "keyturn cannot tell which definition the server holds", time.time())
+            self._blocked(ctx, b"E", out)
+            return True
         if info is None:
             # A portal we did not see bound (e.g. a DECLAREd cursor) cannot be judged here.
             ctx = Ctx(f"<portal {portal!r}>", "unknown", "block", "builtin:unknown-portal",
@@ -841,7 +1015,8 @@ class ClientSession(asyncio.Protocol):
             info.decision = self._decide(info.analysis)
         d = info.decision
         if self.fast is not None and d.action == "allow" and d.classification == "read" \
-                and stmt_name is not None:
+                and stmt_name is not None and not info.names \
+                and self._bind_target(stmt_name) is info:
             # Bind/Execute/Sync of this statement can now take the compiled fast path.
             key = stmt_name.encode()
             if key not in self.fast_stmts and len(self.fast_stmts) < 4096:
@@ -853,11 +1028,27 @@ class ClientSession(asyncio.Protocol):
             params = _bind_params(codec.decode_bind(bind_body), info.param_types)
         ctx = Ctx(info.sql, d.classification, d.action, d.rule, d.reason, time.time(),
                   params=params, portal=portal)
+        if info.names:
+            # PREPARE / DEALLOCATE / DISCARD sent as a Parse: it changes the SQL namespace
+            # when it runs (judged as it was parsed; applied to the model now).
+            changes = self.analyzer.analyze(info.sql, self.prepared).changes
+            if changes:
+                ctx.changes = changes
+                self._sql_namespace(changes)
         return self._dispatch(msg, ctx, d, info.analysis, out, b"E")
 
     def _dispatch(self, msg: Message, ctx: Ctx, decision: Decision, analysis: Any,
                   out: list[bytes], kind: bytes) -> bool:
         """Forward, block or hold one Query (kind Q) or Execute (kind E)."""
+        spool = self.gw.audit_spool
+        if not spool.accepting:
+            # Nothing runs unaudited: while records cannot be written, statements fail.
+            self._refuse(codec.encode_error("ERROR", "53100", spool.refusal or (
+                "keyturn: the audit trail cannot be written; new statements are refused "
+                "until it can")), kind, out)
+            ctx.action = "block"
+            self._audit(ctx, outcome="refused")
+            return True
         if self.masking:
             self._redact(ctx)
             if decision.masks and decision.action != "block":
@@ -908,6 +1099,13 @@ class ClientSession(asyncio.Protocol):
             self.expect.append(Expect(b"!", inject=data, rfq=rfq))
 
     def _audit(self, ctx: Ctx, *, outcome: str) -> None:
+        if ctx.changes:
+            # PREPARE / DEALLOCATE took effect if their statement completed (neither is
+            # undone by a rollback); refused, held or skipped ones changed nothing.
+            done = len(ctx.tags) if ctx.tags else 0
+            for index, name, seq in ctx.changes:
+                self.prepared.settle(name, seq, index < done)
+            ctx.changes = None
         now = time.time()
         rec: dict[str, Any] = {
             "at": now, "statement": ctx.shown or ctx.statement,
@@ -1437,6 +1635,8 @@ class ClientSession(asyncio.Protocol):
                 # reached us after the target's error already arrived): drop it.
                 while expect:
                     entry = expect.popleft()
+                    if entry.op:
+                        self._namespace_answer(entry, False)
                     if entry.ctx is not None:
                         if entry.kind not in (b"S", b"Q") and entry.ctx.error is None:
                             entry.ctx.error = {"C": "", "M": "skipped after an earlier error"}
@@ -1464,7 +1664,9 @@ class ClientSession(asyncio.Protocol):
                     if head.kind != b"Q":
                         # Extended protocol: the target now skips to the Sync.
                         while expect and expect[0].kind != b"S":
-                            expect.popleft()
+                            dropped = expect.popleft()
+                            if dropped.op:
+                                self._namespace_answer(dropped, False)
                     continue
                 fields = codec.decode_error_fields(chunk[start + 5:end])
                 if head.ctx is not None:
@@ -1473,6 +1675,8 @@ class ClientSession(asyncio.Protocol):
                     # Extended protocol: the target skips everything up to Sync.
                     while expect and expect[0].kind != b"S":
                         dropped = expect.popleft()
+                        if dropped.op:
+                            self._namespace_answer(dropped, False)
                         if dropped.ctx is not None:
                             if dropped.ctx.error is None:
                                 dropped.ctx.error = fields
@@ -1485,6 +1689,8 @@ class ClientSession(asyncio.Protocol):
                 if t in (b"I", b"s") and head.kind != b"E":
                     continue
                 expect.popleft()
+                if head.op:
+                    self._namespace_answer(head, True)
                 if head.swallow:
                     out, seg = _splice(out, chunk, seg, start, end, b"")
                     continue
@@ -1587,7 +1793,7 @@ class ClientSession(asyncio.Protocol):
         """Parameter types the server inferred (clients such as asyncpg send 0 =
         unspecified in Parse), so binary parameters can be shown to approvers."""
         info = self.stmts.get(name)
-        if info is None or len(body) < 2:
+        if info is None or info is _AMBIGUOUS or len(body) < 2:
             return
         (n,) = struct.unpack_from("!h", body, 0)
         if len(body) >= 2 + 4 * n:

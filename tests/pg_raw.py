@@ -1,0 +1,86 @@
+"""A raw PostgreSQL protocol client for adversarial tests: psycopg logs in (SCRAM through
+the gateway), then the test sends exactly the messages it wants, in the batches it wants,
+and reads every answer."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Any
+
+import psycopg
+
+from proxies.postgres import codec
+
+Q, P, B, E, S = (codec.encode_query, codec.encode_parse, codec.encode_bind, codec.encode_execute,
+                 codec.encode_sync)
+
+
+def close_statement(name: str) -> bytes:
+    return codec.encode_close("S", name)
+
+
+def close_portal(name: str) -> bytes:
+    return codec.encode_close("P", name)
+
+
+class RawConn:
+    """One logged-in connection driven message by message."""
+
+    def __init__(self, dsn: str) -> None:
+        self.conn = psycopg.connect(dsn, autocommit=True)
+        self.sock = socket.socket(fileno=self.conn.pgconn.socket).dup()
+        self.sock.settimeout(30)
+        self.buf = b""
+
+    def close(self) -> None:
+        self.sock.close()
+        self.conn.close()
+
+    def __enter__(self) -> RawConn:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def send(self, *messages: bytes) -> None:
+        self.sock.sendall(b"".join(messages))
+
+    def _message(self) -> tuple[bytes, bytes]:
+        while len(self.buf) < 5 or len(self.buf) < 1 + struct.unpack("!i", self.buf[1:5])[0]:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"closed; buffered {self.buf!r}")
+            self.buf += chunk
+        n = 1 + struct.unpack("!i", self.buf[1:5])[0]
+        t, body, self.buf = self.buf[:1], self.buf[5:n], self.buf[n:]
+        return t, body
+
+    def until_ready(self, count: int = 1) -> list[tuple[bytes, bytes]]:
+        """Every message up to and including the ``count``-th ReadyForQuery."""
+        out = []
+        while count:
+            t, body = self._message()
+            out.append((t, body))
+            if t == b"Z":
+                count -= 1
+        return out
+
+    def run(self, *messages: bytes, syncs: int | None = None) -> list[tuple[bytes, bytes]]:
+        """Send ``messages`` and read to the ReadyForQuery of each Query / Sync in them."""
+        self.send(*messages)
+        n = syncs if syncs is not None else sum(1 for m in messages if m[:1] in (b"Q", b"S"))
+        return self.until_ready(n)
+
+
+def errors(answers: list[tuple[bytes, bytes]]) -> list[dict[str, str]]:
+    return [codec.decode_error_fields(body) for t, body in answers if t == b"E"]
+
+
+def tags(answers: list[tuple[bytes, bytes]]) -> list[str]:
+    return [codec.decode_command_complete(body) for t, body in answers if t == b"C"]
+
+
+def status(answers: list[tuple[bytes, bytes]]) -> str:
+    """The transaction status of the last ReadyForQuery."""
+    return [chr(body[0]) for t, body in answers if t == b"Z"][-1]
