@@ -614,14 +614,21 @@ class _Walk:
             return C.TRANSACTION, "changes transaction characteristics"
         return entry or (C.SESSION, "changes a session setting")
 
-    def transaction_mode(self, verb: str, options: Iterable[Any]) -> str | None:
+    def transaction_mode(self, verb: str, options: Iterable[Any], *,
+                         begin: bool = False) -> str | None:
         """"on" / "off" for a READ ONLY / READ WRITE option, None when there is none.
-        READ WRITE is refused: the gateway holds the target session's read/write mode."""
+
+        The gateway holds the target session's read/write mode: SET TRANSACTION / SET
+        SESSION CHARACTERISTICS ... READ WRITE are refused. BEGIN READ WRITE is allowed
+        (``begin``): every transaction a client opens is made read-write by the gateway,
+        which guards the reads inside it with read-only savepoints."""
         for option in options:
             elem = option.get("DefElem") if isinstance(option, dict) else None
             if not elem or elem.get("defname") != "transaction_read_only":
                 continue
             value = _literal(elem.get("arg"))
+            if begin and value is not None and not _truthy(value):
+                return "off"
             if value is None or not _truthy(value):
                 self.forbid(f"{verb} asks for write access, which keyturn grants statement "
                             "by statement")
@@ -734,8 +741,14 @@ class _Walk:
             self.facts.add("hold_cursor")
         self.wrapped(body.get("query"), ctes, "cursor runs")
 
+    def own_name(self, verb: str, name: str) -> None:
+        if name.lower().startswith("keyturn"):
+            self.forbid(f"{verb} {name}: statement names starting with keyturn are the "
+                        "gateway's own")
+
     def _s_PrepareStmt(self, body: dict[str, Any], ctes: frozenset[str], top: bool) -> None:
         name = body.get("name", "")
+        self.own_name("PREPARE", name)
         query = body.get("query") or {}
         if len(query) != 1:
             self.add(C.UNKNOWN, "PREPARE without a statement")
@@ -755,6 +768,7 @@ class _Walk:
 
     def _s_ExecuteStmt(self, body: dict[str, Any], ctes: frozenset[str], top: bool) -> None:
         name = body.get("name", "")
+        self.own_name("EXECUTE", name)
         self.session_bound = True
         remembered = self.prepared.lookup(name) if self.prepared is not None else None
         if remembered is None:
@@ -777,6 +791,7 @@ class _Walk:
             self.effects.append(("forget_all", "", None))
         else:
             name = body.get("name", "")
+            self.own_name("DEALLOCATE", name)
             self.add(C.SESSION, f"DEALLOCATE forgets prepared statement {name}")
             self.effects.append(("forget", name, None))
             self.prepared_name = name
@@ -837,10 +852,15 @@ class _Walk:
         fact = _TRANSACTION_FACTS.get(kind)
         if fact is not None:
             self.facts.add(fact)
+        savepoint = str(body.get("savepoint_name") or "")
+        if savepoint.lower().startswith("keyturn"):
+            self.forbid(f"savepoint names starting with keyturn are the gateway's own "
+                        f"({savepoint})")
         if body.get("chain"):
             self.facts.add("chain")
         if kind in ("TRANS_STMT_BEGIN", "TRANS_STMT_START"):
-            mode = self.transaction_mode(f"{words} READ WRITE", body.get("options") or ())
+            mode = self.transaction_mode(f"{words} READ WRITE", body.get("options") or (),
+                                         begin=True)
             if mode == "on":
                 self.facts.add("begin_ro")
         if kind in ("TRANS_STMT_PREPARE", "TRANS_STMT_COMMIT_PREPARED",

@@ -45,7 +45,7 @@ from keyturn.analysis.postgres import (
 from keyturn.approvals import APPROVED, CANCELLED, EXPIRED, REJECTED, TicketRequest, binding_of
 from keyturn.errors import AlreadyDecided, InvalidTransition
 from keyturn.policy import Decision, Request, masks_in
-from proxies.postgres import codec, rowmask
+from proxies.postgres import codec, guard, rowmask
 from proxies.postgres.auth import AuthError, ScramServer, mock_salt
 from proxies.postgres.codec import NEED_DATA, Message, ProtocolError
 from proxies.postgres.speedups import compiled as _speedups
@@ -104,6 +104,7 @@ class Ctx:
     # PREPARE / DEALLOCATE changes of the SQL namespace: (statement index, name, change),
     # settled with the outcome when the request is audited.
     changes: Any = None
+    analysis: Any = None  # what the read-only guard plans from (set when dispatched)
 
 
 @dataclass(slots=True)
@@ -124,6 +125,14 @@ class Expect:
     op: int = 0
     prior: Any = None
     mine: Any = None
+    # The read-only guard (proxies/postgres/guard.py): hide = a Query of the gateway's own,
+    # answered to it alone; ours = per statement of a rewritten Query, whether it is the
+    # gateway's (its CommandComplete is not forwarded); ci counts CommandCompletes seen.
+    hide: bool = False
+    ours: tuple[bool, ...] | None = None
+    ci: int = 0
+    rewritten: Any = None
+    guard_stmt: str | None = None  # a Parse of one of the gateway's guard statements
 
 
 @dataclass(slots=True)
@@ -201,6 +210,18 @@ _FAIL_EXTENDED = codec.encode_parse("", _FAIL_SQL) + codec.encode_bind("", "") +
 
 # Responses that carry no per-request state are shared (never mutated).
 _EXPECT_B, _EXPECT_P, _EXPECT_S, _EXPECT_C = Expect(b"B"), Expect(b"P"), Expect(b"S"), Expect(b"C")
+
+# The read-only guard's statements, prepared on the target when first needed (extended
+# protocol), and the session-default Queries around commands that cannot run in a block.
+_GUARD_NAMES = {guard.SQL_RW_LOCAL: "keyturn_rw_local", guard.SQL_RW_TX: "keyturn_rw_tx",
+                guard.SQL_SAVEPOINT: "keyturn_savepoint", guard.SQL_RO: "keyturn_ro",
+                guard.SQL_RELEASE: "keyturn_release"}
+_GUARD_PORTAL = "keyturn_portal"
+_GUARD_BIND = {sql: codec.encode_bind(_GUARD_PORTAL, name) for sql, name in _GUARD_NAMES.items()}
+_GUARD_RUN = codec.encode_execute(_GUARD_PORTAL, 0) + codec.encode_close("P", _GUARD_PORTAL)
+_DEFAULT_RW_QUERY = codec.encode_query(guard.SQL_DEFAULT_RW)
+_DEFAULT_RO_QUERY = codec.encode_query(guard.SQL_DEFAULT_RO)
+_OWN_PREFIX = "keyturn"
 
 _BINARY_INTS = {21: "!h", 23: "!i", 20: "!q", 26: "!I"}
 _BINARY_FLOATS = {700: "!f", 701: "!d"}
@@ -315,6 +336,18 @@ class ClientSession(asyncio.Protocol):
         self.portals: dict[str, tuple[str, bytes]] = {}
         self.prepared: Any = None
         self.tx_status = "I"
+        # The read-only guard: the transaction state predicted where the next message runs,
+        # the guard statements prepared on the target, whether a batch (extended protocol,
+        # up to Sync) has begun and was given write access.
+        self.txs = guard.TxState()
+        self.guard_stmts: set[str] = set()
+        self.batch_open = False
+        self.batch_rw = False
+        # In the current implicit transaction (extended protocol): a message has started
+        # it / a Bind or Execute has run in it.
+        self.imp_started = False
+        self.imp_bound = False
+        self.upstream_ro = True  # the target's default_transaction_read_only, as reported
         self.closed = False
         self.terminating = False
         self.connected_at = time.time()
@@ -338,7 +371,7 @@ class ClientSession(asyncio.Protocol):
                 # _install_relays), which then call it without asking here first.
                 up = self.upstream
                 if fast is not None and not self.expect and not self.holding and \
-                        self.gw.audit_spool.accepting and \
+                        self.gw.audit_spool.accepting and self._guard_quiet() and \
                         not self.skip_until_sync and not self.fail_at_sync and \
                         not self.reader.pending and not self.closed and up is not None and \
                         not up.closed and not up.reader.pending and fast.client(data):
@@ -649,6 +682,9 @@ class ClientSession(asyncio.Protocol):
         forward = {k: v for k, v in self.startup_params.items()
                    if k not in ("user", "database", "replication", *REFUSED_STARTUP)}
         forward["client_encoding"] = "UTF8"
+        # The read-only guard: every implicit transaction is read-only unless the gateway
+        # grants write access to an allowed write (whatever the client asked for).
+        forward["default_transaction_read_only"] = "on"
         try:
             self.upstream = await Upstream.connect(self, self.conn, forward)
         except UpstreamError as exc:
@@ -674,7 +710,17 @@ class ClientSession(asyncio.Protocol):
                 return
         self.key = self.gw.new_key(self)
         out = [codec.encode_auth_ok()]
-        out += [codec.encode_parameter_status(k, v) for k, v in self.upstream.parameters.items()]
+        params = dict(self.upstream.parameters)
+        if params.get("default_transaction_read_only", "on") != "on":
+            self.upstream.close()
+            self.fatal("08001", f"keyturn: connection {self.conn.name!r}: the target did not "
+                                "accept a read-only session (default_transaction_read_only)")
+            return
+        if "default_transaction_read_only" in params:
+            # The guard is the gateway's business: clients (libpq's target_session_attrs)
+            # see a server that accepts writes, as it does for what the policy allows.
+            params["default_transaction_read_only"] = "off"
+        out += [codec.encode_parameter_status(k, v) for k, v in params.items()]
         out.append(codec.encode_backend_key_data(*self.key))
         out.append(codec.encode_ready_for_query(self.upstream.tx_status))
         self.tx_status = self.upstream.tx_status
@@ -736,6 +782,9 @@ class ClientSession(asyncio.Protocol):
             return
         out: list[bytes] = []
         for i, msg in enumerate(msgs):
+            if not self.batch_open and (msg.type == b"P" or msg.type == b"B"
+                                        or msg.type == b"E") and not self.skip_until_sync:
+                self._open_batch(msgs, i, out)
             if not self._client_message(msg, out):
                 # A hold started: everything after it waits, in order.
                 self._to_backlog(msgs[i + 1:])
@@ -766,8 +815,17 @@ class ClientSession(asyncio.Protocol):
                 raise codec.RemoteProtocolError("invalid Bind message")
             pkey = _pkey(body[:i].decode("utf-8", "surrogateescape"))
             skey = _pkey(body[i + 1:j].decode("utf-8", "surrogateescape"))
+            if pkey.lower().startswith(_OWN_PREFIX) or skey.lower().startswith(_OWN_PREFIX):
+                self._refuse_own_name(pkey if pkey.lower().startswith(_OWN_PREFIX) else skey,
+                                      out)
+                return True
             self.portals[pkey] = (skey, body)
-            self.bound[pkey] = (body, self._bind_target(skey))
+            target = self._bind_target(skey)
+            self.bound[pkey] = (body, target)
+            if not self.batch_rw and not self.txs.block and target is not None \
+                    and target is not _AMBIGUOUS and self._needs_grant(target.analysis):
+                self._grant_batch(out)
+            self.imp_started = self.imp_bound = True
             self.expect.append(_EXPECT_B)
             out.append(msg.raw)
             return True
@@ -775,16 +833,21 @@ class ClientSession(asyncio.Protocol):
             return self._on_execute(msg, out)
         if t == b"P":
             p = codec.decode_parse(msg.body)
+            if p.name.lower().startswith(_OWN_PREFIX):
+                self._refuse_own_name(p.name, out)
+                return True
             analysis = self.analyzer.analyze(p.query)
             self._note_search_path(analysis.statements)
             info = StmtInfo(p.query, analysis, p.param_types, names=any(
                 st.command in _NAMESPACE_COMMANDS for st in analysis.statements))
+            self.imp_started = True
             self.expect.append(self._namespace_op(_pkey(p.name), b"P", info))
             out.append(msg.raw)
             return True
         if t == b"S":
             self.skip_until_sync = False
             self.syncs += 1
+            self.batch_open = self.batch_rw = self.imp_started = self.imp_bound = False
             if self.fail_at_sync:
                 # A refused Execute: before the client's Sync, run a statement that fails,
                 # so the target aborts the (possibly implicit) transaction as PostgreSQL
@@ -802,11 +865,16 @@ class ClientSession(asyncio.Protocol):
             return True
         if t == b"D":
             dsc = codec.decode_describe(msg.body)
+            self.imp_started = True
             self.expect.append(Expect(b"D", name=_pkey(dsc.name) if dsc.kind == "S" else None))
             out.append(msg.raw)
             return True
         if t == b"C":
             c = codec.decode_close(msg.body)
+            if c.name.lower().startswith(_OWN_PREFIX):
+                self._refuse_own_name(c.name, out)
+                return True
+            self.imp_started = True
             if c.kind == "S":
                 self.expect.append(self._namespace_op(_pkey(c.name), b"C", None))
             else:
@@ -898,6 +966,7 @@ class ClientSession(asyncio.Protocol):
                 self.stmt_op[key] = (self.op_seq, self.syncs)
             if name is None:
                 self.fast_stmts.clear()
+                self.guard_stmts.clear()  # DEALLOCATE ALL took the guard's too
             else:
                 self.fast_stmts.pop(_pkey(name).encode("utf-8", "surrogateescape"), None)
 
@@ -952,7 +1021,7 @@ class ClientSession(asyncio.Protocol):
             # Hottest path: a statement this session was allowed to run before, with
             # other numbers in it (pgbench, ORMs that inline ids).
             hit = self.fast_verdicts.get(fast)
-            if hit is not None and self.gw.audit_spool.accepting:
+            if hit is not None and self.gw.audit_spool.accepting and self._guard_quiet():
                 known = hit[0]
                 self.expect.append(Expect(b"Q", Ctx(sql, known.classification, "allow",
                                                      known.rule, known.reason, time.time())))
@@ -972,6 +1041,7 @@ class ClientSession(asyncio.Protocol):
                 if decision.action == "allow" and len(self.verdicts) < 4096:
                     self.verdicts[key] = decision
             if (decision.action == "allow" and fast is not None and not self.masking
+                    and decision.classification == "read" and not st.facts
                     and len(self.fast_verdicts) < 4096 and self.analyzer.known_shape(fast)):
                 self.fast_verdicts[fast] = (decision, _fragment(decision))
         else:
@@ -990,6 +1060,7 @@ class ClientSession(asyncio.Protocol):
             codec.decode_execute(body)  # raises the precise protocol error
             raise codec.RemoteProtocolError("invalid Execute message")
         portal = _pkey(body[:end].decode("utf-8", "surrogateescape")) if end else ""
+        self.imp_started = self.imp_bound = True
         stmt_name, bind_body = self.portals.get(portal, (None, b""))
         bound = self.bound.get(portal)
         if bound is not None and bound[0] is bind_body:
@@ -1015,7 +1086,8 @@ class ClientSession(asyncio.Protocol):
             info.decision = self._decide(info.analysis)
         d = info.decision
         if self.fast is not None and d.action == "allow" and d.classification == "read" \
-                and stmt_name is not None and not info.names \
+                and stmt_name is not None and not info.names and not any(
+                    st.facts for st in info.analysis.statements) \
                 and self._bind_target(stmt_name) is info:
             # Bind/Execute/Sync of this statement can now take the compiled fast path.
             key = stmt_name.encode()
@@ -1040,6 +1112,7 @@ class ClientSession(asyncio.Protocol):
     def _dispatch(self, msg: Message, ctx: Ctx, decision: Decision, analysis: Any,
                   out: list[bytes], kind: bytes) -> bool:
         """Forward, block or hold one Query (kind Q) or Execute (kind E)."""
+        ctx.analysis = analysis
         spool = self.gw.audit_spool
         if not spool.accepting:
             # Nothing runs unaudited: while records cannot be written, statements fail.
@@ -1288,7 +1361,10 @@ class ClientSession(asyncio.Protocol):
 
     def _forward(self, msg: Message, ctx: Ctx, kind: bytes, out: list[bytes]) -> bool:
         """Send a Query or Execute on; False when the Execute waits (see below)."""
-        if kind == b"E" and self.masking:
+        if kind == b"Q":
+            return self._forward_query(msg, ctx, out)
+        self._guard_before_execute(ctx, out)
+        if self.masking:
             # Learn the result's shape and formats before its rows: our own Describe of
             # the portal, answered to us alone.
             out.append(codec.encode_describe("P", ctx.portal or ""))
@@ -1304,7 +1380,219 @@ class ClientSession(asyncio.Protocol):
             self.expect.append(Expect(b"D", plan_for=ctx))
         self.expect.append(Expect(kind, ctx))
         out.append(msg.raw)
+        self._guard_after_execute(ctx, out)
         return True
+
+    # ---- the read-only guard (proxies/postgres/guard.py)
+
+    def _guard_quiet(self) -> bool:
+        """A read may go as it is (the compiled fast path): no explicit transaction, or
+        one whose reads are already read-only."""
+        txs = self.txs
+        return not txs.block or txs.ro_open or txs.block_ro
+
+    def _forward_query(self, msg: Message, ctx: Ctx, out: list[bytes]) -> bool:
+        analysis = ctx.analysis
+        try:
+            if analysis is None or (not analysis.statements and analysis.error is None):
+                plan = None  # nothing to run (an empty query)
+            elif analysis.error is not None:
+                plan = guard.plan_unparsed(self.txs)
+            else:
+                plan = guard.plan_query(analysis.statements, self.txs)
+        except guard.Refused as exc:
+            ctx.action, ctx.reason = "block", str(exc)
+            self._refuse(codec.encode_error("ERROR", "25000", f"keyturn: {exc}"), b"Q", out)
+            self._audit(ctx, outcome="blocked")
+            return True
+        if plan is None:
+            self.expect.append(Expect(b"Q", ctx))
+            out.append(msg.raw)
+            return True
+        self.txs = plan.state
+        if plan.toggle:
+            # A command that cannot run in a transaction block: write access for the
+            # session around this one Query, taken back right after it.
+            self.expect.append(Expect(b"Q", hide=True))
+            self.expect.append(Expect(b"Q", ctx))
+            self.expect.append(Expect(b"Q", hide=True))
+            out += [_DEFAULT_RW_QUERY, msg.raw, _DEFAULT_RO_QUERY]
+            return True
+        if not plan.changed:
+            self.expect.append(Expect(b"Q", ctx))
+            out.append(msg.raw)
+            return True
+        texts = [st.text for st in analysis.statements] if analysis.error is None \
+            else [ctx.statement]
+        new = guard.rewrite(ctx.statement, texts, plan.parts)
+        self.expect.append(Expect(b"Q", ctx, ours=new.ours, rewritten=new))
+        out.append(codec.encode_query(new.sql))
+        return True
+
+    def _guard_run(self, sql: str, out: list[bytes]) -> None:
+        """One guard statement as extended-protocol messages answered to the gateway
+        alone (its errors reach the client: the target then skips to Sync anyway)."""
+        name = _GUARD_NAMES[sql]
+        if name not in self.guard_stmts:
+            self.guard_stmts.add(name)
+            out.append(codec.encode_parse(name, sql))
+            self.expect.append(Expect(b"P", swallow=True, guard_stmt=name))
+        out.append(_GUARD_BIND[sql])
+        out.append(_GUARD_RUN)
+        self.expect.append(Expect(b"B", swallow=True))
+        self.expect.append(Expect(b"E", swallow=True))
+        self.expect.append(Expect(b"C", swallow=True))
+
+    def _open_batch(self, msgs: list[Message], i: int, out: list[bytes]) -> None:
+        """The first Parse/Bind/Execute after a Sync: outside a transaction, give this
+        batch's implicit transaction write access if a statement bound in it (before a
+        BEGIN or COMMIT) needs it. It must come before anything takes a snapshot."""
+        self.batch_open = True
+        self.batch_rw = False
+        if self.txs.block:
+            return
+        parsed: dict[str, Any] = {}
+        for m in msgs[i:]:
+            t = m.type
+            if t == b"S":
+                break
+            if t == b"P":
+                p = codec.decode_parse(m.body)
+                parsed[_pkey(p.name)] = self.analyzer.analyze(p.query)
+            elif t == b"B":
+                body = m.body
+                a = body.find(b"\0")
+                b = body.find(b"\0", a + 1)
+                if a < 0 or b < 0:
+                    return
+                key = _pkey(body[a + 1:b].decode("utf-8", "surrogateescape"))
+                analysis = parsed.get(key)
+                if analysis is None:
+                    info = self.stmts.get(key)
+                    analysis = info.analysis if info is not None and info is not _AMBIGUOUS \
+                        else None
+                if analysis is None:
+                    continue
+                statements = analysis.statements
+                if any("begin" in st.facts or "end" in st.facts for st in statements):
+                    return
+                if self._needs_grant(analysis):
+                    self._grant_batch(out)
+                    return
+
+    def _needs_grant(self, analysis: Any) -> bool:
+        """A statement that needs write access and that the policy may let run (allowed
+        or reviewed): a blocked one never gets its transaction write access."""
+        if not any(str(st.cls) in guard.RW_CLASSES for st in analysis.statements):
+            return False
+        return self._decide(analysis).action != "block"
+
+    def _grant_batch(self, out: list[bytes]) -> None:
+        """Write access for the current implicit transaction (extended protocol). It must
+        come before anything in it took a snapshot: if only Parse / Describe messages ran
+        in it (a driver that prepares, then binds), a Sync of the gateway's own ends it
+        first; after a Bind or Execute it is too late, and the target refuses the write."""
+        if self.imp_bound:
+            return
+        if self.imp_started:
+            out.append(codec.encode_sync())
+            self.expect.append(Expect(b"S", hide=True))
+        self._guard_run(guard.SQL_RW_LOCAL, out)
+        self.batch_rw = True
+
+    def _guard_before_execute(self, ctx: Ctx, out: list[bytes]) -> None:
+        txs = self.txs
+        if not txs.block or txs.block_ro:
+            return
+        analysis = ctx.analysis
+        statements = analysis.statements if analysis is not None else ()
+        facts = frozenset().union(*(st.facts for st in statements)) if statements else \
+            frozenset()
+        classes = {str(st.cls) for st in statements} or {"unknown"}
+        if "end" in facts:
+            if txs.hold and not txs.ro_open:
+                self._guard_run(guard.SQL_SAVEPOINT, out)
+                self._guard_run(guard.SQL_RO, out)
+                txs.ro_open = True
+        elif "savepoint" in facts or "begin" in facts or classes & guard.RW_CLASSES:
+            if txs.ro_open:
+                self._guard_run(guard.SQL_RELEASE, out)
+                txs.ro_open = False
+        elif "sp_destroy" in facts:
+            pass
+        elif classes & guard.GUARDED_CLASSES and not txs.ro_open:
+            self._guard_run(guard.SQL_SAVEPOINT, out)
+            self._guard_run(guard.SQL_RO, out)
+            txs.ro_open = True
+
+    def _guard_after_execute(self, ctx: Ctx, out: list[bytes]) -> None:
+        analysis = ctx.analysis
+        statements = analysis.statements if analysis is not None else ()
+        if not statements:
+            return
+        facts = frozenset().union(*(st.facts for st in statements))
+        if not facts:
+            return
+        txs = self.txs
+        if "hold_cursor" in facts:
+            txs.hold = True
+        if not txs.block:
+            if "begin" in facts:
+                txs.block, txs.ro_open, txs.hold = True, False, False
+                txs.block_ro = "begin_ro" in facts
+                if not txs.block_ro and not self.batch_rw:
+                    self._guard_run(guard.SQL_RW_TX, out)
+            return
+        if "end" in facts:
+            txs.ro_open = txs.hold = False
+            if "chain" not in facts:
+                txs.block = txs.block_ro = False
+                # What follows in this batch runs in a new implicit transaction.
+                self.batch_rw = self.imp_started = self.imp_bound = False
+        elif "sp_destroy" in facts:
+            txs.ro_open = False
+
+    def _guard_sync(self) -> None:
+        """Nothing is in flight: the target's ReadyForQuery is the truth."""
+        if not self.upstream_ro:
+            self._guard_lost()
+            return
+        if self.tx_status == "I":
+            if self.txs.block or self.txs.ro_open:
+                self.txs = guard.TxState()
+        elif not self.txs.block:
+            # A transaction the gateway did not see open: its mode is unknown, so reads
+            # go to the read-only savepoint and writes may be refused by the target.
+            self.txs = guard.TxState(block=True)
+
+    def _guard_lost(self) -> None:
+        log.error("session %s: the target's session is no longer read-only by default",
+                  self.session_id)
+        self.gw.audit(kind="guard_lost", user=self.user, connection=self.conn_name,
+                      session_id=self.session_id, client_addr=self.client_addr,
+                      outcome="error", reason="default_transaction_read_only was turned off "
+                                              "outside the gateway's control")
+        if self.upstream:
+            self.upstream.close()
+        self.fatal("XX000", "keyturn: the session lost its read-only guard and was ended; "
+                            "nothing more runs on it")
+
+    def _refuse_own_name(self, name: str, out: list[bytes]) -> None:
+        self._refuse(codec.encode_error(
+            "ERROR", "42501", f"keyturn: statement and portal names starting with keyturn "
+                              f"are the gateway's own ({name!r})"), b"E", out)
+
+    def _param_status(self, body: bytes) -> bytes | None:
+        """A ParameterStatus from the target: None to forward it unchanged, b"" to drop
+        it (the read-only guard's own setting is the gateway's business)."""
+        try:
+            name, value = codec.decode_parameter_status(body)
+        except Exception:
+            return None
+        if name != "default_transaction_read_only":
+            return None
+        self.upstream_ro = value == "on"
+        return b""
 
     def _release_execute(self, head: Expect) -> None:
         """The answer to our Describe arrived for an Execute that waited for it: refuse
@@ -1320,8 +1608,10 @@ class ClientSession(asyncio.Protocol):
             self._audit(ctx, outcome="blocked")
         else:
             self.expect.append(Expect(b"E", ctx))
+            after: list[bytes] = [msg.raw]
+            self._guard_after_execute(ctx, after)
             if self.upstream:
-                self.upstream.write(msg.raw)
+                self.upstream.write(b"".join(after))
         self._replay_backlog()
 
     def _replay_backlog(self) -> None:
@@ -1610,9 +1900,40 @@ class ClientSession(asyncio.Protocol):
                 # Rows (DataRow, COPY data) lie between the frames listed.
                 out, seg = self._rows(expect[0], chunk, prev, start, out, seg)
             prev = end
+            if t == b"S":
+                # default_transaction_read_only is the guard's: never forwarded, and off
+                # only inside the gateway's own Queries around one command.
+                drop = self._param_status(chunk[start + 5:end])
+                if drop is not None:
+                    out, seg = _splice(out, chunk, seg, start, end, drop)
+                    if not self.upstream_ro and not (expect and expect[0].hide):
+                        self._guard_lost()
+                        return
+                continue
             if not expect:
                 continue
             head = expect[0]
+            if head.hide:
+                # The answer to a Query of the guard's own: none of it is forwarded.
+                out, seg = _splice(out, chunk, seg, start, end, b"")
+                if t == b"E":
+                    log.warning("session %s: the read-only guard's query failed: %s",
+                                self.session_id, codec.decode_error_fields(
+                                    chunk[start + 5:end]).get("M", ""))
+                if t != b"Z":
+                    continue
+                self.tx_status = chr(chunk[start + 5]) if end > start + 5 else "I"
+                expect.popleft()
+                if not expect:
+                    self._guard_sync()
+                    if self.closed:
+                        return
+                while expect and expect[0].kind == b"!":
+                    inj = expect.popleft()
+                    out.append(inj.inject or b"")
+                    if inj.rfq:
+                        out.append(codec.encode_ready_for_query(self.tx_status))
+                continue
             if self.masking and t in _MASKED_TYPES and head.replace is None:
                 new = self._mask_message(head, t, chunk, start, end)
                 if new is not None:
@@ -1637,13 +1958,30 @@ class ClientSession(asyncio.Protocol):
                     entry = expect.popleft()
                     if entry.op:
                         self._namespace_answer(entry, False)
+                    elif entry.guard_stmt:
+                        self.guard_stmts.discard(entry.guard_stmt)
                     if entry.ctx is not None:
                         if entry.kind not in (b"S", b"Q") and entry.ctx.error is None:
                             entry.ctx.error = {"C": "", "M": "skipped after an earlier error"}
                         self._finished(entry.ctx)
                     if entry.kind == b"S" or entry.kind == b"Q":
                         break
+                if not expect:
+                    self._guard_sync()
+                    if self.closed:
+                        return
             elif t == b"C":
+                if head.ours is not None:
+                    i = head.ci
+                    head.ci = i + 1
+                    if i < len(head.ours) and head.ours[i]:
+                        out, seg = _splice(out, chunk, seg, start, end, b"")
+                        continue  # a statement of the guard's own
+                elif head.swallow:
+                    out, seg = _splice(out, chunk, seg, start, end, b"")
+                    if head.kind == b"E":
+                        expect.popleft()
+                    continue
                 if head.ctx is not None:
                     tag = codec.decode_command_complete(chunk[start + 5:end])
                     ctx = head.ctx
@@ -1667,8 +2005,15 @@ class ClientSession(asyncio.Protocol):
                             dropped = expect.popleft()
                             if dropped.op:
                                 self._namespace_answer(dropped, False)
+                            elif dropped.guard_stmt:
+                                self.guard_stmts.discard(dropped.guard_stmt)
                     continue
                 fields = codec.decode_error_fields(chunk[start + 5:end])
+                if head.rewritten is not None and "P" in fields:
+                    # A position in the text sent: as a position in the client's text.
+                    moved = head.rewritten.client_position(int(fields["P"] or 0))
+                    out, seg = _splice(out, chunk, seg, start, end,
+                                       _error_at(chunk[start + 5:end], moved))
                 if head.ctx is not None:
                     head.ctx.error = fields
                 if head.kind != b"Q" and head.kind != b"S":
@@ -1677,6 +2022,8 @@ class ClientSession(asyncio.Protocol):
                         dropped = expect.popleft()
                         if dropped.op:
                             self._namespace_answer(dropped, False)
+                        elif dropped.guard_stmt:
+                            self.guard_stmts.discard(dropped.guard_stmt)
                         if dropped.ctx is not None:
                             if dropped.ctx.error is None:
                                 dropped.ctx.error = fields
@@ -1822,6 +2169,16 @@ class ClientSession(asyncio.Protocol):
             self.transport.close()
         elif not self.closed:
             self.fatal("08006", f"keyturn: lost the connection to the target: {message}")
+
+
+def _error_at(body: bytes, position: int | None) -> bytes:
+    """An ErrorResponse with its position field (P) set to ``position`` (None: removed)."""
+    fields = [f for f in body.split(b"\0") if f]
+    parts = [f for f in fields if f[:1] != b"P"]
+    if position is not None:
+        parts.append(b"P" + str(position).encode())
+    payload = b"".join(p + b"\0" for p in parts) + b"\0"
+    return b"E" + struct.pack("!i", len(payload) + 4) + payload
 
 
 def _rows(tag: str, current: int | None) -> int | None:

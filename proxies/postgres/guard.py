@@ -1,0 +1,237 @@
+"""The read-only guard: the target itself refuses a write the gateway judged a read.
+
+The analyser will always miss some way to write (a function found through overloading
+or search_path, an operator, a view or rule, a name the server cuts at 63 bytes...). So
+what the gateway allows as a read runs where PostgreSQL refuses writes:
+
+- The upstream session starts with ``default_transaction_read_only = on``: every implicit
+  (autocommit) transaction is read-only, and the client can never turn that off (the
+  analyser refuses every spelling; the startup parameter is the gateway's).
+- A statement the gateway allowed as a write (class ``write``, ``ddl``, ``lock``...) gets
+  write access for exactly its transaction: ``SET LOCAL transaction_read_only = off``
+  first in its implicit transaction (a multi-statement Query is one implicit
+  transaction), or, for the few commands that cannot run inside a transaction block
+  (VACUUM, CREATE DATABASE, CALL...), the session default is turned off around that one
+  Query and back on after it.
+- A transaction the client opens (BEGIN) is made read-write right away (``SET
+  TRANSACTION READ WRITE``); inside it, reads run in the gateway's read-only
+  subtransaction (``SAVEPOINT keyturn_ro; SET LOCAL transaction_read_only = on``),
+  released before the next write or savepoint. A read-only subtransaction inside a
+  read-write transaction is PostgreSQL's own mechanism: the parent's mode comes back
+  when it is released.
+
+This module is the pure part: given what a message holds and the transaction state
+the gateway predicts, which statements of its own go where. The session does the I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+#: Classes that need write access (everything else runs read-only, or needs no guard).
+RW_CLASSES = frozenset({"lock", "write", "ddl", "privilege", "procedural", "admin", "file"})
+#: Classes the guard runs read-only (an allowed "unknown" is the riskiest: read-only too).
+GUARDED_CLASSES = frozenset({"read", "unknown"})
+
+SQL_RW_LOCAL = "SET LOCAL transaction_read_only = off"
+SQL_RW_TX = "SET TRANSACTION READ WRITE"
+SQL_SAVEPOINT = "SAVEPOINT keyturn_ro"
+SQL_RO = "SET LOCAL transaction_read_only = on"
+SQL_RELEASE = "RELEASE SAVEPOINT keyturn_ro"
+SQL_DEFAULT_RW = "SET default_transaction_read_only = off"
+SQL_DEFAULT_RO = "SET default_transaction_read_only = on"
+#: Commands that can take SET LOCAL in front of them in one implicit transaction.
+_BLOCK_SAFE = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE", "MERGE", "COPY", "VALUES",
+                         "TABLE", "WITH", "EXPLAIN", "LOCK", "DECLARE CURSOR", "NOTIFY",
+                         "CREATE TABLE", "CREATE TABLE AS", "ALTER TABLE", "DROP TABLE",
+                         "TRUNCATE", "CREATE VIEW", "CREATE FUNCTION", "GRANT", "REVOKE",
+                         "COMMENT", "CREATE SEQUENCE", "ALTER SEQUENCE", "SELECT INTO"})
+
+
+class Refused(Exception):
+    """A message the guard cannot make safe; the text says how to send it instead."""
+
+
+@dataclass(slots=True)
+class TxState:
+    """What the gateway predicts about the target's transaction at the point where the
+    next message will run (messages may be sent before earlier answers arrive)."""
+
+    block: bool = False  # an explicit transaction is open (T or E)
+    block_ro: bool = False  # ... opened READ ONLY: the target refuses writes in it itself
+    ro_open: bool = False  # the gateway's read-only savepoint is open
+    hold: bool = False  # a WITH HOLD cursor was declared: its query finishes at COMMIT
+
+    def copy(self) -> TxState:
+        return dataclasses.replace(self)
+
+
+@dataclass(slots=True)
+class Plan:
+    """How to send one simple Query: ``parts`` lists client statement indexes (int) and
+    statements of the gateway's own (str), in order; ``toggle``: wrap the unchanged
+    Query in session-default changes instead; ``state``: the state after it."""
+
+    parts: list[int | str]
+    state: TxState
+    toggle: bool = False
+
+    @property
+    def changed(self) -> bool:
+        return any(isinstance(p, str) for p in self.parts)
+
+
+def _needs_rw(st: Any) -> bool:
+    return str(st.cls) in RW_CLASSES
+
+
+def plan_query(statements: Sequence[Any], state: TxState) -> Plan:
+    """The statements to send for one simple Query whose ``statements`` were all allowed,
+    starting from ``state``. Raises Refused for the few orders it cannot guard."""
+    st = state.copy()
+    parts: list[int | str] = []
+    n = len(statements)
+    if (n == 1 and not st.block and _needs_rw(statements[0]) and not statements[0].facts
+            and statements[0].command not in _BLOCK_SAFE):
+        # VACUUM, CREATE DATABASE, CALL (which may COMMIT)...: not inside a block.
+        return Plan([0], st, toggle=True)
+    fresh = True  # at the start of an implicit transaction: nothing of it ran yet
+    implicit_rw = False  # this implicit transaction was given write access
+    ran_query = False  # a statement that may have taken a snapshot ran in it
+    for j, s in enumerate(statements):
+        facts = s.facts
+        cls = str(s.cls)
+        if not st.block:
+            if fresh:
+                fresh, implicit_rw = False, False
+                # Write access for this implicit transaction if anything in it (up to a
+                # BEGIN, which makes it an explicit one, or a COMMIT, which ends it)
+                # needs it: SET LOCAL must come before any query.
+                for k in range(j, n):
+                    fk = statements[k].facts
+                    if "begin" in fk:
+                        break
+                    if _needs_rw(statements[k]):
+                        parts.append(SQL_RW_LOCAL)
+                        implicit_rw = True
+                        break
+                    if "end" in fk:
+                        break
+            if "begin" in facts:
+                parts.append(j)
+                st.block, st.ro_open, st.hold = True, False, False
+                st.block_ro = "begin_ro" in facts
+                if not st.block_ro and not implicit_rw:
+                    if ran_query:
+                        raise Refused("send BEGIN as the first statement of its message: "
+                                      "statements before it would run without keyturn's "
+                                      "read-only guard")
+                    parts.append(SQL_RW_TX)
+                continue
+            parts.append(j)
+            if cls not in ("transaction", "session", "safety"):
+                ran_query = True
+            if "end" in facts:
+                fresh, ran_query = True, False
+            continue
+        # Inside an explicit transaction.
+        if st.block_ro:
+            parts.append(j)
+            if "end" in facts and "chain" not in facts:
+                st.block = st.block_ro = False
+                fresh, ran_query = True, False
+            continue
+        if "end" in facts:
+            if st.hold and not st.ro_open:
+                # A WITH HOLD cursor's query finishes at COMMIT: keep it read-only.
+                parts += [SQL_SAVEPOINT, SQL_RO]
+            parts.append(j)
+            st.ro_open = st.hold = False
+            if "chain" not in facts:  # AND CHAIN: a new transaction, read-write like this
+                st.block = False
+                fresh, ran_query = True, False
+            continue
+        if "savepoint" in facts or "begin" in facts:
+            if st.ro_open:
+                parts.append(SQL_RELEASE)
+                st.ro_open = False
+            parts.append(j)
+            continue
+        if "sp_destroy" in facts:
+            # RELEASE / ROLLBACK TO of the client's savepoint ends ours (it is newer).
+            parts.append(j)
+            st.ro_open = False
+            continue
+        if cls in RW_CLASSES:
+            if st.ro_open:
+                parts.append(SQL_RELEASE)
+                st.ro_open = False
+        elif cls in GUARDED_CLASSES and not st.ro_open:
+            parts += [SQL_SAVEPOINT, SQL_RO]
+            st.ro_open = True
+        parts.append(j)
+        if "hold_cursor" in facts:
+            st.hold = True
+    return Plan(parts, st)
+
+
+def plan_unparsed(state: TxState) -> Plan:
+    """A Query the analyser could not read (allowed only by a rule naming class unknown):
+    sent unchanged, read-only (inside a transaction: in the read-only savepoint)."""
+    st = state.copy()
+    if st.block and not st.block_ro and not st.ro_open:
+        st.ro_open = True
+        return Plan([SQL_SAVEPOINT, SQL_RO, 0], st)
+    return Plan([0], st)
+
+
+@dataclass(slots=True)
+class Rewritten:
+    sql: str
+    ours: tuple[bool, ...]  # per statement sent: True for the gateway's own
+    # (start in the new text, start in the client's text, length) per client statement,
+    # in characters: error positions are mapped back to the client's text.
+    spans: tuple[tuple[int, int, int], ...]
+
+    def client_position(self, position: int) -> int | None:
+        """A 1-based error position in the text sent, as a position in the client's."""
+        for new, old, length in self.spans:
+            if new < position <= new + length:
+                return old + position - new
+        return None
+
+
+def rewrite(sql: str, texts: Sequence[str], parts: Sequence[int | str]) -> Rewritten:
+    """The Query text for ``parts``: the client's statements (``texts``, exactly as in
+    ``sql``) with the gateway's own between them. Statements are joined with a newline
+    before the semicolon, so a trailing ``--`` comment cannot swallow what follows."""
+    starts: list[int] = []
+    cursor = 0
+    for text in texts:
+        at = sql.find(text, cursor)
+        if at < 0:
+            at = cursor
+        starts.append(at)
+        cursor = at + len(text)
+    pieces: list[str] = []
+    ours: list[bool] = []
+    spans: list[tuple[int, int, int]] = []
+    length = 0
+    for part in parts:
+        if pieces:
+            pieces.append("\n;\n")
+            length += 3
+        if isinstance(part, str):
+            pieces.append(part)
+            ours.append(True)
+            length += len(part)
+        else:
+            text = texts[part]
+            spans.append((length, starts[part], len(text)))
+            pieces.append(text)
+            ours.append(False)
+            length += len(text)
+    return Rewritten("".join(pieces), tuple(ours), tuple(spans))

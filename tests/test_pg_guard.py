@@ -1,0 +1,277 @@
+"""The read-only guard: what the gateway allows as a read runs where the target itself
+refuses writes, so a classification gap ends in a server error, never in changed data.
+
+The connection here classifies functions it does not know as reads
+(``unknown_functions: read``): the analyser's detection of hidden writes is off, and
+``hidden_write()`` (a user function that INSERTs) is judged a read. Every way of
+running it must still fail on the target, while allowed writes keep working in every
+client mode. A direct connection checks that nothing was written."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from keyturn.localpg import LocalPostgres
+from tests.conftest import APP_PASSWORD, Keyturn, make_keyturn
+from tests.pg_raw import B, E, P, Q, RawConn, S, errors, tags
+
+GUARDED = """
+  guarded:
+    default: block
+    rules:
+      - name: reads
+        match: {class: [read, transaction, session, lock]}
+        action: allow
+      - name: allowed-writes
+        match: {class: [write, ddl, admin], tables: ["public.guard_ok"]}
+        action: allow
+"""
+SETUP = """
+DROP TABLE IF EXISTS guard_hidden, guard_ok CASCADE;
+CREATE TABLE guard_hidden (id serial PRIMARY KEY, note text);
+CREATE TABLE guard_ok (id int);
+CREATE OR REPLACE FUNCTION hidden_write() RETURNS int LANGUAGE sql VOLATILE
+  AS 'INSERT INTO guard_hidden (note) VALUES (''written'') RETURNING 1';
+CREATE OR REPLACE VIEW guard_view AS SELECT hidden_write() AS x;
+"""
+READ_ONLY = "25006"  # read_only_sql_transaction
+
+
+@pytest.fixture(scope="module")
+def kt(pg: LocalPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyturn]:
+    kt = make_keyturn(tmp_path_factory.mktemp("guard"), pg, extra=GUARDED)
+    text = kt.config.read_text()
+    assert "    policy: shop\n" in text
+    kt.config.write_text(text.replace(
+        "    policy: shop\n", "    policy: guarded\n    unknown_functions: read\n", 1))
+    kt.start()
+    yield kt
+    kt.stop()
+
+
+def direct(pg: LocalPostgres) -> psycopg.Connection:
+    return psycopg.connect(pg.dsn("shop", user="app", password=APP_PASSWORD), autocommit=True)
+
+
+@pytest.fixture()
+def tables(pg: LocalPostgres) -> Iterator[None]:
+    with direct(pg) as c:
+        c.execute(SETUP)
+    yield
+    with direct(pg) as c:
+        hidden = c.execute("SELECT count(*) FROM guard_hidden").fetchone()
+        assert hidden == (0,), "a hidden write reached the target's data"
+
+
+def ok_rows(pg: LocalPostgres) -> int:
+    with direct(pg) as c:
+        row = c.execute("SELECT count(*) FROM guard_ok").fetchone()
+        return int(row[0]) if row else 0
+
+
+def psql(kt: Keyturn, sql: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["psql", kt.dsn("alice"), "-X", "-At", "-v", "ON_ERROR_STOP=1",
+                           "-c", sql], capture_output=True, text=True, timeout=60)
+
+
+# ---------------------------------------------------------------- hidden writes fail
+
+@pytest.mark.parametrize("sql", [
+    "SELECT hidden_write()",
+    "SELECT * FROM guard_view",
+    "SELECT 1; SELECT hidden_write(); SELECT 2",
+    "WITH x AS (SELECT hidden_write()) SELECT * FROM x",
+    "BEGIN; SELECT hidden_write(); COMMIT",
+    "BEGIN READ WRITE; SELECT 1; SELECT hidden_write(); COMMIT",
+])
+def test_a_hidden_write_judged_a_read_fails_on_the_target(kt: Keyturn, tables: None,
+                                                          sql: str) -> None:
+    res = psql(kt, sql)
+    assert res.returncode != 0 and "read-only transaction" in res.stderr, res.stderr
+
+
+def test_hidden_writes_fail_inside_transactions_that_write(kt: Keyturn, tables: None,
+                                                           pg: LocalPostgres) -> None:
+    with psycopg.connect(kt.dsn("alice")) as c:  # psycopg's default: transactions
+        c.execute("INSERT INTO guard_ok VALUES (1)")
+        assert c.execute("SELECT count(*) FROM guard_ok").fetchone() == (1,)
+        c.execute("INSERT INTO guard_ok VALUES (2)")  # a write after a read
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            c.execute("SELECT hidden_write()")
+        c.rollback()
+        c.execute("INSERT INTO guard_ok VALUES (3)")
+        c.execute("SELECT 1")
+        c.commit()
+    assert ok_rows(pg) == 1
+
+
+@pytest.mark.parametrize("autocommit", [True, False])
+def test_extended_protocol_with_parameters(kt: Keyturn, tables: None, pg: LocalPostgres,
+                                           autocommit: bool) -> None:
+    with psycopg.connect(kt.dsn("alice"), autocommit=autocommit) as c:
+        c.execute("INSERT INTO guard_ok VALUES (%s)", (1,))
+        assert c.execute("SELECT count(*) FROM guard_ok WHERE id = %s", (1,)).fetchone() \
+            == (1,)
+        c.execute("INSERT INTO guard_ok VALUES (%s)", (2,))
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            c.execute("SELECT hidden_write() WHERE %s = 1", (1,))
+        if not autocommit:
+            c.rollback()
+            c.execute("INSERT INTO guard_ok VALUES (%s)", (1,))
+            c.execute("INSERT INTO guard_ok VALUES (%s)", (2,))
+            c.commit()
+    assert ok_rows(pg) == 2
+
+
+def test_prepared_statements_and_pipelines(kt: Keyturn, tables: None,
+                                           pg: LocalPostgres) -> None:
+    with psycopg.connect(kt.dsn("alice"), autocommit=True, prepare_threshold=0) as c:
+        for i in range(3):
+            c.execute("INSERT INTO guard_ok VALUES (%s)", (i,))
+            c.execute("SELECT count(*) FROM guard_ok WHERE id >= %s", (0,)).fetchone()
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            c.execute("SELECT hidden_write() + %s", (0,))
+    with psycopg.connect(kt.dsn("alice"), autocommit=True) as c:
+        with c.pipeline():  # a write and reads in one batch (one implicit transaction)
+            c.execute("INSERT INTO guard_ok VALUES (%s)", (10,))
+            c.execute("SELECT count(*) FROM guard_ok WHERE id = %s", (10,))
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction), c.pipeline():
+            c.execute("SELECT count(*) FROM guard_ok WHERE id = %s", (10,))
+            c.execute("SELECT hidden_write() + %s", (0,))
+    with psycopg.connect(kt.dsn("alice")) as c:  # in a transaction: read by read
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction), c.pipeline():
+            c.execute("INSERT INTO guard_ok VALUES (%s)", (11,))
+            c.execute("SELECT count(*) FROM guard_ok WHERE id = %s", (11,))
+            c.execute("SELECT hidden_write() + %s", (0,))
+    assert ok_rows(pg) == 4
+
+
+def test_asyncpg_prepares_then_binds(kt: Keyturn, tables: None, pg: LocalPostgres) -> None:
+    import asyncio
+
+    import asyncpg
+
+    async def main() -> None:
+        conn = await asyncpg.connect(host="127.0.0.1", port=kt.gateway_port, user="alice",
+                                     password=kt.tokens["alice"], database="shop", ssl=False)
+        try:
+            await conn.execute("INSERT INTO guard_ok VALUES ($1)", 1)
+            assert await conn.fetchval("SELECT count(*) FROM guard_ok WHERE id = $1", 1) == 1
+            async with conn.transaction():
+                await conn.execute("INSERT INTO guard_ok VALUES ($1)", 2)
+                await conn.fetchval("SELECT count(*) FROM guard_ok")
+                await conn.execute("INSERT INTO guard_ok VALUES ($1)", 3)
+            with pytest.raises(asyncpg.exceptions.ReadOnlySQLTransactionError):
+                await conn.fetchval("SELECT hidden_write() + $1", 0)
+        finally:
+            await conn.close()
+
+    asyncio.run(main())
+    assert ok_rows(pg) == 3
+
+
+def test_raw_batches_of_reads_and_writes(kt: Keyturn, tables: None, pg: LocalPostgres) -> None:
+    with RawConn(kt.dsn("alice")) as r:
+        # A write and a read in one batch: the batch's transaction may write...
+        answers = r.run(P("", "INSERT INTO guard_ok VALUES (1)"), B("", ""), E(),
+                        P("", "SELECT count(*) FROM guard_ok"), B("", ""), E(), S())
+        assert not errors(answers) and "INSERT 0 1" in tags(answers)
+        # ...a batch of reads may not.
+        answers = r.run(P("", "SELECT hidden_write()"), B("", ""), E(), S())
+        assert [e["C"] for e in errors(answers)] == [READ_ONLY]
+        # BEGIN in the batch: the transaction is read-write, its reads read-only.
+        answers = r.run(P("", "BEGIN"), B("", ""), E(),
+                        P("", "INSERT INTO guard_ok VALUES (2)"), B("", ""), E(),
+                        P("", "SELECT hidden_write()"), B("", ""), E(), S())
+        assert [e["C"] for e in errors(answers)] == [READ_ONLY]
+        assert not errors(r.run(Q("ROLLBACK")))
+    assert ok_rows(pg) == 1
+
+
+# ---------------------------------------------------------------- writes keep working
+
+def test_savepoints_around_writes_after_reads(kt: Keyturn, tables: None,
+                                              pg: LocalPostgres) -> None:
+    script = """
+BEGIN;
+SELECT count(*) FROM guard_ok;
+SAVEPOINT s1;
+INSERT INTO guard_ok VALUES (1);
+RELEASE SAVEPOINT s1;
+SELECT count(*) FROM guard_ok;
+SAVEPOINT s2;
+INSERT INTO guard_ok VALUES (2);
+SELECT count(*) FROM guard_ok;
+ROLLBACK TO SAVEPOINT s2;
+SELECT count(*) FROM guard_ok;
+INSERT INTO guard_ok VALUES (3);
+COMMIT;
+"""
+    res = subprocess.run(["psql", kt.dsn("alice"), "-X", "-At", "-v", "ON_ERROR_STOP=1"],
+                         input=script, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["BEGIN", "0", "SAVEPOINT", "INSERT", "0", "1", "RELEASE",
+                                  "1", "SAVEPOINT", "INSERT", "0", "1", "2", "ROLLBACK", "1",
+                                  "INSERT", "0", "1", "COMMIT"]
+    assert ok_rows(pg) == 2
+
+
+def test_commands_that_cannot_run_in_a_transaction(kt: Keyturn, tables: None) -> None:
+    res = psql(kt, "VACUUM guard_ok")
+    assert res.returncode == 0 and "VACUUM" in res.stdout, res.stderr
+    # ...and the session is read-only again right after.
+    res = psql(kt, "SELECT hidden_write()")
+    assert res.returncode != 0 and "read-only transaction" in res.stderr
+
+
+def test_copy_from_stdin_of_an_allowed_write(kt: Keyturn, tables: None,
+                                             pg: LocalPostgres) -> None:
+    res = subprocess.run(["psql", kt.dsn("alice"), "-X", "-At", "-c",
+                          "COPY guard_ok FROM STDIN"], input="1\n2\n3\n", capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0 and "COPY 3" in res.stdout, res.stderr
+    assert ok_rows(pg) == 3
+
+
+def test_error_positions_point_into_the_clients_text(kt: Keyturn, tables: None) -> None:
+    with psycopg.connect(kt.dsn("alice")) as c:
+        c.execute("SELECT 1")  # in a transaction: reads are sent after the guard's own
+        sql = "SELECT id FROM guard_ok WHERE nosuchcolumn = 1"
+        with pytest.raises(psycopg.errors.UndefinedColumn) as err:
+            c.execute(sql)
+        assert err.value.diag.statement_position == str(sql.index("nosuchcolumn") + 1)
+
+
+# ---------------------------------------------------------------- the guard is the gateway's
+
+def test_the_client_sees_a_writable_server(kt: Keyturn) -> None:
+    dsn = kt.dsn("alice") + " target_session_attrs=read-write"
+    with psycopg.connect(dsn, autocommit=True) as c:
+        assert c.pgconn.parameter_status(b"default_transaction_read_only") == b"off"
+
+
+@pytest.mark.parametrize("sql", [
+    "SET default_transaction_read_only = off",
+    "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
+    "SELECT set_config('default_transaction_read_only', 'off', false)",
+    "BEGIN; SET TRANSACTION READ WRITE; SELECT hidden_write(); COMMIT",
+    "BEGIN; SAVEPOINT keyturn_ro; RELEASE SAVEPOINT keyturn_ro; COMMIT",
+    "RESET default_transaction_read_only",
+    "DEALLOCATE keyturn_ro",
+])
+def test_the_client_cannot_turn_the_guard_off(kt: Keyturn, tables: None, sql: str) -> None:
+    res = psql(kt, sql)
+    assert res.returncode != 0 and "keyturn" in res.stderr, res.stderr
+
+
+def test_the_guards_own_names_are_refused(kt: Keyturn, tables: None) -> None:
+    with RawConn(kt.dsn("alice")) as r:
+        answers = r.run(P("keyturn_savepoint", "SELECT hidden_write()"), S())
+        assert errors(answers)[0]["C"] == "42501"
+        assert not errors(r.run(P("x", "SELECT 1"), S()))
+        answers = r.run(B("keyturn_portal", "x"), E("keyturn_portal"), S())
+        assert errors(answers)[0]["C"] == "42501"
