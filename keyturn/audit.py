@@ -118,10 +118,13 @@ class AuditLog:
 
     def append(self, records: list[dict[str, Any]],
                cursor: tuple[str, int] | None = None, *,
-               prepared: Chained | None = None) -> None:
+               prepared: Chained | None = None, pending: str | None = None,
+               carry: tuple[str, str] | None = None) -> None:
         """Chain and insert a batch in one transaction (Core executemany: the ORM
         costs ~100 µs a row). ``cursor`` = (spool file, offset) is stored in the
-        same transaction by the spool ingester. ``prepared`` is the batch already
+        same transaction by the spool ingester, with ``pending`` (intent records still
+        waiting for their outcome, JSON); ``carry`` = (next spool file, pending JSON)
+        hands them on to the file the writer went on in. ``prepared`` is the batch already
         chained onto the head read earlier (``chain``): used when the head is still
         that one, so the hashing can happen before the store is locked."""
         if not records and cursor is None:
@@ -139,9 +142,17 @@ class AuditLog:
             if cursor is not None:
                 row = s.get(AuditSpoolCursor, cursor[0])
                 if row is None:
-                    s.add(AuditSpoolCursor(source=cursor[0], offset=cursor[1]))
+                    s.add(AuditSpoolCursor(source=cursor[0], offset=cursor[1],
+                                           pending=pending))
                 else:
-                    row.offset = cursor[1]
+                    row.offset, row.pending = cursor[1], pending
+            if carry is not None:
+                row = s.get(AuditSpoolCursor, carry[0])
+                if row is None:
+                    s.add(AuditSpoolCursor(source=carry[0], offset=0, pending=carry[1]))
+                else:
+                    merged = {**json.loads(row.pending or "{}"), **json.loads(carry[1])}
+                    row.pending = json.dumps(merged)
 
     def head(self) -> tuple[int, str]:
         """The chain's head (seq, hash) as of now, without locking it."""

@@ -56,6 +56,7 @@ NEW_SUFFIX = ".new"  # a spool file being created (see AuditSpool._new_file)
 # A ``.new`` file this old was left by a writer that died while creating it.
 STALE_NEW_FILE = 60.0
 _EOF_BYTES = EOF_MARK.encode()
+_EOF_START = b'{"_eof":true'  # the end marker; after a rotation it names the next file
 ROTATE_BYTES = 64 * 1024 * 1024
 _OPTS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
 
@@ -274,6 +275,15 @@ class AuditSpool:
             if failure is not None:
                 self._recovered(failure)
 
+    def flush_ahead(self) -> None:
+        """Write-ahead: hand every pending line to the OS now (before the statements
+        they record are sent). A failing write keeps the lines in memory, bounded, and
+        the flusher retries; the gateway refuses new statements past the bound."""
+        try:
+            self.flush()
+        except OSError:
+            pass
+
     def _write_unwritten(self) -> None:
         """Write ``_unwritten``; on failure it keeps what was not written."""
         data = memoryview(self._unwritten)
@@ -353,7 +363,9 @@ class AuditSpool:
             return
         try:
             fh_old = self._fh
-            self._write_all(fh_old, _EOF_BYTES)
+            # The end marker names the file the writer goes on in: statements whose intent
+            # is in the old file complete in the new one.
+            self._write_all(fh_old, orjson.dumps({"_eof": True, "next": path.name}) + b"\n")
         except OSError:
             fh.close()
             path.unlink(missing_ok=True)
@@ -437,9 +449,15 @@ class AuditIngester:
         return sorted(self.dir.glob("*.jsonl"), key=lambda p: p.name.split("-", 1)[-1])
 
     def _offset(self, source: str) -> int:
+        return self._cursor(source)[0]
+
+    def _cursor(self, source: str) -> tuple[int, dict[str, Any]]:
+        """How far ``source`` was ingested, and its intent records still waiting."""
         with self.audit.store.session() as s:
             row = s.get(AuditSpoolCursor, source)
-            return row.offset if row else 0
+            if row is None:
+                return 0, {}
+            return row.offset, orjson.loads(row.pending) if row.pending else {}
 
     def resume_position(self) -> None:
         """Start the backlog count where the store left off: after a restart the first
@@ -486,9 +504,10 @@ class AuditIngester:
 
     def _ingest_file(self, path: Path) -> int:
         source = path.name
-        offset = self._offset(source)
+        offset, pending = self._cursor(source)
         done = 0
         finished = False
+        next_file: str | None = None
         with open(path, "rb") as fh:
             # The writer holds an exclusive lock on its file while it may append to it.
             # Once we hold the lock (ours until this file is closed), nobody writes to the
@@ -504,11 +523,23 @@ class AuditIngester:
                         at_end = False
                         break  # a partial line: the writer is mid-record
                     pos += len(raw)
-                    if raw == _EOF_BYTES:
+                    if raw.startswith(_EOF_START):
                         finished = True
+                        try:
+                            next_file = orjson.loads(raw).get("next")
+                        except orjson.JSONDecodeError:
+                            pass
                         break
                     try:
-                        records.append(orjson.loads(raw))
+                        rec = orjson.loads(raw)
+                        kind = rec.get("kind")
+                        if kind == "intent":
+                            # Held back until its outcome is read (write-ahead audit).
+                            pending[f"{rec.get('session_id')}:{rec.get('n')}"] = rec
+                            continue
+                        if "n" in rec:
+                            pending.pop(f"{rec.get('session_id')}:{rec.get('n')}", None)
+                        records.append(rec)
                     except orjson.JSONDecodeError:
                         # Never drop what we cannot read (a dead writer's torn last line
                         # too): keep it, marked, in the chain.
@@ -518,7 +549,17 @@ class AuditIngester:
                         at_end = False
                         break
                 finished = finished or (writer_gone and at_end)
-                if records or pos != offset:
+                carry: tuple[str, str] | None = None
+                if finished and pending:
+                    if next_file:
+                        # The writer went on in another file: the outcomes are there.
+                        carry, pending = (next_file, orjson.dumps(pending).decode()), {}
+                    else:
+                        # The writer is gone: these statements were sent and their outcome
+                        # was never recorded.
+                        records.extend(_outcome_unknown(rec) for rec in pending.values())
+                        pending = {}
+                if records or pos != offset or carry is not None:
                     # Hash the batch onto the head as it is now, still idle-scheduled; the
                     # store re-hashes it in the rare case another writer moved the head.
                     prepared = chain(records, *self.audit.head()) if records else None
@@ -527,7 +568,9 @@ class AuditIngester:
                     if self.priority is not None:
                         self.priority.boost()
                     try:
-                        self.audit.append(records, cursor=(source, pos), prepared=prepared)
+                        self.audit.append(records, cursor=(source, pos), prepared=prepared,
+                                          pending=orjson.dumps(pending).decode()
+                                          if pending else None, carry=carry)
                     finally:
                         if self.priority is not None:
                             self.priority.unboost()
@@ -779,6 +822,16 @@ def _cpu_sample() -> tuple[float, float]:
     # user nice system idle iowait irq softirq steal (guest time is inside user)
     total = sum(fields[:8]) / tick
     return (total, (fields[3] + fields[4]) / tick + own.user + own.system)
+
+
+def _outcome_unknown(intent: dict[str, Any]) -> dict[str, Any]:
+    """The record of a statement whose intent was written (it was sent to the target)
+    but whose outcome never was: the gateway stopped or died first."""
+    rec = dict(intent, kind="statement", outcome="unknown")
+    rec["detail"] = {**(rec.get("detail") or {}),
+                     "note": "the gateway stopped before the outcome was known: the "
+                             "statement was sent to the target and may have run"}
+    return rec
 
 
 def spool_backlog(directory: str | os.PathLike[str], audit: AuditLog) -> int:

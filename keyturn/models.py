@@ -166,6 +166,9 @@ class AuditSpoolCursor(Base):
     __tablename__ = "audit_spool"
     source: Mapped[str] = mapped_column(String(200), primary_key=True)
     offset: Mapped[int] = mapped_column(Integer)
+    # Intent records read from the file (or carried over from the writer's previous
+    # file) whose outcome has not been read yet: {"session:n": record} as JSON.
+    pending: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class AuditHead(Base):

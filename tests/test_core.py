@@ -602,10 +602,13 @@ def test_spool_rotation_survives_a_failed_open_and_a_failed_fsync(
     files = sorted(tmp_path.glob("gw-*.jsonl"), key=lambda p: p.name)
     assert files[0] == first and len(files) >= 2
     body = b""
-    for f in files:
+    for i, f in enumerate(files):
         data = f.read_bytes()
-        assert data.endswith(auditspool._EOF_BYTES) and data.count(auditspool._EOF_BYTES) == 1
-        body += data[: -len(auditspool._EOF_BYTES)]
+        # Each file ends with one end marker; after a rotation it names the next file.
+        marker = auditspool._EOF_BYTES if i == len(files) - 1 else \
+            b'{"_eof":true,"next":"%s"}\n' % files[i + 1].name.encode()
+        assert data.endswith(marker) and data.count(b'{"_eof":true') == 1
+        body += data[: -len(marker)]
     assert body == b"".join(lines), "every line once, in order, none after an end marker"
 
 

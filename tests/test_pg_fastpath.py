@@ -163,7 +163,7 @@ def new_session(fast: bool | str, records: list[bytes]) -> tuple[ClientSession, 
     cfg = parse_config(CFG)
     buf = compiled.AuditBuffer() if fast == "relay" else None
     spool = SimpleNamespace(write_line=buf.append if buf else records.append, buf=buf,
-                            accepting=True, refusal=None)
+                            accepting=True, refusal=None, flush_ahead=lambda: None)
     gw = SimpleNamespace(config=cfg, policy=PolicyEngine(cfg), audit_spool=spool,
                          _analyzers={}, audit=lambda **k: None, drop_key=lambda key: None)
     gw.analyzer = lambda conn: PostgresGateway.analyzer(gw, conn)  # type: ignore[arg-type]
@@ -187,7 +187,8 @@ def new_session(fast: bool | str, records: list[bytes]) -> tuple[ClientSession, 
         assert s.transport is not None and up.transport is not None
         s.fast = compiled.FastPath(s, s.fast_verdicts, s.fast_stmts, s.portals,
                                    s.transport.write, up.transport.write, spool.write_line,
-                                   s._audit_prefix_bytes(), MAX_SHAPED_TEXT)
+                                   s._audit_prefix_bytes(), MAX_SHAPED_TEXT,
+                                   s._intent_prefix_bytes(), spool.flush_ahead)
         if fast == "relay":
             s._install_relays()
     return s, up
@@ -202,9 +203,26 @@ def collect(s: ClientSession, records: list[bytes]) -> list[bytes]:
 
 def audit_records(s: ClientSession, records: list[bytes],
                   drop: tuple[str, ...] = ("at", "duration_ms", "session_id")) -> list[dict]:
-    """The session's audit records, without the fields that differ from run to run."""
-    return [{k: v for k, v in orjson.loads(line).items() if k not in drop}
-            for line in collect(s, records)]
+    """The session's audit records, without the fields that differ from run to run.
+
+    Write-ahead: each completed statement's intent record was written before it, with
+    the same number (odd from the compiled path, even from Python); checked here, then
+    intents and the other records are returned each in their own order (the two paths
+    interleave them differently: the compiled one writes a chunk's intents together)."""
+    lines = [orjson.loads(line) for line in collect(s, records)]
+    seen: dict[int, dict] = {}
+    for rec in lines:
+        if rec["kind"] == "intent":
+            assert rec["n"] not in seen
+            seen[rec["n"]] = rec
+        elif "n" in rec:
+            intent = seen[rec["n"]]  # written before the statement was sent
+            assert intent["statement"] == rec["statement"]
+            assert intent["session_id"] == rec["session_id"]
+    drop = (*drop, "n")
+    ordered = [r for r in lines if r["kind"] == "intent"] + \
+        [r for r in lines if r["kind"] != "intent"]
+    return [{k: v for k, v in r.items() if k not in drop} for r in ordered]
 
 
 def client_messages(rng: random.Random) -> list[bytes]:
@@ -358,12 +376,14 @@ def test_fast_path_audit_lines_are_json_with_control_characters_escaped() -> Non
         s.data_received(codec.encode_query(sql))
         up.data_received(msg(b"C", b"SELECT 1\0") + msg(b"Z", b"I"))
     assert s.fast.pending == 0
-    assert [orjson.loads(r)["statement"] for r in records] == [sql, sql]
-    assert [orjson.loads(r)["rows"] for r in records] == [1, 1]
-    python_line, fast_line = (orjson.loads(r) for r in records)
+    lines = [orjson.loads(r) for r in records]  # intent, record; intent, record
+    assert [(r["kind"], r["statement"], r["n"]) for r in lines] == [
+        ("intent", sql, 2), ("statement", sql, 2), ("intent", sql, 1), ("statement", sql, 1)]
+    assert [r["rows"] for r in lines if r["kind"] == "statement"] == [1, 1]
+    python_line, fast_line = lines[1], lines[3]
     assert python_line["at"] <= fast_line["at"] <= time.time()
     assert 0 <= fast_line["duration_ms"] < 60_000
-    assert records[1].count(b"\\r\\f") == 1  # escaped by the compiled audit line
+    assert records[2].count(b"\\r\\f") == records[3].count(b"\\r\\f") == 1  # escaped in C
 
 
 ascii_sql = st.lists(st.sampled_from(list("0123456789.$_aZe -/*'\"\\\x00\n(),=;") + ["1e5", "x1"]),
@@ -505,7 +525,7 @@ def test_an_error_inside_a_relay_ends_only_that_session() -> None:
     assert s.transport is not None
     s.fast = compiled.FastPath(s, s.fast_verdicts, s.fast_stmts, s.portals, s.transport.write,
                                broken, s.gw.audit_spool.write_line, s._audit_prefix_bytes(),
-                               MAX_SHAPED_TEXT)
+                               MAX_SHAPED_TEXT, s._intent_prefix_bytes())
     s._install_relays()
     feed(s, codec.encode_query("SELECT abalance FROM acc WHERE aid = 2;"))  # arms
     assert s.fast.armed and not s.closed

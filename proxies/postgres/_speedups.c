@@ -817,6 +817,7 @@ typedef struct {
     double t0;
     long long rows;     /* -1: none */
     PyObject *tag;      /* the CommandComplete tag (bytes) once seen */
+    long long n;        /* the number of its intent record (odd: written here), 0: none */
 } Entry;
 
 typedef struct {
@@ -829,6 +830,9 @@ typedef struct {
     PyObject *upstream_write;
     PyObject *audit_write;   /* a callable, or the AuditBuffer itself (appended to in C) */
     PyObject *prefix;        /* bytes: the session's part of every record, up to a comma */
+    PyObject *iprefix;       /* the same for intent records, or None: no intents */
+    PyObject *flush;         /* called after intents, before the chunk goes upstream */
+    long long next_n;        /* intent numbers written here: 1, 3, 5... (Python: even) */
     Py_ssize_t max_len;      /* longest text with a shape */
     Entry *q;
     Py_ssize_t head, tail, cap;
@@ -836,6 +840,8 @@ typedef struct {
 } FastPath;
 
 static PyObject *str_tx_status, *str_I, *str_T, *str_E, *str_empty;
+
+static int audit_line(FastPath *self, Entry *e, double now, int intent);
 
 static void
 entry_clear(Entry *e)
@@ -857,6 +863,7 @@ FastPath_traverse(FastPath *self, visitproc visit, void *arg)
     Py_VISIT(self->client_write);
     Py_VISIT(self->upstream_write);
     Py_VISIT(self->audit_write);
+    Py_VISIT(self->flush);
     for (Py_ssize_t i = self->head; i < self->tail; i++) {
         Py_VISIT(self->q[i].decision);
         Py_VISIT(self->q[i].sql);
@@ -875,6 +882,8 @@ FastPath_clear(FastPath *self)
     Py_CLEAR(self->upstream_write);
     Py_CLEAR(self->audit_write);
     Py_CLEAR(self->prefix);
+    Py_CLEAR(self->iprefix);
+    Py_CLEAR(self->flush);
     for (Py_ssize_t i = self->head; i < self->tail; i++)
         entry_clear(&self->q[i]);
     self->head = self->tail = 0;
@@ -894,13 +903,20 @@ static PyObject *
 FastPath_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"session", "verdicts", "stmts", "portals", "client_write",
-                             "upstream_write", "audit_write", "prefix", "max_len", NULL};
+                             "upstream_write", "audit_write", "prefix", "max_len",
+                             "intent_prefix", "flush", NULL};
     PyObject *session, *verdicts, *stmts, *portals, *cw, *uw, *aw, *prefix;
+    PyObject *iprefix = Py_None, *flush = Py_None;
     Py_ssize_t max_len;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!O!O!OOOSn:FastPath", kwlist, &session,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!O!O!OOOSn|OO:FastPath", kwlist, &session,
                                      &PyDict_Type, &verdicts, &PyDict_Type, &stmts,
-                                     &PyDict_Type, &portals, &cw, &uw, &aw, &prefix, &max_len))
+                                     &PyDict_Type, &portals, &cw, &uw, &aw, &prefix, &max_len,
+                                     &iprefix, &flush))
         return NULL;
+    if (iprefix != Py_None && !PyBytes_Check(iprefix)) {
+        PyErr_SetString(PyExc_TypeError, "intent_prefix must be bytes or None");
+        return NULL;
+    }
     FastPath *self = (FastPath *)type->tp_alloc(type, 0);
     if (self == NULL)
         return NULL;
@@ -916,6 +932,9 @@ FastPath_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         aw = PyCFunction_GET_SELF(aw); /* its append(): add lines without a call */
     self->audit_write = Py_NewRef(aw);
     self->prefix = Py_NewRef(prefix);
+    self->iprefix = Py_NewRef(iprefix);
+    self->flush = Py_NewRef(flush);
+    self->next_n = 1;
     self->max_len = max_len;
     self->cap = 16;
     self->q = PyMem_Calloc(self->cap, sizeof(Entry));
@@ -1088,6 +1107,7 @@ FastPath_client(FastPath *self, PyObject *chunk)
     }
     /* Second pass: queue what the target owes, then forward the chunk unchanged. */
     double t0 = now_seconds();
+    int intents = 0;
     for (int i = 0; i < count; i++) {
         Planned *pl = &plan[i];
         if (pl->type == 'H')
@@ -1123,6 +1143,20 @@ FastPath_client(FastPath *self, PyObject *chunk)
             e->raw = Py_NewRef(PyTuple_GET_ITEM(pl->verdict, 2));
             e->sql = Py_NewRef(PyTuple_GET_ITEM(pl->verdict, 3));
         }
+        if ((pl->type == 'Q' || pl->type == 'E') && self->iprefix != Py_None) {
+            /* write-ahead: the intent is recorded before the statement is sent */
+            e->n = self->next_n;
+            self->next_n += 2;
+            if (audit_line(self, e, t0, 1) < 0)
+                goto fail;
+            intents++;
+        }
+    }
+    if (intents && self->flush != Py_None) {
+        PyObject *fr = PyObject_CallNoArgs(self->flush);
+        if (fr == NULL)
+            goto fail;
+        Py_DECREF(fr);
     }
     /* armed before the write: a pause_writing() the write causes disarms for good */
     self->armed = 1;
@@ -1244,9 +1278,10 @@ put_fixed(char *p, double v, int places)
     return n + places;
 }
 
-/* One audit line, in the keys and order ClientSession._audit writes. */
+/* One audit line, in the keys and order ClientSession._audit writes; intent: the
+   record written before the statement is sent (ClientSession._intent), with its number. */
 static int
-audit(FastPath *self, Entry *e, double now)
+audit_line(FastPath *self, Entry *e, double now, int intent)
 {
     Buf tmp = {NULL, 0, 0};
     AuditBuffer *direct = Py_IS_TYPE(self->audit_write, &AuditBufferType)
@@ -1254,9 +1289,10 @@ audit(FastPath *self, Entry *e, double now)
     Buf *bp = direct ? &direct->buf : &tmp;
     Py_ssize_t start = bp->len;
 #define b (*bp)
-    char num[160]; /* the longest piece: 30 + 20 + 1 + 3 + 8 + 20 + 2 bytes */
+    char num[160]; /* the longest piece: 30 + 20 + 1 + 3 + 8 + 20 + 5 + 20 + 2 bytes */
     int rc = -1;
-    if (buf_add(&b, PyBytes_AS_STRING(self->prefix), PyBytes_GET_SIZE(self->prefix)) < 0)
+    PyObject *prefix = intent ? self->iprefix : self->prefix;
+    if (buf_add(&b, PyBytes_AS_STRING(prefix), PyBytes_GET_SIZE(prefix)) < 0)
         goto done;
     int k = 0;
     memcpy(num, "\"at\":", 5);
@@ -1274,6 +1310,15 @@ audit(FastPath *self, Entry *e, double now)
     if (buf_add(&b, ",", 1) < 0 ||
         buf_add(&b, PyBytes_AS_STRING(e->fragment), PyBytes_GET_SIZE(e->fragment)) < 0)
         goto done;
+    if (intent) {
+        memcpy(num, ",\"n\":", 5);
+        k = 5 + put_uint(num + 5, (unsigned long long)e->n);
+        num[k++] = '}';
+        num[k++] = '\n';
+        if (buf_add(&b, num, k) < 0)
+            goto done;
+        goto written;
+    }
     static const char mid[] = ",\"outcome\":\"ok\",\"duration_ms\":";
     memcpy(num, mid, sizeof mid - 1);
     k = sizeof mid - 1;
@@ -1286,10 +1331,16 @@ audit(FastPath *self, Entry *e, double now)
         memcpy(num + k, "null", 4);
         k += 4;
     }
+    if (e->n > 0) {
+        memcpy(num + k, ",\"n\":", 5);
+        k += 5;
+        k += put_uint(num + k, (unsigned long long)e->n);
+    }
     num[k++] = '}';
     num[k++] = '\n';
     if (buf_add(&b, num, k) < 0)
         goto done;
+written:
 #undef b
     if (direct) {
         rc = audit_buffer_added(direct);
@@ -1419,7 +1470,7 @@ FastPath_server(FastPath *self, PyObject *chunk)
             if (e->kind == 'E') {
                 if (now == 0)
                     now = now_seconds();
-                int rc = audit(self, e, now);
+                int rc = audit_line(self, e, now, 0);
                 entry_clear(e);
                 self->head++;
                 if (rc < 0)
@@ -1452,7 +1503,7 @@ FastPath_server(FastPath *self, PyObject *chunk)
             if (e->kind == 'Q') {
                 if (now == 0)
                     now = now_seconds();
-                rc = audit(self, e, now);
+                rc = audit_line(self, e, now, 0);
             }
             entry_clear(e);
             self->head++;
@@ -1489,9 +1540,9 @@ FastPath_drain(FastPath *self, PyObject *unused)
             sql = Py_NewRef(e->sql ? e->sql : Py_None);
         if (sql == NULL)
             goto fail;
-        PyObject *item = Py_BuildValue("(y#NOdOO)", &e->kind, (Py_ssize_t)1, sql,
+        PyObject *item = Py_BuildValue("(y#NOdOOL)", &e->kind, (Py_ssize_t)1, sql,
                                        e->decision ? e->decision : Py_None, e->t0,
-                                       Py_None, e->tag ? e->tag : Py_None);
+                                       Py_None, e->tag ? e->tag : Py_None, e->n);
         if (item == NULL)
             goto fail;
         if (e->rows >= 0) {

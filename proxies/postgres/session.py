@@ -105,6 +105,7 @@ class Ctx:
     # settled with the outcome when the request is audited.
     changes: Any = None
     analysis: Any = None  # what the read-only guard plans from (set when dispatched)
+    n: int = 0  # the number of its intent record (written before it was sent), 0: none
 
 
 @dataclass(slots=True)
@@ -348,6 +349,11 @@ class ClientSession(asyncio.Protocol):
         self.imp_started = False
         self.imp_bound = False
         self.upstream_ro = True  # the target's default_transaction_read_only, as reported
+        # Write-ahead audit: intent records are numbered 2, 4, 6... (the compiled fast
+        # path uses odd numbers); ``unsent`` = intents appended since the last flush.
+        self.intent_n = 0
+        self.unsent = False
+        self._intent_prefix: bytes | None = None
         self.closed = False
         self.terminating = False
         self.connected_at = time.time()
@@ -410,10 +416,28 @@ class ClientSession(asyncio.Protocol):
             self.upstream.close()
         if self.held_ticket is not None:
             self._cancel_held("client disconnected")
+        self._unfinished("the session ended before the outcome was known: the statement "
+                         "was sent to the target and may have run")
         if self.identity is not None:
             self.gw.audit(kind="disconnect", user=self.user, connection=self.conn_name,
                           session_id=self.session_id, client_addr=self.client_addr,
                           duration_ms=(time.time() - self.connected_at) * 1000)
+
+    def _unfinished(self, note: str) -> None:
+        """Statements sent to the target whose answer will never be read (the session
+        is ending): recorded now, outcome ``unknown`` (a running write may still commit)."""
+        try:
+            self._take_fast()
+        except Exception:  # the fast path's own queue, already gone: nothing to take
+            log.exception("session %s: taking the fast path's queue failed", self.session_id)
+        expect, self.expect = self.expect, deque()
+        for entry in expect:
+            ctx = entry.ctx
+            if ctx is None or entry.hide or entry.kind not in (b"Q", b"E"):
+                continue
+            if ctx.error is None:
+                ctx.error = {"C": "", "M": note}
+            self._audit(ctx, outcome="unknown")
 
     def pause_writing(self) -> None:
         if self.upstream:
@@ -732,7 +756,8 @@ class ClientSession(asyncio.Protocol):
             self.fast = _speedups.FastPath(
                 self, self.fast_verdicts, self.fast_stmts, self.portals, self.transport.write,
                 self.upstream.transport.write, self.gw.audit_spool.write_line,
-                self._audit_prefix_bytes(), MAX_SHAPED_TEXT)
+                self._audit_prefix_bytes(), MAX_SHAPED_TEXT, self._intent_prefix_bytes(),
+                getattr(self.gw.audit_spool, "flush_ahead", None))
             self._install_relays()
         self.data_received(b"")
 
@@ -759,7 +784,7 @@ class ClientSession(asyncio.Protocol):
         if fast is None or not fast.pending:
             return
         expect = self.expect
-        for kind, sql, decision, t0, rows, tag in fast.drain():
+        for kind, sql, decision, t0, rows, tag, n in fast.drain():
             if kind == b"B":
                 expect.append(_EXPECT_B)
             elif kind == b"S":
@@ -768,7 +793,7 @@ class ClientSession(asyncio.Protocol):
                 expect.append(Expect(b"D"))  # Describe of the unnamed portal
             else:
                 ctx = Ctx(sql, decision.classification, "allow", decision.rule, decision.reason,
-                          t0, portal="" if kind == b"E" else None)
+                          t0, portal="" if kind == b"E" else None, n=n)
                 if tag is not None:
                     ctx.tags, ctx.rows = [tag.decode("utf-8", "replace")], rows
                 expect.append(Expect(kind, ctx))
@@ -790,7 +815,17 @@ class ClientSession(asyncio.Protocol):
                 self._to_backlog(msgs[i + 1:])
                 break
         if out and self.upstream:
-            self.upstream.write(b"".join(out))
+            self._send(b"".join(out))
+
+    def _send(self, data: bytes) -> None:
+        """Write to the target; intent records appended for what it carries reach the
+        spool file first (a write to the OS), so a statement that reached the target
+        has a record even if this process is killed right after."""
+        if self.unsent:
+            self.unsent = False
+            self.gw.audit_spool.flush_ahead()
+        assert self.upstream is not None
+        self.upstream.write(data)
 
     def _to_backlog(self, msgs: list[Message]) -> None:
         for m in msgs:
@@ -1023,8 +1058,10 @@ class ClientSession(asyncio.Protocol):
             hit = self.fast_verdicts.get(fast)
             if hit is not None and self.gw.audit_spool.accepting and self._guard_quiet():
                 known = hit[0]
-                self.expect.append(Expect(b"Q", Ctx(sql, known.classification, "allow",
-                                                     known.rule, known.reason, time.time())))
+                ctx = Ctx(sql, known.classification, "allow", known.rule, known.reason,
+                          time.time())
+                self.expect.append(Expect(b"Q", ctx))
+                self._intent(ctx)
                 out.append(msg.raw)
                 return True
         analysis = self.analyzer.analyze(sql, self.prepared)
@@ -1185,6 +1222,8 @@ class ClientSession(asyncio.Protocol):
             "classification": ctx.classification,
             "action": ctx.action, "rule": ctx.rule, "reason": ctx.reason, "outcome": outcome,
             "duration_ms": round((now - ctx.t0) * 1000, 3), "rows": ctx.rows}
+        if ctx.n:
+            rec["n"] = ctx.n  # completes the intent record of that number
         # Absent keys are stored as NULL / {} by the ingester; the hot path skips them.
         if ctx.ticket_id is not None:
             rec["ticket_id"] = ctx.ticket_id
@@ -1221,6 +1260,33 @@ class ClientSession(asyncio.Protocol):
         self.gw.audit_spool.write_line(
             self._audit_prefix_bytes() + orjson.dumps(rec, default=str, option=_LINE)[1:])
 
+    def _intent(self, ctx: Ctx) -> None:
+        """Write-ahead: the record of a statement about to be sent (who, what, the
+        decision); ``_audit`` completes it with the outcome. Until the outcome is known
+        the ingester holds it back; if this process dies first it is stored with the
+        outcome ``unknown``. It reaches the spool file before the statement is sent."""
+        self.intent_n += 2
+        ctx.n = self.intent_n
+        rec: dict[str, Any] = {
+            "at": ctx.t0, "statement": ctx.shown or ctx.statement,
+            "classification": ctx.classification, "action": ctx.action, "rule": ctx.rule,
+            "reason": ctx.reason, "n": ctx.n}
+        if ctx.ticket_id is not None:
+            rec["ticket_id"] = ctx.ticket_id
+        if ctx.params is not None:
+            rec["detail"] = {"params": ctx.shown_params if ctx.shown is not None
+                             else ctx.params}
+        self.gw.audit_spool.write_line(
+            self._intent_prefix_bytes() + orjson.dumps(rec, default=str, option=_LINE)[1:])
+        self.unsent = True
+
+    def _intent_prefix_bytes(self) -> bytes:
+        prefix = self._intent_prefix
+        if prefix is None:
+            prefix = self._intent_prefix = b'{"kind":"intent",' + \
+                self._audit_prefix_bytes()[len(b'{"kind":"statement",'):]
+        return prefix
+
     def _audit_prefix_bytes(self) -> bytes:
         """The fields every statement record of this session shares, serialised once."""
         prefix = self._audit_prefix
@@ -1236,7 +1302,7 @@ class ClientSession(asyncio.Protocol):
                       out: list[bytes], *, kind: bytes) -> bool:
         # Everything decided so far must reach the target before we wait.
         if out and self.upstream:
-            self.upstream.write(b"".join(out))
+            self._send(b"".join(out))
             out.clear()
         self.holding = True
         self._spawn(self._review(msg, ctx, decision, analysis, kind))
@@ -1357,7 +1423,7 @@ class ClientSession(asyncio.Protocol):
         out: list[bytes] = []
         self._forward(msg, ctx, kind, out)
         if self.upstream:
-            self.upstream.write(b"".join(out))
+            self._send(b"".join(out))
 
     def _forward(self, msg: Message, ctx: Ctx, kind: bytes, out: list[bytes]) -> bool:
         """Send a Query or Execute on; False when the Execute waits (see below)."""
@@ -1379,6 +1445,7 @@ class ClientSession(asyncio.Protocol):
                 return False
             self.expect.append(Expect(b"D", plan_for=ctx))
         self.expect.append(Expect(kind, ctx))
+        self._intent(ctx)
         out.append(msg.raw)
         self._guard_after_execute(ctx, out)
         return True
@@ -1405,6 +1472,7 @@ class ClientSession(asyncio.Protocol):
             self._refuse(codec.encode_error("ERROR", "25000", f"keyturn: {exc}"), b"Q", out)
             self._audit(ctx, outcome="blocked")
             return True
+        self._intent(ctx)
         if plan is None:
             self.expect.append(Expect(b"Q", ctx))
             out.append(msg.raw)
@@ -1608,10 +1676,11 @@ class ClientSession(asyncio.Protocol):
             self._audit(ctx, outcome="blocked")
         else:
             self.expect.append(Expect(b"E", ctx))
+            self._intent(ctx)
             after: list[bytes] = [msg.raw]
             self._guard_after_execute(ctx, after)
             if self.upstream:
-                self.upstream.write(b"".join(after))
+                self._send(b"".join(after))
         self._replay_backlog()
 
     def _replay_backlog(self) -> None:
