@@ -1,7 +1,8 @@
 """Throughput: pgbench -S through Keyturn, next to direct PostgreSQL, pgbouncer and a bare relay.
 
     .venv/bin/python bench/pgbench_compare.py [--duration 20] [--rounds 1] [--clients 8]
-                                              [--modes simple,prepared] [--keep] [--profile]
+                                              [--modes simple,extended,prepared]
+                                              [--keep] [--profile]
 
 Starts, under one temp directory: a throwaway PostgreSQL cluster (pgbench -i -s 10),
 pgbouncer (session pooling, trust auth), a bare asyncio.Protocol relay on uvloop
@@ -65,7 +66,7 @@ from _common import (
 )
 
 PGBOUNCER = "/usr/sbin/pgbouncer"
-MODES = ("simple", "prepared")
+MODES = ("simple", "extended", "prepared")
 TARGETS = ("postgres", "pgbouncer", "relay", "keyturn")
 HEADINGS = {"postgres": "postgres", "pgbouncer": "pgbouncer", "relay": "bare relay",
             "keyturn": "keyturn"}
@@ -171,7 +172,8 @@ def audit_counts(db_path: Path) -> tuple[dict, dict, dict]:
             "SELECT outcome, count(*) FROM audit_records WHERE kind = 'statement' "
             "GROUP BY outcome"))
         by_mode = dict(db.execute(
-            "SELECT CASE WHEN statement LIKE '%$1%' THEN 'prepared' ELSE 'simple' END, count(*) "
+            "SELECT CASE WHEN statement LIKE '%$1%' THEN 'parameters' ELSE 'simple' END, "
+            "count(*) "
             "FROM audit_records WHERE kind = 'statement' AND outcome = 'ok' "
             "AND statement LIKE ? GROUP BY 1", (PGBENCH_SELECT,)))
     return by_kind, outcomes, by_mode
@@ -286,7 +288,7 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true",
                     help="one extra keyturn simple run under py-spy (not in the table)")
     ap.add_argument("--modes", default=",".join(MODES),
-                    help="comma-separated protocol modes to run (default: simple,prepared)")
+                    help="comma-separated protocol modes (default: simple,extended,prepared)")
     args = ap.parse_args()
     modes = tuple(m for m in args.modes.split(",") if m)
     if not modes or set(modes) - set(MODES):
@@ -361,7 +363,7 @@ def main() -> int:
             med["failed"] = sum(r["failed"] for r in rs)
             results[key] = med
 
-        extra = {"simple": 0, "prepared": 0}  # audited statements outside the table
+        extra = dict.fromkeys(MODES, 0)  # audited statements outside the table
         profile = None
         if args.profile:
             progress(f"extra run for the profile: pgbench -S -M simple -T {args.duration} "
@@ -466,9 +468,15 @@ def main() -> int:
         print(f"  keyturn audit verify: {(verify.stdout + verify.stderr).strip()}")
         print(f"  audit records by kind: {by_kind}; statement outcomes: {outcomes}")
         ok = verify.returncode == 0 and not left and code == 0
+        # The audited text tells simple mode apart; extended and prepared both send $1.
+        groups: dict[str, list[str]] = {}
         for mode in modes:
-            n = results["keyturn", mode]["n"] + extra[mode]
-            audited = by_mode.get(mode, 0)
+            groups.setdefault("simple" if mode == "simple" else "parameters", []).append(mode)
+        for group, members in groups.items():
+            mode = "+".join(members)
+            n = sum(results["keyturn", m]["n"] + extra[m] for m in members)
+            extra[mode] = sum(extra[m] for m in members)
+            audited = by_mode.get(group, 0)
             # pgbench counts only transactions it finished; a statement still in flight when
             # -T ends is audited but not counted, so up to one per client more is expected.
             good = n <= audited <= n + args.clients * (2 if extra[mode] else 1)
