@@ -1,0 +1,166 @@
+"""Adversarial tests, family by family, through the live gateway with psql and psycopg
+(simple and extended protocol), on a connection whose policy *allows by default*: every
+family must still end blocked, never run. A direct connection checks that nothing
+changed (rows, locks held by other sessions, settings)."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from keyturn.localpg import LocalPostgres
+from tests.conftest import APP_PASSWORD, Keyturn, make_keyturn
+
+LENIENT = """
+  lenient:
+    default: allow
+    rules:
+      - name: vault-is-off-limits
+        match: {tables: ["vault.*"]}
+        action: block
+      - name: no-locks
+        match: {class: lock}
+        action: block
+        reason: locks block other sessions' work
+      - name: no-weakened-guards
+        match: {class: safety}
+        action: block
+      - name: no-changes
+        match: {class: [write, ddl, privilege, procedural, admin, file]}
+        action: block
+"""
+LONG = "secret_" + "x" * 60  # 67 characters: the server keeps the first 63
+
+
+@pytest.fixture(scope="module")
+def kt(pg: LocalPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyturn]:
+    kt = make_keyturn(tmp_path_factory.mktemp("families"), pg, extra=LENIENT)
+    text = kt.config.read_text()
+    kt.config.write_text(text.replace("    policy: shop\n", "    policy: lenient\n", 1))
+    with direct(pg) as c:
+        c.execute("CREATE SCHEMA IF NOT EXISTS vault")
+        c.execute(f'CREATE TABLE IF NOT EXISTS vault."{LONG[:63]}" (v text)')
+        c.execute(f"""INSERT INTO vault."{LONG[:63]}" SELECT 'top secret'
+                      WHERE NOT EXISTS (SELECT FROM vault."{LONG[:63]}")""")
+        c.execute("DROP TABLE IF EXISTS fam_rows")
+        c.execute("CREATE TABLE fam_rows (id int PRIMARY KEY)")
+        c.execute("INSERT INTO fam_rows SELECT generate_series(1, 10)")
+    kt.start()
+    yield kt
+    kt.stop()
+
+
+def direct(pg: LocalPostgres) -> psycopg.Connection:
+    return psycopg.connect(pg.dsn("shop", user="app", password=APP_PASSWORD), autocommit=True)
+
+
+def psql(kt: Keyturn, sql: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["psql", kt.dsn("alice"), "-X", "-At", "-v", "ON_ERROR_STOP=1",
+                           "-c", sql], capture_output=True, text=True, timeout=60)
+
+
+def assert_blocked_everywhere(kt: Keyturn, sql: str, params: tuple = (), *,
+                              read_only_first: bool = False) -> None:
+    """Blocked through psql (simple protocol) and psycopg (extended, with parameters
+    when given), inside and outside a transaction. ``read_only_first``: outside a
+    transaction the target's read-only guard may refuse it already at Bind (a FOR
+    UPDATE is checked when its portal starts), before the gateway's refusal."""
+    res = psql(kt, sql)
+    assert res.returncode != 0 and "keyturn: blocked" in res.stderr, (sql, res.stderr)
+    for autocommit in (True, False):
+        with psycopg.connect(kt.dsn("alice"), autocommit=autocommit) as c:
+            errors: tuple[type[Exception], ...] = (psycopg.errors.InsufficientPrivilege,)
+            if read_only_first and autocommit:
+                errors += (psycopg.errors.ReadOnlySqlTransaction,)
+            with pytest.raises(errors) as err:
+                c.execute(sql.replace("$1", "%s"), params or None)  # type: ignore[arg-type]
+            assert "keyturn" in str(err.value) or "read-only transaction" in str(err.value)
+
+
+@pytest.fixture()
+def unchanged(pg: LocalPostgres) -> Iterator[None]:
+    yield
+    with direct(pg) as c:
+        assert c.execute("SELECT count(*) FROM fam_rows").fetchone() == (10,)
+        locks = c.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                          "OR (relation = 'fam_rows'::regclass AND granted "
+                          "AND mode <> 'AccessShareLock')").fetchone()
+        assert locks == (0,), "a lock was taken"
+
+
+# ---------------------------------------------------------------- locks
+
+@pytest.mark.parametrize("sql", [
+    "SELECT * FROM fam_rows FOR UPDATE",
+    "SELECT * FROM fam_rows WHERE id = 1 FOR NO KEY UPDATE",
+    "SELECT * FROM fam_rows FOR SHARE SKIP LOCKED",
+    "SELECT * FROM fam_rows FOR KEY SHARE",
+    "SELECT * FROM (SELECT * FROM fam_rows FOR UPDATE) s",
+    "WITH l AS (SELECT * FROM fam_rows FOR UPDATE) SELECT count(*) FROM l",
+    "SELECT (SELECT id FROM fam_rows LIMIT 1 FOR UPDATE)",
+    "LOCK TABLE fam_rows IN ACCESS EXCLUSIVE MODE",
+    "SELECT pg_advisory_lock(42)",
+    "SELECT pg_try_advisory_xact_lock(42)",
+    "SELECT pg_catalog.pg_advisory_lock_shared(1, 2)",
+])
+def test_locks_are_their_own_class(kt: Keyturn, unchanged: None, sql: str) -> None:
+    assert_blocked_everywhere(kt, sql)
+
+
+def test_a_lock_with_a_bound_parameter(kt: Keyturn, unchanged: None) -> None:
+    assert_blocked_everywhere(kt, "SELECT pg_advisory_lock($1)", (7,))
+    assert_blocked_everywhere(kt, "SELECT * FROM fam_rows WHERE id = $1 FOR UPDATE", (1,),
+                              read_only_first=True)
+
+
+# ---------------------------------------------------------------- safety settings
+
+@pytest.mark.parametrize("sql", [
+    "SET statement_timeout = 0",
+    "SET statement_timeout TO DEFAULT",
+    "RESET statement_timeout",
+    "SET lock_timeout = 0",
+    "SET idle_in_transaction_session_timeout = 0",
+    "SET session_replication_role = replica",
+    "SET row_security = off",
+    "SELECT set_config('statement_timeout', '0', false)",
+    "SELECT 1; SET LOCAL statement_timeout = 0; SELECT 2",
+])
+def test_weakening_a_guard_is_its_own_class(kt: Keyturn, unchanged: None, sql: str) -> None:
+    assert_blocked_everywhere(kt, sql)
+
+
+def test_turning_read_only_off_is_refused(kt: Keyturn, unchanged: None) -> None:
+    for sql in ("SET default_transaction_read_only = off",
+                "SET transaction_read_only = off",
+                "SELECT set_config('transaction_read_only', 'off', true)",
+                "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE"):
+        res = psql(kt, sql)
+        assert res.returncode != 0 and "keyturn" in res.stderr, (sql, res.stderr)
+
+
+# ---------------------------------------------------------------- fail closed
+
+@pytest.mark.parametrize("sql", [
+    "DELET FROM fam_rows",
+    "SELECT 1; DELET FROM fam_rows",
+    "DELETE FROM fam_rows WHERE",
+])
+def test_sql_that_does_not_parse_is_never_allowed_by_default(kt: Keyturn, unchanged: None,
+                                                            sql: str) -> None:
+    res = psql(kt, sql)
+    assert res.returncode != 0 and "keyturn: blocked" in res.stderr, res.stderr
+    assert "builtin:unparsed" in res.stderr or "unparsed" in res.stderr
+
+
+# ---------------------------------------------------------------- names cut at 63 bytes
+
+@pytest.mark.parametrize("name", [LONG, LONG[:63], LONG + "_and_more", LONG[:63] + "é"])
+def test_identifiers_the_server_cuts_still_match_rules(kt: Keyturn, name: str) -> None:
+    sql = f'SELECT * FROM vault."{name}"'
+    res = psql(kt, sql)
+    assert res.returncode != 0 and "vault-is-off-limits" in res.stderr, res.stderr
+    assert "top secret" not in res.stdout
