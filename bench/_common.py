@@ -225,6 +225,19 @@ policies:
         action: allow
 """
 
+POLICY_WRITES_ALLOWED = """\
+policies:
+  bench:
+    default: block
+    rules:
+      - name: reads
+        match: {class: [read, transaction, session]}
+        action: allow
+      - name: pgbench-writes
+        match: {class: write, tables: ["public.pgbench_*"]}
+        action: allow
+"""
+
 POLICY_WRITES_REVIEWED = """\
 policies:
   bench:

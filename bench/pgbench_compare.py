@@ -1,4 +1,9 @@
-"""Throughput: pgbench -S through Keyturn, next to direct PostgreSQL, pgbouncer and a bare relay.
+"""Throughput: pgbench through Keyturn, next to direct PostgreSQL, pgbouncer and a bare relay.
+
+``--builtin tpcb-like`` (or simple-update) runs pgbench's write workloads with a policy that
+allows writes to the pgbench tables: every write then runs with the read-only guard's write
+access and every read inside a transaction in its read-only savepoint
+(docs/postgres-gateway.md); the default is select-only (-S).
 
     .venv/bin/python bench/pgbench_compare.py [--duration 20] [--rounds 1] [--clients 8]
                                               [--modes simple,extended,prepared]
@@ -52,6 +57,7 @@ from _common import (
     BENCH_DIR,
     CLK_TCK,
     POLICY_READS_ONLY,
+    POLICY_WRITES_ALLOWED,
     KeyturnProcess,
     Workspace,
     child_pids,
@@ -138,8 +144,8 @@ def start_relay(ws: Workspace, pg_port: int) -> tuple[int, int]:
 def pgbench(dsn: str, mode: str, args: argparse.Namespace, pids: list[int]) -> dict:
     """One pgbench -S run: tps, transactions, failed transactions, and the CPU used meanwhile
     by the processes ``pids`` (the proxy) and by the whole machine."""
-    cmd = ["pgbench", "-S", "-M", mode, "-c", str(args.clients), "-j", str(args.threads),
-           "-T", str(args.duration), "-n", dsn]
+    cmd = ["pgbench", "-b", args.builtin, "-M", mode, "-c", str(args.clients),
+           "-j", str(args.threads), "-T", str(args.duration), "-n", dsn]
     before = [cpu_ticks(p) for p in pids]
     m0, t0 = machine_cpu(), time.monotonic()
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 120)
@@ -287,6 +293,10 @@ def main() -> int:
                          "report the median (the machine drifts between runs)")
     ap.add_argument("--profile", action="store_true",
                     help="one extra keyturn simple run under py-spy (not in the table)")
+    ap.add_argument("--builtin", default="select-only",
+                    choices=("select-only", "simple-update", "tpcb-like"),
+                    help="pgbench built-in script (writes are allowed by the policy for "
+                         "the pgbench tables, so every statement is audited and guarded)")
     ap.add_argument("--modes", default=",".join(MODES),
                     help="comma-separated protocol modes (default: simple,extended,prepared)")
     args = ap.parse_args()
@@ -310,7 +320,8 @@ def main() -> int:
         progress("starting the bare relay (bench/_relay.py)")
         relay_port, relay_pid = start_relay(ws, pg.port)
         progress("starting keyturn gateway")
-        kt = KeyturnProcess(ws, pg, "bench", POLICY_READS_ONLY, portal=False)
+        policy = POLICY_READS_ONLY if args.builtin == "select-only" else POLICY_WRITES_ALLOWED
+        kt = KeyturnProcess(ws, pg, "bench", policy, portal=False)
         kt.create_tokens("alice")
         kt.start("gateway")
         assert kt.proc is not None
@@ -336,8 +347,8 @@ def main() -> int:
             for mode in modes:
                 for target in order:
                     progress(f"{f'round {rnd + 1}/{args.rounds}: ' if args.rounds > 1 else ''}"
-                             f"pgbench -S -M {mode} -c {args.clients} -j {args.threads} "
-                             f"-T {args.duration} against {target}")
+                             f"pgbench -b {args.builtin} -M {mode} -c {args.clients} "
+                             f"-j {args.threads} -T {args.duration} against {target}")
                     waited, cpu, ingested = settle(db_path, spool, ingesters)
                     for i, v in enumerate((waited, cpu, ingested)):
                         catch_up[i] += v
@@ -401,8 +412,8 @@ def main() -> int:
             print_table(["round", "mode"] + [HEADINGS[t] for t in TARGETS]
                         + ["keyturn/pgbouncer", "keyturn/relay"], rows)
         print()
-        print(f"pgbench -S -c {args.clients} -j {args.threads} -T {args.duration} -n, "
-              f"scale {args.scale}; TPS without initial connection time"
+        print(f"pgbench -b {args.builtin} -c {args.clients} -j {args.threads} "
+              f"-T {args.duration} -n, scale {args.scale}; TPS without initial connection time"
               + (f"; median of {args.rounds} rounds" if args.rounds > 1 else ""))
         rows = []
         for mode in modes:

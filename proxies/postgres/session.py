@@ -316,6 +316,9 @@ class ClientSession(asyncio.Protocol):
         self.verdicts: dict[tuple[Any, ...], Decision] = {}
         # Allowed statement shapes: (Decision, its audit fields as JSON) per fast_shape.
         self.fast_verdicts: dict[str, tuple[Decision, bytes]] = {}
+        # The same for other allowed statements (writes, BEGIN/COMMIT): Python only, as
+        # the read-only guard plans each (Decision, the statement as analysed).
+        self.guarded_verdicts: dict[str, tuple[Decision, Statement]] = {}
         # Prepared statements allowed as reads, for the compiled fast path:
         # name -> (Decision, audit fields, statement as JSON, statement, name).
         self.fast_stmts: dict[bytes, tuple[Any, ...]] = {}
@@ -1025,6 +1028,7 @@ class ClientSession(asyncio.Protocol):
                 self.schemas = wider
                 self.verdicts.clear()
                 self.fast_verdicts.clear()
+                self.guarded_verdicts.clear()
                 self.fast_stmts.clear()
                 for info in self.stmts.values():
                     info.decision = None
@@ -1064,6 +1068,18 @@ class ClientSession(asyncio.Protocol):
                 self._intent(ctx)
                 out.append(msg.raw)
                 return True
+            guarded = self.guarded_verdicts.get(fast)
+            if guarded is not None and self.gw.audit_spool.accepting:
+                # The same for an allowed write or transaction statement: no analysis or
+                # policy, but the read-only guard plans it (it depends on the state).
+                known, st = guarded
+                text = sql.strip()
+                if text.endswith(";"):
+                    text = text[:-1].rstrip()
+                ctx = Ctx(sql, known.classification, "allow", known.rule, known.reason,
+                          time.time())
+                ctx.analysis = _Single((dataclasses.replace(st, text=text),))
+                return self._forward_query(msg, ctx, out)
         analysis = self.analyzer.analyze(sql, self.prepared)
         statements = analysis.statements
         self._note_search_path(statements)
@@ -1078,9 +1094,11 @@ class ClientSession(asyncio.Protocol):
                 if decision.action == "allow" and len(self.verdicts) < 4096:
                     self.verdicts[key] = decision
             if (decision.action == "allow" and fast is not None and not self.masking
-                    and decision.classification == "read" and not st.facts
                     and len(self.fast_verdicts) < 4096 and self.analyzer.known_shape(fast)):
-                self.fast_verdicts[fast] = (decision, _fragment(decision))
+                if decision.classification == "read" and not st.facts:
+                    self.fast_verdicts[fast] = (decision, _fragment(decision))
+                elif len(self.guarded_verdicts) < 4096:
+                    self.guarded_verdicts[fast] = (decision, st)
         else:
             decision = self._decide(analysis)
         ctx = Ctx(sql, decision.classification, decision.action, decision.rule, decision.reason,
@@ -2238,6 +2256,15 @@ class ClientSession(asyncio.Protocol):
             self.transport.close()
         elif not self.closed:
             self.fatal("08006", f"keyturn: lost the connection to the target: {message}")
+
+
+@dataclass(slots=True)
+class _Single:
+    """What the read-only guard plans from, for a statement whose analysis was memoised."""
+
+    statements: tuple[Statement, ...]
+    error: None = None
+    changes: tuple[()] = ()
 
 
 def _error_at(body: bytes, position: int | None) -> bytes:
