@@ -275,3 +275,12 @@ def test_the_guards_own_names_are_refused(kt: Keyturn, tables: None) -> None:
         assert not errors(r.run(P("x", "SELECT 1"), S()))
         answers = r.run(B("keyturn_portal", "x"), E("keyturn_portal"), S())
         assert errors(answers)[0]["C"] == "42501"
+
+
+def test_clients_asking_for_a_primary_are_told_it_accepts_writes(kt: Keyturn) -> None:
+    # pgjdbc's targetServerType=primary asks SHOW transaction_read_only (extended protocol).
+    with psycopg.connect(kt.dsn("alice"), autocommit=True) as c:
+        for sql in ("SHOW transaction_read_only", "show default_transaction_read_only;"):
+            assert c.execute(sql).fetchone() == ("off",)
+            assert c.execute(sql, prepare=True).fetchone() == ("off",)
+    assert psql(kt, "SHOW transaction_read_only").stdout.strip() == "off"

@@ -223,6 +223,17 @@ _GUARD_RUN = codec.encode_execute(_GUARD_PORTAL, 0) + codec.encode_close("P", _G
 _DEFAULT_RW_QUERY = codec.encode_query(guard.SQL_DEFAULT_RW)
 _DEFAULT_RO_QUERY = codec.encode_query(guard.SQL_DEFAULT_RO)
 _OWN_PREFIX = "keyturn"
+# The read-only guard keeps the target session read-only by default; clients that ask
+# whether they reached a primary (pgjdbc targetServerType=primary: SHOW
+# transaction_read_only) are told what the gateway grants: writes, as the policy allows.
+_SHOW_READ_ONLY = re.compile(
+    r"\s*show\s+(default_transaction_read_only|transaction_read_only)\s*;?\s*\Z", re.I)
+
+
+def _show_read_only(sql: str) -> str:
+    m = _SHOW_READ_ONLY.match(sql)
+    assert m is not None
+    return f"SELECT 'off'::pg_catalog.text AS {m.group(1).lower()}"
 
 _BINARY_INTS = {21: "!h", 23: "!i", 20: "!q", 26: "!I"}
 _BINARY_FLOATS = {700: "!f", 701: "!d"}
@@ -871,6 +882,10 @@ class ClientSession(asyncio.Protocol):
             return self._on_execute(msg, out)
         if t == b"P":
             p = codec.decode_parse(msg.body)
+            if _SHOW_READ_ONLY.match(p.query):
+                p = dataclasses.replace(p, query=_show_read_only(p.query))
+                raw = codec.encode_parse(p.name, p.query, p.param_types)
+                msg = Message(b"P", raw[5:], raw)
             if p.name.lower().startswith(_OWN_PREFIX):
                 self._refuse_own_name(p.name, out)
                 return True
@@ -1055,6 +1070,10 @@ class ClientSession(asyncio.Protocol):
 
     def _on_query(self, msg: Message, out: list[bytes]) -> bool:
         sql = codec.decode_query(msg.body)
+        if _SHOW_READ_ONLY.match(sql):
+            sql = _show_read_only(sql)
+            raw = codec.encode_query(sql)
+            msg = Message(b"Q", raw[5:], raw)
         fast = fast_shape(sql)
         if fast is not None:
             # Hottest path: a statement this session was allowed to run before, with
