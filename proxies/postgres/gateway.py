@@ -348,9 +348,13 @@ class PostgresGateway:
     def audit(self, **rec: Any) -> None:
         self.audit_spool.record(**rec)
 
-    def new_key(self, session: ClientSession) -> tuple[int, int]:
+    def new_key(self, session: ClientSession, pid: int | None = None) -> tuple[int, int]:
+        """The BackendKeyData the client gets: the target's pid when it told one (so
+        NOTIFY and pg_terminate_backend agree with it) and a secret of our own. Two
+        targets may use the same pid, so sessions are keyed by the pair."""
         while True:
-            key = (secrets.randbits(31) or 1, secrets.randbits(32))
+            key = (pid if pid is not None else secrets.randbits(31) or 1,
+                   secrets.randbits(32))
             if key not in self.sessions:
                 self.sessions[key] = session
                 return key

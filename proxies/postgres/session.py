@@ -686,7 +686,10 @@ class ClientSession(asyncio.Protocol):
                 self.fatal("08001", f"keyturn: connection {self.conn.name!r} masks results "
                                     f"but its catalog cannot be read: {exc}")
                 return
-        self.key = self.gw.new_key(self)
+        # The client sees the target's real pid (NOTIFY, pg_terminate_backend) with a
+        # cancel secret of the gateway's own.
+        backend = self.upstream.backend_key
+        self.key = self.gw.new_key(self, backend[0] if backend is not None else None)
         out = [codec.encode_auth_ok()]
         out += [codec.encode_parameter_status(k, v) for k, v in self.upstream.parameters.items()]
         out.append(codec.encode_backend_key_data(*self.key))
