@@ -122,22 +122,30 @@ def test_a_value_cannot_break_out_of_its_literal(keyturn: Keyturn) -> None:
     assert asyncpg_login(keyturn, {"myapp.note": value}) == {"myapp.note": value}
 
 
-def test_startup_refusal_is_audited(keyturn: Keyturn) -> None:
+def _connect_records(kt: Keyturn, match: Any) -> list[dict]:
+    deadline = time.monotonic() + 10
+    while True:  # records reach the store through the spool and its ingester
+        records = [json.loads(line) for line in kt.cli(
+            "audit", "export", "--format", "jsonl").stdout.splitlines() if line.strip()]
+        mine = [r for r in records if r.get("kind") == "connect" and match(r)]
+        if mine or time.monotonic() > deadline:
+            return mine
+        time.sleep(0.2)
+
+
+def test_startup_settings_are_audited(keyturn: Keyturn) -> None:
     import asyncpg
 
     with pytest.raises(asyncpg.InsufficientPrivilegeError):
         asyncpg_login(keyturn, {"session_replication_role": "replica"})
-    deadline = time.monotonic() + 10
-    while True:  # records reach the store through the spool and its ingester
-        records = [json.loads(line) for line in keyturn.cli(
-            "audit", "export", "--format", "jsonl").stdout.splitlines() if line.strip()]
-        mine = [r for r in records if r.get("kind") == "connect"
-                and (r.get("detail") or {}).get("setting") == "session_replication_role"]
-        if mine or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert mine and mine[-1]["outcome"] == "refused" and mine[-1]["user"] == "alice"
-    assert "startup parameter 'session_replication_role'" in mine[-1]["reason"]
+    refused = _connect_records(keyturn, lambda r: (r.get("detail") or {}).get("setting")
+                               == "session_replication_role")
+    assert refused and refused[-1]["outcome"] == "refused" and refused[-1]["user"] == "alice"
+    assert "startup parameter 'session_replication_role'" in refused[-1]["reason"]
+    asyncpg_login(keyturn, {"myapp.audited": "yes"})
+    allowed = _connect_records(keyturn, lambda r: ((r.get("detail") or {}).get("settings")
+                                                   or {}).get("myapp.audited") == "yes")
+    assert allowed and allowed[-1]["user"] == "alice"
 
 
 # ---------------------------------------------------------------- client_encoding

@@ -626,9 +626,8 @@ class ClientSession(asyncio.Protocol):
             self.write(codec.encode_auth_sasl_final(server_final))
         self.identity = self.gw.services.identities.identity_of(self.user, token_id)
         # Every setting of the startup packet must pass as the SET it amounts to.
-        setting = settings.startup_refusal(
-            settings.startup_settings(self.startup_params, REFUSED_STARTUP),
-            self.analyzer.analyze, self._decide)
+        startup = settings.startup_settings(self.startup_params, REFUSED_STARTUP)
+        setting = settings.startup_refusal(startup, self.analyzer.analyze, self._decide)
         if setting is not None:
             self.gw.audit(kind="connect", user=self.user, connection=self.conn_name,
                           session_id=self.session_id, client_addr=self.client_addr,
@@ -650,7 +649,7 @@ class ClientSession(asyncio.Protocol):
         self.gw.audit(kind="connect", user=self.user, connection=self.conn_name,
                       session_id=self.session_id, client_addr=self.client_addr,
                       detail={"application": self.application, "tls": self.tls_active,
-                              "token_id": token_id,
+                              "token_id": token_id, "settings": startup,
                               "method": "password" if self.cleartext else "scram"})
         self._spawn(self._connect_upstream())
 
