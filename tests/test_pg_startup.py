@@ -38,7 +38,7 @@ def open_keyturn(pg: LocalPostgres, tmp_path_factory: pytest.TempPathFactory
 
 
 def connect(kt: Keyturn, user: str = "alice", **kw: Any) -> psycopg.Connection:
-    return psycopg.connect(kt.dsn(user), autocommit=True, **kw)
+    return psycopg.connect(kt.dsn(user), **{"autocommit": True, **kw})
 
 
 def direct(kt: Keyturn, **kw: Any) -> psycopg.Connection:
@@ -233,14 +233,27 @@ def test_the_client_sees_the_targets_pid(open_keyturn: Keyturn) -> None:
         assert got == {"self": pid, "other": other.info.backend_pid}
 
 
-def test_pg_terminate_backend_of_the_shown_pid_ends_that_session(keyturn: Keyturn) -> None:
-    c = connect(keyturn)
+@pytest.mark.parametrize("autocommit", [True, False])
+def test_pg_terminate_backend_of_the_shown_pid_ends_that_session(keyturn: Keyturn,
+                                                                 autocommit: bool) -> None:
+    c = connect(keyturn, autocommit=autocommit)
     with direct(keyturn) as d:
         assert d.execute("SELECT pg_terminate_backend(%s)", [c.info.backend_pid]).fetchone() \
             == (True,)
-    with pytest.raises(psycopg.OperationalError):
+    time.sleep(0.5)  # the target's FATAL reaches the client before its next statement
+    # One error, the target's own (not a second result of the gateway's for BEGIN).
+    with pytest.raises(psycopg.OperationalError, match="administrator command"):
         c.execute("SELECT 1")
     c.close()
+
+
+def test_a_cancel_is_delivered_before_the_client_goes_on(keyturn: Keyturn) -> None:
+    # libpq's cancel returns when the server has the request; a cancel the gateway still
+    # had in flight would hit the next statement instead.
+    with connect(keyturn) as c:
+        for _ in range(10):
+            c.cancel()
+            assert c.execute("SELECT pg_sleep(0.05), 1").fetchone() == ("", 1)
 
 
 def _send_cancel(kt: Keyturn, pid: int, secret: int) -> None:

@@ -447,10 +447,10 @@ class ClientSession(asyncio.Protocol):
                 self.write(b"N")
                 continue
             if isinstance(ev, codec.CancelRequest):
-                self.gw.cancel(ev.pid, ev.secret)
-                if self.transport:
-                    self.transport.close()
+                # The requester's socket closes once the cancel is delivered (as PostgreSQL).
                 self.closed = True
+                self.gw.cancel(ev.pid, ev.secret, self.transport.close if self.transport
+                               else None)
                 return
             if isinstance(ev, codec.StartupMessage):
                 self._on_startup(ev.params)
@@ -1841,8 +1841,10 @@ class ClientSession(asyncio.Protocol):
             outcome = "executed" if not ctx.error else "failed"
         self._audit(ctx, outcome=outcome)
 
-    def upstream_lost(self, message: str) -> None:
-        if self.terminating and self.transport:
+    def upstream_lost(self, message: str, *, said_fatal: bool = False) -> None:
+        if (self.terminating or said_fatal) and self.transport:
+            # Terminate sent, or the target's own FATAL already relayed: just close (a
+            # second error would be read as a second result of the client's statement).
             self.transport.close()
         elif not self.closed:
             self.fatal("08006", f"keyturn: lost the connection to the target: {message}")
