@@ -108,6 +108,13 @@ def test_allowed_startup_settings_reach_the_target(keyturn: Keyturn) -> None:
     assert got == wanted
 
 
+def test_a_setting_a_masking_rule_lets_run_is_accepted(keyturn: Keyturn) -> None:
+    # On a masked connection SET is decided "mask" (it runs; it has no rows to mask).
+    dsn = keyturn.dsn("alice", dbname="shopmask")
+    with psycopg.connect(dsn, application_name="masked-app", client_encoding="utf_8") as c:
+        assert c.execute("SHOW application_name").fetchone() == ("masked-app",)
+
+
 def test_a_setting_name_that_is_not_one_is_refused(keyturn: Keyturn) -> None:
     import asyncpg
 

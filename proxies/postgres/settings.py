@@ -23,7 +23,7 @@ from typing import Any
 from pglast import parser as _pg
 
 from keyturn.analysis.postgres import NAME_BYTES, Analysis
-from keyturn.policy import Decision
+from keyturn.policy import PERMITTING, Decision
 from proxies.postgres import codec
 
 #: Startup-packet keys that are part of the protocol, not settings.
@@ -76,7 +76,8 @@ def startup_refusal(settings: Mapping[str, str], analyze: Callable[[str], Analys
     """The first setting that its equivalent SET would not be allowed to run, or None.
 
     Forbidden settings (identity, how SQL is read, write access) are always refused; every
-    other one needs the policy's ``allow``: a login cannot wait for a review."""
+    other one needs a decision that lets the SET run as a statement would (allow, or mask,
+    which masks result rows and a SET has none): a login cannot wait for a review."""
     for name, value in settings.items():
         if not _SETTING_NAME.fullmatch(name) or len(name.encode()) > NAME_BYTES:
             return StartupRefusal(name, "it is not the name of a setting")
@@ -88,7 +89,7 @@ def startup_refusal(settings: Mapping[str, str], analyze: Callable[[str], Analys
         if analysis.forbidden:
             return StartupRefusal(name, analysis.forbidden, sql)
         decision = decide(analysis)
-        if decision.action != "allow":
+        if decision.action not in PERMITTING:
             rule = f"rule {decision.rule!r}" if decision.rule else "the policy default"
             verb = "blocks" if decision.action == "block" else f"asks for {decision.action} of"
             return StartupRefusal(
