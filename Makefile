@@ -6,7 +6,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 PYTHON  ?= python3
 
-.PHONY: demo test deps system-deps lint bench clean
+.PHONY: demo test deps system-deps lint bench compat clean
 
 system-deps:
 	@./scripts/system-deps.sh
@@ -32,6 +32,12 @@ lint: deps
 bench: deps
 	@./scripts/system-deps.sh pgbouncer
 	$(PY) bench/pgbench_compare.py
+
+# psycopg 3's own test suite through the gateway and directly, compared (not part of
+# `make test`; takes several minutes). Its tests/ come from PSYCOPG_SOURCE (a psycopg
+# source tree, git repository or tarball) or, failing that, PyPI / Debian sources.
+compat: deps
+	$(PY) bench/psycopg_compat.py $(COMPAT_ARGS)
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache

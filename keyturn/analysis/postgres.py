@@ -353,7 +353,6 @@ _SHAPE_KINDS = frozenset({
 })
 _TABLE_OBJECTS = frozenset({"OBJECT_TABLE", "OBJECT_VIEW", "OBJECT_MATVIEW",
                             "OBJECT_FOREIGN_TABLE", "OBJECT_SEQUENCE", "OBJECT_INDEX"})
-_ENCODING_JUNK = re.compile(r"[^0-9a-z]")
 _RUN, _PLAN = "run", "plan"
 
 
@@ -595,9 +594,9 @@ class _Walk:
                             "string literals are read")
         elif name == "client_encoding" and has_value:
             self.literal = True
-            if value is None or _ENCODING_JUNK.sub("", value.lower()) not in catalogue.UTF8_NAMES:
-                self.forbid(f"{verb} client_encoding other than UTF8 changes how the query "
-                            "text is read")
+            refused = client_encoding_refusal(value)
+            if refused is not None:
+                self.forbid(f"{verb} client_encoding {refused}")
         elif name in catalogue.READ_ONLY_SETTINGS:
             self.literal = True
             if not has_value or value is None or not _truthy(value):
@@ -962,6 +961,27 @@ _TRANSACTION_FACTS = {
     "TRANS_STMT_SAVEPOINT": "savepoint", "TRANS_STMT_RELEASE": "sp_destroy",
     "TRANS_STMT_ROLLBACK_TO": "sp_destroy",
 }
+
+
+def client_encoding_refusal(value: str | None) -> str | None:
+    """Why a client_encoding value is refused, or None when it names UTF8.
+
+    The one rule for SET, set_config() and the startup packet. The gateway reads every
+    message as UTF-8, so the server must read it the same way: the value is normalised as
+    PostgreSQL normalises encoding names (lowercased, every character that is not a letter
+    or digit dropped: ``UTF-8``, ``utf_8`` and ``'Unicode'`` all name UTF8) and must be
+    one of PostgreSQL's names for UTF8. SQL_ASCII gets its own reason: the server takes
+    any bytes as they come, so the text it runs could differ from the text analysed.
+    """
+    if value is None:
+        return "with a value keyturn cannot read is refused (use UTF8)"
+    name = "".join(c.lower() for c in value if c.isascii() and c.isalnum())
+    if name in catalogue.UTF8_NAMES:
+        return None
+    if name == "sqlascii":
+        return ("SQL_ASCII is refused: the server would accept bytes that are not UTF-8, so "
+                "keyturn could analyse different text than the server runs (use UTF8)")
+    return f"{value!r} is refused: other encodings change how the query text is read (use UTF8)"
 
 
 def _normal_word(value: str) -> str:

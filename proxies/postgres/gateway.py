@@ -19,6 +19,7 @@ import secrets
 import ssl
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from keyturn.analysis import Analyzer, StatementClass
@@ -348,9 +349,13 @@ class PostgresGateway:
     def audit(self, **rec: Any) -> None:
         self.audit_spool.record(**rec)
 
-    def new_key(self, session: ClientSession) -> tuple[int, int]:
+    def new_key(self, session: ClientSession, pid: int | None = None) -> tuple[int, int]:
+        """The BackendKeyData the client gets: the target's pid when it told one (so
+        NOTIFY and pg_terminate_backend agree with it) and a secret of our own. Two
+        targets may use the same pid, so sessions are keyed by the pair."""
         while True:
-            key = (secrets.randbits(31) or 1, secrets.randbits(32))
+            key = (pid if pid is not None else secrets.randbits(31) or 1,
+                   secrets.randbits(32))
             if key not in self.sessions:
                 self.sessions[key] = session
                 return key
@@ -359,18 +364,30 @@ class PostgresGateway:
         if key is not None:
             self.sessions.pop(key, None)
 
-    def cancel(self, pid: int, secret: int) -> None:
+    def cancel(self, pid: int, secret: int, then: Callable[[], None] | None = None) -> None:
+        """Act on a CancelRequest; ``then`` (closing the requester's socket) runs once the
+        cancel has been delivered: like PostgreSQL, whose clients (libpq's PQcancel) wait
+        for that close, so a late cancel cannot hit the client's next statement."""
         session = self.sessions.get((pid, secret))
         if session is None:
             log.info("CancelRequest with an unknown key ignored")
+            if then is not None:
+                then()
             return
-        self.spawn(session.on_cancel_request())
+        task = self.spawn(session.on_cancel_request())
+        if then is not None:
+            task.add_done_callback(lambda _: then())
 
     async def send_target_cancel(self, conn: Connection, pid: int, secret: int) -> None:
         try:
-            _, writer = await asyncio.open_connection(conn.target.host, conn.target.port)
+            reader, writer = await asyncio.open_connection(conn.target.host, conn.target.port)
             writer.write(codec.encode_cancel_request(pid, secret))
             await writer.drain()
+            try:
+                # The server closes the connection once it has signalled the backend.
+                await asyncio.wait_for(reader.read(), 5)
+            except TimeoutError:
+                log.info("the target %s did not close a cancel connection in 5 s", conn.name)
             writer.close()
         except OSError:
             log.exception("could not forward a cancel request to %s", conn.name)

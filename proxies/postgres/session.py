@@ -39,13 +39,14 @@ from keyturn.analysis.postgres import (
     DEFAULT_SEARCH_PATH,
     MAX_SHAPED_TEXT,
     Statement,
+    client_encoding_refusal,
     fast_shape,
     search_path_schemas,
 )
 from keyturn.approvals import APPROVED, CANCELLED, EXPIRED, REJECTED, TicketRequest, binding_of
 from keyturn.errors import AlreadyDecided, InvalidTransition
 from keyturn.policy import Decision, Request, masks_in
-from proxies.postgres import codec, guard, rowmask
+from proxies.postgres import codec, guard, rowmask, settings
 from proxies.postgres.auth import AuthError, ScramServer, mock_salt
 from proxies.postgres.codec import NEED_DATA, Message, ProtocolError
 from proxies.postgres.speedups import compiled as _speedups
@@ -65,7 +66,6 @@ REFUSED_STARTUP = {
     "role": "it changes who you are",
     "session_authorization": "it changes who you are",
 }
-SAFE_ENCODINGS = {"utf8", "utf-8", "unicode", "sql_ascii"}
 _FAKE_SALT_SECRET = secrets.token_bytes(32)
 
 
@@ -518,10 +518,10 @@ class ClientSession(asyncio.Protocol):
                 self.write(b"N")
                 continue
             if isinstance(ev, codec.CancelRequest):
-                self.gw.cancel(ev.pid, ev.secret)
-                if self.transport:
-                    self.transport.close()
+                # The requester's socket closes once the cancel is delivered (as PostgreSQL).
                 self.closed = True
+                self.gw.cancel(ev.pid, ev.secret, self.transport.close if self.transport
+                               else None)
                 return
             if isinstance(ev, codec.StartupMessage):
                 self._on_startup(ev.params)
@@ -563,12 +563,13 @@ class ClientSession(asyncio.Protocol):
                 return
         scs = params.get("standard_conforming_strings")
         if scs is not None and scs.lower() in ("off", "false", "no", "0"):
-            self.fatal("42501", "keyturn: standard_conforming_strings=off is refused: it "
-                                "changes how SQL string literals are read")
+            self.fatal("42501", "keyturn: startup parameter 'standard_conforming_strings' is "
+                                "refused: off changes how SQL string literals are read")
             return
         enc = params.get("client_encoding")
-        if enc is not None and enc.strip("'\" ").lower() not in SAFE_ENCODINGS | {"auto"}:
-            self.fatal("42501", f"keyturn: client_encoding {enc!r} is refused: use UTF8")
+        refused = client_encoding_refusal(enc) if enc is not None else None
+        if refused is not None:
+            self.fatal("42501", f"keyturn: startup parameter client_encoding {refused}")
             return
         conn = self.gw.config.connections.get(database)
         if conn is None or conn.type != "postgres":
@@ -695,6 +696,18 @@ class ClientSession(asyncio.Protocol):
             token_id = self.scram.matched_key
             self.write(codec.encode_auth_sasl_final(server_final))
         self.identity = self.gw.services.identities.identity_of(self.user, token_id)
+        # Every setting of the startup packet must pass as the SET it amounts to.
+        startup = settings.startup_settings(self.startup_params, REFUSED_STARTUP)
+        setting = settings.startup_refusal(startup, self.analyzer.analyze, self._decide)
+        if setting is not None:
+            self.gw.audit(kind="connect", user=self.user, connection=self.conn_name,
+                          session_id=self.session_id, client_addr=self.client_addr,
+                          reason=setting.message, outcome="refused",
+                          detail={"token_id": token_id, "setting": setting.name,
+                                  "statement": setting.sql})
+            self.identity = None  # no disconnect record for a session that never started
+            self.fatal("42501", setting.message)
+            return
         refused = self.gw.logged_in(self)
         if refused is not None:
             self.gw.audit(kind="connect", user=self.user, connection=self.conn_name,
@@ -707,7 +720,7 @@ class ClientSession(asyncio.Protocol):
         self.gw.audit(kind="connect", user=self.user, connection=self.conn_name,
                       session_id=self.session_id, client_addr=self.client_addr,
                       detail={"application": self.application, "tls": self.tls_active,
-                              "token_id": token_id,
+                              "token_id": token_id, "settings": startup,
                               "method": "password" if self.cleartext else "scram"})
         self._spawn(self._connect_upstream())
 
@@ -717,8 +730,8 @@ class ClientSession(asyncio.Protocol):
 
         assert self.conn is not None
         self.prepared = PreparedStatements()
-        forward = {k: v for k, v in self.startup_params.items()
-                   if k not in ("user", "database", "replication", *REFUSED_STARTUP)}
+        # Exactly the settings _authenticated judged.
+        forward = settings.startup_settings(self.startup_params, REFUSED_STARTUP)
         forward["client_encoding"] = "UTF8"
         # The read-only guard: every implicit transaction is read-only unless the gateway
         # grants write access to an allowed write (whatever the client asked for).
@@ -746,7 +759,10 @@ class ClientSession(asyncio.Protocol):
                 self.fatal("08001", f"keyturn: connection {self.conn.name!r} masks results "
                                     f"but its catalog cannot be read: {exc}")
                 return
-        self.key = self.gw.new_key(self)
+        # The client sees the target's real pid (NOTIFY, pg_terminate_backend) with a
+        # cancel secret of the gateway's own.
+        backend = self.upstream.backend_key
+        self.key = self.gw.new_key(self, backend[0] if backend is not None else None)
         out = [codec.encode_auth_ok()]
         params = dict(self.upstream.parameters)
         if params.get("default_transaction_read_only", "on") != "on":
@@ -1168,6 +1184,14 @@ class ClientSession(asyncio.Protocol):
             if key not in self.fast_stmts and len(self.fast_stmts) < 4096:
                 self.fast_stmts[key] = (d, _fragment(d), orjson.dumps(info.sql), info.sql,
                                         stmt_name)
+        analysis = info.analysis
+        if d.action != "allow":
+            # A value the class depends on may be bound ($1 of set_config): judge the
+            # values this Bind gives (after the fast path above, which must not keep it).
+            rejudged = settings.judge_bound(info.sql, analysis, bind_body,
+                                            self.analyzer.analyze, self._decide)
+            if rejudged is not None:
+                analysis, d = rejudged
         params = None
         if d.action != "allow" or d.classification != "read":
             # Tickets and the audit of non-reads carry the exact parameters.
@@ -1181,7 +1205,7 @@ class ClientSession(asyncio.Protocol):
             if changes:
                 ctx.changes = changes
                 self._sql_namespace(changes)
-        return self._dispatch(msg, ctx, d, info.analysis, out, b"E")
+        return self._dispatch(msg, ctx, d, analysis, out, b"E")
 
     def _dispatch(self, msg: Message, ctx: Ctx, decision: Decision, analysis: Any,
                   out: list[bytes], kind: bytes) -> bool:
@@ -2270,8 +2294,10 @@ class ClientSession(asyncio.Protocol):
             outcome = "executed" if not ctx.error else "failed"
         self._audit(ctx, outcome=outcome)
 
-    def upstream_lost(self, message: str) -> None:
-        if self.terminating and self.transport:
+    def upstream_lost(self, message: str, *, said_fatal: bool = False) -> None:
+        if (self.terminating or said_fatal) and self.transport:
+            # Terminate sent, or the target's own FATAL already relayed: just close (a
+            # second error would be read as a second result of the client's statement).
             self.transport.close()
         elif not self.closed:
             self.fatal("08006", f"keyturn: lost the connection to the target: {message}")

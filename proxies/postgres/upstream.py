@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from proxies.postgres.session import ClientSession
 
 log = logging.getLogger(__name__)
+# An ErrorResponse body starting with these (severity first, as PostgreSQL sends it).
+_FATAL_SEVERITIES = (b"SFATAL\x00", b"SPANIC\x00")
 
 
 class UpstreamError(Exception):
@@ -46,6 +48,7 @@ class Upstream(asyncio.Protocol):
         self._login: asyncio.Future[None] | None = None
         self._auth: TargetAuthenticator | None = None
         self.closed = False
+        self.said_fatal = False  # the target's last message was a FATAL/PANIC error
 
     @classmethod
     async def connect(cls, session: ClientSession, conn: Connection,
@@ -117,6 +120,11 @@ class Upstream(asyncio.Protocol):
                     return
                 chunk, frames = self.reader.scan(data)
                 if chunk:
+                    if frames and frames[-1][0] == b"E":
+                        # A FATAL (pg_terminate_backend, shutdown) is the target's last word:
+                        # the client gets it, and no second error of ours after it.
+                        start = frames[-1][1] + 5
+                        self.said_fatal = chunk[start:start + 7] in _FATAL_SEVERITIES
                     session.server_data(chunk, frames)
                 return
             self.reader.receive_data(data)
@@ -188,7 +196,7 @@ class Upstream(asyncio.Protocol):
         if self._ssl_reply and not self._ssl_reply.done():
             self._ssl_reply.set_exception(err)
         if self.ready:
-            self.session.upstream_lost(err.message)
+            self.session.upstream_lost(err.message, said_fatal=self.said_fatal)
 
     def pause_writing(self) -> None:
         # The target reads slower than the client sends (COPY FROM STDIN): stop reading the client.
