@@ -169,8 +169,9 @@ def new_session(fast: bool | str, records: list[bytes]) -> tuple[ClientSession, 
     gw = SimpleNamespace(config=cfg, policy=PolicyEngine(cfg), audit_spool=spool,
                          _analyzers={}, audit=lambda **k: None, drop_key=lambda key: None)
     gw.analyzer = lambda conn: PostgresGateway.analyzer(gw, conn)  # type: ignore[arg-type]
+    gw.active = set()
     gw.catalogs = Catalogs(gw, read=None)  # type: ignore[arg-type]
-    gw.catalogs.put("bench", TargetCatalog.from_rows(user="app", search_path=None))
+    gw.catalogs.put(cfg.connections["bench"], TargetCatalog.from_rows(user="app", search_path=None))
     s = ClientSession(gw)  # type: ignore[arg-type]
     s.connection_made(Sink())  # type: ignore[arg-type]
     s.session_id = "s1"

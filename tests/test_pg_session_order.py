@@ -60,8 +60,9 @@ def session():  # type: ignore[no-untyped-def]
     gw = SimpleNamespace(config=cfg, policy=PolicyEngine(cfg), audit_spool=spool,
                          _analyzers={}, audit=lambda **k: None)
     gw.analyzer = lambda conn: PostgresGateway.analyzer(gw, conn)  # type: ignore[arg-type]
+    gw.active = set()
     gw.catalogs = Catalogs(gw, read=None)  # type: ignore[arg-type]
-    gw.catalogs.put("db", TargetCatalog.from_rows(user="app", search_path=None))
+    gw.catalogs.put(cfg.connections["db"], TargetCatalog.from_rows(user="app", search_path=None))
     s = ClientSession(gw)  # type: ignore[arg-type]
     client = Wire()
     s.connection_made(client)  # type: ignore[arg-type]

@@ -8,10 +8,12 @@ connection, and judges their statements with it (``resolve``, called from the se
 and soon after a session ran DDL; when the catalog changed, every session of the
 connection forgets its memoised verdicts.
 
-What a session creates itself (CREATE FUNCTION / OPERATOR / VIEW / RULE / CAST ...) counts
-for that session from the moment it is decided, before the target has even run it, and
-until a re-read that started once the session was idle again (its transaction committed
-or rolled back) has completed. Other sessions see it at the next re-read.
+What a session creates through the gateway (CREATE FUNCTION / OPERATOR / AGGREGATE / VIEW
+/ RULE / CAST, ALTER ... RENAME / SET SCHEMA ...) counts, by name, for every session of the
+same target from the moment it is decided, before the target has even run it, until a
+re-read that started once that session was idle again (its transaction committed or
+rolled back) has completed. Objects created by other means (directly on the target, or
+by code that runs DDL it builds as a string) are seen at the next re-read.
 
 When the catalog cannot be read the connection fails closed: every name that is not
 qualified into pg_catalog may be user code (keyturn.analysis.usercode).
@@ -166,14 +168,21 @@ def read_catalog(conn: Connection) -> TargetCatalog:
     return TargetCatalog.from_rows(user=user, search_path=path, **rows)
 
 
-@dataclass
-class _Created:
-    """What one session created or changed: (kind, name) -> definition texts, and for
-    each, the re-read after which the target's catalog shows it (None: not yet asked,
-    the session was not idle)."""
+def target_key(conn: Connection) -> tuple[str, int, str, str]:
+    """Connections with the same target database and role share one catalog."""
+    t = conn.target
+    return (t.host, t.port, t.dbname or "", t.user or "")
 
-    texts: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
-    after: dict[tuple[str, str], int | None] = field(default_factory=dict)
+
+@dataclass
+class _Defined:
+    """An object a session created or changed and the target's catalog may not show yet:
+    the CREATE VIEW / CREATE RULE texts that say what it runs, the session, and the
+    re-read after which the catalog shows it (None until the session was idle again)."""
+
+    texts: tuple[str, ...]
+    owner: weakref.ReferenceType[ClientSession]
+    after: int | None = None
 
 
 @dataclass
@@ -185,18 +194,27 @@ class _Target:
     task: asyncio.Task[None] | None = None
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
     timer: asyncio.TimerHandle | None = None
+    defined: dict[tuple[str, str], _Defined] = field(default_factory=dict)
+
+
+def _idle(session: ClientSession | None) -> bool:
+    """Nothing in flight and no transaction open (or gone): what it did has committed or
+    was rolled back."""
+    return session is None or session.closed or (session.tx_status == "I" and
+                                                 not session.expect)
 
 
 class Catalogs:
-    """Every PostgreSQL connection's TargetCatalog (see the module docstring)."""
+    """Every PostgreSQL target's TargetCatalog (see the module docstring)."""
 
     def __init__(self, gw: PostgresGateway, read: Any = read_catalog):
         self.gw = gw
         self._read = read  # None: catalogs are only ever put() (tests)
-        self._targets: dict[str, _Target] = {}
-        self._created: weakref.WeakKeyDictionary[ClientSession, _Created] = \
-            weakref.WeakKeyDictionary()
+        self._targets: dict[tuple[str, int, str, str], _Target] = {}
         self._ticker: asyncio.Task[None] | None = None
+
+    def _target(self, conn: Connection) -> _Target:
+        return self._targets.setdefault(target_key(conn), _Target())
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -215,27 +233,27 @@ class Catalogs:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(REFRESH_SECONDS)
-            open_conns = {s.conn.name: s.conn for s in list(self.gw.active) if s.conn}
-            for conn in open_conns.values():
+            used = {target_key(s.conn): s.conn for s in list(self.gw.active) if s.conn}
+            for conn in used.values():
+                self._settle_defined(conn, self._target(conn))
                 self.refresh(conn)
 
     async def ready(self, conn: Connection) -> None:
         """Wait until the connection's catalog was read once (or failed to be)."""
-        target = self._targets.get(conn.name)
-        if target is None or (target.catalog is None and target.task is None):
+        target = self._target(conn)
+        if target.catalog is None and target.task is None and not target.loaded.is_set():
             self.refresh(conn)
-            target = self._targets[conn.name]
         await target.loaded.wait()
 
-    def put(self, name: str, catalog: TargetCatalog) -> None:
-        """Use ``catalog`` for connection ``name`` until it is read again."""
-        target = self._targets.setdefault(name, _Target())
+    def put(self, conn: Connection, catalog: TargetCatalog) -> None:
+        """Use ``catalog`` for the connection's target until it is read again."""
+        target = self._target(conn)
         target.catalog, target.error = catalog, None
         target.loaded.set()
 
     def refresh(self, conn: Connection, delay: float = 0.0) -> int:
-        """Ask for a re-read; returns its request number (see ``_Created.after``)."""
-        target = self._targets.setdefault(conn.name, _Target())
+        """Ask for a re-read; returns its request number (see ``_Defined.after``)."""
+        target = self._target(conn)
         target.requested += 1
         if self._read is None:
             target.done = target.requested
@@ -281,23 +299,19 @@ class Catalogs:
                              sum(map(len, catalog.operators.values())),
                              len(catalog.types), sum(map(len, catalog.relations.values())))
                 target.done = covers
-                self._settled(conn, target, changed)
+                for key in [k for k, d in target.defined.items()
+                            if d.after is not None and d.after <= covers]:
+                    del target.defined[key]
+                if changed:
+                    self._forget_verdicts(conn)
         finally:
             target.task = None
             target.loaded.set()
 
-    def _settled(self, conn: Connection, target: _Target, changed: bool) -> None:
+    def _forget_verdicts(self, conn: Connection) -> None:
+        key = target_key(conn)
         for session in list(self.gw.active):
-            if session.conn is None or session.conn.name != conn.name:
-                continue
-            created = self._created.get(session)
-            if created is not None:
-                gone = [k for k, after in created.after.items()
-                        if after is not None and after <= target.done]
-                for key in gone:
-                    created.texts.pop(key, None)
-                    created.after.pop(key, None)
-            if changed:
+            if session.conn is not None and target_key(session.conn) == key:
                 session.forget_verdicts()
 
     # -- judging -----------------------------------------------------------------------------
@@ -307,42 +321,37 @@ class Catalogs:
         """The session's statements judged by what runs on its target."""
         conn = session.conn
         assert conn is not None
-        target = self._targets.get(conn.name)
-        if target is None:
-            target = self._targets.setdefault(conn.name, _Target())
-        created = self._note(session, conn, statements)
+        target = self._target(conn)
+        self._settle_defined(conn, target)
+        self._note(session, conn, target, statements)
         scope = Scope(schemas=frozenset(session.schemas),
-                      created=created.texts if created is not None else {},
+                      created={k: d.texts for k, d in target.defined.items()},
                       unavailable=target.error if target.catalog is None else None)
         return tuple(resolve(session.analyzer, st, target.catalog, scope)
                      for st in statements)
 
-    def _note(self, session: ClientSession, conn: Connection,
-              statements: tuple[Statement, ...]) -> _Created | None:
-        created = self._created.get(session)
-        if created is not None and session.tx_status == "I" and not session.expect:
-            # Nothing in flight and no transaction open: what the session created before
-            # has committed (or was rolled back), so a re-read starting now shows it.
-            waiting = [k for k, after in created.after.items() if after is None]
-            if waiting:
-                ticket = self.refresh(conn)
-                for key in waiting:
-                    created.after[key] = ticket
+    def _settle_defined(self, conn: Connection, target: _Target) -> None:
+        """Objects whose session is idle again are in the next re-read: ask for it."""
+        waiting = [d for d in target.defined.values() if d.after is None and _idle(d.owner())]
+        if waiting:
+            ticket = self.refresh(conn)
+            for d in waiting:
+                d.after = ticket
+
+    def _note(self, session: ClientSession, conn: Connection, target: _Target,
+              statements: tuple[Statement, ...]) -> None:
         grew = False
         for st in statements:
-            if st.defines:
-                if created is None:
-                    created = self._created[session] = _Created()
-                texts = (st.text,) if st.command in ("CREATE VIEW", "CREATE RULE") else ()
-                for kind, _schema, name in st.defines:
-                    key = (kind, name)
-                    grew = grew or key not in created.texts
-                    created.texts[key] = (*created.texts.get(key, ()), *texts)
-                    created.after[key] = None
+            texts = (st.text,) if st.command in ("CREATE VIEW", "CREATE RULE") else ()
+            for kind, _schema, name in st.defines:
+                old = target.defined.get((kind, name))
+                grew = grew or old is None
+                target.defined[(kind, name)] = _Defined(
+                    (*(old.texts if old else ()), *texts), weakref.ref(session))
             if st.defines or st.cls.risk >= StatementClass.DDL.risk:
                 # It may change the catalog (DDL, or code that may run DDL): re-read it
-                # for every session soon; this one counts what it defines until then.
+                # soon; until then what it names counts as defined for every session.
                 self.refresh(conn, AFTER_DDL_SECONDS)
         if grew:
-            session.forget_verdicts()
-        return created
+            self._forget_verdicts(conn)
+            session.forget_verdicts()  # also when it is not counted in gw.active (tests)
