@@ -207,3 +207,21 @@ def test_statements_record_what_they_define() -> None:
     assert defines("CREATE CAST (mytype AS int) WITH FUNCTION f(mytype)") == \
         (("t", "", "mytype"),)
     assert defines("SELECT 1") == ()
+
+
+def test_too_large_or_too_many_statements_is_unknown_and_quick() -> None:
+    import time
+
+    from keyturn.analysis.postgres import MAX_ANALYSED_TEXT, MAX_STATEMENTS
+
+    an = Analyzer()
+    started = time.perf_counter()
+    huge = an.analyze("SELECT * FROM t WHERE id IN (" + ",".join(map(str, range(200_000))) + ")")
+    assert huge.cls is C.UNKNOWN and "too large" in (huge.error or "")
+    many = an.analyze("SELECT 1;" * (MAX_STATEMENTS + 1))
+    assert many.cls is C.UNKNOWN and "statements" in (many.error or "")
+    deep = an.analyze("SELECT " + "abs(" * 3000 + "1" + ")" * 3000)
+    assert deep.cls is C.UNKNOWN
+    assert time.perf_counter() - started < 2
+    ok = "SELECT * FROM t WHERE id IN (" + ",".join(map(str, range(30_000))) + ")"
+    assert len(ok) < MAX_ANALYSED_TEXT and an.analyze(ok).cls is C.READ

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import gc
 import json
 import re
 from collections.abc import Hashable, Iterable, Mapping
@@ -1212,6 +1213,12 @@ def _command(kind: str, body: dict[str, Any]) -> str:
 
 # Texts longer than this are analysed every time rather than pinned in memory as cache keys.
 _MAX_CACHED_TEXT = 64 * 1024
+#: Longer messages (UTF-8 bytes) are UNKNOWN without being parsed: their parse tree is 10
+#: to 25 times their size and walking it holds the gateway's event loop (docs/
+#: postgres-gateway.md, "Known limits", has the figures).
+MAX_ANALYSED_TEXT = 256 * 1024
+#: Messages with more statements than this are UNKNOWN (each costs a walk of its own).
+MAX_STATEMENTS = 2000
 MAX_SHAPED_TEXT = _MAX_CACHED_TEXT  # fast_shape gives None for longer texts
 
 
@@ -1338,6 +1345,13 @@ class Analyzer:
         if "\x00" in sql:
             # libpg_query stops at a NUL byte, so it would see less than the server rejects.
             return Analysis(sql, (), "query text contains a NUL character")
+        if len(sql) * 4 > MAX_ANALYSED_TEXT:  # a character is at most 4 bytes
+            # More characters than the limit are more bytes too (not worth encoding).
+            size = len(sql) if len(sql) > MAX_ANALYSED_TEXT else \
+                len(sql.encode("utf-8", "surrogatepass"))
+            if size > MAX_ANALYSED_TEXT:
+                return Analysis(sql, (), f"the message is too large to analyse ({size} bytes "
+                                         f"or more; keyturn analyses up to {MAX_ANALYSED_TEXT})")
         shape = _shape(sql) if len(sql) <= _MAX_CACHED_TEXT else None
         if shape is not None:
             template = self._by_shape.get(shape)
@@ -1369,6 +1383,18 @@ class Analyzer:
     def _analyze(self, sql: str, prepared: PreparedStatements | None
                  ) -> tuple[Analysis, bool, bool]:
         """The analysis, whether it may be cached by text, and whether by shape."""
+        if len(sql) <= _MAX_CACHED_TEXT or not gc.isenabled():
+            return self._analyze_tree(sql, prepared)
+        # A large tree is hundreds of thousands of new containers: without the collector
+        # running over and over meanwhile, analysis takes a half to a third of the time.
+        gc.disable()
+        try:
+            return self._analyze_tree(sql, prepared)
+        finally:
+            gc.enable()
+
+    def _analyze_tree(self, sql: str, prepared: PreparedStatements | None
+                      ) -> tuple[Analysis, bool, bool]:
         try:
             tree = json.loads(_pg.parse_sql_json(sql))
         except _pg.ParseError as exc:
@@ -1377,6 +1403,9 @@ class Analyzer:
             return Analysis(sql, (), "statement is nested too deeply to analyse"), True, False
         except Exception as exc:  # e.g. text that cannot be encoded as UTF-8
             return Analysis(sql, (), f"could not parse: {type(exc).__name__}: {exc}"), False, False
+        if len(tree.get("stmts") or ()) > MAX_STATEMENTS:
+            return Analysis(sql, (), f"the message holds {len(tree['stmts'])} statements; "
+                                     f"keyturn analyses up to {MAX_STATEMENTS}"), True, False
         by_text = by_shape = True
         statements: list[Statement] = []
         changes: list[tuple[int, str | None, int]] = []
