@@ -21,11 +21,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from keyturn.analysis.pgcatalog import TargetCatalog
 from keyturn.analysis.postgres import MAX_SHAPED_TEXT, fast_shape
 from keyturn.config import parse_config
 from keyturn.identity import Identity
 from keyturn.policy import PolicyEngine
 from proxies.postgres import codec
+from proxies.postgres.catalog import Catalogs
 from proxies.postgres.gateway import PostgresGateway
 from proxies.postgres.session import ClientSession
 from proxies.postgres.speedups import compiled
@@ -167,6 +169,9 @@ def new_session(fast: bool | str, records: list[bytes]) -> tuple[ClientSession, 
     gw = SimpleNamespace(config=cfg, policy=PolicyEngine(cfg), audit_spool=spool,
                          _analyzers={}, audit=lambda **k: None, drop_key=lambda key: None)
     gw.analyzer = lambda conn: PostgresGateway.analyzer(gw, conn)  # type: ignore[arg-type]
+    gw.active = set()
+    gw.catalogs = Catalogs(gw, read=None)  # type: ignore[arg-type]
+    gw.catalogs.put(cfg.connections["bench"], TargetCatalog.from_rows(user="app", search_path=None))
     s = ClientSession(gw)  # type: ignore[arg-type]
     s.connection_made(Sink())  # type: ignore[arg-type]
     s.session_id = "s1"

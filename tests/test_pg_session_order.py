@@ -11,10 +11,12 @@ from types import SimpleNamespace
 import pytest
 
 from keyturn.analysis import PreparedStatements
+from keyturn.analysis.pgcatalog import TargetCatalog
 from keyturn.auditspool import AuditSpool
 from keyturn.config import parse_config
 from keyturn.policy import PolicyEngine
 from proxies.postgres import codec
+from proxies.postgres.catalog import Catalogs
 from proxies.postgres.gateway import PostgresGateway
 from proxies.postgres.session import ClientSession
 from proxies.postgres.upstream import Upstream
@@ -58,6 +60,9 @@ def session():  # type: ignore[no-untyped-def]
     gw = SimpleNamespace(config=cfg, policy=PolicyEngine(cfg), audit_spool=spool,
                          _analyzers={}, audit=lambda **k: None)
     gw.analyzer = lambda conn: PostgresGateway.analyzer(gw, conn)  # type: ignore[arg-type]
+    gw.active = set()
+    gw.catalogs = Catalogs(gw, read=None)  # type: ignore[arg-type]
+    gw.catalogs.put(cfg.connections["db"], TargetCatalog.from_rows(user="app", search_path=None))
     s = ClientSession(gw)  # type: ignore[arg-type]
     client = Wire()
     s.connection_made(client)  # type: ignore[arg-type]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import gc
 import json
 import re
 from collections.abc import Hashable, Iterable, Mapping
@@ -86,6 +87,15 @@ class Statement:
     search_path: tuple[str, ...] | None = None
     # What the gateway's transaction guard needs to know (see FACTS).
     facts: frozenset[str] = frozenset()
+    # Names whose meaning depends on the target's catalog, as written: (kind, schema or "",
+    # name) with kind f (function call), a (attribute notation, ``c.fullname``, which may
+    # call a function), o (operator, also the implicit ones of IN, BETWEEN, simple CASE,
+    # ANY, DISTINCT FROM, LIKE, ORDER BY ... USING), t (type named in a cast).
+    # keyturn.analysis.usercode resolves them against the target's catalog.
+    refs: tuple[Ref, ...] = ()
+    # Catalog objects this statement creates or redefines: (f|o|t|r, schema or "", name),
+    # r being a relation whose views, rules, triggers or defaults change.
+    defines: tuple[Ref, ...] = ()
 
 
 #: Statement facts the gateway's read-only guard relies on:
@@ -100,6 +110,10 @@ READ_ONLY_CLASSES = frozenset({"transaction", "session", "read"})
 #: PostgreSQL keeps the first NAMEDATALEN-1 bytes of identifiers and of statement and
 #: portal names; longer names that share them name the same object.
 NAME_BYTES = 63
+
+
+#: A catalog reference of a statement: (kind, schema or "", name); see Statement.refs.
+Ref = tuple[str, str, str]
 
 
 def server_name(name: str) -> str:
@@ -279,7 +293,8 @@ def _merge_candidates(name: str, old: Statement, new: Statement) -> Statement:
         forbidden=old.forbidden or new.forbidden, is_dml=old.is_dml or new.is_dml,
         prepared_name=name, literal_dependent=old.literal_dependent or new.literal_dependent,
         unqualified=_unique([*old.unqualified, *new.unqualified]),
-        facts=old.facts | new.facts,
+        facts=old.facts | new.facts, refs=tuple(dict.fromkeys([*old.refs, *new.refs])),
+        defines=tuple(dict.fromkeys([*old.defines, *new.defines])),
     )
 
 
@@ -341,7 +356,7 @@ _NO_FIELDS: dict[str, str] = {}
 _NO_CTES: frozenset[str] = frozenset()
 # Nodes that cannot contain a relation, a function call or a statement.
 _LEAVES = frozenset({"String", "Integer", "Float", "Boolean", "BitString", "A_Const", "A_Star",
-                     "ParamRef", "SQLValueFunction", "RoleSpec", "Alias", "ColumnRef"})
+                     "ParamRef", "SQLValueFunction", "RoleSpec", "Alias"})
 # Statement kinds that may be served from the normalized-text cache (see Analyzer): common
 # statements whose classification reads no constant except where it says so (literal
 # flag).  Everything else is cached by exact text only.
@@ -400,7 +415,7 @@ class _Walk:
 
     __slots__ = ("an", "prepared", "text", "findings", "tables", "functions", "forbidden",
                  "literal", "session_bound", "effects", "mode", "in_cte", "wrapper", "is_dml",
-                 "prepared_name", "unqualified", "search_path", "facts")
+                 "prepared_name", "unqualified", "search_path", "facts", "refs", "defines")
 
     def __init__(self, analyzer: Analyzer, prepared: PreparedStatements | None, text: str):
         self.an, self.prepared, self.text = analyzer, prepared, text
@@ -419,6 +434,8 @@ class _Walk:
         self.unqualified: dict[str, None] = {}
         self.search_path: tuple[str, ...] | None = None
         self.facts: set[str] = set()
+        self.refs: dict[Ref, None] = {}
+        self.defines: dict[Ref, None] = {}
 
     # -- results ---------------------------------------------------------------------------
 
@@ -446,9 +463,12 @@ class _Walk:
             forbidden=self.forbidden, is_dml=self.is_dml, prepared_name=self.prepared_name,
             literal_dependent=self.literal, unqualified=tuple(self.unqualified),
             search_path=self.search_path, facts=frozenset(self.facts),
+            refs=tuple(self.refs), defines=tuple(self.defines),
         )
 
     def merge(self, other: Statement) -> None:
+        self.refs.update(dict.fromkeys(other.refs))
+        self.defines.update(dict.fromkeys(other.defines))
         self.tables.update(dict.fromkeys(other.tables))
         self.unqualified.update(dict.fromkeys(other.unqualified))
         self.functions.update(dict.fromkeys(other.functions))
@@ -554,6 +574,7 @@ class _Walk:
         if not names:
             self.add(C.UNKNOWN, "function call without a name")
             return
+        self.refs[("f", *_split(names))] = None
         qualified, entry = self.an.resolve(names)
         self.functions[qualified] = None
         if entry is None:
@@ -572,6 +593,10 @@ class _Walk:
         if self.mode == _PLAN:
             return  # catalogued side effects are all volatile functions: never run by planning
         self.add(cls, f"function {qualified} {reason}" if reason else "")
+
+    def operator(self, names: list[str]) -> None:
+        if names:
+            self.refs[("o", *_split(names))] = None
 
     def set_config(self, args: list[Any]) -> Entry:
         self.literal = True
@@ -638,6 +663,8 @@ class _Walk:
     # -- statements --------------------------------------------------------------------------
 
     def stmt(self, kind: str, body: dict[str, Any], ctes: frozenset[str], top: bool) -> None:
+        if kind in _DEFINING:
+            self.defines.update(dict.fromkeys(_defined(kind, body)))
         handler = _STMT_HANDLERS.get(kind)
         if handler is not None:
             handler(self, body, ctes, top)
@@ -1040,13 +1067,137 @@ def _literal_text(node: dict[str, Any]) -> str:
 
 _STMT_HANDLERS = {name[3:]: fn for name, fn in vars(_Walk).items() if name.startswith("_s_")}
 _STMT_KINDS = frozenset(_STMT_HANDLERS) | frozenset(_STATIC)
+_BETWEEN = frozenset({"AEXPR_BETWEEN", "AEXPR_NOT_BETWEEN", "AEXPR_BETWEEN_SYM",
+                      "AEXPR_NOT_BETWEEN_SYM"})
+
+
+def _a_expr(w: _Walk, body: dict[str, Any], ctes: frozenset[str]) -> None:
+    # Every operator form calls the operator's function: a + b, IN (=, <>), LIKE (~~),
+    # DISTINCT FROM and NULLIF (=), ANY/ALL; BETWEEN compares with >= and <=.
+    if body.get("kind") in _BETWEEN:
+        w.operator([">="])
+        w.operator(["<="])
+    else:
+        w.operator(_names(body.get("name")))
+    w.children("A_Expr", body, ctes, skip=("name",))
+
+
+def _sub_link(w: _Walk, body: dict[str, Any], ctes: frozenset[str]) -> None:
+    if body.get("subLinkType") in ("ANY_SUBLINK", "ALL_SUBLINK", "ROWCOMPARE_SUBLINK"):
+        w.operator(_names(body.get("operName")) or ["="])  # x IN (SELECT ...) is = ANY
+    w.children("SubLink", body, ctes, skip=("operName",))
+
+
+def _case(w: _Walk, body: dict[str, Any], ctes: frozenset[str]) -> None:
+    if body.get("arg"):
+        w.operator(["="])  # CASE x WHEN y compares with =
+    w.children("CaseExpr", body, ctes)
+
+
+def _sort_by(w: _Walk, body: dict[str, Any], ctes: frozenset[str]) -> None:
+    w.operator(_names(body.get("useOp")))
+    w.children("SortBy", body, ctes, skip=("useOp",))
+
+
+def _type_cast(w: _Walk, body: dict[str, Any], ctes: frozenset[str]) -> None:
+    names = _names((body.get("typeName") or {}).get("names"))
+    if names:
+        w.refs[("t", *_split(names))] = None
+    w.children("TypeCast", body, ctes)
+
+
+def _column_ref(w: _Walk, body: dict[str, Any], ctes: frozenset[str]) -> None:
+    # c.fullname may be the function fullname(c) when c has no column of that name.
+    fields = body.get("fields") or []
+    if len(fields) > 1:
+        last = fields[-1].get("String") if isinstance(fields[-1], dict) else None
+        if isinstance(last, dict):
+            w.refs[("a", "", str(last.get("sval", "")))] = None
+
+
+def _indirection(w: _Walk, body: dict[str, Any], ctes: frozenset[str]) -> None:
+    for item in body.get("indirection") or ():  # (c).fullname, like c.fullname
+        name = item.get("String") if isinstance(item, dict) else None
+        if isinstance(name, dict):
+            w.refs[("a", "", str(name.get("sval", "")))] = None
+    w.children("A_Indirection", body, ctes)
+
+
 _NODE_HANDLERS = {
     "RangeVar": lambda w, body, ctes: w.relation(body, ctes),
     "FuncCall": lambda w, body, ctes: (
         w.call(_names(body.get("funcname")), body.get("args") or []),
         w.children("FuncCall", body, ctes, skip=("funcname",)),
     ),
+    "A_Expr": _a_expr, "SubLink": _sub_link, "CaseExpr": _case, "SortBy": _sort_by,
+    "TypeCast": _type_cast, "ColumnRef": _column_ref, "A_Indirection": _indirection,
 }
+
+
+def _split(names: list[str]) -> tuple[str, str]:
+    """(schema or "", name) of a qualified name (a database qualifier is dropped)."""
+    return (names[-2] if len(names) > 1 else "", names[-1])
+
+
+def _rel_ref(rel: Any) -> list[Ref]:
+    if not isinstance(rel, dict) or not rel.get("relname"):
+        return []
+    return [("r", str(rel.get("schemaname") or ""), str(rel["relname"]))]
+
+
+_DEFINE_KINDS = {"OBJECT_AGGREGATE": "f", "OBJECT_FUNCTION": "f", "OBJECT_PROCEDURE": "f",
+                 "OBJECT_ROUTINE": "f", "OBJECT_OPERATOR": "o", "OBJECT_TYPE": "t",
+                 "OBJECT_DOMAIN": "t", "OBJECT_VIEW": "r", "OBJECT_MATVIEW": "r",
+                 "OBJECT_TABLE": "r", "OBJECT_FOREIGN_TABLE": "r"}
+
+
+def _object_names(obj: Any) -> list[str]:
+    if not isinstance(obj, dict):
+        return []
+    if "ObjectWithArgs" in obj:
+        return _names(obj["ObjectWithArgs"].get("objname"))
+    if "List" in obj:
+        return _names(obj["List"].get("items"))
+    if "TypeName" in obj:
+        return _names(obj["TypeName"].get("names"))
+    return []
+
+
+def _defined(kind: str, body: dict[str, Any]) -> list[Ref]:
+    """The catalog objects a statement creates or changes (see Statement.defines)."""
+    if kind == "CreateFunctionStmt":
+        return [("f", *_split(_names(body.get("funcname"))))]
+    if kind == "DefineStmt":
+        names = _names(body.get("defnames"))
+        what = _DEFINE_KINDS.get(body.get("kind", ""), "t")
+        return [(what, *_split(names))] if names else []
+    if kind in ("ViewStmt", "RuleStmt", "CreateTrigStmt", "IndexStmt", "AlterTableStmt",
+                "CreatePolicyStmt", "AlterPolicyStmt"):
+        return _rel_ref(body.get("view") or body.get("relation") or body.get("table"))
+    if kind == "CreateCastStmt":
+        # A cast's built-in side (pg_catalog.int4) keeps its own casts.
+        return [("t", *_split(names)) for side in ("sourcetype", "targettype")
+                if (names := _names((body.get(side) or {}).get("names")))
+                and names[0] != "pg_catalog"]
+    if kind == "CreateDomainStmt":
+        return [("t", *_split(_names(body.get("domainname"))))]
+    if kind in ("RenameStmt", "AlterObjectSchemaStmt"):
+        changed = _DEFINE_KINDS.get(str(body.get("renameType") or body.get("objectType")))
+        if changed is None:
+            return []
+        if kind == "RenameStmt":
+            return [(changed, "", str(body.get("newname") or ""))]
+        if changed == "r":
+            return _rel_ref(body.get("relation"))
+        names = _object_names(body.get("object"))
+        return [(changed, *_split(names))] if names else []
+    return []
+
+
+_DEFINING = frozenset({"CreateFunctionStmt", "DefineStmt", "ViewStmt", "RuleStmt",
+                       "CreateTrigStmt", "IndexStmt", "AlterTableStmt", "CreatePolicyStmt",
+                       "AlterPolicyStmt", "CreateCastStmt", "CreateDomainStmt", "RenameStmt",
+                       "AlterObjectSchemaStmt"})
 _CAMEL = re.compile(r"[A-Z]+(?![a-z])|[A-Z][a-z]*")
 
 
@@ -1082,6 +1233,12 @@ def _command(kind: str, body: dict[str, Any]) -> str:
 
 # Texts longer than this are analysed every time rather than pinned in memory as cache keys.
 _MAX_CACHED_TEXT = 64 * 1024
+#: Longer messages (UTF-8 bytes) are UNKNOWN without being parsed: their parse tree is 10
+#: to 25 times their size and walking it holds the gateway's event loop (docs/
+#: postgres-gateway.md, "Known limits", has the figures).
+MAX_ANALYSED_TEXT = 256 * 1024
+#: Messages with more statements than this are UNKNOWN (each costs a walk of its own).
+MAX_STATEMENTS = 2000
 MAX_SHAPED_TEXT = _MAX_CACHED_TEXT  # fast_shape gives None for longer texts
 
 
@@ -1177,6 +1334,30 @@ class Analyzer:
         # Another schema's pg_read_file or version is a user function, not the builtin.
         return ".".join(names), _EXTENSIONS.get(names[-1]) if names else None
 
+    def runs(self, sql: str) -> tuple[Statement, ...]:
+        """What a stored definition runs when it fires: the query of a CREATE VIEW, each
+        action of a CREATE RULE (as pg_get_ruledef prints it), every statement of any
+        other text. A definition that does not parse runs something unknown."""
+        try:
+            tree = json.loads(_pg.parse_sql_json(sql))
+            out: list[Statement] = []
+            for raw_stmt in tree.get("stmts") or ():
+                ((kind, body),) = raw_stmt["stmt"].items()
+                if kind == "RuleStmt":
+                    parts = [a for a in body.get("actions") or () if isinstance(a, dict)]
+                elif kind == "ViewStmt":
+                    parts = [body.get("query") or {}]
+                else:
+                    parts = [raw_stmt["stmt"]]
+                for part in parts:
+                    ((inner, inner_body),) = part.items()
+                    out.append(_Walk(self, None, sql).statement(inner, inner_body))
+            return tuple(out)
+        except Exception as exc:  # RecursionError included: fail closed
+            reason = f"a stored definition could not be analysed: {type(exc).__name__}"
+            return (Statement(sql, C.UNKNOWN, "UNKNOWN", (), (), (reason,), None, False, None,
+                              False),)
+
     def analyze(self, sql: str, prepared: PreparedStatements | None = None) -> Analysis:
         cached = self._by_text.get(sql)
         if cached is not None:
@@ -1184,6 +1365,13 @@ class Analyzer:
         if "\x00" in sql:
             # libpg_query stops at a NUL byte, so it would see less than the server rejects.
             return Analysis(sql, (), "query text contains a NUL character")
+        if len(sql) * 4 > MAX_ANALYSED_TEXT:  # a character is at most 4 bytes
+            # More characters than the limit are more bytes too (not worth encoding).
+            size = len(sql) if len(sql) > MAX_ANALYSED_TEXT else \
+                len(sql.encode("utf-8", "surrogatepass"))
+            if size > MAX_ANALYSED_TEXT:
+                return Analysis(sql, (), f"the message is too large to analyse ({size} bytes "
+                                         f"or more; keyturn analyses up to {MAX_ANALYSED_TEXT})")
         shape = _shape(sql) if len(sql) <= _MAX_CACHED_TEXT else None
         if shape is not None:
             template = self._by_shape.get(shape)
@@ -1215,6 +1403,18 @@ class Analyzer:
     def _analyze(self, sql: str, prepared: PreparedStatements | None
                  ) -> tuple[Analysis, bool, bool]:
         """The analysis, whether it may be cached by text, and whether by shape."""
+        if len(sql) <= _MAX_CACHED_TEXT or not gc.isenabled():
+            return self._analyze_tree(sql, prepared)
+        # A large tree is hundreds of thousands of new containers: without the collector
+        # running over and over meanwhile, analysis takes a half to a third of the time.
+        gc.disable()
+        try:
+            return self._analyze_tree(sql, prepared)
+        finally:
+            gc.enable()
+
+    def _analyze_tree(self, sql: str, prepared: PreparedStatements | None
+                      ) -> tuple[Analysis, bool, bool]:
         try:
             tree = json.loads(_pg.parse_sql_json(sql))
         except _pg.ParseError as exc:
@@ -1223,6 +1423,9 @@ class Analyzer:
             return Analysis(sql, (), "statement is nested too deeply to analyse"), True, False
         except Exception as exc:  # e.g. text that cannot be encoded as UTF-8
             return Analysis(sql, (), f"could not parse: {type(exc).__name__}: {exc}"), False, False
+        if len(tree.get("stmts") or ()) > MAX_STATEMENTS:
+            return Analysis(sql, (), f"the message holds {len(tree['stmts'])} statements; "
+                                     f"keyturn analyses up to {MAX_STATEMENTS}"), True, False
         by_text = by_shape = True
         statements: list[Statement] = []
         changes: list[tuple[int, str | None, int]] = []
@@ -1283,7 +1486,7 @@ def _from_template(sql: str, template: tuple[Statement, ...]) -> Analysis | None
             return Analysis(sql, (Statement(text, s.cls, s.command, s.tables, s.functions,
                                             s.reasons, s.forbidden, s.is_dml, s.prepared_name,
                                             s.literal_dependent, s.unqualified,
-                                            s.search_path, s.facts),), None)
+                                            s.search_path, s.facts, s.refs, s.defines),), None)
     try:
         # The same texts the full analysis cuts from stmt_location/stmt_len, then strips.
         texts = _pg.split(sql)
@@ -1294,6 +1497,6 @@ def _from_template(sql: str, template: tuple[Statement, ...]) -> Analysis | None
     return Analysis(sql, tuple(
         Statement(text, s.cls, s.command, s.tables, s.functions, s.reasons, s.forbidden,
                   s.is_dml, s.prepared_name, s.literal_dependent, s.unqualified, s.search_path,
-                  s.facts)
+                  s.facts, s.refs, s.defines)
         for text, s in zip(texts, template, strict=True)
     ), None)

@@ -32,6 +32,7 @@ from keyturn.masking.engine import MaskCatalog, derived_columns
 from keyturn.policy import PolicyEngine
 from keyturn.services import Services
 from proxies.postgres import codec, speedups
+from proxies.postgres.catalog import Catalogs, connect_target
 
 if TYPE_CHECKING:
     from proxies.postgres.session import ClientSession
@@ -54,6 +55,8 @@ class PostgresGateway:
             self.tls = ctx
         self._analyzers: dict[str, Analyzer] = {}
         self._origins: dict[str, MaskCatalog] = {}
+        # Each connection's user-defined code, judged into every decision (catalog.py).
+        self.catalogs = Catalogs(self)
         self.mask_key = _mask_key(self.config)
         self.policy = PolicyEngine(self.config)
         self._server: asyncio.AbstractServer | None = None
@@ -88,6 +91,10 @@ class PostgresGateway:
 
         self.audit_spool.watch(spool_changed)
         self.watcher.start()
+        self.catalogs.start()
+        for conn in self.config.connections.values():
+            if conn.type == "postgres":
+                self.catalogs.refresh(conn)  # read before the first session needs it
         _raise_fd_limit(self.limits.max_connections)
         self._revocations = loop.create_task(self._end_revoked_sessions())
         listen = self.config.gateway.postgres
@@ -127,6 +134,7 @@ class PostgresGateway:
             await self._server.wait_closed()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.catalogs.stop()
         await self.watcher.stop()
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
@@ -302,14 +310,7 @@ class PostgresGateway:
         cached = self._origins.get(conn.name)
         if cached is not None:
             return cached
-        import psycopg
-
-        t = conn.target
-        password = t.password.resolve() if t.password else None
-        with psycopg.connect(host=t.host, port=t.port, dbname=t.dbname, user=t.user,
-                             password=password, connect_timeout=5,
-                             sslmode="require" if t.sslmode != "disable" else "disable",
-                             application_name="keyturn-catalog", autocommit=True) as c:
+        with connect_target(conn, "keyturn-catalog") as c:
             rows = c.execute(
                 "SELECT c.oid, a.attnum, n.nspname, c.relname, a.attname "
                 "FROM pg_catalog.pg_attribute a "
@@ -398,16 +399,9 @@ class PostgresGateway:
         Uses its own short connection so the held session's transaction state is
         never touched. Returns None if the target cannot plan it.
         """
-        import psycopg
-
-        t = conn.target
         try:
-            password = t.password.resolve() if t.password else None
-            with psycopg.connect(host=t.host, port=t.port, dbname=t.dbname, user=t.user,
-                                 password=password, connect_timeout=3,
-                                 sslmode="require" if t.sslmode != "disable" else "disable",
-                                 options="-c statement_timeout=2000",
-                                 application_name="keyturn-explain", autocommit=True) as c:
+            with connect_target(conn, "keyturn-explain", timeout=3,
+                                options="-c statement_timeout=2000") as c:
                 with c.cursor() as cur:
                     if params:
                         cur.execute("PREPARE keyturn_explain AS " + sql)

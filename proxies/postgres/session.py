@@ -742,6 +742,7 @@ class ClientSession(asyncio.Protocol):
             self.fatal(exc.sqlstate, f"keyturn: cannot reach connection {self.conn.name!r}: "
                                      f"{exc.message}")
             return
+        await self.gw.catalogs.ready(self.conn)  # user code is judged from the first statement
         if self.closed:
             self.upstream.close()
             return
@@ -1046,6 +1047,7 @@ class ClientSession(asyncio.Protocol):
         statements = analysis.statements
         if self.schemas != _DEFAULT_SCHEMAS:
             statements = tuple(self._resolve(st) for st in statements)
+        statements = self.gw.catalogs.resolve(self, statements)  # what runs on the target
         return self.gw.policy.evaluate(Request(self.user, self.identity.groups, self.conn,
                                                statements, analysis.error))
 
@@ -1057,12 +1059,17 @@ class ClientSession(asyncio.Protocol):
             wider = self.schemas | set(st.search_path)
             if wider != self.schemas:
                 self.schemas = wider
-                self.verdicts.clear()
-                self.fast_verdicts.clear()
-                self.guarded_verdicts.clear()
-                self.fast_stmts.clear()
-                for info in self.stmts.values():
-                    info.decision = None
+                self.forget_verdicts()
+
+    def forget_verdicts(self) -> None:
+        """Judge every statement afresh: what a name means has changed (search_path, or
+        the target's catalog; proxies/postgres/catalog.py)."""
+        self.verdicts.clear()
+        self.fast_verdicts.clear()
+        self.guarded_verdicts.clear()
+        self.fast_stmts.clear()
+        for info in self.stmts.values():
+            info.decision = None
 
     def _resolve(self, st: Statement) -> Statement:
         """The statement with each unqualified table in every schema the session's
@@ -1122,7 +1129,7 @@ class ClientSession(asyncio.Protocol):
             # Hot path: one statement whose verdict this session has seen before
             # (the verdict depends on everything in the key, never on the text).
             st = statements[0]
-            key = (st.cls, st.tables, st.functions, st.forbidden, st.reasons)
+            key = (st.cls, st.tables, st.functions, st.forbidden, st.reasons, st.refs)
             decision = self.verdicts.get(key)
             if decision is None:
                 decision = self._decide(analysis)

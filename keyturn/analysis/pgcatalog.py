@@ -1,0 +1,226 @@
+"""What a target database defines beyond PostgreSQL's built-ins, as the analyser needs it.
+
+A name alone does not say what runs: ``upper(x)`` may resolve to a user function through
+overloading or search_path, ``a + b`` calls whatever function the operator names, a cast
+may call a cast function or a domain check, reading a view runs its definition, and a
+write fires rules, triggers, defaults and checks.  ``TargetCatalog`` is built from rows the
+gateway reads from the target's catalog (pg_proc, pg_operator, pg_cast, pg_type,
+pg_rewrite, pg_trigger, pg_depend; see proxies/postgres/catalog.py) and answers questions
+about names: which user functions, operators and types a name may mean in a set of
+schemas, and what runs when a relation is read or written.
+
+This module is pure: it takes rows and answers questions.  It must not talk to a database
+and must not judge anything (keyturn.analysis.usercode does); it only knows names.
+Everything outside pg_catalog and information_schema counts as user-defined here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from keyturn.analysis.postgres import search_path_schemas
+
+#: A schema set that stands for "any schema" (the session's search_path is unreadable).
+ANY = "*"
+_VOLATILITY = {"i": "immutable", "s": "stable", "v": "volatile"}
+_EVENTS = {"1": "SELECT", "2": "UPDATE", "3": "INSERT", "4": "DELETE"}
+
+
+@dataclass(frozen=True, slots=True)
+class Routine:
+    """A function, aggregate, window function or procedure outside pg_catalog."""
+
+    schema: str
+    name: str
+    kind: str  # f, a (aggregate), w (window), p (procedure)
+    volatility: str  # i, s, v
+    language: str
+    definer: bool
+    extension: str | None = None  # the extension it belongs to, if any
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    @property
+    def vetted(self) -> bool:
+        """Installed by an extension, declared immutable or stable, and not SECURITY
+        DEFINER: code the database's administrator installed (citext's ``upper``), which
+        no session can replace. Everything else is user code."""
+        return self.extension is not None and self.volatility in ("i", "s") and \
+            not self.definer
+
+    def describe(self) -> str:
+        bits = [self.language, _VOLATILITY.get(self.volatility, self.volatility)]
+        if self.definer:
+            bits.append("SECURITY DEFINER")
+        if self.extension:
+            bits.append(f"extension {self.extension}")
+        return f"{self.qualified} ({', '.join(bits)})"
+
+
+@dataclass(frozen=True, slots=True)
+class Operator:
+    schema: str
+    name: str
+    function: str  # schema.name of the function it calls (oprcode)
+
+
+@dataclass(frozen=True, slots=True)
+class Relation:
+    """What runs when a relation is used: a view's definition (read with the target's
+    search_path set to pg_catalog, so every other name in it is schema-qualified), rules
+    on writes (``CREATE RULE`` text), functions run on writes (defaults, checks, index
+    expressions, triggers) and on every access (row-level security policies, casts and
+    operators of column types)."""
+
+    schema: str
+    name: str
+    view: str | None = None
+    rules: tuple[tuple[str, str], ...] = ()  # (event, definition)
+    on_write: tuple[tuple[str, str], ...] = ()  # (what, schema.function)
+    on_read: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+
+def _temp(schema: str) -> bool:
+    return schema.startswith("pg_temp_") or schema == "pg_temp"
+
+
+@dataclass
+class TargetCatalog:
+    """The user-defined objects of one target database (see the module docstring)."""
+
+    user: str
+    search_path: tuple[str, ...]
+    routines: dict[str, list[Routine]]
+    operators: dict[str, list[Operator]]
+    types: dict[str, list[tuple[str, str, str]]]  # name -> (schema, what, schema.function)
+    relations: dict[str, list[Relation]]
+    fingerprint: str
+    # Derived answers (views judged, ...) for the users of this catalog; dropped with it.
+    memo: dict[Any, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_rows(cls, *, user: str, search_path: str | None,
+                  routines: Iterable[Sequence[Any]] = (),
+                  operators: Iterable[Sequence[Any]] = (),
+                  type_code: Iterable[Sequence[Any]] = (),
+                  type_bases: Iterable[Sequence[Any]] = (),
+                  views: Iterable[Sequence[Any]] = (),
+                  rules: Iterable[Sequence[Any]] = (),
+                  relation_code: Iterable[Sequence[Any]] = (),
+                  typed_columns: Iterable[Sequence[Any]] = ()) -> TargetCatalog:
+        """Rows as proxies/postgres/catalog.py reads them:
+
+        routines: (schema, name, kind, volatility, language, security definer, extension)
+        operators: (schema, name, function schema, function name)
+        type_code: (schema, type, what, function schema, function name): a cast, domain
+            check, I/O or operator-class function that runs for values of the type
+        type_bases: (schema, type, base schema, base type): domains and arrays, which
+            inherit their base's code
+        views: (schema, name, definition)
+        rules: (schema, table, event 1-4 or name, CREATE RULE text)
+        relation_code: (schema, table, what, function schema, function name, on reads)
+        typed_columns: (schema, table, column, type schema, type)
+        """
+        rows: list[Any] = []
+
+        def keep(items: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
+            out = sorted(tuple(str(v) if v is not None else "" for v in r) for r in items)
+            rows.append(out)
+            return out
+
+        by_name: dict[str, list[Routine]] = {}
+        for s, n, k, vol, lang, definer, ext in keep(routines):
+            by_name.setdefault(n, []).append(Routine(s, n, k, vol, lang, definer == "True",
+                                                     ext or None))
+        ops: dict[str, list[Operator]] = {}
+        for s, n, fs, fn in keep(operators):
+            ops.setdefault(n, []).append(Operator(s, n, f"{fs}.{fn}"))
+        code: dict[tuple[str, str], set[tuple[str, str]]] = {}
+        for s, t, what, fs, fn in keep(type_code):
+            code.setdefault((s, t), set()).add((what, f"{fs}.{fn}"))
+        bases = keep(type_bases)
+        for _ in range(8):  # domains of arrays of domains...: a few levels are plenty
+            grew = False
+            for s, t, bs, bt in bases:
+                inherited = code.get((bs, bt), set()) - code.get((s, t), set())
+                if inherited:
+                    code.setdefault((s, t), set()).update(inherited)
+                    grew = True
+            if not grew:
+                break
+        types: dict[str, list[tuple[str, str, str]]] = {}
+        for (s, t), funcs in code.items():
+            types.setdefault(t, []).extend((s, what, fn) for what, fn in sorted(funcs))
+        rels: dict[tuple[str, str], dict[str, Any]] = {}
+
+        def rel(s: str, n: str) -> dict[str, Any]:
+            return rels.setdefault((s, n), {"view": None, "rules": [], "on_write": [],
+                                            "on_read": []})
+
+        for s, n, definition in keep(views):
+            rel(s, n)["view"] = definition
+        for s, n, event, definition in keep(rules):
+            rel(s, n)["rules"].append((_EVENTS.get(event, event), definition))
+        for s, n, what, fs, fn, on_read in keep(relation_code):
+            rel(s, n)["on_read" if on_read == "True" else "on_write"].append(
+                (what, f"{fs}.{fn}"))
+        for s, n, col, ts, tn in keep(typed_columns):
+            for what, fn in sorted(code.get((ts, tn), ())):
+                rel(s, n)["on_read"].append((f"column {col} of type {ts}.{tn} ({what})", fn))
+        relations: dict[str, list[Relation]] = {}
+        for (s, n), parts in sorted(rels.items()):
+            relations.setdefault(n, []).append(Relation(
+                s, n, parts["view"], tuple(parts["rules"]), tuple(dict.fromkeys(
+                    parts["on_write"])), tuple(dict.fromkeys(parts["on_read"]))))
+        path = tuple(search_path_schemas(search_path)) if search_path is not None \
+            else ("$user", "public")
+        digest = hashlib.sha256(repr((user, path, rows)).encode()).hexdigest()
+        return cls(user, path, by_name, ops, types, relations, digest)
+
+    # -- questions --------------------------------------------------------------------------
+
+    def schemas(self, session: Iterable[str]) -> frozenset[str]:
+        """Every schema unqualified names may resolve in: the session's search_path
+        candidates and the target's own default for this role, "$user" made the role."""
+        return frozenset(self.user if s.strip('"') == "$user" else s
+                         for s in (*session, *self.search_path))
+
+    def functions(self, name: str, schemas: frozenset[str]) -> list[Routine]:
+        """User routines called ``name`` in any of ``schemas`` (ANY: every schema).
+        pg_temp is never searched for functions by PostgreSQL, only when named."""
+        return [r for r in self.routines.get(name, ())
+                if ANY in schemas or r.schema in schemas]
+
+    def routine(self, qualified: str) -> Routine | None:
+        schema, _, name = qualified.rpartition(".")
+        return next((r for r in self.routines.get(name, ()) if r.schema == schema), None)
+
+    def operators_named(self, symbol: str, schemas: frozenset[str]) -> list[Operator]:
+        """Operators spelled ``symbol`` in ``schemas`` or whose function is not built in
+        (including a pg_catalog operator calling user code)."""
+        return [o for o in self.operators.get(symbol, ())
+                if ANY in schemas or o.schema in schemas or o.schema == "pg_catalog"]
+
+    def type_code(self, name: str, schemas: frozenset[str]) -> list[tuple[str, str, str]]:
+        """(schema, what, function) run for values of a type called ``name`` (types are
+        also found in the session's temporary schema)."""
+        return [t for t in self.types.get(name, ())
+                if ANY in schemas or t[0] in schemas or _temp(t[0])]
+
+    def relation(self, schema: str, name: str) -> Relation | None:
+        return next((r for r in self.relations.get(name, ()) if r.schema == schema), None)
+
+    def relations_named(self, name: str, schemas: frozenset[str]) -> list[Relation]:
+        """Relations an unqualified name may mean: in ``schemas`` or a temporary schema
+        (pg_temp comes first for relations)."""
+        return [r for r in self.relations.get(name, ())
+                if ANY in schemas or r.schema in schemas or _temp(r.schema)]

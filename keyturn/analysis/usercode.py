@@ -1,0 +1,238 @@
+"""Judge a classified statement by what really runs on the target: user functions,
+operators, casts, views, rules, triggers and defaults found in its catalog.
+
+The analyser (postgres.py) classifies by name and records every name whose meaning
+depends on the catalog (``Statement.refs``); ``resolve`` looks those names and the
+statement's relations up in a ``TargetCatalog`` (pgcatalog.py) and returns the statement
+with its class raised, the user functions that may run added to ``functions``, the base
+tables of views added to ``tables``, and a reason for each.  Matching is by name: a user
+function called ``upper`` in a schema the session may search makes every ``upper(...)``
+call a possible user function, whatever its arguments (overloading).
+
+It only ever raises a class, never lowers one, and fails closed: without a catalog every
+name that is not qualified into pg_catalog may be user code.  It must not do I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from keyturn.analysis.pgcatalog import ANY, Relation, Routine, TargetCatalog
+from keyturn.analysis.postgres import Analyzer, Statement, StatementClass, riskiest
+
+C = StatementClass
+#: Views within views within views...: deeper than this is judged unknown.
+MAX_DEPTH = 16
+_NOTHING: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What one session adds to the catalog: the schemas its search_path may name, the
+    objects it created or changed since the catalog was read ((kind, name) -> texts of
+    CREATE VIEW / CREATE RULE that define what runs, see Statement.defines), and why the
+    catalog is unavailable (None when it is there)."""
+
+    schemas: frozenset[str] = frozenset({"public"})
+    created: Mapping[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
+    unavailable: str | None = None
+    # A definition stored in the target, printed with search_path = pg_catalog: every
+    # name outside pg_catalog in it is schema-qualified, every unqualified one built in.
+    stored: bool = False
+
+    def search(self, catalog: TargetCatalog) -> frozenset[str]:
+        return _NOTHING if self.stored else catalog.schemas(self.schemas)
+
+
+#: The scope of stored definitions (views, rules).
+STORED = Scope(schemas=frozenset(), stored=True)
+
+
+class _Judgement:
+    __slots__ = ("an", "catalog", "scope", "findings", "tables", "functions", "depth")
+
+    def __init__(self, an: Analyzer, catalog: TargetCatalog | None, scope: Scope, depth: int):
+        self.an, self.catalog, self.scope, self.depth = an, catalog, scope, depth
+        self.findings: list[tuple[StatementClass, str]] = []
+        self.tables: dict[str, None] = {}
+        self.functions: dict[str, None] = {}
+
+    def user_code(self, routines: list[Routine], how: str) -> None:
+        for r in routines:
+            if r.vetted:
+                continue
+            entry = self.an.resolve([r.schema, r.name])[1]
+            cls = riskiest([self.an.unknown_function_class, *([entry[0]] if entry else [])],
+                           C.UNKNOWN)
+            self.functions[r.qualified] = None
+            self.findings.append((cls, f"{how} user-defined {r.describe()} "
+                                       f"(treated as {cls.value})"))
+
+    def function_names(self, functions: list[tuple[str, str]], how: str) -> None:
+        """(what, schema.function) pairs run by a type or relation."""
+        assert self.catalog is not None
+        for what, qualified in functions:
+            schema, _, name = qualified.rpartition(".")
+            routine = self.catalog.routine(qualified)
+            if routine is not None:
+                self.user_code([routine], f"{how} {what} runs")
+                continue
+            found, entry = self.an.resolve([name] if schema == "pg_catalog" else [schema, name])
+            cls = entry[0] if entry else self.an.unknown_function_class
+            self.functions[found] = None
+            if cls.risk > C.READ.risk:
+                self.findings.append((cls, f"{how} {what} runs {found}"))
+
+    def merge(self, inner: Statement, how: str) -> None:
+        self.tables.update(dict.fromkeys(inner.tables))
+        self.functions.update(dict.fromkeys(inner.functions))
+        if inner.cls.risk > C.READ.risk:
+            # The first reason is one for its class (see Statement.reasons).
+            self.findings.append((inner.cls, f"{how} ({inner.cls.value}): "
+                                             f"{inner.reasons[0] if inner.reasons else '?'}"))
+
+    def definitions(self, texts: tuple[str, ...], how: str, scope: Scope) -> None:
+        if self.depth >= MAX_DEPTH:
+            self.findings.append((C.UNKNOWN, f"{how}: definitions nested too deeply"))
+            return
+        for text in texts:
+            for inner in self.an.runs(text):
+                self.merge(resolve(self.an, inner, self.catalog, scope, self.depth + 1), how)
+
+    # -- what a statement names ------------------------------------------------------------
+
+    def refs(self, st: Statement) -> None:
+        catalog, scope = self.catalog, self.scope
+        created = scope.created
+        schemas = scope.search(catalog) if catalog is not None else _NOTHING
+        for kind, schema, name in st.refs:
+            if schema == "pg_catalog" and kind in ("f", "t"):
+                continue  # pg_catalog holds built-ins only (creating there needs superuser)
+            if catalog is None:
+                if kind != "a":
+                    self.findings.append((self.an.unknown_function_class, self.unavailable(
+                        f"{_KINDS[kind]} {_spell(schema, name)}")))
+                continue
+            where = frozenset({schema}) if schema else schemas
+            if kind in ("f", "a"):
+                if (kind, name) in created or ("f", name) in created:
+                    self.created(f"function {name}")
+                how = "calls" if kind == "f" else f"{name} (attribute notation) may call"
+                self.user_code(catalog.functions(name, where), how)
+            elif kind == "o":
+                if ("o", name) in created:
+                    self.created(f"operator {name}")
+                for op in catalog.operators_named(name, where):
+                    routine = catalog.routine(op.function)
+                    if routine is not None:
+                        self.user_code([routine], f"operator {op.schema}.{name} calls")
+                    else:
+                        self.function_names([("its function", op.function)],
+                                            f"operator {op.schema}.{name}:")
+            elif kind == "t":
+                if ("t", name) in created:
+                    self.created(f"type {name}")
+                for type_schema, what, fn in catalog.type_code(
+                        name, where | {"pg_catalog"} if not schema else where):
+                    self.function_names([(what, fn)], f"a cast to {type_schema}.{name}:")
+
+    def relations(self, st: Statement) -> None:
+        catalog, scope = self.catalog, self.scope
+        writes = st.is_dml or st.cls.risk >= C.WRITE.risk
+        if catalog is None:
+            if st.tables:
+                self.findings.append((self.an.unknown_function_class, self.unavailable(
+                    f"whether {', '.join(st.tables[:3])} run views, rules or triggers")))
+            return
+        seen: dict[str, Relation] = {}
+        for table in st.tables:
+            parts = table.split(".")
+            if len(parts) >= 2:
+                found = catalog.relation(parts[-2], parts[-1])
+                if found is not None:
+                    seen[found.qualified] = found
+        schemas = scope.search(catalog)
+        for name in () if scope.stored else st.unqualified:
+            for found in catalog.relations_named(name, schemas):
+                seen[found.qualified] = found
+        for rel in seen.values():
+            self.relation(rel, writes)
+        for table in (*st.tables, *st.unqualified):
+            name = table.rpartition(".")[2]
+            texts = scope.created.get(("r", name))
+            if texts is None:
+                continue
+            if texts:
+                self.definitions(texts, f"{name}, as this session redefined it,", scope)
+            if writes:
+                self.created(f"relation {name}")
+
+    def relation(self, rel: Relation, writes: bool) -> None:
+        pg = STORED
+        if rel.view is not None:
+            key = ("view", rel.qualified, self.an.unknown_function_class)
+            judged = self.catalog.memo.get(key) if self.catalog is not None else None
+            if judged is None:
+                inner = _Judgement(self.an, self.catalog, pg, self.depth)
+                inner.definitions((rel.view,), f"view {rel.qualified} runs", pg)
+                judged = inner.findings, tuple(inner.tables), tuple(inner.functions)
+                if self.catalog is not None:
+                    self.catalog.memo[key] = judged
+            findings, tables, functions = judged
+            self.findings.extend(findings)
+            self.tables.update(dict.fromkeys(tables))
+            self.functions.update(dict.fromkeys(functions))
+        if rel.on_read:
+            self.function_names(list(rel.on_read), f"using {rel.qualified}:")
+        if writes:
+            self.definitions(tuple(d for _, d in rel.rules),
+                             f"a rule on {rel.qualified} also runs", pg)
+            self.function_names(list(rel.on_write), f"writing {rel.qualified}:")
+
+    def created(self, what: str) -> None:
+        self.findings.append((self.an.unknown_function_class,
+                              f"this session created or changed {what}; keyturn has not "
+                              "read its definition from the target yet"))
+
+    def unavailable(self, what: str) -> str:
+        return (f"the target's catalog could not be read ({self.scope.unavailable}), so "
+                f"keyturn cannot tell {what}" if what.startswith("whether") else
+                f"the target's catalog could not be read ({self.scope.unavailable}): "
+                f"{what} may be user-defined")
+
+
+_KINDS = {"f": "function", "o": "operator", "t": "type", "a": "attribute"}
+
+
+def _spell(schema: str, name: str) -> str:
+    return f"{schema}.{name}" if schema else name
+
+
+def resolve(an: Analyzer, st: Statement, catalog: TargetCatalog | None, scope: Scope,
+            depth: int = 0) -> Statement:
+    """``st`` judged by what runs on the target (see the module docstring)."""
+    if catalog is None and scope.unavailable is None:
+        scope = dataclasses.replace(scope, unavailable="not read yet")
+    if not st.refs and not st.tables and not st.unqualified:
+        return st
+    j = _Judgement(an, catalog, scope, depth)
+    j.refs(st)
+    j.relations(st)
+    if not j.findings and not j.tables and not j.functions:
+        return st
+    cls = riskiest([st.cls, *(f[0] for f in j.findings)], C.UNKNOWN)
+    ordered = sorted(j.findings, key=lambda f: -f[0].risk)
+    reasons = tuple(dict.fromkeys(r for _, r in ordered))
+    if cls is st.cls:
+        reasons = (*st.reasons, *reasons)
+    else:
+        reasons = (*reasons, *st.reasons)
+    return dataclasses.replace(
+        st, cls=cls, reasons=tuple(dict.fromkeys(reasons)),
+        tables=tuple(dict.fromkeys([*st.tables, *j.tables])),
+        functions=tuple(dict.fromkeys([*st.functions, *j.functions])))
+
+
+__all__ = ["ANY", "MAX_DEPTH", "STORED", "Scope", "resolve"]

@@ -1,0 +1,357 @@
+"""The target's user-defined code, read from its catalog and kept per connection.
+
+``Catalogs`` reads each PostgreSQL connection's user functions, operators, casts, views,
+rules, triggers and defaults (``read_catalog``, in a thread) into a
+``keyturn.analysis.pgcatalog.TargetCatalog``, shares it between the sessions of that
+connection, and judges their statements with it (``resolve``, called from the session's
+``_decide``). It reads the catalog again every ``REFRESH_SECONDS`` while sessions are open
+and soon after a session ran DDL; when the catalog changed, every session of the
+connection forgets its memoised verdicts.
+
+What a session creates through the gateway (CREATE FUNCTION / OPERATOR / AGGREGATE / VIEW
+/ RULE / CAST, ALTER ... RENAME / SET SCHEMA ...) counts, by name, for every session of the
+same target from the moment it is decided, before the target has even run it, until a
+re-read that started once that session was idle again (its transaction committed or
+rolled back) has completed. Objects created by other means (directly on the target, or
+by code that runs DDL it builds as a string) are seen at the next re-read.
+
+When the catalog cannot be read the connection fails closed: every name that is not
+qualified into pg_catalog may be user code (keyturn.analysis.usercode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from keyturn.analysis.pgcatalog import TargetCatalog
+from keyturn.analysis.postgres import Statement, StatementClass
+from keyturn.analysis.usercode import Scope, resolve
+from keyturn.config import Connection
+
+if TYPE_CHECKING:
+    from proxies.postgres.gateway import PostgresGateway
+    from proxies.postgres.session import ClientSession
+
+log = logging.getLogger(__name__)
+
+#: Seconds between re-reads of a connection's catalog while it has sessions.
+REFRESH_SECONDS = 10.0
+#: Seconds after a session's DDL before the catalog is read again for everyone.
+AFTER_DDL_SECONDS = 0.5
+_NOT_BUILTIN = "NOT IN ('pg_catalog', 'information_schema')"
+
+_ROUTINES = f"""
+SELECT n.nspname, p.proname, p.prokind, p.provolatile, l.lanname, p.prosecdef,
+       (SELECT e.extname FROM pg_depend d JOIN pg_extension e ON e.oid = d.refobjid
+         WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid
+           AND d.refclassid = 'pg_extension'::regclass AND d.deptype = 'e' LIMIT 1)
+FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+JOIN pg_language l ON l.oid = p.prolang
+WHERE n.nspname {_NOT_BUILTIN}"""
+
+_OPERATORS = f"""
+SELECT n.nspname, o.oprname, fn.nspname, p.proname
+FROM pg_operator o JOIN pg_namespace n ON n.oid = o.oprnamespace
+JOIN pg_proc p ON p.oid = o.oprcode JOIN pg_namespace fn ON fn.oid = p.pronamespace
+WHERE n.nspname {_NOT_BUILTIN} OR fn.nspname {_NOT_BUILTIN}"""
+
+# Functions that run for values of a user type: casts to or from it, its I/O and support
+# functions, its domain checks and its operator classes (ORDER BY, DISTINCT, indexes).
+_TYPE_CODE = f"""
+WITH code(typ, what, fn) AS (
+  SELECT t.oid, 'a cast', c.castfunc FROM pg_cast c JOIN pg_type t
+    ON t.oid IN (c.castsource, c.casttarget) WHERE c.castfunc <> 0
+  UNION ALL
+  SELECT t.oid, 'its input/output', f FROM pg_type t,
+    unnest(ARRAY[t.typinput, t.typoutput, t.typreceive, t.typsend, t.typmodin,
+                 t.typmodout, t.typanalyze, t.typsubscript]::oid[]) AS f WHERE f <> 0
+  UNION ALL
+  SELECT c.contypid, 'a domain check', d.refobjid FROM pg_constraint c
+    JOIN pg_depend d ON d.classid = 'pg_constraint'::regclass AND d.objid = c.oid
+     AND d.refclassid = 'pg_proc'::regclass WHERE c.contypid <> 0
+  UNION ALL
+  SELECT t, 'an operator class', a.amproc FROM pg_amproc a,
+    unnest(ARRAY[a.amproclefttype, a.amprocrighttype]) AS t
+)
+SELECT DISTINCT tn.nspname, t.typname, code.what, fn.nspname, p.proname
+FROM code JOIN pg_type t ON t.oid = code.typ JOIN pg_namespace tn ON tn.oid = t.typnamespace
+JOIN pg_proc p ON p.oid = code.fn JOIN pg_namespace fn ON fn.oid = p.pronamespace
+WHERE tn.nspname {_NOT_BUILTIN} AND fn.nspname {_NOT_BUILTIN}"""
+
+_TYPE_BASES = f"""
+SELECT tn.nspname, t.typname, bn.nspname, b.typname
+FROM pg_type t JOIN pg_namespace tn ON tn.oid = t.typnamespace
+JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.typelem END
+JOIN pg_namespace bn ON bn.oid = b.typnamespace
+WHERE tn.nspname {_NOT_BUILTIN} AND bn.nspname {_NOT_BUILTIN}"""
+
+_VIEWS = f"""
+SELECT n.nspname, c.relname, pg_get_viewdef(c.oid)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind = 'v' AND n.nspname {_NOT_BUILTIN}"""
+
+_RULES = f"""
+SELECT n.nspname, c.relname, r.ev_type, pg_get_ruledef(r.oid)
+FROM pg_rewrite r JOIN pg_class c ON c.oid = r.ev_class
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE r.rulename <> '_RETURN' AND n.nspname {_NOT_BUILTIN}"""
+
+# Functions a relation runs: triggers, defaults and generated columns, checks, index
+# expressions (on writes) and row-level security policies (on every access).
+_RELATION_CODE = f"""
+WITH code(rel, what, fn, on_read) AS (
+  SELECT t.tgrelid, 'trigger ' || t.tgname, t.tgfoid, false FROM pg_trigger t
+    WHERE NOT t.tgisinternal
+  UNION ALL
+  SELECT CASE d.classid
+           WHEN 'pg_attrdef'::regclass THEN (SELECT adrelid FROM pg_attrdef WHERE oid = d.objid)
+           WHEN 'pg_constraint'::regclass THEN
+             (SELECT conrelid FROM pg_constraint WHERE oid = d.objid)
+           WHEN 'pg_class'::regclass THEN
+             (SELECT indrelid FROM pg_index WHERE indexrelid = d.objid)
+           WHEN 'pg_policy'::regclass THEN
+             (SELECT polrelid FROM pg_policy WHERE oid = d.objid) END,
+         CASE d.classid WHEN 'pg_attrdef'::regclass THEN 'a default'
+           WHEN 'pg_constraint'::regclass THEN 'a constraint'
+           WHEN 'pg_class'::regclass THEN 'an index'
+           ELSE 'a row security policy' END,
+         d.refobjid, d.classid = 'pg_policy'::regclass
+  FROM pg_depend d
+  WHERE d.refclassid = 'pg_proc'::regclass AND d.classid IN
+    ('pg_attrdef'::regclass, 'pg_constraint'::regclass, 'pg_class'::regclass,
+     'pg_policy'::regclass)
+)
+SELECT DISTINCT n.nspname, c.relname, code.what, fn.nspname, p.proname, code.on_read
+FROM code JOIN pg_class c ON c.oid = code.rel JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_proc p ON p.oid = code.fn JOIN pg_namespace fn ON fn.oid = p.pronamespace
+WHERE n.nspname {_NOT_BUILTIN}
+  AND (fn.nspname {_NOT_BUILTIN} OR code.what LIKE 'trigger %')"""
+
+_TYPED_COLUMNS = f"""
+SELECT n.nspname, c.relname, a.attname, tn.nspname, t.typname
+FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_type t ON t.oid = a.atttypid JOIN pg_namespace tn ON tn.oid = t.typnamespace
+WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+  AND n.nspname {_NOT_BUILTIN} AND tn.nspname {_NOT_BUILTIN}"""
+
+
+def connect_target(conn: Connection, application: str, *, timeout: int = 5,
+                   options: str | None = None) -> Any:
+    """A short psycopg connection of the gateway's own to a connection's target."""
+    import psycopg
+
+    t = conn.target
+    password = t.password.resolve() if t.password else None
+    return psycopg.connect(host=t.host, port=t.port, dbname=t.dbname, user=t.user,
+                           password=password, connect_timeout=timeout, options=options,
+                           sslmode="require" if t.sslmode != "disable" else "disable",
+                           application_name=application, autocommit=True)
+
+
+def read_catalog(conn: Connection) -> TargetCatalog:
+    """The connection's user-defined code (blocking: run it in a thread)."""
+    with connect_target(conn, "keyturn-catalog") as c:
+        user, path = c.execute("SELECT current_user, current_setting('search_path')").fetchone()
+        # Definitions printed with only pg_catalog on the path name every other object
+        # with its schema, so they are read exactly, whatever a session's search_path.
+        c.execute("SET search_path = pg_catalog")
+        rows = {name: c.execute(sql).fetchall() for name, sql in (
+            ("routines", _ROUTINES), ("operators", _OPERATORS), ("type_code", _TYPE_CODE),
+            ("type_bases", _TYPE_BASES), ("views", _VIEWS), ("rules", _RULES),
+            ("relation_code", _RELATION_CODE), ("typed_columns", _TYPED_COLUMNS))}
+    return TargetCatalog.from_rows(user=user, search_path=path, **rows)
+
+
+def target_key(conn: Connection) -> tuple[str, int, str, str]:
+    """Connections with the same target database and role share one catalog."""
+    t = conn.target
+    return (t.host, t.port, t.dbname or "", t.user or "")
+
+
+@dataclass
+class _Defined:
+    """An object a session created or changed and the target's catalog may not show yet:
+    the CREATE VIEW / CREATE RULE texts that say what it runs, the session, and the
+    re-read after which the catalog shows it (None until the session was idle again)."""
+
+    texts: tuple[str, ...]
+    owner: weakref.ReferenceType[ClientSession]
+    after: int | None = None
+
+
+@dataclass
+class _Target:
+    catalog: TargetCatalog | None = None
+    error: str | None = "not read yet"
+    requested: int = 0  # re-reads asked for
+    done: int = 0  # the highest request number a completed re-read covers
+    task: asyncio.Task[None] | None = None
+    loaded: asyncio.Event = field(default_factory=asyncio.Event)
+    timer: asyncio.TimerHandle | None = None
+    defined: dict[tuple[str, str], _Defined] = field(default_factory=dict)
+
+
+def _idle(session: ClientSession | None) -> bool:
+    """Nothing in flight and no transaction open (or gone): what it did has committed or
+    was rolled back."""
+    return session is None or session.closed or (session.tx_status == "I" and
+                                                 not session.expect)
+
+
+class Catalogs:
+    """Every PostgreSQL target's TargetCatalog (see the module docstring)."""
+
+    def __init__(self, gw: PostgresGateway, read: Any = read_catalog):
+        self.gw = gw
+        self._read = read  # None: catalogs are only ever put() (tests)
+        self._targets: dict[tuple[str, int, str, str], _Target] = {}
+        self._ticker: asyncio.Task[None] | None = None
+
+    def _target(self, conn: Connection) -> _Target:
+        return self._targets.setdefault(target_key(conn), _Target())
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._ticker, *(s.task for s in self._targets.values())) if t]
+        for target in self._targets.values():
+            if target.timer is not None:
+                target.timer.cancel()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(REFRESH_SECONDS)
+            used = {target_key(s.conn): s.conn for s in list(self.gw.active) if s.conn}
+            for conn in used.values():
+                self._settle_defined(conn, self._target(conn))
+                self.refresh(conn)
+
+    async def ready(self, conn: Connection) -> None:
+        """Wait until the connection's catalog was read once (or failed to be)."""
+        target = self._target(conn)
+        if target.catalog is None and target.task is None and not target.loaded.is_set():
+            self.refresh(conn)
+        await target.loaded.wait()
+
+    def put(self, conn: Connection, catalog: TargetCatalog) -> None:
+        """Use ``catalog`` for the connection's target until it is read again."""
+        target = self._target(conn)
+        target.catalog, target.error = catalog, None
+        target.loaded.set()
+
+    def refresh(self, conn: Connection, delay: float = 0.0) -> int:
+        """Ask for a re-read; returns its request number (see ``_Defined.after``)."""
+        target = self._target(conn)
+        target.requested += 1
+        if self._read is None:
+            target.done = target.requested
+            return target.requested
+        if delay > 0:
+            if target.timer is None:
+                def fire() -> None:
+                    target.timer = None
+                    self.refresh(conn)
+
+                target.timer = asyncio.get_running_loop().call_later(delay, fire)
+            return target.requested
+        if target.task is None:
+            target.task = asyncio.get_running_loop().create_task(self._load(conn, target))
+        return target.requested
+
+    async def _load(self, conn: Connection, target: _Target) -> None:
+        try:
+            while target.done < target.requested:
+                covers = target.requested
+                began = time.monotonic()
+                try:
+                    catalog = await asyncio.to_thread(self._read, conn)
+                except Exception as exc:
+                    if target.catalog is None:
+                        target.error = f"{type(exc).__name__}: {exc}".strip()
+                        log.error("cannot read the catalog of %s (statements naming anything "
+                                  "outside pg_catalog are treated as user code): %s",
+                                  conn.name, target.error)
+                    else:
+                        log.warning("re-reading the catalog of %s failed (keeping the one "
+                                    "read before): %s", conn.name, exc)
+                    target.done = covers
+                    continue
+                changed = target.catalog is None or \
+                    target.catalog.fingerprint != catalog.fingerprint
+                if changed:
+                    target.catalog, target.error = catalog, None
+                    log.info("read the catalog of %s in %.0f ms: %d user functions, %d "
+                             "operators, %d types with code, %d relations with code",
+                             conn.name, 1000 * (time.monotonic() - began),
+                             sum(map(len, catalog.routines.values())),
+                             sum(map(len, catalog.operators.values())),
+                             len(catalog.types), sum(map(len, catalog.relations.values())))
+                target.done = covers
+                for key in [k for k, d in target.defined.items()
+                            if d.after is not None and d.after <= covers]:
+                    del target.defined[key]
+                if changed:
+                    self._forget_verdicts(conn)
+        finally:
+            target.task = None
+            target.loaded.set()
+
+    def _forget_verdicts(self, conn: Connection) -> None:
+        key = target_key(conn)
+        for session in list(self.gw.active):
+            if session.conn is not None and target_key(session.conn) == key:
+                session.forget_verdicts()
+
+    # -- judging -----------------------------------------------------------------------------
+
+    def resolve(self, session: ClientSession, statements: tuple[Statement, ...]
+                ) -> tuple[Statement, ...]:
+        """The session's statements judged by what runs on its target."""
+        conn = session.conn
+        assert conn is not None
+        target = self._target(conn)
+        self._settle_defined(conn, target)
+        self._note(session, conn, target, statements)
+        scope = Scope(schemas=frozenset(session.schemas),
+                      created={k: d.texts for k, d in target.defined.items()},
+                      unavailable=target.error if target.catalog is None else None)
+        return tuple(resolve(session.analyzer, st, target.catalog, scope)
+                     for st in statements)
+
+    def _settle_defined(self, conn: Connection, target: _Target) -> None:
+        """Objects whose session is idle again are in the next re-read: ask for it."""
+        waiting = [d for d in target.defined.values() if d.after is None and _idle(d.owner())]
+        if waiting:
+            ticket = self.refresh(conn)
+            for d in waiting:
+                d.after = ticket
+
+    def _note(self, session: ClientSession, conn: Connection, target: _Target,
+              statements: tuple[Statement, ...]) -> None:
+        grew = False
+        for st in statements:
+            texts = (st.text,) if st.command in ("CREATE VIEW", "CREATE RULE") else ()
+            for kind, _schema, name in st.defines:
+                old = target.defined.get((kind, name))
+                grew = grew or old is None
+                target.defined[(kind, name)] = _Defined(
+                    (*(old.texts if old else ()), *texts), weakref.ref(session))
+            if st.defines or st.cls.risk >= StatementClass.DDL.risk:
+                # It may change the catalog (DDL, or code that may run DDL): re-read it
+                # soon; until then what it names counts as defined for every session.
+                self.refresh(conn, AFTER_DDL_SECONDS)
+        if grew:
+            self._forget_verdicts(conn)
+            session.forget_verdicts()  # also when it is not counted in gw.active (tests)

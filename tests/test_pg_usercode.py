@@ -1,0 +1,265 @@
+"""Adversarial tests: user code hidden behind names that look built in. Through the live
+gateway (psql, psycopg simple and extended protocol) on a connection whose policy allows
+reads and blocks everything else; each check then asks a direct connection whether the
+hidden code ran: advisory locks and NOTIFY (which a read-only transaction allows) and
+deleted rows. The objects live in a database of their own, so other tests keep the
+built-ins they expect."""
+
+from __future__ import annotations
+
+import subprocess
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from keyturn.localpg import LocalPostgres
+from tests.conftest import APP_PASSWORD, Keyturn, make_keyturn
+
+DB = "usercode"
+POLICIES = """
+  uc_strict:
+    default: block
+    rules:
+      - name: reads
+        match: {class: [read, transaction, session]}
+        action: allow
+      - name: ruled-inserts
+        match: {class: write, tables: ["public.ruled"]}
+        action: allow
+  uc_ddl:
+    default: block
+    rules:
+      - name: reads-and-schema
+        match: {class: [read, transaction, session, ddl, procedural]}
+        action: allow
+"""
+SCHEMA = """
+CREATE TYPE mytype AS (a int);
+CREATE TABLE victim (id int);
+INSERT INTO victim SELECT generate_series(1, 10);
+CREATE FUNCTION public.upper(mytype) RETURNS text LANGUAGE plpgsql
+  AS $$ BEGIN PERFORM pg_advisory_lock(4242); RETURN 'x'; END $$;
+CREATE SCHEMA evil;
+CREATE SCHEMA late;
+CREATE FUNCTION evil.now() RETURNS timestamptz LANGUAGE plpgsql
+  AS $$ BEGIN PERFORM pg_notify('uc_events', 'now'); RETURN pg_catalog.now(); END $$;
+CREATE FUNCTION public.add_lock(mytype, mytype) RETURNS int LANGUAGE plpgsql
+  AS $$ BEGIN PERFORM pg_advisory_lock(4242); RETURN 1; END $$;
+CREATE OPERATOR + (leftarg = mytype, rightarg = mytype, function = public.add_lock);
+CREATE FUNCTION public.eq_notify(mytype, mytype) RETURNS boolean LANGUAGE plpgsql
+  AS $$ BEGIN PERFORM pg_notify('uc_events', 'eq'); RETURN true; END $$;
+CREATE OPERATOR = (leftarg = mytype, rightarg = mytype, function = public.eq_notify);
+CREATE FUNCTION public.notify_me() RETURNS int LANGUAGE plpgsql
+  AS $$ BEGIN PERFORM pg_notify('uc_events', 'view'); RETURN 1; END $$;
+CREATE VIEW v_notify AS SELECT public.notify_me() AS x;
+CREATE VIEW v_outer AS SELECT x FROM v_notify;
+CREATE TABLE ruled (id int);
+CREATE RULE ruled_also AS ON INSERT TO ruled DO ALSO DELETE FROM victim;
+CREATE FUNCTION public.sum_lock(int, mytype) RETURNS int LANGUAGE plpgsql
+  AS $$ BEGIN PERFORM pg_advisory_lock(4242); RETURN 1; END $$;
+CREATE AGGREGATE public.sum(mytype) (sfunc = public.sum_lock, stype = int);
+CREATE FUNCTION public.generate_series(mytype) RETURNS SETOF int LANGUAGE plpgsql
+  AS $$ BEGIN PERFORM pg_advisory_lock(4242); RETURN NEXT 1; END $$;
+CREATE FUNCTION public.make_interval(days mytype) RETURNS interval LANGUAGE plpgsql
+  AS $$ BEGIN PERFORM pg_advisory_lock(4242); RETURN '1 day'; END $$;
+CREATE FUNCTION public.to_mytype(int) RETURNS mytype LANGUAGE plpgsql
+  AS $$ BEGIN PERFORM pg_advisory_lock(4242); RETURN ROW($1); END $$;
+CREATE CAST (int AS mytype) WITH FUNCTION public.to_mytype(int);
+"""
+
+
+@pytest.fixture(scope="module")
+def kt(pg: LocalPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyturn]:
+    pg.create_database(DB, owner="app")
+    with direct(pg) as c:
+        c.execute(SCHEMA)
+    base: Path = tmp_path_factory.mktemp("usercode")
+    kt = make_keyturn(base, pg, extra=POLICIES)
+    target = (f"target: {{host: 127.0.0.1, port: {pg.port}, dbname: {DB}, user: app, "
+              f"password_file: {base / 'app.password'}}}")
+    text = kt.config.read_text().replace("connections:\n", textwrap.dedent(f"""\
+        connections:
+          - name: {DB}
+            type: postgres
+            {target}
+            policy: uc_strict
+          - name: {DB}_ddl
+            type: postgres
+            {target}
+            policy: uc_ddl
+        """), 1)
+    kt.config.write_text(text)
+    kt.start()
+    yield kt
+    kt.stop()
+    with psycopg.connect(pg.dsn(), autocommit=True) as c:
+        c.execute(f"DROP DATABASE {DB} WITH (FORCE)")
+
+
+def direct(pg: LocalPostgres) -> psycopg.Connection:
+    return psycopg.connect(pg.dsn(DB, user="app", password=APP_PASSWORD), autocommit=True)
+
+
+def dsn(kt: Keyturn, dbname: str = DB) -> str:
+    return kt.dsn("alice", dbname=dbname)
+
+
+class Witness:
+    """A direct connection listening on uc_events that can tell whether hidden code ran."""
+
+    def __init__(self, pg: LocalPostgres):
+        self.conn = direct(pg)
+        self.conn.execute("LISTEN uc_events")
+
+    def nothing_happened(self) -> None:
+        c = self.conn
+        locks = c.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone()
+        assert locks == (0,), "an advisory lock was taken"
+        assert c.execute("SELECT count(*) FROM victim").fetchone() == (10,), "rows were deleted"
+        notes = list(c.notifies(timeout=0.3, stop_after=1))
+        assert not notes, f"a notification was sent: {notes}"
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@pytest.fixture()
+def witness(pg: LocalPostgres, kt: Keyturn) -> Iterator[Witness]:
+    w = Witness(pg)
+    yield w
+    w.close()
+
+
+HIDDEN = {
+    "overloaded upper": "SELECT upper(ROW(1)::mytype)",
+    "user operator +": "SELECT ROW(1)::mytype + ROW(2)::mytype",
+    "IN with a user =": "SELECT ROW(1)::mytype IN (ROW(2)::mytype)",
+    "CASE with a user =": "SELECT CASE ROW(1)::mytype WHEN ROW(2)::mytype THEN 1 END",
+    "view calling a function": "SELECT * FROM v_notify",
+    "view over that view": "SELECT x FROM v_outer",
+    "user aggregate": "SELECT sum(ROW(g)::mytype) FROM generate_series(1, 3) g",
+    "set-returning function in FROM": "SELECT * FROM generate_series(ROW(1)::mytype)",
+    "named arguments": "SELECT make_interval(days => ROW(1)::mytype)",
+    "cast with a user function": "SELECT 7::mytype",
+}
+
+
+def blocked(err: BaseException) -> bool:
+    return "keyturn" in str(err)
+
+
+@pytest.mark.parametrize("name", list(HIDDEN))
+def test_hidden_user_code_is_blocked_with_psycopg(kt: Keyturn, witness: Witness,
+                                                  name: str) -> None:
+    sql = HIDDEN[name]
+    with psycopg.connect(dsn(kt), autocommit=True) as c:
+        with pytest.raises(psycopg.Error) as err:  # simple query protocol
+            c.execute(sql)
+        assert blocked(err.value), err.value
+        with pytest.raises(psycopg.Error) as err:  # extended protocol (a parameter)
+            c.execute(f"SELECT * FROM ({sql}) q WHERE %s::int IS NOT NULL", (1,))
+        assert blocked(err.value), err.value
+        witness.nothing_happened()
+        # Names no user code shadows still work (upper, =, + now mean user code here).
+        assert c.execute("SELECT lower('Still Fine'), now() IS NOT NULL").fetchone() == \
+            ("still fine", True)
+
+
+def test_hidden_user_code_is_blocked_with_psql(kt: Keyturn, witness: Witness) -> None:
+    for sql in HIDDEN.values():
+        p = subprocess.run(["psql", dsn(kt), "-X", "-v", "ON_ERROR_STOP=1", "-At", "-c", sql],
+                           capture_output=True, text=True, timeout=30)
+        assert p.returncode != 0 and "keyturn" in p.stderr, (sql, p.stdout, p.stderr)
+    witness.nothing_happened()
+
+
+def test_a_schema_before_pg_catalog(kt: Keyturn, witness: Witness) -> None:
+    with psycopg.connect(dsn(kt), autocommit=True) as c:
+        assert c.execute("SELECT now() IS NOT NULL").fetchone() == (True,)
+        c.execute("SET search_path = evil, pg_catalog, public")
+        for params in ((), (1,)):
+            with pytest.raises(psycopg.Error) as err:
+                c.execute("SELECT now()" + (" WHERE %s::int IS NOT NULL" if params else ""), params)
+            assert blocked(err.value), err.value
+        witness.nothing_happened()
+    p = subprocess.run(["psql", dsn(kt), "-X", "-At", "-c", "SET search_path = evil, pg_catalog",
+                        "-c", "SELECT now()"], capture_output=True, text=True, timeout=30)
+    assert "keyturn" in p.stderr, p.stderr
+    witness.nothing_happened()
+
+
+def test_a_rule_makes_an_allowed_insert_a_delete(kt: Keyturn, witness: Witness) -> None:
+    """The policy allows writes to public.ruled; its DO ALSO rule deletes from victim."""
+    with psycopg.connect(dsn(kt), autocommit=True) as c:
+        for params in ((), (1,)):
+            with pytest.raises(psycopg.Error) as err:
+                c.execute("INSERT INTO ruled VALUES (" + ("%s" if params else "1") + ")", params)
+            assert blocked(err.value), err.value
+    witness.nothing_happened()
+    with direct(kt.pg) as c:
+        assert c.execute("SELECT count(*) FROM ruled").fetchone() == (0,)
+
+
+def test_a_function_created_after_the_session_started(kt: Keyturn, pg: LocalPostgres,
+                                                      witness: Witness) -> None:
+    """Both in the session that creates it (at once) and in one opened before (after the
+    catalog was read again)."""
+    ddl = f"{DB}_ddl"
+    path = "SET search_path = late, pg_catalog, public"
+    with psycopg.connect(dsn(kt, ddl), autocommit=True) as early, \
+            psycopg.connect(dsn(kt, ddl), autocommit=True) as maker:
+        probe = "SELECT lower('A')"
+        for c in (early, maker):
+            c.execute(path)
+            assert c.execute(probe).fetchone() == ("a",)
+            c.execute(probe + " WHERE %s::int IS NOT NULL", (1,))  # remembered by both paths
+        maker.execute("CREATE FUNCTION late.lower(text) RETURNS text LANGUAGE plpgsql AS "
+                      "$$ BEGIN PERFORM pg_advisory_lock(4242); RETURN 'x'; END $$")
+        try:
+            for params in ((), (1,)):
+                with pytest.raises(psycopg.Error) as err:
+                    maker.execute(probe + (" WHERE %s::int IS NOT NULL" if params else ""), params)
+                assert blocked(err.value), err.value
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    early.execute(probe)
+                except psycopg.Error as exc:
+                    assert blocked(exc), exc
+                    break
+                assert time.monotonic() < deadline, "the other session never saw the function"
+                time.sleep(0.2)
+            with pytest.raises(psycopg.Error) as err:
+                early.execute(probe + " WHERE %s::int IS NOT NULL", (1,))
+            assert blocked(err.value), err.value
+            witness.nothing_happened()
+        finally:
+            with direct(pg) as c:
+                c.execute("DROP FUNCTION late.lower(text)")
+
+
+def test_objects_created_directly_on_the_target_are_seen_at_the_next_read(
+        kt: Keyturn, pg: LocalPostgres) -> None:
+    with psycopg.connect(dsn(kt), autocommit=True) as c:
+        c.execute("SET search_path = late, pg_catalog, public")
+        assert c.execute("SELECT initcap('a b')").fetchone() == ("A B",)
+        with direct(pg) as d:
+            d.execute("CREATE FUNCTION late.initcap(text) RETURNS text LANGUAGE sql "
+                      "AS $$ SELECT 'harmless' $$")
+        try:
+            deadline = time.monotonic() + 25  # REFRESH_SECONDS (10) and the read
+            while True:
+                try:
+                    c.execute("SELECT initcap('a b')")
+                except psycopg.Error as exc:
+                    assert blocked(exc), exc
+                    break
+                assert time.monotonic() < deadline, "the catalog was never read again"
+                time.sleep(0.5)
+        finally:
+            with direct(pg) as d:
+                d.execute("DROP FUNCTION late.initcap(text)")
