@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from keyturn.localpg import LocalPostgres
@@ -235,9 +236,15 @@ class Keyturn:
         raise TimeoutError(f"no {status} ticket appeared\n{self.log()[-3000:]}")
 
 
+def direct_shop(pg: LocalPostgres) -> psycopg.Connection:
+    """A direct (not through the gateway) autocommit connection to the shop database."""
+    return psycopg.connect(pg.dsn("shop", user="app", password=APP_PASSWORD), autocommit=True)
+
+
 def make_keyturn(base: Path, pg: LocalPostgres, *, store_url_env: dict[str, str] | None = None,
                  timeout: str = "10m", extra: str = "", client_auth: str = "scram",
-                 target_sslmode: str = "disable") -> Keyturn:
+                 target_sslmode: str = "disable", shop_policy: str = "shop",
+                 unknown_functions: str = "write") -> Keyturn:
     """Write a config and create tokens; ``store_url_env`` = {VAR: url} uses a
     PostgreSQL store named by environment variable (never inline in the file)."""
     base.mkdir(parents=True, exist_ok=True)
@@ -267,7 +274,8 @@ def make_keyturn(base: Path, pg: LocalPostgres, *, store_url_env: dict[str, str]
             type: postgres
             target: {{host: 127.0.0.1, port: {pg.port}, dbname: shop, user: app,
                       password_file: {base / 'app.password'}, sslmode: {target_sslmode}}}
-            policy: shop
+            policy: {shop_policy}
+            unknown_functions: {unknown_functions}
           - name: bench
             type: postgres
             target: {{host: 127.0.0.1, port: {pg.port}, dbname: bench, user: app,

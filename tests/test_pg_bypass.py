@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from keyturn.localpg import LocalPostgres
-from tests.conftest import APP_PASSWORD, Keyturn, make_keyturn
+from tests.conftest import Keyturn, direct_shop, make_keyturn
 from tests.pg_raw import B, E, P, Q, RawConn, S, close_statement, errors, tags
 
 STRICT = """
@@ -30,16 +30,13 @@ DELETE = "DELETE FROM ns_victim"
 @pytest.fixture(scope="module")
 def kt(pg: LocalPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyturn]:
     base: Path = tmp_path_factory.mktemp("bypass")
-    kt = make_keyturn(base, pg, extra=STRICT)
-    text = kt.config.read_text()
-    kt.config.write_text(text.replace("policy: shop\n", "policy: strict\n", 1))
+    kt = make_keyturn(base, pg, extra=STRICT, shop_policy="strict")
     kt.start()
     yield kt
     kt.stop()
 
 
-def direct(pg: LocalPostgres) -> psycopg.Connection:
-    return psycopg.connect(pg.dsn("shop", user="app", password=APP_PASSWORD), autocommit=True)
+direct = direct_shop
 
 
 @pytest.fixture()

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from keyturn.localpg import LocalPostgres
-from tests.conftest import APP_PASSWORD, Keyturn, make_keyturn
+from tests.conftest import Keyturn, direct_shop, make_keyturn
 
 LENIENT = """
   lenient:
@@ -37,9 +37,8 @@ LONG = "secret_" + "x" * 60  # 67 characters: the server keeps the first 63
 
 @pytest.fixture(scope="module")
 def kt(pg: LocalPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyturn]:
-    kt = make_keyturn(tmp_path_factory.mktemp("families"), pg, extra=LENIENT)
-    text = kt.config.read_text()
-    kt.config.write_text(text.replace("    policy: shop\n", "    policy: lenient\n", 1))
+    kt = make_keyturn(tmp_path_factory.mktemp("families"), pg, extra=LENIENT,
+                      shop_policy="lenient")
     with direct(pg) as c:
         c.execute("CREATE SCHEMA IF NOT EXISTS vault")
         c.execute(f'CREATE TABLE IF NOT EXISTS vault."{LONG[:63]}" (v text)')
@@ -53,8 +52,7 @@ def kt(pg: LocalPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     kt.stop()
 
 
-def direct(pg: LocalPostgres) -> psycopg.Connection:
-    return psycopg.connect(pg.dsn("shop", user="app", password=APP_PASSWORD), autocommit=True)
+direct = direct_shop
 
 
 def psql(kt: Keyturn, sql: str) -> subprocess.CompletedProcess[str]:

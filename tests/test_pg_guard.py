@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from keyturn.localpg import LocalPostgres
-from tests.conftest import APP_PASSWORD, Keyturn, make_keyturn
+from tests.conftest import Keyturn, direct_shop, make_keyturn
 from tests.pg_raw import B, E, P, Q, RawConn, S, errors, tags
 
 GUARDED = """
@@ -43,18 +43,14 @@ READ_ONLY = "25006"  # read_only_sql_transaction
 
 @pytest.fixture(scope="module")
 def kt(pg: LocalPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyturn]:
-    kt = make_keyturn(tmp_path_factory.mktemp("guard"), pg, extra=GUARDED)
-    text = kt.config.read_text()
-    assert "    policy: shop\n" in text
-    kt.config.write_text(text.replace(
-        "    policy: shop\n", "    policy: guarded\n    unknown_functions: read\n", 1))
+    kt = make_keyturn(tmp_path_factory.mktemp("guard"), pg, extra=GUARDED,
+                      shop_policy="guarded", unknown_functions="read")
     kt.start()
     yield kt
     kt.stop()
 
 
-def direct(pg: LocalPostgres) -> psycopg.Connection:
-    return psycopg.connect(pg.dsn("shop", user="app", password=APP_PASSWORD), autocommit=True)
+direct = direct_shop
 
 
 @pytest.fixture()

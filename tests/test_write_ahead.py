@@ -24,7 +24,7 @@ from keyturn.auditspool import EOF_MARK, AuditIngester
 from keyturn.config import parse_config
 from keyturn.localpg import LocalPostgres
 from keyturn.services import build_services
-from tests.conftest import APP_PASSWORD, Keyturn, make_keyturn, wait_port
+from tests.conftest import APP_PASSWORD, Keyturn, direct_shop, make_keyturn, wait_port
 from tests.test_core import CONFIG
 
 WRITES = """
@@ -64,7 +64,7 @@ def audit(tmp_path: Path):  # type: ignore[no-untyped-def]
     svc.store.dispose()
 
 
-def spool_file(d: Path, name: str, text: str, *, alive: bool = False) -> Path:
+def spool_file(d: Path, name: str, text: str) -> Path:
     d.mkdir(exist_ok=True)
     f = d / name
     f.write_text(text)
@@ -124,11 +124,8 @@ def test_outcomes_written_after_a_rotation_complete_their_intents(audit, tmp_pat
 
 @pytest.fixture(scope="module")
 def kt(pg: LocalPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyturn]:
-    kt = make_keyturn(tmp_path_factory.mktemp("wal"), pg, extra=WRITES)
-    text = kt.config.read_text()
-    kt.config.write_text(text.replace("    policy: shop\n", "    policy: writes\n", 1))
-    with psycopg.connect(pg.dsn("shop", user="app", password=APP_PASSWORD),
-                         autocommit=True) as c:
+    kt = make_keyturn(tmp_path_factory.mktemp("wal"), pg, extra=WRITES, shop_policy="writes")
+    with direct_shop(pg) as c:
         c.execute("DROP TABLE IF EXISTS wal_log")
         c.execute("CREATE TABLE wal_log (v bigint PRIMARY KEY)")
     yield kt

@@ -272,9 +272,6 @@ class PreparedStatements:
             top = _merge_candidates(name, top, other)
         return top
 
-    def candidates(self, name: str) -> int:
-        return len(self._by_name.get(server_name(name), ()))
-
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self.lookup(name) is not None
 
