@@ -140,6 +140,13 @@ CLASS_CASES = [
     ("SET statement_timeout = 1000", SESSION),
     ("SET search_path = app", SESSION),
     ("RESET statement_timeout", SAFETY),
+    ("SET statement_timeout = '0.4'", SAFETY),
+    ("SET statement_timeout = '400us'", SAFETY),
+    ("SET statement_timeout = '1e-9'", SAFETY),
+    ("SET statement_timeout = '0x10'", SAFETY),  # not read here: fail closed
+    ("SET statement_timeout = '2s'", SESSION),
+    ("SET row_security = f", SAFETY),
+    ("SET row_security = on", SESSION),
     ("RESET ALL", SESSION),
     ("SET client_encoding = 'UTF8'", SESSION),
     ("LISTEN ch", SESSION),

@@ -126,9 +126,36 @@ def test_a_lock_with_a_bound_parameter(kt: Keyturn, unchanged: None) -> None:
     "SET row_security = off",
     "SELECT set_config('statement_timeout', '0', false)",
     "SELECT 1; SET LOCAL statement_timeout = 0; SELECT 2",
+    # spellings of 0 the server reads as no timeout
+    "SET statement_timeout = '00'",
+    "SET statement_timeout = 0.4",
+    "SET statement_timeout = '400us'",
+    "SET statement_timeout = '1e-9'",
+    "SET lock_timeout = ' 0.0001 s '",
+    "SET row_security = f",
+    "SET row_security = 'FALSE'",
+    "SELECT set_config('statement_timeout', '0.2', false)",
 ])
 def test_weakening_a_guard_is_its_own_class(kt: Keyturn, unchanged: None, sql: str) -> None:
     assert_blocked_everywhere(kt, sql)
+
+
+DURATIONS = ["0", "00", "0.4", "0.5", "0.6", "400us", "1499us", "1500us", "1e-9", "1e2",
+             "0.0004s", "0.0006s", " 5 s ", "5s", "1min", "0d", "0.00001h", "-0", "+0",
+             "1000", "2147483647"]
+
+
+@pytest.mark.parametrize("value", DURATIONS)
+def test_duration_values_are_read_like_the_server_reads_them(
+        kt: Keyturn, pg: LocalPostgres, value: str) -> None:
+    """For each value the server accepts, the gateway calls it safety exactly when the
+    server ends up with no timeout (statement_timeout 0)."""
+    with direct(pg) as c:
+        c.execute("SELECT set_config('statement_timeout', %s, false)", (value,))
+        server_off = c.execute("SELECT current_setting('statement_timeout')").fetchone() == ("0",)
+    res = psql(kt, f"SET statement_timeout = '{value}'")
+    gateway_off = res.returncode != 0 and "keyturn: blocked" in res.stderr
+    assert gateway_off == server_off, (value, res.stderr)
 
 
 def test_turning_read_only_off_is_refused(kt: Keyturn, unchanged: None) -> None:

@@ -365,21 +365,30 @@ SETTINGS: Mapping[str, Entry] = {
     """),
 }
 
-#: Settings that guard the server against runaway or unchecked work, with the values (after
-#: lowercasing) that turn the guard off.  Turning one off, or RESET / DEFAULT (which may
-#: undo what the operator configured), is class SAFETY; other values are plain SESSION.
-SAFETY_SETTINGS: Mapping[str, frozenset[str]] = {
-    "statement_timeout": frozenset({"0", "0ms", "0s", "0min", "0h", "0d"}),
-    "lock_timeout": frozenset({"0", "0ms", "0s", "0min", "0h", "0d"}),
-    "idle_in_transaction_session_timeout": frozenset({"0", "0ms", "0s", "0min", "0h", "0d"}),
-    "idle_session_timeout": frozenset({"0", "0ms", "0s", "0min", "0h", "0d"}),
-    "transaction_timeout": frozenset({"0", "0ms", "0s", "0min", "0h", "0d"}),
-    # Any value: replica disables triggers and foreign-key checks, origin re-enables them
-    # where the operator set replica.  Superuser only on the server.
-    "session_replication_role": frozenset({"replica", "origin", "local"}),
-    "row_security": frozenset({"off", "false", "no", "0", "of", "fa", "fal", "fals", "n"}),
-    "check_function_bodies": frozenset({"off", "false", "no", "0", "of", "n"}),
+#: Settings that guard the server against runaway or unchecked work, and how a value turns
+#: the guard off: "duration" settings (milliseconds) when the value the server reads is 0,
+#: "bool" settings when it is not on, "any" settings whatever the value.  Turning one off,
+#: or RESET / DEFAULT (which may undo what the operator configured), is class SAFETY; other
+#: values are plain SESSION.  Values are read the way the server reads them (see
+#: postgres._disables), and a value that cannot be read is treated as turning the guard off.
+SAFETY_SETTINGS: Mapping[str, str] = {
+    "statement_timeout": "duration",
+    "lock_timeout": "duration",
+    "idle_in_transaction_session_timeout": "duration",
+    "idle_session_timeout": "duration",
+    "transaction_timeout": "duration",
+    # replica disables triggers and foreign-key checks, origin re-enables them where the
+    # operator set replica.  Superuser only on the server.
+    "session_replication_role": "any",
+    "row_security": "bool",
+    "check_function_bodies": "bool",
 }
+
+#: Time units the server accepts after a number of milliseconds (case-sensitive), with
+#: their size in milliseconds, largest first like the server's conversion table.
+TIME_UNITS_MS: tuple[tuple[str, float], ...] = (
+    ("d", 86_400_000.0), ("h", 3_600_000.0), ("min", 60_000.0), ("s", 1000.0),
+    ("ms", 1.0), ("us", 0.001))
 
 #: The target session's read/write mode, which the gateway holds (read-only except for
 #: statements it lets write): only "on" may be set by a client.

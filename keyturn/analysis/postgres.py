@@ -626,8 +626,8 @@ class _Walk:
                             "access, which keyturn grants statement by statement")
         elif name in catalogue.SAFETY_SETTINGS:
             self.literal = True
-            weak = catalogue.SAFETY_SETTINGS[name]
-            if not has_value or value is None or _normal_word(value) in weak:
+            if not has_value or value is None or _disables(catalogue.SAFETY_SETTINGS[name],
+                                                           value):
                 return C.SAFETY, f"turns off a safety setting ({name})"
         entry = _SETTINGS.get(name) or next(
             (e for prefix, e in _SETTING_PREFIXES.items() if name.startswith(prefix)), None)
@@ -1014,6 +1014,49 @@ def _normal_word(value: str) -> str:
 
 def _truthy(value: str) -> bool:
     return _normal_word(value) in catalogue.TRUE_WORDS
+
+
+#: A number as the server's integer-setting parser reads it (strtol, or strtod when a
+#: fraction or exponent follows), then an optional unit.  Hexadecimal and other forms the
+#: server also reads do not match and count as turning the guard off (fail closed).
+_DURATION = re.compile(r"[ \t\n\r\f\v]*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)"
+                       r"[ \t\n\r\f\v]*([a-z]*)[ \t\n\r\f\v]*", re.ASCII)
+
+
+def _disables(kind: str, value: str) -> bool:
+    """Whether setting a safety setting of ``kind`` to ``value`` turns its guard off."""
+    if kind == "bool":
+        return not _truthy(value)
+    if kind != "duration":
+        return True
+    millis = _milliseconds(value)
+    return millis is None or millis <= 0
+
+
+def _milliseconds(value: str) -> float | None:
+    """The whole milliseconds the server makes of a duration setting's value, or None.
+
+    Like the server: the number is scaled by its unit (milliseconds when there is none),
+    a fraction is rounded to the next smaller unit, then to a whole millisecond, so
+    '0.4', '400us' and '1e-9' all mean 0 (no timeout)."""
+    match = _DURATION.fullmatch(value)
+    if match is None:
+        return None
+    number, unit = match.groups()
+    try:
+        amount = float(number)
+    except ValueError:
+        return None
+    units = catalogue.TIME_UNITS_MS
+    if unit:
+        index = next((i for i, (name, _) in enumerate(units) if name == unit), None)
+        if index is None:
+            return None
+        amount *= units[index][1]
+        if index + 1 < len(units):
+            smaller = units[index + 1][1]
+            amount = round(amount / smaller) * smaller
+    return float(round(amount))
 
 
 def _with_name(statement: Statement, name: str) -> Statement:
