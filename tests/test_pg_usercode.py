@@ -30,6 +30,12 @@ POLICIES = """
       - name: ruled-inserts
         match: {class: write, tables: ["public.ruled"]}
         action: allow
+  uc_writes:
+    default: block
+    rules:
+      - name: reads-and-writes
+        match: {class: [read, transaction, session, write]}
+        action: allow
   uc_ddl:
     default: block
     rules:
@@ -69,6 +75,9 @@ CREATE FUNCTION public.make_interval(days mytype) RETURNS interval LANGUAGE plpg
 CREATE FUNCTION public.to_mytype(int) RETURNS mytype LANGUAGE plpgsql
   AS $$ BEGIN PERFORM pg_advisory_lock(4242); RETURN ROW($1); END $$;
 CREATE CAST (int AS mytype) WITH FUNCTION public.to_mytype(int);
+CREATE TABLE bumps (n int);
+CREATE FUNCTION public.md5(int) RETURNS int LANGUAGE sql
+  AS $$ INSERT INTO bumps VALUES ($1) RETURNING $1 $$;
 """
 
 
@@ -87,6 +96,10 @@ def kt(pg: LocalPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             type: postgres
             {target}
             policy: uc_strict
+          - name: {DB}_rw
+            type: postgres
+            {target}
+            policy: uc_writes
           - name: {DB}_ddl
             type: postgres
             {target}
@@ -202,6 +215,36 @@ def test_a_rule_makes_an_allowed_insert_a_delete(kt: Keyturn, witness: Witness) 
     witness.nothing_happened()
     with direct(kt.pg) as c:
         assert c.execute("SELECT count(*) FROM ruled").fetchone() == (0,)
+
+
+def test_an_allowed_write_found_in_the_catalog_gets_write_access(kt: Keyturn) -> None:
+    """md5(int) looks built in but is a user function that inserts: the catalog makes
+    it a write, the policy allows writes, so the target's read-only guard must let it
+    write (psql; psycopg simple, extended, prepared; alone and inside a transaction)."""
+    rw = dsn(kt, f"{DB}_rw")
+    with direct(kt.pg) as c:
+        c.execute("TRUNCATE bumps")
+    p = subprocess.run(["psql", rw, "-X", "-v", "ON_ERROR_STOP=1", "-At",
+                        "-c", "SELECT md5(1)", "-c", "SELECT 1; SELECT md5(2); SELECT 3"],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    with psycopg.connect(rw, autocommit=True) as c:
+        assert c.execute("SELECT md5(3)").fetchone() == (3,)
+        assert c.execute("SELECT md5(%s::int)", (4,)).fetchone() == (4,)
+        for n in (5, 6):  # the second runs the server-side prepared statement
+            assert c.execute("SELECT md5(%s::int)", (n,), prepare=True).fetchone() == (n,)
+        with c.transaction():
+            assert c.execute("SELECT count(*) FROM victim").fetchone() == (10,)
+            assert c.execute("SELECT md5(7)").fetchone() == (7,)
+            assert c.execute("SELECT md5(%s::int)", (8,)).fetchone() == (8,)
+            assert c.execute("SELECT count(*) FROM victim").fetchone() == (10,)
+        # Still guarded: a write the policy did not allow fails.
+        with pytest.raises(psycopg.Error) as err:
+            c.execute("CREATE TABLE nope (x int)")
+        assert blocked(err.value), err.value
+    with direct(kt.pg) as c:
+        assert c.execute("SELECT array_agg(n ORDER BY n) FROM bumps").fetchone() == (
+            list(range(1, 9)),)
 
 
 def test_a_function_created_after_the_session_started(kt: Keyturn, pg: LocalPostgres,

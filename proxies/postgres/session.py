@@ -1140,7 +1140,8 @@ class ClientSession(asyncio.Protocol):
                 if decision.classification == "read" and not st.facts:
                     self.fast_verdicts[fast] = (decision, _fragment(decision))
                 elif len(self.guarded_verdicts) < 4096:
-                    self.guarded_verdicts[fast] = (decision, st)
+                    self.guarded_verdicts[fast] = (decision, _as_decided(analysis, decision)
+                                                   .statements[0])
         else:
             decision = self._decide(analysis)
         ctx = Ctx(sql, decision.classification, decision.action, decision.rule, decision.reason,
@@ -1217,7 +1218,7 @@ class ClientSession(asyncio.Protocol):
     def _dispatch(self, msg: Message, ctx: Ctx, decision: Decision, analysis: Any,
                   out: list[bytes], kind: bytes) -> bool:
         """Forward, block or hold one Query (kind Q) or Execute (kind E)."""
-        ctx.analysis = analysis
+        ctx.analysis = analysis = _as_decided(analysis, decision)
         spool = self.gw.audit_spool
         if not spool.accepting:
             # Nothing runs unaudited: while records cannot be written, statements fail.
@@ -1617,11 +1618,24 @@ class ClientSession(asyncio.Protocol):
                     return
 
     def _needs_grant(self, analysis: Any) -> bool:
-        """A statement that needs write access and that the policy may let run (allowed
-        or reviewed): a blocked one never gets its transaction write access."""
-        if not any(str(st.cls) in guard.RW_CLASSES for st in analysis.statements):
+        """A statement that needs write access as the policy judged it (the catalog may
+        make a call that looks like a read a write) and that the policy may let run
+        (allowed or reviewed): a blocked one never gets its transaction write access."""
+        statements = analysis.statements
+        if not statements or analysis.error is not None:
             return False
-        return self._decide(analysis).action != "block"
+        if len(statements) == 1 and not statements[0].refs \
+                and str(statements[0].cls) not in guard.RW_CLASSES:
+            return False  # nothing the catalog could make a write
+        st = statements[0]
+        key = (st.cls, st.tables, st.functions, st.forbidden, st.reasons, st.refs)
+        decision = self.verdicts.get(key) if len(statements) == 1 else None
+        if decision is None:
+            decision = self._decide(analysis)
+        if decision.action == "block":
+            return False
+        return any(j.classification in guard.RW_CLASSES for j in decision.statements) or any(
+            str(st.cls) in guard.RW_CLASSES for st in statements)
 
     def _grant_batch(self, out: list[bytes]) -> None:
         """Write access for the current implicit transaction (extended protocol). It must
@@ -2310,13 +2324,27 @@ class ClientSession(asyncio.Protocol):
             self.fatal("08006", f"keyturn: lost the connection to the target: {message}")
 
 
+def _as_decided(analysis: Any, decision: Decision) -> Any:
+    """``analysis`` with each statement's class as the policy judged it: the catalog may
+    show that a call the analyser took for a read runs a user function that writes, and
+    the read-only guard must give an allowed write its write access."""
+    statements = analysis.statements
+    judged = decision.statements
+    if len(judged) != len(statements) or all(
+            str(st.cls) == j.classification for st, j in zip(statements, judged)):
+        return analysis
+    return _Single(tuple(st if str(st.cls) == j.classification
+                         else dataclasses.replace(st, cls=StatementClass(j.classification))
+                         for st, j in zip(statements, judged)), analysis.error, analysis.changes)
+
+
 @dataclass(slots=True)
 class _Single:
     """What the read-only guard plans from, for a statement whose analysis was memoised."""
 
     statements: tuple[Statement, ...]
-    error: None = None
-    changes: tuple[()] = ()
+    error: Any = None
+    changes: Any = ()
 
 
 def _error_at(body: bytes, position: int | None) -> bytes:
