@@ -2331,11 +2331,11 @@ def _as_decided(analysis: Any, decision: Decision) -> Any:
     statements = analysis.statements
     judged = decision.statements
     if len(judged) != len(statements) or all(
-            str(st.cls) == j.classification for st, j in zip(statements, judged)):
+            str(st.cls) == j.classification for st, j in zip(statements, judged, strict=True)):
         return analysis
     return _Single(tuple(st if str(st.cls) == j.classification
                          else dataclasses.replace(st, cls=StatementClass(j.classification))
-                         for st, j in zip(statements, judged)), analysis.error, analysis.changes)
+                         for st, j in zip(statements, judged, strict=True)), analysis.error, analysis.changes)
 
 
 @dataclass(slots=True)
