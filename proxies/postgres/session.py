@@ -2333,9 +2333,10 @@ def _as_decided(analysis: Any, decision: Decision) -> Any:
     if len(judged) != len(statements) or all(
             str(st.cls) == j.classification for st, j in zip(statements, judged, strict=True)):
         return analysis
-    return _Single(tuple(st if str(st.cls) == j.classification
-                         else dataclasses.replace(st, cls=StatementClass(j.classification))
-                         for st, j in zip(statements, judged, strict=True)), analysis.error, analysis.changes)
+    decided = tuple(st if str(st.cls) == j.classification
+                    else dataclasses.replace(st, cls=StatementClass(j.classification))
+                    for st, j in zip(statements, judged, strict=True))
+    return _Single(decided, analysis.error, analysis.changes)
 
 
 @dataclass(slots=True)
