@@ -144,38 +144,44 @@ def plan_query(statements: Sequence[Any], state: TxState) -> Plan:
                 st.block = st.block_ro = False
                 fresh, ran_query = True, False
             continue
-        if "end" in facts:
-            if st.hold and not st.ro_open:
-                # A WITH HOLD cursor's query finishes at COMMIT: keep it read-only.
-                parts += [SQL_SAVEPOINT, SQL_RO]
-            parts.append(j)
-            st.ro_open = st.hold = False
-            if "chain" not in facts:  # AND CHAIN: a new transaction, read-write like this
-                st.block = False
-                fresh, ran_query = True, False
-            continue
-        if "savepoint" in facts or "begin" in facts:
-            if st.ro_open:
-                parts.append(SQL_RELEASE)
-                st.ro_open = False
-            parts.append(j)
-            continue
-        if "sp_destroy" in facts:
-            # RELEASE / ROLLBACK TO of the client's savepoint ends ours (it is newer).
-            parts.append(j)
-            st.ro_open = False
-            continue
-        if cls in RW_CLASSES:
-            if st.ro_open:
-                parts.append(SQL_RELEASE)
-                st.ro_open = False
-        elif cls in GUARDED_CLASSES and not st.ro_open:
-            parts += [SQL_SAVEPOINT, SQL_RO]
-            st.ro_open = True
+        parts += before_in_block(st, facts, (cls,))
         parts.append(j)
-        if "hold_cursor" in facts:
-            st.hold = True
+        after_in_block(st, facts)
+        if not st.block:
+            fresh, ran_query = True, False
     return Plan(parts, st)
+
+
+def before_in_block(st: TxState, facts: frozenset[str], classes: Sequence[str]) -> list[str]:
+    """The gateway's statements to run before one of the client's inside an explicit
+    read-write transaction (``st.block`` and not ``st.block_ro``); updates ``st``."""
+    if "end" in facts:
+        # A WITH HOLD cursor's query finishes at COMMIT: keep it read-only.
+        return [SQL_SAVEPOINT, SQL_RO] if st.hold and not st.ro_open else []
+    if "savepoint" in facts or "begin" in facts or any(c in RW_CLASSES for c in classes):
+        # Before a write (or the client's savepoint, which would nest in ours).
+        if st.ro_open:
+            st.ro_open = False
+            return [SQL_RELEASE]
+        return []
+    if "sp_destroy" not in facts and not st.ro_open and (
+            not classes or any(c in GUARDED_CLASSES for c in classes)):
+        st.ro_open = True
+        return [SQL_SAVEPOINT, SQL_RO]
+    return []
+
+
+def after_in_block(st: TxState, facts: frozenset[str]) -> None:
+    """The state after one of the client's statements ran inside an explicit transaction."""
+    if "hold_cursor" in facts:
+        st.hold = True
+    if "end" in facts:
+        st.ro_open = st.hold = False
+        if "chain" not in facts:  # AND CHAIN: a new transaction, read-write like this
+            st.block = st.block_ro = False
+    elif "sp_destroy" in facts:
+        # RELEASE / ROLLBACK TO of the client's savepoint ends ours (it is newer).
+        st.ro_open = False
 
 
 def plan_unparsed(state: TxState) -> Plan:

@@ -1658,22 +1658,8 @@ class ClientSession(asyncio.Protocol):
         statements = analysis.statements if analysis is not None else ()
         facts = frozenset().union(*(st.facts for st in statements)) if statements else \
             frozenset()
-        classes = {str(st.cls) for st in statements} or {"unknown"}
-        if "end" in facts:
-            if txs.hold and not txs.ro_open:
-                self._guard_run(guard.SQL_SAVEPOINT, out)
-                self._guard_run(guard.SQL_RO, out)
-                txs.ro_open = True
-        elif "savepoint" in facts or "begin" in facts or classes & guard.RW_CLASSES:
-            if txs.ro_open:
-                self._guard_run(guard.SQL_RELEASE, out)
-                txs.ro_open = False
-        elif "sp_destroy" in facts:
-            pass
-        elif classes & guard.GUARDED_CLASSES and not txs.ro_open:
-            self._guard_run(guard.SQL_SAVEPOINT, out)
-            self._guard_run(guard.SQL_RO, out)
-            txs.ro_open = True
+        for sql in guard.before_in_block(txs, facts, [str(st.cls) for st in statements]):
+            self._guard_run(sql, out)
 
     def _guard_after_execute(self, ctx: Ctx, out: list[bytes]) -> None:
         analysis = ctx.analysis
@@ -1684,23 +1670,19 @@ class ClientSession(asyncio.Protocol):
         if not facts:
             return
         txs = self.txs
-        if "hold_cursor" in facts:
-            txs.hold = True
         if not txs.block:
+            if "hold_cursor" in facts:
+                txs.hold = True
             if "begin" in facts:
                 txs.block, txs.ro_open, txs.hold = True, False, False
                 txs.block_ro = "begin_ro" in facts
                 if not txs.block_ro and not self.batch_rw:
                     self._guard_run(guard.SQL_RW_TX, out)
             return
-        if "end" in facts:
-            txs.ro_open = txs.hold = False
-            if "chain" not in facts:
-                txs.block = txs.block_ro = False
-                # What follows in this batch runs in a new implicit transaction.
-                self.batch_rw = self.imp_started = self.imp_bound = False
-        elif "sp_destroy" in facts:
-            txs.ro_open = False
+        guard.after_in_block(txs, facts)
+        if not txs.block:
+            # What follows in this batch runs in a new implicit transaction.
+            self.batch_rw = self.imp_started = self.imp_bound = False
 
     def _guard_sync(self) -> None:
         """Nothing is in flight: the target's ReadyForQuery is the truth."""
