@@ -90,6 +90,47 @@ def test_a_hidden_write_judged_a_read_fails_on_the_target(kt: Keyturn, tables: N
     assert res.returncode != 0 and "read-only transaction" in res.stderr, res.stderr
 
 
+@pytest.mark.parametrize("sql", [
+    "SELECT hidden_write(); INSERT INTO guard_ok VALUES (1)",
+    "INSERT INTO guard_ok VALUES (1); SELECT hidden_write()",
+    "SELECT 1; INSERT INTO guard_ok VALUES (1); SELECT * FROM guard_view; SELECT 2",
+])
+def test_a_hidden_write_next_to_an_allowed_write_in_one_message_fails(
+        kt: Keyturn, tables: None, pg: LocalPostgres, sql: str) -> None:
+    """A Query outside a transaction is one implicit transaction: the allowed write gets
+    write access, the reads around it still run read-only, and the whole Query is undone
+    as the implicit transaction would be."""
+    res = psql(kt, sql)
+    assert res.returncode != 0 and "read-only transaction" in res.stderr, res.stderr
+    assert ok_rows(pg) == 0
+    with RawConn(kt.dsn("alice")) as r:
+        answers = r.run(Q(sql))
+        assert [e["C"] for e in errors(answers)] == [READ_ONLY]
+        assert answers[-1] == (b"Z", b"I")  # idle, as after a failed implicit transaction
+        assert not errors(r.run(Q("SELECT 1")))
+
+
+def test_reads_and_an_allowed_write_in_one_message_commit_together(
+        kt: Keyturn, tables: None, pg: LocalPostgres) -> None:
+    res = psql(kt, "SELECT count(*) FROM guard_ok; INSERT INTO guard_ok VALUES (1); "
+                   "SELECT count(*) FROM guard_ok")
+    assert res.returncode == 0 and res.stdout.split() == ["0", "INSERT", "0", "1", "1"], \
+        res.stderr
+    assert ok_rows(pg) == 1
+    with RawConn(kt.dsn("alice")) as r:
+        # An error after the write undoes it, like the implicit transaction would.
+        answers = r.run(Q("SELECT 1; INSERT INTO guard_ok VALUES (2); SELECT 1/0"))
+        assert [e["C"] for e in errors(answers)] == ["22012"]
+        assert answers[-1] == (b"Z", b"I")
+        answers = r.run(Q("INSERT INTO guard_ok VALUES (3); SELECT count(*) FROM guard_ok"))
+        assert not errors(answers) and tags(answers) == ["INSERT 0 1", "SELECT 1"]
+        assert answers[-1] == (b"Z", b"I")
+    assert ok_rows(pg) == 2
+    res = psql(kt, "SELECT 1; INSERT INTO guard_ok VALUES (4); COMMIT")
+    assert res.returncode != 0 and "separate queries" in res.stderr, res.stderr
+    assert ok_rows(pg) == 2
+
+
 def test_hidden_writes_fail_inside_transactions_that_write(kt: Keyturn, tables: None,
                                                            pg: LocalPostgres) -> None:
     with psycopg.connect(kt.dsn("alice")) as c:  # psycopg's default: transactions

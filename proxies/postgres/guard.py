@@ -41,6 +41,9 @@ SQL_RW_TX = "SET TRANSACTION READ WRITE"
 SQL_SAVEPOINT = "SAVEPOINT keyturn_ro"
 SQL_RO = "SET LOCAL transaction_read_only = on"
 SQL_RELEASE = "RELEASE SAVEPOINT keyturn_ro"
+SQL_BEGIN_RW = "BEGIN READ WRITE"
+SQL_COMMIT = "COMMIT"
+SQL_ROLLBACK = "ROLLBACK"
 SQL_DEFAULT_RW = "SET default_transaction_read_only = off"
 SQL_DEFAULT_RO = "SET default_transaction_read_only = on"
 #: Commands that can take SET LOCAL in front of them in one implicit transaction.
@@ -73,11 +76,15 @@ class TxState:
 class Plan:
     """How to send one simple Query: ``parts`` lists client statement indexes (int) and
     statements of the gateway's own (str), in order; ``toggle``: wrap the unchanged
-    Query in session-default changes instead; ``state``: the state after it."""
+    Query in session-default changes instead; ``state``: the state after it.
+    ``explicit``: the Query's implicit transaction was made an explicit one (to guard its
+    reads with a savepoint): a ROLLBACK must follow it, so that after an error the
+    session is idle again as it would have been, and the client must see 'I'."""
 
     parts: list[int | str]
     state: TxState
     toggle: bool = False
+    explicit: bool = False
 
     @property
     def changed(self) -> bool:
@@ -98,6 +105,10 @@ def plan_query(statements: Sequence[Any], state: TxState) -> Plan:
             and statements[0].command not in _BLOCK_SAFE):
         # VACUUM, CREATE DATABASE, CALL (which may COMMIT)...: not inside a block.
         return Plan([0], st, toggle=True)
+    if not st.block:
+        explicit = _explicit_plan(statements, st)
+        if explicit is not None:
+            return explicit
     fresh = True  # at the start of an implicit transaction: nothing of it ran yet
     implicit_rw = False  # this implicit transaction was given write access
     ran_query = False  # a statement that may have taken a snapshot ran in it
@@ -110,16 +121,14 @@ def plan_query(statements: Sequence[Any], state: TxState) -> Plan:
                 # Write access for this implicit transaction if anything in it (up to a
                 # BEGIN, which makes it an explicit one, or a COMMIT, which ends it)
                 # needs it: SET LOCAL must come before any query.
-                for k in range(j, n):
-                    fk = statements[k].facts
-                    if "begin" in fk:
-                        break
-                    if _needs_rw(statements[k]):
-                        parts.append(SQL_RW_LOCAL)
-                        implicit_rw = True
-                        break
-                    if "end" in fk:
-                        break
+                rw, guarded = _segment(statements, j)
+                if rw and guarded:
+                    raise Refused("this message mixes reads and writes with BEGIN / COMMIT "
+                                  "outside a transaction; send them as separate queries "
+                                  "or inside BEGIN ... COMMIT")
+                if rw:
+                    parts.append(SQL_RW_LOCAL)
+                    implicit_rw = True
             if "begin" in facts:
                 parts.append(j)
                 st.block, st.ro_open, st.hold = True, False, False
@@ -150,6 +159,49 @@ def plan_query(statements: Sequence[Any], state: TxState) -> Plan:
         if not st.block:
             fresh, ran_query = True, False
     return Plan(parts, st)
+
+
+def _segment(statements: Sequence[Any], j: int) -> tuple[bool, bool]:
+    """Whether the implicit transaction starting at statement ``j`` (up to a BEGIN, which
+    makes it an explicit one, or a COMMIT, which ends it) holds a statement that needs
+    write access, and one the guard runs read-only."""
+    rw = guarded = False
+    for k in range(j, len(statements)):
+        s = statements[k]
+        facts = s.facts
+        if "begin" in facts:
+            break
+        cls = str(s.cls)
+        rw = rw or cls in RW_CLASSES
+        guarded = guarded or cls in GUARDED_CLASSES
+        if "end" in facts:
+            break
+    return rw, guarded
+
+
+def _explicit_plan(statements: Sequence[Any], state: TxState) -> Plan | None:
+    """A Query outside a transaction whose one implicit transaction holds both an allowed
+    write and reads: write access for the whole of it would let a read that hides a
+    write run read-write, and a savepoint cannot be taken in an implicit transaction.
+    So it runs in an explicit read-write transaction of the gateway's own (BEGIN ...
+    COMMIT around it), its reads in the read-only savepoint like in a client's."""
+    if any("begin" in s.facts or "end" in s.facts for s in statements):
+        return None  # several transactions: plan_query refuses the mixed ones
+    if len(statements) < 2:
+        return None
+    rw, guarded = _segment(statements, 0)
+    if not (rw and guarded):
+        return None
+    st = state.copy()
+    st.block, st.block_ro, st.ro_open, st.hold = True, False, False, False
+    parts: list[int | str] = [SQL_BEGIN_RW]
+    for j, s in enumerate(statements):
+        parts += before_in_block(st, s.facts, (str(s.cls),))
+        parts.append(j)
+        after_in_block(st, s.facts)
+    parts += before_in_block(st, frozenset({"end"}), ())
+    parts.append(SQL_COMMIT)
+    return Plan(parts, TxState(), explicit=True)
 
 
 def before_in_block(st: TxState, facts: frozenset[str], classes: Sequence[str]) -> list[str]:

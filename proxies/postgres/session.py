@@ -134,6 +134,9 @@ class Expect:
     ci: int = 0
     rewritten: Any = None
     guard_stmt: str | None = None  # a Parse of one of the gateway's guard statements
+    # The guard ran the client's implicit transaction as an explicit one and a hidden
+    # ROLLBACK follows: the client is told 'I' as the implicit transaction would say.
+    as_idle: bool = False
 
 
 @dataclass(slots=True)
@@ -222,6 +225,7 @@ _GUARD_BIND = {sql: codec.encode_bind(_GUARD_PORTAL, name) for sql, name in _GUA
 _GUARD_RUN = codec.encode_execute(_GUARD_PORTAL, 0) + codec.encode_close("P", _GUARD_PORTAL)
 _DEFAULT_RW_QUERY = codec.encode_query(guard.SQL_DEFAULT_RW)
 _DEFAULT_RO_QUERY = codec.encode_query(guard.SQL_DEFAULT_RO)
+_ROLLBACK_QUERY = codec.encode_query(guard.SQL_ROLLBACK)
 _OWN_PREFIX = "keyturn"
 # The read-only guard keeps the target session read-only by default; clients that ask
 # whether they reached a primary (pgjdbc targetServerType=primary: SHOW
@@ -1562,8 +1566,14 @@ class ClientSession(asyncio.Protocol):
         texts = [st.text for st in analysis.statements] if analysis.error is None \
             else [ctx.statement]
         new = guard.rewrite(ctx.statement, texts, plan.parts)
-        self.expect.append(Expect(b"Q", ctx, ours=new.ours, rewritten=new))
+        self.expect.append(Expect(b"Q", ctx, ours=new.ours, rewritten=new,
+                                  as_idle=plan.explicit))
         out.append(codec.encode_query(new.sql))
+        if plan.explicit:
+            # After an error the target skipped the gateway's COMMIT: end the transaction
+            # (after a COMMIT, the ROLLBACK only warns, which nobody sees).
+            self.expect.append(Expect(b"Q", hide=True))
+            out.append(_ROLLBACK_QUERY)
         return True
 
     def _guard_run(self, sql: str, out: list[bytes]) -> None:
@@ -2084,6 +2094,9 @@ class ClientSession(asyncio.Protocol):
                     continue
             if t == b"Z":
                 self.tx_status = chr(chunk[start + 5]) if end > start + 5 else "I"
+                if head.as_idle and self.tx_status != "I":
+                    out, seg = _splice(out, chunk, seg, start, end,
+                                       codec.encode_ready_for_query("I"))
                 # ReadyForQuery ends a Sync or a simple Query. Anything still expected
                 # before it was skipped by the target after an error (messages that
                 # reached us after the target's error already arrived): drop it.
