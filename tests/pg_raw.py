@@ -66,6 +66,15 @@ class RawConn:
                 count -= 1
         return out
 
+    def until_closed(self) -> list[tuple[bytes, bytes]]:
+        """Every message until the gateway closes the connection."""
+        out = []
+        while True:
+            try:
+                out.append(self._message())
+            except (ConnectionError, OSError):
+                return out
+
     def run(self, *messages: bytes, syncs: int | None = None) -> list[tuple[bytes, bytes]]:
         """Send ``messages`` and read to the ReadyForQuery of each Query / Sync in them."""
         self.send(*messages)

@@ -140,6 +140,49 @@ def test_weakening_a_guard_is_its_own_class(kt: Keyturn, unchanged: None, sql: s
     assert_blocked_everywhere(kt, sql)
 
 
+@pytest.mark.parametrize("sql", [
+    "SELECT set_config('statement_timeoutX'::varchar(17), '0', false)",
+    "SELECT set_config('lock_timeout', '05'::char(1), false)",
+    "SELECT set_config('row_securityX'::varchar(12), 'off', false)",
+    "SELECT set_config('roleX'::varchar(4), 'app', false)",
+    "SELECT set_config('standard_conforming_stringsX'::varchar(27), 'off', false)",
+    "SELECT set_config('client_encoding'::text, 'LATIN1', false)",
+    "SELECT set_config('search_pathX'::varchar(11), 'vault', false)",
+    "SELECT set_config('default_transaction_read_only', 'on'::char(1) || 'ff', false)",
+])
+def test_a_cast_setting_name_or_value_is_not_read_as_its_constant(
+        kt: Keyturn, unchanged: None, sql: str) -> None:
+    """A cast can make the server see another name or value than the constant inside it
+    ('05'::char(1) is '0'): such a set_config() is judged as one whose name or value
+    cannot be read — refused, or the riskiest class of its setting — and the settings
+    the client sees afterwards are unchanged."""
+    with psycopg.connect(kt.dsn("alice"), autocommit=True) as c:
+        c.execute("SET statement_timeout = '5s'")
+        c.execute("SET lock_timeout = '5s'")
+        before = c.execute("SELECT current_setting('statement_timeout'), "
+                           "current_setting('lock_timeout'), current_user, "
+                           "current_setting('search_path')").fetchone()
+        for params in ((), (1,)):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as err:
+                c.execute(sql + (" WHERE %s = 1" if params else ""), params or None)
+            assert "keyturn" in str(err.value)
+        after = c.execute("SELECT current_setting('statement_timeout'), "
+                          "current_setting('lock_timeout'), current_user, "
+                          "current_setting('search_path')").fetchone()
+        assert after == before
+        assert c.execute("SELECT current_setting('standard_conforming_strings'), "
+                         "current_setting('row_security')").fetchone() == ("on", "on")
+
+
+def test_a_bound_value_under_a_cast_is_not_read_as_its_constant(
+        kt: Keyturn, unchanged: None) -> None:
+    with psycopg.connect(kt.dsn("alice"), autocommit=True) as c:
+        c.execute("SET statement_timeout = '5s'")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("SELECT set_config('statement_timeout', %s::char(1), false)", ("05",))
+        assert c.execute("SELECT current_setting('statement_timeout')").fetchone() == ("5s",)
+
+
 DURATIONS = ["0", "00", "0.4", "0.5", "0.6", "400us", "1499us", "1500us", "1e-9", "1e2",
              "0.0004s", "0.0006s", " 5 s ", "5s", "1min", "0d", "0.00001h", "-0", "+0",
              "1000", "2147483647"]

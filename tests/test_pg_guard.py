@@ -10,6 +10,7 @@ client mode. A direct connection checks that nothing was written."""
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator
 
 import psycopg
@@ -31,6 +32,10 @@ GUARDED = """
         action: allow
 """
 SETUP = """
+CREATE OR REPLACE FUNCTION escapes_on() RETURNS text LANGUAGE sql VOLATILE
+  AS 'SELECT set_config(''standard_conforming_strings'', ''off'', false)';
+CREATE OR REPLACE FUNCTION latin1() RETURNS text LANGUAGE sql VOLATILE
+  AS 'SELECT set_config(''client_encoding'', ''LATIN1'', false)';
 DROP TABLE IF EXISTS guard_hidden, guard_ok CASCADE;
 CREATE TABLE guard_hidden (id serial PRIMARY KEY, note text);
 CREATE TABLE guard_ok (id int);
@@ -83,6 +88,15 @@ def psql(kt: Keyturn, sql: str) -> subprocess.CompletedProcess[str]:
     "WITH x AS (SELECT hidden_write()) SELECT * FROM x",
     "BEGIN; SELECT hidden_write(); COMMIT",
     "BEGIN READ WRITE; SELECT 1; SELECT hidden_write(); COMMIT",
+    # the server applies the last mode given: a read-write transaction like any other
+    "BEGIN READ ONLY, READ WRITE; SELECT hidden_write(); COMMIT",
+    "START TRANSACTION READ ONLY READ WRITE; SELECT * FROM guard_view; COMMIT",
+    # a SELECT of set_config() is a session statement, and may call anything beside it
+    "BEGIN; SELECT set_config('application_name', 'x', false), hidden_write(); COMMIT",
+    "BEGIN; SELECT 1; SAVEPOINT s; SELECT set_config('application_name', 'x', false), "
+    "hidden_write(); COMMIT",
+    "INSERT INTO guard_ok VALUES (1); "
+    "SELECT set_config('application_name', 'x', false), hidden_write()",
 ])
 def test_a_hidden_write_judged_a_read_fails_on_the_target(kt: Keyturn, tables: None,
                                                           sql: str) -> None:
@@ -164,6 +178,21 @@ def test_extended_protocol_with_parameters(kt: Keyturn, tables: None, pg: LocalP
     assert ok_rows(pg) == 2
 
 
+def test_a_pipeline_mixing_an_allowed_write_and_a_hidden_one(
+        kt: Keyturn, tables: None, pg: LocalPostgres) -> None:
+    with psycopg.connect(kt.dsn("alice"), autocommit=True) as c:
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            with c.pipeline():
+                c.execute("INSERT INTO guard_ok VALUES (%s)", (1,))
+                c.execute("SELECT hidden_write() + %s", (0,))
+        with c.pipeline():
+            c.execute("INSERT INTO guard_ok VALUES (%s)", (2,))
+            cur = c.execute("SELECT count(*) FROM guard_ok WHERE id >= %s", (0,))
+        assert cur.fetchone() == (1,)
+        assert c.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    assert ok_rows(pg) == 1
+
+
 def test_prepared_statements_and_pipelines(kt: Keyturn, tables: None,
                                            pg: LocalPostgres) -> None:
     with psycopg.connect(kt.dsn("alice"), autocommit=True, prepare_threshold=0) as c:
@@ -213,13 +242,36 @@ def test_asyncpg_prepares_then_binds(kt: Keyturn, tables: None, pg: LocalPostgre
 
 def test_raw_batches_of_reads_and_writes(kt: Keyturn, tables: None, pg: LocalPostgres) -> None:
     with RawConn(kt.dsn("alice")) as r:
-        # A write and a read in one batch: the batch's transaction may write...
+        # A write and a read in one batch: the write writes, the read reads...
         answers = r.run(P("", "INSERT INTO guard_ok VALUES (1)"), B("", ""), E(),
                         P("", "SELECT count(*) FROM guard_ok"), B("", ""), E(), S())
-        assert not errors(answers) and "INSERT 0 1" in tags(answers)
-        # ...a batch of reads may not.
+        assert not errors(answers) and tags(answers) == ["INSERT 0 1", "SELECT 1"]
+        assert answers[-1] == (b"Z", b"I")
+        # ...a read that hides a write fails, before or after the write, and the batch
+        # is undone as its implicit transaction would be.
+        for first, second in (("INSERT INTO guard_ok VALUES (9)", "SELECT hidden_write()"),
+                              ("SELECT * FROM guard_view", "INSERT INTO guard_ok VALUES (9)")):
+            answers = r.run(P("", first), B("", ""), E(), P("", second), B("", ""), E(), S())
+            assert [e["C"] for e in errors(answers)] == [READ_ONLY]
+            assert answers[-1] == (b"Z", b"I")
+        # The same batch split over two sends (its Sync not seen with the write).
+        r.send(P("", "INSERT INTO guard_ok VALUES (9)"), B("", ""), E())
+        time.sleep(0.2)
         answers = r.run(P("", "SELECT hidden_write()"), B("", ""), E(), S())
         assert [e["C"] for e in errors(answers)] == [READ_ONLY]
+        assert answers[-1] == (b"Z", b"I")
+        # ...a batch of reads may not write either.
+        answers = r.run(P("", "SELECT hidden_write()"), B("", ""), E(), S())
+        assert [e["C"] for e in errors(answers)] == [READ_ONLY]
+        # The client's BEGIN after a write: one transaction of the client's, as PostgreSQL
+        # makes of an implicit one.
+        answers = r.run(P("", "INSERT INTO guard_ok VALUES (2)"), B("", ""), E(),
+                        P("", "SELECT 1"), B("", ""), E(),
+                        P("", "BEGIN"), B("", ""), E(),
+                        P("", "INSERT INTO guard_ok VALUES (3)"), B("", ""), E(), S())
+        assert not errors(answers) and answers[-1] == (b"Z", b"T")
+        assert not errors(r.run(Q("ROLLBACK")))
+        assert ok_rows(pg) == 1
         # BEGIN in the batch: the transaction is read-write, its reads read-only.
         answers = r.run(P("", "BEGIN"), B("", ""), E(),
                         P("", "INSERT INTO guard_ok VALUES (2)"), B("", ""), E(),
@@ -284,6 +336,20 @@ def test_error_positions_point_into_the_clients_text(kt: Keyturn, tables: None) 
 
 
 # ---------------------------------------------------------------- the guard is the gateway's
+
+@pytest.mark.parametrize("function", ["escapes_on", "latin1"])
+def test_a_hidden_change_of_how_text_is_read_ends_the_session(
+        kt: Keyturn, tables: None, function: str) -> None:
+    """A function judged a read turns backslash escapes on (or changes the encoding):
+    the target would now read the next message differently from the analyser, which
+    could hide a write inside what looks like a string. The session ends at once."""
+    with RawConn(kt.dsn("alice")) as r:
+        r.send(Q(f"SELECT {function}()"))
+        answers = r.until_closed()
+        fatal = [e for e in errors(answers) if "reads query text differently" in e["M"]]
+        assert fatal and fatal[0]["S"] == "FATAL", answers
+
+
 
 def test_the_client_sees_a_writable_server(kt: Keyturn) -> None:
     dsn = kt.dsn("alice") + " target_session_attrs=read-write"

@@ -378,12 +378,14 @@ def _names(items: Any) -> list[str]:
 
 
 def _literal(node: Any) -> str | None:
-    """The text of a constant argument, or None when it is not a plain constant."""
+    """The text of a constant argument, or None when it is not a plain constant.
+
+    A cast is not looked through: ``'statement_timeoutX'::varchar(17)`` or
+    ``'05'::char(1)`` is another text on the server than the constant inside it (and a
+    type name may resolve to a user's domain), so a cast constant cannot be read."""
     if not isinstance(node, dict) or len(node) != 1:
         return None
     ((kind, body),) = node.items()
-    if kind == "TypeCast":
-        return _literal(body.get("arg"))
     if kind != "A_Const" or body.get("isnull"):
         return None
     for field in ("sval", "ival", "fval", "boolval", "bsval"):
@@ -643,19 +645,17 @@ class _Walk:
         SESSION CHARACTERISTICS ... READ WRITE are refused. BEGIN READ WRITE is allowed
         (``begin``): every transaction a client opens is made read-write by the gateway,
         which guards the reads inside it with read-only savepoints."""
-        for option in options:
+        mode = None
+        for option in options:  # the server applies them in order: the last one counts
             elem = option.get("DefElem") if isinstance(option, dict) else None
             if not elem or elem.get("defname") != "transaction_read_only":
                 continue
             value = _literal(elem.get("arg"))
-            if begin and value is not None and not _truthy(value):
-                return "off"
-            if value is None or not _truthy(value):
-                self.forbid(f"{verb} asks for write access, which keyturn grants statement "
-                            "by statement")
-                return "off"
-            return "on"
-        return None
+            mode = "on" if value is not None and _truthy(value) else "off"
+        if mode == "off" and not begin:
+            self.forbid(f"{verb} asks for write access, which keyturn grants statement "
+                        "by statement")
+        return mode
 
     # -- statements --------------------------------------------------------------------------
 

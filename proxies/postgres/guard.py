@@ -33,8 +33,10 @@ from typing import Any
 
 #: Classes that need write access (everything else runs read-only, or needs no guard).
 RW_CLASSES = frozenset({"lock", "write", "ddl", "privilege", "procedural", "admin", "file"})
-#: Classes the guard runs read-only (an allowed "unknown" is the riskiest: read-only too).
-GUARDED_CLASSES = frozenset({"read", "unknown"})
+#: Classes the guard runs read-only: every class but those that need write access and
+#: transaction control (an allowed "unknown" is the riskiest: read-only too; a SELECT of
+#: set_config() is "session" or "safety" and may call anything else beside it).
+GUARDED_CLASSES = frozenset({"read", "unknown", "session", "safety"})
 
 SQL_RW_LOCAL = "SET LOCAL transaction_read_only = off"
 SQL_RW_TX = "SET TRANSACTION READ WRITE"

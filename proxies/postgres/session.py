@@ -219,7 +219,8 @@ _EXPECT_B, _EXPECT_P, _EXPECT_S, _EXPECT_C = Expect(b"B"), Expect(b"P"), Expect(
 # protocol), and the session-default Queries around commands that cannot run in a block.
 _GUARD_NAMES = {guard.SQL_RW_LOCAL: "keyturn_rw_local", guard.SQL_RW_TX: "keyturn_rw_tx",
                 guard.SQL_SAVEPOINT: "keyturn_savepoint", guard.SQL_RO: "keyturn_ro",
-                guard.SQL_RELEASE: "keyturn_release"}
+                guard.SQL_RELEASE: "keyturn_release", guard.SQL_BEGIN_RW: "keyturn_begin",
+                guard.SQL_COMMIT: "keyturn_commit"}
 _GUARD_PORTAL = "keyturn_portal"
 _GUARD_BIND = {sql: codec.encode_bind(_GUARD_PORTAL, name) for sql, name in _GUARD_NAMES.items()}
 _GUARD_RUN = codec.encode_execute(_GUARD_PORTAL, 0) + codec.encode_close("P", _GUARD_PORTAL)
@@ -227,6 +228,12 @@ _DEFAULT_RW_QUERY = codec.encode_query(guard.SQL_DEFAULT_RW)
 _DEFAULT_RO_QUERY = codec.encode_query(guard.SQL_DEFAULT_RO)
 _ROLLBACK_QUERY = codec.encode_query(guard.SQL_ROLLBACK)
 _OWN_PREFIX = "keyturn"
+#: Settings the target reports whose value decides how it reads query text: the value
+#: must be what the analyser assumes (a function giving None when it is).
+_READ_AS_ANALYSED = {
+    "standard_conforming_strings": lambda v: None if v == "on" else "off",
+    "client_encoding": client_encoding_refusal,
+}
 # The read-only guard keeps the target session read-only by default; clients that ask
 # whether they reached a primary (pgjdbc targetServerType=primary: SHOW
 # transaction_read_only) are told what the gateway grants: writes, as the policy allows.
@@ -362,6 +369,7 @@ class ClientSession(asyncio.Protocol):
         self.guard_stmts: set[str] = set()
         self.batch_open = False
         self.batch_rw = False
+        self.batch_explicit = False  # the batch runs in the gateway's own transaction
         # In the current implicit transaction (extended protocol): a message has started
         # it / a Bind or Execute has run in it.
         self.imp_started = False
@@ -893,8 +901,10 @@ class ClientSession(asyncio.Protocol):
             target = self._bind_target(skey)
             self.bound[pkey] = (body, target)
             if not self.batch_rw and not self.txs.block and target is not None \
-                    and target is not _AMBIGUOUS and self._needs_grant(target.analysis):
-                self._grant_batch(out)
+                    and target is not _AMBIGUOUS and self._grant_classes(target.analysis)[0]:
+                # A write bound in a later read than the batch's start: what else the
+                # batch holds is not known, so its reads are guarded (explicit).
+                self._grant_batch(out, explicit=True)
             self.imp_started = self.imp_bound = True
             self.expect.append(_EXPECT_B)
             out.append(msg.raw)
@@ -921,6 +931,7 @@ class ClientSession(asyncio.Protocol):
         if t == b"S":
             self.skip_until_sync = False
             self.syncs += 1
+            explicit = self.batch_explicit
             self.batch_open = self.batch_rw = self.imp_started = self.imp_bound = False
             if self.fail_at_sync:
                 # A refused Execute: before the client's Sync, run a statement that fails,
@@ -934,8 +945,14 @@ class ClientSession(asyncio.Protocol):
                 # (The constant cast fails already at Parse; any of the three may fail.)
                 self.expect.append(Expect(b"B", swallow=True, replace=b""))
                 self.expect.append(Expect(b"E", replace=b""))
-            self.expect.append(_EXPECT_S)
+            if not explicit:
+                self.expect.append(_EXPECT_S)
+                out.append(msg.raw)
+                return True
+            self.expect.append(self._end_batch(out))
             out.append(msg.raw)
+            self.expect.append(Expect(b"Q", hide=True))
+            out.append(_ROLLBACK_QUERY)
             return True
         if t == b"D":
             dsc = codec.decode_describe(msg.body)
@@ -1593,15 +1610,22 @@ class ClientSession(asyncio.Protocol):
     def _open_batch(self, msgs: list[Message], i: int, out: list[bytes]) -> None:
         """The first Parse/Bind/Execute after a Sync: outside a transaction, give this
         batch's implicit transaction write access if a statement bound in it (before a
-        BEGIN or COMMIT) needs it. It must come before anything takes a snapshot."""
+        BEGIN or COMMIT) needs it. It must come before anything takes a snapshot.
+
+        When the batch also holds reads (or statements not seen yet: its Sync is not in
+        this read), write access for the whole implicit transaction would let a read
+        that hides a write run read-write: the batch then runs in an explicit read-write
+        transaction of the gateway's own, its reads in the read-only savepoint."""
         self.batch_open = True
-        self.batch_rw = False
+        self.batch_rw = self.batch_explicit = False
         if self.txs.block:
             return
         parsed: dict[str, Any] = {}
+        rw = guarded = complete = False
         for m in msgs[i:]:
             t = m.type
             if t == b"S":
+                complete = True
                 break
             if t == b"P":
                 p = codec.decode_parse(m.body)
@@ -1619,46 +1643,76 @@ class ClientSession(asyncio.Protocol):
                     analysis = info.analysis if info is not None and info is not _AMBIGUOUS \
                         else None
                 if analysis is None:
+                    guarded = True  # what it runs is not known here: the riskiest
                     continue
                 statements = analysis.statements
                 if any("begin" in st.facts or "end" in st.facts for st in statements):
-                    return
-                if self._needs_grant(analysis):
-                    self._grant_batch(out)
-                    return
+                    complete = True  # the implicit transaction ends (or turns explicit)
+                    break
+                needs, reads = self._grant_classes(analysis)
+                rw, guarded = rw or needs, guarded or reads
+        if rw:
+            self._grant_batch(out, explicit=guarded or not complete)
 
-    def _needs_grant(self, analysis: Any) -> bool:
-        """A statement that needs write access as the policy judged it (the catalog may
-        make a call that looks like a read a write) and that the policy may let run
-        (allowed or reviewed): a blocked one never gets its transaction write access."""
+    def _grant_classes(self, analysis: Any) -> tuple[bool, bool]:
+        """Whether a bound statement needs write access as the policy judged it (the
+        catalog may make a call that looks like a read a write) and the policy may let it
+        run (allowed or reviewed: a blocked one never gets write access); and whether it
+        is one the guard runs read-only."""
         statements = analysis.statements
-        if not statements or analysis.error is not None:
-            return False
+        if analysis.error is not None:
+            return False, True
+        if not statements:
+            return False, False
         if len(statements) == 1 and not statements[0].refs \
                 and str(statements[0].cls) not in guard.RW_CLASSES:
-            return False  # nothing the catalog could make a write
+            # Nothing the catalog could make a write.
+            return False, str(statements[0].cls) in guard.GUARDED_CLASSES
         st = statements[0]
         key = (st.cls, st.tables, st.functions, st.forbidden, st.reasons, st.refs)
         decision = self.verdicts.get(key) if len(statements) == 1 else None
         if decision is None:
             decision = self._decide(analysis)
         if decision.action == "block":
-            return False
-        return any(j.classification in guard.RW_CLASSES for j in decision.statements) or any(
-            str(st.cls) in guard.RW_CLASSES for st in statements)
+            return False, False
+        classes = {j.classification for j in decision.statements} | {
+            str(st.cls) for st in statements}
+        return bool(classes & guard.RW_CLASSES), bool(classes & guard.GUARDED_CLASSES)
 
-    def _grant_batch(self, out: list[bytes]) -> None:
+    def _grant_batch(self, out: list[bytes], *, explicit: bool) -> None:
         """Write access for the current implicit transaction (extended protocol). It must
         come before anything in it took a snapshot: if only Parse / Describe messages ran
         in it (a driver that prepares, then binds), a Sync of the gateway's own ends it
-        first; after a Bind or Execute it is too late, and the target refuses the write."""
+        first; after a Bind or Execute it is too late, and the target refuses the write.
+        ``explicit``: as an explicit transaction of the gateway's own (see _open_batch),
+        committed before the client's Sync (_end_batch)."""
         if self.imp_bound:
             return
         if self.imp_started:
             out.append(codec.encode_sync())
             self.expect.append(Expect(b"S", hide=True))
-        self._guard_run(guard.SQL_RW_LOCAL, out)
         self.batch_rw = True
+        if not explicit:
+            self._guard_run(guard.SQL_RW_LOCAL, out)
+            return
+        self._guard_run(guard.SQL_BEGIN_RW, out)
+        self.batch_explicit = True
+        txs = self.txs
+        txs.block, txs.block_ro, txs.ro_open, txs.hold = True, False, False, False
+
+    def _end_batch(self, out: list[bytes]) -> Expect:
+        """Before the client's Sync of a batch the gateway made an explicit transaction:
+        commit it (skipped by the target after an error), and after the Sync a ROLLBACK
+        of the gateway's own, so the session is idle again as after an implicit
+        transaction; the client is told 'I' (the returned Expect of its Sync)."""
+        self.batch_explicit = False
+        txs = self.txs
+        if txs.block and not txs.block_ro:
+            for sql in guard.before_in_block(txs, frozenset({"end"}), ()):
+                self._guard_run(sql, out)
+            self._guard_run(guard.SQL_COMMIT, out)
+        self.txs = guard.TxState()
+        return Expect(b"S", as_idle=True)
 
     def _guard_before_execute(self, ctx: Ctx, out: list[bytes]) -> None:
         txs = self.txs
@@ -1689,6 +1743,11 @@ class ClientSession(asyncio.Protocol):
                 if not txs.block_ro and not self.batch_rw:
                     self._guard_run(guard.SQL_RW_TX, out)
             return
+        if "begin" in facts and self.batch_explicit:
+            # The client's BEGIN inside the batch's transaction of the gateway's own: as
+            # with an implicit one, everything so far is now the client's transaction.
+            self.batch_explicit = False
+            txs.block_ro = "begin_ro" in facts
         guard.after_in_block(txs, facts)
         if not txs.block:
             # What follows in this batch runs in a new implicit transaction.
@@ -1731,10 +1790,28 @@ class ClientSession(asyncio.Protocol):
             name, value = codec.decode_parameter_status(body)
         except Exception:
             return None
-        if name != "default_transaction_read_only":
-            return None
-        self.upstream_ro = value == "on"
-        return b""
+        if name == "default_transaction_read_only":
+            self.upstream_ro = value == "on"
+            return b""
+        if name in _READ_AS_ANALYSED and self.phase == "ready" and \
+                _READ_AS_ANALYSED[name](value) is not None:
+            # The target would now read query text differently from the analyser (string
+            # escapes, another encoding): nothing more may run on this session.
+            self._text_guard_lost(name, value)
+            return b""
+        return None
+
+    def _text_guard_lost(self, name: str, value: str) -> None:
+        log.error("session %s: the target reported %s = %s", self.session_id, name, value)
+        self.gw.audit(kind="guard_lost", user=self.user, connection=self.conn_name,
+                      session_id=self.session_id, client_addr=self.client_addr,
+                      outcome="error", reason=f"the target reported {name} = {value}, so "
+                                              "it would read query text differently from "
+                                              "keyturn")
+        if self.upstream:
+            self.upstream.close()
+        self.fatal("XX000", f"keyturn: the target now reads query text differently "
+                            f"({name} = {value}); the session was ended")
 
     def _release_execute(self, head: Expect) -> None:
         """The answer to our Describe arrived for an Execute that waited for it: refuse
