@@ -75,6 +75,22 @@ CREATE FUNCTION public.make_interval(days mytype) RETURNS interval LANGUAGE plpg
 CREATE FUNCTION public.to_mytype(int) RETURNS mytype LANGUAGE plpgsql
   AS $$ BEGIN PERFORM pg_advisory_lock(4242); RETURN ROW($1); END $$;
 CREATE CAST (int AS mytype) WITH FUNCTION public.to_mytype(int);
+CREATE TABLE rls_lock (id int);
+INSERT INTO rls_lock VALUES (1);
+ALTER TABLE rls_lock ENABLE ROW LEVEL SECURITY;
+ALTER TABLE rls_lock FORCE ROW LEVEL SECURITY;
+CREATE POLICY p_lock ON rls_lock USING (pg_try_advisory_lock(4242) IS NOT NULL);
+CREATE TABLE rls_cfg (id int);
+ALTER TABLE rls_cfg ENABLE ROW LEVEL SECURITY;
+ALTER TABLE rls_cfg FORCE ROW LEVEL SECURITY;
+CREATE POLICY p_cfg ON rls_cfg USING (set_config('statement_timeout', '0', false) IS NOT NULL);
+CREATE TABLE rls_path (id int);
+ALTER TABLE rls_path ENABLE ROW LEVEL SECURITY;
+ALTER TABLE rls_path FORCE ROW LEVEL SECURITY;
+CREATE POLICY p_path ON rls_path
+  USING (set_config('search_path', 'evil, public, pg_catalog', false) IS NOT NULL);
+CREATE DOMAIN lockdom AS text CHECK (pg_try_advisory_lock(4242) IS NOT NULL);
+CREATE DOMAIN lockdom2 AS lockdom;
 CREATE TABLE bumps (n int);
 CREATE FUNCTION public.md5(int) RETURNS int LANGUAGE sql
   AS $$ INSERT INTO bumps VALUES ($1) RETURNING $1 $$;
@@ -158,6 +174,9 @@ HIDDEN = {
     "set-returning function in FROM": "SELECT * FROM generate_series(ROW(1)::mytype)",
     "named arguments": "SELECT make_interval(days => ROW(1)::mytype)",
     "cast with a user function": "SELECT 7::mytype",
+    "row security policy taking a lock": "SELECT * FROM rls_lock",
+    "domain check taking a lock": "SELECT 'x'::lockdom",
+    "domain over that domain": "SELECT 'x'::lockdom2",
 }
 
 
@@ -188,6 +207,23 @@ def test_hidden_user_code_is_blocked_with_psql(kt: Keyturn, witness: Witness) ->
                            capture_output=True, text=True, timeout=30)
         assert p.returncode != 0 and "keyturn" in p.stderr, (sql, p.stdout, p.stderr)
     witness.nothing_happened()
+
+
+@pytest.mark.parametrize("table", ["rls_cfg", "rls_path"])
+def test_row_security_policies_that_change_settings(kt: Keyturn, table: str) -> None:
+    """A policy that turns the statement timeout off or moves search_path (so that the
+    session's next upper() is evil.upper) runs on every read of its table: never allowed
+    as a read."""
+    with psycopg.connect(dsn(kt), autocommit=True) as c:
+        c.execute("SET statement_timeout = '5s'")
+        for params in ((), (1,)):
+            with pytest.raises(psycopg.Error) as err:
+                c.execute(f"SELECT * FROM {table}" + (" WHERE %s = 1" if params else ""),
+                          params or None)
+            assert blocked(err.value), err.value
+        assert c.execute("SELECT current_setting('statement_timeout'), "
+                         "current_setting('search_path')").fetchone() == ("5s",
+                                                                         '"$user", public')
 
 
 def test_a_schema_before_pg_catalog(kt: Keyturn, witness: Witness) -> None:

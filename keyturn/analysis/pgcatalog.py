@@ -83,6 +83,8 @@ class Relation:
     rules: tuple[tuple[str, str], ...] = ()  # (event, definition)
     on_write: tuple[tuple[str, str], ...] = ()  # (what, schema.function)
     on_read: tuple[tuple[str, str], ...] = ()
+    # SQL run on every access (row security policies), as (what, SELECT text).
+    on_read_sql: tuple[tuple[str, str], ...] = ()
 
     @property
     def qualified(self) -> str:
@@ -104,6 +106,9 @@ class TargetCatalog:
     types: dict[str, list[tuple[str, str, str]]]  # name -> (schema, what, schema.function)
     relations: dict[str, list[Relation]]
     fingerprint: str
+    # type name -> (schema, what, SELECT text) run for a value cast to it (domain checks,
+    # also those of the domains it is based on)
+    type_sql: dict[str, list[tuple[str, str, str]]] = field(default_factory=dict)
     # Derived answers (views judged, ...) for the users of this catalog; dropped with it.
     memo: dict[Any, Any] = field(default_factory=dict)
 
@@ -116,7 +121,8 @@ class TargetCatalog:
                   views: Iterable[Sequence[Any]] = (),
                   rules: Iterable[Sequence[Any]] = (),
                   relation_code: Iterable[Sequence[Any]] = (),
-                  typed_columns: Iterable[Sequence[Any]] = ()) -> TargetCatalog:
+                  typed_columns: Iterable[Sequence[Any]] = (),
+                  expressions: Iterable[Sequence[Any]] = ()) -> TargetCatalog:
         """Rows as proxies/postgres/catalog.py reads them:
 
         routines: (schema, name, kind, volatility, language, security definer, extension)
@@ -129,6 +135,8 @@ class TargetCatalog:
         rules: (schema, table, event 1-4 or name, CREATE RULE text)
         relation_code: (schema, table, what, function schema, function name, on reads)
         typed_columns: (schema, table, column, type schema, type)
+        expressions: (r or t, schema, relation or type, what, SQL expression): row
+            security policies of relations, checks of domains
         """
         rows: list[Any] = []
 
@@ -157,6 +165,23 @@ class TargetCatalog:
                     grew = True
             if not grew:
                 break
+        exprs = keep(expressions)
+        checks: dict[tuple[str, str], set[tuple[str, str]]] = {}
+        for kind, s, t, what, expr in exprs:
+            if kind == "t":
+                checks.setdefault((s, t), set()).add((what, f"SELECT {expr}"))
+        for _ in range(8):
+            grew = False
+            for s, t, bs, bt in bases:
+                inherited = checks.get((bs, bt), set()) - checks.get((s, t), set())
+                if inherited:
+                    checks.setdefault((s, t), set()).update(inherited)
+                    grew = True
+            if not grew:
+                break
+        type_sql: dict[str, list[tuple[str, str, str]]] = {}
+        for (s, t), found in checks.items():
+            type_sql.setdefault(t, []).extend((s, what, sql) for what, sql in sorted(found))
         types: dict[str, list[tuple[str, str, str]]] = {}
         for (s, t), funcs in code.items():
             types.setdefault(t, []).extend((s, what, fn) for what, fn in sorted(funcs))
@@ -164,7 +189,7 @@ class TargetCatalog:
 
         def rel(s: str, n: str) -> dict[str, Any]:
             return rels.setdefault((s, n), {"view": None, "rules": [], "on_write": [],
-                                            "on_read": []})
+                                            "on_read": [], "on_read_sql": []})
 
         for s, n, definition in keep(views):
             rel(s, n)["view"] = definition
@@ -173,6 +198,9 @@ class TargetCatalog:
         for s, n, what, fs, fn, on_read in keep(relation_code):
             rel(s, n)["on_read" if on_read == "True" else "on_write"].append(
                 (what, f"{fs}.{fn}"))
+        for kind, s, n, what, expr in exprs:
+            if kind == "r":
+                rel(s, n)["on_read_sql"].append((what, f"SELECT {expr}"))
         for s, n, col, ts, tn in keep(typed_columns):
             for what, fn in sorted(code.get((ts, tn), ())):
                 rel(s, n)["on_read"].append((f"column {col} of type {ts}.{tn} ({what})", fn))
@@ -180,11 +208,12 @@ class TargetCatalog:
         for (s, n), parts in sorted(rels.items()):
             relations.setdefault(n, []).append(Relation(
                 s, n, parts["view"], tuple(parts["rules"]), tuple(dict.fromkeys(
-                    parts["on_write"])), tuple(dict.fromkeys(parts["on_read"]))))
+                    parts["on_write"])), tuple(dict.fromkeys(parts["on_read"])),
+                tuple(parts["on_read_sql"])))
         path = tuple(search_path_schemas(search_path)) if search_path is not None \
             else ("$user", "public")
         digest = hashlib.sha256(repr((user, path, rows)).encode()).hexdigest()
-        return cls(user, path, by_name, ops, types, relations, digest)
+        return cls(user, path, by_name, ops, types, relations, digest, type_sql=type_sql)
 
     # -- questions --------------------------------------------------------------------------
 
@@ -214,6 +243,11 @@ class TargetCatalog:
         """(schema, what, function) run for values of a type called ``name`` (types are
         also found in the session's temporary schema)."""
         return [t for t in self.types.get(name, ())
+                if ANY in schemas or t[0] in schemas or _temp(t[0])]
+
+    def type_checks(self, name: str, schemas: frozenset[str]) -> list[tuple[str, str, str]]:
+        """(schema, what, SELECT text) run for a value cast to a type called ``name``."""
+        return [t for t in self.type_sql.get(name, ())
                 if ANY in schemas or t[0] in schemas or _temp(t[0])]
 
     def relation(self, schema: str, name: str) -> Relation | None:

@@ -88,6 +88,14 @@ class _Judgement:
     def merge(self, inner: Statement, how: str) -> None:
         self.tables.update(dict.fromkeys(inner.tables))
         self.functions.update(dict.fromkeys(inner.functions))
+        if inner.forbidden:
+            # What a client may never send directly (a setting name that cannot be read,
+            # an identity change) is the riskiest when stored code does it.
+            self.findings.append((C.UNKNOWN, f"{how}: {inner.forbidden}"))
+        if inner.search_path is not None:
+            # Stored code that changes search_path changes what the session's next
+            # statements call, behind the gateway's back.
+            self.findings.append((C.UNKNOWN, f"{how}: it changes search_path"))
         if inner.cls.risk > C.READ.risk:
             # The first reason is one for its class (see Statement.reasons).
             self.findings.append((inner.cls, f"{how} ({inner.cls.value}): "
@@ -134,9 +142,12 @@ class _Judgement:
             elif kind == "t":
                 if ("t", name) in created:
                     self.created(f"type {name}")
-                for type_schema, what, fn in catalog.type_code(
-                        name, where | {"pg_catalog"} if not schema else where):
+                types = where | {"pg_catalog"} if not schema else where
+                for type_schema, what, fn in catalog.type_code(name, types):
                     self.function_names([(what, fn)], f"a cast to {type_schema}.{name}:")
+                for type_schema, what, sql in catalog.type_checks(name, types):
+                    self.expression(("type", type_schema, name, what), sql,
+                                    f"a cast to {type_schema}.{name}: its {what} runs")
 
     def relations(self, st: Statement) -> None:
         catalog, scope = self.catalog, self.scope
@@ -186,10 +197,29 @@ class _Judgement:
             self.functions.update(dict.fromkeys(functions))
         if rel.on_read:
             self.function_names(list(rel.on_read), f"using {rel.qualified}:")
+        for what, sql in rel.on_read_sql:
+            self.expression(("policy", rel.qualified, what), sql,
+                            f"using {rel.qualified}: its {what} runs")
         if writes:
             self.definitions(tuple(d for _, d in rel.rules),
                              f"a rule on {rel.qualified} also runs", pg)
             self.function_names(list(rel.on_write), f"writing {rel.qualified}:")
+
+    def expression(self, key: tuple[str, ...], sql: str, how: str) -> None:
+        """An expression the target stores and runs (a policy, a domain check), judged
+        once per catalog like a view's definition."""
+        memo_key = (*key, self.an.unknown_function_class)
+        judged = self.catalog.memo.get(memo_key) if self.catalog is not None else None
+        if judged is None:
+            inner = _Judgement(self.an, self.catalog, STORED, self.depth)
+            inner.definitions((sql,), how, STORED)
+            judged = inner.findings, tuple(inner.tables), tuple(inner.functions)
+            if self.catalog is not None:
+                self.catalog.memo[memo_key] = judged
+        findings, tables, functions = judged
+        self.findings.extend(findings)
+        self.tables.update(dict.fromkeys(tables))
+        self.functions.update(dict.fromkeys(functions))
 
     def created(self, what: str) -> None:
         self.findings.append((self.an.unknown_function_class,

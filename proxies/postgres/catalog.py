@@ -132,6 +132,22 @@ JOIN pg_proc p ON p.oid = code.fn JOIN pg_namespace fn ON fn.oid = p.pronamespac
 WHERE n.nspname {_NOT_BUILTIN}
   AND (fn.nspname {_NOT_BUILTIN} OR code.what LIKE 'trigger %')"""
 
+# Expressions that run on every read of a relation (row-level security policies) or for a
+# value cast to a domain (its checks), as SQL text: they may call built-in functions with
+# effects (pg_advisory_lock, set_config...), which pg_depend does not list (built-ins are
+# pinned), so they are judged like a view's definition.
+_EXPRESSIONS = f"""
+SELECT 'r', n.nspname, c.relname, 'row security policy ' || p.polname,
+       pg_get_expr(p.polqual, p.polrelid)
+FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE p.polqual IS NOT NULL AND n.nspname {_NOT_BUILTIN}
+UNION ALL
+SELECT 't', n.nspname, t.typname, 'check ' || c.conname, pg_get_expr(c.conbin, 0)
+FROM pg_constraint c JOIN pg_type t ON t.oid = c.contypid
+JOIN pg_namespace n ON n.oid = t.typnamespace
+WHERE c.contypid <> 0 AND c.conbin IS NOT NULL AND n.nspname {_NOT_BUILTIN}"""
+
 _TYPED_COLUMNS = f"""
 SELECT n.nspname, c.relname, a.attname, tn.nspname, t.typname
 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
@@ -164,7 +180,8 @@ def read_catalog(conn: Connection) -> TargetCatalog:
         rows = {name: c.execute(sql).fetchall() for name, sql in (
             ("routines", _ROUTINES), ("operators", _OPERATORS), ("type_code", _TYPE_CODE),
             ("type_bases", _TYPE_BASES), ("views", _VIEWS), ("rules", _RULES),
-            ("relation_code", _RELATION_CODE), ("typed_columns", _TYPED_COLUMNS))}
+            ("relation_code", _RELATION_CODE), ("typed_columns", _TYPED_COLUMNS),
+            ("expressions", _EXPRESSIONS))}
     return TargetCatalog.from_rows(user=user, search_path=path, **rows)
 
 
