@@ -133,6 +133,11 @@ def _names_match(names: Iterable[str], globs: tuple[str, ...], *, every: bool) -
     return all(hits) if every else any(hits)
 
 
+#: Classes that run with write access on the target (the gateway's read-only guard
+#: covers the others): inside them, code keyturn cannot see into may write anywhere.
+_UNGUARDED = frozenset({"lock", "write", "ddl", "privilege", "procedural", "admin", "file"})
+
+
 def rule_matches(rule: Rule, req: Request, st: StatementLike) -> bool:
     m = rule.match
     if m.users and req.user not in m.users:
@@ -146,7 +151,15 @@ def rule_matches(rule: Rule, req: Request, st: StatementLike) -> bool:
     every = rule.action == "allow"
     if m.tables and not _names_match(st.tables, m.tables, every=every):
         return False
-    return not (m.functions and not _names_match(st.functions, m.functions, every=every))
+    if m.functions and not _names_match(st.functions, m.functions, every=every):
+        return False
+    if every and m.tables and _cls_name(st.cls) in _UNGUARDED:
+        # A rule allowing writes to some tables does not cover code keyturn cannot see
+        # into (INSERT INTO allowed SELECT f(), f writing elsewhere): it must name it.
+        opaque = getattr(st, "opaque", ())
+        if opaque and not (m.functions and _names_match(opaque, m.functions, every=True)):
+            return False
+    return True
 
 
 def _explain(rule: Rule, st: StatementLike) -> str:

@@ -30,6 +30,9 @@ POLICIES = """
       - name: ruled-inserts
         match: {class: write, tables: ["public.ruled"]}
         action: allow
+      - name: tally-inserts
+        match: {class: write, tables: ["public.tallies"]}
+        action: allow
   uc_writes:
     default: block
     rules:
@@ -91,6 +94,9 @@ CREATE POLICY p_path ON rls_path
   USING (set_config('search_path', 'evil, public, pg_catalog', false) IS NOT NULL);
 CREATE DOMAIN lockdom AS text CHECK (pg_try_advisory_lock(4242) IS NOT NULL);
 CREATE DOMAIN lockdom2 AS lockdom;
+CREATE TABLE tallies (n int);
+CREATE FUNCTION public.wipe() RETURNS int LANGUAGE plpgsql
+  AS $$ BEGIN DELETE FROM victim; RETURN 1; END $$;
 CREATE TABLE bumps (n int);
 CREATE FUNCTION public.md5(int) RETURNS int LANGUAGE sql
   AS $$ INSERT INTO bumps VALUES ($1) RETURNING $1 $$;
@@ -281,6 +287,25 @@ def test_an_allowed_write_found_in_the_catalog_gets_write_access(kt: Keyturn) ->
     with direct(kt.pg) as c:
         assert c.execute("SELECT array_agg(n ORDER BY n) FROM bumps").fetchone() == (
             list(range(1, 9)),)
+
+
+def test_a_write_rule_on_some_tables_does_not_cover_user_code(kt: Keyturn,
+                                                              witness: Witness) -> None:
+    """The policy allows inserts into tallies; wipe() deletes from victim. An INSERT that
+    calls it writes where no rule allows (and runs with write access, so the target's
+    read-only guard cannot help): it is judged without the table rule."""
+    with psycopg.connect(dsn(kt), autocommit=True) as c:
+        c.execute("INSERT INTO tallies VALUES (1)")
+        for sql, params in (("INSERT INTO tallies SELECT wipe()", ()),
+                            ("INSERT INTO tallies SELECT wipe() + %s", (1,)),
+                            ("INSERT INTO tallies VALUES (upper(ROW(1)::mytype)::int)", ())):
+            with pytest.raises(psycopg.Error) as err:
+                c.execute(sql, params or None)
+            assert blocked(err.value), err.value
+    witness.nothing_happened()
+    with direct(kt.pg) as c:
+        assert c.execute("SELECT count(*) FROM tallies").fetchone() == (1,)
+        c.execute("TRUNCATE tallies")
 
 
 def test_a_function_created_after_the_session_started(kt: Keyturn, pg: LocalPostgres,

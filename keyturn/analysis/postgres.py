@@ -96,6 +96,10 @@ class Statement:
     # Catalog objects this statement creates or redefines: (f|o|t|r, schema or "", name),
     # r being a relation whose views, rules, triggers or defaults change.
     defines: tuple[Ref, ...] = ()
+    # Functions whose effects keyturn cannot see (not in its catalogue of built-ins, or
+    # user-defined on the target): they may write any table, so a rule that allows
+    # writes to some tables does not cover them unless it names them (keyturn.policy).
+    opaque: tuple[str, ...] = ()
 
 
 #: Statement facts the gateway's read-only guard relies on:
@@ -292,6 +296,7 @@ def _merge_candidates(name: str, old: Statement, new: Statement) -> Statement:
         unqualified=_unique([*old.unqualified, *new.unqualified]),
         facts=old.facts | new.facts, refs=tuple(dict.fromkeys([*old.refs, *new.refs])),
         defines=tuple(dict.fromkeys([*old.defines, *new.defines])),
+        opaque=_unique([*old.opaque, *new.opaque]),
     )
 
 
@@ -414,7 +419,8 @@ class _Walk:
 
     __slots__ = ("an", "prepared", "text", "findings", "tables", "functions", "forbidden",
                  "literal", "session_bound", "effects", "mode", "in_cte", "wrapper", "is_dml",
-                 "prepared_name", "unqualified", "search_path", "facts", "refs", "defines")
+                 "prepared_name", "unqualified", "search_path", "facts", "refs", "defines",
+                 "opaque")
 
     def __init__(self, analyzer: Analyzer, prepared: PreparedStatements | None, text: str):
         self.an, self.prepared, self.text = analyzer, prepared, text
@@ -434,6 +440,7 @@ class _Walk:
         self.search_path: tuple[str, ...] | None = None
         self.facts: set[str] = set()
         self.refs: dict[Ref, None] = {}
+        self.opaque: dict[str, None] = {}
         self.defines: dict[Ref, None] = {}
 
     # -- results ---------------------------------------------------------------------------
@@ -462,7 +469,7 @@ class _Walk:
             forbidden=self.forbidden, is_dml=self.is_dml, prepared_name=self.prepared_name,
             literal_dependent=self.literal, unqualified=tuple(self.unqualified),
             search_path=self.search_path, facts=frozenset(self.facts),
-            refs=tuple(self.refs), defines=tuple(self.defines),
+            refs=tuple(self.refs), defines=tuple(self.defines), opaque=tuple(self.opaque),
         )
 
     def merge(self, other: Statement) -> None:
@@ -471,6 +478,7 @@ class _Walk:
         self.tables.update(dict.fromkeys(other.tables))
         self.unqualified.update(dict.fromkeys(other.unqualified))
         self.functions.update(dict.fromkeys(other.functions))
+        self.opaque.update(dict.fromkeys(other.opaque))
         if other.forbidden:
             self.forbid(other.forbidden)
         self.literal = self.literal or other.literal_dependent
@@ -577,6 +585,7 @@ class _Walk:
         qualified, entry = self.an.resolve(names)
         self.functions[qualified] = None
         if entry is None:
+            self.opaque[qualified] = None
             cls = self.an.unknown_function_class
             if self.mode == _PLAN:
                 # The planner may evaluate immutable or stable user functions.
@@ -1526,7 +1535,8 @@ def _from_template(sql: str, template: tuple[Statement, ...]) -> Analysis | None
             return Analysis(sql, (Statement(text, s.cls, s.command, s.tables, s.functions,
                                             s.reasons, s.forbidden, s.is_dml, s.prepared_name,
                                             s.literal_dependent, s.unqualified,
-                                            s.search_path, s.facts, s.refs, s.defines),), None)
+                                            s.search_path, s.facts, s.refs, s.defines,
+                                            s.opaque),), None)
     try:
         # The same texts the full analysis cuts from stmt_location/stmt_len, then strips.
         texts = _pg.split(sql)
@@ -1537,6 +1547,6 @@ def _from_template(sql: str, template: tuple[Statement, ...]) -> Analysis | None
     return Analysis(sql, tuple(
         Statement(text, s.cls, s.command, s.tables, s.functions, s.reasons, s.forbidden,
                   s.is_dml, s.prepared_name, s.literal_dependent, s.unqualified, s.search_path,
-                  s.facts, s.refs, s.defines)
+                  s.facts, s.refs, s.defines, s.opaque)
         for text, s in zip(texts, template, strict=True)
     ), None)

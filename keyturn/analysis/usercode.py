@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from keyturn.analysis.pgcatalog import ANY, Relation, Routine, TargetCatalog
 from keyturn.analysis.postgres import Analyzer, Statement, StatementClass, riskiest
@@ -51,13 +52,15 @@ STORED = Scope(schemas=frozenset(), stored=True)
 
 
 class _Judgement:
-    __slots__ = ("an", "catalog", "scope", "findings", "tables", "functions", "depth")
+    __slots__ = ("an", "catalog", "scope", "findings", "tables", "functions", "depth",
+                 "opaque")
 
     def __init__(self, an: Analyzer, catalog: TargetCatalog | None, scope: Scope, depth: int):
         self.an, self.catalog, self.scope, self.depth = an, catalog, scope, depth
         self.findings: list[tuple[StatementClass, str]] = []
         self.tables: dict[str, None] = {}
         self.functions: dict[str, None] = {}
+        self.opaque: dict[str, None] = {}
 
     def user_code(self, routines: list[Routine], how: str) -> None:
         for r in routines:
@@ -67,6 +70,7 @@ class _Judgement:
             cls = riskiest([self.an.unknown_function_class, *([entry[0]] if entry else [])],
                            C.UNKNOWN)
             self.functions[r.qualified] = None
+            self.opaque[r.qualified] = None
             self.findings.append((cls, f"{how} user-defined {r.describe()} "
                                        f"(treated as {cls.value})"))
 
@@ -82,12 +86,15 @@ class _Judgement:
             found, entry = self.an.resolve([name] if schema == "pg_catalog" else [schema, name])
             cls = entry[0] if entry else self.an.unknown_function_class
             self.functions[found] = None
+            if entry is None:
+                self.opaque[found] = None
             if cls.risk > C.READ.risk:
                 self.findings.append((cls, f"{how} {what} runs {found}"))
 
     def merge(self, inner: Statement, how: str) -> None:
         self.tables.update(dict.fromkeys(inner.tables))
         self.functions.update(dict.fromkeys(inner.functions))
+        self.opaque.update(dict.fromkeys(inner.opaque))
         if inner.forbidden:
             # What a client may never send directly (a setting name that cannot be read,
             # an identity change) is the riskiest when stored code does it.
@@ -188,13 +195,11 @@ class _Judgement:
             if judged is None:
                 inner = _Judgement(self.an, self.catalog, pg, self.depth)
                 inner.definitions((rel.view,), f"view {rel.qualified} runs", pg)
-                judged = inner.findings, tuple(inner.tables), tuple(inner.functions)
+                judged = (inner.findings, tuple(inner.tables), tuple(inner.functions),
+                          tuple(inner.opaque))
                 if self.catalog is not None:
                     self.catalog.memo[key] = judged
-            findings, tables, functions = judged
-            self.findings.extend(findings)
-            self.tables.update(dict.fromkeys(tables))
-            self.functions.update(dict.fromkeys(functions))
+            self.take(judged)
         if rel.on_read:
             self.function_names(list(rel.on_read), f"using {rel.qualified}:")
         for what, sql in rel.on_read_sql:
@@ -213,13 +218,19 @@ class _Judgement:
         if judged is None:
             inner = _Judgement(self.an, self.catalog, STORED, self.depth)
             inner.definitions((sql,), how, STORED)
-            judged = inner.findings, tuple(inner.tables), tuple(inner.functions)
+            judged = (inner.findings, tuple(inner.tables), tuple(inner.functions),
+                      tuple(inner.opaque))
             if self.catalog is not None:
                 self.catalog.memo[memo_key] = judged
-        findings, tables, functions = judged
+        self.take(judged)
+
+    def take(self, judged: tuple[Any, ...]) -> None:
+        """Add what a memoised judgement of stored code found."""
+        findings, tables, functions, opaque = judged
         self.findings.extend(findings)
         self.tables.update(dict.fromkeys(tables))
         self.functions.update(dict.fromkeys(functions))
+        self.opaque.update(dict.fromkeys(opaque))
 
     def created(self, what: str) -> None:
         self.findings.append((self.an.unknown_function_class,
@@ -250,7 +261,7 @@ def resolve(an: Analyzer, st: Statement, catalog: TargetCatalog | None, scope: S
     j = _Judgement(an, catalog, scope, depth)
     j.refs(st)
     j.relations(st)
-    if not j.findings and not j.tables and not j.functions:
+    if not j.findings and not j.tables and not j.functions and not j.opaque:
         return st
     cls = riskiest([st.cls, *(f[0] for f in j.findings)], C.UNKNOWN)
     ordered = sorted(j.findings, key=lambda f: -f[0].risk)
@@ -262,7 +273,8 @@ def resolve(an: Analyzer, st: Statement, catalog: TargetCatalog | None, scope: S
     return dataclasses.replace(
         st, cls=cls, reasons=tuple(dict.fromkeys(reasons)),
         tables=tuple(dict.fromkeys([*st.tables, *j.tables])),
-        functions=tuple(dict.fromkeys([*st.functions, *j.functions])))
+        functions=tuple(dict.fromkeys([*st.functions, *j.functions])),
+        opaque=tuple(dict.fromkeys([*st.opaque, *j.opaque])))
 
 
 __all__ = ["ANY", "MAX_DEPTH", "STORED", "Scope", "resolve"]
