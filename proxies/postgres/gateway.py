@@ -27,6 +27,7 @@ from keyturn.auditspool import AuditSpool
 from keyturn.bus import DecisionWatcher
 from keyturn.config import Connection
 from keyturn.errors import StoreUnavailable
+from keyturn.holds import HoldService
 from keyturn.identity import LoginThrottle
 from keyturn.masking.engine import MaskCatalog, derived_columns
 from keyturn.policy import PolicyEngine
@@ -46,6 +47,8 @@ class PostgresGateway:
         self.config = services.config
         self.audit_spool = audit
         self.watcher = DecisionWatcher(services.approvals, services.store)
+        self.holds = HoldService(services.approvals, self.watcher, self.audit,
+                                 public_url=self.config.portal.public_url)
         self.sessions: dict[tuple[int, int], ClientSession] = {}
         self.tls: ssl.SSLContext | None = None
         gw = self.config.gateway

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from keyturn import holds
 from keyturn.analysis import StatementClass
 from keyturn.analysis.postgres import (
     DEFAULT_SEARCH_PATH,
@@ -43,8 +44,7 @@ from keyturn.analysis.postgres import (
     fast_shape,
     search_path_schemas,
 )
-from keyturn.approvals import APPROVED, CANCELLED, EXPIRED, REJECTED, TicketRequest, binding_of
-from keyturn.errors import AlreadyDecided, InvalidTransition
+from keyturn.approvals import TicketRequest, binding_of
 from keyturn.policy import Decision, Request, masks_in
 from proxies.postgres import codec, guard, rowmask, settings
 from proxies.postgres.auth import AuthError, ScramServer, mock_salt
@@ -228,6 +228,9 @@ _DEFAULT_RW_QUERY = codec.encode_query(guard.SQL_DEFAULT_RW)
 _DEFAULT_RO_QUERY = codec.encode_query(guard.SQL_DEFAULT_RO)
 _ROLLBACK_QUERY = codec.encode_query(guard.SQL_ROLLBACK)
 _OWN_PREFIX = "keyturn"
+#: How a hold that did not run its statement is reported (keyturn.holds).
+_OUTCOME_SQLSTATE = {holds.DEFERRED: "42501", "rejected": "42501", "expired": "57014",
+                     "cancelled": "57014"}
 #: Settings the target reports whose value decides how it reads query text: the value
 #: must be what the analyser assumes (a function giving None when it is).
 _READ_AS_ANALYSED = {
@@ -1414,99 +1417,60 @@ class ClientSession(asyncio.Protocol):
 
     async def _review_inner(self, msg: Message, ctx: Ctx, decision: Decision, analysis: Any,
                             kind: bytes) -> None:
+        """Hold the statement with the core's hold service; render its outcome."""
         assert self.conn is not None and self.identity is not None and decision.review
         review = decision.review
-        approvals = self.gw.services.approvals
-        binding = binding_of(self.user, self.conn.name, ctx.statement, ctx.params)
-        if review.mode == "defer":
-            ticket = await asyncio.to_thread(approvals.claim_deferred, binding)
-            if ticket is not None:
-                ctx.ticket_id = ticket.id
-                self._inject(codec.encode_notice(
-                    "NOTICE", "00000", f"keyturn: running ticket {ticket.id}, approved by "
-                                       f"{ticket.decided_by}"))
-                self._forward_approved(msg, ctx, kind)
-                return
+        conn = self.conn
+        binding = binding_of(self.user, conn.name, ctx.statement, ctx.params)
         statements = analysis.statements
-        estimate = None
         readable = not ctx.params or not any(
             isinstance(p, str) and p.startswith("\\x") for p in ctx.params)
+        estimate = None
         if len(statements) == 1 and getattr(statements[0], "is_dml", False) and readable:
-            estimate = await asyncio.to_thread(self.gw.explain_rows, self.conn, ctx.statement,
+            async def estimate() -> int | None:
+                return await asyncio.to_thread(self.gw.explain_rows, conn, ctx.statement,
                                                ctx.params)
         req = TicketRequest(
             requester=self.user, requester_groups=self.identity.groups,
-            connection=self.conn.name, statement=ctx.shown or ctx.statement,
+            connection=conn.name, statement=ctx.shown or ctx.statement,
             classification=decision.classification, rule=decision.rule or "",
             reason=decision.reason, approver_groups=review.approvers,
             min_approvals=review.min_approvals, timeout=review.timeout, mode=review.mode,
             params=ctx.shown_params if ctx.shown is not None else ctx.params,
             tables=decision.tables, client_addr=self.client_addr,
             application=self.application, session_id=self.session_id,
-            in_transaction=self.tx_status in ("T", "E"), row_estimate=estimate,
+            in_transaction=self.tx_status in ("T", "E"),
             gateway_id=self.gw.config.gateway.gateway_id, binding=binding)
-        ticket = await asyncio.to_thread(approvals.create, req)
-        ctx.ticket_id = ticket.id
-        url = f"{self.gw.config.portal.public_url}/tickets/{ticket.id}"
-        self.gw.audit(kind="held", user=self.user, connection=self.conn.name,
-                      session_id=self.session_id, client_addr=self.client_addr,
-                      statement=ctx.shown or ctx.statement,
-                      classification=ctx.classification,
-                      action="review", rule=ctx.rule, reason=ctx.reason, ticket_id=ticket.id,
-                      outcome="pending", detail={"mode": review.mode, "row_estimate": estimate})
-        if review.mode == "defer":
-            self._refuse(codec.encode_error(
-                "ERROR", "42501",
-                f"keyturn: deferred for approval — ticket {ticket.id} (rule {ctx.rule}: "
-                f"{ctx.reason}). Run the identical statement again once it is approved: {url}"),
-                kind)
+
+        def on_held(held: holds.Held) -> None:
+            ctx.ticket_id = held.ticket_id
+            if held.mode == "defer":
+                return  # the outcome says it
+            self._inject(codec.encode_notice("NOTICE", "00000", f"keyturn: {held.message}"))
+            if kind == b"E" and self.upstream:
+                # Let the target flush ParseComplete/BindComplete so the client sees them.
+                self.upstream.write(codec.encode_flush())
+
+        def on_wait(ticket_id: int | None) -> None:
+            self.held_ticket = ticket_id
+
+        outcome = await self.gw.holds.hold(req, binding=binding, noun="statement",
+                                           on_held=on_held, on_wait=on_wait,
+                                           is_gone=lambda: self.closed, estimate=estimate)
+        if outcome.status == holds.GONE:
             return
-        self._inject(codec.encode_notice(
-            "NOTICE", "00000",
-            f"keyturn: held for approval — ticket {ticket.id} (rule {ctx.rule}: {ctx.reason}). "
-            f"Approve at {url}. Waiting up to {_human(review.timeout)}."))
-        if kind == b"E" and self.upstream:
-            # Let the target flush ParseComplete/BindComplete so the client sees them now.
-            self.upstream.write(codec.encode_flush())
-        self.held_ticket = ticket.id
-        fut = self.gw.watcher.wait(ticket.id)
-        try:
-            status = await asyncio.wait_for(fut, timeout=review.timeout + 30)
-        except TimeoutError:
-            status = await asyncio.to_thread(self._expire_sync, ticket.id)
-        finally:
-            self.gw.watcher.forget(ticket.id, fut)
-        self.held_ticket = None
-        if self.closed:
+        if outcome.ticket_id is not None:
+            ctx.ticket_id = outcome.ticket_id
+        if outcome.run:
+            self._inject(codec.encode_notice("NOTICE", "00000", f"keyturn: {outcome.message}"))
+            self._forward_approved(msg, ctx, kind)
             return
-        t = await asyncio.to_thread(approvals.get, ticket.id)
-        if status == APPROVED:
-            if await asyncio.to_thread(approvals.claim, ticket.id, binding):
-                self._inject(codec.encode_notice(
-                    "NOTICE", "00000", f"keyturn: ticket {ticket.id} approved by "
-                                       f"{t.decided_by}" +
-                                       (f" ({t.decision_comment})" if t.decision_comment else "")))
-                self._forward_approved(msg, ctx, kind)
-                return
-            status, t = "cancelled", await asyncio.to_thread(approvals.get, ticket.id)
-        if status == REJECTED:
-            text = f"keyturn: ticket {ticket.id} rejected by {t.decided_by}: {t.decision_comment}"
-            code = "42501"
-        elif status == EXPIRED:
-            text = (f"keyturn: ticket {ticket.id} expired after {_human(review.timeout)} "
-                    "without a decision; the statement was not run")
-            code = "57014"
-        elif status == CANCELLED:
-            text = f"keyturn: ticket {ticket.id} cancelled" + \
-                   (f": {t.decision_comment}" if t.decision_comment else "") + \
-                   "; the statement was not run"
-            code = "57014"
-        else:
-            text, code = f"keyturn: ticket {ticket.id} is {status}; the statement was not run", \
-                "42501"
-        self._refuse(codec.encode_error("ERROR", code, text), kind)
+        self._refuse(codec.encode_error("ERROR", _OUTCOME_SQLSTATE.get(outcome.status, "42501"),
+                                        f"keyturn: {outcome.message}"), kind)
+        if outcome.status == holds.DEFERRED:
+            return
         ctx.action = "review"
-        self._audit(ctx, outcome=status)
+        self._audit(ctx, outcome=outcome.status)
 
     def _forward_approved(self, msg: Message, ctx: Ctx, kind: bytes) -> None:
         ctx.t0 = time.time()
@@ -2062,21 +2026,10 @@ class ClientSession(asyncio.Protocol):
         payload = b"".join(k.encode() + v.encode() + b"\0" for k, v in fields.items()) + b"\0"
         return codec.encode_message(t, payload)
 
-    def _expire_sync(self, ticket_id: int) -> str:
-        try:
-            return self.gw.services.approvals.finish(
-                ticket_id, "expire", comment="no decision before the timeout").status
-        except (AlreadyDecided, InvalidTransition):
-            return self.gw.services.approvals.get(ticket_id).status
-
     def _cancel_held_sync(self, reason: str) -> None:
         tid = self.held_ticket
-        if tid is None:
-            return
-        try:
-            self.gw.services.approvals.finish(tid, "cancel", actor=self.user, comment=reason)
-        except (AlreadyDecided, InvalidTransition):
-            pass
+        if tid is not None:
+            self.gw.holds.cancel(tid, self.user, reason)
 
     def _cancel_held(self, reason: str) -> None:
         self._spawn(asyncio.to_thread(self._cancel_held_sync, reason))
@@ -2438,9 +2391,3 @@ def _rows(tag: str, current: int | None) -> int | None:
     return current
 
 
-def _human(seconds: float) -> str:
-    if seconds >= 3600 and seconds % 3600 == 0:
-        return f"{int(seconds // 3600)}h"
-    if seconds >= 60 and seconds % 60 == 0:
-        return f"{int(seconds // 60)}m"
-    return f"{int(seconds)}s"
