@@ -126,7 +126,7 @@ class SecretRef:
 
     env: str | None = None
     file: str | None = None
-    where: str = ""
+    where: str = field(default="", compare=False)  # for messages; not part of its identity
 
     def resolve(self) -> str:
         if self.env:

@@ -21,12 +21,15 @@ This module must stay pure: no I/O, no store, no protocol code.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+import logging
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, Protocol
 
 from keyturn.config import Config, Connection, MaskSettings, Policy, ReviewSettings, Rule
+
+log = logging.getLogger(__name__)
 
 SEVERITY = {"allow": 0, "mask": 0, "review": 1, "block": 2}
 PERMITTING = frozenset({"allow", "mask"})
@@ -269,14 +272,41 @@ def _memo_statement(verdicts: dict[tuple[Any, ...], StatementDecision], policy: 
 
 
 class PolicyEngine:
-    """``evaluate`` with a per-process memo of statement verdicts (hot path)."""
+    """``evaluate`` with a per-process memo of statement verdicts (hot path).
+
+    A cached decision — in this memo, in a session, in the compiled fast path — is only
+    as good as what it was made with: the policies, and later grants and identities.
+    ``bump()`` (a policy reload, a grant given or ended, a revocation) starts a new
+    ``generation``: the memo is dropped and every listener is told at once (the gateways
+    drop their sessions' memos, including the dictionaries the fast path reads). Call it
+    from the event loop thread of the listeners."""
 
     def __init__(self, config: Config):
         self.config = config
         self._verdicts: dict[tuple[Any, ...], StatementDecision] = {}
+        self.generation = 0
+        self._listeners: list[Callable[[int], None]] = []
 
     def evaluate(self, req: Request) -> Decision:
         return evaluate(self.config, req, verdicts=self._verdicts)
+
+    def listen(self, callback: Callable[[int], None]) -> None:
+        """``callback(generation)`` after every bump."""
+        self._listeners.append(callback)
+
+    def bump(self, why: str) -> int:
+        self.generation += 1
+        self._verdicts = {}
+        log.info("decisions made before now no longer apply (%s): generation %d", why,
+                 self.generation)
+        for callback in self._listeners:
+            callback(self.generation)
+        return self.generation
+
+    def replace(self, config: Config, why: str = "policy reload") -> None:
+        """Decide with ``config``'s policies from now on."""
+        self.config = config
+        self.bump(why)
 
 
 def _review_of(policy: Policy, rule_name: str | None) -> ReviewSettings | None:

@@ -13,9 +13,11 @@ tokens; see "Limits and lock-out protection" in docs/postgres-gateway.md).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import resource
 import secrets
+import signal
 import ssl
 import time
 from collections import Counter
@@ -25,12 +27,12 @@ from typing import TYPE_CHECKING, Any
 from keyturn.analysis import Analyzer, StatementClass
 from keyturn.auditspool import AuditSpool
 from keyturn.bus import DecisionWatcher
-from keyturn.config import Connection
-from keyturn.errors import StoreUnavailable
+from keyturn.config import Config, Connection, load_config
+from keyturn.errors import ConfigError, StoreUnavailable
 from keyturn.holds import HoldService
 from keyturn.identity import LoginThrottle
 from keyturn.masking.engine import MaskCatalog, derived_columns
-from keyturn.policy import PolicyEngine
+from keyturn.policy import PolicyEngine, masks_in
 from keyturn.services import Services
 from proxies.postgres import codec, speedups
 from proxies.postgres.catalog import Catalogs, connect_target
@@ -62,6 +64,7 @@ class PostgresGateway:
         self.catalogs = Catalogs(self)
         self.mask_key = _mask_key(self.config)
         self.policy = PolicyEngine(self.config)
+        self.policy.listen(self._decisions_outdated)
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -93,6 +96,10 @@ class PostgresGateway:
             loop.call_soon_threadsafe(self._spool_changed, accepting)
 
         self.audit_spool.watch(spool_changed)
+        try:
+            loop.add_signal_handler(signal.SIGHUP, lambda: self.spawn(self.reload()))
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # not the main thread (tests that embed the gateway)
         self.watcher.start()
         self.catalogs.start()
         for conn in self.config.connections.values():
@@ -111,6 +118,32 @@ class PostgresGateway:
                  listen.host, self.port,
                  sum(1 for c in self.config.connections.values() if c.type == "postgres"),
                  "on" if self.tls else "off", speedups.state())
+
+    def _decisions_outdated(self, generation: int) -> None:
+        """A new policy generation: no session may use a decision it memoised before
+        (the compiled fast path reads the same dictionaries, cleared in place)."""
+        for session in list(self.sessions.values()):
+            session.forget_verdicts()
+
+    async def reload(self) -> str:
+        """Read the config file again (SIGHUP) and decide with its policies from now on,
+        in every session, open ones included. Only policies may change this way; what
+        else changed needs a restart, and the reload is refused (the old policies stay)."""
+        try:
+            new = await asyncio.to_thread(load_config, self.config.path)
+        except ConfigError as exc:
+            log.error("config reload refused, the policies in force stay: %s", exc)
+            return f"refused: {exc}"
+        problem = reload_problem(self.config, new)
+        if problem is not None:
+            log.error("config reload refused, the policies in force stay: %s", problem)
+            return f"refused: {problem}"
+        self.config = dataclasses.replace(self.config, policies=new.policies)
+        self.policy.replace(self.config, "policies reloaded from " + self.config.path)
+        self.audit(kind="policy_reload", outcome="ok",
+                   detail={"policies": sorted(new.policies), "generation":
+                           self.policy.generation})
+        return "reloaded"
 
     def _spool_changed(self, accepting: bool) -> None:
         """The audit spool stopped (or resumed) accepting records: compiled fast paths
@@ -475,3 +508,16 @@ def _mask_key(config: Any) -> bytes:
     if ref is not None:
         return ref.resolve().encode()
     return secrets.token_bytes(32)
+
+
+def reload_problem(old: Config, new: Config) -> str | None:
+    """Why ``new`` cannot replace ``old``'s policies in a running gateway, or None."""
+    if new.connections != old.connections:
+        return "connections changed (restart the gateway to change connections)"
+    if new.users != old.users:
+        return "users changed (restart the gateway to change identities)"
+    for conn in old.connections.values():
+        if masks_in(old.policies[conn.policy]) != masks_in(new.policies[conn.policy]):
+            return (f"whether connection {conn.name!r} masks results changed (open sessions "
+                    "keep their mode: restart the gateway)")
+    return None
