@@ -72,7 +72,8 @@ class TicketView:
     classification: str
     rule: str
     reason: str
-    row_estimate: int | None
+    # Labelled facts the protocol gave (models.Ticket.facts), minus Class (shown apart).
+    facts: tuple[tuple[str, str], ...]
     time_left: str
     expires_at: float
     approvals: int
@@ -92,10 +93,6 @@ class TicketView:
     @property
     def status_word(self) -> str:
         return STATUS_WORDS.get(self.status, self.status)
-
-    @property
-    def estimate(self) -> str:
-        return "unknown" if self.row_estimate is None else f"~{self.row_estimate} rows"
 
     def outcome_line(self) -> str:
         """One sentence: who decided, when and why (empty while pending)."""
@@ -132,7 +129,9 @@ def ticket_view(detail: dict[str, Any], *, portal_url: str, limit: int,
         id=detail["id"], status=detail["status"], requester=detail["requester"],
         connection=detail["connection"], statement=text, truncated=truncated,
         classification=detail["classification"], rule=detail["rule"],
-        reason=detail["reason"], row_estimate=detail.get("row_estimate"),
+        reason=detail["reason"], facts=tuple(
+            (str(label), str(value)) for label, value in detail.get("facts") or ()
+            if label != "Class"),
         time_left=fmt_left(detail["expires_at"] - now), expires_at=detail["expires_at"],
         approvals=sum(1 for v in votes if v["vote"] == "approve"),
         required=detail["min_approvals"], votes=votes, decided_by=detail.get("decided_by"),

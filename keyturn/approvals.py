@@ -105,6 +105,9 @@ class TicketRequest:
     row_estimate: int | None = None
     protocol: str = "postgres"
     gateway_id: str = ""
+    # How surfaces show the action (see models.Ticket.language / facts).
+    language: str = "text"
+    facts: tuple[tuple[str, str], ...] = ()
     # The binding of what runs when ``statement``/``params`` are shown redacted (masking);
     # None: computed from them.
     binding: str | None = None
@@ -124,7 +127,8 @@ def ticket_json(t: Ticket, votes: list[Vote] | None = None,
     out: dict[str, Any] = {
         c: getattr(t, c) for c in (
             "id", "status", "requester", "requester_groups", "connection", "protocol",
-            "client_addr", "application", "session_id", "statement", "params", "classification",
+            "client_addr", "application", "session_id", "statement", "language", "facts",
+            "params", "classification",
             "tables", "rule", "reason", "in_transaction", "row_estimate", "approver_groups",
             "min_approvals", "mode", "created_at", "expires_at", "decided_at", "decided_by",
             "decision_comment", "executed_at", "result_rows", "result_error")
@@ -196,6 +200,7 @@ class Approvals:
             status=PENDING, requester=req.requester, requester_groups=list(req.requester_groups),
             connection=req.connection, protocol=req.protocol, client_addr=req.client_addr,
             application=req.application, session_id=req.session_id, statement=req.statement,
+            language=req.language, facts=[[label, value] for label, value in req.facts],
             params=req.params,
             binding=req.binding or binding_of(req.requester, req.connection, req.statement,
                                               req.params),

@@ -18,7 +18,6 @@ This module must not import protocol or web code.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -100,14 +99,16 @@ class HoldService:
                    on_held: Callable[[Held], None],
                    on_wait: Callable[[int | None], None] | None = None,
                    is_gone: Callable[[], bool] = lambda: False,
-                   estimate: Callable[[], Awaitable[int | None]] | None = None) -> Outcome:
+                   enrich: Callable[[TicketRequest], Awaitable[TicketRequest]] | None = None
+                   ) -> Outcome:
         """Hold ``req`` (the policy's review settings are in it) until it is decided.
 
         ``binding``: what an approval is bound to (approvals.binding_of). ``on_held``:
         called once the ticket exists (and, in hold mode, the wait begins); ``on_wait``:
         called with the ticket id while the client waits and with None after (a cancel
-        from the client finishes that ticket: ``cancel``). ``estimate``: how many items
-        the request would touch, asked only when a ticket is made (SQL: EXPLAIN)."""
+        from the client finishes that ticket: ``cancel``). ``enrich``: the request with
+        what costs work to find out (SQL: the EXPLAIN estimate and the facts built from
+        it), asked only when a ticket is made."""
         approvals = self.approvals
         grant = self.grants.covering(req, binding)
         if grant is not None:
@@ -118,8 +119,8 @@ class HoldService:
                 return Outcome(CLAIMED, True, f"running ticket {claimed.id}, approved by "
                                               f"{claimed.decided_by}",
                                claimed.id, claimed.decided_by, claimed.decision_comment)
-        if estimate is not None:
-            req = dataclasses.replace(req, row_estimate=await estimate())
+        if enrich is not None:
+            req = await enrich(req)
         ticket = await asyncio.to_thread(approvals.create, req)
         url = self.ticket_url(ticket.id)
         self.audit(kind="held", user=req.requester, connection=req.connection,

@@ -63,7 +63,12 @@ class Ticket(Base):
     client_addr: Mapped[str] = mapped_column(String(64), default="")
     application: Mapped[str] = mapped_column(String(200), default="")
     session_id: Mapped[str] = mapped_column(String(64), default="")
-    statement: Mapped[str] = mapped_column(Text)
+    statement: Mapped[str] = mapped_column(Text)  # the held action's text, any protocol
+    # How to show it: the language of ``statement`` for highlighting (sql, shell, http...)
+    # and labelled facts the protocol gives, in order: [[label, value], ...]. Surfaces
+    # render these without knowing the protocol.
+    language: Mapped[str] = mapped_column(String(16), default="text")
+    facts: Mapped[list[list[str]]] = mapped_column(JSON, default=list)
     params: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
     binding: Mapped[str] = mapped_column(String(64), index=True)
     classification: Mapped[str] = mapped_column(String(16))

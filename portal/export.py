@@ -33,7 +33,8 @@ from portal.roles import ADMIN, AUDITOR, require, viewer
 bp = Blueprint("export", __name__)
 BATCH = 500
 TICKET_FIELDS = ("id", "status", "requester", "requester_groups", "connection", "protocol",
-                 "client_addr", "application", "session_id", "statement", "params",
+                 "client_addr", "application", "session_id", "statement", "language", "facts",
+                 "params",
                  "classification", "tables", "rule", "reason", "in_transaction",
                  "row_estimate", "approver_groups", "min_approvals", "mode", "created_at",
                  "expires_at", "decided_at", "decided_by", "decision_comment", "executed_at",

@@ -20,6 +20,7 @@ from keyturn.config import parse_config
 from keyturn.services import Services, build_services
 from portal import create_app
 from portal.accounts import set_password
+from proxies.postgres.session import ticket_facts
 
 PASSWORD = "correct-horse-battery"
 USERS = ("alice", "bob", "dana", "erin", "carol", "mona", "adam")
@@ -102,7 +103,8 @@ def make_ticket(svc: Services, requester: str = "alice", *, connection: str = "s
         connection=connection, statement=statement, classification="write", rule=rule,
         reason="data changes need a second pair of eyes", approver_groups=approvers,
         min_approvals=n, timeout=timeout, client_addr="10.0.0.7", application="psql",
-        session_id="s-abc123", row_estimate=42, tables=("public.orders",)), now=now)
+        session_id="s-abc123", row_estimate=42, tables=("public.orders",), language="sql",
+        facts=ticket_facts("write", ("public.orders",), 42, False)), now=now)
     return t.id
 
 

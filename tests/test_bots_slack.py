@@ -23,6 +23,7 @@ from keyturn.approvals import TicketRequest
 from keyturn.config import load_config
 from keyturn.models import AuditRecord, TicketEvent, Vote
 from keyturn.services import Services, build_services
+from proxies.postgres.session import ticket_facts
 from tests.chat_standins import (
     SlackStandIn,
     block_action,
@@ -107,7 +108,8 @@ class Harness:
             requester=requester, requester_groups=("engineers",), connection=connection,
             statement=statement, classification="write", rule="writes-need-approval",
             reason="data changes need a second pair of eyes", approver_groups=("approvers",),
-            min_approvals=min_approvals, timeout=timeout, row_estimate=9, tables=("orders",)))
+            min_approvals=min_approvals, timeout=timeout, row_estimate=9, tables=("orders",),
+            language="sql", facts=ticket_facts("write", ("orders",), 9, False)))
         return t.id
 
     def post(self, body: str, *, ts: int | None = None, secret: str = SECRET,
@@ -216,7 +218,7 @@ def test_ticket_message_shows_context_and_approve_click_decides(h: Harness) -> N
     assert "shop" in blob and "writes-need-approval" in blob
     assert "data changes need a second pair of eyes" in blob
     assert "```DELETE FROM orders WHERE id &lt; 10```" in blob   # code block, escaped
-    assert "~9 rows" in blob                         # EXPLAIN estimate
+    assert "9 (EXPLAIN)" in blob                     # the estimate, as a fact
     assert "0 of 1" in blob and "Time left" in blob
     expires = int(h.svc.approvals.get(tid).expires_at)
     assert f"<!date^{expires}^{{date_short_pretty}} {{time}}|" in blob   # reader's time zone

@@ -22,6 +22,7 @@ from keyturn.approvals import TicketRequest
 from keyturn.config import load_config
 from keyturn.models import AuditRecord, TicketEvent
 from keyturn.services import build_services
+from proxies.postgres.session import ticket_facts
 from tests.chat_standins import TeamsStandIn
 from tests.conftest import free_port
 
@@ -81,7 +82,7 @@ class TeamsHarness:
             statement="UPDATE orders SET status = 'void' WHERE id = 3", classification="write",
             rule="writes-need-approval", reason="data changes need a second pair of eyes",
             approver_groups=("approvers",), min_approvals=min_approvals, timeout=600,
-            row_estimate=1)).id
+            row_estimate=1, language="sql", facts=ticket_facts("write", (), 1, False))).id
 
     def invoke(self, user_id: str, aad: str, verb: str, ticket: int, *,
                reason: str | None = None, token: str | None = None) -> requests.Response:
@@ -150,7 +151,8 @@ def test_card_posted_and_approve_invoke_decides(th: TeamsHarness) -> None:
     tid = th.ticket()
     card = th.card(tid, "Pending approval")
     blob = repr(card)
-    for part in ("alice", "shop", "writes-need-approval", "~1 rows", "0 of 1",
+    for part in ("alice", "shop", "writes-need-approval", "1 (EXPLAIN)", "Transaction open",
+                 "0 of 1",
                  "UPDATE orders SET status = 'void' WHERE id = 3", "Time left"):
         assert part in blob, part
     verbs = [a.get("verb") for a in card["actions"] if a["type"] == "Action.Execute"]

@@ -260,6 +260,9 @@ def test_held_delete_released_by_approve_in_another_process(keyturn: Keyturn) ->
     assert t["classification"] == "write" and t["rule"] == "writes-need-approval"
     assert t["statement"] == "DELETE FROM orders WHERE status = 'cancelled'"
     assert t["row_estimate"] is not None and t["row_estimate"] > 0
+    assert t["language"] == "sql" and t["facts"] == [
+        ["Class", "write on public.orders"],
+        ["Estimated rows", f"{t['row_estimate']:,} (EXPLAIN)"], ["Transaction open", "no"]]
     assert t["application"] == "psql"
     assert count(keyturn, "SELECT count(*) FROM orders WHERE status = 'cancelled'") == before
     res = keyturn.cli("approve", str(t["id"]), "--comment", "looks fine", token_of="bob")

@@ -22,6 +22,7 @@ from portal_support import (  # noqa: F401 - fixtures
     svc_fixture,
 )
 
+from keyturn.approvals import TicketRequest
 from keyturn.config import parse_config
 from keyturn.services import Services, build_services
 from portal import create_app
@@ -285,13 +286,32 @@ def test_decided_elsewhere_shows_the_outcome(app: Flask, svc: Services) -> None:
     assert svc.approvals.get(tid).status == "rejected"
 
 
+def test_a_ticket_of_any_protocol_shows_its_own_facts(app: Flask, svc: Services) -> None:
+    """The page knows no protocol: the action's language names and formats it, and the
+    protocol's labelled facts are listed as given."""
+    t = svc.approvals.create(TicketRequest(
+        requester="alice", requester_groups=("engineers",), connection="shop",
+        statement="systemctl restart nginx && rm -rf /tmp/cache", classification="admin",
+        rule="restarts", reason="services", approver_groups=("approvers",), min_approvals=1,
+        timeout=600, protocol="ssh", language="shell",
+        facts=(("Class", "admin"), ("Programs", "systemctl, rm"), ("Host key", "verified"))))
+    html = _as(app, "dana").client.get(f"/tickets/{t.id}").text
+    assert ">Command</h2>" in html and ">Statement</h2>" not in html
+    assert "systemctl restart nginx &amp;&amp; rm -rf /tmp/cache" in html
+    assert 'class="k"' not in html  # no SQL highlighting of a shell command
+    for label, value in (("Programs", "systemctl, rm"), ("Host key", "verified")):
+        assert f"<dt>{label}</dt><dd>{value}</dd>" in html
+    assert "Estimated rows" not in html
+
+
 def test_ticket_page_shows_the_context(app: Flask, svc: Services) -> None:
     tid = make_ticket(svc, statement="delete from orders where status='cancelled' and id<10")
     svc.approvals.vote(tid, svc.identities.identity_of("bob"), "approve", "go", via="api")
     svc.approvals.finish(tid, "execute", rows=7)
     html = _as(app, "dana").client.get(f"/tickets/{tid}").text
     for needle in ("alice", "engineers", "shop", "10.0.0.7", "psql", "writes",
-                   "data changes need a second pair of eyes", "42", "1 of 1",
+                   "data changes need a second pair of eyes", "42 (EXPLAIN)", "1 of 1",
+                   "<dt>Transaction open</dt><dd>no</dd>",
                    "created", "vote:approve", "decided", "executed", "7 rows",
                    '<span class="k">DELETE</span>', '<span class="s1">\'cancelled\'</span>'):
         assert needle in html, needle

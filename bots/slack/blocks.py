@@ -48,7 +48,8 @@ def ticket_blocks(view: TicketView, *, requester_slack: str | None) -> list[dict
             {"type": "mrkdwn", "text": f"*Connection*\n{esc(view.connection)}"},
             {"type": "mrkdwn", "text": f"*Class*\n{esc(view.classification)}"},
             {"type": "mrkdwn", "text": f"*Rule*\n{esc(view.rule)}"},
-            {"type": "mrkdwn", "text": f"*EXPLAIN estimate*\n{view.estimate}"},
+            *({"type": "mrkdwn", "text": f"*{esc(label)}*\n{esc(value)}"}
+              for label, value in view.facts[:4]),  # a section holds at most 10 fields
             {"type": "mrkdwn", "text": (f"*Time left*\n{view.time_left} ({expires(view)})"
                                         if view.pending else f"*Decided*\n{view.decided_at}")},
             {"type": "mrkdwn", "text": f"*Approvals*\n{view.approvals} of {view.required}"},

@@ -22,7 +22,7 @@ def ticket_card(view: TicketView, *, refresh_users: list[str] | None = None) -> 
         {"title": "Class", "value": view.classification},
         {"title": "Rule", "value": view.rule},
         {"title": "Reason", "value": view.reason or "-"},
-        {"title": "EXPLAIN estimate", "value": view.estimate},
+        *({"title": label, "value": value} for label, value in view.facts),
         {"title": "Approvals", "value": f"{view.approvals} of {view.required}"},
         ({"title": "Time left", "value": view.time_left} if view.pending else
          {"title": "Decided", "value": view.decided_at}),

@@ -25,7 +25,9 @@ SAMPLE: dict[str, Any] = {
     "statement": "DELETE FROM orders WHERE status = 'cancelled' AND created_at < now() - "
                  "interval '90 days'",
     "classification": "write", "rule": "writes-need-approval",
-    "reason": "data changes need a second pair of eyes", "row_estimate": 40,
+    "reason": "data changes need a second pair of eyes",
+    "facts": [["Class", "write on public.orders"], ["Estimated rows", "40 (EXPLAIN)"],
+              ["Transaction open", "no"]],
     "expires_at": 0.0, "min_approvals": 2, "decided_by": None, "decided_at": None,
     "decision_comment": None, "result_rows": None, "result_error": None,
     "votes": [{"approver": "dana", "vote": "approve", "comment": None, "via": "teams",

@@ -1,0 +1,65 @@
+"""Schema migrations keep existing data meaningful, on both stores (SQLite and a real
+PostgreSQL): a store made by the previous release is upgraded in place."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import text
+
+from keyturn.approvals import Approvals
+from keyturn.localpg import LocalPostgres
+from keyturn.store import MIGRATIONS_DIR, Store
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'k.db'}"
+        return
+    pg: LocalPostgres = request.getfixturevalue("pg")
+    pg.execute("DROP DATABASE IF EXISTS keyturn_migrations")
+    pg.create_database("keyturn_migrations")
+    yield (f"postgresql://{pg.superuser}:{pg.superuser_password}@127.0.0.1:{pg.port}"
+           "/keyturn_migrations")
+
+
+def upgrade_to(store: Store, revision: str) -> None:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", store.url.replace("%", "%%"))
+    with store.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+
+
+def test_tickets_from_before_facts_get_their_sql_facts(store_url: str) -> None:
+    store = Store(store_url)
+    upgrade_to(store, "0006")
+    with store.engine.begin() as c:
+        for tid, estimate, in_tx, tables in ((1, 1234, True, ["public.orders"]),
+                                             (2, None, False, [])):
+            c.execute(text(
+                "INSERT INTO tickets (id, status, requester, requester_groups, connection, "
+                "protocol, client_addr, application, session_id, statement, binding, "
+                "classification, tables, rule, reason, in_transaction, row_estimate, "
+                "approver_groups, min_approvals, mode, gateway_id, created_at, expires_at) "
+                "VALUES (:id, 'pending', 'alice', '[]', 'shop', 'postgres', '', '', '', "
+                "'DELETE FROM orders', 'b', 'write', :tables, 'writes', 'r', :tx, :est, "
+                "'[]', 1, 'hold', '', 0, 600)"),
+                {"id": tid, "tables": json.dumps(tables), "tx": in_tx, "est": estimate})
+    store.upgrade()
+    approvals = Approvals(store)
+    first, second = approvals.get(1), approvals.get(2)
+    assert first.language == "sql" and second.language == "sql"
+    assert first.facts == [["Class", "write on public.orders"],
+                           ["Estimated rows", "1,234 (EXPLAIN)"],
+                           ["Transaction open", "yes — the client holds a transaction"]]
+    assert second.facts == [["Class", "write"], ["Estimated rows", "no estimate"],
+                            ["Transaction open", "no"]]
+    store.dispose()
