@@ -21,15 +21,16 @@ from typing import Any
 
 import yaml
 
+from keyturn.analysis.classes import POSTGRES
 from keyturn.errors import ConfigError
+from keyturn.request import known_classes, resource_kinds
 
 CONNECTION_TYPES = ("postgres", "mysql", "ssh", "http", "kubernetes")
 ACTIONS = ("allow", "block", "review", "mask")
 REVIEW_MODES = ("hold", "defer")
-STATEMENT_CLASSES = (
-    "transaction", "session", "read", "lock", "write", "safety", "ddl", "privilege",
-    "procedural", "admin", "file", "unknown",
-)
+# The PostgreSQL vocabulary is part of the core (its analyser lives in keyturn.analysis);
+# other protocols register theirs when their package is imported (keyturn.request).
+STATEMENT_CLASSES = POSTGRES.classes
 # Keys whose value would be a secret if written inline.
 _SECRET_KEYS = {"password", "secret", "token", "secret_key", "signing_secret", "bot_token",
                 "client_secret", "app_password", "mask_key"}
@@ -164,8 +165,20 @@ class Match:
     groups: tuple[str, ...] = ()
     connections: tuple[str, ...] = ()
     classes: tuple[str, ...] = ()
-    tables: tuple[str, ...] = ()
-    functions: tuple[str, ...] = ()
+    # (resource kind, globs as written) for every kind the rule names: tables and
+    # functions for SQL, and what other protocols' vocabularies declare.
+    resources: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def globs(self, kind: str) -> tuple[str, ...]:
+        return next((g for k, g in self.resources if k == kind), ())
+
+    @property
+    def tables(self) -> tuple[str, ...]:
+        return self.globs("tables")
+
+    @property
+    def functions(self) -> tuple[str, ...]:
+        return self.globs("functions")
 
 
 MASK_STYLES = ("full", "partial", "email", "null", "hash")
@@ -536,22 +549,22 @@ class _Validator:
         if action not in ACTIONS:
             raise self.err(at + ("action",),
                            f"expected one of {', '.join(ACTIONS)}, got {action!r}")
+        kinds = resource_kinds()
         m = self.mapping(r.get("match"), at + ("match",),
-                         {"users", "groups", "connections", "class", "tables", "functions"})
+                         {"users", "groups", "connections", "class", *kinds})
         classes = tuple(c.lower() for c in self.str_list(m.get("class"), at + ("match", "class")))
+        known = known_classes()
         for c in classes:
-            if c not in STATEMENT_CLASSES:
+            if c not in known:
                 raise self.err(at + ("match", "class"),
-                               f"unknown class {c!r} (expected {', '.join(STATEMENT_CLASSES)})")
+                               f"unknown class {c!r} (expected {', '.join(known)})")
         match = Match(
             users=self.str_list(m.get("users"), at + ("match", "users")),
             groups=self.str_list(m.get("groups"), at + ("match", "groups")),
             connections=self.str_list(m.get("connections"), at + ("match", "connections")),
             classes=classes,
-            tables=tuple(t.lower() if '"' not in t else t
-                         for t in self.str_list(m.get("tables"), at + ("match", "tables"))),
-            functions=tuple(f.lower() for f in
-                            self.str_list(m.get("functions"), at + ("match", "functions"))),
+            resources=tuple((k, self.str_list(m.get(k), at + ("match", k))) for k in kinds
+                            if m.get(k) is not None),
         )
         review = None
         if action == "review":

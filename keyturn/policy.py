@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Any, Protocol
+from typing import Any
 
-from keyturn.config import Config, Connection, MaskSettings, Policy, ReviewSettings, Rule
+from keyturn.config import Config, MaskSettings, Policy, ReviewSettings, Rule
+from keyturn.request import Action, Request, Vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -37,30 +38,8 @@ BUILTIN_IDENTITY_RULE = "builtin:session-identity"
 BUILTIN_UNPARSED_RULE = "builtin:unparsed"
 
 
-class StatementLike(Protocol):
-    @property
-    def text(self) -> str: ...
-    @property
-    def tables(self) -> tuple[str, ...]: ...
-    @property
-    def functions(self) -> tuple[str, ...]: ...
-    @property
-    def reasons(self) -> tuple[str, ...]: ...
-    @property
-    def forbidden(self) -> str | None: ...
-    @property
-    def cls(self) -> Any: ...
-
-
-@dataclass(frozen=True)
-class Request:
-    """Who asks what on which connection."""
-
-    user: str
-    groups: tuple[str, ...]
-    connection: Connection
-    statements: Sequence[StatementLike]
-    parse_error: str | None = None
+# A statement is one action of a request (keyturn.request); the names stay for the callers.
+StatementLike = Action
 
 
 @dataclass(frozen=True)
@@ -115,30 +94,18 @@ def _cls_name(cls: Any) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def _qualify(pattern: str) -> str:
-    # Each part cut like the server cuts identifiers (63 bytes), so a rule on a long name
-    # matches the name the server really uses.
-    pattern = pattern if "." in pattern else f"public.{pattern}"
-    return ".".join(_server_name(part) for part in pattern.split("."))
+def _pattern(vocab: Vocabulary, kind: str, glob: str) -> str:
+    return vocab.normalize(kind, glob)
 
 
-def _server_name(name: str) -> str:
-    raw = name.encode("utf-8")
-    return name if len(raw) <= 63 else raw[:63].decode("utf-8", "ignore")
-
-
-def _names_match(names: Iterable[str], globs: tuple[str, ...], *, every: bool) -> bool:
+def _names_match(names: Iterable[str], globs: tuple[str, ...], *, every: bool,
+                 vocab: Vocabulary, kind: str) -> bool:
     names = list(names)
     if not names:
         return False
-    pats = [_qualify(g) for g in globs]
+    pats = [_pattern(vocab, kind, g) for g in globs]
     hits = (any(fnmatchcase(n, p) for p in pats) for n in names)
     return all(hits) if every else any(hits)
-
-
-#: Classes that run with write access on the target (the gateway's read-only guard
-#: covers the others): inside them, code keyturn cannot see into may write anywhere.
-_UNGUARDED = frozenset({"lock", "write", "ddl", "privilege", "procedural", "admin", "file"})
 
 
 def rule_matches(rule: Rule, req: Request, st: StatementLike) -> bool:
@@ -152,15 +119,22 @@ def rule_matches(rule: Rule, req: Request, st: StatementLike) -> bool:
     if m.classes and _cls_name(st.cls) not in m.classes:
         return False
     every = rule.action == "allow"
-    if m.tables and not _names_match(st.tables, m.tables, every=every):
-        return False
-    if m.functions and not _names_match(st.functions, m.functions, every=every):
-        return False
-    if every and m.tables and _cls_name(st.cls) in _UNGUARDED:
-        # A rule allowing writes to some tables does not cover code keyturn cannot see
+    vocab = req.vocabulary
+    narrowed = False
+    for kind, globs in m.resources:
+        if not globs:
+            continue
+        narrowed = True
+        if not _names_match(getattr(st, kind, ()), globs, every=every, vocab=vocab,
+                            kind=kind):
+            return False
+    if every and narrowed and vocab.code_kind and _cls_name(st.cls) in vocab.write_classes:
+        # A rule allowing writes to some resources does not cover code keyturn cannot see
         # into (INSERT INTO allowed SELECT f(), f writing elsewhere): it must name it.
         opaque = getattr(st, "opaque", ())
-        if opaque and not (m.functions and _names_match(opaque, m.functions, every=True)):
+        code = m.globs(vocab.code_kind)
+        if opaque and not (code and _names_match(opaque, code, every=True, vocab=vocab,
+                                                 kind=vocab.code_kind)):
             return False
     return True
 
@@ -174,24 +148,26 @@ def _explain(rule: Rule, st: StatementLike) -> str:
 
 def evaluate_statement(policy: Policy, req: Request, st: StatementLike) -> StatementDecision:
     cls = _cls_name(st.cls)
+    unknown = req.vocabulary.riskiest  # what cannot be analysed
     if st.forbidden:
         return StatementDecision(st.text, cls, "block", BUILTIN_IDENTITY_RULE, st.forbidden,
-                                 st.tables, st.functions)
+                                 getattr(st, "tables", ()),
+                                 getattr(st, "functions", ()))
     for rule in policy.rules:
         if rule_matches(rule, req, st):
-            if cls == "unknown" and rule.action in PERMITTING and \
-                    "unknown" not in rule.match.classes:
+            if cls == unknown and rule.action in PERMITTING and \
+                    unknown not in rule.match.classes:
                 return _unknown_refused(st, cls, f"rule {rule.name!r} allows it but does not "
                                                  "name class unknown")
             return StatementDecision(st.text, cls, rule.action, rule.name, _explain(rule, st),
-                                     st.tables, st.functions)
+                                     getattr(st, "tables", ()), getattr(st, "functions", ()))
     why = "; ".join(st.reasons)
-    if cls == "unknown" and policy.default_action in PERMITTING:
+    if cls == unknown and policy.default_action in PERMITTING:
         return _unknown_refused(st, cls, f"policy {policy.name!r} allows it by default")
     reason = f"no rule of policy {policy.name!r} matched this {cls} statement; default is " \
              f"{policy.default_action}" + (f" ({why})" if why else "")
-    return StatementDecision(st.text, cls, policy.default_action, None, reason, st.tables,
-                             st.functions)
+    return StatementDecision(st.text, cls, policy.default_action, None, reason,
+                             getattr(st, "tables", ()), getattr(st, "functions", ()))
 
 
 def _unknown_refused(st: StatementLike, cls: str, how: str) -> StatementDecision:
@@ -200,8 +176,8 @@ def _unknown_refused(st: StatementLike, cls: str, how: str) -> StatementDecision
     why = "; ".join(st.reasons)
     reason = f"keyturn cannot analyse this statement and {how}; only a rule that names " \
              "class unknown may allow it" + (f" ({why})" if why else "")
-    return StatementDecision(st.text, cls, "block", BUILTIN_UNPARSED_RULE, reason, st.tables,
-                             st.functions)
+    return StatementDecision(st.text, cls, "block", BUILTIN_UNPARSED_RULE, reason,
+                             getattr(st, "tables", ()), getattr(st, "functions", ()))
 
 
 def evaluate(config: Config, req: Request, *,
@@ -212,9 +188,9 @@ def evaluate(config: Config, req: Request, *,
     if req.parse_error is not None or not req.statements:
         if req.parse_error is not None:
             # Fail closed: what cannot be parsed is treated as the riskiest class.
-            fake = _Unparsed(req.parse_error)
+            fake = _Unparsed(req.parse_error, req.vocabulary.riskiest)
             sd = evaluate_statement(policy, req, fake)
-            return Decision(sd.action, sd.rule or BUILTIN_UNPARSED_RULE, sd.reason, "unknown",
+            return Decision(sd.action, sd.rule or BUILTIN_UNPARSED_RULE, sd.reason, fake.cls,
                             _review_of(policy, sd.rule), (sd,))
         return Decision("allow", None, "empty query", "read", None, ())
     if verdicts is None:
@@ -231,7 +207,8 @@ def evaluate(config: Config, req: Request, *,
     for d in decisions[1:]:
         if SEVERITY[d.action] > SEVERITY[worst.action]:
             worst = d
-    riskiest = max(req.statements, key=lambda s: _risk(s.cls))
+    vocab = req.vocabulary
+    riskiest = max(req.statements, key=lambda s: vocab.risk(_cls_name(s.cls)))
     reason = worst.reason
     if len(decisions) > 1:
         reason = f"{reason} [statement {decisions.index(worst) + 1} of {len(decisions)}]"
@@ -258,8 +235,8 @@ def masks_in(policy: Policy) -> bool:
 def _memo_statement(verdicts: dict[tuple[Any, ...], StatementDecision], policy: Policy,
                     req: Request, st: StatementLike) -> StatementDecision:
     # Everything a verdict depends on, except the statement text itself.
-    key = (req.connection.name, req.user, req.groups, st.cls, st.tables, st.functions,
-           st.forbidden, st.reasons)
+    key = (req.connection.name, req.user, req.groups, st.cls, st.forbidden, st.reasons,
+           *[getattr(st, kind, ()) for kind in req.vocabulary.resources])
     hit = verdicts.get(key)
     if hit is None:
         if len(verdicts) > 20_000:
@@ -316,22 +293,12 @@ def _review_of(policy: Policy, rule_name: str | None) -> ReviewSettings | None:
     return None
 
 
-def _risk(cls: Any) -> int:
-    risk = getattr(cls, "risk", None)
-    return int(risk) if risk is not None else 99
-
-
 @dataclass(frozen=True)
 class _Unparsed:
     error: str
+    cls: str  # the protocol's riskiest class
     text: str = ""
-    tables: tuple[str, ...] = ()
-    functions: tuple[str, ...] = ()
     forbidden: str | None = None
-
-    @property
-    def cls(self) -> str:
-        return "unknown"
 
     @property
     def reasons(self) -> tuple[str, ...]:

@@ -15,7 +15,6 @@ the hot path: ``parse_sql_json`` is about ten times cheaper.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import gc
 import json
 import re
@@ -28,36 +27,8 @@ import pglast.ast
 from pglast import parser as _pg
 
 from keyturn.analysis import catalogue
+from keyturn.analysis.classes import _RISK, StatementClass
 
-
-class StatementClass(enum.StrEnum):
-    """How risky a statement is; members are listed from least to most risky.
-
-    A ``str`` enum (``StatementClass.READ == "read"``), so it serialises as its value.
-    """
-
-    TRANSACTION = "transaction"
-    SESSION = "session"
-    READ = "read"
-    # Row locks (SELECT ... FOR UPDATE/SHARE), table locks and advisory locks: they read or
-    # change nothing, but block other sessions' work.
-    LOCK = "lock"
-    WRITE = "write"
-    # Turns off a safety setting (timeouts, session_replication_role, row_security...).
-    SAFETY = "safety"
-    DDL = "ddl"
-    PRIVILEGE = "privilege"
-    PROCEDURAL = "procedural"
-    ADMIN = "admin"
-    FILE = "file"
-    UNKNOWN = "unknown"
-
-    @property
-    def risk(self) -> int:
-        return _RISK[self]
-
-
-_RISK: dict[StatementClass, int] = {cls: i for i, cls in enumerate(StatementClass)}
 C = StatementClass
 
 

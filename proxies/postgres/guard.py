@@ -31,8 +31,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from keyturn.analysis.classes import WRITE_CLASSES
+
 #: Classes that need write access (everything else runs read-only, or needs no guard).
-RW_CLASSES = frozenset({"lock", "write", "ddl", "privilege", "procedural", "admin", "file"})
+RW_CLASSES = WRITE_CLASSES
 #: Classes the guard runs read-only: every class but those that need write access and
 #: transaction control (an allowed "unknown" is the riskiest: read-only too; a SELECT of
 #: set_config() is "session" or "safety" and may call anything else beside it).
