@@ -13,6 +13,7 @@ import pytest
 
 from keyturn.localpg import LocalPostgres
 from tests.conftest import Keyturn, direct_shop, make_keyturn
+from tests.pg_raw import B, E, P, Q, RawConn, S, errors
 
 LENIENT = """
   lenient:
@@ -181,6 +182,21 @@ def test_a_bound_value_under_a_cast_is_not_read_as_its_constant(
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             c.execute("SELECT set_config('statement_timeout', %s::char(1), false)", ("05",))
         assert c.execute("SELECT current_setting('statement_timeout')").fetchone() == ("5s",)
+
+
+@pytest.mark.parametrize("oid, value", [(18, "05"), (19, "0" * 63 + "5"), (1042, "05")])
+def test_a_bound_value_of_a_declared_type_is_not_read_as_sent(
+        kt: Keyturn, unchanged: None, oid: int, value: str) -> None:
+    """Parse declares the parameter "char" / name / bpchar: the server converts '05' to
+    '0' (or cuts at 63 bytes) before set_config sees it, so the bound text is not what
+    runs and the worst-case verdict (safety) stands."""
+    with RawConn(kt.dsn("alice")) as r:
+        assert not errors(r.run(Q("SET statement_timeout = '5s'")))
+        answers = r.run(P("", "SELECT set_config('statement_timeout', $1, false)", [oid]),
+                        B("", "", [0], [value.encode()]), E(), S())
+        assert [e["C"] for e in errors(answers)] == ["42501"], answers
+        answers = r.run(Q("SHOW statement_timeout"))
+        assert (b"D", b"\x00\x01\x00\x00\x00\x025s") in answers, answers
 
 
 DURATIONS = ["0", "00", "0.4", "0.5", "0.6", "400us", "1499us", "1500us", "1e-9", "1e2",

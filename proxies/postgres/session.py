@@ -1222,7 +1222,8 @@ class ClientSession(asyncio.Protocol):
             # A value the class depends on may be bound ($1 of set_config): judge the
             # values this Bind gives (after the fast path above, which must not keep it).
             rejudged = settings.judge_bound(info.sql, analysis, bind_body,
-                                            self.analyzer.analyze, self._decide)
+                                            self.analyzer.analyze, self._decide,
+                                            info.param_types)
             if rejudged is not None:
                 analysis, d = rejudged
         params = None

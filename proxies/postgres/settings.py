@@ -155,15 +155,23 @@ def _param_locations(node: Any, out: list[int]) -> None:
             _param_locations(value, out)
 
 
+#: Parameter types (Parse) whose values reach the statement as the text that was bound:
+#: unspecified (the server infers it), text, varchar, unknown. Any other declared type
+#: may change the value first ("char" keeps one byte, name cuts at 63).
+_TEXT_PARAM_TYPES = frozenset({0, 25, 1043, 705})
+
+
 def judge_bound(sql: str, analysis: Analysis, bind_body: bytes,
-                analyze: Callable[[str], Analysis], decide: Callable[[Analysis], Decision]
-                ) -> tuple[Analysis, Decision] | None:
+                analyze: Callable[[str], Analysis], decide: Callable[[Analysis], Decision],
+                param_types: Sequence[int] = ()) -> tuple[Analysis, Decision] | None:
     """The verdict on a statement whose class depends on a constant (``set_config(
     'client_encoding', $1, false)``) for the values of one Bind, or None when there is
     nothing to re-judge or the values cannot be read (the statement's own verdict, which
     assumed the worst of every parameter, then stands)."""
     if not bind_body or not any(st.literal_dependent for st in analysis.statements):
         return None
+    if any(t not in _TEXT_PARAM_TYPES for t in param_types):
+        return None  # the server converts the values first: they cannot be read here
     values = bound_texts(bind_body)
     if not values:
         return None
