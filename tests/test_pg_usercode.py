@@ -17,7 +17,9 @@ import psycopg
 import pytest
 
 from keyturn.localpg import LocalPostgres
+from proxies.postgres.catalog import REFRESH_SECONDS
 from tests.conftest import APP_PASSWORD, Keyturn, make_keyturn
+from tests.pg_raw import B, E, P, RawConn, S, errors
 
 DB = "usercode"
 POLICIES = """
@@ -94,6 +96,8 @@ CREATE POLICY p_path ON rls_path
   USING (set_config('search_path', 'evil, public, pg_catalog', false) IS NOT NULL);
 CREATE DOMAIN lockdom AS text CHECK (pg_try_advisory_lock(4242) IS NOT NULL);
 CREATE DOMAIN lockdom2 AS lockdom;
+CREATE TYPE comp_lock AS (x lockdom);
+CREATE TABLE dtab (x lockdom);
 CREATE TABLE tallies (n int);
 CREATE FUNCTION public.wipe() RETURNS int LANGUAGE plpgsql
   AS $$ BEGIN DELETE FROM victim; RETURN 1; END $$;
@@ -183,6 +187,11 @@ HIDDEN = {
     "row security policy taking a lock": "SELECT * FROM rls_lock",
     "domain check taking a lock": "SELECT 'x'::lockdom",
     "domain over that domain": "SELECT 'x'::lockdom2",
+    "composite holding the domain": "SELECT '(x)'::comp_lock",
+    "array of that composite": """SELECT '{"(x)"}'::comp_lock[]""",
+    "row type of a table with a domain column":
+        """SELECT json_populate_record(NULL::dtab, '{"x": "y"}')""",
+    "column definition list": """SELECT * FROM json_to_record('{"x": "y"}') AS t(x lockdom)""",
 }
 
 
@@ -230,6 +239,40 @@ def test_row_security_policies_that_change_settings(kt: Keyturn, table: str) -> 
         assert c.execute("SELECT current_setting('statement_timeout'), "
                          "current_setting('search_path')").fetchone() == ("5s",
                                                                          '"$user", public')
+
+
+def test_values_typed_as_a_domain_without_a_cast(kt: Keyturn, witness: Witness) -> None:
+    """A typed PREPARE, and a Parse that declares its parameter's type by OID, make the
+    server coerce bound values to the domain: its check runs as for a cast."""
+    with psycopg.connect(dsn(kt), autocommit=True) as c:
+        with pytest.raises(psycopg.Error) as err:
+            c.execute("PREPARE typed(lockdom) AS SELECT $1")
+            c.execute("EXECUTE typed('x')")
+        assert blocked(err.value), err.value
+    with direct(kt.pg) as c:
+        oid = c.execute("SELECT 'lockdom'::regtype::oid").fetchone()[0]  # type: ignore[index]
+    with RawConn(dsn(kt)) as r:
+        answers = r.run(P("", "SELECT $1", [oid]), B("", "", [0], [b"x"]), E(), S())
+        assert [e["C"] for e in errors(answers)] == ["42501"], answers
+    witness.nothing_happened()
+
+
+def test_objects_are_seen_when_no_session_kept_the_catalog_fresh(
+        kt: Keyturn, witness: Witness) -> None:
+    """The catalog is re-read while sessions use it; a session that opens after a quiet
+    spell waits for a fresh read, so a domain created meanwhile is seen."""
+    time.sleep(REFRESH_SECONDS + 1)  # no gateway session in this time
+    with direct(kt.pg) as c:
+        c.execute("CREATE DOMAIN quiet_dom AS text CHECK (pg_try_advisory_lock(4242) IS NOT NULL)")
+    try:
+        with psycopg.connect(dsn(kt), autocommit=True) as c:
+            with pytest.raises(psycopg.Error) as err:
+                c.execute("SELECT 'x'::quiet_dom")
+            assert blocked(err.value), err.value
+        witness.nothing_happened()
+    finally:
+        with direct(kt.pg) as c:
+            c.execute("DROP DOMAIN quiet_dom")
 
 
 def test_a_schema_before_pg_catalog(kt: Keyturn, witness: Witness) -> None:

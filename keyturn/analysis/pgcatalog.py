@@ -109,6 +109,8 @@ class TargetCatalog:
     # type name -> (schema, what, SELECT text) run for a value cast to it (domain checks,
     # also those of the domains it is based on)
     type_sql: dict[str, list[tuple[str, str, str]]] = field(default_factory=dict)
+    # OID -> (schema, name) of every user type (Parse declares parameter types by OID)
+    type_oids: dict[int, tuple[str, str]] = field(default_factory=dict)
     # Derived answers (views judged, ...) for the users of this catalog; dropped with it.
     memo: dict[Any, Any] = field(default_factory=dict)
 
@@ -122,7 +124,8 @@ class TargetCatalog:
                   rules: Iterable[Sequence[Any]] = (),
                   relation_code: Iterable[Sequence[Any]] = (),
                   typed_columns: Iterable[Sequence[Any]] = (),
-                  expressions: Iterable[Sequence[Any]] = ()) -> TargetCatalog:
+                  expressions: Iterable[Sequence[Any]] = (),
+                  type_oids: Iterable[Sequence[Any]] = ()) -> TargetCatalog:
         """Rows as proxies/postgres/catalog.py reads them:
 
         routines: (schema, name, kind, volatility, language, security definer, extension)
@@ -137,6 +140,7 @@ class TargetCatalog:
         typed_columns: (schema, table, column, type schema, type)
         expressions: (r or t, schema, relation or type, what, SQL expression): row
             security policies of relations, checks of domains
+        type_oids: (oid, schema, name) of every user type
         """
         rows: list[Any] = []
 
@@ -212,8 +216,10 @@ class TargetCatalog:
                 tuple(parts["on_read_sql"])))
         path = tuple(search_path_schemas(search_path)) if search_path is not None \
             else ("$user", "public")
+        oids = {int(oid): (str(sch), str(name)) for oid, sch, name in keep(type_oids)}
         digest = hashlib.sha256(repr((user, path, rows)).encode()).hexdigest()
-        return cls(user, path, by_name, ops, types, relations, digest, type_sql=type_sql)
+        return cls(user, path, by_name, ops, types, relations, digest, type_sql=type_sql,
+                   type_oids=oids)
 
     # -- questions --------------------------------------------------------------------------
 

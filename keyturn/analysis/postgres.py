@@ -758,6 +758,7 @@ class _Walk:
             return
         ((kind, inner_body),) = query.items()
         inner = _Walk(self.an, self.prepared, self.text)
+        inner.items(body.get("argtypes") or [], ctes)  # PREPARE p(mydomain): its checks
         remembered = inner.statement(kind, inner_body)
         remembered = _with_name(remembered, name)
         # Preparing runs nothing; the remembered class applies at EXECUTE.
@@ -1119,11 +1120,13 @@ def _sort_by(w: _Walk, body: dict[str, Any], ctes: frozenset[str]) -> None:
     w.children("SortBy", body, ctes, skip=("useOp",))
 
 
-def _type_cast(w: _Walk, body: dict[str, Any], ctes: frozenset[str]) -> None:
-    names = _names((body.get("typeName") or {}).get("names"))
+def _type_name(w: _Walk, body: dict[str, Any], ctes: frozenset[str]) -> None:
+    # Every type a statement names may run code for its values: a cast, a column
+    # definition list (AS t(x mydomain)), a typed PREPARE, a composite holding a domain.
+    names = _names(body.get("names"))
     if names:
         w.refs[("t", *_split(names))] = None
-    w.children("TypeCast", body, ctes)
+    w.children("TypeName", body, ctes, skip=("names",))
 
 
 def _column_ref(w: _Walk, body: dict[str, Any], ctes: frozenset[str]) -> None:
@@ -1150,7 +1153,7 @@ _NODE_HANDLERS = {
         w.children("FuncCall", body, ctes, skip=("funcname",)),
     ),
     "A_Expr": _a_expr, "SubLink": _sub_link, "CaseExpr": _case, "SortBy": _sort_by,
-    "TypeCast": _type_cast, "ColumnRef": _column_ref, "A_Indirection": _indirection,
+    "TypeName": _type_name, "ColumnRef": _column_ref, "A_Indirection": _indirection,
 }
 
 

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds between re-reads of a connection's catalog while it has sessions.
 REFRESH_SECONDS = 10.0
+#: How long a new session waits for a stale catalog to be read again.
+READY_WAIT = 5.0
 #: Seconds after a session's DDL before the catalog is read again for everyone.
 AFTER_DDL_SECONDS = 0.5
 _NOT_BUILTIN = "NOT IN ('pg_catalog', 'information_schema')"
@@ -83,12 +85,26 @@ FROM code JOIN pg_type t ON t.oid = code.typ JOIN pg_namespace tn ON tn.oid = t.
 JOIN pg_proc p ON p.oid = code.fn JOIN pg_namespace fn ON fn.oid = p.pronamespace
 WHERE tn.nspname {_NOT_BUILTIN} AND fn.nspname {_NOT_BUILTIN}"""
 
+# Types that hold values of other types, and so run their code: domains (their base),
+# arrays (their element), composites and table row types (their attributes' types).
 _TYPE_BASES = f"""
 SELECT tn.nspname, t.typname, bn.nspname, b.typname
 FROM pg_type t JOIN pg_namespace tn ON tn.oid = t.typnamespace
 JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.typelem END
 JOIN pg_namespace bn ON bn.oid = b.typnamespace
-WHERE tn.nspname {_NOT_BUILTIN} AND bn.nspname {_NOT_BUILTIN}"""
+WHERE tn.nspname {_NOT_BUILTIN} AND bn.nspname {_NOT_BUILTIN}
+UNION
+SELECT tn.nspname, t.typname, bn.nspname, b.typname
+FROM pg_type t JOIN pg_namespace tn ON tn.oid = t.typnamespace
+JOIN pg_attribute a ON a.attrelid = t.typrelid AND a.attnum > 0 AND NOT a.attisdropped
+JOIN pg_type b ON b.oid = a.atttypid JOIN pg_namespace bn ON bn.oid = b.typnamespace
+WHERE t.typtype = 'c' AND tn.nspname {_NOT_BUILTIN} AND bn.nspname {_NOT_BUILTIN}"""
+
+# Every user type by OID: a Parse may declare a parameter's type by OID alone.
+_TYPE_OIDS = f"""
+SELECT t.oid, tn.nspname, t.typname
+FROM pg_type t JOIN pg_namespace tn ON tn.oid = t.typnamespace
+WHERE tn.nspname {_NOT_BUILTIN}"""
 
 _VIEWS = f"""
 SELECT n.nspname, c.relname, pg_get_viewdef(c.oid)
@@ -181,7 +197,7 @@ def read_catalog(conn: Connection) -> TargetCatalog:
             ("routines", _ROUTINES), ("operators", _OPERATORS), ("type_code", _TYPE_CODE),
             ("type_bases", _TYPE_BASES), ("views", _VIEWS), ("rules", _RULES),
             ("relation_code", _RELATION_CODE), ("typed_columns", _TYPED_COLUMNS),
-            ("expressions", _EXPRESSIONS))}
+            ("expressions", _EXPRESSIONS), ("type_oids", _TYPE_OIDS))}
     return TargetCatalog.from_rows(user=user, search_path=path, **rows)
 
 
@@ -212,6 +228,7 @@ class _Target:
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
     timer: asyncio.TimerHandle | None = None
     defined: dict[tuple[str, str], _Defined] = field(default_factory=dict)
+    read_at: float = 0.0  # time.monotonic() when the newest completed read began
 
 
 def _idle(session: ClientSession | None) -> bool:
@@ -229,6 +246,11 @@ class Catalogs:
         self._read = read  # None: catalogs are only ever put() (tests)
         self._targets: dict[tuple[str, int, str, str], _Target] = {}
         self._ticker: asyncio.Task[None] | None = None
+
+    def type_named(self, conn: Connection, oid: int) -> tuple[str, str] | None:
+        """(schema, name) of a user type by OID, as of the last read of the catalog."""
+        catalog = self._target(conn).catalog
+        return catalog.type_oids.get(oid) if catalog is not None else None
 
     def _target(self, conn: Connection) -> _Target:
         return self._targets.setdefault(target_key(conn), _Target())
@@ -256,11 +278,21 @@ class Catalogs:
                 self.refresh(conn)
 
     async def ready(self, conn: Connection) -> None:
-        """Wait until the connection's catalog was read once (or failed to be)."""
+        """Wait until the connection's catalog was read once (or failed to be), and, when
+        no session kept it fresh (it is re-read only while sessions use it), read it again
+        before this session's first statement (at most READY_WAIT seconds)."""
         target = self._target(conn)
         if target.catalog is None and target.task is None and not target.loaded.is_set():
             self.refresh(conn)
         await target.loaded.wait()
+        if target.catalog is None or self._read is None or \
+                time.monotonic() - target.read_at <= REFRESH_SECONDS:
+            return
+        # A read under way began just now: wait for it rather than ask for another.
+        wanted = target.requested if target.task is not None else self.refresh(conn)
+        deadline = time.monotonic() + READY_WAIT
+        while target.done < wanted and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
 
     def put(self, conn: Connection, catalog: TargetCatalog) -> None:
         """Use ``catalog`` for the connection's target until it is read again."""
@@ -305,6 +337,7 @@ class Catalogs:
                                     "read before): %s", conn.name, exc)
                     target.done = covers
                     continue
+                target.read_at = began
                 changed = target.catalog is None or \
                     target.catalog.fingerprint != catalog.fingerprint
                 if changed:

@@ -229,6 +229,7 @@ _DEFAULT_RW_QUERY = codec.encode_query(guard.SQL_DEFAULT_RW)
 _DEFAULT_RO_QUERY = codec.encode_query(guard.SQL_DEFAULT_RO)
 _ROLLBACK_QUERY = codec.encode_query(guard.SQL_ROLLBACK)
 _OWN_PREFIX = "keyturn"
+_FIRST_USER_OID = 16384  # OIDs below are the server's own objects
 #: How a hold that did not run its statement is reported (keyturn.holds).
 _OUTCOME_SQLSTATE = {holds.DEFERRED: "42501", "rejected": "42501", "expired": "57014",
                      "cancelled": "57014"}
@@ -925,7 +926,12 @@ class ClientSession(asyncio.Protocol):
                 self._refuse_own_name(p.name, out)
                 return True
             analysis = self.analyzer.analyze(p.query)
+            if p.param_types and max(p.param_types) >= _FIRST_USER_OID:
+                analysis = self._typed_parameters(analysis, p.param_types)
             self._note_search_path(analysis.statements)
+            if analysis.statements and analysis.error is None and \
+                    self._refuse_parse(p.query, analysis, out):
+                return True
             info = StmtInfo(p.query, analysis, p.param_types, names=any(
                 st.command in _NAMESPACE_COMMANDS for st in analysis.statements))
             self.imp_started = True
@@ -1043,6 +1049,55 @@ class ClientSession(asyncio.Protocol):
         else:
             # A later change was sent on the assumption that this one worked.
             self.stmts[key] = _AMBIGUOUS
+
+    def _refuse_parse(self, sql: str, analysis: Any, out: list[bytes]) -> bool:
+        """Refuse a Parse (True) whose statement runs user-defined code before any Execute
+        and which the policy does not allow: the server runs a composite or domain type's
+        input and checks while it parses a literal, and folds immutable functions while it
+        plans at Bind, so deciding at Execute would be too late."""
+        decision = self._verdict(analysis)
+        if decision.action == "allow" or not _runs_user_code(analysis, decision):
+            return False
+        how = "blocked" if decision.action == "block" else "not allowed without review"
+        reason = (f"{decision.reason}; it runs user-defined code while the server prepares "
+                  "it, so it is refused before it is sent" +
+                  ("" if decision.action == "block" else
+                   " (send it as a simple query to have it held for review)"))
+        rule = f"rule {decision.rule!r}" if decision.rule else "the policy default"
+        self._refuse(codec.encode_error("ERROR", "42501", f"keyturn: {how} by {rule}: {reason}"),
+                     b"E", out)
+        ctx = Ctx(sql, decision.classification, "block", decision.rule, reason, time.time())
+        self._audit(ctx, outcome="blocked")
+        return True
+
+    def _verdict(self, analysis: Any) -> Decision:
+        """The decision on an analysis, from the session's memo when it holds one."""
+        statements = analysis.statements
+        if len(statements) == 1:
+            st = statements[0]
+            hit = self.verdicts.get((st.cls, st.tables, st.functions, st.forbidden, st.reasons,
+                                     st.refs))
+            if hit is not None:
+                return hit
+        return self._decide(analysis)
+
+    def _typed_parameters(self, analysis: Any, types: Sequence[int]) -> Any:
+        """A Parse that declares parameters of user types (a domain, a composite holding
+        one): values bound to them run those types' code, as a cast would."""
+        assert self.conn is not None
+        if not analysis.statements:
+            return analysis
+        refs = []
+        for oid in types:
+            if oid >= _FIRST_USER_OID:
+                named = self.gw.catalogs.type_named(self.conn, oid)
+                if named is not None:
+                    refs.append(("t", *named))
+        if not refs:
+            return analysis
+        first = analysis.statements[0]
+        first = dataclasses.replace(first, refs=tuple(dict.fromkeys((*first.refs, *refs))))
+        return dataclasses.replace(analysis, statements=(first, *analysis.statements[1:]))
 
     def _bind_target(self, key: str) -> StmtInfo | None:
         info = self.stmts.get(key)
@@ -1636,11 +1691,7 @@ class ClientSession(asyncio.Protocol):
                 and str(statements[0].cls) not in guard.RW_CLASSES:
             # Nothing the catalog could make a write.
             return False, str(statements[0].cls) in guard.GUARDED_CLASSES
-        st = statements[0]
-        key = (st.cls, st.tables, st.functions, st.forbidden, st.reasons, st.refs)
-        decision = self.verdicts.get(key) if len(statements) == 1 else None
-        if decision is None:
-            decision = self._decide(analysis)
+        decision = self._verdict(analysis)
         if decision.action == "block":
             return False, False
         classes = {j.classification for j in decision.statements} | {
@@ -2361,6 +2412,15 @@ def ticket_facts(classification: str, tables: Sequence[str], row_estimate: int |
     rows = f"{row_estimate:,} (EXPLAIN)" if row_estimate is not None else "no estimate"
     tx = "yes — the client holds a transaction" if in_transaction else "no"
     return (("Class", cls), ("Estimated rows", rows), ("Transaction open", tx))
+
+
+def _runs_user_code(analysis: Any, decision: Decision) -> bool:
+    """Whether the target's catalog showed user-defined code in a statement: code the
+    gateway cannot see into, or a class the catalog raised (a type's checks, a view)."""
+    judged = decision.statements
+    return any(st.opaque for st in analysis.statements) or len(judged) != len(
+        analysis.statements) or any(str(st.cls) != j.classification
+                                    for st, j in zip(analysis.statements, judged, strict=False))
 
 
 def _as_decided(analysis: Any, decision: Decision) -> Any:
