@@ -337,6 +337,24 @@ def test_error_positions_point_into_the_clients_text(kt: Keyturn, tables: None) 
 
 # ---------------------------------------------------------------- the guard is the gateway's
 
+SMUGGLED = ("SELECT 'a\\', ' ; COMMIT; BEGIN READ WRITE; "
+            "INSERT INTO guard_hidden (note) VALUES ($x$smuggled$x$); COMMIT; -- '")
+
+
+def test_nothing_pipelined_behind_user_code_runs_with_a_changed_setting(
+        kt: Keyturn, tables: None) -> None:
+    """User code turns backslash escapes on while the client already sent its next
+    message, which the analyser reads as one string but the target would now read as
+    statements: that message waits until the first completed, and the session ends."""
+    with RawConn(kt.dsn("alice")) as r:
+        assert not errors(r.run(Q("SET client_min_messages = error")))
+        r.send(Q("SELECT escapes_on()"), Q(SMUGGLED))
+        answers = r.until_closed()
+    assert any("reads query text differently" in e["M"] for e in errors(answers)), answers
+    # (the tables fixture checks that guard_hidden is still empty)
+
+
+
 @pytest.mark.parametrize("function", ["escapes_on", "latin1"])
 def test_a_hidden_change_of_how_text_is_read_ends_the_session(
         kt: Keyturn, tables: None, function: str) -> None:

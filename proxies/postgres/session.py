@@ -94,6 +94,9 @@ class Ctx:
     masked: dict[str, int] | None = None
     detected: dict[str, int] | None = None
     refusal: bytes | None = None
+    # It runs user-defined code: nothing after it is sent until it completes (that code
+    # could change how the target reads the next message; see _dispatch).
+    barrier: bool = False
     rewrite: Any = None  # DataRow (chunk, body start, end) -> replacement, or None
     mask_counts: Any = None  # [(field names, masked values per field)] per result
     masked_by: Any = None  # {output column: the rule that masks it}
@@ -375,6 +378,7 @@ class ClientSession(asyncio.Protocol):
         self.batch_open = False
         self.batch_rw = False
         self.batch_explicit = False  # the batch runs in the gateway's own transaction
+        self.barrier_done = False  # a statement that held the client's next ones completed
         # In the current implicit transaction (extended protocol): a message has started
         # it / a Bind or Execute has run in it.
         self.imp_started = False
@@ -1216,7 +1220,8 @@ class ClientSession(asyncio.Protocol):
                 if decision.action == "allow" and len(self.verdicts) < 4096:
                     self.verdicts[key] = decision
             if (decision.action == "allow" and fast is not None and not self.masking
-                    and len(self.fast_verdicts) < 4096 and self.analyzer.known_shape(fast)):
+                    and len(self.fast_verdicts) < 4096 and self.analyzer.known_shape(fast)
+                    and not _runs_user_code(analysis, decision)):
                 if decision.classification == "read" and not st.facts:
                     self.fast_verdicts[fast] = (decision, _fragment(decision))
                 elif len(self.guarded_verdicts) < 4096:
@@ -1264,7 +1269,8 @@ class ClientSession(asyncio.Protocol):
             info.decision = self._decide(info.analysis)
         d = info.decision
         if self.fast is not None and d.action == "allow" and d.classification == "read" \
-                and stmt_name is not None and not info.names and not any(
+                and stmt_name is not None and not info.names \
+                and not _runs_user_code(info.analysis, d) and not any(
                     st.facts for st in info.analysis.statements) \
                 and self._bind_target(stmt_name) is info:
             # Bind/Execute/Sync of this statement can now take the compiled fast path.
@@ -1317,7 +1323,21 @@ class ClientSession(asyncio.Protocol):
                     return True
                 decision = checked
         if decision.action == "allow" or decision.action == "mask":
-            return self._forward(msg, ctx, kind, out)
+            if not _runs_user_code(analysis, decision):
+                return self._forward(msg, ctx, kind, out)
+            # User-defined code may turn standard_conforming_strings off or change the
+            # encoding, and the target would read messages already sent behind it with
+            # those settings (the gateway hears of the change only afterwards). So what
+            # follows waits until it completed (and a changed setting ended the session).
+            ctx.barrier = True
+            if not self._forward(msg, ctx, kind, out):
+                return False
+            if ctx.action == "block":
+                return True  # refused by the read-only guard: nothing was sent
+            if kind == b"E":
+                out.append(codec.encode_flush())  # its answer now, not at the next Sync
+            self.holding = True
+            return False
         if decision.action == "block":
             self._blocked(ctx, kind, out)
             return True
@@ -2179,14 +2199,16 @@ class ClientSession(asyncio.Protocol):
                     continue
             if t == b"Z":
                 self.tx_status = chr(chunk[start + 5]) if end > start + 5 else "I"
-                if head.as_idle and self.tx_status != "I":
-                    out, seg = _splice(out, chunk, seg, start, end,
-                                       codec.encode_ready_for_query("I"))
                 # ReadyForQuery ends a Sync or a simple Query. Anything still expected
                 # before it was skipped by the target after an error (messages that
                 # reached us after the target's error already arrived): drop it.
                 while expect:
                     entry = expect.popleft()
+                    if entry.as_idle and self.tx_status != "I":
+                        # The client's implicit transaction ran as the gateway's own: it
+                        # is told idle, as after an implicit one (a ROLLBACK follows).
+                        out, seg = _splice(out, chunk, seg, start, end,
+                                           codec.encode_ready_for_query("I"))
                     if entry.op:
                         self._namespace_answer(entry, False)
                     elif entry.guard_stmt:
@@ -2304,6 +2326,10 @@ class ClientSession(asyncio.Protocol):
             self.write(b"".join(out))
         if waiting is not None:
             self._release_execute(waiting)
+        if self.barrier_done:
+            self.barrier_done = False
+            self.holding = False
+            self._replay_backlog()
 
     def _rows(self, head: Expect, chunk: bytes, start: int, end: int,
               out: list[bytes] | None, seg: int) -> tuple[list[bytes] | None, int]:
@@ -2378,6 +2404,8 @@ class ClientSession(asyncio.Protocol):
             info.param_types = struct.unpack_from(f"!{n}I", body, 2)
 
     def _finished(self, ctx: Ctx) -> None:
+        if ctx.barrier:
+            self.barrier_done = True  # released once this answer reached the client
         outcome = "error" if ctx.error else "ok"
         if self.masking and ctx.classification == "ddl" and not ctx.error:
             # Columns may have changed once DDL has run: read the catalog again.
