@@ -10,4 +10,5 @@ import sys
 
 from keyturn.launch.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())
