@@ -28,6 +28,7 @@ test: deps
 lint: deps
 	$(VENV)/bin/ruff check keyturn proxies portal bots tests bench
 	$(VENV)/bin/mypy keyturn proxies portal bots
+	$(VENV)/bin/lint-imports --no-logo --no-cache
 
 bench: deps
 	@./scripts/system-deps.sh pgbouncer

@@ -4,6 +4,8 @@ Every benchmark starts its own servers under one temporary directory and
 tears them down at the end, also on Ctrl-C or SIGTERM (``Workspace``).
 Keyturn runs as a real ``keyturn`` subprocess with its own config, store and
 free ports (``KeyturnProcess``), exactly as an operator would run it.
+
+Nothing here may outlive a benchmark or listen anywhere but 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from keyturn.localpg import LocalPostgres
+from keyturn.launch.localpg import LocalPostgres
 
 BENCH_DIR = Path(__file__).resolve().parent
-KEYTURN = [sys.executable, "-m", "keyturn.cli"]
+KEYTURN = [sys.executable, "-m", "keyturn.launch"]
 _T0 = time.monotonic()
 
 

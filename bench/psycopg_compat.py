@@ -1,6 +1,6 @@
 """psycopg 3's own test suite through the gateway and directly, compared (``make compat``).
 
-Starts a throwaway PostgreSQL (keyturn.localpg) and a ``keyturn gateway`` in front of it
+Starts a throwaway PostgreSQL (keyturn.launch.localpg) and a ``keyturn gateway`` in front of it
 under an allow-all policy, runs psycopg's tests/ once against the server directly and once
 through the gateway, and prints the counts of both runs and the tests that fail only
 through the gateway, grouped by reason. Nothing is committed: the test suite, its virtual
@@ -16,6 +16,9 @@ in this project's environment, in a separate virtual environment with their own 
 dependencies.
 
     python bench/psycopg_compat.py --source ~/src/psycopg [--timeout 60] [-k EXPR]
+
+It must not install into the project's own environment, and it is not part of ``make
+test``.
 """
 
 from __future__ import annotations

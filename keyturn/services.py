@@ -1,7 +1,13 @@
-"""Wiring: build the store-backed services one process needs from a Config.
+"""The core's services for one process, built from a Config: store, identities,
+approvals and audit trail, bundled as ``Services``.
 
-Portal, bots, gateway and CLI all start here, so they share one way of
-opening the store and announcing decisions.
+Portal, bots, the gateway and the launcher all start here, so they share one way of
+opening the store and announcing decisions. It belongs to the core, not to the
+launcher: every edge is handed a ``Services`` and names the type, and an edge must not
+import the launcher.
+
+What it must not do: import an edge or the launcher, or start anything (listeners,
+threads, processes): it builds objects; keyturn.launch.runner starts the surfaces.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 
 The SQL analyser treats a called function that is in this list, and not in the curated
 side-effect catalogue (keyturn/analysis/catalogue.py), as a read.  This script starts a
-throwaway cluster with `keyturn.localpg.LocalPostgres` (initdb into a temporary directory,
+throwaway cluster with `keyturn.launch.localpg.LocalPostgres` (initdb into a temporary directory,
 removed afterwards), lists every function in the pg_catalog schema of a fresh database and
 writes the names one per line after a header line naming the server version.
 
@@ -15,6 +15,8 @@ the risky name patterns audited in catalogue.py and has not been classified ther
 
 Usage: .venv/bin/python scripts/gen_pg_builtins.py [--bindir DIR] [--output FILE]
 (``--bindir`` sets KEYTURN_PG_BINDIR, e.g. /usr/lib/postgresql/17/bin).
+
+It must not touch any server but the throwaway cluster it starts.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ QUERY = ("SELECT DISTINCT proname FROM pg_proc "
 def builtin_names() -> tuple[str, list[str]]:
     """The server version string and the sorted, distinct pg_catalog function names."""
     sys.path.insert(0, str(REPO))
-    from keyturn.localpg import LocalPostgres
+    from keyturn.launch.localpg import LocalPostgres
 
     base = Path(tempfile.mkdtemp(prefix="keyturn-pg-builtins-"))
     try:

@@ -1,7 +1,7 @@
 """Test session fixtures: real PostgreSQL servers and a real Keyturn process.
 
-Nothing here depends on a server a person started: the session starts a
-throwaway PostgreSQL cluster (keyturn.localpg) and runs ``keyturn up`` as a
+Nothing here may depend on a server a person started: the session starts a
+throwaway PostgreSQL cluster (keyturn.launch.localpg) and runs ``keyturn up`` as a
 subprocess with its own config, store and free ports.
 """
 
@@ -22,10 +22,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from keyturn.localpg import LocalPostgres
+from keyturn.launch.localpg import LocalPostgres
 
 ROOT = Path(__file__).resolve().parent.parent
-KEYTURN = [sys.executable, "-m", "keyturn.cli"]
+KEYTURN = [sys.executable, "-m", "keyturn.launch"]
 APP_PASSWORD = "app-secret-Zx81"
 
 
@@ -328,7 +328,7 @@ def running_demo(base: Path) -> Iterator[DemoRun]:
     """Start ``keyturn demo`` in ``base``, wait for its banner; Ctrl-C it on exit."""
     gport, pport = free_port(), free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "keyturn.cli", "demo", "--dir", str(base / "demo"),
+        [sys.executable, "-m", "keyturn.launch", "demo", "--dir", str(base / "demo"),
          "--port", str(gport), "--portal-port", str(pport)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run = DemoRun(proc, "", gport, pport)

@@ -1,7 +1,11 @@
 """Shared fixtures for the portal tests (import the ``*_fixture`` names; the
 fixtures are called svc, app, client and auth): a real SQLite store, the real app,
 a test client that signs in through the real login form, and helpers to make
-tickets through keyturn.approvals (as the gateway does)."""
+tickets through keyturn.approvals (as the gateway does).
+
+It must not write store rows by hand: tickets are made the way the gateway makes them,
+so portal tests see what a real deployment shows.
+"""
 
 from __future__ import annotations
 
@@ -171,7 +175,7 @@ def set_portal_password(kt: Any, user: str, password: str = PASSWORD) -> None:
     import subprocess
     import sys
 
-    res = subprocess.run([sys.executable, "-m", "keyturn.cli", "-c", str(kt.config), "user",
+    res = subprocess.run([sys.executable, "-m", "keyturn.launch", "-c", str(kt.config), "user",
                           "set-password", user, "--password-stdin"], input=password + "\n",
                          capture_output=True, text=True, env=dict(os.environ, **kt.env),
                          timeout=60)

@@ -2,7 +2,11 @@
 abandoned, expiry runs for every ticket, and nothing abandoned can run.
 
 The first half drives ``Approvals`` and ``liveness`` on both store backends with
-explicit clocks; the second kills real gateway processes holding real statements."""
+explicit clocks; the second kills real gateway processes holding real statements.
+
+These tests must not depend on a server a person started: every PostgreSQL and Keyturn
+process here is started by the tests themselves and stopped after.
+"""
 
 from __future__ import annotations
 
@@ -31,8 +35,8 @@ from keyturn.approvals import (
 )
 from keyturn.errors import AlreadyDecided
 from keyturn.identity import Identity
+from keyturn.launch.localpg import LocalPostgres
 from keyturn.liveness import Instance, Sweeper
-from keyturn.localpg import LocalPostgres
 from keyturn.models import TicketEvent
 from keyturn.store import Store
 from tests.conftest import KEYTURN, Keyturn, free_port, make_keyturn, wait_port

@@ -1,5 +1,9 @@
 """``integrations`` in keyturn.yaml: validated at start-up with errors that
-name the key and the line; secrets only by reference."""
+name the key and the line; secrets only by reference.
+
+These tests need no server and must not start one: a config is read, and ``keyturn
+bots`` is run only where it stops before starting anything.
+"""
 
 from __future__ import annotations
 
@@ -99,7 +103,7 @@ def test_bots_command_without_integrations_says_so(tmp_path) -> None:  # type: i
 
 def test_demo_config_takes_integrations_from_its_directory(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from keyturn.config import load_config
-    from keyturn.demo import write_demo
+    from keyturn.launch.demo import write_demo
 
     def write():  # type: ignore[no-untyped-def]
         return load_config(write_demo(tmp_path, pg_port=5999, gateway_port=6999,

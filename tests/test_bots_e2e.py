@@ -1,6 +1,11 @@
 """ChatOps end to end: a real ``keyturn up`` (gateway, portal and bots in one
 process), real PostgreSQL and psql, a Slack stand-in and a Teams stand-in.
-Decisions are signed Slack interaction payloads and signed Teams invokes."""
+Decisions are signed Slack interaction payloads and signed Teams invokes.
+
+These tests must not depend on a server a person started: every PostgreSQL and Keyturn
+process here is started by the tests themselves and stopped after. Nothing reaches the
+real Slack or Teams: the stand-ins answer on 127.0.0.1.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from urllib.parse import urlencode
 import pytest
 import requests
 
-from keyturn.localpg import LocalPostgres
+from keyturn.launch.localpg import LocalPostgres
 from tests.chat_standins import SlackStandIn, TeamsStandIn, block_action, slack_headers
 from tests.conftest import Keyturn, free_port, make_keyturn
 

@@ -1,4 +1,8 @@
-"""`keyturn demo` end to end: the command a new user runs first."""
+"""`keyturn demo` end to end: the command a new user runs first.
+
+These tests must not depend on a server a person started: every PostgreSQL and Keyturn
+process here is started by the tests themselves and stopped after.
+"""
 
 from __future__ import annotations
 
@@ -40,11 +44,11 @@ def test_demo_runs_holds_and_stops_cleanly(tmp_path: Path) -> None:
         deadline = time.monotonic() + 20
         listing = ""
         while "pending" not in listing and time.monotonic() < deadline:
-            listing = subprocess.run([sys.executable, "-m", "keyturn.cli", "-c", cfg, "tickets"],
+            listing = subprocess.run([sys.executable, "-m", "keyturn.launch", "-c", cfg, "tickets"],
                                      capture_output=True, text=True, env=kt_env).stdout
             time.sleep(0.2)
         ticket = listing.split()[1] if listing.startswith("*") else listing.split()[0]
-        subprocess.run([sys.executable, "-m", "keyturn.cli", "-c", cfg, "approve", ticket],
+        subprocess.run([sys.executable, "-m", "keyturn.launch", "-c", cfg, "approve", ticket],
                        check=True, capture_output=True, env=kt_env)
         out, err = held.communicate(timeout=30)
         assert held.returncode == 0 and out.startswith("DELETE "), err

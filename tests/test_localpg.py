@@ -21,8 +21,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from keyturn import tlsutil
-from keyturn.demo_seed import fake_customers, luhn_check_digit, seed_shop
-from keyturn.localpg import LocalPostgres, LocalPostgresError
+from keyturn.launch.demo_seed import fake_customers, luhn_check_digit, seed_shop
+from keyturn.launch.localpg import LocalPostgres, LocalPostgresError
 
 SSN_RE = re.compile(r"^(\d{3})-(\d{2})-(\d{4})$")
 PHONE_RE = re.compile(r"^\(\d{3}\) 555-01\d{2}$")

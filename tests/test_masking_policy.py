@@ -1,4 +1,8 @@
-"""Masking rules in the config, and what ``keyturn policy explain`` says about them."""
+"""Masking rules in the config, and what ``keyturn policy explain`` says about them.
+
+These tests need no server: the CLI reads the config and prints decisions; nothing here
+may connect to a database.
+"""
 
 from __future__ import annotations
 
@@ -46,7 +50,7 @@ def explain(tmp_path: Path, user: str, sql: str) -> dict:
     path = tmp_path / "keyturn.yaml"
     path.write_text(CONFIG)
     # The form the docs use: -c after the subcommand.
-    res = subprocess.run([sys.executable, "-m", "keyturn.cli", "policy", "explain", "-c",
+    res = subprocess.run([sys.executable, "-m", "keyturn.launch", "policy", "explain", "-c",
                           str(path), "--user", user, "--connection", "crm", sql],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr

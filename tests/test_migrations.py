@@ -13,7 +13,7 @@ from alembic.config import Config as AlembicConfig
 from sqlalchemy import text
 
 from keyturn.approvals import Approvals
-from keyturn.localpg import LocalPostgres
+from keyturn.launch.localpg import LocalPostgres
 from keyturn.store import MIGRATIONS_DIR, Store
 
 

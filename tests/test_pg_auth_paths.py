@@ -1,6 +1,10 @@
 """Login paths through the gateway against real servers: every target
 authentication method (with and without TLS), cleartext tokens only inside
-TLS, and the audit queue flushed on SIGTERM."""
+TLS, and the audit queue flushed on SIGTERM.
+
+These tests must not depend on a server a person started: every PostgreSQL and Keyturn
+process here is started by the tests themselves and stopped after.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from keyturn.localpg import LocalPostgres
+from keyturn.launch.localpg import LocalPostgres
 from tests.conftest import APP_PASSWORD, make_keyturn
 
 pytestmark = pytest.mark.integration

@@ -1,7 +1,11 @@
 """Adversarial tests: ways to get a statement judged as one thing while the server runs
 another. Each sequence goes through the live gateway (psycopg, or raw protocol messages
 after psycopg logged in) on a connection whose policy allows reads and blocks everything
-else, and a direct connection then checks that no data changed."""
+else, and a direct connection then checks that no data changed.
+
+These tests must not depend on a server a person started: every PostgreSQL and Keyturn
+process here is started by the tests themselves and stopped after.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from keyturn.localpg import LocalPostgres
+from keyturn.launch.localpg import LocalPostgres
 from tests.conftest import Keyturn, direct_shop, make_keyturn
 from tests.pg_raw import B, E, P, Q, RawConn, S, close_statement, errors, tags
 

@@ -1,7 +1,11 @@
 """Adversarial tests, family by family, through the live gateway with psql and psycopg
 (simple and extended protocol), on a connection whose policy *allows by default*: every
 family must still end blocked, never run. A direct connection checks that nothing
-changed (rows, locks held by other sessions, settings)."""
+changed (rows, locks held by other sessions, settings).
+
+These tests must not depend on a server a person started: every PostgreSQL and Keyturn
+process here is started by the tests themselves and stopped after.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from keyturn.localpg import LocalPostgres
+from keyturn.launch.localpg import LocalPostgres
 from tests.conftest import Keyturn, direct_shop, make_keyturn
 from tests.pg_raw import B, E, P, Q, RawConn, S, errors
 

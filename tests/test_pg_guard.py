@@ -5,7 +5,11 @@ The connection here classifies functions it does not know as reads
 (``unknown_functions: read``): the analyser's detection of hidden writes is off, and
 ``hidden_write()`` (a user function that INSERTs) is judged a read. Every way of
 running it must still fail on the target, while allowed writes keep working in every
-client mode. A direct connection checks that nothing was written."""
+client mode. A direct connection checks that nothing was written.
+
+These tests must not depend on a server a person started: every PostgreSQL and Keyturn
+process here is started by the tests themselves and stopped after.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from keyturn.localpg import LocalPostgres
+from keyturn.launch.localpg import LocalPostgres
 from tests.conftest import Keyturn, direct_shop, make_keyturn
 from tests.pg_raw import B, E, P, Q, RawConn, S, errors, tags
 

@@ -2,7 +2,11 @@
 ``keyturn up`` and real clients: login timeout, client caps (global, per user, not
 yet logged in), thousands of idle sockets, login throttling with real SCRAM
 exchanges from several source addresses, revoked tokens ending their sessions,
-and a store outage that leaves the data plane running."""
+and a store outage that leaves the data plane running.
+
+These tests must not depend on a server a person started: every PostgreSQL and Keyturn
+process here is started by the tests themselves and stopped after.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import psycopg
 import pytest
 import scramp
 
-from keyturn.localpg import LocalPostgres
+from keyturn.launch.localpg import LocalPostgres
 from tests.conftest import Keyturn, make_keyturn
 
 pytestmark = pytest.mark.integration

@@ -1,7 +1,11 @@
 """What reaches the target besides statement text, through a real ``keyturn up`` and a
 real PostgreSQL: startup-packet settings (judged as the SET they amount to), the client
 encoding (one rule for startup and SQL), values bound to set_config(), and the backend
-pid the client is told (the target's own, with a cancel secret of the gateway's)."""
+pid the client is told (the target's own, with a cancel secret of the gateway's).
+
+These tests must not depend on a server a person started: every PostgreSQL and Keyturn
+process here is started by the tests themselves and stopped after.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from keyturn.localpg import LocalPostgres
+from keyturn.launch.localpg import LocalPostgres
 from tests.conftest import Keyturn, make_keyturn
 
 pytestmark = pytest.mark.integration

@@ -1,5 +1,9 @@
 """The same approval flow with PostgreSQL as Keyturn's store: decisions travel
-by LISTEN/NOTIFY from the deciding process to the holding gateway."""
+by LISTEN/NOTIFY from the deciding process to the holding gateway.
+
+These tests must not depend on a server a person started: every PostgreSQL and Keyturn
+process here is started by the tests themselves and stopped after.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from keyturn.localpg import LocalPostgres
+from keyturn.launch.localpg import LocalPostgres
 from tests.conftest import Keyturn, make_keyturn
 
 pytestmark = pytest.mark.integration

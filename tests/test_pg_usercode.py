@@ -3,7 +3,11 @@ gateway (psql, psycopg simple and extended protocol) on a connection whose polic
 reads and blocks everything else; each check then asks a direct connection whether the
 hidden code ran: advisory locks and NOTIFY (which a read-only transaction allows) and
 deleted rows. The objects live in a database of their own, so other tests keep the
-built-ins they expect."""
+built-ins they expect.
+
+These tests must not depend on a server a person started: every PostgreSQL and Keyturn
+process here is started by the tests themselves and stopped after.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from keyturn.localpg import LocalPostgres
+from keyturn.launch.localpg import LocalPostgres
 from proxies.postgres.catalog import REFRESH_SECONDS
 from tests.conftest import APP_PASSWORD, Keyturn, make_keyturn
 from tests.pg_raw import B, E, P, RawConn, S, errors

@@ -1,4 +1,8 @@
-"""Policy evaluation with the real analyser: rule order, matching, explain."""
+"""Policy evaluation with the real analyser: rule order, matching, explain.
+
+These tests need no server: policy is evaluated in-process and ``keyturn policy
+explain`` only reads the config; nothing here may connect to a database.
+"""
 
 from __future__ import annotations
 
@@ -95,10 +99,10 @@ def test_review_settings_travel_with_the_decision() -> None:
 def test_policy_explain_cli_prints_decision_json(tmp_path: Path) -> None:
     path = tmp_path / "keyturn.yaml"
     path.write_text(CONFIG + f"store: {{url: 'sqlite:///{tmp_path}/k.db'}}\n")
-    res = subprocess.run([sys.executable, "-m", "keyturn.cli", "policy", "explain", "-h"],
+    res = subprocess.run([sys.executable, "-m", "keyturn.launch", "policy", "explain", "-h"],
                          capture_output=True, text=True)
     assert res.returncode == 0
-    res = subprocess.run([sys.executable, "-m", "keyturn.cli", "-c", str(path), "policy",
+    res = subprocess.run([sys.executable, "-m", "keyturn.launch", "-c", str(path), "policy",
                           "explain", "--user", "alice", "--connection", "shop",
                           "WITH x AS (DELETE FROM orders RETURNING *) SELECT * FROM x"],
                          capture_output=True, text=True)
@@ -107,7 +111,7 @@ def test_policy_explain_cli_prints_decision_json(tmp_path: Path) -> None:
     assert out["action"] == "review" and out["rule"] == "writes" and out["class"] == "write"
     assert out["statements"][0]["tables"] == ["public.orders"]
     assert out["review"]["timeout_seconds"] == 300
-    bad = subprocess.run([sys.executable, "-m", "keyturn.cli", "-c", str(path), "policy",
+    bad = subprocess.run([sys.executable, "-m", "keyturn.launch", "-c", str(path), "policy",
                           "explain", "--user", "mallory", "--connection", "shop", "SELECT 1"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown user 'mallory'" in bad.stderr

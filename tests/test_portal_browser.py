@@ -7,6 +7,9 @@ The page must raise no console errors (a CSP violation would be one).
 
 Screenshots of every page at laptop and phone widths are taken each run; set
 KEYTURN_SCREENSHOTS=1 to also write them to docs/screenshots/.
+
+These tests must not depend on a server a person started: every PostgreSQL and Keyturn
+process here is started by the tests themselves and stopped after.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from conftest import ROOT, Keyturn, make_keyturn
 from portal_support import PASSWORD, make_services, make_ticket, set_portal_password
 
 from bots.links import Links
-from keyturn.localpg import LocalPostgres
+from keyturn.launch.localpg import LocalPostgres
 from keyturn.services import Services
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -1,7 +1,11 @@
 """The portal of a real ``keyturn up`` process over real HTTP, with statements
 held by the real gateway from a real psql: the queue updates live (the same
 HTMX requests a browser makes), a decision in the portal releases or rejects
-the held statement, and alice's psql sees the result or the reason."""
+the held statement, and alice's psql sees the result or the reason.
+
+These tests must not depend on a server a person started: every PostgreSQL and Keyturn
+process here is started by the tests themselves and stopped after.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import requests
 from conftest import KEYTURN, Keyturn, make_keyturn
 from portal_support import PASSWORD, set_portal_password
 
-from keyturn.localpg import LocalPostgres
+from keyturn.launch.localpg import LocalPostgres
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,10 @@
 """The audit spool's housekeeping: the ingester stops cleanly on SIGTERM, fully
 ingested files of dead writers are removed, and an unwritable spool refuses new
-work instead of growing memory."""
+work instead of growing memory.
+
+These tests must not depend on a server a person started: the store is a SQLite file and
+every process here is started by the tests themselves.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ CONFIG = CORE_CONFIG + 'gateway: {audit_spool: "%(spool)s"}\n'
 def _config(tmp_path: Path) -> Path:
     path = tmp_path / "keyturn.yaml"
     path.write_text(CONFIG % {"db": tmp_path / "k.db", "spool": tmp_path / "spool"})
-    subprocess.run([sys.executable, "-m", "keyturn.cli", "-c", str(path), "db", "upgrade"],
+    subprocess.run([sys.executable, "-m", "keyturn.launch", "-c", str(path), "db", "upgrade"],
                    check=True, capture_output=True)
     return path
 
@@ -49,7 +53,7 @@ def _spooled_lines(spool: Path, db: Path) -> int:
 
 
 def _ingester(config: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "keyturn.cli", "-c", str(config), "audit",
+    return subprocess.Popen([sys.executable, "-m", "keyturn.launch", "-c", str(config), "audit",
                              "ingest", "--follow"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
 
@@ -120,7 +124,7 @@ def test_the_ingester_of_a_dead_gateway_stops(tmp_path: Path) -> None:
     # changes, as when a gateway dies before its PR_SET_PDEATHSIG took effect.
     code = ("import os, subprocess, sys; p = subprocess.Popen(sys.argv[1:], "
             "env={**os.environ, 'KEYTURN_INGEST_PARENT': str(os.getpid())}); print(p.pid)")
-    mid = subprocess.run([sys.executable, "-c", code, sys.executable, "-m", "keyturn.cli",
+    mid = subprocess.run([sys.executable, "-c", code, sys.executable, "-m", "keyturn.launch",
                           "-c", str(config), "audit", "ingest", "--follow"],
                          capture_output=True, text=True, check=True)
     pid = int(mid.stdout)

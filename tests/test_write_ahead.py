@@ -4,7 +4,11 @@ the gateway is killed (-9) or the client goes away while the statement runs.
 The gateway writes an intent record (who, what, the decision) to its spool file before
 it sends a statement, and completes it with the outcome later; the ingester holds an
 intent back until its outcome is read and, when the writer died first, stores it with
-the outcome ``unknown``."""
+the outcome ``unknown``.
+
+These tests must not depend on a server a person started: every PostgreSQL and Keyturn
+process here is started by the tests themselves and stopped after.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import pytest
 
 from keyturn.auditspool import EOF_MARK, AuditIngester
 from keyturn.config import parse_config
-from keyturn.localpg import LocalPostgres
+from keyturn.launch.localpg import LocalPostgres
 from keyturn.services import build_services
 from tests.conftest import APP_PASSWORD, Keyturn, direct_shop, make_keyturn, wait_port
 from tests.test_core import CONFIG

@@ -8,6 +8,7 @@ This module must not produce data tied to real people or real accounts: emails o
 reserved example.com/.org/.net domains, phone numbers use the fictional 555-01xx block, and SSNs
 and card numbers are random digits that merely have a valid shape (SSN area rules, Luhn check).
 It must not create the database itself, and it touches no tables other than its own two.
+Part of the launcher (``keyturn demo``): the core and the edges must not import it.
 """
 
 from __future__ import annotations

@@ -1,11 +1,16 @@
-"""The ``keyturn`` command line.
+"""The ``keyturn`` command line (the console script and ``python -m keyturn.launch``).
 
-This is the composition root: it reads the config, builds services and
-starts surfaces (gateway, portal). Surfaces live in their own packages and
-are imported lazily here, so the core never depends on them at import time.
+Part of the launcher, the composition root: it reads the config, builds services and
+starts surfaces (gateway, portal, bots) through runner.py. Surfaces are imported lazily,
+inside the commands that need them, so ``keyturn --help`` and the store commands stay
+cheap to start.
 
 Ticket commands (``tickets``, ``approve``, ``reject``) talk to the portal's
 JSON API with ``KEYTURN_TOKEN``, exactly as a script would.
+
+What it must not do: hold a rule of the domain (who may decide, what a statement is, how
+the trail is chained); commands parse arguments, call the core or an edge, and print.
+Nothing outside keyturn.launch may import it (see keyturn/launch/__init__.py).
 """
 
 from __future__ import annotations
@@ -297,32 +302,32 @@ def cmd_decide(args: argparse.Namespace) -> int:
 # ---- long-running surfaces
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    from keyturn.runner import run
+    from keyturn.launch.runner import run
 
     return run(_config(args), gateway=True, portal=False, bots=False)
 
 
 def cmd_portal(args: argparse.Namespace) -> int:
-    from keyturn.runner import run
+    from keyturn.launch.runner import run
 
     return run(_config(args), gateway=False, portal=True, bots=False)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from keyturn.runner import run
+    from keyturn.launch.runner import run
 
     return run(_config(args), gateway=True, portal=True)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from keyturn.demo import run_demo
+    from keyturn.launch.demo import run_demo
 
     return run_demo(args.dir, pg_port=args.pg_port, gateway_port=args.port,
                     portal_port=args.portal_port)
 
 
 def cmd_bots(args: argparse.Namespace) -> int:
-    from bots.cli import run_bots_command
+    from keyturn.launch.botscmd import run_bots_command
 
     return run_bots_command(args, _config(args))
 

@@ -1,4 +1,14 @@
-"""``keyturn bots`` and its subcommands (link, unlink, links, outbox)."""
+"""``keyturn bots`` and its subcommands (link, unlink, links, outbox, claim).
+
+Part of the launcher: with no subcommand it runs the Slack / Teams bots alone through the
+runner; the subcommands manage chat account links (bots.links) and show the undelivered
+notifications (bots.models), and ``claim`` redeems a link code over HTTP with the
+caller's own access token.
+
+What it must not do: be imported by bots/ (the bots know nothing of how they are
+launched), or keep chat logic of its own: linking rules live in bots.links, and it only
+parses, calls and prints.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +26,7 @@ def run_bots_command(args: argparse.Namespace, cfg: Config) -> int:
             print("no integrations configured (integrations: slack / teams in the config); "
                   "nothing to run", file=sys.stderr)
             return 2
-        from keyturn.runner import run
+        from keyturn.launch.runner import run
 
         return run(cfg, gateway=False, portal=False, bots=True)
     if args.bots_cmd == "claim":
@@ -63,7 +73,7 @@ def run_bots_command(args: argparse.Namespace, cfg: Config) -> int:
 
 def _claim(args: argparse.Namespace, cfg: Config) -> int:
     """Redeem a link code with the caller's own access token."""
-    from keyturn.cli import access_token, token_request
+    from keyturn.launch.cli import access_token, token_request
 
     token = access_token()
     base = args.url or os.environ.get("KEYTURN_BOTS_URL")

@@ -9,6 +9,9 @@ off), so this module must never be pointed at data anyone cares about, and it mu
 manage a production server.  It also must not hide failures: a cluster that does not come up
 raises with the tail of its server log.
 
+It lives in the launcher (the demo, the tests, the benchmarks and scripts/ use it): the
+core and the edges must not import it.
+
 Running as root
 ---------------
 PostgreSQL refuses to run as root.  When the effective uid is 0, every server-side command
@@ -371,7 +374,7 @@ class LocalPostgres:
         with conf.open("a") as fh:
             # Everything we control lives in keyturn.conf, rewritten on each start, so a
             # restart can change port or settings without editing initdb's file.
-            fh.write("\n# Added by keyturn.localpg\ninclude_if_exists = 'keyturn.conf'\n")
+            fh.write("\n# Added by keyturn.launch.localpg\ninclude_if_exists = 'keyturn.conf'\n")
 
     def _write_config(self) -> None:
         values: dict[str, str] = {
@@ -395,7 +398,7 @@ class LocalPostgres:
         else:
             values["ssl"] = "off"
         values.update(self.settings)
-        lines = ["# Written by keyturn.localpg on every start; edits are lost.\n"]
+        lines = ["# Written by keyturn.launch.localpg on every start; edits are lost.\n"]
         lines += [f"{name} = {_quote_setting(value)}\n" for name, value in values.items()]
         path = self.data_dir / "keyturn.conf"
         path.write_text("".join(lines))

@@ -7,6 +7,11 @@ the store (see auditspool.py). SIGTERM and Ctrl-C stop accepting, cancel
 holds cleanly, close the spool and let the ingester drain it before exit, so
 nothing is lost; anything the ingester cannot finish stays in the spool and
 is ingested at the next start.
+
+Part of the launcher: it is where the gateway (proxies/), the portal and the bots are
+put together with the core's services. It must not be imported by the core or by an
+edge, and it must not decide anything about requests: it only starts, watches and
+stops what does.
 """
 
 from __future__ import annotations
@@ -69,7 +74,7 @@ class Ingester:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "keyturn.cli", "-c", self.config.path, "audit", "ingest",
+            [sys.executable, "-m", "keyturn.launch", "-c", self.config.path, "audit", "ingest",
              "--follow"],
             preexec_fn=_ingester_child_setup, env={**os.environ, PARENT_ENV: str(os.getpid())})
 

@@ -5,6 +5,10 @@ fake PII, writes ``<dir>/keyturn.yaml`` (users alice, bob, dana, carol; reads
 allowed, writes need one approver, DDL and file access blocked), issues a
 token per user, then runs gateway and API in one process on SQLite and
 prints the exact psql line and approve command. Ctrl-C stops everything.
+
+Part of the launcher. It must not be used for anything but a throwaway set-up: its
+PostgreSQL runs without fsync, and the config, the ``shop`` database and its role are
+made anew on every start. It must not touch a server it did not start.
 """
 
 from __future__ import annotations
@@ -102,9 +106,9 @@ def write_demo(base: Path, *, pg_port: int, gateway_port: int, portal_port: int,
 
 def run_demo(directory: str, *, pg_port: int | None, gateway_port: int,
              portal_port: int) -> int:
-    from keyturn.demo_seed import seed_shop
-    from keyturn.localpg import LocalPostgres
-    from keyturn.runner import run
+    from keyturn.launch.demo_seed import seed_shop
+    from keyturn.launch.localpg import LocalPostgres
+    from keyturn.launch.runner import run
     from keyturn.services import Services
     from keyturn.tlsutil import ensure_self_signed
 
