@@ -101,6 +101,10 @@ def psql(kt: Keyturn, sql: str) -> subprocess.CompletedProcess[str]:
     "hidden_write(); COMMIT",
     "INSERT INTO guard_ok VALUES (1); "
     "SELECT set_config('application_name', 'x', false), hidden_write()",
+    # a holdable cursor's query runs again at COMMIT, after every savepoint ended
+    "BEGIN; DECLARE c CURSOR WITH HOLD FOR SELECT hidden_write(); COMMIT",
+    "BEGIN; INSERT INTO guard_ok VALUES (1); "
+    "DECLARE c CURSOR WITH HOLD FOR SELECT hidden_write(); COMMIT",
 ])
 def test_a_hidden_write_judged_a_read_fails_on_the_target(kt: Keyturn, tables: None,
                                                           sql: str) -> None:

@@ -102,6 +102,13 @@ CREATE DOMAIN lockdom AS text CHECK (pg_try_advisory_lock(4242) IS NOT NULL);
 CREATE DOMAIN lockdom2 AS lockdom;
 CREATE TYPE comp_lock AS (x lockdom);
 CREATE TABLE dtab (x lockdom);
+CREATE TABLE uj_a (m mytype);
+CREATE TABLE uj_b (m mytype);
+INSERT INTO uj_a VALUES (ROW(1));
+INSERT INTO uj_b VALUES (ROW(1));
+CREATE VIEW v_using AS SELECT * FROM uj_a JOIN uj_b USING (m);
+CREATE DOMAIN public.reverse AS text CHECK (pg_try_advisory_lock(4242) IS NOT NULL);
+INSERT INTO dtab VALUES (NULL);
 CREATE TABLE tallies (n int);
 CREATE FUNCTION public.wipe() RETURNS int LANGUAGE plpgsql
   AS $$ BEGIN DELETE FROM victim; RETURN 1; END $$;
@@ -196,6 +203,13 @@ HIDDEN = {
     "row type of a table with a domain column":
         """SELECT json_populate_record(NULL::dtab, '{"x": "y"}')""",
     "column definition list": """SELECT * FROM json_to_record('{"x": "y"}') AS t(x lockdom)""",
+    "JOIN USING with a user =": "SELECT * FROM uj_a JOIN uj_b USING (m)",
+    "NATURAL JOIN with a user =": "SELECT * FROM uj_a NATURAL JOIN uj_b",
+    "a view joining USING": "SELECT * FROM v_using",
+    "a table row populated from json":
+        """SELECT json_populate_record(d, '{"x": "y"}') FROM (SELECT 1) s
+           LEFT JOIN dtab d ON true""",
+    "a call that is a cast to a domain named like a built-in": "SELECT reverse('abc')",
 }
 
 

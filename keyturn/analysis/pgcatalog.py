@@ -208,6 +208,11 @@ class TargetCatalog:
         for s, n, col, ts, tn in keep(typed_columns):
             for what, fn in sorted(code.get((ts, tn), ())):
                 rel(s, n)["on_read"].append((f"column {col} of type {ts}.{tn} ({what})", fn))
+            # A row of the table may be made from other values (json_populate_record of
+            # the table's row type): its columns' domain checks run.
+            for what, sql in sorted(checks.get((ts, tn), ())):
+                rel(s, n)["on_read_sql"].append(
+                    (f"column {col} of type {ts}.{tn} ({what})", sql))
         relations: dict[str, list[Relation]] = {}
         for (s, n), parts in sorted(rels.items()):
             relations.setdefault(n, []).append(Relation(

@@ -1120,6 +1120,26 @@ def _sort_by(w: _Walk, body: dict[str, Any], ctes: frozenset[str]) -> None:
     w.children("SortBy", body, ctes, skip=("useOp",))
 
 
+def _func_call(w: _Walk, body: dict[str, Any], ctes: frozenset[str]) -> None:
+    names = _names(body.get("funcname"))
+    args = body.get("args") or []
+    w.call(names, args)
+    if names and len(args) == 1 and not body.get("agg_star") and not body.get("over") \
+            and "NamedArgExpr" not in args[0]:
+        # f(x) is a cast to a type named f when no function takes x exactly (a literal):
+        # a domain named like a built-in function runs its checks.
+        w.refs[("t", *_split(names))] = None
+    w.children("FuncCall", body, ctes, skip=("funcname",))
+
+
+def _join(w: _Walk, body: dict[str, Any], ctes: frozenset[str]) -> None:
+    if body.get("usingClause") or body.get("isNatural"):
+        # JOIN ... USING (c) / NATURAL JOIN compare with the column type's = operator,
+        # which no text names (a stored view prints only USING): any schema's = may be it.
+        w.refs[("o", "*", "=")] = None
+    w.children("JoinExpr", body, ctes)
+
+
 def _type_name(w: _Walk, body: dict[str, Any], ctes: frozenset[str]) -> None:
     # Every type a statement names may run code for its values: a cast, a column
     # definition list (AS t(x mydomain)), a typed PREPARE, a composite holding a domain.
@@ -1148,10 +1168,7 @@ def _indirection(w: _Walk, body: dict[str, Any], ctes: frozenset[str]) -> None:
 
 _NODE_HANDLERS = {
     "RangeVar": lambda w, body, ctes: w.relation(body, ctes),
-    "FuncCall": lambda w, body, ctes: (
-        w.call(_names(body.get("funcname")), body.get("args") or []),
-        w.children("FuncCall", body, ctes, skip=("funcname",)),
-    ),
+    "FuncCall": _func_call, "JoinExpr": _join,
     "A_Expr": _a_expr, "SubLink": _sub_link, "CaseExpr": _case, "SortBy": _sort_by,
     "TypeName": _type_name, "ColumnRef": _column_ref, "A_Indirection": _indirection,
 }

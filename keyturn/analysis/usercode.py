@@ -130,7 +130,8 @@ class _Judgement:
                     self.findings.append((self.an.unknown_function_class, self.unavailable(
                         f"{_KINDS[kind]} {_spell(schema, name)}")))
                 continue
-            where = frozenset({schema}) if schema else schemas
+            where = frozenset({ANY}) if schema == "*" else frozenset({schema}) if schema \
+                else schemas
             if kind in ("f", "a"):
                 if (kind, name) in created or ("f", name) in created:
                     self.created(f"function {name}")

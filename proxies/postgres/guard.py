@@ -212,8 +212,14 @@ def before_in_block(st: TxState, facts: frozenset[str], classes: Sequence[str]) 
     """The gateway's statements to run before one of the client's inside an explicit
     read-write transaction (``st.block`` and not ``st.block_ro``); updates ``st``."""
     if "end" in facts:
-        # A WITH HOLD cursor's query finishes at COMMIT: keep it read-only.
-        return [SQL_SAVEPOINT, SQL_RO] if st.hold and not st.ro_open else []
+        if not st.hold:
+            return []
+        # A WITH HOLD cursor's query finishes at COMMIT, after every savepoint was
+        # released: the transaction itself must be read-only by then (going read-only is
+        # always allowed; what it wrote before still commits).
+        out = [SQL_RELEASE] if st.ro_open else []
+        st.ro_open = False
+        return [*out, SQL_RO]
     if "savepoint" in facts or "begin" in facts or any(c in RW_CLASSES for c in classes):
         # Before a write (or the client's savepoint, which would nest in ours).
         if st.ro_open:
