@@ -6,6 +6,9 @@ are imported lazily here, so the core never depends on them at import time.
 
 Ticket commands (``tickets``, ``approve``, ``reject``) talk to the portal's
 JSON API with ``KEYTURN_TOKEN``, exactly as a script would.
+
+This module must not hold domain rules of its own: it parses arguments, calls
+the services (audit verification is ``keyturn.audit``'s) and prints results.
 """
 
 from __future__ import annotations
@@ -169,7 +172,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(result.to_json(), indent=2))
         elif result.ok:
-            print(f"audit chain OK: {result.count} records, head {result.head_seq} "
+            versions = ", ".join(f"{n} in version {v}" for v, n in sorted(result.versions.items()))
+            print(f"audit chain OK: {result.count} records"
+                  f"{f' ({versions})' if versions else ''}, head {result.head_seq} "
                   f"{result.head_hash[:16]}…")
         else:
             print(f"audit chain BROKEN ({result.count} records):")
