@@ -312,12 +312,13 @@ class Approvals:
         t = self.get(ticket_id)
         if expired:
             self.on_change(t.id, t.status)
-            self.audit(kind="ticket", user=None, connection=t.connection, ticket_id=t.id,
-                       outcome=EXPIRED, statement=t.statement)
+            self.audit(kind="ticket", user=None, connection=t.connection,
+                       protocol=t.protocol, ticket_id=t.id, outcome=EXPIRED,
+                       statement=t.statement)
             raise self._already(t)
-        self.audit(kind="vote", user=ident.user, connection=t.connection, ticket_id=t.id,
-                   action=vote, outcome=t.status, reason=comment, statement=t.statement,
-                   detail={"via": via})
+        self.audit(kind="vote", user=ident.user, connection=t.connection, protocol=t.protocol,
+                   ticket_id=t.id, action=vote, outcome=t.status, reason=comment,
+                   statement=t.statement, detail={"via": via})
         if decided:
             self.on_change(t.id, t.status)
         return VoteResult(t, decided, approvals, t.min_approvals)
@@ -396,8 +397,9 @@ class Approvals:
                 t = self.finish(tid, "expire", comment="no decision before the timeout", now=now)
             except (AlreadyDecided, InvalidTransition):
                 continue
-            self.audit(kind="ticket", connection=t.connection, ticket_id=t.id, outcome=EXPIRED,
-                       statement=t.statement, user=t.requester)
+            self.audit(kind="ticket", connection=t.connection, protocol=t.protocol,
+                       ticket_id=t.id, outcome=EXPIRED, statement=t.statement,
+                       user=t.requester)
             done.append(tid)
         return done
 
@@ -424,8 +426,9 @@ class Approvals:
                     t = self.finish(tid, "fail", error=OUTCOME_UNKNOWN, now=now)
             except (AlreadyDecided, InvalidTransition):
                 continue  # decided, claimed or swept elsewhere meanwhile
-            self.audit(kind="ticket", connection=t.connection, ticket_id=t.id,
-                       outcome=t.status, statement=t.statement, user=t.requester,
+            self.audit(kind="ticket", connection=t.connection, protocol=t.protocol,
+                       ticket_id=t.id, outcome=t.status, statement=t.statement,
+                       user=t.requester,
                        reason=ABANDONED_COMMENT if claimed_at is None else OUTCOME_UNKNOWN)
             done.append((tid, t.status))
         return done

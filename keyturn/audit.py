@@ -1,15 +1,19 @@
-"""The tamper-evident audit trail.
+"""The tamper-evident audit trail: append, verify and export on the store.
 
 Every record carries ``prev_hash`` and ``hash = sha256(prev_hash || canonical
 JSON of the record)``; ``seq`` is dense and ``audit_head`` holds the newest
 seq and hash. ``verify`` therefore detects an edited record (hash mismatch),
 a deleted one (seq gap / broken link / head mismatch) and reordering (broken
-links).
+links). What a record holds, and which of its fields the hash covers in each
+schema version, is defined once in ``keyturn.auditschema``: new records are
+written in the current version, and each record is verified by its own
+version's field list, so trails that mix versions verify.
 
 The gateway must not spend its event loop on the database: it appends
 records to a local spool that another process ingests (auditspool.py).
 
-This module must not import protocol or web code.
+This module must not import protocol or web code, nor spell out the record's
+fields itself (they come from ``keyturn.auditschema``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import logging
 import operator
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -27,24 +32,28 @@ from typing import IO, Any
 import orjson
 from sqlalchemy import select
 
+from keyturn.auditschema import (
+    ABSENT,
+    FIELDS,
+    GENESIS,
+    VERSION,
+    UnknownVersion,
+    record_hash,
+    upgrade,
+    version_of,
+)
 from keyturn.models import AuditHead, AuditRecord, AuditSpoolCursor
 from keyturn.store import Store
 
 log = logging.getLogger(__name__)
 
-GENESIS = "0" * 64
-FIELDS = ("seq", "at", "kind", "user", "connection", "session_id", "client_addr", "statement",
-          "classification", "action", "rule", "reason", "ticket_id", "outcome", "duration_ms",
-          "rows", "detail")
-
+__all__ = ["FIELDS", "GENESIS", "AuditLog", "Chained", "VerifyResult", "chain", "record_hash"]
 
 _CANONICAL = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
-
-
-def record_hash(prev_hash: str, rec: dict[str, Any]) -> str:
-    """sha256(prev_hash || canonical JSON): sorted keys, no spaces, UTF-8 (orjson)."""
-    body = orjson.dumps({k: rec.get(k) for k in FIELDS}, default=str, option=_CANONICAL)
-    return hashlib.sha256(prev_hash.encode() + body).hexdigest()
+# A record of the current version with every field empty, which ``chain`` copies and
+# fills: much cheaper than looking each field up. In sorted order, which orjson sorts
+# fastest for the hash's canonical JSON.
+_EMPTY = dict.fromkeys(sorted(FIELDS))
 
 
 # Column order of the raw insert below (the table's columns, hash last).
@@ -66,6 +75,34 @@ def _row_dict(r: AuditRecord) -> dict[str, Any]:
     return d
 
 
+def _content_problem(r: AuditRecord) -> str | None:
+    """Why a stored record's content is not what was hashed, or None. Each record is
+    hashed by its own version's field list; fields its version does not have are
+    outside that hash, so they must be empty."""
+    rec = _row_dict(r)
+    v = version_of(rec)
+    try:
+        if record_hash(r.prev_hash, rec) != r.hash:
+            return "content does not match its hash (edited)"
+    except UnknownVersion:
+        return (f"written in audit schema version {v}, which this Keyturn does not know: "
+                "its content cannot be checked (a newer Keyturn can)")
+    extra = [f for f in ABSENT[v] if rec[f] is not None]
+    if extra:
+        return (f"holds {', '.join(extra)}, which version {v} records do not have (edited)")
+    return None
+
+
+def _current(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` as a record of the current version: a line without a version (written
+    before versions existed, or a direct append) or of another version, or one with keys
+    that are not fields (dropped: tests hold every writer to the schema)."""
+    up = upgrade(raw)
+    rec = {k: up.get(k) for k in _EMPTY}
+    rec["v"] = VERSION  # new records are always hashed in the current version
+    return rec
+
+
 @dataclass
 class Chained:
     """A batch of records hashed onto the chain head ``after`` = (seq, hash)."""
@@ -80,17 +117,23 @@ def chain(records: list[dict[str, Any]], seq: int, prev: str) -> Chained:
     """Number and hash ``records`` onto the head (seq, prev): insert-ready rows."""
     after = (seq, prev)
     rows = []
-    dumps, sha256, now = orjson.dumps, hashlib.sha256, time.time()
+    dumps, sha256, now, version = orjson.dumps, hashlib.sha256, time.time(), VERSION
+    empty, nfields = _EMPTY, len(_EMPTY)
     for raw in records:
-        rec = dict(zip(FIELDS, map(raw.get, FIELDS), strict=False))  # same length
+        rec = empty.copy()
+        rec.update(raw)
+        rec.pop("n", None)  # spool-only: pairs an intent with its outcome
+        if rec["v"] != version or len(rec) != nfields:
+            rec = _current(raw)
         detail = rec["detail"] = rec["detail"] or {}
         at = rec["at"]
         rec["at"] = float(at) if at is not None else now
         seq += 1
         rec["seq"] = seq
-        # record_hash(), inlined: rec holds exactly FIELDS here.
+        # record_hash(), inlined: rec holds exactly the current version's FIELDS here.
         h = sha256(prev.encode() + dumps(rec, default=str, option=_CANONICAL)).hexdigest()
-        rec["detail"] = dumps(detail, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+        rec["detail"] = dumps(detail, default=str, option=orjson.OPT_NON_STR_KEYS).decode() \
+            if detail else "{}"
         rec["prev_hash"], rec["hash"] = prev, h
         rows.append(_insert_row(rec))
         prev = h
@@ -104,10 +147,12 @@ class VerifyResult:
     head_seq: int
     head_hash: str
     problems: list[str] = field(default_factory=list)
+    versions: dict[int, int] = field(default_factory=dict)  # records per schema version
 
     def to_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "count": self.count, "head_seq": self.head_seq,
-                "head_hash": self.head_hash, "problems": self.problems}
+                "head_hash": self.head_hash, "problems": self.problems,
+                "versions": {str(v): n for v, n in sorted(self.versions.items())}}
 
 
 class AuditLog:
@@ -168,6 +213,7 @@ class AuditLog:
 
     def verify(self) -> VerifyResult:
         problems: list[str] = []
+        versions: Counter[int] = Counter()
         prev, expected_seq, count = GENESIS, 1, 0
         with self.store.session() as s:
             head = s.get(AuditHead, 1)
@@ -181,8 +227,10 @@ class AuditLog:
                 if r.prev_hash != prev:
                     problems.append(f"record {r.seq}: link to previous record broken "
                                     "(deleted or reordered records)")
-                if record_hash(r.prev_hash, _row_dict(r)) != r.hash:
-                    problems.append(f"record {r.seq}: content does not match its hash (edited)")
+                problem = _content_problem(r)
+                if problem:
+                    problems.append(f"record {r.seq}: {problem}")
+                versions[r.v or 1] += 1
                 prev, expected_seq = r.hash, r.seq + 1
                 if len(problems) > 100:
                     problems.append("too many problems; stopped")
@@ -191,7 +239,8 @@ class AuditLog:
             if not problems and (head_seq != expected_seq - 1 or head_hash != prev):
                 problems.append(f"chain ends at record {expected_seq - 1} but the head says "
                                 f"{head_seq}: records at the end were removed or the head edited")
-        return VerifyResult(not problems, count, head_seq, head_hash, problems)
+        return VerifyResult(not problems, count, head_seq, head_hash, problems,
+                            dict(versions))
 
     def iter_records(self, since: float | None = None, until: float | None = None,
                      **filters: Any) -> Iterator[dict[str, Any]]:

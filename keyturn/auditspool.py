@@ -27,7 +27,12 @@ Nothing is lost on the way:
   is never deleted; a dead writer's torn last line is kept as an "unreadable"
   record. Files closed cleanly also end with an end marker.
 
-This module must not import protocol or web code.
+Each line is one record in the layout of ``keyturn.auditschema`` (with its
+version in ``v``), plus ``n`` on write-ahead records: an intent record (``kind:
+intent``) and the record that completes it share ``session_id`` and ``n``.
+
+This module must not import protocol or web code, nor decide what a record
+holds (``keyturn.auditschema`` does).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ import orjson
 from sqlalchemy import select
 
 from keyturn.audit import AuditLog, chain
+from keyturn.auditschema import VERSION
 from keyturn.models import AuditSpoolCursor
 
 log = logging.getLogger(__name__)
@@ -125,7 +131,8 @@ class WriteFailure:
 
     def gap_record(self) -> bytes:
         """The record that stands for the lines dropped in this episode."""
-        return orjson.dumps({"kind": "audit-dropped", "at": time.time(), "outcome": "lost",
+        return orjson.dumps({"v": VERSION, "kind": "audit-dropped", "at": time.time(),
+                             "outcome": "lost",
                              "reason": f"the audit spool could not be written: {self.error}",
                              "detail": {"records": self.dropped}}, option=_OPTS)
 
@@ -242,9 +249,12 @@ class AuditSpool:
         self.write(rec)
 
     def write(self, rec: dict[str, Any]) -> None:
-        """Append one record (hot path: ~1 µs with orjson)."""
+        """Append one record (hot path: ~1 µs with orjson), in the current schema
+        version unless it says otherwise."""
         if "at" not in rec:
             rec["at"] = time.time()
+        if "v" not in rec:
+            rec["v"] = VERSION
         self.write_line(orjson.dumps(rec, default=str, option=_OPTS))
 
     def flush(self) -> None:

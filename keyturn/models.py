@@ -3,6 +3,9 @@
 The schema is owned by Alembic (migrations/); these classes mirror it. Times
 are stored as UTC epoch seconds (floats) so that SQLite and PostgreSQL compare
 and sort them identically and the audit hash chain is byte-stable.
+
+These classes must not change a table without a migration, nor carry
+behaviour; the audit record's columns are the fields of ``keyturn.auditschema``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -139,7 +143,9 @@ class TicketEvent(Base):
 
 
 class AuditRecord(Base):
-    """One hash-chained audit record. ``seq`` is dense: a gap means deletion."""
+    """One hash-chained audit record. ``seq`` is dense: a gap means deletion. Its
+    columns are the fields of ``keyturn.auditschema`` (a test holds them equal); ``v``
+    is the schema version it was hashed in (rows from before versions: 1)."""
 
     __tablename__ = "audit_records"
     __table_args__ = (Index("ix_audit_at", "at"),)
@@ -162,6 +168,8 @@ class AuditRecord(Base):
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+    protocol: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    v: Mapped[int] = mapped_column(Integer, server_default=text("1"))
 
 
 class AuditSpoolCursor(Base):

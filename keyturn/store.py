@@ -1,8 +1,9 @@
 """The store: a SQLAlchemy engine plus schema upgrades through Alembic.
 
-SQLite (WAL mode) is the embedded default; PostgreSQL is supported for
-multi-host deployments and gives the bus LISTEN/NOTIFY. Nothing here knows
-about tickets or audit semantics; it only opens and migrates the database.
+SQLite (with a rollback journal, see ``_sqlite_pragmas``) is the embedded
+default; PostgreSQL is supported for multi-host deployments and gives the bus
+LISTEN/NOTIFY. This module must not know about tickets or audit semantics; it
+only opens and migrates the database.
 """
 
 from __future__ import annotations
@@ -67,8 +68,9 @@ class Store:
             s.connection(execution_options={"keyturn_write": True})
             yield s
 
-    def upgrade(self) -> None:
-        """Bring the schema to the newest revision (``keyturn db upgrade``)."""
+    def upgrade(self, revision: str = "heads") -> None:
+        """Bring the schema to the newest revision (``keyturn db upgrade``), or to
+        ``revision``."""
         from alembic import command
         from alembic.config import Config as AlembicConfig
 
@@ -77,7 +79,7 @@ class Store:
         cfg.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
         with self.engine.begin() as conn:
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "heads")
+            command.upgrade(cfg, revision)
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -21,6 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from keyturn import auditschema
 from keyturn.analysis.pgcatalog import TargetCatalog
 from keyturn.analysis.postgres import MAX_SHAPED_TEXT, fast_shape
 from keyturn.config import parse_config
@@ -29,7 +30,7 @@ from keyturn.policy import PolicyEngine
 from proxies.postgres import codec
 from proxies.postgres.catalog import Catalogs
 from proxies.postgres.gateway import PostgresGateway
-from proxies.postgres.session import ClientSession
+from proxies.postgres.session import FAST_AUDIT_LAYOUT, ClientSession
 from proxies.postgres.speedups import compiled
 from proxies.postgres.upstream import Upstream
 
@@ -192,7 +193,7 @@ def new_session(fast: bool | str, records: list[bytes]) -> tuple[ClientSession, 
         assert s.transport is not None and up.transport is not None
         s.fast = compiled.FastPath(s, s.fast_verdicts, s.fast_stmts, s.portals,
                                    s.transport.write, up.transport.write, spool.write_line,
-                                   s._audit_prefix_bytes(), MAX_SHAPED_TEXT,
+                                   s._audit_prefix_bytes(), FAST_AUDIT_LAYOUT, MAX_SHAPED_TEXT,
                                    s._intent_prefix_bytes(), spool.flush_ahead)
         if fast == "relay":
             s._install_relays()
@@ -215,6 +216,8 @@ def audit_records(s: ClientSession, records: list[bytes],
     intents and the other records are returned each in their own order (the two paths
     interleave them differently: the compiled one writes a chunk's intents together)."""
     lines = [orjson.loads(line) for line in collect(s, records)]
+    for rec in lines:  # both paths write lines of the one schema
+        assert not auditschema.check_line(rec), (rec, auditschema.check_line(rec))
     seen: dict[int, dict] = {}
     for rec in lines:
         if rec["kind"] == "intent":
@@ -391,6 +394,42 @@ def test_fast_path_audit_lines_are_json_with_control_characters_escaped() -> Non
     assert records[2].count(b"\\r\\f") == records[3].count(b"\\r\\f") == 1  # escaped in C
 
 
+def test_fast_path_audit_lines_hold_the_schema_s_fields_as_python_writes_them() -> None:
+    """The compiled path spells no field name: its lines are made of the prefix, the
+    decision fragments and FAST_AUDIT_LAYOUT, all built by keyturn.auditschema. Parse
+    what it writes and hold it against the schema and against the Python path's lines."""
+    records: list[bytes] = []
+    s, up = new_session(True, records)
+    for _ in range(2):  # Python (learns the shape), then compiled
+        s.data_received(codec.encode_query("SELECT 1 AS x"))
+        up.data_received(msg(b"T", struct.pack("!h", 1) + b"x\0" + b"\0" * 18)
+                         + msg(b"D", struct.pack("!hi", 1, 1) + b"1")
+                         + msg(b"C", b"SELECT 1\0") + msg(b"Z", b"I"))
+    lines = [orjson.loads(r) for r in records]
+    by_path = {(r["kind"], r["n"] % 2): r for r in lines}  # n: odd from C, even from Python
+    assert sorted(by_path) == [("intent", 0), ("intent", 1), ("statement", 0),
+                               ("statement", 1)]
+    for kind in ("intent", "statement"):
+        c_line, py_line = by_path[kind, 1], by_path[kind, 0]
+        assert auditschema.check_line(c_line) == []
+        assert set(c_line) == set(py_line)
+        assert c_line["v"] == auditschema.VERSION and c_line["protocol"] == "postgres"
+        assert {k for k in c_line if k not in auditschema.SPOOL_ONLY} <= \
+            set(auditschema.FIELDS)
+    done = by_path["statement", 1]
+    assert (done["outcome"], done["rows"], done["statement"]) == ("ok", 1, "SELECT 1 AS x")
+    # Only the schema's keys are in the C path's pieces; a key that is not a field is refused.
+    for piece in FAST_AUDIT_LAYOUT:
+        for name in re.findall(rb'"([a-z_]+)":', piece):
+            assert name.decode() in auditschema.BY_NAME or name.decode() in \
+                auditschema.SPOOL_ONLY
+    with pytest.raises(KeyError):
+        auditschema.key("statment")
+    with pytest.raises(ValueError):
+        compiled.FastPath(s, {}, {}, {}, s.transport.write, up.transport.write, records.append,
+                          s._audit_prefix_bytes(), FAST_AUDIT_LAYOUT[:-1], MAX_SHAPED_TEXT)
+
+
 ascii_sql = st.lists(st.sampled_from(list("0123456789.$_aZe -/*'\"\\\x00\n(),=;") + ["1e5", "x1"]),
                      max_size=30).map("".join)
 
@@ -530,7 +569,7 @@ def test_an_error_inside_a_relay_ends_only_that_session() -> None:
     assert s.transport is not None
     s.fast = compiled.FastPath(s, s.fast_verdicts, s.fast_stmts, s.portals, s.transport.write,
                                broken, s.gw.audit_spool.write_line, s._audit_prefix_bytes(),
-                               MAX_SHAPED_TEXT, s._intent_prefix_bytes())
+                               FAST_AUDIT_LAYOUT, MAX_SHAPED_TEXT, s._intent_prefix_bytes())
     s._install_relays()
     feed(s, codec.encode_query("SELECT abalance FROM acc WHERE aid = 2;"))  # arms
     assert s.fast.armed and not s.closed

@@ -9,8 +9,9 @@ Ticket commands (``tickets``, ``approve``, ``reject``) talk to the portal's
 JSON API with ``KEYTURN_TOKEN``, exactly as a script would.
 
 What it must not do: hold a rule of the domain (who may decide, what a statement is, how
-the trail is chained); commands parse arguments, call the core or an edge, and print.
-Nothing outside keyturn.launch may import it (see keyturn/launch/__init__.py).
+the trail is chained: audit verification is ``keyturn.audit``'s); commands parse
+arguments, call the core or an edge, and print. Nothing outside keyturn.launch may import
+it (see keyturn/launch/__init__.py).
 """
 
 from __future__ import annotations
@@ -174,7 +175,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(result.to_json(), indent=2))
         elif result.ok:
-            print(f"audit chain OK: {result.count} records, head {result.head_seq} "
+            versions = ", ".join(f"{n} in version {v}" for v, n in sorted(result.versions.items()))
+            print(f"audit chain OK: {result.count} records"
+                  f"{f' ({versions})' if versions else ''}, head {result.head_seq} "
                   f"{result.head_hash[:16]}…")
         else:
             print(f"audit chain BROKEN ({result.count} records):")

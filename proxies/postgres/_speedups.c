@@ -8,6 +8,10 @@
  * RowMasker rewrites a run of DataRow messages in one call, so a masked
  * result of 100,000 rows costs a few calls per network chunk instead of one
  * Python call per row and per value.
+ *
+ * This file must not decide what an audit record holds: FastPath writes its
+ * audit lines from pieces built by keyturn.auditschema (passed in by the
+ * session), and tests check the lines it writes against that schema.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -799,13 +803,27 @@ static PyTypeObject AuditBufferType = {
  * of prepared statements the session already allowed as reads (the statements
  * dict), with the target's ordinary answers (RowDescription, DataRow,
  * CommandComplete, BindComplete, ReadyForQuery). Audit lines for these are built
- * here. Anything else (an error, a notice, a message of another type, a chunk
+ * here, from pieces the session passes in (its prefix, the decision fragments and
+ * the layout's keys, all built by keyturn.auditschema): no field name is spelled
+ * in this file. Anything else (an error, a notice, a message of another type, a chunk
  * not made of whole messages, more than MAX_BATCH messages) makes client() or
  * server() return False having changed nothing, and the session handles the
  * chunk in Python after taking the pending entries over with drain().
  */
 
 #define MAX_BATCH 32
+
+/* The keys of a fast-path audit line after the session's prefix, in the order written
+   (FastPath's `layout` argument, proxies/postgres/session.py FAST_AUDIT_LAYOUT): */
+enum {
+    KEY_AT,     /* the time key, right after the prefix */
+    KEY_TEXT,   /* ,"<text key>": before the statement's text */
+    KEY_DONE,   /* ,"<outcome key>":"ok","<duration key>": of a completed statement */
+    KEY_COUNT,  /* ,"<count key>": its row count */
+    KEY_N,      /* ,"<intent number key>": */
+    KEYS        /* how many there are (the module's AUDIT_LAYOUT_KEYS) */
+};
+#define KEY_MAX 48 /* bytes per key piece at most: see audit_line's buffer */
 
 typedef struct {
     char kind;          /* 'Q', 'B', 'E', 'S', 'D' (Describe of the unnamed portal) */
@@ -832,6 +850,9 @@ typedef struct {
     PyObject *prefix;        /* bytes: the session's part of every record, up to a comma */
     PyObject *iprefix;       /* the same for intent records, or None: no intents */
     PyObject *flush;         /* called after intents, before the chunk goes upstream */
+    PyObject *layout;        /* tuple of KEYS bytes: the line's keys (see KEY_AT) */
+    const char *key[KEYS];   /* their bytes (owned by layout) */
+    Py_ssize_t key_len[KEYS];
     long long next_n;        /* intent numbers written here: 1, 3, 5... (Python: even) */
     Py_ssize_t max_len;      /* longest text with a shape */
     Entry *q;
@@ -884,6 +905,7 @@ FastPath_clear(FastPath *self)
     Py_CLEAR(self->prefix);
     Py_CLEAR(self->iprefix);
     Py_CLEAR(self->flush);
+    Py_CLEAR(self->layout);
     for (Py_ssize_t i = self->head; i < self->tail; i++)
         entry_clear(&self->q[i]);
     self->head = self->tail = 0;
@@ -903,19 +925,31 @@ static PyObject *
 FastPath_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"session", "verdicts", "stmts", "portals", "client_write",
-                             "upstream_write", "audit_write", "prefix", "max_len",
+                             "upstream_write", "audit_write", "prefix", "layout", "max_len",
                              "intent_prefix", "flush", NULL};
-    PyObject *session, *verdicts, *stmts, *portals, *cw, *uw, *aw, *prefix;
+    PyObject *session, *verdicts, *stmts, *portals, *cw, *uw, *aw, *prefix, *layout;
     PyObject *iprefix = Py_None, *flush = Py_None;
     Py_ssize_t max_len;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!O!O!OOOSn|OO:FastPath", kwlist, &session,
-                                     &PyDict_Type, &verdicts, &PyDict_Type, &stmts,
-                                     &PyDict_Type, &portals, &cw, &uw, &aw, &prefix, &max_len,
-                                     &iprefix, &flush))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!O!O!OOOSO!n|OO:FastPath", kwlist,
+                                     &session, &PyDict_Type, &verdicts, &PyDict_Type, &stmts,
+                                     &PyDict_Type, &portals, &cw, &uw, &aw, &prefix,
+                                     &PyTuple_Type, &layout, &max_len, &iprefix, &flush))
         return NULL;
     if (iprefix != Py_None && !PyBytes_Check(iprefix)) {
         PyErr_SetString(PyExc_TypeError, "intent_prefix must be bytes or None");
         return NULL;
+    }
+    if (PyTuple_GET_SIZE(layout) != KEYS) {
+        PyErr_Format(PyExc_ValueError, "layout must hold %d key pieces", KEYS);
+        return NULL;
+    }
+    for (int i = 0; i < KEYS; i++) {
+        PyObject *piece = PyTuple_GET_ITEM(layout, i);
+        if (!PyBytes_Check(piece) || PyBytes_GET_SIZE(piece) > KEY_MAX) {
+            PyErr_Format(PyExc_ValueError, "layout pieces must be bytes of at most %d",
+                         KEY_MAX);
+            return NULL;
+        }
     }
     FastPath *self = (FastPath *)type->tp_alloc(type, 0);
     if (self == NULL)
@@ -934,6 +968,11 @@ FastPath_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->prefix = Py_NewRef(prefix);
     self->iprefix = Py_NewRef(iprefix);
     self->flush = Py_NewRef(flush);
+    self->layout = Py_NewRef(layout);
+    for (int i = 0; i < KEYS; i++) {
+        self->key[i] = PyBytes_AS_STRING(PyTuple_GET_ITEM(layout, i));
+        self->key_len[i] = PyBytes_GET_SIZE(PyTuple_GET_ITEM(layout, i));
+    }
     self->next_n = 1;
     self->max_len = max_len;
     self->cap = 16;
@@ -1278,8 +1317,18 @@ put_fixed(char *p, double v, int places)
     return n + places;
 }
 
-/* One audit line, in the keys and order ClientSession._audit writes; intent: the
-   record written before the statement is sent (ClientSession._intent), with its number. */
+/* `key` piece i of the layout at p; returns its length. */
+static inline Py_ssize_t
+put_key(char *p, FastPath *self, int i)
+{
+    memcpy(p, self->key[i], self->key_len[i]);
+    return self->key_len[i];
+}
+
+/* One audit line, with the fields of ClientSession._audit: the session's prefix, the
+   time, the statement's text, the decision fragment, then the outcome, duration and row
+   count (keys from the layout); intent: the record written before the statement is sent
+   (ClientSession._intent), with its number. */
 static int
 audit_line(FastPath *self, Entry *e, double now, int intent)
 {
@@ -1289,16 +1338,15 @@ audit_line(FastPath *self, Entry *e, double now, int intent)
     Buf *bp = direct ? &direct->buf : &tmp;
     Py_ssize_t start = bp->len;
 #define b (*bp)
-    char num[160]; /* the longest piece: 30 + 20 + 1 + 3 + 8 + 20 + 5 + 20 + 2 bytes */
+    /* the longest run of pieces: 3 keys of KEY_MAX + 3 numbers of at most 24 + 2 bytes */
+    char num[3 * KEY_MAX + 3 * 24 + 2];
     int rc = -1;
     PyObject *prefix = intent ? self->iprefix : self->prefix;
     if (buf_add(&b, PyBytes_AS_STRING(prefix), PyBytes_GET_SIZE(prefix)) < 0)
         goto done;
-    int k = 0;
-    memcpy(num, "\"at\":", 5);
-    k = 5 + put_fixed(num + 5, now, 6);
-    memcpy(num + k, ",\"statement\":", 13);
-    k += 13;
+    Py_ssize_t k = put_key(num, self, KEY_AT);
+    k += put_fixed(num + k, now, 6);
+    k += put_key(num + k, self, KEY_TEXT);
     if (buf_add(&b, num, k) < 0)
         goto done;
     if (e->kind == 'Q') {
@@ -1311,20 +1359,17 @@ audit_line(FastPath *self, Entry *e, double now, int intent)
         buf_add(&b, PyBytes_AS_STRING(e->fragment), PyBytes_GET_SIZE(e->fragment)) < 0)
         goto done;
     if (intent) {
-        memcpy(num, ",\"n\":", 5);
-        k = 5 + put_uint(num + 5, (unsigned long long)e->n);
+        k = put_key(num, self, KEY_N);
+        k += put_uint(num + k, (unsigned long long)e->n);
         num[k++] = '}';
         num[k++] = '\n';
         if (buf_add(&b, num, k) < 0)
             goto done;
         goto written;
     }
-    static const char mid[] = ",\"outcome\":\"ok\",\"duration_ms\":";
-    memcpy(num, mid, sizeof mid - 1);
-    k = sizeof mid - 1;
+    k = put_key(num, self, KEY_DONE);
     k += put_fixed(num + k, (now - e->t0) * 1000, 3);
-    memcpy(num + k, ",\"rows\":", 8);
-    k += 8;
+    k += put_key(num + k, self, KEY_COUNT);
     if (e->rows >= 0)
         k += put_uint(num + k, (unsigned long long)e->rows);
     else {
@@ -1332,8 +1377,7 @@ audit_line(FastPath *self, Entry *e, double now, int intent)
         k += 4;
     }
     if (e->n > 0) {
-        memcpy(num + k, ",\"n\":", 5);
-        k += 5;
+        k += put_key(num + k, self, KEY_N);
         k += put_uint(num + k, (unsigned long long)e->n);
     }
     num[k++] = '}';
@@ -1867,7 +1911,8 @@ PyInit__speedups(void)
         Py_DECREF(m);
         return NULL;
     }
-    if (PyModule_AddObjectRef(m, "FastPath", (PyObject *)&FastPathType) < 0 ||
+    if (PyModule_AddIntConstant(m, "AUDIT_LAYOUT_KEYS", KEYS) < 0 ||
+        PyModule_AddObjectRef(m, "FastPath", (PyObject *)&FastPathType) < 0 ||
         PyModule_AddObjectRef(m, "AuditBuffer", (PyObject *)&AuditBufferType) < 0 ||
         PyModule_AddObjectRef(m, "Relay", (PyObject *)&RelayType) < 0) {
         Py_DECREF(m);

@@ -8,6 +8,10 @@ the map from the cancel keys we issue to live sessions, and the limits that
 keep one client from exhausting the gateway or locking others out (client
 counts, login timeout, login throttling, ending the sessions of revoked
 tokens; see "Limits and lock-out protection" in docs/postgres-gateway.md).
+
+It must not decide what a statement may do (``keyturn.policy`` does) nor what
+an audit record holds (``keyturn.auditschema``): its records only name their
+protocol.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from keyturn.policy import PolicyEngine, masks_in
 from keyturn.services import Services
 from proxies.postgres import codec, speedups
 from proxies.postgres.catalog import Catalogs, connect_target
+from proxies.postgres.session import PROTOCOL
 
 if TYPE_CHECKING:
     from proxies.postgres.session import ClientSession
@@ -384,6 +389,7 @@ class PostgresGateway:
         self._origins.pop(conn.name, None)
 
     def audit(self, **rec: Any) -> None:
+        rec.setdefault("protocol", PROTOCOL)
         self.audit_spool.record(**rec)
 
     def new_key(self, session: ClientSession, pid: int | None = None) -> tuple[int, int]:

@@ -10,7 +10,12 @@ behaviour). What it holds:
   back to Python for everything else (``ClientSession._take_fast``);
 - ``fast_shape``: the twin of ``keyturn.analysis.postgres.fast_shape``;
 - ``AuditBuffer``: the audit spool's pending lines (twin: ``keyturn.auditspool.LineBuffer``);
-- ``Relay``: the protocol object of each side of a ready session (see session.py).
+- ``Relay``: the protocol object of each side of a ready session (see session.py);
+- ``AUDIT_LAYOUT_KEYS``: how many key pieces ``FastPath`` takes for its audit lines (the
+  session passes them, built by ``keyturn.auditschema``).
+
+This module must not hand out an extension built from older source: one that lacks a
+name in ``NAMES`` is not used.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 
 # What this source tree expects of the extension; a module built from older source
 # (the C file changed, the project was not reinstalled) lacks some and is not used.
-NAMES = ("RowMasker", "FastPath", "fast_shape", "AuditBuffer", "Relay")
+NAMES = ("RowMasker", "FastPath", "fast_shape", "AuditBuffer", "Relay", "AUDIT_LAYOUT_KEYS")
 _stale: list[str] = []
 
 
