@@ -536,12 +536,16 @@ class AuditIngester:
                     if raw.startswith(_EOF_START):
                         finished = True
                         try:
-                            next_file = orjson.loads(raw).get("next")
+                            marker = orjson.loads(raw)
+                            next_file = marker.get("next") if isinstance(marker, dict) else None
                         except orjson.JSONDecodeError:
                             pass
                         break
                     try:
                         rec = orjson.loads(raw)
+                        if not isinstance(rec, dict):
+                            raise orjson.JSONDecodeError("not a record", raw.decode(
+                                "utf-8", "replace"), 0)
                         kind = rec.get("kind")
                         if kind == "intent":
                             # Held back until its outcome is read (write-ahead audit).

@@ -449,15 +449,17 @@ def test_audit_spool_partial_line_waits_and_garbage_is_kept(svc: Services,
     f = d / "gw-1-1.jsonl"
     with open(f, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)  # a live writer holds its file's lock
-        fh.write('{"kind":"statement","statement":"SELECT 1"}\nnot json\n{"kind":"stat')
+        fh.write('{"kind":"statement","statement":"SELECT 1"}\nnot json\n123\n["a"]\n'
+                 '{"kind":"stat')
         fh.flush()
         ing = AuditIngester(svc.audit, d)
-        assert ing.run_once() == 2
+        assert ing.run_once() == 4
         fh.write('ement","statement":"SELECT 2"}\n' + EOF_MARK)
     assert ing.run_once() == 1
     recs = list(svc.audit.iter_records())
-    assert [r["kind"] for r in recs] == ["statement", "unreadable", "statement"]
-    assert recs[1]["detail"]["raw"] == "not json\n"
+    assert [r["kind"] for r in recs] == ["statement", "unreadable", "unreadable",
+                                         "unreadable", "statement"]
+    assert [r["detail"]["raw"] for r in recs[1:4]] == ["not json\n", "123\n", '["a"]\n']
     assert not f.exists()
 
 
