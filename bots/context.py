@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from bots.links import Links
+from bots.settings import ChatSettings
 from keyturn.approvals import APPROVED, EXECUTED, FAILED
-from keyturn.config import ChatSettings
 from keyturn.errors import AlreadyDecided, KeyturnError
 from keyturn.services import Services
+from portal.settings import PORTAL
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class BotContext:
 
     @property
     def portal_url(self) -> str:
-        return self.services.config.portal.public_url
+        return PORTAL.of(self.services.config).public_url
 
     def policy_of(self, connection: str) -> str | None:
         conn = self.services.config.connections.get(connection)

@@ -20,7 +20,8 @@ from aiohttp import web
 from bots.context import BotContext
 from bots.links import Links
 from bots.outbox import Notifier, Outbox
-from keyturn.config import ChatSettings, Config
+from bots.settings import CHAT, ChatSettings
+from keyturn.config import Config
 from keyturn.errors import ConfigError
 from keyturn.services import Services, build_services
 
@@ -30,11 +31,12 @@ log = logging.getLogger(__name__)
 class BotsServer:
     def __init__(self, config: Config, services: Services | None = None, *,
                  retry_base: float = 1.0, retry_cap: float = 300.0):
-        if config.chat is None:
+        chat = CHAT.of(config)
+        if chat is None:
             raise ConfigError(f"{config.path}: no integrations configured "
                               "(integrations.slack / integrations.teams)")
         self.config = config
-        self.chat: ChatSettings = config.chat
+        self.chat: ChatSettings = chat
         self.services = services or build_services(config)
         self.ctx = BotContext(self.services, Links(config, self.services.store), self.chat)
         self.retry = (retry_base, retry_cap)

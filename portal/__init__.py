@@ -3,6 +3,10 @@
 ``create_app(services)`` is the app factory; one blueprint per area. The app
 only calls keyturn services; it holds no business rules itself (ticket state
 changes go through keyturn.approvals, never through ticket rows).
+
+Importing the package must stay cheap: every Keyturn process imports its settings
+(portal/settings.py, the ``portal:`` section) before reading a config, gateways
+included, so Flask and the blueprints are imported inside ``create_app`` only.
 """
 
 from __future__ import annotations
@@ -10,17 +14,20 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import secrets
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flask import Flask
+from portal.settings import PORTAL
 
-from keyturn.services import Services
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from keyturn.services import Services
 
 log = logging.getLogger(__name__)
 
 
 def _secret_key(services: Services) -> str:
-    ref = services.config.portal.secret_key
+    ref = PORTAL.of(services.config).secret_key
     if ref is not None:
         return ref.resolve()
     # No configured key: a per-process random key. Sessions end when the process
@@ -31,8 +38,10 @@ def _secret_key(services: Services) -> str:
 
 
 def create_app(services: Services, config: dict[str, Any] | None = None) -> Flask:
+    from flask import Flask
+
     app = Flask(__name__)
-    settings = services.config.portal
+    settings = PORTAL.of(services.config)
     secure = settings.cookie_secure if settings.cookie_secure is not None \
         else settings.public_url.startswith("https://")
     app.config.update(

@@ -30,6 +30,7 @@ from keyturn.services import Services
 from portal import oidc
 from portal.accounts import check_password
 from portal.roles import Viewer, roles_for, viewer
+from portal.settings import PORTAL
 from portal.throttle import LoginThrottle
 
 bp = Blueprint("auth", __name__)
@@ -53,7 +54,7 @@ def load_viewer(user_id: str) -> Viewer | None:
     cfg = services().config
     if not isinstance(auth, dict) or auth.get("user") != user_id:
         return None
-    if time.time() - float(auth.get("at", 0)) > cfg.portal.session_lifetime:
+    if time.time() - float(auth.get("at", 0)) > PORTAL.of(cfg).session_lifetime:
         session.clear()
         return None
     if user_id not in cfg.users:
@@ -106,7 +107,7 @@ def login():  # type: ignore[no-untyped-def]
                      "minutes.")
             return render_template("login.html", error=error, username=username,
                                    next=request.values.get("next", ""),
-                                   oidc=svc.config.portal.oidc), 429
+                                   oidc=PORTAL.of(svc.config).oidc), 429
         if username and password and check_password(svc.config, svc.store, username, password):
             throttle.succeeded(username)
             start_session(username, svc.config.groups_of(username), "password")
@@ -118,7 +119,7 @@ def login():  # type: ignore[no-untyped-def]
         status = 401
     return render_template("login.html", error=error, username=username,
                            next=request.values.get("next", ""),
-                           oidc=svc.config.portal.oidc), status
+                           oidc=PORTAL.of(svc.config).oidc), status
 
 
 @bp.post("/logout")
@@ -130,7 +131,7 @@ def logout():  # type: ignore[no-untyped-def]
 
 @bp.get("/login/sso")
 def sso_start():  # type: ignore[no-untyped-def]
-    if services().config.portal.oidc is None:
+    if PORTAL.of(services().config).oidc is None:
         abort(404)
     session["sso_next"] = safe_next(request.args.get("next"))
     return oidc.client().authorize_redirect(url_for("auth.sso_callback", _external=True))
@@ -138,7 +139,7 @@ def sso_start():  # type: ignore[no-untyped-def]
 
 @bp.get("/login/sso/callback")
 def sso_callback():  # type: ignore[no-untyped-def]
-    settings = services().config.portal.oidc
+    settings = PORTAL.of(services().config).oidc
     if settings is None:
         abort(404)
     nxt = session.get("sso_next") or url_for("queue.home")

@@ -16,6 +16,7 @@ from typing import Any
 from flask import Blueprint, current_app, render_template, request
 
 from bots.links import Links
+from bots.settings import CHAT
 from keyturn.errors import KeyturnError, NotFound
 from keyturn.services import Services
 from portal.htmx import is_htmx, render_block
@@ -36,7 +37,7 @@ def links() -> Links:
 
 def _page(status: int = 200, **extra: Any):  # type: ignore[no-untyped-def]
     ctx = {"links": links().of_user(viewer().user), "platforms": PLATFORM_NAMES,
-           "chat": services().config.chat, **extra}
+           "chat": CHAT.of(services().config), **extra}
     if is_htmx():
         return render_block("chat_accounts.html", "chat_main", **ctx), status
     return render_template("chat_accounts.html", **ctx), status

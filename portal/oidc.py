@@ -18,6 +18,7 @@ from joserfc.errors import JoseError
 
 from keyturn.config import Config
 from keyturn.errors import KeyturnError
+from portal.settings import PORTAL
 
 oauth = OAuth()
 
@@ -28,7 +29,7 @@ class SsoError(KeyturnError):
 
 
 def init_app(app: Flask) -> None:
-    settings = app.extensions["keyturn"].config.portal.oidc
+    settings = PORTAL.of(app.extensions["keyturn"].config).oidc
     oauth.init_app(app)
     if settings is None:
         return
@@ -51,7 +52,7 @@ def client() -> Any:
 
 def finish_login(config: Config) -> tuple[str, tuple[str, ...]]:
     """Exchange the code, validate the ID token, map it to a configured user."""
-    settings = config.portal.oidc
+    settings = PORTAL.of(config).oidc
     assert settings is not None
     try:
         token = client().authorize_access_token()

@@ -23,6 +23,7 @@ from flask_login import current_user, login_required
 from keyturn.config import Config
 from keyturn.identity import Identity
 from keyturn.models import Ticket
+from portal.settings import PORTAL
 
 ENGINEER, APPROVER, MANAGER, AUDITOR, ADMIN = "engineer", "approver", "manager", "auditor", \
     "admin"
@@ -42,11 +43,11 @@ def roles_for(config: Config, groups: tuple[str, ...]) -> frozenset[str]:
     roles = {ENGINEER}
     if g & approver_groups(config):
         roles.add(APPROVER)
-    if g & set(config.portal.manager_groups):
+    if g & set(PORTAL.of(config).manager_groups):
         roles.add(MANAGER)
-    if g & set(config.portal.auditor_groups):
+    if g & set(PORTAL.of(config).auditor_groups):
         roles.add(AUDITOR)
-    if g & set(config.portal.admin_groups):
+    if g & set(PORTAL.of(config).admin_groups):
         roles.add(ADMIN)
     return frozenset(roles)
 

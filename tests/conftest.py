@@ -22,7 +22,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from keyturn.launch.installed import install
 from keyturn.launch.localpg import LocalPostgres
+
+# The test session is a launcher too: every protocol's and edge's registration is in
+# place before any test reads a config (docs/configuration.md, "How protocols register").
+install()
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYTURN = [sys.executable, "-m", "keyturn.launch"]

@@ -20,11 +20,11 @@ from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bots.context import BotContext
+from bots.settings import SlackSettings
 from bots.slack.listeners import register_all
 from bots.slack.listeners.deps import SlackDeps
 from bots.slack.notifier import SlackNotifier
 from bots.slack.people import SlackPeople
-from keyturn.config import SlackSettings
 
 log = logging.getLogger(__name__)
 # Slack's own rule: a request older than five minutes is a replay.

@@ -20,9 +20,9 @@ from bots.context import BotContext
 from bots.models import ChatMessage, OutboxItem
 from bots.outbox import Planned, RetryLater, ticket_plan
 from bots.render import TicketView, fmt_left, requester_note, ticket_view
+from bots.settings import SlackSettings
 from bots.slack.blocks import summary, ticket_blocks
 from bots.slack.people import SlackPeople
-from keyturn.config import SlackSettings
 from keyturn.models import Ticket, TicketEvent
 
 

@@ -22,7 +22,7 @@ from joserfc import jwt
 from joserfc.errors import InvalidKeyIdError, JoseError
 from joserfc.jwk import KeySet
 
-from keyturn.config import TeamsSettings
+from bots.settings import TeamsSettings
 
 LEEWAY = 300
 KEYS_TTL = 3600.0

@@ -18,12 +18,12 @@ import aiohttp
 from aiohttp import web
 
 from bots.context import BotContext
+from bots.settings import TeamsSettings
 from bots.teams.auth import AuthError, ConnectorToken, InboundAuth
 from bots.teams.cards import CARD_TYPE, ticket_card
 from bots.teams.connector import Connector
 from bots.teams.notifier import TeamsNotifier
 from bots.teams.people import TeamsPeople
-from keyturn.config import TeamsSettings
 from keyturn.errors import NotFound
 
 log = logging.getLogger(__name__)

@@ -15,9 +15,9 @@ from bots.context import BotContext
 from bots.models import ChatMessage, OutboxItem
 from bots.outbox import Planned, ticket_plan
 from bots.render import TicketView, requester_note, ticket_view
+from bots.settings import TeamsSettings
 from bots.teams.cards import attachment, ticket_card
 from bots.teams.connector import Connector
-from keyturn.config import TeamsSettings
 from keyturn.models import Ticket, TicketEvent
 
 

@@ -16,8 +16,8 @@ from typing import Any
 
 from bots.links import Links
 from bots.outbox import RetryLater
+from bots.settings import TeamsSettings
 from bots.teams.connector import Connector
-from keyturn.config import TeamsSettings
 
 log = logging.getLogger(__name__)
 

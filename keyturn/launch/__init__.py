@@ -1,7 +1,9 @@
 """The launcher: Keyturn's composition root.
 
 What this package is for: the ``keyturn`` command line (cli.py, and botscmd.py for
-``keyturn bots``), the process runner that starts gateway, portal and bots (runner.py),
+``keyturn bots``), the registrations of every protocol and surface, imported before
+any config is read, and the gateways a config gives work to (installed.py), the process
+runner that starts gateways, portal and bots (runner.py),
 the one-command demo (demo.py, demo_seed.py) and the throwaway PostgreSQL cluster that
 the demo, the tests and the benchmarks start (localpg.py). It is the only place that
 imports every edge: proxies/, portal/ and bots/ next to the core.

@@ -16,13 +16,14 @@ import argparse
 import os
 import sys
 
+from bots.settings import CHAT
 from keyturn.config import Config
 from keyturn.errors import KeyturnError
 
 
 def run_bots_command(args: argparse.Namespace, cfg: Config) -> int:
     if args.bots_cmd is None:
-        if cfg.chat is None:
+        if CHAT.of(cfg) is None:
             print("no integrations configured (integrations: slack / teams in the config); "
                   "nothing to run", file=sys.stderr)
             return 2
@@ -78,9 +79,10 @@ def _claim(args: argparse.Namespace, cfg: Config) -> int:
     token = access_token()
     base = args.url or os.environ.get("KEYTURN_BOTS_URL")
     if not base:
-        if cfg.chat is None:
+        chat = CHAT.of(cfg)
+        if chat is None:
             raise KeyturnError("no integrations configured; give --url of `keyturn bots`")
-        base = f"http://{cfg.chat.listen.host}:{cfg.chat.listen.port}"
+        base = f"http://{chat.listen.host}:{chat.listen.port}"
     data = token_request("POST", base, "/links/claim", {"code": args.code}, token=token,
                          service="the bots", answerer="the bots", fallback="error")
     print(f"{data['platform']} account {data['platform_user']} is now linked to {data['user']}")

@@ -26,11 +26,13 @@ from typing import Any
 
 from keyturn.config import Config, load_config, parse_duration
 from keyturn.errors import ConfigError, KeyturnError
+from keyturn.launch.installed import install
 
 log = logging.getLogger("keyturn")
 
 
 def _config(args: argparse.Namespace) -> Config:
+    install()  # every protocol's and edge's registration, before the file is read
     return load_config(args.config)
 
 
@@ -262,7 +264,9 @@ def _api(args: argparse.Namespace, method: str, path: str, body: dict | None = N
     base = args.url or os.environ.get("KEYTURN_URL")
     if not base:
         try:
-            base = _config(args).portal.public_url
+            from portal.settings import PORTAL
+
+            base = PORTAL.of(_config(args)).public_url
         except ConfigError:
             base = "http://127.0.0.1:8080"
     return token_request(method, base, f"/api/v1{path}", body, token=token,

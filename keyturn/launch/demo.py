@@ -21,6 +21,7 @@ import textwrap
 from pathlib import Path
 
 from keyturn.config import load_config
+from keyturn.launch.installed import install
 
 DEMO_USERS = {
     "alice": ("engineers", "Alice Adams"),
@@ -134,7 +135,11 @@ def run_demo(directory: str, *, pg_port: int | None, gateway_port: int,
         ensure_self_signed(cert, key)
         cfg_path = write_demo(base, pg_port=pg.port, gateway_port=gateway_port,
                               portal_port=portal_port, pw_file=pw_file, cert=cert, key=key)
+        install()
         config = load_config(cfg_path)
+        from portal.settings import PORTAL  # registered by install(); light to import
+
+        public_url = PORTAL.of(config).public_url
 
         def ready(services: Services) -> None:
             # The portal package is imported lazily, as the runner does: the demo is a
@@ -154,7 +159,7 @@ def run_demo(directory: str, *, pg_port: int | None, gateway_port: int,
             cfg = shlex.quote(str(cfg_path))
             print(textwrap.dedent(f"""
                 ─────────────────────────────────────────────────────────────────────
-                Keyturn demo is running.  Gateway 127.0.0.1:{gateway_port}  Portal and API {config.portal.public_url}
+                Keyturn demo is running.  Gateway 127.0.0.1:{gateway_port}  Portal and API {public_url}
 
                 1. As alice (engineer), connect through the gateway:
                    PGPASSWORD={tokens['alice']} psql "host=127.0.0.1 port={gateway_port} dbname=shop user=alice sslmode=require"
@@ -168,7 +173,7 @@ def run_demo(directory: str, *, pg_port: int | None, gateway_port: int,
                    KEYTURN_TOKEN={tokens['bob']} {exe} -c {cfg} approve <ticket> --comment "ok"
                    KEYTURN_TOKEN={tokens['bob']} {exe} -c {cfg} reject <ticket> --reason "why"
 
-                   or in the portal: {config.portal.public_url}/queue
+                   or in the portal: {public_url}/queue
                    sign in as bob (approver), alice (engineer) or carol (auditor),
                    password {portal_password}   (also in {base}/portal.password)
 

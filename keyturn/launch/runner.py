@@ -8,7 +8,11 @@ holds cleanly, close the spool and let the ingester drain it before exit, so
 nothing is lost; anything the ingester cannot finish stays in the spool and
 is ingested at the next start.
 
-Part of the launcher: it is where the gateway (proxies/), the portal and the bots are
+Which gateways a process starts comes from the registry: every registered connection
+type with a gateway class, a listener and connections in the config
+(keyturn.launch.installed.gateways), several protocols side by side on one event loop.
+
+Part of the launcher: it is where the gateways (proxies/), the portal and the bots are
 put together with the core's services. It must not be imported by the core or by an
 edge, and it must not decide anything about requests: it only starts, watches and
 stops what does.
@@ -27,8 +31,10 @@ import threading
 import time
 from collections.abc import Callable
 
+from bots.settings import CHAT
 from keyturn.auditspool import PARENT_ENV, AuditSpool
 from keyturn.config import Config
+from keyturn.launch.installed import gateways
 from keyturn.liveness import Instance, Sweeper
 from keyturn.services import Services, build_services
 
@@ -40,8 +46,9 @@ def start_portal(services: Services) -> tuple[threading.Thread, Callable[[], Non
     from werkzeug.serving import make_server
 
     from portal import create_app
+    from portal.settings import PORTAL
 
-    listen = services.config.portal.listen
+    listen = PORTAL.of(services.config).listen
     server = make_server(listen.host, listen.port, create_app(services), threaded=True)
     thread = threading.Thread(target=server.serve_forever, name="portal", daemon=True)
     thread.start()
@@ -100,14 +107,20 @@ class Ingester:
 
 def run(config: Config, *, gateway: bool, portal: bool,
         ready: Callable[[Services], None] | None = None, bots: bool | None = None) -> int:
-    """``bots``: run the Slack / Teams bots too; None = when integrations are configured."""
+    """``gateway``: start every registered gateway that has connections in ``config``.
+    ``bots``: run the Slack / Teams bots too; None = when integrations are configured."""
     spool = None
+    plans = gateways(config) if gateway else []
+    classes = [plan.load() for plan in plans]
     if gateway:
-        from proxies.postgres.speedups import compiled
-
-        # the compiled buffer lets the gateway's fast path append audit lines in C
+        if not plans:
+            log.warning("no connection in %s has a gateway to start", config.path)
+        # A gateway may bring the spool's line buffer: PostgreSQL's compiled one lets its
+        # fast path append audit lines in C.
+        buffer = next((b for cls in classes
+                       if (b := getattr(cls, "audit_buffer", None)) is not None), None)
         spool = AuditSpool(config.gateway.audit_spool, config.gateway.gateway_id,
-                           buffer=compiled.AuditBuffer if compiled is not None else None)
+                           buffer=buffer)
     services = build_services(config, audit_sink=spool.record if spool else None)
     ingester = Ingester(config) if spool else None
     if ingester:
@@ -125,19 +138,22 @@ def run(config: Config, *, gateway: bool, portal: bool,
         if portal:
             _, stop = start_portal(services)
             stops.append(stop)
-        if config.chat is not None and bots is not False:
+        if CHAT.of(config) is not None and bots is not False:
             from bots.server import start_in_thread
 
             stops.append(start_in_thread(config))
         if gateway:
             import uvloop
 
-            from proxies.postgres.gateway import PostgresGateway
-
             async def main() -> None:
                 assert spool is not None  # a gateway process always has its spool
-                gw = PostgresGateway(services, spool)
-                await gw.start()
+                started = []
+                for plan, cls in zip(plans, classes, strict=True):
+                    gw = cls(services, spool)
+                    await gw.start()
+                    started.append(gw)
+                    log.info("%s gateway started for %s", plan.ctype.name,
+                             ", ".join(plan.connections))
                 # Everything loaded so far lives as long as the process: keep it out of
                 # the cyclic collector's full passes, which the relay would pay for.
                 gc.collect()
@@ -159,7 +175,8 @@ def run(config: Config, *, gateway: bool, portal: bool,
                         if ingester:
                             ingester.check()
                 log.info("stopping: closing listeners and cancelling holds")
-                await gw.stop()
+                for gw in reversed(started):
+                    await gw.stop()
                 for task in background:
                     task.cancel()
                 await asyncio.gather(*background, return_exceptions=True)

@@ -32,6 +32,7 @@ from keyturn.analysis.pgcatalog import TargetCatalog
 from keyturn.analysis.postgres import Statement, StatementClass
 from keyturn.analysis.usercode import Scope, resolve
 from keyturn.config import Connection
+from proxies.postgres.register import target_of
 
 if TYPE_CHECKING:
     from proxies.postgres.gateway import PostgresGateway
@@ -178,7 +179,7 @@ def connect_target(conn: Connection, application: str, *, timeout: int = 5,
     """A short psycopg connection of the gateway's own to a connection's target."""
     import psycopg
 
-    t = conn.target
+    t = target_of(conn)
     password = t.password.resolve() if t.password else None
     return psycopg.connect(host=t.host, port=t.port, dbname=t.dbname, user=t.user,
                            password=password, connect_timeout=timeout, options=options,
@@ -203,7 +204,7 @@ def read_catalog(conn: Connection) -> TargetCatalog:
 
 def target_key(conn: Connection) -> tuple[str, int, str, str]:
     """Connections with the same target database and role share one catalog."""
-    t = conn.target
+    t = target_of(conn)
     return (t.host, t.port, t.dbname or "", t.user or "")
 
 

@@ -38,6 +38,7 @@ from keyturn.identity import LoginThrottle
 from keyturn.masking.engine import MaskCatalog, derived_columns
 from keyturn.policy import PolicyEngine, masks_in
 from keyturn.services import Services
+from portal.settings import PORTAL
 from proxies.postgres import codec, speedups
 from proxies.postgres.catalog import Catalogs, connect_target
 from proxies.postgres.session import PROTOCOL
@@ -49,13 +50,17 @@ log = logging.getLogger(__name__)
 
 
 class PostgresGateway:
+    #: The audit spool's line buffer (keyturn.launch.runner): the compiled one lets the
+    #: fast path append audit lines in C.
+    audit_buffer = speedups.compiled.AuditBuffer if speedups.compiled is not None else None
+
     def __init__(self, services: Services, audit: AuditSpool):
         self.services = services
         self.config = services.config
         self.audit_spool = audit
         self.watcher = DecisionWatcher(services.approvals, services.store)
         self.holds = HoldService(services.approvals, self.watcher, self.audit,
-                                 public_url=self.config.portal.public_url)
+                                 public_url=PORTAL.of(self.config).public_url)
         self.sessions: dict[tuple[int, int], ClientSession] = {}
         self.tls: ssl.SSLContext | None = None
         gw = self.config.gateway
@@ -112,7 +117,7 @@ class PostgresGateway:
                 self.catalogs.refresh(conn)  # read before the first session needs it
         _raise_fd_limit(self.limits.max_connections)
         self._revocations = loop.create_task(self._end_revoked_sessions())
-        listen = self.config.gateway.postgres
+        listen = self.config.gateway.listener("postgres")  # register.py: gateway.postgres
         assert listen is not None
         # A deep accept queue: a burst of sockets is accepted (and shed if need be) instead
         # of dropped SYNs leaving real clients to retry after a second.

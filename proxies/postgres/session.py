@@ -50,6 +50,7 @@ from keyturn.policy import Decision, Request, masks_in
 from proxies.postgres import codec, guard, rowmask, settings
 from proxies.postgres.auth import AuthError, ScramServer, mock_salt
 from proxies.postgres.codec import NEED_DATA, Message, ProtocolError
+from proxies.postgres.register import target_of
 from proxies.postgres.speedups import compiled as _speedups
 
 if TYPE_CHECKING:
@@ -1181,7 +1182,7 @@ class ClientSession(asyncio.Protocol):
                 f"the session set search_path to a value keyturn cannot read, so {names} "
                 "cannot be resolved", *st.reasons))
         assert self.conn is not None
-        role = self.conn.target.user or self.user
+        role = target_of(self.conn).user or self.user
         schemas = sorted(role if s == "$user" else s for s in self.schemas)
         extra = [f"{schema}.{name}" for name in st.unqualified for schema in schemas]
         return dataclasses.replace(
@@ -1908,7 +1909,7 @@ class ClientSession(asyncio.Protocol):
         from keyturn.masking.engine import Sensitivity, check, copied
 
         assert self.conn is not None and self.identity is not None
-        role = self.conn.target.user or self.user
+        role = target_of(self.conn).user or self.user
         sens = Sensitivity(self.conn, decision.masks, self.identity.groups,
                            self.catalog.derived if self.catalog else None,
                            schemas=sorted(role if s == "$user" else s for s in self.schemas

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from proxies.postgres import codec
 from proxies.postgres.auth import AuthError, TargetAuthenticator
 from proxies.postgres.codec import ProtocolError
+from proxies.postgres.register import target_of
 
 if TYPE_CHECKING:
     from keyturn.config import Connection
@@ -54,7 +55,7 @@ class Upstream(asyncio.Protocol):
     async def connect(cls, session: ClientSession, conn: Connection,
                       params: dict[str, str]) -> Upstream:
         loop = asyncio.get_running_loop()
-        t = conn.target
+        t = target_of(conn)
         try:
             password = t.password.resolve() if t.password else None
         except Exception as exc:
@@ -85,7 +86,7 @@ class Upstream(asyncio.Protocol):
         reply = await asyncio.wait_for(self._ssl_reply, 10)
         if reply == b"S":
             ctx = ssl.create_default_context()
-            if self.conn.target.sslmode != "verify-full":
+            if target_of(self.conn).sslmode != "verify-full":
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE
             try:
@@ -93,7 +94,7 @@ class Upstream(asyncio.Protocol):
                                                       server_hostname=self.conn.target.host)
             except (OSError, ssl.SSLError) as exc:
                 raise UpstreamError(f"TLS to the target failed: {exc}") from exc
-        elif self.conn.target.sslmode in ("require", "verify-full"):
+        elif target_of(self.conn).sslmode in ("require", "verify-full"):
             raise UpstreamError("the target does not accept TLS but sslmode requires it")
 
     # ---- asyncio

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bots.context import BotContext
+from bots.settings import SlackSettings
 from bots.slack.people import SlackPeople
-from keyturn.config import SlackSettings
 
 
 @dataclass
