@@ -109,6 +109,14 @@ INSERT INTO uj_b VALUES (ROW(1));
 CREATE VIEW v_using AS SELECT * FROM uj_a JOIN uj_b USING (m);
 CREATE DOMAIN public.reverse AS text CHECK (pg_try_advisory_lock(4242) IS NOT NULL);
 INSERT INTO dtab VALUES (NULL);
+CREATE TABLE wr (id int);
+INSERT INTO wr VALUES (1);
+CREATE FUNCTION wr_text(wr) RETURNS text LANGUAGE plpgsql
+  AS $$ BEGIN PERFORM pg_advisory_lock(4242); RETURN 'x'; END $$;
+CREATE CAST (wr AS text) WITH FUNCTION wr_text(wr) AS IMPLICIT;
+CREATE OPERATOR === (LEFTARG = int4, RIGHTARG = int4, FUNCTION = int4eq, NEGATOR = !==);
+CREATE OPERATOR !== (LEFTARG = int4, RIGHTARG = int4, FUNCTION = pg_try_advisory_lock,
+                     NEGATOR = ===);
 CREATE TABLE tallies (n int);
 CREATE FUNCTION public.wipe() RETURNS int LANGUAGE plpgsql
   AS $$ BEGIN DELETE FROM victim; RETURN 1; END $$;
@@ -210,6 +218,9 @@ HIDDEN = {
         """SELECT json_populate_record(d, '{"x": "y"}') FROM (SELECT 1) s
            LEFT JOIN dtab d ON true""",
     "a call that is a cast to a domain named like a built-in": "SELECT reverse('abc')",
+    "a cast of a table's row type": "SELECT upper(wr) FROM wr",
+    "an operator whose negator takes a lock": "SELECT id FROM wr WHERE NOT (id === 3)",
+    "attribute notation as a cast to a domain": "SELECT ('x'::varchar).lockdom",
 }
 
 

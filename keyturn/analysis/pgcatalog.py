@@ -205,6 +205,13 @@ class TargetCatalog:
         for kind, s, n, what, expr in exprs:
             if kind == "r":
                 rel(s, n)["on_read_sql"].append((what, f"SELECT {expr}"))
+        # A relation's row type is named like it and runs its casts when the row is used
+        # as a value (SELECT upper(t) FROM t, t::text): judged on every read. (A type with
+        # code that is no relation's row type gets an entry no relation ever matches: a
+        # relation and a type cannot share a name in one schema.)
+        for (s, n), funcs in sorted(code.items()):
+            for what, fn in sorted(funcs):
+                rel(s, n)["on_read"].append((f"its row type ({what})", fn))
         for s, n, col, ts, tn in keep(typed_columns):
             for what, fn in sorted(code.get((ts, tn), ())):
                 rel(s, n)["on_read"].append((f"column {col} of type {ts}.{tn} ({what})", fn))

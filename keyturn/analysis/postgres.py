@@ -1155,7 +1155,9 @@ def _column_ref(w: _Walk, body: dict[str, Any], ctes: frozenset[str]) -> None:
     if len(fields) > 1:
         last = fields[-1].get("String") if isinstance(fields[-1], dict) else None
         if isinstance(last, dict):
-            w.refs[("a", "", str(last.get("sval", "")))] = None
+            name = str(last.get("sval", ""))
+            w.refs[("a", "", name)] = None
+            w.refs[("t", "", name)] = None  # ... or a cast to a type of that name
 
 
 def _indirection(w: _Walk, body: dict[str, Any], ctes: frozenset[str]) -> None:
@@ -1163,6 +1165,7 @@ def _indirection(w: _Walk, body: dict[str, Any], ctes: frozenset[str]) -> None:
         name = item.get("String") if isinstance(item, dict) else None
         if isinstance(name, dict):
             w.refs[("a", "", str(name.get("sval", "")))] = None
+            w.refs[("t", "", str(name.get("sval", "")))] = None  # (x).name: a cast too
     w.children("A_Indirection", body, ctes)
 
 

@@ -57,10 +57,28 @@ FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
 JOIN pg_language l ON l.oid = p.prolang
 WHERE n.nspname {_NOT_BUILTIN}"""
 
+# What an operator may run: its function, the functions of its commutator and negator
+# (the planner rewrites NOT (a op b) and b op a with them, and selectivity estimation
+# calls them) two links deep, and its restriction and join selectivity functions.
 _OPERATORS = f"""
-SELECT n.nspname, o.oprname, fn.nspname, p.proname
-FROM pg_operator o JOIN pg_namespace n ON n.oid = o.oprnamespace
-JOIN pg_proc p ON p.oid = o.oprcode JOIN pg_namespace fn ON fn.oid = p.pronamespace
+WITH linked(oid, op) AS (
+  SELECT o.oid, o.oid FROM pg_operator o
+  UNION SELECT o.oid, l.oid FROM pg_operator o
+    JOIN pg_operator l ON l.oid IN (o.oprcom, o.oprnegate)
+  UNION SELECT o.oid, l2.oid FROM pg_operator o
+    JOIN pg_operator l ON l.oid IN (o.oprcom, o.oprnegate)
+    JOIN pg_operator l2 ON l2.oid IN (l.oprcom, l.oprnegate)
+), runs(oid, fn) AS (
+  SELECT k.oid, l.oprcode FROM linked k JOIN pg_operator l ON l.oid = k.op
+  UNION SELECT k.oid, l.oprrest::oid FROM linked k JOIN pg_operator l ON l.oid = k.op
+    WHERE l.oprrest <> 0
+  UNION SELECT k.oid, l.oprjoin::oid FROM linked k JOIN pg_operator l ON l.oid = k.op
+    WHERE l.oprjoin <> 0
+)
+SELECT DISTINCT n.nspname, o.oprname, fn.nspname, p.proname
+FROM runs r JOIN pg_operator o ON o.oid = r.oid
+JOIN pg_namespace n ON n.oid = o.oprnamespace
+JOIN pg_proc p ON p.oid = r.fn JOIN pg_namespace fn ON fn.oid = p.pronamespace
 WHERE n.nspname {_NOT_BUILTIN} OR fn.nspname {_NOT_BUILTIN}"""
 
 # Functions that run for values of a user type: casts to or from it, its I/O and support
