@@ -34,10 +34,20 @@ KEYTURN = [sys.executable, "-m", "keyturn.launch"]
 APP_PASSWORD = "app-secret-Zx81"
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on, never the same twice in this test session (the kernel
+    may hand a just-released port out again, and two listeners of one config would
+    then collide)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_port(port: int, timeout: float = 20, proc: subprocess.Popen | None = None) -> None:

@@ -8,13 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from alembic import command
-from alembic.config import Config as AlembicConfig
 from sqlalchemy import text
 
 from keyturn.approvals import Approvals
 from keyturn.launch.localpg import LocalPostgres
-from keyturn.store import MIGRATIONS_DIR, Store
+from keyturn.store import Store
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -29,18 +27,9 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
            "/keyturn_migrations")
 
 
-def upgrade_to(store: Store, revision: str) -> None:
-    cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    cfg.set_main_option("sqlalchemy.url", store.url.replace("%", "%%"))
-    with store.engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, revision)
-
-
 def test_tickets_from_before_facts_get_their_sql_facts(store_url: str) -> None:
     store = Store(store_url)
-    upgrade_to(store, "0006")
+    store.upgrade("0006")
     with store.engine.begin() as c:
         for tid, estimate, in_tx, tables in ((1, 1234, True, ["public.orders"]),
                                              (2, None, False, [])):

@@ -91,6 +91,21 @@ class Relation:
         return f"{self.schema}.{self.name}"
 
 
+def _inherit(table: dict[tuple[str, str], set[Any]], bases: list[tuple[Any, ...]]) -> None:
+    """Give each type what its bases have (domains their base, arrays their element,
+    composites their attributes' types); domains of arrays of domains...: a few levels
+    are plenty."""
+    for _ in range(8):
+        grew = False
+        for s, t, bs, bt in bases:
+            inherited = table.get((bs, bt), set()) - table.get((s, t), set())
+            if inherited:
+                table.setdefault((s, t), set()).update(inherited)
+                grew = True
+        if not grew:
+            break
+
+
 def _temp(schema: str) -> bool:
     return schema.startswith("pg_temp_") or schema == "pg_temp"
 
@@ -160,29 +175,13 @@ class TargetCatalog:
         for s, t, what, fs, fn in keep(type_code):
             code.setdefault((s, t), set()).add((what, f"{fs}.{fn}"))
         bases = keep(type_bases)
-        for _ in range(8):  # domains of arrays of domains...: a few levels are plenty
-            grew = False
-            for s, t, bs, bt in bases:
-                inherited = code.get((bs, bt), set()) - code.get((s, t), set())
-                if inherited:
-                    code.setdefault((s, t), set()).update(inherited)
-                    grew = True
-            if not grew:
-                break
+        _inherit(code, bases)
         exprs = keep(expressions)
         checks: dict[tuple[str, str], set[tuple[str, str]]] = {}
         for kind, s, t, what, expr in exprs:
             if kind == "t":
                 checks.setdefault((s, t), set()).add((what, f"SELECT {expr}"))
-        for _ in range(8):
-            grew = False
-            for s, t, bs, bt in bases:
-                inherited = checks.get((bs, bt), set()) - checks.get((s, t), set())
-                if inherited:
-                    checks.setdefault((s, t), set()).update(inherited)
-                    grew = True
-            if not grew:
-                break
+        _inherit(checks, bases)
         type_sql: dict[str, list[tuple[str, str, str]]] = {}
         for (s, t), found in checks.items():
             type_sql.setdefault(t, []).extend((s, what, sql) for what, sql in sorted(found))
