@@ -1092,13 +1092,18 @@ class ClientSession(asyncio.Protocol):
     def _verdict(self, analysis: Any) -> Decision:
         """The decision on an analysis, from the session's memo when it holds one."""
         statements = analysis.statements
-        if len(statements) == 1:
-            st = statements[0]
-            hit = self.verdicts.get((st.cls, st.tables, st.functions, st.forbidden, st.reasons,
-                                     st.refs))
-            if hit is not None:
-                return hit
-        return self._decide(analysis)
+        if len(statements) != 1 or analysis.error is not None:
+            return self._decide(analysis)
+        st = statements[0]
+        key = (st.cls, st.tables, st.functions, st.forbidden, st.reasons, st.refs)
+        hit = self.verdicts.get(key)
+        if hit is None:
+            hit = self._decide(analysis)
+            # Only allowed verdicts are kept (as in _on_query): a policy generation or a
+            # catalog change clears them (forget_verdicts).
+            if hit.action == "allow" and len(self.verdicts) < 4096:
+                self.verdicts[key] = hit
+        return hit
 
     def _typed_parameters(self, analysis: Any, types: Sequence[int]) -> Any:
         """A Parse that declares parameters of user types (a domain, a composite holding
@@ -1281,7 +1286,7 @@ class ClientSession(asyncio.Protocol):
             self._blocked(ctx, b"E", out)
             return True
         if info.decision is None:
-            info.decision = self._decide(info.analysis)
+            info.decision = self._verdict(info.analysis)
         d = info.decision
         if self.fast is not None and d.action == "allow" and d.classification == "read" \
                 and stmt_name is not None and not info.names \
