@@ -1099,8 +1099,8 @@ class ClientSession(asyncio.Protocol):
         hit = self.verdicts.get(key)
         if hit is None:
             hit = self._decide(analysis)
-            # Only allowed verdicts are kept (as in _on_query): a policy generation or a
-            # catalog change clears them (forget_verdicts).
+            # Only allowed verdicts are kept: a policy generation or a catalog change
+            # clears them (forget_verdicts).
             if hit.action == "allow" and len(self.verdicts) < 4096:
                 self.verdicts[key] = hit
         return hit
@@ -1233,12 +1233,7 @@ class ClientSession(asyncio.Protocol):
             # Hot path: one statement whose verdict this session has seen before
             # (the verdict depends on everything in the key, never on the text).
             st = statements[0]
-            key = (st.cls, st.tables, st.functions, st.forbidden, st.reasons, st.refs)
-            decision = self.verdicts.get(key)
-            if decision is None:
-                decision = self._decide(analysis)
-                if decision.action == "allow" and len(self.verdicts) < 4096:
-                    self.verdicts[key] = decision
+            decision = self._verdict(analysis)
             if (decision.action == "allow" and fast is not None and not self.masking
                     and len(self.fast_verdicts) < 4096 and self.analyzer.known_shape(fast)
                     and not _runs_user_code(analysis, decision)):
