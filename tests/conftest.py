@@ -31,6 +31,10 @@ install()
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYTURN = [sys.executable, "-m", "keyturn.launch"]
+# Processes the tests start (the gateway, the CLI) run this checkout's code, whichever
+# checkout the virtualenv was installed from.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
 APP_PASSWORD = "app-secret-Zx81"
 
 

@@ -24,7 +24,7 @@ from keyturn.config import parse_config
 from keyturn.services import Services, build_services
 from portal import create_app
 from portal.accounts import set_password
-from proxies.postgres.session import ticket_facts
+from proxies.postgres.holding import ticket_facts
 
 PASSWORD = "correct-horse-battery"
 USERS = ("alice", "bob", "dana", "erin", "carol", "mona", "adam")

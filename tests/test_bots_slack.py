@@ -23,7 +23,7 @@ from keyturn.approvals import TicketRequest
 from keyturn.config import load_config
 from keyturn.models import AuditRecord, TicketEvent, Vote
 from keyturn.services import Services, build_services
-from proxies.postgres.session import ticket_facts
+from proxies.postgres.holding import ticket_facts
 from tests.chat_standins import (
     SlackStandIn,
     block_action,

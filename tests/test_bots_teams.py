@@ -22,7 +22,7 @@ from keyturn.approvals import TicketRequest
 from keyturn.config import load_config
 from keyturn.models import AuditRecord, TicketEvent
 from keyturn.services import build_services
-from proxies.postgres.session import ticket_facts
+from proxies.postgres.holding import ticket_facts
 from tests.chat_standins import TeamsStandIn
 from tests.conftest import free_port
 

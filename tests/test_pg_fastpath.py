@@ -30,7 +30,8 @@ from keyturn.policy import PolicyEngine
 from proxies.postgres import codec
 from proxies.postgres.catalog import Catalogs
 from proxies.postgres.gateway import PostgresGateway
-from proxies.postgres.session import FAST_AUDIT_LAYOUT, ClientSession
+from proxies.postgres.session import ClientSession
+from proxies.postgres.state import FAST_AUDIT_LAYOUT
 from proxies.postgres.speedups import compiled
 from proxies.postgres.upstream import Upstream
 

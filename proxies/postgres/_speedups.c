@@ -814,7 +814,7 @@ static PyTypeObject AuditBufferType = {
 #define MAX_BATCH 32
 
 /* The keys of a fast-path audit line after the session's prefix, in the order written
-   (FastPath's `layout` argument, proxies/postgres/session.py FAST_AUDIT_LAYOUT): */
+   (FastPath's `layout` argument, proxies/postgres/state.py FAST_AUDIT_LAYOUT): */
 enum {
     KEY_AT,     /* the time key, right after the prefix */
     KEY_TEXT,   /* ,"<text key>": before the statement's text */

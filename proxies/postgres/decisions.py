@@ -1,0 +1,219 @@
+"""Deciding statements: the server's prepared-statement namespace as this session
+changed it, the verdict memo, and the policy question for each analysed statement.
+
+Part of ``ClientSession`` (proxies/postgres/session.py), as a mixin. It must not write
+to the client or the target; it says what a statement is and what the policy decided."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+from keyturn.analysis import StatementClass
+from keyturn.analysis.postgres import (
+    DEFAULT_SEARCH_PATH,
+    Statement,
+)
+from keyturn.policy import Decision, Request
+from proxies.postgres import codec
+from proxies.postgres.register import target_of
+from proxies.postgres.state import (
+    _AMBIGUOUS,
+    _FIRST_USER_OID,
+    Ctx,
+    Expect,
+    SessionState,
+    StmtInfo,
+    _pkey,
+    _runs_user_code,
+)
+
+if TYPE_CHECKING:
+    from proxies.postgres.session import ClientSession
+
+log = logging.getLogger(__name__)
+
+
+_DEFAULT_SCHEMAS = frozenset(DEFAULT_SEARCH_PATH)
+
+
+class Decisions(SessionState):
+    """ClientSession's decisions (mixin; methods run on the session's state)."""
+
+    def _namespace_op(self, key: str, kind: bytes, info: StmtInfo | None, *,
+                      swallow: bool = False) -> Expect:
+        """A Parse (info: its statement) or a statement Close (None) of ``key`` is sent.
+
+        Until the target answers, the name may still hold what it held before: a Parse
+        of an existing name fails, and after an error everything up to Sync is skipped.
+        A Bind in the same batch sees the new state (if the change failed or was skipped,
+        so is the Bind); a Bind in a later batch while the answer is unknown is refused
+        as ambiguous. SQL EXECUTE of the name is unknown from now on."""
+        self.op_seq += 1
+        prior = self.stmts.get(key)
+        if info is None:
+            self.stmts.pop(key, None)
+        else:
+            self.stmts[key] = info
+        self.stmt_op[key] = (self.op_seq, self.syncs)
+        self.doubt[key] = self.doubt.get(key, 0) + 1
+        self.fast_stmts.pop(key.encode("utf-8", "surrogateescape"), None)
+        if self.prepared is not None:
+            self.prepared.drop(key)
+        return Expect(kind, op=self.op_seq, name=key, prior=prior, mine=info,
+                      swallow=swallow, replace=b"" if swallow else None)
+
+    def _namespace_answer(self, entry: Expect, ok: bool) -> None:
+        """The target accepted (ok), refused or skipped a Parse / Close of ours."""
+        key = entry.name
+        assert key is not None
+        left = self.doubt.get(key, 0) - 1
+        if left > 0:
+            self.doubt[key] = left
+        else:
+            self.doubt.pop(key, None)
+        latest = self.stmt_op.get(key, (0, 0))[0] == entry.op
+        if ok:
+            if latest:
+                if entry.mine is None:
+                    self.stmts.pop(key, None)
+                else:
+                    self.stmts[key] = entry.mine
+            return
+        self.fast_stmts.pop(key.encode("utf-8", "surrogateescape"), None)
+        if latest:
+            if entry.prior is None:
+                self.stmts.pop(key, None)
+            else:
+                self.stmts[key] = entry.prior
+        else:
+            # A later change was sent on the assumption that this one worked.
+            self.stmts[key] = _AMBIGUOUS
+
+    def _refuse_parse(self, sql: str, analysis: Any, out: list[bytes]) -> bool:
+        """Refuse a Parse (True) whose statement runs user-defined code before any Execute
+        and which the policy does not allow: the server runs a composite or domain type's
+        input and checks while it parses a literal, and folds immutable functions while it
+        plans at Bind, so deciding at Execute would be too late."""
+        decision = self._verdict(analysis)
+        if decision.action == "allow" or not _runs_user_code(analysis, decision):
+            return False
+        how = "blocked" if decision.action == "block" else "not allowed without review"
+        reason = (f"{decision.reason}; it runs user-defined code while the server prepares "
+                  "it, so it is refused before it is sent" +
+                  ("" if decision.action == "block" else
+                   " (send it as a simple query to have it held for review)"))
+        rule = f"rule {decision.rule!r}" if decision.rule else "the policy default"
+        self._refuse(codec.encode_error("ERROR", "42501", f"keyturn: {how} by {rule}: {reason}"),
+                     b"E", out)
+        ctx = Ctx(sql, decision.classification, "block", decision.rule, reason, time.time())
+        self._audit(ctx, outcome="blocked")
+        return True
+
+    def _verdict(self, analysis: Any) -> Decision:
+        """The decision on an analysis, from the session's memo when it holds one."""
+        statements = analysis.statements
+        if len(statements) != 1 or analysis.error is not None:
+            return self._decide(analysis)
+        st = statements[0]
+        key = (st.cls, st.tables, st.functions, st.forbidden, st.reasons, st.refs)
+        hit = self.verdicts.get(key)
+        if hit is None:
+            hit = self._decide(analysis)
+            # Only allowed verdicts are kept: a policy generation or a catalog change
+            # clears them (forget_verdicts).
+            if hit.action == "allow" and len(self.verdicts) < 4096:
+                self.verdicts[key] = hit
+        return hit
+
+    def _typed_parameters(self, analysis: Any, types: Sequence[int]) -> Any:
+        """A Parse that declares parameters of user types (a domain, a composite holding
+        one): values bound to them run those types' code, as a cast would."""
+        assert self.conn is not None
+        if not analysis.statements:
+            return analysis
+        refs = []
+        for oid in types:
+            if oid >= _FIRST_USER_OID:
+                named = self.gw.catalogs.type_named(self.conn, oid)
+                if named is not None:
+                    refs.append(("t", *named))
+        if not refs:
+            return analysis
+        first = analysis.statements[0]
+        first = dataclasses.replace(first, refs=tuple(dict.fromkeys((*first.refs, *refs))))
+        return dataclasses.replace(analysis, statements=(first, *analysis.statements[1:]))
+
+    def _bind_target(self, key: str) -> StmtInfo | None:
+        info = self.stmts.get(key)
+        if self.doubt.get(key) and self.stmt_op.get(key, (0, -1))[1] != self.syncs:
+            return _AMBIGUOUS
+        return info
+
+    def _sql_namespace(self, changes: Any) -> None:
+        """SQL PREPARE / DEALLOCATE / DISCARD may replace or free a name a Parse made:
+        that name is unknown at the protocol level from now on (a Bind of it is refused)."""
+        for _index, name, _seq in changes:
+            keys = list(self.stmts) if name is None else [_pkey(name)]
+            for key in keys:
+                self.op_seq += 1
+                self.stmts.pop(key, None)
+                self.stmt_op[key] = (self.op_seq, self.syncs)
+            if name is None:
+                self.fast_stmts.clear()
+                self.guard_stmts.clear()  # DEALLOCATE ALL took the guard's too
+            else:
+                self.fast_stmts.pop(_pkey(name).encode("utf-8", "surrogateescape"), None)
+
+    def _decide(self, analysis: Any) -> Decision:
+        assert self.identity is not None and self.conn is not None
+        statements = analysis.statements
+        if self.schemas != _DEFAULT_SCHEMAS:
+            statements = tuple(self._resolve(st) for st in statements)
+        # What runs on the target:
+        statements = self.gw.catalogs.resolve(cast("ClientSession", self), statements)
+        return self.gw.policy.evaluate(Request(self.user, self.identity.groups, self.conn,
+                                               statements, analysis.error))
+
+    def _note_search_path(self, statements: tuple[Statement, ...]) -> None:
+        """Widen the schemas unqualified names may resolve in; forget memoised verdicts."""
+        for st in statements:
+            if st.search_path is None:
+                continue
+            wider = self.schemas | set(st.search_path)
+            if wider != self.schemas:
+                self.schemas = wider
+                self.forget_verdicts()
+
+    def forget_verdicts(self) -> None:
+        """Judge every statement afresh: what a name means has changed (search_path, or
+        the target's catalog; proxies/postgres/catalog.py)."""
+        self.verdicts.clear()
+        self.fast_verdicts.clear()
+        self.guarded_verdicts.clear()
+        self.fast_stmts.clear()
+        for info in self.stmts.values():
+            info.decision = None
+
+    def _resolve(self, st: Statement) -> Statement:
+        """The statement with each unqualified table in every schema the session's
+        search_path may name, so a rule on ``secret.*`` sees ``SELECT * FROM t`` after
+        ``SET search_path = secret``. An unreadable search_path makes it unknown."""
+        if not st.unqualified:
+            return st
+        names = ", ".join(st.unqualified)
+        if "*" in self.schemas:
+            return dataclasses.replace(st, cls=StatementClass.UNKNOWN, reasons=(
+                f"the session set search_path to a value keyturn cannot read, so {names} "
+                "cannot be resolved", *st.reasons))
+        assert self.conn is not None
+        role = target_of(self.conn).user or self.user
+        schemas = sorted(role if s == "$user" else s for s in self.schemas)
+        extra = [f"{schema}.{name}" for name in st.unqualified for schema in schemas]
+        return dataclasses.replace(
+            st, tables=tuple(dict.fromkeys([*st.tables, *extra])),
+            reasons=(*st.reasons, f"search_path may resolve {names} in schema(s) "
+                                  f"{', '.join(schemas)}"))

@@ -1,0 +1,145 @@
+"""Holding a statement for approval: hands the request to ``keyturn.holds`` and renders
+its outcome as PostgreSQL answers (the result, or an ERROR with the ticket's outcome).
+
+Part of ``ClientSession`` (proxies/postgres/session.py), as a mixin. The hold workflow
+itself (tickets, waiting, expiry, claims) lives in keyturn/holds.py, not here."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from keyturn import holds
+from keyturn.approvals import TicketRequest, binding_of
+from keyturn.policy import Decision
+from proxies.postgres import codec
+from proxies.postgres.codec import Message
+from proxies.postgres.state import Ctx, SessionState
+
+log = logging.getLogger(__name__)
+
+
+_OUTCOME_SQLSTATE = {holds.DEFERRED: "42501", "rejected": "42501", "expired": "57014",
+                     "cancelled": "57014"}
+
+
+def ticket_facts(classification: str, tables: Sequence[str], row_estimate: int | None,
+                 in_transaction: bool) -> tuple[tuple[str, str], ...]:
+    """What approvers see about a held statement besides its text, in order (the
+    portal, Slack and Teams show these labelled facts without knowing SQL)."""
+    cls = classification + (f" on {', '.join(tables)}" if tables else "")
+    rows = f"{row_estimate:,} (EXPLAIN)" if row_estimate is not None else "no estimate"
+    tx = "yes — the client holds a transaction" if in_transaction else "no"
+    return (("Class", cls), ("Estimated rows", rows), ("Transaction open", tx))
+
+
+class Holds(SessionState):
+    """ClientSession's holds (mixin; methods run on the session's state)."""
+
+    def _start_review(self, msg: Message, ctx: Ctx, decision: Decision,
+                      analysis: Any, out: list[bytes], *, kind: bytes) -> bool:
+        # Everything decided so far must reach the target before we wait.
+        if out and self.upstream:
+            self._send(b"".join(out))
+            out.clear()
+        self.holding = True
+        self._spawn(self._review(msg, ctx, decision, analysis, kind))
+        return False
+
+    async def _review(self, msg: Message, ctx: Ctx, decision: Decision,
+                      analysis: Any, kind: bytes) -> None:
+        try:
+            await self._review_inner(msg, ctx, decision, analysis, kind)
+        except Exception:
+            log.exception("hold in session %s failed", self.session_id)
+            self._refuse(codec.encode_error("ERROR", "XX000", "keyturn: the approval workflow "
+                                            "failed; the statement was not run"), kind)
+            self._audit(ctx, outcome="error")
+        finally:
+            self.held_ticket = None
+            self.holding = False
+        self._replay_backlog()
+
+    async def _review_inner(self, msg: Message, ctx: Ctx,
+                            decision: Decision, analysis: Any, kind: bytes) -> None:
+        """Hold the statement with the core's hold service; render its outcome."""
+        assert self.conn is not None and self.identity is not None and decision.review
+        review = decision.review
+        conn = self.conn
+        binding = binding_of(self.user, conn.name, ctx.statement, ctx.params)
+        statements = analysis.statements
+        readable = not ctx.params or not any(
+            isinstance(p, str) and p.startswith("\\x") for p in ctx.params)
+        explain = len(statements) == 1 and getattr(statements[0], "is_dml", False) and readable
+
+        async def enrich(req: TicketRequest) -> TicketRequest:
+            estimate = await asyncio.to_thread(self.gw.explain_rows, conn, ctx.statement,
+                                               ctx.params) if explain else None
+            return dataclasses.replace(req, row_estimate=estimate, facts=ticket_facts(
+                req.classification, req.tables, estimate, req.in_transaction))
+        req = TicketRequest(
+            requester=self.user, requester_groups=self.identity.groups,
+            connection=conn.name, statement=ctx.shown or ctx.statement,
+            classification=decision.classification, rule=decision.rule or "",
+            reason=decision.reason, approver_groups=review.approvers,
+            min_approvals=review.min_approvals, timeout=review.timeout, mode=review.mode,
+            params=ctx.shown_params if ctx.shown is not None else ctx.params,
+            tables=decision.tables, client_addr=self.client_addr,
+            application=self.application, session_id=self.session_id,
+            in_transaction=self.tx_status in ("T", "E"), language="sql",
+            gateway_id=self.gw.config.gateway.gateway_id, binding=binding)
+
+        def on_held(held: holds.Held) -> None:
+            ctx.ticket_id = held.ticket_id
+            if held.mode == "defer":
+                return  # the outcome says it
+            self._inject(codec.encode_notice("NOTICE", "00000", f"keyturn: {held.message}"))
+            if kind == b"E" and self.upstream:
+                # Let the target flush ParseComplete/BindComplete so the client sees them.
+                self.upstream.write(codec.encode_flush())
+
+        def on_wait(ticket_id: int | None) -> None:
+            self.held_ticket = ticket_id
+
+        outcome = await self.gw.holds.hold(req, binding=binding, noun="statement",
+                                           on_held=on_held, on_wait=on_wait,
+                                           is_gone=lambda: self.closed, enrich=enrich)
+        if outcome.status == holds.GONE:
+            return
+        if outcome.ticket_id is not None:
+            ctx.ticket_id = outcome.ticket_id
+        if outcome.run:
+            self._inject(codec.encode_notice("NOTICE", "00000", f"keyturn: {outcome.message}"))
+            self._forward_approved(msg, ctx, kind)
+            return
+        self._refuse(codec.encode_error("ERROR", _OUTCOME_SQLSTATE.get(outcome.status, "42501"),
+                                        f"keyturn: {outcome.message}"), kind)
+        if outcome.status == holds.DEFERRED:
+            return
+        ctx.action = "review"
+        self._audit(ctx, outcome=outcome.status)
+
+    def _forward_approved(self, msg: Message, ctx: Ctx, kind: bytes) -> None:
+        ctx.t0 = time.time()
+        out: list[bytes] = []
+        self._forward(msg, ctx, kind, out)
+        if self.upstream:
+            self._send(b"".join(out))
+
+    def _cancel_held_sync(self, reason: str) -> None:
+        tid = self.held_ticket
+        if tid is not None:
+            self.gw.holds.cancel(tid, self.user, reason)
+
+    def _cancel_held(self, reason: str) -> None:
+        self._spawn(asyncio.to_thread(self._cancel_held_sync, reason))
+
+    async def on_cancel_request(self) -> None:
+        if self.held_ticket is not None:
+            await asyncio.to_thread(self._cancel_held_sync, "cancelled by the client (Ctrl-C)")
+        elif self.upstream and self.upstream.backend_key and self.conn:
+            await self.gw.send_target_cancel(self.conn, *self.upstream.backend_key)

@@ -1,0 +1,308 @@
+"""What a PostgreSQL client session tracks per request and per expected answer
+(``Ctx``, ``Expect``, ``StmtInfo``) and small helpers shared by the session's parts.
+
+Plain data and pure functions: nothing here does I/O or decides anything."""
+
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from keyturn import auditschema
+from keyturn.analysis.postgres import (
+    Statement,
+)
+from keyturn.policy import Decision
+from proxies.postgres.codec import Message
+
+if TYPE_CHECKING:
+    pass
+
+if TYPE_CHECKING:
+    import asyncio
+    from collections import deque
+
+    from keyturn.analysis import Analyzer
+    from keyturn.analysis.postgres import Statement
+    from keyturn.config import Connection
+    from keyturn.identity import Identity
+    from keyturn.policy import Decision
+    from proxies.postgres import codec, guard
+    from proxies.postgres.auth import ScramServer
+    from proxies.postgres.codec import Message
+    from proxies.postgres.gateway import PostgresGateway
+    from proxies.postgres.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+
+PROTOCOL = "postgres"  # the audit records' protocol
+
+
+FAST_AUDIT_LAYOUT = (
+    auditschema.key("at"),
+    b"," + auditschema.key("statement"),
+    b"," + auditschema.fragment(outcome="ok") + b"," + auditschema.key("duration_ms"),
+    b"," + auditschema.key("rows"),
+    b"," + auditschema.key("n"),
+)
+
+
+@dataclass(slots=True)
+class Ctx:
+    """What the audit record of one forwarded request needs."""
+
+    statement: str
+    classification: str
+    action: str
+    rule: str | None
+    reason: str
+    t0: float
+    ticket_id: int | None = None
+    params: list[Any] | None = None
+    rows: int | None = None
+    tags: list[str] | None = None
+    error: dict[str, str] | None = None
+    # Masking (masked connections only): the sensitivity, the statement's lineage, the
+    # plan for the current result, what was masked and what the detectors found.
+    sens: Any = None
+    lineages: Any = None
+    portal: str | None = None
+    plan: Any = None
+    masked: dict[str, int] | None = None
+    detected: dict[str, int] | None = None
+    refusal: bytes | None = None
+    # It runs user-defined code: nothing after it is sent until it completes (that code
+    # could change how the target reads the next message; see _dispatch).
+    barrier: bool = False
+    rewrite: Any = None  # DataRow (chunk, body start, end) -> replacement, or None
+    mask_counts: Any = None  # [(field names, masked values per field)] per result
+    masked_by: Any = None  # {output column: the rule that masks it}
+    copy: Any = None  # keyturn.masking.copy.CopyMasker for COPY … TO rows
+    # On masked connections: the statement and parameters as shown (literals that touch
+    # sensitive columns redacted); what runs is unchanged.
+    shown: str | None = None
+    shown_params: list[Any] | None = None
+    # PREPARE / DEALLOCATE changes of the SQL namespace: (statement index, name, change),
+    # settled with the outcome when the request is audited.
+    changes: Any = None
+    analysis: Any = None  # what the read-only guard plans from (set when dispatched)
+    n: int = 0  # the number of its intent record (written before it was sent), 0: none
+
+
+@dataclass(slots=True)
+class Expect:
+    """One response the target owes us, or (kind "!") bytes of our own to send."""
+
+    kind: bytes
+    ctx: Ctx | None = None
+    inject: bytes | None = None
+    rfq: bool = False
+    name: str | None = None  # the statement a Describe asks about
+    replace: bytes | None = None  # sent to the client instead of the target's error
+    plan_for: Ctx | None = None  # our own Describe(portal): its answer plans ctx's masking
+    swallow: bool = False  # the answer to a message of our own: not forwarded
+    then: Message | None = None  # with plan_for: the Execute waiting for this answer
+    # Parse / Close of a prepared statement: its key, the change's number and what the
+    # name held before (restored when the target refuses or skips the change).
+    op: int = 0
+    prior: Any = None
+    mine: Any = None
+    # The read-only guard (proxies/postgres/guard.py): hide = a Query of the gateway's own,
+    # answered to it alone; ours = per statement of a rewritten Query, whether it is the
+    # gateway's (its CommandComplete is not forwarded); ci counts CommandCompletes seen.
+    hide: bool = False
+    ours: tuple[bool, ...] | None = None
+    ci: int = 0
+    rewritten: Any = None
+    guard_stmt: str | None = None  # a Parse of one of the gateway's guard statements
+    # The guard ran the client's implicit transaction as an explicit one and a hidden
+    # ROLLBACK follows: the client is told 'I' as the implicit transaction would say.
+    as_idle: bool = False
+
+
+@dataclass(slots=True)
+class StmtInfo:
+    sql: str
+    analysis: Any
+    param_types: tuple[int, ...] = ()
+    decision: Decision | None = None
+    names: bool = False  # PREPARE / DEALLOCATE / DISCARD: it changes the SQL namespace
+
+
+_AMBIGUOUS = StmtInfo("", None)
+
+
+_NAMESPACE_COMMANDS = frozenset(("PREPARE", "DEALLOCATE", "DISCARD"))
+
+
+def _pkey(name: str) -> str:
+    """A protocol-level statement or portal name as the server keys it: its first 63
+    bytes (a byte cut, not a character one: the server copies names with strlcpy)."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) <= 63:
+        return name
+    return raw[:63].decode("utf-8", "surrogateescape")
+
+
+def _splice(out: list[bytes] | None, chunk: bytes, seg: int, start: int, end: int,
+            new: bytes) -> tuple[list[bytes], int]:
+    """Replace chunk[start:end] by ``new`` in the output being built from ``chunk``."""
+    if out is None:
+        out = []
+    out.append(chunk[seg:start])
+    out.append(new)
+    return out, end
+
+
+_EXPECT_B, _EXPECT_P, _EXPECT_S, _EXPECT_C = Expect(b"B"), Expect(b"P"), Expect(b"S"), Expect(b"C")
+
+
+_FIRST_USER_OID = 16384  # OIDs below are the server's own objects
+
+
+_TEXT_OIDS = {25, 1043, 1042, 19, 114, 3802}
+
+
+def _runs_user_code(analysis: Any, decision: Decision) -> bool:
+    """Whether the target's catalog showed user-defined code in a statement: code the
+    gateway cannot see into, or a class the catalog raised (a type's checks, a view)."""
+    judged = decision.statements
+    return any(st.opaque for st in analysis.statements) or len(judged) != len(
+        analysis.statements) or any(str(st.cls) != j.classification
+                                    for st, j in zip(analysis.statements, judged, strict=False))
+
+
+@dataclass(slots=True)
+class _Single:
+    """What the read-only guard plans from, for a statement whose analysis was memoised."""
+
+    statements: tuple[Statement, ...]
+    error: Any = None
+    changes: Any = ()
+
+
+def _error_at(body: bytes, position: int | None) -> bytes:
+    """An ErrorResponse with its position field (P) set to ``position`` (None: removed)."""
+    fields = [f for f in body.split(b"\0") if f]
+    parts = [f for f in fields if f[:1] != b"P"]
+    if position is not None:
+        parts.append(b"P" + str(position).encode())
+    payload = b"".join(p + b"\0" for p in parts) + b"\0"
+    return b"E" + struct.pack("!i", len(payload) + 4) + payload
+
+
+def _rows(tag: str, current: int | None) -> int | None:
+    last = tag.rsplit(" ", 1)[-1]
+    if last.isdigit() and tag.split(" ", 1)[0] in ("SELECT", "INSERT", "UPDATE", "DELETE",
+                                                  "MERGE", "COPY", "FETCH", "MOVE"):
+        return (current or 0) + int(last)
+    return current
+
+
+class SessionState:
+    """Everything a client session tracks, declared once for all its parts (the
+    mixins in startup, decisions, holding, enforce, masker and ordering run on it).
+    ``ClientSession.__init__`` gives the values, with comments on what each means."""
+
+    gw: PostgresGateway
+    reader: codec.FrontendReader
+    phase: str
+    transport: asyncio.Transport | None
+    upstream: Upstream | None
+    tls_active: bool
+    client_addr: str
+    session_id: str
+    key: tuple[int, int] | None
+    user: str
+    identity: Identity | None
+    conn: Connection | None
+    startup_params: dict[str, str]
+    application: str
+    scram: ScramServer | None
+    analyzer: Analyzer
+    sasl_started: bool
+    cleartext: bool
+    expect: deque[Expect]
+    backlog: deque[Message]
+    backlog_bytes: int
+    holding: bool
+    held_ticket: int | None
+    skip_until_sync: bool
+    fail_at_sync: bool
+    stmts: dict[str, StmtInfo]
+    syncs: int
+    op_seq: int
+    stmt_op: dict[str, tuple[int, int]]
+    doubt: dict[str, int]
+    bound: dict[str, tuple[bytes, StmtInfo | None]]
+    verdicts: dict[tuple[Any, ...], Decision]
+    fast_verdicts: dict[str, tuple[Decision, bytes]]
+    guarded_verdicts: dict[str, tuple[Decision, Statement]]
+    fast_stmts: dict[bytes, tuple[Any, ...]]
+    fast: Any
+    schemas: frozenset[str]
+    masking: bool
+    catalog: Any
+    detectors: Any
+    _mask_ops: dict[str, Any]
+    _sensitive_name: Any
+    _audit_prefix: bytes | None
+    _catalog_refreshing: bool
+    mask_prepared: dict[str, Any]
+    mask_cursors: dict[str, Any]
+    portals: dict[str, tuple[str, bytes]]
+    prepared: Any
+    tx_status: str
+    txs: guard.TxState
+    guard_stmts: set[str]
+    batch_open: bool
+    batch_rw: bool
+    batch_explicit: bool
+    barrier_done: bool
+    imp_started: bool
+    imp_bound: bool
+    upstream_ro: bool
+    intent_n: int
+    unsent: bool
+    _intent_prefix: bytes | None
+    closed: bool
+    terminating: bool
+    connected_at: float
+    client_ip: str
+
+    if TYPE_CHECKING:
+        # What the parts call across modules (the implementations are in the mixins
+        # and session.py; mypy checks they match).
+        def _audit(self, ctx: Ctx, *, outcome: str) -> None: ...
+        def _audit_mask_refusal(self, ctx: Ctx, error: bytes) -> None: ...
+        def _audit_prefix_bytes(self) -> bytes: ...
+        def _blocked(self, ctx: Ctx, kind: bytes, out: list[bytes]) -> None: ...
+        def _decide(self, analysis: Any) -> Decision: ...
+        def _finished(self, ctx: Ctx) -> None: ...
+        def _forward(self, msg: Message, ctx: Ctx, kind: bytes, out: list[bytes]) -> bool: ...
+        def _guard_after_execute(self, ctx: Ctx, out: list[bytes]) -> None: ...
+        def _guard_lost(self) -> None: ...
+        def _guard_sync(self) -> None: ...
+        def _inject(self, data: bytes, *, rfq: bool = False) -> None: ...
+        def _intent(self, ctx: Ctx) -> None: ...
+        def _intent_prefix_bytes(self) -> bytes: ...
+        def _mask_message(self, head: Expect, t: bytes, chunk: bytes,
+                          start: int, end: int) -> bytes | None: ...
+        def _namespace_answer(self, entry: Expect, ok: bool) -> None: ...
+        def _param_status(self, body: bytes) -> bytes | None: ...
+        def _refuse(self, error: bytes, kind: bytes, out: list[bytes] | None = None) -> None: ...
+        def _replay_backlog(self) -> None: ...
+        def _rows(self, head: Expect, chunk: bytes, start: int, end: int,
+                  out: list[bytes] | None, seg: int) -> tuple[list[bytes] | None, int]: ...
+        def _send(self, data: bytes) -> None: ...
+        def _spawn(self, coro: Any) -> None: ...
+        def _take_fast(self) -> None: ...
+        def _verdict(self, analysis: Any) -> Decision: ...
+        @property
+        def conn_name(self) -> str | None: ...
+        def data_received(self, data: bytes, fast_ok: bool = True) -> None: ...
+        def fatal(self, sqlstate: str, message: str, detail: str | None = None) -> None: ...
+        def write(self, data: bytes) -> None: ...
