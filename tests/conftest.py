@@ -263,9 +263,10 @@ def direct_shop(pg: LocalPostgres) -> psycopg.Connection:
 def make_keyturn(base: Path, pg: LocalPostgres, *, store_url_env: dict[str, str] | None = None,
                  timeout: str = "10m", extra: str = "", client_auth: str = "scram",
                  target_sslmode: str = "disable", shop_policy: str = "shop",
-                 unknown_functions: str = "write") -> Keyturn:
+                 unknown_functions: str = "write", shop_db: str = "shop") -> Keyturn:
     """Write a config and create tokens; ``store_url_env`` = {VAR: url} uses a
-    PostgreSQL store named by environment variable (never inline in the file)."""
+    PostgreSQL store named by environment variable (never inline in the file);
+    ``shop_db``: the database the ``shop`` connection reaches."""
     base.mkdir(parents=True, exist_ok=True)
     gport, pport = free_port(), free_port()
     (base / "app.password").write_text(APP_PASSWORD)
@@ -291,7 +292,7 @@ def make_keyturn(base: Path, pg: LocalPostgres, *, store_url_env: dict[str, str]
         connections:
           - name: shop
             type: postgres
-            target: {{host: 127.0.0.1, port: {pg.port}, dbname: shop, user: app,
+            target: {{host: 127.0.0.1, port: {pg.port}, dbname: {shop_db}, user: app,
                       password_file: {base / 'app.password'}, sslmode: {target_sslmode}}}
             policy: {shop_policy}
             unknown_functions: {unknown_functions}

@@ -31,8 +31,8 @@ from proxies.postgres import codec
 from proxies.postgres.catalog import Catalogs
 from proxies.postgres.gateway import PostgresGateway
 from proxies.postgres.session import ClientSession
-from proxies.postgres.state import FAST_AUDIT_LAYOUT
 from proxies.postgres.speedups import compiled
+from proxies.postgres.state import FAST_AUDIT_LAYOUT
 from proxies.postgres.upstream import Upstream
 
 pytestmark = pytest.mark.skipif(compiled is None, reason="compiled speedups not built")

@@ -225,3 +225,69 @@ def test_too_large_or_too_many_statements_is_unknown_and_quick() -> None:
     assert time.perf_counter() - started < 2
     ok = "SELECT * FROM t WHERE id IN (" + ",".join(map(str, range(30_000))) + ")"
     assert len(ok) < MAX_ANALYSED_TEXT and an.analyze(ok).cls is C.READ
+
+
+HOOKED = catalog(routines=[fn("public", "m2t"), fn("public", "d2i"), fn("public", "icmp")],
+                 hooks=[("an implicit cast from macaddr to text", "public", "m2t")])
+
+
+@pytest.mark.parametrize("sql", ["SELECT 1", "SELECT * FROM orders", "VALUES (1)",
+                                 "INSERT INTO t VALUES (1)", "SELECT set_config('a.b', 'c', false)"])
+def test_code_any_statement_may_run_is_judged_on_every_statement(sql: str) -> None:
+    st = judge(sql, HOOKED)
+    assert st.cls is C.WRITE, st.reasons
+    assert "public.m2t" in st.functions and "public.m2t" in st.opaque
+    assert any("implicit cast from macaddr to text" in r for r in st.reasons)
+
+
+@pytest.mark.parametrize("sql", ["BEGIN", "COMMIT", "SAVEPOINT a", "SET search_path = x",
+                                 "SHOW work_mem", "DEALLOCATE ALL"])
+def test_statements_that_evaluate_no_value_run_no_type_hooks(sql: str) -> None:
+    assert judge(sql, HOOKED).cls is judge(sql, catalog()).cls
+
+
+EXPLICIT = catalog(routines=[fn("public", "d2i")],
+                   type_code=[("pg_catalog", "int4", "a cast from date", "public", "d2i")],
+                   type_bases=[("public", "posint", "pg_catalog", "int4")])
+
+
+@pytest.mark.parametrize("sql, ran", [
+    ("SELECT current_date::int", True), ("SELECT CAST(current_date AS integer)", True),
+    ("SELECT int4(current_date)", True), ("SELECT pg_catalog.int4(current_date)", True),
+    ("SELECT current_date::posint", True), ("SELECT now()::date", False),
+    ("SELECT 1", False), ("SELECT int8(2)", False),
+])
+def test_an_explicit_user_cast_to_a_built_in_type_runs_where_the_type_is_cast_to(
+        sql: str, ran: bool) -> None:
+    st = judge(sql, EXPLICIT)
+    assert (st.cls is C.WRITE) is ran, st.reasons
+    assert ("public.d2i" in st.functions) is ran
+
+
+def test_children_and_materialized_views_bring_their_tables() -> None:
+    cat = catalog(views=[("public", "mv", "SELECT v FROM vault.secret", "m"),
+                         ("public", "v", "SELECT v FROM vault.secret", "v")],
+                  children=[("public", "parent", "vault", "kid"),
+                            ("public", "parent", "vault", "grandkid")],
+                  relation_code=[("vault", "kid", "foreign-data wrapper x", "public",
+                                  "x_handler", "True")],
+                  routines=[fn("public", "x_handler", language="c")])
+    mv = judge("SELECT * FROM mv", cat)
+    assert "vault.secret" in mv.tables and mv.cls is C.READ  # its query does not run
+    parent = judge("SELECT * FROM parent", cat)
+    assert {"vault.kid", "vault.grandkid"} <= set(parent.tables)
+    assert parent.cls is C.WRITE and "public.x_handler" in parent.functions  # a foreign child
+
+
+@pytest.mark.parametrize("sql, safety", [
+    ("SET statement_timeout = '6s'", True), ("SET statement_timeout = 5000", False),
+    ("SET statement_timeout = '1s'", False), ("SET lock_timeout = '1min'", False),
+    ("SELECT set_config('statement_timeout', '1h', true)", True),
+    ("SET LOCAL statement_timeout = 2147483647", True),
+])
+def test_a_timeout_above_the_target_s_own_is_safety(sql: str, safety: bool) -> None:
+    cat = catalog(settings=[("statement_timeout", "5000"), ("lock_timeout", "0")])
+    st = judge(sql, cat)
+    assert (st.cls is C.SAFETY) is safety, st.reasons
+    # Without the target's values the gateway cannot tell: the riskier answer.
+    assert judge(sql, None).cls is C.SAFETY

@@ -85,6 +85,12 @@ class Relation:
     on_read: tuple[tuple[str, str], ...] = ()
     # SQL run on every access (row security policies), as (what, SELECT text).
     on_read_sql: tuple[tuple[str, str], ...] = ()
+    # A materialized view: ``view`` is the query its rows came from (naming the tables
+    # they hold data of); it does not run when the materialized view is read.
+    materialized: bool = False
+    # Relations read with this one unless ONLY: inheritance children and partitions, at
+    # any depth, as schema.name.
+    children: tuple[str, ...] = ()
 
     @property
     def qualified(self) -> str:
@@ -126,6 +132,11 @@ class TargetCatalog:
     type_sql: dict[str, list[tuple[str, str, str]]] = field(default_factory=dict)
     # OID -> (schema, name) of every user type (Parse declares parameter types by OID)
     type_oids: dict[int, tuple[str, str]] = field(default_factory=dict)
+    # User code any statement may run without naming it (implicit casts, default operator
+    # classes of built-in types...): (what, schema.function).
+    hooks: tuple[tuple[str, str], ...] = ()
+    # The target's own timeouts for the gateway's role, in milliseconds (0: none).
+    settings: dict[str, float] = field(default_factory=dict)
     # Derived answers (views judged, ...) for the users of this catalog; dropped with it.
     memo: dict[Any, Any] = field(default_factory=dict)
 
@@ -140,7 +151,10 @@ class TargetCatalog:
                   relation_code: Iterable[Sequence[Any]] = (),
                   typed_columns: Iterable[Sequence[Any]] = (),
                   expressions: Iterable[Sequence[Any]] = (),
-                  type_oids: Iterable[Sequence[Any]] = ()) -> TargetCatalog:
+                  type_oids: Iterable[Sequence[Any]] = (),
+                  hooks: Iterable[Sequence[Any]] = (),
+                  children: Iterable[Sequence[Any]] = (),
+                  settings: Iterable[Sequence[Any]] = ()) -> TargetCatalog:
         """Rows as proxies/postgres/catalog.py reads them:
 
         routines: (schema, name, kind, volatility, language, security definer, extension)
@@ -149,13 +163,16 @@ class TargetCatalog:
             check, I/O or operator-class function that runs for values of the type
         type_bases: (schema, type, base schema, base type): domains and arrays, which
             inherit their base's code
-        views: (schema, name, definition)
+        views: (schema, name, definition[, relkind v or m])
         rules: (schema, table, event 1-4 or name, CREATE RULE text)
         relation_code: (schema, table, what, function schema, function name, on reads)
         typed_columns: (schema, table, column, type schema, type)
         expressions: (r or t, schema, relation or type, what, SQL expression): row
             security policies of relations, checks of domains
         type_oids: (oid, schema, name) of every user type
+        hooks: (what, function schema, function name): user code any statement may run
+        children: (schema, relation, child schema, child): inheritance and partitions
+        settings: (name, milliseconds): the target's timeouts
         """
         rows: list[Any] = []
 
@@ -192,10 +209,14 @@ class TargetCatalog:
 
         def rel(s: str, n: str) -> dict[str, Any]:
             return rels.setdefault((s, n), {"view": None, "rules": [], "on_write": [],
-                                            "on_read": [], "on_read_sql": []})
+                                            "on_read": [], "on_read_sql": [],
+                                            "materialized": False, "children": []})
 
-        for s, n, definition in keep(views):
+        for s, n, definition, *kind in keep(views):
             rel(s, n)["view"] = definition
+            rel(s, n)["materialized"] = kind == ["m"]
+        for s, n, cs, cn in keep(children):
+            rel(s, n)["children"].append(f"{cs}.{cn}")
         for s, n, event, definition in keep(rules):
             rel(s, n)["rules"].append((_EVENTS.get(event, event), definition))
         for s, n, what, fs, fn, on_read in keep(relation_code):
@@ -224,13 +245,17 @@ class TargetCatalog:
             relations.setdefault(n, []).append(Relation(
                 s, n, parts["view"], tuple(parts["rules"]), tuple(dict.fromkeys(
                     parts["on_write"])), tuple(dict.fromkeys(parts["on_read"])),
-                tuple(parts["on_read_sql"])))
+                tuple(parts["on_read_sql"]), parts["materialized"],
+                tuple(dict.fromkeys(parts["children"]))))
         path = tuple(search_path_schemas(search_path)) if search_path is not None \
             else ("$user", "public")
         oids = {int(oid): (str(sch), str(name)) for oid, sch, name in keep(type_oids)}
+        hooked = tuple((what, f"{fs}.{fn}") for what, fs, fn in keep(hooks))
+        timeouts = {name: float(value) for name, value in keep(settings)
+                    if value.lstrip("-").isdigit()}
         digest = hashlib.sha256(repr((user, path, rows)).encode()).hexdigest()
         return cls(user, path, by_name, ops, types, relations, digest, type_sql=type_sql,
-                   type_oids=oids)
+                   type_oids=oids, hooks=hooked, settings=timeouts)
 
     # -- questions --------------------------------------------------------------------------
 

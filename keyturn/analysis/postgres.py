@@ -61,7 +61,8 @@ class Statement:
     # Names whose meaning depends on the target's catalog, as written: (kind, schema or "",
     # name) with kind f (function call), a (attribute notation, ``c.fullname``, which may
     # call a function), o (operator, also the implicit ones of IN, BETWEEN, simple CASE,
-    # ANY, DISTINCT FROM, LIKE, ORDER BY ... USING), t (type named in a cast).
+    # ANY, DISTINCT FROM, LIKE, ORDER BY ... USING), t (type named in a cast),
+    # s (a timeout set to a value: ("s", setting, milliseconds).
     # keyturn.analysis.usercode resolves them against the target's catalog.
     refs: tuple[Ref, ...] = ()
     # Catalog objects this statement creates or redefines: (f|o|t|r, schema or "", name),
@@ -608,9 +609,13 @@ class _Walk:
                             "access, which keyturn grants statement by statement")
         elif name in catalogue.SAFETY_SETTINGS:
             self.literal = True
-            if not has_value or value is None or _disables(catalogue.SAFETY_SETTINGS[name],
-                                                           value):
+            kind = catalogue.SAFETY_SETTINGS[name]
+            if not has_value or value is None or _disables(kind, value):
                 return C.SAFETY, f"turns off a safety setting ({name})"
+            if kind == "duration":
+                # Raising it above the target's own value weakens the guard too; the
+                # target's value is in its catalog (keyturn.analysis.usercode).
+                self.refs[("s", name, str(_milliseconds(value)))] = None
         entry = _SETTINGS.get(name) or next(
             (e for prefix, e in _SETTING_PREFIXES.items() if name.startswith(prefix)), None)
         if entry is None and name.startswith("transaction"):

@@ -123,8 +123,16 @@ class _Judgement:
         created = scope.created
         schemas = scope.search(catalog) if catalog is not None else _NOTHING
         for kind, schema, name in st.refs:
+            if kind == "s":
+                self.timeout(schema, float(name))
+                continue
             if schema == "pg_catalog" and kind in ("f", "t"):
-                continue  # pg_catalog holds built-ins only (creating there needs superuser)
+                # pg_catalog holds built-ins only (creating there needs superuser), but a
+                # user function may be an explicit cast to a built-in type (x::int4,
+                # int4(x)).
+                if catalog is not None:
+                    self.builtin_casts(name, kind)
+                continue
             if catalog is None:
                 if kind != "a":
                     self.findings.append((self.an.unknown_function_class, self.unavailable(
@@ -137,6 +145,8 @@ class _Judgement:
                     self.created(f"function {name}")
                 how = "calls" if kind == "f" else f"{name} (attribute notation) may call"
                 self.user_code(catalog.functions(name, where), how)
+                if kind == "f" and not schema:
+                    self.builtin_casts(name, kind)
             elif kind == "o":
                 if ("o", name) in created:
                     self.created(f"operator {name}")
@@ -157,6 +167,31 @@ class _Judgement:
                     self.expression(("type", type_schema, name, what), sql,
                                     f"a cast to {type_schema}.{name}: its {what} runs")
 
+    def builtin_casts(self, name: str, kind: str) -> None:
+        """A user function as an explicit cast to the built-in type ``name`` (a cast to it,
+        or a call ``name(x)``, which is a cast when no function of that name fits)."""
+        assert self.catalog is not None
+        for type_schema, what, fn in self.catalog.type_code(name, frozenset({"pg_catalog"})):
+            if type_schema == "pg_catalog" and (kind == "t" or what.startswith("a cast")):
+                self.function_names([(what, fn)], f"a cast to {type_schema}.{name}:")
+
+    def hooks(self) -> None:
+        """User code the target may run for any statement (catalog ``hooks``)."""
+        assert self.catalog is not None
+        self.function_names(list(self.catalog.hooks), "any statement of this target:")
+
+    def timeout(self, name: str, millis: float) -> None:
+        """A session timeout set to ``millis``: above the target's own value it weakens
+        the guard the operator configured (0 was judged by the analyser already)."""
+        if self.catalog is None:
+            self.findings.append((C.SAFETY, self.unavailable(
+                f"whether {name} = {millis:.0f} ms raises the target's configured value")))
+            return
+        configured = self.catalog.settings.get(name, 0.0)
+        if configured > 0 and millis > configured:
+            self.findings.append((C.SAFETY, f"raises {name} to {millis:.0f} ms, above the "
+                                            f"target's configured {configured:.0f} ms"))
+
     def relations(self, st: Statement) -> None:
         catalog, scope = self.catalog, self.scope
         writes = st.is_dml or st.cls.risk >= C.WRITE.risk
@@ -176,8 +211,16 @@ class _Judgement:
         for name in () if scope.stored else st.unqualified:
             for found in catalog.relations_named(name, schemas):
                 seen[found.qualified] = found
-        for rel in seen.values():
+        for rel in list(seen.values()):
             self.relation(rel, writes)
+            for child in rel.children:
+                # Read (or written) with its parent unless ONLY: judged as itself too.
+                self.tables[child] = None
+                cs, _, cn = child.partition(".")
+                found = catalog.relation(cs, cn)
+                if found is not None and found.qualified not in seen:
+                    seen[found.qualified] = found
+                    self.relation(found, writes)
         for table in (*st.tables, *st.unqualified):
             name = table.rpartition(".")[2]
             texts = scope.created.get(("r", name))
@@ -190,7 +233,18 @@ class _Judgement:
 
     def relation(self, rel: Relation, writes: bool) -> None:
         pg = STORED
-        if rel.view is not None:
+        if rel.view is not None and rel.materialized:
+            # Its rows hold data of the tables its query names; the query does not run.
+            key = ("matview", rel.qualified, self.an.unknown_function_class)
+            tables = self.catalog.memo.get(key) if self.catalog is not None else None
+            if tables is None:
+                inner = _Judgement(self.an, self.catalog, pg, self.depth)
+                inner.definitions((rel.view,), f"materialized view {rel.qualified}", pg)
+                tables = tuple(inner.tables)
+                if self.catalog is not None:
+                    self.catalog.memo[key] = tables
+            self.tables.update(dict.fromkeys(tables))
+        elif rel.view is not None:
             key = ("view", rel.qualified, self.an.unknown_function_class)
             judged = self.catalog.memo.get(key) if self.catalog is not None else None
             if judged is None:
@@ -246,6 +300,11 @@ class _Judgement:
 
 
 _KINDS = {"f": "function", "o": "operator", "t": "type", "a": "attribute"}
+#: Commands that evaluate no expression, so run no code attached to values' types.
+_NO_EXPRESSIONS = frozenset({"BEGIN", "START TRANSACTION", "COMMIT", "END", "ROLLBACK",
+                             "ABORT", "SAVEPOINT", "RELEASE", "RELEASE SAVEPOINT",
+                             "ROLLBACK TO SAVEPOINT", "SET", "RESET", "SHOW", "DEALLOCATE",
+                             "DISCARD", "LISTEN", "UNLISTEN", "CLOSE"})
 
 
 def _spell(schema: str, name: str) -> str:
@@ -257,11 +316,15 @@ def resolve(an: Analyzer, st: Statement, catalog: TargetCatalog | None, scope: S
     """``st`` judged by what runs on the target (see the module docstring)."""
     if catalog is None and scope.unavailable is None:
         scope = dataclasses.replace(scope, unavailable="not read yet")
-    if not st.refs and not st.tables and not st.unqualified:
+    hooked = catalog is not None and bool(catalog.hooks) and \
+        st.command.upper() not in _NO_EXPRESSIONS
+    if not st.refs and not st.tables and not st.unqualified and not hooked:
         return st
     j = _Judgement(an, catalog, scope, depth)
     j.refs(st)
     j.relations(st)
+    if hooked:
+        j.hooks()
     if not j.findings and not j.tables and not j.functions and not j.opaque:
         return st
     cls = riskiest([st.cls, *(f[0] for f in j.findings)], C.UNKNOWN)

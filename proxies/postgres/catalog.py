@@ -46,7 +46,8 @@ REFRESH_SECONDS = 10.0
 READY_WAIT = 5.0
 #: Seconds after a session's DDL before the catalog is read again for everyone.
 AFTER_DDL_SECONDS = 0.5
-_NOT_BUILTIN = "NOT IN ('pg_catalog', 'information_schema')"
+_BUILTIN = "IN ('pg_catalog', 'information_schema')"
+_NOT_BUILTIN = "NOT " + _BUILTIN
 
 _ROUTINES = f"""
 SELECT n.nspname, p.proname, p.prokind, p.provolatile, l.lanname, p.prosecdef,
@@ -102,7 +103,62 @@ WITH code(typ, what, fn) AS (
 SELECT DISTINCT tn.nspname, t.typname, code.what, fn.nspname, p.proname
 FROM code JOIN pg_type t ON t.oid = code.typ JOIN pg_namespace tn ON tn.oid = t.typnamespace
 JOIN pg_proc p ON p.oid = code.fn JOIN pg_namespace fn ON fn.oid = p.pronamespace
-WHERE tn.nspname {_NOT_BUILTIN} AND fn.nspname {_NOT_BUILTIN}"""
+WHERE tn.nspname {_NOT_BUILTIN} AND fn.nspname {_NOT_BUILTIN}
+UNION
+-- A user function as an explicit cast between built-in types runs where a statement casts
+-- to the target type (x::int, CAST(x AS integer), int4(x)): code of the built-in type.
+-- (Implicit and assignment casts may run anywhere: _HOOKS.)
+SELECT tn.nspname, t.typname, 'a cast from ' || format_type(c.castsource, NULL),
+       fn.nspname, p.proname
+FROM pg_cast c JOIN pg_type t ON t.oid = c.casttarget
+JOIN pg_namespace tn ON tn.oid = t.typnamespace
+JOIN pg_proc p ON p.oid = c.castfunc JOIN pg_namespace fn ON fn.oid = p.pronamespace
+WHERE c.castcontext = 'e' AND tn.nspname IN ('pg_catalog', 'information_schema')
+  AND fn.nspname {_NOT_BUILTIN}"""
+
+# User code that may run for values of built-in types, which any statement may hold
+# without naming their type (columns, function results): implicit and assignment casts
+# with a user function, and the support functions and operators of the operator families
+# the server uses by default for a built-in type (sorting, grouping, DISTINCT, UNION,
+# hashing, comparisons; CREATE OPERATOR CLASS ... DEFAULT, or ALTER OPERATOR FAMILY ...
+# ADD on a built-in family). Default encoding conversions and text search parsers and
+# templates are user code behind built-in functions (convert(), to_tsvector()). Any of
+# these is judged on every statement of the target.
+_HOOKS = f"""
+WITH code(what, fn) AS (
+  SELECT 'an implicit cast from ' || format_type(c.castsource, NULL) || ' to ' ||
+         format_type(c.casttarget, NULL), c.castfunc
+  FROM pg_cast c JOIN pg_type s ON s.oid = c.castsource JOIN pg_type d ON d.oid = c.casttarget
+  JOIN pg_namespace sn ON sn.oid = s.typnamespace JOIN pg_namespace dn ON dn.oid = d.typnamespace
+  WHERE c.castfunc <> 0 AND c.castcontext IN ('a', 'i')
+    AND (sn.nspname {_BUILTIN} OR dn.nspname {_BUILTIN})
+  UNION ALL
+  SELECT 'the default ' || am.amname || ' operator class of ' ||
+         format_type(oc.opcintype, NULL), a.amproc
+  FROM pg_opclass oc JOIN pg_am am ON am.oid = oc.opcmethod
+  JOIN pg_type ty ON ty.oid = oc.opcintype JOIN pg_namespace tn ON tn.oid = ty.typnamespace
+  JOIN pg_amproc a ON a.amprocfamily = oc.opcfamily
+  WHERE oc.opcdefault AND tn.nspname {_BUILTIN}
+  UNION ALL
+  SELECT 'an operator of the default ' || am.amname || ' operator class of ' ||
+         format_type(oc.opcintype, NULL), o.oprcode::oid
+  FROM pg_opclass oc JOIN pg_am am ON am.oid = oc.opcmethod
+  JOIN pg_type ty ON ty.oid = oc.opcintype JOIN pg_namespace tn ON tn.oid = ty.typnamespace
+  JOIN pg_amop ao ON ao.amopfamily = oc.opcfamily JOIN pg_operator o ON o.oid = ao.amopopr
+  WHERE oc.opcdefault AND tn.nspname {_BUILTIN}
+  UNION ALL
+  SELECT 'the default conversion ' || cv.conname, cv.conproc::oid FROM pg_conversion cv
+  WHERE cv.condefault
+  UNION ALL
+  SELECT 'text search parser ' || tp.prsname, f FROM pg_ts_parser tp,
+    unnest(ARRAY[tp.prsstart, tp.prstoken, tp.prsend, tp.prsheadline, tp.prslextype]::oid[]) f
+  UNION ALL
+  SELECT 'text search template ' || tt.tmplname, f FROM pg_ts_template tt,
+    unnest(ARRAY[tt.tmplinit, tt.tmpllexize]::oid[]) f
+)
+SELECT DISTINCT code.what, fn.nspname, p.proname
+FROM code JOIN pg_proc p ON p.oid = code.fn JOIN pg_namespace fn ON fn.oid = p.pronamespace
+WHERE fn.nspname {_NOT_BUILTIN}"""
 
 # Types that hold values of other types, and so run their code: domains (their base),
 # arrays (their element), composites and table row types (their attributes' types).
@@ -111,7 +167,7 @@ SELECT tn.nspname, t.typname, bn.nspname, b.typname
 FROM pg_type t JOIN pg_namespace tn ON tn.oid = t.typnamespace
 JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.typelem END
 JOIN pg_namespace bn ON bn.oid = b.typnamespace
-WHERE tn.nspname {_NOT_BUILTIN} AND bn.nspname {_NOT_BUILTIN}
+WHERE tn.nspname {_NOT_BUILTIN}
 UNION
 SELECT tn.nspname, t.typname, bn.nspname, b.typname
 FROM pg_type t JOIN pg_namespace tn ON tn.oid = t.typnamespace
@@ -126,9 +182,28 @@ FROM pg_type t JOIN pg_namespace tn ON tn.oid = t.typnamespace
 WHERE tn.nspname {_NOT_BUILTIN}"""
 
 _VIEWS = f"""
-SELECT n.nspname, c.relname, pg_get_viewdef(c.oid)
+SELECT n.nspname, c.relname, pg_get_viewdef(c.oid), c.relkind
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind = 'v' AND n.nspname {_NOT_BUILTIN}"""
+WHERE c.relkind IN ('v', 'm') AND n.nspname {_NOT_BUILTIN}"""
+
+# Relations read with a relation (unless ONLY): its inheritance children and partitions,
+# at any depth.
+_CHILDREN = f"""
+WITH RECURSIVE tree(parent, child) AS (
+  SELECT inhparent, inhrelid FROM pg_inherits
+  UNION SELECT t.parent, i.inhrelid FROM tree t JOIN pg_inherits i ON i.inhparent = t.child
+)
+SELECT pn.nspname, p.relname, cn.nspname, c.relname
+FROM tree JOIN pg_class p ON p.oid = tree.parent JOIN pg_namespace pn ON pn.oid = p.relnamespace
+JOIN pg_class c ON c.oid = tree.child JOIN pg_namespace cn ON cn.oid = c.relnamespace
+WHERE pn.nspname {_NOT_BUILTIN}"""
+
+# The target's own values of the timeouts a session may change (for this role and
+# database, in milliseconds): raising one above them weakens the operator's guard.
+_SETTINGS = """
+SELECT name, setting FROM pg_settings
+WHERE name IN ('statement_timeout', 'lock_timeout', 'idle_in_transaction_session_timeout',
+               'idle_session_timeout', 'transaction_timeout') AND unit = 'ms'"""
 
 _RULES = f"""
 SELECT n.nspname, c.relname, r.ev_type, pg_get_ruledef(r.oid)
@@ -160,12 +235,42 @@ WITH code(rel, what, fn, on_read) AS (
   WHERE d.refclassid = 'pg_proc'::regclass AND d.classid IN
     ('pg_attrdef'::regclass, 'pg_constraint'::regclass, 'pg_class'::regclass,
      'pg_policy'::regclass)
+  UNION ALL
+  -- An index's operator classes: their support functions and operators run on index
+  -- scans (reads) as well as on writes.
+  SELECT i.indrelid, 'index ' || ic.relname || ' (operator class ' || oc.opcname || ')',
+         a.amproc, true
+  FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid,
+    unnest(i.indclass::oid[]) AS k(opc) JOIN pg_opclass oc ON oc.oid = k.opc
+    JOIN pg_amproc a ON a.amprocfamily = oc.opcfamily
+  UNION ALL
+  SELECT i.indrelid, 'index ' || ic.relname || ' (operator class ' || oc.opcname || ')',
+         o.oprcode::oid, true
+  FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid,
+    unnest(i.indclass::oid[]) AS k(opc) JOIN pg_opclass oc ON oc.oid = k.opc
+    JOIN pg_amop ao ON ao.amopfamily = oc.opcfamily JOIN pg_operator o ON o.oid = ao.amopopr
+  UNION ALL
+  -- The access method of a table or of one of its indexes.
+  SELECT c.oid, 'its access method ' || am.amname, am.amhandler::oid, true
+  FROM pg_class c JOIN pg_am am ON am.oid = c.relam
+  UNION ALL
+  SELECT i.indrelid, 'index ' || ic.relname || ' (access method ' || am.amname || ')',
+         am.amhandler::oid, true
+  FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_am am ON am.oid = ic.relam
+  UNION ALL
+  -- A foreign table runs its wrapper's code on every access (another connection, a
+  -- program, a file: nothing the target's read-only transaction covers).
+  SELECT ft.ftrelid, 'foreign-data wrapper ' || w.fdwname, f, true
+  FROM pg_foreign_table ft JOIN pg_foreign_server s ON s.oid = ft.ftserver
+  JOIN pg_foreign_data_wrapper w ON w.oid = s.srvfdw,
+    unnest(ARRAY[w.fdwhandler, w.fdwvalidator]::oid[]) AS f WHERE f <> 0
 )
 SELECT DISTINCT n.nspname, c.relname, code.what, fn.nspname, p.proname, code.on_read
 FROM code JOIN pg_class c ON c.oid = code.rel JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_proc p ON p.oid = code.fn JOIN pg_namespace fn ON fn.oid = p.pronamespace
 WHERE n.nspname {_NOT_BUILTIN}
-  AND (fn.nspname {_NOT_BUILTIN} OR code.what LIKE 'trigger %')"""
+  AND (fn.nspname {_NOT_BUILTIN} OR code.what LIKE 'trigger %'
+       OR code.what LIKE 'foreign-data wrapper %')"""
 
 # Expressions that run on every read of a relation (row-level security policies) or for a
 # value cast to a domain (its checks), as SQL text: they may call built-in functions with
@@ -216,7 +321,8 @@ def read_catalog(conn: Connection) -> TargetCatalog:
             ("routines", _ROUTINES), ("operators", _OPERATORS), ("type_code", _TYPE_CODE),
             ("type_bases", _TYPE_BASES), ("views", _VIEWS), ("rules", _RULES),
             ("relation_code", _RELATION_CODE), ("typed_columns", _TYPED_COLUMNS),
-            ("expressions", _EXPRESSIONS), ("type_oids", _TYPE_OIDS))}
+            ("expressions", _EXPRESSIONS), ("type_oids", _TYPE_OIDS),
+            ("hooks", _HOOKS), ("children", _CHILDREN), ("settings", _SETTINGS))}
     return TargetCatalog.from_rows(user=user, search_path=path, **rows)
 
 

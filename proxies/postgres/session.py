@@ -16,8 +16,8 @@ client's later messages wait in a backlog, in order.
 Bytes are framed by the sans-I/O codec; the target side lives in
 upstream.py. The session's other parts are mixins in their own modules (startup.py,
 decisions.py, holding.py, enforce.py, masker.py, ordering.py; state.py declares what
-they share); docs/architecture.md maps them. This module must not block the event loop: store calls go to
-threads.
+they share); docs/architecture.md maps them. This module must not block the event
+loop: store calls go to threads.
 """
 
 from __future__ import annotations

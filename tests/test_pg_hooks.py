@@ -1,0 +1,232 @@
+"""User code the target runs without the statement naming it, through a live gateway:
+code attached to built-in types (casts, operator classes), an index's operator class,
+foreign tables, relations read with their parent (inheritance, partitions) or through a
+materialized view, and timeouts raised above the target's own.
+
+Each object is created directly on the target by its administrator; alice, through the
+gateway under a lenient policy (reads allowed; writes, locks, safety and vault.* blocked),
+must never make that code run: the statement is blocked and nothing happened on the
+target (no advisory lock taken, no program run)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from keyturn.launch.localpg import LocalPostgres
+from tests.conftest import APP_PASSWORD, Keyturn, make_keyturn
+from tests.test_pg_families import LENIENT
+
+DB = "hooks"
+LOCK = 777  # the advisory lock the hidden code takes
+
+SETUP = f"""
+CREATE SCHEMA vault AUTHORIZATION app;
+CREATE TABLE vault.secret (v text); INSERT INTO vault.secret VALUES ('top secret');
+-- The hidden code: a session advisory lock (a read-only transaction allows it).
+CREATE FUNCTION hid_effect() RETURNS void LANGUAGE plpgsql AS
+  $$BEGIN PERFORM pg_advisory_lock({LOCK}); END$$;
+-- An explicit cast between built-in types, and a domain over its target type.
+CREATE FUNCTION d2i(date) RETURNS int LANGUAGE plpgsql AS
+  $$BEGIN PERFORM hid_effect(); RETURN 1; END$$;
+CREATE CAST (date AS integer) WITH FUNCTION d2i(date);
+CREATE DOMAIN posint AS integer CHECK (VALUE > 0);
+-- A non-default operator class on int4, used by an index.
+CREATE FUNCTION icmp(int4, int4) RETURNS int IMMUTABLE LANGUAGE plpgsql AS
+  $$BEGIN PERFORM hid_effect(); RETURN btint4cmp($1, $2); END$$;
+CREATE OPERATOR CLASS int4_hidden FOR TYPE int4 USING btree AS OPERATOR 1 <,
+  OPERATOR 2 <=, OPERATOR 3 =, OPERATOR 4 >=, OPERATOR 5 >, FUNCTION 1 icmp(int4, int4);
+CREATE TABLE idx_t (id int); INSERT INTO idx_t SELECT generate_series(1, 2000);
+CREATE INDEX ON idx_t (id int4_hidden); ANALYZE idx_t;
+-- Vault rows reached without naming vault: a materialized view, an inheritance child,
+-- a partition.
+CREATE MATERIALIZED VIEW mv_vault AS SELECT v FROM vault.secret;
+CREATE TABLE parent_t (v text);
+CREATE TABLE vault.kid () INHERITS (parent_t); INSERT INTO vault.kid VALUES ('kid secret');
+CREATE TABLE parted (v text) PARTITION BY LIST (v);
+CREATE TABLE vault.part PARTITION OF parted DEFAULT; INSERT INTO parted VALUES ('part secret');
+-- Foreign tables: a program run by file_fdw, another connection by postgres_fdw.
+CREATE EXTENSION file_fdw; CREATE SERVER files FOREIGN DATA WRAPPER file_fdw;
+CREATE EXTENSION postgres_fdw;
+CREATE SERVER loop FOREIGN DATA WRAPPER postgres_fdw OPTIONS (host '127.0.0.1', dbname '{DB}');
+CREATE USER MAPPING FOR app SERVER loop OPTIONS (user 'app', password '{APP_PASSWORD}');
+CREATE FOREIGN TABLE ft_remote (v text) SERVER loop
+  OPTIONS (schema_name 'vault', table_name 'secret');
+GRANT ALL ON ALL TABLES IN SCHEMA public, vault TO app;
+ALTER MATERIALIZED VIEW mv_vault OWNER TO app;
+-- The operator's timeouts for the gateway's role.
+ALTER ROLE app IN DATABASE {DB} SET statement_timeout = '5s';
+ALTER ROLE app IN DATABASE {DB} SET lock_timeout = '2s';
+"""
+
+
+@pytest.fixture(scope="module")
+def marker(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("fdw")
+    d.chmod(0o777)  # the server's own user writes the marker
+    return d / "program_ran"
+
+
+@pytest.fixture(scope="module")
+def kt(pg: LocalPostgres, tmp_path_factory: pytest.TempPathFactory,
+       marker: Path) -> Iterator[Keyturn]:
+    pg.create_database(DB, owner="app")
+    pg.execute(SETUP, dbname=DB)
+    pg.execute(f"""CREATE FOREIGN TABLE ft_prog (line text) SERVER files
+                   OPTIONS (program 'echo ran >> {marker}; echo hello');
+                   GRANT SELECT ON ft_prog TO app""", dbname=DB)
+    kt = make_keyturn(tmp_path_factory.mktemp("hooks"), pg, extra=LENIENT,
+                      shop_policy="lenient", shop_db=DB)
+    kt.start()
+    yield kt
+    kt.stop()
+
+
+def superuser(pg: LocalPostgres) -> psycopg.Connection:
+    return psycopg.connect(pg.dsn(DB), autocommit=True)
+
+
+def lock_holders(pg: LocalPostgres) -> int:
+    with superuser(pg) as c:
+        row = c.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                        "AND objid = %s", (LOCK,)).fetchone()
+        return int(row[0]) if row else 0
+
+
+def psql(kt: Keyturn, sql: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["psql", kt.dsn("alice", dbname="shop"), "-X", "-At", "-v",
+                           "ON_ERROR_STOP=1", "-c", sql],
+                          capture_output=True, text=True, timeout=60)
+
+
+def assert_blocked(kt: Keyturn, pg: LocalPostgres, sql: str, why: str) -> None:
+    """Blocked through psql and psycopg (extended protocol, in and out of a transaction),
+    naming ``why``; and the hidden code never ran."""
+    res = psql(kt, sql)
+    assert res.returncode != 0 and "keyturn: blocked" in res.stderr, (sql, res.stderr)
+    assert why in res.stderr, (sql, res.stderr)
+    for autocommit in (True, False):
+        with psycopg.connect(kt.dsn("alice"), autocommit=autocommit) as c:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="keyturn"):
+                c.execute(sql)
+    assert lock_holders(pg) == 0, sql
+
+
+def test_reads_without_hidden_code_still_run(kt: Keyturn) -> None:
+    res = psql(kt, "SELECT 1; SELECT count(*) FROM pg_class WHERE relname = 'idx_t'; "
+                   "SELECT 2 + length('x')")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["1", "1", "3"]
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT current_date::int",
+    "SELECT CAST(DATE '2020-01-01' AS integer)",
+    "SELECT int4(current_date)",
+    "SELECT pg_catalog.int4(current_date)",
+    "SELECT current_date::posint",
+    "SELECT ARRAY[current_date]::int[]",
+])
+def test_an_explicit_cast_with_user_code_between_built_in_types(
+        kt: Keyturn, pg: LocalPostgres, sql: str) -> None:
+    assert_blocked(kt, pg, sql, "public.d2i")
+
+
+@pytest.mark.parametrize("sql", ["SELECT * FROM idx_t WHERE id = 5",
+                                 "SELECT * FROM idx_t WHERE id BETWEEN 5 AND 7"])
+def test_an_index_operator_class_with_user_code_runs_on_reads(
+        kt: Keyturn, pg: LocalPostgres, sql: str) -> None:
+    assert_blocked(kt, pg, sql, "public.icmp")
+
+
+@pytest.mark.parametrize("sql", ["SELECT * FROM mv_vault", "SELECT * FROM parent_t",
+                                 "TABLE parent_t", "SELECT * FROM parted",
+                                 "SELECT count(*) FROM public.parted WHERE v <> ''"])
+def test_vault_rows_through_matviews_children_and_partitions(
+        kt: Keyturn, pg: LocalPostgres, sql: str) -> None:
+    assert_blocked(kt, pg, sql, "vault-is-off-limits")
+
+
+@pytest.mark.parametrize("table, wrapper", [("ft_prog", "file_fdw"),
+                                            ("ft_remote", "postgres_fdw")])
+def test_a_foreign_table_runs_its_wrapper(kt: Keyturn, pg: LocalPostgres, marker: Path,
+                                          table: str, wrapper: str) -> None:
+    assert_blocked(kt, pg, f"SELECT * FROM {table}", f"foreign-data wrapper {wrapper}")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("sql", [
+    "SET statement_timeout = 2147483647",
+    "SET statement_timeout = '1h'",
+    "SET lock_timeout = '24d'",
+    "SELECT set_config('statement_timeout', '2147483647', false)",
+    "SET LOCAL statement_timeout = '6s'",
+])
+def test_a_timeout_raised_above_the_target_s_own(kt: Keyturn, sql: str) -> None:
+    res = psql(kt, sql)
+    assert res.returncode != 0 and "keyturn: blocked" in res.stderr, (sql, res.stderr)
+    assert "above the target's configured" in res.stderr
+
+
+@pytest.mark.parametrize("sql", ["SET statement_timeout = '1s'", "SET lock_timeout = 2000",
+                                 "SET idle_session_timeout = '1h'"])
+def test_a_timeout_kept_within_the_target_s_own_is_a_session_setting(
+        kt: Keyturn, sql: str) -> None:
+    res = psql(kt, sql)
+    assert res.returncode == 0, (sql, res.stderr)
+
+
+def test_code_on_built_in_types_that_any_statement_may_run(
+        kt: Keyturn, pg: LocalPostgres) -> None:
+    """An implicit cast or a default operator class with user code: any statement may
+    run it (values of built-in types are everywhere), so every statement is judged as
+    running it until the target no longer has it."""
+    def wait_for(blocked: bool) -> subprocess.CompletedProcess[str]:
+        deadline = time.monotonic() + 30  # the catalog is read again every 10 s
+        while True:
+            res = psql(kt, "SELECT 1")
+            if (res.returncode != 0) == blocked or time.monotonic() > deadline:
+                return res
+            time.sleep(0.5)
+
+    with superuser(pg) as c:
+        c.execute("""CREATE FUNCTION m2t(macaddr) RETURNS text LANGUAGE plpgsql AS
+                     $$BEGIN PERFORM hid_effect(); RETURN 'x'; END$$;
+                     CREATE CAST (macaddr AS text) WITH FUNCTION m2t(macaddr) AS IMPLICIT""")
+    try:
+        res = wait_for(blocked=True)
+        assert "keyturn: blocked" in res.stderr and "public.m2t" in res.stderr, res.stderr
+        assert "implicit cast from macaddr to text" in res.stderr
+        assert_blocked(kt, pg, "SELECT length(macaddr '08:00:2b:01:02:03')", "public.m2t")
+        # Transaction control evaluates no values: it still runs.
+        assert psql(kt, "BEGIN; COMMIT").returncode == 0
+    finally:
+        with superuser(pg) as c:
+            c.execute("DROP CAST (macaddr AS text); DROP FUNCTION m2t(macaddr)")
+    assert wait_for(blocked=False).returncode == 0
+
+    with superuser(pg) as c:
+        c.execute("""CREATE FUNCTION jhash(json) RETURNS int IMMUTABLE LANGUAGE plpgsql AS
+                       $$BEGIN PERFORM hid_effect(); RETURN hashtext($1::text); END$$;
+                     CREATE FUNCTION jeq(json, json) RETURNS bool IMMUTABLE LANGUAGE sql AS
+                       $$SELECT $1::text = $2::text$$;
+                     CREATE SCHEMA hidops;
+                     CREATE OPERATOR hidops.= (LEFTARG = json, RIGHTARG = json,
+                                               FUNCTION = jeq);
+                     CREATE OPERATOR CLASS json_hidden DEFAULT FOR TYPE json USING hash AS
+                       OPERATOR 1 hidops.= (json, json), FUNCTION 1 jhash(json)""")
+    try:
+        res = wait_for(blocked=True)
+        assert "default hash operator class of json" in res.stderr, res.stderr
+        assert "public.jhash" in res.stderr and "public.jeq" in res.stderr
+    finally:
+        with superuser(pg) as c:
+            c.execute("DROP OPERATOR CLASS json_hidden USING hash; DROP SCHEMA hidops CASCADE;"
+                      " DROP FUNCTION jhash(json), jeq(json, json)")
+    assert wait_for(blocked=False).returncode == 0
+    assert lock_holders(pg) == 0
