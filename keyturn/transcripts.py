@@ -86,9 +86,9 @@ def write_record(rec_file: Recording, rec: dict[str, Any]) -> None:
     at = rec.get("at")
     at = float(at) if at is not None else rec_file.started
     detail = rec.get("detail") or {}
+    ms = rec.get("duration_ms")
+    ms = round(float(ms), 3) if ms is not None else None
     if kind == "statement":
-        ms = rec.get("duration_ms")
-        ms = round(float(ms), 3) if ms is not None else None
         begun = at - float(ms) / 1000 if ms else at
         rec_file.event("i", at=begun, **_some(
             text=rec.get("statement"), cls=rec.get("classification"),
@@ -98,13 +98,14 @@ def write_record(rec_file: Recording, rec: dict[str, Any]) -> None:
         rec_file.event("o", at=at, **_some(
             outcome=outcome, rows=rec.get("rows"), ms=ms, tags=detail.get("tags"),
             error=detail.get("sqlstate"), masked=detail.get("masked"),
-            reason=rec.get("reason") if outcome not in ("ok", None) else None,
+            # Why it was refused; an error's reason would only repeat the decision's.
+            reason=rec.get("reason") if outcome not in ("ok", "error", None) else None,
             note=detail.get("note")))
     else:
         rec_file.event("e", at=at, **_some(
             kind=kind, text=rec.get("statement"), decision=rec.get("action"),
             outcome=rec.get("outcome"), reason=rec.get("reason"),
-            ticket=rec.get("ticket_id"), ms=rec.get("duration_ms")))
+            ticket=rec.get("ticket_id"), ms=ms))
 
 
 @dataclass

@@ -230,3 +230,83 @@ def test_writer_names() -> None:
     assert writer_of("gateway-1700000000123456-4242.jsonl") == "gateway-4242"
     assert writer_of("eu-west-gw-1700000000123456-7.jsonl") == "eu-west-gw-7"
     assert json.dumps(writer_of("x.jsonl")) == '"x"'
+
+
+# ---------------------------------------------------------------- through a live gateway
+
+
+def test_statements_through_a_live_gateway_are_in_its_transcript(pg: Any,
+                                                                 tmp_path: Path) -> None:
+    """Real psycopg and psql sessions through ``keyturn up``: each session's transcript
+    holds its statements in the order they ran (the compiled fast path's too) with their
+    outcomes; its recording record is in the chain with the file's SHA-256; ``keyturn
+    audit verify`` passes, and reports the file once it is edited or gone."""
+    import psycopg
+    from conftest import make_keyturn
+
+    kt = make_keyturn(tmp_path / "kt", pg)
+    kt.start()
+    try:
+        with psycopg.connect(kt.dsn("alice"), autocommit=True) as c:
+            assert c.execute("SELECT count(*) FROM orders").fetchone() == (200,)
+            for i in range(1, 6):  # repeated: the fast path takes over
+                assert c.execute("SELECT id FROM orders WHERE id = %s", (i,)).fetchone() == (i,)
+            with pytest.raises(psycopg.Error, match="migrations"):
+                c.execute("DROP TABLE orders")
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                c.execute("SELECT 1/0")
+            c.execute("SELECT name FROM customers ORDER BY id LIMIT 3").fetchall()
+        psql = kt.psql("carol", "SELECT 42")
+        out, err = psql.communicate(timeout=30)
+        assert psql.returncode == 0 and out.strip() == "42", err
+    finally:
+        assert kt.stop() == 0
+    records = [json.loads(line) for line in kt.cli("audit", "export").stdout.splitlines()]
+    recordings = {r["session_id"]: r for r in records if r["kind"] == "recording"}
+    sessions = {r["session_id"]: r["user"] for r in records if r["kind"] == "connect"}
+    assert set(recordings) == set(sessions) and len(sessions) == 2
+    recorder = Recorder(kt.base / "recordings")
+    for sid, rec in recordings.items():
+        ref = rec["detail"]
+        path = recorder.path(ref)
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == ref["sha256"]
+        stmts = [r for r in records if r["session_id"] == sid and r["kind"] == "statement"]
+        header, events = read_transcript(path)
+        assert header["user"] == sessions[sid] == rec["user"]
+        ins = [e for e in events if e["d"] == "i"]
+        outs = [e for e in events if e["d"] == "o"]
+        assert [e["text"] for e in ins] == [r["statement"] for r in stmts]
+        assert [(e["outcome"], e.get("rows")) for e in outs] == \
+            [(r["outcome"], r["rows"]) for r in stmts]
+        times = [e["t"] for e in outs]
+        assert times == sorted(times) and 0 <= times[0] <= times[-1] <= ref["duration"]
+        kinds = [r["kind"] for r in records if r["session_id"] == sid]
+        assert kinds[-2:] == ["disconnect", "recording"]
+    alice = next(s for s, u in sessions.items() if u == "alice")
+    _, events = read_transcript(recorder.path(recordings[alice]["detail"]))
+    texts = [e["text"] for e in events if e["d"] == "i"]
+    assert texts[0] == "SELECT count(*) FROM orders"
+    assert texts.count("SELECT id FROM orders WHERE id = $1") == 5
+    assert texts[-3:] == ["DROP TABLE orders", "SELECT 1/0",
+                          "SELECT name FROM customers ORDER BY id LIMIT 3"]
+    by_text = {e["text"]: o for e, o in zip(
+        [e for e in events if e["d"] == "i"], [e for e in events if e["d"] == "o"],
+        strict=True)}
+    assert by_text["DROP TABLE orders"]["outcome"] == "blocked"
+    assert "migrations" in by_text["DROP TABLE orders"]["reason"]
+    assert by_text["SELECT 1/0"] | {"t": 0, "ms": 0} == \
+        {"t": 0, "d": "o", "outcome": "error", "error": "22012", "ms": 0}
+    assert by_text["SELECT name FROM customers ORDER BY id LIMIT 3"]["rows"] == 3
+
+    ok = kt.cli("audit", "verify")
+    assert "audit chain OK" in ok.stdout and "recordings OK: 2 match" in ok.stdout
+    path = recorder.path(recordings[alice]["detail"])
+    path.write_bytes(path.read_bytes().replace(b"LIMIT 3", b"LIMIT 9"))
+    bad = kt.cli("audit", "verify", check=False)
+    assert bad.returncode == 1, bad.stdout
+    assert "audit chain OK" in bad.stdout and "recordings BROKEN: 1 of 2" in bad.stdout
+    assert f"session {alice}" in bad.stdout and "SHA-256" in bad.stdout
+    path.unlink()
+    gone = kt.cli("audit", "verify", "--json", check=False)
+    assert gone.returncode == 1
+    assert "cannot read it" in json.loads(gone.stdout)["recording_problems"][0]
