@@ -10,8 +10,8 @@ from flask import Blueprint, current_app, render_template, request
 from keyturn.recording import Recorder
 from keyturn.services import Services
 from portal import queries
-from portal.replay import replay_of
 from portal.htmx import page_or_block
+from portal.replay import replay_of
 from portal.roles import ADMIN, AUDITOR, require
 
 bp = Blueprint("auditview", __name__)

@@ -82,10 +82,10 @@ def replay_of(recorder: Recorder, session_id: str, records: list[Any]) -> Replay
         except OSError:
             pass  # the problem says it: the file cannot be read
         return Replay(steps, True, ref, rec.outcome, problem)
-    path = transcript_of(recorder, session_id)
-    if path is None:
+    open_path = transcript_of(recorder, session_id)
+    if open_path is None:
         return None
     try:
-        return Replay(steps_of(read_transcript(path)[1]), False)
+        return Replay(steps_of(read_transcript(open_path)[1]), False)
     except OSError:
         return None
