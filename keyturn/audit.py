@@ -43,6 +43,7 @@ from keyturn.auditschema import (
     version_of,
 )
 from keyturn.models import AuditHead, AuditRecord, AuditSpoolCursor
+from keyturn.recording import Recorder
 from keyturn.store import Store
 
 log = logging.getLogger(__name__)
@@ -148,11 +149,19 @@ class VerifyResult:
     head_hash: str
     problems: list[str] = field(default_factory=list)
     versions: dict[int, int] = field(default_factory=dict)  # records per schema version
+    recordings: int | None = None  # recording records checked (None: not checked)
+    recording_problems: list[str] = field(default_factory=list)
+
+    @property
+    def chain_ok(self) -> bool:
+        return not self.problems
 
     def to_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "count": self.count, "head_seq": self.head_seq,
                 "head_hash": self.head_hash, "problems": self.problems,
-                "versions": {str(v): n for v, n in sorted(self.versions.items())}}
+                "versions": {str(v): n for v, n in sorted(self.versions.items())},
+                "recordings": self.recordings,
+                "recording_problems": self.recording_problems}
 
 
 class AuditLog:
@@ -211,7 +220,9 @@ class AuditLog:
             if row is not None:
                 s.delete(row)
 
-    def verify(self) -> VerifyResult:
+    def verify(self, recordings: Recorder | None = None) -> VerifyResult:
+        """Walk the chain; with ``recordings`` (the recordings directory) also check that
+        every recording a ``recording`` record names is there and has its SHA-256."""
         problems: list[str] = []
         versions: Counter[int] = Counter()
         prev, expected_seq, count = GENESIS, 1, 0
@@ -239,8 +250,32 @@ class AuditLog:
             if not problems and (head_seq != expected_seq - 1 or head_hash != prev):
                 problems.append(f"chain ends at record {expected_seq - 1} but the head says "
                                 f"{head_seq}: records at the end were removed or the head edited")
-        return VerifyResult(not problems, count, head_seq, head_hash, problems,
-                            dict(versions))
+        result = VerifyResult(not problems, count, head_seq, head_hash, problems,
+                              dict(versions))
+        if recordings is not None:
+            result.recordings, result.recording_problems = self.verify_recordings(recordings)
+            result.ok = result.ok and not result.recording_problems
+        return result
+
+    def verify_recordings(self, recordings: Recorder) -> tuple[int, list[str]]:
+        """(recording records checked, what is wrong with their files)."""
+        problems: list[str] = []
+        count = 0
+        for rec in self.iter_records(kind="recording"):
+            count += 1
+            ref = rec["detail"]
+            if not isinstance(ref.get("path"), str) or not isinstance(ref.get("sha256"), str):
+                problems.append(f"record {rec['seq']}: a recording record without a path "
+                                "and a SHA-256")
+                continue
+            try:
+                problem = recordings.verify_file(ref)
+            except ValueError as exc:
+                problem = str(exc)
+            if problem:
+                problems.append(f"record {rec['seq']}: the recording of session "
+                                f"{rec['session_id']} ({ref['path']}): {problem}")
+        return count, problems
 
     def iter_records(self, since: float | None = None, until: float | None = None,
                      **filters: Any) -> Iterator[dict[str, Any]]:

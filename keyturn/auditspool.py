@@ -31,6 +31,11 @@ Each line is one record in the layout of ``keyturn.auditschema`` (with its
 version in ``v``), plus ``n`` on write-ahead records: an intent record (``kind:
 intent``) and the record that completes it share ``session_id`` and ``n``.
 
+Given a recordings directory, the ingester also writes each session's transcript from
+its records and seals it into the chain with a ``recording`` record when the session
+ends (``keyturn.transcripts``), so every path that writes records, the compiled fast
+path included, is in the transcript.
+
 This module must not import protocol or web code, nor decide what a record
 holds (``keyturn.auditschema`` does).
 """
@@ -54,6 +59,8 @@ from sqlalchemy import select
 from keyturn.audit import AuditLog, chain
 from keyturn.auditschema import VERSION
 from keyturn.models import AuditSpoolCursor
+from keyturn.recording import Recorder
+from keyturn.transcripts import Transcripts
 
 log = logging.getLogger(__name__)
 
@@ -444,10 +451,15 @@ class AuditIngester:
     """Reads spool files in order and appends their records to the chain."""
 
     def __init__(self, audit: AuditLog, directory: str | os.PathLike[str], *,
-                 batch: int = 5000):
+                 batch: int = 5000, recordings: str | os.PathLike[str] | None = None):
+        """``recordings``: where sessions' transcripts go (``keyturn.transcripts``); every
+        ingester of a deployment must be given it, or the transcripts miss what an
+        ingester without it took from the spool."""
         self.audit = audit
         self.dir = Path(directory)
         self.batch = batch
+        self.transcripts = Transcripts(Recorder(recordings), audit) \
+            if recordings is not None else None
         self.ingested = 0
         self.position: tuple[str, int] = ("", 0)  # last (spool file, offset) ingested
         self.priority: IngestPriority | None = None
@@ -488,6 +500,8 @@ class AuditIngester:
         done = 0
         with open(self.dir / ".ingest.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.transcripts is not None:
+                self.transcripts.sync()
             self._sweep_new_files()
             for path in self.pending_files():
                 if self._abort is not None and self._abort.is_set():
@@ -573,6 +587,14 @@ class AuditIngester:
                         # was never recorded.
                         records.extend(_outcome_unknown(rec) for rec in pending.values())
                         pending = {}
+                transcripts = self.transcripts
+                if transcripts is not None:
+                    if records:
+                        records = transcripts.feed(records, source)
+                    if finished and next_file is None:
+                        # The gateway process that wrote this file is gone and went on
+                        # nowhere: its sessions that never got a disconnect end here.
+                        records.extend(transcripts.writer_ended(source))
                 if records or pos != offset or carry is not None:
                     # Hash the batch onto the head as it is now, still idle-scheduled; the
                     # store re-hashes it in the rare case another writer moved the head.
@@ -585,9 +607,15 @@ class AuditIngester:
                         self.audit.append(records, cursor=(source, pos), prepared=prepared,
                                           pending=orjson.dumps(pending).decode()
                                           if pending else None, carry=carry)
+                    except BaseException:
+                        if transcripts is not None:
+                            transcripts.failed()  # rebuilt from the store next time
+                        raise
                     finally:
                         if self.priority is not None:
                             self.priority.unboost()
+                    if transcripts is not None:
+                        transcripts.committed()
                     done += len(records)
                     offset = pos
                     self.position = (source, pos)
@@ -689,6 +717,8 @@ class AuditIngester:
             self.run_once()
         finally:
             self._abort = None
+            if self.transcripts is not None:
+                self.transcripts.suspend_all()
 
     @staticmethod
     def orphaned() -> bool:

@@ -16,8 +16,13 @@ Formats:
   event: ``{"t": seconds, "d": "i"|"o", ...fields}``): request/response protocols, for
   example a PostgreSQL session's statements and result summaries.
 
-Writes are buffered (a 64 KiB file buffer) and the digest is updated as bytes are
-written, so closing never re-reads the file. A recording that was never closed (the
+Writes are buffered (a 64 KiB file buffer unless told otherwise) and the digest is
+updated as bytes are written, so closing never re-reads the file. A writer that keeps many
+recordings open at once (the audit ingester's transcripts) may ``suspend`` one: its file is
+flushed and closed, its digest kept, and the next write reopens it to append. A recording
+built from events that happened earlier (a transcript made from audit records) gives each
+event's time (``at``) and the recording's start (``started``), so the same events always
+make the same bytes. A recording that was never closed (the
 process died) is still a valid prefix of its format; ``verify_file`` tells whether a file
 still matches its reference.
 
@@ -38,6 +43,11 @@ import orjson
 
 FORMATS = ("asciicast", "transcript")
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def safe_name(name: str) -> str:
+    """``name`` as a file name: anything but letters, digits, ``_.-`` becomes ``_``."""
+    return _SAFE.sub("_", name)
 
 
 @dataclass(frozen=True)
@@ -62,19 +72,26 @@ class Recording:
     """One session's recording, open for writing (see the module docstring)."""
 
     def __init__(self, directory: Path, name: str, fmt: str, header: dict[str, Any],
-                 *, clock: Any = time.time):
+                 *, clock: Any = time.time, started: float | None = None,
+                 replace: bool = False, buffering: int = 65536):
+        """``started``: when the recorded session began (default now); ``replace``: write
+        over a file of the same name (rebuilding it) instead of refusing to."""
         if fmt not in FORMATS:
             raise ValueError(f"unknown recording format {fmt!r}")
         self.format = fmt
         self._clock = clock
-        self.started = clock()
+        self.started = clock() if started is None else float(started)
         self._mono = time.monotonic()
         day = time.strftime("%Y/%m/%d", time.gmtime(self.started))
         ext = "cast" if fmt == "asciicast" else "jsonl"
-        self.relpath = f"{day}/{_SAFE.sub('_', name)}.{ext}"
-        path = directory / self.relpath
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[bytes] | None = open(path, "xb", buffering=65536)  # noqa: SIM115
+        self.relpath = f"{day}/{safe_name(name)}.{ext}"
+        self.path = directory / self.relpath
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._buffering = buffering
+        self._file: IO[bytes] | None = open(  # noqa: SIM115 - kept open
+            self.path, "wb" if replace else "xb", buffering=buffering)
+        self._closed = False
+        self._last_at: float | None = None
         self._digest = hashlib.sha256()
         self._size = 0
         self.events = 0
@@ -84,11 +101,18 @@ class Recording:
         self._line(orjson.dumps(first))
 
     def _line(self, data: bytes) -> None:
-        assert self._file is not None, "the recording is closed"
+        assert not self._closed, "the recording is closed"
+        if self._file is None:  # suspended: go on appending where it stopped
+            self._file = open(self.path, "ab", buffering=self._buffering)  # noqa: SIM115
         data += b"\n"
         self._file.write(data)
         self._digest.update(data)
         self._size += len(data)
+
+    @property
+    def last_at(self) -> float | None:
+        """The latest ``at`` of the events given one (None: none was)."""
+        return self._last_at
 
     def elapsed(self) -> float:
         return round(time.monotonic() - self._mono, 6)
@@ -104,12 +128,17 @@ class Recording:
             self._line(orjson.dumps({"t": self.elapsed(), "d": direction, "data": text}))
         self.events += 1
 
-    def event(self, direction: str, **fields: Any) -> None:
-        """One request or response of a transcript (``{"t", "d", ...fields}``)."""
+    def event(self, direction: str, *, at: float | None = None, **fields: Any) -> None:
+        """One request or response of a transcript (``{"t", "d", ...fields}``): ``t`` is
+        seconds since the start, now or at the time ``at`` (seconds since the epoch)."""
         if self.format != "transcript":
             raise ValueError("structured events go into transcripts")
-        self._line(orjson.dumps({"t": self.elapsed(), "d": direction, **fields},
-                                default=str))
+        if at is None:
+            t = self.elapsed()
+        else:
+            t = round(at - self.started, 6)
+            self._last_at = at if self._last_at is None else max(self._last_at, at)
+        self._line(orjson.dumps({"t": t, "d": direction, **fields}, default=str))
         self.events += 1
 
     def resize(self, cols: int, rows: int) -> None:
@@ -117,14 +146,33 @@ class Recording:
             self._line(orjson.dumps([self.elapsed(), "r", f"{int(cols)}x{int(rows)}"]))
             self.events += 1
 
-    def close(self) -> RecordingRef:
+    def flush(self) -> None:
+        """Hand what is buffered to the OS (readers see it; no fsync)."""
         if self._file is not None:
+            self._file.flush()
+
+    def suspend(self) -> None:
+        """Flush and close the file but keep the recording open: the next write reopens
+        it to append (a writer with more recordings than it keeps files open)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def close(self, *, at: float | None = None) -> RecordingRef:
+        """Seal the recording (fsync) and return its reference. ``at``: when the session
+        ended (default: now, or the last event's ``at`` for a recording built from them)."""
+        if not self._closed:
+            if self._file is None:
+                self._file = open(self.path, "ab")  # noqa: SIM115 - closed just below
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
+            self._closed = True
+        end = at if at is not None else self._last_at
+        duration = round(end - self.started, 6) if end is not None else self.elapsed()
         return RecordingRef(self.relpath, self.format, self._digest.hexdigest(), self._size,
-                            self.started, self.elapsed(), self.events)
+                            self.started, duration, self.events)
 
 
 class Recorder:
@@ -133,10 +181,13 @@ class Recorder:
     def __init__(self, directory: str | os.PathLike[str]):
         self.directory = Path(directory)
 
-    def open(self, name: str, fmt: str, **header: Any) -> Recording:
+    def open(self, name: str, fmt: str, *, started: float | None = None,
+             replace: bool = False, buffering: int = 65536, **header: Any) -> Recording:
         """``name``: unique per session (its id); header fields go into the first line
-        (asciicast: width, height, title, env; transcript: protocol, user, connection)."""
-        return Recording(self.directory, name, fmt, header)
+        (asciicast: width, height, title, env; transcript: protocol, user, connection).
+        ``started``, ``replace``, ``buffering``: see ``Recording``."""
+        return Recording(self.directory, name, fmt, header, started=started,
+                         replace=replace, buffering=buffering)
 
     def path(self, ref: RecordingRef | dict[str, Any]) -> Path:
         rel = ref.path if isinstance(ref, RecordingRef) else str(ref["path"])
@@ -156,4 +207,4 @@ class Recorder:
         return None if got == want else f"its SHA-256 is {got}, the audit trail says {want}"
 
 
-__all__ = ["FORMATS", "Recorder", "Recording", "RecordingRef"]
+__all__ = ["FORMATS", "Recorder", "Recording", "RecordingRef", "safe_name"]

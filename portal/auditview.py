@@ -1,25 +1,32 @@
 """Audit: search the hash-chained trail (blocked and masked events included),
-show the chain status from ``AuditLog.verify``, and one client session's
-statements in order with their decisions."""
+show the chain status from ``AuditLog.verify`` (recordings' digests included), and one
+client session's statements in order with their decisions and the replay of its
+transcript (portal.replay)."""
 
 from __future__ import annotations
 
 from flask import Blueprint, current_app, render_template, request
 
+from keyturn.recording import Recorder
 from keyturn.services import Services
 from portal import queries
 from portal.htmx import page_or_block
+from portal.replay import replay_of
 from portal.roles import ADMIN, AUDITOR, require
 
 bp = Blueprint("auditview", __name__)
 PAGE = 50
 ACTIONS = ("allow", "block", "review", "mask")
-KINDS = ("statement", "held", "vote", "ticket", "connect", "disconnect", "auth_failed", "login",
-         "token", "export", "account")
+KINDS = ("statement", "held", "vote", "ticket", "connect", "disconnect", "recording",
+         "auth_failed", "login", "token", "export", "account")
 
 
 def services() -> Services:
     return current_app.extensions["keyturn"]
+
+
+def recorder() -> Recorder:
+    return Recorder(services().config.gateway.recordings)
 
 
 def audit_filter_from(args: dict[str, str]) -> queries.AuditFilter:
@@ -52,7 +59,7 @@ def index():  # type: ignore[no-untyped-def]
 @require(AUDITOR, ADMIN)
 def chain():  # type: ignore[no-untyped-def]
     """The chain check walks every record, so the page loads it separately."""
-    return render_template("_chain.html", result=services().audit.verify())
+    return render_template("_chain.html", result=services().audit.verify(recorder()))
 
 
 @bp.get("/audit/sessions/<session_id>")
@@ -61,5 +68,6 @@ def session_view(session_id: str):  # type: ignore[no-untyped-def]
     svc = services()
     records = queries.session_records(svc.store, session_id[:64])
     tickets = queries.tickets_by_id(svc.store, {r.ticket_id for r in records if r.ticket_id})
+    replay = replay_of(recorder(), session_id[:64], records)
     return render_template("session.html", session_id=session_id, records=records,
-                           tickets=tickets)
+                           tickets=tickets, replay=replay)

@@ -180,3 +180,24 @@ def set_portal_password(kt: Any, user: str, password: str = PASSWORD) -> None:
                          capture_output=True, text=True, env=dict(os.environ, **kt.env),
                          timeout=60)
     assert res.returncode == 0, res.stderr
+
+
+def record_session(svc: Services, records: list[dict[str, Any]], *,
+                   gateway_runs_on: bool = False) -> Any:
+    """Records of a gateway session, the way the gateway makes them: written to the
+    audit spool and taken into the store by the real ingester, which writes the session's
+    transcript (the config's recordings directory) and seals it at its disconnect, or
+    when the gateway stops. ``gateway_runs_on``: the spool stays open (returned; close
+    it), as a gateway that is still running keeps it."""
+    from keyturn.auditspool import AuditIngester, AuditSpool
+
+    spool = AuditSpool(svc.config.gateway.audit_spool, "gw")
+    for rec in records:
+        spool.record(**rec)
+    if gateway_runs_on:
+        spool.flush()
+    else:
+        spool.close()
+    AuditIngester(svc.audit, svc.config.gateway.audit_spool,
+                  recordings=svc.config.gateway.recordings).run_once()
+    return spool

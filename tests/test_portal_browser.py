@@ -24,7 +24,13 @@ from typing import Any
 
 import pytest
 from conftest import ROOT, Keyturn, make_keyturn
-from portal_support import PASSWORD, make_services, make_ticket, set_portal_password
+from portal_support import (
+    PASSWORD,
+    make_services,
+    make_ticket,
+    record_session,
+    set_portal_password,
+)
 
 from bots.links import Links
 from keyturn.launch.localpg import LocalPostgres
@@ -183,20 +189,25 @@ def _seed(svc: Services) -> None:
     links = Links(svc.config, svc.store)
     links.link("teams", "6f1c2a7e-0b7d-4c55-9a61-2f3d8e4b1c90", "dana", by="adam")
     links.claim(links.start_claim("slack", "U04DANA7QK"), "dana")
-    svc.audit.append([
-        {"kind": "connect", "user": "alice", "connection": "shop", "session_id": "a1b2c3d4e5",
-         "client_addr": "10.0.3.14"},
-        {"kind": "statement", "user": "alice", "connection": "shop", "session_id": "a1b2c3d4e5",
+    who = {"user": "alice", "connection": "shop", "session_id": "a1b2c3d4e5",
+           "client_addr": "10.0.3.14", "protocol": "postgres"}
+    start = now - 900
+    record_session(svc, [  # through the spool and the ingester: the session's transcript
+        {"kind": "connect", "at": start, **who, "detail": {"application": "psql"}},
+        {"kind": "statement", "at": start + 4.2, **who,
          "statement": "SELECT id, status, total FROM orders ORDER BY id DESC LIMIT 20",
          "action": "allow", "classification": "read", "rule": "reads", "outcome": "ok",
          "rows": 20, "duration_ms": 1.8},
-        {"kind": "statement", "user": "alice", "connection": "shop", "session_id": "a1b2c3d4e5",
-         "statement": "DROP TABLE orders", "action": "block", "classification": "ddl",
-         "rule": "no-ddl", "reason": "schema changes go through migrations",
-         "outcome": "blocked"},
-        {"kind": "statement", "user": "alice", "connection": "shop", "session_id": "a1b2c3d4e5",
-         "statement": stmts[0], "action": "review", "classification": "write",
-         "rule": "writes", "ticket_id": 1, "outcome": "approved", "rows": 12},
+        {"kind": "statement", "at": start + 9.0, **who, "statement": "DROP TABLE orders",
+         "action": "block", "classification": "ddl", "rule": "no-ddl",
+         "reason": "schema changes go through migrations", "outcome": "blocked"},
+        {"kind": "statement", "at": start + 71.5, **who, "statement": stmts[0],
+         "action": "review", "classification": "write", "rule": "writes", "ticket_id": 1,
+         "outcome": "approved", "rows": 12, "duration_ms": 55_012.4},
+        {"kind": "statement", "at": start + 80.1, **who, "statement": "SELECT 1/0",
+         "action": "allow", "classification": "read", "rule": "reads", "outcome": "error",
+         "duration_ms": 0.4, "detail": {"sqlstate": "22012"}},
+        {"kind": "disconnect", "at": start + 84.0, **who, "duration_ms": 84_000.0},
     ])
 
 
@@ -267,3 +278,47 @@ def test_screenshots_of_every_page(browser: Any, seeded_portal: str, shots: Path
     for ctx, _, _ in contexts.values():
         ctx.close()
     assert len(list(shots.glob(f"*-{viewport_name}.png"))) >= len(PAGES)
+
+
+@pytest.mark.parametrize("viewport_name", ["laptop", "phone"])
+def test_the_session_replay_plays_and_steps(browser: Any, seeded_portal: str, shots: Path,
+                                            viewport_name: str) -> None:
+    """The replay's controls work in the browser alone: step, play to the end, show all;
+    no request goes to the server while it plays."""
+    ctx = browser.new_context(viewport=LAPTOP if viewport_name == "laptop" else PHONE)
+    page = ctx.new_page()
+    errors = _console_errors(page)
+    _sign_in(page, seeded_portal, "carol")
+    page.goto(f"{seeded_portal}/audit/sessions/a1b2c3d4e5")
+    steps = page.locator("ol.replay > li")
+    assert steps.count() == 6
+    assert "verified" in page.locator(".digest").inner_text()
+    pos = page.locator("[data-replay-pos]")
+    assert pos.inner_text() == "all 6 steps"
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.get_by_role("button", name="Next step").click()
+    assert pos.inner_text() == "step 1 of 6"
+    assert page.locator("ol.replay > li:visible").count() == 1
+    page.get_by_role("button", name="Next step").click()
+    page.get_by_role("button", name="Next step").click()
+    assert pos.inner_text() == "step 3 of 6"
+    current = page.locator("ol.replay > li.current")
+    assert "DROP TABLE orders" in current.inner_text() and "blocked" in current.inner_text()
+    page.screenshot(path=str(shots / f"session-replay-step-{viewport_name}.png"),
+                    full_page=True)
+    page.get_by_role("button", name="Previous step").click()
+    assert pos.inner_text() == "step 2 of 6"
+    page.select_option("[data-act=speed]", "16")
+    page.get_by_role("button", name="Play").click()
+    assert page.get_by_role("button", name="Pause").is_visible()
+    # (wait_for_function would evaluate a string: the portal's CSP forbids that)
+    pos.get_by_text("all 6 steps").wait_for(timeout=15000)
+    assert page.locator("ol.replay > li:visible").count() == 6
+    assert page.get_by_role("button", name="Play").is_visible()
+    overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 1, overflow
+    page.screenshot(path=str(shots / f"session-replay-{viewport_name}.png"), full_page=True)
+    assert requests == [], "the replay asked the server for something"
+    assert errors == []
+    ctx.close()

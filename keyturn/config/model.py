@@ -218,6 +218,9 @@ class GatewaySettings:
     audit_spool: str = "audit-spool"
     mask_key: SecretRef | None = None  # HMAC key of the "hash" masking style
     limits: ClientLimits = ClientLimits()
+    # Session recordings (transcripts of PostgreSQL sessions, made by the audit ingester);
+    # the portal and ``keyturn audit verify`` read them here.
+    recordings: str = "recordings"
 
     def listener(self, key: str) -> Listener | None:
         return next((lst for k, lst in self.listeners if k == key), None)

@@ -46,8 +46,8 @@ from keyturn.config.yamldoc import Doc, KeyPath
 from keyturn.errors import ConfigError
 from keyturn.request import known_classes, resource_kinds
 
-_GATEWAY_KEYS = {"tls", "id", "client_auth", "audit_spool", "mask_key_env", "mask_key_file",
-                 "limits"}
+_GATEWAY_KEYS = {"tls", "id", "client_auth", "audit_spool", "recordings", "mask_key_env",
+                 "mask_key_file", "limits"}
 
 
 def _installed_types() -> str:
@@ -299,7 +299,8 @@ class Validator(Checker):
                                str(g.get("id", "gateway")), client_auth,
                                self.relative_path(g.get("audit_spool", "audit-spool")),
                                self.secret(g, "mask_key", ("gateway",)),
-                               self.limits(g.get("limits")))
+                               self.limits(g.get("limits")),
+                               self.relative_path(g.get("recordings", "recordings")))
 
     def listeners(self, g: dict, types: list[registry.ConnectionType],
                   connections: dict[str, Connection]) -> tuple[tuple[str, Listener], ...]:

@@ -171,20 +171,33 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from keyturn.auditspool import AuditIngester
 
     # Include what this host's gateway has recorded but not yet ingested.
-    AuditIngester(svc.audit, svc.config.gateway.audit_spool).run_once()
+    AuditIngester(svc.audit, svc.config.gateway.audit_spool,
+                  recordings=svc.config.gateway.recordings).run_once()
     if args.audit_cmd == "verify":
-        result = svc.audit.verify()
+        from keyturn.recording import Recorder
+
+        result = svc.audit.verify(Recorder(svc.config.gateway.recordings))
         if args.json:
             print(json.dumps(result.to_json(), indent=2))
-        elif result.ok:
-            versions = ", ".join(f"{n} in version {v}" for v, n in sorted(result.versions.items()))
-            print(f"audit chain OK: {result.count} records"
-                  f"{f' ({versions})' if versions else ''}, head {result.head_seq} "
-                  f"{result.head_hash[:16]}…")
         else:
-            print(f"audit chain BROKEN ({result.count} records):")
-            for p in result.problems:
-                print(f"  - {p}")
+            if result.chain_ok:
+                versions = ", ".join(f"{n} in version {v}"
+                                     for v, n in sorted(result.versions.items()))
+                print(f"audit chain OK: {result.count} records"
+                      f"{f' ({versions})' if versions else ''}, head {result.head_seq} "
+                      f"{result.head_hash[:16]}…")
+            else:
+                print(f"audit chain BROKEN ({result.count} records):")
+                for p in result.problems:
+                    print(f"  - {p}")
+            bad = result.recording_problems
+            if not bad:
+                print(f"recordings OK: {result.recordings} match their SHA-256 in the chain")
+            else:
+                print(f"recordings BROKEN: {len(bad)} of {result.recordings} do not match "
+                      "the SHA-256 the audit trail holds:")
+                for p in bad:
+                    print(f"  - {p}")
         from keyturn.auditspool import spool_backlog
 
         backlog = spool_backlog(svc.config.gateway.audit_spool, svc.audit)
@@ -212,7 +225,8 @@ def _audit_ingest(args: argparse.Namespace, svc: Any) -> int:
 
     from keyturn.auditspool import AuditIngester
 
-    ing = AuditIngester(svc.audit, svc.config.gateway.audit_spool)
+    ing = AuditIngester(svc.audit, svc.config.gateway.audit_spool,
+                        recordings=svc.config.gateway.recordings)
     if not args.follow:
         n = ing.run_once()
         print(f"ingested {n} audit records from {ing.dir}")
