@@ -232,7 +232,8 @@ HOOKED = catalog(routines=[fn("public", "m2t"), fn("public", "d2i"), fn("public"
 
 
 @pytest.mark.parametrize("sql", ["SELECT 1", "SELECT * FROM orders", "VALUES (1)",
-                                 "INSERT INTO t VALUES (1)", "SELECT set_config('a.b', 'c', false)"])
+                                 "INSERT INTO t VALUES (1)",
+                                 "SELECT set_config('a.b', 'c', false)"])
 def test_code_any_statement_may_run_is_judged_on_every_statement(sql: str) -> None:
     st = judge(sql, HOOKED)
     assert st.cls is C.WRITE, st.reasons
