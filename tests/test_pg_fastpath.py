@@ -13,8 +13,11 @@ from __future__ import annotations
 import random
 import re
 import struct
+import tempfile
 import time
-from types import SimpleNamespace
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -22,26 +25,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keyturn import auditschema
-from keyturn.analysis.pgcatalog import TargetCatalog
 from keyturn.analysis.postgres import MAX_SHAPED_TEXT, fast_shape
-from keyturn.config import parse_config
-from keyturn.identity import Identity
-from keyturn.policy import PolicyEngine
 from proxies.postgres import codec
-from proxies.postgres.catalog import Catalogs
-from proxies.postgres.gateway import PostgresGateway
 from proxies.postgres.session import ClientSession
 from proxies.postgres.speedups import compiled
 from proxies.postgres.state import FAST_AUDIT_LAYOUT
 from proxies.postgres.upstream import Upstream
+from tests.pg_playbook import PgPlaybook
 
 pytestmark = pytest.mark.skipif(compiled is None, reason="compiled speedups not built")
 
 CFG = """
-store: {url: "sqlite:///:memory:"}
 identity: {users: {alice: {groups: [eng]}}}
 connections:
-  - {name: bench, type: postgres, target: {host: 127.0.0.1, port: 5432}, policy: bench}
+  - {name: bench, type: postgres, target: {host: 127.0.0.1, port: 5432, user: app},
+     policy: bench}
 policies:
   bench:
     default: block
@@ -56,27 +54,17 @@ def msg(t: bytes, body: bytes) -> bytes:
     return codec.encode_message(t, body)
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.data = bytearray()
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-    def get_extra_info(self, key: str) -> object:
-        return ("127.0.0.1", 5000)
-
-    def close(self) -> None:
-        pass
-
-    def set_protocol(self, protocol: object) -> None:
-        self.protocol = protocol  # the compiled Relay, in "relay" mode
-
-
 def feed(side: ClientSession | Upstream, data: bytes) -> None:
-    """Deliver a chunk the way the event loop does: to the transport's protocol."""
-    relay = getattr(side.transport, "protocol", None)
-    (relay or side).data_received(data)
+    """Deliver a chunk the way the event loop does: to the transport's protocol (the
+    session, or the compiled relay in its place), inside the playbook's loop."""
+    session = side.session if isinstance(side, Upstream) else side
+    assert side.transport is not None
+    _PLAYBOOKS[id(session)].call(side.transport.protocol.data_received, data)  # type: ignore[attr-defined]
+
+
+def inside(s: ClientSession, fn: Any, *args: Any) -> Any:
+    """Call ``fn`` inside the session's event loop (as a callback of the loop would)."""
+    return _PLAYBOOKS[id(s)].call(fn, *args)
 
 
 class Target:
@@ -161,50 +149,34 @@ class Target:
 
 
 
-def new_session(fast: bool | str, records: list[bytes]) -> tuple[ClientSession, Upstream]:
-    """A ready session on Sink transports. ``fast="relay"`` installs the compiled relays
-    and the compiled audit buffer, as the gateway does; call ``collect`` for the lines."""
-    cfg = parse_config(CFG)
-    buf = compiled.AuditBuffer() if fast == "relay" else None
-    spool = SimpleNamespace(write_line=buf.append if buf else records.append, buf=buf,
-                            accepting=True, refusal=None, flush_ahead=lambda: None)
-    gw = SimpleNamespace(config=cfg, policy=PolicyEngine(cfg), audit_spool=spool,
-                         _analyzers={}, audit=lambda **k: None, drop_key=lambda key: None)
-    gw.analyzer = lambda conn: PostgresGateway.analyzer(gw, conn)  # type: ignore[arg-type]
-    gw.active = set()
-    gw.catalogs = Catalogs(gw, read=None)  # type: ignore[arg-type]
-    gw.catalogs.put(cfg.connections["bench"], TargetCatalog.from_rows(user="app", search_path=None))
-    s = ClientSession(gw)  # type: ignore[arg-type]
-    s.connection_made(Sink())  # type: ignore[arg-type]
-    s.session_id = "s1"
-    s.phase = "ready"
-    s.reader.start_typed()
-    s.user = "alice"
-    s.conn = cfg.connections["bench"]
-    s.analyzer = gw.analyzer(s.conn)
-    s.identity = Identity(user="alice", groups=("eng",))
-    from keyturn.analysis import PreparedStatements
+_PLAYBOOKS: dict[int, PgPlaybook] = {}
 
-    s.prepared = PreparedStatements()
-    up = Upstream(s, s.conn)
-    up.connection_made(Sink())  # type: ignore[arg-type]
-    up.ready = True
-    s.upstream = up
-    if fast:
-        assert s.transport is not None and up.transport is not None
-        s.fast = compiled.FastPath(s, s.fast_verdicts, s.fast_stmts, s.portals,
-                                   s.transport.write, up.transport.write, spool.write_line,
-                                   s._audit_prefix_bytes(), FAST_AUDIT_LAYOUT, MAX_SHAPED_TEXT,
-                                   s._intent_prefix_bytes(), spool.flush_ahead)
-        if fast == "relay":
-            s._install_relays()
+
+@pytest.fixture(autouse=True)
+def _close_playbooks() -> Iterator[None]:
+    yield
+    while _PLAYBOOKS:
+        _PLAYBOOKS.popitem()[1].close()
+
+
+def new_session(fast: bool | str, records: list[bytes]) -> tuple[ClientSession, Upstream]:
+    """A session logged in through the transcript harness (tests/pg_playbook.py): the real
+    gateway and session, no sockets. ``fast``: False (Python only), True (compiled, fed
+    by the session) or "relay" (compiled relays in the sockets' place, as in production).
+    The transports' ``data`` is everything sent after login; ``collect`` reads the audit
+    lines."""
+    pb = PgPlaybook(CFG, Path(tempfile.mkdtemp(prefix="fastpath-")), fast=fast)
+    pb.login("alice", "bench")
+    s, up = pb.session, pb.upstream
+    _PLAYBOOKS[id(s)] = pb
+    assert (s.fast is not None) == bool(fast)
     return s, up
 
 
 def collect(s: ClientSession, records: list[bytes]) -> list[bytes]:
-    buf = s.gw.audit_spool.buf
-    if buf is not None:
-        records.extend(buf.take().splitlines(keepends=True))
+    """The session's audit lines so far (its statements and their intents)."""
+    records[:] = [line for line in _PLAYBOOKS[id(s)].records()
+                  if orjson.loads(line)["kind"] in ("intent", "statement")]
     return records
 
 
@@ -382,9 +354,10 @@ def test_fast_path_audit_lines_are_json_with_control_characters_escaped() -> Non
     s, up = new_session(True, records)
     sql = "SELECT 1,\n\t2 AS x\r\f"
     for _ in range(2):  # the first one teaches the session the shape
-        s.data_received(codec.encode_query(sql))
-        up.data_received(msg(b"C", b"SELECT 1\0") + msg(b"Z", b"I"))
+        feed(s, codec.encode_query(sql))
+        feed(up, msg(b"C", b"SELECT 1\0") + msg(b"Z", b"I"))
     assert s.fast.pending == 0
+    records = collect(s, records)
     lines = [orjson.loads(r) for r in records]  # intent, record; intent, record
     assert [(r["kind"], r["statement"], r["n"]) for r in lines] == [
         ("intent", sql, 2), ("statement", sql, 2), ("intent", sql, 1), ("statement", sql, 1)]
@@ -402,11 +375,11 @@ def test_fast_path_audit_lines_hold_the_schema_s_fields_as_python_writes_them() 
     records: list[bytes] = []
     s, up = new_session(True, records)
     for _ in range(2):  # Python (learns the shape), then compiled
-        s.data_received(codec.encode_query("SELECT 1 AS x"))
-        up.data_received(msg(b"T", struct.pack("!h", 1) + b"x\0" + b"\0" * 18)
-                         + msg(b"D", struct.pack("!hi", 1, 1) + b"1")
-                         + msg(b"C", b"SELECT 1\0") + msg(b"Z", b"I"))
-    lines = [orjson.loads(r) for r in records]
+        feed(s, codec.encode_query("SELECT 1 AS x"))
+        feed(up, msg(b"T", struct.pack("!h", 1) + b"x\0" + b"\0" * 18)
+             + msg(b"D", struct.pack("!hi", 1, 1) + b"1")
+             + msg(b"C", b"SELECT 1\0") + msg(b"Z", b"I"))
+    lines = [orjson.loads(r) for r in collect(s, records)]
     by_path = {(r["kind"], r["n"] % 2): r for r in lines}  # n: odd from C, even from Python
     assert sorted(by_path) == [("intent", 0), ("intent", 1), ("statement", 0),
                                ("statement", 1)]
@@ -471,7 +444,7 @@ def _hostile(fast: bool | str, client: list[bytes], answer: bytes) -> tuple:
         feed(up, answer)
     except Exception as exc:  # noqa: BLE001 - compared between the two paths
         error = type(exc)
-    recs = audit_records(s, records, drop=("at", "duration_ms"))
+    recs = audit_records(s, records, drop=("at", "duration_ms", "session_id"))
     return bytes(s.transport.data[start:]), recs, s.tx_status, s.closed, error
 
 
@@ -508,12 +481,12 @@ def test_odd_or_hostile_answers_are_handled_exactly_like_the_python_session(
 def _learned_relay_session() -> tuple[ClientSession, Upstream, list[str]]:
     """A session with relays whose Python entry points count their calls."""
     records: list[bytes] = []
-    s, up = new_session(True, records)
+    s, up = new_session("relay", records)
     calls: list[str] = []
     py_client, py_server = s.data_received, up.data_received
     s.data_received = lambda *a: (calls.append("client"), py_client(*a))[1]  # type: ignore[method-assign]
     up.data_received = lambda *a: (calls.append("server"), py_server(*a))[1]  # type: ignore[method-assign]
-    s._install_relays()
+    inside(s, s._install_relays)  # the relays call the counting entry points
     return s, up, calls
 
 
@@ -547,7 +520,7 @@ def test_a_closed_target_disarms_the_client_relay() -> None:
     assert s.fast.armed
     assert up.transport is not None
     sent = len(up.transport.data)
-    up.close()
+    inside(s, up.close)
     assert not s.fast.armed
     feed(s, codec.encode_query("SELECT abalance FROM acc WHERE aid = 3;"))
     assert calls[-1] == "client", "the session, not the fast path, saw the query"
@@ -571,7 +544,7 @@ def test_an_error_inside_a_relay_ends_only_that_session() -> None:
     s.fast = compiled.FastPath(s, s.fast_verdicts, s.fast_stmts, s.portals, s.transport.write,
                                broken, s.gw.audit_spool.write_line, s._audit_prefix_bytes(),
                                FAST_AUDIT_LAYOUT, MAX_SHAPED_TEXT, s._intent_prefix_bytes())
-    s._install_relays()
+    inside(s, s._install_relays)
     feed(s, codec.encode_query("SELECT abalance FROM acc WHERE aid = 2;"))  # arms
     assert s.fast.armed and not s.closed
     n = len(calls)
@@ -595,7 +568,7 @@ def test_relay_events_disarm_and_reach_the_python_protocol() -> None:
             feed(s, codec.encode_query(f"SELECT abalance FROM acc WHERE aid = {i};"))
             feed(up, msg(b"C", b"SELECT 1\0") + msg(b"Z", b"I"))
         assert s.fast.armed
-        result = getattr(relay, event)(*args)
+        result = inside(s, getattr(relay, event), *args)
         assert not s.fast.armed, event
         if event == "eof_received":
             assert result is True, "the protocol's answer goes back to the transport"
@@ -651,7 +624,7 @@ def test_a_message_the_target_left_half_sent_keeps_the_fast_path_away(
         feed(s, codec.encode_query("SELECT abalance FROM acc WHERE aid = 7;"))
         feed(up, body)  # the rest of the notice,
         feed(up, answer)  # then the real answer
-        recs = audit_records(s, records, drop=("at", "duration_ms"))
+        recs = audit_records(s, records, drop=("at", "duration_ms", "session_id"))
         return bytes(s.transport.data), recs, s.tx_status
 
     expected = scenario(False)

@@ -1,30 +1,22 @@
-"""The session's ordering of responses, driven message by message without sockets:
-the client's messages and the target's answers interleaved exactly as a race on the
-network can interleave them."""
+"""The session's ordering of responses, driven message by message without sockets
+(the transcript harness, tests/pg_playbook.py): the client's messages and the target's
+answers interleaved exactly as a race on the network can interleave them."""
 
 from __future__ import annotations
 
 import struct
-import tempfile
-from types import SimpleNamespace
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from keyturn.analysis import PreparedStatements
-from keyturn.analysis.pgcatalog import TargetCatalog
-from keyturn.auditspool import AuditSpool
-from keyturn.config import parse_config
-from keyturn.policy import PolicyEngine
 from proxies.postgres import codec
-from proxies.postgres.catalog import Catalogs
-from proxies.postgres.gateway import PostgresGateway
-from proxies.postgres.session import ClientSession
-from proxies.postgres.upstream import Upstream
+from tests.pg_playbook import PgPlaybook, types
 
 CONFIG = """
 identity: {users: {alice: {groups: [eng]}}}
 connections:
-  - {name: db, type: postgres, target: {host: 127.0.0.1, port: 5432}, policy: p}
+  - {name: db, type: postgres, target: {host: 127.0.0.1, port: 5432, user: app}, policy: p}
 policies:
   p:
     default: block
@@ -33,52 +25,13 @@ policies:
 """
 
 
-class Wire:
-    def __init__(self) -> None:
-        self.data = b""
-
-    def write(self, d: bytes) -> None:
-        self.data += d
-
-    def get_extra_info(self, _key: str) -> tuple[str, int]:
-        return ("127.0.0.1", 1)
-
-    def close(self) -> None:
-        pass
-
-    def types(self) -> list[str]:
-        r = codec.BackendReader()
-        r.receive_data(self.data)
-        self.data = b""
-        return [m.type.decode() for m in r.next_messages()]
-
-
 @pytest.fixture()
-def session():  # type: ignore[no-untyped-def]
-    cfg = parse_config(CONFIG)
-    spool = AuditSpool(tempfile.mkdtemp())
-    gw = SimpleNamespace(config=cfg, policy=PolicyEngine(cfg), audit_spool=spool,
-                         _analyzers={}, audit=lambda **k: None)
-    gw.analyzer = lambda conn: PostgresGateway.analyzer(gw, conn)  # type: ignore[arg-type]
-    gw.active = set()
-    gw.catalogs = Catalogs(gw, read=None)  # type: ignore[arg-type]
-    gw.catalogs.put(cfg.connections["db"], TargetCatalog.from_rows(user="app", search_path=None))
-    s = ClientSession(gw)  # type: ignore[arg-type]
-    client = Wire()
-    s.connection_made(client)  # type: ignore[arg-type]
-    s.phase = "ready"
-    s.reader.start_typed()
-    s.user, s.conn = "alice", cfg.connections["db"]
-    s.analyzer = gw.analyzer(s.conn)
-    s.identity = SimpleNamespace(user="alice", groups=("eng",))
-    s.prepared = PreparedStatements()
-    up = Upstream(s, s.conn)
-    target = Wire()
-    up.connection_made(target)  # type: ignore[arg-type]
-    up.ready = True
-    s.upstream = up
-    yield s, client, target, up
-    spool.close()
+def pb(tmp_path: Path) -> Iterator[PgPlaybook]:
+    pb = PgPlaybook(CONFIG, tmp_path)
+    got = pb.login()
+    assert types(got)[0] == "R" and types(got)[-1] == "Z"
+    yield pb
+    pb.close()
 
 
 def msg(t: bytes, body: bytes = b"") -> bytes:
@@ -93,32 +46,57 @@ def extended(sql: str) -> bytes:
 ERROR = codec.encode_error("ERROR", "22012", "division by zero")
 
 
-def test_target_error_before_the_rest_of_the_batch_arrives(session) -> None:  # type: ignore[no-untyped-def]
-    s, client, target, up = session
-    s.data_received(extended("SELECT 1/0"))          # first part of a pipeline
-    up.data_received(msg(b"1") + ERROR)               # the target fails at Bind, at once
-    s.data_received(extended("DROP TABLE t") + codec.encode_sync())  # blocked, then Sync
-    up.data_received(msg(b"Z", b"I"))                 # the target skipped to the Sync
+def test_login_reaches_the_target_with_the_guard_and_tells_the_client_its_settings(
+        tmp_path: Path) -> None:
+    pb = PgPlaybook(CONFIG, tmp_path)
+    try:
+        got = pb.login()
+        status = dict(codec.decode_parameter_status(m.body) for m in got if m.type == b"S")
+        # The guard's read-only default is the gateway's business: clients (libpq's
+        # target_session_attrs) see a server that takes writes; the rest as reported.
+        assert status["default_transaction_read_only"] == "off"
+        assert status["server_version"] == "15.0" and status["client_encoding"] == "UTF8"
+        assert [m.type for m in got if m.type in (b"K", b"Z")] == [b"K", b"Z"]
+        pb.quiet()
+    finally:
+        pb.close()
+
+
+def test_target_error_before_the_rest_of_the_batch_arrives(pb: PgPlaybook) -> None:
+    pb.client_sends(extended("SELECT 1/0"))          # first part of a pipeline
+    pb.target_gets(4)                                 # Parse, Bind, Describe, Execute
+    pb.target_sends(msg(b"1") + ERROR)                # the target fails at Bind, at once
+    pb.client_sends(extended("DROP TABLE t") + codec.encode_sync())  # blocked, then Sync
+    pb.target_sends(msg(b"Z", b"I"))                  # the target skipped to the Sync
     # As from PostgreSQL itself: the first error, then ReadyForQuery (the refused DROP
     # came after the error, so it was skipped like the rest of the batch).
-    assert client.types() == ["1", "E", "Z"]
+    got = pb.client_gets(3)
+    assert types(got) == ["1", "E", "Z"] and b"22012" in got[1].body
     # And the session is in step: the next query is answered normally.
-    s.data_received(codec.encode_query("SELECT 42"))
-    up.data_received(msg(b"T", struct.pack("!h", 0)) + msg(b"C", b"SELECT 1\0") +
-                     msg(b"Z", b"I"))
-    assert client.types() == ["T", "C", "Z"]
-    assert not s.expect
+    # What reached the target for the DROP: its Parse/Bind/Describe, then, instead of its
+    # Execute, the gateway's failing statement, then the Sync.
+    sent = pb.target_gets(7)
+    assert types(sent) == ["P", "B", "D", "P", "B", "E", "S"]
+    assert b"DROP" in sent[0].body and b"keyturn refused a statement" in sent[3].body
+    pb.client_sends(codec.encode_query("SELECT 42"))
+    assert types(pb.target_gets(1)) == ["Q"]
+    pb.target_sends(msg(b"T", struct.pack("!h", 0)) + msg(b"C", b"SELECT 1\0") +
+                    msg(b"Z", b"I"))
+    assert types(pb.client_gets(3)) == ["T", "C", "Z"]
+    pb.quiet()
+    assert not pb.session.expect
 
 
-def test_refused_execute_before_sync_answers_like_an_error(session) -> None:  # type: ignore[no-untyped-def]
-    s, client, target, up = session
-    s.data_received(extended("SELECT 1") + extended("DROP TABLE t") + codec.encode_sync())
+def test_refused_execute_before_sync_answers_like_an_error(pb: PgPlaybook) -> None:
+    pb.client_sends(extended("SELECT 1") + extended("DROP TABLE t") + codec.encode_sync())
     # The target answers the first query, the forwarded Parse/Bind/Describe of the second,
     # then fails the gateway's own failing statement at Parse and skips to the Sync.
-    up.data_received(msg(b"1") + msg(b"2") + msg(b"T", struct.pack("!h", 0)) +
-                     msg(b"C", b"SELECT 1\0") + msg(b"1") + msg(b"2") + msg(b"n") +
-                     codec.encode_error("ERROR", "22P02", "invalid input syntax") +
-                     msg(b"Z", b"I"))
-    types = client.types()
-    assert types == ["1", "2", "T", "C", "1", "2", "n", "E", "Z"]
-    assert not s.expect
+    pb.target_sends(msg(b"1") + msg(b"2") + msg(b"T", struct.pack("!h", 0)) +
+                    msg(b"C", b"SELECT 1\0") + msg(b"1") + msg(b"2") + msg(b"n") +
+                    codec.encode_error("ERROR", "22P02", "invalid input syntax") +
+                    msg(b"Z", b"I"))
+    got = pb.client_gets(9)
+    assert types(got) == ["1", "2", "T", "C", "1", "2", "n", "E", "Z"]
+    # The client's error is the gateway's refusal, not the stand-in's failure.
+    assert b"keyturn" in got[7].body and b"22P02" not in got[7].body
+    assert not pb.session.expect

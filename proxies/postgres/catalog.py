@@ -118,12 +118,13 @@ WHERE c.castcontext = 'e' AND tn.nspname IN ('pg_catalog', 'information_schema')
 
 # User code that may run for values of built-in types, which any statement may hold
 # without naming their type (columns, function results): implicit and assignment casts
-# with a user function, and the support functions and operators of the operator families
-# the server uses by default for a built-in type (sorting, grouping, DISTINCT, UNION,
-# hashing, comparisons; CREATE OPERATOR CLASS ... DEFAULT, or ALTER OPERATOR FAMILY ...
-# ADD on a built-in family). Default encoding conversions and text search parsers and
-# templates are user code behind built-in functions (convert(), to_tsvector()). Any of
-# these is judged on every statement of the target.
+# between built-in types with a user function (a cast to or from a user type needs a value
+# or a context of that type, which the type's own code covers), and the support functions
+# and operators of the operator families the server uses by default for a built-in type
+# (sorting, grouping, DISTINCT, UNION, hashing, comparisons; CREATE OPERATOR CLASS ...
+# DEFAULT, or ALTER OPERATOR FAMILY ... ADD on a built-in family). Default encoding
+# conversions and text search parsers and templates are user code behind built-in
+# functions (convert(), to_tsvector()). Any of these is judged on every statement.
 _HOOKS = f"""
 WITH code(what, fn) AS (
   SELECT 'an implicit cast from ' || format_type(c.castsource, NULL) || ' to ' ||
@@ -131,7 +132,7 @@ WITH code(what, fn) AS (
   FROM pg_cast c JOIN pg_type s ON s.oid = c.castsource JOIN pg_type d ON d.oid = c.casttarget
   JOIN pg_namespace sn ON sn.oid = s.typnamespace JOIN pg_namespace dn ON dn.oid = d.typnamespace
   WHERE c.castfunc <> 0 AND c.castcontext IN ('a', 'i')
-    AND (sn.nspname {_BUILTIN} OR dn.nspname {_BUILTIN})
+    AND sn.nspname {_BUILTIN} AND dn.nspname {_BUILTIN}
   UNION ALL
   SELECT 'the default ' || am.amname || ' operator class of ' ||
          format_type(oc.opcintype, NULL), a.amproc

@@ -40,11 +40,12 @@ from keyturn.policy import PolicyEngine, masks_in
 from keyturn.services import Services
 from portal.settings import PORTAL
 from proxies.postgres import codec, speedups
-from proxies.postgres.catalog import Catalogs, connect_target
+from proxies.postgres.catalog import Catalogs, connect_target, read_catalog
 from proxies.postgres.session import PROTOCOL
 
 if TYPE_CHECKING:
     from proxies.postgres.session import ClientSession
+    from proxies.postgres.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,10 @@ class PostgresGateway:
     #: fast path append audit lines in C.
     audit_buffer = speedups.compiled.AuditBuffer if speedups.compiled is not None else None
 
-    def __init__(self, services: Services, audit: AuditSpool):
+    def __init__(self, services: Services, audit: AuditSpool, *,
+                 catalog_reader: Callable[[Connection], Any] = read_catalog):
+        """``catalog_reader``: reads a connection's user code from its target (blocking,
+        run in a thread); the transcript harness (tests/pg_playbook.py) gives its own."""
         self.services = services
         self.config = services.config
         self.audit_spool = audit
@@ -71,7 +75,7 @@ class PostgresGateway:
         self._analyzers: dict[str, Analyzer] = {}
         self._origins: dict[str, MaskCatalog] = {}
         # Each connection's user-defined code, judged into every decision (catalog.py).
-        self.catalogs = Catalogs(self)
+        self.catalogs = Catalogs(self, read=catalog_reader)
         self.mask_key = _mask_key(self.config)
         self.policy = PolicyEngine(self.config)
         self.policy.listen(self._decisions_outdated)
@@ -93,8 +97,38 @@ class PostgresGateway:
     # ---- lifecycle
 
     async def start(self) -> None:
-        session_class = _counted_session_class()
+        """Serve: everything sessions need (``prepare``), then the listener."""
+        await self.prepare()
+        listen = self.config.gateway.listener("postgres")  # register.py: gateway.postgres
+        assert listen is not None and self.loop is not None
+        # A deep accept queue: a burst of sockets is accepted (and shed if need be) instead
+        # of dropped SYNs leaving real clients to retry after a second.
+        self._server = await self.loop.create_server(self.new_session, listen.host,
+                                                     listen.port, reuse_address=True,
+                                                     backlog=1024)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("postgres gateway on %s:%d (%d connections, TLS %s, compiled fast path %s)",
+                 listen.host, self.port,
+                 sum(1 for c in self.config.connections.values() if c.type == "postgres"),
+                 "on" if self.tls else "off", speedups.state())
 
+    def new_session(self) -> ClientSession:
+        """A client session as the listener makes one for each socket (counted against
+        the gateway's caps from connection_made)."""
+        return _SESSION_CLASS[0](self)
+
+    async def open_target(self, factory: Callable[[], Upstream], host: str, port: int
+                          ) -> tuple[asyncio.BaseTransport, Upstream]:
+        """The connection to a target (Upstream.connect); the transcript harness gives
+        the session a target of its own here, without a socket."""
+        assert self.loop is not None
+        return await self.loop.create_connection(factory, host, port)
+
+    async def prepare(self) -> None:
+        """Everything but the listener: the decision watcher, the catalogs, the
+        revocation watch, signal handling."""
+        if not _SESSION_CLASS:
+            _SESSION_CLASS.append(_counted_session_class())
         self.loop = asyncio.get_running_loop()
         loop = self.loop
         # Decisions taken in this process (expiry, cancel) release holds directly.
@@ -117,17 +151,6 @@ class PostgresGateway:
                 self.catalogs.refresh(conn)  # read before the first session needs it
         _raise_fd_limit(self.limits.max_connections)
         self._revocations = loop.create_task(self._end_revoked_sessions())
-        listen = self.config.gateway.listener("postgres")  # register.py: gateway.postgres
-        assert listen is not None
-        # A deep accept queue: a burst of sockets is accepted (and shed if need be) instead
-        # of dropped SYNs leaving real clients to retry after a second.
-        self._server = await loop.create_server(lambda: session_class(self), listen.host,
-                                                listen.port, reuse_address=True, backlog=1024)
-        self.port = self._server.sockets[0].getsockname()[1]
-        log.info("postgres gateway on %s:%d (%d connections, TLS %s, compiled fast path %s)",
-                 listen.host, self.port,
-                 sum(1 for c in self.config.connections.values() if c.type == "postgres"),
-                 "on" if self.tls else "off", speedups.state())
 
     def _decisions_outdated(self, generation: int) -> None:
         """A new policy generation: no session may use a decision it memoised before
@@ -475,10 +498,14 @@ def _literal(value: Any) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
+#: The counted session class, made once (on first use: it subclasses ClientSession).
+_SESSION_CLASS: list[type[ClientSession]] = []
+
+
 def _counted_session_class() -> type[ClientSession]:
     """ClientSession as the listener makes it: every socket is admitted against the
     gateway's caps when it connects and released when it goes (sessions made elsewhere,
-    e.g. in tests, are not counted)."""
+    e.g. by hand, are not counted)."""
     from proxies.postgres.session import ClientSession
 
     class CountedSession(ClientSession):

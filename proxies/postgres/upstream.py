@@ -62,7 +62,7 @@ class Upstream(asyncio.Protocol):
             raise UpstreamError(f"target credentials unavailable: {exc}") from exc
         try:
             transport, self = await asyncio.wait_for(
-                loop.create_connection(lambda: cls(session, conn), t.host, t.port), 10)
+                session.gw.open_target(lambda: cls(session, conn), t.host, t.port), 10)
         except (TimeoutError, OSError) as exc:
             raise UpstreamError(f"{t.host}:{t.port}: {exc}") from exc
         try:
