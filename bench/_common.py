@@ -268,13 +268,22 @@ class KeyturnProcess:
 
     def __init__(self, ws: Workspace, pg: LocalPostgres, dbname: str, policy: str, *,
                  portal: bool, store_url: str | None = None, name: str = "keyturn",
-                 connection_extra: str = ""):
+                 connection_extra: str = "", checkout: Path | None = None):
+        """``checkout``: run the Keyturn of another source tree (a worktree at another
+        commit, its extension built in place) instead of this one."""
         self.ws = ws
         self.dir = ws.base / name
         self.dir.mkdir()
         self.gateway_port = free_port()
         self.portal_port = free_port() if portal else None
         self.env = dict(os.environ)
+        self.cmd = KEYTURN
+        if checkout is not None:
+            self.env["PYTHONPATH"] = str(checkout)
+            # Older trees had the launcher at keyturn.cli.
+            launcher = "keyturn.launch" if (checkout / "keyturn" / "launch").is_dir() \
+                else "keyturn.cli"
+            self.cmd = [sys.executable, "-m", launcher]
         if store_url:
             self.env[self.STORE_ENV] = store_url
         store = f"url_env: {self.STORE_ENV}" if store_url else "url: sqlite:///keyturn.db"
@@ -304,7 +313,7 @@ class KeyturnProcess:
         return f"http://127.0.0.1:{self.portal_port}"
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run([*KEYTURN, "-c", str(self.config), *args], capture_output=True,
+        res = subprocess.run([*self.cmd, "-c", str(self.config), *args], capture_output=True,
                              text=True, env=self.env, cwd=self.dir, timeout=600)
         if check and res.returncode != 0:
             raise RuntimeError(f"keyturn {' '.join(args)} failed ({res.returncode}):\n"
@@ -321,11 +330,11 @@ class KeyturnProcess:
         (``keyturn gateway`` and ``keyturn portal`` as two processes sharing the store)."""
         with open(self.log_path, "ab") as log:
             self.proc = self.ws.popen(
-                [*KEYTURN, "-c", str(self.config), "gateway" if command == "split" else command],
+                [*self.cmd, "-c", str(self.config), "gateway" if command == "split" else command],
                 cwd=self.dir, stdout=log, stderr=subprocess.STDOUT, env=self.env)
             if command == "split":
                 self.portal_proc = self.ws.popen(
-                    [*KEYTURN, "-c", str(self.config), "portal"], cwd=self.dir, stdout=log,
+                    [*self.cmd, "-c", str(self.config), "portal"], cwd=self.dir, stdout=log,
                     stderr=subprocess.STDOUT, env=self.env)
         wait_port(self.gateway_port, proc=self.proc, log=self.log_path)
         if self.portal_port and command in ("up", "split"):

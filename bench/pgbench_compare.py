@@ -304,9 +304,17 @@ def main() -> int:
                     choices=("select-only", "simple-update", "tpcb-like"),
                     help="pgbench built-in script (writes are allowed by the policy for "
                          "the pgbench tables, so every statement is audited and guarded)")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="another checkout of Keyturn (a git worktree at the commit before a "
+                         "change, its extension built in place with `python setup.py "
+                         "build_ext --inplace`), measured as one more target in the same run")
     ap.add_argument("--modes", default=",".join(MODES),
                     help="comma-separated protocol modes (default: simple,extended,prepared)")
     args = ap.parse_args()
+    global TARGETS
+    if args.baseline:
+        TARGETS = (*TARGETS, "baseline")
+        HEADINGS["baseline"] = "keyturn (baseline)"
     modes = tuple(m for m in args.modes.split(",") if m)
     if not modes or set(modes) - set(MODES):
         ap.error(f"--modes: choose from {', '.join(MODES)}")
@@ -344,6 +352,19 @@ def main() -> int:
         }
         pids = {"postgres": [], "pgbouncer": [bouncer_pid], "relay": [relay_pid],
                 "keyturn": [kt.proc.pid]}
+        base = None
+        if args.baseline:
+            checkout = Path(args.baseline).resolve()
+            commit = subprocess.run(["git", "-C", str(checkout), "log", "-1", "--format=%h %s"],
+                                    capture_output=True, text=True).stdout.strip()
+            progress(f"starting the baseline keyturn gateway from {checkout} ({commit})")
+            base = KeyturnProcess(ws, pg, "bench", policy, portal=False, name="keyturn-base",
+                                  checkout=checkout)
+            base.create_tokens("alice")
+            base.start("gateway")
+            assert base.proc is not None
+            dsns["baseline"] = base.dsn("alice", "bench")
+            pids["baseline"] = [base.proc.pid]
         ingest_cpu: dict[str, tuple[float, float]] = {}
         db_path = kt.dir / "keyturn.db"
         spool = kt.dir / "audit-spool"
@@ -434,6 +455,11 @@ def main() -> int:
                     rows)
         failed = {f"{t}/{m}": v["failed"] for (t, m), v in results.items() if v["failed"]}
         print(f"failed transactions: {failed or 'none'}")
+        if base is not None:
+            print(f"keyturn / baseline ({args.baseline}: {commit}): " + ", ".join(
+                f"{m} {results['keyturn', m]['tps'] / results['baseline', m]['tps']:.2f}"
+                for m in modes))
+            base.stop(timeout=900)
 
         print()
         print("CPU during each run: the proxy process as % of one core and in µs per pgbench "
