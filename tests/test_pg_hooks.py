@@ -59,6 +59,34 @@ CREATE FOREIGN TABLE ft_remote (v text) SERVER loop
   OPTIONS (schema_name 'vault', table_name 'secret');
 GRANT ALL ON ALL TABLES IN SCHEMA public, vault TO app;
 ALTER MATERIALIZED VIEW mv_vault OWNER TO app;
+-- Stored expressions the planner folds on reads, and a partition key's operator class.
+CREATE FUNCTION evconst(int) RETURNS int IMMUTABLE LANGUAGE plpgsql AS
+  $$BEGIN PERFORM hid_effect(); RETURN $1; END$$;
+CREATE TABLE pexpr (x int) PARTITION BY RANGE ((x + evconst(1)));
+CREATE TABLE pexpr_a PARTITION OF pexpr FOR VALUES FROM (0) TO (1000);
+CREATE TABLE iexpr (x int); CREATE INDEX ON iexpr ((x + evconst(2)));
+CREATE TABLE ipred (x int); CREATE INDEX ON ipred (x) WHERE x > evconst(3);
+CREATE TABLE sexpr (x int); CREATE STATISTICS sexpr_s ON (x + evconst(4)) FROM sexpr;
+CREATE TABLE cpar (x int); CREATE TABLE ckid (CHECK (x < evconst(5))) INHERITS (cpar);
+CREATE TABLE cplain (x int CHECK (x < evconst(6)));
+CREATE FUNCTION pcmp(int4, int4) RETURNS int IMMUTABLE LANGUAGE plpgsql AS
+  $$BEGIN PERFORM hid_effect(); RETURN btint4cmp($1, $2); END$$;
+CREATE OPERATOR CLASS int4_part FOR TYPE int4 USING btree AS OPERATOR 1 <, OPERATOR 2 <=,
+  OPERATOR 3 =, OPERATOR 4 >=, OPERATOR 5 >, FUNCTION 1 pcmp(int4, int4);
+CREATE TABLE ptab (x int) PARTITION BY RANGE (x int4_part);
+CREATE TABLE ptab_a PARTITION OF ptab FOR VALUES FROM (0) TO (100);
+-- A sort family for box, whose < is built in: ORDER BY ... USING < takes it.
+CREATE FUNCTION boxcmp(box, box) RETURNS int IMMUTABLE LANGUAGE plpgsql AS
+  $$BEGIN PERFORM hid_effect(); RETURN btfloat8cmp(area($1), area($2)); END$$;
+CREATE OPERATOR CLASS box_sort FOR TYPE box USING btree AS OPERATOR 1 <, OPERATOR 2 <=,
+  OPERATOR 3 =, OPERATOR 4 >=, OPERATOR 5 >, FUNCTION 1 boxcmp(box, box);
+-- User code a superuser put in pg_catalog.
+CREATE FUNCTION pg_catalog.upper(macaddr8) RETURNS text LANGUAGE plpgsql AS
+  $$BEGIN PERFORM public.hid_effect(); RETURN $1::text; END$$;
+-- Planner statistics of the vault.
+INSERT INTO vault.secret SELECT 'top secret' FROM generate_series(1, 50);
+ANALYZE vault.secret;
+GRANT ALL ON ALL TABLES IN SCHEMA public TO app;
 -- The operator's timeouts for the gateway's role.
 ALTER ROLE app IN DATABASE {DB} SET statement_timeout = '5s';
 ALTER ROLE app IN DATABASE {DB} SET lock_timeout = '2s';
@@ -160,6 +188,48 @@ def test_a_foreign_table_runs_its_wrapper(kt: Keyturn, pg: LocalPostgres, marker
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("sql, why", [
+    ("SELECT * FROM ptab WHERE x = 5", "its partition key (operator class int4_part)"),
+    ("SELECT * FROM pexpr", "its partition key runs user-defined public.evconst"),
+    ("SELECT * FROM iexpr", "an index expression runs user-defined public.evconst"),
+    ("SELECT * FROM ipred WHERE x = 1", "public.evconst"),
+    ("SELECT * FROM sexpr", "an extended statistics expression"),
+    ("SELECT * FROM cpar WHERE x = 1", "a constraint runs user-defined public.evconst"),
+    ("SELECT * FROM cplain WHERE x = 1", "public.evconst"),
+])
+def test_stored_expressions_and_partition_keys_the_planner_runs_on_reads(
+        kt: Keyturn, pg: LocalPostgres, sql: str, why: str) -> None:
+    assert_blocked(kt, pg, sql, why)
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT b FROM (VALUES (box '((0,0),(1,1))'), (box '((0,0),(3,3))')) v(b) "
+    "ORDER BY b USING <",
+    "SELECT rank() OVER (ORDER BY b USING <) FROM (VALUES (box '((0,0),(1,1))')) v(b)",
+    "SELECT array_agg(b ORDER BY b USING >) FROM (VALUES (box '((0,0),(1,1))')) v(b)",
+])
+def test_order_by_using_takes_the_sort_support_of_a_family_with_user_code(
+        kt: Keyturn, pg: LocalPostgres, sql: str) -> None:
+    assert_blocked(kt, pg, sql, "public.boxcmp")
+
+
+@pytest.mark.parametrize("sql", ["SELECT upper(macaddr8 '08:00:2b:01:02:03:04:05')",
+                                 "SELECT pg_catalog.upper(macaddr8 '08:00:2b:01:02:03:04:05')"])
+def test_user_code_created_in_pg_catalog_is_user_code(
+        kt: Keyturn, pg: LocalPostgres, sql: str) -> None:
+    assert_blocked(kt, pg, sql, "user-defined pg_catalog.upper")
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT most_common_vals::text FROM pg_stats WHERE schemaname = 'vault'",
+    "SELECT histogram_bounds::text FROM pg_catalog.pg_stats",
+    "SELECT * FROM pg_stats_ext",
+])
+def test_planner_statistics_show_any_table_s_values(kt: Keyturn, pg: LocalPostgres,
+                                                     sql: str) -> None:
+    assert_blocked(kt, pg, sql, "vault-is-off-limits")
+
+
 @pytest.mark.parametrize("sql", [
     "SET statement_timeout = 2147483647",
     "SET statement_timeout = '1h'",
@@ -228,5 +298,34 @@ def test_code_on_built_in_types_that_any_statement_may_run(
         with superuser(pg) as c:
             c.execute("DROP OPERATOR CLASS json_hidden USING hash; DROP SCHEMA hidops CASCADE;"
                       " DROP FUNCTION jhash(json), jeq(json, json)")
+    assert wait_for(blocked=False).returncode == 0
+
+    # A built-in type's I/O replaced, and an implicit cast through a function a superuser
+    # put in pg_catalog.
+    with superuser(pg) as c:
+        c.execute("""CREATE FUNCTION m8send(macaddr8) RETURNS bytea IMMUTABLE STRICT
+                     LANGUAGE plpgsql AS
+                     $$BEGIN PERFORM hid_effect(); RETURN macaddr8_send($1); END$$;
+                     ALTER TYPE pg_catalog.macaddr8 SET (SEND = m8send)""")
+    try:
+        res = wait_for(blocked=True)
+        assert "the input/output of macaddr8 runs user-defined public.m8send" in res.stderr
+    finally:
+        with superuser(pg) as c:
+            c.execute("ALTER TYPE pg_catalog.macaddr8 SET (SEND = macaddr8_send);"
+                      " DROP FUNCTION m8send(macaddr8)")
+    assert wait_for(blocked=False).returncode == 0
+    with superuser(pg) as c:
+        c.execute("""CREATE FUNCTION pg_catalog.c2t(circle) RETURNS text LANGUAGE plpgsql AS
+                       $$BEGIN PERFORM public.hid_effect(); RETURN 'c'; END$$;
+                     CREATE CAST (circle AS text) WITH FUNCTION pg_catalog.c2t(circle)
+                       AS IMPLICIT""")
+    try:
+        res = wait_for(blocked=True)
+        assert "implicit cast from circle to text runs user-defined pg_catalog.c2t" \
+            in res.stderr, res.stderr
+    finally:
+        with superuser(pg) as c:
+            c.execute("DROP CAST (circle AS text); DROP FUNCTION pg_catalog.c2t(circle)")
     assert wait_for(blocked=False).returncode == 0
     assert lock_holders(pg) == 0
