@@ -98,12 +98,21 @@ def _pattern(vocab: Vocabulary, kind: str, glob: str) -> str:
     return vocab.normalize(kind, glob)
 
 
+#: A resource name meaning "any resource of its kind" (statistics views for tables).
+ANY_RESOURCE = "*"
+_EVERYTHING = frozenset({"*", "*.*", "*.*.*"})
+
+
 def _names_match(names: Iterable[str], globs: tuple[str, ...], *, every: bool,
                  vocab: Vocabulary, kind: str) -> bool:
     names = list(names)
     if not names:
         return False
     pats = [_pattern(vocab, kind, g) for g in globs]
+    if ANY_RESOURCE in names:
+        # It may touch any resource of the kind: a block or review rule matches whatever
+        # it names, an allow rule only when it allows every resource.
+        return not every or any(p in _EVERYTHING for p in pats)
     hits = (any(fnmatchcase(n, p) for p in pats) for n in names)
     return all(hits) if every else any(hits)
 

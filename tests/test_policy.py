@@ -83,6 +83,12 @@ def decide(sql: str, user: str = "alice", conn: str = "shop") -> Decision:
     ("DROP TABLE orders", "alice", "shop", "block", None),  # no rule: policy default
     ("not sql at all", "alice", "shop", "block", "builtin:unparsed"),
     ("SET ROLE postgres", "ops", "shop", "block", "builtin:session-identity"),
+    # Planner statistics may show any table's values: every table rule that blocks
+    # matches, and an allow rule with a table list does not cover them.
+    ("SELECT most_common_vals FROM pg_stats", "alice", "shop", "block",
+     "payroll-is-private"),
+    ("SELECT * FROM pg_stats_ext JOIN orders ON true", "alice", "shop", "block",
+     "payroll-is-private"),
 ])
 def test_rule_order_and_matching(sql: str, user: str, conn: str, action: str,
                                  rule: str | None) -> None:

@@ -292,3 +292,30 @@ def test_a_timeout_above_the_target_s_own_is_safety(sql: str, safety: bool) -> N
     assert (st.cls is C.SAFETY) is safety, st.reasons
     # Without the target's values the gateway cannot tell: the riskier answer.
     assert judge(sql, None).cls is C.SAFETY
+
+
+def test_order_by_using_is_judged_by_the_families_holding_the_operator() -> None:
+    cat = catalog(routines=[fn("public", "boxcmp", volatility="i")],
+                  sort_code=[("pg_catalog", "<", "operator family box_sort", "public",
+                              "boxcmp")])
+    st = judge("SELECT b FROM boxes ORDER BY b USING <", cat)
+    assert st.cls is C.WRITE and "public.boxcmp" in st.functions
+    assert judge("SELECT b FROM boxes WHERE b < b ORDER BY b", cat).cls is C.READ
+    assert judge("SELECT b FROM boxes ORDER BY b USING >", cat).cls is C.READ
+
+
+def test_user_code_created_in_pg_catalog_counts() -> None:
+    cat = catalog(routines=[fn("pg_catalog", "upper")])
+    for sql in ("SELECT upper('x')", "SELECT pg_catalog.upper('x')"):
+        st = judge(sql, cat)
+        assert st.cls is C.WRITE and "pg_catalog.upper" in st.functions, sql
+    assert judge("SELECT lower('x')", cat).cls is C.READ
+
+
+@pytest.mark.parametrize("sql", ["SELECT * FROM pg_stats", "SELECT * FROM pg_catalog.pg_stats_ext",
+                                 "SELECT 1 FROM pg_stats_ext_exprs"])
+def test_planner_statistics_read_any_table(sql: str) -> None:
+    (st,) = AN.analyze(sql).statements
+    assert "*" in st.tables
+    (other,) = AN.analyze("SELECT * FROM myschema.pg_stats").statements
+    assert "*" not in other.tables

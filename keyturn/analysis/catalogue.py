@@ -371,6 +371,13 @@ SETTINGS: Mapping[str, Entry] = {
 #: or RESET / DEFAULT (which may undo what the operator configured), is class SAFETY; other
 #: values are plain SESSION.  Values are read the way the server reads them (see
 #: postgres._disables), and a value that cannot be read is treated as turning the guard off.
+#: A statement's table that stands for "any table" (policy rules: keyturn.policy).
+ANY_TABLE = "*"
+#: Catalog views and tables that show sample values (most common values, histograms,
+#: MCV lists) of every analysed table: reading one reads any table.
+STATISTICS_RELATIONS = frozenset({"pg_stats", "pg_stats_ext", "pg_stats_ext_exprs",
+                                  "pg_statistic", "pg_statistic_ext_data"})
+
 SAFETY_SETTINGS: Mapping[str, str] = {
     "statement_timeout": "duration",
     "lock_timeout": "duration",

@@ -11,7 +11,8 @@ schemas, and what runs when a relation is read or written.
 
 This module is pure: it takes rows and answers questions.  It must not talk to a database
 and must not judge anything (keyturn.analysis.usercode does); it only knows names.
-Everything outside pg_catalog and information_schema counts as user-defined here.
+Everything outside pg_catalog and information_schema counts as user-defined here, and so
+does what a superuser created inside them after initdb (OID 16384 and up).
 """
 
 from __future__ import annotations
@@ -137,6 +138,10 @@ class TargetCatalog:
     hooks: tuple[tuple[str, str], ...] = ()
     # The target's own timeouts for the gateway's role, in milliseconds (0: none).
     settings: dict[str, float] = field(default_factory=dict)
+    # Operator name -> (operator schema, what, schema.function): user code in an operator
+    # family holding an operator of that name (ORDER BY ... USING takes its sort support
+    # from such a family).
+    sorts: dict[str, list[tuple[str, str, str]]] = field(default_factory=dict)
     # Derived answers (views judged, ...) for the users of this catalog; dropped with it.
     memo: dict[Any, Any] = field(default_factory=dict)
 
@@ -154,7 +159,8 @@ class TargetCatalog:
                   type_oids: Iterable[Sequence[Any]] = (),
                   hooks: Iterable[Sequence[Any]] = (),
                   children: Iterable[Sequence[Any]] = (),
-                  settings: Iterable[Sequence[Any]] = ()) -> TargetCatalog:
+                  settings: Iterable[Sequence[Any]] = (),
+                  sort_code: Iterable[Sequence[Any]] = ()) -> TargetCatalog:
         """Rows as proxies/postgres/catalog.py reads them:
 
         routines: (schema, name, kind, volatility, language, security definer, extension)
@@ -173,6 +179,8 @@ class TargetCatalog:
         hooks: (what, function schema, function name): user code any statement may run
         children: (schema, relation, child schema, child): inheritance and partitions
         settings: (name, milliseconds): the target's timeouts
+        sort_code: (operator schema, operator, what, function schema, function name): user
+            code of operator families holding the operator
         """
         rows: list[Any] = []
 
@@ -253,9 +261,12 @@ class TargetCatalog:
         hooked = tuple((what, f"{fs}.{fn}") for what, fs, fn in keep(hooks))
         timeouts = {name: float(value) for name, value in keep(settings)
                     if value.lstrip("-").isdigit()}
+        sorts: dict[str, list[tuple[str, str, str]]] = {}
+        for os_, on, what, fs, fn in keep(sort_code):
+            sorts.setdefault(on, []).append((os_, what, f"{fs}.{fn}"))
         digest = hashlib.sha256(repr((user, path, rows)).encode()).hexdigest()
         return cls(user, path, by_name, ops, types, relations, digest, type_sql=type_sql,
-                   type_oids=oids, hooks=hooked, settings=timeouts)
+                   type_oids=oids, hooks=hooked, settings=timeouts, sorts=sorts)
 
     # -- questions --------------------------------------------------------------------------
 

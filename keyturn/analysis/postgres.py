@@ -62,7 +62,8 @@ class Statement:
     # name) with kind f (function call), a (attribute notation, ``c.fullname``, which may
     # call a function), o (operator, also the implicit ones of IN, BETWEEN, simple CASE,
     # ANY, DISTINCT FROM, LIKE, ORDER BY ... USING), t (type named in a cast),
-    # s (a timeout set to a value: ("s", setting, milliseconds).
+    # s (a timeout set to a value: ("s", setting, milliseconds)), u (ORDER BY ... USING
+    # operator: the sort support of a family holding it).
     # keyturn.analysis.usercode resolves them against the target's catalog.
     refs: tuple[Ref, ...] = ()
     # Catalog objects this statement creates or redefines: (f|o|t|r, schema or "", name),
@@ -547,6 +548,9 @@ class _Walk:
         self.tables[qualified] = None
         if not schema and not catalog:
             self.unqualified[name] = None
+        if name in catalogue.STATISTICS_RELATIONS and schema in (None, "pg_catalog"):
+            # Planner statistics hold sample values of every analysed table.
+            self.tables[catalogue.ANY_TABLE] = None
         return qualified
 
     def call(self, names: list[str], args: list[Any]) -> None:
@@ -1121,7 +1125,11 @@ def _case(w: _Walk, body: dict[str, Any], ctes: frozenset[str]) -> None:
 
 
 def _sort_by(w: _Walk, body: dict[str, Any], ctes: frozenset[str]) -> None:
-    w.operator(_names(body.get("useOp")))
+    names = _names(body.get("useOp"))
+    w.operator(names)
+    if names:
+        # Its sort support comes from an operator family holding it: a "u" reference.
+        w.refs[("u", *_split(names))] = None
     w.children("SortBy", body, ctes, skip=("useOp",))
 
 

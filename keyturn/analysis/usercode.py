@@ -126,12 +126,12 @@ class _Judgement:
             if kind == "s":
                 self.timeout(schema, float(name))
                 continue
-            if schema == "pg_catalog" and kind in ("f", "t"):
-                # pg_catalog holds built-ins only (creating there needs superuser), but a
-                # user function may be an explicit cast to a built-in type (x::int4,
-                # int4(x)).
+            if schema == "pg_catalog" and kind in ("f", "t", "u"):
+                # The server's own objects, but a superuser may have created more there
+                # (the catalog lists them with the user code), and a user function may be
+                # an explicit cast to a built-in type (x::int4, int4(x)).
                 if catalog is not None:
-                    self.builtin_casts(name, kind)
+                    self.pg_catalog_ref(kind, name)
                 continue
             if catalog is None:
                 if kind != "a":
@@ -139,7 +139,7 @@ class _Judgement:
                         f"{_KINDS[kind]} {_spell(schema, name)}")))
                 continue
             where = frozenset({ANY}) if schema == "*" else frozenset({schema}) if schema \
-                else schemas
+                else schemas | _PG_CATALOG
             if kind in ("f", "a"):
                 if (kind, name) in created or ("f", name) in created:
                     self.created(f"function {name}")
@@ -147,6 +147,8 @@ class _Judgement:
                 self.user_code(catalog.functions(name, where), how)
                 if kind == "f" and not schema:
                     self.builtin_casts(name, kind)
+            elif kind == "u":
+                self.sort_families(name, where)
             elif kind == "o":
                 if ("o", name) in created:
                     self.created(f"operator {name}")
@@ -166,6 +168,28 @@ class _Judgement:
                 for type_schema, what, sql in catalog.type_checks(name, types):
                     self.expression(("type", type_schema, name, what), sql,
                                     f"a cast to {type_schema}.{name}: its {what} runs")
+
+    def pg_catalog_ref(self, kind: str, name: str) -> None:
+        """A name qualified into pg_catalog (see refs)."""
+        assert self.catalog is not None
+        if kind == "f":
+            self.user_code(self.catalog.functions(name, _PG_CATALOG), "calls")
+        elif kind == "u":
+            self.sort_families(name, _PG_CATALOG)
+            return
+        self.builtin_casts(name, kind)
+        if kind == "t":
+            for type_schema, what, sql in self.catalog.type_checks(name, _PG_CATALOG):
+                self.expression(("type", type_schema, name, what), sql,
+                                f"a cast to {type_schema}.{name}: its {what} runs")
+
+    def sort_families(self, name: str, where: frozenset[str]) -> None:
+        """ORDER BY ... USING ``name``: the sort support of a family holding it."""
+        assert self.catalog is not None
+        found = [(what, fn) for op_schema, what, fn in self.catalog.sorts.get(name, ())
+                 if ANY in where or op_schema in where or op_schema == "pg_catalog"]
+        if found:
+            self.function_names(found, f"ORDER BY ... USING {name}: its")
 
     def builtin_casts(self, name: str, kind: str) -> None:
         """A user function as an explicit cast to the built-in type ``name`` (a cast to it,
@@ -207,7 +231,7 @@ class _Judgement:
                 found = catalog.relation(parts[-2], parts[-1])
                 if found is not None:
                     seen[found.qualified] = found
-        schemas = scope.search(catalog)
+        schemas = scope.search(catalog) | _PG_CATALOG
         for name in () if scope.stored else st.unqualified:
             for found in catalog.relations_named(name, schemas):
                 seen[found.qualified] = found
@@ -299,7 +323,10 @@ class _Judgement:
                 f"{what} may be user-defined")
 
 
-_KINDS = {"f": "function", "o": "operator", "t": "type", "a": "attribute"}
+_KINDS = {"f": "function", "o": "operator", "t": "type", "a": "attribute",
+          "u": "sort operator"}
+#: pg_catalog is searched first for functions, types and relations, whatever search_path.
+_PG_CATALOG = frozenset({"pg_catalog"})
 #: Commands that evaluate no expression, so run no code attached to values' types.
 _NO_EXPRESSIONS = frozenset({"BEGIN", "START TRANSACTION", "COMMIT", "END", "ROLLBACK",
                              "ABORT", "SAVEPOINT", "RELEASE", "RELEASE SAVEPOINT",

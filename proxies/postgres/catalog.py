@@ -48,6 +48,19 @@ READY_WAIT = 5.0
 AFTER_DDL_SECONDS = 0.5
 _BUILTIN = "IN ('pg_catalog', 'information_schema')"
 _NOT_BUILTIN = "NOT " + _BUILTIN
+#: Objects below this OID are the server's own (made by initdb); anything created later is
+#: user-defined wherever it lives, pg_catalog included (a superuser can create there).
+FIRST_USER_OID = 16384
+
+
+def _user(ns: str, obj: str) -> str:
+    """SQL: the object ``obj`` in namespace ``ns`` (table aliases) is user-defined."""
+    return f"({ns}.nspname {_NOT_BUILTIN} OR {obj}.oid >= {FIRST_USER_OID})"
+
+
+def _builtin(ns: str, obj: str) -> str:
+    """SQL: the object ``obj`` in namespace ``ns`` (table aliases) is the server's own."""
+    return f"({ns}.nspname {_BUILTIN} AND {obj}.oid < {FIRST_USER_OID})"
 
 _ROUTINES = f"""
 SELECT n.nspname, p.proname, p.prokind, p.provolatile, l.lanname, p.prosecdef,
@@ -56,7 +69,7 @@ SELECT n.nspname, p.proname, p.prokind, p.provolatile, l.lanname, p.prosecdef,
            AND d.refclassid = 'pg_extension'::regclass AND d.deptype = 'e' LIMIT 1)
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
 JOIN pg_language l ON l.oid = p.prolang
-WHERE n.nspname {_NOT_BUILTIN}"""
+WHERE {_user("n", "p")}"""
 
 # What an operator may run: its function, the functions of its commutator and negator
 # (the planner rewrites NOT (a op b) and b op a with them, and selectivity estimation
@@ -80,7 +93,7 @@ SELECT DISTINCT n.nspname, o.oprname, fn.nspname, p.proname
 FROM runs r JOIN pg_operator o ON o.oid = r.oid
 JOIN pg_namespace n ON n.oid = o.oprnamespace
 JOIN pg_proc p ON p.oid = r.fn JOIN pg_namespace fn ON fn.oid = p.pronamespace
-WHERE n.nspname {_NOT_BUILTIN} OR fn.nspname {_NOT_BUILTIN}"""
+WHERE {_user("n", "o")} OR {_user("fn", "p")}"""
 
 # Functions that run for values of a user type: casts to or from it, its I/O and support
 # functions, its domain checks and its operator classes (ORDER BY, DISTINCT, indexes).
@@ -99,11 +112,18 @@ WITH code(typ, what, fn) AS (
   UNION ALL
   SELECT t, 'an operator class', a.amproc FROM pg_amproc a,
     unnest(ARRAY[a.amproclefttype, a.amprocrighttype]) AS t
+  UNION ALL
+  -- A range type's subtype operator class, difference and canonical functions.
+  SELECT r.rngtypid, 'its subtype operator class', a.amproc FROM pg_range r
+    JOIN pg_opclass oc ON oc.oid = r.rngsubopc JOIN pg_amproc a ON a.amprocfamily = oc.opcfamily
+  UNION ALL
+  SELECT r.rngtypid, 'its range functions', f FROM pg_range r,
+    unnest(ARRAY[r.rngcanonical, r.rngsubdiff]::oid[]) AS f WHERE f <> 0
 )
 SELECT DISTINCT tn.nspname, t.typname, code.what, fn.nspname, p.proname
 FROM code JOIN pg_type t ON t.oid = code.typ JOIN pg_namespace tn ON tn.oid = t.typnamespace
 JOIN pg_proc p ON p.oid = code.fn JOIN pg_namespace fn ON fn.oid = p.pronamespace
-WHERE tn.nspname {_NOT_BUILTIN} AND fn.nspname {_NOT_BUILTIN}
+WHERE {_user("tn", "t")} AND {_user("fn", "p")}
 UNION
 -- A user function as an explicit cast between built-in types runs where a statement casts
 -- to the target type (x::int, CAST(x AS integer), int4(x)): code of the built-in type.
@@ -113,8 +133,7 @@ SELECT tn.nspname, t.typname, 'a cast from ' || format_type(c.castsource, NULL),
 FROM pg_cast c JOIN pg_type t ON t.oid = c.casttarget
 JOIN pg_namespace tn ON tn.oid = t.typnamespace
 JOIN pg_proc p ON p.oid = c.castfunc JOIN pg_namespace fn ON fn.oid = p.pronamespace
-WHERE c.castcontext = 'e' AND tn.nspname IN ('pg_catalog', 'information_schema')
-  AND fn.nspname {_NOT_BUILTIN}"""
+WHERE c.castcontext = 'e' AND {_builtin("tn", "t")} AND {_user("fn", "p")}"""
 
 # User code that may run for values of built-in types, which any statement may hold
 # without naming their type (columns, function results): implicit and assignment casts
@@ -132,21 +151,28 @@ WITH code(what, fn) AS (
   FROM pg_cast c JOIN pg_type s ON s.oid = c.castsource JOIN pg_type d ON d.oid = c.casttarget
   JOIN pg_namespace sn ON sn.oid = s.typnamespace JOIN pg_namespace dn ON dn.oid = d.typnamespace
   WHERE c.castfunc <> 0 AND c.castcontext IN ('a', 'i')
-    AND sn.nspname {_BUILTIN} AND dn.nspname {_BUILTIN}
+    AND {_builtin("sn", "s")} AND {_builtin("dn", "d")}
   UNION ALL
   SELECT 'the default ' || am.amname || ' operator class of ' ||
          format_type(oc.opcintype, NULL), a.amproc
   FROM pg_opclass oc JOIN pg_am am ON am.oid = oc.opcmethod
   JOIN pg_type ty ON ty.oid = oc.opcintype JOIN pg_namespace tn ON tn.oid = ty.typnamespace
   JOIN pg_amproc a ON a.amprocfamily = oc.opcfamily
-  WHERE oc.opcdefault AND tn.nspname {_BUILTIN}
+  WHERE oc.opcdefault AND {_builtin("tn", "ty")}
   UNION ALL
   SELECT 'an operator of the default ' || am.amname || ' operator class of ' ||
          format_type(oc.opcintype, NULL), o.oprcode::oid
   FROM pg_opclass oc JOIN pg_am am ON am.oid = oc.opcmethod
   JOIN pg_type ty ON ty.oid = oc.opcintype JOIN pg_namespace tn ON tn.oid = ty.typnamespace
   JOIN pg_amop ao ON ao.amopfamily = oc.opcfamily JOIN pg_operator o ON o.oid = ao.amopopr
-  WHERE oc.opcdefault AND tn.nspname {_BUILTIN}
+  WHERE oc.opcdefault AND {_builtin("tn", "ty")}
+  UNION ALL
+  -- A built-in type's I/O functions replaced (ALTER TYPE pg_catalog.x SET (SEND = ...)).
+  SELECT 'the input/output of ' || format_type(ty.oid, NULL), f
+  FROM pg_type ty JOIN pg_namespace tn ON tn.oid = ty.typnamespace,
+    unnest(ARRAY[ty.typinput, ty.typoutput, ty.typreceive, ty.typsend, ty.typmodin,
+                 ty.typmodout, ty.typanalyze, ty.typsubscript]::oid[]) AS f
+  WHERE f <> 0 AND {_builtin("tn", "ty")}
   UNION ALL
   SELECT 'the default conversion ' || cv.conname, cv.conproc::oid FROM pg_conversion cv
   WHERE cv.condefault
@@ -159,7 +185,26 @@ WITH code(what, fn) AS (
 )
 SELECT DISTINCT code.what, fn.nspname, p.proname
 FROM code JOIN pg_proc p ON p.oid = code.fn JOIN pg_namespace fn ON fn.oid = p.pronamespace
-WHERE fn.nspname {_NOT_BUILTIN}"""
+WHERE {_user("fn", "p")}"""
+
+# The btree families an ORDER BY ... USING op (also in windows and aggregates) may take its
+# sort support from: any family holding an operator of that name, with user code (a
+# non-default operator class for box, say, whose < is built in). (operator schema, name,
+# what, function schema, function name)
+_SORT_CODE = f"""
+WITH fam(fam, what, fn) AS (
+  SELECT a.amprocfamily, 'operator family ' || f.opfname, a.amproc
+  FROM pg_amproc a JOIN pg_opfamily f ON f.oid = a.amprocfamily
+  UNION ALL
+  SELECT ao.amopfamily, 'operator family ' || f.opfname, o.oprcode::oid
+  FROM pg_amop ao JOIN pg_opfamily f ON f.oid = ao.amopfamily
+  JOIN pg_operator o ON o.oid = ao.amopopr
+)
+SELECT DISTINCT on_.nspname, o.oprname, fam.what, fn.nspname, p.proname
+FROM fam JOIN pg_amop m ON m.amopfamily = fam.fam JOIN pg_operator o ON o.oid = m.amopopr
+JOIN pg_namespace on_ ON on_.oid = o.oprnamespace
+JOIN pg_proc p ON p.oid = fam.fn JOIN pg_namespace fn ON fn.oid = p.pronamespace
+WHERE {_user("fn", "p")}"""
 
 # Types that hold values of other types, and so run their code: domains (their base),
 # arrays (their element), composites and table row types (their attributes' types).
@@ -168,24 +213,24 @@ SELECT tn.nspname, t.typname, bn.nspname, b.typname
 FROM pg_type t JOIN pg_namespace tn ON tn.oid = t.typnamespace
 JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.typelem END
 JOIN pg_namespace bn ON bn.oid = b.typnamespace
-WHERE tn.nspname {_NOT_BUILTIN}
+WHERE {_user("tn", "t")}
 UNION
 SELECT tn.nspname, t.typname, bn.nspname, b.typname
 FROM pg_type t JOIN pg_namespace tn ON tn.oid = t.typnamespace
 JOIN pg_attribute a ON a.attrelid = t.typrelid AND a.attnum > 0 AND NOT a.attisdropped
 JOIN pg_type b ON b.oid = a.atttypid JOIN pg_namespace bn ON bn.oid = b.typnamespace
-WHERE t.typtype = 'c' AND tn.nspname {_NOT_BUILTIN} AND bn.nspname {_NOT_BUILTIN}"""
+WHERE t.typtype = 'c' AND {_user("tn", "t")} AND {_user("bn", "b")}"""
 
 # Every user type by OID: a Parse may declare a parameter's type by OID alone.
 _TYPE_OIDS = f"""
 SELECT t.oid, tn.nspname, t.typname
 FROM pg_type t JOIN pg_namespace tn ON tn.oid = t.typnamespace
-WHERE tn.nspname {_NOT_BUILTIN}"""
+WHERE {_user("tn", "t")}"""
 
 _VIEWS = f"""
 SELECT n.nspname, c.relname, pg_get_viewdef(c.oid), c.relkind
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind IN ('v', 'm') AND n.nspname {_NOT_BUILTIN}"""
+WHERE c.relkind IN ('v', 'm') AND {_user("n", "c")}"""
 
 # Relations read with a relation (unless ONLY): its inheritance children and partitions,
 # at any depth.
@@ -197,7 +242,7 @@ WITH RECURSIVE tree(parent, child) AS (
 SELECT pn.nspname, p.relname, cn.nspname, c.relname
 FROM tree JOIN pg_class p ON p.oid = tree.parent JOIN pg_namespace pn ON pn.oid = p.relnamespace
 JOIN pg_class c ON c.oid = tree.child JOIN pg_namespace cn ON cn.oid = c.relnamespace
-WHERE pn.nspname {_NOT_BUILTIN}"""
+WHERE {_user("pn", "p")}"""
 
 # The target's own values of the timeouts a session may change (for this role and
 # database, in milliseconds): raising one above them weakens the operator's guard.
@@ -210,10 +255,12 @@ _RULES = f"""
 SELECT n.nspname, c.relname, r.ev_type, pg_get_ruledef(r.oid)
 FROM pg_rewrite r JOIN pg_class c ON c.oid = r.ev_class
 JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE r.rulename <> '_RETURN' AND n.nspname {_NOT_BUILTIN}"""
+WHERE r.rulename <> '_RETURN' AND {_user("n", "c")}"""
 
-# Functions a relation runs: triggers, defaults and generated columns, checks, index
-# expressions (on writes) and row-level security policies (on every access).
+# Functions a relation runs: triggers, defaults and generated columns (on writes); checks,
+# index expressions and predicates, partition keys and extended statistics expressions
+# (the planner folds them and prunes partitions with the key's operator class on every
+# read too) and row-level security policies (on every access).
 _RELATION_CODE = f"""
 WITH code(rel, what, fn, on_read) AS (
   SELECT t.tgrelid, 'trigger ' || t.tgname, t.tgfoid, false FROM pg_trigger t
@@ -224,18 +271,36 @@ WITH code(rel, what, fn, on_read) AS (
            WHEN 'pg_constraint'::regclass THEN
              (SELECT conrelid FROM pg_constraint WHERE oid = d.objid)
            WHEN 'pg_class'::regclass THEN
-             (SELECT indrelid FROM pg_index WHERE indexrelid = d.objid)
+             -- an index's expression or predicate, or a table's own partition key
+             COALESCE((SELECT indrelid FROM pg_index WHERE indexrelid = d.objid), d.objid)
+           WHEN 'pg_statistic_ext'::regclass THEN
+             (SELECT stxrelid FROM pg_statistic_ext WHERE oid = d.objid)
            WHEN 'pg_policy'::regclass THEN
              (SELECT polrelid FROM pg_policy WHERE oid = d.objid) END,
          CASE d.classid WHEN 'pg_attrdef'::regclass THEN 'a default'
            WHEN 'pg_constraint'::regclass THEN 'a constraint'
-           WHEN 'pg_class'::regclass THEN 'an index'
+           WHEN 'pg_class'::regclass THEN
+             CASE WHEN EXISTS (SELECT FROM pg_index WHERE indexrelid = d.objid)
+                  THEN 'an index expression' ELSE 'its partition key' END
+           WHEN 'pg_statistic_ext'::regclass THEN 'an extended statistics expression'
            ELSE 'a row security policy' END,
-         d.refobjid, d.classid = 'pg_policy'::regclass
+         d.refobjid, d.classid <> 'pg_attrdef'::regclass
   FROM pg_depend d
   WHERE d.refclassid = 'pg_proc'::regclass AND d.classid IN
     ('pg_attrdef'::regclass, 'pg_constraint'::regclass, 'pg_class'::regclass,
-     'pg_policy'::regclass)
+     'pg_statistic_ext'::regclass, 'pg_policy'::regclass)
+  UNION ALL
+  -- A partition key's operator classes: partition pruning calls them on reads.
+  SELECT pt.partrelid, 'its partition key (operator class ' || oc.opcname || ')', a.amproc,
+         true
+  FROM pg_partitioned_table pt, unnest(pt.partclass::oid[]) AS k(opc)
+    JOIN pg_opclass oc ON oc.oid = k.opc JOIN pg_amproc a ON a.amprocfamily = oc.opcfamily
+  UNION ALL
+  SELECT pt.partrelid, 'its partition key (operator class ' || oc.opcname || ')',
+         o.oprcode::oid, true
+  FROM pg_partitioned_table pt, unnest(pt.partclass::oid[]) AS k(opc)
+    JOIN pg_opclass oc ON oc.oid = k.opc
+    JOIN pg_amop ao ON ao.amopfamily = oc.opcfamily JOIN pg_operator o ON o.oid = ao.amopopr
   UNION ALL
   -- An index's operator classes: their support functions and operators run on index
   -- scans (reads) as well as on writes.
@@ -269,8 +334,8 @@ WITH code(rel, what, fn, on_read) AS (
 SELECT DISTINCT n.nspname, c.relname, code.what, fn.nspname, p.proname, code.on_read
 FROM code JOIN pg_class c ON c.oid = code.rel JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_proc p ON p.oid = code.fn JOIN pg_namespace fn ON fn.oid = p.pronamespace
-WHERE n.nspname {_NOT_BUILTIN}
-  AND (fn.nspname {_NOT_BUILTIN} OR code.what LIKE 'trigger %'
+WHERE {_user("n", "c")}
+  AND ({_user("fn", "p")} OR code.what LIKE 'trigger %'
        OR code.what LIKE 'foreign-data wrapper %')"""
 
 # Expressions that run on every read of a relation (row-level security policies) or for a
@@ -282,12 +347,12 @@ SELECT 'r', n.nspname, c.relname, 'row security policy ' || p.polname,
        pg_get_expr(p.polqual, p.polrelid)
 FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE p.polqual IS NOT NULL AND n.nspname {_NOT_BUILTIN}
+WHERE p.polqual IS NOT NULL AND {_user("n", "c")}
 UNION ALL
 SELECT 't', n.nspname, t.typname, 'check ' || c.conname, pg_get_expr(c.conbin, 0)
 FROM pg_constraint c JOIN pg_type t ON t.oid = c.contypid
 JOIN pg_namespace n ON n.oid = t.typnamespace
-WHERE c.contypid <> 0 AND c.conbin IS NOT NULL AND n.nspname {_NOT_BUILTIN}"""
+WHERE c.contypid <> 0 AND c.conbin IS NOT NULL AND {_user("n", "t")}"""
 
 _TYPED_COLUMNS = f"""
 SELECT n.nspname, c.relname, a.attname, tn.nspname, t.typname
@@ -295,7 +360,7 @@ FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_type t ON t.oid = a.atttypid JOIN pg_namespace tn ON tn.oid = t.typnamespace
 WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
-  AND n.nspname {_NOT_BUILTIN} AND tn.nspname {_NOT_BUILTIN}"""
+  AND {_user("n", "c")} AND {_user("tn", "t")}"""
 
 
 def connect_target(conn: Connection, application: str, *, timeout: int = 5,
@@ -323,7 +388,8 @@ def read_catalog(conn: Connection) -> TargetCatalog:
             ("type_bases", _TYPE_BASES), ("views", _VIEWS), ("rules", _RULES),
             ("relation_code", _RELATION_CODE), ("typed_columns", _TYPED_COLUMNS),
             ("expressions", _EXPRESSIONS), ("type_oids", _TYPE_OIDS),
-            ("hooks", _HOOKS), ("children", _CHILDREN), ("settings", _SETTINGS))}
+            ("hooks", _HOOKS), ("children", _CHILDREN), ("settings", _SETTINGS),
+            ("sort_code", _SORT_CODE))}
     return TargetCatalog.from_rows(user=user, search_path=path, **rows)
 
 
