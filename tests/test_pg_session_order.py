@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from proxies.postgres import codec
+from proxies.postgres import codec, ordering
 from tests.pg_playbook import PgPlaybook, types
 
 CONFIG = """
@@ -99,4 +99,34 @@ def test_refused_execute_before_sync_answers_like_an_error(pb: PgPlaybook) -> No
     assert types(got) == ["1", "2", "T", "C", "1", "2", "n", "E", "Z"]
     # The client's error is the gateway's refusal, not the stand-in's failure.
     assert b"keyturn" in got[7].body and b"22P02" not in got[7].body
+    assert not pb.session.expect
+
+
+def test_every_message_the_target_can_send_has_a_transition_or_is_forwarded() -> None:
+    handled = set(ordering.TRANSITIONS) | ordering.FORWARDED | {b"S"}  # S: the guard's
+    assert handled == set(codec.BACKEND_TYPES)
+    assert not set(ordering.TRANSITIONS) & ordering.FORWARDED
+
+
+def test_an_execute_with_a_row_limit_ends_at_portal_suspended(pb: PgPlaybook) -> None:
+    pb.client_sends(codec.encode_parse("", "SELECT 1") + codec.encode_bind("", "") +
+                    codec.encode_execute("", 1) + codec.encode_sync())
+    assert types(pb.target_gets(4)) == ["P", "B", "E", "S"]
+    pb.target_sends(msg(b"1") + msg(b"2") + msg(b"D", struct.pack("!hi", 1, 1) + b"1") +
+                    msg(b"s") + msg(b"Z", b"I"))
+    assert types(pb.client_gets(5)) == ["1", "2", "D", "s", "Z"]
+    pb.quiet()
+    assert not pb.session.expect
+
+
+def test_an_empty_query_is_answered_and_the_session_stays_in_step(pb: PgPlaybook) -> None:
+    pb.client_sends(codec.encode_query(""))
+    pb.target_gets(1)
+    pb.target_sends(msg(b"I") + msg(b"Z", b"I"))
+    assert types(pb.client_gets(2)) == ["I", "Z"]
+    pb.client_sends(codec.encode_query("SELECT 1"))
+    pb.target_gets(1)
+    pb.target_sends(msg(b"C", b"SELECT 1\0") + msg(b"Z", b"I"))
+    assert types(pb.client_gets(2)) == ["C", "Z"]
+    pb.quiet()
     assert not pb.session.expect

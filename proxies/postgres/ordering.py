@@ -2,14 +2,19 @@
 answer completes, and where the gateway's own messages (refusals, notices) go.
 
 Every message the session forwards appends what the target owes (``Expect``); this
-mixin of ``ClientSession`` walks the target's messages against that queue, splices
-masked or hidden messages, and completes requests (``_finished``). It must not block;
-it is the hot path for results."""
+mixin of ``ClientSession`` walks the target's messages against that queue. The state
+machine is a transition table (``TRANSITIONS``, by message type; the head of the queue
+decides what each transition does): it completes requests (``_finished``), drops what
+the target skips after an error, hides the read-only guard's own answers, and slots the
+gateway's own messages (refusals, notices) in where PostgreSQL would have put them.
+``FORWARDED`` lists the messages that go out as they are. It must not block; it is the
+hot path for results (tests/test_pg_session_order.py drives it from transcripts)."""
 
 from __future__ import annotations
 
 import logging
 import struct
+from collections.abc import Callable
 
 from proxies.postgres import codec
 from proxies.postgres.codec import Message
@@ -19,6 +24,43 @@ log = logging.getLogger(__name__)
 
 
 _MASKED_TYPES = frozenset((b"T", b"C", b"E", b"N"))
+#: What a transition tells the walk: go on with the next message / a response completed
+#: (the gateway's own queued messages follow it) / the session ended.
+_NEXT, _COMPLETED, _STOP = 0, 1, 2
+
+
+class Splice:
+    """The client's copy of one chunk from the target: built only when a transition
+    changes something (``out`` None: the chunk goes out as it came)."""
+
+    __slots__ = ("chunk", "out", "seg", "waiting")
+
+    def __init__(self, chunk: bytes) -> None:
+        self.chunk = chunk
+        self.out: list[bytes] | None = None
+        self.seg = 0  # chunk[seg:] is not in out yet
+        self.waiting: Expect | None = None  # an Execute whose Describe answer is here
+
+    def replace(self, start: int, end: int, new: bytes) -> None:
+        """chunk[start:end] (one message) becomes ``new`` (b"": removed)."""
+        self.out, self.seg = _splice(self.out, self.chunk, self.seg, start, end, new)
+
+    def cut(self, end: int) -> None:
+        """Everything up to ``end`` goes out as it is; ``add`` inserts after it."""
+        if self.out is None:
+            self.out = []
+        self.out.append(self.chunk[self.seg:end])
+        self.seg = end
+
+    def add(self, data: bytes) -> None:
+        assert self.out is not None
+        self.out.append(data)
+
+    def result(self) -> bytes:
+        if self.out is None:
+            return self.chunk
+        self.out.append(self.chunk[self.seg:])
+        return b"".join(self.out)
 
 
 class ResponseRelay(SessionState):
@@ -63,203 +105,236 @@ class ResponseRelay(SessionState):
         """Relay one chunk of complete messages from the target to the client.
 
         ``frames`` lists every message but DataRow/CopyData (codec
-        ``BackendReader.scan``). The chunk goes out as it came unless the
-        gateway must slot its own messages in after a response completes.
+        ``BackendReader.scan``). Each message is walked against the head of the queue
+        of expected responses by the transition for its type (``TRANSITIONS``). The
+        chunk goes out as it came unless a transition changed it (a message hidden,
+        masked or replaced) or the gateway must slot its own messages in after a
+        response completes.
         """
         self._take_fast()
         expect = self.expect
-        out: list[bytes] | None = None
-        seg = 0
+        sp = Splice(chunk)
         masking = self.masking
         prev = 0
-        waiting: Expect | None = None  # an Execute whose Describe answer is here
         for t, start, end in frames:
             if masking and start > prev and expect:
                 # Rows (DataRow, COPY data) lie between the frames listed.
-                out, seg = self._rows(expect[0], chunk, prev, start, out, seg)
+                sp.out, sp.seg = self._rows(expect[0], chunk, prev, start, sp.out, sp.seg)
             prev = end
             if t == b"S":
                 # default_transaction_read_only is the guard's: never forwarded, and off
                 # only inside the gateway's own Queries around one command.
                 drop = self._param_status(chunk[start + 5:end])
                 if drop is not None:
-                    out, seg = _splice(out, chunk, seg, start, end, drop)
+                    sp.replace(start, end, drop)
                     if not self.upstream_ro and not (expect and expect[0].hide):
                         self._guard_lost()
                         return
                 continue
             if not expect:
-                continue
+                continue  # asynchronous (notices, notifications): forwarded as they are
             head = expect[0]
             if head.hide:
-                # The answer to a Query of the guard's own: none of it is forwarded.
-                out, seg = _splice(out, chunk, seg, start, end, b"")
-                if t == b"E":
-                    log.warning("session %s: the read-only guard's query failed: %s",
-                                self.session_id, codec.decode_error_fields(
-                                    chunk[start + 5:end]).get("M", ""))
-                if t != b"Z":
-                    continue
-                self.tx_status = chr(chunk[start + 5]) if end > start + 5 else "I"
-                expect.popleft()
-                if not expect:
-                    self._guard_sync()
-                    if self.closed:
-                        return
-                while expect and expect[0].kind == b"!":
-                    inj = expect.popleft()
-                    out.append(inj.inject or b"")
-                    if inj.rfq:
-                        out.append(codec.encode_ready_for_query(self.tx_status))
-                continue
-            if self.masking and t in _MASKED_TYPES and head.replace is None:
-                new = self._mask_message(head, t, chunk, start, end)
-                if new is not None:
-                    out, seg = _splice(out, chunk, seg, start, end, new)
-                if t == b"N" or (t == b"T" and head.plan_for is not None):
-                    if t == b"T":
-                        expect.popleft()
-                        if head.then is not None:
-                            waiting = head
-                    continue
-                if t == b"C" and head.ctx is not None and head.ctx.refusal is not None:
-                    if head.kind == b"E":
-                        expect.popleft()
-                        self._finished(head.ctx)
-                    continue
-            if t == b"Z":
-                self.tx_status = chr(chunk[start + 5]) if end > start + 5 else "I"
-                # ReadyForQuery ends a Sync or a simple Query. Anything still expected
-                # before it was skipped by the target after an error (messages that
-                # reached us after the target's error already arrived): drop it.
-                while expect:
-                    entry = expect.popleft()
-                    if entry.as_idle and self.tx_status != "I":
-                        # The client's implicit transaction ran as the gateway's own: it
-                        # is told idle, as after an implicit one (a ROLLBACK follows).
-                        out, seg = _splice(out, chunk, seg, start, end,
-                                           codec.encode_ready_for_query("I"))
-                    if entry.op:
-                        self._namespace_answer(entry, False)
-                    elif entry.guard_stmt:
-                        self.guard_stmts.discard(entry.guard_stmt)
-                    if entry.ctx is not None:
-                        if entry.kind not in (b"S", b"Q") and entry.ctx.error is None:
-                            entry.ctx.error = {"C": "", "M": "skipped after an earlier error"}
-                        self._finished(entry.ctx)
-                    if entry.kind == b"S" or entry.kind == b"Q":
-                        break
-                if not expect:
-                    self._guard_sync()
-                    if self.closed:
-                        return
-            elif t == b"C":
-                if head.ours is not None:
-                    i = head.ci
-                    head.ci = i + 1
-                    if i < len(head.ours) and head.ours[i]:
-                        out, seg = _splice(out, chunk, seg, start, end, b"")
-                        continue  # a statement of the guard's own
-                elif head.swallow:
-                    out, seg = _splice(out, chunk, seg, start, end, b"")
-                    if head.kind == b"E":
-                        expect.popleft()
-                    continue
-                if head.ctx is not None:
-                    tag = codec.decode_command_complete(chunk[start + 5:end])
-                    ctx = head.ctx
-                    if ctx.tags is None:
-                        ctx.tags = [tag]
-                    else:
-                        ctx.tags.append(tag)
-                    ctx.rows = _rows(tag, ctx.rows)
-                if head.kind == b"E":
-                    expect.popleft()
-                    if head.ctx is not None:
-                        self._finished(head.ctx)
-            elif t == b"E":
-                if head.replace is not None:
-                    # Our refusal stands in for the error of the query that failed the
-                    # target's transaction.
-                    out, seg = _splice(out, chunk, seg, start, end, head.replace)
-                    if head.kind != b"Q":
-                        # Extended protocol: the target now skips to the Sync.
-                        while expect and expect[0].kind != b"S":
-                            dropped = expect.popleft()
-                            if dropped.op:
-                                self._namespace_answer(dropped, False)
-                            elif dropped.guard_stmt:
-                                self.guard_stmts.discard(dropped.guard_stmt)
-                    continue
-                fields = codec.decode_error_fields(chunk[start + 5:end])
-                if head.rewritten is not None and "P" in fields:
-                    # A position in the text sent: as a position in the client's text.
-                    moved = head.rewritten.client_position(int(fields["P"] or 0))
-                    out, seg = _splice(out, chunk, seg, start, end,
-                                       _error_at(chunk[start + 5:end], moved))
-                if head.ctx is not None:
-                    head.ctx.error = fields
-                if head.kind != b"Q" and head.kind != b"S":
-                    # Extended protocol: the target skips everything up to Sync.
-                    while expect and expect[0].kind != b"S":
-                        dropped = expect.popleft()
-                        if dropped.op:
-                            self._namespace_answer(dropped, False)
-                        elif dropped.guard_stmt:
-                            self.guard_stmts.discard(dropped.guard_stmt)
-                        if dropped.ctx is not None:
-                            if dropped.ctx.error is None:
-                                dropped.ctx.error = fields
-                            self._finished(dropped.ctx)
-            elif t == b"t":
-                if head.kind == b"D" and head.name is not None:
-                    self._learn_param_types(head.name, chunk[start + 5:end])
-                continue
-            elif t in (b"1", b"2", b"3", b"n", b"I", b"s") or (t == b"T" and head.kind == b"D"):
-                if t in (b"I", b"s") and head.kind != b"E":
-                    continue
-                expect.popleft()
-                if head.op:
-                    self._namespace_answer(head, True)
-                if head.swallow:
-                    out, seg = _splice(out, chunk, seg, start, end, b"")
-                    continue
-                if head.plan_for is not None:
-                    # NoData for our own Describe: nothing to mask, nothing to forward.
-                    if out is None:
-                        out = []
-                    out.append(chunk[seg:start])
-                    seg = end
-                    if head.then is not None:
-                        waiting = head
-                    continue
-                if head.ctx is not None:
-                    self._finished(head.ctx)
+                step = self._on_hidden(sp, head, t, start, end)
             else:
+                step = None
+                if masking and t in _MASKED_TYPES and head.replace is None:
+                    step = self._on_masked(sp, head, t, start, end)
+                if step is None:
+                    on = TRANSITIONS.get(t)
+                    if on is None:
+                        continue  # rows, notices, RowDescription of a result: as they are
+                    step = on(self, sp, head, t, start, end)
+            if step == _NEXT:
                 continue
+            if step == _STOP:
+                return
             if expect and expect[0].kind == b"!":
-                if out is None:
-                    out = []
-                out.append(chunk[seg:end])
-                seg = end
+                # A response completed: the gateway's own messages queued behind it go
+                # out right after it.
+                sp.cut(end)
                 while expect and expect[0].kind == b"!":
                     inj = expect.popleft()
-                    out.append(inj.inject or b"")
+                    sp.add(inj.inject or b"")
                     if inj.rfq:
-                        out.append(codec.encode_ready_for_query(self.tx_status))
+                        sp.add(codec.encode_ready_for_query(self.tx_status))
         if masking and prev < len(chunk) and expect:
-            out, seg = self._rows(expect[0], chunk, prev, len(chunk), out, seg)
-        if out is None:
-            self.write(chunk)
-        else:
-            out.append(chunk[seg:])
-            self.write(b"".join(out))
-        if waiting is not None:
-            self._release_execute(waiting)
+            sp.out, sp.seg = self._rows(expect[0], chunk, prev, len(chunk), sp.out, sp.seg)
+        self.write(sp.result())
+        if sp.waiting is not None:
+            self._release_execute(sp.waiting)
         if self.barrier_done:
             self.barrier_done = False
             self.holding = False
             self._replay_backlog()
+
+    # -- the transitions: (splice, head of the queue, type, start, end) -> a step -------
+
+    def _on_hidden(self, sp: Splice, head: Expect, t: bytes, start: int, end: int) -> int:
+        """The answer to a Query of the read-only guard's own: none of it is forwarded;
+        its ReadyForQuery completes it."""
+        sp.replace(start, end, b"")
+        if t == b"E":
+            log.warning("session %s: the read-only guard's query failed: %s",
+                        self.session_id, codec.decode_error_fields(
+                            sp.chunk[start + 5:end]).get("M", ""))
+        if t != b"Z":
+            return _NEXT
+        self.tx_status = chr(sp.chunk[start + 5]) if end > start + 5 else "I"
+        self.expect.popleft()
+        if not self.expect:
+            self._guard_sync()
+            if self.closed:
+                return _STOP
+        return _COMPLETED
+
+    def _on_masked(self, sp: Splice, head: Expect, t: bytes, start: int, end: int
+                   ) -> int | None:
+        """Masked connections, before the type's transition (None: go on to it):
+        RowDescription plans the result's masking (the answer to our own Describe is
+        not forwarded), errors and notices are redacted, a refused result ends here."""
+        expect = self.expect
+        new = self._mask_message(head, t, sp.chunk, start, end)
+        if new is not None:
+            sp.replace(start, end, new)
+        if t == b"N" or (t == b"T" and head.plan_for is not None):
+            if t == b"T":
+                expect.popleft()
+                if head.then is not None:
+                    sp.waiting = head
+            return _NEXT
+        if t == b"C" and head.ctx is not None and head.ctx.refusal is not None:
+            if head.kind == b"E":
+                expect.popleft()
+                self._finished(head.ctx)
+            return _NEXT
+        return None
+
+    def _on_ready(self, sp: Splice, head: Expect, t: bytes, start: int, end: int) -> int:
+        """ReadyForQuery ends a Sync or a simple Query. Anything still expected before it
+        was skipped by the target after an error (messages that reached us after the
+        target's error already arrived): dropped, its request completed as skipped."""
+        expect = self.expect
+        chunk = sp.chunk
+        self.tx_status = chr(chunk[start + 5]) if end > start + 5 else "I"
+        while expect:
+            entry = expect.popleft()
+            if entry.as_idle and self.tx_status != "I":
+                # The client's implicit transaction ran as the gateway's own: it is told
+                # idle, as after an implicit one (a ROLLBACK follows).
+                sp.replace(start, end, codec.encode_ready_for_query("I"))
+            if entry.op:
+                self._namespace_answer(entry, False)
+            elif entry.guard_stmt:
+                self.guard_stmts.discard(entry.guard_stmt)
+            if entry.ctx is not None:
+                if entry.kind not in (b"S", b"Q") and entry.ctx.error is None:
+                    entry.ctx.error = {"C": "", "M": "skipped after an earlier error"}
+                self._finished(entry.ctx)
+            if entry.kind == b"S" or entry.kind == b"Q":
+                break
+        if not expect:
+            self._guard_sync()
+            if self.closed:
+                return _STOP
+        return _COMPLETED
+
+    def _on_complete(self, sp: Splice, head: Expect, t: bytes, start: int, end: int) -> int:
+        """CommandComplete: a statement's tag (rows) for its request; it completes an
+        Execute. The guard's own statements in a rewritten Query are not forwarded."""
+        if head.ours is not None:
+            i = head.ci
+            head.ci = i + 1
+            if i < len(head.ours) and head.ours[i]:
+                sp.replace(start, end, b"")
+                return _NEXT  # a statement of the guard's own
+        elif head.swallow:
+            sp.replace(start, end, b"")
+            if head.kind == b"E":
+                self.expect.popleft()
+            return _NEXT
+        ctx = head.ctx
+        if ctx is not None:
+            tag = codec.decode_command_complete(sp.chunk[start + 5:end])
+            if ctx.tags is None:
+                ctx.tags = [tag]
+            else:
+                ctx.tags.append(tag)
+            ctx.rows = _rows(tag, ctx.rows)
+        if head.kind == b"E":
+            self.expect.popleft()
+            if ctx is not None:
+                self._finished(ctx)
+        return _COMPLETED
+
+    def _on_error(self, sp: Splice, head: Expect, t: bytes, start: int, end: int) -> int:
+        """ErrorResponse: the request failed; in the extended protocol the target skips
+        everything up to the next Sync, so those expected answers are dropped. Where the
+        gateway made the target fail in place of a refused statement, the client gets
+        the refusal instead."""
+        body = sp.chunk[start + 5:end]
+        if head.replace is not None:
+            sp.replace(start, end, head.replace)
+            if head.kind != b"Q":
+                self._skip_to_sync(None)
+            return _NEXT
+        fields = codec.decode_error_fields(body)
+        if head.rewritten is not None and "P" in fields:
+            # A position in the text sent: as a position in the client's text.
+            moved = head.rewritten.client_position(int(fields["P"] or 0))
+            sp.replace(start, end, _error_at(body, moved))
+        if head.ctx is not None:
+            head.ctx.error = fields
+        if head.kind != b"Q" and head.kind != b"S":
+            self._skip_to_sync(fields)
+        return _COMPLETED
+
+    def _skip_to_sync(self, fields: dict[str, str] | None) -> None:
+        """Drop what the target skips after an error in the extended protocol (up to the
+        Sync); ``fields``: the error, given to the skipped requests (None: not audited
+        here, the refusal that stands in for the error audits them)."""
+        expect = self.expect
+        while expect and expect[0].kind != b"S":
+            dropped = expect.popleft()
+            if dropped.op:
+                self._namespace_answer(dropped, False)
+            elif dropped.guard_stmt:
+                self.guard_stmts.discard(dropped.guard_stmt)
+            if fields is not None and dropped.ctx is not None:
+                if dropped.ctx.error is None:
+                    dropped.ctx.error = fields
+                self._finished(dropped.ctx)
+
+    def _on_parameters(self, sp: Splice, head: Expect, t: bytes, start: int, end: int
+                       ) -> int:
+        """ParameterDescription: the types the server inferred for a statement."""
+        if head.kind == b"D" and head.name is not None:
+            self._learn_param_types(head.name, sp.chunk[start + 5:end])
+        return _NEXT
+
+    def _on_answer(self, sp: Splice, head: Expect, t: bytes, start: int, end: int) -> int:
+        """ParseComplete, BindComplete, CloseComplete, NoData, a Describe's
+        RowDescription; EmptyQueryResponse and PortalSuspended when they end an Execute:
+        the head's answer, which completes it."""
+        if t == b"T" and head.kind != b"D":
+            return _NEXT  # a result's RowDescription: forwarded as it is
+        if (t == b"I" or t == b"s") and head.kind != b"E":
+            return _NEXT
+        self.expect.popleft()
+        if head.op:
+            self._namespace_answer(head, True)
+        if head.swallow:
+            sp.replace(start, end, b"")
+            return _NEXT
+        if head.plan_for is not None:
+            # NoData for our own Describe: nothing to mask, nothing to forward.
+            sp.replace(start, end, b"")
+            if head.then is not None:
+                sp.waiting = head
+            return _NEXT
+        if head.ctx is not None:
+            self._finished(head.ctx)
+        return _COMPLETED
 
     def _learn_param_types(self, name: str, body: bytes) -> None:
         """Parameter types the server inferred (clients such as asyncpg send 0 =
@@ -278,3 +353,27 @@ class ResponseRelay(SessionState):
             self.transport.close()
         elif not self.closed:
             self.fatal("08006", f"keyturn: lost the connection to the target: {message}")
+
+
+#: The transitions of the response-ordering state machine, by message type from the
+#: target (the head of the queue of expected responses decides what each does). Types
+#: not here are forwarded as they are (DataRow, NoticeResponse, NotificationResponse,
+#: CopyData...); ParameterStatus is the read-only guard's (``server_data``).
+TRANSITIONS: dict[bytes, Callable[..., int]] = {
+    b"Z": ResponseRelay._on_ready,
+    b"C": ResponseRelay._on_complete,
+    b"E": ResponseRelay._on_error,
+    b"t": ResponseRelay._on_parameters,
+    b"1": ResponseRelay._on_answer,  # ParseComplete
+    b"2": ResponseRelay._on_answer,  # BindComplete
+    b"3": ResponseRelay._on_answer,  # CloseComplete
+    b"n": ResponseRelay._on_answer,  # NoData
+    b"T": ResponseRelay._on_answer,  # RowDescription (a Describe's answer)
+    b"I": ResponseRelay._on_answer,  # EmptyQueryResponse (ends an Execute)
+    b"s": ResponseRelay._on_answer,  # PortalSuspended (ends an Execute)
+}
+#: Messages from the target that go to the client as they are, whatever is expected:
+#: rows and COPY data (masked on masked connections), notices and notifications
+#: (redacted there), COPY starts, and what only login uses.
+FORWARDED = frozenset((b"D", b"N", b"A", b"c", b"d", b"G", b"H", b"W", b"V", b"R", b"K",
+                       b"v"))
