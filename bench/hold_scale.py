@@ -13,7 +13,7 @@ Reports the time to hold all, the time from the first approve to the last releas
 gateway's RSS (VmRSS) before / while holding / after, and checks in the database that every
 row was updated exactly once. It also checks what approvers see on the held tickets: asyncpg
 sends int4 parameters in binary with unspecified types in Parse, so each ticket's ``params``
-must read as its row id (not hex) and ``row_estimate`` (the planner's EXPLAIN estimate) must
+must read as its row id (not hex) and ``detail.row_estimate`` (the planner's EXPLAIN estimate) must
 be set.
 """
 
@@ -70,8 +70,8 @@ def check_tickets(held: list[dict], n: int) -> dict:
         "params_readable": len(readable),
         "params_hex": sum(1 for p in params if p and any(str(v).startswith("\\x") for v in p)),
         "params_example": params[0] if params else None,
-        "estimates": sum(1 for t in held if t.get("row_estimate") is not None),
-        "estimate_values": sorted({t.get("row_estimate") for t in held}, key=str),
+        "estimates": sum(1 for t in held if t["detail"].get("row_estimate") is not None),
+        "estimate_values": sorted({t["detail"].get("row_estimate") for t in held}, key=str),
     }
 
 

@@ -101,13 +101,13 @@ class TicketRequest:
     client_addr: str = ""
     application: str = ""
     session_id: str = ""
-    in_transaction: bool = False
-    row_estimate: int | None = None
     protocol: str = "postgres"
     gateway_id: str = ""
     # How surfaces show the action (see models.Ticket.language / facts).
     language: str = "text"
     facts: tuple[tuple[str, str], ...] = ()
+    # Values only the protocol knows, kept with the ticket (models.Ticket.detail).
+    detail: dict[str, Any] = field(default_factory=dict)
     # The binding of what runs when ``statement``/``params`` are shown redacted (masking);
     # None: computed from them.
     binding: str | None = None
@@ -129,7 +129,7 @@ def ticket_json(t: Ticket, votes: list[Vote] | None = None,
             "id", "status", "requester", "requester_groups", "connection", "protocol",
             "client_addr", "application", "session_id", "statement", "language", "facts",
             "params", "classification",
-            "tables", "rule", "reason", "in_transaction", "row_estimate", "approver_groups",
+            "tables", "rule", "reason", "detail", "approver_groups",
             "min_approvals", "mode", "created_at", "expires_at", "decided_at", "decided_by",
             "decision_comment", "executed_at", "result_rows", "result_error")
     }
@@ -205,7 +205,7 @@ class Approvals:
             binding=req.binding or binding_of(req.requester, req.connection, req.statement,
                                               req.params),
             classification=req.classification, tables=list(req.tables), rule=req.rule,
-            reason=req.reason, in_transaction=req.in_transaction, row_estimate=req.row_estimate,
+            reason=req.reason, detail=dict(req.detail),
             approver_groups=list(req.approver_groups), min_approvals=req.min_approvals,
             mode=req.mode, gateway_id=req.gateway_id, instance_id=self.instance_id,
             created_at=now,

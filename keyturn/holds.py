@@ -128,7 +128,7 @@ class HoldService:
                    statement=req.statement, classification=req.classification,
                    action="review", rule=req.rule or None, reason=req.reason,
                    ticket_id=ticket.id, outcome="pending",
-                   detail={"mode": req.mode, "row_estimate": req.row_estimate})
+                   detail={"mode": req.mode, **req.detail})
         held = Held(ticket.id, url, req.rule, req.reason, req.timeout, req.mode)
         on_held(held)
         if req.mode == "defer":

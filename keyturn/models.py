@@ -14,7 +14,6 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
-    Boolean,
     Float,
     ForeignKey,
     Index,
@@ -79,8 +78,9 @@ class Ticket(Base):
     tables: Mapped[list[str]] = mapped_column(JSON, default=list)
     rule: Mapped[str] = mapped_column(String(128))
     reason: Mapped[str] = mapped_column(Text)
-    in_transaction: Mapped[bool] = mapped_column(Boolean, default=False)
-    row_estimate: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Values only its protocol knows, for exports and the audit trail (PostgreSQL:
+    # in_transaction, row_estimate); approvers see them as ``facts``.
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     approver_groups: Mapped[list[str]] = mapped_column(JSON, default=list)
     min_approvals: Mapped[int] = mapped_column(Integer, default=1)
     mode: Mapped[str] = mapped_column(String(8), default="hold")

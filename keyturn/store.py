@@ -71,6 +71,13 @@ class Store:
     def upgrade(self, revision: str = "heads") -> None:
         """Bring the schema to the newest revision (``keyturn db upgrade``), or to
         ``revision``."""
+        self._migrate("upgrade", revision)
+
+    def downgrade(self, revision: str) -> None:
+        """Take the schema back to ``revision`` (its data moved back where it can)."""
+        self._migrate("downgrade", revision)
+
+    def _migrate(self, direction: str, revision: str) -> None:
         from alembic import command
         from alembic.config import Config as AlembicConfig
 
@@ -79,7 +86,7 @@ class Store:
         cfg.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
         with self.engine.begin() as conn:
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, revision)
+            getattr(command, direction)(cfg, revision)
 
     def dispose(self) -> None:
         self.engine.dispose()

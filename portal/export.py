@@ -35,8 +35,8 @@ BATCH = 500
 TICKET_FIELDS = ("id", "status", "requester", "requester_groups", "connection", "protocol",
                  "client_addr", "application", "session_id", "statement", "language", "facts",
                  "params",
-                 "classification", "tables", "rule", "reason", "in_transaction",
-                 "row_estimate", "approver_groups", "min_approvals", "mode", "created_at",
+                 "classification", "tables", "rule", "reason", "detail",
+                 "approver_groups", "min_approvals", "mode", "created_at",
                  "expires_at", "decided_at", "decided_by", "decision_comment", "executed_at",
                  "result_rows", "result_error", "votes")
 AUDIT_COLUMNS = (*AUDIT_FIELDS, "prev_hash", "hash")

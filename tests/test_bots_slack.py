@@ -108,7 +108,7 @@ class Harness:
             requester=requester, requester_groups=("engineers",), connection=connection,
             statement=statement, classification="write", rule="writes-need-approval",
             reason="data changes need a second pair of eyes", approver_groups=("approvers",),
-            min_approvals=min_approvals, timeout=timeout, row_estimate=9, tables=("orders",),
+            min_approvals=min_approvals, timeout=timeout, tables=("orders",),
             language="sql", facts=ticket_facts("write", ("orders",), 9, False)))
         return t.id
 

@@ -82,7 +82,7 @@ class TeamsHarness:
             statement="UPDATE orders SET status = 'void' WHERE id = 3", classification="write",
             rule="writes-need-approval", reason="data changes need a second pair of eyes",
             approver_groups=("approvers",), min_approvals=min_approvals, timeout=600,
-            row_estimate=1, language="sql", facts=ticket_facts("write", (), 1, False))).id
+            language="sql", facts=ticket_facts("write", (), 1, False))).id
 
     def invoke(self, user_id: str, aad: str, verb: str, ticket: int, *,
                reason: str | None = None, token: str | None = None) -> requests.Response:

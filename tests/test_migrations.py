@@ -51,4 +51,31 @@ def test_tickets_from_before_facts_get_their_sql_facts(store_url: str) -> None:
                            ["Transaction open", "yes — the client holds a transaction"]]
     assert second.facts == [["Class", "write"], ["Estimated rows", "no estimate"],
                             ["Transaction open", "no"]]
+    # 0009: the SQL-only columns live on in the ticket's protocol detail.
+    assert first.detail == {"in_transaction": True, "row_estimate": 1234}
+    assert second.detail == {"in_transaction": False, "row_estimate": None}
+    store.dispose()
+
+
+def test_ticket_detail_migrates_down_and_up_again(store_url: str) -> None:
+    store = Store(store_url)
+    store.upgrade("0008")
+    with store.engine.begin() as c:
+        c.execute(text(
+            "INSERT INTO tickets (id, status, requester, requester_groups, connection, "
+            "protocol, client_addr, application, session_id, statement, binding, "
+            "classification, tables, rule, reason, in_transaction, row_estimate, "
+            "approver_groups, min_approvals, mode, gateway_id, created_at, expires_at, "
+            "language) VALUES (7, 'pending', 'alice', '[]', 'shop', 'postgres', '', '', '', "
+            "'DELETE FROM orders', 'b', 'write', '[]', 'writes', 'r', true, 55, "
+            "'[]', 1, 'hold', '', 0, 600, 'sql')"))
+    store.upgrade()
+    assert Approvals(store).get(7).detail == {"in_transaction": True, "row_estimate": 55}
+    store.downgrade("0008")
+    with store.engine.begin() as c:
+        row = c.execute(text("SELECT in_transaction, row_estimate FROM tickets "
+                             "WHERE id = 7")).one()
+    assert (bool(row[0]), row[1]) == (True, 55)
+    store.upgrade()
+    assert Approvals(store).get(7).detail == {"in_transaction": True, "row_estimate": 55}
     store.dispose()

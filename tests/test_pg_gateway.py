@@ -259,10 +259,11 @@ def test_held_delete_released_by_approve_in_another_process(keyturn: Keyturn) ->
     assert t["requester"] == "alice" and t["connection"] == "shop"
     assert t["classification"] == "write" and t["rule"] == "writes-need-approval"
     assert t["statement"] == "DELETE FROM orders WHERE status = 'cancelled'"
-    assert t["row_estimate"] is not None and t["row_estimate"] > 0
+    estimate = t["detail"]["row_estimate"]
+    assert estimate is not None and estimate > 0 and t["detail"]["in_transaction"] is False
     assert t["language"] == "sql" and t["facts"] == [
         ["Class", "write on public.orders"],
-        ["Estimated rows", f"{t['row_estimate']:,} (EXPLAIN)"], ["Transaction open", "no"]]
+        ["Estimated rows", f"{estimate:,} (EXPLAIN)"], ["Transaction open", "no"]]
     assert t["application"] == "psql"
     assert count(keyturn, "SELECT count(*) FROM orders WHERE status = 'cancelled'") == before
     res = keyturn.cli("approve", str(t["id"]), "--comment", "looks fine", token_of="bob")
@@ -596,7 +597,7 @@ def test_asyncpg_binary_parameters_are_readable_in_the_ticket(keyturn: Keyturn) 
             "UPDATE orders SET total = total WHERE id = $1 AND status = $2", 13, "paid"))
         t = await asyncio.to_thread(keyturn.wait_ticket)
         assert t["params"] == ["13", "paid"], t["params"]
-        assert t["row_estimate"] is not None
+        assert t["detail"]["row_estimate"] is not None
         await asyncio.to_thread(keyturn.cli, "approve", str(t["id"]), token_of="bob")
         status = await asyncio.wait_for(task, 20)
         await conn.close()

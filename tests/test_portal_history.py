@@ -49,7 +49,7 @@ def seed_decided(svc: Services, n: int, *, base: float, ties: bool = False) -> N
             "client_addr": "10.0.0.1", "application": "psql", "session_id": f"s{i % 50}",
             "statement": f"UPDATE orders SET note = 'n{i}' WHERE id = {i}", "params": None,
             "binding": f"{i:064x}", "classification": "write", "tables": ["public.orders"],
-            "rule": "writes", "reason": "r", "in_transaction": False, "row_estimate": 1,
+            "rule": "writes", "reason": "r", "detail": {"in_transaction": False, "row_estimate": 1},
             "approver_groups": ["approvers"], "min_approvals": 1, "mode": "hold",
             "gateway_id": "g", "created_at": decided - 30, "expires_at": decided + 600,
             "decided_at": decided, "decided_by": None if status == "expired" else "bob",

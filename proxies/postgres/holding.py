@@ -79,8 +79,10 @@ class Holds(SessionState):
         async def enrich(req: TicketRequest) -> TicketRequest:
             estimate = await asyncio.to_thread(self.gw.explain_rows, conn, ctx.statement,
                                                ctx.params) if explain else None
-            return dataclasses.replace(req, row_estimate=estimate, facts=ticket_facts(
-                req.classification, req.tables, estimate, req.in_transaction))
+            in_tx = bool(req.detail.get("in_transaction"))
+            return dataclasses.replace(
+                req, detail={**req.detail, "row_estimate": estimate},
+                facts=ticket_facts(req.classification, req.tables, estimate, in_tx))
         req = TicketRequest(
             requester=self.user, requester_groups=self.identity.groups,
             connection=conn.name, statement=ctx.shown or ctx.statement,
@@ -90,7 +92,8 @@ class Holds(SessionState):
             params=ctx.shown_params if ctx.shown is not None else ctx.params,
             tables=decision.tables, client_addr=self.client_addr,
             application=self.application, session_id=self.session_id,
-            in_transaction=self.tx_status in ("T", "E"), language="sql",
+            detail={"in_transaction": self.tx_status in ("T", "E"), "row_estimate": None},
+            language="sql",
             gateway_id=self.gw.config.gateway.gateway_id, binding=binding)
 
         def on_held(held: holds.Held) -> None:
