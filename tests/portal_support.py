@@ -107,8 +107,8 @@ def make_ticket(svc: Services, requester: str = "alice", *, connection: str = "s
         connection=connection, statement=statement, classification="write", rule=rule,
         reason="data changes need a second pair of eyes", approver_groups=approvers,
         min_approvals=n, timeout=timeout, client_addr="10.0.0.7", application="psql",
-        session_id="s-abc123",
-        detail={"in_transaction": False, "row_estimate": 42}, tables=("public.orders",), language="sql",
+        session_id="s-abc123", detail={"in_transaction": False, "row_estimate": 42},
+        tables=("public.orders",), language="sql",
         facts=ticket_facts("write", ("public.orders",), 42, False)), now=now)
     return t.id
 
