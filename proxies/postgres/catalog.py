@@ -74,8 +74,8 @@ WHERE {_user("n", "p")}"""
 # What an operator may run: its function, the functions of its commutator and negator
 # (the planner rewrites NOT (a op b) and b op a with them, and selectivity estimation
 # calls them) two links deep, and its restriction and join selectivity functions.
-_OPERATORS = f"""
-WITH linked(oid, op) AS (
+_OPERATOR_RUNS = """
+linked(oid, op) AS (
   SELECT o.oid, o.oid FROM pg_operator o
   UNION SELECT o.oid, l.oid FROM pg_operator o
     JOIN pg_operator l ON l.oid IN (o.oprcom, o.oprnegate)
@@ -88,7 +88,10 @@ WITH linked(oid, op) AS (
     WHERE l.oprrest <> 0
   UNION SELECT k.oid, l.oprjoin::oid FROM linked k JOIN pg_operator l ON l.oid = k.op
     WHERE l.oprjoin <> 0
-)
+)"""
+
+_OPERATORS = f"""
+WITH {_OPERATOR_RUNS}
 SELECT DISTINCT n.nspname, o.oprname, fn.nspname, p.proname
 FROM runs r JOIN pg_operator o ON o.oid = r.oid
 JOIN pg_namespace n ON n.oid = o.oprnamespace
@@ -138,10 +141,12 @@ WHERE c.castcontext = 'e' AND {_builtin("tn", "t")} AND {_user("fn", "p")}"""
 # User code that may run for values of built-in types, which any statement may hold
 # without naming their type (columns, function results): implicit and assignment casts
 # between built-in types with a user function (a cast to or from a user type needs a value
-# or a context of that type, which the type's own code covers), and the support functions
-# and operators of the operator families the server uses by default for a built-in type
-# (sorting, grouping, DISTINCT, UNION, hashing, comparisons; CREATE OPERATOR CLASS ...
-# DEFAULT, or ALTER OPERATOR FAMILY ... ADD on a built-in family). Default encoding
+# or a context of that type, which the type's own code covers), the support functions
+# and operators of any operator family with members for a built-in type (CREATE OPERATOR
+# CLASS ... FOR TYPE box, default or not, ALTER OPERATOR FAMILY ... ADD: the server uses
+# them for sorting, grouping, DISTINCT, hashing, row comparisons and predicate proofs
+# wherever a statement uses those types' operators), a built-in type's replaced I/O.
+# Default encoding
 # conversions and text search parsers and templates are user code behind built-in
 # functions (convert(), to_tsvector()). Any of these is judged on every statement.
 _HOOKS = f"""
@@ -153,19 +158,23 @@ WITH code(what, fn) AS (
   WHERE c.castfunc <> 0 AND c.castcontext IN ('a', 'i')
     AND {_builtin("sn", "s")} AND {_builtin("dn", "d")}
   UNION ALL
-  SELECT 'the default ' || am.amname || ' operator class of ' ||
-         format_type(oc.opcintype, NULL), a.amproc
-  FROM pg_opclass oc JOIN pg_am am ON am.oid = oc.opcmethod
-  JOIN pg_type ty ON ty.oid = oc.opcintype JOIN pg_namespace tn ON tn.oid = ty.typnamespace
-  JOIN pg_amproc a ON a.amprocfamily = oc.opcfamily
-  WHERE oc.opcdefault AND {_builtin("tn", "ty")}
+  -- Any operator family with members for a built-in type: the planner and executor may
+  -- take any family holding an operator a statement uses (row comparisons, predicate
+  -- proofs for partial indexes and constraint exclusion, sorting, hashing), and the
+  -- default one for sorting, grouping and DISTINCT.
+  SELECT 'the ' || am.amname || ' operator family ' || f.opfname || ' of ' ||
+         format_type(a.amproclefttype, NULL), a.amproc
+  FROM pg_amproc a JOIN pg_opfamily f ON f.oid = a.amprocfamily
+  JOIN pg_am am ON am.oid = f.opfmethod
+  JOIN pg_type ty ON ty.oid = a.amproclefttype JOIN pg_namespace tn ON tn.oid = ty.typnamespace
+  WHERE {_builtin("tn", "ty")}
   UNION ALL
-  SELECT 'an operator of the default ' || am.amname || ' operator class of ' ||
-         format_type(oc.opcintype, NULL), o.oprcode::oid
-  FROM pg_opclass oc JOIN pg_am am ON am.oid = oc.opcmethod
-  JOIN pg_type ty ON ty.oid = oc.opcintype JOIN pg_namespace tn ON tn.oid = ty.typnamespace
-  JOIN pg_amop ao ON ao.amopfamily = oc.opcfamily JOIN pg_operator o ON o.oid = ao.amopopr
-  WHERE oc.opcdefault AND {_builtin("tn", "ty")}
+  SELECT 'an operator of the ' || am.amname || ' operator family ' || f.opfname || ' of ' ||
+         format_type(ao.amoplefttype, NULL), o.oprcode::oid
+  FROM pg_amop ao JOIN pg_opfamily f ON f.oid = ao.amopfamily
+  JOIN pg_am am ON am.oid = f.opfmethod JOIN pg_operator o ON o.oid = ao.amopopr
+  JOIN pg_type ty ON ty.oid = ao.amoplefttype JOIN pg_namespace tn ON tn.oid = ty.typnamespace
+  WHERE {_builtin("tn", "ty")}
   UNION ALL
   -- A built-in type's I/O functions replaced (ALTER TYPE pg_catalog.x SET (SEND = ...)).
   SELECT 'the input/output of ' || format_type(ty.oid, NULL), f
@@ -262,10 +271,22 @@ WHERE r.rulename <> '_RETURN' AND {_user("n", "c")}"""
 # (the planner folds them and prunes partitions with the key's operator class on every
 # read too) and row-level security policies (on every access).
 _RELATION_CODE = f"""
-WITH code(rel, what, fn, on_read) AS (
-  SELECT t.tgrelid, 'trigger ' || t.tgname, t.tgfoid, false FROM pg_trigger t
-    WHERE NOT t.tgisinternal
+WITH {_OPERATOR_RUNS},
+-- What a value of a type may run in an expression: its operator families' support
+-- functions and operators (comparisons, GREATEST/LEAST, sorting) and its I/O.
+type_runs(typ, fn) AS (
+  SELECT a.amproclefttype, a.amproc FROM pg_amproc a
   UNION ALL
+  SELECT ao.amoplefttype, o.oprcode::oid FROM pg_amop ao
+    JOIN pg_operator o ON o.oid = ao.amopopr
+  UNION ALL
+  SELECT ty.oid, f FROM pg_type ty,
+    unnest(ARRAY[ty.typinput, ty.typoutput, ty.typreceive, ty.typsend]::oid[]) AS f
+  WHERE f <> 0
+),
+-- What stored expressions of a relation depend on: functions, and operators and types,
+-- whose functions the expression runs though pg_depend names only the operator or type.
+deps(rel, what, ref, refclass, on_read) AS (
   SELECT CASE d.classid
            WHEN 'pg_attrdef'::regclass THEN (SELECT adrelid FROM pg_attrdef WHERE oid = d.objid)
            WHEN 'pg_constraint'::regclass THEN
@@ -281,14 +302,29 @@ WITH code(rel, what, fn, on_read) AS (
            WHEN 'pg_constraint'::regclass THEN 'a constraint'
            WHEN 'pg_class'::regclass THEN
              CASE WHEN EXISTS (SELECT FROM pg_index WHERE indexrelid = d.objid)
-                  THEN 'an index expression' ELSE 'its partition key' END
+                  THEN 'an index expression'
+                  WHEN d.objsubid > 0 THEN 'a column' ELSE 'its partition key' END
            WHEN 'pg_statistic_ext'::regclass THEN 'an extended statistics expression'
            ELSE 'a row security policy' END,
-         d.refobjid, d.classid <> 'pg_attrdef'::regclass
+         d.refobjid, d.refclassid, d.classid <> 'pg_attrdef'::regclass
   FROM pg_depend d
-  WHERE d.refclassid = 'pg_proc'::regclass AND d.classid IN
-    ('pg_attrdef'::regclass, 'pg_constraint'::regclass, 'pg_class'::regclass,
-     'pg_statistic_ext'::regclass, 'pg_policy'::regclass)
+  WHERE d.refclassid IN ('pg_proc'::regclass, 'pg_operator'::regclass, 'pg_type'::regclass)
+    AND d.classid IN ('pg_attrdef'::regclass, 'pg_constraint'::regclass,
+                      'pg_class'::regclass, 'pg_statistic_ext'::regclass,
+                      'pg_policy'::regclass)
+),
+code(rel, what, fn, on_read) AS (
+  SELECT t.tgrelid, 'trigger ' || t.tgname, t.tgfoid, false FROM pg_trigger t
+    WHERE NOT t.tgisinternal
+  UNION ALL
+  SELECT rel, what, ref, on_read FROM deps WHERE refclass = 'pg_proc'::regclass
+  UNION ALL
+  SELECT d.rel, d.what || ' (operator ' || o.oprname || ')', r.fn, d.on_read
+  FROM deps d JOIN runs r ON r.oid = d.ref JOIN pg_operator o ON o.oid = d.ref
+  WHERE d.refclass = 'pg_operator'::regclass
+  UNION ALL
+  SELECT d.rel, d.what || ' (type ' || format_type(d.ref, NULL) || ')', r.fn, d.on_read
+  FROM deps d JOIN type_runs r ON r.typ = d.ref WHERE d.refclass = 'pg_type'::regclass
   UNION ALL
   -- A partition key's operator classes: partition pruning calls them on reads.
   SELECT pt.partrelid, 'its partition key (operator class ' || oc.opcname || ')', a.amproc,
