@@ -4,6 +4,8 @@ Teams 1:1), authenticated with their own access token.
 
 Both sides are proven: the code was shown only to the chat account's owner,
 and the bearer token only to the Keyturn user. Every attempt is audited.
+
+It must not link an account on one proof alone or trust a code shown to anyone else.
 """
 
 from __future__ import annotations

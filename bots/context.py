@@ -5,6 +5,8 @@ Refusals (unmapped person, wrong group, own ticket, already decided) are
 returned as a message for the clicker alone and audited; the ticket is not
 touched. Separation of duties is enforced by ``keyturn.approvals``, exactly
 as for the portal.
+
+It must not change a ticket except through ``keyturn.approvals``.
 """
 
 from __future__ import annotations

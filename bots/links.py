@@ -3,6 +3,8 @@
 A link is made by an operator (``keyturn bots link``) or by a signed-in user
 on the portal, never by the chat platform alone. The bots also resolve people
 by verified e-mail; that needs no row here.
+
+It must not make a link on the chat platform's word alone.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ identity links.
 They live on ``keyturn.models.Base`` so one Alembic history covers the store;
 migration ``0004`` creates them. Nothing here writes ticket rows: tickets
 change only through ``keyturn.approvals``.
+
+It must not hold behaviour: the surfaces' logic lives in their own modules.
 """
 
 from __future__ import annotations

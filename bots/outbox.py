@@ -15,6 +15,8 @@ create message was still pending ends in the right final message.
 Rows are never deleted by delivery and never given up on: a failing row
 keeps retrying, capped at ``cap`` seconds between attempts, with its last
 error visible (``keyturn bots outbox``).
+
+It must not drop a delivery or send from anything but the store's events.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Everything a chat message shows is computed here from the ticket's CURRENT
 state in the store, so a message rendered late (after an outage) is still
 right. The statement goes through ``statement_excerpt`` and nowhere else, so
 literal redaction can be added in one place.
+
+It must not render from anything but the store's current state, nor do I/O.
 """
 
 from __future__ import annotations

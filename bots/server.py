@@ -5,6 +5,8 @@ Slack Socket Mode when configured, and the outbox loop.
 Run by ``keyturn bots``; ``keyturn up`` / ``keyturn demo`` run it in a thread
 when integrations are configured. It builds its own services (own store
 engine, synchronous audit) so it never shares a session with the gateway.
+
+It must not share a store session with another process.
 """
 
 from __future__ import annotations

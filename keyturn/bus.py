@@ -8,6 +8,8 @@ statuses of the tickets it holds (only those, and only while it holds any).
 
 The watcher also expires due tickets, so a hold never outlives its timeout
 even if no other process is running.
+
+It must not decide tickets: it only carries decisions and expiries to the holds.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 Errors are small classes that carry data (an HTTP status for the API, a
 SQLSTATE for the wire protocols), so each surface can render them natively.
+
+They must not carry behaviour or know a surface.
 """
 
 from __future__ import annotations

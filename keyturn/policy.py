@@ -16,6 +16,8 @@ who you are or how SQL is read (``SET ROLE``...) is blocked before any rule.
 Every Decision carries the rule and a reason, which travel into the audit
 trail, the ticket, the client's error and ``keyturn policy explain``.
 This module must stay pure: no I/O, no store, no protocol code.
+
+It must not do I/O or know a protocol beyond its vocabulary.
 """
 
 from __future__ import annotations

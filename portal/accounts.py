@@ -5,6 +5,9 @@ account can exist only for a user configured in ``identity.users``; removing
 the user from the config disables the account without touching the store.
 Checking an unknown user still spends one hash, so response time does not
 reveal which accounts exist.
+
+It must not store or log a password in clear, nor create an account for someone the
+config does not name.
 """
 
 from __future__ import annotations

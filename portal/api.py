@@ -3,6 +3,8 @@
 Token-authenticated (``Authorization: Bearer <access token>``). Every action
 checks authorization on the server; separation of duties is enforced by
 ``keyturn.approvals`` and reported with a precise error.
+
+It must not decide anything itself: votes go through ``keyturn.approvals``.
 """
 
 from __future__ import annotations

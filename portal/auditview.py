@@ -1,7 +1,10 @@
 """Audit: search the hash-chained trail (blocked and masked events included),
 show the chain status from ``AuditLog.verify`` (recordings' digests included), and one
 client session's statements in order with their decisions and the replay of its
-transcript (portal.replay)."""
+transcript (portal.replay).
+
+It must not write to the trail or change a record; it only reads and verifies.
+"""
 
 from __future__ import annotations
 

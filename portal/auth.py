@@ -6,6 +6,8 @@ come from the config on each request (so removing someone from a group takes
 effect at once); for SSO they come from the ID token's groups claim. A
 session older than ``portal.session_lifetime`` is refused, whatever the
 cookie says.
+
+It must not trust a session for groups: they come from the config on each request.
 """
 
 from __future__ import annotations

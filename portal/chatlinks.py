@@ -7,6 +7,8 @@ Keyturn user. ``bots.links.Links`` does the work (single use, hashed, 10
 minutes); this page only ever lists and removes the viewer's own links.
 Every attempt is audited like ``keyturn bots claim``: kind "chat", action
 "link-claim" or "unlink".
+
+It must not link an account without both proofs.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ The box runs exactly what ``keyturn policy explain`` runs (analyser +
 ``keyturn.policy.evaluate``) and shows the same JSON. Engineers and approvers
 try statements as themselves; managers, auditors and admins may pick any
 configured user, to answer "what would happen if alice ran this?".
+
+It must not show secrets (credentials are references) nor run statements on a target.
 """
 
 from __future__ import annotations

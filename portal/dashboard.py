@@ -2,6 +2,8 @@
 
 Figures cover a window (default 30 days) of tickets; the chart is an SVG
 drawn here on the server (no chart library, no script).
+
+It must not write anything.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Error pages. The JSON API answers errors as JSON; the portal as HTML pages
-(or, for HTMX requests, as a fragment the page shows in its message area)."""
+(or, for HTMX requests, as a fragment the page shows in its message area).
+
+They must not leak internals (tracebacks, SQL, paths) to the page.
+"""
 
 from __future__ import annotations
 

@@ -6,6 +6,8 @@ time range, counts, the audit chain head the export stops at, and the
 SHA-256 of each file). Rows go out in batches as they are read, so memory
 stays flat however large the export. Starting an export is itself recorded in
 the audit trail before anything is sent.
+
+It must not send data before the export is in the audit trail.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Template filters: times as people read them (UTC, ages, time left)."""
+"""Template filters: times as people read them (UTC, ages, time left).
+
+They must not do I/O.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""History: every decided ticket, searchable, keyset-paginated (fast at any depth)."""
+"""History: every decided ticket, searchable, keyset-paginated (fast at any depth).
+
+It must not write anything.
+"""
 
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ A page template holds the whole page; an HTMX request for the same URL gets
 one named block of it (the "template fragments" pattern), so full pages and
 live updates share one piece of markup. Responses that differ by
 ``HX-Request`` say so with ``Vary``.
+
+It must not hold page logic: views decide what to render.
 """
 
 from __future__ import annotations

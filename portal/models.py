@@ -3,6 +3,8 @@
 Only what the portal alone needs: local sign-in accounts. Who a person is and
 which groups they are in still comes from the config file; an account only
 adds a password for someone already configured there.
+
+It must not hold identity or groups: the config owns them.
 """
 
 from __future__ import annotations

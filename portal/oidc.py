@@ -5,6 +5,8 @@ and nonce Authlib checks against the provider's published keys.
 The person must be a user configured in ``identity.users`` (matched by the
 configured username claim, or by e-mail); their groups come from the
 configured groups claim when the token carries it, else from the config.
+
+It must not sign in anyone the config does not name, nor skip a check Authlib makes.
 """
 
 from __future__ import annotations

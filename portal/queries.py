@@ -3,6 +3,8 @@
 Nothing here writes: every state change goes through keyturn.approvals.
 History pages use keyset pagination on (decided_at, id) — an index from
 migration 0003 — so page 5,000 costs what page 1 costs.
+
+It must not write.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Both update live: the list is an HTMX fragment of its page that polls every
 couple of seconds, so tickets created or decided anywhere (gateway, CLI,
 chat, another browser) appear and disappear without a reload.
+
+It must not write anything; decisions are made on the ticket page.
 """
 
 from __future__ import annotations

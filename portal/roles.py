@@ -9,6 +9,8 @@
   read-only;
 * admin    — ``portal.roles.admins`` groups: every page (still no votes
   unless also an approver: votes are decided by keyturn.approvals alone).
+
+It must not be bypassed: every view asks it, on every request.
 """
 
 from __future__ import annotations

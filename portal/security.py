@@ -8,6 +8,8 @@ API is exempt: it carries no ambient credentials a browser could replay.
 
 The Content-Security-Policy allows scripts and styles only from the portal
 itself, so no template may contain inline script or style.
+
+It must not let a state-changing request through without its token.
 """
 
 from __future__ import annotations

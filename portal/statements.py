@@ -4,6 +4,8 @@ Every page that shows SQL goes through ``render_statement``, so redacting
 literals (as a masking policy asks) has exactly one place to plug in: pass a
 ``redact`` callable that rewrites the text before it is formatted. The output
 is escaped HTML (Pygments escapes every token), safe to mark ``Markup``.
+
+It must not change what runs: it only changes how a statement looks.
 """
 
 from __future__ import annotations

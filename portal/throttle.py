@@ -5,6 +5,8 @@ refused (even with the right password) until the window has passed.
 Kept in process memory: each portal process counts on its own, which bounds
 guessing per process without a shared store. SSO sign-ins are the provider's
 business and are not counted here.
+
+It must not tell a refused attempt with the right password from a wrong one.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ Votes go through ``keyturn.approvals.vote`` (separation of duties, N-of-M and
 the race between surfaces are decided there). The page turns its errors into
 plain sentences: "you requested this", "already approved by dana a moment
 ago", and never loses what the person typed.
+
+It must not decide outside ``keyturn.approvals`` nor show a ticket to whom roles deny
+it.
 """
 
 from __future__ import annotations

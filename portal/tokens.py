@@ -4,6 +4,8 @@ Only ever the viewer's own tokens: the list is filtered by user and revoking
 passes the user to ``Identities.revoke_token``, which answers "no token" for
 someone else's id (no way to learn that it exists). A new token is shown
 once, in the response to the POST that created it, and never again.
+
+It must not show a token twice nor touch another user's tokens.
 """
 
 from __future__ import annotations

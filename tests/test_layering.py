@@ -107,3 +107,17 @@ def test_the_reader_sees_every_way_of_naming_a_module(tmp_path: Path) -> None:
     names = {name for _, name in imported_names(sample, "keyturn.sample")}
     assert {"portal.htmx", "keyturn.launch", "keyturn.launch.cli", "bots.links",
             "proxies"} <= names
+
+
+def _modules() -> list[Path]:
+    return sorted(p for top in ("keyturn", "proxies", "portal", "bots")
+                  for p in (ROOT / top).rglob("*.py")
+                  if p.name != "__init__.py" and "__pycache__" not in p.parts)
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_module_says_what_it_is_for_and_what_it_must_not_do(path: Path) -> None:
+    doc = ast.get_docstring(ast.parse(path.read_text()))
+    assert doc, f"{path} has no module docstring"
+    assert "must not" in " ".join(doc.split()), \
+        f"{path}'s docstring does not say what it must not do"

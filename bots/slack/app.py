@@ -4,6 +4,8 @@ requests are audited) or Socket Mode.
 
 The Web API base URL is configurable (``integrations.slack.api_base_url``) so
 the app can run against a stand-in in tests.
+
+It must not answer a request whose signature does not verify.
 """
 
 from __future__ import annotations

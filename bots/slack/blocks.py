@@ -1,5 +1,8 @@
 """Block Kit builders for the ticket message, the reject modal and the
-``/keyturn`` answers. Pure functions of a TicketView: no I/O."""
+``/keyturn`` answers. Pure functions of a TicketView: no I/O.
+
+They must not do I/O or read anything but the TicketView.
+"""
 
 from __future__ import annotations
 

@@ -3,6 +3,8 @@ thread replies per vote, reminders and the requester's DMs.
 
 Each delivery renders the ticket's current state from the store. Slack errors
 become retries; HTTP 429 pauses all Slack deliveries for Retry-After.
+
+It must not render from anything but the store, nor drop a delivery Slack refused.
 """
 
 from __future__ import annotations

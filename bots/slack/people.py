@@ -5,6 +5,8 @@ reports a CONFIRMED e-mail address (``users.info``; needs the
 ``users:read.email`` scope) equal to the user's e-mail in the config. The
 other direction (mentions, DMs) uses the link or ``users.lookupByEmail``.
 Lookups are cached briefly; a failed lookup is not cached.
+
+It must not map a person from an unconfirmed address.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ activity's serviceUrl so a token cannot redirect our replies.
 
 Outbound: the connector service wants an OAuth client-credentials token for
 ``https://api.botframework.com/.default``; cached until shortly before expiry.
+
+It must not accept an activity whose token does not verify.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ and an audit record. ``adaptiveCard/action`` invokes (Action.Execute) carry
 the verb: ``approve``, ``reject`` (with the ``reason`` input) or ``refresh``.
 The answer is the card in the ticket's current state, or, for a refusal, a
 message only the clicker sees. Votes go through ``keyturn.approvals``.
+
+It must not vote outside ``keyturn.approvals`` nor trust an unauthenticated activity.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Pending cards carry ``Action.Execute`` Approve and Reject (with a reason
 input) and a ``refresh`` action, so Teams re-fetches the current state
 whenever the card is shown; decided cards show who, when and why and no
 buttons. Pure functions of a TicketView.
+
+They must not do I/O or read anything but the TicketView.
 """
 
 from __future__ import annotations

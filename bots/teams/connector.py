@@ -3,6 +3,8 @@ update activities, open a 1:1 conversation, read conversation members.
 
 Failures become ``RetryLater`` for the outbox; 429 carries Retry-After and
 pauses all Teams deliveries.
+
+It must not know tickets: it moves activities only.
 """
 
 from __future__ import annotations

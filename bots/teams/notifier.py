@@ -1,6 +1,9 @@
 """Teams deliveries of outbox rows: the ticket card in the approvers'
 conversation, its in-place updates, and proactive 1:1 messages to the
-requester on every status change."""
+requester on every status change.
+
+It must not render from anything but the store, nor drop a delivery Teams refused.
+"""
 
 from __future__ import annotations
 

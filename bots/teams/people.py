@@ -6,6 +6,8 @@ lookup, which Teams answers only for members of that tenant's conversation)
 equal to the user's e-mail in the config. To reach a requester proactively we
 need their Teams account id: from a remembered address, else from the
 approvers' conversation roster.
+
+It must not map a person from an address Teams did not report.
 """
 
 from __future__ import annotations

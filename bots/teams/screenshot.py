@@ -5,6 +5,8 @@ in headless Chromium, for the docs (docs/chatops-teams-card*.png).
 
 Needs ``npm`` and ``chromium``; installs ``adaptivecards`` into a temporary
 directory. Not used at run time.
+
+It must not be imported by the running product.
 """
 
 from __future__ import annotations

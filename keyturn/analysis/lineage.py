@@ -25,6 +25,8 @@ Resolution is deliberately generous: an unqualified column that could belong
 to several tables in scope counts as coming from each of them, so a masking
 decision can only err towards masking. Unqualified tables are reported in
 ``public`` like the analyser does (the gateway widens them per session).
+
+It must not do I/O or decide anything; it only says where columns come from.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ format, fields are quoted when needed and NULL is an empty unquoted field. A
 masked field is decoded, masked and encoded again; every other field is copied
 byte for byte. Binary COPY cannot be masked and is refused by the caller, as are
 options this module does not model (QUOTE, ESCAPE, FORCE_QUOTE, ENCODING…).
+
+It must not pass through a field it cannot read (the caller refuses the COPY).
 """
 
 from __future__ import annotations

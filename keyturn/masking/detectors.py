@@ -48,6 +48,8 @@ shorthand for ``api_key``, ``jwt`` and ``private_key``):
 Detectors see values in their usual written forms. A user who can write SQL can encode a
 value (reverse it, interleave characters) so no pattern sees it; that is why lineage-based
 masking comes first and detectors are the backstop.
+
+It must not decide which columns are sensitive: lineage and policy do.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ approval is bound to the real text and parameters.
 Matching is by column name and deliberately generous (``ssn`` anywhere counts
 when any sensitive column is called ``ssn``): showing too little is harmless,
 showing a secret is not.
+
+It must not change what runs: only what is shown.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ Rules every style keeps:
 - A value that is not valid UTF-8 is never passed through or partially shown.
 
 This module does not decide *which* values are sensitive; policy and lineage do.
+
+It must not pass through a value it cannot read.
 """
 
 from __future__ import annotations

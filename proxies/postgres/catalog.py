@@ -17,6 +17,9 @@ by code that runs DDL it builds as a string) are seen at the next re-read.
 
 When the catalog cannot be read the connection fails closed: every name that is not
 qualified into pg_catalog may be user code (keyturn.analysis.usercode).
+
+It must not judge statements itself (keyturn.analysis.usercode does) nor block the event
+loop (reads run in threads).
 """
 
 from __future__ import annotations

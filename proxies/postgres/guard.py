@@ -22,6 +22,8 @@ what the gateway allows as a read runs where PostgreSQL refuses writes:
 
 This module is the pure part: given what a message holds and the transaction state
 the gateway predicts, which statements of its own go where. The session does the I/O.
+
+It must not do I/O.
 """
 
 from __future__ import annotations

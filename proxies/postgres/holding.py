@@ -2,7 +2,10 @@
 its outcome as PostgreSQL answers (the result, or an ERROR with the ticket's outcome).
 
 Part of ``ClientSession`` (proxies/postgres/session.py), as a mixin. The hold workflow
-itself (tickets, waiting, expiry, claims) lives in keyturn/holds.py, not here."""
+itself (tickets, waiting, expiry, claims) lives in keyturn/holds.py, not here.
+
+It must not make tickets or wait on its own: keyturn.holds does.
+"""
 
 from __future__ import annotations
 

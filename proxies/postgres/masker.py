@@ -2,7 +2,10 @@
 statement's lineage and the target's catalog, rewriting rows, COPY data and notices.
 
 Part of ``ClientSession`` (proxies/postgres/session.py), as a mixin; the row rewriting
-itself is rowmask.py and the rules keyturn/masking. Unmasked sessions never reach it."""
+itself is rowmask.py and the rules keyturn/masking. Unmasked sessions never reach it.
+
+It must not let a value it cannot mask through: the result is refused instead.
+"""
 
 from __future__ import annotations
 

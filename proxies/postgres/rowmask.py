@@ -19,6 +19,8 @@ NULL values stay NULL and are not counted. ``counts`` gives the values masked pe
 ``PyRowMasker`` below is the reference; ``_speedups.RowMasker`` (C) does the same and is
 used when it is built, unless ``KEYTURN_NO_SPEEDUPS=1``. Tests run both on the same
 inputs.
+
+It must not do I/O or decide which columns are masked.
 """
 
 from __future__ import annotations

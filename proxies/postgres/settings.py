@@ -10,6 +10,8 @@ in as literals, by the connection's analyser and policy, like any statement.
 
 This module decides and formats; it does no I/O and keeps no session state. The session
 (session.py) calls it at login, before the target is contacted, and at Execute.
+
+It must not do I/O.
 """
 
 from __future__ import annotations

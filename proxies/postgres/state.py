@@ -1,7 +1,7 @@
 """What a PostgreSQL client session tracks per request and per expected answer
 (``Ctx``, ``Expect``, ``StmtInfo``) and small helpers shared by the session's parts.
 
-Plain data and pure functions: nothing here does I/O or decides anything."""
+Plain data and pure functions: it must not do I/O or decide anything."""
 
 from __future__ import annotations
 

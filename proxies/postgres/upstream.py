@@ -5,6 +5,8 @@ connection's ``sslmode`` asks for it, sends the startup packet and logs in
 with the stored credentials (trust, cleartext, md5 or SCRAM-SHA-256) — the
 client never sees them. After login every framed message is handed to the
 client session, which owns all decisions.
+
+It must not decide anything nor show the target's credentials to the client.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 ``ack()`` first (Slack allows three seconds), then the vote goes through
 ``keyturn.approvals``. The message itself is updated by the outbox from the
 store, so a click and a portal decision end in the same message.
+
+They must not update the message themselves or vote outside ``keyturn.approvals``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""``/keyturn mine | pending | status N | help``; every answer is ephemeral."""
+"""``/keyturn mine | pending | status N | help``; every answer is ephemeral.
+
+It must not post anything visible to others or change a ticket.
+"""
 
 from __future__ import annotations
 

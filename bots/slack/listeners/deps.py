@@ -1,4 +1,7 @@
-"""What the Slack listeners share."""
+"""What the Slack listeners share.
+
+It must not hold state of its own beyond what the listeners share.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """The reject modal's submission: the reason is required, and a refusal is
-shown in the modal itself so the approver sees why nothing happened."""
+shown in the modal itself so the approver sees why nothing happened.
+
+It must not decide a ticket without a reason, nor outside ``keyturn.approvals``.
+"""
 
 from __future__ import annotations
 
