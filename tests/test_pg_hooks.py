@@ -107,6 +107,8 @@ CREATE FUNCTION pg_catalog.upper(macaddr8) RETURNS text LANGUAGE plpgsql AS
   $$BEGIN PERFORM public.hid_effect(); RETURN $1::text; END$$;
 -- Planner statistics of the vault.
 INSERT INTO vault.secret SELECT 'top secret' FROM generate_series(1, 50);
+CREATE SEQUENCE vault.s_seq; SELECT nextval('vault.s_seq');
+ALTER SEQUENCE vault.s_seq OWNER TO app;
 ANALYZE vault.secret;
 GRANT ALL ON ALL TABLES IN SCHEMA public TO app;
 -- The operator's timeouts for the gateway's role.
@@ -213,6 +215,11 @@ HIDDEN = [
     ("planner statistics", "SELECT histogram_bounds::text FROM pg_catalog.pg_stats",
      "vault-is-off-limits"),
     ("planner statistics", "SELECT * FROM pg_stats_ext", "vault-is-off-limits"),
+    ("a sequence's values", "SELECT pg_sequence_last_value('vault.s_seq')", "vault-is-off-limits"),
+    ("a sequence's values", "SELECT * FROM pg_sequence_parameters('vault.s_seq'::regclass)",
+     "vault-is-off-limits"),
+    ("statement texts", "SELECT query FROM pg_stat_activity", "vault-is-off-limits"),
+    ("statement texts", "SELECT pg_stat_get_activity(NULL)", "vault-is-off-limits"),
 ]
 
 

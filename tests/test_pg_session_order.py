@@ -4,6 +4,7 @@ answers interleaved exactly as a race on the network can interleave them."""
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,3 +131,48 @@ def test_an_empty_query_is_answered_and_the_session_stays_in_step(pb: PgPlaybook
     assert types(pb.client_gets(2)) == ["C", "Z"]
     pb.quiet()
     assert not pb.session.expect
+
+
+LIMITED = CONFIG + """
+gateway:
+  limits: {large_rows_mib_per_user: 64, large_rows_mib: 128}
+"""
+
+
+def test_a_client_that_does_not_read_large_rows_is_ended_at_its_budget(
+        tmp_path: Path) -> None:
+    """Rows are relayed whole; what a user's sessions hold of large results (a row still
+    arriving, what the client has not read) is capped: over the cap the session ends at
+    once and its buffers are dropped, so one user cannot run the gateway out of memory."""
+    pb = PgPlaybook(LIMITED, tmp_path)
+    try:
+        pb.login()
+        pb.client_sends(codec.encode_query("SELECT repeat('y', 40 * 1024 * 1024)"))
+        pb.target_gets(1)
+        row = msg(b"D", struct.pack("!hi", 1, 40 * 1024 * 1024) + b"y" * (40 * 1024 * 1024))
+        pb.target_sends(row)  # the client reads nothing: 40 MiB held, within 64
+        assert pb.gw.row_buffers[pb.session] > 40 * 1024 * 1024
+        assert not pb.session.closed
+        pb.target_sends(row[:30 * 1024 * 1024])  # a second row arriving: 70 MiB held
+        pb.run(asyncio.sleep(0.01))
+        assert pb.session.closed and pb.client.closed and pb.target.closed
+        assert pb.session not in pb.gw.row_buffers
+        # The refusal is the last thing written (the unread rows were dropped with it
+        # in a real transport; here the wire keeps what was written).
+        assert b"53200" in pb.client.written[-300:] and b"large_rows_mib_per_user" in \
+            pb.client.written[-300:]
+    finally:
+        pb.close()
+
+
+def test_a_client_that_reads_its_large_rows_is_not_counted(pb: PgPlaybook) -> None:
+    row = msg(b"D", struct.pack("!hi", 1, 3 * 1024 * 1024) + b"y" * (3 * 1024 * 1024))
+    pb.client_sends(codec.encode_query("SELECT repeat('y', 3 * 1024 * 1024)"))
+    pb.target_gets(1)
+    pb.target_sends(row)
+    assert pb.session in pb.gw.row_buffers  # 3 MiB the client has not read yet
+    assert types(pb.client_gets(1)) == ["D"]  # the client reads it
+    pb.call(pb.session.resume_writing)  # as the transport says once it drained
+    assert pb.session not in pb.gw.row_buffers
+    pb.target_sends(msg(b"C", b"SELECT 1\0") + msg(b"Z", b"I"))
+    assert types(pb.client_gets(2)) == ["C", "Z"]

@@ -319,3 +319,20 @@ def test_planner_statistics_read_any_table(sql: str) -> None:
     assert "*" in st.tables
     (other,) = AN.analyze("SELECT * FROM myschema.pg_stats").statements
     assert "*" not in other.tables
+
+
+@pytest.mark.parametrize("sql, table", [
+    ("SELECT pg_sequence_last_value('vault.s_seq')", "vault.s_seq"),
+    ("SELECT currval('\"Vault\".S')", "Vault.s"),
+    ("SELECT pg_sequence_last_value('s_seq')", "public.s_seq"),
+    ("SELECT pg_sequence_parameters('vault.s_seq'::regclass)", "*"),  # not a plain constant
+    ("SELECT pg_sequence_last_value($1)", "*"),
+    ("SELECT pg_sequence_last_value('a.b.c.d')", "*"),  # not a relation name
+    ("SELECT query FROM pg_stat_activity", "*"),
+    ("SELECT * FROM extensions.pg_stat_statements", "*"),
+    ("SELECT pg_stat_get_activity(NULL)", "*"),
+])
+def test_functions_and_views_that_show_a_relation_s_data_count_it_as_read(
+        sql: str, table: str) -> None:
+    (st,) = AN.analyze(sql).statements
+    assert table in st.tables, st.tables

@@ -373,10 +373,21 @@ SETTINGS: Mapping[str, Entry] = {
 #: postgres._disables), and a value that cannot be read is treated as turning the guard off.
 #: A statement's table that stands for "any table" (policy rules: keyturn.policy).
 ANY_TABLE = "*"
-#: Catalog views and tables that show sample values (most common values, histograms,
-#: MCV lists) of every analysed table: reading one reads any table.
-STATISTICS_RELATIONS = frozenset({"pg_stats", "pg_stats_ext", "pg_stats_ext_exprs",
-                                  "pg_statistic", "pg_statistic_ext_data"})
+#: Catalog views and tables that show values of any table: planner statistics (most
+#: common values, histograms, MCV lists) and other sessions' statement texts (every user
+#: reaches the target as the same role, so they see each other's queries and literals).
+READS_ANY_TABLE = frozenset({"pg_stats", "pg_stats_ext", "pg_stats_ext_exprs", "pg_statistic",
+                             "pg_statistic_ext_data", "pg_stat_activity"})
+#: The same, in whatever schema the extension providing them was installed.
+READS_ANY_TABLE_ANYWHERE = frozenset({"pg_stat_statements", "pg_stat_monitor"})
+#: Functions that show values of any table (other sessions' statement texts).
+READS_ANY_TABLE_FUNCTIONS = frozenset({"pg_catalog.pg_stat_get_activity",
+                                       "pg_catalog.pg_stat_get_backend_activity"})
+#: Functions whose first argument names a relation whose data they show (a sequence's
+#: values): that relation counts as read.
+RELATION_ARGUMENT_FUNCTIONS = frozenset({"pg_catalog.pg_sequence_last_value",
+                                         "pg_catalog.pg_sequence_parameters",
+                                         "pg_catalog.currval"})
 
 SAFETY_SETTINGS: Mapping[str, str] = {
     "statement_timeout": "duration",

@@ -375,6 +375,29 @@ def _literal(node: Any) -> str | None:
     return None
 
 
+_NAME_PART = re.compile(r'\s*(?:"((?:[^"]|"")*)"|([^".\s]+))\s*')
+
+
+def _relation_name(text: str) -> list[str] | None:
+    """A relation name as regclass input reads it (dots between parts, quoted parts kept,
+    others folded to lower case), or None when it is not one."""
+    parts: list[str] = []
+    pos = 0
+    while True:
+        m = _NAME_PART.match(text, pos)
+        if m is None or m.end() == pos:
+            return None
+        quoted, plain = m.groups()
+        parts.append(quoted.replace('""', '"') if quoted is not None else plain.lower())
+        pos = m.end()
+        if pos == len(text):
+            break
+        if text[pos] != ".":
+            return None
+        pos += 1
+    return parts if 1 <= len(parts) <= 3 else None
+
+
 def _qualify(catalog: str | None, schema: str | None, name: str | None) -> str:
     # Unqualified names are reported in public, the convention policy patterns use too; the
     # real schema depends on the session's search_path, which is not tracked here.
@@ -548,8 +571,9 @@ class _Walk:
         self.tables[qualified] = None
         if not schema and not catalog:
             self.unqualified[name] = None
-        if name in catalogue.STATISTICS_RELATIONS and schema in (None, "pg_catalog"):
-            # Planner statistics hold sample values of every analysed table.
+        if (name in catalogue.READS_ANY_TABLE and schema in (None, "pg_catalog")) or \
+                name in catalogue.READS_ANY_TABLE_ANYWHERE:
+            # Planner statistics and statement texts hold values of any table.
             self.tables[catalogue.ANY_TABLE] = None
         return qualified
 
@@ -574,9 +598,26 @@ class _Walk:
         cls, reason = entry
         if qualified == "pg_catalog.set_config":
             cls, reason = self.set_config(args)
+        elif qualified in catalogue.READS_ANY_TABLE_FUNCTIONS:
+            self.tables[catalogue.ANY_TABLE] = None
+        elif qualified in catalogue.RELATION_ARGUMENT_FUNCTIONS:
+            self.relation_argument(args[0] if args else None)
         if self.mode == _PLAN:
             return  # catalogued side effects are all volatile functions: never run by planning
         self.add(cls, f"function {qualified} {reason}" if reason else "")
+
+    def relation_argument(self, arg: Any) -> None:
+        """A function argument naming a relation (``'vault.s_seq'``, as regclass reads
+        it): that relation is read; a name that is not a plain constant may be any."""
+        self.literal = True  # what it reads depends on the constant
+        text = _literal(arg) if arg is not None else None
+        parts = _relation_name(text) if text is not None else None
+        if parts is None:
+            self.tables[catalogue.ANY_TABLE] = None
+            return
+        self.tables[_qualify(*([None] * (3 - len(parts))), *parts)] = None
+        if len(parts) == 1:
+            self.unqualified[parts[0]] = None
 
     def operator(self, names: list[str]) -> None:
         if names:

@@ -200,6 +200,10 @@ class ClientLimits:
     max_pending_logins: int = 256  # sockets not logged in yet; the oldest makes room
     revocation_check: float = 2.0  # seconds between checks that sessions' tokens still hold
     auth_throttle: AuthThrottle = AuthThrottle()
+    # Memory for large results a message at a time (a row is relayed once it is whole):
+    # MiB of partly received messages one user's sessions / all sessions may hold.
+    large_rows_mib_per_user: int = 256
+    large_rows_mib: int = 1024
 
 
 @dataclass(frozen=True)

@@ -344,9 +344,14 @@ class Validator(Checker):
             self.seconds(m, "login_timeout", d.login_timeout, at), total,
             self.count(m, "max_connections_per_user", d.max_connections_per_user, at, 1),
             self.count(m, "max_pending_logins", min(d.max_pending_logins, total), at, 1),
-            self.seconds(m, "revocation_check", d.revocation_check, at), throttle)
+            self.seconds(m, "revocation_check", d.revocation_check, at), throttle,
+            large_rows_mib_per_user=self.count(m, "large_rows_mib_per_user",
+                                               d.large_rows_mib_per_user, at, 64),
+            large_rows_mib=self.count(m, "large_rows_mib", d.large_rows_mib, at, 64))
         if limits.max_pending_logins > limits.max_connections:
             raise self.err(at + ("max_pending_logins",), "must not exceed max_connections")
+        if limits.large_rows_mib_per_user > limits.large_rows_mib:
+            raise self.err(at + ("large_rows_mib_per_user",), "must not exceed large_rows_mib")
         return limits
 
 

@@ -42,6 +42,7 @@ from portal.settings import PORTAL
 from proxies.postgres import codec, speedups
 from proxies.postgres.catalog import Catalogs, connect_target, read_catalog
 from proxies.postgres.session import PROTOCOL
+from proxies.postgres.upstream import LARGE_ROW
 
 if TYPE_CHECKING:
     from proxies.postgres.session import ClientSession
@@ -87,6 +88,9 @@ class PostgresGateway:
         # Sockets not logged in yet, oldest first, with their login timers.
         self.pending: dict[ClientSession, asyncio.TimerHandle] = {}
         self.active: set[ClientSession] = set()  # logged in (counted per user)
+        # Bytes of partly received messages from targets, per session holding over
+        # LARGE_ROW bytes (a row is relayed once whole): see large_row.
+        self.row_buffers: dict[ClientSession, int] = {}
         self.per_user: Counter[str] = Counter()
         self._shed: Counter[str] = Counter()  # sockets closed before login, not yet logged
         self._shed_logged = -10.0
@@ -255,8 +259,30 @@ class PostgresGateway:
         self.per_user[session.user] += 1
         return None
 
+    def large_row(self, session: ClientSession, buffered: int) -> str | None:
+        """``session`` holds ``buffered`` bytes of a message the target has not finished
+        sending (a large row). Returns why it may not hold more (the user's or the
+        gateway's budget for large rows is spent), or None."""
+        if buffered <= LARGE_ROW:
+            self.row_buffers.pop(session, None)
+            return None
+        self.row_buffers[session] = buffered
+        mib = 1024 * 1024
+        mine = sum(n for s, n in self.row_buffers.items() if s.user == session.user)
+        if mine > self.limits.large_rows_mib_per_user * mib:
+            return (f"keyturn: your sessions hold {mine // mib} MiB of large rows at once, "
+                    f"over gateway.limits.large_rows_mib_per_user "
+                    f"({self.limits.large_rows_mib_per_user} MiB); this result is refused")
+        total = sum(self.row_buffers.values())
+        if total > self.limits.large_rows_mib * mib:
+            return (f"keyturn: the gateway holds {total // mib} MiB of large rows at once, "
+                    f"over gateway.limits.large_rows_mib ({self.limits.large_rows_mib} MiB); "
+                    "this result is refused, try again")
+        return None
+
     def release(self, session: ClientSession) -> None:
         """The socket closed (connection_lost; safe to call more than once)."""
+        self.row_buffers.pop(session, None)
         timer = self.pending.pop(session, None)
         if timer is not None:
             timer.cancel()

@@ -354,6 +354,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
     def resume_writing(self) -> None:
         if self.upstream:
             self.upstream.resume_reading()
+            self.upstream.count_held()  # the client read: it holds less now
 
     @property
     def conn_name(self) -> str | None:
@@ -374,6 +375,17 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         log.info("session %s closed: %s %s", self.session_id, sqlstate, message)
         if self.transport:
             self.transport.close()
+        self.connection_lost(None)
+
+    def abort(self, sqlstate: str, message: str) -> None:
+        """End this connection at once, dropping what the client has not read yet (to
+        free memory); the error goes out only if the socket takes it right away."""
+        if self.closed:
+            return
+        self.write(codec.encode_error("FATAL", sqlstate, message))
+        log.info("session %s aborted: %s %s", self.session_id, sqlstate, message)
+        if self.transport:
+            self.transport.abort()
         self.connection_lost(None)
 
     async def shutdown(self, reason: str) -> None:

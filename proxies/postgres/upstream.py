@@ -21,6 +21,10 @@ from proxies.postgres.auth import AuthError, TargetAuthenticator
 from proxies.postgres.codec import ProtocolError
 from proxies.postgres.register import target_of
 
+#: A message from a target partly received and larger than this counts against the
+#: large-row budgets (gateway.limits.large_rows_mib*, PostgresGateway.large_row).
+LARGE_ROW = 1024 * 1024
+
 if TYPE_CHECKING:
     from keyturn.config import Connection
     from proxies.postgres.session import ClientSession
@@ -129,6 +133,7 @@ class Upstream(asyncio.Protocol):
                         start = frames[-1][1] + 5
                         self.said_fatal = chunk[start:start + 7] in _FATAL_SEVERITIES
                     session.server_data(chunk, frames)
+                self.count_held()
                 return
             self.reader.receive_data(data)
             msgs = self.reader.next_messages()
@@ -142,6 +147,21 @@ class Upstream(asyncio.Protocol):
             self.session.fatal("XX000", "keyturn: internal error in the gateway (see its log)")
             return
         self._login_messages(msgs)
+
+    def count_held(self) -> None:
+        """What this session holds of large results (a message the target is still
+        sending, and what the client has not read yet) against the gateway's large-row
+        budgets; over them the session ends at once (its buffers are dropped)."""
+        session = self.session
+        client = session.transport
+        held = self.reader.pending + (client.get_write_buffer_size() if client else 0)
+        if held <= LARGE_ROW and session not in session.gw.row_buffers:
+            return
+        refused = session.gw.large_row(session, held)
+        if refused is not None:
+            log.warning("session %s: %s", session.session_id, refused)
+            self.close()
+            session.abort("53200", refused)
 
     def fast_failed(self, exc: BaseException) -> None:
         """The target relay's fast path raised (see ClientSession._install_relays)."""
