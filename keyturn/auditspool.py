@@ -83,6 +83,11 @@ MAX_PENDING = 64 << 20
 PENDING_LIMIT = 1 << 20  # bytes of lines pending before a writer flushes them itself
 
 
+class AuditUnwritable(Exception):
+    """The write-ahead records of statements could not be written: they must not be sent
+    (``AuditSpool.flush_ahead``). The message is the refusal the client gets."""
+
+
 class LineBuffer:
     """The spool's pending lines: ``append`` from any thread, ``take`` by the flusher.
 
@@ -293,13 +298,19 @@ class AuditSpool:
                 self._recovered(failure)
 
     def flush_ahead(self) -> None:
-        """Write-ahead: hand every pending line to the OS now (before the statements
-        they record are sent). A failing write keeps the lines in memory, bounded, and
-        the flusher retries; the gateway refuses new statements past the bound."""
+        """Write-ahead: hand every pending line to the OS now, before the statements they
+        record are sent. When that fails the statements must not be sent: this raises
+        AuditUnwritable, and the spool refuses new statements until a write succeeds
+        again (the lines wait in memory, bounded, and the flusher retries)."""
         try:
             self.flush()
-        except OSError:
-            pass
+        except OSError as exc:
+            with self._lock:
+                if self.accepting:
+                    self._set_accepting(False)
+            raise AuditUnwritable(self.refusal or "keyturn: the audit trail cannot be "
+                                  f"written ({exc.strerror or exc}); the statement was "
+                                  "not sent") from exc
 
     def _write_unwritten(self) -> None:
         """Write ``_unwritten``; on failure it keeps what was not written."""

@@ -78,10 +78,12 @@ def types(msgs: list[Message]) -> list[str]:
 class PgPlaybook(Playbook):
     """``fast``: "relay" (the compiled fast path with relays in the sockets' place, as
     in production), True (compiled, fed by the session: transports that cannot take a
-    relay) or False (Python only, as with KEYTURN_NO_SPEEDUPS)."""
+    relay) or False (Python only, as with KEYTURN_NO_SPEEDUPS). ``catalog_reader``:
+    reads the target's catalog (a function of the connection), instead of ``catalog``."""
 
     def __init__(self, config: str, base: Path, *, catalog: TargetCatalog | None = None,
-                 users: tuple[str, ...] = ("alice",), fast: bool | str = "relay") -> None:
+                 users: tuple[str, ...] = ("alice",), fast: bool | str = "relay",
+                 catalog_reader: Any = None) -> None:
         super().__init__(_ToClient(), _ToTarget(), wire=Wire if fast == "relay" else PlainWire)
         self.fast = fast
         base.mkdir(parents=True, exist_ok=True)
@@ -93,7 +95,8 @@ class PgPlaybook(Playbook):
         self.services = build_services(self.config, audit_sink=self.spool.record)
         self.tokens = {u: self.services.identities.create_token(u).token for u in users}
         found = catalog or TargetCatalog.from_rows(user="app", search_path=None)
-        self.gw = PostgresGateway(self.services, self.spool, catalog_reader=lambda _c: found)
+        self.gw = PostgresGateway(self.services, self.spool,
+                                  catalog_reader=catalog_reader or (lambda _c: found))
         self.gw.open_target = self._open_target  # type: ignore[method-assign]
         self.run(self.gw.prepare())
         self.session = self.gw.new_session()

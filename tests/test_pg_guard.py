@@ -413,3 +413,15 @@ def test_clients_asking_for_a_primary_are_told_it_accepts_writes(kt: Keyturn) ->
             assert c.execute(sql).fetchone() == ("off",)
             assert c.execute(sql, prepare=True).fetchone() == ("off",)
     assert psql(kt, "SHOW transaction_read_only").stdout.strip() == "off"
+
+
+def test_a_query_inside_a_batch_with_write_access_runs_guarded(
+        kt: Keyturn, tables: None, pg: LocalPostgres) -> None:
+    """A simple Query sent inside an unfinished extended batch runs in the batch's
+    transaction on the server: a batch whose only bound statement is an allowed write
+    must not lend its write access to what the Query runs."""
+    with RawConn(kt.dsn("alice")) as r:
+        answers = r.run(P("", "INSERT INTO guard_ok VALUES (5)"), B("", ""), E(),
+                        Q("SELECT hidden_write()"), S())
+        assert READ_ONLY in [e["C"] for e in errors(answers)]
+        assert not errors(r.run(Q("SELECT 1")))

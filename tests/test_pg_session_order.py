@@ -176,3 +176,66 @@ def test_a_client_that_reads_its_large_rows_is_not_counted(pb: PgPlaybook) -> No
     assert pb.session not in pb.gw.row_buffers
     pb.target_sends(msg(b"C", b"SELECT 1\0") + msg(b"Z", b"I"))
     assert types(pb.client_gets(2)) == ["C", "Z"]
+
+
+def test_a_statement_whose_records_cannot_be_written_is_not_sent(pb: PgPlaybook) -> None:
+    """Write-ahead: when the intent record cannot reach the spool file (a full disk),
+    the statement must not reach the target; the session ends with the refusal and the
+    spool refuses new statements until it can write again."""
+    spool = pb.spool
+    real = spool._fh
+
+    class FullDisk:  # the spool file on a full disk: every write fails as the OS says
+        def write(self, data: bytes) -> int:
+            raise OSError(28, "No space left on device")
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+    spool._fh = FullDisk()
+    try:
+        pb.client_sends(codec.encode_query("SELECT 1"))
+        got = pb.client_gets(1)
+        assert types(got) == ["E"] and b"58030" in got[0].body
+        assert b"No space left on device" in got[0].body
+        assert pb.session.closed
+        assert not pb.target.data, "nothing reached the target"
+        assert not spool.accepting and spool.refusal is not None
+    finally:
+        spool._fh = real
+
+
+def test_a_prepared_statement_no_longer_allowed_is_refused_at_bind(tmp_path: Path) -> None:
+    """The server plans again at Bind (folding immutable functions): once the catalog
+    says a prepared statement runs user code the policy does not allow, its Bind is
+    refused before it is sent."""
+    from keyturn.analysis.pgcatalog import TargetCatalog
+
+    harmless = TargetCatalog.from_rows(user="app", search_path=None, views=[
+        ("public", "rep", "SELECT 'x'::text AS v", "v")])
+    evil = TargetCatalog.from_rows(
+        user="app", search_path=None,
+        routines=[("public", "evil", "f", "i", "plpgsql", False, None)],
+        views=[("public", "rep", "SELECT public.evil() AS v", "v")])
+    current = [harmless]
+    pb = PgPlaybook(CONFIG, tmp_path, catalog_reader=lambda _c: current[0])
+    try:
+        pb.login()
+        pb.client_sends(codec.encode_parse("s1", "SELECT v FROM rep") + codec.encode_bind(
+            "", "s1") + codec.encode_execute("", 0) + codec.encode_sync())
+        assert types(pb.target_gets(4)) == ["P", "B", "E", "S"]
+        pb.target_sends(msg(b"1") + msg(b"2") + msg(b"C", b"SELECT 0\0") + msg(b"Z", b"I"))
+        assert types(pb.client_gets(4)) == ["1", "2", "C", "Z"]
+        current[0] = evil  # the DBA changed the view; the gateway reads the catalog again
+        pb.call(pb.gw.catalogs.refresh, pb.session.conn)
+        pb.run(asyncio.sleep(0.3))
+        pb.client_sends(codec.encode_bind("", "s1") + codec.encode_execute("", 0) +
+                        codec.encode_sync())
+        sent = pb.target_gets(4)  # the gateway's failing statement and the Sync, no Bind
+        assert not any(m.type == b"B" and b"s1" in m.body for m in sent)
+        pb.target_sends(codec.encode_error("ERROR", "22P02", "x") + msg(b"Z", b"I"))
+        got = pb.client_gets(2)
+        assert types(got) == ["E", "Z"] and b"42501" in got[0].body
+        assert b"user-defined code" in got[0].body
+    finally:
+        pb.close()

@@ -1260,8 +1260,36 @@ def _object_names(obj: Any) -> list[str]:
     return []
 
 
+#: Statements that may change what existing relations, types or operators run in ways
+#: not followed by name (a table gains a parent's readers, an operator family a member,
+#: a type new I/O, an extension anything): they define ANY_OBJECT, so every session of
+#: the target judges its statements as if the catalog were unread until it is read again.
+_CHANGES_ANYTHING = frozenset({
+    "AlterTableStmt", "CreateStatsStmt", "CreateOpClassStmt", "CreateOpFamilyStmt",
+    "AlterOpFamilyStmt", "AlterDomainStmt", "AlterTypeStmt", "AlterEnumStmt",
+    "CreateConversionStmt", "CreateExtensionStmt", "AlterExtensionStmt",
+    "AlterExtensionContentsStmt", "CreateAmStmt", "CreateFdwStmt", "AlterFdwStmt",
+    "CreateForeignServerStmt", "AlterForeignServerStmt", "CreateForeignTableStmt",
+    "CreateUserMappingStmt", "AlterUserMappingStmt", "AlterFunctionStmt",
+    "CreateTransformStmt", "CreateEventTrigStmt", "AlterEventTrigStmt",
+    "AlterTSConfigurationStmt", "AlterTSDictionaryStmt", "CreatePLangStmt", "GrantStmt",
+    "AlterRoleSetStmt", "AlterDatabaseSetStmt", "AlterSystemStmt", "AlterOwnerStmt",
+    "AlterDefaultPrivilegesStmt", "DefineStmt", "CreateRangeStmt", "CreateEnumStmt",
+    "AlterOperatorStmt", "AlterCollationStmt", "CreateCastStmt"})
+#: What a statement of _CHANGES_ANYTHING defines.
+ANY_OBJECT: Ref = ("*", "", "*")
+
+
 def _defined(kind: str, body: dict[str, Any]) -> list[Ref]:
     """The catalog objects a statement creates or changes (see Statement.defines)."""
+    found = _defined_by_name(kind, body)
+    if kind in _CHANGES_ANYTHING or (kind == "CreateStmt" and (
+            body.get("inhRelations") or body.get("partbound"))):
+        found.append(ANY_OBJECT)
+    return found
+
+
+def _defined_by_name(kind: str, body: dict[str, Any]) -> list[Ref]:
     if kind == "CreateFunctionStmt":
         return [("f", *_split(_names(body.get("funcname"))))]
     if kind == "DefineStmt":
@@ -1294,7 +1322,7 @@ def _defined(kind: str, body: dict[str, Any]) -> list[Ref]:
 _DEFINING = frozenset({"CreateFunctionStmt", "DefineStmt", "ViewStmt", "RuleStmt",
                        "CreateTrigStmt", "IndexStmt", "AlterTableStmt", "CreatePolicyStmt",
                        "AlterPolicyStmt", "CreateCastStmt", "CreateDomainStmt", "RenameStmt",
-                       "AlterObjectSchemaStmt"})
+                       "AlterObjectSchemaStmt", "CreateStmt"}) | _CHANGES_ANYTHING
 _CAMEL = re.compile(r"[A-Z]+(?![a-z])|[A-Z][a-z]*")
 
 

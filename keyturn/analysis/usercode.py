@@ -343,15 +343,21 @@ def resolve(an: Analyzer, st: Statement, catalog: TargetCatalog | None, scope: S
     """``st`` judged by what runs on the target (see the module docstring)."""
     if catalog is None and scope.unavailable is None:
         scope = dataclasses.replace(scope, unavailable="not read yet")
-    hooked = catalog is not None and bool(catalog.hooks) and \
-        st.command.upper() not in _NO_EXPRESSIONS
-    if not st.refs and not st.tables and not st.unqualified and not hooked:
+    evaluates = st.command.upper() not in _NO_EXPRESSIONS
+    hooked = catalog is not None and bool(catalog.hooks) and evaluates
+    changed = evaluates and depth == 0 and any(k == "*" for k, _ in scope.created)
+    if not st.refs and not st.tables and not st.unqualified and not hooked and not changed:
         return st
     j = _Judgement(an, catalog, scope, depth)
     j.refs(st)
     j.relations(st)
     if hooked:
         j.hooks()
+    if changed:
+        j.findings.append((an.unknown_function_class,
+                           "a statement just changed this target's catalog in a way keyturn "
+                           "does not follow by name (ALTER TABLE, an operator class, an "
+                           "extension...), and keyturn has not read it again yet"))
     if not j.findings and not j.tables and not j.functions and not j.opaque:
         return st
     cls = riskiest([st.cls, *(f[0] for f in j.findings)], C.UNKNOWN)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from keyturn.analysis.pgcatalog import TargetCatalog
-from keyturn.analysis.postgres import Statement, StatementClass
+from keyturn.analysis.postgres import ANY_OBJECT, Statement, StatementClass
 from keyturn.analysis.usercode import Scope, resolve
 from keyturn.config import Connection
 from proxies.postgres.register import target_of
@@ -447,6 +447,11 @@ class _Defined:
     texts: tuple[str, ...]
     owner: weakref.ReferenceType[ClientSession]
     after: int | None = None
+    # Whether it counts yet: a change of anything (ANY_OBJECT) counts once the statement
+    # was sent (``sent``), not while it is held for review or if it was refused; for
+    # other sessions once what ends its transaction was sent (``visible``).
+    active: bool = True
+    visible: bool = True
 
 
 @dataclass
@@ -462,11 +467,22 @@ class _Target:
     read_at: float = 0.0  # time.monotonic() when the newest completed read began
 
 
+def _counts(d: _Defined, key: tuple[str, str], session: ClientSession) -> bool:
+    """Whether a change counts for ``session``'s statements: a change by name from the
+    moment it was decided; a change of anything (ANY_OBJECT) once sent, for its own
+    session at once, for the others once its session was idle again (committed: until
+    then no other transaction can see it) and until the catalog was read after that."""
+    if key[0] != "*":
+        return True
+    return d.active and (d.visible or d.after is not None or d.owner() is session)
+
+
 def _idle(session: ClientSession | None) -> bool:
     """Nothing in flight and no transaction open (or gone): what it did has committed or
     was rolled back."""
-    return session is None or session.closed or (session.tx_status == "I" and
-                                                 not session.expect)
+    return session is None or session.closed or (
+        session.tx_status == "I" and not session.expect and not session.holding
+        and session.held_ticket is None)
 
 
 class Catalogs:
@@ -580,10 +596,13 @@ class Catalogs:
                              sum(map(len, catalog.operators.values())),
                              len(catalog.types), sum(map(len, catalog.relations.values())))
                 target.done = covers
-                for key in [k for k, d in target.defined.items()
-                            if d.after is not None and d.after <= covers]:
+                settled = [k for k, d in target.defined.items()
+                           if d.after is not None and d.after <= covers]
+                for key in settled:
                     del target.defined[key]
-                if changed:
+                if changed or any(k[0] == "*" for k in settled):
+                    # (A change of anything judged statements as if unread: those
+                    # verdicts go with it.)
                     self._forget_verdicts(conn)
         finally:
             target.task = None
@@ -606,10 +625,41 @@ class Catalogs:
         self._settle_defined(conn, target)
         self._note(session, conn, target, statements)
         scope = Scope(schemas=frozenset(session.schemas),
-                      created={k: d.texts for k, d in target.defined.items()},
+                      created={k: d.texts for k, d in target.defined.items()
+                               if _counts(d, k, session)},
                       unavailable=target.error if target.catalog is None else None)
         return tuple(resolve(session.analyzer, st, target.catalog, scope)
                      for st in statements)
+
+    def sent(self, session: ClientSession, *, ends: bool) -> None:
+        """The session sent a statement that may change anything in its target's catalog
+        (see ANY_OBJECT), or, after one, a statement that ends its transaction (``ends``:
+        also a statement outside a transaction block, which commits at once). From then
+        until the catalog is read again after the session is idle, the session's own
+        statements, and once the change may be committed every other session's, are
+        judged as if the catalog were unread (keyturn.analysis.usercode)."""
+        assert session.conn is not None
+        target = self._target(session.conn)
+        entry = target.defined.get(("*", session.session_id))
+        if entry is None or (entry.active and (entry.visible or not ends)):
+            return
+        entry.active = True
+        entry.after = None
+        entry.visible = entry.visible or ends
+        session.changed_catalog = True  # see idle()
+        self._forget_verdicts(session.conn)
+        session.forget_verdicts()
+
+    def idle(self, session: ClientSession) -> None:
+        """A session that sent a change of anything is idle again (its transaction
+        ended): from now the change counts for every session of the target, so no
+        verdict memoised before may stand (the compiled fast path reads the same memos)."""
+        assert session.conn is not None
+        target = self._target(session.conn)
+        entry = target.defined.get(("*", session.session_id))
+        if entry is not None and entry.active and entry.after is None:
+            self._settle_defined(session.conn, target)
+            self._forget_verdicts(session.conn)
 
     def _settle_defined(self, conn: Connection, target: _Target) -> None:
         """Objects whose session is idle again are in the next re-read: ask for it."""
@@ -625,6 +675,13 @@ class Catalogs:
         for st in statements:
             texts = (st.text,) if st.command in ("CREATE VIEW", "CREATE RULE") else ()
             for kind, _schema, name in st.defines:
+                if (kind, _schema, name) == ANY_OBJECT:
+                    key = ("*", session.session_id)
+                    if key not in target.defined:
+                        target.defined[key] = _Defined((), weakref.ref(session),
+                                                       active=False, visible=False)
+                    session.changes_anything = True
+                    continue
                 old = target.defined.get((kind, name))
                 grew = grew or old is None
                 target.defined[(kind, name)] = _Defined(

@@ -84,6 +84,12 @@ class ReadOnlyGuard(SessionState):
             if t == b"S":
                 complete = True
                 break
+            if t == b"Q":
+                # A simple Query inside the batch runs in its transaction: what it holds
+                # is judged by the Query's own plan, so the batch is made explicit (its
+                # reads then run in the read-only savepoint).
+                guarded = True
+                break
             if t == b"P":
                 p = codec.decode_parse(m.body)
                 parsed[_pkey(p.name)] = self.analyzer.analyze(p.query)

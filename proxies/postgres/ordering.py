@@ -15,10 +15,14 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
 from proxies.postgres import codec
 from proxies.postgres.codec import Message
 from proxies.postgres.state import _AMBIGUOUS, Expect, SessionState, _error_at, _rows, _splice
+
+if TYPE_CHECKING:
+    from proxies.postgres.session import ClientSession
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +241,9 @@ class ResponseRelay(SessionState):
             self._guard_sync()
             if self.closed:
                 return _STOP
+            if self.changed_catalog and self.tx_status == "I":
+                self.changed_catalog = False
+                self.gw.catalogs.idle(cast("ClientSession", self))
         return _COMPLETED
 
     def _on_complete(self, sp: Splice, head: Expect, t: bytes, start: int, end: int) -> int:

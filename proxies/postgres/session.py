@@ -41,6 +41,7 @@ from keyturn.analysis.postgres import (
     Statement,
     fast_shape,
 )
+from keyturn.auditspool import AuditUnwritable
 from keyturn.policy import Decision
 from proxies.postgres import codec, guard, settings
 from proxies.postgres.auth import ScramServer
@@ -263,6 +264,10 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         self.unsent = False
         self._intent_prefix: bytes | None = None
         self.closed = False
+        # A statement decided here may change anything in the target's catalog
+        # (catalog.Catalogs.sent, called when such a statement is sent).
+        self.changes_anything = False
+        self.changed_catalog = False  # it sent such a statement: see Catalogs.idle
         self.terminating = False
         self.connected_at = time.time()
         self.client_ip = ""  # the address alone: login throttling counts per address
@@ -309,7 +314,12 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             self.fatal("XX000", "keyturn: internal error in the gateway (see its log)")
 
     def fast_failed(self, exc: BaseException) -> None:
-        """The client relay's fast path raised (see _install_relays): as data_received."""
+        """The client relay's fast path raised (see _install_relays): as data_received.
+        The write-ahead records it appended could not be written: nothing was sent."""
+        if isinstance(exc, AuditUnwritable):
+            log.error("session %s: %s", self.session_id, exc)
+            self.fatal("58030", str(exc))
+            return
         log.error("session %s failed", self.session_id, exc_info=exc)
         self.fatal("XX000", "keyturn: internal error in the gateway (see its log)")
 
@@ -452,7 +462,13 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         has a record even if this process is killed right after."""
         if self.unsent:
             self.unsent = False
-            self.gw.audit_spool.flush_ahead()
+            try:
+                self.gw.audit_spool.flush_ahead()
+            except AuditUnwritable as exc:
+                # Their records are not on disk: none of it goes to the target.
+                log.error("session %s: %s", self.session_id, exc)
+                self.fatal("58030", str(exc))
+                return
         assert self.upstream is not None
         self.upstream.write(data)
 
@@ -483,8 +499,15 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                 self._refuse_own_name(pkey if pkey.lower().startswith(_OWN_PREFIX) else skey,
                                       out)
                 return True
-            self.portals[pkey] = (skey, body)
             target = self._bind_target(skey)
+            if target is not None and target is not _AMBIGUOUS and \
+                    target.analysis is not None and target.analysis.statements and \
+                    target.analysis.error is None and \
+                    self._refuse_parse(target.sql, target.analysis, out):
+                # The server plans again at Bind (folding immutable functions): a
+                # statement that runs user code and is no longer allowed stops here.
+                return True
+            self.portals[pkey] = (skey, body)
             self.bound[pkey] = (body, target)
             if not self.batch_rw and not self.txs.block and target is not None \
                     and target is not _AMBIGUOUS and self._grant_classes(target.analysis)[0]:
@@ -848,6 +871,14 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         self.gw.audit_spool.write_line(
             self._intent_prefix_bytes() + orjson.dumps(rec, default=str, option=_LINE)[1:])
         self.unsent = True
+        if self.changes_anything or self.changed_catalog:
+            # A statement that may change anything in the catalog (or what ends its
+            # transaction, making the change visible to others) is about to be sent.
+            self.changes_anything = False
+            analysis = ctx.analysis
+            ends = not self.txs.block or (analysis is not None and any(
+                "end" in st.facts for st in getattr(analysis, "statements", ())))
+            self.gw.catalogs.sent(self, ends=ends)
 
     def _intent_prefix_bytes(self) -> bytes:
         """The fields every intent record of this session shares, serialised once."""

@@ -269,6 +269,8 @@ class SessionState:
     unsent: bool
     _intent_prefix: bytes | None
     closed: bool
+    changes_anything: bool
+    changed_catalog: bool
     terminating: bool
     connected_at: float
     client_ip: str
