@@ -10,6 +10,7 @@ Nothing here may outlive a benchmark or listen anywhere but 127.0.0.1.
 
 from __future__ import annotations
 
+import argparse
 import os
 import pwd
 import re
@@ -21,7 +22,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -268,9 +269,11 @@ class KeyturnProcess:
 
     def __init__(self, ws: Workspace, pg: LocalPostgres, dbname: str, policy: str, *,
                  portal: bool, store_url: str | None = None, name: str = "keyturn",
-                 connection_extra: str = "", checkout: Path | None = None):
+                 connection_extra: str = "", checkout: Path | None = None,
+                 portal_extra: str = ""):
         """``checkout``: run the Keyturn of another source tree (a worktree at another
-        commit, its extension built in place) instead of this one."""
+        commit, its extension built in place) instead of this one. ``portal_extra``: more
+        lines for the ``portal:`` section (indented by two spaces)."""
         self.ws = ws
         self.dir = ws.base / name
         self.dir.mkdir()
@@ -287,7 +290,7 @@ class KeyturnProcess:
         if store_url:
             self.env[self.STORE_ENV] = store_url
         store = f"url_env: {self.STORE_ENV}" if store_url else "url: sqlite:///keyturn.db"
-        portal_cfg = (f"portal:\n  listen: 127.0.0.1:{self.portal_port}\n"
+        portal_cfg = (f"portal:\n  listen: 127.0.0.1:{self.portal_port}\n{portal_extra}"
                       if portal else "")
         self.config = self.dir / "keyturn.yaml"
         self.config.write_text(textwrap.dedent(f"""\
@@ -377,6 +380,34 @@ class KeyturnProcess:
         progress(f"gateway log {self.log_path}: {len(problems)} error lines/tracebacks:")
         for key, count in sorted(groups.items(), key=lambda kv: -kv[1])[:10]:
             print(f"    {count:>6} x {key[:250]}")
+
+
+def run_script(main: Callable[[], int]) -> None:
+    """A benchmark's entry point: its exit status; Ctrl-C exits 130 (Workspace cleans up)."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def store_arguments(doc: str, n: int, n_help: str) -> argparse.ArgumentParser:
+    """The options the per-store latency benchmarks share: -n, --stores, --keep."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("-n", type=int, default=n, help=n_help)
+    ap.add_argument("--stores", default="sqlite,postgres")
+    ap.add_argument("--keep", action="store_true", help="keep the temp directory (logs)")
+    return ap
+
+
+def finish(kt: KeyturnProcess, *workers: subprocess.Popen) -> None:
+    """End a store's run: the helper processes (their stdin closed: they exit at EOF), then
+    Keyturn, then its log's problems."""
+    for worker in workers:
+        if worker.stdin is not None:
+            worker.stdin.close()
+        stop_process(worker)
+    kt.stop()
+    kt.report_log()
 
 
 def approver_worker(ws: Workspace, kt: KeyturnProcess, user: str, *extra: str

@@ -26,8 +26,6 @@ Targets (issue): p99 <= 50 ms with the PostgreSQL store, <= 250 ms with SQLite.
 
 from __future__ import annotations
 
-import argparse
-import sys
 import threading
 import time
 
@@ -38,11 +36,13 @@ from _common import (
     KeyturnProcess,
     Workspace,
     approver_worker,
+    finish,
     machine_line,
     percentile,
     print_table,
     progress,
-    stop_process,
+    run_script,
+    store_arguments,
 )
 
 TARGET_P99_MS = {"postgres": 50.0, "sqlite": 250.0}
@@ -109,20 +109,14 @@ def run_store(ws: Workspace, pg, store: str, layout: str, n: int) -> dict[str, l
             if i % 10 == 0 or i == n:
                 progress(f"[{name}] {i}/{n} released; last {lat_returned[-1]:.1f} ms after "
                          "the approve returned")
-    worker.stdin.close()
-    stop_process(worker)
-    kt.stop()
-    kt.report_log()
+    finish(kt, worker)
     return {"returned": lat_returned, "sent": lat_sent}
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("-n", type=int, default=50, help="held statements per store")
-    ap.add_argument("--stores", default="sqlite,postgres")
+    ap = store_arguments(__doc__, 50, "held statements per store")
     ap.add_argument("--layout", choices=("up", "split", "both"), default="up",
                     help="keyturn up (default), gateway and portal as two processes, or both")
-    ap.add_argument("--keep", action="store_true", help="keep the temp directory (logs)")
     args = ap.parse_args()
     stores = [s.strip() for s in args.stores.split(",") if s.strip()]
     print(f"machine: {machine_line()}")
@@ -158,7 +152,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_script(main)

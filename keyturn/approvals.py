@@ -16,13 +16,17 @@ Rules enforced here and nowhere else:
   requester (``binding``) and is claimed to run exactly once.
 
 This module must not know about sockets or protocols. Decisions are
-announced through ``on_change`` (the bus), called after commit.
+announced through ``on_change`` (the bus), called after commit; every timeline
+event (votes and notes too) is told to ``observers`` after commit (the live
+change feed, keyturn.feed) and, with PostgreSQL, NOTIFYed on
+``keyturn_ticket_events`` when no status change announces it already.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +46,8 @@ from keyturn.errors import (
 from keyturn.identity import Identity
 from keyturn.models import GatewayInstance, Ticket, TicketEvent, Vote
 from keyturn.store import Store
+
+log = logging.getLogger(__name__)
 
 PENDING, APPROVED, REJECTED, EXPIRED, CANCELLED, EXECUTED, FAILED, ABANDONED = (
     "pending", "approved", "rejected", "expired", "cancelled", "executed", "failed",
@@ -149,6 +155,8 @@ class Approvals:
         self.store = store
         self.on_change = on_change or (lambda _id, _status: None)
         self.audit = audit or (lambda **_: None)
+        # Told (ticket id, event kind) after commit of every timeline event: live surfaces.
+        self.observers: list[Callable[[int, str], None]] = []
         # This process's gateway instance (keyturn.liveness), stamped on the tickets it
         # creates: when the instance dies, they are abandoned. None: not a gateway.
         self.instance_id: str | None = None
@@ -218,6 +226,7 @@ class Approvals:
                               detail={"rule": req.rule, "mode": req.mode}))
             self._announce(s, t.id, PENDING)
         self.on_change(t.id, PENDING)
+        self._observed(t.id, "created")
         return t
 
     def _lock(self, s: Any, ticket_id: int) -> Ticket:
@@ -225,6 +234,19 @@ class Approvals:
         if t is None:
             raise NotFound(f"no ticket {ticket_id}")
         return t
+
+    def _observed(self, ticket_id: int, kind: str) -> None:
+        for observer in self.observers:
+            try:
+                observer(ticket_id, kind)
+            except Exception:  # a display must never undo or fail a committed change
+                log.exception("ticket observer %r failed", observer)
+
+    def _announce_event(self, s: Any, ticket_id: int, kind: str) -> None:
+        # Votes and notes change no status, so the decision bus's channel stays quiet.
+        if not self.store.is_sqlite:
+            s.execute(text("SELECT pg_notify('keyturn_ticket_events', :p)"),
+                      {"p": f"{ticket_id}:{kind}"})
 
     def _announce(self, s: Any, ticket_id: int, status: str) -> None:
         # With PostgreSQL the notification is delivered at commit, atomically with the change.
@@ -291,6 +313,7 @@ class Approvals:
                                        ticket=t.id) from None
                 s.add(TicketEvent(ticket_id=t.id, at=now, kind=f"vote:{vote}", actor=ident.user,
                                   detail={"comment": comment, "via": via}))
+                self._announce_event(s, t.id, f"vote:{vote}")
                 approvals = s.scalar(select(func.count()).select_from(Vote).where(
                     Vote.ticket_id == t.id, Vote.vote == "approve")) or 0
                 decided = False
@@ -312,6 +335,7 @@ class Approvals:
         t = self.get(ticket_id)
         if expired:
             self.on_change(t.id, t.status)
+            self._observed(t.id, EXPIRED)
             self.audit(kind="ticket", user=None, connection=t.connection,
                        protocol=t.protocol, ticket_id=t.id, outcome=EXPIRED,
                        statement=t.statement)
@@ -321,6 +345,7 @@ class Approvals:
                    statement=t.statement, detail={"via": via})
         if decided:
             self.on_change(t.id, t.status)
+        self._observed(t.id, f"vote:{vote}")
         return VoteResult(t, decided, approvals, t.min_approvals)
 
     def finish(self, ticket_id: int, event: str, *, actor: str | None = None,
@@ -345,13 +370,14 @@ class Approvals:
                                                         ("error", error)) if v is not None}))
             self._announce(s, t.id, nxt)
         self.on_change(ticket_id, nxt)
+        self._observed(ticket_id, nxt)
         return self.get(ticket_id)
 
     def note(self, ticket_id: int, kind: str, actor: str | None = None,
              detail: dict[str, Any] | None = None, *, now: float | None = None) -> TicketEvent:
         """Add a timeline event that is not a transition (e.g. "notified": the ticket
-        reached a chat channel). The ticket's status is untouched and nobody is
-        woken: waiters and listeners care about status changes only."""
+        reached a chat channel). The ticket's status is untouched and no hold is
+        woken (waiters care about status changes only); live surfaces are told."""
         if kind in NOTE_KINDS_RESERVED or kind.startswith("vote:"):
             raise ValueError(f"{kind!r} is a ticket transition, not a note")
         now = time.time() if now is None else now
@@ -362,7 +388,9 @@ class Approvals:
                              detail=dict(detail or {}))
             s.add(ev)
             s.flush()
-            return ev
+            self._announce_event(s, ticket_id, kind)
+        self._observed(ticket_id, kind)
+        return ev
 
     def claim(self, ticket_id: int, binding: str, *, now: float | None = None) -> bool:
         """Take an approved ticket to run its statement exactly once."""

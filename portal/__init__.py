@@ -72,6 +72,7 @@ def create_app(services: Services, config: dict[str, Any] | None = None) -> Flas
         filters,
         history,
         htmx,
+        live,
         queue,
         security,
         tickets,
@@ -84,6 +85,7 @@ def create_app(services: Services, config: dict[str, Any] | None = None) -> Flas
     filters.init_app(app)
     auth.init_app(app)
     errors.init_app(app)
+    live.init_app(app)
     app.register_blueprint(api_bp)
     for module in (auth, queue, tickets, history, auditview, export, tokens, chatlinks,
                    configview, dashboard):

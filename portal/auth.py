@@ -18,6 +18,7 @@ from typing import Any
 from flask import (
     Blueprint,
     Flask,
+    Response,
     abort,
     current_app,
     redirect,
@@ -160,6 +161,9 @@ def sso_callback():  # type: ignore[no-untyped-def]
 def _unauthorized() -> Any:
     from portal.htmx import is_htmx, redirect_to
 
+    if request.blueprint == "live":
+        # An event stream cannot follow a redirect to a sign-in form: say it plainly.
+        return Response("Sign in to follow live updates.\n", 401, mimetype="text/plain")
     target = url_for("auth.login", next=request.full_path.rstrip("?"))
     if is_htmx():
         return redirect_to(target)

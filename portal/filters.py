@@ -1,4 +1,5 @@
-"""Template filters: times as people read them (UTC, ages, time left).
+"""Template filters: times as people read them (UTC, ages, time left), and the
+ticket's words from keyturn.wording (the same on every surface).
 
 They must not do I/O.
 """
@@ -11,6 +12,7 @@ from typing import Any
 
 from flask import Flask
 
+from keyturn.wording import Sentence, chat_place, decision, event_sentence, execution, outcome
 from portal.statements import one_line, render_statement
 
 
@@ -51,23 +53,21 @@ def left(ts: float | None) -> str:
     return span(remaining) if remaining > 0 else "due"
 
 
-PLATFORMS = {"slack": "Slack", "teams": "Teams"}
+def sentence(event: dict[str, Any]) -> Sentence:
+    """A timeline event (``Approvals.detail``'s ``events``) as a sentence."""
+    return event_sentence(event["kind"], event.get("actor"), event.get("detail"))
 
 
-def chat_place(detail: dict[str, Any] | None) -> str:
-    """Where a "notified" event went: ``Slack #approvals``, ``Teams 19:abc@thread``.
-    Slack channels read with a ``#`` as people know them; Teams conversation ids
-    are shown as they are (they have no short name we could know)."""
-    detail = detail or {}
-    platform = str(detail.get("platform") or "chat")
-    channel = str(detail.get("channel") or "").strip()
-    name = PLATFORMS.get(platform, platform)
-    if platform == "slack" and channel and not channel.startswith("#"):
-        channel = f"#{channel}"
-    return f"{name} {channel}".strip()
+def capitalize_first(text: str) -> str:
+    """"approved by dana" -> "Approved by dana" (Jinja's capitalize lowers the rest)."""
+    return text[:1].upper() + text[1:]
 
 
 def init_app(app: Flask) -> None:
     app.jinja_env.filters.update(when=when, iso=iso, age=age, left=left, span=span,
                                  sql=render_statement, one_line=one_line,
-                                 chat_place=chat_place)
+                                 chat_place=chat_place, sentence=sentence, outcome=outcome,
+                                 decision=decision, execution=execution,
+                                 capitalize_first=capitalize_first)
+    # The server's clock, for the pages' countdowns (static/live.js).
+    app.jinja_env.globals["server_now"] = time.time

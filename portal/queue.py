@@ -1,8 +1,9 @@
 """The pending queue (approvers, managers) and "my requests" (everyone).
 
-Both update live: the list is an HTMX fragment of its page that polls every
-couple of seconds, so tickets created or decided anywhere (gateway, CLI,
-chat, another browser) appear and disappear without a reload.
+Both update live: the list is an HTMX fragment of its page that the page asks
+for again whenever its event stream (portal.live) says a ticket changed, so
+tickets created or decided anywhere (gateway, CLI, chat, another browser)
+appear and disappear within a second, without a reload.
 
 It must not write anything; decisions are made on the ticket page.
 """
@@ -18,7 +19,6 @@ from portal.htmx import is_htmx, page_or_block
 from portal.roles import ADMIN, APPROVER, AUDITOR, MANAGER, require, viewer
 
 bp = Blueprint("queue", __name__)
-POLL = "every 2s"
 
 
 def services() -> Services:
@@ -54,7 +54,7 @@ def pending():  # type: ignore[no-untyped-def]
     rules = [] if is_htmx() else queries.distinct_values(svc.store, Ticket.rule)
     return page_or_block(
         "queue.html", "queue_list", tickets=rows, can_decide=decide, voted=voted, filters=f,
-        age=a.get("age", ""), poll=POLL, connections=sorted(svc.config.connections),
+        age=a.get("age", ""), connections=sorted(svc.config.connections),
         rules=rules, requesters=sorted(svc.config.users))
 
 
@@ -62,4 +62,4 @@ def pending():  # type: ignore[no-untyped-def]
 @require()
 def mine():  # type: ignore[no-untyped-def]
     rows = queries.mine(services().store, viewer().user)
-    return page_or_block("mine.html", "mine_list", tickets=rows, poll=POLL)
+    return page_or_block("mine.html", "mine_list", tickets=rows)

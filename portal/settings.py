@@ -44,12 +44,14 @@ class PortalSettings:
     # None: Secure cookies exactly when public_url is https.
     cookie_secure: bool | None = None
     oidc: OidcSettings | None = None
+    # Open live pages (Server-Sent Events streams) per portal process; past it, polling.
+    live_clients: int = 100
 
 
 def _portal(check: Checker, value: Any, config: Config) -> PortalSettings:
     p = check.mapping(value, ("portal",), {"listen", "public_url", "secret_key_env",
                                            "secret_key_file", "roles", "session_lifetime",
-                                           "cookie_secure", "oidc"})
+                                           "cookie_secure", "oidc", "live_clients"})
     listen = check.listener(p["listen"], ("portal", "listen")) if "listen" in p else \
         Listener("127.0.0.1", 8080)
     url = p.get("public_url") or f"http://{listen.host}:{listen.port}"
@@ -61,9 +63,12 @@ def _portal(check: Checker, value: Any, config: Config) -> PortalSettings:
     secure = p.get("cookie_secure")
     if secure is not None and not isinstance(secure, bool):
         raise check.err(("portal", "cookie_secure"), "expected true or false")
+    clients = p.get("live_clients", 100)
+    if not isinstance(clients, int) or isinstance(clients, bool) or not 0 <= clients <= 10000:
+        raise check.err(("portal", "live_clients"), "expected an integer from 0 to 10000")
     return PortalSettings(listen, url.rstrip("/"), check.secret(p, "secret_key", ("portal",)),
                           groups["managers"], groups["auditors"], groups["admins"], lifetime,
-                          secure, _oidc(check, p.get("oidc")))
+                          secure, _oidc(check, p.get("oidc")), clients)
 
 
 def _oidc(check: Checker, value: Any) -> OidcSettings | None:

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, abort, current_app, request
+from flask import Blueprint, abort, current_app, make_response, request
 
-from keyturn.approvals import ABANDONED
+from keyturn.approvals import ABANDONED, PENDING
 from keyturn.errors import (
     AlreadyDecided,
     AlreadyVoted,
@@ -26,7 +26,10 @@ from keyturn.errors import (
 )
 from keyturn.models import Ticket
 from keyturn.services import Services
+from keyturn.wording import outcome
+from portal import queries
 from portal.htmx import is_htmx, page_or_block, render_block
+from portal.live import LIVE_STATUSES
 from portal.roles import require, viewer
 
 bp = Blueprint("tickets", __name__)
@@ -52,9 +55,14 @@ def _context(t: Ticket, **extra: Any) -> dict[str, Any]:
     svc = services()
     detail = svc.approvals.detail(t.id)
     v = viewer()
+    voted = t.id in queries.voted_by(svc.store, v.user, [t.id])
+    can_decide = (t.status == PENDING and not voted
+                  and svc.approvals.can_decide(v.identity, t))
     return {"t": t, "d": detail, "approvals": detail.get("approvals", 0),
-            "can_decide": t.status == "pending" and svc.approvals.can_decide(v.identity, t),
-            "is_requester": t.requester == v.user, "poll": "every 2s",
+            "can_decide": can_decide, "show_form": can_decide, "voted": voted,
+            "is_requester": t.requester == v.user, "live": t.status in LIVE_STATUSES,
+            # The page has the decision form open (its live updates must keep it).
+            "form_open": request.args.get("form") == "1",
             "version": f"{t.status}.{len(detail.get('events', []))}", **extra}
 
 
@@ -63,9 +71,15 @@ def _context(t: Ticket, **extra: Any) -> dict[str, Any]:
 def show(ticket_id: int):  # type: ignore[no-untyped-def]
     t = _visible_ticket(ticket_id)
     ctx = _context(t)
-    if is_htmx() and request.args.get("v") == ctx["version"]:
-        return "", 204  # nothing changed: keep what the person is typing
-    return page_or_block("ticket.html", "ticket_live", **ctx)
+    if not is_htmx():
+        return page_or_block("ticket.html", "ticket_main", **ctx)
+    if request.args.get("v") == ctx["version"]:
+        return "", 204  # nothing changed
+    # The status, and out of band the timeline (and a form the ticket outlived): never
+    # the form a person is typing in (see the ticket_live block).
+    resp = make_response(render_block("ticket.html", "ticket_live", oob=True, **ctx))
+    resp.headers["Vary"] = "HX-Request"
+    return resp
 
 
 @bp.post("/tickets/<int:ticket_id>/<any(approve, reject):vote>")
@@ -103,14 +117,13 @@ def decide(ticket_id: int, vote: str):  # type: ignore[no-untyped-def]
         except (AlreadyDecided, InvalidTransition):
             status, level = 409, "error"
             t = services().approvals.get(t.id)
-            who = f" by {t.decided_by}" if t.decided_by else ""
-            why = f" ({t.decision_comment})" if t.decision_comment else ""
+            why = f" (“{t.decision_comment}”)" if t.decision_comment else ""
             if t.status == ABANDONED:
                 message = (f"The requester's session ended before this ticket could run, so "
                            f"it was abandoned and nothing ran. Your {vote} was not recorded.")
             else:
                 message = (f"This ticket was already decided elsewhere a moment ago: "
-                           f"{t.status}{who}{why}. Your {vote} was not recorded.")
+                           f"{outcome(t)}{why}. Your {vote} was not recorded.")
     ctx = _context(t, message=message, level=level,
                    draft={"vote": vote, "text": text} if level == "error" else None)
     if is_htmx():

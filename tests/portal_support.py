@@ -153,6 +153,7 @@ def app_fixture(svc: Services) -> Iterator[Flask]:
     app = create_app(svc)
     app.config.update(TESTING=True)
     yield app
+    app.extensions["keyturn_live"].feed.stop()  # the live pages' reader thread
     svc.store.dispose()
 
 

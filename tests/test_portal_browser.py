@@ -47,8 +47,8 @@ LAPTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
+@pytest.fixture(scope="module", name="browser")
+def browser_fixture() -> Iterator[Any]:
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
                               args=["--no-sandbox", "--disable-dev-shm-usage"])
@@ -56,8 +56,8 @@ def browser() -> Iterator[Any]:
         b.close()
 
 
-@pytest.fixture(scope="module")
-def shots(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+@pytest.fixture(scope="module", name="shots")
+def shots_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     out = tmp_path_factory.mktemp("screenshots")
     yield out
     if os.environ.get("KEYTURN_SCREENSHOTS"):
@@ -105,7 +105,7 @@ def test_bob_approves_and_rejects_held_statements(browser: Any, live: Keyturn,
     psql = live.psql("alice", "DELETE FROM orders WHERE id = 7")
     try:
         row = page.locator("li.ticket-row").first
-        row.wait_for(timeout=20000)  # appears by itself: HTMX polling, no reload
+        row.wait_for(timeout=20000)  # appears by itself (server push), no reload
         assert page.evaluate("window.__noReload") is True
         assert "DELETE FROM orders" in row.inner_text()
         assert "you can decide" in row.inner_text()
@@ -116,7 +116,9 @@ def test_bob_approves_and_rejects_held_statements(browser: Any, live: Keyturn,
         focused = link.get_attribute("href")
         with page.expect_response(lambda r: "/queue" in r.url and
                                   r.request.headers.get("hx-request") == "true"):
-            pass
+            # the list refreshes when its event stream says so; ask as an event would
+            page.evaluate("htmx.trigger(document.querySelector('[data-live-poll]'), "
+                          "'live-poll')")
         page.wait_for_timeout(200)
         assert page.evaluate("document.activeElement.getAttribute('href')") == focused
         link.click()

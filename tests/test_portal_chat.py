@@ -54,14 +54,29 @@ def test_timeline_shows_where_the_ticket_was_notified(app: Flask, svc: Services)
     t = svc.approvals.get(tid)
     assert (t.status, t.decided_at) == ("pending", None)     # a note is not a transition
 
-    # The open page's poll sees the change and swaps in the new timeline.
+    # The open page's live update sees the change and swaps in the new timeline.
     live = bob.client.get(f"/tickets/{tid}?v={version}", headers={"HX-Request": "true"})
     assert live.status_code == 200
-    assert "<b>notified</b> in Slack #approvals" in live.text
-    assert "<b>notified</b> in Teams 19:ops@thread.tacv2" in live.text
+    assert "notified in Slack #approvals" in live.text
+    # A Teams conversation id is not a name a person knows: the platform is named alone.
+    assert "notified in Teams</span>" in live.text
+    assert "19:ops@thread" not in live.text
     page = bob.client.get(f"/tickets/{tid}").text
-    assert page.index("<b>created</b>") < page.index("in Slack #approvals") \
-        < page.index("in Teams 19:ops")
+    assert page.index("held for approval") < page.index("in Slack #approvals") \
+        < page.index("notified in Teams")
+
+
+def test_chat_places_read_as_names() -> None:
+    from keyturn.wording import chat_place
+
+    assert chat_place({"platform": "slack", "channel": "approvals"}) == "Slack #approvals"
+    assert chat_place({"platform": "slack", "channel": "#ops"}) == "Slack #ops"
+    assert chat_place({"platform": "slack", "channel": "C0APPROVALS"}) == "Slack"
+    assert chat_place({"platform": "slack", "channel": "C0APPROVALS",
+                       "channel_name": "approvals"}) == "Slack #approvals"
+    assert chat_place({"platform": "teams", "channel": "19:ops@thread.tacv2"}) == "Teams"
+    assert chat_place({"platform": "teams", "channel": "19:ops@thread.tacv2",
+                       "channel_name": "Ops approvals"}) == "Teams Ops approvals"
 
 
 def test_note_refuses_transition_kinds_and_unknown_tickets(svc: Services) -> None:

@@ -48,7 +48,7 @@ class Browserless:
             allow_redirects=False, timeout=10)
         assert r.status_code == 303, r.text
         body = self.http.get(f"{self.base}/queue", timeout=10).text
-        m = re.search(r'<body hx-headers=\'\{"X-CSRF-Token": "([^"]+)"\}\'>', body)
+        m = re.search(r'<body hx-ext="sse" hx-headers=\'\{"X-CSRF-Token": "([^"]+)"\}\'>', body)
         assert m, "the page carries the CSRF token for HTMX"
         self.csrf = m.group(1)
 
@@ -99,7 +99,7 @@ def test_queue_updates_live_and_approval_releases_psql(live: Keyturn) -> None:
     deadline = time.monotonic() + 10
     while "executed" not in bob.fragment(f"/tickets/{tid}") and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert "1 rows" in bob.fragment(f"/tickets/{tid}")
+    assert "executed: 1 row<" in bob.fragment(f"/tickets/{tid}")
 
 
 def test_rejection_reason_reaches_psql_and_my_requests(live: Keyturn) -> None:

@@ -49,11 +49,18 @@ def start_portal(services: Services) -> tuple[threading.Thread, Callable[[], Non
     from portal.settings import PORTAL
 
     listen = PORTAL.of(services.config).listen
-    server = make_server(listen.host, listen.port, create_app(services), threaded=True)
+    app = create_app(services)
+    server = make_server(listen.host, listen.port, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, name="portal", daemon=True)
     thread.start()
     log.info("portal and API on http://%s:%d", listen.host, server.port)
-    return thread, server.shutdown
+
+    def stop() -> None:
+        # Ends the live pages' streams first: each holds a server thread until it does.
+        app.extensions["keyturn_live"].feed.stop()
+        server.shutdown()
+
+    return thread, stop
 
 
 def _ingester_child_setup() -> None:
