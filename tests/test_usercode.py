@@ -9,6 +9,7 @@ import pytest
 
 from keyturn.analysis import Analyzer, Statement, StatementClass
 from keyturn.analysis.pgcatalog import TargetCatalog
+from keyturn.analysis.postgres import ANY_OBJECT
 from keyturn.analysis.usercode import MAX_DEPTH, Scope, resolve
 
 C = StatementClass
@@ -205,7 +206,14 @@ def test_statements_record_what_they_define() -> None:
     assert defines("CREATE RULE r AS ON INSERT TO t DO ALSO NOTIFY c") == (("r", "", "t"),)
     assert defines("ALTER FUNCTION f(int) RENAME TO upper") == (("f", "", "upper"),)
     assert defines("CREATE CAST (mytype AS int) WITH FUNCTION f(mytype)") == \
-        (("t", "", "mytype"),)
+        (("t", "", "mytype"), ANY_OBJECT)
+    # What changes existing relations or built-in types in ways not followed by name.
+    assert ANY_OBJECT in defines("CREATE CAST (date AS int) WITH FUNCTION f(date)")
+    assert ANY_OBJECT in defines("ALTER TABLE vault.kid INHERIT public.parent_t")
+    assert defines("CREATE TABLE kid () INHERITS (parent)") == (ANY_OBJECT,)
+    assert defines("CREATE OPERATOR CLASS c FOR TYPE box USING btree AS OPERATOR 1 <") == \
+        (ANY_OBJECT,)
+    assert defines("CREATE TABLE plain (id int)") == ()
     assert defines("SELECT 1") == ()
 
 

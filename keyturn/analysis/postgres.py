@@ -1274,8 +1274,8 @@ _CHANGES_ANYTHING = frozenset({
     "CreateTransformStmt", "CreateEventTrigStmt", "AlterEventTrigStmt",
     "AlterTSConfigurationStmt", "AlterTSDictionaryStmt", "CreatePLangStmt", "GrantStmt",
     "AlterRoleSetStmt", "AlterDatabaseSetStmt", "AlterSystemStmt", "AlterOwnerStmt",
-    "AlterDefaultPrivilegesStmt", "DefineStmt", "CreateRangeStmt", "CreateEnumStmt",
-    "AlterOperatorStmt", "AlterCollationStmt", "CreateCastStmt"})
+    "AlterDefaultPrivilegesStmt", "CreateRangeStmt", "CreateEnumStmt",
+    "AlterOperatorStmt", "AlterCollationStmt"})
 #: What a statement of _CHANGES_ANYTHING defines.
 ANY_OBJECT: Ref = ("*", "", "*")
 
@@ -1284,7 +1284,9 @@ def _defined(kind: str, body: dict[str, Any]) -> list[Ref]:
     """The catalog objects a statement creates or changes (see Statement.defines)."""
     found = _defined_by_name(kind, body)
     if kind in _CHANGES_ANYTHING or (kind == "CreateStmt" and (
-            body.get("inhRelations") or body.get("partbound"))):
+            body.get("inhRelations") or body.get("partbound"))) or kind == "CreateCastStmt":
+        # (A cast between built-in types may apply anywhere; a type named without a
+        # schema may be either.)
         found.append(ANY_OBJECT)
     return found
 
