@@ -239,3 +239,43 @@ def test_a_prepared_statement_no_longer_allowed_is_refused_at_bind(tmp_path: Pat
         assert b"user-defined code" in got[0].body
     finally:
         pb.close()
+
+
+def test_a_name_whose_change_failed_in_a_batch_is_never_bound(pb: PgPlaybook) -> None:
+    """After an error the server skips the rest of the batch: a Parse of an existing name
+    fails and a Close after it is skipped, so the name still holds its first statement,
+    not the failed Parse's. The gateway cannot tell which it holds from its own view of
+    the batch: the name is ambiguous and its Bind is refused before it is sent."""
+    pb.client_sends(codec.encode_parse("s", "SELECT 1") + codec.encode_sync())
+    assert types(pb.target_gets(2)) == ["P", "S"]
+    pb.target_sends(msg(b"1") + msg(b"Z", b"I"))
+    assert types(pb.client_gets(2)) == ["1", "Z"]
+    pb.client_sends(codec.encode_parse("s", "SELECT 2") + codec.encode_close("S", "s") +
+                    codec.encode_sync())
+    assert types(pb.target_gets(3)) == ["P", "C", "S"]
+    pb.target_sends(codec.encode_error("ERROR", "42P05", 'prepared statement "s" already '
+                                       "exists") + msg(b"Z", b"I"))
+    assert types(pb.client_gets(2)) == ["E", "Z"]
+    pb.client_sends(codec.encode_bind("", "s") + codec.encode_execute("", 0) +
+                    codec.encode_sync())
+    sent = pb.target_gets(4)  # the gateway's failing statement and the Sync: no Bind of s
+    assert not any(m.type == b"B" and m.body.split(b"\0")[1] == b"s" for m in sent)
+    pb.target_sends(codec.encode_error("ERROR", "22P02", "x") + msg(b"Z", b"I"))
+    got = pb.client_gets(2)
+    assert types(got) == ["E", "Z"] and b"cannot tell which definition" in got[0].body
+
+
+def test_a_name_prepared_by_sql_is_not_bound(pb: PgPlaybook) -> None:
+    """A protocol Bind of a name prepared with SQL PREPARE: the gateway did not see its
+    Parse, and the server plans at Bind: refused before it is sent."""
+    pb.client_sends(codec.encode_query("PREPARE sp1 AS SELECT 1"))
+    pb.target_gets(1)
+    pb.target_sends(msg(b"C", b"PREPARE\0") + msg(b"Z", b"I"))
+    assert types(pb.client_gets(2)) == ["C", "Z"]
+    pb.client_sends(codec.encode_bind("", "sp1") + codec.encode_execute("", 0) +
+                    codec.encode_sync())
+    sent = pb.target_gets(4)
+    assert not any(m.type == b"B" and b"sp1" in m.body for m in sent)
+    pb.target_sends(codec.encode_error("ERROR", "22P02", "x") + msg(b"Z", b"I"))
+    got = pb.client_gets(2)
+    assert types(got) == ["E", "Z"] and b"did not see the Parse" in got[0].body

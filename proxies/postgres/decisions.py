@@ -84,6 +84,11 @@ class Decisions(SessionState):
                     self.stmts[key] = entry.mine
             return
         self.fast_stmts.pop(key.encode("utf-8", "surrogateescape"), None)
+        if latest and self.stmts.get(key) is _AMBIGUOUS:
+            # An earlier change of the name in this batch failed, so this one was skipped
+            # after it: what it held before this one (the failed change's statement) is
+            # not what the server holds.
+            return
         if latest:
             if entry.prior is None:
                 self.stmts.pop(key, None)

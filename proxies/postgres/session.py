@@ -500,7 +500,19 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                                       out)
                 return True
             target = self._bind_target(skey)
-            if target is not None and target is not _AMBIGUOUS and \
+            if target is None or target is _AMBIGUOUS:
+                # The server plans what the name holds at Bind (and runs immutable code
+                # then): a statement the gateway cannot tell (prepared by SQL PREPARE,
+                # or changed with an unknown outcome) is refused before its Bind.
+                what = "cannot tell which definition the server holds for" \
+                    if target is _AMBIGUOUS else "did not see the Parse of"
+                ctx = Ctx(f"<prepared statement {skey!r}>", "unknown", "block",
+                          "builtin:unknown-statement",
+                          f"keyturn {what} this prepared statement; it cannot be analysed "
+                          "(prepare it with a protocol Parse)", time.time())
+                self._blocked(ctx, b"E", out)
+                return True
+            if target is not _AMBIGUOUS and \
                     target.analysis is not None and target.analysis.statements and \
                     target.analysis.error is None and \
                     self._refuse_parse(target.sql, target.analysis, out):
