@@ -34,6 +34,10 @@ class Wire:
 
     def __init__(self, peer: tuple[str, int]) -> None:
         self.peer = peer
+        # Like a socket's send buffer: past this many unread bytes the protocol is told
+        # to pause writing (None: never, what most transcripts want).
+        self.high_water: int | None = None
+        self.paused = False
         self.written = bytearray()
         self.log = bytearray()
         self.marked = 0
@@ -44,6 +48,10 @@ class Wire:
         if not self.closed:
             self.written += data
             self.log += data
+            if self.high_water is not None and not self.paused and \
+                    len(self.written) > self.high_water and self.protocol is not None:
+                self.paused = True
+                self.protocol.pause_writing()
 
     @property
     def data(self) -> bytes:

@@ -147,6 +147,7 @@ def test_a_client_that_does_not_read_large_rows_is_ended_at_its_budget(
     pb = PgPlaybook(LIMITED, tmp_path)
     try:
         pb.login()
+        pb.client.high_water = 64 * 1024
         pb.client_sends(codec.encode_query("SELECT repeat('y', 40 * 1024 * 1024)"))
         pb.target_gets(1)
         row = msg(b"D", struct.pack("!hi", 1, 40 * 1024 * 1024) + b"y" * (40 * 1024 * 1024))
@@ -166,6 +167,7 @@ def test_a_client_that_does_not_read_large_rows_is_ended_at_its_budget(
 
 
 def test_a_client_that_reads_its_large_rows_is_not_counted(pb: PgPlaybook) -> None:
+    pb.client.high_water = 64 * 1024
     row = msg(b"D", struct.pack("!hi", 1, 3 * 1024 * 1024) + b"y" * (3 * 1024 * 1024))
     pb.client_sends(codec.encode_query("SELECT repeat('y', 3 * 1024 * 1024)"))
     pb.target_gets(1)

@@ -360,6 +360,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
     def pause_writing(self) -> None:
         if self.upstream:
             self.upstream.pause_reading()
+            self.upstream.count_held()  # the client is not reading what it was sent
 
     def resume_writing(self) -> None:
         if self.upstream:

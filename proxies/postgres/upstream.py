@@ -133,7 +133,8 @@ class Upstream(asyncio.Protocol):
                         start = frames[-1][1] + 5
                         self.said_fatal = chunk[start:start + 7] in _FATAL_SEVERITIES
                     session.server_data(chunk, frames)
-                self.count_held()
+                if self.reader.pending > LARGE_ROW or session in session.gw.row_buffers:
+                    self.count_held()  # (an unread client buffer: pause_writing counts it)
                 return
             self.reader.receive_data(data)
             msgs = self.reader.next_messages()
@@ -155,8 +156,6 @@ class Upstream(asyncio.Protocol):
         session = self.session
         client = session.transport
         held = self.reader.pending + (client.get_write_buffer_size() if client else 0)
-        if held <= LARGE_ROW and session not in session.gw.row_buffers:
-            return
         refused = session.gw.large_row(session, held)
         if refused is not None:
             log.warning("session %s: %s", session.session_id, refused)
