@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 # The timeline event the bots themselves write (see BotContext.notified).
 NOTIFIED = "notified"
+REMINDED = "reminded"
 
 UNMAPPED = ("Keyturn does not know who you are. Ask an operator to link your account "
             "(`keyturn bots link`) or use the e-mail address Keyturn knows you by.")
@@ -102,9 +103,10 @@ class BotContext:
         return f"ticket {t.id} was already {state}{who}{why}"
 
     def precheck(self, *, platform: str, platform_user: str, user: str | None,
-                 ticket_id: int) -> str | None:
+                 ticket_id: int, action: str = "reject") -> str | None:
         """Why this person cannot decide this ticket now, or None. Used before
-        asking for a rejection reason; the vote itself checks again."""
+        opening a form (a rejection reason, the whole statement to approve); the vote
+        itself checks again."""
         reason = None
         if user is None:
             reason, message = "unmapped chat user", UNMAPPED
@@ -126,7 +128,7 @@ class BotContext:
         if reason is None:
             return None
         self.audit_refusal(platform=platform, user=user, platform_user=platform_user,
-                           ticket_id=ticket_id, reason=reason, action="reject")
+                           ticket_id=ticket_id, reason=reason, action=action)
         return message
 
     async def precheck_async(self, **kw: Any) -> str | None:
@@ -146,4 +148,9 @@ class BotContext:
                for e in events):
             return
         self.services.approvals.note(ticket_id, NOTIFIED, None,
+                                     {"platform": platform, "channel": channel, **extra})
+
+    def reminded(self, ticket_id: int, platform: str, channel: str, **extra: Any) -> None:
+        """Put "reminded" on the ticket's timeline once a reminder went out."""
+        self.services.approvals.note(ticket_id, REMINDED, None,
                                      {"platform": platform, "channel": channel, **extra})

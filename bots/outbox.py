@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 FINAL_EVENTS = frozenset({"decided", "expired", "cancelled", "abandoned", "executed", "failed"})
 CURSOR = "ticket_events"
 # Events the bots write themselves ("notified"): never a reason to send anything.
-OWN_EVENTS = frozenset({"notified"})
+OWN_EVENTS = frozenset({"notified", "reminded"})
 
 
 class RetryLater(Exception):
@@ -74,10 +74,28 @@ def ticket_plan(event: TicketEvent, ticket: Ticket, votes: Sequence[Planned]
         return [Planned("post"), Planned("dm", {"what": "created"})]
     if kind.startswith("vote:"):
         return list(votes) if ticket.min_approvals > 1 else []
+    if kind == "escalated":  # new approvers: the post shows them, and says so below it
+        return [Planned("update"), Planned("escalation", {"to": list(
+            (event.detail or {}).get("to") or ())})]
     if kind in FINAL_EVENTS:
         what = (event.detail or {}).get("status") if kind == "decided" else kind
         return [Planned("update"), Planned("dm", {"what": what})]
     return []
+
+
+def reminders_due(reminders: Sequence[float], pending: Sequence[Ticket], now: float
+                  ) -> list[tuple[int, Planned]]:
+    """A reminder for each configured time before expiry whose moment has come, once
+    (deduplicated per ticket and time), and not for tickets created inside that window
+    (they were just announced)."""
+    out = []
+    for t in pending:
+        for before in reminders:
+            if t.expires_at - before <= now < t.expires_at and \
+                    t.created_at < t.expires_at - before:
+                out.append((t.id, Planned("reminder", {"before": before},
+                                          dedupe=f"reminder:{t.id}:{int(before)}")))
+    return out
 
 
 class Notifier(Protocol):

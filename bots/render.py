@@ -11,10 +11,13 @@ It must not render from anything but the store's current state, nor do I/O.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from keyturn import wording
 from keyturn.approvals import (
     ABANDONED,
     APPROVED,
@@ -35,13 +38,31 @@ STATUS_WORDS = {
 SESSION_ENDED = "the requester's session ended (the gateway holding it stopped); nothing ran"
 
 
-def statement_excerpt(ticket: dict[str, Any], limit: int) -> tuple[str, bool]:
-    """The statement as chat may show it: the one place to redact literals,
-    shortened to ``limit`` characters. Returns (text, truncated)."""
+def full_text(ticket: dict[str, Any]) -> str:
+    """Everything an approver must read before approving: the statement and, when the
+    request carried them, its parameters (one per line, ``$1 = 'x'``)."""
     text = (ticket.get("statement") or "").strip()
+    params = ticket.get("params")
+    if params:
+        text += "\n-- parameters:" + "".join(
+            f"\n--   ${i} = {json.dumps(p, ensure_ascii=False, default=str)}"
+            for i, p in enumerate(params, 1))
+    return text
+
+
+def statement_excerpt(ticket: dict[str, Any], limit: int) -> tuple[str, bool]:
+    """The statement (with its parameters) as chat may show it: the one place to redact
+    literals, shortened to ``limit`` characters. Returns (text, truncated)."""
+    text = full_text(ticket)
     if len(text) <= limit:
         return text, False
     return text[: max(limit - 1, 1)].rstrip() + "…", True
+
+
+def digest(text: str) -> str:
+    """What an approval form carries of the text it showed, so an approval counts only
+    for the text the approver could read."""
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def fmt_time(ts: float | None) -> str:
@@ -71,6 +92,10 @@ class TicketView:
     connection: str
     statement: str
     truncated: bool
+    # The whole statement with its parameters, and how many of its characters
+    # ``statement`` leaves out.
+    full: str
+    hidden: int
     classification: str
     rule: str
     reason: str
@@ -80,6 +105,7 @@ class TicketView:
     expires_at: float
     approvals: int
     required: int
+    approver_groups: tuple[str, ...]
     votes: tuple[dict[str, Any], ...]
     decided_by: str | None
     decided_at: str
@@ -96,8 +122,23 @@ class TicketView:
     def status_word(self) -> str:
         return STATUS_WORDS.get(self.status, self.status)
 
+    @property
+    def digest(self) -> str:
+        return digest(self.full)
+
+    def approvals_line(self) -> str:
+        """``0 of 1 (approvers)``: votes so far, and who may give them."""
+        groups = f" ({', '.join(self.approver_groups)})" if self.approver_groups else ""
+        return f"{self.approvals} of {self.required}{groups}"
+
+    def cut_note(self) -> str:
+        """Says plainly that the statement shown is cut, and by how much."""
+        return (f"Cut for chat: {self.hidden:,} of {len(self.full):,} characters are not "
+                "shown. Read the whole statement before approving.")
+
     def outcome_line(self) -> str:
-        """One sentence: who decided, when and why (empty while pending)."""
+        """One sentence: who decided, when and why (empty while pending); the words
+        come from ``keyturn.wording`` like every other surface's."""
         if self.pending:
             return ""
         if self.status == EXPIRED:
@@ -110,15 +151,14 @@ class TicketView:
                 return (f"Approved by {self.decided_by} at {self.decided_at}, but "
                         f"{SESSION_ENDED}.")
             return f"Abandoned: {SESSION_ENDED}. No decision is needed any more."
-        verb = "Rejected" if self.status == REJECTED else "Approved"
-        line = f"{verb} by {self.decided_by or 'unknown'} at {self.decided_at}"
-        line += f": {self.comment}" if self.comment else "."
-        if self.status == EXECUTED:
-            line += f" Executed; {self.result_rows if self.result_rows is not None else '?'}" \
-                    " rows affected."
-        if self.status == FAILED:
-            line += f" Execution failed: {self.result_error}"
-        return line
+        line = f"{_cap(wording.decision(self))} at {self.decided_at}"
+        line += f": “{self.comment}”." if self.comment else "."
+        ran = wording.execution(self)
+        return line + (f" {_cap(ran)}." if ran else "")
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def ticket_view(detail: dict[str, Any], *, portal_url: str, limit: int,
@@ -126,17 +166,21 @@ def ticket_view(detail: dict[str, Any], *, portal_url: str, limit: int,
     """Build the view from ``Approvals.detail`` output."""
     now = time.time() if now is None else now
     text, truncated = statement_excerpt(detail, limit)
+    full = full_text(detail)
     votes = tuple(detail.get("votes") or ())
     return TicketView(
         id=detail["id"], status=detail["status"], requester=detail["requester"],
         connection=detail["connection"], statement=text, truncated=truncated,
+        full=full, hidden=max(len(full) - len(text.rstrip("…")), 0) if truncated else 0,
         classification=detail["classification"], rule=detail["rule"],
         reason=detail["reason"], facts=tuple(
             (str(label), str(value)) for label, value in detail.get("facts") or ()
             if label != "Class"),
         time_left=fmt_left(detail["expires_at"] - now), expires_at=detail["expires_at"],
         approvals=sum(1 for v in votes if v["vote"] == "approve"),
-        required=detail["min_approvals"], votes=votes, decided_by=detail.get("decided_by"),
+        required=detail["min_approvals"],
+        approver_groups=tuple(detail.get("approver_groups") or ()), votes=votes,
+        decided_by=detail.get("decided_by"),
         decided_at=fmt_time(detail.get("decided_at")), comment=detail.get("decision_comment"),
         result_rows=detail.get("result_rows"), result_error=detail.get("result_error"),
         portal_url=f"{portal_url.rstrip('/')}/tickets/{detail['id']}",
@@ -150,9 +194,10 @@ def requester_note(what: str, view: TicketView) -> str:
         return (f"{head} is waiting for approval ({view.required} needed; rule {view.rule}). "
                 f"Follow it here: {view.portal_url}")
     if what == APPROVED:
-        return f"{head} was approved by {view.decided_by}."
+        said = f": “{view.comment}”" if view.comment else ""
+        return f"{head} was {wording.decision(view)}{said}."
     if what == REJECTED:
-        return f"{head} was rejected by {view.decided_by}: {view.comment}"
+        return f"{head} was {wording.decision(view)}: “{view.comment}”"
     if what == EXPIRED:
         return f"{head} expired: no decision before the timeout."
     if what == CANCELLED:
@@ -160,9 +205,13 @@ def requester_note(what: str, view: TicketView) -> str:
     if what == ABANDONED:
         return (f"{head} was abandoned: your session ended before it could run, so nothing "
                 "ran. Run the statement again to ask anew.")
-    if what == EXECUTED:
-        rows = view.result_rows if view.result_rows is not None else "?"
-        return f"{head} was executed: {rows} rows affected."
-    if what == FAILED:
-        return f"{head} failed when it ran: {view.result_error}"
+    if what in (EXECUTED, FAILED):
+        return f"{head} was {wording.outcome(view)}."
     return f"{head} is now {view.status}."
+
+
+def escalation_text(view: TicketView, groups: Any) -> str:
+    who = ", ".join(str(g) for g in groups) or "more approvers"
+    return (f"Escalated: ticket #{view.id} ({view.classification} on {view.connection} by "
+            f"{view.requester}) is still pending with {view.approvals} of {view.required} "
+            f"approvals; {who} may decide it now. It expires in {view.time_left}.")

@@ -58,6 +58,9 @@ class TeamsSettings:
     service_url: str
     conversation_id: str
     connection_conversations: dict[str, str] = field(default_factory=dict)
+    # conversation id -> the name people know it by, for ticket timelines
+    conversation_names: dict[str, str] = field(default_factory=dict)
+    reminders: tuple[float, ...] = ()
     openid_metadata_url: str = "https://login.botframework.com/v1/.well-known/openidconfiguration"
     issuer: str = "https://api.botframework.com"
     token_url: str = "https://login.microsoftonline.com/botframework.com/oauth2/v2.0/token"
@@ -121,21 +124,27 @@ def _slack(check: Checker, value: Any, config: Config) -> SlackSettings:
                              config.connections, "connection")
     pol_ch = check.name_map(ch.get("policies"), at + ("channels", "policies"),
                             config.policies, "policy")
-    rem_raw = m.get("reminders") or []
-    if not isinstance(rem_raw, list):
-        rem_raw = [rem_raw]
-    reminders = []
-    for i, r in enumerate(rem_raw):
-        try:
-            reminders.append(parse_duration(r))
-        except ValueError as exc:
-            raise check.err(at + ("reminders", i), f"{exc} (time before expiry)") from exc
+    reminders = _reminders(check, m, at)
     base = check.url(m["api_base_url"], at + ("api_base_url",)) if "api_base_url" in m \
         else None
     if base and not base.endswith("/"):
         base += "/"
     return SlackSettings(bot, signing, app_token, mode, channel, conn_ch, pol_ch,
-                         tuple(sorted(reminders, reverse=True)), base, _chars(check, m, at))
+                         reminders, base, _chars(check, m, at))
+
+
+def _reminders(check: Checker, m: dict, at: KeyPath) -> tuple[float, ...]:
+    """``reminders: [10m, 2m]``: times before expiry, longest first."""
+    raw = m.get("reminders") or []
+    if not isinstance(raw, list):
+        raw = [raw]
+    out = []
+    for i, r in enumerate(raw):
+        try:
+            out.append(parse_duration(r))
+        except ValueError as exc:
+            raise check.err(at + ("reminders", i), f"{exc} (time before expiry)") from exc
+    return tuple(sorted(out, reverse=True))
 
 
 def _teams(check: Checker, value: Any, config: Config) -> TeamsSettings:
@@ -143,7 +152,12 @@ def _teams(check: Checker, value: Any, config: Config) -> TeamsSettings:
     m = check.mapping(value, at, {"app_id", "app_password_env", "app_password_file",
                                   "tenant_id", "service_url", "conversation_id",
                                   "conversations", "openid_metadata_url", "issuer",
-                                  "token_url", "statement_chars"})
+                                  "token_url", "statement_chars", "reminders"})
+    conv = check.mapping(m.get("conversations"), at + ("conversations",),
+                         {"connections", "names"})
+    names = check.mapping(conv.get("names"), at + ("conversations", "names"))
+    for k, v in names.items():
+        check.string(v, at + ("conversations", "names", k))
     defaults = TeamsSettings("", SecretRef(), "", "", "")
     return TeamsSettings(
         app_id=check.string(m.get("app_id"), at + ("app_id",)),
@@ -153,15 +167,16 @@ def _teams(check: Checker, value: Any, config: Config) -> TeamsSettings:
         service_url=check.url(m.get("service_url"), at + ("service_url",)).rstrip("/"),
         conversation_id=check.string(m.get("conversation_id"), at + ("conversation_id",)),
         connection_conversations=check.name_map(
-            check.mapping(m.get("conversations"), at + ("conversations",),
-                          {"connections"}).get("connections"),
-            at + ("conversations", "connections"), config.connections, "connection"),
+            conv.get("connections"), at + ("conversations", "connections"),
+            config.connections, "connection"),
+        conversation_names={str(k): str(v) for k, v in names.items()},
         openid_metadata_url=check.url(m.get("openid_metadata_url",
                                             defaults.openid_metadata_url),
                                       at + ("openid_metadata_url",)),
         issuer=check.string(m.get("issuer", defaults.issuer), at + ("issuer",)),
         token_url=check.url(m.get("token_url", defaults.token_url), at + ("token_url",)),
         statement_chars=_chars(check, m, at),
+        reminders=_reminders(check, m, at),
     )
 
 

@@ -70,7 +70,7 @@ TRANSITIONS: dict[str, dict[str, str]] = {
 }
 DECIDED = {APPROVED, REJECTED, EXPIRED, CANCELLED, EXECUTED, FAILED, ABANDONED}
 # Event kinds only transitions write; ``Approvals.note`` refuses them.
-NOTE_KINDS_RESERVED = {"created", "decided", *DECIDED}
+NOTE_KINDS_RESERVED = {"created", "decided", "escalated", *DECIDED}
 
 # How long an approved defer-mode ticket may wait for its re-run.
 DEFER_WINDOW = 3600.0
@@ -104,6 +104,9 @@ class TicketRequest:
     mode: str = "hold"
     params: list[Any] | None = None
     tables: tuple[str, ...] = ()
+    # Still pending this many seconds after creation: ``escalate_to`` may decide it too.
+    escalate_after: float | None = None
+    escalate_to: tuple[str, ...] = ()
     client_addr: str = ""
     application: str = ""
     session_id: str = ""
@@ -135,7 +138,8 @@ def ticket_json(t: Ticket, votes: list[Vote] | None = None,
             "id", "status", "requester", "requester_groups", "connection", "protocol",
             "client_addr", "application", "session_id", "statement", "language", "facts",
             "params", "classification",
-            "tables", "rule", "reason", "detail", "approver_groups",
+            "tables", "rule", "reason", "detail", "approver_groups", "escalate_at",
+            "escalate_to",
             "min_approvals", "mode", "created_at", "expires_at", "decided_at", "decided_by",
             "decision_comment", "executed_at", "result_rows", "result_error")
     }
@@ -215,6 +219,8 @@ class Approvals:
             classification=req.classification, tables=list(req.tables), rule=req.rule,
             reason=req.reason, detail=dict(req.detail),
             approver_groups=list(req.approver_groups), min_approvals=req.min_approvals,
+            escalate_at=now + req.escalate_after if req.escalate_to and req.escalate_after
+            else None, escalate_to=list(req.escalate_to) or None,
             mode=req.mode, gateway_id=req.gateway_id, instance_id=self.instance_id,
             created_at=now,
             expires_at=now + req.timeout,
@@ -428,6 +434,31 @@ class Approvals:
             self.audit(kind="ticket", connection=t.connection, protocol=t.protocol,
                        ticket_id=t.id, outcome=EXPIRED, statement=t.statement,
                        user=t.requester)
+            done.append(tid)
+        return done
+
+    def escalate_due(self, *, now: float | None = None) -> list[int]:
+        """Widen the approvers of pending tickets whose escalation time has come: their
+        ``escalate_to`` groups may decide them too, an "escalated" event says so (chat
+        re-notifies). Once per ticket, safe with several sweepers (conditional update)."""
+        now = time.time() if now is None else now
+        with self.store.session() as s:
+            due = list(s.scalars(select(Ticket.id).where(
+                Ticket.status == PENDING, Ticket.escalate_at.is_not(None),
+                Ticket.escalate_at <= now)))
+        done = []
+        for tid in due:
+            with self.store.write() as s:
+                t = self._lock(s, tid)
+                if t.status != PENDING or t.escalate_at is None or t.escalate_at > now:
+                    continue
+                added = [g for g in (t.escalate_to or []) if g not in t.approver_groups]
+                t.approver_groups = [*t.approver_groups, *added]
+                t.escalate_at = None
+                s.add(TicketEvent(ticket_id=tid, at=now, kind="escalated", actor=None,
+                                  detail={"to": list(t.escalate_to or []), "added": added}))
+                self._announce_event(s, tid, "escalated")
+            self._observed(tid, "escalated")
             done.append(tid)
         return done
 

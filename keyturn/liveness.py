@@ -123,7 +123,8 @@ class Instance:
 
 
 class Sweeper:
-    """Expire due tickets and abandon dead instances' tickets, for every ticket."""
+    """Expire due tickets, escalate those whose time has come, and abandon dead
+    instances' tickets, for every ticket."""
 
     def __init__(self, approvals: Approvals, *, interval: float | None = None):
         self.approvals = approvals
@@ -136,6 +137,7 @@ class Sweeper:
         try:
             moved = [(tid, "expired") for tid in self.approvals.expire_due(now=now)]
             moved += self.approvals.abandon_orphans(now=now)
+            self.approvals.escalate_due(now=now)
             self._forget_dead_instances(now)
         except Exception:
             if not self._failing:

@@ -82,6 +82,10 @@ class Ticket(Base):
     # in_transaction, row_estimate); approvers see them as ``facts``.
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     approver_groups: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # Escalation: when a ticket is still pending at ``escalate_at``, ``escalate_to`` join
+    # its approver groups (once: ``escalate_at`` is then cleared).
+    escalate_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    escalate_to: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     min_approvals: Mapped[int] = mapped_column(Integer, default=1)
     mode: Mapped[str] = mapped_column(String(8), default="hold")
     gateway_id: Mapped[str] = mapped_column(String(64), default="")

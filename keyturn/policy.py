@@ -85,6 +85,12 @@ class Decision:
             out["review"] = {"approvers": list(self.review.approvers),
                              "min_approvals": self.review.min_approvals,
                              "timeout_seconds": self.review.timeout, "mode": self.review.mode}
+            if self.review.escalate_to:
+                out["review"]["escalate"] = {
+                    "to": list(self.review.escalate_to),
+                    "after": f"{self.review.escalate_after:.0%}"
+                    if self.review.escalate_after_fraction
+                    else f"{self.review.escalate_after:g}s"}
         if self.masks:
             out["mask"] = [{"rule": name, "columns": list(m.columns), "tags": list(m.tags),
                             "style": m.style} for name, m in self.masks]

@@ -13,10 +13,22 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from keyturn import approvals as states
-from keyturn.models import Ticket
+
+
+class Decided(Protocol):
+    """What the outcome phrases read of a ticket (a stored ticket or a chat view)."""
+
+    @property
+    def status(self) -> str: ...
+    @property
+    def decided_by(self) -> str | None: ...
+    @property
+    def result_rows(self) -> int | None: ...
+    @property
+    def result_error(self) -> str | None: ...
 
 PLATFORMS = {"slack": "Slack", "teams": "Teams"}
 #: Where a vote was cast (``Vote.via``), as the end of "… in Slack".
@@ -85,6 +97,12 @@ def event_sentence(kind: str, actor: str | None, detail: dict[str, Any] | None
         return Sentence(f"decided: {status}" if status else "decided")
     if kind == "notified":
         return Sentence(f"notified in {chat_place(d)}")
+    if kind == "reminded":
+        left = f" (expires in about {d['left']})" if d.get("left") else ""
+        return Sentence(f"reminder sent in {chat_place(d)}{left}")
+    if kind == "escalated":
+        groups = ", ".join(d.get("to") or ()) or "more approvers"
+        return Sentence(f"escalated to {groups}: still pending")
     if kind == states.EXECUTED:
         return Sentence(f"executed: {rows(d.get('rows'))}")
     if kind == states.FAILED:
@@ -99,7 +117,7 @@ def event_sentence(kind: str, actor: str | None, detail: dict[str, Any] | None
     return Sentence(kind.replace("_", " ").replace(":", " "), comment)
 
 
-def decision(t: Ticket) -> str:
+def decision(t: Decided) -> str:
     """Who decided what, in one phrase: "waiting for approval", "approved by dana",
     "rejected by bob", "expired: no decision before the timeout"."""
     by = f" by {t.decided_by}" if t.decided_by else ""
@@ -118,7 +136,7 @@ def decision(t: Ticket) -> str:
     return t.status
 
 
-def execution(t: Ticket) -> str | None:
+def execution(t: Decided) -> str | None:
     """What running it gave, once it ran: "executed: 63 rows", "failed: <error>"."""
     if t.status == states.EXECUTED:
         return f"executed: {rows(t.result_rows)}"
@@ -127,7 +145,7 @@ def execution(t: Ticket) -> str | None:
     return None
 
 
-def outcome(t: Ticket) -> str:
+def outcome(t: Decided) -> str:
     """The ticket's state in one phrase: the decision, then what running it gave
     ("approved by dana, then executed: 63 rows")."""
     ran = execution(t)

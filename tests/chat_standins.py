@@ -138,6 +138,9 @@ class SlackStandIn(StandIn):
         self.ts = itertools.count(1)
         self.sockets: list[web.WebSocketResponse] = []
         self.socket_replies: dict[str, dict[str, Any]] = {}
+        # channel id -> name, for conversations.info
+        self.channel_names: dict[str, str] = {"CAPPROVALS": "approvals",
+                                              "CBILLING": "billing-approvals"}
 
     def add_user(self, slack_id: str, email: str | None, *, confirmed: bool = True) -> None:
         self.users[slack_id] = {"id": slack_id, "name": slack_id.lower(), "deleted": False,
@@ -201,6 +204,10 @@ class SlackStandIn(StandIn):
         if method == "chat.getPermalink":
             return {"ok": True, "permalink": f"https://example.slack.com/archives/"
                                              f"{a['channel']}/p{a['message_ts']}"}
+        if method == "conversations.info":
+            name = self.channel_names.get(a.get("channel", ""))
+            return {"ok": True, "channel": {"id": a["channel"], "name": name}} if name else \
+                {"ok": False, "error": "channel_not_found"}
         if method == "views.open":
             return {"ok": True, "view": {"id": "V1", **a["view"]}}
         if method == "users.info":
@@ -290,6 +297,7 @@ class TeamsStandIn(StandIn):
         app.router.add_post("/v3/conversations", self.create_conversation)
         app.router.add_post("/v3/conversations/{cid}/activities", self.post_activity)
         app.router.add_put("/v3/conversations/{cid}/activities/{aid}", self.put_activity)
+        app.router.add_post("/v3/conversations/{cid}/activities/{aid}", self.reply_activity)
         app.router.add_get("/v3/conversations/{cid}/members/{uid}", self.member)
         app.router.add_get("/v3/conversations/{cid}/members", self.roster)
         return app
@@ -377,6 +385,21 @@ class TeamsStandIn(StandIn):
             self.activities[(cid, aid)] = body
         return web.json_response({"id": aid}, status=201)
 
+    async def reply_activity(self, request: web.Request) -> web.Response:
+        """ReplyToActivity: a reply in the thread of an existing activity."""
+        body = await request.json()
+        cid, parent = request.match_info["cid"], request.match_info["aid"]
+        refused = await self._guard(request, "reply_activity",
+                                    {"conversation": cid, "parent": parent, **body})
+        if refused:
+            return refused
+        with self.lock:
+            if (cid, parent) not in self.activities:
+                return web.json_response({"error": {"code": "NotFound"}}, status=404)
+            aid = f"act-{next(self.ids)}"
+            self.activities[(cid, aid)] = body
+        return web.json_response({"id": aid}, status=201)
+
     async def put_activity(self, request: web.Request) -> web.Response:
         body = await request.json()
         cid, aid = request.match_info["cid"], request.match_info["aid"]
@@ -452,15 +475,20 @@ def block_action(user: str, action_id: str, ticket: int, *, channel: str = "CAPP
     }
 
 
-def view_submission(user: str, ticket: int, reason: str, *,
-                    channel: str | None = "CAPPROVALS") -> dict[str, Any]:
+def view_submission(user: str, ticket: int, text: str, *,
+                    channel: str | None = "CAPPROVALS", callback: str = "kt_reject_modal",
+                    meta: dict[str, Any] | None = None, block: str = "reason"
+                    ) -> dict[str, Any]:
+    """A modal's ``view_submission`` payload: ``text`` typed into input ``block``;
+    ``meta`` is the private_metadata the modal was opened with."""
+    meta = {"ticket": ticket, "channel": channel} if meta is None else meta
     return {
         "type": "view_submission", "user": {"id": user, "team_id": "T1"}, "api_app_id": "A1",
         "team": {"id": "T1"}, "token": "legacy", "trigger_id": "trig-modal",
-        "view": {"id": "V1", "type": "modal", "callback_id": "kt_reject_modal",
-                 "private_metadata": json.dumps({"ticket": ticket, "channel": channel}),
-                 "state": {"values": {"reason": {"reason": {"type": "plain_text_input",
-                                                            "value": reason}}}}},
+        "view": {"id": "V1", "type": "modal", "callback_id": callback,
+                 "private_metadata": json.dumps(meta),
+                 "state": {"values": {block: {block: {"type": "plain_text_input",
+                                                      "value": text or None}}}}},
     }
 
 

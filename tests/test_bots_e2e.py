@@ -142,10 +142,10 @@ def test_held_delete_approved_by_slack_click_psql_returns(chat: Chat) -> None:
     assert out.strip() == "DELETE 1"
     chat.slack_message(t["id"], "Approved by bob")
     chat.teams_card(t["id"], "Approved by bob")
-    chat.slack_message(t["id"], "1 rows affected")       # executed, shown in place
+    chat.slack_message(t["id"], "Executed: 1 row.")       # executed, shown in place
     chat.slack_dm("UALICE", f"#{t['id']} on shop is waiting for approval")
     chat.slack_dm("UALICE", f"#{t['id']} on shop was approved by bob")
-    chat.slack_dm("UALICE", f"#{t['id']} on shop was executed: 1 rows affected")
+    chat.slack_dm("UALICE", f"#{t['id']} on shop was approved by bob, then executed: 1 row.")
     # Alice also got her proactive Teams 1:1 messages.
     chat.teams.wait_for(lambda: any(f"#{t['id']} on shop was approved by bob" in x
                                     for x in chat.teams.texts("a:1on1-29:alice")),
@@ -163,7 +163,7 @@ def test_reject_in_teams_reaches_psql_with_reason(chat: Chat) -> None:
     assert p.returncode != 0
     assert f"ticket {t['id']} rejected by dana: not on payday" in err
     chat.slack_message(t["id"], "Rejected by dana")
-    chat.slack_dm("UALICE", f"#{t['id']} on shop was rejected by dana: not on payday")
+    chat.slack_dm("UALICE", f"#{t['id']} on shop was rejected by dana: “not on payday”")
 
 
 def test_same_ticket_clicked_in_slack_and_teams_at_once_gives_one_decision(chat: Chat) -> None:

@@ -103,12 +103,14 @@ class Harness:
 
     def ticket(self, *, requester: str = "alice", statement: str = "DELETE FROM orders WHERE "
                "id < 10", connection: str = "shop", min_approvals: int = 1,
-               timeout: float = 600) -> int:
+               timeout: float = 600, params: list[Any] | None = None,
+               escalate_to: tuple[str, ...] = ()) -> int:
         t = self.svc.approvals.create(TicketRequest(
             requester=requester, requester_groups=("engineers",), connection=connection,
             statement=statement, classification="write", rule="writes-need-approval",
             reason="data changes need a second pair of eyes", approver_groups=("approvers",),
-            min_approvals=min_approvals, timeout=timeout, tables=("orders",),
+            min_approvals=min_approvals, timeout=timeout, tables=("orders",), params=params,
+            escalate_after=60 if escalate_to else None, escalate_to=escalate_to,
             language="sql", facts=ticket_facts("write", ("orders",), 9, False)))
         return t.id
 
@@ -224,7 +226,7 @@ def test_ticket_message_shows_context_and_approve_click_decides(h: Harness) -> N
     assert f"<!date^{expires}^{{date_short_pretty}} {{time}}|" in blob   # reader's time zone
     buttons = [e["action_id"] for b in msg["blocks"] if b["type"] == "actions"
                for e in b["elements"]]
-    assert buttons == ["kt_approve", "kt_reject"]
+    assert buttons == ["kt_approve", "kt_approve_comment", "kt_reject"]
     h.wait_dm("UALICE", f"#{tid} on shop is waiting for approval")
     assert f"https://keyturn.example/tickets/{tid}" in h.wait_dm("UALICE", f"#{tid}")
 
@@ -240,12 +242,118 @@ def test_ticket_message_shows_context_and_approve_click_decides(h: Harness) -> N
     h.wait_ephemeral("UBOB", f"You approved ticket #{tid}")
 
 
-def test_long_statement_is_truncated_with_portal_link(h: Harness) -> None:
-    stmt = "UPDATE orders SET status = 'x' WHERE id IN (" + ", ".join(map(str, range(200))) + ")"
+def _opened(h: Harness, tid: int, callback: str) -> dict[str, Any]:
+    """The modal the bot opened for ticket ``tid`` (the last one)."""
+    opened = h.slack.wait_for(lambda: [c.args["view"] for c in h.slack.calls
+                                       if c.method == "views.open"
+                                       and c.args["view"]["callback_id"] == callback
+                                       and f'"ticket": {tid}' in c.args["view"]
+                                       ["private_metadata"]], what=f"views.open {callback}")
+    return opened[-1]
+
+
+def _statement_in(view: dict[str, Any]) -> str:
+    """The statement as the modal's code blocks show it, unescaped."""
+    text = "".join(b["text"]["text"].removeprefix("```").removesuffix("```")
+                   for b in view["blocks"] if b["type"] == "section"
+                   and b["text"]["text"].startswith("```"))
+    return text.replace("`\u200b``", "```").replace("&lt;", "<").replace(
+        "&gt;", ">").replace("&amp;", "&")
+
+
+def test_long_statement_cannot_be_approved_in_one_click(h: Harness) -> None:
+    """What the message cannot show whole is never approved by one click: the message
+    says how much is cut, Approve opens the whole text, and the modal's approval counts
+    only for the text it showed."""
+    stmt = ("DELETE FROM orders WHERE id IN (" + ", ".join(map(str, range(200)))
+            + ") OR status <> 'x'")
     tid = h.ticket(statement=stmt)
-    blob = _texts(h.wait_message(tid, "Pending approval")["blocks"])
-    assert stmt not in blob and "…```" in blob
-    assert f"<https://keyturn.example/tickets/{tid}|Statement truncated: view in portal>" in blob
+    msg = h.wait_message(tid, "Pending approval")
+    blob = _texts(msg["blocks"])
+    assert stmt not in blob and "…```" in blob and "OR status" not in blob
+    assert f"{len(stmt) - 119:,} of {len(stmt):,} characters are not shown" in blob
+    buttons = [(e["action_id"], e["text"]["text"]) for b in msg["blocks"]
+               if b["type"] == "actions" for e in b["elements"]]
+    assert buttons == [("kt_approve", "Read all and approve…"), ("kt_reject", "Reject")]
+
+    h.interact(block_action("UBOB", "kt_approve", tid, ts=msg["ts"]))
+    modal = _opened(h, tid, "kt_approve_modal")
+    assert h.svc.approvals.get(tid).status == "pending"     # the click decided nothing
+    assert _statement_in(modal) == stmt                      # the whole text, OR included
+    assert modal["submit"]["text"] == "Approve"
+
+    meta = json.loads(modal["private_metadata"])
+    forged = view_submission("UBOB", tid, "", callback="kt_approve_modal",
+                             meta={**meta, "digest": "0" * 32}, block="comment")
+    r = h.interact(forged)
+    assert r.json()["response_action"] == "errors"
+    assert "different text" in r.json()["errors"]["comment"]
+    assert h.svc.approvals.get(tid).status == "pending"
+
+    r = h.interact(view_submission("UBOB", tid, "checked the ids with the requester",
+                                   callback="kt_approve_modal", meta=meta, block="comment"))
+    assert r.status_code == 200 and not r.content.strip(), r.text
+    t = h.svc.approvals.get(tid)
+    assert (t.status, t.decided_by, t.decision_comment) == (
+        "approved", "bob", "checked the ids with the requester")
+    final = h.wait_message(tid, "Approved by bob")
+    assert "checked the ids with the requester" in _texts(final["blocks"])
+    h.wait_dm("UALICE", f"#{tid} on shop was approved by bob: “checked the ids with the "
+                        "requester”")
+
+
+def test_an_old_approve_button_on_a_cut_statement_opens_the_text(h: Harness) -> None:
+    """The listener decides from the ticket, not from the button: an Approve drawn as
+    one click (an old message, a forged payload) still only opens the modal."""
+    tid = h.ticket(statement="UPDATE orders SET note = '" + "n" * 300 + "' WHERE id = 1")
+    msg = h.wait_message(tid, "Pending approval")
+    h.interact(block_action("UDANA", "kt_approve", tid, ts=msg["ts"]))
+    _opened(h, tid, "kt_approve_modal")
+    time.sleep(0.3)
+    assert h.svc.approvals.get(tid).status == "pending"
+
+
+def test_parameters_count_as_statement_and_comment_is_optional(h: Harness) -> None:
+    tid = h.ticket(statement="DELETE FROM orders WHERE id = $1 OR note = $2",
+                   params=[7, "x" * 150])
+    msg = h.wait_message(tid, "Pending approval")
+    blob = _texts(msg["blocks"])
+    assert "-- parameters:" in blob and "$1 = 7" in blob and "characters are not shown" in blob
+    h.interact(block_action("UDANA", "kt_approve", tid, ts=msg["ts"]))
+    modal = _opened(h, tid, "kt_approve_modal")
+    assert f'$2 = "{"x" * 150}"' in _statement_in(modal)
+    r = h.interact(view_submission("UDANA", tid, "", callback="kt_approve_modal",
+                                   meta=json.loads(modal["private_metadata"]), block="comment"))
+    assert r.status_code == 200
+    t = h.svc.approvals.get(tid)
+    assert (t.status, t.decided_by, t.decision_comment) == ("approved", "dana", None)
+
+
+def test_approve_with_comment_on_a_short_statement(h: Harness) -> None:
+    tid = h.ticket()
+    msg = h.wait_message(tid, "Pending approval")
+    h.interact(block_action("UALICE", "kt_approve_comment", tid, ts=msg["ts"]))
+    h.wait_ephemeral("UALICE", "cannot decide it (separation of duties)")  # no form for her
+    h.interact(block_action("UDANA", "kt_approve_comment", tid, ts=msg["ts"]))
+    modal = _opened(h, tid, "kt_approve_modal")
+    assert _statement_in(modal) == "DELETE FROM orders WHERE id < 10"
+    h.interact(view_submission("UDANA", tid, "ok for the cleanup", callback="kt_approve_modal",
+                               meta=json.loads(modal["private_metadata"]), block="comment"))
+    h.wait_message(tid, "ok for the cleanup")
+    assert h.svc.approvals.get(tid).decision_comment == "ok for the cleanup"
+    h.wait_ephemeral("UDANA", f"You approved ticket #{tid}")
+
+
+def test_statement_too_long_for_a_modal_is_decided_in_the_portal(h: Harness) -> None:
+    stmt = "SELECT 1 -- " + "y" * 400_000
+    tid = h.ticket(statement=stmt)
+    msg = h.wait_message(tid, "Pending approval")
+    h.interact(block_action("UBOB", "kt_approve", tid, ts=msg["ts"]))
+    modal = _opened(h, tid, "kt_approve_modal")
+    assert "submit" not in modal and len(modal["blocks"]) <= 100
+    assert "cannot be approved here" in _texts(modal["blocks"])
+    assert f"https://keyturn.example/tickets/{tid}" in _texts(modal["blocks"])
+    assert h.svc.approvals.get(tid).status == "pending"
 
 
 def test_connection_channel_overrides_default(h: Harness) -> None:
@@ -263,7 +371,11 @@ def test_delivered_message_is_notified_on_the_timeline_and_sends_nothing_more(
     assert len(ev) == 1
     assert ev[0].actor is None
     assert ev[0].detail == {"platform": "slack", "channel": "CBILLING",
-                            "channel_id": "CBILLING", "ts": msg["ts"]}
+                            "channel_id": "CBILLING", "ts": msg["ts"],
+                            "channel_name": "billing-approvals"}   # asked of Slack
+    from keyturn.wording import event_sentence
+    assert event_sentence("notified", None, ev[0].detail).plain() == \
+        "notified in Slack #billing-approvals"
     t = h.svc.approvals.get(tid)
     assert t.status == "pending" and t.decided_at is None      # a note, not a transition
     h.wait_pumped(ev[0].id)
@@ -301,7 +413,7 @@ def test_reject_opens_modal_and_reason_reaches_message_and_requester(h: Harness)
     t = h.svc.approvals.get(tid)
     assert (t.status, t.decided_by, t.decision_comment) == ("rejected", "dana",
                                                              "not during the sale")
-    h.wait_dm("UALICE", f"#{tid} on shop was rejected by dana: not during the sale")
+    h.wait_dm("UALICE", f"#{tid} on shop was rejected by dana: “not during the sale”")
 
 
 # ---------------------------------------------------------------- who may click
@@ -330,10 +442,11 @@ def test_wrong_group_and_self_approval_are_refused(h: Harness) -> None:
     h.wait_ephemeral("UCAROL", "carol is not in an approver group")
     # alice, requester, is linked explicitly too (CLI) and gets approver rights nowhere.
     h.interact(block_action("UALICE", "kt_approve", tid))
-    h.wait_ephemeral("UALICE", "cannot decide it (separation of duties)")
+    h.wait_ephemeral("UALICE", f"requested ticket {tid} and cannot decide it (separation")
     h.interact(block_action("UALICE", "kt_reject", tid))
     h.slack.wait_for(lambda: len([e for e in h.slack.ephemerals("UALICE")
-                                  if "separation of duties" in e]) == 2, what="second refusal")
+                                  if f"requested ticket {tid} and cannot" in e]) == 2,
+                     what="second refusal")
     assert h.svc.approvals.get(tid).status == "pending"
     assert h.svc.approvals.detail(tid)["votes"] == []
 
@@ -401,8 +514,8 @@ def test_decision_made_elsewhere_updates_the_message(h: Harness) -> None:
     h.svc.approvals.vote(tid, h.svc.identities.identity_of("dana"), "approve", via="portal")
     h.wait_message(tid, "Approved by dana")
     h.svc.approvals.finish(tid, "execute", rows=7)
-    h.wait_message(tid, "7 rows affected")
-    h.wait_dm("UALICE", f"#{tid} on shop was executed: 7 rows affected")
+    h.wait_message(tid, "Executed: 7 rows")
+    h.wait_dm("UALICE", f"#{tid} on shop was approved by dana, then executed: 7 rows")
 
 
 def test_expiry_updates_message_and_reminder_is_posted_once(h: Harness) -> None:
@@ -418,6 +531,27 @@ def test_expiry_updates_message_and_reminder_is_posted_once(h: Harness) -> None:
     reminders = [c for c in h.slack.calls_to("chat.postMessage")
                  if f"Reminder: ticket #{tid}" in (c.args.get("text") or "")]
     assert len(reminders) == 1
+    msg = h.message(tid)
+    # In the request's thread, broadcast to the channel, and on the timeline.
+    assert reminders[0].args["thread_ts"] == msg["ts"]
+    assert str(reminders[0].args["reply_broadcast"]).lower() in ("true", "1")
+    from keyturn.wording import event_sentence
+    events = [e for e in h.svc.approvals.detail(tid)["events"] if e["kind"] == "reminded"]
+    assert len(events) == 1
+    assert event_sentence("reminded", None, events[0]["detail"]).plain().startswith(
+        "reminder sent in Slack #approvals (expires in about ")
+
+
+def test_escalation_replies_in_the_thread_and_shows_the_new_approvers(h: Harness) -> None:
+    tid = h.ticket(escalate_to=("leads",))
+    msg = h.wait_message(tid, "Pending approval")
+    assert "0 of 1 (approvers)" in _texts(msg["blocks"])
+    assert h.svc.approvals.escalate_due(now=time.time() + 61) == [tid]
+    h.wait_message(tid, "0 of 1 (approvers, leads)")
+    reply = h.slack.wait_for(lambda: [m for m in h.slack.replies(CHANNEL, msg["ts"])
+                                      if f"Escalated: ticket #{tid} " in (m["text"] or "")],
+                             what="escalation reply")
+    assert "leads may decide it now" in reply[0]["text"]
 
 
 # ---------------------------------------------------------------- /keyturn
@@ -502,7 +636,7 @@ def test_outage_and_rate_limit_then_every_message_ends_right(h: Harness) -> None
     for tid in (approved, rejected, pending):
         assert [e.detail["channel"] for e in h.notified(tid)] == [CHANNEL]
     h.wait_dm("UALICE", f"#{approved} on shop was approved by bob")
-    h.wait_dm("UALICE", f"#{rejected} on shop was rejected by dana: wrong table")
+    h.wait_dm("UALICE", f"#{rejected} on shop was rejected by dana: “wrong table”")
     for tid in (approved, rejected, pending):
         h.wait_dm("UALICE", f"#{tid} on shop is waiting for approval")
     # Retry-After was honoured: nothing went to Slack within a second of the 429.

@@ -54,6 +54,8 @@ integrations:
     tenant_id: {tenant}
     service_url: {api}
     conversation_id: "{conv}"
+    conversations: {{names: {{"{conv}": ops-approvals}}}}
+    reminders: [3s]
     openid_metadata_url: {api}/openid
     token_url: {api}/botframework/token
 """
@@ -76,17 +78,22 @@ class TeamsHarness:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/api/messages"
 
-    def ticket(self, *, requester: str = "alice", min_approvals: int = 1) -> int:
+    def ticket(self, *, requester: str = "alice", min_approvals: int = 1,
+               statement: str = "UPDATE orders SET status = 'void' WHERE id = 3",
+               timeout: float = 600) -> int:
         return self.svc.approvals.create(TicketRequest(
             requester=requester, requester_groups=("engineers",), connection="shop",
-            statement="UPDATE orders SET status = 'void' WHERE id = 3", classification="write",
+            statement=statement, classification="write",
             rule="writes-need-approval", reason="data changes need a second pair of eyes",
-            approver_groups=("approvers",), min_approvals=min_approvals, timeout=600,
+            approver_groups=("approvers",), min_approvals=min_approvals, timeout=timeout,
             language="sql", facts=ticket_facts("write", (), 1, False))).id
 
     def invoke(self, user_id: str, aad: str, verb: str, ticket: int, *,
-               reason: str | None = None, token: str | None = None) -> requests.Response:
-        data: dict[str, Any] = {"ticket": ticket}
+               reason: str | None = None, token: str | None = None,
+               **inputs: Any) -> requests.Response:
+        """An Action.Execute invoke as Teams sends it: the action's data with the card's
+        input values merged in."""
+        data: dict[str, Any] = {"ticket": ticket, **inputs}
         if reason is not None:
             data["reason"] = reason
         activity = {
@@ -156,8 +163,11 @@ def test_card_posted_and_approve_invoke_decides(th: TeamsHarness) -> None:
                  "UPDATE orders SET status = 'void' WHERE id = 3", "Time left"):
         assert part in blob, part
     verbs = [a.get("verb") for a in card["actions"] if a["type"] == "Action.Execute"]
-    reject = next(a for a in card["actions"] if a["type"] == "Action.ShowCard")
+    reject = next(a for a in card["actions"] if a["title"] == "Reject")
+    commented = next(a for a in card["actions"] if a["title"] == "Approve with comment")
     assert verbs == ["approve"] and reject["card"]["actions"][0]["verb"] == "reject"
+    assert commented["card"]["body"][0]["id"] == "comment"
+    assert commented["card"]["actions"][0]["verb"] == "approve"
     assert reject["card"]["body"][0]["id"] == "reason"
     assert card["refresh"]["action"]["verb"] == "refresh"
     th.personal("29:alice", f"#{tid} on shop is waiting for approval")
@@ -185,7 +195,7 @@ def test_reject_needs_a_reason_and_refresh_shows_current_state(th: TeamsHarness)
     body = th.invoke("29:dana", "aad-dana", "reject", tid, reason="wrong order id").json()
     assert "Rejected by dana" in repr(body["value"]) and "wrong order id" in repr(body["value"])
     th.card(tid, "wrong order id")
-    th.personal("29:alice", f"#{tid} on shop was rejected by dana: wrong order id")
+    th.personal("29:alice", f"#{tid} on shop was rejected by dana: “wrong order id”")
     refreshed = th.invoke("29:carol", "aad-carol", "refresh", tid).json()
     assert "Rejected by dana" in repr(refreshed["value"])
 
@@ -244,6 +254,9 @@ def test_posted_card_is_notified_on_the_timeline_and_sends_nothing_more(
     ev = th.teams.wait_for(lambda: th.notified(tid), what="notified event")
     assert len(ev) == 1 and ev[0].detail["platform"] == "teams"
     assert ev[0].detail["channel"] == CONV
+    from keyturn.wording import event_sentence
+    assert event_sentence("notified", None, ev[0].detail).plain() == \
+        "notified in Teams ops-approvals"
     with th.teams.lock:
         assert f"Ticket #{tid} " in repr(th.teams.activities[(CONV, ev[0].detail["activity_id"])])
     assert th.svc.approvals.get(tid).status == "pending"
@@ -348,3 +361,96 @@ def test_signing_key_rotation_is_picked_up_and_old_keys_stop_working() -> None:
         assert len(teams.calls_to("jwks")) >= 2
     finally:
         teams.stop()
+
+
+def _card_text(card: dict[str, Any]) -> str:
+    out: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "TextBlock":
+                out.append(node["text"])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+    walk(card)
+    return "\n".join(out)
+
+
+def test_long_statement_is_read_whole_before_approval(th: TeamsHarness) -> None:
+    stmt = ("DELETE FROM orders WHERE id IN (" + ", ".join(map(str, range(300)))
+            + ") OR status <> 'x'")
+    tid = th.ticket(statement=stmt)
+    card = th.card(tid, "Pending approval")
+    assert stmt not in _card_text(card) and "OR status" not in _card_text(card)
+    assert "characters are not shown" in _card_text(card)
+    verbs = [a.get("verb") for a in card["actions"] if a["type"] == "Action.Execute"]
+    assert verbs == ["review"]
+
+    # An approve without the digest of the whole text (an old card, a forged invoke)
+    # is answered with the whole text, not counted.
+    body = th.invoke("29:bob", "aad-bob", "approve", tid).json()
+    assert body["type"] == "application/vnd.microsoft.card.adaptive"
+    assert stmt in _card_text(body["value"])
+    assert th.svc.approvals.get(tid).status == "pending"
+    review = th.invoke("29:bob", "aad-bob", "review", tid).json()["value"]
+    assert stmt in _card_text(review)
+    approve = next(a for a in review["actions"] if a.get("verb") == "approve")
+    assert any(b.get("id") == "comment" for b in review["body"])
+    body = th.invoke("29:bob", "aad-bob", "approve", tid, seen="0" * 32).json()
+    assert th.svc.approvals.get(tid).status == "pending"
+    body = th.invoke("29:bob", "aad-bob", "approve", tid, seen=approve["data"]["seen"],
+                     comment="ids checked").json()
+    assert "Approved by bob" in _card_text(body["value"])
+    t = th.svc.approvals.get(tid)
+    assert (t.status, t.decision_comment) == ("approved", "ids checked")
+    th.personal("29:alice", f"#{tid} on shop was approved by bob: “ids checked”")
+    # The requester cannot open the approval form of their own ticket.
+    tid2 = th.ticket(statement=stmt)
+    th.card(tid2, "Pending approval")
+    body = th.invoke("29:alice", "aad-alice", "review", tid2).json()
+    assert body["type"] == "application/vnd.microsoft.activity.message"
+    assert "separation of duties" in body["value"]
+
+
+def test_statement_too_long_for_a_card_goes_to_the_portal(th: TeamsHarness) -> None:
+    tid = th.ticket(statement="SELECT 1 -- " + "z" * 30_000)
+    th.card(tid, "Pending approval")
+    review = th.invoke("29:dana", "aad-dana", "review", tid).json()["value"]
+    assert "cannot be approved here" in _card_text(review)
+    assert not [a for a in review["actions"] if a.get("verb") == "approve"]
+    assert th.svc.approvals.get(tid).status == "pending"
+
+
+def test_approve_with_comment_on_a_short_statement(th: TeamsHarness) -> None:
+    tid = th.ticket()
+    card = th.card(tid, "Pending approval")
+    seen = next(a for a in card["actions"] if a.get("verb") == "approve")["data"]["seen"]
+    body = th.invoke("29:dana", "aad-dana", "approve", tid, seen=seen,
+                     comment="fine after the backup").json()
+    assert "fine after the backup" in _card_text(body["value"])
+    assert th.svc.approvals.get(tid).decision_comment == "fine after the backup"
+
+
+def test_reminder_updates_the_card_and_replies_under_it(th: TeamsHarness) -> None:
+    tid = th.ticket(timeout=6)          # reminders: [3s] before expiry
+    th.card(tid, "Pending approval")
+    ev = th.teams.wait_for(lambda: th.notified(tid), what="notified event")
+    aid = ev[0].detail["activity_id"]
+    reply = th.teams.wait_for(lambda: [a for a in th.teams.texts(CONV)
+                                       if f"Reminder: ticket #{tid} " in a], timeout=10,
+                              what="reminder reply")
+    assert len(reply) == 1
+    posted = [c for c in th.teams.calls if c.method == "reply_activity"
+              and f"Reminder: ticket #{tid} " in repr(c.args)]
+    assert posted[0].args["parent"] == aid and posted[0].args["replyToId"] == aid
+    updates = [c for c in th.teams.calls if c.method == "put_activity"
+               and c.args.get("activity") == aid]
+    assert updates, "the card's countdown is updated with the reminder"
+    events = [e for e in th.svc.approvals.detail(tid)["events"] if e["kind"] == "reminded"]
+    assert len(events) == 1
+    from keyturn.wording import event_sentence
+    assert event_sentence("reminded", None, events[0]["detail"]).plain().startswith(
+        "reminder sent in Teams ops-approvals")

@@ -10,6 +10,8 @@ It must not render from anything but the store, nor drop a delivery Slack refuse
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import time
 from collections.abc import Sequence
 
@@ -20,12 +22,16 @@ from sqlalchemy import select
 
 from bots.context import BotContext
 from bots.models import ChatMessage, OutboxItem
-from bots.outbox import Planned, RetryLater, ticket_plan
-from bots.render import TicketView, fmt_left, requester_note, ticket_view
+from bots.outbox import Planned, RetryLater, reminders_due, ticket_plan
+from bots.render import TicketView, escalation_text, fmt_left, requester_note, ticket_view
 from bots.settings import SlackSettings
 from bots.slack.blocks import summary, ticket_blocks
 from bots.slack.people import SlackPeople
 from keyturn.models import Ticket, TicketEvent
+
+log = logging.getLogger(__name__)
+# A channel id (public C…, private G…, DM D…) rather than a name.
+_CHANNEL_ID = re.compile(r"^[CGD][A-Z0-9]{6,}$")
 
 
 class SlackNotifier:
@@ -37,6 +43,7 @@ class SlackNotifier:
         self.settings = settings
         self.client = client
         self.people = people
+        self._names: dict[str, str | None] = {}
 
     # ---- planning
 
@@ -49,16 +56,7 @@ class SlackNotifier:
 
     def scheduled(self, pending: Sequence[Ticket], now: float
                   ) -> Sequence[tuple[int, Planned]]:
-        out = []
-        for t in pending:
-            for before in self.settings.reminders:
-                # Only reminders whose moment has come, and not for tickets created
-                # inside the window (they were just announced).
-                if t.expires_at - before <= now < t.expires_at and \
-                        t.created_at < t.expires_at - before:
-                    out.append((t.id, Planned("reminder", {"before": before},
-                                              dedupe=f"reminder:{t.id}:{int(before)}")))
-        return out
+        return reminders_due(self.settings.reminders, pending, now)
 
     # ---- delivery
 
@@ -94,7 +92,8 @@ class SlackNotifier:
                 ref = await asyncio.to_thread(self._remember, item.ticket_id, resp["channel"],
                                               resp["ts"])
             await asyncio.to_thread(self.ctx.notified, item.ticket_id, "slack", channel,
-                                    channel_id=ref.channel, ts=ref.ref)
+                                    channel_id=ref.channel, ts=ref.ref,
+                                    channel_name=await self.channel_name(channel, ref.channel))
             return None
         if item.kind == "update":
             if ref is None:
@@ -111,21 +110,36 @@ class SlackNotifier:
                 text += f": {p['comment']}"
             await self.client.chat_postMessage(channel=ref.channel, thread_ts=ref.ref, text=text)
             return None
+        if item.kind == "escalation":
+            if ref is None:
+                return "no Slack message to reply to"
+            if not view.pending:
+                return "ticket no longer pending"
+            await self.client.chat_postMessage(
+                channel=ref.channel, thread_ts=ref.ref, reply_broadcast=True,
+                text=escalation_text(view, item.payload.get("to") or ()))
+            return None
         if item.kind == "reminder":
             if not view.pending:
                 return "ticket no longer pending"
-            detail_left = fmt_left(float(item.payload.get("before", 0)))
-            link = ""
-            if ref is not None:
-                permalink = await self.client.chat_getPermalink(channel=ref.channel,
-                                                                message_ts=ref.ref)
-                link = f" <{permalink.get('permalink')}|Open the request>"
-            channel = ref.channel if ref else self.settings.channel_for(
-                view.connection, self.ctx.policy_of(view.connection))
-            await self.client.chat_postMessage(channel=channel, text=(
-                f"Reminder: ticket #{view.id} ({view.classification} on {view.connection} by "
-                f"{view.requester}) expires in about {detail_left} with {view.approvals} of "
-                f"{view.required} approvals.{link}"))
+            left = fmt_left(float(item.payload.get("before", 0)))
+            text = (f"Reminder: ticket #{view.id} ({view.classification} on {view.connection} "
+                    f"by {view.requester}) expires in about {left} with {view.approvals} of "
+                    f"{view.required} approvals.")
+            if ref is not None:  # in the request's thread, shown in the channel too
+                await self.client.chat_postMessage(channel=ref.channel, thread_ts=ref.ref,
+                                                   reply_broadcast=True, text=text)
+                await self._update(ref, view)   # its countdown, now
+                channel, channel_id = ref.channel, ref.channel
+            else:
+                channel = self.settings.channel_for(view.connection,
+                                                    self.ctx.policy_of(view.connection))
+                resp = await self.client.chat_postMessage(
+                    channel=channel, text=f"{text} <{view.portal_url}|Open the request>")
+                channel_id = resp["channel"]
+            await asyncio.to_thread(self.ctx.reminded, item.ticket_id, "slack", channel_id,
+                                    left=left,
+                                    channel_name=await self.channel_name(channel, channel_id))
             return None
         if item.kind == "dm":
             sid = await self.people.slack_id(view.requester)
@@ -135,6 +149,21 @@ class SlackNotifier:
                 str(item.payload.get("what")), view))
             return None
         return f"unknown delivery kind {item.kind}"
+
+    async def channel_name(self, configured: str, channel_id: str) -> str | None:
+        """The channel's name as people know it (``approvals``), for the timeline: the
+        configured name when one was given, else asked of Slack once per channel (needs
+        ``channels:read``/``groups:read``; without them the timeline just says Slack)."""
+        if not _CHANNEL_ID.match(configured):
+            return configured.lstrip("#")
+        if channel_id not in self._names:
+            try:
+                resp = await self.client.conversations_info(channel=channel_id)
+                self._names[channel_id] = (resp.get("channel") or {}).get("name")
+            except (SlackApiError, aiohttp.ClientError, TimeoutError, OSError) as exc:
+                log.info("could not read the name of Slack channel %s: %r", channel_id, exc)
+                return None
+        return self._names[channel_id]
 
     async def _blocks(self, view: TicketView) -> list[dict]:
         return ticket_blocks(view, requester_slack=await self.people.slack_id(view.requester))

@@ -2,7 +2,10 @@
 
 Every activity's JWT is validated before anything else; a bad one gets 401
 and an audit record. ``adaptiveCard/action`` invokes (Action.Execute) carry
-the verb: ``approve``, ``reject`` (with the ``reason`` input) or ``refresh``.
+the verb: ``approve`` (with an optional ``comment``, and ``seen``: the digest of the
+text its card showed), ``review`` (the whole statement), ``reject`` (with the
+``reason`` input) or ``refresh``. An approval whose card could not show the whole
+statement, or showed another text, is answered with the review card, not counted.
 The answer is the card in the ticket's current state, or, for a refusal, a
 message only the clicker sees. Votes go through ``keyturn.approvals``.
 
@@ -22,7 +25,7 @@ from aiohttp import web
 from bots.context import BotContext
 from bots.settings import TeamsSettings
 from bots.teams.auth import AuthError, ConnectorToken, InboundAuth
-from bots.teams.cards import CARD_TYPE, ticket_card
+from bots.teams.cards import CARD_TYPE, review_card, ticket_card
 from bots.teams.connector import Connector
 from bots.teams.notifier import TeamsNotifier
 from bots.teams.people import TeamsPeople
@@ -34,6 +37,10 @@ MESSAGE_TYPE = "application/vnd.microsoft.activity.message"
 
 def _message(text: str) -> dict[str, Any]:
     return {"statusCode": 200, "type": MESSAGE_TYPE, "value": text}
+
+
+def _card(card: dict[str, Any]) -> dict[str, Any]:
+    return {"statusCode": 200, "type": CARD_TYPE, "value": card}
 
 
 class TeamsBot:
@@ -119,25 +126,34 @@ class TeamsBot:
             return {"statusCode": 400, "type": "application/vnd.microsoft.error",
                     "value": {"code": "BadRequest", "message": "no ticket in the action"}}
         try:
-            await self._view_card(ticket)
+            view = await asyncio.to_thread(self.notifier.view, ticket)
         except NotFound:
             return _message(f"There is no ticket #{ticket}.")
         if verb == "refresh":
-            return await self._view_card(ticket)
-        if verb not in ("approve", "reject"):
+            return _card(ticket_card(view))
+        if verb not in ("approve", "reject", "review"):
             return _message(f"Unknown action {verb!r}.")
         sender = activity.get("from") or {}
         platform_user = sender.get("aadObjectId") or sender.get("id") or "?"
         user = await self.people.keyturn_user(activity)
-        reason = (data.get("reason") or "").strip() or None
-        if verb == "reject" and reason is None:
-            return _message("A rejection needs a reason.")
+        if verb == "review" or (verb == "approve" and (view.truncated or "seen" in data)
+                                and data.get("seen") != view.digest):
+            refusal = await self.ctx.precheck_async(
+                platform="teams", platform_user=platform_user, user=user, ticket_id=ticket,
+                action="approve")
+            return _message(refusal) if refusal else _card(review_card(view))
+        if verb == "reject":
+            comment = (data.get("reason") or "").strip() or None
+            if comment is None:
+                return _message("A rejection needs a reason.")
+        else:
+            comment = (data.get("comment") or "").strip() or None
         out = await self.ctx.avote(platform="teams", platform_user=platform_user, user=user,
-                                   ticket_id=ticket, vote=verb, comment=reason)
+                                   ticket_id=ticket, vote=verb, comment=comment)
         if not out.ok:
             return _message(out.message)
         return await self._view_card(ticket)
 
     async def _view_card(self, ticket: int) -> dict[str, Any]:
         view = await asyncio.to_thread(self.notifier.view, ticket)
-        return {"statusCode": 200, "type": CARD_TYPE, "value": ticket_card(view)}
+        return _card(ticket_card(view))

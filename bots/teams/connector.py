@@ -53,6 +53,14 @@ class Connector:
                                activity)
         return str(out.get("id", ""))
 
+    async def reply_activity(self, service_url: str, conversation: str, activity_id: str,
+                             activity: dict[str, Any]) -> str:
+        """ReplyToActivity: a message in the thread under ``activity_id``."""
+        out = await self._call("POST", f"{service_url}/v3/conversations/{conversation}/"
+                                       f"activities/{activity_id}",
+                               {**activity, "replyToId": activity_id})
+        return str(out.get("id", ""))
+
     async def update_activity(self, service_url: str, conversation: str, activity_id: str,
                               activity: dict[str, Any]) -> None:
         await self._call("PUT", f"{service_url}/v3/conversations/{conversation}/activities/"

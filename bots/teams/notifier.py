@@ -16,8 +16,8 @@ from sqlalchemy import select
 
 from bots.context import BotContext
 from bots.models import ChatMessage, OutboxItem
-from bots.outbox import Planned, ticket_plan
-from bots.render import TicketView, requester_note, ticket_view
+from bots.outbox import Planned, reminders_due, ticket_plan
+from bots.render import TicketView, escalation_text, fmt_left, requester_note, ticket_view
 from bots.settings import TeamsSettings
 from bots.teams.cards import attachment, ticket_card
 from bots.teams.connector import Connector
@@ -39,7 +39,7 @@ class TeamsNotifier:
 
     def scheduled(self, pending: Sequence[Ticket], now: float
                   ) -> Sequence[tuple[int, Planned]]:
-        return []
+        return reminders_due(self.settings.reminders, pending, now)
 
     def view(self, ticket_id: int) -> TicketView:
         return ticket_view(self.ctx.services.approvals.detail(ticket_id),
@@ -63,13 +63,41 @@ class TeamsNotifier:
                 aid = await self.connector.post_activity(url, conv, self.card_activity(view))
                 await asyncio.to_thread(self._remember, item.ticket_id, conv, aid)
             await asyncio.to_thread(self.ctx.notified, item.ticket_id, "teams", conv,
-                                    activity_id=aid)
+                                    activity_id=aid,
+                                    channel_name=self.settings.conversation_names.get(conv))
             return None
         if item.kind == "update":
             if ref is None:
                 return "no Teams card to update"
             await self.connector.update_activity(url, ref.channel, ref.ref,
                                                  self.card_activity(view))
+            return None
+        if item.kind == "escalation":
+            if ref is None:
+                return "no Teams card to reply to"
+            if not view.pending:
+                return "ticket no longer pending"
+            await self.connector.reply_activity(url, ref.channel, ref.ref, {
+                "type": "message", "text": escalation_text(view, item.payload.get("to") or ())})
+            return None
+        if item.kind == "reminder":
+            if not view.pending:
+                return "ticket no longer pending"
+            if ref is None:
+                return "no Teams card to remind of"
+            left = fmt_left(float(item.payload.get("before", 0)))
+            # The card's countdown now, and a reply under it that notifies the channel.
+            await self.connector.update_activity(url, ref.channel, ref.ref,
+                                                 self.card_activity(view))
+            await self.connector.reply_activity(url, ref.channel, ref.ref, {
+                "type": "message", "text": (
+                    f"Reminder: ticket #{view.id} ({view.classification} on "
+                    f"{view.connection} by {view.requester}) expires in about {left} with "
+                    f"{view.approvals} of {view.required} approvals.")})
+            await asyncio.to_thread(self.ctx.reminded, item.ticket_id, "teams", ref.channel,
+                                    left=left,
+                                    channel_name=self.settings.conversation_names.get(
+                                        ref.channel))
             return None
         if item.kind == "dm":
             address = await self.people.address_of(view.requester)

@@ -63,6 +63,18 @@ class ReviewSettings:
     min_approvals: int = 1
     timeout: float = 600.0
     mode: str = "hold"
+    # Still pending after this many seconds (or this fraction of the timeout, when
+    # ``escalate_after_fraction``), the ticket's approvers grow by ``escalate_to``.
+    escalate_to: tuple[str, ...] = ()
+    escalate_after: float = 0.0
+    escalate_after_fraction: bool = False
+
+    def escalation_delay(self) -> float | None:
+        """Seconds after creation when the ticket escalates, or None."""
+        if not self.escalate_to:
+            return None
+        return self.escalate_after * self.timeout if self.escalate_after_fraction \
+            else self.escalate_after
 
 
 @dataclass(frozen=True)

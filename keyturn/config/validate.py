@@ -195,7 +195,8 @@ class Validator(Checker):
         return Rule(name, match, action, reason, review, self.doc.lines.get(at), mask)
 
     def review_settings(self, value: Any, at: KeyPath) -> ReviewSettings:
-        rv = self.mapping(value, at, {"approvers", "min_approvals", "timeout", "mode"})
+        rv = self.mapping(value, at, {"approvers", "min_approvals", "timeout", "mode",
+                                      "escalate"})
         approvers = self.str_list(rv.get("approvers"), at + ("approvers",))
         if not approvers:
             raise self.err(at + ("approvers",), "a review needs approver groups")
@@ -206,7 +207,27 @@ class Validator(Checker):
         mode = rv.get("mode", "hold")
         if mode not in REVIEW_MODES:
             raise self.err(at + ("mode",), "expected hold or defer")
-        return ReviewSettings(approvers, n, timeout, mode)
+        if rv.get("escalate") is None:
+            return ReviewSettings(approvers, n, timeout, mode)
+        esc = self.mapping(rv["escalate"], at + ("escalate",), {"after", "to"})
+        to = self.str_list(esc.get("to"), at + ("escalate", "to"))
+        if not to:
+            raise self.err(at + ("escalate", "to"), "name the approver groups to escalate to")
+        after = esc.get("after", "50%")
+        if isinstance(after, str) and after.strip().endswith("%"):
+            try:
+                pct = float(after.strip()[:-1])
+            except ValueError:
+                pct = -1
+            if not 0 < pct < 100:
+                raise self.err(at + ("escalate", "after"),
+                               "expected a percentage of the timeout between 0% and 100%")
+            return ReviewSettings(approvers, n, timeout, mode, to, pct / 100, True)
+        secs = self.duration(after, at + ("escalate", "after"))
+        if not 0 < secs < timeout:
+            raise self.err(at + ("escalate", "after"),
+                           "expected a time shorter than the review's timeout")
+        return ReviewSettings(approvers, n, timeout, mode, to, secs, False)
 
     def mask_style(self, value: Any, at: KeyPath, *, exempt: bool = False) -> str:
         text = str(value) if isinstance(value, (str, int)) else ""

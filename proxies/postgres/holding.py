@@ -92,6 +92,7 @@ class Holds(SessionState):
             classification=decision.classification, rule=decision.rule or "",
             reason=decision.reason, approver_groups=review.approvers,
             min_approvals=review.min_approvals, timeout=review.timeout, mode=review.mode,
+            escalate_after=review.escalation_delay(), escalate_to=review.escalate_to,
             params=ctx.shown_params if ctx.shown is not None else ctx.params,
             tables=decision.tables, client_addr=self.client_addr,
             application=self.application, session_id=self.session_id,
