@@ -6,7 +6,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 PYTHON  ?= python3
 
-.PHONY: demo test deps system-deps lint bench compat clean
+.PHONY: demo test deps system-deps lint bench compat screenshots clean
 
 system-deps:
 	@./scripts/system-deps.sh
@@ -26,7 +26,7 @@ test: deps
 	$(PY) -m pytest -q -p no:cacheprovider
 
 lint: deps
-	$(VENV)/bin/ruff check keyturn proxies portal bots tests bench
+	$(VENV)/bin/ruff check keyturn proxies portal bots tests bench scripts
 	$(VENV)/bin/mypy keyturn proxies portal bots
 	$(VENV)/bin/lint-imports --no-logo --no-cache
 
@@ -39,6 +39,10 @@ bench: deps
 # source tree, git repository or tarball) or, failing that, PyPI / Debian sources.
 compat: deps
 	$(PY) bench/psycopg_compat.py $(COMPAT_ARGS)
+
+# The README's screenshots, taken from `keyturn demo` itself (Debian's chromium).
+screenshots: deps
+	$(PY) scripts/demo_screenshots.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache

@@ -2,8 +2,9 @@
 
 Starts a PostgreSQL cluster in ``<dir>/pg``, seeds a ``shop`` database with
 fake PII, writes ``<dir>/keyturn.yaml`` (users alice, bob, dana, carol; reads
-allowed, writes need one approver, DDL and file access blocked), issues a
-token per user, then runs gateway and API in one process on SQLite and
+allowed with customers' PII masked, writes need one approver and changes to
+customers two, DDL and file access blocked), issues a token and a portal password
+per user, then runs gateway and API in one process on SQLite and
 prints the exact psql line and approve command. Ctrl-C stops everything.
 
 Part of the launcher. It must not be used for anything but a throwaway set-up: its
@@ -63,6 +64,12 @@ connections:
       user: shop_app
       password_file: {pw_file}
     policy: shop
+    # What the masking hides: results of these columns, whatever the query.
+    columns:
+      public.customers.email: [pii.email]
+      public.customers.ssn: [pii.ssn]
+      public.customers.card_number: [pci.card]
+      public.customers.phone: [pii.phone]
 
 policies:
   shop:
@@ -76,9 +83,22 @@ policies:
         match: {{class: ddl}}
         action: block
         reason: schema changes go through migrations, not ad-hoc SQL
-      - name: reads
+      - name: reads-masked
         match: {{class: [read, transaction, session]}}
-        action: allow
+        action: mask
+        reason: customers' personal data is masked for everyone
+        mask:
+          tags: ["pii.*", "pci.*"]
+          style: full
+          styles: {{pii.email: email, pci.card: "partial:4"}}
+      - name: customer-changes-need-two
+        match: {{class: write, tables: ["public.customers"]}}
+        action: review
+        reason: changing customer records needs two approvers
+        review:
+          approvers: [approvers]
+          min_approvals: 2
+          timeout: 10m
       - name: writes-need-approval
         match: {{class: [write, lock, safety]}}
         action: review
@@ -163,21 +183,23 @@ def run_demo(directory: str, *, pg_port: int | None, gateway_port: int,
 
                 1. As alice (engineer), connect through the gateway:
                    PGPASSWORD={tokens['alice']} psql "host=127.0.0.1 port={gateway_port} dbname=shop user=alice sslmode=require"
+                   Portal {public_url}  password for every demo user: {portal_password}
+                   (bob and dana approve, alice requests, carol audits; also in {base}/portal.password)
 
-                   shop=> SELECT full_name, email FROM customers LIMIT 3;   -- allowed
-                   shop=> DELETE FROM orders WHERE status = 'cancelled';   -- held for approval
+                   shop=> SELECT full_name, email, ssn, card_number FROM customers LIMIT 3;  -- masked
+                   shop=> DELETE FROM orders WHERE status = 'cancelled';   -- held: one approver
+                   shop=> UPDATE customers SET city = 'Boston' WHERE id = 1; -- held: two approvers
                    shop=> DROP TABLE orders;                                -- blocked
 
-                2. As bob (approver), in another terminal:
+                2. As bob or dana (approvers): the portal's queue {public_url}/queue, or
                    KEYTURN_TOKEN={tokens['bob']} {exe} -c {cfg} tickets
                    KEYTURN_TOKEN={tokens['bob']} {exe} -c {cfg} approve <ticket> --comment "ok"
+                   KEYTURN_TOKEN={tokens['dana']} {exe} -c {cfg} approve <ticket>   -- the second
                    KEYTURN_TOKEN={tokens['bob']} {exe} -c {cfg} reject <ticket> --reason "why"
 
-                   or in the portal: {public_url}/queue
-                   sign in as bob (approver), alice (engineer) or carol (auditor),
-                   password {portal_password}   (also in {base}/portal.password)
-
-                3. Check the audit trail:  {exe} -c {cfg} audit verify
+                3. As carol (auditor): {public_url}/audit shows every statement, the masked
+                   columns of alice's reads and who approved what; check the chain with
+                   {exe} -c {cfg} audit verify
 
                 Tokens are in {base}/<user>.token.  Ctrl-C stops the demo.
                 ─────────────────────────────────────────────────────────────────────
