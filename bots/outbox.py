@@ -249,8 +249,10 @@ class Outbox:
             sent += 1
         return sent
 
-    async def run(self, *, interval: float = 0.5) -> None:
-        """Plan and deliver until cancelled. Store errors are logged and retried."""
+    async def run(self, *, interval: float = 0.5, wake: asyncio.Event | None = None) -> None:
+        """Plan and deliver until cancelled. Store errors are logged and retried. A
+        pass runs when ``wake`` is set (a ticket changed: the change feed says so) and
+        at least every ``interval`` (retries, reminders, a feed that is down)."""
         while True:
             try:
                 await asyncio.to_thread(self.pump)
@@ -260,4 +262,11 @@ class Outbox:
                 raise
             except Exception:
                 log.exception("outbox pass failed; retrying")
-            await asyncio.sleep(interval)
+            if wake is None:
+                await asyncio.sleep(interval)
+                continue
+            try:
+                await asyncio.wait_for(wake.wait(), interval)
+            except TimeoutError:
+                pass
+            wake.clear()

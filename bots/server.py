@@ -25,6 +25,7 @@ from bots.outbox import Notifier, Outbox
 from bots.settings import CHAT, ChatSettings
 from keyturn.config import Config
 from keyturn.errors import ConfigError
+from keyturn.feed import ChangeFeed
 from keyturn.services import Services, build_services
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class BotsServer:
         self.runner: web.AppRunner | None = None
         self.port: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.feed: ChangeFeed | None = None
 
     async def start(self) -> None:
         app = web.Application(client_max_size=1 << 20)
@@ -81,8 +83,31 @@ class BotsServer:
                  ", ".join(n.platform for n in notifiers))
         if self.slack is not None and self.chat.slack and self.chat.slack.mode == "socket":
             self._tasks.append(asyncio.create_task(self._socket(), name="slack-socket"))
+        # The outbox wakes as soon as a ticket changes (the store's change feed: an
+        # in-process poke, LISTEN/NOTIFY with PostgreSQL, a 0.1 s read with SQLite), and
+        # polls every poll_interval besides.
+        wake = asyncio.Event()
+        self.feed = ChangeFeed(self.services.store)
+        self.services.approvals.observers.append(self.feed.poke)
+        self.feed.start()
+        loop = asyncio.get_running_loop()
+        threading.Thread(target=self._watch_feed, args=(loop, wake), daemon=True,
+                         name="bots-feed").start()
         self._tasks.append(asyncio.create_task(
-            self.outbox.run(interval=self.chat.poll_interval), name="outbox"))
+            self.outbox.run(interval=self.chat.poll_interval, wake=wake), name="outbox"))
+
+    def _watch_feed(self, loop: asyncio.AbstractEventLoop, wake: asyncio.Event) -> None:
+        feed = self.feed
+        assert feed is not None
+        gen = feed.gen
+        while not feed.stopped:
+            feed.wait(gen, 5)
+            if feed.gen != gen:
+                gen = feed.gen
+                try:
+                    loop.call_soon_threadsafe(wake.set)
+                except RuntimeError:   # the loop closed: the server stopped
+                    return
 
     async def _socket(self) -> None:
         # Socket Mode reconnects by itself once connected; retry the first connect.
@@ -101,6 +126,8 @@ class BotsServer:
         return web.json_response({"ok": True, "outbox_backlog": backlog})
 
     async def stop(self) -> None:
+        if self.feed is not None:
+            await asyncio.to_thread(self.feed.stop)
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from keyturn import wording
 from keyturn.approvals import APPROVED, CANCELLED, EXPIRED, REJECTED, Approvals, TicketRequest
 from keyturn.bus import DecisionWatcher
 from keyturn.errors import AlreadyDecided, InvalidTransition
@@ -152,9 +153,8 @@ class HoldService:
         t = await asyncio.to_thread(approvals.get, ticket.id)
         if status == APPROVED:
             if await asyncio.to_thread(approvals.claim, ticket.id, binding):
-                comment = f" ({t.decision_comment})" if t.decision_comment else ""
-                return Outcome(APPROVED, True, f"ticket {ticket.id} approved by "
-                                               f"{t.decided_by}{comment}",
+                said = f": “{t.decision_comment}”" if t.decision_comment else ""
+                return Outcome(APPROVED, True, f"ticket {ticket.id} {wording.decision(t)}{said}",
                                ticket.id, t.decided_by, t.decision_comment)
             # Someone else (a replayed request, a second holder) used the approval first.
             status, t = CANCELLED, await asyncio.to_thread(approvals.get, ticket.id)
@@ -163,7 +163,7 @@ class HoldService:
     def refusal(self, t: Ticket, status: str, noun: str, timeout: float) -> Outcome:
         """The outcome of a ticket that ended without running its request."""
         if status == REJECTED:
-            text = f"ticket {t.id} rejected by {t.decided_by}: {t.decision_comment}"
+            text = f"ticket {t.id} {wording.decision(t)}: “{t.decision_comment}”"
         elif status == EXPIRED:
             text = (f"ticket {t.id} expired after {human_duration(timeout)} "
                     f"without a decision; the {noun} was not run")

@@ -147,7 +147,7 @@ CLASS_CASES = [
     ("SET statement_timeout = '2s'", SESSION),
     ("SET row_security = f", SAFETY),
     ("SET row_security = on", SESSION),
-    ("RESET ALL", SESSION),
+    ("RESET ALL", SAFETY),  # every timeout back to its default at once
     ("SET client_encoding = 'UTF8'", SESSION),
     ("LISTEN ch", SESSION),
     ("UNLISTEN *", SESSION),

@@ -161,7 +161,7 @@ def test_reject_in_teams_reaches_psql_with_reason(chat: Chat) -> None:
     assert "Rejected by dana" in repr(body["value"])
     out, err = p.communicate(timeout=30)
     assert p.returncode != 0
-    assert f"ticket {t['id']} rejected by dana: not on payday" in err
+    assert f"ticket {t['id']} rejected by dana: “not on payday”" in err
     chat.slack_message(t["id"], "Rejected by dana")
     chat.slack_dm("UALICE", f"#{t['id']} on shop was rejected by dana: “not on payday”")
 

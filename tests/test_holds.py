@@ -94,7 +94,7 @@ def test_an_approval_releases_the_held_request_once(svc: Services) -> None:
     assert "held for approval" in held.message and "Waiting up to 30s" in held.message
     assert seen[1:] == [held.ticket_id, None]  # waiting, then not any more
     assert outcome.run and outcome.status == "approved"
-    assert outcome.message == f"ticket {held.ticket_id} approved by dana (go ahead)"
+    assert outcome.message == f"ticket {held.ticket_id} approved by dana: “go ahead”"
     assert [r["kind"] for r in audit] == ["held"]
     assert audit[0]["ticket_id"] == held.ticket_id and audit[0]["outcome"] == "pending"
     # The approval was claimed: it cannot run a second time.
@@ -107,7 +107,7 @@ def test_a_rejection_says_who_and_why(svc: Services) -> None:
 
     outcome, seen, _ = run_hold(svc, request(svc), reject)
     assert not outcome.run and outcome.status == "rejected"
-    assert outcome.message == f"ticket {seen[0].ticket_id} rejected by dana: not during the sale"
+    assert outcome.message == f"ticket {seen[0].ticket_id} rejected by dana: “not during the sale”"
 
 
 def test_no_decision_expires_with_the_protocols_noun(svc: Services) -> None:

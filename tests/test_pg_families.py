@@ -252,3 +252,14 @@ def test_identifiers_the_server_cuts_still_match_rules(kt: Keyturn, name: str) -
     res = psql(kt, sql)
     assert res.returncode != 0 and "vault-is-off-limits" in res.stderr, res.stderr
     assert "top secret" not in res.stdout
+
+
+def test_reset_all_is_a_safety_change_like_resetting_each_timeout(kt: Keyturn) -> None:
+    """RESET ALL puts statement_timeout, lock_timeout, ... back to their defaults at once:
+    the same class as RESET statement_timeout (blocked here), not a plain session change."""
+    assert_blocked_everywhere(kt, "RESET ALL")
+    with psycopg.connect(kt.dsn("alice"), autocommit=True) as c:
+        c.execute("SET statement_timeout = '5s'")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("SET lock_timeout = '5s'; RESET ALL")
+        assert c.execute("SHOW statement_timeout").fetchone() == ("5s",)

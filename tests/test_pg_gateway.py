@@ -288,7 +288,7 @@ def test_rejection_reaches_psql_with_approver_and_reason(keyturn: Keyturn) -> No
     keyturn.cli("reject", str(t["id"]), "--reason", "use the admin tool", token_of="dana")
     out, err = p.communicate(timeout=30)
     assert p.returncode != 0
-    assert f"ticket {t['id']} rejected by dana: use the admin tool" in err
+    assert f"ticket {t['id']} rejected by dana: “use the admin tool”" in err
     assert count(keyturn, "SELECT count(*) FROM customers WHERE email = 'x'") == 0
 
 

@@ -9,6 +9,7 @@ import asyncio
 import json
 import re
 import subprocess
+import time
 
 import psycopg
 import pytest
@@ -543,3 +544,28 @@ def test_a_rule_can_send_copying_writes_to_review(keyturn: Keyturn, truth: dict)
     assert done == [1]
     assert direct(keyturn, "SELECT count(*) FROM people_notes WHERE note = "
                            f"'{truth['ssn']}'") == [(1,)]
+
+
+def test_a_star_exploding_over_self_joins_is_refused_at_once(keyturn: Keyturn) -> None:
+    """``*`` over self-joined CTEs multiplies the outputs to trace (a million from a 5 KB
+    statement): tracing stops at the server's own limit on a result's columns, refuses
+    the statement, and another session is not kept waiting meanwhile."""
+    cols = ", ".join(f"c{i}" for i in range(1000))
+    levels = ["a AS (SELECT " + cols + " FROM people)",
+              "b0 AS (SELECT * FROM a x1, a x2, a x3, a x4)"]
+    levels += [f"b{i} AS (SELECT * FROM b{i - 1} y1, b{i - 1} y2, b{i - 1} y3, b{i - 1} y4)"
+               for i in range(1, 5)]
+    sql = "WITH " + ", ".join(levels) + " SELECT * FROM b4"
+    other = psycopg.connect(keyturn.dsn("bob", dbname="shopmask"), autocommit=True)
+    try:
+        with psycopg.connect(keyturn.dsn("alice", dbname="shopmask"), autocommit=True) as c:
+            t0 = time.monotonic()
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as err:
+                c.execute(sql)
+            assert "1664 columns" in str(err.value)
+            assert time.monotonic() - t0 < 2
+        t0 = time.monotonic()
+        assert other.execute("SELECT 1").fetchone() == (1,)
+        assert time.monotonic() - t0 < 1
+    finally:
+        other.close()

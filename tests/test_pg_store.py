@@ -72,7 +72,7 @@ def test_n_of_m_and_rejection_with_postgres_store(kt_pgstore: Keyturn) -> None:
     t = kt.wait_ticket()
     kt.cli("reject", str(t["id"]), "--reason", "not now", token_of="bob")
     out, err = p.communicate(timeout=30)
-    assert p.returncode != 0 and "rejected by bob: not now" in err
+    assert p.returncode != 0 and "rejected by bob: “not now”" in err
 
 
 def test_audit_chain_in_postgres_store(kt_pgstore: Keyturn, tmp_path: Path) -> None:

@@ -120,6 +120,23 @@ CREATE OPERATOR !== (LEFTARG = int4, RIGHTARG = int4, FUNCTION = pg_try_advisory
 CREATE TABLE tallies (n int);
 CREATE FUNCTION public.wipe() RETURNS int LANGUAGE plpgsql
   AS $$ BEGIN DELETE FROM victim; RETURN 1; END $$;
+CREATE FUNCTION public.json_scalar(int) RETURNS text LANGUAGE plpgsql
+  AS $$ BEGIN PERFORM pg_advisory_lock(4242); RETURN 'x'; END $$;
+CREATE FUNCTION public.json(int) RETURNS text LANGUAGE plpgsql
+  AS $$ BEGIN PERFORM pg_advisory_lock(4242); RETURN 'x'; END $$;
+CREATE FUNCTION public.json_array(int, int) RETURNS text LANGUAGE plpgsql
+  AS $$ BEGIN PERFORM pg_advisory_lock(4242); RETURN 'x'; END $$;
+CREATE FUNCTION public.json_object(int, int) RETURNS text LANGUAGE plpgsql
+  AS $$ BEGIN PERFORM pg_advisory_lock(4242); RETURN 'x'; END $$;
+CREATE FUNCTION public.json_query(int, int) RETURNS text LANGUAGE plpgsql
+  AS $$ BEGIN PERFORM pg_advisory_lock(4242); RETURN 'x'; END $$;
+CREATE FUNCTION public.merge_action() RETURNS text LANGUAGE plpgsql
+  AS $$ BEGIN PERFORM pg_advisory_lock(4242); RETURN 'x'; END $$;
+CREATE AGGREGATE public.json_arrayagg(mytype) (sfunc = public.sum_lock, stype = int);
+CREATE EXTENSION tcn;
+CREATE FUNCTION public.upper(int) RETURNS text LANGUAGE plpgsql STABLE
+  AS $$ BEGIN PERFORM pg_advisory_lock(4242); RETURN 'x'; END $$;
+ALTER EXTENSION tcn ADD FUNCTION public.upper(int);
 CREATE TABLE bumps (n int);
 CREATE FUNCTION public.md5(int) RETURNS int LANGUAGE sql
   AS $$ INSERT INTO bumps VALUES ($1) RETURNING $1 $$;
@@ -221,6 +238,18 @@ HIDDEN = {
     "a cast of a table's row type": "SELECT upper(wr) FROM wr",
     "an operator whose negator takes a lock": "SELECT id FROM wr WHERE NOT (id === 3)",
     "attribute notation as a cast to a domain": "SELECT ('x'::varchar).lockdom",
+    # Syntax the analyser's newer grammar reads as SQL/JSON or MERGE, but PostgreSQL 15
+    # as calls resolved through the search path.
+    "json_scalar(): SQL/JSON syntax only to a newer grammar": "SELECT json_scalar(1)",
+    "json(): the same": "SELECT json(1)",
+    "json_array(): the same": "SELECT json_array(1, 2)",
+    "json_object(): a keyword only to a newer grammar": "SELECT json_object(1, 2)",
+    "json_query(): the same": "SELECT json_query(1, 2)",
+    "merge_action(): MERGE syntax only to a newer grammar": "SELECT merge_action()",
+    "json_arrayagg(): an aggregate to the older grammar":
+        "SELECT json_arrayagg(ROW(g)::mytype) FROM generate_series(1, 3) g",
+    # A database owner installs a trusted extension and adds a function of their own.
+    "a function added to a trusted extension": "SELECT upper(5)",
 }
 
 

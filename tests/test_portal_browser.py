@@ -150,7 +150,7 @@ def test_bob_approves_and_rejects_held_statements(browser: Any, live: Keyturn,
         page.locator(".msg-ok").wait_for()
         out, err = psql.communicate(timeout=30)
         assert psql.returncode != 0
-        assert "rejected by bob: use the admin tool" in err
+        assert "rejected by bob: “use the admin tool”" in err
     finally:
         if psql.poll() is None:
             psql.kill()

@@ -116,7 +116,7 @@ def test_rejection_reason_reaches_psql_and_my_requests(live: Keyturn) -> None:
         assert r.status_code == 200
         out, err = psql.communicate(timeout=30)
         assert psql.returncode != 0
-        assert f"ticket {tid} rejected by bob: use the admin tool" in err
+        assert f"ticket {tid} rejected by bob: “use the admin tool”" in err
     finally:
         if psql.poll() is None:
             psql.kill()

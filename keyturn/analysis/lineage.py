@@ -330,6 +330,9 @@ class _Tracer:
             srcs = self.expr(val, scope)
             self.lin.expression_sources |= srcs
             outs.append(Output(rt.get("name") or _output_name(val), srcs, False))
+        if len(outs) > MAX_COLUMNS:
+            raise TooWide(f"the select list has more than {MAX_COLUMNS} columns, more than "
+                          "the server allows in a result")
         return outs
 
     def star(self, qual: list[Any], scope: _Scope) -> list[Output] | None:
@@ -340,6 +343,9 @@ class _Tracer:
                 if item.table is not None:
                     self.lin.star_tables.add(item.table)
                 return None
+            if len(out) + len(item.outputs) > MAX_COLUMNS:
+                raise TooWide(f"* expands to more than {MAX_COLUMNS} columns, more than the "
+                              "server allows in a result")
             out.extend(Output(o.name, set(o.sources), o.plain) for o in item.outputs)
         return out
 
@@ -548,6 +554,16 @@ def _output_name(val: Any) -> str:
         if "TypeCast" in val:
             return _output_name(val["TypeCast"].get("arg"))
     return "?column?"
+
+
+#: PostgreSQL's limit on a result's columns (MaxTupleAttributeNumber): a select list
+#: longer than this fails on the server, so tracing stops there instead of expanding
+#: ``*`` over self-joins into millions of outputs (time and memory on the event loop).
+MAX_COLUMNS = 1664
+
+
+class TooWide(ValueError):
+    """A select list wider than any the server runs: nothing to trace."""
 
 
 def trace(sql: str) -> list[Lineage]:

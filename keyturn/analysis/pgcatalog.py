@@ -48,9 +48,10 @@ class Routine:
 
     @property
     def vetted(self) -> bool:
-        """Installed by an extension, declared immutable or stable, and not SECURITY
-        DEFINER: code the database's administrator installed (citext's ``upper``), which
-        no session can replace. Everything else is user code."""
+        """Installed by an extension (made by its script: owned by a superuser, which the
+        catalog read checks), declared immutable or stable, and not SECURITY DEFINER: code
+        the database's administrator installed (citext's ``upper``), which no session can
+        replace. Everything else is user code."""
         return self.extension is not None and self.volatility in ("i", "s") and \
             not self.definer
 

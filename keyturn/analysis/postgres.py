@@ -872,8 +872,12 @@ class _Walk:
         if body.get("is_local"):
             verb += " LOCAL"
         if kind == "VAR_RESET_ALL":
-            # role and session_authorization are exempt from RESET ALL in PostgreSQL.
-            self.add(C.SESSION, "RESET ALL restores session defaults")
+            # role and session_authorization are exempt from RESET ALL in PostgreSQL; the
+            # safety settings are not: it is RESET statement_timeout, lock_timeout, ...
+            # at once, which is class SAFETY like each of them.
+            self.literal = True
+            self.add(C.SAFETY, "RESET ALL turns the safety settings back to their defaults "
+                               f"({', '.join(catalogue.SAFETY_SETTINGS)})")
             self.search_path = DEFAULT_SEARCH_PATH
             return
         if name in ("transaction", "session characteristics"):
@@ -1178,6 +1182,8 @@ def _func_call(w: _Walk, body: dict[str, Any], ctes: frozenset[str]) -> None:
     names = _names(body.get("funcname"))
     args = body.get("args") or []
     w.call(names, args)
+    if len(names) == 2 and names[0] == "pg_catalog" and names[1] in _NEWER_QUALIFIED:
+        w.refs[("f", "", names[1])] = None   # an older target resolves it by search path
     if names and len(args) == 1 and not body.get("agg_star") and not body.get("over") \
             and "NamedArgExpr" not in args[0]:
         # f(x) is a cast to a type named f when no function takes x exactly (a literal):
@@ -1223,7 +1229,36 @@ def _indirection(w: _Walk, body: dict[str, Any], ctes: frozenset[str]) -> None:
     w.children("A_Indirection", body, ctes)
 
 
+#: Syntax the parser (PostgreSQL 18's grammar) reads as SQL/JSON or MERGE constructs, but
+#: which an older target (15 has none of it) reads as a call of a function of that name,
+#: found through the search path: a user function (or aggregate) so named would run.
+#: Each counts as a call of that name; on a target that knows the syntax, a user
+#: function so named is merely suspicious, which is the safe side.
+_NEWER_SYNTAX = {
+    "JsonScalarExpr": "json_scalar", "JsonParseExpr": "json",
+    "JsonSerializeExpr": "json_serialize", "JsonArrayConstructor": "json_array",
+    "JsonArrayQueryConstructor": "json_array", "JsonObjectConstructor": "json_object",
+    "JsonArrayAgg": "json_arrayagg", "JsonObjectAgg": "json_objectagg",
+    "MergeSupportFunc": "merge_action", "JsonTable": "json_table",
+}
+_JSON_FUNC_OPS = {"JSON_QUERY_OP": "json_query", "JSON_VALUE_OP": "json_value",
+                  "JSON_EXISTS_OP": "json_exists", "JSON_TABLE_OP": "json_table"}
+#: Calls the newer grammar writes as pg_catalog.<name> where an older one resolves the
+#: name through the search path (json_object(...) became a keyword in PostgreSQL 16).
+_NEWER_QUALIFIED = frozenset({"json_object", "system_user"})
+
+
+def _newer_syntax(kind: str) -> Any:
+    def handler(w: _Walk, body: dict[str, Any], ctes: frozenset[str]) -> None:
+        name = _JSON_FUNC_OPS.get(str(body.get("op")), "json_query") \
+            if kind == "JsonFuncExpr" else _NEWER_SYNTAX[kind]
+        w.refs[("f", "", name)] = None
+        w.children(kind, body, ctes)
+    return handler
+
+
 _NODE_HANDLERS = {
+    **{k: _newer_syntax(k) for k in (*_NEWER_SYNTAX, "JsonFuncExpr")},
     "RangeVar": lambda w, body, ctes: w.relation(body, ctes),
     "FuncCall": _func_call, "JoinExpr": _join,
     "A_Expr": _a_expr, "SubLink": _sub_link, "CaseExpr": _case, "SortBy": _sort_by,

@@ -69,7 +69,12 @@ _ROUTINES = f"""
 SELECT n.nspname, p.proname, p.prokind, p.provolatile, l.lanname, p.prosecdef,
        (SELECT e.extname FROM pg_depend d JOIN pg_extension e ON e.oid = d.refobjid
          WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid
-           AND d.refclassid = 'pg_extension'::regclass AND d.deptype = 'e' LIMIT 1)
+           AND d.refclassid = 'pg_extension'::regclass AND d.deptype = 'e'
+           -- ALTER EXTENSION ADD lets an extension's owner (a database owner, for a
+           -- trusted extension) add a function of their own: only what a superuser owns
+           -- (what an extension script made) counts as the extension's.
+           AND EXISTS (SELECT FROM pg_roles r WHERE r.oid = p.proowner AND r.rolsuper)
+         LIMIT 1)
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
 JOIN pg_language l ON l.oid = p.prolang
 WHERE {_user("n", "p")}"""
