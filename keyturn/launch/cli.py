@@ -313,8 +313,13 @@ def cmd_decide(args: argparse.Namespace) -> int:
     data = _api(args, "POST", f"/tickets/{args.ticket}/{vote}", body)
     t = data["ticket"]
     if data["decided"]:
-        print(f"ticket {t['id']} {t['status']}" + (f" by {t['decided_by']}" if t['decided_by']
-                                                    else ""))
+        from types import SimpleNamespace
+
+        from keyturn import wording
+
+        print(f"ticket {t['id']} " + wording.outcome(SimpleNamespace(
+            status=t["status"], decided_by=t.get("decided_by"),
+            result_rows=t.get("result_rows"), result_error=t.get("result_error"))))
     else:
         print(f"ticket {t['id']}: approval recorded ({data['approvals']} of {data['required']})")
     return 0
