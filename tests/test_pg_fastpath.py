@@ -230,9 +230,33 @@ def client_messages(rng: random.Random) -> list[bytes]:
         return [codec.encode_parse("s1", sql), codec.encode_bind("", "s1", params=[v]),
                 codec.encode_execute("", 0), codec.encode_sync()]
     if r < 0.92:
+        return unnamed(rng)
+    if r < 0.95:
         return [codec.encode_close("S", "s1"), codec.encode_sync()]
     return [codec.encode_bind("", "s1", params=[b"4"]), codec.encode_execute("", 0),
             codec.encode_flush(), codec.encode_sync()]
+
+
+def unnamed(rng: random.Random) -> list[bytes]:
+    """A parameterised query as psycopg, JDBC or pgx send it: Parse of the unnamed
+    statement, Bind, Describe (sometimes), Execute, Sync; the same few texts again and
+    again, one of them failing, one blocked, one with declared parameter types."""
+    sql, types = rng.choice([("SELECT v FROM acc WHERE id = $1", ()),
+                             ("SELECT v FROM acc WHERE id = $1", (23,)),
+                             ("SELECT w FROM acc WHERE id = $1", ()),
+                             ("SELECT v/0 AS fail FROM acc WHERE id = $1", ()),
+                             ("DELETE FROM acc WHERE id = $1", ())])
+    v = str(rng.randint(1, 9)).encode()
+    msgs = [codec.encode_parse("", sql, types), codec.encode_bind("", "", params=[v])]
+    if rng.random() < 0.5:
+        msgs.append(codec.encode_describe("P", ""))
+    msgs.append(codec.encode_execute("", 0))
+    r = rng.random()
+    if r < 0.15:  # the unnamed statement bound again in the same batch
+        msgs += [codec.encode_bind("", "", params=[b"1"]), codec.encode_execute("", 0)]
+    elif r < 0.25:  # two statements in one batch (a pipeline)
+        msgs += unnamed(rng)[:-1]
+    return [*msgs, codec.encode_sync()]
 
 
 def cut(rng: random.Random, data: bytes) -> list[bytes]:
@@ -305,8 +329,9 @@ def run_interleaved(seed: int, fast: bool | str) -> tuple[bytes, bytes, list[dic
                            + struct.pack("!h", 0))
                 r = rng.random()
                 batches.append(
-                    codec.encode_query(f"SELECT abalance FROM acc WHERE aid = {n};") if r < 0.45
-                    else bind + codec.encode_execute("", 0) + codec.encode_sync() if r < 0.92
+                    codec.encode_query(f"SELECT abalance FROM acc WHERE aid = {n};") if r < 0.35
+                    else bind + codec.encode_execute("", 0) + codec.encode_sync() if r < 0.65
+                    else b"".join(unnamed(rng)) if r < 0.92
                     else b"".join(client_messages(rng)))
             to_target.extend(cut(rng, first + b"".join(batches)))
             first = b""
@@ -509,6 +534,50 @@ def test_relays_keep_the_common_case_out_of_python() -> None:
     assert calls[-1] == "server" and not s.fast.armed
     feed(s, codec.encode_query("SELECT abalance FROM acc WHERE aid = 5;"))
     assert calls[-1] == "client" and s.fast.armed
+
+
+def test_a_parameterised_query_stays_out_of_python_from_its_second_run() -> None:
+    # What psycopg, JDBC, pgx and node-postgres send for a query with parameters:
+    # Parse of the unnamed statement, Bind, Describe, Execute, Sync, every time.
+    s, up, calls = _learned_relay_session()
+    answer = (msg(b"1", b"") + msg(b"2", b"") + msg(b"T", struct.pack("!h", 1) + b"v\0"
+              + b"\0" * 18) + msg(b"D", struct.pack("!hi", 1, 1) + b"7")
+              + msg(b"C", b"SELECT 1\0") + msg(b"Z", b"I"))
+
+    def query(sql: str, value: bytes, types: tuple[int, ...] = ()) -> bytes:
+        return b"".join([codec.encode_parse("", sql, types),
+                         codec.encode_bind("", "", params=[value]),
+                         codec.encode_describe("P", ""), codec.encode_execute("", 0),
+                         codec.encode_sync()])
+
+    for i in range(50):
+        feed(s, query("SELECT v FROM acc WHERE id = $1", str(i).encode()))
+        feed(up, answer)
+    assert calls == ["client", "server", "client"]
+    assert s.fast.armed and s.fast.pending == 0
+    assert "" in s.stmts and s.stmts[""].sql == "SELECT v FROM acc WHERE id = $1"
+    # Another text, or the same text with declared parameter types, is judged by the
+    # session first (the memo is keyed by the whole Parse body).
+    feed(s, query("SELECT v FROM acc WHERE id = $1", b"1", (23,)))
+    assert calls[-1] == "client" and s.stmts[""].param_types == (23,)
+    feed(up, answer)
+    # What a name means may change (search_path, the catalog, the policy): the memo goes.
+    inside(s, s.forget_verdicts)
+    assert not s.fast_parses
+    n = len(calls)
+    feed(s, query("SELECT v FROM acc WHERE id = $1", b"2"))
+    assert calls[n:] == ["client"]
+    feed(up, answer)
+    # A statement that is not allowed is never taken by the fast path, whatever came
+    # before it under the same name.
+    n = len(calls)
+    feed(s, query("DELETE FROM acc WHERE id = $1", b"1"))
+    assert calls[n:] == ["client"]
+    records = [orjson.loads(line) for line in _PLAYBOOKS[id(s)].records()]
+    assert [r["outcome"] for r in records if r["kind"] == "statement"
+            and r["statement"].startswith("DELETE")] == ["blocked"]
+    assert sum(r["kind"] == "statement" and r["statement"] == "SELECT v FROM acc WHERE "
+               "id = $1" and r["outcome"] == "ok" for r in records) == 52
 
 
 def test_a_closed_target_disarms_the_client_relay() -> None:

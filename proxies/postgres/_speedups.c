@@ -799,10 +799,12 @@ static PyTypeObject AuditBufferType = {
 /* ================================================================ FastPath
  *
  * The relay's common case in one call per network chunk: simple Queries whose
- * shape the session already allowed (the verdicts dict), and Bind/Execute/Sync
- * of prepared statements the session already allowed as reads (the statements
- * dict), with the target's ordinary answers (RowDescription, DataRow,
- * CommandComplete, BindComplete, ReadyForQuery). Audit lines for these are built
+ * shape the session already allowed (the verdicts dict), Bind/Execute/Sync of
+ * prepared statements the session already allowed as reads (the statements
+ * dict), and Parse of the unnamed statement with a text (and parameter types)
+ * the session already allowed as a read (the parses dict: what drivers send for
+ * a parameterised query), with the target's ordinary answers (ParseComplete,
+ * RowDescription, DataRow, CommandComplete, BindComplete, ReadyForQuery). Audit lines for these are built
  * here, from pieces the session passes in (its prefix, the decision fragments and
  * the layout's keys, all built by keyturn.auditschema): no field name is spelled
  * in this file. Anything else (an error, a notice, a message of another type, a chunk
@@ -826,11 +828,11 @@ enum {
 #define KEY_MAX 48 /* bytes per key piece at most: see audit_line's buffer */
 
 typedef struct {
-    char kind;          /* 'Q', 'B', 'E', 'S', 'D' (Describe of the unnamed portal) */
+    char kind;          /* 'Q', 'P', 'B', 'E', 'S', 'D' (Describe of the unnamed portal) */
     PyObject *decision; /* Q, E: the Decision */
     PyObject *fragment; /* Q, E: "classification":…,"action":…,"rule":…,"reason":… */
     PyObject *raw;      /* Q: the chunk holding the text; E: the statement's JSON string */
-    PyObject *sql;      /* E: the statement text (str) */
+    PyObject *sql;      /* E: the statement text (str); P: the session's StmtInfo */
     Py_ssize_t off, len;/* Q: the statement text in raw */
     double t0;
     long long rows;     /* -1: none */
@@ -842,7 +844,10 @@ typedef struct {
     PyObject_HEAD
     PyObject *session;
     PyObject *verdicts;      /* str shape -> (Decision, fragment bytes) */
-    PyObject *stmts;         /* bytes name -> (Decision, fragment, sql JSON bytes, sql str, name str) */
+    PyObject *stmts;         /* bytes name -> (Decision, fragment, sql JSON bytes, sql str, name str[, info]) */
+    PyObject *parses;        /* bytes Parse body after the (empty) name -> the same 6-tuple
+                                with the session's StmtInfo last; NULL: no Parse here */
+    PyObject *pystmts;       /* the session's statements (str name -> StmtInfo) */
     PyObject *portals;       /* the session's portals: str -> (statement name, Bind body) */
     PyObject *client_write;
     PyObject *upstream_write;
@@ -860,7 +865,7 @@ typedef struct {
     int armed;               /* see Relay: the last client chunk went the fast way */
 } FastPath;
 
-static PyObject *str_tx_status, *str_I, *str_T, *str_E, *str_empty;
+static PyObject *str_tx_status, *str_I, *str_T, *str_E, *str_empty, *bytes_empty;
 
 static int audit_line(FastPath *self, Entry *e, double now, int intent);
 
@@ -880,6 +885,8 @@ FastPath_traverse(FastPath *self, visitproc visit, void *arg)
     Py_VISIT(self->session);
     Py_VISIT(self->verdicts);
     Py_VISIT(self->stmts);
+    Py_VISIT(self->parses);
+    Py_VISIT(self->pystmts);
     Py_VISIT(self->portals);
     Py_VISIT(self->client_write);
     Py_VISIT(self->upstream_write);
@@ -898,6 +905,8 @@ FastPath_clear(FastPath *self)
     Py_CLEAR(self->session);
     Py_CLEAR(self->verdicts);
     Py_CLEAR(self->stmts);
+    Py_CLEAR(self->parses);
+    Py_CLEAR(self->pystmts);
     Py_CLEAR(self->portals);
     Py_CLEAR(self->client_write);
     Py_CLEAR(self->upstream_write);
@@ -926,15 +935,20 @@ FastPath_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"session", "verdicts", "stmts", "portals", "client_write",
                              "upstream_write", "audit_write", "prefix", "layout", "max_len",
-                             "intent_prefix", "flush", NULL};
+                             "intent_prefix", "flush", "parses", "session_stmts", NULL};
     PyObject *session, *verdicts, *stmts, *portals, *cw, *uw, *aw, *prefix, *layout;
-    PyObject *iprefix = Py_None, *flush = Py_None;
+    PyObject *iprefix = Py_None, *flush = Py_None, *parses = NULL, *pystmts = NULL;
     Py_ssize_t max_len;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!O!O!OOOSO!n|OO:FastPath", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!O!O!OOOSO!n|OOO!O!:FastPath", kwlist,
                                      &session, &PyDict_Type, &verdicts, &PyDict_Type, &stmts,
                                      &PyDict_Type, &portals, &cw, &uw, &aw, &prefix,
-                                     &PyTuple_Type, &layout, &max_len, &iprefix, &flush))
+                                     &PyTuple_Type, &layout, &max_len, &iprefix, &flush,
+                                     &PyDict_Type, &parses, &PyDict_Type, &pystmts))
         return NULL;
+    if ((parses == NULL) != (pystmts == NULL)) {
+        PyErr_SetString(PyExc_TypeError, "parses and session_stmts go together");
+        return NULL;
+    }
     if (iprefix != Py_None && !PyBytes_Check(iprefix)) {
         PyErr_SetString(PyExc_TypeError, "intent_prefix must be bytes or None");
         return NULL;
@@ -957,6 +971,8 @@ FastPath_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->session = Py_NewRef(session);
     self->verdicts = Py_NewRef(verdicts);
     self->stmts = Py_NewRef(stmts);
+    self->parses = Py_XNewRef(parses);
+    self->pystmts = Py_XNewRef(pystmts);
     self->portals = Py_NewRef(portals);
     self->client_write = Py_NewRef(cw);
     self->upstream_write = Py_NewRef(uw);
@@ -1034,6 +1050,20 @@ cstr_end(const char *p, const char *end)
     return z;
 }
 
+/* dict[bytes(p, n)] as a borrowed reference in *out: 1 found, 0 not, -1 error. */
+static int
+lookup_bytes(PyObject *dict, const char *p, Py_ssize_t n, PyObject **out)
+{
+    PyObject *key = PyBytes_FromStringAndSize(p, n);
+    if (key == NULL)
+        return -1;
+    *out = PyDict_GetItemWithError(dict, key);
+    Py_DECREF(key);
+    if (*out == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    return 1;
+}
+
 PyDoc_STRVAR(client_doc,
 "client(chunk) -> bool\n\n"
 "Forward a chunk from the client if every message in it is one the fast path\n"
@@ -1055,6 +1085,7 @@ FastPath_client(FastPath *self, PyObject *chunk)
     int count = 0;
     PyObject *result = NULL;
     PyObject *bound = NULL; /* the statement a Bind in this chunk bound to the unnamed portal */
+    PyObject *parsed = NULL; /* what a Parse in this chunk put under the unnamed statement */
     Py_ssize_t p = 0;
     if (n == 0)
         goto bail;
@@ -1097,6 +1128,26 @@ FastPath_client(FastPath *self, PyObject *chunk)
             pl->verdict = Py_NewRef(hit);
             break;
         }
+        case 'P': {
+            /* the unnamed statement, with a body (text, parameter types) the session
+               allowed before: the same bytes are read the same way by the target (a
+               change of search_path, catalog or policy empties the dict) */
+            if (self->parses == NULL || bend - body < 4 || body[0] != 0)
+                goto bail;
+            PyObject *st;
+            int found = lookup_bytes(self->parses, body + 1, bend - body - 1, &st);
+            if (found < 0)
+                goto fail;
+            if (found == 0 || !PyTuple_Check(st) || PyTuple_GET_SIZE(st) != 6 ||
+                !PyBytes_Check(PyTuple_GET_ITEM(st, 1)) || !PyBytes_Check(PyTuple_GET_ITEM(st, 2))
+                || !PyUnicode_Check(PyTuple_GET_ITEM(st, 3))
+                || !PyUnicode_Check(PyTuple_GET_ITEM(st, 4))
+                || PyUnicode_GET_LENGTH(PyTuple_GET_ITEM(st, 4)) != 0)
+                goto bail;
+            pl->verdict = Py_NewRef(st);
+            parsed = st;
+            break;
+        }
         case 'B': {
             const char *z = cstr_end(body, bend);
             if (z == NULL || z != body) /* only the unnamed portal */
@@ -1105,17 +1156,18 @@ FastPath_client(FastPath *self, PyObject *chunk)
             const char *z2 = cstr_end(name, bend);
             if (z2 == NULL)
                 goto bail;
-            PyObject *key = PyBytes_FromStringAndSize(name, z2 - name);
-            if (key == NULL)
-                goto fail;
-            PyObject *st = PyDict_GetItemWithError(self->stmts, key);
-            Py_DECREF(key);
-            if (st == NULL) {
-                if (PyErr_Occurred())
-                    goto fail;
-                goto bail;
+            PyObject *st;
+            if (z2 == name && parsed != NULL) {
+                st = parsed; /* the unnamed statement parsed earlier in this chunk */
             }
-            if (!PyTuple_Check(st) || PyTuple_GET_SIZE(st) != 5 ||
+            else {
+                int found = lookup_bytes(self->stmts, name, z2 - name, &st);
+                if (found < 0)
+                    goto fail;
+                if (found == 0)
+                    goto bail;
+            }
+            if (!PyTuple_Check(st) || PyTuple_GET_SIZE(st) < 5 ||
                 !PyBytes_Check(PyTuple_GET_ITEM(st, 1)) || !PyBytes_Check(PyTuple_GET_ITEM(st, 2)))
                 goto bail;
             pl->verdict = Py_NewRef(st);
@@ -1144,6 +1196,10 @@ FastPath_client(FastPath *self, PyObject *chunk)
         count++;
         p = end;
     }
+    /* A Parse changes the session's statements: only in a batch that ends in this chunk
+       (the session then sees no half batch of the fast path's). */
+    if (parsed != NULL && plan[count - 1].type != 'S')
+        goto bail;
     /* Second pass: queue what the target owes, then forward the chunk unchanged. */
     double t0 = now_seconds();
     int intents = 0;
@@ -1164,12 +1220,22 @@ FastPath_client(FastPath *self, PyObject *chunk)
             }
             Py_DECREF(value);
         }
+        if (pl->type == 'P') {
+            /* the session's view of the unnamed statement, as its Parse handler keeps it */
+            PyObject *info = PyTuple_GET_ITEM(pl->verdict, 5);
+            if (PyDict_SetItem(self->pystmts, str_empty, info) < 0 ||
+                PyDict_SetItem(self->stmts, bytes_empty, pl->verdict) < 0)
+                goto fail;
+        }
         Entry *e = push(self);
         if (e == NULL)
             goto fail;
         e->kind = pl->type;
         e->t0 = t0;
-        if (pl->type == 'Q') {
+        if (pl->type == 'P') {
+            e->sql = Py_NewRef(PyTuple_GET_ITEM(pl->verdict, 5));
+        }
+        else if (pl->type == 'Q') {
             e->decision = Py_NewRef(PyTuple_GET_ITEM(pl->verdict, 0));
             e->fragment = Py_NewRef(PyTuple_GET_ITEM(pl->verdict, 1));
             e->raw = Py_NewRef(chunk);
@@ -1471,8 +1537,13 @@ FastPath_server(FastPath *self, PyObject *chunk)
                 q_tagged = idx;
             break;
         }
+        case '1':
+            if (kind != 'P' || length != 4)
+                Py_RETURN_FALSE;
+            idx++;
+            break;
         case '2':
-            if (kind != 'B')
+            if (kind != 'B' || length != 4)
                 Py_RETURN_FALSE;
             idx++;
             break;
@@ -1529,6 +1600,7 @@ FastPath_server(FastPath *self, PyObject *chunk)
                 self->head++;
             }
             break;
+        case '1':
         case '2':
             entry_clear(e);
             self->head++;
@@ -1565,8 +1637,9 @@ FastPath_server(FastPath *self, PyObject *chunk)
 
 PyDoc_STRVAR(drain_doc,
 "drain() -> list\n\n"
-"Hand the queued entries over: (kind, sql, decision, t0, rows, tag) each, oldest\n"
-"first; kind is b'Q', b'B', b'E', b'S' or b'D'; rows and tag None when not seen yet.");
+"Hand the queued entries over: (kind, sql, decision, t0, rows, tag, n) each, oldest\n"
+"first; kind is b'Q', b'P', b'B', b'E', b'S' or b'D'; rows and tag None when not seen\n"
+"yet; for b'P' sql is the statement's StmtInfo (see the parses dict).");
 
 static PyObject *
 FastPath_drain(FastPath *self, PyObject *unused)
@@ -1900,7 +1973,8 @@ PyInit__speedups(void)
     str_T = PyUnicode_InternFromString("T");
     str_E = PyUnicode_InternFromString("E");
     str_empty = PyUnicode_InternFromString("");
-    if (!str_tx_status || !str_I || !str_T || !str_E || !str_empty)
+    bytes_empty = PyBytes_FromStringAndSize(NULL, 0);
+    if (!str_tx_status || !str_I || !str_T || !str_E || !str_empty || !bytes_empty)
         return NULL;
     PyObject *m = PyModule_Create(&speedups_module);
     if (m == NULL)

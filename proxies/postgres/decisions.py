@@ -200,6 +200,7 @@ class Decisions(SessionState):
         self.fast_verdicts.clear()
         self.guarded_verdicts.clear()
         self.fast_stmts.clear()
+        self.fast_parses.clear()
         for info in self.stmts.values():
             info.decision = None
 

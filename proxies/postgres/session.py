@@ -84,6 +84,8 @@ log = logging.getLogger(__name__)
 # row count, and the intent number. Built from the schema, so C spells no field name.
 
 MAX_BACKLOG = 64 * 1024 * 1024
+# The longest Parse whose verdict the compiled fast path may reuse (its key is kept).
+_MAX_PARSE_KEY = 4096
 
 
 #: What a prepared-statement name may hold when the target's answer to a change of it is
@@ -226,6 +228,9 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         # Prepared statements allowed as reads, for the compiled fast path:
         # name -> (Decision, audit fields, statement as JSON, statement, name).
         self.fast_stmts: dict[bytes, tuple[Any, ...]] = {}
+        # Parses of the unnamed statement allowed as reads, for the compiled fast path:
+        # the Parse body after the name -> the fast_stmts tuple and the StmtInfo.
+        self.fast_parses: dict[bytes, tuple[Any, ...]] = {}
         self.fast: Any = None  # the compiled fast path, once the session is ready
         # Every schema this session's search_path may name (it only grows: a SET may be
         # rolled back, so the gateway cannot know it was undone).
@@ -429,6 +434,14 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                 expect.append(_EXPECT_B)
             elif kind == b"S":
                 expect.append(_EXPECT_S)
+                self.syncs += 1
+            elif kind == b"P":
+                # A Parse of the unnamed statement not answered yet (``sql`` is its
+                # StmtInfo, already in self.stmts): in doubt like one sent here.
+                self.op_seq += 1
+                self.stmt_op[""] = (self.op_seq, self.syncs)
+                self.doubt[""] = self.doubt.get("", 0) + 1
+                expect.append(Expect(b"P", op=self.op_seq, name="", mine=sql))
             elif kind == b"D":
                 expect.append(Expect(b"D"))  # Describe of the unnamed portal
             else:
@@ -551,6 +564,8 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                 return True
             info = StmtInfo(p.query, analysis, p.param_types, names=any(
                 st.command in _NAMESPACE_COMMANDS for st in analysis.statements))
+            if not p.name and msg.body[:1] == b"\0" and len(msg.body) <= _MAX_PARSE_KEY:
+                info.parse_key = msg.body[1:]  # as sent (not a rewritten SHOW)
             self.imp_started = True
             self.expect.append(self._namespace_op(_pkey(p.name), b"P", info))
             out.append(msg.raw)
@@ -710,9 +725,15 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                 and self._bind_target(stmt_name) is info:
             # Bind/Execute/Sync of this statement can now take the compiled fast path.
             key = stmt_name.encode()
-            if key not in self.fast_stmts and len(self.fast_stmts) < 4096:
-                self.fast_stmts[key] = (d, _fragment(d), orjson.dumps(info.sql), info.sql,
-                                        stmt_name)
+            entry = self.fast_stmts.get(key)
+            if entry is None and len(self.fast_stmts) < 4096:
+                entry = self.fast_stmts[key] = (d, _fragment(d), orjson.dumps(info.sql),
+                                                info.sql, stmt_name)
+            if entry is not None and info.parse_key is not None and \
+                    info.parse_key not in self.fast_parses and len(self.fast_parses) < 1024 \
+                    and all(st.search_path is None for st in info.analysis.statements):
+                # ... and so can a Parse of the same text into the unnamed statement.
+                self.fast_parses[info.parse_key] = (*entry[:5], info)
         analysis = info.analysis
         if d.action != "allow":
             # A value the class depends on may be bound ($1 of set_config): judge the

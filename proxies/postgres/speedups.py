@@ -5,9 +5,11 @@
 behaviour). What it holds:
 
 - ``RowMasker``: masks runs of DataRows (Python twin: ``rowmask.PyRowMasker``);
-- ``FastPath``: the relay's common case per network chunk (allowed simple Queries and
-  Bind/Execute/Sync of allowed prepared reads, with their audit lines); the session falls
-  back to Python for everything else (``ClientSession._take_fast``);
+- ``FastPath``: the relay's common case per network chunk (allowed simple Queries,
+  Bind/Execute/Sync of allowed prepared reads, and Parse of the unnamed statement with a
+  text the session allowed as a read before, as drivers send parameterised queries; with
+  their audit lines); the session falls back to Python for everything else
+  (``ClientSession._take_fast``);
 - ``fast_shape``: the twin of ``keyturn.analysis.postgres.fast_shape``;
 - ``AuditBuffer``: the audit spool's pending lines (twin: ``keyturn.auditspool.LineBuffer``);
 - ``Relay``: the protocol object of each side of a ready session (see session.py);

@@ -130,6 +130,9 @@ class StmtInfo:
     param_types: tuple[int, ...] = ()
     decision: Decision | None = None
     names: bool = False  # PREPARE / DEALLOCATE / DISCARD: it changes the SQL namespace
+    # A Parse of the unnamed statement: its body after the name (text and parameter
+    # types), the key of the compiled fast path's memo once it was allowed as a read.
+    parse_key: bytes | None = None
 
 
 _AMBIGUOUS = StmtInfo("", None)
@@ -242,6 +245,7 @@ class SessionState:
     fast_verdicts: dict[str, tuple[Decision, bytes]]
     guarded_verdicts: dict[str, tuple[Decision, Statement]]
     fast_stmts: dict[bytes, tuple[Any, ...]]
+    fast_parses: dict[bytes, tuple[Any, ...]]
     fast: Any
     schemas: frozenset[str]
     masking: bool
