@@ -630,3 +630,36 @@ def test_pipelined_messages_wait_behind_a_hold_in_order(keyturn: Keyturn) -> Non
     # The SELECT ran after the approved UPDATE, exactly in the order sent.
     assert results == {"upd": 1, "sel": before + 1, "sel2": 50}
     c.close()
+
+
+@pytest.mark.parametrize("call", ["imm_wipe(1)", "stab_wipe()"])
+def test_a_held_statement_runs_none_of_its_code_before_approval(keyturn: Keyturn,
+                                                                 call: str) -> None:
+    # The ticket's row estimate plans the statement, and the planner runs code while it
+    # plans (immutable functions folded, stable ones for estimates): a statement that
+    # may run user code is not planned, and the plan runs read-only, rolled back.
+    keyturn.pg.execute(
+        "CREATE TABLE IF NOT EXISTS held_victim (id int); "
+        "CREATE TABLE IF NOT EXISTS held_scratch (id int); "
+        "TRUNCATE held_victim; INSERT INTO held_victim SELECT generate_series(1, 10); "
+        "CREATE OR REPLACE FUNCTION public.held_wipe() RETURNS int LANGUAGE plpgsql "
+        "AS $$ BEGIN DELETE FROM held_victim; RETURN 1; END $$; "
+        "CREATE OR REPLACE FUNCTION public.imm_wipe(int) RETURNS int LANGUAGE plpgsql "
+        "IMMUTABLE AS $$ BEGIN PERFORM public.held_wipe(); RETURN $1; END $$; "
+        "CREATE OR REPLACE FUNCTION public.stab_wipe() RETURNS int LANGUAGE plpgsql "
+        "STABLE AS $$ BEGIN PERFORM public.held_wipe(); RETURN 1; END $$; "
+        "ALTER TABLE held_victim OWNER TO app; ALTER TABLE held_scratch OWNER TO app; "
+        "ALTER FUNCTION public.held_wipe() OWNER TO app; "
+        "ALTER FUNCTION public.imm_wipe(int) OWNER TO app; "
+        "ALTER FUNCTION public.stab_wipe() OWNER TO app", dbname="shop")
+    p = keyturn.psql("alice", f"DELETE FROM held_scratch WHERE id = {call}")
+    t = keyturn.wait_ticket()
+    try:
+        assert t["statement"].endswith(call)
+        time.sleep(1)  # an estimate, had there been one, would have run by now
+        assert count(keyturn, "SELECT count(*) FROM held_victim") == 10
+        assert t["detail"]["row_estimate"] is None
+    finally:
+        keyturn.cli("reject", str(t["id"]), "--reason", "no", token_of="dana")
+        p.communicate(timeout=30)
+    assert count(keyturn, "SELECT count(*) FROM held_victim") == 10

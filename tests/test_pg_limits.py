@@ -131,6 +131,28 @@ def audit_export(kt: Keyturn) -> str:
     return kt.cli("audit", "export").stdout
 
 
+# ---------------------------------------------------------------- login messages
+
+def test_a_client_that_has_not_logged_in_cannot_make_the_gateway_buffer_megabytes(
+        kt_limited: Keyturn) -> None:
+    """PostgreSQL reads at most 65535 bytes of a password or SASL message: so does the
+    gateway, and it answers a longer one with FATAL 08P01 before reading its body."""
+    sock = socket.create_connection(("127.0.0.1", kt_limited.gateway_port), timeout=10)
+    try:
+        sock.sendall(startup_packet("alice"))
+        kind, _ = read_message(sock)
+        assert kind == b"R"  # the SASL request
+        sock.sendall(b"p" + struct.pack("!i", 64 * 1024 * 1024 - 16))
+        kind, body = read_message(sock)
+        assert kind == b"E" and error_fields(body)["C"] == "08P01"
+        assert "too large" in error_fields(body)["M"]
+    finally:
+        sock.close()
+    # Others are served meanwhile and after.
+    with psycopg.connect(kt_limited.dsn("alice"), autocommit=True) as c:
+        assert c.execute("SELECT 1").fetchone() == (1,)
+
+
 # ---------------------------------------------------------------- login timeout
 
 def test_login_timeout_closes_silent_and_half_logged_in_sockets(kt_limited: Keyturn) -> None:

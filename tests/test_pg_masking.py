@@ -420,12 +420,47 @@ def test_copy_of_a_whole_table_masks_its_sensitive_columns(keyturn: Keyturn,
     assert truth["ssn"] not in out and "1\t********\t" + truth["city"] in out.splitlines()
 
 
-def test_data_errors_do_not_quote_masked_values(keyturn: Keyturn, truth: dict) -> None:
-    """A cast error quotes its input; a name matches no detector, so the quote itself goes."""
-    with pytest.raises(psycopg.errors.InvalidTextRepresentation) as exc:
-        masked(keyturn, "SELECT full_name::int FROM people WHERE id = 1")
-    message = exc.value.diag.message_primary or ""
-    assert truth["name"] not in message and '"<redacted>"' in message
+# Errors that print a value read from a masked column, quoted or not, whole or cut,
+# reformatted so no detector knows it: (statement, SQLSTATE, what must not show).
+DATA_ERRORS = {
+    "cast quotes its input": ("SELECT full_name::int FROM people WHERE id = 1", "22P02",
+                              "Person 1"),
+    "date field prints ssn digits": (
+        "SELECT make_date(2000, substr(ssn, 1, 3)::int, 1) FROM people WHERE id = 1",
+        "22008", "2000-219-01"),
+    "chr prints a number made of the ssn": (
+        "SELECT chr(11141120 + substr(ssn, 8, 4)::int) FROM people WHERE id = 1", "54000",
+        "11141121"),
+    "xml parser prints the name": (
+        "SELECT xmlparse(document full_name) FROM people WHERE id = 1", "2200M", "Person 1"),
+    "xml parser prints a reshaped email": (
+        "SELECT xmlparse(document translate(email, '@.', '  ')) FROM people WHERE id = 1",
+        "2200M", "person1 example org"),
+    "xml parser prints a reshaped card": (
+        "SELECT xmlparse(document replace(card_number, ' ', '.')) FROM people WHERE id = 1",
+        "2200M", "4111.1111.1111.0001"),
+    "json context line prints the email": (
+        "SELECT email::json FROM people WHERE id = 1", "22P02", "person1"),
+}
+
+
+@pytest.mark.parametrize("case", list(DATA_ERRORS))
+def test_data_errors_never_show_masked_values(keyturn: Keyturn, case: str) -> None:
+    """An error that may come from reading the data keeps its SQLSTATE (the client's
+    error handling works) and loses its texts, in whatever form they print a value."""
+    sql, sqlstate, secret = DATA_ERRORS[case]
+    with pytest.raises(psycopg.Error) as exc:
+        masked(keyturn, sql)
+    diag = exc.value.diag
+    texts = " ".join(filter(None, (str(exc.value), diag.message_primary, diag.message_detail,
+                                   diag.message_hint, diag.context, diag.internal_query)))
+    assert secret not in texts
+    assert diag.sqlstate == sqlstate and "withheld" in (diag.message_primary or "")
+
+
+def test_errors_raised_before_any_row_is_read_keep_their_text(keyturn: Keyturn) -> None:
+    with pytest.raises(psycopg.errors.UndefinedColumn, match="nope"):
+        masked(keyturn, "SELECT full_name, nope FROM people")
 
 
 def test_functions_whose_body_the_gateway_cannot_see_are_refused(keyturn: Keyturn) -> None:
@@ -569,3 +604,46 @@ def test_a_star_exploding_over_self_joins_is_refused_at_once(keyturn: Keyturn) -
         assert time.monotonic() - t0 < 1
     finally:
         other.close()
+
+
+def _raw_rows(answers: list[tuple[bytes, bytes]]) -> list[bytes]:
+    return [body for kind, body in answers if kind == b"D"]
+
+
+def test_a_failed_declare_leaves_the_cursor_it_could_not_replace(keyturn: Keyturn,
+                                                                 truth: dict) -> None:
+    # The server keeps the first cursor when a second DECLARE of the name fails: its
+    # rows are masked as the first cursor's query requires, not as the second's.
+    with psycopg.connect(keyturn.dsn("alice", dbname="shopmask"), autocommit=True) as c:
+        c.execute("DECLARE c CURSOR WITH HOLD FOR SELECT full_name || '' FROM people "
+                  "WHERE id < 3")
+        with pytest.raises(psycopg.errors.DuplicateCursor):
+            c.execute("DECLARE c CURSOR WITH HOLD FOR SELECT city || '' FROM people")
+        rows = c.execute("FETCH ALL FROM c").fetchall()
+        c.execute("CLOSE c")
+    assert len(rows) == 2 and all(r[0].startswith("h:") for r in rows)
+    assert truth["name"] not in str(rows)
+
+
+def test_cursors_follow_savepoints_and_protocol_portals(keyturn: Keyturn) -> None:
+    from tests.pg_raw import B, P, Q, RawConn, S, close_portal
+
+    dsn = keyturn.dsn("alice", dbname="shopmask")
+    with RawConn(dsn) as r:
+        answers = r.run(Q("BEGIN"),
+                        Q("DECLARE c CURSOR FOR SELECT full_name || '' FROM people "
+                          "WHERE id < 3"),
+                        Q("SAVEPOINT s"),
+                        Q("DECLARE c CURSOR FOR SELECT city || '' FROM people"),
+                        Q("ROLLBACK TO s"), Q("FETCH ALL FROM c"), Q("COMMIT"))
+    rows = _raw_rows(answers)
+    assert len(rows) == 2 and not any(b"Person" in row for row in rows)
+    # A SQL cursor and a protocol portal are one namespace: a portal bound under the
+    # cursor's name is not read with the cursor's lineage (FETCH of it is refused).
+    with RawConn(dsn) as r:
+        r.run(Q("BEGIN"), Q("DECLARE c CURSOR FOR SELECT city || '' FROM people"))
+        r.run(close_portal("c"), P("", "SELECT full_name || '' FROM people WHERE id < 3", []),
+              B("c", "", [], []), S())
+        answers = r.run(Q("FETCH ALL FROM c"), Q("COMMIT"))
+    assert not any(b"Person" in row for row in _raw_rows(answers))
+    assert any(kind == b"E" for kind, _ in answers)

@@ -37,6 +37,9 @@ GSSENC_REQUEST_CODE: Final = 80877104
 CANCEL_REQUEST_CODE: Final = 80877102
 MAX_STARTUP_PACKET_LENGTH: Final = 10000  # same limit as the PostgreSQL server
 DEFAULT_MAX_MESSAGE_SIZE: Final = 64 * 1024 * 1024
+# Before a client has logged in: the longest message PostgreSQL reads while it
+# authenticates (PG_MAX_AUTH_TOKEN_LENGTH, 65535 bytes of body) plus its length field.
+MAX_LOGIN_MESSAGE_SIZE: Final = 65535 + 4
 
 # Authentication request codes (the int32 at the start of an 'R' message).
 AUTH_OK: Final = 0
@@ -327,6 +330,13 @@ class FrontendReader(_TypedReader):
 
     def start_typed(self) -> None:
         self._startup = False
+
+    def set_max_message_size(self, size: int) -> None:
+        """Messages longer than ``size`` bytes (length field included) are refused from
+        now on: a session allows big messages only once its client logged in."""
+        if size < 4:
+            raise ValueError("max_message_size must be at least 4")
+        self._limit = size
 
     def next_event(self) -> StartupEvent | Message | _NeedData:
         if self._error is not None:

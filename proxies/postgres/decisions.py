@@ -134,6 +134,14 @@ class Decisions(SessionState):
                 self.verdicts[key] = hit
         return hit
 
+    def _plain_builtins(self, statements: Sequence[Statement]) -> bool:
+        """Whether the target's catalog shows nothing but the server's own code and plain
+        tables in ``statements`` (no user function, operator, type, view, rule or
+        trigger, and a catalog that was read): the gateway may then plan them itself."""
+        resolved = self.gw.catalogs.resolve(cast("ClientSession", self), tuple(statements))
+        return all(r is st and not st.opaque for r, st in zip(resolved, statements,
+                                                                 strict=True))
+
     def _typed_parameters(self, analysis: Any, types: Sequence[int]) -> Any:
         """A Parse that declares parameters of user types (a domain, a composite holding
         one): values bound to them run those types' code, as a cast would."""

@@ -493,12 +493,15 @@ class PostgresGateway:
         """The planner's row estimate for a DML statement (runs in a thread).
 
         Uses its own short connection so the held session's transaction state is
-        never touched. Returns None if the target cannot plan it.
+        never touched, in a read-only transaction that is rolled back (the caller plans
+        only statements without user code; this is the second line). Returns None if the
+        target cannot plan it.
         """
         try:
             with connect_target(conn, "keyturn-explain", timeout=3,
                                 options="-c statement_timeout=2000") as c:
                 with c.cursor() as cur:
+                    cur.execute("BEGIN READ ONLY")
                     if params:
                         cur.execute("PREPARE keyturn_explain AS " + sql)
                         lits = ", ".join(_literal(p) for p in params)
@@ -506,6 +509,7 @@ class PostgresGateway:
                     else:
                         cur.execute("EXPLAIN (FORMAT JSON) " + sql)
                     row = cur.fetchone()
+                    cur.execute("ROLLBACK")
         except Exception:
             log.info("no EXPLAIN estimate for a held statement on %s", conn.name, exc_info=True)
             return None

@@ -77,7 +77,11 @@ class Holds(SessionState):
         statements = analysis.statements
         readable = not ctx.params or not any(
             isinstance(p, str) and p.startswith("\\x") for p in ctx.params)
-        explain = len(statements) == 1 and getattr(statements[0], "is_dml", False) and readable
+        # The planner runs code while it plans (immutable functions folded, stable ones and
+        # operators for estimates, types' input functions): a statement that may run user
+        # code is never planned before someone approved it.
+        explain = len(statements) == 1 and getattr(statements[0], "is_dml", False) and \
+            readable and self._plain_builtins(statements)
 
         async def enrich(req: TicketRequest) -> TicketRequest:
             estimate = await asyncio.to_thread(self.gw.explain_rows, conn, ctx.statement,

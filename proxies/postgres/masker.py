@@ -30,6 +30,16 @@ _QUOTED = re.compile(r'"[^"]*"')
 _FAILING_ROW = re.compile(r"(Failing row contains |Key )\(.*\)(?=[^()]*$)", re.S)
 
 
+# SQLSTATE classes of errors raised before a statement reads any row (syntax, names,
+# privileges, transaction state, the server going away): their texts quote what the
+# client wrote, never a value of the data. Every other error or notice of a statement
+# that reads masked columns may print a value in any form (a date field out of range, an
+# XML or JSON parser's context line, a function's RAISE), so its texts are withheld.
+_BEFORE_DATA = frozenset(("42", "0A", "25", "3D", "3F", "08", "26", "34", "53", "57"))
+
+_WITHHELD = ("keyturn: the error text was withheld because the statement reads masked "
+             "columns and the text may show their values (SQLSTATE {code})")
+
 _MASKABLE_BINARY = frozenset((25, 1043, 1042, 19, 114))
 
 
@@ -75,7 +85,7 @@ class ResultMasking(SessionState):
         reviewers = next((m.writes_review for _, m in decision.masks
                           if m.writes_review is not None), None)
         try:
-            lineages, why = self._follow(trace(ctx.statement))
+            lineages, why, ctx.defines = self._follow(trace(ctx.statement))
             why = why or check(lineages, sens, tables=decision.tables,
                                classes=[s.classification for s in decision.statements],
                                writes=reviewers is None)
@@ -84,6 +94,7 @@ class ResultMasking(SessionState):
         if why is None and any(lin.copy for lin in lineages):
             why = self._copy_plan(ctx, sens, lineages)
         if why is not None:
+            self._defined(ctx, False)  # never sent: the names keep what they held
             ctx.action, ctx.rule, ctx.reason = "block", decision.masks[0][0], why
             self._blocked(ctx, kind, out)
             return None
@@ -140,26 +151,53 @@ class ResultMasking(SessionState):
                                              self.detectors)
         ctx.shown_params = redact_params(ctx.params, hidden, self.detectors)
 
-    def _follow(self, lineages: list[Any]) -> tuple[list[Any], str | None]:
-        """EXECUTE and FETCH return what PREPARE and DECLARE named: use that lineage,
-        and remember what this message prepares or declares."""
+    def _follow(self, lineages: list[Any]) -> tuple[list[Any], str | None, list[Any]]:
+        """EXECUTE and FETCH return what PREPARE and DECLARE named: use that lineage.
+
+        What this message prepares or declares is returned (kind, name, lineage, what the
+        name held before) and kept
+        only once the server accepted it (``_finished``): a DECLARE or PREPARE of a name
+        that is taken fails and leaves the old cursor or statement in place. Until then
+        the name is unknown (a FETCH or EXECUTE of it is refused), except later in the
+        same message, which the server skips if the DECLARE failed. Portals bound and
+        statements parsed through the protocol share these namespaces: they forget the
+        name too (see the session's Bind and Parse)."""
         out = []
+        defines: list[Any] = []
+        here: dict[tuple[str, str], Any] = {}
         for lin in lineages:
             if lin.prepares is not None:
-                self.mask_prepared[lin.prepares] = lin
+                prior = self.mask_prepared.pop(lin.prepares, None)
+                here["p", lin.prepares] = lin
+                defines.append(("p", lin.prepares, lin, prior))
             if lin.declares is not None:
-                self.mask_cursors[lin.declares] = lin
+                prior = self.mask_cursors.pop(lin.declares, None)
+                here["c", lin.declares] = lin
+                defines.append(("c", lin.declares, lin, prior))
             if lin.executes is not None or lin.fetches is not None:
-                known = self.mask_prepared.get(lin.executes) if lin.executes is not None \
-                    else self.mask_cursors.get(lin.fetches)
+                key = ("p", lin.executes) if lin.executes is not None else ("c", lin.fetches)
+                known = here.get(key) or (self.mask_prepared if key[0] == "p"
+                                          else self.mask_cursors).get(key[1])
                 if known is None:
                     what = f"prepared statement {lin.executes!r}" if lin.executes is not None \
                         else f"cursor {lin.fetches!r}"
-                    return [], f"{what} was not created through this masked session, so " \
-                               "its results cannot be followed"
+                    return [], f"{what} was not created through this masked session (or " \
+                               "its creation has not completed), so its results cannot " \
+                               "be followed", []
                 lin = known
             out.append(lin)
-        return out, None
+        return out, None, defines
+
+    def _defined(self, ctx: Ctx, ok: bool) -> None:
+        """The statement completed (``ok``): the cursors and statements it created exist;
+        or it failed: a cursor or statement the name held before is still there."""
+        for kind, name, lin, prior in ctx.defines or ():
+            names = self.mask_prepared if kind == "p" else self.mask_cursors
+            if ok:
+                names[name] = lin
+            elif prior is not None:
+                names.setdefault(name, prior)
+        ctx.defines = None
 
     def _refresh_catalog(self) -> None:
         """Drop the gateway's cached catalog and read it again for this session; until
@@ -255,12 +293,21 @@ class ResultMasking(SessionState):
         shows the failing row. The detectors read them all; the failing row of a
         constraint error is always hidden on a masked connection; and when the statement
         reads masked columns, every quoted value is redacted, since a name or an address
-        matches no detector."""
+        matches no detector, and an error that may come from reading data (any class
+        but those raised before any row is read) or a notice keeps only its SQLSTATE:
+        the server prints values unquoted too."""
         fields = codec.decode_error_fields(body)
         changed = False
         quoting = ctx is not None and ctx.sens is not None and \
             ctx.sens.first({src for lin in ctx.lineages or () for src in
                             lin.all_sources | lin.predicates | lin.writes}) is not None
+        if quoting and fields.get("C", "")[:2] not in _BEFORE_DATA:
+            code = fields.get("C", "")
+            for key in ("D", "H", "W", "q", "p"):
+                fields.pop(key, None)
+            fields["M"] = _WITHHELD.format(code=code)
+            payload = b"".join(k.encode() + v.encode() + b"\0" for k, v in fields.items())
+            return codec.encode_message(t, payload + b"\0")
         for key in ("M", "D", "H", "W"):
             if key not in fields:
                 continue

@@ -84,6 +84,8 @@ log = logging.getLogger(__name__)
 # row count, and the intent number. Built from the schema, so C spells no field name.
 
 MAX_BACKLOG = 64 * 1024 * 1024
+# Bytes a client may send before its session is ready (logged in, target connected).
+MAX_BEFORE_READY = 1024 * 1024
 # The longest Parse whose verdict the compiled fast path may reuse (its key is kept).
 _MAX_PARSE_KEY = 4096
 
@@ -183,7 +185,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                     asyncio.Protocol):
     def __init__(self, gw: PostgresGateway):
         self.gw = gw
-        self.reader = codec.FrontendReader()
+        self.reader = codec.FrontendReader(max_message_size=codec.MAX_LOGIN_MESSAGE_SIZE)
         self.phase = "startup"
         self.transport: asyncio.Transport | None = None
         self.upstream: Upstream | None = None
@@ -303,6 +305,11 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                 self._client_messages(self.reader.feed(data))
                 return
             self.reader.receive_data(data)
+            if self.reader.pending > MAX_BEFORE_READY:
+                # Before the session is ready nothing legitimate is this big (a startup
+                # packet, a password message, a few pipelined queries): a client must not
+                # make the gateway buffer for it before it has even logged in.
+                raise codec.RemoteProtocolError("too much data before the session was ready")
             if self.phase == "startup":
                 self._startup_events()
             elif self.phase == "auth":
@@ -535,6 +542,8 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                 return True
             self.portals[pkey] = (skey, body)
             self.bound[pkey] = (body, target)
+            if pkey and self.masking:
+                self.mask_cursors.pop(pkey, None)  # SQL cursors are portals too
             if not self.batch_rw and not self.txs.block and target is not None \
                     and target is not _AMBIGUOUS and self._grant_classes(target.analysis)[0]:
                 # A write bound in a later read than the batch's start: what else the
@@ -562,6 +571,8 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             if analysis.statements and analysis.error is None and \
                     self._refuse_parse(p.query, analysis, out):
                 return True
+            if p.name and self.masking:
+                self.mask_prepared.pop(_pkey(p.name), None)  # one namespace with PREPARE
             info = StmtInfo(p.query, analysis, p.param_types, names=any(
                 st.command in _NAMESPACE_COMMANDS for st in analysis.statements))
             if not p.name and msg.body[:1] == b"\0" and len(msg.body) <= _MAX_PARSE_KEY:
@@ -779,12 +790,14 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                     return True
                 decision = checked
         if decision.action == "allow" or decision.action == "mask":
-            if not _runs_user_code(analysis, decision):
+            if not ctx.defines and not _runs_user_code(analysis, decision):
                 return self._forward(msg, ctx, kind, out)
             # User-defined code may turn standard_conforming_strings off or change the
             # encoding, and the target would read messages already sent behind it with
             # those settings (the gateway hears of the change only afterwards). So what
             # follows waits until it completed (and a changed setting ended the session).
+            # The same on a masked connection for a DECLARE or PREPARE: a FETCH or EXECUTE
+            # right behind it must be masked as what the name holds once it completed.
             ctx.barrier = True
             if not self._forward(msg, ctx, kind, out):
                 return False
@@ -1017,6 +1030,8 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         if ctx.barrier:
             self.barrier_done = True  # released once this answer reached the client
         outcome = "error" if ctx.error else "ok"
+        if ctx.defines:
+            self._defined(ctx, not ctx.error)
         if self.masking and ctx.classification == "ddl" and not ctx.error:
             # Columns may have changed once DDL has run: read the catalog again.
             self._refresh_catalog()

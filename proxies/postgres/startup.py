@@ -89,7 +89,7 @@ class StartupSteps(SessionState):
             return
         self.transport = transport
         self.tls_active = True
-        self.reader = codec.FrontendReader()
+        self.reader = codec.FrontendReader(max_message_size=codec.MAX_LOGIN_MESSAGE_SIZE)
         self.phase = "startup"
 
     def _on_startup(self, params: dict[str, str]) -> None:
@@ -328,6 +328,7 @@ class StartupSteps(SessionState):
         self.tx_status = self.upstream.tx_status
         self.write(b"".join(out))
         self.phase = "ready"
+        self.reader.set_max_message_size(codec.DEFAULT_MAX_MESSAGE_SIZE)
         if _speedups is not None and not self.masking:
             # It writes to both transports directly: callers check that neither is closed.
             assert self.transport is not None and self.upstream.transport is not None
