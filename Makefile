@@ -5,8 +5,10 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 PYTHON  ?= python3
+FUZZ_STAMP := $(VENV)/.fuzz-stamp
+FUZZ_SECONDS ?= 60
 
-.PHONY: demo test deps system-deps lint bench compat screenshots clean
+.PHONY: demo test deps system-deps lint bench compat screenshots fuzz clean
 
 system-deps:
 	@./scripts/system-deps.sh
@@ -26,7 +28,7 @@ test: deps
 	$(PY) -m pytest -q -p no:cacheprovider
 
 lint: deps
-	$(VENV)/bin/ruff check keyturn proxies portal bots tests bench scripts
+	$(VENV)/bin/ruff check keyturn proxies portal bots tests bench scripts fuzz
 	$(VENV)/bin/mypy keyturn proxies portal bots
 	$(VENV)/bin/lint-imports --no-logo --no-cache
 
@@ -44,5 +46,17 @@ compat: deps
 screenshots: deps
 	$(PY) scripts/demo_screenshots.py
 
+# Coverage-guided fuzzing of the compiled code (proxies/postgres/_speedups.c) against its
+# Python twins, with AddressSanitizer and UBSan (see "Fuzzing the compiled code" in
+# docs/design-choices.md): builds a sanitized copy of the extension in build/fuzz/ with
+# clang (installed when missing), then runs each target for FUZZ_SECONDS.
+$(FUZZ_STAMP): pyproject.toml
+	$(PY) -m pip install -q -e '.[test,fuzz]'
+	@touch $(FUZZ_STAMP)
+
+fuzz: deps $(FUZZ_STAMP)
+	./fuzz/build.sh $(PY)
+	$(PY) -m fuzz.run --seconds $(FUZZ_SECONDS)
+
 clean:
-	rm -rf $(VENV) .demo .pytest_cache
+	rm -rf $(VENV) .demo .pytest_cache build/fuzz

@@ -5,7 +5,8 @@ tears them down at the end, also on Ctrl-C or SIGTERM (``Workspace``).
 Keyturn runs as a real ``keyturn`` subprocess with its own config, store and
 free ports (``KeyturnProcess``), exactly as an operator would run it.
 
-Nothing here may outlive a benchmark or listen anywhere but 127.0.0.1.
+What these helpers start must not outlive its benchmark, nor listen anywhere
+but 127.0.0.1.
 """
 
 from __future__ import annotations

@@ -829,7 +829,7 @@ enum {
 
 typedef struct {
     char kind;          /* 'Q', 'P', 'B', 'E', 'S', 'D' (Describe of the unnamed portal) */
-    PyObject *decision; /* Q, E: the Decision */
+    PyObject *decision; /* Q, E: the Decision; P: what the name held before, or NULL */
     PyObject *fragment; /* Q, E: "classification":…,"action":…,"rule":…,"reason":… */
     PyObject *raw;      /* Q: the chunk holding the text; E: the statement's JSON string */
     PyObject *sql;      /* E: the statement text (str); P: the session's StmtInfo */
@@ -848,6 +848,7 @@ typedef struct {
     PyObject *parses;        /* bytes Parse body after the (empty) name -> the same 6-tuple
                                 with the session's StmtInfo last; NULL: no Parse here */
     PyObject *pystmts;       /* the session's statements (str name -> StmtInfo) */
+    PyObject *bound;         /* the session's portals as bound: str -> (Bind body, StmtInfo) */
     PyObject *portals;       /* the session's portals: str -> (statement name, Bind body) */
     PyObject *client_write;
     PyObject *upstream_write;
@@ -887,6 +888,7 @@ FastPath_traverse(FastPath *self, visitproc visit, void *arg)
     Py_VISIT(self->stmts);
     Py_VISIT(self->parses);
     Py_VISIT(self->pystmts);
+    Py_VISIT(self->bound);
     Py_VISIT(self->portals);
     Py_VISIT(self->client_write);
     Py_VISIT(self->upstream_write);
@@ -907,6 +909,7 @@ FastPath_clear(FastPath *self)
     Py_CLEAR(self->stmts);
     Py_CLEAR(self->parses);
     Py_CLEAR(self->pystmts);
+    Py_CLEAR(self->bound);
     Py_CLEAR(self->portals);
     Py_CLEAR(self->client_write);
     Py_CLEAR(self->upstream_write);
@@ -935,15 +938,18 @@ FastPath_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"session", "verdicts", "stmts", "portals", "client_write",
                              "upstream_write", "audit_write", "prefix", "layout", "max_len",
-                             "intent_prefix", "flush", "parses", "session_stmts", NULL};
+                             "intent_prefix", "flush", "parses", "session_stmts", "bound",
+                             NULL};
     PyObject *session, *verdicts, *stmts, *portals, *cw, *uw, *aw, *prefix, *layout;
     PyObject *iprefix = Py_None, *flush = Py_None, *parses = NULL, *pystmts = NULL;
+    PyObject *bound = NULL;
     Py_ssize_t max_len;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!O!O!OOOSO!n|OOO!O!:FastPath", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!O!O!OOOSO!n|OOO!O!O!:FastPath", kwlist,
                                      &session, &PyDict_Type, &verdicts, &PyDict_Type, &stmts,
                                      &PyDict_Type, &portals, &cw, &uw, &aw, &prefix,
                                      &PyTuple_Type, &layout, &max_len, &iprefix, &flush,
-                                     &PyDict_Type, &parses, &PyDict_Type, &pystmts))
+                                     &PyDict_Type, &parses, &PyDict_Type, &pystmts,
+                                     &PyDict_Type, &bound))
         return NULL;
     if ((parses == NULL) != (pystmts == NULL)) {
         PyErr_SetString(PyExc_TypeError, "parses and session_stmts go together");
@@ -973,6 +979,7 @@ FastPath_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->stmts = Py_NewRef(stmts);
     self->parses = Py_XNewRef(parses);
     self->pystmts = Py_XNewRef(pystmts);
+    self->bound = Py_XNewRef(bound);
     self->portals = Py_NewRef(portals);
     self->client_write = Py_NewRef(cw);
     self->upstream_write = Py_NewRef(uw);
@@ -1213,27 +1220,49 @@ FastPath_client(FastPath *self, PyObject *chunk)
             if (body == NULL)
                 goto fail;
             PyObject *value = PyTuple_Pack(2, PyTuple_GET_ITEM(pl->verdict, 4), body);
-            Py_DECREF(body);
             if (value == NULL || PyDict_SetItem(self->portals, str_empty, value) < 0) {
+                Py_DECREF(body);
                 Py_XDECREF(value);
                 goto fail;
             }
             Py_DECREF(value);
+            /* ... and the statement as it was at Bind (a portal keeps its plan) */
+            if (self->bound != NULL && PyTuple_GET_SIZE(pl->verdict) > 5) {
+                value = PyTuple_Pack(2, body, PyTuple_GET_ITEM(pl->verdict, 5));
+                if (value == NULL || PyDict_SetItem(self->bound, str_empty, value) < 0) {
+                    Py_DECREF(body);
+                    Py_XDECREF(value);
+                    goto fail;
+                }
+                Py_DECREF(value);
+            }
+            Py_DECREF(body);
         }
+        PyObject *prior = NULL;
         if (pl->type == 'P') {
-            /* the session's view of the unnamed statement, as its Parse handler keeps it */
+            /* the session's view of the unnamed statement, as its Parse handler keeps it
+               (what it held before goes with the entry: restored if the Parse fails) */
             PyObject *info = PyTuple_GET_ITEM(pl->verdict, 5);
-            if (PyDict_SetItem(self->pystmts, str_empty, info) < 0 ||
-                PyDict_SetItem(self->stmts, bytes_empty, pl->verdict) < 0)
+            prior = PyDict_GetItemWithError(self->pystmts, str_empty);
+            if (prior == NULL && PyErr_Occurred())
                 goto fail;
+            Py_XINCREF(prior);
+            if (PyDict_SetItem(self->pystmts, str_empty, info) < 0 ||
+                PyDict_SetItem(self->stmts, bytes_empty, pl->verdict) < 0) {
+                Py_XDECREF(prior);
+                goto fail;
+            }
         }
         Entry *e = push(self);
-        if (e == NULL)
+        if (e == NULL) {
+            Py_XDECREF(prior);
             goto fail;
+        }
         e->kind = pl->type;
         e->t0 = t0;
         if (pl->type == 'P') {
             e->sql = Py_NewRef(PyTuple_GET_ITEM(pl->verdict, 5));
+            e->decision = prior; /* owned; handed over by drain() */
         }
         else if (pl->type == 'Q') {
             e->decision = Py_NewRef(PyTuple_GET_ITEM(pl->verdict, 0));
@@ -1491,6 +1520,7 @@ FastPath_server(FastPath *self, PyObject *chunk)
     Py_ssize_t n = PyBytes_GET_SIZE(chunk);
     /* First pass: every message must be whole and answer the queue as expected. */
     Py_ssize_t idx = self->head, p = 0, q_tagged = -1;
+    int status = -1; /* the transaction status the session expects (its tx_status) */
     while (p < n) {
         if (n - p < 5)
             Py_RETURN_FALSE;
@@ -1551,6 +1581,18 @@ FastPath_server(FastPath *self, PyObject *chunk)
             if (kind != 'Q' && kind != 'S')
                 Py_RETURN_FALSE;
             if (length != 5)
+                Py_RETURN_FALSE;
+            if (status < 0) {
+                /* a change of transaction status is the session's (its read-only guard
+                   plans from it): only the status it already knows passes here */
+                PyObject *cur = PyObject_GetAttr(self->session, str_tx_status);
+                if (cur == NULL)
+                    return NULL;
+                status = PyUnicode_Check(cur) && PyUnicode_GET_LENGTH(cur) == 1
+                         ? (int)PyUnicode_READ_CHAR(cur, 0) : 0;
+                Py_DECREF(cur);
+            }
+            if ((unsigned char)base[p + 5] != status)
                 Py_RETURN_FALSE;
             idx++;
             break;
@@ -1639,7 +1681,8 @@ PyDoc_STRVAR(drain_doc,
 "drain() -> list\n\n"
 "Hand the queued entries over: (kind, sql, decision, t0, rows, tag, n) each, oldest\n"
 "first; kind is b'Q', b'P', b'B', b'E', b'S' or b'D'; rows and tag None when not seen\n"
-"yet; for b'P' sql is the statement's StmtInfo (see the parses dict).");
+"yet; for b'P' sql is the statement's StmtInfo (see the parses dict) and decision\n"
+"what the unnamed statement held before it (None: nothing).");
 
 static PyObject *
 FastPath_drain(FastPath *self, PyObject *unused)

@@ -168,6 +168,12 @@ class _TypedReader:
         """Bytes buffered but not yet returned (non-zero at EOF = truncated)."""
         return len(self._buf)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing buffered and no error kept for the next call (a chunk whose messages
+        were returned may end in a bad header: the error is raised on the next call)."""
+        return not self._buf and self._error is None
+
     def _fail(self, message: str, sqlstate: str = "08P01") -> RemoteProtocolError:
         # Once the stream is desynchronised nothing after it can be trusted,
         # so the error sticks and every later call raises it again.

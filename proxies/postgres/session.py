@@ -299,8 +299,8 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                 if fast is not None and not self.expect and not self.holding and \
                         self.gw.audit_spool.accepting and self._guard_quiet() and \
                         not self.skip_until_sync and not self.fail_at_sync and \
-                        not self.reader.pending and not self.closed and up is not None and \
-                        not up.closed and not up.reader.pending and fast.client(data):
+                        self.reader.idle and not self.closed and up is not None and \
+                        not up.closed and up.reader.idle and fast.client(data):
                     return
                 self._client_messages(self.reader.feed(data))
                 return
@@ -448,7 +448,9 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                 self.op_seq += 1
                 self.stmt_op[""] = (self.op_seq, self.syncs)
                 self.doubt[""] = self.doubt.get("", 0) + 1
-                expect.append(Expect(b"P", op=self.op_seq, name="", mine=sql))
+                # ``decision`` is what the name held before that Parse (None: nothing).
+                expect.append(Expect(b"P", op=self.op_seq, name="", prior=decision,
+                                     mine=sql))
             elif kind == b"D":
                 expect.append(Expect(b"D"))  # Describe of the unnamed portal
             else:
@@ -739,12 +741,12 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             entry = self.fast_stmts.get(key)
             if entry is None and len(self.fast_stmts) < 4096:
                 entry = self.fast_stmts[key] = (d, _fragment(d), orjson.dumps(info.sql),
-                                                info.sql, stmt_name)
+                                                info.sql, stmt_name, info)
             if entry is not None and info.parse_key is not None and \
                     info.parse_key not in self.fast_parses and len(self.fast_parses) < 1024 \
                     and all(st.search_path is None for st in info.analysis.statements):
                 # ... and so can a Parse of the same text into the unnamed statement.
-                self.fast_parses[info.parse_key] = (*entry[:5], info)
+                self.fast_parses[info.parse_key] = entry
         analysis = info.analysis
         if d.action != "allow":
             # A value the class depends on may be bound ($1 of set_config): judge the

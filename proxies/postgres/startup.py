@@ -337,7 +337,8 @@ class StartupSteps(SessionState):
                 self.upstream.transport.write, self.gw.audit_spool.write_line,
                 self._audit_prefix_bytes(), FAST_AUDIT_LAYOUT, MAX_SHAPED_TEXT,
                 self._intent_prefix_bytes(),
-                getattr(self.gw.audit_spool, "flush_ahead", None), self.fast_parses, self.stmts)
+                getattr(self.gw.audit_spool, "flush_ahead", None), self.fast_parses, self.stmts,
+                self.bound)
             self._install_relays()
         self.data_received(b"")
 

@@ -120,7 +120,7 @@ class Upstream(asyncio.Protocol):
                 session = self.session
                 fast = session.fast
                 if fast is not None and fast_ok and fast.pending and not session.expect and \
-                        not self.reader.pending and not session.closed and fast.server(data):
+                        self.reader.idle and not session.closed and fast.server(data):
                     # The compiled fast path relayed the ordinary answers to what it sent
                     # (see ClientSession); anything else goes the Python way below, where
                     # server_data takes over what the fast path still expects.
