@@ -449,7 +449,9 @@ def test_reminder_updates_the_card_and_replies_under_it(th: TeamsHarness) -> Non
     updates = [c for c in th.teams.calls if c.method == "put_activity"
                and c.args.get("activity") == aid]
     assert updates, "the card's countdown is updated with the reminder"
-    events = [e for e in th.svc.approvals.detail(tid)["events"] if e["kind"] == "reminded"]
+    # The timeline's "reminded" is recorded once the reply went out (just after it).
+    events = th.teams.wait_for(lambda: [e for e in th.svc.approvals.detail(tid)["events"]
+                                        if e["kind"] == "reminded"], what="reminded event")
     assert len(events) == 1
     from keyturn.wording import event_sentence
     assert event_sentence("reminded", None, events[0]["detail"]).plain().startswith(
