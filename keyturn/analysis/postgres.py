@@ -1520,7 +1520,9 @@ class Analyzer:
             return (Statement(sql, C.UNKNOWN, "UNKNOWN", (), (), (reason,), None, False, None,
                               False),)
 
-    def analyze(self, sql: str, prepared: PreparedStatements | None = None) -> Analysis:
+    def cached(self, sql: str) -> Analysis | None:
+        """The analysis of ``sql`` when it costs nothing: cached, or refused unparsed
+        (a NUL character, too large). None: ``analyze`` would parse it."""
         cached = self._by_text.get(sql)
         if cached is not None:
             return cached
@@ -1534,6 +1536,17 @@ class Analyzer:
             if size > MAX_ANALYSED_TEXT:
                 return Analysis(sql, (), f"the message is too large to analyse ({size} bytes "
                                          f"or more; keyturn analyses up to {MAX_ANALYSED_TEXT})")
+        return None
+
+    def adopt(self, sql: str, analysis: Analysis, by_text: bool) -> None:
+        """Keep an analysis made elsewhere (``analyze_detached``) as ``analyze`` would."""
+        if by_text and len(sql) <= _MAX_CACHED_TEXT:
+            self._by_text.put(sql, analysis)
+
+    def analyze(self, sql: str, prepared: PreparedStatements | None = None) -> Analysis:
+        cached = self.cached(sql)
+        if cached is not None:
+            return cached
         shape = _shape(sql) if len(sql) <= _MAX_CACHED_TEXT else None
         if shape is not None:
             template = self._by_shape.get(shape)
@@ -1614,6 +1627,22 @@ class Analyzer:
             error = f"analysis failed: {type(exc).__name__}: {exc}"
             return Analysis(sql, (), error), False, False
         return Analysis(sql, tuple(statements), None, tuple(changes)), by_text, by_shape
+
+
+def analyze_detached(unknown_function_class: str, sql: str,
+                     prepared: PreparedStatements | None
+                     ) -> tuple[Analysis, bool, PreparedStatements | None]:
+    """``Analyzer.analyze`` without its caches, for another process: the analysis,
+    whether it may be cached by text, and ``prepared`` as the message changed it."""
+    analyzer = _DETACHED.get(unknown_function_class)
+    if analyzer is None:
+        analyzer = _DETACHED[unknown_function_class] = Analyzer(
+            unknown_function_class=StatementClass(unknown_function_class), cache_size=0)
+    analysis, by_text, _ = analyzer._analyze(sql, prepared)
+    return analysis, by_text, prepared
+
+
+_DETACHED: dict[str, Analyzer] = {}
 
 
 def _shape(sql: str) -> str | None:

@@ -92,7 +92,7 @@ class ReadOnlyGuard(SessionState):
                 break
             if t == b"P":
                 p = codec.decode_parse(m.body)
-                parsed[_pkey(p.name)] = self.analyzer.analyze(p.query)
+                parsed[_pkey(p.name)] = self._parse_analysis(p.query)
             elif t == b"B":
                 body = m.body
                 a = body.find(b"\0")

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from keyturn.analysis import Analyzer, StatementClass
+from keyturn.analysis.elsewhere import AnalysisPool
 from keyturn.auditspool import AuditSpool
 from keyturn.bus import DecisionWatcher
 from keyturn.config import Config, Connection, load_config
@@ -74,6 +75,9 @@ class PostgresGateway:
             ctx.load_cert_chain(gw.tls_cert_file, gw.tls_key_file)
             self.tls = ctx
         self._analyzers: dict[str, Analyzer] = {}
+        # Large texts are analysed in a worker process, off the event loop (started on
+        # first use; sessions.py's turn budget decides what goes there).
+        self.analysis_pool: AnalysisPool | None = AnalysisPool()
         self._origins: dict[str, MaskCatalog] = {}
         # Each connection's user-defined code, judged into every decision (catalog.py).
         self.catalogs = Catalogs(self, read=catalog_reader)
@@ -209,6 +213,8 @@ class PostgresGateway:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.catalogs.stop()
         await self.watcher.stop()
+        if self.analysis_pool is not None:
+            self.analysis_pool.close()
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         """Start a task and keep a reference until it ends."""

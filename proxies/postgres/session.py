@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import pickle
 import re
 import secrets
 import struct
@@ -38,6 +39,7 @@ from keyturn import auditschema
 from keyturn.analysis import StatementClass
 from keyturn.analysis.postgres import (
     DEFAULT_SEARCH_PATH,
+    Analysis,
     Statement,
     fast_shape,
 )
@@ -84,6 +86,13 @@ log = logging.getLogger(__name__)
 # row count, and the intent number. Built from the schema, so C spells no field name.
 
 MAX_BACKLOG = 64 * 1024 * 1024
+#: SQL texts of at most this many characters are always analysed on the event loop (well
+#: under a millisecond each); longer ones count against the turn's budget.
+ANALYSE_HERE_MAX = 512
+#: Characters of SQL a session may have analysed on the event loop per turn (about 50 ms
+#: in the worst case measured); texts beyond it go to the analysis worker, so a client
+#: pipelining large statements cannot stall the other sessions.
+TURN_ANALYSIS_BUDGET = 16 * 1024
 # Bytes a client may send before its session is ready (logged in, target connected).
 MAX_BEFORE_READY = 1024 * 1024
 # The longest Parse whose verdict the compiled fast path may reuse (its key is kept).
@@ -208,6 +217,13 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         self.backlog_bytes = 0
         self.holding = False
         self.held_ticket: int | None = None
+        # Analysis off the event loop (keyturn.analysis.elsewhere): characters of text
+        # analysed here in this turn, Parse texts analysed elsewhere for the messages
+        # in hand, and the last SQL text analysed elsewhere with the session's
+        # prepared names as they were sent (pickled) and as the worker left them.
+        self.turn_analysed = 0
+        self.pre_parsed: dict[str, Any] = {}
+        self.elsewhere: tuple[str, bytes, Any, Any] | None = None
         self.skip_until_sync = False
         self.fail_at_sync = False
         # The server's prepared statements as this session sent them (keyed like the
@@ -467,6 +483,9 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         if self.holding:
             self._to_backlog(msgs)
             return
+        self.turn_analysed = 0
+        if self._parses_elsewhere(msgs):
+            return
         out: list[bytes] = []
         for i, msg in enumerate(msgs):
             if not self.batch_open and (msg.type == b"P" or msg.type == b"B"
@@ -476,8 +495,96 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                 # A hold started: everything after it waits, in order.
                 self._to_backlog(msgs[i + 1:])
                 break
+        else:
+            if self.pre_parsed:
+                self.pre_parsed.clear()
         if out and self.upstream:
             self._send(b"".join(out))
+
+    # -- analysis off the event loop -------------------------------------------------
+
+    def _parse_analysis(self, sql: str) -> Any:
+        """The analysis of a Parse's text (no session state): from the texts analysed
+        elsewhere for the messages in hand, else here."""
+        pre = self.pre_parsed.get(sql) if self.pre_parsed else None
+        return pre if pre is not None else self.analyzer.analyze(sql)
+
+    def _parses_elsewhere(self, msgs: list[Message]) -> bool:
+        """Parse texts in ``msgs`` beyond what this turn may analyse here go to the
+        analysis worker, all at once; the session waits with ``msgs`` in its backlog.
+        True when it does."""
+        spent = 0
+        texts: list[str] = []
+        for m in msgs:
+            if m.type != b"P" or len(m.body) <= ANALYSE_HERE_MAX:
+                continue
+            try:
+                sql = codec.decode_parse(m.body).query
+            except ProtocolError:
+                continue  # refused when its turn comes
+            if sql in self.pre_parsed or self.analyzer.cached(sql) is not None:
+                continue
+            spent += len(sql)
+            texts.append(sql)
+        if spent <= TURN_ANALYSIS_BUDGET or self.gw.analysis_pool is None:
+            self.turn_analysed = spent
+            return False
+        self._to_backlog(msgs)
+        self.holding = True
+        self._spawn(self._analyse_elsewhere(list(dict.fromkeys(texts)), None))
+        return True
+
+    def _query_analysis(self, msg: Message, sql: str) -> Any:
+        """The analysis of a SQL text with the session's prepared names (a Query, or
+        PREPARE sent as a Parse): here while this turn's budget lasts, else None after
+        sending it to the analysis worker with the session waiting at ``msg`` (put
+        back at the head of the backlog: it is handled again with the result)."""
+        done = self.elsewhere
+        if done is not None and done[0] == sql:
+            self.elsewhere = None
+            text, sent, analysis, after = done
+            if after is None or pickle.dumps(self.prepared) == sent:
+                if after is not None:
+                    self.prepared = after
+                return analysis
+        if len(sql) > ANALYSE_HERE_MAX and self.analyzer.cached(sql) is None:
+            self.turn_analysed += len(sql)
+            if self.turn_analysed > TURN_ANALYSIS_BUDGET and self.gw.analysis_pool is not None:
+                self._to_backlog([msg])
+                self.holding = True
+                self._spawn(self._analyse_elsewhere([sql], pickle.dumps(self.prepared)))
+                return None
+        return self.analyzer.analyze(sql, self.prepared)
+
+    async def _analyse_elsewhere(self, texts: list[str], prepared: bytes | None) -> None:
+        """Analyse ``texts`` in the worker (with the session's prepared names when
+        ``prepared`` is given), then go on with the backlog."""
+        pool = self.gw.analysis_pool
+        assert pool is not None
+        try:
+            for sql in texts:
+                state = pickle.loads(prepared) if prepared is not None else None
+                analysis, by_text, after = await pool.analyze(
+                    self.analyzer.unknown_function_class.value, sql, state)
+                if self.closed:
+                    return
+                if by_text:
+                    self.analyzer.adopt(sql, analysis, by_text)
+                if prepared is None:
+                    self.pre_parsed[sql] = analysis
+                else:
+                    self.elsewhere = (sql, prepared, analysis, after)
+        except Exception:
+            log.exception("session %s: analysis elsewhere failed", self.session_id)
+            for sql in texts:  # fail closed: what could not be analysed is UNKNOWN
+                failed = Analysis(sql, (), "analysis failed in the gateway")
+                if prepared is None:
+                    self.pre_parsed[sql] = failed
+                else:
+                    self.elsewhere = (sql, prepared, failed, None)
+        finally:
+            self.holding = False
+        self._replay_backlog()
 
     def _send(self, data: bytes) -> None:
         """Write to the target; intent records appended for what it carries reach the
@@ -566,7 +673,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             if p.name.lower().startswith(_OWN_PREFIX):
                 self._refuse_own_name(p.name, out)
                 return True
-            analysis = self.analyzer.analyze(p.query)
+            analysis = self._parse_analysis(p.query)
             if p.param_types and max(p.param_types) >= _FIRST_USER_OID:
                 analysis = self._typed_parameters(analysis, p.param_types)
             self._note_search_path(analysis.statements)
@@ -674,7 +781,9 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                           time.time())
                 ctx.analysis = _Single((dataclasses.replace(st, text=text),))
                 return self._forward_query(msg, ctx, out)
-        analysis = self.analyzer.analyze(sql, self.prepared)
+        analysis = self._query_analysis(msg, sql)
+        if analysis is None:
+            return False  # analysed elsewhere first: this message comes back then
         statements = analysis.statements
         self._note_search_path(statements)
         if len(statements) == 1 and analysis.error is None:
@@ -765,7 +874,10 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         if info.names:
             # PREPARE / DEALLOCATE / DISCARD sent as a Parse: it changes the SQL namespace
             # when it runs (judged as it was parsed; applied to the model now).
-            changes = self.analyzer.analyze(info.sql, self.prepared).changes
+            again = self._query_analysis(msg, info.sql)
+            if again is None:
+                return False  # analysed elsewhere first: this Execute comes back then
+            changes = again.changes
             if changes:
                 ctx.changes = changes
                 self._sql_namespace(changes)
