@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/pgbench_compare.py [--duration 20] [--rounds 1] [--clients 8]
         [--builtin select-only,simple-update,tpcb-like] [--modes simple,extended,prepared]
-        [--targets postgres,pgbouncer,relay,keyturn] [--latency] [--sustained SECONDS]
+        [--targets postgres,pgbouncer,guarded,relay,keyturn] [--latency] [--sustained SECONDS]
         [--no-table] [--baseline DIR] [--profile] [--keep]
 
 Starts, under one temp directory and for the whole run: a throwaway PostgreSQL cluster
@@ -24,6 +24,15 @@ transaction (user + sys) and whether Keyturn reaches 0.9x pgbouncer; then every 
 and CPU. With ``--rounds N`` all of that is repeated N times, in alternating target order,
 and the median run counts (runs on a shared 2-core VM drift by 20 % and more).
 ``--targets pgbouncer,keyturn`` halves the time; those two are always measured.
+
+The target ``guarded`` ("pgbouncer + guard statements") is the same pgbouncer running each
+built-in as a custom script with the statements the gateway's read-only guard adds on the
+target (``SET TRANSACTION READ WRITE`` after BEGIN, ``SAVEPOINT keyturn_ro; SET LOCAL
+transaction_read_only = on`` before reads inside a transaction, ``RELEASE SAVEPOINT``
+before the next write), planned by the gateway's own guard code (``Script.guarded``): in
+simple mode in the client's Query as the gateway sends them, in the other modes pipelined.
+pgbouncer/guarded is what enforcement on the target costs the server; keyturn/guarded is
+what the gateway itself costs.
 
 A table or latency run must not be measured while the audit ingester works off an earlier
 Keyturn run's records, so before each of them the script waits until the ingester (and
@@ -103,11 +112,15 @@ from _common import (
     wait_port,
 )
 
+from keyturn.analysis import Analyzer
+from proxies.postgres import guard
+
 PGBOUNCER = "/usr/sbin/pgbouncer"
 MODES = ("simple", "extended", "prepared")
 BUILTINS = ("select-only", "simple-update", "tpcb-like")
-TARGETS = ("postgres", "pgbouncer", "relay", "keyturn")
+TARGETS = ("postgres", "pgbouncer", "guarded", "relay", "keyturn")
 HEADINGS = {"postgres": "postgres", "pgbouncer": "pgbouncer", "relay": "bare relay",
+            "guarded": "pgbouncer + guard statements",
             "keyturn": "keyturn", "baseline": "keyturn (baseline)"}
 TARGET_RATIO = 0.9  # Keyturn's TPS against pgbouncer's
 LATENCY_GOAL_US = 40  # what Keyturn may add per statement, single client
@@ -146,6 +159,41 @@ class Script:
     def per_tx(self) -> int:
         return len(self.statements)
 
+    def guarded(self, directory: Path, mode: str) -> Path:
+        """This script as a custom pgbench script with the statements the gateway's
+        read-only guard adds (proxies/postgres/guard.py, planned from the gateway's own
+        analysis): write access for the transaction, the read-only savepoint around reads
+        inside it. In simple mode the gateway sends them in the client's Query; in the
+        other modes it pipelines them with the client's messages (``\\startpipeline``)."""
+        path = directory / f"guarded-{self.name}-{mode}.sql"
+        if path.exists():
+            return path
+        res = subprocess.run(["pgbench", f"--show-script={self.name}"], capture_output=True,
+                             text=True, check=True)
+        analyzer = Analyzer()
+        state = guard.TxState()
+        out: list[str] = []
+        for raw in (res.stdout + res.stderr).splitlines():
+            line = raw.strip()
+            if not line or line.startswith("--"):
+                continue
+            if line.startswith("\\"):
+                out.append(line)
+                continue
+            analysis = analyzer.analyze(re.sub(r":\w+", "1", line))
+            plan = guard.plan_query(analysis.statements, state)
+            state = plan.state
+            parts = [line.rstrip(";") if isinstance(part, int) else part
+                     for part in plan.parts]
+            if len(parts) == 1:
+                out.append(parts[0] + ";")
+            elif mode == "simple":
+                out.append(";".join(parts) + ";")
+            else:
+                out += ["\\startpipeline", *(p + ";" for p in parts), "\\endpipeline"]
+        path.write_text("\n".join(out) + "\n")
+        return path
+
     @property
     def writes(self) -> bool:
         return any(s.split()[0].upper() in ("INSERT", "UPDATE", "DELETE")
@@ -153,10 +201,12 @@ class Script:
 
 
 def pgbench(dsn: str, script: Script, mode: str, *, clients: int, threads: int,
-            duration: int, pids: Sequence[int]) -> dict[str, Any]:
+            duration: int, pids: Sequence[int], file: Path | None = None) -> dict[str, Any]:
     """One pgbench run: tps, transactions, failed transactions, latency average, and the CPU
-    used meanwhile by the processes ``pids`` (the proxy) and by the whole machine."""
-    cmd = ["pgbench", "-b", script.name, "-M", mode, "-c", str(clients), "-j", str(threads),
+    used meanwhile by the processes ``pids`` (the proxy) and by the whole machine.
+    ``file``: a custom script to run instead of the built-in."""
+    which = ["-f", str(file)] if file is not None else ["-b", script.name]
+    cmd = ["pgbench", *which, "-M", mode, "-c", str(clients), "-j", str(threads),
            "-T", str(duration), "-n", dsn]
     before = [cpu_ticks(p) for p in pids]
     m0, t0 = machine_cpu(), time.monotonic()
@@ -468,6 +518,9 @@ class Bench:
         port = start_pgbouncer(ws, self.pg.port, args.clients)
         self.dsns["pgbouncer"] = f"host=127.0.0.1 port={port} {plain}"
         self.pids["pgbouncer"] = [ws.procs[-1].pid]
+        # The same pgbouncer running the statements the gateway's read-only guard adds:
+        # what enforcement on the target costs the server, apart from the gateway.
+        self.dsns["guarded"], self.pids["guarded"] = self.dsns["pgbouncer"], []
         if "relay" in targets:
             progress("starting the bare relay (bench/_relay.py)")
             port, pid = start_relay(ws, self.pg.port)
@@ -550,9 +603,11 @@ class Bench:
         ing0 = self._ingester_ticks() if target == "keyturn" else (0, 0)
         t0, start = time.monotonic(), time.time()
 
+        file = script.guarded(self.ws.base, mode) if target == "guarded" else None
+
         def measure() -> dict:
             return pgbench(self.dsns[target], script, mode, clients=clients, threads=threads,
-                           duration=duration, pids=self.pids[target])
+                           duration=duration, pids=self.pids[target], file=file)
 
         r = around(measure) if around else measure()
         if target == "keyturn":

@@ -240,7 +240,8 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         self.verdicts: dict[tuple[Any, ...], Decision] = {}
         # Allowed statement shapes: (Decision, its audit fields as JSON) per fast_shape.
         self.fast_verdicts: dict[str, tuple[Decision, bytes]] = {}
-        # The same for other allowed statements (writes, BEGIN/COMMIT): Python only, as
+        # The same for every allowed statement (writes, BEGIN/COMMIT, and reads for when a
+        # transaction is open): Python only, as
         # the read-only guard plans each (Decision, the statement as analysed).
         self.guarded_verdicts: dict[str, tuple[Decision, Statement]] = {}
         # Prepared statements allowed as reads, for the compiled fast path:
@@ -796,7 +797,8 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                     and not _runs_user_code(analysis, decision)):
                 if decision.classification == "read" and not st.facts:
                     self.fast_verdicts[fast] = (decision, _fragment(decision))
-                elif len(self.guarded_verdicts) < 4096:
+                if len(self.guarded_verdicts) < 4096:
+                    # (A read too: inside a read-write transaction the guard plans it.)
                     self.guarded_verdicts[fast] = (decision, _as_decided(analysis, decision)
                                                    .statements[0])
         else:
