@@ -28,7 +28,6 @@ It must not do I/O.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -75,7 +74,7 @@ class TxState:
     hold: bool = False  # a WITH HOLD cursor was declared: its query finishes at COMMIT
 
     def copy(self) -> TxState:
-        return dataclasses.replace(self)
+        return TxState(self.block, self.block_ro, self.ro_open, self.hold)
 
 
 @dataclass(slots=True)

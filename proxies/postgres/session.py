@@ -780,7 +780,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                     text = text[:-1].rstrip()
                 ctx = Ctx(sql, known.classification, "allow", known.rule, known.reason,
                           time.time())
-                ctx.analysis = _Single((dataclasses.replace(st, text=text),))
+                ctx.analysis = _Single((st,), texts=(text,))
                 return self._forward_query(msg, ctx, out)
         analysis = self._query_analysis(msg, sql)
         if analysis is None:
@@ -1119,8 +1119,8 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             self.expect.append(Expect(b"Q", ctx))
             out.append(msg.raw)
             return True
-        texts = [st.text for st in analysis.statements] if analysis.error is None \
-            else [ctx.statement]
+        texts = [ctx.statement] if analysis.error is not None else \
+            getattr(analysis, "texts", None) or [st.text for st in analysis.statements]
         new = guard.rewrite(ctx.statement, texts, plan.parts)
         self.expect.append(Expect(b"Q", ctx, ours=new.ours, rewritten=new,
                                   as_idle=plan.explicit))

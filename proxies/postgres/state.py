@@ -188,6 +188,9 @@ class _Single:
     statements: tuple[Statement, ...]
     error: Any = None
     changes: Any = ()
+    # The statements' texts as this message has them (the memo's statement keeps the
+    # text it was first analysed with: other constants).
+    texts: tuple[str, ...] | None = None
 
 
 def _error_at(body: bytes, position: int | None) -> bytes:
