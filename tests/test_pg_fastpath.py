@@ -47,6 +47,9 @@ policies:
       - name: reads
         match: {class: [read, transaction, session]}
         action: allow
+      - name: history
+        match: {class: [write], tables: [public.hist]}
+        action: allow
 """
 
 
@@ -85,6 +88,41 @@ class Target:
     def _row(self) -> bytes:
         return msg(b"D", struct.pack("!hi", 1, 1) + b"7")
 
+    def _query(self, sql: str) -> bytes:
+        """Each statement of a simple Query in turn (the read-only guard's own too), as
+        PostgreSQL answers them; an error ends the Query (and aborts a transaction)."""
+        out = bytearray()
+        statements = [part.strip() for part in sql.split(";") if part.strip()]
+        implicit = self.tx == "I" and len(statements) > 1
+        for text in statements:
+            verb = text.split()[0].upper()
+            if self.tx == "E" and verb not in ("ROLLBACK", "COMMIT", "END"):
+                out += msg(b"E", b"SERROR\0C25P02\0Mcurrent transaction is aborted\0\0")
+                break
+            if "fail" in text or "keyturn refused" in text:
+                out += msg(b"E", b"SERROR\0C22012\0Mdivision by zero\0P8\0\0")
+                self.tx = "E" if self.tx != "I" else "I"
+                break
+            if verb in ("BEGIN", "START"):
+                self.tx = "T"
+                out += msg(b"C", b"BEGIN\0")
+            elif verb in ("COMMIT", "END", "ROLLBACK"):
+                tag = b"ROLLBACK" if self.tx == "E" or verb == "ROLLBACK" else b"COMMIT"
+                self.tx = "I"
+                out += msg(b"C", tag + b"\0")
+            elif verb in ("SAVEPOINT", "RELEASE", "SET"):
+                out += msg(b"C", verb.encode() + b"\0")
+            elif verb == "UPDATE":
+                out += msg(b"C", b"UPDATE 1\0")
+            elif verb == "INSERT":
+                out += msg(b"C", b"INSERT 0 1\0")
+            else:
+                out += msg(b"T", struct.pack("!h", 1) + b"x\0" + b"\0" * 18)
+                out += self._row() + msg(b"C", b"SELECT 1\0")
+        if implicit and self.tx == "E":
+            self.tx = "I"
+        return bytes(out)
+
     def feed(self, data: bytes) -> bytes:
         self.buf += data
         out = bytearray()
@@ -106,17 +144,7 @@ class Target:
             if self.skipping:
                 continue
             if t == b"Q":
-                sql = body[:-1].decode()
-                if "fail" in sql or "keyturn refused" in sql:
-                    out += msg(b"E", b"SERROR\0C22012\0Mdivision by zero\0\0")
-                    self.tx = "E" if self.tx != "I" else "I"
-                else:
-                    if sql.startswith("BEGIN"):
-                        self.tx = "T"
-                    elif sql.startswith("COMMIT"):
-                        self.tx = "I"
-                    out += msg(b"T", struct.pack("!h", 1) + b"x\0" + b"\0" * 18)
-                    out += self._row() + msg(b"C", b"SELECT 1\0")
+                out += self._query(body[:-1].decode())
                 out += msg(b"Z", self.tx.encode())
             elif t == b"P":
                 name, rest = body.split(b"\0", 1)
@@ -210,6 +238,17 @@ def client_messages(rng: random.Random) -> list[bytes]:
     """One client turn: a simple query, or an extended-protocol batch ending in Sync."""
     r = rng.random()
     n = rng.randint(1, 5)
+    if rng.random() < 0.3:
+        # pgbench's simple-update in pieces: writes the policy allows, reads inside the
+        # transaction (the read-only guard's savepoint around them), failures inside it
+        return [codec.encode_query(rng.choice([
+            "BEGIN;", "BEGIN", "END;", "COMMIT", "ROLLBACK",
+            f"UPDATE hist SET v = v + {n} WHERE id = {n};",
+            f"INSERT INTO hist (id, v) VALUES ({n}, {n});",
+            f"SELECT abalance FROM acc WHERE aid = {n};",
+            f"  SELECT abalance FROM acc WHERE aid = {n} ; ",
+            f"UPDATE hist SET v = v / 0 WHERE id = {n} -- fail",
+            "SELECT 1/0 AS fail"]))]
     if r < 0.35:
         return [codec.encode_query(f"SELECT abalance FROM acc WHERE aid = {n};")]
     if r < 0.42:
@@ -492,6 +531,8 @@ CASES = {
                                msg(b"C", b"SELECT 1") + msg(b"Z", b"I")),
     "bytes after the tag": ([codec.encode_query("SELECT 7 AS a")],
                             msg(b"C", b"SELECT 1\0x") + msg(b"Z", b"I")),
+    "tag not UTF-8": ([codec.encode_query("SELECT 8 AS a")],
+                      msg(b"C", b"S\xa8LECT 1\0") + msg(b"Z", b"I")),
 }
 
 
@@ -534,6 +575,60 @@ def test_relays_keep_the_common_case_out_of_python() -> None:
     assert calls[-1] == "server" and not s.fast.armed
     feed(s, codec.encode_query("SELECT abalance FROM acc WHERE aid = 5;"))
     assert calls[-1] == "client" and s.fast.armed
+
+
+def _simple_update(s: ClientSession, up: Upstream, target: Target, i: int) -> None:
+    for sql in ("BEGIN;", f"UPDATE hist SET v = v + {i} WHERE id = {i};",
+                f"SELECT abalance FROM acc WHERE aid = {i};",
+                f"INSERT INTO hist (id, v) VALUES ({i}, {i});", "END;"):
+        assert up.transport is not None
+        sent = len(up.transport.data)
+        feed(s, codec.encode_query(sql))
+        feed(up, target.feed(bytes(up.transport.data[sent:])))
+
+
+def test_a_write_transaction_stays_out_of_python_once_learned() -> None:
+    # pgbench's simple-update: BEGIN, a write, a read inside the transaction (the
+    # read-only guard's savepoint before it), a write (the savepoint released first),
+    # END. Once each statement's shape is known, the compiled path sends the guard's
+    # statements with them and hides their answers, as the Python session does.
+    s, up, calls = _learned_relay_session()
+    target = Target(random.Random(7), notices=0)
+    _simple_update(s, up, target, 1)  # learnt (Python)
+    _simple_update(s, up, target, 2)
+    before = len(calls)
+    for i in range(3, 30):
+        _simple_update(s, up, target, i)
+    assert calls[before:] == [], calls[before:]
+    assert s.tx_status == "I" and not s.txs.block and s.fast.pending == 0
+    sent = bytes(up.transport.data)  # type: ignore[union-attr]
+    assert sent.count(b"SAVEPOINT keyturn_ro\n;\nSET LOCAL transaction_read_only = on\n;\n"
+                      b"SELECT abalance FROM acc WHERE aid = 29\0") == 1
+    assert sent.count(b"RELEASE SAVEPOINT keyturn_ro\n;\nINSERT INTO hist") == 29
+    assert sent.count(b"BEGIN\n;\nSET TRANSACTION READ WRITE\0") == 29
+    shown = bytes(s.transport.data)  # type: ignore[union-attr]
+    assert b"SAVEPOINT\0" not in shown and b"RELEASE\0" not in shown
+    assert shown.count(b"\nBEGIN\0Z") == 29 and shown.count(b"UPDATE 1\0") == 29
+
+
+def test_a_write_transaction_relays_and_audits_exactly_like_the_python_session() -> None:
+    out = []
+    for fast in (False, True, "relay"):
+        records: list[bytes] = []
+        s, up = new_session(fast, records)
+        target = Target(random.Random(3), notices=0.2)
+        for i in range(1, 12):
+            _simple_update(s, up, target, i)
+            if i % 4 == 0:  # a failure inside the transaction, then its ROLLBACK
+                for sql in ("BEGIN", f"UPDATE hist SET v = v / 0 WHERE id = {i} -- fail",
+                            f"SELECT abalance FROM acc WHERE aid = {i};", "ROLLBACK"):
+                    sent = len(up.transport.data)  # type: ignore[union-attr]
+                    feed(s, codec.encode_query(sql))
+                    feed(up, target.feed(bytes(up.transport.data[sent:])))  # type: ignore[union-attr]
+        out.append((bytes(up.transport.data), bytes(s.transport.data),  # type: ignore[union-attr]
+                    audit_records(s, records), s.tx_status, s.txs))
+    assert out[1] == out[0]
+    assert out[2] == out[0]
 
 
 def test_a_parameterised_query_stays_out_of_python_from_its_second_run() -> None:
@@ -698,4 +793,35 @@ def test_a_message_the_target_left_half_sent_keeps_the_fast_path_away(
 
     expected = scenario(False)
     assert expected[0].count(notice_head + body) == 1
+    assert scenario(fast) == expected
+
+
+@pytest.mark.parametrize("fast", [True, "relay"])
+def test_a_transaction_status_the_guard_did_not_take_in_keeps_the_fast_path_away(
+        fast: bool | str) -> None:
+    """The target reports a transaction the session did not see open ('T') in a
+    ReadyForQuery that does not end the queue (a Parse pipelined behind the Query,
+    completed by its ParseComplete alone): the read-only guard takes the status in only
+    at the next ReadyForQuery that ends the queue, which the fast path must then leave
+    to the Python session, so that the reads after it run in the read-only savepoint."""
+    answer = msg(b"C", b"SELECT 1\0") + msg(b"Z", b"I")
+
+    def scenario(mode: bool | str) -> tuple:
+        records: list[bytes] = []
+        s, up = new_session(mode, records)
+        assert s.transport is not None and up.transport is not None
+        for i in range(2):  # learn the shape, arm
+            feed(s, codec.encode_query(f"SELECT abalance FROM acc WHERE aid = {i};"))
+            feed(up, answer)
+        feed(s, codec.encode_query("SELECT abalance FROM acc WHERE aid = 2;")
+             + codec.encode_parse("s2", "SELECT v FROM acc WHERE id = $1"))
+        feed(up, msg(b"C", b"SELECT 1\0") + msg(b"Z", b"T") + msg(b"1", b""))
+        feed(s, codec.encode_query("SELECT abalance FROM acc WHERE aid = 3;"))
+        feed(up, msg(b"C", b"SELECT 1\0") + msg(b"Z", b"T"))  # this one ends the queue
+        feed(s, codec.encode_query("SELECT abalance FROM acc WHERE aid = 4;"))
+        recs = audit_records(s, records, drop=("at", "duration_ms", "session_id"))
+        return bytes(up.transport.data), bytes(s.transport.data), recs, s.tx_status
+
+    expected = scenario(False)
+    assert expected[0].count(b"SAVEPOINT keyturn_ro") == 1
     assert scenario(fast) == expected

@@ -120,10 +120,10 @@ def scram_login(port: int, user: str, token: str, *, source: str = "127.0.0.1"
         sock.close()
 
 
-def logged_in(port: int, user: str, token: str) -> socket.socket:
+def logged_in(port: int, user: str, token: str, dbname: str = "shop") -> socket.socket:
     """A raw socket logged in through the gateway (SCRAM), after its first ReadyForQuery."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=60)
-    sock.sendall(startup_packet(user))
+    sock.sendall(startup_packet(user, dbname))
     kind, body = read_message(sock)
     client = scramp.ScramClient(["SCRAM-SHA-256"], user, token)
     first = client.get_client_first().encode()

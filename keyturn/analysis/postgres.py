@@ -176,6 +176,9 @@ class PreparedStatements:
     """
 
     MAX_NAMES = 10_000
+    #: Changes of one name not answered yet that are kept apart; beyond, what the name
+    #: holds is unknown until the server answers (EXECUTE of it is UNKNOWN meanwhile).
+    MAX_CANDIDATES = 8
 
     __slots__ = ("_by_name", "_seq")
 
@@ -197,8 +200,17 @@ class PreparedStatements:
             if len(self._by_name) >= self.MAX_NAMES:
                 return seq  # not stored: its EXECUTE is UNKNOWN (fail closed)
             cands = self._by_name[name] = []
-        cands.append((seq, statement))
+        self._add(cands, seq, statement)
         return seq
+
+    def _add(self, cands: list[tuple[int, Statement | None]], seq: int,
+             statement: Statement | None) -> None:
+        if len(cands) >= self.MAX_CANDIDATES:
+            # Too many possibilities to weigh at every EXECUTE: the name holds something
+            # unknown until an answer settles it.
+            cands[:] = [(seq, _UNKNOWABLE)]
+            return
+        cands.append((seq, statement))
 
     def forget(self, name: str) -> int:
         """A DEALLOCATE (or Close) of ``name`` was sent. Until its answer the old
@@ -207,13 +219,13 @@ class PreparedStatements:
         seq = self._next()
         cands = self._by_name.get(name)
         if cands is not None:
-            cands.append((seq, None))
+            self._add(cands, seq, None)
         return seq
 
     def forget_all(self) -> int:
         seq = self._next()
         for cands in self._by_name.values():
-            cands.append((seq, None))
+            self._add(cands, seq, None)
         return seq
 
     def settle(self, name: str | None, seq: int, ok: bool) -> None:
@@ -242,7 +254,7 @@ class PreparedStatements:
         is unknown here (or may be free, which the server would refuse anyway)."""
         name = server_name(name)
         cands = [st for _, st in self._by_name.get(name, ()) if st is not None]
-        if not cands:
+        if not cands or any(st == _UNKNOWABLE for st in cands):  # (== survives pickling)
             return None
         top = cands[0]
         for other in cands[1:]:
@@ -254,6 +266,11 @@ class PreparedStatements:
 
     def __len__(self) -> int:
         return len(self._by_name)
+
+
+# A placeholder candidate: the name's definition cannot be told (see MAX_CANDIDATES).
+_UNKNOWABLE = Statement("", C.UNKNOWN, "UNKNOWN", (), (), ("too many unanswered changes",),
+                        None, False, None, False)
 
 
 def _merge_candidates(name: str, old: Statement, new: Statement) -> Statement:
@@ -1630,16 +1647,30 @@ class Analyzer:
 
 
 def analyze_detached(unknown_function_class: str, sql: str,
-                     prepared: PreparedStatements | None
-                     ) -> tuple[Analysis, bool, PreparedStatements | None]:
+                     prepared: PreparedStatements | None,
+                     masked: list[str] | None = None
+                     ) -> tuple[Analysis, bool, PreparedStatements | None, Any]:
     """``Analyzer.analyze`` without its caches, for another process: the analysis,
-    whether it may be cached by text, and ``prepared`` as the message changed it."""
+    whether it may be cached by text, ``prepared`` as the message changed it, and for a
+    masked connection (``masked``: its sensitive column globs) what masking needs of the
+    text: {"lineage": ``lineage.trace`` (the error's text when it cannot be traced),
+    "redacted": ``redact_statement`` without content detectors}, else None."""
     analyzer = _DETACHED.get(unknown_function_class)
     if analyzer is None:
         analyzer = _DETACHED[unknown_function_class] = Analyzer(
             unknown_function_class=StatementClass(unknown_function_class), cache_size=0)
     analysis, by_text, _ = analyzer._analyze(sql, prepared)
-    return analysis, by_text, prepared
+    extras: Any = None
+    if masked is not None:
+        from keyturn.analysis.lineage import trace
+        from keyturn.masking.redact import redact_statement, sensitive_names
+        extras = {}
+        try:
+            extras["lineage"] = trace(sql)
+        except Exception as exc:  # reported as the session's own trace would be
+            extras["lineage"] = str(exc) or type(exc).__name__
+        extras["redacted"] = redact_statement(sql, sensitive_names(masked))
+    return analysis, by_text, prepared, extras
 
 
 _DETACHED: dict[str, Analyzer] = {}

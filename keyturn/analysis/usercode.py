@@ -42,6 +42,11 @@ class Scope:
     # A definition stored in the target, printed with search_path = pg_catalog: every
     # name outside pg_catalog in it is schema-qualified, every unqualified one built in.
     stored: bool = False
+    # Texts in ``created`` already judged for this statement (text -> what it runs,
+    # judged): views defined on views are judged once each, not once per path to them
+    # (a chain of views naming two views each would otherwise double the work per level).
+    # None: no memo (a scope shared between calls, such as STORED).
+    judged: dict[str, tuple[Statement, ...]] | None = None
 
     def search(self, catalog: TargetCatalog) -> frozenset[str]:
         return _NOTHING if self.stored else catalog.schemas(self.schemas)
@@ -112,9 +117,16 @@ class _Judgement:
         if self.depth >= MAX_DEPTH:
             self.findings.append((C.UNKNOWN, f"{how}: definitions nested too deeply"))
             return
+        memo = scope.judged
         for text in texts:
-            for inner in self.an.runs(text):
-                self.merge(resolve(self.an, inner, self.catalog, scope, self.depth + 1), how)
+            judged = memo.get(text) if memo is not None else None
+            if judged is None:
+                judged = tuple(resolve(self.an, inner, self.catalog, scope, self.depth + 1)
+                               for inner in self.an.runs(text))
+                if memo is not None:
+                    memo[text] = judged
+            for inner in judged:
+                self.merge(inner, how)
 
     # -- what a statement names ------------------------------------------------------------
 

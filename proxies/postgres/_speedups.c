@@ -814,6 +814,8 @@ static PyTypeObject AuditBufferType = {
  */
 
 #define MAX_BATCH 32
+#define MAX_HIDDEN 64 /* the guard's own CommandCompletes in one chunk from the target */
+#define HIDE_BITS ((int)(8 * sizeof(unsigned long)))
 
 /* The keys of a fast-path audit line after the session's prefix, in the order written
    (FastPath's `layout` argument, proxies/postgres/state.py FAST_AUDIT_LAYOUT): */
@@ -838,6 +840,12 @@ typedef struct {
     long long rows;     /* -1: none */
     PyObject *tag;      /* the CommandComplete tag (bytes) once seen */
     long long n;        /* the number of its intent record (odd: written here), 0: none */
+    PyObject *plan;     /* Q sent with the read-only guard's statements: its plan (see
+                           the guarded dict), else NULL */
+    unsigned long hide; /* with plan: bit i set when the Query's i-th CommandComplete
+                           answers a statement of the guard's own (not forwarded) */
+    int ci;             /* with plan: CommandCompletes of the Query seen so far */
+    char status;        /* with plan: the status its ReadyForQuery must show */
 } Entry;
 
 typedef struct {
@@ -849,6 +857,13 @@ typedef struct {
                                 with the session's StmtInfo last; NULL: no Parse here */
     PyObject *pystmts;       /* the session's statements (str name -> StmtInfo) */
     PyObject *bound;         /* the session's portals as bound: str -> (Bind body, StmtInfo) */
+    PyObject *guarded;       /* str shape -> (Decision, fragment, plans): statements the
+                                read-only guard plans (writes, BEGIN/COMMIT, reads inside a
+                                transaction); plans[i] for the guard's state i (0 no
+                                transaction, 1 in one, 2 in one with the read-only
+                                savepoint open) is None (Python's) or (prefix bytes, suffix
+                                bytes, hide mask, block after, savepoint open after,
+                                status after, parts); NULL: none here */
     PyObject *portals;       /* the session's portals: str -> (statement name, Bind body) */
     PyObject *client_write;
     PyObject *upstream_write;
@@ -867,6 +882,8 @@ typedef struct {
 } FastPath;
 
 static PyObject *str_tx_status, *str_I, *str_T, *str_E, *str_empty, *bytes_empty;
+static PyObject *str_txs, *str_block, *str_block_ro, *str_ro_open, *str_hold;
+static PyObject *str_changed_catalog, *str_changes_anything;
 
 static int audit_line(FastPath *self, Entry *e, double now, int intent);
 
@@ -878,6 +895,7 @@ entry_clear(Entry *e)
     Py_CLEAR(e->raw);
     Py_CLEAR(e->sql);
     Py_CLEAR(e->tag);
+    Py_CLEAR(e->plan);
 }
 
 static int
@@ -890,6 +908,7 @@ FastPath_traverse(FastPath *self, visitproc visit, void *arg)
     Py_VISIT(self->pystmts);
     Py_VISIT(self->bound);
     Py_VISIT(self->portals);
+    Py_VISIT(self->guarded);
     Py_VISIT(self->client_write);
     Py_VISIT(self->upstream_write);
     Py_VISIT(self->audit_write);
@@ -897,6 +916,7 @@ FastPath_traverse(FastPath *self, visitproc visit, void *arg)
     for (Py_ssize_t i = self->head; i < self->tail; i++) {
         Py_VISIT(self->q[i].decision);
         Py_VISIT(self->q[i].sql);
+        Py_VISIT(self->q[i].plan);
     }
     return 0;
 }
@@ -911,6 +931,7 @@ FastPath_clear(FastPath *self)
     Py_CLEAR(self->pystmts);
     Py_CLEAR(self->bound);
     Py_CLEAR(self->portals);
+    Py_CLEAR(self->guarded);
     Py_CLEAR(self->client_write);
     Py_CLEAR(self->upstream_write);
     Py_CLEAR(self->audit_write);
@@ -939,17 +960,17 @@ FastPath_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"session", "verdicts", "stmts", "portals", "client_write",
                              "upstream_write", "audit_write", "prefix", "layout", "max_len",
                              "intent_prefix", "flush", "parses", "session_stmts", "bound",
-                             NULL};
+                             "guarded", NULL};
     PyObject *session, *verdicts, *stmts, *portals, *cw, *uw, *aw, *prefix, *layout;
     PyObject *iprefix = Py_None, *flush = Py_None, *parses = NULL, *pystmts = NULL;
-    PyObject *bound = NULL;
+    PyObject *bound = NULL, *guarded = NULL;
     Py_ssize_t max_len;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!O!O!OOOSO!n|OOO!O!O!:FastPath", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!O!O!OOOSO!n|OOO!O!O!O!:FastPath", kwlist,
                                      &session, &PyDict_Type, &verdicts, &PyDict_Type, &stmts,
                                      &PyDict_Type, &portals, &cw, &uw, &aw, &prefix,
                                      &PyTuple_Type, &layout, &max_len, &iprefix, &flush,
                                      &PyDict_Type, &parses, &PyDict_Type, &pystmts,
-                                     &PyDict_Type, &bound))
+                                     &PyDict_Type, &bound, &PyDict_Type, &guarded))
         return NULL;
     if ((parses == NULL) != (pystmts == NULL)) {
         PyErr_SetString(PyExc_TypeError, "parses and session_stmts go together");
@@ -980,6 +1001,7 @@ FastPath_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->parses = Py_XNewRef(parses);
     self->pystmts = Py_XNewRef(pystmts);
     self->bound = Py_XNewRef(bound);
+    self->guarded = Py_XNewRef(guarded);
     self->portals = Py_NewRef(portals);
     self->client_write = Py_NewRef(cw);
     self->upstream_write = Py_NewRef(uw);
@@ -1047,8 +1069,71 @@ now_seconds(void)
 typedef struct {
     char type;
     Py_ssize_t start, end;   /* the whole message */
-    PyObject *verdict;       /* Q: borrowed (Decision, fragment); B, E: borrowed stmt entry */
+    PyObject *verdict;       /* Q: (Decision, fragment[, plans]); B, E: the stmt entry */
+    PyObject *gplan;         /* Q planned by the read-only guard: its plan (borrowed from
+                                verdict), else NULL */
 } Planned;
+
+/* An attribute as a truth value: 1, 0, or -1 on error. */
+static int
+attr_true(PyObject *obj, PyObject *name)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    int r = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return r;
+}
+
+/* The read-only guard's state (session.txs, guard.TxState): 0 no transaction, 1 in one,
+   2 in one with the read-only savepoint open, 3 anything else (a READ ONLY transaction, a
+   WITH HOLD cursor: Python's). *quiet: a read may go as it is (the session's
+   _guard_quiet). -1 on error. */
+static int
+guard_state(FastPath *self, int *quiet)
+{
+    PyObject *txs = PyObject_GetAttr(self->session, str_txs);
+    if (txs == NULL)
+        return -1;
+    int block = attr_true(txs, str_block), ro = attr_true(txs, str_ro_open);
+    int bro = attr_true(txs, str_block_ro), hold = attr_true(txs, str_hold);
+    Py_DECREF(txs);
+    if (block < 0 || ro < 0 || bro < 0 || hold < 0)
+        return -1;
+    *quiet = !block || ro || bro;
+    if (bro || hold)
+        return 3;
+    return !block ? 0 : ro ? 2 : 1;
+}
+
+/* str.isspace() for an ASCII character */
+static inline int
+py_space(unsigned char c)
+{
+    return (c >= 9 && c <= 13) || (c >= 0x1c && c <= 0x20);
+}
+
+/* The session agrees with a guard plan for state gstate: its transaction status says
+   the same, and no catalog change waits for the Python path's bookkeeping. 1 yes,
+   0 no, -1 error. */
+static int
+session_agrees(FastPath *self, int gstate)
+{
+    PyObject *cur = PyObject_GetAttr(self->session, str_tx_status);
+    if (cur == NULL)
+        return -1;
+    int status = PyUnicode_Check(cur) && PyUnicode_GET_LENGTH(cur) == 1
+                 ? (int)PyUnicode_READ_CHAR(cur, 0) : 0;
+    Py_DECREF(cur);
+    if (status != (gstate == 0 ? 'I' : 'T'))
+        return 0;
+    int a = attr_true(self->session, str_changed_catalog);
+    if (a != 0)
+        return a < 0 ? -1 : 0;
+    a = attr_true(self->session, str_changes_anything);
+    return a < 0 ? -1 : !a;
+}
 
 static const char *
 cstr_end(const char *p, const char *end)
@@ -1087,19 +1172,28 @@ FastPath_client(FastPath *self, PyObject *chunk)
     const unsigned char *u = (const unsigned char *)base;
     Py_ssize_t n = PyBytes_GET_SIZE(chunk);
     Planned plan[MAX_BATCH];
-    for (int i = 0; i < MAX_BATCH; i++)
+    for (int i = 0; i < MAX_BATCH; i++) {
         plan[i].verdict = NULL; /* owned references, released on every way out */
+        plan[i].gplan = NULL;
+    }
     int count = 0;
     PyObject *result = NULL;
+    PyObject *built = NULL; /* a Query rewritten with the guard's statements */
     PyObject *bound = NULL; /* the statement a Bind in this chunk bound to the unnamed portal */
     PyObject *parsed = NULL; /* what a Parse in this chunk put under the unnamed statement */
     Py_ssize_t p = 0;
     if (n == 0)
         goto bail;
+    int quiet = 1;
+    int gstate = guard_state(self, &quiet);
+    if (gstate < 0)
+        goto fail;
     /* First pass: decide, change nothing. */
     while (p < n) {
         if (n - p < 5 || count == MAX_BATCH)
             goto bail;
+        if (!quiet && base[p] != 'Q')
+            goto bail; /* a read inside a read-write transaction: the savepoint first */
         uint32_t length = get_u32(u + p + 1);
         if (length < 4 || (Py_ssize_t)length > n - p - 1)
             goto bail;
@@ -1123,16 +1217,52 @@ FastPath_client(FastPath *self, PyObject *chunk)
                 goto bail;
             }
             PyObject *hit = PyDict_GetItemWithError(self->verdicts, shape);
+            if (hit == NULL && PyErr_Occurred()) {
+                Py_DECREF(shape);
+                goto fail;
+            }
+            if (hit != NULL && quiet) {
+                Py_DECREF(shape);
+                if (!PyTuple_Check(hit) || PyTuple_GET_SIZE(hit) != 2 ||
+                    !PyBytes_Check(PyTuple_GET_ITEM(hit, 1)))
+                    goto bail;
+                pl->verdict = Py_NewRef(hit);
+                break;
+            }
+            /* A statement the read-only guard plans: alone in its chunk, with nothing
+               else in flight, in a state the plans cover. */
+            if (self->guarded == NULL || p != 0 || end != n || self->head != self->tail ||
+                gstate > 2) {
+                Py_DECREF(shape);
+                goto bail;
+            }
+            hit = PyDict_GetItemWithError(self->guarded, shape);
             Py_DECREF(shape);
             if (hit == NULL) {
                 if (PyErr_Occurred())
                     goto fail;
                 goto bail;
             }
-            if (!PyTuple_Check(hit) || PyTuple_GET_SIZE(hit) != 2 ||
-                !PyBytes_Check(PyTuple_GET_ITEM(hit, 1)))
+            if (!PyTuple_Check(hit) || PyTuple_GET_SIZE(hit) != 3 ||
+                !PyBytes_Check(PyTuple_GET_ITEM(hit, 1)) ||
+                !PyTuple_Check(PyTuple_GET_ITEM(hit, 2)) ||
+                PyTuple_GET_SIZE(PyTuple_GET_ITEM(hit, 2)) != 3)
+                goto bail;
+            PyObject *gp = PyTuple_GET_ITEM(PyTuple_GET_ITEM(hit, 2), gstate);
+            if (!PyTuple_Check(gp) || PyTuple_GET_SIZE(gp) != 7 ||
+                !PyBytes_Check(PyTuple_GET_ITEM(gp, 0)) ||
+                !PyBytes_Check(PyTuple_GET_ITEM(gp, 1)) ||
+                !PyLong_Check(PyTuple_GET_ITEM(gp, 2)) ||
+                !PyUnicode_Check(PyTuple_GET_ITEM(gp, 5)) ||
+                PyUnicode_GET_LENGTH(PyTuple_GET_ITEM(gp, 5)) != 1)
+                goto bail;
+            int agrees = session_agrees(self, gstate);
+            if (agrees < 0)
+                goto fail;
+            if (!agrees)
                 goto bail;
             pl->verdict = Py_NewRef(hit);
+            pl->gplan = gp;
             break;
         }
         case 'P': {
@@ -1270,6 +1400,13 @@ FastPath_client(FastPath *self, PyObject *chunk)
             e->raw = Py_NewRef(chunk);
             e->off = pl->start + 5;
             e->len = pl->end - pl->start - 6;
+            if (pl->gplan != NULL) {
+                e->hide = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(pl->gplan, 2));
+                if (e->hide == (unsigned long)-1 && PyErr_Occurred())
+                    goto fail;
+                e->status = (char)PyUnicode_READ_CHAR(PyTuple_GET_ITEM(pl->gplan, 5), 0);
+                e->plan = Py_NewRef(pl->gplan);
+            }
         }
         else if (pl->type == 'E') {
             e->decision = Py_NewRef(PyTuple_GET_ITEM(pl->verdict, 0));
@@ -1286,6 +1423,54 @@ FastPath_client(FastPath *self, PyObject *chunk)
             intents++;
         }
     }
+    PyObject *send = chunk;
+    if (count == 1 && plan[0].gplan != NULL) {
+        /* The guard's plan: its state after this statement (the session's txs, as
+           _forward_query sets it), and the Query with the guard's statements around the
+           client's text as guard.rewrite joins them (the text stripped as the session's
+           memo path strips it), or unchanged when the plan adds nothing. */
+        PyObject *gp = plan[0].gplan;
+        PyObject *txs = PyObject_GetAttr(self->session, str_txs);
+        if (txs == NULL)
+            goto fail;
+        int set = PyObject_SetAttr(txs, str_block, PyTuple_GET_ITEM(gp, 3));
+        if (set == 0)
+            set = PyObject_SetAttr(txs, str_ro_open, PyTuple_GET_ITEM(gp, 4));
+        Py_DECREF(txs);
+        if (set < 0)
+            goto fail;
+        PyObject *prefix = PyTuple_GET_ITEM(gp, 0), *suffix = PyTuple_GET_ITEM(gp, 1);
+        Py_ssize_t plen = PyBytes_GET_SIZE(prefix), slen = PyBytes_GET_SIZE(suffix);
+        if (plen || slen) {
+            const unsigned char *text = u + 5;
+            Py_ssize_t a = 0, z = n - 6;
+            while (a < z && py_space(text[a]))
+                a++;
+            while (z > a && py_space(text[z - 1]))
+                z--;
+            if (z > a && text[z - 1] == ';') {
+                z--;
+                while (z > a && py_space(text[z - 1]))
+                    z--;
+            }
+            Py_ssize_t body = plen + (z - a) + slen + 1; /* the text is at most max_len */
+            built = PyBytes_FromStringAndSize(NULL, 5 + body);
+            if (built == NULL)
+                goto fail;
+            char *o = PyBytes_AS_STRING(built);
+            o[0] = 'Q';
+            uint32_t len = (uint32_t)(body + 4);
+            o[1] = (char)(len >> 24);
+            o[2] = (char)(len >> 16);
+            o[3] = (char)(len >> 8);
+            o[4] = (char)len;
+            memcpy(o + 5, PyBytes_AS_STRING(prefix), plen);
+            memcpy(o + 5 + plen, text + a, z - a);
+            memcpy(o + 5 + plen + (z - a), PyBytes_AS_STRING(suffix), slen);
+            o[5 + body - 1] = 0;
+            send = built;
+        }
+    }
     if (intents && self->flush != Py_None) {
         PyObject *fr = PyObject_CallNoArgs(self->flush);
         if (fr == NULL)
@@ -1294,7 +1479,7 @@ FastPath_client(FastPath *self, PyObject *chunk)
     }
     /* armed before the write: a pause_writing() the write causes disarms for good */
     self->armed = 1;
-    PyObject *r = PyObject_CallOneArg(self->upstream_write, chunk);
+    PyObject *r = PyObject_CallOneArg(self->upstream_write, send);
     if (r == NULL)
         goto fail;
     Py_DECREF(r);
@@ -1307,6 +1492,7 @@ fail:
 done:
     for (int i = 0; i < MAX_BATCH; i++)
         Py_XDECREF(plan[i].verdict);
+    Py_XDECREF(built);
     return result;
 }
 
@@ -1521,6 +1707,11 @@ FastPath_server(FastPath *self, PyObject *chunk)
     /* First pass: every message must be whole and answer the queue as expected. */
     Py_ssize_t idx = self->head, p = 0, q_tagged = -1;
     int status = -1; /* the transaction status the session expects (its tx_status) */
+    /* the guard's own CommandCompletes in this chunk (not forwarded): where they are */
+    Py_ssize_t hidden[MAX_HIDDEN][2];
+    int nhidden = 0;
+    Py_ssize_t ci_idx = -1;
+    int ci_local = 0;
     while (p < n) {
         if (n - p < 5)
             Py_RETURN_FALSE;
@@ -1547,24 +1738,45 @@ FastPath_server(FastPath *self, PyObject *chunk)
                 Py_RETURN_FALSE;
             break;
         case 'C': {
-            /* a tag exactly as decode_command_complete reads it, with a row count
-               small enough to be the same number in C; one tag per Query (several
-               go to the Python session, which keeps them all) */
+            /* a tag exactly as decode_command_complete reads it (ASCII: it decodes
+               the tag as UTF-8 and ends the session on bytes that are not), with a row
+               count small enough to be the same number in C; one tag per Query
+               (several go to the Python session, which keeps them all) */
             const char *tag = base + p + 5;
             Py_ssize_t tlen = (Py_ssize_t)length - 5;
-            if (length < 5 || tag[tlen] != 0 || memchr(tag, 0, tlen) != NULL)
+            if (length < 5 || tag[tlen] != 0 || memchr(tag, 0, tlen) != NULL ||
+                !is_ascii((const unsigned char *)tag, tlen))
                 Py_RETURN_FALSE;
             Py_ssize_t digits = 0;
             while (digits < tlen && is_digit((unsigned char)tag[tlen - 1 - digits]))
                 digits++;
             if (digits > 15)
                 Py_RETURN_FALSE;
-            if (kind == 'E')
+            if (kind == 'E') {
                 idx++;
-            else if (kind != 'Q' || self->q[idx].tag != NULL || q_tagged == idx)
+                break;
+            }
+            if (kind != 'Q')
                 Py_RETURN_FALSE;
-            else
-                q_tagged = idx;
+            Entry *qe = &self->q[idx];
+            if (qe->plan != NULL) {
+                if (ci_idx != idx) {
+                    ci_idx = idx;
+                    ci_local = 0;
+                }
+                int i = qe->ci + ci_local++;
+                if (i < HIDE_BITS && (qe->hide >> i) & 1) {
+                    if (nhidden == MAX_HIDDEN)
+                        Py_RETURN_FALSE;
+                    hidden[nhidden][0] = p;
+                    hidden[nhidden][1] = p + 1 + length;
+                    nhidden++;
+                    break;
+                }
+            }
+            if (qe->tag != NULL || q_tagged == idx)
+                Py_RETURN_FALSE;
+            q_tagged = idx;
             break;
         }
         case '1':
@@ -1582,6 +1794,14 @@ FastPath_server(FastPath *self, PyObject *chunk)
                 Py_RETURN_FALSE;
             if (length != 5)
                 Py_RETURN_FALSE;
+            if (self->q[idx].plan != NULL) {
+                /* a statement the guard planned: the status its plan leads to */
+                if ((unsigned char)base[p + 5] != (unsigned char)self->q[idx].status)
+                    Py_RETURN_FALSE;
+                status = (unsigned char)self->q[idx].status; /* what the session will know */
+                idx++;
+                break;
+            }
             if (status < 0) {
                 /* a change of transaction status is the session's (its read-only guard
                    plans from it): only the status it already knows passes here */
@@ -1601,11 +1821,36 @@ FastPath_server(FastPath *self, PyObject *chunk)
         }
         p += 1 + length;
     }
-    /* Second pass: forward, then account for each answer. */
-    PyObject *r = PyObject_CallOneArg(self->client_write, chunk);
-    if (r == NULL)
-        return NULL;
-    Py_DECREF(r);
+    /* Second pass: forward (without the guard's own answers), then account for each. */
+    if (nhidden) {
+        Py_ssize_t total = n;
+        for (int i = 0; i < nhidden; i++)
+            total -= hidden[i][1] - hidden[i][0];
+        if (total > 0) {
+            PyObject *shown = PyBytes_FromStringAndSize(NULL, total);
+            if (shown == NULL)
+                return NULL;
+            char *o = PyBytes_AS_STRING(shown);
+            Py_ssize_t from = 0;
+            for (int i = 0; i < nhidden; i++) {
+                memcpy(o, base + from, hidden[i][0] - from);
+                o += hidden[i][0] - from;
+                from = hidden[i][1];
+            }
+            memcpy(o, base + from, n - from);
+            PyObject *r = PyObject_CallOneArg(self->client_write, shown);
+            Py_DECREF(shown);
+            if (r == NULL)
+                return NULL;
+            Py_DECREF(r);
+        }
+    }
+    else {
+        PyObject *r = PyObject_CallOneArg(self->client_write, chunk);
+        if (r == NULL)
+            return NULL;
+        Py_DECREF(r);
+    }
     double now = 0;
     p = 0;
     while (p < n) {
@@ -1613,6 +1858,11 @@ FastPath_server(FastPath *self, PyObject *chunk)
         Entry *e = &self->q[self->head];
         switch (base[p]) {
         case 'C': {
+            if (e->plan != NULL && e->kind == 'Q') {
+                int i = e->ci++;
+                if (i < HIDE_BITS && (e->hide >> i) & 1)
+                    break; /* the guard's own statement */
+            }
             Py_ssize_t tlen = end - p - 6; /* without the terminating NUL */
             const char *tag = base + p + 5;
             const char *z = memchr(tag, 0, end - p - 5);
@@ -1679,10 +1929,11 @@ FastPath_server(FastPath *self, PyObject *chunk)
 
 PyDoc_STRVAR(drain_doc,
 "drain() -> list\n\n"
-"Hand the queued entries over: (kind, sql, decision, t0, rows, tag, n) each, oldest\n"
+"Hand the queued entries over: (kind, sql, decision, t0, rows, tag, n, guard) each, oldest\n"
 "first; kind is b'Q', b'P', b'B', b'E', b'S' or b'D'; rows and tag None when not seen\n"
 "yet; for b'P' sql is the statement's StmtInfo (see the parses dict) and decision\n"
-"what the unnamed statement held before it (None: nothing).");
+"what the unnamed statement held before it (None: nothing); guard is None, or for a\n"
+"Query planned by the read-only guard (its plan, CommandCompletes seen so far).");
 
 static PyObject *
 FastPath_drain(FastPath *self, PyObject *unused)
@@ -1700,9 +1951,15 @@ FastPath_drain(FastPath *self, PyObject *unused)
             sql = Py_NewRef(e->sql ? e->sql : Py_None);
         if (sql == NULL)
             goto fail;
-        PyObject *item = Py_BuildValue("(y#NOdOOL)", &e->kind, (Py_ssize_t)1, sql,
+        PyObject *guard = e->plan ? Py_BuildValue("(Oi)", e->plan, e->ci)
+                                  : Py_NewRef(Py_None);
+        if (guard == NULL) {
+            Py_DECREF(sql);
+            goto fail;
+        }
+        PyObject *item = Py_BuildValue("(y#NOdOOLN)", &e->kind, (Py_ssize_t)1, sql,
                                        e->decision ? e->decision : Py_None, e->t0,
-                                       Py_None, e->tag ? e->tag : Py_None, e->n);
+                                       Py_None, e->tag ? e->tag : Py_None, e->n, guard);
         if (item == NULL)
             goto fail;
         if (e->rows >= 0) {
@@ -2018,6 +2275,16 @@ PyInit__speedups(void)
     str_empty = PyUnicode_InternFromString("");
     bytes_empty = PyBytes_FromStringAndSize(NULL, 0);
     if (!str_tx_status || !str_I || !str_T || !str_E || !str_empty || !bytes_empty)
+        return NULL;
+    str_txs = PyUnicode_InternFromString("txs");
+    str_block = PyUnicode_InternFromString("block");
+    str_block_ro = PyUnicode_InternFromString("block_ro");
+    str_ro_open = PyUnicode_InternFromString("ro_open");
+    str_hold = PyUnicode_InternFromString("hold");
+    str_changed_catalog = PyUnicode_InternFromString("changed_catalog");
+    str_changes_anything = PyUnicode_InternFromString("changes_anything");
+    if (!str_txs || !str_block || !str_block_ro || !str_ro_open || !str_hold ||
+        !str_changed_catalog || !str_changes_anything)
         return NULL;
     PyObject *m = PyModule_Create(&speedups_module);
     if (m == NULL)

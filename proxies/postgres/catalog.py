@@ -628,13 +628,26 @@ class Catalogs:
         assert conn is not None
         target = self._target(conn)
         self._settle_defined(conn, target)
-        self._note(session, conn, target, statements)
-        scope = Scope(schemas=frozenset(session.schemas),
-                      created={k: d.texts for k, d in target.defined.items()
-                               if _counts(d, k, session)},
-                      unavailable=target.error if target.catalog is None else None)
+        created = {k: d.texts for k, d in target.defined.items() if _counts(d, k, session)}
+        # What these statements define counts for themselves (a view created and read in
+        # one message); for the target only once the policy let them run (``note``).
+        for st in statements:
+            texts = (st.text,) if st.command in ("CREATE VIEW", "CREATE RULE") else ()
+            for kind, _schema, name in st.defines:
+                if (kind, _schema, name) != ANY_OBJECT:
+                    created[(kind, name)] = (*created.get((kind, name), ()), *texts)
+        scope = Scope(schemas=frozenset(session.schemas), created=created,
+                      unavailable=target.error if target.catalog is None else None,
+                      judged={})
         return tuple(resolve(session.analyzer, st, target.catalog, scope)
                      for st in statements)
+
+    def note(self, session: ClientSession, statements: tuple[Statement, ...]) -> None:
+        """The policy let ``statements`` run (or hold them for review): what they define
+        counts for the target from now (a refused statement defines nothing)."""
+        conn = session.conn
+        assert conn is not None
+        self._note(session, conn, self._target(conn), statements)
 
     def sent(self, session: ClientSession, *, ends: bool) -> None:
         """The session sent a statement that may change anything in its target's catalog

@@ -187,9 +187,14 @@ class Decisions(SessionState):
         if self.schemas != _DEFAULT_SCHEMAS:
             statements = tuple(self._resolve(st) for st in statements)
         # What runs on the target:
-        statements = self.gw.catalogs.resolve(cast("ClientSession", self), statements)
-        return self.gw.policy.evaluate(Request(self.user, self.identity.groups, self.conn,
-                                               statements, analysis.error))
+        session = cast("ClientSession", self)
+        resolved = self.gw.catalogs.resolve(session, statements)
+        decision = self.gw.policy.evaluate(Request(self.user, self.identity.groups, self.conn,
+                                                   resolved, analysis.error))
+        if decision.action != "block" and any(
+                st.defines or st.cls.risk >= StatementClass.DDL.risk for st in statements):
+            self.gw.catalogs.note(session, statements)
+        return decision
 
     def _note_search_path(self, statements: tuple[Statement, ...]) -> None:
         """Widen the schemas unqualified names may resolve in; forget memoised verdicts."""
@@ -207,6 +212,7 @@ class Decisions(SessionState):
         self.verdicts.clear()
         self.fast_verdicts.clear()
         self.guarded_verdicts.clear()
+        self.fast_guarded.clear()
         self.fast_stmts.clear()
         self.fast_parses.clear()
         for info in self.stmts.values():

@@ -225,6 +225,19 @@ class ReadOnlyGuard(SessionState):
             # go to the read-only savepoint and writes may be refused by the target.
             self.txs = guard.TxState(block=True)
 
+    def _guard_synced(self) -> bool:
+        """Whether a ReadyForQuery with the status the session already holds would leave
+        the guard as it is (``_guard_sync`` would change nothing). Not always so: the
+        ReadyForQuery that reported ``tx_status`` is taken in only when it ends the queue,
+        and one that leaves a request behind it (a Parse pipelined after a Query,
+        completed by its ParseComplete alone) does not. The compiled fast path relays
+        only ReadyForQuery with the status the session holds and sets nothing else, so
+        the session offers it chunks only while this holds (session.data_received)."""
+        txs = self.txs
+        if self.tx_status == "I":
+            return self.upstream_ro and not txs.block and not txs.ro_open
+        return self.upstream_ro and txs.block
+
     def _guard_lost(self) -> None:
         log.error("session %s: the target's session is no longer read-only by default",
                   self.session_id)

@@ -166,6 +166,40 @@ def plan_query(statements: Sequence[Any], state: TxState) -> Plan:
     return Plan(parts, st)
 
 
+#: The states the compiled fast path plans in: no transaction, in a read-write one, in
+#: one with the read-only savepoint open.
+FAST_STATES = (TxState(), TxState(block=True), TxState(block=True, ro_open=True))
+
+
+def fast_plans(statement: Any) -> tuple[tuple[Any, ...] | None, ...]:
+    """How ``plan_query`` sends ``statement`` alone in each of FAST_STATES, for the
+    compiled fast path: (the guard's statements before the client's text, joined as
+    ``rewrite`` joins them, as bytes; those after it; a mask with bit i set when the
+    Query's i-th CommandComplete answers one of the guard's; block after; savepoint open
+    after; the transaction status after; the plan's parts), or None where the plan is
+    one the fast path leaves to Python (refused, session-default toggles, the gateway's
+    own explicit transaction, a READ ONLY transaction or a WITH HOLD cursor after)."""
+    out: list[tuple[Any, ...] | None] = []
+    for state in FAST_STATES:
+        try:
+            plan = plan_query((statement,), state)
+        except Refused:
+            out.append(None)
+            continue
+        after, parts = plan.state, plan.parts
+        mine = [i for i, part in enumerate(parts) if not isinstance(part, str)]
+        if plan.toggle or plan.explicit or after.block_ro or after.hold or len(mine) != 1:
+            out.append(None)
+            continue
+        k = mine[0]
+        before = "".join(f"{part}\n;\n" for part in parts[:k])
+        behind = "".join(f"\n;\n{part}" for part in parts[k + 1:])
+        hide = sum(1 << i for i, part in enumerate(parts) if isinstance(part, str))
+        out.append((before.encode(), behind.encode(), hide, after.block, after.ro_open,
+                    "T" if after.block else "I", tuple(parts)))
+    return tuple(out)
+
+
 def _segment(statements: Sequence[Any], j: int) -> tuple[bool, bool]:
     """Whether the implicit transaction starting at statement ``j`` (up to a BEGIN, which
     makes it an explicit one, or a COMMIT, which ends it) holds a statement that needs

@@ -85,7 +85,12 @@ class ResultMasking(SessionState):
         reviewers = next((m.writes_review for _, m in decision.masks
                           if m.writes_review is not None), None)
         try:
-            lineages, why, ctx.defines = self._follow(trace(ctx.statement))
+            extras = self.lineages.get(ctx.statement) if self.lineages else None
+            traced = extras["lineage"] if extras is not None else None
+            if isinstance(traced, str):  # the analysis worker could not trace it
+                raise ValueError(traced)
+            lineages, why, ctx.defines = self._follow(
+                traced if traced is not None else trace(ctx.statement))
             why = why or check(lineages, sens, tables=decision.tables,
                                classes=[s.classification for s in decision.statements],
                                writes=reviewers is None)
@@ -141,15 +146,24 @@ class ResultMasking(SessionState):
     def _redact(self, ctx: Ctx) -> None:
         from keyturn.masking.redact import redact_params, redact_statement, sensitive_names
 
-        if self._sensitive_name is None:
-            assert self.conn is not None
-            policy = self.gw.config.policies[self.conn.policy]
-            patterns = [p for p, _ in self.conn.columns]
-            patterns += [c for r in policy.rules if r.mask for c in r.mask.columns]
-            self._sensitive_name = sensitive_names(patterns)
-        ctx.shown, hidden = redact_statement(ctx.statement, self._sensitive_name,
-                                             self.detectors)
+        extras = self.lineages.get(ctx.statement) if self.lineages else None
+        if extras is not None:  # redacted by the analysis worker (a large text)
+            shown, hidden = extras["redacted"]
+            ctx.shown = self.detectors.redact(shown)[0] if self.detectors is not None \
+                else shown
+        else:
+            if self._sensitive_name is None:
+                self._sensitive_name = sensitive_names(self._sensitive_patterns())
+            ctx.shown, hidden = redact_statement(ctx.statement, self._sensitive_name,
+                                                 self.detectors)
         ctx.shown_params = redact_params(ctx.params, hidden, self.detectors)
+
+    def _sensitive_patterns(self) -> list[str]:
+        """The column globs the connection's masking names (its columns, its rules')."""
+        assert self.conn is not None
+        policy = self.gw.config.policies[self.conn.policy]
+        patterns = [p for p, _ in self.conn.columns]
+        return patterns + [c for r in policy.rules if r.mask for c in r.mask.columns]
 
     def _follow(self, lineages: list[Any]) -> tuple[list[Any], str | None, list[Any]]:
         """EXECUTE and FETCH return what PREPARE and DECLARE named: use that lineage.

@@ -93,6 +93,11 @@ ANALYSE_HERE_MAX = 512
 #: in the worst case measured); texts beyond it go to the analysis worker, so a client
 #: pipelining large statements cannot stall the other sessions.
 TURN_ANALYSIS_BUDGET = 16 * 1024
+#: Characters of Parse texts sent to the analysis worker at once (their analyses are kept
+#: until the messages are handled: 10 to 30 times the text for huge ones).
+PARSES_ELSEWHERE_MAX = 1024 * 1024
+#: Masking lineages from the analysis worker a session keeps (by text).
+MAX_LINEAGES = 32
 # Bytes a client may send before its session is ready (logged in, target connected).
 MAX_BEFORE_READY = 1024 * 1024
 # The longest Parse whose verdict the compiled fast path may reuse (its key is kept).
@@ -224,6 +229,10 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         self.turn_analysed = 0
         self.pre_parsed: dict[str, Any] = {}
         self.elsewhere: tuple[str, bytes, Any, Any] | None = None
+        # What the analysis worker worked out for masking (masked connections): text ->
+        # {"lineage": the lineages or why it cannot be traced, "redacted": the text
+        # for the audit and the parameters to hide} (see masker.py).
+        self.lineages: dict[str, Any] = {}
         self.skip_until_sync = False
         self.fail_at_sync = False
         # The server's prepared statements as this session sent them (keyed like the
@@ -244,6 +253,8 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         # transaction is open): Python only, as
         # the read-only guard plans each (Decision, the statement as analysed).
         self.guarded_verdicts: dict[str, tuple[Decision, Statement]] = {}
+        # The same for the compiled fast path: (Decision, fragment, guard.fast_plans).
+        self.fast_guarded: dict[str, tuple[Any, ...]] = {}
         # Prepared statements allowed as reads, for the compiled fast path:
         # name -> (Decision, audit fields, statement as JSON, statement, name).
         self.fast_stmts: dict[bytes, tuple[Any, ...]] = {}
@@ -311,10 +322,16 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                 fast = self.fast if fast_ok else None
                 # The fast path may take the chunk only while the session has nothing of
                 # its own in flight on either side; taking it arms the relays (see
-                # _install_relays), which then call it without asking here first.
+                # _install_relays), which then call it without asking here first. Nor
+                # while a ReadyForQuery with the status the session holds would change
+                # more than that status (_on_ready: the guard, a catalog change that
+                # waits for the session to be idle): the fast path relays it unseen. (It
+                # checks the read-only guard's state itself: reads go as they are only
+                # while it is quiet, statements it plans change it as Python would.)
                 up = self.upstream
                 if fast is not None and not self.expect and not self.holding and \
-                        self.gw.audit_spool.accepting and self._guard_quiet() and \
+                        self.gw.audit_spool.accepting and self._guard_synced() and \
+                        not (self.changed_catalog and self.tx_status == "I") and \
                         not self.skip_until_sync and not self.fail_at_sync and \
                         self.reader.idle and not self.closed and up is not None and \
                         not up.closed and up.reader.idle and fast.client(data):
@@ -453,7 +470,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         if fast is None or not fast.pending:
             return
         expect = self.expect
-        for kind, sql, decision, t0, rows, tag, n in fast.drain():
+        for kind, sql, decision, t0, rows, tag, n, planned in fast.drain():
             if kind == b"B":
                 expect.append(_EXPECT_B)
             elif kind == b"S":
@@ -475,6 +492,16 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                           t0, portal="" if kind == b"E" else None, n=n)
                 if tag is not None:
                     ctx.tags, ctx.rows = [tag.decode("utf-8", "replace")], rows
+                if planned is not None and len(planned[0][6]) > 1:
+                    # Sent with the read-only guard's statements (guard.fast_plans): its
+                    # answers are read as _forward_query's rewritten Query would be.
+                    text = sql.strip()
+                    if text.endswith(";"):
+                        text = text[:-1].rstrip()
+                    new = guard.rewrite(sql, [text], planned[0][6])
+                    expect.append(Expect(kind, ctx, ours=new.ours, rewritten=new,
+                                         ci=planned[1]))
+                    continue
                 expect.append(Expect(kind, ctx))
 
     def _client_messages(self, msgs: list[Message]) -> None:
@@ -527,6 +554,8 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                 continue
             spent += len(sql)
             texts.append(sql)
+            if spent > PARSES_ELSEWHERE_MAX:
+                break  # the rest when these are done (analyses of huge texts are big)
         if spent <= TURN_ANALYSIS_BUDGET or self.gw.analysis_pool is None:
             self.turn_analysed = spent
             return False
@@ -549,7 +578,8 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                     self.prepared = after
                 return analysis
         if len(sql) > ANALYSE_HERE_MAX and self.analyzer.cached(sql) is None:
-            self.turn_analysed += len(sql)
+            # (On a masked connection its masking lineage is traced too: twice the work.)
+            self.turn_analysed += len(sql) * (2 if self.masking else 1)
             if self.turn_analysed > TURN_ANALYSIS_BUDGET and self.gw.analysis_pool is not None:
                 self._to_backlog([msg])
                 self.holding = True
@@ -565,12 +595,17 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         try:
             for sql in texts:
                 state = pickle.loads(prepared) if prepared is not None else None
-                analysis, by_text, after = await pool.analyze(
-                    self.analyzer.unknown_function_class.value, sql, state)
+                analysis, by_text, after, traced = await pool.analyze(
+                    self.user, self.analyzer.unknown_function_class.value, sql, state,
+                    masked=self._sensitive_patterns() if self.masking else None)
                 if self.closed:
                     return
                 if by_text:
                     self.analyzer.adopt(sql, analysis, by_text)
+                if traced is not None:
+                    if len(self.lineages) >= MAX_LINEAGES:
+                        self.lineages.clear()
+                    self.lineages[sql] = traced
                 if prepared is None:
                     self.pre_parsed[sql] = analysis
                 else:
@@ -799,8 +834,11 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                     self.fast_verdicts[fast] = (decision, _fragment(decision))
                 if len(self.guarded_verdicts) < 4096:
                     # (A read too: inside a read-write transaction the guard plans it.)
-                    self.guarded_verdicts[fast] = (decision, _as_decided(analysis, decision)
-                                                   .statements[0])
+                    judged = _as_decided(analysis, decision).statements[0]
+                    self.guarded_verdicts[fast] = (decision, judged)
+                    if self.fast is not None and len(self.fast_guarded) < 4096:
+                        self.fast_guarded[fast] = (decision, _fragment(decision),
+                                                   guard.fast_plans(judged))
         else:
             decision = self._decide(analysis)
         ctx = Ctx(sql, decision.classification, decision.action, decision.rule, decision.reason,
