@@ -56,7 +56,9 @@ MAX_STEPS = 24
 #: transaction the gateway did not see open (a ReadyForQuery reporting it that did not
 #: end the queue, so the read-only guard had not taken it in: the fast path relayed the
 #: next one with the same status and the reads after it went unguarded), a
-#: CommandComplete tag that is not UTF-8 (the Python session ends the session on it).
+#: CommandComplete tag that is not UTF-8 (the Python session ends the session on it), a
+#: Bind of the unnamed statement in a later batch than its Parse the fast path sent,
+#: before that Parse was answered (ambiguous to the session, taken by the fast path).
 AVOID_KNOWN = not os.environ.get("KEYTURN_FUZZ_STRICT")
 
 SHAPE = "SELECT abalance FROM acc WHERE aid = {n};"

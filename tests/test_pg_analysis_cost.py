@@ -17,6 +17,7 @@ import psycopg
 import pytest
 
 from keyturn.launch.localpg import LocalPostgres
+from proxies.postgres import codec
 from tests.conftest import Keyturn, make_keyturn
 from tests.test_pg_limits import error_fields, logged_in, query_message, read_message
 
@@ -245,3 +246,58 @@ def test_masked_connection_traces_huge_statements_on_the_event_loop(kt: Keyturn)
     s.close()
     assert max(waits) < 1.0, (f"victim's SELECT 1 waited {max(waits):.1f} s (12 masked "
                               f"reads took {dt:.1f} s; errors: {errs[:2]})")
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def test_a_batch_of_huge_parses_cannot_make_the_gateway_hold_hundreds_of_megabytes(
+        kt: Keyturn) -> None:
+    """A batch is judged as a whole, so the analyses of all its Parses are held at once
+    (about 4.7 MB for a 176 KB text of 11,000 calls). 100 such Parses before one Sync
+    grew the gateway by 530 MB; past 1 MiB of SQL per batch a Parse's text is now
+    UNKNOWN unanalysed (an Execute of it would be refused by the policy)."""
+    assert kt.proc is not None
+    before = _rss_mb(kt.proc.pid)
+    sock = logged_in(kt.gateway_port, "alice", kt.tokens["alice"])
+    texts = ["SELECT " + ",".join(f"f{k}_{i}(c{i})" for i in range(11000)) for k in range(100)]
+    peak = before
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss_mb(kt.proc.pid))  # type: ignore[union-attr]
+            time.sleep(0.2)
+
+    w = threading.Thread(target=watch)
+    w.start()
+    sock.sendall(b"".join(codec.encode_parse("", sql) for sql in texts) + codec.encode_sync())
+    sock.settimeout(170)
+    errors = []
+    try:
+        while True:
+            kind, body = read_message(sock)
+            if kind == b"E":
+                errors.append(error_fields(body).get("M", ""))
+            if kind == b"Z":
+                break
+        sock.sendall(query_message("SELECT 1"))  # the session goes on
+        rows = []
+        while True:
+            kind, body = read_message(sock)
+            rows.append(kind)
+            if kind == b"Z":
+                break
+    finally:
+        done.set()
+        w.join()
+        sock.close()
+    assert peak - before < 200, f"gateway RSS grew {peak - before:.0f} MB"
+    assert errors, "the Parses name functions that do not exist"
+    assert b"D" in rows, rows

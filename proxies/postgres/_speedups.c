@@ -844,8 +844,12 @@ typedef struct {
                            the guarded dict), else NULL */
     unsigned long hide; /* with plan: bit i set when the Query's i-th CommandComplete
                            answers a statement of the guard's own (not forwarded) */
-    int ci;             /* with plan: CommandCompletes of the Query seen so far */
+    int ci;             /* with plan: CommandCompletes of the Query seen so far;
+                           G: answers of the guard statement seen (BindComplete,
+                           CommandComplete, CloseComplete) */
     char status;        /* with plan: the status its ReadyForQuery must show */
+    PyObject *params;   /* E of a guarded statement whose audit shows its parameters: the
+                           list (for drain()), else NULL */
 } Entry;
 
 typedef struct {
@@ -864,6 +868,11 @@ typedef struct {
                                 savepoint open) is None (Python's) or (prefix bytes, suffix
                                 bytes, hide mask, block after, savepoint open after,
                                 status after, parts); NULL: none here */
+    PyObject *gstmts;        /* bytes name -> the stmts tuple and (plans, with parameters,
+                                detail key): prepared statements the guard plans inside a
+                                transaction (plans[state]: None, or (the guard's
+                                Bind/Execute/Close messages, their statement names,
+                                savepoint open after)); NULL: none here */
     PyObject *portals;       /* the session's portals: str -> (statement name, Bind body) */
     PyObject *client_write;
     PyObject *upstream_write;
@@ -883,9 +892,10 @@ typedef struct {
 
 static PyObject *str_tx_status, *str_I, *str_T, *str_E, *str_empty, *bytes_empty;
 static PyObject *str_txs, *str_block, *str_block_ro, *str_ro_open, *str_hold;
-static PyObject *str_changed_catalog, *str_changes_anything;
+static PyObject *str_changed_catalog, *str_changes_anything, *str_guard_stmts;
 
 static int audit_line(FastPath *self, Entry *e, double now, int intent);
+static int json_ascii(Buf *b, const char *s, Py_ssize_t n);
 
 static void
 entry_clear(Entry *e)
@@ -896,6 +906,7 @@ entry_clear(Entry *e)
     Py_CLEAR(e->sql);
     Py_CLEAR(e->tag);
     Py_CLEAR(e->plan);
+    Py_CLEAR(e->params);
 }
 
 static int
@@ -909,6 +920,7 @@ FastPath_traverse(FastPath *self, visitproc visit, void *arg)
     Py_VISIT(self->bound);
     Py_VISIT(self->portals);
     Py_VISIT(self->guarded);
+    Py_VISIT(self->gstmts);
     Py_VISIT(self->client_write);
     Py_VISIT(self->upstream_write);
     Py_VISIT(self->audit_write);
@@ -917,6 +929,7 @@ FastPath_traverse(FastPath *self, visitproc visit, void *arg)
         Py_VISIT(self->q[i].decision);
         Py_VISIT(self->q[i].sql);
         Py_VISIT(self->q[i].plan);
+        Py_VISIT(self->q[i].params);
     }
     return 0;
 }
@@ -932,6 +945,7 @@ FastPath_clear(FastPath *self)
     Py_CLEAR(self->bound);
     Py_CLEAR(self->portals);
     Py_CLEAR(self->guarded);
+    Py_CLEAR(self->gstmts);
     Py_CLEAR(self->client_write);
     Py_CLEAR(self->upstream_write);
     Py_CLEAR(self->audit_write);
@@ -960,17 +974,18 @@ FastPath_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"session", "verdicts", "stmts", "portals", "client_write",
                              "upstream_write", "audit_write", "prefix", "layout", "max_len",
                              "intent_prefix", "flush", "parses", "session_stmts", "bound",
-                             "guarded", NULL};
+                             "guarded", "guarded_stmts", NULL};
     PyObject *session, *verdicts, *stmts, *portals, *cw, *uw, *aw, *prefix, *layout;
     PyObject *iprefix = Py_None, *flush = Py_None, *parses = NULL, *pystmts = NULL;
-    PyObject *bound = NULL, *guarded = NULL;
+    PyObject *bound = NULL, *guarded = NULL, *gstmts = NULL;
     Py_ssize_t max_len;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!O!O!OOOSO!n|OOO!O!O!O!:FastPath", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!O!O!OOOSO!n|OOO!O!O!O!O!:FastPath", kwlist,
                                      &session, &PyDict_Type, &verdicts, &PyDict_Type, &stmts,
                                      &PyDict_Type, &portals, &cw, &uw, &aw, &prefix,
                                      &PyTuple_Type, &layout, &max_len, &iprefix, &flush,
                                      &PyDict_Type, &parses, &PyDict_Type, &pystmts,
-                                     &PyDict_Type, &bound, &PyDict_Type, &guarded))
+                                     &PyDict_Type, &bound, &PyDict_Type, &guarded,
+                                     &PyDict_Type, &gstmts))
         return NULL;
     if ((parses == NULL) != (pystmts == NULL)) {
         PyErr_SetString(PyExc_TypeError, "parses and session_stmts go together");
@@ -1002,6 +1017,7 @@ FastPath_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->pystmts = Py_XNewRef(pystmts);
     self->bound = Py_XNewRef(bound);
     self->guarded = Py_XNewRef(guarded);
+    self->gstmts = Py_XNewRef(gstmts);
     self->portals = Py_NewRef(portals);
     self->client_write = Py_NewRef(cw);
     self->upstream_write = Py_NewRef(uw);
@@ -1071,7 +1087,11 @@ typedef struct {
     Py_ssize_t start, end;   /* the whole message */
     PyObject *verdict;       /* Q: (Decision, fragment[, plans]); B, E: the stmt entry */
     PyObject *gplan;         /* Q planned by the read-only guard: its plan (borrowed from
-                                verdict), else NULL */
+                                verdict); B, E of a guarded prepared statement: the
+                                guard's plan for it (borrowed); else NULL */
+    PyObject *params;        /* B, E of a guarded statement: its audit's parameters (owned
+                                list), else NULL */
+    PyObject *frag;          /* the same: its fragment with them (owned bytes), else NULL */
 } Planned;
 
 /* An attribute as a truth value: 1, 0, or -1 on error. */
@@ -1156,6 +1176,120 @@ lookup_bytes(PyObject *dict, const char *p, Py_ssize_t n, PyObject **out)
     return 1;
 }
 
+/* A guarded Bind's parameters as its audit shows them (the session's _bind_params),
+   from ``p`` (just after the statement name) to ``bend``: every one in text format and
+   ASCII (anything else is Python's). *params: a list of str / None (NULL when there are
+   none); *frag: ``fragment`` with ``key`` and the list as JSON. 1 done, 0 not here, -1
+   error. */
+static int
+bind_params(const unsigned char *p, const unsigned char *bend, PyObject *fragment,
+            PyObject *key, PyObject **params, PyObject **frag)
+{
+    *params = *frag = NULL;
+    if (bend - p < 2)
+        return 0;
+    int nf = (p[0] << 8) | p[1];
+    p += 2;
+    if (nf & 0x8000 || bend - p < 2 * (Py_ssize_t)nf)
+        return 0;
+    for (int i = 0; i < nf; i++)
+        if (p[2 * i] || p[2 * i + 1])
+            return 0; /* a binary parameter */
+    p += 2 * nf;
+    if (bend - p < 2)
+        return 0;
+    int np = (p[0] << 8) | p[1];
+    p += 2;
+    if (np & 0x8000 || (nf > 1 && nf != np))
+        return 0;
+    if (np == 0) {
+        /* nothing to show; the rest must still be a well-formed Bind */
+        if (bend - p < 2)
+            return 0;
+        int nr = (p[0] << 8) | p[1];
+        return (nr & 0x8000) == 0 && bend - p == 2 + 2 * (Py_ssize_t)nr;
+    }
+    PyObject *list = PyList_New(np);
+    if (list == NULL)
+        return -1;
+    Buf b = {NULL, 0, 0};
+    int rc = -1;
+    if (buf_add(&b, PyBytes_AS_STRING(fragment), PyBytes_GET_SIZE(fragment)) < 0 ||
+        buf_add(&b, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key)) < 0 ||
+        buf_add(&b, "[", 1) < 0)
+        goto done;
+    for (int i = 0; i < np; i++) {
+        if (bend - p < 4) {
+            rc = 0;
+            goto done;
+        }
+        int32_t len = (int32_t)get_u32(p);
+        p += 4;
+        if (i && buf_add(&b, ",", 1) < 0)
+            goto done;
+        if (len == -1) {
+            PyList_SET_ITEM(list, i, Py_NewRef(Py_None));
+            if (buf_add(&b, "null", 4) < 0)
+                goto done;
+            continue;
+        }
+        if (len < 0 || bend - p < len || !is_ascii(p, len)) {
+            rc = 0;
+            goto done;
+        }
+        PyObject *v = PyUnicode_DecodeASCII((const char *)p, len, "strict");
+        if (v == NULL)
+            goto done;
+        PyList_SET_ITEM(list, i, v);
+        if (json_ascii(&b, (const char *)p, len) < 0)
+            goto done;
+        p += len;
+    }
+    if (bend - p < 2) {
+        rc = 0;
+        goto done;
+    }
+    int nr = (p[0] << 8) | p[1];
+    if (nr & 0x8000 || bend - p != 2 + 2 * (Py_ssize_t)nr) {
+        rc = 0;
+        goto done;
+    }
+    if (buf_add(&b, "]}", 2) < 0)
+        goto done;
+    *frag = PyBytes_FromStringAndSize(b.data, b.len);
+    if (*frag == NULL)
+        goto done;
+    *params = list;
+    list = NULL;
+    rc = 1;
+done:
+    Py_XDECREF(list);
+    PyMem_Free(b.data);
+    return rc;
+}
+
+/* Whether every name in ``names`` (a tuple of str) is in the session's guard_stmts: the
+   guard's statements the target has prepared. 1 yes, 0 no, -1 error. */
+static int
+guard_prepared(FastPath *self, PyObject *names)
+{
+    if (PyTuple_GET_SIZE(names) == 0)
+        return 1;
+    PyObject *have = PyObject_GetAttr(self->session, str_guard_stmts);
+    if (have == NULL)
+        return -1;
+    int rc = PyAnySet_Check(have) ? 1 : 0;
+    for (Py_ssize_t i = 0; rc == 1 && i < PyTuple_GET_SIZE(names); i++)
+        rc = PySet_Contains(have, PyTuple_GET_ITEM(names, i));
+    Py_DECREF(have);
+    return rc;
+}
+
+/* In FastPath_client: a check that answers 1 (go on), 0 (not for the fast path) or -1
+   (an error). */
+#define CHECK_OR_BAIL(expr) do { int rc_ = (expr); if (rc_ < 0) goto fail; \
+                                 if (rc_ == 0) goto bail; } while (0)
+
 PyDoc_STRVAR(client_doc,
 "client(chunk) -> bool\n\n"
 "Forward a chunk from the client if every message in it is one the fast path\n"
@@ -1175,7 +1309,11 @@ FastPath_client(FastPath *self, PyObject *chunk)
     for (int i = 0; i < MAX_BATCH; i++) {
         plan[i].verdict = NULL; /* owned references, released on every way out */
         plan[i].gplan = NULL;
+        plan[i].params = plan[i].frag = NULL;
     }
+    Planned *bound_pl = NULL; /* the Bind that bound the unnamed portal in this chunk */
+    int guarded = 0;          /* a guarded prepared statement was bound in this chunk */
+    int guarded_e = -1;       /* ... and the index of its Execute */
     int count = 0;
     PyObject *result = NULL;
     PyObject *built = NULL; /* a Query rewritten with the guard's statements */
@@ -1192,7 +1330,8 @@ FastPath_client(FastPath *self, PyObject *chunk)
     while (p < n) {
         if (n - p < 5 || count == MAX_BATCH)
             goto bail;
-        if (!quiet && base[p] != 'Q')
+        if (!quiet && base[p] != 'Q' &&
+            (self->gstmts == NULL || gstate < 1 || gstate > 2 || base[p] == 'P'))
             goto bail; /* a read inside a read-write transaction: the savepoint first */
         uint32_t length = get_u32(u + p + 1);
         if (length < 4 || (Py_ssize_t)length > n - p - 1)
@@ -1256,11 +1395,7 @@ FastPath_client(FastPath *self, PyObject *chunk)
                 !PyUnicode_Check(PyTuple_GET_ITEM(gp, 5)) ||
                 PyUnicode_GET_LENGTH(PyTuple_GET_ITEM(gp, 5)) != 1)
                 goto bail;
-            int agrees = session_agrees(self, gstate);
-            if (agrees < 0)
-                goto fail;
-            if (!agrees)
-                goto bail;
+            CHECK_OR_BAIL(session_agrees(self, gstate));
             pl->verdict = Py_NewRef(hit);
             pl->gplan = gp;
             break;
@@ -1293,22 +1428,71 @@ FastPath_client(FastPath *self, PyObject *chunk)
             const char *z2 = cstr_end(name, bend);
             if (z2 == NULL)
                 goto bail;
-            PyObject *st;
+            PyObject *st = NULL;
             if (z2 == name && parsed != NULL) {
                 st = parsed; /* the unnamed statement parsed earlier in this chunk */
             }
             else {
-                int found = lookup_bytes(self->stmts, name, z2 - name, &st);
-                if (found < 0)
-                    goto fail;
-                if (found == 0)
-                    goto bail;
+                if (z2 == name) {
+                    /* A Parse of the unnamed statement sent in an earlier batch and not
+                       answered yet: to the session a Bind of it is ambiguous
+                       (_bind_target), so it is the session's to refuse. */
+                    for (Py_ssize_t i = self->head; i < self->tail; i++)
+                        if (self->q[i].kind == 'P')
+                            goto bail;
+                }
+                int found = 0;
+                if (quiet) {
+                    found = lookup_bytes(self->stmts, name, z2 - name, &st);
+                    if (found < 0)
+                        goto fail;
+                }
+                if (found == 0) {
+                    /* A prepared statement the read-only guard plans, inside a read-write
+                       transaction: one per chunk, with nothing else in flight. */
+                    if (self->gstmts == NULL || z2 == name || gstate < 1 || gstate > 2 ||
+                        guarded || self->head != self->tail)
+                        goto bail;
+                    found = lookup_bytes(self->gstmts, name, z2 - name, &st);
+                    if (found < 0)
+                        goto fail;
+                    if (found == 0 || !PyTuple_Check(st) || PyTuple_GET_SIZE(st) != 9 ||
+                        !PyTuple_Check(PyTuple_GET_ITEM(st, 6)) ||
+                        PyTuple_GET_SIZE(PyTuple_GET_ITEM(st, 6)) != 3 ||
+                        !PyBytes_Check(PyTuple_GET_ITEM(st, 1)) ||
+                        !PyBytes_Check(PyTuple_GET_ITEM(st, 8)))
+                        goto bail;
+                    PyObject *gp = PyTuple_GET_ITEM(PyTuple_GET_ITEM(st, 6), gstate);
+                    if (!PyTuple_Check(gp) || PyTuple_GET_SIZE(gp) != 3 ||
+                        !PyBytes_Check(PyTuple_GET_ITEM(gp, 0)) ||
+                        !PyTuple_Check(PyTuple_GET_ITEM(gp, 1)))
+                        goto bail;
+                    CHECK_OR_BAIL(session_agrees(self, gstate));
+                    /* the session prepares the guard's statements the first time */
+                    CHECK_OR_BAIL(guard_prepared(self, PyTuple_GET_ITEM(gp, 1)));
+                    int with = PyObject_IsTrue(PyTuple_GET_ITEM(st, 7));
+                    if (with < 0)
+                        goto fail;
+                    if (with) {
+                        int r = bind_params((const unsigned char *)z2 + 1,
+                                            (const unsigned char *)bend,
+                                            PyTuple_GET_ITEM(st, 1), PyTuple_GET_ITEM(st, 8),
+                                            &pl->params, &pl->frag);
+                        if (r < 0)
+                            goto fail;
+                        if (r == 0)
+                            goto bail;
+                    }
+                    pl->gplan = gp;
+                    guarded = 1;
+                }
             }
             if (!PyTuple_Check(st) || PyTuple_GET_SIZE(st) < 5 ||
                 !PyBytes_Check(PyTuple_GET_ITEM(st, 1)) || !PyBytes_Check(PyTuple_GET_ITEM(st, 2)))
                 goto bail;
             pl->verdict = Py_NewRef(st);
             bound = st;
+            bound_pl = pl;
             break;
         }
         case 'E':
@@ -1316,6 +1500,14 @@ FastPath_client(FastPath *self, PyObject *chunk)
             if (bound == NULL || bend - body != 5 || body[0] != 0)
                 goto bail;
             pl->verdict = Py_NewRef(bound);
+            if (bound_pl != NULL && bound_pl->gplan != NULL) {
+                if (guarded_e >= 0)
+                    goto bail; /* once: the guard's state moves with it */
+                guarded_e = count;
+                pl->gplan = bound_pl->gplan;
+                pl->params = Py_XNewRef(bound_pl->params);
+                pl->frag = Py_XNewRef(bound_pl->frag);
+            }
             break;
         case 'D':
             /* Describe of the unnamed portal (libpq sends one with each prepared query) */
@@ -1334,8 +1526,11 @@ FastPath_client(FastPath *self, PyObject *chunk)
         p = end;
     }
     /* A Parse changes the session's statements: only in a batch that ends in this chunk
-       (the session then sees no half batch of the fast path's). */
+       (the session then sees no half batch of the fast path's). The same for a guarded
+       statement, which moves the guard's state: bound and executed here, then Sync. */
     if (parsed != NULL && plan[count - 1].type != 'S')
+        goto bail;
+    if (guarded && (guarded_e < 0 || plan[count - 1].type != 'S'))
         goto bail;
     /* Second pass: queue what the target owes, then forward the chunk unchanged. */
     double t0 = now_seconds();
@@ -1383,6 +1578,17 @@ FastPath_client(FastPath *self, PyObject *chunk)
                 goto fail;
             }
         }
+        if (pl->type == 'E' && pl->gplan != NULL) {
+            /* the guard's statements go right before the Execute: one entry each */
+            Py_ssize_t ng = PyTuple_GET_SIZE(PyTuple_GET_ITEM(pl->gplan, 1));
+            for (Py_ssize_t g = 0; g < ng; g++) {
+                Entry *ge = push(self);
+                if (ge == NULL)
+                    goto fail;
+                ge->kind = 'G';
+                ge->t0 = t0;
+            }
+        }
         Entry *e = push(self);
         if (e == NULL) {
             Py_XDECREF(prior);
@@ -1410,7 +1616,8 @@ FastPath_client(FastPath *self, PyObject *chunk)
         }
         else if (pl->type == 'E') {
             e->decision = Py_NewRef(PyTuple_GET_ITEM(pl->verdict, 0));
-            e->fragment = Py_NewRef(PyTuple_GET_ITEM(pl->verdict, 1));
+            e->fragment = Py_NewRef(pl->frag ? pl->frag : PyTuple_GET_ITEM(pl->verdict, 1));
+            e->params = Py_XNewRef(pl->params);
             e->raw = Py_NewRef(PyTuple_GET_ITEM(pl->verdict, 2));
             e->sql = Py_NewRef(PyTuple_GET_ITEM(pl->verdict, 3));
         }
@@ -1424,7 +1631,31 @@ FastPath_client(FastPath *self, PyObject *chunk)
         }
     }
     PyObject *send = chunk;
-    if (count == 1 && plan[0].gplan != NULL) {
+    if (guarded_e >= 0) {
+        /* The guard's statements before the Execute, and its state after them (the
+           session's txs.ro_open, as _guard_before_execute leaves it). */
+        PyObject *gp = plan[guarded_e].gplan;
+        PyObject *txs = PyObject_GetAttr(self->session, str_txs);
+        if (txs == NULL)
+            goto fail;
+        int set = PyObject_SetAttr(txs, str_ro_open, PyTuple_GET_ITEM(gp, 2));
+        Py_DECREF(txs);
+        if (set < 0)
+            goto fail;
+        PyObject *ins = PyTuple_GET_ITEM(gp, 0);
+        Py_ssize_t glen = PyBytes_GET_SIZE(ins), at = plan[guarded_e].start;
+        if (glen) {
+            built = PyBytes_FromStringAndSize(NULL, n + glen);
+            if (built == NULL)
+                goto fail;
+            char *o = PyBytes_AS_STRING(built);
+            memcpy(o, base, at);
+            memcpy(o + at, PyBytes_AS_STRING(ins), glen);
+            memcpy(o + at + glen, base + at, n - at);
+            send = built;
+        }
+    }
+    else if (count == 1 && plan[0].gplan != NULL) {
         /* The guard's plan: its state after this statement (the session's txs, as
            _forward_query sets it), and the Query with the guard's statements around the
            client's text as guard.rewrite joins them (the text stripped as the session's
@@ -1490,8 +1721,11 @@ bail:
 fail:
     self->armed = 0;
 done:
-    for (int i = 0; i < MAX_BATCH; i++)
+    for (int i = 0; i < MAX_BATCH; i++) {
         Py_XDECREF(plan[i].verdict);
+        Py_XDECREF(plan[i].params);
+        Py_XDECREF(plan[i].frag);
+    }
     Py_XDECREF(built);
     return result;
 }
@@ -1712,6 +1946,8 @@ FastPath_server(FastPath *self, PyObject *chunk)
     int nhidden = 0;
     Py_ssize_t ci_idx = -1;
     int ci_local = 0;
+    Py_ssize_t g_idx = -1; /* the guard statement (entry G) answered, and its answers */
+    int g_step = 0;
     while (p < n) {
         if (n - p < 5)
             Py_RETURN_FALSE;
@@ -1721,6 +1957,32 @@ FastPath_server(FastPath *self, PyObject *chunk)
         if (idx == self->tail)
             Py_RETURN_FALSE;
         char kind = self->q[idx].kind;
+        if (kind == 'G') {
+            /* one of the guard's statements: BindComplete, CommandComplete, CloseComplete,
+               none of them forwarded */
+            if (g_idx != idx) {
+                g_idx = idx;
+                g_step = self->q[idx].ci;
+            }
+            char want = g_step == 0 ? '2' : g_step == 1 ? 'C' : '3';
+            if (base[p] != want || nhidden == MAX_HIDDEN)
+                Py_RETURN_FALSE;
+            if (want == 'C') {
+                const char *tag = base + p + 5;
+                Py_ssize_t tlen = (Py_ssize_t)length - 5;
+                if (length < 5 || tag[tlen] != 0)
+                    Py_RETURN_FALSE;
+            }
+            else if (length != 4)
+                Py_RETURN_FALSE;
+            hidden[nhidden][0] = p;
+            hidden[nhidden][1] = p + 1 + length;
+            nhidden++;
+            if (++g_step == 3)
+                idx++;
+            p += 1 + length;
+            continue;
+        }
         switch (base[p]) {
         case 'T':
             if (kind == 'D')
@@ -1856,6 +2118,14 @@ FastPath_server(FastPath *self, PyObject *chunk)
     while (p < n) {
         Py_ssize_t end = p + 1 + get_u32(u + p + 1);
         Entry *e = &self->q[self->head];
+        if (e->kind == 'G') {
+            if (++e->ci == 3) {
+                entry_clear(e);
+                self->head++;
+            }
+            p = end;
+            continue;
+        }
         switch (base[p]) {
         case 'C': {
             if (e->plan != NULL && e->kind == 'Q') {
@@ -1952,14 +2222,15 @@ FastPath_drain(FastPath *self, PyObject *unused)
         if (sql == NULL)
             goto fail;
         PyObject *guard = e->plan ? Py_BuildValue("(Oi)", e->plan, e->ci)
-                                  : Py_NewRef(Py_None);
+                                  : Py_NewRef(e->params ? e->params : Py_None);
         if (guard == NULL) {
             Py_DECREF(sql);
             goto fail;
         }
         PyObject *item = Py_BuildValue("(y#NOdOOLN)", &e->kind, (Py_ssize_t)1, sql,
                                        e->decision ? e->decision : Py_None, e->t0,
-                                       Py_None, e->tag ? e->tag : Py_None, e->n, guard);
+                                       Py_None, e->tag ? e->tag : Py_None,
+                                       e->kind == 'G' ? (long long)e->ci : e->n, guard);
         if (item == NULL)
             goto fail;
         if (e->rows >= 0) {
@@ -2283,8 +2554,9 @@ PyInit__speedups(void)
     str_hold = PyUnicode_InternFromString("hold");
     str_changed_catalog = PyUnicode_InternFromString("changed_catalog");
     str_changes_anything = PyUnicode_InternFromString("changes_anything");
+    str_guard_stmts = PyUnicode_InternFromString("guard_stmts");
     if (!str_txs || !str_block || !str_block_ro || !str_ro_open || !str_hold ||
-        !str_changed_catalog || !str_changes_anything)
+        !str_changed_catalog || !str_changes_anything || !str_guard_stmts)
         return NULL;
     PyObject *m = PyModule_Create(&speedups_module);
     if (m == NULL)

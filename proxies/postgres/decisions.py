@@ -61,6 +61,7 @@ class Decisions(SessionState):
         self.stmt_op[key] = (self.op_seq, self.syncs)
         self.doubt[key] = self.doubt.get(key, 0) + 1
         self.fast_stmts.pop(key.encode("utf-8", "surrogateescape"), None)
+        self.fast_guarded_stmts.pop(key.encode("utf-8", "surrogateescape"), None)
         if self.prepared is not None:
             self.prepared.drop(key)
         return Expect(kind, op=self.op_seq, name=key, prior=prior, mine=info,
@@ -84,6 +85,7 @@ class Decisions(SessionState):
                     self.stmts[key] = entry.mine
             return
         self.fast_stmts.pop(key.encode("utf-8", "surrogateescape"), None)
+        self.fast_guarded_stmts.pop(key.encode("utf-8", "surrogateescape"), None)
         if latest and self.stmts.get(key) is _AMBIGUOUS:
             # An earlier change of the name in this batch failed, so this one was skipped
             # after it: what it held before this one (the failed change's statement) is
@@ -177,9 +179,12 @@ class Decisions(SessionState):
                 self.stmt_op[key] = (self.op_seq, self.syncs)
             if name is None:
                 self.fast_stmts.clear()
+                self.fast_guarded_stmts.clear()
                 self.guard_stmts.clear()  # DEALLOCATE ALL took the guard's too
             else:
                 self.fast_stmts.pop(_pkey(name).encode("utf-8", "surrogateescape"), None)
+                self.fast_guarded_stmts.pop(_pkey(name).encode("utf-8", "surrogateescape"),
+                                            None)
 
     def _decide(self, analysis: Any) -> Decision:
         assert self.identity is not None and self.conn is not None
@@ -213,6 +218,7 @@ class Decisions(SessionState):
         self.fast_verdicts.clear()
         self.guarded_verdicts.clear()
         self.fast_guarded.clear()
+        self.fast_guarded_stmts.clear()
         self.fast_stmts.clear()
         self.fast_parses.clear()
         for info in self.stmts.values():

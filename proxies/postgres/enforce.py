@@ -50,6 +50,20 @@ class ReadOnlyGuard(SessionState):
         txs = self.txs
         return not txs.block or txs.ro_open or txs.block_ro
 
+    def _guard_exec_plans(self, classes: list[str]) -> tuple[Any, ...]:
+        """For the compiled fast path: what ``_guard_before_execute`` sends before the
+        Execute of a statement of ``classes`` (no facts) in each of guard.FAST_STATES:
+        None outside a transaction (Python's: the batch's own write access), else (the
+        guard's Bind/Execute/Close messages, the names of the guard statements they use,
+        savepoint open after)."""
+        plans: list[Any] = [None]
+        for state in guard.FAST_STATES[1:]:
+            st = state.copy()
+            sqls = guard.before_in_block(st, frozenset(), classes)
+            plans.append((b"".join(_GUARD_BIND[sql] + _GUARD_RUN for sql in sqls),
+                          tuple(_GUARD_NAMES[sql] for sql in sqls), st.ro_open))
+        return tuple(plans)
+
     def _guard_run(self, sql: str, out: list[bytes]) -> None:
         """One guard statement as extended-protocol messages answered to the gateway
         alone (its errors reach the client: the target then skips to Sync anyway)."""

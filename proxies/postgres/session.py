@@ -86,6 +86,11 @@ log = logging.getLogger(__name__)
 # row count, and the intent number. Built from the schema, so C spells no field name.
 
 MAX_BACKLOG = 64 * 1024 * 1024
+#: The audit record's key for the parameters of a statement (detail.params), as the
+#: compiled fast path writes it after a decision's fragment.
+_DETAIL_PARAMS = b"," + auditschema.key("detail") + b'{"params":'
+#: The Expect kinds of a guard statement's Bind, Execute and Close (see _guard_run).
+_GUARD_ANSWERS = (b"B", b"E", b"C")
 #: SQL texts of at most this many characters are always analysed on the event loop (well
 #: under a millisecond each); longer ones count against the turn's budget.
 ANALYSE_HERE_MAX = 512
@@ -93,9 +98,10 @@ ANALYSE_HERE_MAX = 512
 #: in the worst case measured); texts beyond it go to the analysis worker, so a client
 #: pipelining large statements cannot stall the other sessions.
 TURN_ANALYSIS_BUDGET = 16 * 1024
-#: Characters of Parse texts sent to the analysis worker at once (their analyses are kept
-#: until the messages are handled: 10 to 30 times the text for huge ones).
-PARSES_ELSEWHERE_MAX = 1024 * 1024
+#: Characters of SQL in the Parse messages of one batch (up to its Sync) that are
+#: analysed: the batch is judged as a whole, so all their analyses are held at once (10
+#: to 30 times the text for huge ones). Beyond, a Parse's text is UNKNOWN unanalysed.
+MAX_BATCH_SQL = 1024 * 1024
 #: Masking lineages from the analysis worker a session keeps (by text).
 MAX_LINEAGES = 32
 # Bytes a client may send before its session is ready (logged in, target connected).
@@ -255,6 +261,11 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         self.guarded_verdicts: dict[str, tuple[Decision, Statement]] = {}
         # The same for the compiled fast path: (Decision, fragment, guard.fast_plans).
         self.fast_guarded: dict[str, tuple[Any, ...]] = {}
+        # Prepared statements allowed, with the read-only guard's statements to send
+        # before their Execute inside a transaction, for the compiled fast path: name ->
+        # (Decision, fragment, statement as JSON, statement, name, StmtInfo, plans (see
+        # _guard_exec_plans), whether its audit carries the parameters (not a read)).
+        self.fast_guarded_stmts: dict[bytes, tuple[Any, ...]] = {}
         # Prepared statements allowed as reads, for the compiled fast path:
         # name -> (Decision, audit fields, statement as JSON, statement, name).
         self.fast_stmts: dict[bytes, tuple[Any, ...]] = {}
@@ -471,7 +482,11 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             return
         expect = self.expect
         for kind, sql, decision, t0, rows, tag, n, planned in fast.drain():
-            if kind == b"B":
+            if kind == b"G":
+                # One of the read-only guard's statements the fast path sent before an
+                # Execute (_guard_run): its answers not seen yet (``n`` were).
+                expect.extend(Expect(k, swallow=True) for k in _GUARD_ANSWERS[n:])
+            elif kind == b"B":
                 expect.append(_EXPECT_B)
             elif kind == b"S":
                 expect.append(_EXPECT_S)
@@ -490,6 +505,9 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             else:
                 ctx = Ctx(sql, decision.classification, "allow", decision.rule, decision.reason,
                           t0, portal="" if kind == b"E" else None, n=n)
+                if kind == b"E" and planned is not None:
+                    ctx.params = planned  # a guarded Execute's parameters, as audited
+                    planned = None
                 if tag is not None:
                     ctx.tags, ctx.rows = [tag.decode("utf-8", "replace")], rows
                 if planned is not None and len(planned[0][6]) > 1:
@@ -540,22 +558,34 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
     def _parses_elsewhere(self, msgs: list[Message]) -> bool:
         """Parse texts in ``msgs`` beyond what this turn may analyse here go to the
         analysis worker, all at once; the session waits with ``msgs`` in its backlog.
-        True when it does."""
-        spent = 0
+        True when it does.
+
+        A batch (messages up to a Sync) is judged as a whole before it runs, so the
+        analyses of all its Parses are kept at once: Parse texts beyond MAX_BATCH_SQL
+        characters in one batch are not analysed (UNKNOWN, refused unless a rule allows
+        unknown statements), which bounds what one session makes the gateway hold."""
+        spent = batch = 0
         texts: list[str] = []
         for m in msgs:
+            if m.type == b"S":
+                batch = 0
+                continue
             if m.type != b"P" or len(m.body) <= ANALYSE_HERE_MAX:
                 continue
             try:
                 sql = codec.decode_parse(m.body).query
             except ProtocolError:
                 continue  # refused when its turn comes
+            batch += len(sql)
             if sql in self.pre_parsed or self.analyzer.cached(sql) is not None:
+                continue
+            if batch > MAX_BATCH_SQL:
+                self.pre_parsed[sql] = Analysis(sql, (), (
+                    f"the batch holds more than {MAX_BATCH_SQL} characters of SQL in "
+                    f"Parse messages before its Sync; keyturn analyses up to that"))
                 continue
             spent += len(sql)
             texts.append(sql)
-            if spent > PARSES_ELSEWHERE_MAX:
-                break  # the rest when these are done (analyses of huge texts are big)
         if spent <= TURN_ANALYSIS_BUDGET or self.gw.analysis_pool is None:
             self.turn_analysed = spent
             return False
@@ -896,6 +926,22 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                     and all(st.search_path is None for st in info.analysis.statements):
                 # ... and so can a Parse of the same text into the unnamed statement.
                 self.fast_parses[info.parse_key] = entry
+        if self.fast is not None and d.action == "allow" and stmt_name \
+                and not info.names and len(self.fast_guarded_stmts) < 4096 \
+                and not _runs_user_code(info.analysis, d) and not any(
+                    st.facts for st in info.analysis.statements) \
+                and not any(st.literal_dependent for st in info.analysis.statements) \
+                and self._bind_target(stmt_name) is info:
+            # ... and inside a read-write transaction, with the read-only guard's
+            # statements before it (a write, or a read in the guard's savepoint).
+            key = stmt_name.encode()
+            if key not in self.fast_guarded_stmts:
+                classes = [str(st.cls) for st in
+                           _as_decided(info.analysis, d).statements]
+                self.fast_guarded_stmts[key] = (
+                    d, _fragment(d), orjson.dumps(info.sql), info.sql, stmt_name, info,
+                    self._guard_exec_plans(classes), d.classification != "read",
+                    _DETAIL_PARAMS)
         analysis = info.analysis
         if d.action != "allow":
             # A value the class depends on may be bound ($1 of set_config): judge the

@@ -338,7 +338,7 @@ class StartupSteps(SessionState):
                 self._audit_prefix_bytes(), FAST_AUDIT_LAYOUT, MAX_SHAPED_TEXT,
                 self._intent_prefix_bytes(),
                 getattr(self.gw.audit_spool, "flush_ahead", None), self.fast_parses, self.stmts,
-                self.bound, self.fast_guarded)
+                self.bound, self.fast_guarded, self.fast_guarded_stmts)
             self._install_relays()
         self.data_received(b"")
 

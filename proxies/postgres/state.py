@@ -255,6 +255,7 @@ class SessionState:
     fast_verdicts: dict[str, tuple[Decision, bytes]]
     guarded_verdicts: dict[str, tuple[Decision, Statement]]
     fast_guarded: dict[str, tuple[Any, ...]]
+    fast_guarded_stmts: dict[bytes, tuple[Any, ...]]
     fast_stmts: dict[bytes, tuple[Any, ...]]
     fast_parses: dict[bytes, tuple[Any, ...]]
     fast: Any
