@@ -847,7 +847,8 @@ typedef struct {
     int ci;             /* with plan: CommandCompletes of the Query seen so far;
                            G: answers of the guard statement seen (BindComplete,
                            CommandComplete, CloseComplete) */
-    char status;        /* with plan: the status its ReadyForQuery must show */
+    char status;        /* Q with plan, S after a guarded Execute: the status its
+                           ReadyForQuery must show (0: the session's) */
     PyObject *params;   /* E of a guarded statement whose audit shows its parameters: the
                            list (for drain()), else NULL */
 } Entry;
@@ -869,10 +870,11 @@ typedef struct {
                                 bytes, hide mask, block after, savepoint open after,
                                 status after, parts); NULL: none here */
     PyObject *gstmts;        /* bytes name -> the stmts tuple and (plans, with parameters,
-                                detail key): prepared statements the guard plans inside a
-                                transaction (plans[state]: None, or (the guard's
-                                Bind/Execute/Close messages, their statement names,
-                                savepoint open after)); NULL: none here */
+                                detail key): prepared statements the guard plans
+                                (plans[state]: None, or (the guard's Bind/Execute/Close
+                                messages before the Execute, their statement names, the
+                                same after it, block after, savepoint open after, status
+                                at the Sync)); NULL: none here */
     PyObject *portals;       /* the session's portals: str -> (statement name, Bind body) */
     PyObject *client_write;
     PyObject *upstream_write;
@@ -1285,6 +1287,21 @@ guard_prepared(FastPath *self, PyObject *names)
     return rc;
 }
 
+/* One entry (G) for each of the guard's statements ``names`` (their Bind, Execute and
+   Close are answered to the gateway alone). */
+static int
+push_guard(FastPath *self, PyObject *names, double t0)
+{
+    for (Py_ssize_t g = 0; g < PyTuple_GET_SIZE(names); g++) {
+        Entry *ge = push(self);
+        if (ge == NULL)
+            return -1;
+        ge->kind = 'G';
+        ge->t0 = t0;
+    }
+    return 0;
+}
+
 /* In FastPath_client: a check that answers 1 (go on), 0 (not for the fast path) or -1
    (an error). */
 #define CHECK_OR_BAIL(expr) do { int rc_ = (expr); if (rc_ < 0) goto fail; \
@@ -1450,7 +1467,7 @@ FastPath_client(FastPath *self, PyObject *chunk)
                 if (found == 0) {
                     /* A prepared statement the read-only guard plans, inside a read-write
                        transaction: one per chunk, with nothing else in flight. */
-                    if (self->gstmts == NULL || z2 == name || gstate < 1 || gstate > 2 ||
+                    if (self->gstmts == NULL || z2 == name || gstate > 2 ||
                         guarded || self->head != self->tail)
                         goto bail;
                     found = lookup_bytes(self->gstmts, name, z2 - name, &st);
@@ -1463,13 +1480,18 @@ FastPath_client(FastPath *self, PyObject *chunk)
                         !PyBytes_Check(PyTuple_GET_ITEM(st, 8)))
                         goto bail;
                     PyObject *gp = PyTuple_GET_ITEM(PyTuple_GET_ITEM(st, 6), gstate);
-                    if (!PyTuple_Check(gp) || PyTuple_GET_SIZE(gp) != 3 ||
+                    if (!PyTuple_Check(gp) || PyTuple_GET_SIZE(gp) != 7 ||
                         !PyBytes_Check(PyTuple_GET_ITEM(gp, 0)) ||
-                        !PyTuple_Check(PyTuple_GET_ITEM(gp, 1)))
+                        !PyTuple_Check(PyTuple_GET_ITEM(gp, 1)) ||
+                        !PyBytes_Check(PyTuple_GET_ITEM(gp, 2)) ||
+                        !PyTuple_Check(PyTuple_GET_ITEM(gp, 3)) ||
+                        !PyUnicode_Check(PyTuple_GET_ITEM(gp, 6)) ||
+                        PyUnicode_GET_LENGTH(PyTuple_GET_ITEM(gp, 6)) != 1)
                         goto bail;
                     CHECK_OR_BAIL(session_agrees(self, gstate));
                     /* the session prepares the guard's statements the first time */
                     CHECK_OR_BAIL(guard_prepared(self, PyTuple_GET_ITEM(gp, 1)));
+                    CHECK_OR_BAIL(guard_prepared(self, PyTuple_GET_ITEM(gp, 3)));
                     int with = PyObject_IsTrue(PyTuple_GET_ITEM(st, 7));
                     if (with < 0)
                         goto fail;
@@ -1535,6 +1557,7 @@ FastPath_client(FastPath *self, PyObject *chunk)
     /* Second pass: queue what the target owes, then forward the chunk unchanged. */
     double t0 = now_seconds();
     int intents = 0;
+    char sync_status = 0;
     for (int i = 0; i < count; i++) {
         Planned *pl = &plan[i];
         if (pl->type == 'H')
@@ -1578,17 +1601,9 @@ FastPath_client(FastPath *self, PyObject *chunk)
                 goto fail;
             }
         }
-        if (pl->type == 'E' && pl->gplan != NULL) {
-            /* the guard's statements go right before the Execute: one entry each */
-            Py_ssize_t ng = PyTuple_GET_SIZE(PyTuple_GET_ITEM(pl->gplan, 1));
-            for (Py_ssize_t g = 0; g < ng; g++) {
-                Entry *ge = push(self);
-                if (ge == NULL)
-                    goto fail;
-                ge->kind = 'G';
-                ge->t0 = t0;
-            }
-        }
+        if (pl->type == 'E' && pl->gplan != NULL &&
+            push_guard(self, PyTuple_GET_ITEM(pl->gplan, 1), t0) < 0)
+            goto fail; /* the guard's statements right before the Execute */
         Entry *e = push(self);
         if (e == NULL) {
             Py_XDECREF(prior);
@@ -1596,6 +1611,10 @@ FastPath_client(FastPath *self, PyObject *chunk)
         }
         e->kind = pl->type;
         e->t0 = t0;
+        if (pl->type == 'S' && sync_status) {
+            e->status = sync_status; /* the batch of a guarded Execute ends so */
+            sync_status = 0;
+        }
         if (pl->type == 'P') {
             e->sql = Py_NewRef(PyTuple_GET_ITEM(pl->verdict, 5));
             e->decision = prior; /* owned; handed over by drain() */
@@ -1629,29 +1648,40 @@ FastPath_client(FastPath *self, PyObject *chunk)
                 goto fail;
             intents++;
         }
+        if (pl->type == 'E' && pl->gplan != NULL) {
+            /* the guard's statements right after the Execute (e is not used again) */
+            sync_status = (char)PyUnicode_READ_CHAR(PyTuple_GET_ITEM(pl->gplan, 6), 0);
+            if (push_guard(self, PyTuple_GET_ITEM(pl->gplan, 3), t0) < 0)
+                goto fail;
+        }
     }
     PyObject *send = chunk;
     if (guarded_e >= 0) {
-        /* The guard's statements before the Execute, and its state after them (the
-           session's txs.ro_open, as _guard_before_execute leaves it). */
+        /* The guard's statements around the Execute, and its state after them (the
+           session's txs, as _guard_before_execute and _guard_after_execute leave it). */
         PyObject *gp = plan[guarded_e].gplan;
         PyObject *txs = PyObject_GetAttr(self->session, str_txs);
         if (txs == NULL)
             goto fail;
-        int set = PyObject_SetAttr(txs, str_ro_open, PyTuple_GET_ITEM(gp, 2));
+        int set = PyObject_SetAttr(txs, str_block, PyTuple_GET_ITEM(gp, 4));
+        if (set == 0)
+            set = PyObject_SetAttr(txs, str_ro_open, PyTuple_GET_ITEM(gp, 5));
         Py_DECREF(txs);
         if (set < 0)
             goto fail;
-        PyObject *ins = PyTuple_GET_ITEM(gp, 0);
-        Py_ssize_t glen = PyBytes_GET_SIZE(ins), at = plan[guarded_e].start;
-        if (glen) {
-            built = PyBytes_FromStringAndSize(NULL, n + glen);
+        PyObject *pre = PyTuple_GET_ITEM(gp, 0), *post = PyTuple_GET_ITEM(gp, 2);
+        Py_ssize_t blen = PyBytes_GET_SIZE(pre), alen = PyBytes_GET_SIZE(post);
+        Py_ssize_t at = plan[guarded_e].start, to = plan[guarded_e].end;
+        if (blen || alen) {
+            built = PyBytes_FromStringAndSize(NULL, n + blen + alen);
             if (built == NULL)
                 goto fail;
             char *o = PyBytes_AS_STRING(built);
             memcpy(o, base, at);
-            memcpy(o + at, PyBytes_AS_STRING(ins), glen);
-            memcpy(o + at + glen, base + at, n - at);
+            memcpy(o + at, PyBytes_AS_STRING(pre), blen);
+            memcpy(o + at + blen, base + at, to - at);
+            memcpy(o + blen + to, PyBytes_AS_STRING(post), alen);
+            memcpy(o + blen + to + alen, base + to, n - to);
             send = built;
         }
     }
@@ -2056,8 +2086,8 @@ FastPath_server(FastPath *self, PyObject *chunk)
                 Py_RETURN_FALSE;
             if (length != 5)
                 Py_RETURN_FALSE;
-            if (self->q[idx].plan != NULL) {
-                /* a statement the guard planned: the status its plan leads to */
+            if (self->q[idx].status) {
+                /* after a statement the guard planned: the status its plan leads to */
                 if ((unsigned char)base[p + 5] != (unsigned char)self->q[idx].status)
                     Py_RETURN_FALSE;
                 status = (unsigned char)self->q[idx].status; /* what the session will know */

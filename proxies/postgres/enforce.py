@@ -50,18 +50,38 @@ class ReadOnlyGuard(SessionState):
         txs = self.txs
         return not txs.block or txs.ro_open or txs.block_ro
 
-    def _guard_exec_plans(self, classes: list[str]) -> tuple[Any, ...]:
-        """For the compiled fast path: what ``_guard_before_execute`` sends before the
-        Execute of a statement of ``classes`` (no facts) in each of guard.FAST_STATES:
-        None outside a transaction (Python's: the batch's own write access), else (the
-        guard's Bind/Execute/Close messages, the names of the guard statements they use,
-        savepoint open after)."""
-        plans: list[Any] = [None]
-        for state in guard.FAST_STATES[1:]:
+    def _guard_exec_plans(self, classes: list[str], facts: frozenset[str]
+                          ) -> tuple[Any, ...]:
+        """For the compiled fast path: what ``_guard_before_execute`` and
+        ``_guard_after_execute`` send around the Execute of a statement of ``classes``
+        and ``facts`` (none, a plain BEGIN or a plain COMMIT/END/ROLLBACK) alone in its
+        batch, in each of guard.FAST_STATES: None where the session must plan it (a
+        write outside a transaction gets the batch's write access), else (the guard's
+        Bind/Execute/Close messages before the Execute, the names of the guard
+        statements they use, the same after it, block after, savepoint open after, the
+        transaction status at the batch's Sync)."""
+        plans: list[Any] = []
+        for state in guard.FAST_STATES:
             st = state.copy()
-            sqls = guard.before_in_block(st, frozenset(), classes)
-            plans.append((b"".join(_GUARD_BIND[sql] + _GUARD_RUN for sql in sqls),
-                          tuple(_GUARD_NAMES[sql] for sql in sqls), st.ro_open))
+            before: list[str] = []
+            after: list[str] = []
+            if not st.block:
+                if facts != {"begin"}:
+                    plans.append(None)
+                    continue
+                st.block, st.ro_open, st.hold, st.block_ro = True, False, False, False
+                after = [guard.SQL_RW_TX]
+            else:
+                before = guard.before_in_block(st, facts, classes)
+                guard.after_in_block(st, facts)
+                if st.block_ro or st.hold:
+                    plans.append(None)
+                    continue
+            plans.append((b"".join(_GUARD_BIND[sql] + _GUARD_RUN for sql in before),
+                          tuple(_GUARD_NAMES[sql] for sql in before),
+                          b"".join(_GUARD_BIND[sql] + _GUARD_RUN for sql in after),
+                          tuple(_GUARD_NAMES[sql] for sql in after),
+                          st.block, st.ro_open, "T" if st.block else "I"))
         return tuple(plans)
 
     def _guard_run(self, sql: str, out: list[bytes]) -> None:

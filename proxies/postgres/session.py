@@ -89,6 +89,10 @@ MAX_BACKLOG = 64 * 1024 * 1024
 #: The audit record's key for the parameters of a statement (detail.params), as the
 #: compiled fast path writes it after a decision's fragment.
 _DETAIL_PARAMS = b"," + auditschema.key("detail") + b'{"params":'
+#: The facts (keyturn.analysis.postgres.FACTS) of the statements the compiled fast path
+#: runs with the read-only guard's statements around their Execute.
+_FAST_GUARD_FACTS: tuple[frozenset[str], ...] = (frozenset(), frozenset({"begin"}),
+                                                frozenset({"end"}))
 #: The Expect kinds of a guard statement's Bind, Execute and Close (see _guard_run).
 _GUARD_ANSWERS = (b"B", b"E", b"C")
 #: SQL texts of at most this many characters are always analysed on the event loop (well
@@ -928,20 +932,21 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                 self.fast_parses[info.parse_key] = entry
         if self.fast is not None and d.action == "allow" and stmt_name \
                 and not info.names and len(self.fast_guarded_stmts) < 4096 \
-                and not _runs_user_code(info.analysis, d) and not any(
-                    st.facts for st in info.analysis.statements) \
-                and not any(st.literal_dependent for st in info.analysis.statements) \
+                and len(info.analysis.statements) == 1 \
+                and info.analysis.statements[0].facts in _FAST_GUARD_FACTS \
+                and not _runs_user_code(info.analysis, d) \
+                and not info.analysis.statements[0].literal_dependent \
                 and self._bind_target(stmt_name) is info:
-            # ... and inside a read-write transaction, with the read-only guard's
-            # statements before it (a write, or a read in the guard's savepoint).
+            # ... and with the read-only guard's statements around it (a write or a read
+            # inside a read-write transaction, a plain BEGIN, COMMIT or ROLLBACK).
             key = stmt_name.encode()
             if key not in self.fast_guarded_stmts:
                 classes = [str(st.cls) for st in
                            _as_decided(info.analysis, d).statements]
                 self.fast_guarded_stmts[key] = (
                     d, _fragment(d), orjson.dumps(info.sql), info.sql, stmt_name, info,
-                    self._guard_exec_plans(classes), d.classification != "read",
-                    _DETAIL_PARAMS)
+                    self._guard_exec_plans(classes, info.analysis.statements[0].facts),
+                    d.classification != "read", _DETAIL_PARAMS)
         analysis = info.analysis
         if d.action != "allow":
             # A value the class depends on may be bound ($1 of set_config): judge the
