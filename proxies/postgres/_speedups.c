@@ -869,6 +869,8 @@ typedef struct {
                                 savepoint open) is None (Python's) or (prefix bytes, suffix
                                 bytes, hide mask, block after, savepoint open after,
                                 status after, parts); NULL: none here */
+    PyObject *gparses;       /* bytes Parse body after the (empty) name -> the gstmts tuple
+                                of a statement the guard plans; NULL: none here */
     PyObject *gstmts;        /* bytes name -> the stmts tuple and (plans, with parameters,
                                 detail key): prepared statements the guard plans
                                 (plans[state]: None, or (the guard's Bind/Execute/Close
@@ -923,6 +925,7 @@ FastPath_traverse(FastPath *self, visitproc visit, void *arg)
     Py_VISIT(self->portals);
     Py_VISIT(self->guarded);
     Py_VISIT(self->gstmts);
+    Py_VISIT(self->gparses);
     Py_VISIT(self->client_write);
     Py_VISIT(self->upstream_write);
     Py_VISIT(self->audit_write);
@@ -948,6 +951,7 @@ FastPath_clear(FastPath *self)
     Py_CLEAR(self->portals);
     Py_CLEAR(self->guarded);
     Py_CLEAR(self->gstmts);
+    Py_CLEAR(self->gparses);
     Py_CLEAR(self->client_write);
     Py_CLEAR(self->upstream_write);
     Py_CLEAR(self->audit_write);
@@ -976,18 +980,18 @@ FastPath_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"session", "verdicts", "stmts", "portals", "client_write",
                              "upstream_write", "audit_write", "prefix", "layout", "max_len",
                              "intent_prefix", "flush", "parses", "session_stmts", "bound",
-                             "guarded", "guarded_stmts", NULL};
+                             "guarded", "guarded_stmts", "guarded_parses", NULL};
     PyObject *session, *verdicts, *stmts, *portals, *cw, *uw, *aw, *prefix, *layout;
     PyObject *iprefix = Py_None, *flush = Py_None, *parses = NULL, *pystmts = NULL;
-    PyObject *bound = NULL, *guarded = NULL, *gstmts = NULL;
+    PyObject *bound = NULL, *guarded = NULL, *gstmts = NULL, *gparses = NULL;
     Py_ssize_t max_len;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!O!O!OOOSO!n|OOO!O!O!O!O!:FastPath", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!O!O!OOOSO!n|OOO!O!O!O!O!O!:FastPath", kwlist,
                                      &session, &PyDict_Type, &verdicts, &PyDict_Type, &stmts,
                                      &PyDict_Type, &portals, &cw, &uw, &aw, &prefix,
                                      &PyTuple_Type, &layout, &max_len, &iprefix, &flush,
                                      &PyDict_Type, &parses, &PyDict_Type, &pystmts,
                                      &PyDict_Type, &bound, &PyDict_Type, &guarded,
-                                     &PyDict_Type, &gstmts))
+                                     &PyDict_Type, &gstmts, &PyDict_Type, &gparses))
         return NULL;
     if ((parses == NULL) != (pystmts == NULL)) {
         PyErr_SetString(PyExc_TypeError, "parses and session_stmts go together");
@@ -1020,6 +1024,7 @@ FastPath_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->bound = Py_XNewRef(bound);
     self->guarded = Py_XNewRef(guarded);
     self->gstmts = Py_XNewRef(gstmts);
+    self->gparses = Py_XNewRef(gparses);
     self->portals = Py_NewRef(portals);
     self->client_write = Py_NewRef(cw);
     self->upstream_write = Py_NewRef(uw);
@@ -1287,6 +1292,18 @@ guard_prepared(FastPath *self, PyObject *names)
     return rc;
 }
 
+/* del dict[key] if it is there: 0, or -1 on error. */
+static int
+dict_discard(PyObject *dict, PyObject *key)
+{
+    if (PyDict_DelItem(dict, key) == 0)
+        return 0;
+    if (!PyErr_ExceptionMatches(PyExc_KeyError))
+        return -1;
+    PyErr_Clear();
+    return 0;
+}
+
 /* One entry (G) for each of the guard's statements ``names`` (their Bind, Execute and
    Close are answered to the gateway alone). */
 static int
@@ -1329,6 +1346,7 @@ FastPath_client(FastPath *self, PyObject *chunk)
         plan[i].params = plan[i].frag = NULL;
     }
     Planned *bound_pl = NULL; /* the Bind that bound the unnamed portal in this chunk */
+    int parsed_guarded = 0;   /* what parsed holds is a statement the guard plans */
     int guarded = 0;          /* a guarded prepared statement was bound in this chunk */
     int guarded_e = -1;       /* ... and the index of its Execute */
     int count = 0;
@@ -1347,8 +1365,7 @@ FastPath_client(FastPath *self, PyObject *chunk)
     while (p < n) {
         if (n - p < 5 || count == MAX_BATCH)
             goto bail;
-        if (!quiet && base[p] != 'Q' &&
-            (self->gstmts == NULL || gstate < 1 || gstate > 2 || base[p] == 'P'))
+        if (!quiet && base[p] != 'Q' && (self->gstmts == NULL || gstate < 1 || gstate > 2))
             goto bail; /* a read inside a read-write transaction: the savepoint first */
         uint32_t length = get_u32(u + p + 1);
         if (length < 4 || (Py_ssize_t)length > n - p - 1)
@@ -1423,10 +1440,27 @@ FastPath_client(FastPath *self, PyObject *chunk)
                change of search_path, catalog or policy empties the dict) */
             if (self->parses == NULL || bend - body < 4 || body[0] != 0)
                 goto bail;
-            PyObject *st;
-            int found = lookup_bytes(self->parses, body + 1, bend - body - 1, &st);
-            if (found < 0)
-                goto fail;
+            PyObject *st = NULL;
+            int found = 0;
+            if (quiet) {
+                found = lookup_bytes(self->parses, body + 1, bend - body - 1, &st);
+                if (found < 0)
+                    goto fail;
+            }
+            if (found == 0 && self->gparses != NULL && self->gstmts != NULL) {
+                /* one the read-only guard plans (see case 'B'): the Bind decides */
+                found = lookup_bytes(self->gparses, body + 1, bend - body - 1, &st);
+                if (found < 0)
+                    goto fail;
+                if (found == 0 || !PyTuple_Check(st) || PyTuple_GET_SIZE(st) != 9 ||
+                    !PyUnicode_Check(PyTuple_GET_ITEM(st, 4)) ||
+                    PyUnicode_GET_LENGTH(PyTuple_GET_ITEM(st, 4)) != 0)
+                    goto bail;
+                pl->verdict = Py_NewRef(st);
+                parsed = st;
+                parsed_guarded = 1;
+                break;
+            }
             if (found == 0 || !PyTuple_Check(st) || PyTuple_GET_SIZE(st) != 6 ||
                 !PyBytes_Check(PyTuple_GET_ITEM(st, 1)) || !PyBytes_Check(PyTuple_GET_ITEM(st, 2))
                 || !PyUnicode_Check(PyTuple_GET_ITEM(st, 3))
@@ -1435,6 +1469,7 @@ FastPath_client(FastPath *self, PyObject *chunk)
                 goto bail;
             pl->verdict = Py_NewRef(st);
             parsed = st;
+            parsed_guarded = 0;
             break;
         }
         case 'B': {
@@ -1446,8 +1481,11 @@ FastPath_client(FastPath *self, PyObject *chunk)
             if (z2 == NULL)
                 goto bail;
             PyObject *st = NULL;
+            int found = 0, planned = 0;
             if (z2 == name && parsed != NULL) {
                 st = parsed; /* the unnamed statement parsed earlier in this chunk */
+                found = 1;
+                planned = parsed_guarded;
             }
             else {
                 if (z2 == name) {
@@ -1458,56 +1496,61 @@ FastPath_client(FastPath *self, PyObject *chunk)
                         if (self->q[i].kind == 'P')
                             goto bail;
                 }
-                int found = 0;
                 if (quiet) {
                     found = lookup_bytes(self->stmts, name, z2 - name, &st);
                     if (found < 0)
                         goto fail;
                 }
                 if (found == 0) {
-                    /* A prepared statement the read-only guard plans, inside a read-write
-                       transaction: one per chunk, with nothing else in flight. */
-                    if (self->gstmts == NULL || z2 == name || gstate > 2 ||
-                        guarded || self->head != self->tail)
+                    if (self->gstmts == NULL)
                         goto bail;
                     found = lookup_bytes(self->gstmts, name, z2 - name, &st);
                     if (found < 0)
                         goto fail;
-                    if (found == 0 || !PyTuple_Check(st) || PyTuple_GET_SIZE(st) != 9 ||
-                        !PyTuple_Check(PyTuple_GET_ITEM(st, 6)) ||
-                        PyTuple_GET_SIZE(PyTuple_GET_ITEM(st, 6)) != 3 ||
-                        !PyBytes_Check(PyTuple_GET_ITEM(st, 1)) ||
-                        !PyBytes_Check(PyTuple_GET_ITEM(st, 8)))
+                    if (found == 0)
                         goto bail;
-                    PyObject *gp = PyTuple_GET_ITEM(PyTuple_GET_ITEM(st, 6), gstate);
-                    if (!PyTuple_Check(gp) || PyTuple_GET_SIZE(gp) != 7 ||
-                        !PyBytes_Check(PyTuple_GET_ITEM(gp, 0)) ||
-                        !PyTuple_Check(PyTuple_GET_ITEM(gp, 1)) ||
-                        !PyBytes_Check(PyTuple_GET_ITEM(gp, 2)) ||
-                        !PyTuple_Check(PyTuple_GET_ITEM(gp, 3)) ||
-                        !PyUnicode_Check(PyTuple_GET_ITEM(gp, 6)) ||
-                        PyUnicode_GET_LENGTH(PyTuple_GET_ITEM(gp, 6)) != 1)
-                        goto bail;
-                    CHECK_OR_BAIL(session_agrees(self, gstate));
-                    /* the session prepares the guard's statements the first time */
-                    CHECK_OR_BAIL(guard_prepared(self, PyTuple_GET_ITEM(gp, 1)));
-                    CHECK_OR_BAIL(guard_prepared(self, PyTuple_GET_ITEM(gp, 3)));
-                    int with = PyObject_IsTrue(PyTuple_GET_ITEM(st, 7));
-                    if (with < 0)
-                        goto fail;
-                    if (with) {
-                        int r = bind_params((const unsigned char *)z2 + 1,
-                                            (const unsigned char *)bend,
-                                            PyTuple_GET_ITEM(st, 1), PyTuple_GET_ITEM(st, 8),
-                                            &pl->params, &pl->frag);
-                        if (r < 0)
-                            goto fail;
-                        if (r == 0)
-                            goto bail;
-                    }
-                    pl->gplan = gp;
-                    guarded = 1;
+                    planned = 1;
                 }
+            }
+            if (planned) {
+                /* A prepared statement the read-only guard plans: one per chunk, with
+                   nothing else in flight. */
+                if (gstate > 2 || guarded || self->head != self->tail)
+                    goto bail;
+                if (!PyTuple_Check(st) || PyTuple_GET_SIZE(st) != 9 ||
+                    !PyTuple_Check(PyTuple_GET_ITEM(st, 6)) ||
+                    PyTuple_GET_SIZE(PyTuple_GET_ITEM(st, 6)) != 3 ||
+                    !PyBytes_Check(PyTuple_GET_ITEM(st, 1)) ||
+                    !PyBytes_Check(PyTuple_GET_ITEM(st, 8)))
+                    goto bail;
+                PyObject *gp = PyTuple_GET_ITEM(PyTuple_GET_ITEM(st, 6), gstate);
+                if (!PyTuple_Check(gp) || PyTuple_GET_SIZE(gp) != 7 ||
+                    !PyBytes_Check(PyTuple_GET_ITEM(gp, 0)) ||
+                    !PyTuple_Check(PyTuple_GET_ITEM(gp, 1)) ||
+                    !PyBytes_Check(PyTuple_GET_ITEM(gp, 2)) ||
+                    !PyTuple_Check(PyTuple_GET_ITEM(gp, 3)) ||
+                    !PyUnicode_Check(PyTuple_GET_ITEM(gp, 6)) ||
+                    PyUnicode_GET_LENGTH(PyTuple_GET_ITEM(gp, 6)) != 1)
+                    goto bail;
+                CHECK_OR_BAIL(session_agrees(self, gstate));
+                /* the session prepares the guard's statements the first time */
+                CHECK_OR_BAIL(guard_prepared(self, PyTuple_GET_ITEM(gp, 1)));
+                CHECK_OR_BAIL(guard_prepared(self, PyTuple_GET_ITEM(gp, 3)));
+                int with = PyObject_IsTrue(PyTuple_GET_ITEM(st, 7));
+                if (with < 0)
+                    goto fail;
+                if (with) {
+                    int r = bind_params((const unsigned char *)z2 + 1,
+                                        (const unsigned char *)bend,
+                                        PyTuple_GET_ITEM(st, 1), PyTuple_GET_ITEM(st, 8),
+                                        &pl->params, &pl->frag);
+                    if (r < 0)
+                        goto fail;
+                    if (r == 0)
+                        goto bail;
+                }
+                pl->gplan = gp;
+                guarded = 1;
             }
             if (!PyTuple_Check(st) || PyTuple_GET_SIZE(st) < 5 ||
                 !PyBytes_Check(PyTuple_GET_ITEM(st, 1)) || !PyBytes_Check(PyTuple_GET_ITEM(st, 2)))
@@ -1595,8 +1638,14 @@ FastPath_client(FastPath *self, PyObject *chunk)
             if (prior == NULL && PyErr_Occurred())
                 goto fail;
             Py_XINCREF(prior);
+            /* the compiled memo of the name: a read's in stmts, one the guard plans in
+               gstmts (never both: a read entry is used without the guard) */
+            int guarded_p = PyTuple_GET_SIZE(pl->verdict) == 9;
+            PyObject *into = guarded_p ? self->gstmts : self->stmts;
+            PyObject *other = guarded_p ? self->stmts : self->gstmts;
             if (PyDict_SetItem(self->pystmts, str_empty, info) < 0 ||
-                PyDict_SetItem(self->stmts, bytes_empty, pl->verdict) < 0) {
+                PyDict_SetItem(into, bytes_empty, pl->verdict) < 0 ||
+                (other != NULL && dict_discard(other, bytes_empty) < 0)) {
                 Py_XDECREF(prior);
                 goto fail;
             }

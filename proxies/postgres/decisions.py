@@ -221,6 +221,7 @@ class Decisions(SessionState):
         self.fast_guarded_stmts.clear()
         self.fast_stmts.clear()
         self.fast_parses.clear()
+        self.fast_guarded_parses.clear()
         for info in self.stmts.values():
             info.decision = None
 

@@ -276,6 +276,8 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         # Parses of the unnamed statement allowed as reads, for the compiled fast path:
         # the Parse body after the name -> the fast_stmts tuple and the StmtInfo.
         self.fast_parses: dict[bytes, tuple[Any, ...]] = {}
+        # The same for statements the read-only guard plans (fast_guarded_stmts entries).
+        self.fast_guarded_parses: dict[bytes, tuple[Any, ...]] = {}
         self.fast: Any = None  # the compiled fast path, once the session is ready
         # Every schema this session's search_path may name (it only grows: a SET may be
         # rolled back, so the gateway cannot know it was undone).
@@ -340,11 +342,14 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                 # _install_relays), which then call it without asking here first. Nor
                 # while a ReadyForQuery with the status the session holds would change
                 # more than that status (_on_ready: the guard, a catalog change that
-                # waits for the session to be idle): the fast path relays it unseen. (It
+                # waits for the session to be idle): the fast path relays it unseen. Nor
+                # in the middle of a batch the session opened: its Sync is the session's
+                # (it ends the batch's write access and implicit transaction). (It
                 # checks the read-only guard's state itself: reads go as they are only
                 # while it is quiet, statements it plans change it as Python would.)
                 up = self.upstream
                 if fast is not None and not self.expect and not self.holding and \
+                        not self.batch_open and \
                         self.gw.audit_spool.accepting and self._guard_synced() and \
                         not (self.changed_catalog and self.tx_status == "I") and \
                         not self.skip_until_sync and not self.fail_at_sync and \
@@ -930,7 +935,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                     and all(st.search_path is None for st in info.analysis.statements):
                 # ... and so can a Parse of the same text into the unnamed statement.
                 self.fast_parses[info.parse_key] = entry
-        if self.fast is not None and d.action == "allow" and stmt_name \
+        if self.fast is not None and d.action == "allow" and stmt_name is not None \
                 and not info.names and len(self.fast_guarded_stmts) < 4096 \
                 and len(info.analysis.statements) == 1 \
                 and info.analysis.statements[0].facts in _FAST_GUARD_FACTS \
@@ -940,13 +945,20 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             # ... and with the read-only guard's statements around it (a write or a read
             # inside a read-write transaction, a plain BEGIN, COMMIT or ROLLBACK).
             key = stmt_name.encode()
-            if key not in self.fast_guarded_stmts:
+            guarded = self.fast_guarded_stmts.get(key)
+            if guarded is None:
                 classes = [str(st.cls) for st in
                            _as_decided(info.analysis, d).statements]
-                self.fast_guarded_stmts[key] = (
+                guarded = self.fast_guarded_stmts[key] = (
                     d, _fragment(d), orjson.dumps(info.sql), info.sql, stmt_name, info,
                     self._guard_exec_plans(classes, info.analysis.statements[0].facts),
                     d.classification != "read", _DETAIL_PARAMS)
+            if not stmt_name and info.parse_key is not None \
+                    and info.parse_key not in self.fast_guarded_parses \
+                    and len(self.fast_guarded_parses) < 1024 \
+                    and info.analysis.statements[0].search_path is None:
+                # ... and so can a Parse of the same text into the unnamed statement.
+                self.fast_guarded_parses[info.parse_key] = guarded
         analysis = info.analysis
         if d.action != "allow":
             # A value the class depends on may be bound ($1 of set_config): judge the

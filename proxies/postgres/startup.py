@@ -338,7 +338,8 @@ class StartupSteps(SessionState):
                 self._audit_prefix_bytes(), FAST_AUDIT_LAYOUT, MAX_SHAPED_TEXT,
                 self._intent_prefix_bytes(),
                 getattr(self.gw.audit_spool, "flush_ahead", None), self.fast_parses, self.stmts,
-                self.bound, self.fast_guarded, self.fast_guarded_stmts)
+                self.bound, self.fast_guarded, self.fast_guarded_stmts,
+                self.fast_guarded_parses)
             self._install_relays()
         self.data_received(b"")
 

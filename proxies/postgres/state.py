@@ -258,6 +258,7 @@ class SessionState:
     fast_guarded_stmts: dict[bytes, tuple[Any, ...]]
     fast_stmts: dict[bytes, tuple[Any, ...]]
     fast_parses: dict[bytes, tuple[Any, ...]]
+    fast_guarded_parses: dict[bytes, tuple[Any, ...]]
     fast: Any
     schemas: frozenset[str]
     masking: bool
