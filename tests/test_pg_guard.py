@@ -425,3 +425,27 @@ def test_a_query_inside_a_batch_with_write_access_runs_guarded(
                         Q("SELECT hidden_write()"), S())
         assert READ_ONLY in [e["C"] for e in errors(answers)]
         assert not errors(r.run(Q("SELECT 1")))
+
+
+def test_a_transaction_chained_after_a_read_is_read_write(kt: Keyturn, tables: None,
+                                                          pg: LocalPostgres) -> None:
+    # COMMIT AND CHAIN starts a transaction with the mode in force when it runs: sent
+    # inside the guard's read-only savepoint it would make the chained transaction
+    # read-only, and the allowed write after it would fail where PostgreSQL runs it.
+    before = ok_rows(pg)
+    res = psql(kt, "BEGIN; SELECT 1; COMMIT AND CHAIN; INSERT INTO guard_ok VALUES (7); "
+                   "COMMIT")
+    assert res.returncode == 0, res.stderr
+    with psycopg.connect(kt.dsn("alice"), autocommit=True) as c:
+        for sql in ("BEGIN", "SELECT 1", "ROLLBACK AND CHAIN",
+                    "INSERT INTO guard_ok VALUES (8)", "COMMIT"):
+            c.execute(sql)
+    assert ok_rows(pg) == before + 2
+    # ... and one chained after a WITH HOLD cursor is read-only, hidden writes included.
+    with psycopg.connect(kt.dsn("alice"), autocommit=True) as c:
+        c.execute("BEGIN")
+        c.execute("DECLARE h CURSOR WITH HOLD FOR SELECT 1")
+        c.execute("COMMIT AND CHAIN")
+        with pytest.raises(psycopg.Error) as exc:
+            c.execute("SELECT hidden_write()")
+        assert exc.value.sqlstate == READ_ONLY

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import subprocess
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -468,3 +469,55 @@ def test_objects_created_directly_on_the_target_are_seen_at_the_next_read(
         finally:
             with direct(pg) as d:
                 d.execute("DROP FUNCTION late.initcap(text)")
+
+
+
+DDL_REVIEWED = """
+  ddlreview:
+    default: block
+    rules:
+      - name: reads
+        match: {class: [read, transaction, session]}
+        action: allow
+      - name: ddl-reviewed
+        match: {class: ddl}
+        action: review
+        review: {approvers: [approvers], timeout: 10m}
+"""
+
+
+def test_a_pending_definition_changes_nothing_for_others(
+        pg: LocalPostgres, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A CREATE FUNCTION held for review has not run: while it waits, and after it was
+    rejected, nobody's calls of the built-in it would shadow are judged differently
+    (it used to count from the moment it was held: anyone allowed to ask for DDL could
+    block everyone's upper() for the length of a review)."""
+    k = make_keyturn(tmp_path_factory.mktemp("pending-ddl"), pg, shop_policy="ddlreview",
+                     extra=DDL_REVIEWED)
+    k.start()
+    sql = "SELECT upper(name) FROM customers LIMIT 1"
+    try:
+        with psycopg.connect(k.dsn("bob"), autocommit=True) as bob:
+            assert bob.execute(sql).fetchone()
+            errors: list[str] = []
+
+            def alice() -> None:
+                try:
+                    with psycopg.connect(k.dsn("alice"), autocommit=True) as a:
+                        a.execute("CREATE FUNCTION public.upper(text) RETURNS text "
+                                  "LANGUAGE sql AS 'SELECT 1::text'")
+                except psycopg.Error as exc:
+                    errors.append(str(exc))
+
+            held = threading.Thread(target=alice)
+            held.start()
+            ticket = k.wait_ticket()
+            assert bob.execute(sql).fetchone()  # while it waits
+            with psycopg.connect(k.dsn("carol"), autocommit=True) as carol:
+                assert carol.execute(sql).fetchone()
+            k.cli("reject", str(ticket["id"]), "--reason", "no", token_of="dana")
+            held.join(20)
+            assert errors and "rejected" in errors[0], errors
+            assert bob.execute(sql).fetchone()  # and after
+    finally:
+        k.stop()

@@ -325,7 +325,8 @@ class _Judgement:
 
     def created(self, what: str) -> None:
         self.findings.append((self.an.unknown_function_class,
-                              f"this session created or changed {what}; keyturn has not "
+                              f"a statement sent through the gateway created or changed "
+                              f"{what}; keyturn has not "
                               "read its definition from the target yet"))
 
     def unavailable(self, what: str) -> str:

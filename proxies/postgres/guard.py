@@ -248,12 +248,21 @@ def before_in_block(st: TxState, facts: frozenset[str], classes: Sequence[str]) 
     read-write transaction (``st.block`` and not ``st.block_ro``); updates ``st``."""
     if "end" in facts:
         if not st.hold:
+            if "chain" in facts and st.ro_open:
+                # AND CHAIN starts a transaction with the mode in force at this point:
+                # inside the guard's savepoint that is read-only. Released first, the
+                # chained transaction is read-write like the one it follows.
+                st.ro_open = False
+                return [SQL_RELEASE]
             return []
         # A WITH HOLD cursor's query finishes at COMMIT, after every savepoint was
         # released: the transaction itself must be read-only by then (going read-only is
-        # always allowed; what it wrote before still commits).
+        # always allowed; what it wrote before still commits). A transaction chained to
+        # it is read-only too.
         out = [SQL_RELEASE] if st.ro_open else []
         st.ro_open = False
+        if "chain" in facts:
+            st.block_ro = True
         return [*out, SQL_RO]
     if "savepoint" in facts or "begin" in facts or any(c in RW_CLASSES for c in classes):
         # Before a write (or the client's savepoint, which would nest in ours).

@@ -14,14 +14,18 @@ import dataclasses
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from keyturn import holds
+from keyturn.analysis import StatementClass
 from keyturn.approvals import TicketRequest, binding_of
 from keyturn.policy import Decision
 from proxies.postgres import codec
 from proxies.postgres.codec import Message
 from proxies.postgres.state import Ctx, SessionState
+
+if TYPE_CHECKING:
+    from proxies.postgres.session import ClientSession
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +129,11 @@ class Holds(SessionState):
             ctx.ticket_id = outcome.ticket_id
         if outcome.run:
             self._inject(codec.encode_notice("NOTICE", "00000", f"keyturn: {outcome.message}"))
+            # What it defines counts for every session from now (not while it was held:
+            # a pending request must not change how others' statements are judged).
+            statements = getattr(analysis, "statements", ())
+            if any(st.defines or st.cls.risk >= StatementClass.DDL.risk for st in statements):
+                self.gw.catalogs.note(cast("ClientSession", self), tuple(statements))
             self._forward_approved(msg, ctx, kind)
             return
         self._refuse(codec.encode_error("ERROR", _OUTCOME_SQLSTATE.get(outcome.status, "42501"),
