@@ -260,7 +260,7 @@ def test_a_batch_of_huge_parses_cannot_make_the_gateway_hold_hundreds_of_megabyt
         kt: Keyturn) -> None:
     """A batch is judged as a whole, so the analyses of all its Parses are held at once
     (about 4.7 MB for a 176 KB text of 11,000 calls). 100 such Parses before one Sync
-    grew the gateway by 530 MB; past 1 MiB of SQL per batch a Parse's text is now
+    grew the gateway by 530 MB; past 4 MiB of SQL per batch a Parse's text is now
     UNKNOWN unanalysed (an Execute of it would be refused by the policy)."""
     assert kt.proc is not None
     before = _rss_mb(kt.proc.pid)

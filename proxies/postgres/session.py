@@ -105,7 +105,7 @@ TURN_ANALYSIS_BUDGET = 16 * 1024
 #: Characters of SQL in the Parse messages of one batch (up to its Sync) that are
 #: analysed: the batch is judged as a whole, so all their analyses are held at once (10
 #: to 30 times the text for huge ones). Beyond, a Parse's text is UNKNOWN unanalysed.
-MAX_BATCH_SQL = 1024 * 1024
+MAX_BATCH_SQL = 4 * 1024 * 1024
 #: Masking lineages from the analysis worker a session keeps (by text).
 MAX_LINEAGES = 32
 # Bytes a client may send before its session is ready (logged in, target connected).
