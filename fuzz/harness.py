@@ -67,3 +67,8 @@ def fuzz(test_one_input: Callable[[bytes], None]) -> None:
 
     atheris.Setup(sys.argv, test_one_input)
     atheris.Fuzz()
+
+
+def main(make_target: Callable[[Any], Callable[[bytes], None]]) -> None:
+    """A target module's entry point: its test built on the sanitized extension, fuzzed."""
+    fuzz(make_target(load()))

@@ -97,10 +97,5 @@ def make_target(compiled: Any) -> Any:
     return test_one_input
 
 
-def main() -> None:
-    compiled = harness.load()
-    harness.fuzz(make_target(compiled))
-
-
 if __name__ == "__main__":
-    main()
+    harness.main(make_target)

@@ -1292,6 +1292,21 @@ guard_prepared(FastPath *self, PyObject *names)
     return rc;
 }
 
+/* The read-only guard's state after a statement it planned (session.txs.block and
+   .ro_open, as the session's own planning leaves them): 0, or -1 on error. */
+static int
+set_guard_state(FastPath *self, PyObject *block, PyObject *ro_open)
+{
+    PyObject *txs = PyObject_GetAttr(self->session, str_txs);
+    if (txs == NULL)
+        return -1;
+    int rc = PyObject_SetAttr(txs, str_block, block);
+    if (rc == 0)
+        rc = PyObject_SetAttr(txs, str_ro_open, ro_open);
+    Py_DECREF(txs);
+    return rc;
+}
+
 /* del dict[key] if it is there: 0, or -1 on error. */
 static int
 dict_discard(PyObject *dict, PyObject *key)
@@ -1709,14 +1724,7 @@ FastPath_client(FastPath *self, PyObject *chunk)
         /* The guard's statements around the Execute, and its state after them (the
            session's txs, as _guard_before_execute and _guard_after_execute leave it). */
         PyObject *gp = plan[guarded_e].gplan;
-        PyObject *txs = PyObject_GetAttr(self->session, str_txs);
-        if (txs == NULL)
-            goto fail;
-        int set = PyObject_SetAttr(txs, str_block, PyTuple_GET_ITEM(gp, 4));
-        if (set == 0)
-            set = PyObject_SetAttr(txs, str_ro_open, PyTuple_GET_ITEM(gp, 5));
-        Py_DECREF(txs);
-        if (set < 0)
+        if (set_guard_state(self, PyTuple_GET_ITEM(gp, 4), PyTuple_GET_ITEM(gp, 5)) < 0)
             goto fail;
         PyObject *pre = PyTuple_GET_ITEM(gp, 0), *post = PyTuple_GET_ITEM(gp, 2);
         Py_ssize_t blen = PyBytes_GET_SIZE(pre), alen = PyBytes_GET_SIZE(post);
@@ -1740,14 +1748,7 @@ FastPath_client(FastPath *self, PyObject *chunk)
            client's text as guard.rewrite joins them (the text stripped as the session's
            memo path strips it), or unchanged when the plan adds nothing. */
         PyObject *gp = plan[0].gplan;
-        PyObject *txs = PyObject_GetAttr(self->session, str_txs);
-        if (txs == NULL)
-            goto fail;
-        int set = PyObject_SetAttr(txs, str_block, PyTuple_GET_ITEM(gp, 3));
-        if (set == 0)
-            set = PyObject_SetAttr(txs, str_ro_open, PyTuple_GET_ITEM(gp, 4));
-        Py_DECREF(txs);
-        if (set < 0)
+        if (set_guard_state(self, PyTuple_GET_ITEM(gp, 3), PyTuple_GET_ITEM(gp, 4)) < 0)
             goto fail;
         PyObject *prefix = PyTuple_GET_ITEM(gp, 0), *suffix = PyTuple_GET_ITEM(gp, 1);
         Py_ssize_t plen = PyBytes_GET_SIZE(prefix), slen = PyBytes_GET_SIZE(suffix);

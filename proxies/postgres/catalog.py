@@ -643,8 +643,12 @@ class Catalogs:
                      for st in statements)
 
     def note(self, session: ClientSession, statements: tuple[Statement, ...]) -> None:
-        """The policy let ``statements`` run (or hold them for review): what they define
-        counts for the target from now (a refused statement defines nothing)."""
+        """The policy let ``statements`` run (or a held one was approved): what they
+        define counts for the target from now (a refused or pending statement defines
+        nothing). Cheap for statements that define nothing (most)."""
+        if not any(st.defines or st.cls.risk >= StatementClass.DDL.risk
+                   for st in statements):
+            return
         conn = session.conn
         assert conn is not None
         self._note(session, conn, self._target(conn), statements)

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from keyturn import holds
-from keyturn.analysis import StatementClass
 from keyturn.approvals import TicketRequest, binding_of
 from keyturn.policy import Decision
 from proxies.postgres import codec
@@ -131,9 +130,8 @@ class Holds(SessionState):
             self._inject(codec.encode_notice("NOTICE", "00000", f"keyturn: {outcome.message}"))
             # What it defines counts for every session from now (not while it was held:
             # a pending request must not change how others' statements are judged).
-            statements = getattr(analysis, "statements", ())
-            if any(st.defines or st.cls.risk >= StatementClass.DDL.risk for st in statements):
-                self.gw.catalogs.note(cast("ClientSession", self), tuple(statements))
+            self.gw.catalogs.note(cast("ClientSession", self),
+                                  tuple(getattr(analysis, "statements", ())))
             self._forward_approved(msg, ctx, kind)
             return
         self._refuse(codec.encode_error("ERROR", _OUTCOME_SQLSTATE.get(outcome.status, "42501"),

@@ -178,6 +178,16 @@ def _param_text(value: bytes | None, fmt: int, oid: int = 0) -> Any:
     return "\\x" + value.hex()
 
 
+def _statement_text(sql: str) -> str:
+    """A one-statement Query's text as the analyser cuts it out (no surrounding blanks,
+    no trailing semicolon): what guard.rewrite places between the guard's statements
+    (the compiled fast path strips it the same way)."""
+    text = sql.strip()
+    if text.endswith(";"):
+        text = text[:-1].rstrip()
+    return text
+
+
 def _fragment(d: Decision) -> bytes:
     """An allowed decision's fields of a statement's audit record, as JSON (no braces)."""
     return auditschema.fragment(classification=d.classification, action="allow", rule=d.rule,
@@ -522,10 +532,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                 if planned is not None and len(planned[0][6]) > 1:
                     # Sent with the read-only guard's statements (guard.fast_plans): its
                     # answers are read as _forward_query's rewritten Query would be.
-                    text = sql.strip()
-                    if text.endswith(";"):
-                        text = text[:-1].rstrip()
-                    new = guard.rewrite(sql, [text], planned[0][6])
+                    new = guard.rewrite(sql, [_statement_text(sql)], planned[0][6])
                     expect.append(Expect(kind, ctx, ours=new.ours, rewritten=new,
                                          ci=planned[1]))
                     continue
@@ -849,9 +856,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                 # The same for an allowed write or transaction statement: no analysis or
                 # policy, but the read-only guard plans it (it depends on the state).
                 known, st = guarded
-                text = sql.strip()
-                if text.endswith(";"):
-                    text = text[:-1].rstrip()
+                text = _statement_text(sql)
                 ctx = Ctx(sql, known.classification, "allow", known.rule, known.reason,
                           time.time())
                 ctx.analysis = _Single((st,), texts=(text,))
