@@ -20,6 +20,7 @@ the ordinary test suite: it takes minutes.
 from __future__ import annotations
 
 import argparse
+import base64
 import os
 import re
 import subprocess
@@ -129,8 +130,27 @@ def run_target(name: str, seconds: int, env: dict[str, str]) -> Result:
     if not result.ok:
         print(f"--- {name} failed ({result.problem}); the end of its log:")
         print("\n".join(text.splitlines()[-60:]))
+        report_failure(text, result.artifact)
         print("---")
     return result
+
+
+def report_failure(log: str, artifact: str) -> None:
+    """Print what a remote log must keep to reproduce a failure: the Python traceback
+    (it comes before the sanitizer's stack, beyond the log's end shown) and the input
+    itself, base64-encoded (a clean clone's build/ directory does not survive its run)."""
+    lines = log.splitlines()
+    for i, line in enumerate(lines):
+        if "Uncaught Python exception" in line:
+            end = next((j for j in range(i + 1, len(lines))
+                        if lines[j].startswith("==") and "ERROR" in lines[j]), len(lines))
+            print("--- the Python exception:")
+            print("\n".join(lines[i:min(end, i + 80)]))
+            break
+    if artifact and Path(artifact).is_file():
+        data = Path(artifact).read_bytes()
+        print(f"--- the input ({len(data)} bytes, base64; decode with base64 -d > FILE):")
+        print(base64.b64encode(data).decode())
 
 
 def summary(results: list[Result]) -> None:

@@ -10,6 +10,7 @@ process here is started by the tests themselves and stopped after.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import resource
@@ -510,6 +511,24 @@ def _huge_select(n: int) -> str:
         ",".join(f"{n + i}+1*2" for i in range(25_000)) + ")"
 
 
+def victim_waits(kt: Keyturn, user: str, attackers: list[threading.Thread]) -> list[float]:
+    """Run ``attackers`` while another session of ``user`` sends SELECT 1 every 50 ms:
+    how long each of its answers took."""
+    waits = []
+    with psycopg.connect(kt.dsn(user), autocommit=True) as victim:
+        victim.execute("SELECT 1")
+        for a in attackers:
+            a.start()
+        while any(a.is_alive() for a in attackers):
+            t0 = time.monotonic()
+            assert victim.execute("SELECT 1").fetchone() == (1,)
+            waits.append(time.monotonic() - t0)
+            time.sleep(0.05)
+        for a in attackers:
+            a.join()
+    return waits
+
+
 def test_a_client_pipelining_huge_statements_does_not_stall_other_sessions(
         pg: LocalPostgres, tmp_path: Path) -> None:
     """Twelve pipelined ~250 KiB statements took the gateway's event loop for seconds
@@ -546,20 +565,8 @@ def test_a_client_pipelining_huge_statements_does_not_stall_other_sessions(
             done["extended"] = time.monotonic() - t0
 
     try:
-        with psycopg.connect(kt.dsn("alice"), autocommit=True) as victim:
-            victim.execute("SELECT 1")
-            attackers = [threading.Thread(target=simple_pipeline),
-                         threading.Thread(target=extended_pipeline)]
-            for a in attackers:
-                a.start()
-            waits = []
-            while any(a.is_alive() for a in attackers):
-                t0 = time.monotonic()
-                assert victim.execute("SELECT 1").fetchone() == (1,)
-                waits.append(time.monotonic() - t0)
-                time.sleep(0.05)
-            for a in attackers:
-                a.join()
+        waits = victim_waits(kt, "alice", [threading.Thread(target=simple_pipeline),
+                                           threading.Thread(target=extended_pipeline)])
         # The analysis alone is over 0.5 s per statement (12 s of it on the loop before).
         assert done["simple"] > 3 and done["extended"] > 3, done
         assert len(waits) > 20 and max(waits) < 1.0, (max(waits), len(waits))
@@ -574,6 +581,37 @@ def test_a_client_pipelining_huge_statements_does_not_stall_other_sessions(
     reads = [line for line in records.splitlines() if '"SELECT count(*) FROM orders WHERE' in line
              and '"statement"' in line]
     assert len(reads) >= 24, len(reads)
+
+
+def test_short_deeply_nested_statements_do_not_stall_other_sessions(
+        pg: LocalPostgres, tmp_path: Path) -> None:
+    """Short texts of nested subqueries cost far more to analyse than their length says
+    (7 KiB at depth 800: about as much as 200 KiB of flat SQL). Ten sessions pipelining
+    them took the loop for seconds when only length counted; now cost counts (length times
+    nesting) against one budget for the whole loop, and the rest goes to the worker.
+    Every statement is still judged (a read) and answered."""
+    kt = make_keyturn(tmp_path / "kt", pg)
+    kt.start()
+    got: dict[int, list[bytes]] = {}
+
+    def pipeline(j: int) -> None:
+        sock = logged_in(kt.gateway_port, "alice", kt.tokens["alice"])
+        sock.sendall(b"".join(query_message("SELECT " + "(SELECT " * 800 + f"{j * 10 + k}"
+                                            + ")" * 800) for k in range(2)))
+        kinds: list[bytes] = []
+        while kinds.count(b"Z") < 2:
+            kind, _ = read_message(sock)
+            kinds.append(kind)
+        got[j] = [k for k in kinds if k in (b"C", b"E", b"Z")]
+        sock.close()
+
+    try:
+        waits = victim_waits(kt, "bob", [threading.Thread(target=pipeline, args=(j,))
+                                         for j in range(10)])
+        assert len(waits) > 5 and max(waits) < 1.0, (max(waits), len(waits))
+        assert got == {j: [b"C", b"Z"] * 2 for j in range(10)}, got
+    finally:
+        kt.stop()
 
 
 def test_statements_analysed_elsewhere_keep_the_session_namespace(
@@ -603,3 +641,22 @@ def test_statements_analysed_elsewhere_keep_the_session_namespace(
         records = audit_export(kt)
     held = [line for line in records.splitlines() if '"statement": "EXECUTE r"' in line]
     assert held and all('"classification": "write"' in line for line in held), held
+
+
+def test_the_loop_analysis_budget_is_shared_and_starts_over_each_iteration() -> None:
+    from keyturn.analysis.elsewhere import LoopBudget
+    from keyturn.analysis.postgres import analysis_cost
+
+    assert analysis_cost("SELECT 1") == 8
+    assert analysis_cost("SELECT f((1))") == 13 * 3
+    assert analysis_cost("SELECT ')'") == 10 * 1  # a ) alone never lowers below 0 depth
+
+    async def main() -> list[bool]:
+        budget = LoopBudget(100, cheap=10, own=20)
+        taken = [budget.take(95, 0), budget.take(60, 0),  # the second is over the budget
+                 budget.take(10, 0), budget.take(10, 15), budget.take(10, 25)]
+        await asyncio.sleep(0)  # the next iteration: the budget starts over
+        return [*taken, budget.take(90, 0)]
+
+    # (A cheap text still goes while its session spent little: the 3rd and 4th.)
+    assert asyncio.run(main()) == [True, False, True, True, False, True]

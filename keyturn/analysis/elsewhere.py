@@ -2,9 +2,10 @@
 
 Walking the parse tree of a 250 KiB statement takes up to a second of CPU; on the event
 loop that second is a second in which no other session is served, and a client pipelining
-such statements would stall everyone. Gateways send texts above their per-turn budget
-here instead: the session waits (its later messages stay in its backlog, in order) while
-a worker process parses and walks the text, then goes on with the result.
+such statements would stall everyone. Gateways send texts beyond the event loop's
+analysis budget (``LoopBudget``) here instead: the session waits (its later messages
+stay in its backlog, in order) while a worker process parses and walks the text, then
+goes on with the result.
 
 Jobs wait in one queue per owner (the user), taken in turn, one job per worker at a
 time: a user who sends many large statements from many sessions delays their own
@@ -39,6 +40,39 @@ class _Job:
     args: tuple[Any, ...]
     sql: str
     done: asyncio.Future[Result] = field(repr=False)
+
+
+class LoopBudget:
+    """How much analysis the event loop may do in one of its iterations, for all sessions
+    together (``analysis_cost`` units): beyond it texts go to the worker, so however many
+    sessions send costly texts at once, the loop goes round within about ``limit`` units.
+
+    A session's cheap texts (at most ``cheap`` each) are analysed on the loop anyway
+    until the session itself spent ``own`` in the iteration: a session sending ordinary
+    statements is never sent to wait behind others' jobs in the worker."""
+
+    def __init__(self, limit: int, *, cheap: int, own: int) -> None:
+        self.limit, self.cheap, self.own = limit, cheap, own
+        self.spent = 0
+        self._armed = False
+
+    def take(self, cost: int, own_spent: int) -> bool:
+        """Whether a text of ``cost`` is analysed here (its cost is then counted), given
+        what its session spent in this iteration already."""
+        if not self._armed:
+            try:
+                asyncio.get_running_loop().call_soon(self._reset)  # in the next iteration
+                self._armed = True
+            except RuntimeError:  # no loop running (a direct call): each call is a turn
+                self.spent = 0
+        if self.spent + cost <= self.limit or (cost <= self.cheap and own_spent < self.own):
+            self.spent += cost
+            return True
+        return False
+
+    def _reset(self) -> None:
+        self.spent = 0
+        self._armed = False
 
 
 class AnalysisPool:

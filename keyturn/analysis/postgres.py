@@ -18,6 +18,7 @@ import dataclasses
 import gc
 import json
 import re
+import sys
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -73,6 +74,11 @@ class Statement:
     # user-defined on the target): they may write any table, so a rule that allows
     # writes to some tables does not cover them unless it names them (keyturn.policy).
     opaque: tuple[str, ...] = ()
+    # The class without the calls of functions keyturn's catalogue does not know (None:
+    # there are none). keyturn.analysis.usercode uses it when the target's catalog shows
+    # every such call to be vetted extension code (pgcrypto's digest, pg_trgm's
+    # similarity...).
+    known_cls: StatementClass | None = None
 
 
 #: Statement facts the gateway's read-only guard relies on:
@@ -433,7 +439,7 @@ class _Walk:
     __slots__ = ("an", "prepared", "text", "findings", "tables", "functions", "forbidden",
                  "literal", "session_bound", "effects", "mode", "in_cte", "wrapper", "is_dml",
                  "prepared_name", "unqualified", "search_path", "facts", "refs", "defines",
-                 "opaque")
+                 "opaque", "opaque_reasons")
 
     def __init__(self, analyzer: Analyzer, prepared: PreparedStatements | None, text: str):
         self.an, self.prepared, self.text = analyzer, prepared, text
@@ -454,6 +460,7 @@ class _Walk:
         self.facts: set[str] = set()
         self.refs: dict[Ref, None] = {}
         self.opaque: dict[str, None] = {}
+        self.opaque_reasons: set[str] = set()  # findings that are calls of unknown functions
         self.defines: dict[Ref, None] = {}
 
     # -- results ---------------------------------------------------------------------------
@@ -466,12 +473,9 @@ class _Walk:
 
     def statement(self, kind: str, body: dict[str, Any]) -> Statement:
         self.stmt(kind, body, _NO_CTES, top=True)
-        cls = riskiest((f[0] for f in self.findings), C.UNKNOWN)
-        if kind == "SelectStmt" and cls is C.READ and not self.tables and any(
-                f[0] is C.SESSION for f in self.findings):
-            # SELECT set_config(...) / pg_advisory_lock(...) reading no table is, in effect,
-            # a session command.  Only table-less SELECTs, so no data read is relabelled.
-            cls = C.SESSION
+        cls = self._class(kind, self.findings)
+        known = self._class(kind, [f for f in self.findings if f[1] not in self.opaque_reasons]) \
+            if self.opaque_reasons else None
         # Reasons for the final class first, then the rest by risk; sorted() is stable, so
         # walk order breaks ties.
         ordered = sorted(self.findings, key=lambda f: (f[0] is not cls, -f[0].risk))
@@ -483,7 +487,17 @@ class _Walk:
             literal_dependent=self.literal, unqualified=tuple(self.unqualified),
             search_path=self.search_path, facts=frozenset(self.facts),
             refs=tuple(self.refs), defines=tuple(self.defines), opaque=tuple(self.opaque),
+            known_cls=known,
         )
+
+    def _class(self, kind: str, findings: list[tuple[StatementClass, str]]) -> StatementClass:
+        cls = riskiest((f[0] for f in findings), C.UNKNOWN)
+        if kind == "SelectStmt" and cls is C.READ and not self.tables and any(
+                f[0] is C.SESSION for f in findings):
+            # SELECT set_config(...) / pg_advisory_lock(...) reading no table is, in effect,
+            # a session command.  Only table-less SELECTs, so no data read is relabelled.
+            cls = C.SESSION
+        return cls
 
     def merge(self, other: Statement) -> None:
         self.refs.update(dict.fromkeys(other.refs))
@@ -606,11 +620,13 @@ class _Walk:
             cls = self.an.unknown_function_class
             if self.mode == _PLAN:
                 # The planner may evaluate immutable or stable user functions.
-                self.add(cls, f"function {qualified} is not in the catalogue and may run "
-                              "while planning")
+                reason = f"function {qualified} is not in the catalogue and may run while " \
+                    "planning"
             else:
-                self.add(cls, f"function {qualified} is not in the catalogue "
-                              f"(treated as {cls.value})")
+                reason = f"function {qualified} is not in the catalogue (treated as " \
+                    f"{cls.value})"
+            self.add(cls, reason)
+            self.opaque_reasons.add(reason)
             return
         cls, reason = entry
         if qualified == "pg_catalog.set_config":
@@ -846,8 +862,13 @@ class _Walk:
             self.add(C.UNKNOWN, f"EXECUTE of prepared statement {name}, whose PREPARE was "
                                 "not seen in this session")
         else:
-            self.add(remembered.cls, f"EXECUTE of prepared {name}: {remembered.command} "
-                                     f"({remembered.cls.value})")
+            self.add(remembered.known_cls or remembered.cls,
+                     f"EXECUTE of prepared {name}: {remembered.command} "
+                     f"({remembered.cls.value})")
+            if remembered.known_cls is not None:
+                reason = f"EXECUTE of prepared {name}: it calls functions keyturn does not know"
+                self.add(remembered.cls, reason)
+                self.opaque_reasons.add(reason)
             for reason in remembered.reasons:
                 self.add(C.TRANSACTION, reason)  # explanation only; the class is counted above
             self.merge(remembered)
@@ -1418,6 +1439,8 @@ _MAX_CACHED_TEXT = 64 * 1024
 MAX_ANALYSED_TEXT = 256 * 1024
 #: Messages with more statements than this are UNKNOWN (each costs a walk of its own).
 MAX_STATEMENTS = 2000
+#: The interpreter's recursion limit while analysing (see Analyzer).
+RECURSION_LIMIT = 12_000
 MAX_SHAPED_TEXT = _MAX_CACHED_TEXT  # fast_shape gives None for longer texts
 
 
@@ -1488,6 +1511,10 @@ class Analyzer:
 
     def __init__(self, *, unknown_function_class: StatementClass = StatementClass.WRITE,
                  cache_size: int = 10_000) -> None:
+        if sys.getrecursionlimit() < RECURSION_LIMIT:
+            # Generated SQL nests deeper than Python's default allows a tree walk (a sum
+            # of 600 terms is 1,200 levels of JSON); deeper still is UNKNOWN.
+            sys.setrecursionlimit(RECURSION_LIMIT)
         self.unknown_function_class = StatementClass(unknown_function_class)
         self._by_text = _LRU(cache_size)
         self._by_shape = _LRU(cache_size)
@@ -1571,20 +1598,29 @@ class Analyzer:
                 hit = _from_template(sql, template)
                 if hit is not None:
                     self._by_text.put(sql, hit)
-                    self._note_fast(sql, template)
+                    self._note_fast(sql, shape, template)
                     return hit
         analysis, by_text, by_shape = self._analyze(sql, prepared)
         if by_text and len(sql) <= _MAX_CACHED_TEXT:
             self._by_text.put(sql, analysis)
         if by_shape and shape is not None:
             self._by_shape.put(shape, analysis.statements)
-            self._note_fast(sql, analysis.statements)
+            self._note_fast(sql, shape, analysis.statements)
         return analysis
 
-    def _note_fast(self, sql: str, template: tuple[Statement, ...]) -> None:
+    def _note_fast(self, sql: str, shape: str, template: tuple[Statement, ...]) -> None:
         key = fast_shape(sql)
-        if key is not None:
-            self._by_fast.put(key, template)
+        if key is None or self._by_fast.get(key) is not None:
+            return
+        # Every number fast_shape zeroed must be a constant that normalize replaces too:
+        # a number anywhere else (an EXPLAIN or COPY option's value, a FETCH count...) is
+        # kept by normalize, may decide the class (EXPLAIN (ANALYZE 0) only plans, ANALYZE
+        # 1 runs), and must never be served for another value.
+        # (Checked with 0 and with 1 in every such place: a kept number shows as a
+        # difference.)
+        if key != sql and not (_shape(key) == shape == _shape(_BARE_NUMBER.sub("1", sql))):
+            return
+        self._by_fast.put(key, template)
 
     def known_shape(self, key: str) -> bool:
         """True when every text whose ``fast_shape`` is ``key`` classifies like the one
@@ -1644,6 +1680,68 @@ class Analyzer:
             error = f"analysis failed: {type(exc).__name__}: {exc}"
             return Analysis(sql, (), error), False, False
         return Analysis(sql, tuple(statements), None, tuple(changes)), by_text, by_shape
+
+
+_NOT_PARENS = re.compile(r"[^()]+")
+
+
+def analysis_cost(sql: str) -> int:
+    """What analysing ``sql`` is expected to cost, in units of about a microsecond or less:
+    its length times one plus its deepest nesting of parentheses. Parsing and normalising
+    grow with both (a 460-character text of 50 nested subqueries takes about as long as 15
+    KiB of flat SQL); parentheses in strings count too, which only overestimates."""
+    if "(" not in sql:
+        return len(sql)
+    depth = deepest = 0
+    for c in _NOT_PARENS.sub("", sql):
+        if c == "(":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+        else:
+            depth -= 1
+    return len(sql) * (1 + deepest)
+
+
+#: The first words (as the scanner names them) of statements that end or start a
+#: transaction, and of code that may (DO and CALL run COMMIT / ROLLBACK themselves).
+_TX_FIRST_TOKENS = frozenset({"COMMIT", "END_P", "ROLLBACK", "ABORT_P", "PREPARE", "BEGIN_P",
+                              "START", "SAVEPOINT", "RELEASE"})
+_CODE_FIRST_TOKENS = frozenset({"DO", "CALL"})
+#: Texts longer than this are not scanned on the event loop (about 20 ms): they count as
+#: possibly ending their transaction.
+MAX_SCANNED_TEXT = 64 * 1024
+
+
+def may_change_transaction(sql: str) -> bool:
+    """Whether the server could run, in a text the analyser could not read (too large, too
+    deep, too many statements), a statement that ends or starts a transaction with more
+    statements after it, or code that may commit (DO, CALL). With PostgreSQL's own
+    scanner (strings, comments, dollar quotes as the server reads them); True when that
+    cannot be told (too long, or the scanner fails): a statement after a COMMIT runs in
+    a new transaction that takes the session's default as it is then."""
+    if len(sql) > MAX_SCANNED_TEXT:
+        return True
+    try:
+        tokens = _pg.scan(sql)
+    except Exception:
+        return True
+    statements = 0
+    first = True
+    control = False
+    for token in tokens:
+        name = token.name
+        if name == "ASCII_59":  # ;
+            first = True
+            continue
+        if not first or name in ("C_COMMENT", "SQL_COMMENT"):
+            continue
+        first = False
+        statements += 1
+        if name in _CODE_FIRST_TOKENS:
+            return True
+        control = control or name in _TX_FIRST_TOKENS
+    return control and statements > 1
 
 
 def analyze_detached(unknown_function_class: str, sql: str,

@@ -58,7 +58,7 @@ STORED = Scope(schemas=frozenset(), stored=True)
 
 class _Judgement:
     __slots__ = ("an", "catalog", "scope", "findings", "tables", "functions", "depth",
-                 "opaque")
+                 "opaque", "vetted_calls")
 
     def __init__(self, an: Analyzer, catalog: TargetCatalog | None, scope: Scope, depth: int):
         self.an, self.catalog, self.scope, self.depth = an, catalog, scope, depth
@@ -66,6 +66,9 @@ class _Judgement:
         self.tables: dict[str, None] = {}
         self.functions: dict[str, None] = {}
         self.opaque: dict[str, None] = {}
+        # Calls (schema or "", name) whose every candidate on the target is vetted
+        # extension code (pgcatalog.Routine.vetted).
+        self.vetted_calls: set[tuple[str, str]] = set()
 
     def user_code(self, routines: list[Routine], how: str) -> None:
         for r in routines:
@@ -156,7 +159,10 @@ class _Judgement:
                 if (kind, name) in created or ("f", name) in created:
                     self.created(f"function {name}")
                 how = "calls" if kind == "f" else f"{name} (attribute notation) may call"
-                self.user_code(catalog.functions(name, where), how)
+                routines = catalog.functions(name, where)
+                self.user_code(routines, how)
+                if kind == "f" and routines and all(r.vetted for r in routines):
+                    self.vetted_calls.add((schema, name))
                 if kind == "f" and not schema:
                     self.builtin_casts(name, kind)
             elif kind == "u":
@@ -371,6 +377,7 @@ def resolve(an: Analyzer, st: Statement, catalog: TargetCatalog | None, scope: S
                            "a statement just changed this target's catalog in a way keyturn "
                            "does not follow by name (ALTER TABLE, an operator class, an "
                            "extension...), and keyturn has not read it again yet"))
+    st = _vetted(an, st, j)
     if not j.findings and not j.tables and not j.functions and not j.opaque:
         return st
     cls = riskiest([st.cls, *(f[0] for f in j.findings)], C.UNKNOWN)
@@ -385,6 +392,26 @@ def resolve(an: Analyzer, st: Statement, catalog: TargetCatalog | None, scope: S
         tables=tuple(dict.fromkeys([*st.tables, *j.tables])),
         functions=tuple(dict.fromkeys([*st.functions, *j.functions])),
         opaque=tuple(dict.fromkeys([*st.opaque, *j.opaque])))
+
+
+def _vetted(an: Analyzer, st: Statement, j: _Judgement) -> Statement:
+    """``st`` without its calls of functions the analyser did not know when the target's
+    catalog shows every one of them to be vetted extension code (installed by an
+    extension's script, immutable or stable, not SECURITY DEFINER: pgcrypto's digest,
+    pg_trgm's similarity); else ``st``."""
+    if st.known_cls is None or j.catalog is None:
+        return st
+    unknown = {(schema, name): an.resolve([schema, name] if schema else [name])[0]
+               for kind, schema, name in st.refs
+               if kind == "f" and an.resolve([schema, name] if schema else [name])[1] is None}
+    if not unknown or not all(call in j.vetted_calls for call in unknown):
+        return st
+    names = set(unknown.values())
+    gone = tuple(f"function {q} is not in the catalogue" for q in names)
+    return dataclasses.replace(
+        st, cls=st.known_cls, known_cls=None,
+        reasons=tuple(r for r in st.reasons if not r.startswith(gone)),
+        opaque=tuple(q for q in st.opaque if q not in names))
 
 
 __all__ = ["ANY", "MAX_DEPTH", "STORED", "Scope", "resolve"]

@@ -209,12 +209,23 @@ class ReadOnlyGuard(SessionState):
 
     def _guard_before_execute(self, ctx: Ctx, out: list[bytes]) -> None:
         txs = self.txs
-        if not txs.block or txs.block_ro:
+        if txs.block_ro:
             return
         analysis = ctx.analysis
         statements = analysis.statements if analysis is not None else ()
         facts = frozenset().union(*(st.facts for st in statements)) if statements else \
             frozenset()
+        if not txs.block:
+            if self.imp_ended:
+                # The first statement of a transaction that starts after a COMMIT in the
+                # same batch: it takes the session default as it is then, and a function
+                # that ran earlier in the batch may have turned it off (and back on
+                # before the Sync, so the server never reports it). Read-only,
+                # explicitly (a BEGIN makes the guard plan an explicit transaction).
+                self.imp_ended = False
+                if "begin" not in facts:
+                    self._guard_run(guard.SQL_RO, out)
+            return
         for sql in guard.before_in_block(txs, facts, [str(st.cls) for st in statements]):
             self._guard_run(sql, out)
 
@@ -228,6 +239,8 @@ class ReadOnlyGuard(SessionState):
             return
         txs = self.txs
         if not txs.block:
+            if "end" in facts:
+                self.imp_ended = True  # (a COMMIT with no transaction open ends the batch's)
             if "hold_cursor" in facts:
                 txs.hold = True
             if "begin" in facts:
@@ -245,6 +258,7 @@ class ReadOnlyGuard(SessionState):
         if not txs.block:
             # What follows in this batch runs in a new implicit transaction.
             self.batch_rw = self.imp_started = self.imp_bound = False
+            self.imp_ended = True
 
     def _guard_sync(self) -> None:
         """Nothing is in flight: the target's ReadyForQuery is the truth."""

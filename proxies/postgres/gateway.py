@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from keyturn.analysis import Analyzer, StatementClass
-from keyturn.analysis.elsewhere import AnalysisPool
+from keyturn.analysis.elsewhere import AnalysisPool, LoopBudget
 from keyturn.auditspool import AuditSpool
 from keyturn.bus import DecisionWatcher
 from keyturn.config import Config, Connection, load_config
@@ -42,7 +42,12 @@ from keyturn.services import Services
 from portal.settings import PORTAL
 from proxies.postgres import codec, speedups
 from proxies.postgres.catalog import Catalogs, connect_target, read_catalog
-from proxies.postgres.session import PROTOCOL
+from proxies.postgres.session import (
+    CHEAP_ANALYSIS,
+    LOOP_ANALYSIS_BUDGET,
+    PROTOCOL,
+    SESSION_CHEAP_BUDGET,
+)
 from proxies.postgres.upstream import LARGE_ROW
 
 if TYPE_CHECKING:
@@ -76,8 +81,10 @@ class PostgresGateway:
             self.tls = ctx
         self._analyzers: dict[str, Analyzer] = {}
         # Large texts are analysed in a worker process, off the event loop (started on
-        # first use; sessions.py's turn budget decides what goes there).
+        # first use; the loop's analysis budget decides what goes there).
         self.analysis_pool: AnalysisPool | None = AnalysisPool()
+        self.analysis_budget = LoopBudget(LOOP_ANALYSIS_BUDGET, cheap=CHEAP_ANALYSIS,
+                                          own=SESSION_CHEAP_BUDGET)
         self._origins: dict[str, MaskCatalog] = {}
         # Each connection's user-defined code, judged into every decision (catalog.py).
         self.catalogs = Catalogs(self, read=catalog_reader)

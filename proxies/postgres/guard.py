@@ -117,6 +117,7 @@ def plan_query(statements: Sequence[Any], state: TxState) -> Plan:
     fresh = True  # at the start of an implicit transaction: nothing of it ran yet
     implicit_rw = False  # this implicit transaction was given write access
     ran_query = False  # a statement that may have taken a snapshot ran in it
+    ended = False  # a transaction ended in this message: the next one starts mid-message
     for j, s in enumerate(statements):
         facts = s.facts
         cls = str(s.cls)
@@ -134,6 +135,12 @@ def plan_query(statements: Sequence[Any], state: TxState) -> Plan:
                 if rw:
                     parts.append(SQL_RW_LOCAL)
                     implicit_rw = True
+                elif guarded and ended:
+                    # A transaction that starts after a COMMIT in the same message takes
+                    # the session default as it is then, and a function that ran earlier
+                    # in the message may have turned it off and (before the message's
+                    # end, so the server never reports it) back on: read-only, explicitly.
+                    parts.append(SQL_RO)
             if "begin" in facts:
                 parts.append(j)
                 st.block, st.ro_open, st.hold = True, False, False
@@ -149,20 +156,20 @@ def plan_query(statements: Sequence[Any], state: TxState) -> Plan:
             if cls not in ("transaction", "session", "safety"):
                 ran_query = True
             if "end" in facts:
-                fresh, ran_query = True, False
+                fresh, ran_query, ended = True, False, True
             continue
         # Inside an explicit transaction.
         if st.block_ro:
             parts.append(j)
             if "end" in facts and "chain" not in facts:
                 st.block = st.block_ro = False
-                fresh, ran_query = True, False
+                fresh, ran_query, ended = True, False, True
             continue
         parts += before_in_block(st, facts, (cls,))
         parts.append(j)
         after_in_block(st, facts)
         if not st.block:
-            fresh, ran_query = True, False
+            fresh, ran_query, ended = True, False, True
     return Plan(parts, st)
 
 
@@ -290,9 +297,17 @@ def after_in_block(st: TxState, facts: frozenset[str]) -> None:
         st.ro_open = False
 
 
-def plan_unparsed(state: TxState) -> Plan:
+def plan_unparsed(state: TxState, changes_transaction: bool = False) -> Plan:
     """A Query the analyser could not read (allowed only by a rule naming class unknown):
-    sent unchanged, read-only (inside a transaction: in the read-only savepoint)."""
+    sent unchanged, read-only (inside a transaction: in the read-only savepoint).
+    ``changes_transaction``: it may end its transaction and run more after that
+    (keyturn.analysis.postgres.may_change_transaction), which no plan can keep read-only:
+    refused."""
+    if changes_transaction:
+        raise Refused("keyturn cannot analyse this message and it may end its transaction "
+                      "and go on in another, which keyturn cannot keep read-only; send its "
+                      "statements as separate queries (or as one statement with the "
+                      "extended protocol)")
     st = state.copy()
     if st.block and not st.block_ro and not st.ro_open:
         st.ro_open = True

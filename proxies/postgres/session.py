@@ -41,7 +41,9 @@ from keyturn.analysis.postgres import (
     DEFAULT_SEARCH_PATH,
     Analysis,
     Statement,
+    analysis_cost,
     fast_shape,
+    may_change_transaction,
 )
 from keyturn.auditspool import AuditUnwritable
 from keyturn.policy import Decision
@@ -95,13 +97,17 @@ _FAST_GUARD_FACTS: tuple[frozenset[str], ...] = (frozenset(), frozenset({"begin"
                                                 frozenset({"end"}))
 #: The Expect kinds of a guard statement's Bind, Execute and Close (see _guard_run).
 _GUARD_ANSWERS = (b"B", b"E", b"C")
-#: SQL texts of at most this many characters are always analysed on the event loop (well
-#: under a millisecond each); longer ones count against the turn's budget.
-ANALYSE_HERE_MAX = 512
-#: Characters of SQL a session may have analysed on the event loop per turn (about 50 ms
-#: in the worst case measured); texts beyond it go to the analysis worker, so a client
-#: pipelining large statements cannot stall the other sessions.
-TURN_ANALYSIS_BUDGET = 16 * 1024
+#: Analysis the event loop may do in one iteration, all sessions together
+#: (``analysis_cost`` units: about 60 ms of ordinary SQL at most, less when nested); texts
+#: beyond it go to the analysis worker, so clients sending costly statements (large, or
+#: deeply nested) cannot stall the other sessions (keyturn.analysis.elsewhere.LoopBudget).
+LOOP_ANALYSIS_BUDGET = 64 * 1024
+#: Texts costing at most this (about 500 characters of ordinary SQL) are analysed on the
+#: loop while their session spent less than SESSION_CHEAP_BUDGET in the iteration.
+CHEAP_ANALYSIS = 4 * 1024
+SESSION_CHEAP_BUDGET = 16 * 1024
+#: Parse texts of at most this many bytes are not costed (microseconds each).
+TINY_TEXT = 64
 #: Characters of SQL in the Parse messages of one batch (up to its Sync) that are
 #: analysed: the batch is judged as a whole, so all their analyses are held at once (10
 #: to 30 times the text for huge ones). Beyond, a Parse's text is UNKNOWN unanalysed.
@@ -319,6 +325,9 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         # it / a Bind or Execute has run in it.
         self.imp_started = False
         self.imp_bound = False
+        # A transaction ended in this batch: the next one starts mid-batch (see
+        # _guard_before_execute).
+        self.imp_ended = False
         self.upstream_ro = True  # the target's default_transaction_read_only, as reported
         # Write-ahead audit: intent records are numbered 2, 4, 6... (the compiled fast
         # path uses odd numbers); ``unsent`` = intents appended since the last flush.
@@ -582,11 +591,12 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         unknown statements), which bounds what one session makes the gateway hold."""
         spent = batch = 0
         texts: list[str] = []
+        budget = self.gw.analysis_budget if self.gw.analysis_pool is not None else None
         for m in msgs:
             if m.type == b"S":
                 batch = 0
                 continue
-            if m.type != b"P" or len(m.body) <= ANALYSE_HERE_MAX:
+            if m.type != b"P" or len(m.body) <= TINY_TEXT:
                 continue
             try:
                 sql = codec.decode_parse(m.body).query
@@ -600,10 +610,13 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                     f"the batch holds more than {MAX_BATCH_SQL} characters of SQL in "
                     f"Parse messages before its Sync; keyturn analyses up to that"))
                 continue
-            spent += len(sql)
-            texts.append(sql)
-        if spent <= TURN_ANALYSIS_BUDGET or self.gw.analysis_pool is None:
-            self.turn_analysed = spent
+            cost = analysis_cost(sql)
+            if budget is None or budget.take(cost, spent):
+                spent += cost
+            else:
+                texts.append(sql)
+        self.turn_analysed = spent
+        if not texts:
             return False
         self._to_backlog(msgs)
         self.holding = True
@@ -612,7 +625,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
 
     def _query_analysis(self, msg: Message, sql: str) -> Any:
         """The analysis of a SQL text with the session's prepared names (a Query, or
-        PREPARE sent as a Parse): here while this turn's budget lasts, else None after
+        PREPARE sent as a Parse): here while the loop's analysis budget lasts, else None after
         sending it to the analysis worker with the session waiting at ``msg`` (put
         back at the head of the backlog: it is handled again with the result)."""
         done = self.elsewhere
@@ -623,14 +636,16 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                 if after is not None:
                     self.prepared = after
                 return analysis
-        if len(sql) > ANALYSE_HERE_MAX and self.analyzer.cached(sql) is None:
+        if len(sql) > TINY_TEXT and self.gw.analysis_pool is not None and \
+                self.analyzer.cached(sql) is None:
             # (On a masked connection its masking lineage is traced too: twice the work.)
-            self.turn_analysed += len(sql) * (2 if self.masking else 1)
-            if self.turn_analysed > TURN_ANALYSIS_BUDGET and self.gw.analysis_pool is not None:
+            cost = analysis_cost(sql) * (2 if self.masking else 1)
+            if not self.gw.analysis_budget.take(cost, self.turn_analysed):
                 self._to_backlog([msg])
                 self.holding = True
                 self._spawn(self._analyse_elsewhere([sql], pickle.dumps(self.prepared)))
                 return None
+            self.turn_analysed += cost
         return self.analyzer.analyze(sql, self.prepared)
 
     async def _analyse_elsewhere(self, texts: list[str], prepared: bytes | None) -> None:
@@ -777,6 +792,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             self.syncs += 1
             explicit = self.batch_explicit
             self.batch_open = self.batch_rw = self.imp_started = self.imp_bound = False
+            self.imp_ended = False
             if self.fail_at_sync:
                 # A refused Execute: before the client's Sync, run a statement that fails,
                 # so the target aborts the (possibly implicit) transaction as PostgreSQL
@@ -1199,7 +1215,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             if analysis is None or (not analysis.statements and analysis.error is None):
                 plan = None  # nothing to run (an empty query)
             elif analysis.error is not None:
-                plan = guard.plan_unparsed(self.txs)
+                plan = guard.plan_unparsed(self.txs, may_change_transaction(ctx.statement))
             else:
                 plan = guard.plan_query(analysis.statements, self.txs)
         except guard.Refused as exc:

@@ -281,6 +281,7 @@ class SessionState:
     barrier_done: bool
     imp_started: bool
     imp_bound: bool
+    imp_ended: bool
     upstream_ro: bool
     intent_n: int
     unsent: bool

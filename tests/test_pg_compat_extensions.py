@@ -1,0 +1,54 @@
+"""Ordinary SQL that must pass: functions of PostgreSQL's trusted extensions and long
+generated expressions, read through the live gateway under a policy that allows reads
+only (and treats unknown functions as writes, the default).
+
+The extensions are installed on the target directly, as a database owner would (they are
+trusted: the database owner may create them; their functions belong to the bootstrap
+superuser), before the gateway reads the catalog.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from keyturn.launch.localpg import LocalPostgres
+from tests.conftest import Keyturn, direct_shop, make_keyturn
+
+POLICIES = """
+  reads_only:
+    default: block
+    rules:
+      - name: reads
+        match: {class: [read, transaction, session]}
+        action: allow
+"""
+
+
+@pytest.fixture(scope="module")
+def kt(pg: LocalPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyturn]:
+    with direct_shop(pg) as c:
+        for ext in ("pg_trgm", "fuzzystrmatch", "pgcrypto", "hstore"):
+            c.execute(f"CREATE EXTENSION IF NOT EXISTS {ext}")
+    k = make_keyturn(tmp_path_factory.mktemp("compat"), pg, extra=POLICIES,
+                     shop_policy="reads_only")
+    k.start()
+    yield k
+    k.stop()
+
+
+@pytest.mark.parametrize("sql, want", [
+    ("SELECT similarity('word', 'words') > 0.5", True),
+    ("SELECT levenshtein('kitten', 'sitting')", 3),
+    ("SELECT encode(digest('abc', 'sha256'), 'hex')",
+     "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"),
+    ("SELECT hstore('a', 'b') -> 'a'", "b"),
+    ("SELECT length(pg_catalog.gen_random_uuid()::text)", 36),
+    ("SELECT " + "+".join(str(i) for i in range(600)), sum(range(600))),
+])
+def test_trusted_extensions_and_long_expressions_are_reads(kt: Keyturn, sql: str,
+                                                           want: object) -> None:
+    with psycopg.connect(kt.dsn("alice"), autocommit=True) as c:
+        assert c.execute(sql).fetchone()[0] == want

@@ -1,0 +1,189 @@
+"""Transactions that start in the middle of a message, and verdicts the memo must not share.
+
+The read-only guard keeps every implicit transaction read-only through the session
+default (``default_transaction_read_only = on``); the server reports a change of it only
+at the end of a message. A function the policy lets run as a read may turn the default off
+and back on inside one message: a transaction that *starts* in between (after a COMMIT in
+the same simple Query or extended batch) would be read-write. These tests drive that
+through the live gateway against a real PostgreSQL, with the configuration the guard is
+the backstop for (``unknown_functions: read``), and check the target: nothing written.
+
+They also hold the numeric-shape memo to numbers that are constants (an EXPLAIN option's
+value decides whether the statement runs) and the scanner that decides whether an
+unreadable message may change its transaction.
+"""
+
+from __future__ import annotations
+
+import textwrap
+import time
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from keyturn.analysis.postgres import (
+    MAX_STATEMENTS,
+    Analyzer,
+    fast_shape,
+    may_change_transaction,
+)
+from keyturn.launch.localpg import LocalPostgres
+from tests.conftest import Keyturn, direct_shop, make_keyturn
+from tests.pg_raw import B, E, P, RawConn, S, errors
+
+POLICIES = """
+  reads_only:
+    default: block
+    rules:
+      - name: reads
+        match: {class: [read, transaction, session]}
+        action: allow
+  reads_and_unknown:
+    default: block
+    rules:
+      - name: reads
+        match: {class: [read, transaction, session, unknown]}
+        action: allow
+"""
+
+SCHEMA = """
+DROP TABLE IF EXISTS restart_victims;
+CREATE TABLE restart_victims (id int);
+CREATE OR REPLACE FUNCTION public.run_sql(q text) RETURNS text LANGUAGE plpgsql
+  AS $$BEGIN EXECUTE q; RETURN 'ok'; END$$;
+"""
+
+OFF = "SELECT run_sql('SET default_transaction_read_only = off')"
+ON = "SELECT run_sql('SET default_transaction_read_only = on')"
+DELETE = "SELECT run_sql('DELETE FROM restart_victims')"
+
+
+@pytest.fixture(scope="module")
+def kt(pg: LocalPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyturn]:
+    with direct_shop(pg) as c:
+        c.execute(SCHEMA)
+    k = make_keyturn(tmp_path_factory.mktemp("restarts"), pg, extra=POLICIES)
+    target = (f"target: {{host: 127.0.0.1, port: {pg.port}, dbname: shop, user: app, "
+              f"password_file: {k.base / 'app.password'}}}")
+    k.config.write_text(k.config.read_text().replace("connections:\n", textwrap.dedent(f"""\
+        connections:
+          - name: ro
+            type: postgres
+            {target}
+            policy: reads_only
+          - name: fnread
+            type: postgres
+            {target}
+            policy: reads_only
+            unknown_functions: read
+          - name: fnunknown
+            type: postgres
+            {target}
+            policy: reads_and_unknown
+            unknown_functions: read
+        """), 1))
+    k.start()
+    yield k
+    k.stop()
+
+
+def victims(pg: LocalPostgres) -> int:
+    with direct_shop(pg) as c:
+        c.execute("SET default_transaction_read_only = off")
+        return c.execute("SELECT count(*) FROM restart_victims").fetchone()[0]
+
+
+@pytest.fixture()
+def ten(pg: LocalPostgres) -> None:
+    with direct_shop(pg) as c:
+        c.execute("TRUNCATE restart_victims; "
+                  "INSERT INTO restart_victims SELECT generate_series(1, 10)")
+
+
+@pytest.mark.parametrize("message", [
+    f"{OFF}; COMMIT; {DELETE}; COMMIT; {ON}",
+    f"{OFF}; COMMIT; {DELETE}; {ON}",
+    f"BEGIN; {OFF}; COMMIT; {DELETE}; COMMIT; {ON}",
+    f"BEGIN READ ONLY; {OFF}; END; {DELETE}; END; {ON}",
+    f"{OFF}; ROLLBACK; {DELETE}; COMMIT; {ON}",
+])
+def test_a_transaction_started_mid_query_is_read_only(kt: Keyturn, pg: LocalPostgres,
+                                                      ten: None, message: str) -> None:
+    with psycopg.connect(kt.dsn("alice", dbname="fnread"), autocommit=True) as c:
+        with pytest.raises(psycopg.Error) as err:
+            c.execute(message)
+        # The target refused the write (read-only transaction), or, the default being
+        # off at the message's end, the gateway ended the session (its guard was lost).
+        assert err.value.sqlstate in ("25006", "XX000"), err.value
+    assert victims(pg) == 10
+
+
+def test_a_query_with_commits_between_reads_still_runs(kt: Keyturn) -> None:
+    with psycopg.connect(kt.dsn("alice", dbname="ro"), autocommit=True) as c:
+        cur = c.execute("SELECT 1; COMMIT; SELECT 2; COMMIT; SELECT 3 AS last")
+        rows = [cur.fetchall()]
+        while cur.nextset():
+            rows.append(cur.fetchall() if cur.description else None)
+        assert rows == [[(1,)], None, [(2,)], None, [(3,)]]
+        assert c.execute("SELECT 'still here'").fetchone() == ("still here",)
+
+
+def test_a_transaction_started_mid_batch_is_read_only(kt: Keyturn, pg: LocalPostgres,
+                                                      ten: None) -> None:
+    for statements in ([OFF, "COMMIT", DELETE, "COMMIT", ON],
+                       ["BEGIN", OFF, "COMMIT", DELETE, ON]):
+        with RawConn(kt.dsn("alice", dbname="fnread")) as r:
+            answers = r.run(b"".join(P("", s) + B("", "") + E("") for s in statements) + S())
+        assert victims(pg) == 10, (statements, errors(answers))
+
+
+def test_an_unreadable_message_that_commits_midway_is_refused(kt: Keyturn, pg: LocalPostgres,
+                                                              ten: None) -> None:
+    many = "SELECT 1;" * (MAX_STATEMENTS + 1)  # more statements than are analysed
+    with psycopg.connect(kt.dsn("alice", dbname="fnunknown"), autocommit=True) as c:
+        with pytest.raises(psycopg.Error, match="may end its transaction"):
+            c.execute(f"{OFF}; {many} COMMIT; {DELETE}; {ON}")
+        # Unreadable but without a transaction change: runs (read-only).
+        assert c.execute(many + "SELECT 2").fetchone() == (1,)
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            c.execute(many + DELETE)
+    assert victims(pg) == 10
+
+
+@pytest.mark.parametrize("sql, changes", [
+    ("SELECT 1; COMMIT; SELECT 2", True),
+    ("SELECT 1; /* a /* nested */ comment */ END; SELECT 2", True),
+    ("SELECT 1; -- c\n ROLLBACK", True),
+    ("DO $$ BEGIN COMMIT; END $$", True),
+    ("CALL p()", True),
+    ("COMMIT", False),
+    ("SELECT $$; COMMIT; $$; SELECT 1", False),
+    ("SELECT 'a; commit'; SELECT CASE WHEN true THEN 1 END", False),
+    ("SELECT 1;" + " " * (70 * 1024), True),  # too long to scan on the event loop
+])
+def test_which_unreadable_messages_may_change_their_transaction(sql: str, changes: bool) -> None:
+    assert may_change_transaction(sql) is changes
+
+
+def test_the_number_memo_never_shares_numbers_that_are_not_constants() -> None:
+    a = Analyzer()
+    for sql, shared in [("EXPLAIN (ANALYZE 0) SELECT pg_advisory_lock(1)", False),
+                        ("EXPLAIN (ANALYZE 0, COSTS 1) SELECT 1", False),
+                        ("FETCH 5 FROM c", False),
+                        ("SELECT v FROM t WHERE id = 5 LIMIT 3", True),
+                        ("EXPLAIN SELECT v FROM t WHERE id = 5", True)]:
+        a.analyze(sql)
+        assert a.known_shape(fast_shape(sql)) is shared, sql
+
+
+def test_explain_analyze_is_judged_by_its_option_value(kt: Keyturn, pg: LocalPostgres) -> None:
+    with psycopg.connect(kt.dsn("alice", dbname="ro"), autocommit=True) as c:
+        c.execute("EXPLAIN (ANALYZE 0) SELECT pg_advisory_lock(4215)")
+        c.execute("EXPLAIN (ANALYZE 0) SELECT pg_advisory_lock(4215)")  # memoised now
+        with pytest.raises(psycopg.Error, match="blocked"):
+            c.execute("EXPLAIN (ANALYZE 1) SELECT pg_advisory_lock(4215)")
+        time.sleep(0.1)
+        with direct_shop(pg) as d:
+            assert d.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                             "AND objid = 4215").fetchone()[0] == 0
