@@ -24,6 +24,7 @@ import orjson
 import psycopg
 import pytest
 
+from keyturn import auditschema
 from keyturn.auditspool import EOF_MARK, AuditIngester
 from keyturn.config import parse_config
 from keyturn.launch.localpg import LocalPostgres
@@ -48,7 +49,27 @@ def line(**rec: object) -> str:
     return orjson.dumps(rec).decode() + "\n"
 
 
+#: How intent lines are written: as the gateway writes them (its per-session prefix, the
+#: number last: the ingester pairs them without parsing), or as any JSON line.
+INTENT_FORMATS = ("gateway", "plain")
+_intent_format = {"now": "gateway"}
+
+
+@pytest.fixture(params=INTENT_FORMATS)
+def intent_format(request: pytest.FixtureRequest) -> Iterator[str]:
+    _intent_format["now"] = request.param
+    yield request.param
+    _intent_format["now"] = "gateway"
+
+
 def intent(n: int, sql: str, session: str = "s1") -> str:
+    if _intent_format["now"] == "gateway":
+        prefix = auditschema.line_prefix(kind="intent", user="alice", connection="db",
+                                         protocol="postgres", session_id=session,
+                                         client_addr="127.0.0.1")
+        rest = orjson.dumps({"at": 1.0, "statement": sql, "classification": "write",
+                             "action": "allow", "rule": "w", "reason": "r", "n": n})
+        return (prefix + rest[1:] + b"\n").decode()
     return line(kind="intent", user="alice", connection="db", session_id=session,
                 statement=sql, classification="write", action="allow", rule="w", reason="r",
                 at=1.0, n=n)
@@ -77,7 +98,8 @@ def spool_file(d: Path, name: str, text: str) -> Path:
 
 # ---------------------------------------------------------------- the ingester
 
-def test_an_intent_is_held_back_until_its_outcome(audit, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_an_intent_is_held_back_until_its_outcome(  # type: ignore[no-untyped-def]
+        audit, tmp_path: Path, intent_format: str) -> None:
     d = tmp_path / "spool"
     d.mkdir()
     f = d / "gw-1-1.jsonl"
@@ -100,7 +122,8 @@ def test_an_intent_is_held_back_until_its_outcome(audit, tmp_path: Path) -> None
     assert not f.exists()
 
 
-def test_a_dead_writers_unfinished_statements_are_stored_as_unknown(audit, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_dead_writers_unfinished_statements_are_stored_as_unknown(  # type: ignore[no-untyped-def]
+        audit, tmp_path: Path, intent_format: str) -> None:
     d = tmp_path / "spool"
     spool_file(d, "gw-1-1.jsonl", intent(2, "INSERT 1") + intent(4, "UPDATE 2") +
                done(2, "INSERT 1"))  # no end marker, no lock: the writer was killed
@@ -112,7 +135,8 @@ def test_a_dead_writers_unfinished_statements_are_stored_as_unknown(audit, tmp_p
     assert audit.verify().ok
 
 
-def test_outcomes_written_after_a_rotation_complete_their_intents(audit, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_outcomes_written_after_a_rotation_complete_their_intents(  # type: ignore[no-untyped-def]
+        audit, tmp_path: Path, intent_format: str) -> None:
     d = tmp_path / "spool"
     spool_file(d, "gw-1-7.jsonl", intent(2, "INSERT 1") + intent(4, "INSERT 2") +
                line(_eof=True, next="gw-2-7.jsonl"))
@@ -122,6 +146,17 @@ def test_outcomes_written_after_a_rotation_complete_their_intents(audit, tmp_pat
     assert sorted((r["statement"], r["outcome"]) for r in recs) == [("INSERT 1", "ok"),
                                                                    ("INSERT 2", "ok")]
     assert not list(d.glob("*.jsonl"))
+
+
+def test_a_torn_intent_whose_outcome_never_came_is_kept_unreadable(audit, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    d = tmp_path / "spool"
+    torn = intent(4, "UPDATE 2").replace('"statement"', '"statement', 1)  # not JSON now
+    spool_file(d, "gw-1-1.jsonl", intent(2, "INSERT 1") + torn + done(2, "INSERT 1"))
+    assert AuditIngester(audit, d).run_once() == 2
+    recs = list(audit.iter_records())
+    assert [r["kind"] for r in recs] == ["statement", "unreadable"]
+    assert '"statement:"UPDATE 2"' in recs[1]["detail"]["raw"]
+    assert audit.verify().ok
 
 
 # ---------------------------------------------------------------- through the gateway

@@ -1807,7 +1807,7 @@ def _from_template(sql: str, template: tuple[Statement, ...]) -> Analysis | None
                                             s.reasons, s.forbidden, s.is_dml, s.prepared_name,
                                             s.literal_dependent, s.unqualified,
                                             s.search_path, s.facts, s.refs, s.defines,
-                                            s.opaque),), None)
+                                            s.opaque, s.known_cls),), None)
     try:
         # The same texts the full analysis cuts from stmt_location/stmt_len, then strips.
         texts = _pg.split(sql)
@@ -1818,6 +1818,6 @@ def _from_template(sql: str, template: tuple[Statement, ...]) -> Analysis | None
     return Analysis(sql, tuple(
         Statement(text, s.cls, s.command, s.tables, s.functions, s.reasons, s.forbidden,
                   s.is_dml, s.prepared_name, s.literal_dependent, s.unqualified, s.search_path,
-                  s.facts, s.refs, s.defines, s.opaque)
+                  s.facts, s.refs, s.defines, s.opaque, s.known_cls)
         for text, s in zip(texts, template, strict=True)
     ), None)
