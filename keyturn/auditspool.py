@@ -45,7 +45,6 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import re
 import signal
 import threading
 import time
@@ -584,13 +583,6 @@ class AuditIngester:
                         except orjson.JSONDecodeError:
                             pass
                         break
-                    if raw.startswith(_INTENT_HEAD):
-                        key = _intent_key(raw)
-                        if key is not None:
-                            # Held back, unparsed, until its outcome is read (write-ahead
-                            # audit): read only if the outcome never comes.
-                            pending[key] = raw
-                            continue
                     try:
                         rec = orjson.loads(raw)
                         if not isinstance(rec, dict):
@@ -614,9 +606,6 @@ class AuditIngester:
                         break
                 finished = finished or (writer_gone and at_end)
                 carry: tuple[str, str] | None = None
-                if pending:
-                    pending, unreadable = _parsed(pending, source)
-                    records.extend(unreadable)
                 if finished and pending:
                     if next_file:
                         # The writer went on in another file: the outcomes are there.
@@ -905,46 +894,6 @@ def _cpu_sample() -> tuple[float, float]:
     # user nice system idle iowait irq softirq steal (guest time is inside user)
     total = sum(fields[:8]) / tick
     return (total, (fields[3] + fields[4]) / tick + own.user + own.system)
-
-
-#: How every intent line of the current version starts (auditschema.line_prefix).
-_INTENT_HEAD = b'{"v":%d,"kind":"intent",' % VERSION
-_SESSION_KEY = b',"session_id":"'
-_N_TAIL = re.compile(rb',"n":(\d+)}\n?$')
-
-
-def _intent_key(raw: bytes) -> str | None:
-    """The pending key ("session:n") of an intent line of the current version, read
-    without parsing it; None when the line does not look as the gateway writes it (it
-    is then parsed). The first ``,"session_id":"`` is the top-level key: quotes inside
-    strings are escaped, and the prefix comes before any nested object."""
-    at = raw.find(_SESSION_KEY)
-    if at < 0:
-        return None
-    start = at + len(_SESSION_KEY)
-    end = raw.find(b'"', start)
-    tail = _N_TAIL.search(raw)
-    if end < 0 or tail is None or b"\\" in raw[start:end]:
-        return None
-    return f"{raw[start:end].decode('utf-8', 'replace')}:{int(tail.group(1))}"
-
-
-def _parsed(pending: dict[str, Any], source: str
-            ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """``pending`` with its unparsed intent lines parsed (they are kept, or carried, as
-    records), and the lines that do not parse as unreadable records."""
-    out: dict[str, Any] = {}
-    unreadable: list[dict[str, Any]] = []
-    for key, value in pending.items():
-        if isinstance(value, bytes):
-            try:
-                value = orjson.loads(value)
-            except orjson.JSONDecodeError:
-                unreadable.append({"kind": "unreadable", "detail": {
-                    "raw": value.decode("utf-8", "replace"), "spool": source}})
-                continue
-        out[key] = value
-    return out, unreadable
 
 
 def _outcome_unknown(intent: dict[str, Any]) -> dict[str, Any]:
