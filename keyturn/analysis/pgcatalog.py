@@ -41,6 +41,11 @@ class Routine:
     language: str
     definer: bool
     extension: str | None = None  # the extension it belongs to, if any
+    # A built-in function of the same name, kind and argument types exists: PostgreSQL
+    # keeps only the one found first on the search path, so an unqualified call never
+    # reaches this one while pg_catalog is searched first (it is, unless search_path
+    # names it later). pgcrypto's gen_random_uuid() beside the built-in one.
+    shadowed: bool = False
 
     @property
     def qualified(self) -> str:
@@ -164,7 +169,8 @@ class TargetCatalog:
                   sort_code: Iterable[Sequence[Any]] = ()) -> TargetCatalog:
         """Rows as proxies/postgres/catalog.py reads them:
 
-        routines: (schema, name, kind, volatility, language, security definer, extension)
+        routines: (schema, name, kind, volatility, language, security definer, extension[,
+            shadowed by a built-in])
         operators: (schema, name, function schema, function name)
         type_code: (schema, type, what, function schema, function name): a cast, domain
             check, I/O or operator-class function that runs for values of the type
@@ -191,9 +197,9 @@ class TargetCatalog:
             return out
 
         by_name: dict[str, list[Routine]] = {}
-        for s, n, k, vol, lang, definer, ext in keep(routines):
+        for s, n, k, vol, lang, definer, ext, *shadowed in keep(routines):
             by_name.setdefault(n, []).append(Routine(s, n, k, vol, lang, definer == "True",
-                                                     ext or None))
+                                                     ext or None, shadowed == ["True"]))
         ops: dict[str, list[Operator]] = {}
         for s, n, fs, fn in keep(operators):
             ops.setdefault(n, []).append(Operator(s, n, f"{fs}.{fn}"))

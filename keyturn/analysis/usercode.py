@@ -160,6 +160,10 @@ class _Judgement:
                     self.created(f"function {name}")
                 how = "calls" if kind == "f" else f"{name} (attribute notation) may call"
                 routines = catalog.functions(name, where)
+                if not schema and "pg_catalog" not in schemas and ANY not in schemas:
+                    # pg_catalog is searched first: its functions win over same-signature
+                    # ones later on the path.
+                    routines = [r for r in routines if not r.shadowed]
                 self.user_code(routines, how)
                 if kind == "f" and routines and all(r.vetted for r in routines):
                     self.vetted_calls.add((schema, name))

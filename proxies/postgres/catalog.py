@@ -74,7 +74,13 @@ SELECT n.nspname, p.proname, p.prokind, p.provolatile, l.lanname, p.prosecdef,
            -- trusted extension) add a function of their own: only what a superuser owns
            -- (what an extension script made) counts as the extension's.
            AND EXISTS (SELECT FROM pg_roles r WHERE r.oid = p.proowner AND r.rolsuper)
-         LIMIT 1)
+         LIMIT 1),
+       -- A built-in of the same name, kind and argument types: an unqualified call never
+       -- reaches this one while pg_catalog is searched first (pgcatalog.Routine.shadowed).
+       EXISTS (SELECT FROM pg_proc b
+                WHERE b.pronamespace = 'pg_catalog'::regnamespace AND b.oid < {FIRST_USER_OID}
+                  AND b.proname = p.proname AND b.prokind = p.prokind
+                  AND b.proargtypes = p.proargtypes)
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
 JOIN pg_language l ON l.oid = p.prolang
 WHERE {_user("n", "p")}"""
