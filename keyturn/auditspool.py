@@ -310,7 +310,7 @@ class AuditSpool:
                 if self._failure is None and not self._unwritten and not self._closed:
                     data = self._buf.take()
                     try:
-                        written = os.write(self._fh.fileno(), data) if data else 0
+                        written = self._fh.write(data) if data else 0  # unbuffered
                     except OSError:
                         written = 0  # the full path below retries, and reports it
                     self._size += written

@@ -70,6 +70,10 @@ class Decision:
     statements: tuple[StatementDecision, ...]
     # Masking of the results: (rule, settings) of every deciding rule that masks.
     masks: tuple[tuple[str, MaskSettings], ...] = ()
+    # The request runs code the gateway cannot see into (a user-defined function, whatever
+    # class the policy gives such code): it may change session state the target does not
+    # report (the protocol gateway decides what follows from that).
+    opaque_code: bool = False
 
     @property
     def tables(self) -> tuple[str, ...]:

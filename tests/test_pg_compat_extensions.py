@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from keyturn.launch.localpg import LocalPostgres
-from tests.conftest import Keyturn, direct_shop, make_keyturn
+from tests.conftest import APP_PASSWORD, Keyturn, make_keyturn
 
 POLICIES = """
   reads_only:
@@ -27,13 +27,19 @@ POLICIES = """
 """
 
 
+#: A database of its own: the extensions' operators (hstore's =...) would change how
+#: other modules' statements are judged.
+DB = "compat_ext"
+
+
 @pytest.fixture(scope="module")
 def kt(pg: LocalPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyturn]:
-    with direct_shop(pg) as c:
+    pg.create_database(DB, owner="app")
+    with psycopg.connect(pg.dsn(DB, user="app", password=APP_PASSWORD), autocommit=True) as c:
         for ext in ("pg_trgm", "fuzzystrmatch", "pgcrypto", "hstore"):
             c.execute(f"CREATE EXTENSION IF NOT EXISTS {ext}")
     k = make_keyturn(tmp_path_factory.mktemp("compat"), pg, extra=POLICIES,
-                     shop_policy="reads_only")
+                     shop_policy="reads_only", shop_db=DB)
     k.start()
     yield k
     k.stop()

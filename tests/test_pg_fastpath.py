@@ -217,7 +217,7 @@ def new_session(fast: bool | str, records: list[bytes]) -> tuple[ClientSession, 
 def collect(s: ClientSession, records: list[bytes]) -> list[bytes]:
     """The session's audit lines so far (its statements and their intents)."""
     records[:] = [line for line in _PLAYBOOKS[id(s)].records()
-                  if orjson.loads(line)["kind"] in ("intent", "statement")]
+                  if orjson.loads(line).get("kind") in ("intent", "statement")]
     return records
 
 

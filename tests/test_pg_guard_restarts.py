@@ -29,8 +29,8 @@ from keyturn.analysis.postgres import (
     may_change_transaction,
 )
 from keyturn.launch.localpg import LocalPostgres
-from tests.conftest import Keyturn, direct_shop, make_keyturn
-from tests.pg_raw import B, E, P, RawConn, S, errors
+from tests.conftest import APP_PASSWORD, Keyturn, make_keyturn
+from tests.pg_raw import B, E, P, Q, RawConn, S, errors
 
 POLICIES = """
   reads_only:
@@ -52,6 +52,10 @@ DROP TABLE IF EXISTS restart_victims;
 CREATE TABLE restart_victims (id int);
 CREATE OR REPLACE FUNCTION public.run_sql(q text) RETURNS text LANGUAGE plpgsql
   AS $$BEGIN EXECUTE q; RETURN 'ok'; END$$;
+-- A function named like a built-in, in a schema no search_path names.
+CREATE SCHEMA IF NOT EXISTS restart_util;
+CREATE OR REPLACE FUNCTION restart_util.upper(q text) RETURNS text LANGUAGE plpgsql
+  AS $$BEGIN EXECUTE q; RETURN 'ok'; END$$;
 """
 
 OFF = "SELECT run_sql('SET default_transaction_read_only = off')"
@@ -59,12 +63,22 @@ ON = "SELECT run_sql('SET default_transaction_read_only = on')"
 DELETE = "SELECT run_sql('DELETE FROM restart_victims')"
 
 
+#: A database of its own: restart_util.upper would change how other modules' statements
+#: are judged once they ran user code.
+DB = "restarts"
+
+
+def direct(pg: LocalPostgres) -> psycopg.Connection:
+    return psycopg.connect(pg.dsn(DB, user="app", password=APP_PASSWORD), autocommit=True)
+
+
 @pytest.fixture(scope="module")
 def kt(pg: LocalPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyturn]:
-    with direct_shop(pg) as c:
+    pg.create_database(DB, owner="app")
+    with direct(pg) as c:
         c.execute(SCHEMA)
     k = make_keyturn(tmp_path_factory.mktemp("restarts"), pg, extra=POLICIES)
-    target = (f"target: {{host: 127.0.0.1, port: {pg.port}, dbname: shop, user: app, "
+    target = (f"target: {{host: 127.0.0.1, port: {pg.port}, dbname: {DB}, user: app, "
               f"password_file: {k.base / 'app.password'}}}")
     k.config.write_text(k.config.read_text().replace("connections:\n", textwrap.dedent(f"""\
         connections:
@@ -89,14 +103,14 @@ def kt(pg: LocalPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 def victims(pg: LocalPostgres) -> int:
-    with direct_shop(pg) as c:
+    with direct(pg) as c:
         c.execute("SET default_transaction_read_only = off")
         return c.execute("SELECT count(*) FROM restart_victims").fetchone()[0]
 
 
 @pytest.fixture()
 def ten(pg: LocalPostgres) -> None:
-    with direct_shop(pg) as c:
+    with direct(pg) as c:
         c.execute("TRUNCATE restart_victims; "
                   "INSERT INTO restart_victims SELECT generate_series(1, 10)")
 
@@ -184,6 +198,37 @@ def test_explain_analyze_is_judged_by_its_option_value(kt: Keyturn, pg: LocalPos
         with pytest.raises(psycopg.Error, match="blocked"):
             c.execute("EXPLAIN (ANALYZE 1) SELECT pg_advisory_lock(4215)")
         time.sleep(0.1)
-        with direct_shop(pg) as d:
+        with direct(pg) as d:
             assert d.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
                              "AND objid = 4215").fetchone()[0] == 0
+
+
+def test_an_unreadable_do_sent_as_a_parse_is_refused(kt: Keyturn, pg: LocalPostgres,
+                                                     ten: None) -> None:
+    """A DO may COMMIT and go on in a new transaction; too large to analyse, it is
+    UNKNOWN, which this policy allows: refused all the same (the extended protocol's one
+    statement cannot be planned around)."""
+    body = ("DO $$BEGIN SET default_transaction_read_only = off; COMMIT; "
+            "DELETE FROM restart_victims; COMMIT; SET default_transaction_read_only = on; "
+            "END$$ -- " + "x" * (300 * 1024))
+    with RawConn(kt.dsn("alice", dbname="fnunknown")) as r:
+        answers = r.run(P("", body) + B("", "") + E("") + S(), syncs=1)
+    assert [e["C"] for e in errors(answers)] == ["25000"], errors(answers)
+    assert "may end its transaction" in errors(answers)[0]["M"]
+    assert victims(pg) == 10
+
+
+def test_user_code_that_moves_search_path_makes_names_resolve_anywhere(
+        kt: Keyturn, pg: LocalPostgres, ten: None) -> None:
+    """The server does not report search_path: after a function moved it, ``upper`` is
+    restart_util.upper (user code), so each statement calling it waits for the one
+    before, and the default turned off ends the session before the DELETE is sent."""
+    with RawConn(kt.dsn("alice", dbname="fnread")) as r:
+        r.run(Q("SELECT run_sql('SET search_path = restart_util, pg_catalog, public')"))
+        r.send(Q("SELECT upper('SET default_transaction_read_only = off')"),
+               Q("SELECT upper('DELETE FROM restart_victims')"),
+               Q("SELECT upper('SET default_transaction_read_only = on')"))
+        answers = r.until_closed()
+    assert any(e["M"].startswith("keyturn: the session lost its read-only guard")
+               for e in errors(answers)), answers
+    assert victims(pg) == 10

@@ -614,6 +614,36 @@ def test_short_deeply_nested_statements_do_not_stall_other_sessions(
         kt.stop()
 
 
+def test_many_sessions_of_cheap_looking_slow_statements_do_not_stall_others(
+        pg: LocalPostgres, tmp_path: Path) -> None:
+    """A 4 KiB sum of 2,000 terms has no parentheses but nests 2,000 levels deep (about
+    20 ms to analyse): operators count in its cost, and cheap texts stop at twice the
+    loop's budget however many sessions send them. Twenty sessions pipelining eight each
+    kept another session waiting seconds when each could spend its own share."""
+    kt = make_keyturn(tmp_path / "kt", pg)
+    kt.start()
+    got: dict[int, list[bytes]] = {}
+
+    def pipeline(j: int) -> None:
+        sock = logged_in(kt.gateway_port, "alice", kt.tokens["alice"])
+        sock.sendall(b"".join(query_message("SELECT " + "+".join(["1"] * 1990) + f"+{j}{k}")
+                              for k in range(8)))
+        kinds: list[bytes] = []
+        while kinds.count(b"Z") < 8:
+            kind, _ = read_message(sock)
+            kinds.append(kind)
+        got[j] = [k for k in kinds if k in (b"C", b"E", b"Z")]
+        sock.close()
+
+    try:
+        waits = victim_waits(kt, "bob", [threading.Thread(target=pipeline, args=(j,))
+                                         for j in range(20)])
+        assert len(waits) > 5 and max(waits) < 1.0, (max(waits), len(waits))
+        assert got == {j: [b"C", b"Z"] * 8 for j in range(20)}, got
+    finally:
+        kt.stop()
+
+
 def test_statements_analysed_elsewhere_keep_the_session_namespace(
         pg: LocalPostgres, tmp_path: Path) -> None:
     """A large message analysed by the worker changes the session's prepared names as it
@@ -647,9 +677,10 @@ def test_the_loop_analysis_budget_is_shared_and_starts_over_each_iteration() -> 
     from keyturn.analysis.elsewhere import LoopBudget
     from keyturn.analysis.postgres import analysis_cost
 
-    assert analysis_cost("SELECT 1") == 8
-    assert analysis_cost("SELECT f((1))") == 13 * 3
-    assert analysis_cost("SELECT ')'") == 10 * 1  # a ) alone never lowers below 0 depth
+    assert analysis_cost("SELECT 1") == 200 + 8
+    assert analysis_cost("SELECT f((1))") == 200 + 13 * 3
+    assert analysis_cost("SELECT ')'") == 200 + 10 * 1  # a ) alone never lowers below 0
+    assert analysis_cost("SELECT 1+2*3") == 200 + 12 + 2 * 12  # operators nest the tree
 
     async def main() -> list[bool]:
         budget = LoopBudget(100, cheap=10, own=20)
@@ -660,3 +691,10 @@ def test_the_loop_analysis_budget_is_shared_and_starts_over_each_iteration() -> 
 
     # (A cheap text still goes while its session spent little: the 3rd and 4th.)
     assert asyncio.run(main()) == [True, False, True, True, False, True]
+
+    async def many_sessions() -> list[bool]:
+        budget = LoopBudget(100, cheap=10, own=20)
+        return [budget.take(10, 0) for _ in range(25)]  # 25 sessions, one cheap text each
+
+    # Cheap texts stop at twice the budget, however many sessions send them.
+    assert asyncio.run(many_sessions()) == [True] * 20 + [False] * 5

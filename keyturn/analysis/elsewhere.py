@@ -48,8 +48,9 @@ class LoopBudget:
     sessions send costly texts at once, the loop goes round within about ``limit`` units.
 
     A session's cheap texts (at most ``cheap`` each) are analysed on the loop anyway
-    until the session itself spent ``own`` in the iteration: a session sending ordinary
-    statements is never sent to wait behind others' jobs in the worker."""
+    until the session itself spent ``own`` in the iteration, and the loop twice ``limit``
+    (however many sessions send cheap texts at once): a session sending ordinary
+    statements is not sent to wait behind others' jobs in the worker."""
 
     def __init__(self, limit: int, *, cheap: int, own: int) -> None:
         self.limit, self.cheap, self.own = limit, cheap, own
@@ -65,7 +66,8 @@ class LoopBudget:
                 self._armed = True
             except RuntimeError:  # no loop running (a direct call): each call is a turn
                 self.spent = 0
-        if self.spent + cost <= self.limit or (cost <= self.cheap and own_spent < self.own):
+        if self.spent + cost <= self.limit or (cost <= self.cheap and own_spent < self.own
+                                               and self.spent < 2 * self.limit):
             self.spent += cost
             return True
         return False

@@ -1683,13 +1683,27 @@ class Analyzer:
 
 
 _NOT_PARENS = re.compile(r"[^()]+")
+#: Characters of operators: each nests the parse tree one level (a chain of 2,000 terms
+#: is 2,000 levels), which costs about as much as a dozen characters of flat SQL.
+_OPERATOR_CHARS = "+-*/%^<>=~!@#&|"
+_NO_OPERATORS = str.maketrans("", "", _OPERATOR_CHARS)
+OPERATOR_COST = 12
+#: What parsing any text costs before its first character (about 0.1 ms).
+TEXT_COST = 200
 
 
 def analysis_cost(sql: str) -> int:
     """What analysing ``sql`` is expected to cost, in units of about a microsecond or less:
-    its length times one plus its deepest nesting of parentheses. Parsing and normalising
-    grow with both (a 460-character text of 50 nested subqueries takes about as long as 15
-    KiB of flat SQL); parentheses in strings count too, which only overestimates."""
+    TEXT_COST, its length times one plus its deepest nesting of parentheses, and
+    OPERATOR_COST per operator character. Parsing and normalising grow with nesting (a
+    460-character text of 50 nested subqueries takes about as long as 15 KiB of flat SQL,
+    a 4 KiB sum of 2,000 terms as 20 KiB); parentheses and operators in strings count
+    too, which only overestimates."""
+    operators = len(sql) - len(sql.translate(_NO_OPERATORS))
+    return TEXT_COST + _nesting_cost(sql) + OPERATOR_COST * operators
+
+
+def _nesting_cost(sql: str) -> int:
     if "(" not in sql:
         return len(sql)
     depth = deepest = 0
@@ -1713,17 +1727,20 @@ _CODE_FIRST_TOKENS = frozenset({"DO", "CALL"})
 MAX_SCANNED_TEXT = 64 * 1024
 
 
-def may_change_transaction(sql: str) -> bool:
+def may_change_transaction(sql: str, *, single: bool = False) -> bool:
     """Whether the server could run, in a text the analyser could not read (too large, too
     deep, too many statements), a statement that ends or starts a transaction with more
     statements after it, or code that may commit (DO, CALL). With PostgreSQL's own
     scanner (strings, comments, dollar quotes as the server reads them); True when that
     cannot be told (too long, or the scanner fails): a statement after a COMMIT runs in
-    a new transaction that takes the session's default as it is then."""
-    if len(sql) > MAX_SCANNED_TEXT:
+    a new transaction that takes the session's default as it is then.
+
+    ``single``: the text is one statement (a Parse: the server refuses more), so only its
+    first word counts, found in its first MAX_SCANNED_TEXT characters."""
+    if len(sql) > MAX_SCANNED_TEXT and not single:
         return True
     try:
-        tokens = _pg.scan(sql)
+        tokens = _pg.scan(sql[:MAX_SCANNED_TEXT] if single else sql)
     except Exception:
         return True
     statements = 0
@@ -1740,8 +1757,10 @@ def may_change_transaction(sql: str) -> bool:
         statements += 1
         if name in _CODE_FIRST_TOKENS:
             return True
+        if single:
+            return False
         control = control or name in _TX_FIRST_TOKENS
-    return control and statements > 1
+    return single or (control and statements > 1)  # (single: no word in reach)
 
 
 def analyze_detached(unknown_function_class: str, sql: str,

@@ -31,7 +31,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from keyturn.analysis.pgcatalog import TargetCatalog
+from keyturn.analysis.pgcatalog import ANY, TargetCatalog
 from keyturn.analysis.postgres import ANY_OBJECT, Statement, StatementClass
 from keyturn.analysis.usercode import Scope, resolve
 from keyturn.config import Connection
@@ -642,7 +642,10 @@ class Catalogs:
             for kind, _schema, name in st.defines:
                 if (kind, _schema, name) != ANY_OBJECT:
                     created[(kind, name)] = (*created.get((kind, name), ()), *texts)
-        scope = Scope(schemas=frozenset(session.schemas), created=created,
+        # After user code ran, the session's search_path is whatever that code set (the
+        # server does not report it): its names may resolve in any schema.
+        schemas = session.schemas | {ANY} if session.ran_user_code else session.schemas
+        scope = Scope(schemas=frozenset(schemas), created=created,
                       unavailable=target.error if target.catalog is None else None,
                       judged={})
         return tuple(resolve(session.analyzer, st, target.catalog, scope)

@@ -196,6 +196,8 @@ class Decisions(SessionState):
         resolved = self.gw.catalogs.resolve(session, statements)
         decision = self.gw.policy.evaluate(Request(self.user, self.identity.groups, self.conn,
                                                    resolved, analysis.error))
+        if any(st.opaque for st in resolved):
+            decision = dataclasses.replace(decision, opaque_code=True)
         if decision.action != "block" and decision.action != "review":
             # (A held one counts once approved: holding.py notes it as it runs.)
             self.gw.catalogs.note(session, statements)

@@ -21,7 +21,7 @@ from keyturn.approvals import TicketRequest, binding_of
 from keyturn.policy import Decision
 from proxies.postgres import codec
 from proxies.postgres.codec import Message
-from proxies.postgres.state import Ctx, SessionState
+from proxies.postgres.state import Ctx, SessionState, _runs_user_code
 
 if TYPE_CHECKING:
     from proxies.postgres.session import ClientSession
@@ -132,6 +132,9 @@ class Holds(SessionState):
             # a pending request must not change how others' statements are judged).
             self.gw.catalogs.note(cast("ClientSession", self),
                                   tuple(getattr(analysis, "statements", ())))
+            if not self.ran_user_code and _runs_user_code(analysis, decision):
+                self.ran_user_code = True  # see ClientSession._client_message
+                self.forget_verdicts()
             self._forward_approved(msg, ctx, kind)
             return
         self._refuse(codec.encode_error("ERROR", _OUTCOME_SQLSTATE.get(outcome.status, "42501"),

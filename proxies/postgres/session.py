@@ -106,8 +106,6 @@ LOOP_ANALYSIS_BUDGET = 64 * 1024
 #: loop while their session spent less than SESSION_CHEAP_BUDGET in the iteration.
 CHEAP_ANALYSIS = 4 * 1024
 SESSION_CHEAP_BUDGET = 16 * 1024
-#: Parse texts of at most this many bytes are not costed (microseconds each).
-TINY_TEXT = 64
 #: Characters of SQL in the Parse messages of one batch (up to its Sync) that are
 #: analysed: the batch is judged as a whole, so all their analyses are held at once (10
 #: to 30 times the text for huge ones). Beyond, a Parse's text is UNKNOWN unanalysed.
@@ -298,6 +296,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         # Every schema this session's search_path may name (it only grows: a SET may be
         # rolled back, so the gateway cannot know it was undone).
         self.schemas: frozenset[str] = frozenset(DEFAULT_SEARCH_PATH)
+        self.ran_user_code = False  # see _client_message: names may resolve anywhere now
         # Masking: set when the connection's policy masks anything (rows are then read).
         self.masking = False
         self.catalog: Any = None  # keyturn.masking.engine.MaskCatalog
@@ -596,7 +595,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             if m.type == b"S":
                 batch = 0
                 continue
-            if m.type != b"P" or len(m.body) <= TINY_TEXT:
+            if m.type != b"P":
                 continue
             try:
                 sql = codec.decode_parse(m.body).query
@@ -636,8 +635,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                 if after is not None:
                     self.prepared = after
                 return analysis
-        if len(sql) > TINY_TEXT and self.gw.analysis_pool is not None and \
-                self.analyzer.cached(sql) is None:
+        if self.gw.analysis_pool is not None and self.analyzer.cached(sql) is None:
             # (On a masked connection its masking lineage is traced too: twice the work.)
             cost = analysis_cost(sql) * (2 if self.masking else 1)
             if not self.gw.analysis_budget.take(cost, self.turn_analysed):
@@ -1037,6 +1035,12 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             # The same on a masked connection for a DECLARE or PREPARE: a FETCH or EXECUTE
             # right behind it must be masked as what the name holds once it completed.
             ctx.barrier = True
+            if not self.ran_user_code and _runs_user_code(analysis, decision):
+                # It may change search_path (or the role, and with it "$user"), which the
+                # server does not report: from now on functions, operators and types
+                # are judged as if any schema were searched (catalog.py).
+                self.ran_user_code = True
+                self.forget_verdicts()
             if not self._forward(msg, ctx, kind, out):
                 return False
             if ctx.action == "block":
@@ -1188,6 +1192,18 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         """Send a Query or Execute on; False when the Execute waits (see below)."""
         if kind == b"Q":
             return self._forward_query(msg, ctx, out)
+        analysis = ctx.analysis
+        if analysis is not None and analysis.error is not None and \
+                may_change_transaction(ctx.statement, single=True):
+            # One statement the analyser could not read, which may commit and go on in a
+            # new transaction (DO, CALL) that no plan can keep read-only.
+            ctx.action = "block"
+            ctx.reason = ("keyturn cannot analyse this statement and it may end its "
+                          "transaction and go on in another (DO, CALL), which keyturn cannot "
+                          "keep read-only")
+            self._refuse(codec.encode_error("ERROR", "25000", ctx.reason), b"E", out)
+            self._audit(ctx, outcome="blocked")
+            return True
         self._guard_before_execute(ctx, out)
         if self.masking:
             # Learn the result's shape and formats before its rows: our own Describe of

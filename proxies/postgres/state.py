@@ -174,11 +174,13 @@ _TEXT_OIDS = {25, 1043, 1042, 19, 114, 3802}
 
 def _runs_user_code(analysis: Any, decision: Decision) -> bool:
     """Whether the target's catalog showed user-defined code in a statement: code the
-    gateway cannot see into, or a class the catalog raised (a type's checks, a view)."""
+    gateway cannot see into (whatever class ``unknown_functions`` gives it), or a class
+    the catalog raised (a type's checks, a view)."""
     judged = decision.statements
-    return any(st.opaque for st in analysis.statements) or len(judged) != len(
-        analysis.statements) or any(str(st.cls) != j.classification
-                                    for st, j in zip(analysis.statements, judged, strict=False))
+    return decision.opaque_code or any(st.opaque for st in analysis.statements) or len(
+        judged) != len(analysis.statements) or any(
+            str(st.cls) != j.classification
+            for st, j in zip(analysis.statements, judged, strict=False))
 
 
 @dataclass(slots=True)
@@ -282,6 +284,7 @@ class SessionState:
     imp_started: bool
     imp_bound: bool
     imp_ended: bool
+    ran_user_code: bool
     upstream_ro: bool
     intent_n: int
     unsent: bool
@@ -317,6 +320,7 @@ class SessionState:
         def _parse_analysis(self, sql: str) -> Any: ...
         def _sensitive_patterns(self) -> list[str]: ...
         def _plain_builtins(self, statements: Any) -> bool: ...
+        def forget_verdicts(self) -> None: ...
         def _defined(self, ctx: Ctx, ok: bool) -> None: ...
         def _refuse(self, error: bytes, kind: bytes, out: list[bytes] | None = None) -> None: ...
         def _replay_backlog(self) -> None: ...
