@@ -1201,7 +1201,8 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             ctx.reason = ("keyturn cannot analyse this statement and it may end its "
                           "transaction and go on in another (DO, CALL), which keyturn cannot "
                           "keep read-only")
-            self._refuse(codec.encode_error("ERROR", "25000", ctx.reason), b"E", out)
+            self._refuse(codec.encode_error("ERROR", "25000", f"keyturn: {ctx.reason}"), b"E",
+                         out)
             self._audit(ctx, outcome="blocked")
             return True
         self._guard_before_execute(ctx, out)
