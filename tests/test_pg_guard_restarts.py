@@ -36,6 +36,9 @@ POLICIES = """
   reads_only:
     default: block
     rules:
+      - name: no-vault
+        match: {tables: ["restart_vault.*"]}
+        action: block
       - name: reads
         match: {class: [read, transaction, session]}
         action: allow
@@ -56,6 +59,20 @@ CREATE OR REPLACE FUNCTION public.run_sql(q text) RETURNS text LANGUAGE plpgsql
 CREATE SCHEMA IF NOT EXISTS restart_util;
 CREATE OR REPLACE FUNCTION restart_util.upper(q text) RETURNS text LANGUAGE plpgsql
   AS $$BEGIN EXECUTE q; RETURN 'ok'; END$$;
+CREATE SCHEMA IF NOT EXISTS restart_vault;
+CREATE TABLE IF NOT EXISTS restart_vault.secrets (s text);
+INSERT INTO restart_vault.secrets VALUES ('top secret');
+-- Same argument types as built-ins, yet reachable: VARIADIC expanded, a named argument.
+CREATE OR REPLACE FUNCTION public.cardinality(VARIADIC a anyarray) RETURNS int
+  LANGUAGE plpgsql AS $$BEGIN DELETE FROM restart_victims; RETURN 0; END$$;
+CREATE OR REPLACE FUNCTION public.initcap(q text) RETURNS text
+  LANGUAGE plpgsql AS $$BEGIN DELETE FROM restart_victims; RETURN q; END$$;
+-- An operator of a session's own that an extension's SQL function would call.
+CREATE EXTENSION IF NOT EXISTS citext;
+CREATE SCHEMA IF NOT EXISTS restart_evil;
+CREATE OR REPLACE FUNCTION restart_evil.cat(a text, b text) RETURNS text
+  LANGUAGE plpgsql AS $$BEGIN DELETE FROM restart_victims; RETURN a; END$$;
+CREATE OPERATOR restart_evil.|| (LEFTARG = text, RIGHTARG = text, FUNCTION = restart_evil.cat);
 """
 
 OFF = "SELECT run_sql('SET default_transaction_read_only = off')"
@@ -232,3 +249,19 @@ def test_user_code_that_moves_search_path_makes_names_resolve_anywhere(
     assert any(e["M"].startswith("keyturn: the session lost its read-only guard")
                for e in errors(answers)), answers
     assert victims(pg) == 10
+
+
+@pytest.mark.parametrize("message", [
+    "SELECT cardinality('x'::text, 'y'::text)",  # VARIADIC, expanded: not the built-in's
+    "SELECT initcap(q => 'x')",  # the built-in has no argument names
+    # citext's regexp_match is SQL: its || is the session's own operator here
+    "SET search_path = restart_evil, pg_catalog, public; "
+    "SELECT regexp_match('a'::citext, 'a'::citext, 'x')",
+])
+def test_user_code_that_looks_built_in_is_user_code(kt: Keyturn, pg: LocalPostgres,
+                                                    ten: None, message: str) -> None:
+    with psycopg.connect(kt.dsn("alice", dbname="ro"), autocommit=True) as c:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="user-defined"):
+            c.execute(message)
+    assert victims(pg) == 10
+

@@ -54,11 +54,14 @@ class Routine:
     @property
     def vetted(self) -> bool:
         """Installed by an extension (made by its script: owned by a superuser, which the
-        catalog read checks), declared immutable or stable, and not SECURITY DEFINER: code
-        the database's administrator installed (citext's ``upper``), which no session can
-        replace. Everything else is user code."""
+        catalog read checks), declared immutable or stable, not SECURITY DEFINER, and
+        compiled (C or internal): code the database's administrator installed (citext's
+        ``citext_eq``), which no session can replace. An SQL or procedural-language
+        function resolves the names in its body with the caller's search_path at run time
+        (citext's SQL ``regexp_match`` calls ``||``, which a session's own operator may
+        answer), so it is user code like everything else."""
         return self.extension is not None and self.volatility in ("i", "s") and \
-            not self.definer
+            not self.definer and self.language in ("c", "internal")
 
     def describe(self) -> str:
         bits = [self.language, _VOLATILITY.get(self.volatility, self.volatility)]

@@ -76,8 +76,11 @@ SELECT n.nspname, p.proname, p.prokind, p.provolatile, l.lanname, p.prosecdef,
            AND EXISTS (SELECT FROM pg_roles r WHERE r.oid = p.proowner AND r.rolsuper)
          LIMIT 1),
        -- A built-in of the same name, kind and argument types: an unqualified call never
-       -- reaches this one while pg_catalog is searched first (pgcatalog.Routine.shadowed).
-       EXISTS (SELECT FROM pg_proc b
+       -- reaches this one while pg_catalog is searched first (pgcatalog.Routine.shadowed),
+       -- unless it can be called in a way the built-in cannot (VARIADIC expanded, named
+       -- arguments, defaults).
+       p.provariadic = 0 AND p.proargnames IS NULL AND p.pronargdefaults = 0
+       AND EXISTS (SELECT FROM pg_proc b
                 WHERE b.pronamespace = 'pg_catalog'::regnamespace AND b.oid < {FIRST_USER_OID}
                   AND b.proname = p.proname AND b.prokind = p.prokind
                   AND b.proargtypes = p.proargtypes)
