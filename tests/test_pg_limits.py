@@ -529,6 +529,34 @@ def victim_waits(kt: Keyturn, user: str, attackers: list[threading.Thread]) -> l
     return waits
 
 
+def pipelines_beside_a_victim(pg: LocalPostgres, tmp_path: Path,
+                              texts: list[list[str]]) -> None:
+    """One session of alice per list of ``texts`` pipelines them as simple Queries in one
+    write while bob's session sends SELECT 1 every 50 ms: bob never waits a second, and
+    every text is judged (a read) and answered."""
+    kt = make_keyturn(tmp_path / "kt", pg)
+    kt.start()
+    got: dict[int, list[bytes]] = {}
+
+    def pipeline(j: int) -> None:
+        sock = logged_in(kt.gateway_port, "alice", kt.tokens["alice"])
+        sock.sendall(b"".join(query_message(t) for t in texts[j]))
+        kinds: list[bytes] = []
+        while kinds.count(b"Z") < len(texts[j]):
+            kind, _ = read_message(sock)
+            kinds.append(kind)
+        got[j] = [k for k in kinds if k in (b"C", b"E", b"Z")]
+        sock.close()
+
+    try:
+        waits = victim_waits(kt, "bob", [threading.Thread(target=pipeline, args=(j,))
+                                         for j in range(len(texts))])
+        assert len(waits) > 5 and max(waits) < 1.0, (max(waits), len(waits))
+        assert got == {j: [b"C", b"Z"] * len(t) for j, t in enumerate(texts)}, got
+    finally:
+        kt.stop()
+
+
 def test_a_client_pipelining_huge_statements_does_not_stall_other_sessions(
         pg: LocalPostgres, tmp_path: Path) -> None:
     """Twelve pipelined ~250 KiB statements took the gateway's event loop for seconds
@@ -590,28 +618,9 @@ def test_short_deeply_nested_statements_do_not_stall_other_sessions(
     them took the loop for seconds when only length counted; now cost counts (length times
     nesting) against one budget for the whole loop, and the rest goes to the worker.
     Every statement is still judged (a read) and answered."""
-    kt = make_keyturn(tmp_path / "kt", pg)
-    kt.start()
-    got: dict[int, list[bytes]] = {}
-
-    def pipeline(j: int) -> None:
-        sock = logged_in(kt.gateway_port, "alice", kt.tokens["alice"])
-        sock.sendall(b"".join(query_message("SELECT " + "(SELECT " * 800 + f"{j * 10 + k}"
-                                            + ")" * 800) for k in range(2)))
-        kinds: list[bytes] = []
-        while kinds.count(b"Z") < 2:
-            kind, _ = read_message(sock)
-            kinds.append(kind)
-        got[j] = [k for k in kinds if k in (b"C", b"E", b"Z")]
-        sock.close()
-
-    try:
-        waits = victim_waits(kt, "bob", [threading.Thread(target=pipeline, args=(j,))
-                                         for j in range(10)])
-        assert len(waits) > 5 and max(waits) < 1.0, (max(waits), len(waits))
-        assert got == {j: [b"C", b"Z"] * 2 for j in range(10)}, got
-    finally:
-        kt.stop()
+    texts = [["SELECT " + "(SELECT " * 800 + f"{j * 10 + k}" + ")" * 800 for k in range(2)]
+             for j in range(10)]
+    pipelines_beside_a_victim(pg, tmp_path, texts)
 
 
 def test_many_sessions_of_cheap_looking_slow_statements_do_not_stall_others(
@@ -620,28 +629,9 @@ def test_many_sessions_of_cheap_looking_slow_statements_do_not_stall_others(
     20 ms to analyse): operators count in its cost, and cheap texts stop at twice the
     loop's budget however many sessions send them. Twenty sessions pipelining eight each
     kept another session waiting seconds when each could spend its own share."""
-    kt = make_keyturn(tmp_path / "kt", pg)
-    kt.start()
-    got: dict[int, list[bytes]] = {}
-
-    def pipeline(j: int) -> None:
-        sock = logged_in(kt.gateway_port, "alice", kt.tokens["alice"])
-        sock.sendall(b"".join(query_message("SELECT " + "+".join(["1"] * 1990) + f"+{j}{k}")
-                              for k in range(8)))
-        kinds: list[bytes] = []
-        while kinds.count(b"Z") < 8:
-            kind, _ = read_message(sock)
-            kinds.append(kind)
-        got[j] = [k for k in kinds if k in (b"C", b"E", b"Z")]
-        sock.close()
-
-    try:
-        waits = victim_waits(kt, "bob", [threading.Thread(target=pipeline, args=(j,))
-                                         for j in range(20)])
-        assert len(waits) > 5 and max(waits) < 1.0, (max(waits), len(waits))
-        assert got == {j: [b"C", b"Z"] * 8 for j in range(20)}, got
-    finally:
-        kt.stop()
+    texts = [["SELECT " + "+".join(["1"] * 1990) + f"+{j}{k}" for k in range(8)]
+             for j in range(20)]
+    pipelines_beside_a_victim(pg, tmp_path, texts)
 
 
 def test_statements_analysed_elsewhere_keep_the_session_namespace(

@@ -213,6 +213,15 @@ class Decisions(SessionState):
                 self.schemas = wider
                 self.forget_verdicts()
 
+    def _user_code_runs(self) -> None:
+        """A statement running user code is sent (or an approved one runs): it may change
+        search_path (or the role, and with it "$user"), which the server does not report,
+        so from now on functions, operators and types are judged as if any schema were
+        searched (catalog.py), and nothing memoised before stands."""
+        if not self.ran_user_code:
+            self.ran_user_code = True
+            self.forget_verdicts()
+
     def forget_verdicts(self) -> None:
         """Judge every statement afresh: what a name means has changed (search_path, or
         the target's catalog; proxies/postgres/catalog.py)."""

@@ -132,9 +132,8 @@ class Holds(SessionState):
             # a pending request must not change how others' statements are judged).
             self.gw.catalogs.note(cast("ClientSession", self),
                                   tuple(getattr(analysis, "statements", ())))
-            if not self.ran_user_code and _runs_user_code(analysis, decision):
-                self.ran_user_code = True  # see ClientSession._client_message
-                self.forget_verdicts()
+            if _runs_user_code(analysis, decision):
+                self._user_code_runs()
             self._forward_approved(msg, ctx, kind)
             return
         self._refuse(codec.encode_error("ERROR", _OUTCOME_SQLSTATE.get(outcome.status, "42501"),

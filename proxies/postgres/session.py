@@ -1026,7 +1026,8 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                     return True
                 decision = checked
         if decision.action == "allow" or decision.action == "mask":
-            if not ctx.defines and not _runs_user_code(analysis, decision):
+            user_code = _runs_user_code(analysis, decision)
+            if not ctx.defines and not user_code:
                 return self._forward(msg, ctx, kind, out)
             # User-defined code may turn standard_conforming_strings off or change the
             # encoding, and the target would read messages already sent behind it with
@@ -1035,12 +1036,8 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             # The same on a masked connection for a DECLARE or PREPARE: a FETCH or EXECUTE
             # right behind it must be masked as what the name holds once it completed.
             ctx.barrier = True
-            if not self.ran_user_code and _runs_user_code(analysis, decision):
-                # It may change search_path (or the role, and with it "$user"), which the
-                # server does not report: from now on functions, operators and types
-                # are judged as if any schema were searched (catalog.py).
-                self.ran_user_code = True
-                self.forget_verdicts()
+            if user_code:
+                self._user_code_runs()
             if not self._forward(msg, ctx, kind, out):
                 return False
             if ctx.action == "block":
