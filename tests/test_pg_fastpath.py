@@ -727,6 +727,45 @@ def test_a_prepared_write_transaction_relays_and_audits_exactly_like_python() ->
     assert out[2] == out[0]
 
 
+def test_a_read_pipelined_after_a_guarded_write_gets_the_savepoint_again() -> None:
+    """Inside a transaction whose read-only savepoint is open, one chunk holds a prepared
+    write (the guard releases the savepoint before it) and then a read: the read meets
+    the guard as the write left it and runs in a new read-only savepoint, whichever path
+    takes the chunk (the fast path once judged it by the state the chunk started in)."""
+    def one(s: ClientSession, up: Upstream, target: Target, data: bytes) -> None:
+        assert up.transport is not None
+        sent = len(up.transport.data)
+        feed(s, data)
+        feed(up, target.feed(bytes(up.transport.data[sent:])))
+
+    def run_stmt(stmt: str, *values: bytes) -> bytes:
+        return (codec.encode_bind("", stmt, params=list(values))
+                + codec.encode_describe("P", "") + codec.encode_execute("", 0)
+                + codec.encode_sync())
+
+    learned: list[int] = []
+
+    def play(s: ClientSession, up: Upstream, target: Target) -> None:
+        for i in (1, 2):
+            _prepared_update(s, up, target, i, first=i == 1)
+        assert up.transport is not None
+        learned.append(len(up.transport.data))
+        for i in (3, 4):
+            one(s, up, target, run_stmt("P0_0"))  # BEGIN
+            one(s, up, target, run_stmt("P0_2", b"%d" % i))  # a read: savepoint open
+            one(s, up, target, run_stmt("P0_1", b"%d" % i, b"%d" % i)
+                + run_stmt("P0_2", b"%d" % i))  # a write, then a read, in one chunk
+            one(s, up, target, run_stmt("P0_4"))  # END
+
+    out = _three_ways(17, 0.0, play)
+    tail = out[0][0][learned[0]:]
+    # Each transaction: the first read opens the savepoint, the write releases it, the
+    # read after the write opens it again.
+    assert tail.count(b"keyturn_savepoint") == 4 and tail.count(b"keyturn_release") == 2
+    assert out[1] == out[0]
+    assert out[2] == out[0]
+
+
 def test_a_write_transaction_relays_and_audits_exactly_like_the_python_session() -> None:
     def play(s: ClientSession, up: Upstream, target: Target) -> None:
         for i in range(1, 12):

@@ -1587,6 +1587,14 @@ FastPath_client(FastPath *self, PyObject *chunk)
                 pl->gplan = bound_pl->gplan;
                 pl->params = Py_XNewRef(bound_pl->params);
                 pl->frag = Py_XNewRef(bound_pl->frag);
+                /* What follows in this chunk meets the guard as this plan leaves it (a
+                   write released the savepoint: a read after it is no longer quiet). */
+                int blk = PyObject_IsTrue(PyTuple_GET_ITEM(pl->gplan, 4));
+                int ro = PyObject_IsTrue(PyTuple_GET_ITEM(pl->gplan, 5));
+                if (blk < 0 || ro < 0)
+                    goto fail;
+                quiet = !blk || ro;
+                gstate = !blk ? 0 : ro ? 2 : 1;
             }
             break;
         case 'D':
