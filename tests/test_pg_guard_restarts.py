@@ -169,6 +169,23 @@ def test_a_transaction_started_mid_batch_is_read_only(kt: Keyturn, pg: LocalPost
         assert victims(pg) == 10, (statements, errors(answers))
 
 
+@pytest.mark.parametrize("later", [
+    [DELETE],
+    ["SELECT 1", DELETE],
+    [DELETE, ON],
+])
+def test_a_batch_pipelined_behind_one_that_turned_the_default_off_is_read_only(
+        kt: Keyturn, pg: LocalPostgres, ten: None, later: list[str]) -> None:
+    """The server reports a changed default only with the ReadyForQuery of the batch
+    that changed it: batches the client pipelined behind it were sent before that, and
+    each starts a transaction with the default as the code left it."""
+    with RawConn(kt.dsn("alice", dbname="fnread")) as r:
+        r.send(P("", OFF) + B("", "") + E("") + S()
+               + b"".join(P("", s) + B("", "") + E("") + S() for s in later))
+        answers = r.until_closed()
+    assert victims(pg) == 10, errors(answers)
+
+
 def test_an_unreadable_message_that_commits_midway_is_refused(kt: Keyturn, pg: LocalPostgres,
                                                               ten: None) -> None:
     many = "SELECT 1;" * (MAX_STATEMENTS + 1)  # more statements than are analysed

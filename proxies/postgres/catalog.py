@@ -630,9 +630,10 @@ class Catalogs:
 
     # -- judging -----------------------------------------------------------------------------
 
-    def resolve(self, session: ClientSession, statements: tuple[Statement, ...]
-                ) -> tuple[Statement, ...]:
-        """The session's statements judged by what runs on its target."""
+    def resolve(self, session: ClientSession, statements: tuple[Statement, ...],
+                anywhere: bool = False) -> tuple[Statement, ...]:
+        """The session's statements judged by what runs on its target (``anywhere``:
+        its functions, operators and types as if any schema were searched)."""
         conn = session.conn
         assert conn is not None
         target = self._target(conn)
@@ -647,7 +648,8 @@ class Catalogs:
                     created[(kind, name)] = (*created.get((kind, name), ()), *texts)
         # After user code ran, the session's search_path is whatever that code set (the
         # server does not report it): its names may resolve in any schema.
-        schemas = session.schemas | {ANY} if session.ran_user_code else session.schemas
+        schemas = session.schemas | {ANY} if session.ran_user_code or anywhere \
+            else session.schemas
         scope = Scope(schemas=frozenset(schemas), created=created,
                       unavailable=target.error if target.catalog is None else None,
                       judged={})

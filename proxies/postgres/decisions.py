@@ -16,6 +16,7 @@ from keyturn.analysis import StatementClass
 from keyturn.analysis.postgres import (
     DEFAULT_SEARCH_PATH,
     Statement,
+    search_path_schemas,
 )
 from keyturn.policy import Decision, Request
 from proxies.postgres import codec
@@ -25,6 +26,7 @@ from proxies.postgres.state import (
     _FIRST_USER_OID,
     Ctx,
     Expect,
+    Probe,
     SessionState,
     StmtInfo,
     _pkey,
@@ -194,6 +196,8 @@ class Decisions(SessionState):
         # What runs on the target:
         session = cast("ClientSession", self)
         resolved = self.gw.catalogs.resolve(session, statements)
+        if len(statements) > 1:
+            resolved = self._after_user_code(session, statements, resolved)
         decision = self.gw.policy.evaluate(Request(self.user, self.identity.groups, self.conn,
                                                    resolved, analysis.error))
         if any(st.opaque for st in resolved):
@@ -202,6 +206,30 @@ class Decisions(SessionState):
             # (A held one counts once approved: holding.py notes it as it runs.)
             self.gw.catalogs.note(session, statements)
         return decision
+
+    def _after_user_code(self, session: ClientSession, statements: tuple[Statement, ...],
+                         resolved: tuple[Statement, ...]) -> tuple[Statement, ...]:
+        """Statements of one message that run after user code in it: that code may have
+        changed search_path or the role before they run (the gateway reads them back
+        only between messages, enforce.py _probe_search_path), so their functions and
+        operators resolve as if any schema were searched, and an unqualified table
+        cannot be resolved at all (unknown)."""
+        first = next((i for i, (st, r) in enumerate(zip(statements, resolved, strict=True))
+                      if r.opaque or r.cls != st.cls), None)
+        if first is None or first == len(statements) - 1:
+            return resolved
+        later = []
+        for st in statements[first + 1:]:
+            if st.unqualified:
+                names = ", ".join(st.unqualified)
+                st = dataclasses.replace(st, cls=StatementClass.UNKNOWN, reasons=(
+                    f"user code earlier in the same message may change search_path, so "
+                    f"{names} cannot be resolved (send it as a query of its own)",
+                    *st.reasons))
+            later.append(st)
+        again = self.gw.catalogs.resolve(session, (*statements[:first + 1], *later),
+                                         anywhere=True)
+        return (*resolved[:first + 1], *again[first + 1:])
 
     def _note_search_path(self, statements: tuple[Statement, ...]) -> None:
         """Widen the schemas unqualified names may resolve in; forget memoised verdicts."""
@@ -218,8 +246,36 @@ class Decisions(SessionState):
         search_path (or the role, and with it "$user"), which the server does not report,
         so from now on functions, operators and types are judged as if any schema were
         searched (catalog.py), and nothing memoised before stands."""
+        self.probe_due = True
         if not self.ran_user_code:
             self.ran_user_code = True
+            self.forget_verdicts()
+
+    def _probed(self, probe: Probe) -> None:
+        """The target's search_path and current role, read after user code ran
+        (enforce.py _probe_search_path): unqualified names may resolve in every schema
+        it names from now on (the set only grows: what the code set may be rolled back
+        or set again). A read that failed leaves the path unknown: unqualified tables
+        are then judged as unknown. What waited for it goes on (``barrier_done``)."""
+        self.probe_due = False
+        self.barrier_done = True
+        values = None if probe.failed else _data_row(b"".join(probe.rows))
+        if values is None or len(values) != 2 or values[0] is None:
+            log.warning("session %s: search_path could not be read after user code ran; "
+                        "unqualified names count as unknown from now on", self.session_id)
+            names = {"*"}
+        else:
+            path, role = values[0], values[1]
+            names = {n for n in search_path_schemas(path) if n.strip('"') != "$user"}
+            assert self.conn is not None
+            if "$user" in path and role and role != (target_of(self.conn).user or self.user):
+                # "$user" names the role in force, which code may have set. (For the role
+                # the gateway logs in as it is left out, as in the path assumed at the
+                # start: DEFAULT_SEARCH_PATH.)
+                names.add(role)
+        wider = self.schemas | names
+        if wider != self.schemas:
+            self.schemas = frozenset(wider)
             self.forget_verdicts()
 
     def forget_verdicts(self) -> None:
@@ -255,3 +311,33 @@ class Decisions(SessionState):
             st, tables=tuple(dict.fromkeys([*st.tables, *extra])),
             reasons=(*st.reasons, f"search_path may resolve {names} in schema(s) "
                                   f"{', '.join(schemas)}"))
+
+
+def _data_row(data: bytes) -> list[str | None] | None:
+    """The text values of the first DataRow in ``data`` (whole messages), or None."""
+    p = 0
+    while len(data) - p >= 5:
+        n = int.from_bytes(data[p + 1:p + 5], "big")
+        if n < 4:
+            return None
+        if data[p:p + 1] == b"D" and p + 1 + n <= len(data):
+            body = data[p + 5:p + 1 + n]
+            if len(body) < 2:
+                return None
+            count, q = int.from_bytes(body[:2], "big"), 2
+            out: list[str | None] = []
+            for _ in range(count):
+                if len(body) - q < 4:
+                    return None
+                size = int.from_bytes(body[q:q + 4], "big", signed=True)
+                q += 4
+                if size < 0:
+                    out.append(None)
+                    continue
+                if len(body) - q < size:
+                    return None
+                out.append(body[q:q + size].decode("utf-8", "replace"))
+                q += size
+            return out
+        p += 1 + n
+    return None

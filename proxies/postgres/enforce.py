@@ -15,7 +15,7 @@ from keyturn.analysis.postgres import (
 )
 from proxies.postgres import codec, guard
 from proxies.postgres.codec import Message
-from proxies.postgres.state import _AMBIGUOUS, Ctx, Expect, SessionState, _pkey
+from proxies.postgres.state import _AMBIGUOUS, Ctx, Expect, Probe, SessionState, _pkey
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,14 @@ _GUARD_BIND = {sql: codec.encode_bind(_GUARD_PORTAL, name) for sql, name in _GUA
 
 
 _GUARD_RUN = codec.encode_execute(_GUARD_PORTAL, 0) + codec.encode_close("P", _GUARD_PORTAL)
+
+
+#: The gateway's read of what user code may have changed unseen (the server reports
+#: neither): the search_path and the role "$user" stands for.
+PROBE_SQL = "SELECT pg_catalog.current_setting('search_path'), current_user"
+_PROBE_STMT = "keyturn_probe"
+_PROBE_RUN = (codec.encode_bind(_GUARD_PORTAL, _PROBE_STMT) + _GUARD_RUN
+              + codec.encode_flush())
 
 
 _READ_AS_ANALYSED = {
@@ -97,6 +105,37 @@ class ReadOnlyGuard(SessionState):
         self.expect.append(Expect(b"B", swallow=True))
         self.expect.append(Expect(b"E", swallow=True))
         self.expect.append(Expect(b"C", swallow=True))
+
+    def _probe_search_path(self) -> bool:
+        """After user code ran (``probe_due``) and the statement that held the client's
+        next messages completed: read search_path and the role back from the target
+        before anything else is judged (decisions.py _probed takes the answer). False
+        when it cannot be read now (a failed transaction, a batch skipping to its Sync):
+        the next statement then waits for its completion too, and it is tried again."""
+        up, ctx = self.upstream, self.barrier_from
+        if up is None or up.closed or self.tx_status == "E" or self.skip_until_sync \
+                or self.fail_at_sync:
+            return False
+        probe = Probe()
+        if ctx is not None and ctx.portal is not None:
+            # An Execute: the client's batch goes on after it (its Sync is held), so
+            # the read runs inside it, on messages of the gateway's own.
+            if ctx.error is not None:
+                return False
+            out = []
+            if _PROBE_STMT not in self.guard_stmts:
+                self.guard_stmts.add(_PROBE_STMT)
+                out.append(codec.encode_parse(_PROBE_STMT, PROBE_SQL))
+                self.expect.append(Expect(b"P", swallow=True, guard_stmt=_PROBE_STMT))
+            out.append(_PROBE_RUN)
+            self.expect.append(Expect(b"B", swallow=True))
+            self.expect.append(Expect(b"E", swallow=True, probe=probe))
+            self.expect.append(Expect(b"C", swallow=True))
+            self._send(b"".join(out))
+        else:
+            self.expect.append(Expect(b"Q", hide=True, probe=probe))
+            self._send(codec.encode_query(PROBE_SQL))
+        return True
 
     def _open_batch(self, msgs: list[Message], i: int, out: list[bytes]) -> None:
         """The first Parse/Bind/Execute after a Sync: outside a transaction, give this

@@ -62,13 +62,18 @@ class Holds(SessionState):
             await self._review_inner(msg, ctx, decision, analysis, kind)
         except Exception:
             log.exception("hold in session %s failed", self.session_id)
+            ctx.barrier = False
             self._refuse(codec.encode_error("ERROR", "XX000", "keyturn: the approval workflow "
                                             "failed; the statement was not run"), kind)
             self._audit(ctx, outcome="error")
         finally:
             self.held_ticket = None
-            self.holding = False
-        self._replay_backlog()
+            if not ctx.barrier or self.closed:
+                self.holding = False
+        if not self.holding:
+            # (An approved statement that runs user code holds the client's next
+            # messages until it completed, as an allowed one does: session._dispatch.)
+            self._replay_backlog()
 
     async def _review_inner(self, msg: Message, ctx: Ctx,
                             decision: Decision, analysis: Any, kind: bytes) -> None:
@@ -134,6 +139,7 @@ class Holds(SessionState):
                                   tuple(getattr(analysis, "statements", ())))
             if _runs_user_code(analysis, decision):
                 self._user_code_runs()
+            ctx.barrier = self.probe_due
             self._forward_approved(msg, ctx, kind)
             return
         self._refuse(codec.encode_error("ERROR", _OUTCOME_SQLSTATE.get(outcome.status, "42501"),
@@ -146,7 +152,10 @@ class Holds(SessionState):
     def _forward_approved(self, msg: Message, ctx: Ctx, kind: bytes) -> None:
         ctx.t0 = time.time()
         out: list[bytes] = []
-        self._forward(msg, ctx, kind, out)
+        if not self._forward(msg, ctx, kind, out) or ctx.action == "block":
+            ctx.barrier = False  # waits for a Describe, or refused: nothing more to hold
+        if ctx.barrier and kind == b"E":
+            out.append(codec.encode_flush())  # its answer now, not at the next Sync
         if self.upstream:
             self._send(b"".join(out))
 

@@ -121,9 +121,12 @@ class ResponseRelay(SessionState):
         masking = self.masking
         prev = 0
         for t, start, end in frames:
-            if masking and start > prev and expect:
+            if start > prev and expect:
                 # Rows (DataRow, COPY data) lie between the frames listed.
-                sp.out, sp.seg = self._rows(expect[0], chunk, prev, start, sp.out, sp.seg)
+                if expect[0].probe is not None:
+                    self._probe_rows(sp, expect[0], prev, start)
+                elif masking:
+                    sp.out, sp.seg = self._rows(expect[0], chunk, prev, start, sp.out, sp.seg)
             prev = end
             if t == b"S":
                 # default_transaction_read_only is the guard's: never forwarded, and off
@@ -140,6 +143,11 @@ class ResponseRelay(SessionState):
             head = expect[0]
             if head.hide:
                 step = self._on_hidden(sp, head, t, start, end)
+            elif head.swallow and t == b"N" and b"C25P01\0" in chunk[start + 5:end]:
+                # A warning about one of the gateway's own statements (SET LOCAL outside a
+                # transaction block): the client sent no such statement.
+                sp.replace(start, end, b"")
+                continue
             else:
                 step = None
                 if masking and t in _MASKED_TYPES and head.replace is None:
@@ -162,15 +170,27 @@ class ResponseRelay(SessionState):
                     sp.add(inj.inject or b"")
                     if inj.rfq:
                         sp.add(codec.encode_ready_for_query(self.tx_status))
-        if masking and prev < len(chunk) and expect:
-            sp.out, sp.seg = self._rows(expect[0], chunk, prev, len(chunk), sp.out, sp.seg)
+        if prev < len(chunk) and expect:
+            if expect[0].probe is not None:
+                self._probe_rows(sp, expect[0], prev, len(chunk))
+            elif masking:
+                sp.out, sp.seg = self._rows(expect[0], chunk, prev, len(chunk), sp.out, sp.seg)
         self.write(sp.result())
         if sp.waiting is not None:
             self._release_execute(sp.waiting)
         if self.barrier_done:
             self.barrier_done = False
+            if self.probe_due and not self.closed and self._probe_search_path():
+                return  # the client's next messages wait for its answer too
             self.holding = False
             self._replay_backlog()
+
+    @staticmethod
+    def _probe_rows(sp: Splice, head: Expect, start: int, end: int) -> None:
+        """Rows answering the gateway's own read of search_path: kept, not forwarded."""
+        assert head.probe is not None
+        head.probe.rows.append(sp.chunk[start:end])
+        sp.replace(start, end, b"")
 
     # -- the transitions: (splice, head of the queue, type, start, end) -> a step -------
 
@@ -179,13 +199,17 @@ class ResponseRelay(SessionState):
         its ReadyForQuery completes it."""
         sp.replace(start, end, b"")
         if t == b"E":
-            log.warning("session %s: the read-only guard's query failed: %s",
+            log.warning("session %s: the gateway's own query failed: %s",
                         self.session_id, codec.decode_error_fields(
                             sp.chunk[start + 5:end]).get("M", ""))
+            if head.probe is not None:
+                head.probe.failed = True
         if t != b"Z":
             return _NEXT
         self.tx_status = chr(sp.chunk[start + 5]) if end > start + 5 else "I"
         self.expect.popleft()
+        if head.probe is not None:
+            self._probed(head.probe)
         if not self.expect:
             self._guard_sync()
             if self.closed:
@@ -231,6 +255,9 @@ class ResponseRelay(SessionState):
                 self._namespace_answer(entry, False)
             elif entry.guard_stmt:
                 self.guard_stmts.discard(entry.guard_stmt)
+            elif entry.probe is not None:
+                entry.probe.failed = True  # skipped after an error
+                self._probed(entry.probe)
             if entry.ctx is not None:
                 if entry.kind not in (b"S", b"Q") and entry.ctx.error is None:
                     entry.ctx.error = {"C": "", "M": "skipped after an earlier error"}
@@ -259,6 +286,8 @@ class ResponseRelay(SessionState):
             sp.replace(start, end, b"")
             if head.kind == b"E":
                 self.expect.popleft()
+                if head.probe is not None:
+                    self._probed(head.probe)
             return _NEXT
         ctx = head.ctx
         if ctx is not None:
@@ -307,10 +336,15 @@ class ResponseRelay(SessionState):
                 self._namespace_answer(dropped, False)
             elif dropped.guard_stmt:
                 self.guard_stmts.discard(dropped.guard_stmt)
+            elif dropped.probe is not None:
+                dropped.probe.failed = True
+                self._probed(dropped.probe)
             if fields is not None and dropped.ctx is not None:
                 if dropped.ctx.error is None:
                     dropped.ctx.error = fields
                 self._finished(dropped.ctx)
+        if not expect:
+            self.target_skipping = True  # up to a Sync the client has not sent yet
 
     def _on_parameters(self, sp: Splice, head: Expect, t: bytes, start: int, end: int
                        ) -> int:

@@ -297,6 +297,10 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         # rolled back, so the gateway cannot know it was undone).
         self.schemas: frozenset[str] = frozenset(DEFAULT_SEARCH_PATH)
         self.ran_user_code = False  # see _client_message: names may resolve anywhere now
+        # User code ran since search_path and the role were last read from the target
+        # (decisions.py _probe_search_path): until they are, every statement waits for
+        # the one before it to complete.
+        self.probe_due = False
         # Masking: set when the connection's policy masks anything (rows are then read).
         self.masking = False
         self.catalog: Any = None  # keyturn.masking.engine.MaskCatalog
@@ -320,6 +324,10 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         self.batch_rw = False
         self.batch_explicit = False  # the batch runs in the gateway's own transaction
         self.barrier_done = False  # a statement that held the client's next ones completed
+        # The target skips what it is sent up to the client's next Sync (an error in the
+        # batch whose Sync is not sent yet).
+        self.target_skipping = False
+        self.barrier_from: Ctx | None = None  # ... that statement
         # In the current implicit transaction (extended protocol): a message has started
         # it / a Bind or Execute has run in it.
         self.imp_started = False
@@ -371,6 +379,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                         self.gw.audit_spool.accepting and self._guard_synced() and \
                         not (self.changed_catalog and self.tx_status == "I") and \
                         not self.skip_until_sync and not self.fail_at_sync and \
+                        not self.probe_due and \
                         self.reader.idle and not self.closed and up is not None and \
                         not up.closed and up.reader.idle and fast.client(data):
                     return
@@ -786,7 +795,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             out.append(msg.raw)
             return True
         if t == b"S":
-            self.skip_until_sync = False
+            self.skip_until_sync = self.target_skipping = False
             self.syncs += 1
             explicit = self.batch_explicit
             self.batch_open = self.batch_rw = self.imp_started = self.imp_bound = False
@@ -857,7 +866,8 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             # Hottest path: a statement this session was allowed to run before, with
             # other numbers in it (pgbench, ORMs that inline ids).
             hit = self.fast_verdicts.get(fast)
-            if hit is not None and self.gw.audit_spool.accepting and self._guard_quiet():
+            if hit is not None and self.gw.audit_spool.accepting and self._guard_quiet() \
+                    and not self.probe_due:
                 known = hit[0]
                 ctx = Ctx(sql, known.classification, "allow", known.rule, known.reason,
                           time.time())
@@ -866,7 +876,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                 out.append(msg.raw)
                 return True
             guarded = self.guarded_verdicts.get(fast)
-            if guarded is not None and self.gw.audit_spool.accepting:
+            if guarded is not None and self.gw.audit_spool.accepting and not self.probe_due:
                 # The same for an allowed write or transaction statement: no analysis or
                 # policy, but the read-only guard plans it (it depends on the state).
                 known, st = guarded
@@ -1027,7 +1037,10 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                 decision = checked
         if decision.action == "allow" or decision.action == "mask":
             user_code = _runs_user_code(analysis, decision)
-            if not ctx.defines and not user_code:
+            if (not ctx.defines and not user_code and not self.probe_due) or \
+                    self.target_skipping:
+                # (A target skipping to the Sync after an error runs nothing of it: no
+                # answer comes to wait for.)
                 return self._forward(msg, ctx, kind, out)
             # User-defined code may turn standard_conforming_strings off or change the
             # encoding, and the target would read messages already sent behind it with
@@ -1035,6 +1048,8 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             # follows waits until it completed (and a changed setting ended the session).
             # The same on a masked connection for a DECLARE or PREPARE: a FETCH or EXECUTE
             # right behind it must be masked as what the name holds once it completed.
+            # And while search_path is to be read back after user code (probe_due): what
+            # follows is judged once it was.
             ctx.barrier = True
             if user_code:
                 self._user_code_runs()
@@ -1281,6 +1296,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
     def _finished(self, ctx: Ctx) -> None:
         if ctx.barrier:
             self.barrier_done = True  # released once this answer reached the client
+            self.barrier_from = ctx
         outcome = "error" if ctx.error else "ok"
         if ctx.defines:
             self._defined(ctx, not ctx.error)

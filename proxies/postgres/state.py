@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from keyturn import auditschema
@@ -96,6 +96,15 @@ class Ctx:
 
 
 @dataclass(slots=True)
+class Probe:
+    """The answer to the gateway's read of search_path and current_user: the DataRow
+    bytes seen (hidden from the client) and whether it failed."""
+
+    rows: list[bytes] = field(default_factory=list)
+    failed: bool = False
+
+
+@dataclass(slots=True)
 class Expect:
     """One response the target owes us, or (kind "!") bytes of our own to send."""
 
@@ -124,6 +133,9 @@ class Expect:
     # The guard ran the client's implicit transaction as an explicit one and a hidden
     # ROLLBACK follows: the client is told 'I' as the implicit transaction would say.
     as_idle: bool = False
+    # The gateway's own read of search_path and the role after user code ran
+    # (decisions.py _probe_search_path): its rows, hidden from the client.
+    probe: Probe | None = None
 
 
 @dataclass(slots=True)
@@ -281,6 +293,9 @@ class SessionState:
     batch_rw: bool
     batch_explicit: bool
     barrier_done: bool
+    target_skipping: bool
+    barrier_from: Ctx | None
+    probe_due: bool
     imp_started: bool
     imp_bound: bool
     imp_ended: bool
@@ -322,6 +337,8 @@ class SessionState:
         def _plain_builtins(self, statements: Any) -> bool: ...
         def forget_verdicts(self) -> None: ...
         def _user_code_runs(self) -> None: ...
+        def _probe_search_path(self) -> bool: ...
+        def _probed(self, probe: Probe) -> None: ...
         def _defined(self, ctx: Ctx, ok: bool) -> None: ...
         def _refuse(self, error: bytes, kind: bytes, out: list[bytes] | None = None) -> None: ...
         def _replay_backlog(self) -> None: ...
