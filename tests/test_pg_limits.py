@@ -28,6 +28,7 @@ import scramp
 
 from keyturn.launch.localpg import LocalPostgres
 from tests.conftest import Keyturn, make_keyturn
+from tests.pg_raw import B, E, P, S
 
 pytestmark = pytest.mark.integration
 
@@ -553,6 +554,47 @@ def pipelines_beside_a_victim(pg: LocalPostgres, tmp_path: Path,
                                          for j in range(len(texts))])
         assert len(waits) > 5 and max(waits) < 1.0, (max(waits), len(waits))
         assert got == {j: [b"C", b"Z"] * len(t) for j, t in enumerate(texts)}, got
+    finally:
+        kt.stop()
+
+
+@pytest.mark.parametrize("kind", ["same", "distinct", "simple"])
+def test_thousands_of_pipelined_small_batches_do_not_stall_other_sessions(
+        pg: LocalPostgres, tmp_path: Path, kind: str) -> None:
+    """24,000 tiny batches in one write (Parse/Bind/Execute/Sync of the same or of
+    distinct statements, or simple Queries) once held the event loop for seconds: a
+    session handles a bounded number of messages per turn and reads no more from its
+    client while it has many waiting. Every batch is still answered, in order."""
+    n = 24000
+    if kind == "same":
+        data = (P("", "SELECT 1") + B("", "") + E("") + S()) * n
+    elif kind == "distinct":
+        data = b"".join(P("", f"SELECT {i}") + B("", "") + E("") + S() for i in range(n))
+    else:
+        data = b"".join(query_message(f"SELECT {i}") for i in range(n))
+    kt = make_keyturn(tmp_path / "kt", pg)
+    kt.start()
+    tags: list[bytes] = []
+
+    def pipeline() -> None:
+        sock = logged_in(kt.gateway_port, "alice", kt.tokens["alice"])
+        sock.settimeout(120)
+        sender = threading.Thread(target=sock.sendall, args=(data,))
+        sender.start()
+        ready = 0
+        while ready < n:
+            kind_, body = read_message(sock)
+            if kind_ == b"Z":
+                ready += 1
+            elif kind_ in (b"C", b"E"):
+                tags.append(body[:-1] if kind_ == b"C" else b"error")
+        sender.join()
+        sock.close()
+
+    try:
+        waits = victim_waits(kt, "bob", [threading.Thread(target=pipeline)])
+        assert len(waits) > 5 and max(waits) < 1.0, (max(waits), len(waits))
+        assert tags == [b"SELECT 1"] * n, [t for t in tags if t != b"SELECT 1"][:3]
     finally:
         kt.stop()
 

@@ -88,6 +88,13 @@ log = logging.getLogger(__name__)
 # row count, and the intent number. Built from the schema, so C spells no field name.
 
 MAX_BACKLOG = 64 * 1024 * 1024
+#: Client messages one session handles in one turn of the event loop (tens of ms on the
+#: Python path): the rest wait for the next turn, so a client pipelining thousands of
+#: batches in one write cannot hold the loop from every other session.
+MAX_TURN_MESSAGES = 1024
+#: Bytes of waiting client messages at which the session stops reading its client (and
+#: below which it reads again): what a pipelining client sends beyond stays in its socket.
+BACKLOG_PAUSE, BACKLOG_RESUME = 1024 * 1024, 256 * 1024
 #: The audit record's key for the parameters of a statement (detail.params), as the
 #: compiled fast path writes it after a decision's fragment.
 _DETAIL_PARAMS = b"," + auditschema.key("detail") + b'{"params":'
@@ -245,6 +252,11 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         self.backlog: deque[Message] = deque()
         self.backlog_bytes = 0
         self.holding = False
+        # The session stopped after MAX_TURN_MESSAGES; the backlog goes on next turn.
+        self.turn_yield = False
+        # Why the client's socket is not read (the target reads slower than the client
+        # sends: "target"; too much waits in the backlog: "backlog").
+        self.read_paused: set[str] = set()
         self.held_ticket: int | None = None
         # Analysis off the event loop (keyturn.analysis.elsewhere): characters of text
         # analysed here in this turn, Parse texts analysed elsewhere for the messages
@@ -375,6 +387,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                 # while it is quiet, statements it plans change it as Python would.)
                 up = self.upstream
                 if fast is not None and not self.expect and not self.holding and \
+                        not self.turn_yield and \
                         not self.batch_open and \
                         self.gw.audit_spool.accepting and self._guard_synced() and \
                         not (self.changed_catalog and self.tx_status == "I") and \
@@ -559,9 +572,44 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         self._take_fast()
         if not msgs:
             return
-        if self.holding:
+        if self.holding or self.turn_yield:
             self._to_backlog(msgs)
             return
+        if len(msgs) > MAX_TURN_MESSAGES:
+            # The rest next turn (after what a hold started now puts in the backlog).
+            rest = msgs[MAX_TURN_MESSAGES:]
+            self._client_turn(msgs[:MAX_TURN_MESSAGES])
+            self._to_backlog(rest)
+            self._yield_turn()
+            return
+        self._client_turn(msgs)
+
+    def _yield_turn(self) -> None:
+        """Go on with the backlog in the next turn of the event loop, unless a hold
+        started (its end replays the backlog)."""
+        if not self.holding and not self.closed and self.backlog and not self.turn_yield:
+            self.turn_yield = True
+            (self.gw.loop or asyncio.get_running_loop()).call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        self.turn_yield = False
+        if not self.holding:
+            self._replay_backlog()
+
+    def pause_client(self, reason: str) -> None:
+        """Stop reading the client's socket for ``reason`` (until resume_client)."""
+        if not self.read_paused and self.transport is not None:
+            self.transport.pause_reading()
+        self.read_paused.add(reason)
+
+    def resume_client(self, reason: str) -> None:
+        if reason not in self.read_paused:
+            return
+        self.read_paused.discard(reason)
+        if not self.read_paused and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def _client_turn(self, msgs: list[Message]) -> None:
         self.turn_analysed = 0
         if self._parses_elsewhere(msgs):
             return
@@ -710,8 +758,10 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         for m in msgs:
             self.backlog.append(m)
             self.backlog_bytes += len(m.raw)
-        if self.backlog_bytes > MAX_BACKLOG:
-            self.fatal("54000", "keyturn: too much data sent while a statement is held")
+        if self.backlog_bytes > BACKLOG_PAUSE:
+            self.pause_client("backlog")
+            if self.backlog_bytes > MAX_BACKLOG:
+                self.fatal("54000", "keyturn: too much data sent while a statement is held")
 
     def _client_message(self, msg: Message, out: list[bytes]) -> bool:
         """Handle one message; False when it started a hold."""
@@ -1284,12 +1334,28 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         return True
 
     def _replay_backlog(self) -> None:
-        """A wait ended: handle the client messages that arrived meanwhile, in order."""
-        if not self.closed and self.backlog:
-            pending = list(self.backlog)
-            self.backlog.clear()
+        """A wait ended: handle the client messages that arrived meanwhile, in order
+        (MAX_TURN_MESSAGES of them in this turn, the rest in the next ones)."""
+        if self.closed or not self.backlog or self.turn_yield:
+            return
+        backlog = self.backlog
+        if len(backlog) <= MAX_TURN_MESSAGES:
+            pending = list(backlog)
+            backlog.clear()
             self.backlog_bytes = 0
+            self.resume_client("backlog")
             self._client_messages(pending)
+            return
+        pending = [backlog.popleft() for _ in range(MAX_TURN_MESSAGES)]
+        rest_bytes = self.backlog_bytes - sum(len(m.raw) for m in pending)
+        # What a hold starting now puts back goes before the rest.
+        self.backlog, self.backlog_bytes = deque(), 0
+        self._client_messages(pending)
+        self.backlog.extend(backlog)
+        self.backlog_bytes += rest_bytes
+        if self.backlog_bytes < BACKLOG_RESUME:
+            self.resume_client("backlog")
+        self._yield_turn()
 
     # ------------------------------------------------------------ target -> client
 

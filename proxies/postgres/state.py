@@ -251,6 +251,7 @@ class SessionState:
     expect: deque[Expect]
     backlog: deque[Message]
     backlog_bytes: int
+    turn_yield: bool
     holding: bool
     held_ticket: int | None
     turn_analysed: int

@@ -222,12 +222,10 @@ class Upstream(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The target reads slower than the client sends (COPY FROM STDIN): stop reading the client.
-        if self.session.transport is not None:
-            self.session.transport.pause_reading()
+        self.session.pause_client("target")
 
     def resume_writing(self) -> None:
-        if self.session.transport is not None and not self.session.closed:
-            self.session.transport.resume_reading()
+        self.session.resume_client("target")
 
     # ---- used by the session
 
