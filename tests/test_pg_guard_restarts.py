@@ -19,6 +19,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 
+import orjson
 import psycopg
 import pytest
 
@@ -184,6 +185,21 @@ def test_a_batch_pipelined_behind_one_that_turned_the_default_off_is_read_only(
                + b"".join(P("", s) + B("", "") + E("") + S() for s in later))
         answers = r.until_closed()
     assert victims(pg) == 10, errors(answers)
+
+
+def test_nothing_is_in_flight_when_the_guard_is_found_lost(kt: Keyturn) -> None:
+    """The Sync of a batch that ran user code holds the client's next messages until its
+    ReadyForQuery, which reports the default the code turned off: the session ends with
+    nothing else sent, so no statement is left with an unknown outcome."""
+    marker = "SELECT 'pipelined behind the change' AS m"
+    with RawConn(kt.dsn("alice", dbname="fnread")) as r:
+        r.send(P("", OFF) + B("", "") + E("") + S() + P("", marker) + B("", "") + E("") + S())
+        answers = r.until_closed()
+    assert any("lost its read-only guard" in e.get("M", "") for e in errors(answers))
+    out = kt.cli("audit", "export", "--format", "jsonl").stdout
+    records = [r for r in map(orjson.loads, out.splitlines()) if r.get("kind") == "statement"]
+    assert any(r["statement"] == OFF and r["outcome"] == "ok" for r in records)
+    assert not [r for r in records if r["statement"] == marker], "sent after the change"
 
 
 def test_an_unreadable_message_that_commits_midway_is_refused(kt: Keyturn, pg: LocalPostgres,

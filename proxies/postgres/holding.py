@@ -140,6 +140,8 @@ class Holds(SessionState):
             if _runs_user_code(analysis, decision):
                 self._user_code_runs()
             ctx.barrier = self.probe_due
+            if ctx.barrier and kind == b"E":
+                self.code_in_batch = True
             self._forward_approved(msg, ctx, kind)
             return
         self._refuse(codec.encode_error("ERROR", _OUTCOME_SQLSTATE.get(outcome.status, "42501"),

@@ -258,6 +258,8 @@ class ResponseRelay(SessionState):
             elif entry.probe is not None:
                 entry.probe.failed = True  # skipped after an error
                 self._probed(entry.probe)
+            if entry.release:
+                self.barrier_done = True
             if entry.ctx is not None:
                 if entry.kind not in (b"S", b"Q") and entry.ctx.error is None:
                     entry.ctx.error = {"C": "", "M": "skipped after an earlier error"}

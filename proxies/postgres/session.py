@@ -340,6 +340,10 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         # batch whose Sync is not sent yet).
         self.target_skipping = False
         self.barrier_from: Ctx | None = None  # ... that statement
+        # User code ran in the current batch (extended protocol): its Sync holds what
+        # follows until the target's ReadyForQuery, which reports what the code changed
+        # (default_transaction_read_only): nothing more is in flight when it does.
+        self.code_in_batch = False
         # In the current implicit transaction (extended protocol): a message has started
         # it / a Bind or Execute has run in it.
         self.imp_started = False
@@ -862,14 +866,21 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                 # (The constant cast fails already at Parse; any of the three may fail.)
                 self.expect.append(Expect(b"B", swallow=True, replace=b""))
                 self.expect.append(Expect(b"E", replace=b""))
+            release, self.code_in_batch = self.code_in_batch, False
             if not explicit:
-                self.expect.append(_EXPECT_S)
+                self.expect.append(Expect(b"S", release=True) if release else _EXPECT_S)
                 out.append(msg.raw)
-                return True
-            self.expect.append(self._end_batch(out))
-            out.append(msg.raw)
-            self.expect.append(Expect(b"Q", hide=True))
-            out.append(_ROLLBACK_QUERY)
+            else:
+                end = self._end_batch(out)
+                end.release = release
+                self.expect.append(end)
+                out.append(msg.raw)
+                self.expect.append(Expect(b"Q", hide=True))
+                out.append(_ROLLBACK_QUERY)
+            if release:
+                self.holding = True
+                self.barrier_from = None
+                return False
             return True
         if t == b"D":
             dsc = codec.decode_describe(msg.body)
@@ -1103,6 +1114,8 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             ctx.barrier = True
             if user_code:
                 self._user_code_runs()
+                if kind == b"E":
+                    self.code_in_batch = True
             if not self._forward(msg, ctx, kind, out):
                 return False
             if ctx.action == "block":

@@ -136,6 +136,9 @@ class Expect:
     # The gateway's own read of search_path and the role after user code ran
     # (decisions.py _probe_search_path): its rows, hidden from the client.
     probe: Probe | None = None
+    # A Sync after user code ran in its batch: the client's next messages wait for its
+    # ReadyForQuery (and the settings the target reports with it).
+    release: bool = False
 
 
 @dataclass(slots=True)
@@ -294,6 +297,7 @@ class SessionState:
     batch_rw: bool
     batch_explicit: bool
     barrier_done: bool
+    code_in_batch: bool
     target_skipping: bool
     barrier_from: Ctx | None
     probe_due: bool
