@@ -323,6 +323,26 @@ def make_keyturn(base: Path, pg: LocalPostgres, *, store_url_env: dict[str, str]
     return kt
 
 
+def keyturn_on_database(pg: LocalPostgres, base: Path, db: str, *, schema: str,
+                        policies: str, connections: dict[str, str]) -> Keyturn:
+    """A database of its own (owned by app, ``schema`` run in it as app) and a keyturn,
+    not started, whose config also holds ``connections`` to it: name -> the lines after
+    ``type``/``target`` (a policy, options), as YAML."""
+    pg.create_database(db, owner="app")
+    with psycopg.connect(pg.dsn(db, user="app", password=APP_PASSWORD),
+                         autocommit=True) as c:
+        c.execute(schema.encode())
+    kt = make_keyturn(base, pg, extra=policies)
+    target = (f"target: {{host: 127.0.0.1, port: {pg.port}, dbname: {db}, user: app, "
+              f"password_file: {kt.base / 'app.password'}}}")
+    items = "".join(f"  - name: {name}\n    type: postgres\n    {target}\n"
+                    + textwrap.indent(textwrap.dedent(rest).strip(), "    ") + "\n"
+                    for name, rest in connections.items())
+    kt.config.write_text(kt.config.read_text().replace("connections:\n",
+                                                       "connections:\n" + items, 1))
+    return kt
+
+
 @pytest.fixture(scope="module")
 def keyturn(pg: LocalPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyturn]:
     kt = make_keyturn(tmp_path_factory.mktemp("kt"), pg)

@@ -15,7 +15,6 @@ unreadable message may change its transaction.
 
 from __future__ import annotations
 
-import textwrap
 import time
 from collections.abc import Iterator
 
@@ -30,7 +29,7 @@ from keyturn.analysis.postgres import (
     may_change_transaction,
 )
 from keyturn.launch.localpg import LocalPostgres
-from tests.conftest import APP_PASSWORD, Keyturn, make_keyturn
+from tests.conftest import APP_PASSWORD, Keyturn, keyturn_on_database
 from tests.pg_raw import B, E, P, Q, RawConn, S, errors
 
 POLICIES = """
@@ -92,29 +91,12 @@ def direct(pg: LocalPostgres) -> psycopg.Connection:
 
 @pytest.fixture(scope="module")
 def kt(pg: LocalPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyturn]:
-    pg.create_database(DB, owner="app")
-    with direct(pg) as c:
-        c.execute(SCHEMA)
-    k = make_keyturn(tmp_path_factory.mktemp("restarts"), pg, extra=POLICIES)
-    target = (f"target: {{host: 127.0.0.1, port: {pg.port}, dbname: {DB}, user: app, "
-              f"password_file: {k.base / 'app.password'}}}")
-    k.config.write_text(k.config.read_text().replace("connections:\n", textwrap.dedent(f"""\
-        connections:
-          - name: ro
-            type: postgres
-            {target}
-            policy: reads_only
-          - name: fnread
-            type: postgres
-            {target}
-            policy: reads_only
-            unknown_functions: read
-          - name: fnunknown
-            type: postgres
-            {target}
-            policy: reads_and_unknown
-            unknown_functions: read
-        """), 1))
+    k = keyturn_on_database(pg, tmp_path_factory.mktemp("restarts"), DB, schema=SCHEMA,
+                            policies=POLICIES, connections={
+                                "ro": "policy: reads_only",
+                                "fnread": "policy: reads_only\nunknown_functions: read",
+                                "fnunknown": "policy: reads_and_unknown\n"
+                                             "unknown_functions: read"})
     k.start()
     yield k
     k.stop()

@@ -11,14 +11,13 @@ simple protocol, psycopg's extended one and hand-made pipelines.
 
 from __future__ import annotations
 
-import textwrap
 from collections.abc import Iterator
 
 import psycopg
 import pytest
 
 from keyturn.launch.localpg import LocalPostgres
-from tests.conftest import APP_PASSWORD, Keyturn, make_keyturn
+from tests.conftest import Keyturn, keyturn_on_database
 from tests.pg_raw import B, E, P, Q, RawConn, S, errors
 
 POLICIES = """
@@ -42,40 +41,24 @@ CREATE SCHEMA IF NOT EXISTS rb_vault;
 CREATE TABLE IF NOT EXISTS rb_vault.secrets (s text);
 INSERT INTO rb_vault.secrets VALUES ('top secret');
 -- "$user" (first in the default search_path) names the role in force.
-CREATE SCHEMA IF NOT EXISTS rb_keeper;
+CREATE SCHEMA IF NOT EXISTS rb_keeper AUTHORIZATION rb_keeper;
 CREATE TABLE IF NOT EXISTS rb_keeper.secrets (s text);
 INSERT INTO rb_keeper.secrets VALUES ('keeper secret');
+ALTER TABLE rb_keeper.secrets OWNER TO rb_keeper;
+GRANT EXECUTE ON FUNCTION rb_run(text) TO rb_keeper;
 """
 
 MOVE = "SELECT rb_run('SET search_path = rb_vault, public')"
 DB = "readback"
 
 
-def direct(pg: LocalPostgres) -> psycopg.Connection:
-    return psycopg.connect(pg.dsn(DB, user="app", password=APP_PASSWORD), autocommit=True)
-
-
 @pytest.fixture(scope="module")
 def kt(pg: LocalPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyturn]:
-    pg.create_database(DB, owner="app")
     pg.execute("DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'rb_keeper') "
                "THEN CREATE ROLE rb_keeper NOLOGIN; END IF; END$$; GRANT rb_keeper TO app")
-    with direct(pg) as c:
-        c.execute(SCHEMA)
-        c.execute("ALTER SCHEMA rb_keeper OWNER TO rb_keeper; "
-                  "ALTER TABLE rb_keeper.secrets OWNER TO rb_keeper; "
-                  "GRANT EXECUTE ON FUNCTION rb_run(text) TO rb_keeper")
-    k = make_keyturn(tmp_path_factory.mktemp("readback"), pg, extra=POLICIES)
-    target = (f"target: {{host: 127.0.0.1, port: {pg.port}, dbname: {DB}, user: app, "
-              f"password_file: {k.base / 'app.password'}}}")
-    k.config.write_text(k.config.read_text().replace("connections:\n", textwrap.dedent(f"""\
-        connections:
-          - name: fnread
-            type: postgres
-            {target}
-            policy: no_vault
-            unknown_functions: read
-        """), 1))
+    k = keyturn_on_database(pg, tmp_path_factory.mktemp("readback"), DB, schema=SCHEMA,
+                            policies=POLICIES, connections={
+                                "fnread": "policy: no_vault\nunknown_functions: read"})
     k.start()
     yield k
     k.stop()
