@@ -396,7 +396,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                         self.gw.audit_spool.accepting and self._guard_synced() and \
                         not (self.changed_catalog and self.tx_status == "I") and \
                         not self.skip_until_sync and not self.fail_at_sync and \
-                        not self.probe_due and \
+                        not self.probe_due and not self.target_skipping and \
                         self.reader.idle and not self.closed and up is not None and \
                         not up.closed and up.reader.idle and fast.client(data):
                     return
