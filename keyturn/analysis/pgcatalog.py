@@ -95,6 +95,9 @@ class Relation:
     on_read: tuple[tuple[str, str], ...] = ()
     # SQL run on every access (row security policies), as (what, SELECT text).
     on_read_sql: tuple[tuple[str, str], ...] = ()
+    # SQL run on writes (defaults, checks, policies' WITH CHECK, index and partition key
+    # expressions), as (what, SELECT text).
+    on_write_sql: tuple[tuple[str, str], ...] = ()
     # A materialized view: ``view`` is the query its rows came from (naming the tables
     # they hold data of); it does not run when the materialized view is read.
     materialized: bool = False
@@ -183,8 +186,9 @@ class TargetCatalog:
         rules: (schema, table, event 1-4 or name, CREATE RULE text)
         relation_code: (schema, table, what, function schema, function name, on reads)
         typed_columns: (schema, table, column, type schema, type)
-        expressions: (r or t, schema, relation or type, what, SQL expression): row
-            security policies of relations, checks of domains
+        expressions: (r, w or t, schema, relation or type, what, SQL expression): row
+            security policies of relations (r), what runs on their writes (w), checks
+            of domains (t)
         type_oids: (oid, schema, name) of every user type
         hooks: (what, function schema, function name): user code any statement may run
         children: (schema, relation, child schema, child): inheritance and partitions
@@ -228,7 +232,8 @@ class TargetCatalog:
         def rel(s: str, n: str) -> dict[str, Any]:
             return rels.setdefault((s, n), {"view": None, "rules": [], "on_write": [],
                                             "on_read": [], "on_read_sql": [],
-                                            "materialized": False, "children": []})
+                                            "on_write_sql": [], "materialized": False,
+                                            "children": []})
 
         for s, n, definition, *kind in keep(views):
             rel(s, n)["view"] = definition
@@ -241,8 +246,9 @@ class TargetCatalog:
             rel(s, n)["on_read" if on_read == "True" else "on_write"].append(
                 (what, f"{fs}.{fn}"))
         for kind, s, n, what, expr in exprs:
-            if kind == "r":
-                rel(s, n)["on_read_sql"].append((what, f"SELECT {expr}"))
+            if kind == "r" or kind == "w":
+                rel(s, n)["on_read_sql" if kind == "r" else "on_write_sql"].append(
+                    (what, f"SELECT {expr}"))
         # A relation's row type is named like it and runs its casts when the row is used
         # as a value (SELECT upper(t) FROM t, t::text): judged on every read. (A type with
         # code that is no relation's row type gets an entry no relation ever matches: a
@@ -263,8 +269,8 @@ class TargetCatalog:
             relations.setdefault(n, []).append(Relation(
                 s, n, parts["view"], tuple(parts["rules"]), tuple(dict.fromkeys(
                     parts["on_write"])), tuple(dict.fromkeys(parts["on_read"])),
-                tuple(parts["on_read_sql"]), parts["materialized"],
-                tuple(dict.fromkeys(parts["children"]))))
+                tuple(parts["on_read_sql"]), tuple(parts["on_write_sql"]),
+                parts["materialized"], tuple(dict.fromkeys(parts["children"]))))
         path = tuple(search_path_schemas(search_path)) if search_path is not None \
             else ("$user", "public")
         oids = {int(oid): (str(sch), str(name)) for oid, sch, name in keep(type_oids)}

@@ -111,6 +111,11 @@ class _Judgement:
             # Stored code that changes search_path changes what the session's next
             # statements call, behind the gateway's back.
             self.findings.append((C.UNKNOWN, f"{how}: it changes search_path"))
+        if inner.cls is C.SESSION:
+            # Stored code that changes a setting does it where the gateway does not see
+            # it (standard_conforming_strings, the read-only default...): what follows
+            # waits for it, as for code the gateway cannot see into.
+            self.opaque.update(dict.fromkeys(inner.functions or (how,)))
         if inner.cls.risk > C.READ.risk:
             # The first reason is one for its class (see Statement.reasons).
             self.findings.append((inner.cls, f"{how} ({inner.cls.value}): "
@@ -310,6 +315,9 @@ class _Judgement:
             self.definitions(tuple(d for _, d in rel.rules),
                              f"a rule on {rel.qualified} also runs", pg)
             self.function_names(list(rel.on_write), f"writing {rel.qualified}:")
+            for what, sql in rel.on_write_sql:
+                self.expression(("write", rel.qualified, what), sql,
+                                f"writing {rel.qualified}: its {what} runs")
 
     def expression(self, key: tuple[str, ...], sql: str, how: str) -> None:
         """An expression the target stores and runs (a policy, a domain check), judged

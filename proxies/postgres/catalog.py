@@ -391,9 +391,11 @@ WHERE {_user("n", "c")}
   AND ({_user("fn", "p")} OR code.what LIKE 'trigger %'
        OR code.what LIKE 'foreign-data wrapper %')"""
 
-# Expressions that run on every read of a relation (row-level security policies) or for a
-# value cast to a domain (its checks), as SQL text: they may call built-in functions with
-# effects (pg_advisory_lock, set_config...), which pg_depend does not list (built-ins are
+# Expressions that run on every read of a relation (row-level security policies), on
+# writes (column defaults and generated columns, check constraints, policies' WITH CHECK,
+# index expressions and predicates, partition key expressions) or for a value cast to a
+# domain (its checks), as SQL text: they may call built-in functions with effects
+# (pg_advisory_lock, set_config...), which pg_depend does not list (built-ins are
 # pinned), so they are judged like a view's definition.
 _EXPRESSIONS = f"""
 SELECT 'r', n.nspname, c.relname, 'row security policy ' || p.polname,
@@ -401,6 +403,35 @@ SELECT 'r', n.nspname, c.relname, 'row security policy ' || p.polname,
 FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE p.polqual IS NOT NULL AND {_user("n", "c")}
+UNION ALL
+SELECT 'w', n.nspname, c.relname, 'row security policy ' || p.polname || ' (WITH CHECK)',
+       pg_get_expr(p.polwithcheck, p.polrelid)
+FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE p.polwithcheck IS NOT NULL AND {_user("n", "c")}
+UNION ALL
+SELECT 'w', n.nspname, c.relname, 'default of column ' || a.attname,
+       pg_get_expr(d.adbin, d.adrelid)
+FROM pg_attrdef d JOIN pg_class c ON c.oid = d.adrelid
+JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE {_user("n", "c")}
+UNION ALL
+SELECT 'w', n.nspname, c.relname, 'check ' || k.conname, pg_get_expr(k.conbin, k.conrelid)
+FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE k.conrelid <> 0 AND k.conbin IS NOT NULL AND {_user("n", "c")}
+UNION ALL
+SELECT 'w', n.nspname, c.relname, 'index ' || ic.relname, e
+FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
+JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace,
+  unnest(ARRAY[pg_get_expr(i.indexprs, i.indrelid), pg_get_expr(i.indpred, i.indrelid)]) AS e
+WHERE e IS NOT NULL AND {_user("n", "c")}
+UNION ALL
+SELECT 'w', n.nspname, c.relname, 'its partition key', pg_get_expr(pt.partexprs, pt.partrelid)
+FROM pg_partitioned_table pt JOIN pg_class c ON c.oid = pt.partrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE pt.partexprs IS NOT NULL AND {_user("n", "c")}
 UNION ALL
 SELECT 't', n.nspname, t.typname, 'check ' || c.conname, pg_get_expr(c.conbin, 0)
 FROM pg_constraint c JOIN pg_type t ON t.oid = c.contypid

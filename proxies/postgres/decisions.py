@@ -30,6 +30,7 @@ from proxies.postgres.state import (
     SessionState,
     StmtInfo,
     _pkey,
+    _runs_deferred_code,
     _runs_user_code,
 )
 
@@ -214,8 +215,10 @@ class Decisions(SessionState):
         only between messages, enforce.py _probe_search_path), so their functions and
         operators resolve as if any schema were searched, and an unqualified table
         cannot be resolved at all (unknown)."""
+        pending = self.code_pending
         first = next((i for i, (st, r) in enumerate(zip(statements, resolved, strict=True))
-                      if r.opaque or r.cls != st.cls), None)
+                      if r.opaque or r.cls != st.cls or (pending and _runs_deferred_code((st,)))),
+                     None)
         if first is None or first == len(statements) - 1:
             return resolved
         later = []
@@ -246,7 +249,7 @@ class Decisions(SessionState):
         search_path (or the role, and with it "$user"), which the server does not report,
         so from now on functions, operators and types are judged as if any schema were
         searched (catalog.py), and nothing memoised before stands."""
-        self.probe_due = True
+        self.probe_due = self.code_pending = True
         if not self.ran_user_code:
             self.ran_user_code = True
             self.forget_verdicts()

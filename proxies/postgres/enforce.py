@@ -305,6 +305,7 @@ class ReadOnlyGuard(SessionState):
             self._guard_lost()
             return
         if self.tx_status == "I":
+            self.code_pending = False  # what user code set up ran or is gone
             if self.txs.block or self.txs.ro_open:
                 self.txs = guard.TxState()
         elif not self.txs.block:

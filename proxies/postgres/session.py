@@ -69,6 +69,7 @@ from proxies.postgres.state import (
     Expect,
     StmtInfo,
     _pkey,
+    _runs_deferred_code,
     _runs_user_code,
     _Single,
 )
@@ -344,6 +345,12 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         # follows until the target's ReadyForQuery, which reports what the code changed
         # (default_transaction_read_only): nothing more is in flight when it does.
         self.code_in_batch = False
+        # User code ran in the current transaction: what it set up (a cursor's query,
+        # deferred triggers, a session setting hidden by SET LOCAL) may run or show at
+        # a FETCH, SET CONSTRAINTS or the transaction's end (state._runs_deferred_code),
+        # which then count as user code. Cleared when the target is idle outside a
+        # transaction.
+        self.code_pending = False
         # In the current implicit transaction (extended protocol): a message has started
         # it / a Bind or Execute has run in it.
         self.imp_started = False
@@ -397,6 +404,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                         not (self.changed_catalog and self.tx_status == "I") and \
                         not self.skip_until_sync and not self.fail_at_sync and \
                         not self.probe_due and not self.target_skipping and \
+                        not self.code_pending and \
                         self.reader.idle and not self.closed and up is not None and \
                         not up.closed and up.reader.idle and fast.client(data):
                     return
@@ -878,8 +886,11 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                 self.expect.append(Expect(b"Q", hide=True))
                 out.append(_ROLLBACK_QUERY)
             if release:
+                # (Code may also run at the batch's end: deferred triggers. Read the
+                # path again once it ended.)
                 self.holding = True
                 self.barrier_from = None
+                self.probe_due = True
                 return False
             return True
         if t == b"D":
@@ -928,7 +939,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             # other numbers in it (pgbench, ORMs that inline ids).
             hit = self.fast_verdicts.get(fast)
             if hit is not None and self.gw.audit_spool.accepting and self._guard_quiet() \
-                    and not self.probe_due:
+                    and not self.probe_due and not self.code_pending:
                 known = hit[0]
                 ctx = Ctx(sql, known.classification, "allow", known.rule, known.reason,
                           time.time())
@@ -937,7 +948,8 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                 out.append(msg.raw)
                 return True
             guarded = self.guarded_verdicts.get(fast)
-            if guarded is not None and self.gw.audit_spool.accepting and not self.probe_due:
+            if guarded is not None and self.gw.audit_spool.accepting and \
+                    not self.probe_due and not self.code_pending:
                 # The same for an allowed write or transaction statement: no analysis or
                 # policy, but the read-only guard plans it (it depends on the state).
                 known, st = guarded
@@ -1097,7 +1109,8 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                     return True
                 decision = checked
         if decision.action == "allow" or decision.action == "mask":
-            user_code = _runs_user_code(analysis, decision)
+            user_code = _runs_user_code(analysis, decision) or (
+                self.code_pending and _runs_deferred_code(analysis.statements))
             if (not ctx.defines and not user_code and not self.probe_due) or \
                     self.target_skipping:
                 # (A target skipping to the Sync after an error runs nothing of it: no

@@ -187,6 +187,21 @@ _FIRST_USER_OID = 16384  # OIDs below are the server's own objects
 _TEXT_OIDS = {25, 1043, 1042, 19, 114, 3802}
 
 
+#: Statements that run code an earlier statement of the transaction set up: a cursor's
+#: query (FETCH, MOVE; a WITH HOLD cursor's rest at COMMIT), deferred triggers (COMMIT,
+#: SET CONSTRAINTS ... IMMEDIATE, PREPARE TRANSACTION), and the end of a transaction or
+#: savepoint, which brings back a session setting a SET LOCAL had hidden.
+_DEFERRED_CODE_COMMANDS = frozenset(("FETCH", "MOVE", "SET CONSTRAINTS"))
+_DEFERRED_CODE_FACTS = frozenset(("end", "sp_destroy"))
+
+
+def _runs_deferred_code(statements: Any) -> bool:
+    """Whether one of ``statements`` may run (or reveal what was changed by) user code an
+    earlier statement of the transaction set up (``code_pending``)."""
+    return any(st.command in _DEFERRED_CODE_COMMANDS or st.facts & _DEFERRED_CODE_FACTS
+               for st in statements)
+
+
 def _runs_user_code(analysis: Any, decision: Decision) -> bool:
     """Whether the target's catalog showed user-defined code in a statement: code the
     gateway cannot see into (whatever class ``unknown_functions`` gives it), or a class
@@ -298,6 +313,7 @@ class SessionState:
     batch_explicit: bool
     barrier_done: bool
     code_in_batch: bool
+    code_pending: bool
     target_skipping: bool
     barrier_from: Ctx | None
     probe_due: bool
