@@ -104,6 +104,9 @@ class Relation:
     # Relations read with this one unless ONLY: inheritance children and partitions, at
     # any depth, as schema.name.
     children: tuple[str, ...] = ()
+    # Tables a write of this one also writes (foreign keys referencing it with ON DELETE
+    # or ON UPDATE CASCADE, SET NULL, SET DEFAULT), as schema.name.
+    cascades: tuple[str, ...] = ()
 
     @property
     def qualified(self) -> str:
@@ -172,7 +175,8 @@ class TargetCatalog:
                   hooks: Iterable[Sequence[Any]] = (),
                   children: Iterable[Sequence[Any]] = (),
                   settings: Iterable[Sequence[Any]] = (),
-                  sort_code: Iterable[Sequence[Any]] = ()) -> TargetCatalog:
+                  sort_code: Iterable[Sequence[Any]] = (),
+                  cascades: Iterable[Sequence[Any]] = ()) -> TargetCatalog:
         """Rows as proxies/postgres/catalog.py reads them:
 
         routines: (schema, name, kind, volatility, language, security definer, extension[,
@@ -195,6 +199,8 @@ class TargetCatalog:
         settings: (name, milliseconds): the target's timeouts
         sort_code: (operator schema, operator, what, function schema, function name): user
             code of operator families holding the operator
+        cascades: (schema, table, referencing schema, referencing table): foreign keys
+            whose referential action writes the referencing table
         """
         rows: list[Any] = []
 
@@ -233,13 +239,15 @@ class TargetCatalog:
             return rels.setdefault((s, n), {"view": None, "rules": [], "on_write": [],
                                             "on_read": [], "on_read_sql": [],
                                             "on_write_sql": [], "materialized": False,
-                                            "children": []})
+                                            "children": [], "cascades": []})
 
         for s, n, definition, *kind in keep(views):
             rel(s, n)["view"] = definition
             rel(s, n)["materialized"] = kind == ["m"]
         for s, n, cs, cn in keep(children):
             rel(s, n)["children"].append(f"{cs}.{cn}")
+        for s, n, cs, cn in keep(cascades):
+            rel(s, n)["cascades"].append(f"{cs}.{cn}")
         for s, n, event, definition in keep(rules):
             rel(s, n)["rules"].append((_EVENTS.get(event, event), definition))
         for s, n, what, fs, fn, on_read in keep(relation_code):
@@ -270,7 +278,8 @@ class TargetCatalog:
                 s, n, parts["view"], tuple(parts["rules"]), tuple(dict.fromkeys(
                     parts["on_write"])), tuple(dict.fromkeys(parts["on_read"])),
                 tuple(parts["on_read_sql"]), tuple(parts["on_write_sql"]),
-                parts["materialized"], tuple(dict.fromkeys(parts["children"]))))
+                parts["materialized"], tuple(dict.fromkeys(parts["children"])),
+                tuple(dict.fromkeys(parts["cascades"]))))
         path = tuple(search_path_schemas(search_path)) if search_path is not None \
             else ("$user", "public")
         oids = {int(oid): (str(sch), str(name)) for oid, sch, name in keep(type_oids)}

@@ -317,11 +317,23 @@ class _Judgement:
             self.function_names(list(rel.on_write), f"writing {rel.qualified}:")
             for what, sql in rel.on_write_sql:
                 self.expression(("write", rel.qualified, what), sql,
-                                f"writing {rel.qualified}: its {what} runs")
+                                f"writing {rel.qualified}: its {what} runs", in_write=True)
+            for child in rel.cascades:
+                # A referential action writes it too: as written, and named to the policy.
+                if child in self.tables:
+                    continue
+                self.tables[child] = None
+                cs, _, cn = child.partition(".")
+                found = self.catalog.relation(cs, cn) if self.catalog is not None else None
+                if found is not None:
+                    self.relation(found, True)
 
-    def expression(self, key: tuple[str, ...], sql: str, how: str) -> None:
+    def expression(self, key: tuple[str, ...], sql: str, how: str,
+                   in_write: bool = False) -> None:
         """An expression the target stores and runs (a policy, a domain check), judged
-        once per catalog like a view's definition."""
+        once per catalog like a view's definition. ``in_write``: it runs as part of a
+        write (a default, a check), which already is one: what only reads or writes
+        (nextval, now()) adds nothing, so such a statement stays plain."""
         memo_key = (*key, self.an.unknown_function_class)
         judged = self.catalog.memo.get(memo_key) if self.catalog is not None else None
         if judged is None:
@@ -329,6 +341,10 @@ class _Judgement:
             inner.definitions((sql,), how, STORED)
             judged = (inner.findings, tuple(inner.tables), tuple(inner.functions),
                       tuple(inner.opaque))
+            if in_write:
+                findings = [f for f in inner.findings if f[0] not in (C.READ, C.WRITE)]
+                judged = (findings, *judged[1:]) if findings or inner.tables or \
+                    inner.opaque else ([], (), (), ())
             if self.catalog is not None:
                 self.catalog.memo[memo_key] = judged
         self.take(judged)

@@ -270,6 +270,17 @@ FROM tree JOIN pg_class p ON p.oid = tree.parent JOIN pg_namespace pn ON pn.oid 
 JOIN pg_class c ON c.oid = tree.child JOIN pg_namespace cn ON cn.oid = c.relnamespace
 WHERE {_user("pn", "p")}"""
 
+# Tables a write of a table also writes: foreign keys that reference it with an action
+# (ON DELETE / ON UPDATE CASCADE, SET NULL, SET DEFAULT) make the server update or
+# delete rows of the referencing table, running its triggers, defaults and checks.
+_CASCADES = f"""
+SELECT pn.nspname, p.relname, cn.nspname, c.relname
+FROM pg_constraint k JOIN pg_class p ON p.oid = k.confrelid
+JOIN pg_namespace pn ON pn.oid = p.relnamespace
+JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace cn ON cn.oid = c.relnamespace
+WHERE k.contype = 'f' AND (k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN ('c', 'n', 'd'))
+  AND {_user("pn", "p")}"""
+
 # The target's own values of the timeouts a session may change (for this role and
 # database, in milliseconds): raising one above them weakens the operator's guard.
 _SETTINGS = """
@@ -473,7 +484,7 @@ def read_catalog(conn: Connection) -> TargetCatalog:
             ("relation_code", _RELATION_CODE), ("typed_columns", _TYPED_COLUMNS),
             ("expressions", _EXPRESSIONS), ("type_oids", _TYPE_OIDS),
             ("hooks", _HOOKS), ("children", _CHILDREN), ("settings", _SETTINGS),
-            ("sort_code", _SORT_CODE))}
+            ("sort_code", _SORT_CODE), ("cascades", _CASCADES))}
     return TargetCatalog.from_rows(user=user, search_path=path, **rows)
 
 

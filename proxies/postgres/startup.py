@@ -103,20 +103,25 @@ class StartupSteps(SessionState):
         if repl is not None and repl.lower() not in ("false", "off", "no", "0"):
             self.fatal("0A000", "keyturn: replication connections are not allowed")
             return
+        # Setting names are matched without regard to case by the server (SEARCH_PATH is
+        # search_path); a name may come twice.
+        named: dict[str, list[str]] = {}
+        for key, value in params.items():
+            named.setdefault(key.lower(), []).append(value)
         for key, why in REFUSED_STARTUP.items():
-            if params.get(key):
+            if any(named.get(key, ())):
                 self.fatal("42501", f"keyturn: startup parameter {key!r} is refused: {why}")
                 return
-        scs = params.get("standard_conforming_strings")
-        if scs is not None and scs.lower() in ("off", "false", "no", "0"):
+        if any(v.lower() in ("off", "false", "no", "0")
+               for v in named.get("standard_conforming_strings", ())):
             self.fatal("42501", "keyturn: startup parameter 'standard_conforming_strings' is "
                                 "refused: off changes how SQL string literals are read")
             return
-        enc = params.get("client_encoding")
-        refused = client_encoding_refusal(enc) if enc is not None else None
-        if refused is not None:
-            self.fatal("42501", f"keyturn: startup parameter client_encoding {refused}")
-            return
+        for enc in named.get("client_encoding", ()):
+            refused = client_encoding_refusal(enc)
+            if refused is not None:
+                self.fatal("42501", f"keyturn: startup parameter client_encoding {refused}")
+                return
         conn = self.gw.config.connections.get(database)
         if conn is None or conn.type != "postgres":
             self.fatal("3D000", f'keyturn: connection "{database}" does not exist',
@@ -125,8 +130,8 @@ class StartupSteps(SessionState):
         self.conn = conn
         self.analyzer = self.gw.analyzer(conn)
         self.masking = masks_in(self.gw.config.policies[conn.policy])
-        if params.get("search_path") is not None:
-            self.schemas |= set(search_path_schemas(params["search_path"]))
+        for path in named.get("search_path", ()):
+            self.schemas |= set(search_path_schemas(path))
         self.phase = "auth"
         self.reader.start_typed()
         self._spawn(self._begin_auth())
