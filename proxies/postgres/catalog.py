@@ -558,6 +558,16 @@ class Catalogs:
     def _target(self, conn: Connection) -> _Target:
         return self._targets.setdefault(target_key(conn), _Target())
 
+    def default_schemas(self, conn: Connection) -> frozenset[str]:
+        """The schemas the target's own default search_path names for the gateway's
+        role (ALTER ROLE / ALTER DATABASE ... SET search_path, read with the catalog;
+        "$user" left out, as for the login role in DEFAULT_SEARCH_PATH): a session
+        starts with it and RESET goes back to it."""
+        catalog = self._target(conn).catalog
+        if catalog is None:
+            return frozenset()
+        return frozenset(s for s in catalog.search_path if s.strip('"') != "$user")
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:

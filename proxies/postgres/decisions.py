@@ -192,8 +192,9 @@ class Decisions(SessionState):
     def _decide(self, analysis: Any) -> Decision:
         assert self.identity is not None and self.conn is not None
         statements = analysis.statements
-        if self.schemas != _DEFAULT_SCHEMAS:
-            statements = tuple(self._resolve(st) for st in statements)
+        schemas = self.schemas | self.gw.catalogs.default_schemas(self.conn)
+        if schemas != _DEFAULT_SCHEMAS:
+            statements = tuple(self._resolve(st, schemas) for st in statements)
         # What runs on the target:
         session = cast("ClientSession", self)
         resolved = self.gw.catalogs.resolve(session, statements)
@@ -250,6 +251,7 @@ class Decisions(SessionState):
         so from now on functions, operators and types are judged as if any schema were
         searched (catalog.py), and nothing memoised before stands."""
         self.probe_due = self.code_pending = True
+        self.guard_stmts.clear()  # (see session._forward)
         if not self.ran_user_code:
             self.ran_user_code = True
             self.forget_verdicts()
@@ -295,25 +297,26 @@ class Decisions(SessionState):
         for info in self.stmts.values():
             info.decision = None
 
-    def _resolve(self, st: Statement) -> Statement:
+    def _resolve(self, st: Statement, schemas: frozenset[str] | None = None) -> Statement:
         """The statement with each unqualified table in every schema the session's
         search_path may name, so a rule on ``secret.*`` sees ``SELECT * FROM t`` after
         ``SET search_path = secret``. An unreadable search_path makes it unknown."""
         if not st.unqualified:
             return st
         names = ", ".join(st.unqualified)
-        if "*" in self.schemas:
+        schemas = self.schemas if schemas is None else schemas
+        if "*" in schemas:
             return dataclasses.replace(st, cls=StatementClass.UNKNOWN, reasons=(
                 f"the session set search_path to a value keyturn cannot read, so {names} "
                 "cannot be resolved", *st.reasons))
         assert self.conn is not None
         role = target_of(self.conn).user or self.user
-        schemas = sorted(role if s == "$user" else s for s in self.schemas)
-        extra = [f"{schema}.{name}" for name in st.unqualified for schema in schemas]
+        names_in = sorted(role if s == "$user" else s for s in schemas)
+        extra = [f"{schema}.{name}" for name in st.unqualified for schema in names_in]
         return dataclasses.replace(
             st, tables=tuple(dict.fromkeys([*st.tables, *extra])),
             reasons=(*st.reasons, f"search_path may resolve {names} in schema(s) "
-                                  f"{', '.join(schemas)}"))
+                                  f"{', '.join(names_in)}"))
 
 
 def _data_row(data: bytes) -> list[str | None] | None:

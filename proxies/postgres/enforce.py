@@ -97,14 +97,23 @@ class ReadOnlyGuard(SessionState):
         alone (its errors reach the client: the target then skips to Sync anyway)."""
         name = _GUARD_NAMES[sql]
         if name not in self.guard_stmts:
-            self.guard_stmts.add(name)
-            out.append(codec.encode_parse(name, sql))
-            self.expect.append(Expect(b"P", swallow=True, guard_stmt=name))
+            self._prepare_own(name, sql, out)
         out.append(_GUARD_BIND[sql])
         out.append(_GUARD_RUN)
         self.expect.append(Expect(b"B", swallow=True))
         self.expect.append(Expect(b"E", swallow=True))
         self.expect.append(Expect(b"C", swallow=True))
+
+    def _prepare_own(self, name: str, sql: str, out: list[bytes]) -> None:
+        """Prepare one of the gateway's own statements under ``name``: closed first, as
+        user code may have prepared something else under it (SQL PREPARE run by a
+        function, which the gateway does not see; session._forward forgets every name
+        once such code ran). Closing a name that holds nothing is no error."""
+        self.guard_stmts.add(name)
+        out.append(codec.encode_close("S", name))
+        self.expect.append(Expect(b"C", swallow=True))
+        out.append(codec.encode_parse(name, sql))
+        self.expect.append(Expect(b"P", swallow=True, guard_stmt=name))
 
     def _probe_search_path(self) -> bool:
         """After user code ran (``probe_due``) and the statement that held the client's
@@ -122,11 +131,9 @@ class ReadOnlyGuard(SessionState):
             # the read runs inside it, on messages of the gateway's own.
             if ctx.error is not None:
                 return False
-            out = []
+            out: list[bytes] = []
             if _PROBE_STMT not in self.guard_stmts:
-                self.guard_stmts.add(_PROBE_STMT)
-                out.append(codec.encode_parse(_PROBE_STMT, PROBE_SQL))
-                self.expect.append(Expect(b"P", swallow=True, guard_stmt=_PROBE_STMT))
+                self._prepare_own(_PROBE_STMT, PROBE_SQL, out)
             out.append(_PROBE_RUN)
             self.expect.append(Expect(b"B", swallow=True))
             self.expect.append(Expect(b"E", swallow=True, probe=probe))

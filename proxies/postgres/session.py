@@ -1311,6 +1311,10 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         self.expect.append(Expect(kind, ctx))
         self._intent(ctx)
         out.append(msg.raw)
+        if ctx.barrier:
+            # Code that runs here may DEALLOCATE and PREPARE the gateway's own statement
+            # names (through EXECUTE in a function): prepared again before their next use.
+            self.guard_stmts.clear()
         self._guard_after_execute(ctx, out)
         return True
 
