@@ -256,6 +256,12 @@ class Decisions(SessionState):
             self.ran_user_code = True
             self.forget_verdicts()
 
+    def _code_runs(self, analysis: Any, decision: Decision) -> bool:
+        """Whether running this statement runs user code: its own (_runs_user_code), or
+        code an earlier statement of the transaction set up (``code_pending``)."""
+        return _runs_user_code(analysis, decision) or (
+            self.code_pending and _runs_deferred_code(analysis.statements))
+
     def _probed(self, probe: Probe) -> None:
         """The target's search_path and current role, read after user code ran
         (enforce.py _probe_search_path): unqualified names may resolve in every schema

@@ -21,7 +21,7 @@ from keyturn.approvals import TicketRequest, binding_of
 from keyturn.policy import Decision
 from proxies.postgres import codec
 from proxies.postgres.codec import Message
-from proxies.postgres.state import Ctx, SessionState, _runs_deferred_code, _runs_user_code
+from proxies.postgres.state import Ctx, SessionState
 
 if TYPE_CHECKING:
     from proxies.postgres.session import ClientSession
@@ -137,8 +137,7 @@ class Holds(SessionState):
             # a pending request must not change how others' statements are judged).
             self.gw.catalogs.note(cast("ClientSession", self),
                                   tuple(getattr(analysis, "statements", ())))
-            if _runs_user_code(analysis, decision) or (
-                    self.code_pending and _runs_deferred_code(analysis.statements)):
+            if self._code_runs(analysis, decision):
                 self._user_code_runs()
             ctx.barrier = self.probe_due
             if ctx.barrier and kind == b"E":

@@ -69,7 +69,6 @@ from proxies.postgres.state import (
     Expect,
     StmtInfo,
     _pkey,
-    _runs_deferred_code,
     _runs_user_code,
     _Single,
 )
@@ -1109,8 +1108,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                     return True
                 decision = checked
         if decision.action == "allow" or decision.action == "mask":
-            user_code = _runs_user_code(analysis, decision) or (
-                self.code_pending and _runs_deferred_code(analysis.statements))
+            user_code = self._code_runs(analysis, decision)
             if (not ctx.defines and not user_code and not self.probe_due) or \
                     self.target_skipping:
                 # (A target skipping to the Sync after an error runs nothing of it: no
