@@ -93,3 +93,45 @@ def tags(answers: list[tuple[bytes, bytes]]) -> list[str]:
 def status(answers: list[tuple[bytes, bytes]]) -> str:
     """The transaction status of the last ReadyForQuery."""
     return [chr(body[0]) for t, body in answers if t == b"Z"][-1]
+
+
+# -- adversarial set-ups shared by the attack-run test files ---------------------------------
+
+#: A function that runs any SQL it is given: user code the catalog cannot see into.
+RB_RUN = """CREATE OR REPLACE FUNCTION public.rb_run(q text) RETURNS text LANGUAGE plpgsql
+  AS $$BEGIN EXECUTE q; RETURN 'ok'; END$$;
+"""
+
+
+def vault_schema(vault: str) -> str:
+    """rb_run, a public table ``open_data`` and a schema ``vault`` with a secret in
+    ``vault.secrets`` (``leaked`` looks for it)."""
+    return RB_RUN + f"""CREATE TABLE IF NOT EXISTS public.open_data (v text);
+INSERT INTO public.open_data VALUES ('public value');
+CREATE SCHEMA IF NOT EXISTS {vault};
+CREATE TABLE IF NOT EXISTS {vault}.secrets (s text);
+INSERT INTO {vault}.secrets VALUES ('top secret');
+"""
+
+
+def vault_policy(name: str, vaults: list[str], *rules: str) -> str:
+    """A policy (YAML under ``policies:``) that blocks every table of ``vaults`` first,
+    then applies ``rules`` (YAML list items, indented as rules), then allows reads,
+    transaction and session statements; everything else is blocked."""
+    globs = ", ".join(f'"{v}.*"' for v in vaults)
+    return f"""
+  {name}:
+    default: block
+    rules:
+      - name: no-vault
+        match: {{tables: [{globs}]}}
+        action: block
+{"".join(rules)}      - name: reads
+        match: {{class: [read, transaction, session]}}
+        action: allow
+"""
+
+
+def leaked(answers: list[tuple[bytes, bytes]]) -> bool:
+    """A row holding a secret reached the client."""
+    return any(t == b"D" and b"secret" in body for t, body in answers)

@@ -19,47 +19,18 @@ import pytest
 
 from keyturn.launch.localpg import LocalPostgres
 from tests.conftest import Keyturn, keyturn_on_database
-from tests.pg_raw import B, E, P, Q, RawConn, S, errors
+from tests.pg_raw import B, E, P, Q, RawConn, S, errors, leaked, vault_policy, vault_schema
 
-POLICIES = """
-  a20:
-    default: block
-    rules:
-      - name: no-vault
-        match: {tables: ["a20_vault.*"]}
-        action: block
-      - name: reads
-        match: {class: [read, transaction, session]}
-        action: allow
-  a20w:
-    default: block
-    rules:
-      - name: no-vault
-        match: {tables: ["a20_vault.*"]}
-        action: block
+POLICIES = vault_policy("a20", ["a20_vault"]) + vault_policy("a20w", ["a20_vault"], """\
       - name: w
         match: {class: [write], tables: ["public.open_data"]}
         action: allow
-      - name: reads
-        match: {class: [read, transaction, session]}
-        action: allow
-"""
+""")
 
-SCHEMA = """
-CREATE OR REPLACE FUNCTION public.rb_run(q text) RETURNS text LANGUAGE plpgsql
-  AS $$BEGIN EXECUTE q; RETURN 'ok'; END$$;
-CREATE TABLE IF NOT EXISTS public.open_data (v text);
-INSERT INTO public.open_data VALUES ('public value');
-CREATE SCHEMA IF NOT EXISTS a20_vault;
-CREATE TABLE IF NOT EXISTS a20_vault.secrets (s text);
-INSERT INTO a20_vault.secrets VALUES ('top secret');
+SCHEMA = vault_schema("a20_vault") + """
 CREATE TABLE IF NOT EXISTS public.a20_victim (v text);
 INSERT INTO public.a20_victim VALUES ('keep me');
 """
-
-
-def leaked(answers) -> bool:
-    return any(t == b"D" and b"secret" in body for t, body in answers)
 
 
 @pytest.fixture(scope="module")

@@ -18,28 +18,11 @@ import pytest
 
 from keyturn.launch.localpg import LocalPostgres
 from tests.conftest import Keyturn, keyturn_on_database
-from tests.pg_raw import B, E, P, Q, RawConn, S, errors
+from tests.pg_raw import B, E, P, Q, RawConn, S, errors, leaked, vault_policy, vault_schema
 
-POLICIES = """
-  no_vault:
-    default: block
-    rules:
-      - name: no-vault
-        match: {tables: ["rb_vault.*", "rb_keeper.*"]}
-        action: block
-      - name: reads
-        match: {class: [read, transaction, session]}
-        action: allow
-"""
+POLICIES = vault_policy("no_vault", ["rb_vault", "rb_keeper"])
 
-SCHEMA = """
-CREATE OR REPLACE FUNCTION public.rb_run(q text) RETURNS text LANGUAGE plpgsql
-  AS $$BEGIN EXECUTE q; RETURN 'ok'; END$$;
-CREATE TABLE IF NOT EXISTS public.open_data (v text);
-INSERT INTO public.open_data VALUES ('public value');
-CREATE SCHEMA IF NOT EXISTS rb_vault;
-CREATE TABLE IF NOT EXISTS rb_vault.secrets (s text);
-INSERT INTO rb_vault.secrets VALUES ('top secret');
+SCHEMA = vault_schema("rb_vault") + """
 -- "$user" (first in the default search_path) names the role in force.
 CREATE SCHEMA IF NOT EXISTS rb_keeper AUTHORIZATION rb_keeper;
 CREATE TABLE IF NOT EXISTS rb_keeper.secrets (s text);
@@ -67,9 +50,6 @@ def kt(pg: LocalPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 def blocked(answers: list[tuple[bytes, bytes]]) -> bool:
     return any("keyturn" in e.get("M", "") and e.get("C") == "42501" for e in errors(answers))
 
-
-def leaked(answers: list[tuple[bytes, bytes]]) -> bool:
-    return any(t == b"D" and b"secret" in body for t, body in answers)
 
 
 def test_simple_queries_after_user_code_moved_search_path(kt: Keyturn) -> None:

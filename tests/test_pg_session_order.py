@@ -207,6 +207,71 @@ def test_a_statement_whose_records_cannot_be_written_is_not_sent(pb: PgPlaybook)
         spool._fh = real
 
 
+def test_a_fast_path_chunk_whose_records_cannot_be_written_is_not_sent(pb: PgPlaybook) -> None:
+    """The compiled fast path defers its chunks to the end of the loop turn (one spool
+    write for the turn, the gateway's write_ahead): when that write fails, the deferred
+    chunk must not reach the target and its session ends with the refusal."""
+    spool, wa = pb.spool, pb.gw.write_ahead
+    assert wa is not None
+    select = codec.encode_query("SELECT 1")
+    answer = msg(b"T", struct.pack("!h", 0)) + msg(b"C", b"SELECT 1\0") + msg(b"Z", b"I")
+    pb.client_sends(select)  # the first time through Python: allowed, memoised
+    assert types(pb.target_gets(1)) == ["Q"]
+    pb.target_sends(answer)
+    assert types(pb.client_gets(3)) == ["T", "C", "Z"]
+    pb.client_sends(select)  # again: the fast path, deferred to the end of the turn
+    assert types(pb.target_gets(1)) == ["Q"]
+    pb.target_sends(answer)
+    assert types(pb.client_gets(3)) == ["T", "C", "Z"]
+    writes, chunks = wa.stats
+    assert chunks >= 1 and writes >= 1
+    real = spool._fh
+
+    class FullDisk:
+        def write(self, data: bytes) -> int:
+            raise OSError(28, "No space left on device")
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+    sent = len(pb.target.data)
+    spool._fh = FullDisk()
+    try:
+        pb.client_sends(select)
+        got = pb.client_gets(1)
+        assert wa.stats[1] == chunks + 1, "the chunk went the fast way"
+        assert types(got) == ["E"] and b"58030" in got[0].body
+        assert pb.session.closed and wa.pending == 0
+        assert len(pb.target.data) == sent, "nothing more reached the target"
+    finally:
+        spool._fh = real
+
+
+@pytest.mark.parametrize("client,sent,answer", [
+    pytest.param(codec.encode_query("SELECT 1"), 1, msg(b"1"), id="parse-complete-for-a-query"),
+    pytest.param(codec.encode_parse("s1", "SELECT 1") + codec.encode_sync(), 2,
+                 msg(b"C", b"SELECT 1\0"), id="command-complete-for-a-parse"),
+    pytest.param(codec.encode_parse("s1", "SELECT 1") + codec.encode_sync(), 2, msg(b"2"),
+                 id="bind-complete-for-a-parse"),
+    pytest.param(codec.encode_close("S", "s1") + codec.encode_sync(), 2, msg(b"n"),
+                 id="no-data-for-a-close"),
+])
+def test_an_answer_out_of_step_with_the_requests_ends_the_session(
+        pb: PgPlaybook, client: bytes, sent: int, answer: bytes) -> None:
+    """Answers are attributed to requests by their order: one of a type its request
+    cannot get means the two no longer match (the target ignored or added something), so
+    no later answer can be trusted to be the one for its statement (rows, audit, masking,
+    what a statement name holds). The session ends; the stray answer is not forwarded."""
+    pb.client_sends(client)
+    assert len(pb.target_gets(sent)) == sent
+    pb.target_sends(answer + msg(b"Z", b"I"))
+    (got,) = pb.client_gets(1)
+    assert got.type == b"E" and b"SFATAL\0" in got.body and b"C08P01\0" in got.body
+    assert b"out of step" in got.body
+    assert pb.session.closed
+    pb.quiet()
+
+
 def test_a_prepared_statement_no_longer_allowed_is_refused_at_bind(tmp_path: Path) -> None:
     """The server plans again at Bind (folding immutable functions): once the catalog
     says a prepared statement runs user code the policy does not allow, its Bind is

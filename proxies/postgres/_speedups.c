@@ -796,6 +796,301 @@ static PyTypeObject AuditBufferType = {
     .tp_new = AuditBuffer_new,
 };
 
+/* ================================================================ WriteAhead
+ *
+ * Group commit of the write-ahead audit. Every chunk a session sends to its target
+ * must have its intent records handed to the OS first (one write to the spool file).
+ * With many sessions, one event-loop turn carries chunks of several: the fast path
+ * defers them here (defer()), and one callback at the end of the turn writes the
+ * spool once (flush, the spool's flush_ahead) and then every deferred chunk, in the
+ * order they were deferred. Nothing is sent before its records are written; when the
+ * spool cannot be written, no deferred chunk is sent and each one's session is told
+ * (owner.fast_failed(exc)), as when the fast path's own flush fails.
+ *
+ * Order: a chunk deferred for a target goes out before anything written to that
+ * target later, because every other write to a target drains this first
+ * (drain(): Upstream.write and Upstream.close), and the fast path defers every chunk
+ * while anything is deferred. Re-entrant calls (a write's pause_writing, a session
+ * failing) continue the same queue in order.
+ *
+ * This type must not decide what is written to the spool or when a statement may be
+ * sent: it only moves the moment the chunks already decided go out.
+ */
+
+static PyObject *str_data_received, *str_fast_failed;
+
+typedef struct {
+    PyObject *owner; /* has fast_failed(exc) */
+    PyObject *write; /* the target transport's write */
+    PyObject *data;  /* bytes */
+} Deferred;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *flush;     /* the spool's flush_ahead() */
+    PyObject *schedule;  /* loop.call_soon */
+    Deferred *q;
+    Py_ssize_t head, tail, cap;
+    Py_ssize_t flushed;  /* q[head:flushed] had their records written */
+    int scheduled;       /* a callback is due */
+    long long turns, chunks;
+} WriteAhead;
+
+static PyTypeObject WriteAheadType;
+
+static void
+deferred_clear(Deferred *d)
+{
+    Py_CLEAR(d->owner);
+    Py_CLEAR(d->write);
+    Py_CLEAR(d->data);
+}
+
+static int
+WriteAhead_traverse(WriteAhead *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->flush);
+    Py_VISIT(self->schedule);
+    for (Py_ssize_t i = self->head; i < self->tail; i++) {
+        Py_VISIT(self->q[i].owner);
+        Py_VISIT(self->q[i].write);
+    }
+    return 0;
+}
+
+static int
+WriteAhead_clear(WriteAhead *self)
+{
+    Py_CLEAR(self->flush);
+    Py_CLEAR(self->schedule);
+    for (Py_ssize_t i = self->head; i < self->tail; i++)
+        deferred_clear(&self->q[i]);
+    self->head = self->tail = self->flushed = 0;
+    return 0;
+}
+
+static void
+WriteAhead_dealloc(WriteAhead *self)
+{
+    PyObject_GC_UnTrack(self);
+    WriteAhead_clear(self);
+    PyMem_Free(self->q);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+WriteAhead_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"flush", "schedule", NULL};
+    PyObject *flush, *schedule;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO:WriteAhead", kwlist, &flush, &schedule))
+        return NULL;
+    if (!PyCallable_Check(flush) || !PyCallable_Check(schedule)) {
+        PyErr_SetString(PyExc_TypeError, "flush and schedule must be callable");
+        return NULL;
+    }
+    WriteAhead *self = (WriteAhead *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->flush = Py_NewRef(flush);
+    self->schedule = Py_NewRef(schedule);
+    return (PyObject *)self;
+}
+
+/* Queue one chunk; the first one of a turn schedules the callback. */
+static int
+write_ahead_defer(WriteAhead *self, PyObject *owner, PyObject *write, PyObject *data)
+{
+    if (self->head == self->tail)
+        self->head = self->tail = self->flushed = 0;
+    if (self->tail == self->cap) {
+        Py_ssize_t cap = self->cap ? self->cap * 2 : 64;
+        Deferred *q = PyMem_Realloc(self->q, cap * sizeof(Deferred));
+        if (q == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        self->q = q;
+        self->cap = cap;
+    }
+    if (!self->scheduled) {
+        PyObject *r = PyObject_CallOneArg(self->schedule, (PyObject *)self);
+        if (r == NULL)
+            return -1;
+        Py_DECREF(r);
+        self->scheduled = 1;
+    }
+    Deferred *d = &self->q[self->tail++];
+    d->owner = Py_NewRef(owner);
+    d->write = Py_NewRef(write);
+    d->data = Py_NewRef(data);
+    self->chunks++;
+    return 0;
+}
+
+/* The exception being raised, normalised, with its traceback; the indicator cleared. */
+static PyObject *
+take_exception(void)
+{
+    PyObject *type, *exc, *tb;
+    PyErr_Fetch(&type, &exc, &tb);
+    PyErr_NormalizeException(&type, &exc, &tb);
+    if (tb != NULL && exc != NULL)
+        PyException_SetTraceback(exc, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return exc != NULL ? exc : Py_NewRef(Py_None);
+}
+
+/* Tell a deferred chunk's session that it failed; -1 only for a non-Exception. */
+static int
+deferred_failed(Deferred *d, PyObject *exc)
+{
+    PyObject *r = PyObject_CallMethodOneArg(d->owner, str_fast_failed, exc);
+    if (r == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_Exception))
+            return -1;
+        PyErr_WriteUnraisable(d->owner);
+        return 0;
+    }
+    Py_DECREF(r);
+    return 0;
+}
+
+/* Write the spool, then every deferred chunk, in order. */
+static int
+write_ahead_run(WriteAhead *self)
+{
+    while (self->head < self->tail) {
+        if (self->head >= self->flushed) {
+            Py_ssize_t upto = self->tail;
+            PyObject *r = PyObject_CallNoArgs(self->flush);
+            if (r == NULL) {
+                if (!PyErr_ExceptionMatches(PyExc_Exception))
+                    return -1;
+                /* none of them goes out: take them all off first (their sessions end,
+                   which drains again) */
+                PyObject *exc = take_exception();
+                Py_ssize_t n = self->tail - self->head;
+                Deferred *failed = PyMem_Malloc((n ? n : 1) * sizeof(Deferred));
+                if (failed == NULL) {
+                    Py_DECREF(exc);
+                    PyErr_NoMemory();
+                    return -1;
+                }
+                memcpy(failed, self->q + self->head, n * sizeof(Deferred));
+                self->head = self->tail = self->flushed = 0;
+                int rc = 0;
+                for (Py_ssize_t i = 0; i < n; i++) {
+                    if (rc == 0 && deferred_failed(&failed[i], exc) < 0)
+                        rc = -1;
+                    deferred_clear(&failed[i]);
+                }
+                PyMem_Free(failed);
+                Py_DECREF(exc);
+                if (rc < 0)
+                    return -1;
+                continue;
+            }
+            Py_DECREF(r);
+            self->turns++;
+            if (upto > self->flushed)
+                self->flushed = upto;
+        }
+        Deferred d = self->q[self->head++];
+        PyObject *r = PyObject_CallOneArg(d.write, d.data);
+        if (r == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+                deferred_clear(&d);
+                return -1;
+            }
+            /* a transport closed under it: its session ends (a no-op if it ended) */
+            PyObject *exc = take_exception();
+            int rc = deferred_failed(&d, exc);
+            Py_DECREF(exc);
+            deferred_clear(&d);
+            if (rc < 0)
+                return -1;
+            continue;
+        }
+        Py_DECREF(r);
+        deferred_clear(&d);
+    }
+    self->head = self->tail = self->flushed = 0;
+    return 0;
+}
+
+static PyObject *
+WriteAhead_call(WriteAhead *self, PyObject *args, PyObject *kwds)
+{
+    self->scheduled = 0;
+    if (write_ahead_run(self) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+WriteAhead_drain(WriteAhead *self, PyObject *unused)
+{
+    if (self->head < self->tail && write_ahead_run(self) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+WriteAhead_defer(WriteAhead *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyBytes_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "defer(owner, write, data: bytes)");
+        return NULL;
+    }
+    if (write_ahead_defer(self, args[0], args[1], args[2]) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+WriteAhead_get_pending(WriteAhead *self, void *closure)
+{
+    return PyLong_FromSsize_t(self->tail - self->head);
+}
+
+static PyObject *
+WriteAhead_get_stats(WriteAhead *self, void *closure)
+{
+    return Py_BuildValue("(LL)", self->turns, self->chunks);
+}
+
+static PyMethodDef WriteAhead_methods[] = {
+    {"defer", (PyCFunction)(void (*)(void))WriteAhead_defer, METH_FASTCALL,
+     "defer(owner, write, data): send data with write() once its records are written"},
+    {"drain", (PyCFunction)WriteAhead_drain, METH_NOARGS,
+     "drain(): write the spool and every deferred chunk now"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef WriteAhead_getset[] = {
+    {"pending", (getter)WriteAhead_get_pending, NULL, "chunks deferred, not yet sent", NULL},
+    {"stats", (getter)WriteAhead_get_stats, NULL,
+     "(spool writes, chunks deferred) since creation", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject WriteAheadType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "proxies.postgres._speedups.WriteAhead",
+    .tp_basicsize = sizeof(WriteAhead),
+    .tp_dealloc = (destructor)WriteAhead_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "WriteAhead(flush, schedule): group commit of the write-ahead audit.",
+    .tp_traverse = (traverseproc)WriteAhead_traverse,
+    .tp_clear = (inquiry)WriteAhead_clear,
+    .tp_call = (ternaryfunc)WriteAhead_call,
+    .tp_methods = WriteAhead_methods,
+    .tp_getset = WriteAhead_getset,
+    .tp_new = WriteAhead_new,
+};
+
 /* ================================================================ FastPath
  *
  * The relay's common case in one call per network chunk: simple Queries whose
@@ -883,7 +1178,9 @@ typedef struct {
     PyObject *audit_write;   /* a callable, or the AuditBuffer itself (appended to in C) */
     PyObject *prefix;        /* bytes: the session's part of every record, up to a comma */
     PyObject *iprefix;       /* the same for intent records, or None: no intents */
-    PyObject *flush;         /* called after intents, before the chunk goes upstream */
+    PyObject *flush;         /* called after intents, before the chunk goes upstream; or a
+                                WriteAhead, which sends the chunk after one spool write
+                                for the loop turn */
     PyObject *layout;        /* tuple of KEYS bytes: the line's keys (see KEY_AT) */
     const char *key[KEYS];   /* their bytes (owned by layout) */
     Py_ssize_t key_len[KEYS];
@@ -1790,7 +2087,19 @@ FastPath_client(FastPath *self, PyObject *chunk)
             send = built;
         }
     }
-    if (intents && self->flush != Py_None) {
+    if (Py_IS_TYPE(self->flush, &WriteAheadType)) {
+        WriteAhead *wa = (WriteAhead *)self->flush;
+        if (intents || wa->head < wa->tail) {
+            /* sent at the end of this loop turn, after one spool write for every
+               session's chunks of the turn (and after whatever was deferred before) */
+            self->armed = 1;
+            if (write_ahead_defer(wa, self->session, self->upstream_write, send) < 0)
+                goto fail;
+            result = Py_NewRef(Py_True);
+            goto done;
+        }
+    }
+    else if (intents && self->flush != Py_None) {
         PyObject *fr = PyObject_CallNoArgs(self->flush);
         if (fr == NULL)
             goto fail;
@@ -2423,7 +2732,6 @@ typedef struct {
     char side;
 } Relay;
 
-static PyObject *str_data_received, *str_fast_failed;
 
 static int
 Relay_traverse(Relay *self, visitproc visit, void *arg)
@@ -2505,15 +2813,7 @@ Relay_data_received(Relay *self, PyObject *data)
                 return NULL; /* KeyboardInterrupt, SystemExit: not this session's */
             /* as the owner's data_received does for an unexpected error: it logs and
                ends this session, the gateway goes on */
-            PyObject *type, *exc, *tb;
-            PyErr_Fetch(&type, &exc, &tb);
-            PyErr_NormalizeException(&type, &exc, &tb);
-            if (tb != NULL && exc != NULL)
-                PyException_SetTraceback(exc, tb);
-            Py_XDECREF(type);
-            Py_XDECREF(tb);
-            if (exc == NULL)
-                exc = Py_NewRef(Py_None);
+            PyObject *exc = take_exception();
             PyObject *h = PyObject_CallMethodOneArg(self->owner, str_fast_failed, exc);
             Py_DECREF(exc);
             if (h == NULL)
@@ -2621,7 +2921,8 @@ PyMODINIT_FUNC
 PyInit__speedups(void)
 {
     if (PyType_Ready(&RowMaskerType) < 0 || PyType_Ready(&FastPathType) < 0 ||
-        PyType_Ready(&AuditBufferType) < 0 || PyType_Ready(&RelayType) < 0)
+        PyType_Ready(&AuditBufferType) < 0 || PyType_Ready(&RelayType) < 0 ||
+        PyType_Ready(&WriteAheadType) < 0)
         return NULL;
     str_data_received = PyUnicode_InternFromString("data_received");
     str_fast_failed = PyUnicode_InternFromString("fast_failed");
@@ -2658,7 +2959,8 @@ PyInit__speedups(void)
     if (PyModule_AddIntConstant(m, "AUDIT_LAYOUT_KEYS", KEYS) < 0 ||
         PyModule_AddObjectRef(m, "FastPath", (PyObject *)&FastPathType) < 0 ||
         PyModule_AddObjectRef(m, "AuditBuffer", (PyObject *)&AuditBufferType) < 0 ||
-        PyModule_AddObjectRef(m, "Relay", (PyObject *)&RelayType) < 0) {
+        PyModule_AddObjectRef(m, "Relay", (PyObject *)&RelayType) < 0 ||
+        PyModule_AddObjectRef(m, "WriteAhead", (PyObject *)&WriteAheadType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

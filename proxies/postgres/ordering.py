@@ -286,11 +286,14 @@ class ResponseRelay(SessionState):
                 return _NEXT  # a statement of the guard's own
         elif head.swallow:
             sp.replace(start, end, b"")
-            if head.kind == b"E":
-                self.expect.popleft()
-                if head.probe is not None:
-                    self._probed(head.probe)
-            return _NEXT
+            if head.kind != b"E":
+                return _NEXT
+            self.expect.popleft()
+            if head.probe is not None:
+                self._probed(head.probe)
+            return _COMPLETED  # (our own messages queued behind it go out now)
+        elif head.kind != b"E" and head.kind != b"Q":
+            return self._out_of_step(t, head)
         ctx = head.ctx
         if ctx is not None:
             tag = codec.decode_command_complete(sp.chunk[start + 5:end])
@@ -363,12 +366,15 @@ class ResponseRelay(SessionState):
             return _NEXT  # a result's RowDescription: forwarded as it is
         if (t == b"I" or t == b"s") and head.kind != b"E":
             return _NEXT
+        want = _ANSWERS.get(t)
+        if want is not None and head.kind != want:
+            return self._out_of_step(t, head)
         self.expect.popleft()
         if head.op:
             self._namespace_answer(head, True)
         if head.swallow:
             sp.replace(start, end, b"")
-            return _NEXT
+            return _COMPLETED  # (our own messages queued behind it go out now)
         if head.plan_for is not None:
             # NoData for our own Describe: nothing to mask, nothing to forward.
             sp.replace(start, end, b"")
@@ -378,6 +384,18 @@ class ResponseRelay(SessionState):
         if head.ctx is not None:
             self._finished(head.ctx)
         return _COMPLETED
+
+    def _out_of_step(self, t: bytes, head: Expect) -> int:
+        """An answer of a type the request at the head of the queue cannot get: the
+        queue no longer matches what the target is answering, so no answer can be
+        attributed (audited, masked, learnt from) any more. The session ends; nothing
+        of this chunk reaches the client."""
+        log.error("session %s: the target answered %r where the answer to %r was due; "
+                  "closing the session", self.session_id, t, head.kind)
+        self.fatal("08P01", "keyturn: the target's answers are out of step with the "
+                   "requests sent; the session was closed so that no answer is taken for "
+                   "another request's")
+        return _STOP
 
     def _learn_param_types(self, name: str, body: bytes) -> None:
         """Parameter types the server inferred (clients such as asyncpg send 0 =
@@ -398,6 +416,8 @@ class ResponseRelay(SessionState):
             self.fatal("08006", f"keyturn: lost the connection to the target: {message}")
 
 
+#: The request each of these answers is the answer to (an Expect's kind).
+_ANSWERS = {b"1": b"P", b"2": b"B", b"3": b"C", b"n": b"D"}
 #: The transitions of the response-ordering state machine, by message type from the
 #: target (the head of the queue of expected responses decides what each does). Types
 #: not here are forwarded as they are (DataRow, NoticeResponse, NotificationResponse,

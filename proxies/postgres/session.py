@@ -358,6 +358,10 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         # _guard_before_execute).
         self.imp_ended = False
         self.upstream_ro = True  # the target's default_transaction_read_only, as reported
+        # A COPY FROM STDIN was sent and neither the client's CopyDone/CopyFail nor the
+        # statement's end has come: the target may be reading the client's messages as
+        # COPY data (see _in_copy).
+        self.copy_window: Ctx | None = None
         # Write-ahead audit: intent records are numbered 2, 4, 6... (the compiled fast
         # path uses odd numbers); ``unsent`` = intents appended since the last flush.
         self.intent_n = 0
@@ -777,6 +781,8 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
     def _client_message(self, msg: Message, out: list[bytes]) -> bool:
         """Handle one message; False when it started a hold."""
         t = msg.type
+        if self.copy_window is not None:
+            self._in_copy(t)
         if self.skip_until_sync and t != b"S":
             return True
         if t == b"Q":
@@ -844,6 +850,9 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             self._note_search_path(analysis.statements)
             if analysis.statements and analysis.error is None and \
                     self._refuse_parse(p.query, analysis, out):
+                return True
+            if any("copy_in" in st.facts for st in analysis.statements):
+                self._refuse_copy(p.query, b"E", out)
                 return True
             if p.name and self.masking:
                 self.mask_prepared.pop(_pkey(p.name), None)  # one namespace with PREPARE
@@ -926,6 +935,21 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             return True
         raise codec.RemoteProtocolError(f"unexpected message type {t!r} in a session")
 
+    def _in_copy(self, t: bytes) -> None:
+        """A client message while a COPY FROM STDIN may be reading the client's messages
+        on the target. There the server takes CopyData, CopyDone and CopyFail, ignores
+        Flush and Sync (a Sync it ignores answers nothing, so the answers after it would
+        be read as the wrong requests' answers) and fails on anything else. Whether it
+        reads them so depends on whether the COPY started, which the gateway learns
+        only later: anything but COPY messages and Flush ends the session here."""
+        if t == b"c" or t == b"f":
+            self.copy_window = None
+        elif t != b"d" and t != b"H":
+            what = "Sync" if t == b"S" else f"a message of type {t.decode('latin-1')!r}"
+            raise codec.RemoteProtocolError(
+                f"keyturn: {what} was sent during COPY FROM STDIN; only CopyData, CopyDone, "
+                "CopyFail and Flush may follow it until CopyDone or CopyFail")
+
     def _on_query(self, msg: Message, out: list[bytes]) -> bool:
         sql = codec.decode_query(msg.body)
         if _SHOW_READ_ONLY.match(sql):
@@ -969,7 +993,8 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             decision = self._verdict(analysis)
             if (decision.action == "allow" and fast is not None and not self.masking
                     and len(self.fast_verdicts) < 4096 and self.analyzer.known_shape(fast)
-                    and not _runs_user_code(analysis, decision)):
+                    and not _runs_user_code(analysis, decision)
+                    and "copy_in" not in st.facts):
                 if decision.classification == "read" and not st.facts:
                     self.fast_verdicts[fast] = (decision, _fragment(decision))
                 if len(self.guarded_verdicts) < 4096:
@@ -1316,8 +1341,26 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         self._guard_after_execute(ctx, out)
         return True
 
+    def _refuse_copy(self, sql: str, kind: bytes, out: list[bytes]) -> None:
+        """COPY FROM STDIN other than alone in a simple Query: refused before it is sent
+        (the target would read the messages sent behind it, the gateway's own too, as
+        COPY data, and ignore the Syncs among them)."""
+        reason = ("COPY FROM STDIN is accepted only as a simple Query of its own, as psql, "
+                  "libpq's PQexec, psycopg, asyncpg, pgx and JDBC's CopyManager send it" +
+                  (" (not through Parse/Bind/Execute)" if kind == b"E" else
+                   " (not with other statements in the same Query)"))
+        self._refuse(codec.encode_error("ERROR", "0A000", f"keyturn: {reason}"), kind, out)
+        ctx = Ctx(sql, "write", "block", "builtin:copy-in-batch", reason, time.time())
+        self._audit(ctx, outcome="blocked")
+
     def _forward_query(self, msg: Message, ctx: Ctx, out: list[bytes]) -> bool:
         analysis = ctx.analysis
+        if analysis is not None and any("copy_in" in st.facts for st in analysis.statements):
+            if len(analysis.statements) > 1:
+                self._refuse_copy(ctx.statement, b"Q", out)
+                return True
+            # Until the client's CopyDone/CopyFail or the statement's end (_finished).
+            self.copy_window = ctx
         try:
             if analysis is None or (not analysis.statements and analysis.error is None):
                 plan = None  # nothing to run (an empty query)
@@ -1330,6 +1373,14 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             self._refuse(codec.encode_error("ERROR", "25000", f"keyturn: {exc}"), b"Q", out)
             self._audit(ctx, outcome="blocked")
             return True
+        if plan is not None and (plan.changed or plan.toggle) and self.imp_started \
+                and not self.imp_bound and not self.txs.block:
+            # Parse/Describe without a Sync (asyncpg prepares so) began an implicit
+            # transaction, and took a snapshot: the guard's statements must come first
+            # in theirs, so a Sync of the gateway's own ends it (nothing ran in it).
+            out.append(codec.encode_sync())
+            self.expect.append(Expect(b"S", hide=True))
+            self.imp_started = False
         self._intent(ctx)
         if plan is None:
             self.expect.append(Expect(b"Q", ctx))
@@ -1388,6 +1439,8 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
     # ------------------------------------------------------------ target -> client
 
     def _finished(self, ctx: Ctx) -> None:
+        if self.copy_window is ctx:
+            self.copy_window = None  # it failed before it read any COPY data
         if ctx.barrier:
             self.barrier_done = True  # released once this answer reached the client
             self.barrier_from = ctx

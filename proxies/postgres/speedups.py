@@ -13,6 +13,8 @@ behaviour). What it holds:
 - ``fast_shape``: the twin of ``keyturn.analysis.postgres.fast_shape``;
 - ``AuditBuffer``: the audit spool's pending lines (twin: ``keyturn.auditspool.LineBuffer``);
 - ``Relay``: the protocol object of each side of a ready session (see session.py);
+- ``WriteAhead``: group commit of the write-ahead audit (one spool write per event-loop
+  turn for every fast-path chunk of the turn; see PostgresGateway.write_ahead);
 - ``AUDIT_LAYOUT_KEYS``: how many key pieces ``FastPath`` takes for its audit lines (the
   session passes them, built by ``keyturn.auditschema``).
 
@@ -27,7 +29,8 @@ from typing import Any
 
 # What this source tree expects of the extension; a module built from older source
 # (the C file changed, the project was not reinstalled) lacks some and is not used.
-NAMES = ("RowMasker", "FastPath", "fast_shape", "AuditBuffer", "Relay", "AUDIT_LAYOUT_KEYS")
+NAMES = ("RowMasker", "FastPath", "fast_shape", "AuditBuffer", "Relay", "WriteAhead",
+         "AUDIT_LAYOUT_KEYS")
 _stale: list[str] = []
 
 

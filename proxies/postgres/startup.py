@@ -342,7 +342,8 @@ class StartupSteps(SessionState):
                 self.upstream.transport.write, self.gw.audit_spool.write_line,
                 self._audit_prefix_bytes(), FAST_AUDIT_LAYOUT, MAX_SHAPED_TEXT,
                 self._intent_prefix_bytes(),
-                getattr(self.gw.audit_spool, "flush_ahead", None), self.fast_parses, self.stmts,
+                self.gw.write_ahead or getattr(self.gw.audit_spool, "flush_ahead", None),
+                self.fast_parses, self.stmts,
                 self.bound, self.fast_guarded, self.fast_guarded_stmts,
                 self.fast_guarded_parses)
             self._install_relays()

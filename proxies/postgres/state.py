@@ -315,6 +315,7 @@ class SessionState:
     code_in_batch: bool
     code_pending: bool
     target_skipping: bool
+    copy_window: Ctx | None
     barrier_from: Ctx | None
     probe_due: bool
     imp_started: bool

@@ -231,10 +231,19 @@ class Upstream(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
+            self._drain()
             self.transport.write(data)
+
+    def _drain(self) -> None:
+        """Chunks the fast path deferred to the end of this loop turn (the gateway's
+        write_ahead) go out before anything written after them."""
+        wa = self.session.gw.write_ahead
+        if wa is not None and wa.pending:
+            wa.drain()
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
+            self._drain()
             self._closing()
             self.transport.close()
 
