@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import threading
 import time
@@ -304,6 +305,29 @@ def test_killed_gateway_tickets_are_abandoned_and_never_run(
                 p.wait()
 
 
+def _stop_outside_a_write(kt: Keyturn, gw: subprocess.Popen[bytes]) -> None:
+    """SIGSTOP the gateway at a moment it holds no lock on a SQLite store (stopped inside
+    a transaction, it would keep every writer waiting, the approval too: the store's
+    rollback journal lets no write commit while a reader holds the file, which is not
+    what these tests are about)."""
+    db = kt.base / "keyturn.db"
+    for _ in range(50):
+        gw.send_signal(signal.SIGSTOP)
+        if not db.exists():
+            return  # the PostgreSQL store
+        probe = sqlite3.connect(db, timeout=0.5)
+        try:
+            probe.execute("BEGIN EXCLUSIVE")  # no other reader or writer now
+            probe.rollback()
+            return
+        except sqlite3.OperationalError:
+            gw.send_signal(signal.SIGCONT)  # stopped inside a transaction: let it end
+            time.sleep(0.02)
+        finally:
+            probe.close()
+    raise AssertionError("the gateway held a lock on the store at every try")
+
+
 @pytest.mark.integration
 def test_an_approved_ticket_of_a_dead_gateway_ends_abandoned(
         fleet: tuple[Keyturn, Path, int]) -> None:
@@ -317,7 +341,7 @@ def test_an_approved_ticket_of_a_dead_gateway_ends_abandoned(
         wait_port(kt.gateway_port, proc=gw)
         client = _psql(kt, kt.gateway_port, "UPDATE abandon_probe SET v = 1 WHERE id = 3")
         tid = kt.wait_ticket()["id"]
-        gw.send_signal(signal.SIGSTOP)
+        _stop_outside_a_write(kt, gw)
         kt.cli("approve", str(tid), token_of="dana")
         assert _status(kt, tid)["status"] == APPROVED
         gw.send_signal(signal.SIGKILL)

@@ -36,6 +36,10 @@ POLICIES = (vault_policy("a21", ["a21_vault"]) + vault_policy("a21w", ["a21_vaul
         match: {class: [write]}
         action: review
         review: {approvers: [approvers], timeout: 10m}
+""") + vault_policy("a21u", ["a21_vault"], """\
+      - name: unparsed-allowed
+        match: {class: [unknown]}
+        action: allow
 """) + """
   a21m:
     default: block
@@ -95,7 +99,8 @@ def kt(pg: LocalPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                                 "a21w": "policy: a21w",
                                 "a21wread": "policy: a21w\nunknown_functions: read",
                                 "a21m": "policy: a21m" + MASKED_COLUMNS,
-                                "a21r": "policy: a21r"})
+                                "a21r": "policy: a21r",
+                                "a21u": "policy: a21u"})
     k.start()
     yield k
     k.stop()
@@ -327,6 +332,19 @@ def test_copy_with_other_statements_in_one_query_is_refused(kt: Keyturn) -> None
         for sql in ("COPY inbox FROM STDIN; SELECT 1", "SELECT 1; COPY inbox FROM STDIN"):
             a = r.run(Q(sql))
             assert refused_copy(a) and not any(t == b"G" for t, _ in a), a
+        in_step(r)
+
+
+def test_unreadable_text_naming_copy_counts_as_copy_from_stdin(kt: Keyturn) -> None:
+    """What the analyser cannot read may still be a COPY FROM STDIN to the server (the
+    riskiest reading), even where a rule allows unreadable statements: refused through
+    Parse/Bind/Execute; as a simple Query it is sent with COPY's rules."""
+    sql = "COPY inbox FROM STDIN WITH (FORMAT csv"  # unterminated: unreadable
+    with RawConn(kt.dsn("alice", dbname="a21u")) as r:
+        a = r.run(P("", sql), B("", ""), E(""), S())
+        assert refused_copy(a), a
+        a = r.run(Q(sql))
+        assert errors(a) and errors(a)[0]["C"] == "42601", a  # the server's syntax error
         in_step(r)
 
 

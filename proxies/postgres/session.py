@@ -215,6 +215,17 @@ def _binary_results(portal: tuple[str, bytes] | None) -> bool:
         return True  # cannot tell: the riskier answer
 
 
+_COPY_WORD = re.compile(r"\bcopy\b", re.IGNORECASE)
+
+
+def _may_copy_in(analysis: Any, sql: str) -> bool:
+    """Whether ``sql`` may start COPY FROM STDIN on the server: it does, or the analyser
+    could not read it and it names COPY (the riskiest reading)."""
+    if analysis.error is not None:
+        return _COPY_WORD.search(sql) is not None
+    return any("copy_in" in st.facts for st in analysis.statements)
+
+
 def _bind_params(b: codec.Bind, types: tuple[int, ...]) -> list[Any] | None:
     if not b.params:
         return None
@@ -851,7 +862,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             if analysis.statements and analysis.error is None and \
                     self._refuse_parse(p.query, analysis, out):
                 return True
-            if any("copy_in" in st.facts for st in analysis.statements):
+            if _may_copy_in(analysis, p.query):
                 self._refuse_copy(p.query, b"E", out)
                 return True
             if p.name and self.masking:
@@ -1355,7 +1366,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
 
     def _forward_query(self, msg: Message, ctx: Ctx, out: list[bytes]) -> bool:
         analysis = ctx.analysis
-        if analysis is not None and any("copy_in" in st.facts for st in analysis.statements):
+        if analysis is not None and _may_copy_in(analysis, ctx.statement):
             if len(analysis.statements) > 1:
                 self._refuse_copy(ctx.statement, b"Q", out)
                 return True
