@@ -2,7 +2,8 @@
 
 Writes a spool file of statement records as the gateway's fast path writes them
 (a write-ahead intent line and an outcome line per statement, in the layout of
-``keyturn.auditschema``), ingests it into a fresh SQLite store and prints the
+``keyturn.auditschema``), ingests it into a fresh SQLite store (or, with ``--store
+postgres``, a fresh database of a throwaway PostgreSQL cluster) and prints the
 ingester's CPU time per stored record (best of ``--runs``). The ingester reads
 both lines of a statement and stores one record, so this is the figure
 docs/benchmarks.md reports as "µs of CPU per record".
@@ -24,6 +25,7 @@ import orjson
 from keyturn import auditschema
 from keyturn.audit import AuditLog
 from keyturn.auditspool import AuditIngester
+from keyturn.launch.localpg import LocalPostgres
 from keyturn.store import Store
 
 
@@ -47,9 +49,10 @@ def spool_lines(n: int) -> bytes:
     return b"".join(out)
 
 
-def run(n: int, base: Path) -> float:
-    """CPU seconds the ingester spent storing ``n`` statements."""
-    store = Store(f"sqlite:///{base / 'k.db'}")
+def run(n: int, base: Path, url: str | None = None) -> float:
+    """CPU seconds the ingester spent storing ``n`` statements (``url``: the store, else
+    SQLite under ``base``)."""
+    store = Store(url or f"sqlite:///{base / 'k.db'}")
     store.upgrade()
     audit = AuditLog(store)
     spool = base / "spool"
@@ -70,15 +73,30 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-n", type=int, default=100_000, help="statements (default 100,000)")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--store", choices=("sqlite", "postgres"), default="sqlite")
     args = ap.parse_args()
     best = float("inf")
-    for _ in range(args.runs):
-        base = Path(tempfile.mkdtemp(prefix="kt-ingest-"))
-        try:
-            best = min(best, run(args.n, base))
-        finally:
-            shutil.rmtree(base)
-    print(f"audit schema version {auditschema.VERSION}: {args.n} statements "
+    cluster = None
+    if args.store == "postgres":
+        cluster = LocalPostgres(Path(tempfile.mkdtemp(prefix="kt-ingest-pg-")))
+        cluster.start()
+    try:
+        for i in range(args.runs):
+            base = Path(tempfile.mkdtemp(prefix="kt-ingest-"))
+            url = None
+            if cluster is not None:
+                cluster.create_database(f"ingest{i}")
+                url = (f"postgresql://{cluster.superuser}:{cluster.superuser_password}"
+                       f"@127.0.0.1:{cluster.port}/ingest{i}")
+            try:
+                best = min(best, run(args.n, base, url))
+            finally:
+                shutil.rmtree(base)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+            shutil.rmtree(cluster.base_dir, ignore_errors=True)
+    print(f"{args.store} store, audit schema version {auditschema.VERSION}: {args.n} statements "
           f"({2 * args.n} spool lines) ingested in {best:.2f} s of CPU: "
           f"{best / args.n * 1e6:.1f} µs per record")
 
