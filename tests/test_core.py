@@ -515,6 +515,74 @@ def _buffers() -> list:
     return [LineBuffer] + ([compiled.AuditBuffer] if compiled is not None else [])
 
 
+def test_write_ahead_sends_deferred_chunks_after_one_spool_write_in_order() -> None:
+    """Group commit of the write-ahead audit (_speedups.WriteAhead): chunks deferred in a
+    loop turn go out, in order, only after one spool write; a failed spool write sends
+    none of them and tells each one's session; a write that fails tells its session and
+    the others still go out; chunks deferred while it runs follow, after another write."""
+    from proxies.postgres.speedups import compiled as _speedups
+
+    if _speedups is None:
+        pytest.skip("the compiled extension is not built or is turned off")
+    log: list[tuple[str, ...]] = []
+    scheduled: list[object] = []
+
+    class Owner:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def fast_failed(self, exc: BaseException) -> None:
+            log.append(("failed", self.name, type(exc).__name__))
+
+    def flush() -> None:
+        log.append(("flush",))
+
+    wa = _speedups.WriteAhead(flush, scheduled.append)
+    a, b = Owner("a"), Owner("b")
+
+    def sender(name: str):  # a target transport's write
+        return lambda data: log.append(("sent", name, data))
+
+    wa.defer(a, sender("a"), b"1")
+    wa.defer(b, sender("b"), b"2")
+    wa.defer(a, sender("a"), b"3")
+    assert log == [] and wa.pending == 3 and scheduled == [wa], "once per turn"
+    wa()  # the loop runs the callback
+    assert log == [("flush",), ("sent", "a", b"1"), ("sent", "b", b"2"), ("sent", "a", b"3")]
+    assert wa.pending == 0 and wa.stats == (1, 3)
+
+    # Deferred while the callback sends: after the chunk that deferred it, after a write.
+    log.clear()
+    def chained(data: bytes) -> None:
+        log.append(("sent", "a", data))
+        wa.defer(b, sender("b"), b"5")
+    wa.defer(a, chained, b"4")
+    wa.drain()  # as Upstream.write does before anything else goes to a target
+    assert log == [("flush",), ("sent", "a", b"4"), ("flush",), ("sent", "b", b"5")]
+
+    # The spool cannot be written: nothing is sent, every session is told.
+    log.clear()
+    def full_disk() -> None:
+        raise OSError(28, "No space left on device")
+    wa_full = _speedups.WriteAhead(full_disk, scheduled.append)
+    wa_full.defer(a, sender("a"), b"6")
+    wa_full.defer(b, sender("b"), b"7")
+    wa_full()
+    assert log == [("failed", "a", "OSError"), ("failed", "b", "OSError")]
+    assert wa_full.pending == 0
+
+    # One target's transport is closed: its session is told, the others' chunks go out.
+    log.clear()
+    def closed(data: bytes) -> None:
+        raise RuntimeError("transport is closed")
+    wa.defer(a, closed, b"8")
+    wa.defer(b, sender("b"), b"9")
+    wa()
+    assert log == [("flush",), ("failed", "a", "RuntimeError"), ("sent", "b", b"9")]
+    with pytest.raises(TypeError):
+        wa.defer(a, sender("a"), "not bytes")
+
+
 @pytest.mark.parametrize("make", _buffers(), ids=lambda m: m.__name__)
 def test_spool_buffers_hand_over_every_line_once_in_order(make) -> None:
     full: list[int] = []
