@@ -10,11 +10,13 @@ each test asserts the safe behaviour, through the live gateway and a real Postgr
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Iterator
 
 import psycopg
 import pytest
+import requests
 
 from keyturn.launch.localpg import LocalPostgres
 from tests.conftest import APP_PASSWORD, Keyturn, keyturn_on_database
@@ -29,6 +31,16 @@ POLICIES = """
       - name: no-vault19
         match: {tables: ["v19.*"]}
         action: block
+      - name: reads
+        match: {class: [read, transaction, session]}
+        action: allow
+  atk19_review:
+    default: block
+    rules:
+      - name: writes-reviewed
+        match: {class: write}
+        action: review
+        review: {approvers: [approvers], timeout: 10m}
       - name: reads
         match: {class: [read, transaction, session]}
         action: allow
@@ -66,6 +78,10 @@ CREATE TABLE public.cd19 (ref int
 INSERT INTO public.cd19 SELECT generate_series(1, 50);
 CREATE TABLE public.pv19 (id int PRIMARY KEY);
 INSERT INTO public.pv19 SELECT generate_series(1, 50);
+CREATE TABLE public.pe19 (id int PRIMARY KEY);
+INSERT INTO public.pe19 SELECT generate_series(1, 50);
+CREATE TABLE public.ce19 (ref int REFERENCES public.pe19 ON DELETE CASCADE);
+INSERT INTO public.ce19 SELECT generate_series(1, 50);
 CREATE TABLE v19.kids (ref int REFERENCES public.pv19 ON DELETE CASCADE, s text);
 INSERT INTO v19.kids SELECT g, 'vault row' FROM generate_series(1, 50) g;
 """
@@ -84,6 +100,7 @@ def kt(pg: LocalPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             "ro19": "policy: atk19_ro",
             "w19": "policy: atk19_w\nunknown_functions: read",
             "ws19": "policy: atk19_w",
+            "rv19": "policy: atk19_review",
         })
     k.start()
     yield k
@@ -92,6 +109,31 @@ def kt(pg: LocalPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 def leaked(answers: list[tuple[bytes, bytes]]) -> bool:
     return any(t == b"D" and b"secret" in body for t, body in answers)
+
+
+def test_a_held_cascading_delete_still_gets_its_row_estimate(kt: Keyturn,
+                                                             pg: LocalPostgres) -> None:
+    """A referential action only adds the tables it writes (named to the policy and the
+    approver); the planner runs none of it, so the ticket keeps its EXPLAIN estimate.
+    Nothing runs before the decision."""
+    kt.skip_pending()
+    p = subprocess.Popen(["psql", kt.dsn("alice", dbname="rv19"), "-X", "-c",
+                          "DELETE FROM pe19 WHERE id <= 10"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    t = kt.wait_ticket()
+    try:
+        assert {"public.pe19", "public.ce19"} <= set(t["tables"]), t
+        deadline = time.time() + 10
+        while t["detail"].get("row_estimate") is None and time.time() < deadline:
+            time.sleep(0.2)
+            t = requests.get(f"{kt.url}/api/v1/tickets/{t['id']}", timeout=5, headers={
+                "Authorization": f"Bearer {kt.tokens['bob']}"}).json()
+        assert t["detail"]["row_estimate"] is not None, t
+    finally:
+        kt.cli("reject", str(t["id"]), "--reason", "no", token_of="dana")
+        p.communicate(timeout=30)
+    with direct(pg) as c:
+        assert c.execute("SELECT count(*) FROM pe19").fetchone() == (50,)
 
 
 def safe(answers: list[tuple[bytes, bytes]]) -> None:

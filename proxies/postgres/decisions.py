@@ -144,8 +144,12 @@ class Decisions(SessionState):
         tables in ``statements`` (no user function, operator, type, view, rule or
         trigger, and a catalog that was read): the gateway may then plan them itself."""
         resolved = self.gw.catalogs.resolve(cast("ClientSession", self), tuple(statements))
-        return all(r is st and not st.opaque for r, st in zip(resolved, statements,
-                                                                 strict=True))
+        # A referential action (ON DELETE CASCADE...) only adds the tables it writes: the
+        # planner runs none of it. Anything else the catalog found (a function, a
+        # finding, an unread catalog) changes the class, reasons or functions.
+        return all(not st.opaque and (r is st or (
+            r.cls is st.cls and r.reasons == st.reasons and r.functions == st.functions
+            and not r.opaque)) for r, st in zip(resolved, statements, strict=True))
 
     def _typed_parameters(self, analysis: Any, types: Sequence[int]) -> Any:
         """A Parse that declares parameters of user types (a domain, a composite holding
