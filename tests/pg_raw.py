@@ -114,10 +114,11 @@ INSERT INTO {vault}.secrets VALUES ('top secret');
 """
 
 
-def vault_policy(name: str, vaults: list[str], *rules: str) -> str:
+def vault_policy(name: str, vaults: list[str], *rules: str, reads: str = "allow") -> str:
     """A policy (YAML under ``policies:``) that blocks every table of ``vaults`` first,
-    then applies ``rules`` (YAML list items, indented as rules), then allows reads,
-    transaction and session statements; everything else is blocked."""
+    then applies ``rules`` (YAML list items, indented as rules), then gives reads,
+    transaction and session statements the action ``reads``; everything else is
+    blocked."""
     globs = ", ".join(f'"{v}.*"' for v in vaults)
     return f"""
   {name}:
@@ -128,10 +129,57 @@ def vault_policy(name: str, vaults: list[str], *rules: str) -> str:
         action: block
 {"".join(rules)}      - name: reads
         match: {{class: [read, transaction, session]}}
-        action: allow
+        action: {reads}
 """
 
 
 def leaked(answers: list[tuple[bytes, bytes]]) -> bool:
     """A row holding a secret reached the client."""
     return any(t == b"D" and b"secret" in body for t, body in answers)
+
+
+def masked_policy(name: str, vaults: list[str], write_tables: list[str]) -> str:
+    """``vault_policy`` whose reads are masked (tags pii.*, style full) and which allows
+    writes to ``write_tables``."""
+    tables = ", ".join(f'"{t}"' for t in write_tables)
+    return vault_policy(name, vaults, f"""\
+      - name: w
+        match: {{class: [write], tables: [{tables}]}}
+        action: allow
+""", reads='mask\n        mask: {tags: ["pii.*"], style: full}')
+
+
+FLUSH = codec.encode_message(b"H", b"")
+
+
+def drain(r: RawConn, wait: float = 1.0) -> list[tuple[bytes, bytes]]:
+    """Whatever arrives within ``wait`` seconds (up to the connection closing)."""
+    out = []
+    r.sock.settimeout(wait)
+    try:
+        while True:
+            out.append(r._message())
+    except (TimeoutError, ConnectionError, OSError):
+        pass
+    r.sock.settimeout(30)
+    return out
+
+
+def read_until(r: RawConn, kind: bytes, timeout: float = 10) -> list[tuple[bytes, bytes]]:
+    """Every message up to and including the first of type ``kind``."""
+    out = []
+    r.sock.settimeout(timeout)
+    while True:
+        t, body = r._message()
+        out.append((t, body))
+        if t == kind:
+            r.sock.settimeout(30)
+            return out
+
+
+def in_step(r: RawConn) -> None:
+    """The client and the gateway agree on which answer is which: a query's own rows."""
+    for word in ("alpha", "beta"):
+        a = r.run(codec.encode_query(f"SELECT '{word}'::text"))
+        rows = [body for t, body in a if t == b"D"]
+        assert len(rows) == 1 and rows[0].endswith(word.encode()), a

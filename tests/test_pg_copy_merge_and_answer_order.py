@@ -23,7 +23,21 @@ import pytest
 from keyturn.launch.localpg import LocalPostgres
 from proxies.postgres import codec
 from tests.conftest import APP_PASSWORD, Keyturn, keyturn_on_database
-from tests.pg_raw import B, E, P, Q, RawConn, S, errors, vault_policy, vault_schema
+from tests.pg_raw import (
+    B,
+    E,
+    P,
+    Q,
+    RawConn,
+    S,
+    drain,
+    errors,
+    in_step,
+    masked_policy,
+    read_until,
+    vault_policy,
+    vault_schema,
+)
 from tests.pg_raw import leaked as secret_leaked
 
 W_TABLES = '["public.open_data", "public.inbox", "public.trg_in", "public.uq"]'
@@ -40,21 +54,7 @@ POLICIES = (vault_policy("a21", ["a21_vault"]) + vault_policy("a21w", ["a21_vaul
       - name: unparsed-allowed
         match: {class: [unknown]}
         action: allow
-""") + """
-  a21m:
-    default: block
-    rules:
-      - name: no-vault
-        match: {tables: ["a21_vault.*"]}
-        action: block
-      - name: w
-        match: {class: [write], tables: ["public.inbox"]}
-        action: allow
-      - name: masked-reads
-        match: {class: [read, transaction, session]}
-        action: mask
-        mask: {tags: ["pii.*"], style: full}
-""")
+""") + masked_policy("a21m", ["a21_vault"], ["public.inbox"]))
 
 SCHEMA = vault_schema("a21_vault") + """
 CREATE TABLE public.inbox (v text);
@@ -106,27 +106,8 @@ def kt(pg: LocalPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     k.stop()
 
 
-def read_until(r: RawConn, kind: bytes, timeout: float = 10) -> list[tuple[bytes, bytes]]:
-    out = []
-    r.sock.settimeout(timeout)
-    while True:
-        t, body = r._message()
-        out.append((t, body))
-        if t == kind:
-            return out
 
 
-def drain(r: RawConn, wait: float = 1.0) -> list[tuple[bytes, bytes]]:
-    """Whatever arrives within ``wait`` seconds."""
-    out = []
-    r.sock.settimeout(wait)
-    try:
-        while True:
-            out.append(r._message())
-    except (TimeoutError, ConnectionError, OSError):
-        pass
-    r.sock.settimeout(30)
-    return out
 
 
 # ------------------------------------------------------------ COPY-in desync (family 2/8)
@@ -249,12 +230,6 @@ def test_copy_desync_cannot_turn_an_allowed_write_into_a_blocked_one(
     assert direct(pg, "SELECT count(*) FROM a21_vault.victim3") == [(1,)]
 
 
-def in_step(r: RawConn) -> None:
-    """The client and the gateway agree on which answer is which: a query's own answer."""
-    for word in ("alpha", "beta"):
-        a = r.run(Q(f"SELECT '{word}'::text"))
-        rows = [body for t, body in a if t == b"D"]
-        assert len(rows) == 1 and rows[0].endswith(word.encode()), a
 
 
 @pytest.mark.parametrize("batch", [

@@ -249,13 +249,15 @@ class Decisions(SessionState):
                 self.schemas = wider
                 self.forget_verdicts()
 
-    def _user_code_runs(self) -> None:
+    def _user_code_runs(self, portal: str | None = None) -> None:
         """A statement running user code is sent (or an approved one runs): it may change
         search_path (or the role, and with it "$user"), which the server does not report,
         so from now on functions, operators and types are judged as if any schema were
-        searched (catalog.py), and nothing memoised before stands."""
+        searched (catalog.py), and nothing memoised before stands. It may also close
+        portals and open others under their names (``portal``: the one it runs in)."""
         self.probe_due = self.code_pending = True
         self.guard_stmts.clear()  # (see session._forward)
+        self._forget_portals(portal)
         if not self.ran_user_code:
             self.ran_user_code = True
             self.forget_verdicts()

@@ -123,7 +123,7 @@ class ReadOnlyGuard(SessionState):
         the next statement then waits for its completion too, and it is tried again."""
         up, ctx = self.upstream, self.barrier_from
         if up is None or up.closed or self.tx_status == "E" or self.skip_until_sync \
-                or self.fail_at_sync:
+                or self.fail_at_sync or self.target_skipping:
             return False
         probe = Probe()
         if ctx is not None and ctx.portal is not None:
@@ -225,7 +225,9 @@ class ReadOnlyGuard(SessionState):
         first; after a Bind or Execute it is too late, and the target refuses the write.
         ``explicit``: as an explicit transaction of the gateway's own (see _open_batch),
         committed before the client's Sync (_end_batch)."""
-        if self.imp_bound:
+        if self.imp_bound or self.target_skipping:
+            # (Skipping to the client's Sync after an error, the target runs nothing of
+            # this batch; a Sync of the gateway's own would end the skip early.)
             return
         if self.imp_started:
             out.append(codec.encode_sync())

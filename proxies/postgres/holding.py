@@ -138,7 +138,7 @@ class Holds(SessionState):
             self.gw.catalogs.note(cast("ClientSession", self),
                                   tuple(getattr(analysis, "statements", ())))
             if self._code_runs(analysis, decision):
-                self._user_code_runs()
+                self._user_code_runs(ctx.portal)
             ctx.barrier = self.probe_due
             if ctx.barrier and kind == b"E":
                 self.code_in_batch = True

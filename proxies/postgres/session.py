@@ -215,6 +215,16 @@ def _binary_results(portal: tuple[str, bytes] | None) -> bool:
         return True  # cannot tell: the riskier answer
 
 
+#: Statements that create or drop portals under a name the client chooses (SQL cursors
+#: and protocol portals are one namespace on the server).
+_PORTAL_COMMANDS = frozenset(("DECLARE CURSOR", "CLOSE"))
+
+
+def _changes_portals(analysis: Any) -> bool:
+    return analysis.error is not None or any(
+        st.command in _PORTAL_COMMANDS for st in analysis.statements)
+
+
 _COPY_WORD = re.compile(r"\bcopy\b", re.IGNORECASE)
 
 
@@ -797,6 +807,9 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         if self.skip_until_sync and t != b"S":
             return True
         if t == b"Q":
+            if self.target_skipping:
+                self._skipped_query(msg)
+                return True
             return self._on_query(msg, out)
         if t == b"B":
             # Only the names now; parameters are decoded when someone needs to read them.
@@ -946,6 +959,28 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             return True
         raise codec.RemoteProtocolError(f"unexpected message type {t!r} in a session")
 
+    def _skipped_query(self, msg: Message) -> None:
+        """A simple Query while the target skips to the Sync after an error in the
+        extended protocol: the server ignores it (no answer at all), so the gateway does
+        not send it, expects nothing for it and records that it did not run. (Queued, it
+        would have taken the Sync's ReadyForQuery, and every later answer the request's
+        before it.)"""
+        sql = codec.decode_query(msg.body)
+        ctx = Ctx(sql, "unknown", "block", "builtin:skipped",
+                  "sent after an error in the batch and before its Sync: the server ignores "
+                  "a Query then, so it was not sent", time.time())
+        self._audit(ctx, outcome="skipped")
+
+    def _forget_portals(self, keep: str | None = None) -> None:
+        """What the client's protocol portals hold may have changed on the server (user
+        code may close a portal and open another under its name, a SQL DECLARE or CLOSE
+        uses the same names): an Execute of one of them is refused from now on (an
+        unknown portal) until it is bound again. ``keep``: the portal being executed
+        (the server does not let it be dropped while it runs)."""
+        for names in (self.portals, self.bound):
+            for name in [n for n in names if n != keep]:
+                del names[name]
+
     def _in_copy(self, t: bytes) -> None:
         """A client message while a COPY FROM STDIN may be reading the client's messages
         on the target. There the server takes CopyData, CopyDone and CopyFail, ignores
@@ -1005,7 +1040,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             if (decision.action == "allow" and fast is not None and not self.masking
                     and len(self.fast_verdicts) < 4096 and self.analyzer.known_shape(fast)
                     and not _runs_user_code(analysis, decision)
-                    and "copy_in" not in st.facts):
+                    and "copy_in" not in st.facts and st.command not in _PORTAL_COMMANDS):
                 if decision.classification == "read" and not st.facts:
                     self.fast_verdicts[fast] = (decision, _fragment(decision))
                 if len(self.guarded_verdicts) < 4096:
@@ -1059,7 +1094,8 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         if self.fast is not None and d.action == "allow" and d.classification == "read" \
                 and stmt_name is not None and not info.names \
                 and not _runs_user_code(info.analysis, d) and not any(
-                    st.facts for st in info.analysis.statements) \
+                    st.facts or st.command in _PORTAL_COMMANDS
+                    for st in info.analysis.statements) \
                 and self._bind_target(stmt_name) is info:
             # Bind/Execute/Sync of this statement can now take the compiled fast path.
             key = stmt_name.encode()
@@ -1076,6 +1112,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                 and not info.names and len(self.fast_guarded_stmts) < 4096 \
                 and len(info.analysis.statements) == 1 \
                 and info.analysis.statements[0].facts in _FAST_GUARD_FACTS \
+                and info.analysis.statements[0].command not in _PORTAL_COMMANDS \
                 and not _runs_user_code(info.analysis, d) \
                 and not info.analysis.statements[0].literal_dependent \
                 and self._bind_target(stmt_name) is info:
@@ -1160,7 +1197,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             # follows is judged once it was.
             ctx.barrier = True
             if user_code:
-                self._user_code_runs()
+                self._user_code_runs(ctx.portal)
                 if kind == b"E":
                     self.code_in_batch = True
             if not self._forward(msg, ctx, kind, out):
@@ -1282,6 +1319,8 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         self.gw.audit_spool.write_line(
             self._intent_prefix_bytes() + orjson.dumps(rec, default=str, option=_LINE)[1:])
         self.unsent = True
+        if ctx.analysis is not None and _changes_portals(ctx.analysis):
+            self._forget_portals(ctx.portal)
         if self.changes_anything or self.changed_catalog:
             # A statement that may change anything in the catalog (or what ends its
             # transaction, making the change visible to others) is about to be sent.
@@ -1385,7 +1424,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             self._audit(ctx, outcome="blocked")
             return True
         if plan is not None and (plan.changed or plan.toggle) and self.imp_started \
-                and not self.imp_bound and not self.txs.block:
+                and not self.imp_bound and not self.txs.block and not self.target_skipping:
             # Parse/Describe without a Sync (asyncpg prepares so) began an implicit
             # transaction, and took a snapshot: the guard's statements must come first
             # in theirs, so a Sync of the gateway's own ends it (nothing ran in it).
