@@ -14,12 +14,21 @@ from __future__ import annotations
 
 import logging
 import struct
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from proxies.postgres import codec
 from proxies.postgres.codec import Message
-from proxies.postgres.state import _AMBIGUOUS, Expect, SessionState, _error_at, _rows, _splice
+from proxies.postgres.state import (
+    _AMBIGUOUS,
+    Ctx,
+    Expect,
+    SessionState,
+    _error_at,
+    _rows,
+    _splice,
+)
 
 if TYPE_CHECKING:
     from proxies.postgres.session import ClientSession
@@ -258,6 +267,8 @@ class ResponseRelay(SessionState):
             elif entry.probe is not None:
                 entry.probe.failed = True  # skipped after an error
                 self._probed(entry.probe)
+            elif entry.portal is not None:
+                self._bind_failed(entry)
             if entry.release:
                 self.barrier_done = True
             if entry.ctx is not None:
@@ -326,9 +337,23 @@ class ResponseRelay(SessionState):
             sp.replace(start, end, _error_at(body, moved))
         if head.ctx is not None:
             head.ctx.error = fields
+        elif head.kind == b"S":
+            self._commit_failed(fields)
         if head.kind != b"Q" and head.kind != b"S":
             self._skip_to_sync(fields)
         return _COMPLETED
+
+    def _commit_failed(self, fields: dict[str, str]) -> None:
+        """An error answering a Sync: the batch's implicit transaction failed to commit
+        (a deferred constraint, a serialization failure), so what its statements did,
+        recorded as they completed, is rolled back. Recorded as such."""
+        ctx = Ctx("<commit of the implicit transaction at Sync>", "transaction", "allow",
+                  "builtin:implicit-commit",
+                  "the batch's implicit transaction failed to commit at its Sync: what its "
+                  f"statements did is rolled back ({fields.get('C', '')}: "
+                  f"{fields.get('M', '')})", time.time())
+        ctx.error = fields
+        self._audit(ctx, outcome="error")
 
     def _skip_to_sync(self, fields: dict[str, str] | None) -> None:
         """Drop what the target skips after an error in the extended protocol (up to the
@@ -344,6 +369,8 @@ class ResponseRelay(SessionState):
             elif dropped.probe is not None:
                 dropped.probe.failed = True
                 self._probed(dropped.probe)
+            elif dropped.portal is not None:
+                self._bind_failed(dropped)
             if fields is not None and dropped.ctx is not None:
                 if dropped.ctx.error is None:
                     dropped.ctx.error = fields

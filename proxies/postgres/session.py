@@ -58,7 +58,7 @@ from proxies.postgres.ordering import ResponseRelay
 from proxies.postgres.startup import StartupSteps
 from proxies.postgres.state import (
     _AMBIGUOUS,
-    _EXPECT_B,
+    _EXPECT_B_UNNAMED,
     _EXPECT_C,
     _EXPECT_S,
     _FIRST_USER_OID,
@@ -572,7 +572,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                 # Execute (_guard_run): its answers not seen yet (``n`` were).
                 expect.extend(Expect(k, swallow=True) for k in _GUARD_ANSWERS[n:])
             elif kind == b"B":
-                expect.append(_EXPECT_B)
+                expect.append(_EXPECT_B_UNNAMED)
             elif kind == b"S":
                 expect.append(_EXPECT_S)
                 self.syncs += 1
@@ -844,7 +844,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                 # The server plans again at Bind (folding immutable functions): a
                 # statement that runs user code and is no longer allowed stops here.
                 return True
-            self.portals[pkey] = (skey, body)
+            binding = self.portals[pkey] = (skey, body)
             self.bound[pkey] = (body, target)
             if pkey and self.masking:
                 self.mask_cursors.pop(pkey, None)  # SQL cursors are portals too
@@ -854,7 +854,9 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                 # batch holds is not known, so its reads are guarded (explicit).
                 self._grant_batch(out, explicit=True)
             self.imp_started = self.imp_bound = True
-            self.expect.append(_EXPECT_B)
+            # Until its BindComplete the binding is a hope: a Bind the target refuses or
+            # skips leaves whatever the name held there (a cursor, an older portal).
+            self.expect.append(Expect(b"B", portal=pkey, binding=binding))
             out.append(msg.raw)
             return True
         if t == b"E":
@@ -970,6 +972,17 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                   "sent after an error in the batch and before its Sync: the server ignores "
                   "a Query then, so it was not sent", time.time())
         self._audit(ctx, outcome="skipped")
+
+    def _bind_failed(self, entry: Expect) -> None:
+        """A Bind the target refused or skipped: what the name holds there is not what
+        the gateway recorded (if it still holds this Bind's binding, a later Bind did
+        not replace it), so the name is forgotten: its Execute is refused until a Bind
+        of it completes."""
+        name = entry.portal
+        assert name is not None
+        if entry.binding is None or self.portals.get(name) is entry.binding:
+            self.portals.pop(name, None)
+            self.bound.pop(name, None)
 
     def _forget_portals(self, keep: str | None = None) -> None:
         """What the client's protocol portals hold may have changed on the server (user

@@ -139,6 +139,10 @@ class Expect:
     # A Sync after user code ran in its batch: the client's next messages wait for its
     # ReadyForQuery (and the settings the target reports with it).
     release: bool = False
+    # A Bind: the portal it binds and the binding it recorded (session.portals), undone
+    # when the target refuses or skips it (None: the compiled fast path's, unnamed).
+    portal: str | None = None
+    binding: Any = None
 
 
 @dataclass(slots=True)
@@ -178,7 +182,8 @@ def _splice(out: list[bytes] | None, chunk: bytes, seg: int, start: int, end: in
     return out, end
 
 
-_EXPECT_B, _EXPECT_P, _EXPECT_S, _EXPECT_C = Expect(b"B"), Expect(b"P"), Expect(b"S"), Expect(b"C")
+_EXPECT_S, _EXPECT_C = Expect(b"S"), Expect(b"C")
+_EXPECT_B_UNNAMED = Expect(b"B", portal="")  # a Bind of the unnamed portal (fast path)
 
 
 _FIRST_USER_OID = 16384  # OIDs below are the server's own objects
@@ -360,6 +365,7 @@ class SessionState:
         def forget_verdicts(self) -> None: ...
         def _user_code_runs(self, portal: str | None = None) -> None: ...
         def _forget_portals(self, keep: str | None = None) -> None: ...
+        def _bind_failed(self, entry: Expect) -> None: ...
         def _probe_search_path(self) -> bool: ...
         def _probed(self, probe: Probe) -> None: ...
         def _code_runs(self, analysis: Any, decision: Decision) -> bool: ...
