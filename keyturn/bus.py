@@ -54,6 +54,18 @@ class DecisionWatcher:
             if not fut.done():
                 fut.set_result(status)
 
+    def hear_local_decisions(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Decisions taken in this process (expiry, cancel) resolve waits at once, from
+        whichever thread takes them; the watchers of other gateways in the process keep
+        hearing them too."""
+        earlier = self.approvals.on_change
+
+        def on_change(ticket_id: int, status: str) -> None:
+            earlier(ticket_id, status)
+            loop.call_soon_threadsafe(self.resolve, ticket_id, status)
+
+        self.approvals.on_change = on_change
+
     def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._poll_loop(), name="bus-poll"))
         self._tasks.append(asyncio.create_task(self._expiry_loop(), name="bus-expiry"))

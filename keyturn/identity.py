@@ -1,7 +1,8 @@
 """Identity: who a person is, and the access tokens they use.
 
 Users and groups come from the config file. Access tokens are what a person
-types as the password in psql (and sends as a Bearer token to the API).
+types as the password in psql (and sends as a Bearer token to the API). SSH public
+keys, registered per person (``PublicKey``), log them in to the SSH gateway.
 A token is shown once and stored only as hashes:
 
 * ``lookup_hash`` — SHA-256 of the token, for the API and for cleartext
@@ -15,6 +16,8 @@ This module must not know about protocols beyond computing SCRAM keys.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import secrets
@@ -29,8 +32,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from keyturn.config import AuthThrottle, Config
-from keyturn.errors import NotFound, StoreUnavailable, Unauthorized
-from keyturn.models import Token, UserSalt
+from keyturn.errors import KeyturnError, NotFound, StoreUnavailable, Unauthorized
+from keyturn.models import PublicKey, Token, UserSalt
 from keyturn.store import Store
 
 TOKEN_PREFIX = "kt_"
@@ -142,6 +145,59 @@ class Identities:
             row.last_used_at = now
             return Identity(row.user, self.config.groups_of(row.user), row.id)
 
+    # ---- SSH public keys
+
+    def add_key(self, user: str, line: str, *, now: float | None = None) -> PublicKey:
+        """Register ``line`` (one OpenSSH public key line) as ``user``'s."""
+        if user not in self.config.users:
+            raise NotFound(f"unknown user {user!r} (users come from the config file)")
+        algorithm, fingerprint, canonical, comment = parse_public_key(line)
+        with self.store.write() as s:
+            taken = s.scalars(select(PublicKey).where(
+                PublicKey.fingerprint == fingerprint)).first()
+            if taken is not None:
+                raise BadKey(f"key {fingerprint} is already registered"
+                             + (" for you" if taken.user == user else " for another user"))
+            row = PublicKey(user=user, fingerprint=fingerprint, algorithm=algorithm,
+                            openssh=canonical, comment=comment[:200],
+                            created_at=time.time() if now is None else now)
+            s.add(row)
+            s.flush()
+            return row
+
+    def list_keys(self, user: str | None = None) -> list[PublicKey]:
+        with self.store.session() as s:
+            q = select(PublicKey).order_by(PublicKey.id)
+            if user:
+                q = q.where(PublicKey.user == user)
+            return list(s.scalars(q))
+
+    def remove_key(self, key_id: int, *, user: str | None = None) -> PublicKey:
+        with self.store.write() as s:
+            row = s.get(PublicKey, key_id)
+            if row is None or (user is not None and row.user != user):
+                raise NotFound(f"no key {key_id}")
+            s.delete(row)
+            return row
+
+    def keys_of(self, user: str) -> list[str]:
+        """``user``'s public keys (OpenSSH lines), none for a user not configured."""
+        if user not in self.config.users:
+            return []
+        with _store_errors(), self.store.session() as s:
+            return list(s.scalars(select(PublicKey.openssh).where(PublicKey.user == user)))
+
+    def key_used(self, user: str, fingerprint: str) -> Identity:
+        """A login with ``fingerprint`` succeeded: who it is (the key must still be
+        ``user``'s)."""
+        with _store_errors(), self.store.write() as s:
+            row = s.scalars(select(PublicKey).where(
+                PublicKey.fingerprint == fingerprint)).first()
+            if row is None or row.user != user or user not in self.config.users:
+                raise Unauthorized("the key is not registered for this user")
+            row.last_used_at = time.time()
+            return Identity(user, self.config.groups_of(user), None)
+
     def scram_credentials(self, user: str) -> ScramCredentials | None:
         """The live tokens of ``user`` as SCRAM verifiers, or None if unknown."""
         if user not in self.config.users:
@@ -173,6 +229,50 @@ class Identities:
                 else:
                     del out[row.id]
         return out
+
+
+class BadKey(KeyturnError):
+    """An SSH public key that cannot be registered (the message says why)."""
+
+    code = "bad_key"
+
+
+#: Public key algorithms accepted for people's keys (no DSA, no RSA-SHA1-only keys).
+KEY_ALGORITHMS = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
+                  "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com",
+                  "sk-ecdsa-sha2-nistp256@openssh.com")
+
+
+def key_fingerprint(blob: bytes) -> str:
+    """A key's fingerprint as OpenSSH prints it (``SHA256:`` and unpadded base64)."""
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def parse_public_key(line: str) -> tuple[str, str, str, str]:
+    """(algorithm, fingerprint, ``algorithm base64``, comment) of one OpenSSH public key
+    line; BadKey says what is wrong with it."""
+    parts = line.strip().split(None, 2)
+    if len(parts) < 2:
+        raise BadKey("expected one OpenSSH public key line: 'ssh-ed25519 AAAA... comment'")
+    algorithm, data = parts[0], parts[1]
+    if algorithm not in KEY_ALGORITHMS:
+        raise BadKey(f"unsupported key type {algorithm!r} (expected one of "
+                     f"{', '.join(KEY_ALGORITHMS)})")
+    try:
+        blob = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadKey("the key's base64 part is damaged") from None
+    # The blob starts with its own algorithm name: a line whose parts disagree is not a key.
+    if len(blob) < 4 or blob[4:4 + int.from_bytes(blob[:4], "big")] != algorithm.encode():
+        raise BadKey("the key's data does not match its type")
+    if not algorithm.startswith("sk-"):
+        from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+        try:
+            load_ssh_public_key(f"{algorithm} {data}".encode())
+        except (ValueError, TypeError) as exc:
+            raise BadKey(f"not a valid {algorithm} key ({exc})") from None
+    return algorithm, key_fingerprint(blob), f"{algorithm} {data}", \
+        parts[2].strip() if len(parts) > 2 else ""
 
 
 @contextmanager

@@ -55,6 +55,23 @@ class Token(Base):
     last_used_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
+class PublicKey(Base):
+    """A person's SSH public key: logging in with its private key is logging in as them
+    (keyturn key add, the portal's Keys page)."""
+
+    __tablename__ = "public_keys"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user: Mapped[str] = mapped_column(String(64), index=True)
+    #: ``SHA256:...`` as ``ssh-keygen -l`` prints it; one key belongs to one person.
+    fingerprint: Mapped[str] = mapped_column(String(128), unique=True)
+    algorithm: Mapped[str] = mapped_column(String(64))
+    #: The key in OpenSSH's one-line form (``ssh-ed25519 AAAA... comment``).
+    openssh: Mapped[str] = mapped_column(Text)
+    comment: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[float] = mapped_column(Float)
+    last_used_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
 class Ticket(Base):
     __tablename__ = "tickets"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

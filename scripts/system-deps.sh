@@ -8,6 +8,9 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/n
   || need+=(postgresql)
 command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
 command -v pgbench >/dev/null 2>&1 || need+=(postgresql-contrib)
+# The SSH gateway's tests run a throwaway OpenSSH server and the real ssh/scp/sftp clients.
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 # The portal's browser tests drive Debian's chromium through Playwright. Optional:
 # if it cannot be installed, those tests skip and say why.
 optional=()

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from keyturn.config import Config, load_config, parse_duration
@@ -141,6 +142,62 @@ def cmd_token(args: argparse.Namespace) -> int:
     svc.record_audit(kind="token", user=row.user, action="revoke",
                      detail={"token_id": row.id, "by": "cli"})
     print(f"token {row.id} of {row.user} revoked")
+    return 0
+
+
+def cmd_key(args: argparse.Namespace) -> int:
+    """People's SSH public keys (they log in to the SSH gateway with them)."""
+    svc = _services(args)
+    ids = svc.identities
+    if args.key_cmd == "add":
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+        lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+        if not lines:
+            raise KeyturnError(f"{args.file}: no public key in it")
+        for line in lines:
+            row = ids.add_key(args.user, line)
+            svc.record_audit(kind="key", user=args.user, action="add",
+                             detail={"key_id": row.id, "fingerprint": row.fingerprint,
+                                     "by": "cli"})
+            print(f"key {row.id} for {row.user}: {row.fingerprint} ({row.algorithm}"
+                  + (f", {row.comment}" if row.comment else "") + ")")
+        return 0
+    if args.key_cmd == "list":
+        rows = ids.list_keys(args.user)
+        print(f"{'id':>4}  {'user':<12} {'fingerprint':<51} {'last used':<21} comment")
+        for r in rows:
+            used = _fmt_time(r.last_used_at) if r.last_used_at else "never"
+            print(f"{r.id:>4}  {r.user:<12} {r.fingerprint:<51} {used:<21} {r.comment}")
+        return 0
+    row = ids.remove_key(args.id)
+    svc.record_audit(kind="key", user=row.user, action="remove",
+                     detail={"key_id": row.id, "fingerprint": row.fingerprint, "by": "cli"})
+    print(f"key {row.id} of {row.user} removed ({row.fingerprint})")
+    return 0
+
+
+def cmd_ssh_config(args: argparse.Namespace) -> int:
+    """``Host`` blocks for ~/.ssh/config so that ``ssh web1`` goes through the gateway,
+    and the gateway's host key for ~/.ssh/known_hosts."""
+    from proxies.ssh.gateway import host_key_path, load_host_key
+
+    config = _config(args)
+    listen = config.gateway.listener("ssh")
+    conns = [c for c in config.connections.values() if c.type == "ssh"]
+    if not conns or listen is None:
+        raise KeyturnError(f"{config.path}: no ssh connection is configured")
+    user = args.user or os.environ.get("USER") or "me"
+    host = args.host or listen.host
+    key = load_host_key(host_key_path(config))
+    public = key.export_public_key("openssh").decode().split()[:2]
+    where = host if listen.port == 22 else f"[{host}]:{listen.port}"
+    print(f"# keyturn SSH gateway {host}:{listen.port}, host key "
+          f"{key.get_fingerprint('sha256')}")
+    print("# add this line to ~/.ssh/known_hosts:")
+    print(f"#   {where} {' '.join(public)}")
+    for c in conns:
+        print(f"\nHost {c.name}\n    HostName {host}\n    Port {listen.port}\n"
+              f"    User {user}:{c.name}")
     return 0
 
 
@@ -420,6 +477,26 @@ def build_parser() -> argparse.ArgumentParser:
     tr = toks.add_parser("revoke")
     tr.add_argument("id", type=int)
     tr.set_defaults(fn=cmd_token)
+
+    key = sub.add_parser("key", help="people's SSH public keys (SSH gateway logins)")
+    keys = key.add_subparsers(dest="key_cmd", required=True)
+    ka = keys.add_parser("add", help="register the public key(s) in FILE for a user")
+    ka.add_argument("--user", required=True)
+    ka.add_argument("file", help="an OpenSSH public key file (one key per line; '-': stdin)")
+    ka.set_defaults(fn=cmd_key)
+    kl = keys.add_parser("list")
+    kl.add_argument("--user")
+    kl.set_defaults(fn=cmd_key)
+    kr = keys.add_parser("remove")
+    kr.add_argument("id", type=int)
+    kr.set_defaults(fn=cmd_key)
+
+    sc = sub.add_parser("ssh-config", help="print ~/.ssh/config Host blocks for the SSH "
+                                           "gateway's connections")
+    sc.add_argument("--user", help="your keyturn user name (default $USER)")
+    sc.add_argument("--host", help="the gateway's address as clients reach it (default "
+                                   "the listener's)")
+    sc.set_defaults(fn=cmd_ssh_config)
 
     us = sub.add_parser("user", help="portal sign-in accounts")
     uss = us.add_subparsers(dest="user_cmd", required=True)

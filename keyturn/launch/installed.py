@@ -29,6 +29,7 @@ def install() -> None:
     import bots.settings  # noqa: F401  integrations: (the chat bots)
     import portal.settings  # noqa: F401  portal:
     import proxies.postgres.register  # noqa: F401  type: postgres
+    import proxies.ssh.register  # noqa: F401  type: ssh
 
 
 @dataclass(frozen=True)

