@@ -12,8 +12,9 @@ fallback, an access token typed as the password. Each channel they open is one r
   client while it waits cancels the ticket.
 - **shell** (interactive, with or without a terminal): policy allows, blocks or reviews
   opening it (class ``shell``); it is always recorded.
-- **subsystems** (sftp) are refused with a clear message for now; forwarding of agents,
-  X11, ports (``-L``/``-R``) and tunnels is refused.
+- **sftp** (and scp, which speaks SFTP): each operation is judged with its paths and
+  audited (proxies/ssh/sftp.py). Other subsystems, and forwarding of agents, X11, ports
+  (``-L``/``-R``) and tunnels, are refused.
 
 Every exec and shell is recorded in asciicast v2 (output, input, resizes) under the
 recordings directory; its reference and SHA-256 enter the audit chain when it closes. The
@@ -35,6 +36,7 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,7 @@ from keyturn.request import Request
 from keyturn.services import Services
 from portal.settings import PORTAL
 from proxies.ssh.register import SSHTarget, target_of
+from proxies.ssh.sftp import SFTPRelay
 from proxies.ssh.shell import ShellAction, classify
 
 log = logging.getLogger(__name__)
@@ -129,7 +132,7 @@ class SSHGateway:
             server_host_keys=[self.host_key], process_factory=self._process,
             encoding=None, line_editor=False, keepalive_interval=KEEPALIVE,
             login_timeout=LOGIN_TIMEOUT, agent_forwarding=False, x11_forwarding=False,
-            allow_scp=False, sftp_factory=None, reuse_address=True)
+            allow_scp=False, sftp_factory=SFTPRelay, reuse_address=True)
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("ssh gateway on %s:%d (%d connections, host key %s)", listen.host,
                  self.port, len(self.config.connections_of("ssh")),
@@ -376,7 +379,10 @@ class _Session(asyncssh.SSHServer):
                     REFUSED_STATUS)
             return
         if decision.action == "review":
-            outcome = await self._hold(process, req, decision, action)
+            outcome = await self.hold_action(
+                action, req, decision,
+                lambda text: process.stderr.write(f"keyturn: {text}\n".encode()),
+                process=process)
             ticket_id = outcome.ticket_id
             if not outcome.run:
                 self.gw.audit(kind="statement", action="review", rule=decision.rule,
@@ -412,8 +418,13 @@ class _Session(asyncssh.SSHServer):
                       outcome="ok", detail={**ref.to_json(), "name": Path(ref.path).name,
                                             "channel": n})
 
-    async def _hold(self, process: asyncssh.SSHServerProcess[bytes], req: Request,
-                    decision: Any, action: ShellAction) -> holds.Outcome:
+    async def hold_action(self, action: Any, req: Request, decision: Any,
+                          say: Callable[[str], None], *,
+                          process: asyncssh.SSHServerProcess[bytes] | None = None
+                          ) -> holds.Outcome:
+        """Hold one action (an exec command, an SFTP operation) until it is decided;
+        ``say`` tells the client (its stderr). Hanging up cancels the ticket, and so does
+        Ctrl-C typed in ``process``'s terminal."""
         conn = req.connection
         review = decision.review
         target = target_of(conn)
@@ -429,30 +440,34 @@ class _Session(asyncssh.SSHServer):
             facts=(("target", target.address),
                    ("programs", ", ".join(action.programs) or "—"),
                    ("paths", ", ".join(action.paths) or "—"),
-                   ("parsed", " ; ".join(action.commands) or "—")),
+                   ("parsed", " ; ".join(getattr(action, "commands", ())) or "—")),
             detail={"programs": list(action.programs), "paths": list(action.paths),
                     "reasons": list(action.reasons),
-                    "pty": process.get_terminal_type() is not None})
+                    "pty": process is not None and process.get_terminal_type() is not None})
         binding = binding_of(self.user, conn.name, action.text, None)
+        mine: list[int] = []
 
         def on_held(held: holds.Held) -> None:
             if held.mode != "defer":
-                process.stderr.write(f"keyturn: {held.message}\n".encode())
+                say(held.message)
 
         def on_wait(ticket_id: int | None) -> None:
             if ticket_id is not None:
+                mine.append(ticket_id)
                 self.held.add(ticket_id)
             else:
-                self.held.clear()
+                for t in mine:
+                    self.held.discard(t)
 
-        # A client that hangs up (or presses Ctrl-C in a terminal) cancels the ticket.
-        watch = self.gw.spawn(self._watch_cancel(process))
+        watch = self.gw.spawn(self._watch_cancel(process)) if process is not None else None
         try:
-            return await self.gw.holds.hold(ticket, binding=binding, noun="command",
-                                            on_held=on_held, on_wait=on_wait,
-                                            is_gone=lambda: self.closed or watch.done())
+            return await self.gw.holds.hold(
+                ticket, binding=binding, noun="command" if process is not None
+                else "operation", on_held=on_held, on_wait=on_wait,
+                is_gone=lambda: self.closed or (watch is not None and watch.done()))
         finally:
-            watch.cancel()
+            if watch is not None:
+                watch.cancel()
 
     async def _watch_cancel(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
         """While a command is held: Ctrl-C typed in a terminal cancels its ticket (input
