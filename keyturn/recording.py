@@ -141,6 +141,13 @@ class Recording:
         self._line(orjson.dumps({"t": t, "d": direction, **fields}, default=str))
         self.events += 1
 
+    def marker(self, label: str) -> None:
+        """A named point in an asciicast (a command line typed in a shell): players list
+        markers and jump to them."""
+        if self.format == "asciicast":
+            self._line(orjson.dumps([self.elapsed(), "m", label]))
+            self.events += 1
+
     def resize(self, cols: int, rows: int) -> None:
         if self.format == "asciicast":
             self._line(orjson.dumps([self.elapsed(), "r", f"{int(cols)}x{int(rows)}"]))

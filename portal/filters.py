@@ -13,7 +13,7 @@ from typing import Any
 from flask import Flask
 
 from keyturn.wording import Sentence, chat_place, decision, event_sentence, execution, outcome
-from portal.statements import one_line, render_statement
+from portal.statements import one_line, render_command, render_statement
 
 
 def when(ts: float | None) -> str:
@@ -65,7 +65,7 @@ def capitalize_first(text: str) -> str:
 
 def init_app(app: Flask) -> None:
     app.jinja_env.filters.update(when=when, iso=iso, age=age, left=left, span=span,
-                                 sql=render_statement, one_line=one_line,
+                                 sql=render_statement, shell=render_command, one_line=one_line,
                                  chat_place=chat_place, sentence=sentence, outcome=outcome,
                                  decision=decision, execution=execution,
                                  capitalize_first=capitalize_first)

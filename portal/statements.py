@@ -16,10 +16,11 @@ from functools import lru_cache
 from markupsafe import Markup
 from pygments import highlight
 from pygments.formatters import HtmlFormatter
-from pygments.lexers import PostgresLexer
+from pygments.lexers import BashLexer, PostgresLexer
 
 _FORMATTER = HtmlFormatter(nowrap=True)
 _LEXER = PostgresLexer()
+_SHELL = BashLexer()
 MAX_PRETTY = 20000
 
 
@@ -42,6 +43,12 @@ def render_statement(sql: str, *, redact: Callable[[str], str] | None = None,
     if prettify:
         text = pretty(text)
     return Markup(highlight(text, _LEXER, _FORMATTER).rstrip("\n"))
+
+
+def render_command(text: str) -> Markup:
+    """A shell command line, highlighted as the shell reads it (never reformatted: the
+    bytes shown are the bytes that run)."""
+    return Markup(highlight(text, _SHELL, _FORMATTER).rstrip("\n"))
 
 
 def one_line(sql: str, limit: int = 120, *, redact: Callable[[str], str] | None = None) -> str:

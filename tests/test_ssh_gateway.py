@@ -365,6 +365,9 @@ def test_interactive_shell_is_recorded(kt: Keyturn):
     typed = "".join(e[2] for e in events if e[1] == "i")
     shown = "".join(e[2] for e in events if e[1] == "o")
     assert "echo shell-$((6*7))" in typed and "shell-42" in shown
+    # The lines typed, for search and the player's markers.
+    assert "echo shell-$((6*7))" in rec["detail"]["lines"]
+    assert ["echo shell-$((6*7))", "exit"] == [e[2] for e in events if e[1] == "m"]
 
 
 def test_ssh_config_prints_host_blocks_and_the_gateway_host_key(kt: Keyturn):

@@ -114,3 +114,22 @@ def test_never_raises_and_unparsed_is_never_below_unknown(text: str) -> None:
         # Something spelled rm ran as a plain read or write: only when it is not in
         # command position (an argument, a path).
         assert "rm" not in action.programs
+
+
+def test_typed_lines_come_from_the_keys_or_from_the_screen() -> None:
+    from proxies.ssh.terminal import TypedLines
+
+    t = TypedLines(80, 24)
+    t.output(b"$ ")
+    assert t.input(b"ls -l /tmpx\x7f\r") == ["ls -l /tmp"]  # backspace applied
+    t.output(b"\r\nfile\r\n$ ")
+    # Tab completion happens in the shell: the screen shows the result.
+    t.input(b"systemctl sta\t")
+    t.output(b"systemctl status")
+    assert t.input(b" nginx") == []
+    t.output(b" nginx")  # the shell echoes each key
+    assert t.input(b"\r") == ["$ systemctl status nginx"]
+    t.output(b"\r\n$ ")
+    assert t.input(b"echo a\recho b\r") == ["echo a", "echo b"]  # a paste
+    assert t.input(b"rm -rf /\x03") == []  # Ctrl-C drops the line
+    assert t.lines == ["ls -l /tmp", "$ systemctl status nginx", "echo a", "echo b"]

@@ -57,6 +57,7 @@ from portal.settings import PORTAL
 from proxies.ssh.register import SSHTarget, target_of
 from proxies.ssh.sftp import SFTPRelay
 from proxies.ssh.shell import ShellAction, classify
+from proxies.ssh.terminal import TypedLines
 
 log = logging.getLogger(__name__)
 
@@ -505,12 +506,13 @@ class _Session(asyncssh.SSHServer):
             title=f"{self.user}@{conn.name}: {command if command is not None else 'shell'}",
             command=command, env={"TERM": term or ""})
         stats = {"bytes_in": 0, "bytes_out": 0}
+        typed = TypedLines(width or 80, height or 24) if term else None
         try:
             async with upstream:
                 remote = await upstream.create_process(
                     command, term_type=term, term_size=(width, height) if term else None,
                     encoding=None)
-                status = await self._pump(process, remote, recording, stats)
+                status = await self._pump(process, remote, recording, stats, typed)
         except (OSError, asyncssh.Error) as exc:
             ref = recording.close()
             self._sealed(ref, conn, n)
@@ -520,16 +522,19 @@ class _Session(asyncssh.SSHServer):
         ref = recording.close()
         self._sealed(ref, conn, n)
         exit_status, signal = status
+        lines = {"lines": typed.lines} if typed is not None else {}
         if signal:
             process.exit_with_signal(signal[0], signal[1], signal[2], signal[3])
         else:
             process.exit(exit_status if exit_status is not None else UNREACHABLE_STATUS)
         return {"outcome": "ok" if exit_status == 0 else "error", "exit_status": exit_status,
-                "signal": signal[0] if signal else None, "recording": ref.path, **stats}
+                "signal": signal[0] if signal else None, "recording": ref.path, **stats,
+                **lines}
 
     async def _pump(self, process: asyncssh.SSHServerProcess[bytes],
                     remote: asyncssh.SSHClientProcess[bytes], rec: Recording,
-                    stats: dict[str, int]) -> tuple[int | None, Any]:
+                    stats: dict[str, int], typed: TypedLines | None
+                    ) -> tuple[int | None, Any]:
         """Move bytes both ways until the target's command ends; record them."""
 
         async def client_to_target() -> None:
@@ -539,6 +544,8 @@ class _Session(asyncssh.SSHServer):
                 except asyncssh.TerminalSizeChanged as exc:
                     remote.change_terminal_size(exc.width, exc.height)
                     rec.resize(exc.width, exc.height)
+                    if typed is not None:
+                        typed.resize(exc.width, exc.height)
                     continue
                 except asyncssh.BreakReceived:
                     continue
@@ -550,6 +557,9 @@ class _Session(asyncssh.SSHServer):
                     return
                 stats["bytes_in"] += len(data)
                 rec.write("i", data)
+                if typed is not None:
+                    for line in typed.input(data):
+                        rec.marker(line)
                 remote.stdin.write(data)
                 await remote.stdin.drain()
 
@@ -560,6 +570,8 @@ class _Session(asyncssh.SSHServer):
                     return
                 stats["bytes_out"] += len(data)
                 rec.write("o", data)
+                if typed is not None:
+                    typed.output(data)
                 dst.write(data)
                 await dst.drain()
 
