@@ -72,8 +72,10 @@ def create_app(services: Services, config: dict[str, Any] | None = None) -> Flas
         filters,
         history,
         htmx,
+        keys,
         live,
         queue,
+        recordings,
         security,
         tickets,
         tokens,
@@ -87,8 +89,8 @@ def create_app(services: Services, config: dict[str, Any] | None = None) -> Flas
     errors.init_app(app)
     live.init_app(app)
     app.register_blueprint(api_bp)
-    for module in (auth, queue, tickets, history, auditview, export, tokens, chatlinks,
-                   configview, dashboard):
+    for module in (auth, queue, tickets, history, auditview, export, tokens, keys,
+                   recordings, chatlinks, configview, dashboard):
         app.register_blueprint(module.bp)
 
     @app.get("/healthz")

@@ -3,6 +3,7 @@ CSRF, security headers, the role × route matrix, deciding, tokens."""
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -297,8 +298,11 @@ def test_a_ticket_of_any_protocol_shows_its_own_facts(app: Flask, svc: Services)
         facts=(("Class", "admin"), ("Programs", "systemctl, rm"), ("Host key", "verified"))))
     html = _as(app, "dana").client.get(f"/tickets/{t.id}").text
     assert ">Command</h2>" in html and ">Statement</h2>" not in html
-    assert "systemctl restart nginx &amp;&amp; rm -rf /tmp/cache" in html
-    assert 'class="k"' not in html  # no SQL highlighting of a shell command
+    # Highlighted as the shell reads it, never reformatted: the text is the text that runs.
+    assert '<pre class="shell highlight"><code>systemctl<span class="w"> </span>restart' in html
+    assert '<span class="o">&amp;&amp;</span>' in html
+    assert re.sub(r"<[^>]+>", "", html.split('<pre class="shell highlight">')[1]
+                  .split("</pre>")[0]) == "systemctl restart nginx &amp;&amp; rm -rf /tmp/cache"
     for label, value in (("Programs", "systemctl, rm"), ("Host key", "verified")):
         assert f"<dt>{label}</dt><dd>{value}</dd>" in html
     assert "Estimated rows" not in html
@@ -546,7 +550,7 @@ PUBLIC = {"static", "auth.login", "auth.sso_start", "auth.sso_callback", "health
 
 def _concrete(rule: str) -> str:
     return (rule.replace("<int:ticket_id>", "1").replace("<int:token_id>", "1")
-            .replace("<int:link_id>", "1")
+            .replace("<int:link_id>", "1").replace("<int:key_id>", "1").replace("<int:seq>", "1")
             .replace("<any(approve, reject):vote>", "approve").replace("<session_id>", "s"))
 
 
@@ -564,7 +568,7 @@ def test_every_state_changing_route_needs_the_csrf_token(app: Flask, svc: Servic
             checked.append(rule.endpoint)
     assert {"tickets.decide", "tokens.create", "tokens.revoke", "export.download",
             "configview.connections", "auth.logout", "auth.login", "chatlinks.claim",
-            "chatlinks.unlink"} <= set(checked)
+            "chatlinks.unlink", "keys.add", "keys.remove"} <= set(checked)
 
 
 def test_every_page_needs_sign_in(app: Flask) -> None:

@@ -383,3 +383,107 @@ def test_ssh_config_prints_host_blocks_and_the_gateway_host_key(kt: Keyturn):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout == "verified\n"
+
+
+def test_the_recording_re_renders_the_screen_the_client_saw(kt: Keyturn):
+    import pyte
+
+    r = subprocess.run(_argv(kt, "alice", "web1", None, ("-tt",)),
+                       input=b"printf 'a\\tb\\033[1mbold\\033[0m\\n'; ls -a /\nexit\n",
+                       capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    rec = wait_record(kt, lambda x: x["kind"] == "statement" and
+                      "printf 'a\\tb" in " ".join(x["detail"].get("lines", [])))
+    lines = (kt.base / "recordings" / rec["detail"]["recording"]).read_text().splitlines()
+    header = json.loads(lines[0])
+
+    def screen_of(chunks: list[str]) -> list[str]:
+        screen = pyte.Screen(header["width"], header["height"])
+        stream = pyte.Stream(screen)
+        for c in chunks:
+            stream.feed(c)
+        return screen.display
+
+    replayed = screen_of([e[2] for e in map(json.loads, lines[1:]) if e[1] == "o"])
+    seen = screen_of([r.stdout.decode("utf-8", "replace")])
+    assert replayed == seen
+    assert any("bold" in row for row in replayed)
+
+
+def test_recordings_page_search_replay_and_keys_in_a_browser(kt: Keyturn, tmp_path: Path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path("/usr/bin/chromium").exists():
+        pytest.skip("Debian's chromium is not installed")
+    from tests.portal_support import PASSWORD, set_portal_password
+
+    r = subprocess.run(_argv(kt, "alice", "web1", None, ("-tt",)),
+                       input="echo replay-me-$((2*21))\nuptime\nexit\n", capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    rec = wait_record(kt, lambda x: x["kind"] == "statement" and
+                      "echo replay-me-$((2*21))" in x["detail"].get("lines", []))
+    wait_record(kt, lambda x: x["kind"] == "recording" and
+                x["detail"]["path"] == rec["detail"]["recording"])
+    for user in ("alice", "bob"):
+        set_portal_password(kt, user)
+    shots = kt.base / "shots"
+    shots.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
+                                    args=["--no-sandbox", "--disable-dev-shm-usage"])
+        for name, size in (("laptop", {"width": 1280, "height": 800}),
+                           ("phone", {"width": 390, "height": 844})):
+            page = browser.new_page(viewport=size)
+            errors: list[str] = []
+
+            def note(text: str, errors: list[str] = errors) -> None:
+                errors.append(text)
+
+            page.on("console", lambda m, note=note: note(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e, note=note: note(str(e)))
+            page.goto(f"{kt.url}/login")
+            page.get_by_label("User name").fill("alice")
+            page.get_by_label("Password").fill(PASSWORD)
+            page.get_by_role("button", name="Sign in").click()
+            page.wait_for_url(lambda url: "/login" not in url)
+            page.goto(f"{kt.url}/recordings?q=replay-me")
+            rows = page.locator("#recording-list tbody tr")
+            assert rows.count() == 1
+            page.screenshot(path=str(shots / f"recordings-{name}.png"), full_page=True)
+            rows.first.get_by_role("link", name="Replay").click()
+            page.wait_for_selector(".ap-wrapper, .ap-player", timeout=20000)
+            assert "matches the audit trail" in page.content()
+            jump = page.get_by_role("button", name="echo replay-me-$((2*21))")
+            jump.click()
+            page.wait_for_function("window.keyturnPlayer && "
+                                   "window.keyturnPlayer.getCurrentTime() > 0", timeout=20000)
+            page.wait_for_timeout(1500)
+            page.screenshot(path=str(shots / f"replay-{name}.png"), full_page=True)
+            assert "replay-me-42" in page.locator("#player").inner_text()
+            assert not errors, errors
+            page.close()
+        # Another engineer cannot see it (bob is an approver, not an auditor).
+        page = browser.new_page()
+        page.goto(f"{kt.url}/login")
+        page.get_by_label("User name").fill("bob")
+        page.get_by_label("Password").fill(PASSWORD)
+        page.get_by_role("button", name="Sign in").click()
+        page.wait_for_url(lambda url: "/login" not in url)
+        resp = page.goto(f"{kt.url}/recordings/{rec['seq']}")
+        assert resp is not None and resp.status == 404
+        assert page.goto(f"{kt.url}/recordings/{rec['seq']}.cast").status == 404
+        # Keys: bob adds one in the portal and logs in to the SSH gateway with it.
+        keygen(tmp_path / "bob2", "bob's second laptop")
+        page.goto(f"{kt.url}/keys")
+        page.get_by_label("Public key").fill("not a key")
+        page.get_by_role("button", name="Add key").click()
+        assert "cannot be added" in page.content()
+        page.get_by_label("Public key").fill((tmp_path / "bob2.pub").read_text().strip())
+        page.get_by_role("button", name="Add key").click()
+        assert fingerprint(tmp_path / "bob2.pub") in page.content()
+        page.screenshot(path=str(shots / "keys-laptop.png"), full_page=True)
+        browser.close()
+    r = subprocess.run(["ssh", *ssh_options(), "-i", str(tmp_path / "bob2"), "-p",
+                        str(kt.ssh_port), "bob:web1@127.0.0.1", "echo bob-in"],  # type: ignore[attr-defined]
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == "bob-in\n", r.stderr
