@@ -113,6 +113,7 @@ def _pattern(vocab: Vocabulary, kind: str, glob: str) -> str:
 #: A resource name meaning "any resource of its kind" (statistics views for tables).
 ANY_RESOURCE = "*"
 _EVERYTHING = frozenset({"*", "*.*", "*.*.*"})
+_GLOB_CHARS = frozenset("*?[")
 
 
 def _names_match(names: Iterable[str], globs: tuple[str, ...], *, every: bool,
@@ -125,8 +126,13 @@ def _names_match(names: Iterable[str], globs: tuple[str, ...], *, every: bool,
         # It may touch any resource of the kind: a block or review rule matches whatever
         # it names, an allow rule only when it allows every resource.
         return not every or any(p in _EVERYTHING for p in pats)
-    hits = (any(fnmatchcase(n, p) for p in pats) for n in names)
-    return all(hits) if every else any(hits)
+    if every:
+        return all(any(fnmatchcase(n, p) for p in pats) for n in names)
+    # A name that is itself a pattern (``vault.*``: every table of a schema a statement
+    # drops; ``/etc/*``: a glob a shell expands) stands for every name it matches: a block
+    # or review rule matches it when the two may meet (either matches the other).
+    return any(fnmatchcase(n, p) or (_GLOB_CHARS.intersection(n) and fnmatchcase(p, n))
+               for n in names for p in pats)
 
 
 def rule_matches(rule: Rule, req: Request, st: StatementLike) -> bool:

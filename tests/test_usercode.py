@@ -333,7 +333,12 @@ def test_planner_statistics_read_any_table(sql: str) -> None:
     ("SELECT pg_sequence_last_value('vault.s_seq')", "vault.s_seq"),
     ("SELECT currval('\"Vault\".S')", "Vault.s"),
     ("SELECT pg_sequence_last_value('s_seq')", "public.s_seq"),
-    ("SELECT pg_sequence_parameters('vault.s_seq'::regclass)", "*"),  # not a plain constant
+    # regclass reads the constant as the function's own argument does
+    ("SELECT pg_sequence_parameters('vault.s_seq'::regclass)", "vault.s_seq"),
+    ("SELECT pg_sequence_parameters('vault.s_seq'::text)", "*"),  # another type's text
+    ("SELECT nextval('vault.s_seq')", "vault.s_seq"),  # changes it
+    ("SELECT setval('vault.s_seq', 5)", "vault.s_seq"),
+    ("SELECT sequencename, last_value FROM pg_sequences", "*"),
     ("SELECT pg_sequence_last_value($1)", "*"),
     ("SELECT pg_sequence_last_value('a.b.c.d')", "*"),  # not a relation name
     ("SELECT query FROM pg_stat_activity", "*"),

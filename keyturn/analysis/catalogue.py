@@ -377,7 +377,9 @@ ANY_TABLE = "*"
 #: common values, histograms, MCV lists) and other sessions' statement texts (every user
 #: reaches the target as the same role, so they see each other's queries and literals).
 READS_ANY_TABLE = frozenset({"pg_stats", "pg_stats_ext", "pg_stats_ext_exprs", "pg_statistic",
-                             "pg_statistic_ext_data", "pg_stat_activity"})
+                             "pg_statistic_ext_data", "pg_stat_activity",
+                             # every sequence's last value
+                             "pg_sequences"})
 #: The same, in whatever schema the extension providing them was installed.
 READS_ANY_TABLE_ANYWHERE = frozenset({"pg_stat_statements", "pg_stat_monitor"})
 #: Functions that show values of any table (other sessions' statement texts).
@@ -387,7 +389,10 @@ READS_ANY_TABLE_FUNCTIONS = frozenset({"pg_catalog.pg_stat_get_activity",
 #: values): that relation counts as read.
 RELATION_ARGUMENT_FUNCTIONS = frozenset({"pg_catalog.pg_sequence_last_value",
                                          "pg_catalog.pg_sequence_parameters",
-                                         "pg_catalog.currval"})
+                                         "pg_catalog.pg_get_sequence_data",
+                                         "pg_catalog.currval",
+                                         # these change it (and show its value)
+                                         "pg_catalog.nextval", "pg_catalog.setval"})
 
 SAFETY_SETTINGS: Mapping[str, str] = {
     "statement_timeout": "duration",

@@ -72,6 +72,23 @@ class Lineage:
         return out
 
 
+def _renamed(outs: list[Output], names: list[str | None]) -> list[Output]:
+    """A derived table's or CTE's outputs under its column alias list. When a ``*`` whose
+    columns are not known here is among them, positions cannot be matched to names: one
+    output, under every given name, stands for all of their sources."""
+    if not names:
+        return outs
+    if any(o.name == "*" for o in outs):
+        every = set().union(*(o.sources for o in outs))
+        return [Output(n, set(every), False) for n in names if n] + \
+            [Output("*", set(every), False)]
+    out = list(outs)
+    for i, n in enumerate(names):
+        if n and i < len(out):
+            out[i] = Output(n, out[i].sources, out[i].plain)
+    return out
+
+
 class _Item:
     """One FROM item in scope: a table, or a derived table/CTE with known outputs."""
 
@@ -240,9 +257,7 @@ class _Tracer:
                     outs = self.lin.outputs or []
                     self.lin.outputs = saved
             names = [_sval(n) for n in c.get("aliascolnames") or ()]
-            for i, n in enumerate(names):
-                if n and i < len(outs):
-                    outs[i] = Output(n, outs[i].sources, outs[i].plain)
+            outs = _renamed(outs, names)
             ctes[name] = outs
         return ctes
 
@@ -394,10 +409,13 @@ class _Tracer:
             outs = self.select(sub, parent, scope.ctes)
             alias = (body.get("alias") or {}).get("aliasname") or f"?sub{len(scope.items)}"
             names = [_sval(n) for n in (body.get("alias") or {}).get("colnames") or ()]
-            for i, n in enumerate(names):
-                if n and i < len(outs):
-                    outs[i] = Output(n, outs[i].sources, outs[i].plain)
-            scope.items[alias] = _Item(outputs=outs)
+            if names and any(o.name == "*" for o in outs):
+                # A * whose columns are not known here, renamed by position: which new name
+                # is which column cannot be told, so every name stands for all of them.
+                scope.items[alias] = _Item(
+                    sources=set().union(*(o.sources for o in outs)) if outs else set())
+            else:
+                scope.items[alias] = _Item(outputs=_renamed(outs, names))
         elif kind == "JoinExpr":
             self.from_item(body.get("larg"), scope)
             self.from_item(body.get("rarg"), scope)

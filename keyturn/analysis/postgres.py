@@ -643,6 +643,15 @@ class _Walk:
         """A function argument naming a relation (``'vault.s_seq'``, as regclass reads
         it): that relation is read; a name that is not a plain constant may be any."""
         self.literal = True  # what it reads depends on the constant
+        if isinstance(arg, dict) and "TypeCast" in arg:
+            # 'name'::regclass (how stored defaults spell nextval's argument) reads the
+            # constant like the function's own regclass argument does; regclass is always
+            # the built-in type (pg_catalog is searched first).
+            cast = arg["TypeCast"]
+            type_name = cast.get("typeName") or {}
+            if _names(type_name.get("names")) in (["regclass"], ["pg_catalog", "regclass"]) \
+                    and not type_name.get("arrayBounds"):
+                arg = cast.get("arg")
         text = _literal(arg) if arg is not None else None
         parts = _relation_name(text) if text is not None else None
         if parts is None:
@@ -725,6 +734,11 @@ class _Walk:
     def stmt(self, kind: str, body: dict[str, Any], ctes: frozenset[str], top: bool) -> None:
         if kind in _DEFINING:
             self.defines.update(dict.fromkeys(_defined(kind, body)))
+        if kind in _REACHING:
+            for table, why in _reach(kind, body):
+                self.tables[table] = None
+                if why and self.mode == _RUN:
+                    self.add(C.DDL, why)
         handler = _STMT_HANDLERS.get(kind)
         if handler is not None:
             handler(self, body, ctes, top)
@@ -1049,6 +1063,71 @@ class _Walk:
         self.functions[qualified] = None
         self.add(C.DDL, f"CREATE TRIGGER runs {qualified} on future writes")
         self.children("CreateTrigStmt", body, ctes, skip=("funcname",))
+
+
+#: Statements that change tables they do not name: what depends on a dropped object
+#: (CASCADE), the tables of a schema, the table a trigger, rule or policy is on, every
+#: column of an enum type.
+_REACHING = frozenset({"DropStmt", "TruncateStmt", "AlterTableStmt", "AlterDomainStmt",
+                       "AlterEnumStmt", "RenameStmt", "AlterOwnerStmt", "GrantStmt",
+                       "AlterDefaultPrivilegesStmt", "AlterObjectSchemaStmt"})
+_ON_TABLE = frozenset({"OBJECT_TRIGGER", "OBJECT_RULE", "OBJECT_POLICY"})
+
+
+def _schema_tables(name: Any) -> str | None:
+    return f"{name}.*" if isinstance(name, str) and name else None
+
+
+def _reach(kind: str, body: dict[str, Any]) -> list[tuple[str, str]]:
+    """(table, why) for each table ``kind`` changes without naming it; ``*`` is any."""
+    out: list[tuple[str, str]] = []
+    behaviors = [body.get("behavior")]
+    if kind == "AlterTableStmt":
+        behaviors += [(c.get("AlterTableCmd") or {}).get("behavior")
+                      for c in body.get("cmds") or ()]
+    if "DROP_CASCADE" in behaviors:
+        out.append((catalogue.ANY_TABLE, "CASCADE also changes or drops whatever depends on "
+                                         "it, in any table"))
+    if kind == "AlterEnumStmt" and body.get("oldVal"):
+        out.append((catalogue.ANY_TABLE, "renaming an enum value changes what every column "
+                                         "of the type reads"))
+    if kind == "DropStmt":
+        objtype = body.get("removeType")
+        for obj in body.get("objects") or ():
+            if objtype == "OBJECT_SCHEMA":
+                table = _schema_tables((obj.get("String") or {}).get("sval"))
+                if table:
+                    out.append((table, ""))
+            elif objtype in _ON_TABLE:
+                names = _names((obj.get("List") or {}).get("items"))[:-1]
+                if names:
+                    out.append((_qualify(*([None] * (3 - len(names))), *names[-3:]), ""))
+    elif kind == "RenameStmt" and body.get("renameType") == "OBJECT_SCHEMA":
+        table = _schema_tables(body.get("subname"))
+        if table:
+            out.append((table, ""))
+    elif kind == "AlterOwnerStmt" and body.get("objectType") == "OBJECT_SCHEMA":
+        table = _schema_tables((body.get("object") or {}).get("String", {}).get("sval"))
+        if table:
+            out.append((table, ""))
+    elif kind == "GrantStmt" and body.get("targtype") == "ACL_TARGET_ALL_IN_SCHEMA":
+        for obj in body.get("objects") or ():
+            table = _schema_tables((obj.get("String") or {}).get("sval"))
+            if table:
+                out.append((table, ""))
+    elif kind == "AlterDefaultPrivilegesStmt":
+        for opt in body.get("options") or ():
+            d = opt.get("DefElem") or {}
+            if d.get("defname") == "schemas":
+                for item in (d.get("arg") or {}).get("List", {}).get("items") or ():
+                    table = _schema_tables((item.get("String") or {}).get("sval"))
+                    if table:
+                        out.append((table, ""))
+    elif kind == "AlterObjectSchemaStmt":
+        table = _schema_tables(body.get("newschema"))
+        if table:
+            out.append((table, ""))  # moving an object into a schema changes the schema
+    return out
 
 
 _CURSOR_OPT_HOLD = 0x0020

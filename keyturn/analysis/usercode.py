@@ -52,13 +52,18 @@ class Scope:
         return _NOTHING if self.stored else catalog.schemas(self.schemas)
 
 
+#: System views whose built-in rules change session settings when written.
+#: (An unqualified name in a stored definition is a built-in one, which the analyser
+#: reports in public.)
+_SETTINGS_VIEWS = frozenset({"pg_catalog.pg_settings", "public.pg_settings"})
+
 #: The scope of stored definitions (views, rules).
 STORED = Scope(schemas=frozenset(), stored=True)
 
 
 class _Judgement:
     __slots__ = ("an", "catalog", "scope", "findings", "tables", "functions", "depth",
-                 "opaque", "vetted_calls")
+                 "opaque", "vetted_calls", "forbidden")
 
     def __init__(self, an: Analyzer, catalog: TargetCatalog | None, scope: Scope, depth: int):
         self.an, self.catalog, self.scope, self.depth = an, catalog, scope, depth
@@ -69,6 +74,8 @@ class _Judgement:
         # Calls (schema or "", name) whose every candidate on the target is vetted
         # extension code (pgcatalog.Routine.vetted).
         self.vetted_calls: set[tuple[str, str]] = set()
+        # Why the statement must never run, whatever the policy (Statement.forbidden).
+        self.forbidden: str | None = None
 
     def user_code(self, routines: list[Routine], how: str) -> None:
         for r in routines:
@@ -281,6 +288,12 @@ class _Judgement:
                 self.definitions(texts, f"{name}, as this session redefined it,", scope)
             if writes:
                 self.created(f"relation {name}")
+        if st.is_dml and _SETTINGS_VIEWS.intersection(self.tables):
+            # A view over pg_settings (automatically updatable): writing it runs
+            # pg_settings' built-in rules, which call set_config (the role, search_path, the
+            # read-only guard...), like UPDATE pg_settings itself.
+            self.forbidden = ("it writes through a view over pg_settings, whose rules change "
+                              "session settings, including the role")
 
     def relation(self, rel: Relation, writes: bool) -> None:
         pg = STORED
@@ -342,9 +355,11 @@ class _Judgement:
             judged = (inner.findings, tuple(inner.tables), tuple(inner.functions),
                       tuple(inner.opaque))
             if in_write:
+                # (A default or check cannot hold a subquery: the relations it names are
+                # the sequences of its nextval calls, part of the table it fills.)
                 findings = [f for f in inner.findings if f[0] not in (C.READ, C.WRITE)]
-                judged = (findings, *judged[1:]) if findings or inner.tables or \
-                    inner.opaque else ([], (), (), ())
+                judged = (findings, *judged[1:]) if findings or inner.opaque \
+                    else ([], (), (), ())
             if self.catalog is not None:
                 self.catalog.memo[memo_key] = judged
         self.take(judged)
@@ -406,6 +421,8 @@ def resolve(an: Analyzer, st: Statement, catalog: TargetCatalog | None, scope: S
                            "does not follow by name (ALTER TABLE, an operator class, an "
                            "extension...), and keyturn has not read it again yet"))
     st = _vetted(an, st, j)
+    if j.forbidden is not None and st.forbidden is None:
+        st = dataclasses.replace(st, forbidden=j.forbidden)
     if not j.findings and not j.tables and not j.functions and not j.opaque:
         return st
     cls = riskiest([st.cls, *(f[0] for f in j.findings)], C.UNKNOWN)

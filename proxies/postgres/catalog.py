@@ -521,6 +521,7 @@ class _Target:
     timer: asyncio.TimerHandle | None = None
     defined: dict[tuple[str, str], _Defined] = field(default_factory=dict)
     read_at: float = 0.0  # time.monotonic() when the newest completed read began
+    failed: int = 0  # the request number of the latest read that failed (0: none since)
 
 
 def _counts(d: _Defined, key: tuple[str, str], session: ClientSession) -> bool:
@@ -607,6 +608,20 @@ class Catalogs:
         while target.done < wanted and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
 
+    async def fresh(self, conn: Connection, timeout: float) -> bool:
+        """Read the connection's catalog again now and wait for it: False when that read
+        did not finish within ``timeout`` seconds, or failed while an older catalog is
+        kept (which may not show what changed)."""
+        target = self._target(conn)
+        wanted = self.refresh(conn)
+        deadline = time.monotonic() + timeout
+        while target.done < wanted:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.005)
+        # Never read: statements are judged without it, now as when they were held.
+        return target.failed < wanted or target.catalog is None
+
     def put(self, conn: Connection, catalog: TargetCatalog) -> None:
         """Use ``catalog`` for the connection's target until it is read again."""
         target = self._target(conn)
@@ -648,9 +663,10 @@ class Catalogs:
                     else:
                         log.warning("re-reading the catalog of %s failed (keeping the one "
                                     "read before): %s", conn.name, exc)
-                    target.done = covers
+                    target.done = target.failed = covers
                     continue
                 target.read_at = began
+                target.failed = 0
                 changed = target.catalog is None or \
                     target.catalog.fingerprint != catalog.fingerprint
                 if changed:

@@ -323,7 +323,9 @@ class Decisions(SessionState):
                 "cannot be resolved", *st.reasons))
         assert self.conn is not None
         role = target_of(self.conn).user or self.user
-        names_in = sorted(role if s == "$user" else s for s in schemas)
+        # pg_catalog is searched first whatever the path says (unless the path names it
+        # later): an unqualified pg_settings is the built-in one.
+        names_in = sorted({"pg_catalog", *(role if s == "$user" else s for s in schemas)})
         extra = [f"{schema}.{name}" for name in st.unqualified for schema in names_in]
         return dataclasses.replace(
             st, tables=tuple(dict.fromkeys([*st.tables, *extra])),

@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: How long an approved statement waits for a fresh read of its target's catalog before
+#: it runs (it must run what was approved: see _changed_while_held).
+RECHECK_SECONDS = 10.0
+
 
 _OUTCOME_SQLSTATE = {holds.DEFERRED: "42501", "rejected": "42501", "expired": "57014",
                      "cancelled": "57014"}
@@ -131,6 +135,17 @@ class Holds(SessionState):
             return
         if outcome.ticket_id is not None:
             ctx.ticket_id = outcome.ticket_id
+        if outcome.run and outcome.status not in (holds.GRANTED,):
+            changed = await self._changed_while_held(decision, analysis)
+            if changed is not None:
+                self._refuse(codec.encode_error(
+                    "ERROR", "55000", f"keyturn: {outcome.message}, but {changed} since it "
+                    "was held, so it was not run; send it again to ask for a new approval"),
+                    kind)
+                ctx.action = "review"
+                ctx.reason = f"approved, not run: {changed} while it was held"
+                self._audit(ctx, outcome="refused")
+                return
         if outcome.run:
             self._inject(codec.encode_notice("NOTICE", "00000", f"keyturn: {outcome.message}"))
             # What it defines counts for every session from now (not while it was held:
@@ -150,6 +165,33 @@ class Holds(SessionState):
             return
         ctx.action = "review"
         self._audit(ctx, outcome=outcome.status)
+
+    async def _changed_while_held(self, decision: Decision, analysis: Any) -> str | None:
+        """Why an approved statement must not run: what it would run on the target now
+        (triggers, rules, views, functions added or changed while it waited, by any
+        session) or the policy's verdict differs from what its approvers were shown. None:
+        it is the same."""
+        assert self.conn is not None
+        if not getattr(analysis, "statements", ()):
+            return None
+        if not await self.gw.catalogs.fresh(self.conn, RECHECK_SECONDS):
+            return "the target's catalog could not be read again to check what it runs"
+        now = self._decide(analysis)
+        if now.action == "block":
+            return f"the policy now blocks it ({now.reason})"
+
+        def shape(d: Decision) -> list[tuple[str, frozenset[str], frozenset[str]]]:
+            return [(s.classification, frozenset(s.tables), frozenset(s.functions))
+                    for s in d.statements]
+
+        if shape(now) != shape(decision) or (now.opaque_code and not decision.opaque_code):
+            before = {t for s in decision.statements for t in (*s.tables, *s.functions)}
+            new = sorted({t for s in now.statements for t in (*s.tables, *s.functions)}
+                         - before)
+            return "what it runs on the target changed" + \
+                (f" (it now also touches {', '.join(new[:5])})" if new else
+                 f" (it is now {now.classification})")
+        return None
 
     def _forward_approved(self, msg: Message, ctx: Ctx, kind: bytes) -> None:
         ctx.t0 = time.time()
