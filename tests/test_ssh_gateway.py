@@ -487,3 +487,39 @@ def test_recordings_page_search_replay_and_keys_in_a_browser(kt: Keyturn, tmp_pa
                         str(kt.ssh_port), "bob:web1@127.0.0.1", "echo bob-in"],  # type: ignore[attr-defined]
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout == "bob-in\n", r.stderr
+
+
+def test_policy_explain_classifies_a_command_line(kt: Keyturn):
+    out = json.loads(kt.cli("policy", "explain", "--user", "alice", "--connection", "web1",
+                            "cd /etc && sudo rm -f nginx/old.conf").stdout)
+    assert out["action"] == "review" and out["rule"] == "changes-need-approval"
+    assert out["class"] == "destructive"
+    st = out["statements"][0]
+    assert st["programs"] == ["cd", "sudo", "rm"] and st["paths"] == ["/etc/nginx/old.conf"]
+    out = json.loads(kt.cli("policy", "explain", "--user", "alice", "--connection", "web1",
+                            "cat /etc/shadow").stdout)
+    assert out["action"] == "block" and out["rule"] == "no-shadow"
+
+
+def test_recordings_export_holds_the_files_and_their_seals(kt: Keyturn, tmp_path: Path):
+    import hashlib
+    import tarfile
+
+    r = ssh(kt, "alice", "web1", "echo exported-9")
+    assert r.stdout == "exported-9\n"
+    wait_record(kt, lambda x: x["kind"] == "statement" and
+                x["statement"] == "echo exported-9" and "recording" in x["detail"])
+    out = tmp_path / "rec.tar.gz"
+    res = kt.cli("recordings", "export", "--out", str(out), "--user", "alice",
+                 "--format", "asciicast")
+    assert "recordings written" in res.stdout
+    with tarfile.open(out) as tar:
+        manifest = [json.loads(x) for x in
+                    tar.extractfile("manifest.jsonl").read().splitlines()]  # type: ignore[union-attr]
+        assert manifest and all(m["verified"] and m["format"] == "asciicast" and
+                                m["user"] == "alice" for m in manifest)
+        for m in manifest:
+            data = tar.extractfile(f"recordings/{m['path']}").read()  # type: ignore[union-attr]
+            assert hashlib.sha256(data).hexdigest() == m["sha256"]
+        assert any(b"exported-9" in tar.extractfile(f"recordings/{m['path']}").read()  # type: ignore[union-attr]
+                   for m in manifest)

@@ -89,8 +89,20 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
     if args.user not in cfg.users:
         raise KeyturnError(f"unknown user {args.user!r}")
     conn = cfg.connections[args.connection]
-    analyzer = Analyzer(unknown_function_class=StatementClass(conn.unknown_function_class))
     sql = args.sql if args.sql != "-" else sys.stdin.read()
+    if conn.type == "ssh":
+        from proxies.ssh.shell import classify
+
+        action = classify(sql)
+        decision = evaluate(cfg, Request(args.user, cfg.groups_of(args.user), conn, [action]))
+        out = decision.to_json()
+        out["statements"][0].update(programs=list(action.programs), paths=list(action.paths),
+                                    parsed=list(action.commands), reasons=list(action.reasons))
+        out["user"], out["groups"], out["connection"] = \
+            args.user, list(cfg.groups_of(args.user)), conn.name
+        print(json.dumps(out, indent=2))
+        return 0
+    analyzer = Analyzer(unknown_function_class=StatementClass(conn.unknown_function_class))
     analysis = analyzer.analyze(sql)
     decision = evaluate(cfg, Request(args.user, cfg.groups_of(args.user), conn,
                                      analysis.statements, analysis.error))
@@ -199,6 +211,61 @@ def cmd_ssh_config(args: argparse.Namespace) -> int:
         print(f"\nHost {c.name}\n    HostName {host}\n    Port {listen.port}\n"
               f"    User {user}:{c.name}")
     return 0
+
+
+def cmd_recordings(args: argparse.Namespace) -> int:
+    """``recordings export``: session recordings and the audit records that seal them, in
+    one tar.gz (the files as recorded plus ``manifest.jsonl``: each recording record, with
+    whether its file still matches the SHA-256 the chain holds)."""
+    import io
+    import tarfile
+
+    from sqlalchemy import select
+
+    from keyturn.auditspool import AuditIngester
+    from keyturn.models import AuditRecord
+    from keyturn.recording import Recorder
+
+    svc = _services(args)
+    AuditIngester(svc.audit, svc.config.gateway.audit_spool,
+                  recordings=svc.config.gateway.recordings).run_once()
+    recorder = Recorder(svc.config.gateway.recordings)
+    q = select(AuditRecord).where(AuditRecord.kind == "recording").order_by(AuditRecord.seq)
+    if args.user:
+        q = q.where(AuditRecord.user == args.user)
+    if args.connection:
+        q = q.where(AuditRecord.connection == args.connection)
+    since, until = _when(getattr(args, "from")), _when(args.to)
+    if since is not None:
+        q = q.where(AuditRecord.at >= since)
+    if until is not None:
+        q = q.where(AuditRecord.at < until)
+    with svc.store.session() as s:
+        rows = [r for r in s.scalars(q)
+                if not args.format or (r.detail or {}).get("format") == args.format]
+    manifest: list[bytes] = []
+    broken = 0
+    with tarfile.open(args.out, "w:gz") as tar:
+        for r in rows:
+            ref = r.detail or {}
+            problem = recorder.verify_file(ref)
+            broken += problem is not None
+            entry = {"seq": r.seq, "at": r.at, "user": r.user, "connection": r.connection,
+                     "session_id": r.session_id, "protocol": r.protocol, **ref,
+                     "verified": problem is None, "problem": problem}
+            manifest.append(json.dumps(entry, default=str).encode() + b"\n")
+            if problem is None:
+                tar.add(recorder.path(ref), arcname=f"recordings/{ref['path']}")
+        data = b"".join(manifest)
+        info = tarfile.TarInfo("manifest.jsonl")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    svc.record_audit(kind="export", action="recordings", outcome="ok",
+                     detail={"recordings": len(rows), "broken": broken, "by": "cli"})
+    print(f"{len(rows)} recordings written to {args.out}" +
+          (f"; {broken} do not match their SHA-256 and were left out (see manifest.jsonl)"
+           if broken else ""))
+    return 1 if broken else 0
 
 
 def cmd_user(args: argparse.Namespace) -> int:
@@ -457,7 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pol = sub.add_parser("policy", help="policy tools")
     pols = pol.add_subparsers(dest="policy_cmd", required=True)
-    ex = pols.add_parser("explain", help="print the Decision for a statement as JSON")
+    ex = pols.add_parser("explain", help="print the Decision for a statement (or, on an ssh "
+                                         "connection, a command line) as JSON")
     ex.add_argument("--user", required=True)
     ex.add_argument("--connection", required=True)
     ex.add_argument("sql", help="the statement ('-' reads stdin)")
@@ -490,6 +558,19 @@ def build_parser() -> argparse.ArgumentParser:
     kr = keys.add_parser("remove")
     kr.add_argument("id", type=int)
     kr.set_defaults(fn=cmd_key)
+
+    rec = sub.add_parser("recordings", help="session recordings")
+    recs = rec.add_subparsers(dest="recordings_cmd", required=True)
+    rx = recs.add_parser("export", help="recordings and the records that seal them, as a "
+                                        "tar.gz with a manifest")
+    rx.add_argument("--out", required=True, help="the .tar.gz to write")
+    rx.add_argument("--user")
+    rx.add_argument("--connection")
+    rx.add_argument("--from", help="ISO date/time or an age (7d)")
+    rx.add_argument("--to", help="ISO date/time or an age")
+    rx.add_argument("--format", choices=("asciicast", "transcript"),
+                    help="terminal recordings (SSH) or statement transcripts (PostgreSQL)")
+    rx.set_defaults(fn=cmd_recordings)
 
     sc = sub.add_parser("ssh-config", help="print ~/.ssh/config Host blocks for the SSH "
                                            "gateway's connections")

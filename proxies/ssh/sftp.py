@@ -17,6 +17,12 @@ rmdirs, links and directory listings are audited with their paths; a file's reco
 completed when it is closed, with the bytes read and written. Stat-like lookups are judged
 but only refusals are audited (a client makes thousands).
 
+A transfer keeps the pipeline full although asyncssh's server answers one request at a
+time: sequential reads are issued ahead (READ_AHEAD blocks), and writes are answered
+as soon as they are sent to the target (up to WRITES_IN_FLIGHT at once); a write the
+target refuses fails the next write, fsync, fstat or the close, as a full disk does
+with a local file's buffered writes.
+
 It must not decide (keyturn.policy does) and must not touch the gateway's own files: every
 path is the target's.
 """
@@ -27,8 +33,9 @@ import asyncio
 import logging
 import posixpath
 import time
+from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import asyncssh
@@ -60,6 +67,13 @@ class SFTPAction:
     forbidden: str | None = None
 
 
+#: Reads of a file issued ahead of the client's (sequential transfers), and writes sent on
+#: without waiting for the target's answer: asyncssh's SFTP server answers one request at a
+#: time, so without them each block would wait a round trip to the target.
+READ_AHEAD = 16
+WRITES_IN_FLIGHT = 32
+
+
 @dataclass
 class _Open:
     file: Any  # asyncssh.SFTPClientFile
@@ -69,6 +83,27 @@ class _Open:
     started: float
     bytes_read: int = 0
     bytes_written: int = 0
+    ahead: dict[tuple[int, int], asyncio.Task[bytes]] = field(default_factory=dict)
+    writes: deque[asyncio.Task[None]] = field(default_factory=deque)
+    error: str | None = None
+
+    async def settle(self) -> None:
+        """Wait for the writes in flight; the first failure fails what comes next."""
+        while self.writes:
+            task = self.writes.popleft()
+            try:
+                await task
+            except asyncssh.SFTPError as exc:
+                self.error = self.error or exc.reason
+            except (OSError, asyncssh.Error) as exc:
+                self.error = self.error or str(exc)
+        if self.error is not None:
+            raise asyncssh.SFTPFailure(self.error)
+
+    def forget_reads(self) -> None:
+        for task in self.ahead.values():
+            task.cancel()
+        self.ahead.clear()
 
 
 def _path(raw: bytes) -> str:
@@ -206,14 +241,36 @@ class SFTPRelay(asyncssh.SFTPServer):
     async def read(self, file_obj: object, offset: int, size: int) -> bytes:
         h = file_obj
         assert isinstance(h, _Open)
-        data: bytes = await h.file.read(size, offset)
+        if h.writes:
+            await h.settle()  # a read sees the writes before it
+        task = h.ahead.pop((offset, size), None)
+        if task is None:
+            h.forget_reads()  # not sequential: start again from here
+            task = asyncio.ensure_future(h.file.read(size, offset))
+        data: bytes = await task
+        if len(data) == size:
+            for j in range(1, READ_AHEAD + 1):
+                key = (offset + j * size, size)
+                if key not in h.ahead:
+                    h.ahead[key] = asyncio.ensure_future(h.file.read(size, key[0]))
         h.bytes_read += len(data)
         return data
 
     async def write(self, file_obj: object, offset: int, data: bytes) -> int:
         h = file_obj
         assert isinstance(h, _Open)
-        await h.file.write(data, offset)
+        if h.error is not None:
+            raise asyncssh.SFTPFailure(h.error)
+        if h.ahead:
+            h.forget_reads()  # what was read ahead may be overwritten
+        h.writes.append(asyncio.ensure_future(h.file.write(data, offset)))
+        if len(h.writes) > WRITES_IN_FLIGHT:
+            oldest = h.writes.popleft()
+            try:
+                await oldest
+            except asyncssh.SFTPError as exc:
+                h.error = exc.reason
+                raise asyncssh.SFTPFailure(exc.reason) from exc
         h.bytes_written += len(data)
         return len(data)
 
@@ -221,25 +278,33 @@ class SFTPRelay(asyncssh.SFTPServer):
         h = file_obj
         assert isinstance(h, _Open)
         error = None
+        h.forget_reads()
+        try:
+            await h.settle()
+        except asyncssh.SFTPError as exc:
+            error = exc.reason
         try:
             await h.file.close()
         except asyncssh.SFTPError as exc:
-            error = exc.reason
+            error = error or exc.reason
         self._done((h.n, h.common), "error" if error else "ok", h.started, error,
                    bytes_read=h.bytes_read, bytes_written=h.bytes_written)
 
     async def fstat(self, file_obj: object) -> asyncssh.SFTPAttrs:
         assert isinstance(file_obj, _Open)
+        await file_obj.settle()
         attrs: asyncssh.SFTPAttrs = await file_obj.file.stat()
         return attrs
 
     async def fsetstat(self, file_obj: object, attrs: asyncssh.SFTPAttrs) -> None:
         assert isinstance(file_obj, _Open)
         judged = await self._judge("setstat", _setstat_class(attrs), (file_obj.path,))
+        await file_obj.settle()
         await self._run(judged, file_obj.file.setstat(attrs))
 
     async def fsync(self, file_obj: object) -> None:
         assert isinstance(file_obj, _Open)
+        await file_obj.settle()
         await file_obj.file.fsync()
 
     # ---- names
