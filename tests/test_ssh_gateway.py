@@ -523,3 +523,16 @@ def test_recordings_export_holds_the_files_and_their_seals(kt: Keyturn, tmp_path
             assert hashlib.sha256(data).hexdigest() == m["sha256"]
         assert any(b"exported-9" in tar.extractfile(f"recordings/{m['path']}").read()  # type: ignore[union-attr]
                    for m in manifest)
+
+
+def test_commands_reuse_the_gateway_s_login_to_the_host(kt: Keyturn, sshd: LocalSSHD):
+    log = sshd.base / "sshd.log"
+    ssh(kt, "alice", "web1", "true")  # a connection to the host exists now
+    before = log.read_text().count("Accepted publickey for ktssh")
+    for i in range(3):
+        r = ssh(kt, "alice", "web1", f"echo run-{i}")
+        assert r.stdout == f"run-{i}\n"
+    r = ssh(kt, "bob", "web1", "echo bob-too")
+    assert r.stdout == "bob-too\n"
+    # Four commands, no new login of the gateway to the host: channels on one connection.
+    assert log.read_text().count("Accepted publickey for ktssh") == before

@@ -20,7 +20,8 @@ Every exec and shell is recorded in asciicast v2 (output, input, resizes) under 
 recordings directory; its reference and SHA-256 enter the audit chain when it closes. The
 gateway logs in to the target with the connection's stored key or password and verifies
 the target's host key against the configured fingerprints or known_hosts file; the client
-never sees those credentials.
+never sees those credentials. Its logins are kept and reused (``UpstreamPool``): a
+command is a new channel on one, not a new login.
 
 Audit: a command's intent record reaches the spool file before the upstream channel
 opens (write-ahead); its outcome (exit status, bytes, duration) completes it.
@@ -72,6 +73,11 @@ HOST_KEY_NAME = "ssh_host_ed25519_key"
 KEEPALIVE = 30.0  # seconds between keepalives: a held client stays open through NAT
 LOGIN_TIMEOUT = 60.0
 CHUNK = 65536
+#: Ciphers offered, fastest first where the machine has AES instructions (the client's
+#: order decides, so ChaCha20, which asyncssh runs slower, is not offered: every OpenSSH
+#: client has AES-GCM).
+CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes192-ctr",
+           "aes256-ctr")
 
 
 def split_username(name: str) -> tuple[str, str | None]:
@@ -117,6 +123,7 @@ class SSHGateway:
         self._server: asyncssh.SSHAcceptor | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.sessions: set[_Session] = set()
+        self.upstreams = UpstreamPool()
         self.host_key: asyncssh.SSHKey | None = None
         self.port = 0
 
@@ -133,7 +140,8 @@ class SSHGateway:
             server_host_keys=[self.host_key], process_factory=self._process,
             encoding=None, line_editor=False, keepalive_interval=KEEPALIVE,
             login_timeout=LOGIN_TIMEOUT, agent_forwarding=False, x11_forwarding=False,
-            allow_scp=False, sftp_factory=SFTPRelay, reuse_address=True)
+            allow_scp=False, sftp_factory=SFTPRelay, reuse_address=True,
+            encryption_algs=CIPHERS)
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("ssh gateway on %s:%d (%d connections, host key %s)", listen.host,
                  self.port, len(self.config.connections_of("ssh")),
@@ -147,6 +155,7 @@ class SSHGateway:
             s.close("the gateway is stopping")
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=10)
+        self.upstreams.close()
         await self.watcher.stop()
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
@@ -495,8 +504,9 @@ class _Session(asyncssh.SSHServer):
         target = target_of(conn)
         term = process.get_terminal_type()
         width, height = process.get_terminal_size()[:2] if term else (80, 24)
+        pool = self.gw.upstreams
         try:
-            upstream = await _connect(target)
+            upstream = await pool.acquire(target)
         except (OSError, asyncssh.Error, ValueError) as exc:
             why = _connect_error(target, exc)
             _refuse(process, f"keyturn: {why}", UNREACHABLE_STATUS)
@@ -508,17 +518,28 @@ class _Session(asyncssh.SSHServer):
         stats = {"bytes_in": 0, "bytes_out": 0}
         typed = TypedLines(width or 80, height or 24) if term else None
         try:
-            async with upstream:
+            try:
                 remote = await upstream.create_process(
                     command, term_type=term, term_size=(width, height) if term else None,
                     encoding=None)
-                status = await self._pump(process, remote, recording, stats, typed)
-        except (OSError, asyncssh.Error) as exc:
+            except (OSError, asyncssh.Error):
+                # A pooled connection the target closed meanwhile: once more, on a new one.
+                pool.release(target, upstream, broken=True)
+                upstream = await pool.acquire(target, fresh=True)
+                remote = await upstream.create_process(
+                    command, term_type=term, term_size=(width, height) if term else None,
+                    encoding=None)
+            status = await self._pump(process, remote, recording, stats, typed)
+        except (OSError, asyncssh.Error, ValueError) as exc:
             ref = recording.close()
             self._sealed(ref, conn, n)
             why = f"the connection to {target.address} failed: {exc}"
+            if isinstance(exc, asyncssh.HostKeyNotVerifiable | asyncssh.PermissionDenied):
+                why = _connect_error(target, exc)
             _refuse(process, f"keyturn: {why}", UNREACHABLE_STATUS)
             return {"outcome": "error", "error": why, **stats}
+        finally:
+            pool.release(target, upstream)
         ref = recording.close()
         self._sealed(ref, conn, n)
         exit_status, signal = status
@@ -588,6 +609,70 @@ class _Session(asyncssh.SSHServer):
         return remote.exit_status, remote.exit_signal
 
 
+class UpstreamPool:
+    """Logged-in connections to the targets, reused: a command opens a channel on one
+    (a few ms) instead of logging in again (a key exchange and an authentication, over
+    100 ms). Every command runs as the connection's target user whoever asks, so sharing
+    a connection shares nothing a new login would not. At most ``CHANNELS`` commands run
+    on one connection at a time (below sshd's MaxSessions, 10); connections unused for
+    ``IDLE`` seconds are closed."""
+
+    CHANNELS = 8
+    IDLE = 60.0
+
+    def __init__(self) -> None:
+        self._pools: dict[SSHTarget, list[list[Any]]] = {}  # [conn, in use, last used]
+        self._reaper: asyncio.TimerHandle | None = None
+
+    async def acquire(self, target: SSHTarget, *, fresh: bool = False
+                      ) -> asyncssh.SSHClientConnection:
+        entries = self._pools.setdefault(target, [])
+        entries[:] = [e for e in entries if not e[0].is_closed()]
+        if not fresh:
+            for e in entries:
+                if e[1] < self.CHANNELS:
+                    e[1] += 1
+                    return e[0]  # type: ignore[no-any-return]
+        conn = await _connect(target)
+        entries.append([conn, 1, time.monotonic()])
+        self._schedule()
+        return conn
+
+    def release(self, target: SSHTarget, conn: asyncssh.SSHClientConnection, *,
+                broken: bool = False) -> None:
+        for e in self._pools.get(target, []):
+            if e[0] is conn:
+                e[1] = max(0, e[1] - 1)
+                e[2] = time.monotonic()
+                if broken:
+                    e[0].close()
+                return
+
+    def _schedule(self) -> None:
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().call_later(self.IDLE / 2, self._reap)
+
+    def _reap(self) -> None:
+        self._reaper = None
+        now = time.monotonic()
+        for entries in self._pools.values():
+            for e in list(entries):
+                if e[0].is_closed() or (e[1] == 0 and now - e[2] > self.IDLE):
+                    e[0].close()
+                    entries.remove(e)
+        if any(self._pools.values()):
+            self._schedule()
+
+    def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
+        for entries in self._pools.values():
+            for e in entries:
+                e[0].close()
+        self._pools.clear()
+
+
 class _Upstream(asyncssh.SSHClient):
     """Verifies the target's host key against the configured fingerprints."""
 
@@ -613,7 +698,7 @@ async def _connect(target: SSHTarget) -> asyncssh.SSHClientConnection:
         username=target.user, client_keys=keys or None, password=password,
         known_hosts=known, server_host_key_algs="default" if target.host_keys else (),
         agent_path=None, preferred_auth="publickey,password", config=None,
-        keepalive_interval=KEEPALIVE), timeout=30)
+        keepalive_interval=KEEPALIVE, encryption_algs=CIPHERS), timeout=30)
     return conn
 
 
