@@ -82,6 +82,10 @@ def fmt_left(seconds: float) -> str:
     return f"{s}s"
 
 
+#: What an action is called in chat, by its language (models.Ticket.language).
+NOUNS = {"sql": "statement", "shell": "command", "": "statement", "text": "request"}
+
+
 @dataclass(frozen=True)
 class TicketView:
     """What every chat rendering of one ticket needs."""
@@ -113,6 +117,8 @@ class TicketView:
     result_rows: int | None
     result_error: str | None
     portal_url: str
+    # What the action is called: statement (SQL), command (shell), request.
+    noun: str = "statement"
 
     @property
     def pending(self) -> bool:
@@ -134,7 +140,7 @@ class TicketView:
     def cut_note(self) -> str:
         """Says plainly that the statement shown is cut, and by how much."""
         return (f"Cut for chat: {self.hidden:,} of {len(self.full):,} characters are not "
-                "shown. Read the whole statement before approving.")
+                f"shown. Read the whole {self.noun} before approving.")
 
     def outcome_line(self) -> str:
         """One sentence: who decided, when and why (empty while pending); the words
@@ -184,6 +190,7 @@ def ticket_view(detail: dict[str, Any], *, portal_url: str, limit: int,
         decided_at=fmt_time(detail.get("decided_at")), comment=detail.get("decision_comment"),
         result_rows=detail.get("result_rows"), result_error=detail.get("result_error"),
         portal_url=f"{portal_url.rstrip('/')}/tickets/{detail['id']}",
+        noun=NOUNS.get(str(detail.get("language") or ""), "request"),
     )
 
 
@@ -204,7 +211,7 @@ def requester_note(what: str, view: TicketView) -> str:
         return f"{head} was cancelled."
     if what == ABANDONED:
         return (f"{head} was abandoned: your session ended before it could run, so nothing "
-                "ran. Run the statement again to ask anew.")
+                f"ran. Run the {view.noun} again to ask anew.")
     if what in (EXECUTED, FAILED):
         return f"{head} was {wording.outcome(view)}."
     return f"{head} is now {view.status}."

@@ -133,3 +133,19 @@ def test_typed_lines_come_from_the_keys_or_from_the_screen() -> None:
     assert t.input(b"echo a\recho b\r") == ["echo a", "echo b"]  # a paste
     assert t.input(b"rm -rf /\x03") == []  # Ctrl-C drops the line
     assert t.lines == ["ls -l /tmp", "$ systemctl status nginx", "echo a", "echo b"]
+
+
+def test_chat_calls_a_shell_action_a_command() -> None:
+    """Slack and Teams name what is held by its language: a cut command says so."""
+    from bots.render import ticket_view
+
+    detail = {"id": 7, "status": "pending", "requester": "alice", "connection": "web1",
+              "statement": "echo " + "x" * 5000, "params": None, "classification": "read",
+              "rule": "r", "reason": "why", "facts": [["Programs", "echo"]],
+              "expires_at": 2e9, "min_approvals": 1, "approver_groups": ["oncall"],
+              "votes": [], "language": "shell"}
+    view = ticket_view(detail, portal_url="http://p", limit=100, now=1e9)
+    assert view.noun == "command" and view.truncated
+    assert "Read the whole command before approving" in view.cut_note()
+    sql = ticket_view({**detail, "language": "sql"}, portal_url="http://p", limit=100, now=1e9)
+    assert "Read the whole statement" in sql.cut_note()

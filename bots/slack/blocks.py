@@ -137,7 +137,7 @@ def approve_modal(view: TicketView, *, channel: str | None) -> dict[str, Any]:
     }
     if len(pieces) > MODAL_STATEMENT_BLOCKS:
         modal["blocks"] = [head, {"type": "section", "text": {"type": "mrkdwn", "text": (
-            f"This statement has {len(view.full):,} characters: too long to show whole in "
+            f"This {view.noun} has {len(view.full):,} characters: too long to show whole in "
             f"Slack, so it cannot be approved here. <{view.portal_url}|Read and decide it "
             "in the portal.>")}}]
         return modal
@@ -145,7 +145,7 @@ def approve_modal(view: TicketView, *, channel: str | None) -> dict[str, Any]:
     modal["blocks"] = [
         head,
         {"type": "context", "elements": [{"type": "mrkdwn", "text": (
-            f"The whole statement, {len(view.full):,} characters:")}]},
+            f"The whole {view.noun}, {len(view.full):,} characters:")}]},
         *({"type": "section", "text": {"type": "mrkdwn", "text": code(p)}} for p in pieces),
         {"type": "input", "block_id": "comment", "optional": True, "label": {
             "type": "plain_text", "text": "Comment (optional; the requester sees it)"},

@@ -101,7 +101,7 @@ def review_card(view: TicketView) -> dict[str, Any]:
     data = {"ticket": view.id}
     body: list[dict[str, Any]] = [
         {"type": "TextBlock", "size": "Medium", "weight": "Bolder", "wrap": True,
-         "text": f"Approve #{view.id}? Read the whole statement"},
+         "text": f"Approve #{view.id}? Read the whole {view.noun}"},
         {"type": "FactSet", "facts": [
             {"title": "Requester", "value": view.requester},
             {"title": "Connection", "value": view.connection},
@@ -111,7 +111,7 @@ def review_card(view: TicketView) -> dict[str, Any]:
     actions: list[dict[str, Any]] = []
     if len(view.full) > REVIEW_CHARS:
         body.append({"type": "TextBlock", "wrap": True, "weight": "Bolder", "text": (
-            f"This statement has {len(view.full):,} characters: too long to show whole in "
+            f"This {view.noun} has {len(view.full):,} characters: too long to show whole in "
             "Teams, so it cannot be approved here. Read and decide it in the portal.")})
     else:
         body += [{"type": "Container", "style": "emphasis", "items": [
