@@ -536,3 +536,47 @@ def test_commands_reuse_the_gateway_s_login_to_the_host(kt: Keyturn, sshd: Local
     assert r.stdout == "bob-too\n"
     # Four commands, no new login of the gateway to the host: channels on one connection.
     assert log.read_text().count("Accepted publickey for ktssh") == before
+
+
+def test_removing_a_key_or_revoking_a_token_ends_the_sessions_it_opened(kt: Keyturn,
+                                                                        tmp_path: Path):
+    keygen(tmp_path / "spare", "alice's spare")
+    out = kt.cli("key", "add", "--user", "alice", str(tmp_path / "spare.pub")).stdout
+    key_id = out.split()[1]
+    shell = subprocess.Popen(["ssh", *ssh_options(), "-tt", "-i", str(tmp_path / "spare"),
+                              "-p", str(kt.ssh_port), "alice:web1@127.0.0.1"],  # type: ignore[attr-defined]
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    time.sleep(3)
+    assert shell.poll() is None  # logged in, the shell is open
+    kt.cli("key", "remove", key_id)
+    try:
+        out_b, err_b = shell.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        shell.kill()
+        raise AssertionError("the session outlived its key") from None
+    assert "session ended: your SSH key was removed" in err_b.decode()
+    rec = wait_record(kt, lambda r: r["kind"] == "session_ended" and r["user"] == "alice")
+    assert rec["reason"] == "your SSH key was removed"
+    # A token: a session opened with it ends when it is revoked.
+    token = kt.cli("token", "create", "--user", "alice", "-q").stdout.strip()
+    token_id = kt.cli("token", "list", "--user", "alice").stdout.strip().splitlines()[-1].split()[0]
+    askpass = tmp_path / "askpass.sh"
+    askpass.write_text(f"#!/bin/sh\necho '{token}'\n")
+    askpass.chmod(0o700)
+    env = dict(os.environ, SSH_ASKPASS=str(askpass), SSH_ASKPASS_REQUIRE="force", DISPLAY=":0")
+    shell = subprocess.Popen(["ssh", "-o", "BatchMode=no", *ssh_options(), "-tt", "-o",
+                              "PubkeyAuthentication=no", "-o",
+                              "PreferredAuthentications=password", "-p",
+                              str(kt.ssh_port), "alice:web1@127.0.0.1"],  # type: ignore[attr-defined]
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=env)
+    time.sleep(3)
+    assert shell.poll() is None
+    kt.cli("token", "revoke", token_id)
+    try:
+        _, err_b = shell.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        shell.kill()
+        raise AssertionError("the session outlived its token") from None
+    assert "session ended: your access token was revoked" in err_b.decode()

@@ -71,7 +71,6 @@ UNREACHABLE_STATUS = 255
 SEPARATORS = (":", "+")
 HOST_KEY_NAME = "ssh_host_ed25519_key"
 KEEPALIVE = 30.0  # seconds between keepalives: a held client stays open through NAT
-LOGIN_TIMEOUT = 60.0
 CHUNK = 65536
 #: Ciphers offered, fastest first where the machine has AES instructions (the client's
 #: order decides, so ChaCha20, which asyncssh runs slower, is not offered: every OpenSSH
@@ -119,7 +118,11 @@ class SSHGateway:
                                        public_url=PORTAL.of(self.config).public_url)
         self.policy = PolicyEngine(self.config)
         self.recorder = Recorder(self.config.gateway.recordings)
-        self.throttle = LoginThrottle(self.config.gateway.limits.auth_throttle)
+        self.limits = self.config.gateway.limits
+        self.throttle = LoginThrottle(self.limits.auth_throttle)
+        # Connections not logged in yet, oldest first (the oldest makes room for new ones).
+        self.pending: dict[_Session, None] = {}
+        self._revocations: asyncio.Task[None] | None = None
         self._server: asyncssh.SSHAcceptor | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.sessions: set[_Session] = set()
@@ -133,21 +136,26 @@ class SSHGateway:
         listen = self.config.gateway.listener("ssh")
         assert listen is not None
         self.host_key = load_host_key(host_key_path(self.config))
-        self.watcher.hear_local_decisions(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        self.watcher.hear_local_decisions(loop)
         self.watcher.start()
         self._server = await asyncssh.create_server(
             lambda: _Session(self), listen.host, listen.port,
             server_host_keys=[self.host_key], process_factory=self._process,
             encoding=None, line_editor=False, keepalive_interval=KEEPALIVE,
-            login_timeout=LOGIN_TIMEOUT, agent_forwarding=False, x11_forwarding=False,
+            login_timeout=self.limits.login_timeout, agent_forwarding=False,
+            x11_forwarding=False,
             allow_scp=False, sftp_factory=SFTPRelay, reuse_address=True,
             encryption_algs=CIPHERS)
         self.port = self._server.sockets[0].getsockname()[1]
+        self._revocations = loop.create_task(self._end_revoked_sessions())
         log.info("ssh gateway on %s:%d (%d connections, host key %s)", listen.host,
                  self.port, len(self.config.connections_of("ssh")),
                  self.host_key.get_fingerprint("sha256"))
 
     async def stop(self) -> None:
+        if self._revocations is not None:
+            self._revocations.cancel()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -157,6 +165,62 @@ class SSHGateway:
             await asyncio.wait(list(self._tasks), timeout=10)
         self.upstreams.close()
         await self.watcher.stop()
+
+    def admit(self, session: _Session) -> str | None:
+        """Why a new connection must be refused (the caps shared with every gateway:
+        ``gateway.limits``), or None; the oldest connection not logged in yet makes room."""
+        if len(self.sessions) >= self.limits.max_connections:
+            return "too many connections to the gateway"
+        self.pending[session] = None
+        if len(self.pending) > self.limits.max_pending_logins:
+            oldest = next(iter(self.pending))
+            oldest.close("keyturn: too many connections waiting to log in")
+            self.pending.pop(oldest, None)
+        return None
+
+    def logged_in(self, session: _Session) -> str | None:
+        """Why a logged-in session must end now (too many of its user's), or None."""
+        self.pending.pop(session, None)
+        mine = sum(1 for s in self.sessions if s.user == session.user and
+                   s.identity is not None and s is not session and not s.closed)
+        if mine >= self.limits.max_connections_per_user:
+            return (f"too many sessions for user {session.user} "
+                    f"({self.limits.max_connections_per_user})")
+        return None
+
+    async def _end_revoked_sessions(self) -> None:
+        """Every ``revocation_check`` seconds, end the sessions whose access token was
+        revoked, whose key was removed, or whose user left the config, saying why."""
+        ids = self.services.identities
+        while True:
+            await asyncio.sleep(self.limits.revocation_check)
+            live = [s for s in self.sessions if s.identity is not None and not s.closed]
+            if not live:
+                continue
+            try:
+                by_token = {s.identity.token_id: s for s in live
+                            if s.identity is not None and s.identity.token_id is not None}
+                gone = await asyncio.to_thread(ids.revoked, by_token) if by_token else {}
+                keys = {s.user: await asyncio.to_thread(ids.keys_of, s.user)
+                        for s in live if s.key_line is not None}
+            except StoreUnavailable as exc:
+                log.error("ssh: checking for revoked logins failed: %s", exc)
+                continue
+            for s in live:
+                tid = s.identity.token_id if s.identity is not None else None
+                if tid is not None and tid in gone:
+                    why = f"your access token {gone[tid]}"
+                elif s.key_line is not None and s.key_line not in [
+                        " ".join(k.split()[:2]) for k in keys.get(s.user, [])]:
+                    why = "your SSH key was removed"
+                elif s.user not in self.config.users:
+                    why = f"user {s.user} is no longer configured"
+                else:
+                    continue
+                self.audit(kind="session_ended", user=s.user, connection=s._conn_name,
+                           session_id=s.session_id, client_addr=s.client_addr,
+                           reason=why, outcome="terminated")
+                s.close(f"keyturn: session ended: {why}")
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -171,12 +235,15 @@ class SSHGateway:
     async def _process(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
         session = process.get_extra_info("connection").get_owner()
         assert isinstance(session, _Session)
+        session.processes.add(process)
         try:
             await session.serve(process)
         except Exception:
             log.exception("ssh: the channel of %s failed", session.user)
             _refuse(process, "keyturn: internal error; the command was not run",
                     UNREACHABLE_STATUS)
+        finally:
+            session.processes.discard(process)
 
 
 def _refuse(process: asyncssh.SSHServerProcess[bytes], message: str, status: int) -> None:
@@ -202,6 +269,8 @@ class _Session(asyncssh.SSHServer):
         self.closed = False
         self.channels = 0
         self.held: set[int] = set()
+        self.key_line: str | None = None  # "algorithm base64" of the key that logged in
+        self.processes: set[asyncssh.SSHServerProcess[bytes]] = set()  # channels served
 
     # ---- asyncssh callbacks
 
@@ -209,11 +278,16 @@ class _Session(asyncssh.SSHServer):
         self.conn = conn
         peer = conn.get_extra_info("peername") or ("", 0)
         self.client_addr = str(peer[0])
+        refused = self.gw.admit(self)
         self.gw.sessions.add(self)
+        if refused is not None:
+            log.warning("ssh: connection from %s refused: %s", self.client_addr, refused)
+            conn.disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS, f"keyturn: {refused}")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.gw.sessions.discard(self)
+        self.gw.pending.pop(self, None)
         for ticket_id in list(self.held):
             self.gw.spawn(asyncio.to_thread(
                 self.gw.holds.cancel, ticket_id, self.user or "client",
@@ -224,6 +298,14 @@ class _Session(asyncssh.SSHServer):
                           detail={"channels": self.channels})
 
     def close(self, why: str) -> None:
+        """End the connection, telling every open channel why on its stderr (clients
+        print a disconnect's reason only at their default log level or above)."""
+        for p in list(self.processes):
+            try:
+                p.stderr.write(f"\r\n{why}\r\n".encode() if p.get_terminal_type()
+                               else f"{why}\n".encode())
+            except (OSError, asyncssh.Error):
+                pass
         if self.conn is not None:
             self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, why)
 
@@ -261,6 +343,7 @@ class _Session(asyncssh.SSHServer):
             return False
         # asyncssh asks this twice (the probe and the signed attempt): count the second.
         self._key_fingerprint = key_fingerprint(key.public_data)
+        self.key_line = " ".join(offered)
         return True
 
     async def validate_password(self, username: str, password: str) -> bool:
@@ -305,6 +388,14 @@ class _Session(asyncssh.SSHServer):
             method = "publickey"
         else:
             method = "token"
+            self.key_line = None
+        over = self.gw.logged_in(self)
+        if over is not None:
+            self.gw.audit(kind="auth_failed", user=self.user, connection=self.connection.name,
+                          client_addr=self.client_addr, outcome="refused", reason=over)
+            self.identity = None
+            self.close(f"keyturn: {over}")
+            return
         self.gw.audit(kind="connect", user=self.user, connection=self.connection.name,
                       session_id=self.session_id, client_addr=self.client_addr,
                       detail={"auth": method, "target": target_of(self.connection).address,
