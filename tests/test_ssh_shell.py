@@ -149,3 +149,12 @@ def test_chat_calls_a_shell_action_a_command() -> None:
     assert "Read the whole command before approving" in view.cut_note()
     sql = ticket_view({**detail, "language": "sql"}, portal_url="http://p", limit=100, now=1e9)
     assert "Read the whole statement" in sql.cut_note()
+
+
+@pytest.mark.parametrize("line, cls", [
+    ("git status", "read"), ("git --version", "read"), ("git commit -am fix", "write"),
+    ("git x", "unknown"),  # an alias ('!rm -rf /') or a git-x program on PATH
+    ("git -C /srv/app log", "unknown"), ("git -c alias.l='!sh' l", "unknown"),
+])
+def test_git_subcommands(line: str, cls: str) -> None:
+    assert classify(line).cls == cls

@@ -121,6 +121,14 @@ EXEC_OPTIONS: dict[str, tuple[str, ...]] = {
     "journalctl": ("--vacuum-size", "--vacuum-time", "--vacuum-files", "--rotate",
                    "--flush", "--relinquish-var", "--setup-keys"),
 }
+#: git subcommands that change the repository (the read-only ones are above); any other
+#: name may be an alias or an external git-<name> program.
+GIT_WRITES = frozenset({"add", "commit", "push", "pull", "fetch", "checkout", "switch",
+                        "merge", "rebase", "reset", "stash", "tag", "clone", "init", "rm",
+                        "mv", "restore", "cherry-pick", "revert", "apply", "am", "clean",
+                        "gc", "config", "remote", "submodule", "worktree", "branch",
+                        "notes", "prune", "repack", "bisect", "sparse-checkout", "lfs"})
+
 #: Upper-case variables a command line may set: environment variables that change how
 #: programs run (``PATH``, ``LD_PRELOAD``, ``GIT_PAGER``, ``LESSOPEN``...) are upper case
 #: and too many to list, so every other upper-case name is refused (lower-case names are
@@ -496,10 +504,17 @@ def _program_class(prog: str, args: list[str]) -> tuple[str, str]:
             return "admin", f"{prog} changes network settings"
         if sub is not None and sub in READ_SUBCOMMANDS[prog]:
             return "read", f"{prog} {sub} only reads"
+        if sub is None and prog == "git" and all(a in ("--version", "--help", "-h")
+                                                 for a in args):
+            return "read", "git --version only reads"
         if prog == "service" and len(args) >= 2 and args[1] == "status":
             return "read", "service status only reads"
         if prog == "git":
-            return "write", f"git {sub or ''} changes the repository".replace("  ", " ")
+            if sub in GIT_WRITES:
+                return "write", f"git {sub} changes the repository"
+            # An alias (`!cmd` runs a shell command) or a git-<name> program on PATH.
+            raise _Unknown(f"git {sub or ''} is not a git command keyturn knows (an alias "
+                           "or an external command may run anything)")
         if prog == "ip" or prog in ("apt", "dpkg", "crontab"):
             return "admin", f"{prog} changes the system"
     if prog == "sed":
