@@ -224,7 +224,7 @@ def evaluate(config: Config, req: Request, *,
         decisions = tuple(evaluate_statement(policy, req, st) for st in req.statements)
     else:
         decisions = tuple(_memo_statement(verdicts, policy, req, st) for st in req.statements)
-    masks = _masks_of(policy, decisions)
+    masks = _masks_of(policy, decisions, req)
     if len(decisions) == 1:
         d = decisions[0]
         return Decision(d.action, d.rule, d.reason, d.classification,
@@ -243,14 +243,32 @@ def evaluate(config: Config, req: Request, *,
                     _review_of(policy, worst.rule), decisions, masks)
 
 
-def _masks_of(policy: Policy, decisions: Iterable[StatementDecision]
-              ) -> tuple[tuple[str, MaskSettings], ...]:
+def _masks_of(policy: Policy, decisions: Iterable[StatementDecision],
+              req: Request | None = None) -> tuple[tuple[str, MaskSettings], ...]:
+    """The masking of every deciding rule that masks; and, for a statement another rule
+    let through (a write allowed without ``mask:``), the masking of every mask rule
+    meant for this person on this connection, whatever class or tables it names: what a
+    person may only see masked stays masked in a RETURNING, an error or a copy, whichever
+    rule allowed the statement."""
     out: dict[str, MaskSettings] = {}
+    unmasked = False
     for d in decisions:
-        if d.rule and d.rule not in out:
-            for rule in policy.rules:
-                if rule.name == d.rule and rule.mask is not None:
-                    out[rule.name] = rule.mask
+        if d.action == "block":
+            continue
+        rule = next((r for r in policy.rules if r.name == d.rule), None)
+        if rule is not None and rule.mask is not None:
+            out.setdefault(rule.name, rule.mask)
+        else:
+            unmasked = True
+    if unmasked and req is not None:
+        for rule in policy.rules:
+            m = rule.match
+            if rule.mask is None or rule.name in out or \
+                    (m.users and req.user not in m.users) or \
+                    (m.groups and not set(m.groups) & set(req.groups)) or \
+                    (m.connections and req.connection.name not in m.connections):
+                continue
+            out[rule.name] = rule.mask
     return tuple(out.items())
 
 

@@ -107,6 +107,9 @@ class Relation:
     # Tables a write of this one also writes (foreign keys referencing it with ON DELETE
     # or ON UPDATE CASCADE, SET NULL, SET DEFAULT), as schema.name.
     cascades: tuple[str, ...] = ()
+    # Tables with a column of this relation's row type (or an array of it), as schema.name:
+    # dropping or retyping one of its columns changes the values stored there.
+    row_users: tuple[str, ...] = ()
 
     @property
     def qualified(self) -> str:
@@ -176,7 +179,8 @@ class TargetCatalog:
                   children: Iterable[Sequence[Any]] = (),
                   settings: Iterable[Sequence[Any]] = (),
                   sort_code: Iterable[Sequence[Any]] = (),
-                  cascades: Iterable[Sequence[Any]] = ()) -> TargetCatalog:
+                  cascades: Iterable[Sequence[Any]] = (),
+                  row_users: Iterable[Sequence[Any]] = ()) -> TargetCatalog:
         """Rows as proxies/postgres/catalog.py reads them:
 
         routines: (schema, name, kind, volatility, language, security definer, extension[,
@@ -201,6 +205,8 @@ class TargetCatalog:
             code of operator families holding the operator
         cascades: (schema, table, referencing schema, referencing table): foreign keys
             whose referential action writes the referencing table
+        row_users: (schema, relation, user schema, user table): tables with a column of
+            the relation's row type (a composite type's too)
         """
         rows: list[Any] = []
 
@@ -239,7 +245,8 @@ class TargetCatalog:
             return rels.setdefault((s, n), {"view": None, "rules": [], "on_write": [],
                                             "on_read": [], "on_read_sql": [],
                                             "on_write_sql": [], "materialized": False,
-                                            "children": [], "cascades": []})
+                                            "children": [], "cascades": [],
+                                            "row_users": []})
 
         for s, n, definition, *kind in keep(views):
             rel(s, n)["view"] = definition
@@ -248,6 +255,8 @@ class TargetCatalog:
             rel(s, n)["children"].append(f"{cs}.{cn}")
         for s, n, cs, cn in keep(cascades):
             rel(s, n)["cascades"].append(f"{cs}.{cn}")
+        for s, n, us, un in keep(row_users):
+            rel(s, n)["row_users"].append(f"{us}.{un}")
         for s, n, event, definition in keep(rules):
             rel(s, n)["rules"].append((_EVENTS.get(event, event), definition))
         for s, n, what, fs, fn, on_read in keep(relation_code):
@@ -279,7 +288,8 @@ class TargetCatalog:
                     parts["on_write"])), tuple(dict.fromkeys(parts["on_read"])),
                 tuple(parts["on_read_sql"]), tuple(parts["on_write_sql"]),
                 parts["materialized"], tuple(dict.fromkeys(parts["children"])),
-                tuple(dict.fromkeys(parts["cascades"]))))
+                tuple(dict.fromkeys(parts["cascades"])),
+                tuple(dict.fromkeys(parts["row_users"]))))
         path = tuple(search_path_schemas(search_path)) if search_path is not None \
             else ("$user", "public")
         oids = {int(oid): (str(sch), str(name)) for oid, sch, name in keep(type_oids)}

@@ -739,6 +739,12 @@ class _Walk:
                 self.tables[table] = None
                 if why and self.mode == _RUN:
                     self.add(C.DDL, why)
+            if kind == "AlterTableStmt" and (body.get("objtype") == "OBJECT_TYPE" or any(
+                    (c.get("AlterTableCmd") or {}).get("subtype") in _ROW_TYPE_CHANGES
+                    for c in body.get("cmds") or ())):
+                # Its row type (or the composite type) may be a column type of other tables,
+                # whose stored values change: the target's catalog says which (usercode).
+                self.facts.add("row_type")
         handler = _STMT_HANDLERS.get(kind)
         if handler is not None:
             handler(self, body, ctes, top)
@@ -1070,7 +1076,10 @@ class _Walk:
 #: column of an enum type.
 _REACHING = frozenset({"DropStmt", "TruncateStmt", "AlterTableStmt", "AlterDomainStmt",
                        "AlterEnumStmt", "RenameStmt", "AlterOwnerStmt", "GrantStmt",
-                       "AlterDefaultPrivilegesStmt", "AlterObjectSchemaStmt"})
+                       "AlterDefaultPrivilegesStmt", "AlterObjectSchemaStmt", "CommentStmt",
+                       "SecLabelStmt"})
+#: Column changes of a table that other tables may use as a column type (its row type).
+_ROW_TYPE_CHANGES = frozenset({"AT_DropColumn", "AT_AlterColumnType"})
 _ON_TABLE = frozenset({"OBJECT_TRIGGER", "OBJECT_RULE", "OBJECT_POLICY"})
 
 
@@ -1088,6 +1097,19 @@ def _reach(kind: str, body: dict[str, Any]) -> list[tuple[str, str]]:
     if "DROP_CASCADE" in behaviors:
         out.append((catalogue.ANY_TABLE, "CASCADE also changes or drops whatever depends on "
                                          "it, in any table"))
+    if kind == "AlterDomainStmt":
+        # Every column of the domain, in any table: a new constraint is validated by reading
+        # them (its errors show their values), a default or NOT NULL changes their writes.
+        out.append((catalogue.ANY_TABLE, "ALTER DOMAIN changes and checks every column of "
+                                         "the domain, in any table"))
+    if kind in ("CommentStmt", "SecLabelStmt") and body.get("objtype") in (
+            "OBJECT_TABLE", "OBJECT_COLUMN", "OBJECT_VIEW", "OBJECT_MATVIEW",
+            "OBJECT_FOREIGN_TABLE", "OBJECT_SEQUENCE", "OBJECT_INDEX"):
+        names = _names((body.get("object") or {}).get("List", {}).get("items"))
+        if body.get("objtype") == "OBJECT_COLUMN":
+            names = names[:-1]
+        if names:
+            out.append((_qualify(*([None] * (3 - len(names))), *names[-3:]), ""))
     if kind == "AlterEnumStmt" and body.get("oldVal"):
         out.append((catalogue.ANY_TABLE, "renaming an enum value changes what every column "
                                          "of the type reads"))
@@ -1098,6 +1120,10 @@ def _reach(kind: str, body: dict[str, Any]) -> list[tuple[str, str]]:
                 table = _schema_tables((obj.get("String") or {}).get("sval"))
                 if table:
                     out.append((table, ""))
+            elif objtype == "OBJECT_STATISTIC_EXT":
+                names = _names((obj.get("List") or {}).get("items"))
+                schema = _schema_tables(names[-2]) if len(names) >= 2 else "public.*"
+                out.append((schema or catalogue.ANY_TABLE, ""))
             elif objtype in _ON_TABLE:
                 names = _names((obj.get("List") or {}).get("items"))[:-1]
                 if names:

@@ -269,8 +269,23 @@ class _Judgement:
         for name in () if scope.stored else st.unqualified:
             for found in catalog.relations_named(name, schemas):
                 seen[found.qualified] = found
+        defined = [(schema, name) for kind, schema, name in st.defines if kind == "f"]
+        if defined:
+            # Replacing a function changes what every table whose trigger, default, check
+            # or policy calls it does: those tables count as changed by the statement (an
+            # unqualified name may be the function of any schema).
+            exact = {f"{schema}.{name}" for schema, name in defined if schema}
+            anywhere = {name for schema, name in defined if not schema}
+            for rels in catalog.relations.values():
+                for rel in rels:
+                    if any(fn in exact or fn.rpartition(".")[2] in anywhere
+                           for _, fn in (*rel.on_write, *rel.on_read)):
+                        self.tables[rel.qualified] = None
         for rel in list(seen.values()):
             self.relation(rel, writes)
+            if "row_type" in st.facts and rel.row_users:
+                # Its row type is stored in these tables: their values change too.
+                self.tables.update(dict.fromkeys(rel.row_users))
             for child in rel.children:
                 # Read (or written) with its parent unless ONLY: judged as itself too.
                 self.tables[child] = None

@@ -281,6 +281,16 @@ JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace cn ON cn.oid = c.relname
 WHERE k.contype = 'f' AND (k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN ('c', 'n', 'd'))
   AND {_user("pn", "p")}"""
 
+# Tables storing a relation's row type (a composite type is a relation of kind c): a
+# column of it, or an array of it (dropped columns excluded).
+_ROW_USERS = """
+SELECT rn.nspname, r.relname, un.nspname, u.relname
+FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid OR t.typarray = a.atttypid
+JOIN pg_class r ON r.oid = t.typrelid JOIN pg_namespace rn ON rn.oid = r.relnamespace
+JOIN pg_class u ON u.oid = a.attrelid JOIN pg_namespace un ON un.oid = u.relnamespace
+WHERE t.typrelid <> 0 AND a.attnum > 0 AND NOT a.attisdropped AND a.attrelid <> r.oid
+  AND u.relkind IN ('r', 'p', 'm', 'f')"""
+
 # The target's own values of the timeouts a session may change (for this role and
 # database, in milliseconds): raising one above them weakens the operator's guard.
 _SETTINGS = """
@@ -484,7 +494,8 @@ def read_catalog(conn: Connection) -> TargetCatalog:
             ("relation_code", _RELATION_CODE), ("typed_columns", _TYPED_COLUMNS),
             ("expressions", _EXPRESSIONS), ("type_oids", _TYPE_OIDS),
             ("hooks", _HOOKS), ("children", _CHILDREN), ("settings", _SETTINGS),
-            ("sort_code", _SORT_CODE), ("cascades", _CASCADES))}
+            ("sort_code", _SORT_CODE), ("cascades", _CASCADES),
+            ("row_users", _ROW_USERS))}
     return TargetCatalog.from_rows(user=user, search_path=path, **rows)
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -27,6 +29,19 @@ if TYPE_CHECKING:
     from proxies.postgres.session import ClientSession
 
 log = logging.getLogger(__name__)
+
+
+def _functions_of(decision: Decision) -> list[str]:
+    """The functions a decision's statements call, user code included, sorted."""
+    return sorted({f for s in decision.statements for f in s.functions})
+
+
+def _shape(decision: Decision) -> str:
+    """What a decision says runs (each statement's class, tables and functions, and
+    whether it runs code keyturn cannot see into), as a digest kept on the ticket."""
+    parts = [[s.classification, sorted(s.tables), sorted(s.functions)]
+             for s in decision.statements]
+    return hashlib.sha256(json.dumps([parts, decision.opaque_code]).encode()).hexdigest()
 
 #: How long an approved statement waits for a fresh read of its target's catalog before
 #: it runs (it must run what was approved: see _changed_while_held).
@@ -99,8 +114,16 @@ class Holds(SessionState):
             estimate = await asyncio.to_thread(self.gw.explain_rows, conn, ctx.statement,
                                                ctx.params) if explain else None
             in_tx = bool(req.detail.get("in_transaction"))
+            # What the approvers are shown runs exactly: the user code it calls is
+            # compared with what the target holds when it is released (_changed_while_held).
+            try:
+                code = await asyncio.to_thread(self.gw.code_digest, conn,
+                                               _functions_of(decision))
+            except Exception as exc:  # noqa: BLE001 - any failure: no digest, refused later
+                log.info("no code digest for a held statement on %s: %s", conn.name, exc)
+                code = None
             return dataclasses.replace(
-                req, detail={**req.detail, "row_estimate": estimate},
+                req, detail={**req.detail, "row_estimate": estimate, "code": code},
                 facts=ticket_facts(req.classification, req.tables, estimate, in_tx))
         req = TicketRequest(
             requester=self.user, requester_groups=self.identity.groups,
@@ -112,7 +135,8 @@ class Holds(SessionState):
             params=ctx.shown_params if ctx.shown is not None else ctx.params,
             tables=decision.tables, client_addr=self.client_addr,
             application=self.application, session_id=self.session_id,
-            detail={"in_transaction": self.tx_status in ("T", "E"), "row_estimate": None},
+            detail={"in_transaction": self.tx_status in ("T", "E"), "row_estimate": None,
+                    "shape": _shape(decision)},
             language="sql",
             gateway_id=self.gw.config.gateway.gateway_id, binding=binding)
 
@@ -136,7 +160,7 @@ class Holds(SessionState):
         if outcome.ticket_id is not None:
             ctx.ticket_id = outcome.ticket_id
         if outcome.run and outcome.status not in (holds.GRANTED,):
-            changed = await self._changed_while_held(decision, analysis)
+            changed = await self._changed_while_held(decision, analysis, outcome.ticket_id)
             if changed is not None:
                 self._refuse(codec.encode_error(
                     "ERROR", "55000", f"keyturn: {outcome.message}, but {changed} since it "
@@ -166,31 +190,54 @@ class Holds(SessionState):
         ctx.action = "review"
         self._audit(ctx, outcome=outcome.status)
 
-    async def _changed_while_held(self, decision: Decision, analysis: Any) -> str | None:
+    async def _changed_while_held(self, decision: Decision, analysis: Any,
+                                  ticket_id: int | None) -> str | None:
         """Why an approved statement must not run: what it would run on the target now
-        (triggers, rules, views, functions added or changed while it waited, by any
-        session) or the policy's verdict differs from what its approvers were shown. None:
-        it is the same."""
+        (triggers, rules, views, defaults added or changed while it waited, by any session;
+        the bodies of the user functions it calls) or the policy's verdict differs from
+        what its ticket recorded when approvers were asked (in defer mode the statement
+        sent again is compared with the one approved). None: it is the same."""
         assert self.conn is not None
         if not getattr(analysis, "statements", ()):
             return None
+        recorded: dict[str, Any] = {}
+        if ticket_id is not None:
+            t = await asyncio.to_thread(self.gw.services.approvals.get, ticket_id)
+            recorded = dict(t.detail or {})
         if not await self.gw.catalogs.fresh(self.conn, RECHECK_SECONDS):
             return "the target's catalog could not be read again to check what it runs"
         now = self._decide(analysis)
         if now.action == "block":
             return f"the policy now blocks it ({now.reason})"
-
-        def shape(d: Decision) -> list[tuple[str, frozenset[str], frozenset[str]]]:
-            return [(s.classification, frozenset(s.tables), frozenset(s.functions))
-                    for s in d.statements]
-
-        if shape(now) != shape(decision) or (now.opaque_code and not decision.opaque_code):
+        want = recorded.get("shape") or _shape(decision)
+        if _shape(now) != want or (now.opaque_code and not decision.opaque_code):
             before = {t for s in decision.statements for t in (*s.tables, *s.functions)}
             new = sorted({t for s in now.statements for t in (*s.tables, *s.functions)}
                          - before)
             return "what it runs on the target changed" + \
                 (f" (it now also touches {', '.join(new[:5])})" if new else
                  f" (it is now {now.classification})")
+        if "code" in recorded:
+            try:
+                code = await asyncio.to_thread(self.gw.code_digest, self.conn,
+                                               _functions_of(now))
+            except Exception:  # noqa: BLE001 - cannot tell: refuse
+                code = None
+            if code is None or recorded["code"] is None or code != recorded["code"]:
+                return ("the user code it runs (" + ", ".join(_functions_of(now)[:5]) +
+                        ") changed, or could not be read to compare")
+        # A schema change still open in another transaction (a trigger created, a function
+        # replaced, then ALTER TABLE to make this statement wait for its commit) is not in
+        # any catalog read yet: refused while one holds such a lock on a table it touches.
+        tables = sorted({t for s in now.statements for t in s.tables})
+        try:
+            busy = await asyncio.to_thread(self.gw.schema_change_in_progress, self.conn,
+                                           tables)
+        except Exception:  # noqa: BLE001 - cannot tell: refuse
+            busy = ["(the target's locks could not be read)"]
+        if busy:
+            return f"a schema change of {', '.join(busy[:5])} is in progress in another " \
+                   "transaction"
         return None
 
     def _forward_approved(self, msg: Message, ctx: Ctx, kind: bytes) -> None:
