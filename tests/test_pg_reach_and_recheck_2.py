@@ -1,5 +1,9 @@
-"""Families from attack run 25 through the live gateway: row types and domains that vault columns use, statements whose trigger function is replaced (or whose table is locked by an uncommitted schema change) while held or between a deferred approval and its re-run, functions of vault triggers replaced, writes allowed on a masked connection (copies, RETURNING, errors), comments and statistics of vault objects; and what held. Each test asserts the safe behaviour and checks the target directly."""
-inheritance parent or partitioned parent, a comment; masking through json / record forms."""
+"""Families from attack run 25 through the live gateway: row types and domains that vault
+columns use, statements whose trigger function is replaced (or whose table is locked by an
+uncommitted schema change) while held or between a deferred approval and its re-run,
+functions of vault triggers replaced, writes allowed on a masked connection (copies,
+RETURNING, errors), comments and statistics of vault objects; and what held. Each test
+asserts the safe behaviour and checks the target directly."""
 
 from __future__ import annotations
 
@@ -11,7 +15,13 @@ import pytest
 from keyturn.launch.localpg import LocalPostgres
 from tests.conftest import APP_PASSWORD, Keyturn, keyturn_on_database
 from tests.pg_raw import (
-    Q, RawConn, errors, in_step, masked_policy, read_until, vault_policy, vault_schema,
+    Q,
+    RawConn,
+    errors,
+    masked_policy,
+    read_until,
+    vault_policy,
+    vault_schema,
 )
 from tests.pg_raw import leaked as secret_leaked
 
@@ -55,7 +65,8 @@ POLICIES = (vault_policy("a25", ["a25_vault"])
         action: review
         review: {approvers: [approvers], timeout: 10m}
 """)
-            + masked_policy("a25m2", ["a25_vault"], ["public.inbox_chk", "public.inbox_u", "public.people"])
+            + masked_policy("a25m2", ["a25_vault"],
+                            ["public.inbox_chk", "public.inbox_u", "public.people"])
             + vault_policy("a25m3", ["a25_vault"], """\
       - name: w
         match: {class: [write]}
@@ -588,7 +599,8 @@ def test_deferred_delete_does_not_reach_a_vault_table_inherited_after_approval(
     "INSERT INTO inbox_u SELECT nick FROM people",
     "INSERT INTO inbox_u SELECT nick::int::text FROM people",
     "UPDATE inbox_u SET v = (SELECT nick FROM people WHERE id = 2)",
-    "INSERT INTO inbox_u SELECT 'zorblax1' WHERE EXISTS (SELECT 1 FROM people WHERE nick = 'zorblax1')",
+    "INSERT INTO inbox_u SELECT 'zorblax1' WHERE EXISTS "
+    "(SELECT 1 FROM people WHERE nick = 'zorblax1')",
 ])
 def test_masked_value_in_write_errors(kt: Keyturn, sql: str) -> None:
     with RawConn(kt.dsn("alice", dbname="a25m2")) as r:
