@@ -262,6 +262,10 @@ def test_token_login_and_unknown_keys(kt: Keyturn, tmp_path: Path):
     assert r.returncode == 255 and "Permission denied" in r.stderr
     failed = wait_record(kt, lambda r: r["kind"] == "auth_failed" and r["user"] == "alice")
     assert "another user" in failed["reason"]
+    # A key that is not the user's is a failed login too (one record per connection).
+    failed = wait_record(kt, lambda r: r["kind"] == "auth_failed" and r["user"] == "bob"
+                         and "public key" in (r["reason"] or ""))
+    assert failed["connection"] == "web1"
 
 
 def test_a_target_with_the_wrong_host_key_is_refused(kt: Keyturn):

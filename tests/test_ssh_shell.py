@@ -18,7 +18,6 @@ RISK = {c: i for i, c in enumerate(CLASSES)}
     ("ls -l /var/log", "read"),
     ("cat /etc/hostname && uptime", "read"),
     ("systemctl status nginx", "read"),
-    ("git log --oneline -5", "read"),
     ("tar tf backup.tar", "read"),
     ("sed -n 1,5p /etc/passwd", "read"),
     ("find /var/log -name '*.gz' -mtime +30", "read"),
@@ -87,7 +86,10 @@ def test_programs_and_paths_for_rules() -> None:
     a = classify("cd /etc && rm -f nginx/old.conf ../tmp/x")
     assert a.cls == "destructive"
     assert a.programs == ("cd", "rm")
-    assert set(a.paths) == {"/etc/nginx/old.conf", "/tmp/x"}
+    # .. is resolved by the host through symbolic links: it may be anywhere.
+    assert set(a.paths) == {"/etc/nginx/old.conf", "*"}
+    a = classify("cd /etc && cat passwd")
+    assert a.paths == ("/etc/passwd",)  # every operand may be a file
     a = classify("/usr/bin/cp ~/a /srv/b")
     assert a.programs == ("cp",) and set(a.paths) == {"~/a", "/srv/b"}
     # After cd to somewhere unknown, relative paths are anywhere.
@@ -152,9 +154,79 @@ def test_chat_calls_a_shell_action_a_command() -> None:
 
 
 @pytest.mark.parametrize("line, cls", [
-    ("git status", "read"), ("git --version", "read"), ("git commit -am fix", "write"),
-    ("git x", "unknown"),  # an alias ('!rm -rf /') or a git-x program on PATH
-    ("git -C /srv/app log", "unknown"), ("git -c alias.l='!sh' l", "unknown"),
+    # git runs what its repository's config names (core.fsmonitor, pager, hooks, aliases):
+    # a repository anyone could write to makes any git command run anything.
+    ("git status", "unknown"), ("git --version", "unknown"), ("git commit -am fix", "unknown"),
+    ("git x", "unknown"), ("git -C /srv/app log", "unknown"),
 ])
 def test_git_subcommands(line: str, cls: str) -> None:
     assert classify(line).cls == cls
+
+
+# Run 1 of the SSH attacks: each of these ran something of a higher class than it was given.
+@pytest.mark.parametrize("line", [
+    "echo ${x:-$(touch M)}", 'echo "${x:-$(touch M)}"', "echo ${x[$(touch M)]}",
+    "echo ~$(touch M)", "cat <<EOF\n$(touch M)\nEOF", "cat <<EOF\n${x:-$(touch M)}\nEOF",
+    "env '-Stouch M'", "env -S'touch M'", "env -iS'touch M'", "env -C /etc cat passwd",
+    "tar -tf A --checkpoint=1 --checkpoint-act=exec='touch M'", "tar -xf a --to-comm=sh",
+    "sed --fil=S p /etc/os-release", "sed -f/tmp/s p x", "printf -v PATH %s /tmp; ls",
+    "bash --rcfile RC -ic true", "bash -ic true", "bash -lc true", "sh -ic true",
+    "less f", "less '+!touch M' f", "zless f", "more f", "git status",
+    "ls() { cd /etc; }; cd /tmp; ls; cat passwd", "ip netns exec foo rm -rf /x",
+    "echo 'rm -rf /x' | at now", "rsync -ae 'sh -c x' a b", "su -c ls -s /tmp/evil root",
+    "sudo -D /etc cat passwd",
+])
+def test_attack_run_1_unknown(line: str) -> None:
+    assert classify(line).cls == "unknown", (line, classify(line))
+
+
+@pytest.mark.parametrize("line, at_least", [
+    ("flock /bin/ls -c 'rm -f V'", "destructive"), ("exec -a ls rm -f V", "destructive"),
+    ("echo a | xargs -i rm ls V", "destructive"), ("echo a | xargs -e rm V", "destructive"),
+    ("sort -uo F /etc/os-release", "write"), ("sort --out=F x", "write"),
+    ("sort -ruo/F x", "write"), ("/usr/bin/time -o F true", "write"), ("uniq IN F", "write"),
+    ("xxd -r a F", "write"), ("ip -4 addr add 1.2.3.4/32 dev lo", "admin"),
+    ("ip r d default", "admin"), ("ip -br addr flush dev lo", "admin"),
+    ("dmesg -C", "admin"), ("date 010100002020", "admin"), ("hostname -F/etc/x", "admin"),
+    ("stty -F /dev/ttyS0 raw", "admin"), ("docker -H ps run x", "admin"),
+    ("kubectl --namespace get delete pod x", "admin"), ("rsync -a --delete a/ b/",
+                                                       "destructive"),
+    ("cat </dev/tcp/h/80", "forward"),
+])
+def test_attack_run_1_raised(line: str, at_least: str) -> None:
+    assert RISK[classify(line).cls] >= RISK[at_least], (line, classify(line))
+
+
+@pytest.mark.parametrize("line", [
+    "cd /etc && cat passwd", "f=/etc/passwd; cat $f", "cat ${nothing}/etc/passwd",
+    "cat ../../etc/passwd", "cat ~/../../etc/passwd", "cat ~ktssh/../../etc/passwd",
+    "cat //etc/passwd", "cd /etc; cd /tmp; cd -; cat passwd", "cat /etc/{passwd,group}",
+])
+def test_attack_run_1_paths_meet_a_rule_on_etc_passwd(line: str) -> None:
+    from fnmatch import fnmatchcase
+
+    a = classify(line)
+    if a.cls == "unknown":
+        return  # refused anyway
+    assert any(p == "*" or fnmatchcase("/etc/passwd", p) or fnmatchcase(p, "/etc/passwd")
+               for p in a.paths), (line, a.paths)
+
+
+def test_an_empty_command_is_a_shell_on_the_host() -> None:
+    for line in ("", "   ", "\n"):
+        assert classify(line).cls == "unknown"
+
+
+def test_sftp_paths_with_dotdot_are_anywhere() -> None:
+    from proxies.ssh.sftp import _path
+
+    assert _path(b"../../etc/passwd") == "*"
+    assert _path(b"/tmp/d/s0/../x") == "*"  # s0 may be a symbolic link
+    assert _path(b"//etc/passwd") == "/etc/passwd"
+    assert _path(b"notes.txt") == "~/notes.txt" and _path(b"/etc/./passwd") == "/etc/passwd"
+
+
+def test_ticket_lists_show_control_characters_instead_of_obeying_them() -> None:
+    from keyturn.launch.cli import _printable
+
+    assert _printable("rm x #\x1b[2K\x1b[G* 99 read ls") == "rm x #\\x1b[2K\\x1b[G* 99 read ls"

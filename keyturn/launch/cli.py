@@ -425,10 +425,18 @@ def cmd_tickets(args: argparse.Namespace) -> int:
         return 0
     for t in tickets:
         mark = "*" if t.get("can_decide") and t["status"] == "pending" else " "
-        stmt = " ".join(t["statement"].split())
+        # Control characters (terminal escapes in a command) shown, never obeyed.
+        stmt = _printable(" ".join(t["statement"].split()))
         print(f"{mark}{t['id']:>5} {t['status']:<9} {t['requester']:<10} {t['connection']:<12} "
               f"{t['classification']:<8} {stmt[:60]}")
     return 0
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters written as escapes (``\\x1b``), so a terminal
+    shows them instead of acting on them."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
 
 
 def cmd_decide(args: argparse.Namespace) -> int:

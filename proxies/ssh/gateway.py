@@ -271,6 +271,7 @@ class _Session(asyncssh.SSHServer):
         self.held: set[int] = set()
         self.key_line: str | None = None  # "algorithm base64" of the key that logged in
         self.processes: set[asyncssh.SSHServerProcess[bytes]] = set()  # channels served
+        self.refused_keys = 0  # public keys offered that are not the user's
 
     # ---- asyncssh callbacks
 
@@ -285,6 +286,16 @@ class _Session(asyncssh.SSHServer):
             conn.disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS, f"keyturn: {refused}")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.identity is None and self.refused_keys:
+            # It never logged in (keys refused, or it gave up): one record per connection.
+            why = f"{self.refused_keys} public key(s) offered, none registered for this user"
+            if self.connection is None and self.user:
+                why = f"unknown connection {self._wanted or ''!r}; {why}"
+            self.gw.audit(kind="auth_failed", user=self.user or None,
+                          connection=self._wanted if hasattr(self, "_wanted") else None,
+                          client_addr=self.client_addr, outcome="refused", reason=why,
+                          detail={"method": "publickey"})
+            self.gw.throttle.failed(self.user, self.client_addr)
         self.closed = True
         self.gw.sessions.discard(self)
         self.gw.pending.pop(self, None)
@@ -332,6 +343,7 @@ class _Session(asyncssh.SSHServer):
 
     async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         if self.connection is None or self.user not in self.gw.config.users:
+            self.refused_keys += 1
             return False
         offered = key.export_public_key("openssh").decode().split()[:2]
         try:
@@ -340,6 +352,7 @@ class _Session(asyncssh.SSHServer):
             log.error("ssh login of %s: the store is unavailable (%s)", self.user, exc)
             return False
         if not any(line.split()[:2] == offered for line in lines):
+            self.refused_keys += 1
             return False
         # asyncssh asks this twice (the probe and the signed attempt): count the second.
         self._key_fingerprint = key_fingerprint(key.public_data)

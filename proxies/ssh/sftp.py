@@ -107,9 +107,13 @@ class _Open:
 
 
 def _path(raw: bytes) -> str:
+    """A path as rules see it: absolute, or under ``~`` (the login's home) when relative;
+    ``*`` (anywhere) with a ``..`` in it, which the host resolves through symbolic links."""
     p = raw.decode("utf-8", "surrogateescape")
+    if ".." in p.split("/"):
+        return "*"
     if p.startswith("/"):
-        return posixpath.normpath(p) if p != "//" else "/"
+        return "/" + posixpath.normpath(p).lstrip("/")
     return posixpath.normpath(posixpath.join("~", p)) if p not in ("", ".") else "~"
 
 

@@ -44,15 +44,15 @@ SYSTEM_DIRS = frozenset({"/bin", "/usr/bin", "/sbin", "/usr/sbin", "/usr/local/b
                          "/usr/local/sbin"})
 
 READ = frozenset("""
-    ls ll dir cat head tail less more grep egrep fgrep zgrep rg ag wc sort uniq cut tr
+    ls ll dir cat head tail grep egrep fgrep zgrep rg ag wc sort uniq cut tr
     column nl tac rev od hexdump xxd strings file stat du df free uptime w who whoami id
     groups hostname hostnamectl uname date cal echo printf true false pwd ps pgrep pstree
     top htop vmstat iostat mpstat sar lsof ss netstat ip ifconfig ping traceroute dig host
     nslookup getent env printenv which type whereis locate readlink realpath basename
     dirname diff cmp comm md5sum sha1sum sha256sum sha512sum cksum b2sum test [ sleep seq
     yes jq yq lsblk blkid lscpu lsmem lsusb lspci lsmod dmesg last lastlog journalctl
-    id tree jobs wait read cd : timedatectl loginctl nproc arch tty stty zcat bzcat xzcat
-    zless base64 expr numfmt ldd getconf locale
+    id jobs wait read cd : timedatectl loginctl nproc arch tty zcat bzcat xzcat
+    base64 expr numfmt ldd getconf locale
 """.split())
 WRITE = frozenset("""
     touch mkdir cp mv ln install tee rsync scp curl wget git tar gzip gunzip bzip2 bunzip2
@@ -64,7 +64,7 @@ ADMIN = frozenset("""
     chgrp chattr setfacl mount umount swapon swapoff iptables ip6tables nft ufw firewall-cmd
     apt apt-get aptitude dpkg yum dnf rpm zypper apk pip pip3 npm snap flatpak crontab at
     sysctl modprobe rmmod insmod docker podman kubectl helm ctr crictl
-    visudo update-alternatives ldconfig renice nice ionice nohup setsid logger
+    visudo update-alternatives ldconfig renice nice ionice nohup setsid logger stty
 """.split())
 DESTRUCTIVE = frozenset("""
     rm rmdir shred dd mkfs wipefs fdisk sfdisk parted gdisk truncate unlink fstrim
@@ -79,7 +79,9 @@ INTERPRETERS = frozenset({"python", "python2", "python3", "perl", "ruby", "node"
                           "psql", "mysql", "sqlite3", "ssh", "expect", "osascript", "vim",
                           "vi", "nvim", "emacs", "nano", "ed", "ex", "script", "tmux",
                           "screen", "gdb", "strace", "ltrace", "watch", "parallel",
-                          "make", "cmake", "ninja", "man"})
+                          "make", "cmake", "ninja", "man", "less", "more", "most", "zless",
+                          "zmore", "pg", "git", "at", "batch", "nsenter", "unshare",
+                          "setpriv", "runuser", "sg", "chroot", "systemd-run", "tree"})
 #: Programs whose subcommand decides: (program, subcommands that only read).
 READ_SUBCOMMANDS = {
     "systemctl": frozenset({"status", "show", "cat", "list-units", "list-unit-files",
@@ -99,7 +101,7 @@ READ_SUBCOMMANDS = {
                        "--search"}),
     "crontab": frozenset({"-l"}),
     "ip": frozenset({"addr", "a", "address", "route", "r", "link", "l", "neigh", "n",
-                     "rule", "-br", "-s", "-4", "-6", "-j"}),
+                     "rule"}),
     "timedatectl": frozenset({"status", "show", "list-timezones", "timesync-status",
                               "show-timesync"}),
     "hostnamectl": frozenset({"status"}),
@@ -167,11 +169,12 @@ WRAPPERS: dict[str, frozenset[str]] = {
     "timeout": frozenset({"-k", "--kill-after", "-s", "--signal"}),
     "chrt": frozenset(),
     "taskset": frozenset(),
-    "xargs": frozenset({"-a", "-d", "-E", "-e", "-I", "-i", "-L", "-l", "-n", "-P", "-s",
+    "xargs": frozenset({"-a", "-d", "-E", "-I", "-L", "-n", "-P", "-s",
                         "--arg-file", "--delimiter", "--max-args", "--max-procs",
                         "--max-chars", "--replace", "--max-lines"}),
     "time": frozenset({"-f", "--format", "-o", "--output"}),
-    "flock": frozenset({"-w", "--wait", "--timeout", "-E", "--conflict-exit-code"}),
+    "flock": frozenset({"-w", "--wait", "--timeout", "-E", "--conflict-exit-code",
+                        "-c", "--command"}),
 }
 #: Wrappers that raise privileges: the command they run is at least ``admin``.
 ELEVATING = frozenset({"sudo", "doas"})
@@ -225,6 +228,10 @@ MAX_TEXT = 64 * 1024
 def classify(text: str) -> ShellAction:
     """The class, programs and paths of the command line ``text`` (never raises)."""
     walk = _Walk()
+    if not text.strip():
+        # An exec request with no command: SSH servers start the login shell for it.
+        return ShellAction(text, "unknown", ("an empty command starts a shell on the host",),
+                           ("*",), ("*",))
     try:
         _parse_into(walk, text)
     except _Unknown as exc:
@@ -249,6 +256,14 @@ def _parse_into(walk: _Walk, text: str) -> None:
         raise _Unknown("a NUL byte in the command line")
     if not text.strip():
         return
+    for marker, what in (("$(", "command substitution"), ("`", "command substitution"),
+                         ("${", "a ${...} expansion (it may hold a substitution or an "
+                                "assignment)"), ("<(", "process substitution"),
+                         (">(", "process substitution")):
+        if marker in text:
+            # Anywhere, quoted or in a here-document: bash expands them in more places
+            # than a parse tree shows (${x:-$(cmd)}, ~$(cmd), here-document bodies).
+            raise _Unknown(f"{what}: what runs depends on text keyturn does not analyse")
     try:
         trees = bashlex.parse(text)
     except NotImplementedError as exc:
@@ -281,11 +296,9 @@ def _node(walk: _Walk, node: Any) -> None:
             elif part.kind != "reservedword":
                 _node(walk, part)
     elif kind == "function":
-        # A function's body runs when called (by a name that may shadow a program):
-        # judge the body as if it ran.
-        for part in node.parts:
-            if part.kind not in ("word", "reservedword"):
-                _node(walk, part)
+        # A function runs its body wherever its name is called, in whatever directory
+        # and order: not followed.
+        raise _Unknown("a function definition (its name may shadow a program)")
     elif kind in ("operator", "pipe", "reservedword"):
         return
     elif kind == "redirect":
@@ -359,6 +372,8 @@ def _redirect(walk: _Walk, r: Any) -> None:
     if out.kind == "word":
         _word_expansions(walk, out)
         target = out.word
+        if target.startswith(("/dev/tcp/", "/dev/udp/")):
+            walk.raise_to("forward", f"{target} opens a network connection")
         if r.type in ("<",):
             walk.path(target)
             return
@@ -398,8 +413,26 @@ def _argv(walk: _Walk, argv: list[str], expanded: list[bool]) -> None:
                 walk.raise_to("shell", f"{prog} opens a shell or an editor")
                 raise _Unknown(f"{prog} without a command runs an interactive shell")
             walk.raise_to("admin", f"runs as another user ({prog})")
-        if prog == "env" and any(a == "-S" or a.startswith("--split") for a in args):
-            raise _Unknown("env -S splits its argument into a command")
+            if any(a in ("-D", "--chdir", "-E", "--preserve-env") or
+                   a.startswith(("--chdir=", "--preserve-env=")) for a in args):
+                raise _Unknown(f"{prog} options that change the directory or keep the "
+                               "environment are not analysed")
+        if prog == "env" and any(a.startswith("-") and a not in (
+                "-i", "-", "--ignore-environment", "-u", "--unset", "-0", "--null") and
+                not a.startswith("--unset=") and "=" not in a for a in
+                args[:len(args) - len(rest)]):
+            raise _Unknown("env options that split strings or change directory are not "
+                           "analysed")
+        if prog == "flock":
+            body = _option_value(args, ("-c", "--command"))
+            if body is not None:
+                _nested(walk, body, "flock -c")
+                return
+            rest = rest[1:]  # the lock file or descriptor
+        if prog == "time" and any(a in ("-o", "--output") or a.startswith("--output=")
+                                  for a in args[:len(args) - len(rest)]):
+            walk.raise_to("write", "time -o writes a file")
+            walk.paths.append("*")
         while rest and "=" in rest[0] and prog == "env":
             _check_name(rest[0].split("=", 1)[0])
             rest = rest[1:]
@@ -420,6 +453,9 @@ def _argv(walk: _Walk, argv: list[str], expanded: list[bool]) -> None:
         _argv(walk, rest, expanded[n:])
         return
     if prog == "su":
+        if any(a in ("-s", "--shell", "-p", "-m", "--preserve-environment") or
+               a.startswith("--shell=") for a in args):
+            raise _Unknown("su with a shell or the caller's environment is not analysed")
         body = _option_value(args, ("-c", "--command"))
         if body is None:
             raise _Unknown("su without -c runs an interactive shell")
@@ -427,6 +463,15 @@ def _argv(walk: _Walk, argv: list[str], expanded: list[bool]) -> None:
         _nested(walk, body, "su -c")
         return
     if prog in SHELLS:
+        options = []
+        for a in args:
+            if not a.startswith("-"):
+                break
+            options.append(a)
+        if any(a in ("--rcfile", "--init-file", "--login") or
+               (not a.startswith("--") and ("i" in a or "l" in a)) for a in options):
+            raise _Unknown(f"{prog} as an interactive or login shell runs its start-up "
+                           "files")
         body = _option_value(args, ("-c",))
         if body is None or prog in ("busybox", "fish", "csh", "tcsh"):
             raise _Unknown(f"{prog} runs a script or its input, which keyturn cannot see")
@@ -439,6 +484,12 @@ def _argv(walk: _Walk, argv: list[str], expanded: list[bool]) -> None:
     if prog in ASSIGNING:
         _assigning(prog, args)
         return
+    if prog == "printf":
+        for i, a in enumerate(args):
+            if a == "-v" and i + 1 < len(args):
+                _check_name(args[i + 1])
+            elif a.startswith("-v") and len(a) > 2:
+                _check_name(a[2:])
     if prog in UNSEEABLE_BUILTINS:
         if prog == "eval" and args and not any(args_expanded):
             _nested(walk, " ".join(args), "eval")
@@ -446,18 +497,21 @@ def _argv(walk: _Walk, argv: list[str], expanded: list[bool]) -> None:
         if prog == "exec" and not args:
             return  # redirections only
         if prog == "exec" or prog == "command" or prog == "builtin":
-            rest = [a for a in args if not a.startswith("-")]
             if prog == "command" and any(a in ("-v", "-V") for a in args):
                 return
-            if rest:
-                i = args.index(rest[0])
+            i = 0
+            while i < len(args) and args[i].startswith("-") and args[i] != "--":
+                i += 2 if args[i] == "-a" else 1  # exec -a NAME: argv[0] only
+            if i < len(args) and args[i] == "--":
+                i += 1
+            if i < len(args):
                 _argv(walk, args[i:], args_expanded[i:])
-                return
             return
         raise _Unknown(f"the builtin {prog} changes how later commands run")
     if prog == "cd":
         target = next((a for a in args if not a.startswith("-")), "~")
-        if any(args_expanded):
+        if any(args_expanded) or "-" in args or target.startswith("~") and target != "~" \
+                and not target.startswith("~/"):
             walk.cwd = None
         else:
             walk.cwd = _resolve(target, walk.cwd) if walk.cwd is not None else None
@@ -466,7 +520,7 @@ def _argv(walk: _Walk, argv: list[str], expanded: list[bool]) -> None:
         _find(walk, args, args_expanded)
         return
     for opt in EXEC_OPTIONS.get(prog, ()):
-        if any(a == opt or (opt.startswith("--") and a.startswith(opt + "="))
+        if any(a == opt or (opt.startswith("--") and _long(a, opt))
                or (not opt.startswith("--") and len(opt) == 2 and a.startswith(opt)
                    and not a.startswith("--"))
                for a in args):
@@ -483,10 +537,10 @@ def _argv(walk: _Walk, argv: list[str], expanded: list[bool]) -> None:
         if a == "{}":
             continue  # find -exec's placeholder: find's own paths stand for it
         if e:
-            if cls != "read" and "*" not in walk.paths:
-                walk.paths.append("*")
-        elif _looks_like_path(a) or (cls in ("write", "destructive")
-                                     and not a.startswith("-") and a):
+            if "*" not in walk.paths:
+                walk.paths.append("*")  # a variable may name any file
+        elif a and not a.startswith("-"):
+            # Any operand may be a file name (relative to the tracked directory).
             walk.path(a)
 
 
@@ -494,14 +548,19 @@ def _program_class(prog: str, args: list[str]) -> tuple[str, str]:
     if prog in READ_SUBCOMMANDS:
         sub = next((a for a in args if not a.startswith("-")), None) \
             if prog not in ("dpkg", "crontab", "service") else next(iter(args), None)
-        if prog == "ip" and args:
-            sub = args[0]
-            later = [a for a in args[1:] if not a.startswith("-")]
-            if sub in READ_SUBCOMMANDS["ip"] and not (later and later[0] in (
-                    "add", "del", "delete", "change", "replace", "set", "flush",
-                    "append")):
-                return "read", f"{prog} {sub} only reads"
+        if prog == "ip":
+            words = [a for a in args if not a.startswith("-")]
+            if words and words[0] == "netns":
+                raise _Unknown("ip netns may run a command in another namespace")
+            # Read only as `ip [options] OBJECT [show|list]` (ip takes any abbreviation of
+            # its verbs, so anything else may change something).
+            if words and words[0] in READ_SUBCOMMANDS["ip"] and (
+                    len(words) == 1 or words[1] in ("show", "list", "ls", "sh", "s")):
+                return "read", f"{prog} {words[0]} only reads"
             return "admin", f"{prog} changes network settings"
+        if prog in ("docker", "podman", "kubectl") and args and args[0].startswith("-"):
+            return "admin", f"{prog} with global options (they may take the subcommand's " \
+                            "place) is judged as changing things"
         if sub is not None and sub in READ_SUBCOMMANDS[prog]:
             return "read", f"{prog} {sub} only reads"
         if sub is None and prog == "git" and all(a in ("--version", "--help", "-h")
@@ -524,8 +583,30 @@ def _program_class(prog: str, args: list[str]) -> tuple[str, str]:
                for a in args):
             return "write", "sed -i edits files in place"
         return "read", "sed without -i only prints"
-    if prog == "sort" and any(a == "-o" or a.startswith(("-o", "--output")) for a in args):
+    if prog == "sort" and any(_long(a, "--output") or _long(a, "--compress-program") or
+                              (a.startswith("-") and not a.startswith("--") and "o" in a)
+                              for a in args):
         return "write", "sort -o writes a file"
+    if prog == "uniq" and len([a for a in args if not a.startswith("-")]) >= 2:
+        return "write", "uniq INPUT OUTPUT writes a file"
+    if prog == "xxd" and any(a.startswith("-") and "r" in a for a in args):
+        return "write", "xxd -r writes a file"
+    if prog == "dmesg" and any(a in ("-C", "-c", "-D", "-E", "-n") or _long(a, "--clear") or
+                               _long(a, "--read-clear") or _long(a, "--console-off") or
+                               _long(a, "--console-on") or _long(a, "--console-level")
+                               for a in args):
+        return "admin", "dmesg clears the ring buffer or changes the console"
+    if prog == "date" and any(not a.startswith(("-", "+")) for a in args):
+        return "admin", "date MMDDhhmm sets the clock"
+    if prog == "hostname" and any(a.startswith(("-F", "-b")) or _long(a, "--file") or
+                                  _long(a, "--boot") for a in args):
+        return "admin", "hostname -F renames the host"
+    if prog == "rsync":
+        if any(_long(a, "--delete") or _long(a, "--remove-source-files") or
+               a.startswith("--del") for a in args):
+            return "destructive", "rsync --delete removes files"
+        if any(a.startswith("-") and not a.startswith("--") and "e" in a for a in args):
+            raise _Unknown("rsync -e runs a command of the caller's choosing")
     if prog == "tar":
         first = args[0] if args else ""
         if any(a in ("-t", "--list") for a in args) or (
@@ -580,7 +661,8 @@ def _sed(args: list[str]) -> None:
         if a.startswith("--expression="):
             scripts.append(a.split("=", 1)[1])
             positional = False
-        elif a in ("-f", "--file") or a.startswith("--file="):
+        elif _long(a, "--file") or (a.startswith("-") and not a.startswith("--")
+                                     and "f" in a):
             raise _Unknown("sed -f runs a script file keyturn cannot see")
         elif not a.startswith("-") and positional:
             scripts.append(a)
@@ -610,6 +692,16 @@ def _assigning(prog: str, args: list[str]) -> None:
         name = a.split("=", 1)[0]
         if _NAME.match(name):
             _check_name(name)
+
+
+def _long(arg: str, option: str) -> bool:
+    """Whether ``arg`` is the long option ``option`` as GNU programs read it: in full, or
+    any unambiguous-looking prefix of it of three letters or more, with or without a
+    ``=value``."""
+    if not arg.startswith("--"):
+        return False
+    name = arg.split("=", 1)[0]
+    return len(name) >= 5 and option.startswith(name)
 
 
 def _find(walk: _Walk, args: list[str], expanded: list[bool]) -> None:
@@ -701,14 +793,20 @@ def _looks_like_path(arg: str) -> bool:
 
 def _resolve(word: str, cwd: str | None) -> str:
     """A path as written, made absolute against the tracked working directory where it
-    can be (``~`` is the login user's home; unknown after ``cd $X``: ``*``)."""
+    can be (``~`` is the login user's home). ``*`` (anywhere) when it cannot be: after
+    ``cd $X``, another user's home, and any ``..`` (the host resolves it through
+    symbolic links, which text cannot). Brace groups become ``*`` patterns."""
+    word = re.sub(r"\{[^{}]*\}", "*", word)
+    parts = word.split("/")
+    if ".." in parts:
+        return "*"
     if word.startswith("/"):
-        return posixpath.normpath(word) if word != "//" else "/"
+        return "/" + posixpath.normpath(word).lstrip("/")
     if word == "~" or word.startswith("~/"):
         return posixpath.normpath(word)
-    if word.startswith("~"):
-        return word  # another user's home: as written
-    if cwd is None:
+    if word.startswith("~") or cwd is None:
+        return "*"
+    if ".." in cwd.split("/"):
         return "*"
     return posixpath.normpath(posixpath.join(cwd, word))
 
