@@ -131,8 +131,20 @@ def _names_match(names: Iterable[str], globs: tuple[str, ...], *, every: bool,
     # A name that is itself a pattern (``vault.*``: every table of a schema a statement
     # drops; ``/etc/*``: a glob a shell expands) stands for every name it matches: a block
     # or review rule matches it when the two may meet (either matches the other).
-    return any(fnmatchcase(n, p) or (_GLOB_CHARS.intersection(n) and fnmatchcase(p, n))
+    return any(fnmatchcase(n, p) or (_GLOB_CHARS.intersection(n) and _may_meet(n, p))
                for n in names for p in pats)
+
+
+def _may_meet(name: str, pattern: str) -> bool:
+    """Whether two patterns may match a common name: one matches the other, or (erring
+    towards yes) their literal beginnings agree as far as the shorter one goes
+    (``/etc/hostnam?`` and ``/etc/hostname*``)."""
+    if fnmatchcase(pattern, name):
+        return True
+    a = name[:min((name.find(c) for c in _GLOB_CHARS if c in name), default=len(name))]
+    b = pattern[:min((pattern.find(c) for c in _GLOB_CHARS if c in pattern),
+                     default=len(pattern))]
+    return a.startswith(b) or b.startswith(a)
 
 
 def rule_matches(rule: Rule, req: Request, st: StatementLike) -> bool:
