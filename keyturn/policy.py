@@ -258,19 +258,18 @@ def evaluate(config: Config, req: Request, *,
 def _masks_of(policy: Policy, decisions: Iterable[StatementDecision],
               req: Request | None = None) -> tuple[tuple[str, MaskSettings], ...]:
     """The masking of every deciding rule that masks; and, for a statement another rule
-    let through (a write allowed without ``mask:``), the masking of every mask rule
+    allowed (a write allowed without ``mask:``), the masking of every mask rule
     meant for this person on this connection, whatever class or tables it names: what a
     person may only see masked stays masked in a RETURNING, an error or a copy, whichever
     rule allowed the statement."""
     out: dict[str, MaskSettings] = {}
     unmasked = False
     for d in decisions:
-        if d.action == "block":
-            continue
         rule = next((r for r in policy.rules if r.name == d.rule), None)
         if rule is not None and rule.mask is not None:
             out.setdefault(rule.name, rule.mask)
-        else:
+        elif d.action == "allow":
+            # (A reviewed statement is run as its approvers saw it; a blocked one never.)
             unmasked = True
     if unmasked and req is not None:
         for rule in policy.rules:
