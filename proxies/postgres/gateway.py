@@ -514,40 +514,45 @@ class PostgresGateway:
         overload), read on a short connection of its own (runs in a thread): a held
         statement runs after approval only while it still matches. Raises when the target
         cannot be read (the caller refuses then)."""
-        names = sorted({f for f in functions if "." in f and not f.startswith("pg_catalog.")})
-        if not names:
-            return ""
-        with connect_target(conn, "keyturn-code", timeout=5,
-                            options="-c statement_timeout=5000") as c:
-            row = c.execute(
-                "SELECT coalesce(md5(string_agg(n.nspname || '.' || p.proname || ':' || "
-                "p.oid || ':' || md5(concat_ws('|', p.prosrc, p.probin, "
-                "array_to_string(p.proconfig, ','), p.prosecdef, p.provolatile, p.proowner, "
-                "p.prolang)), ',' ORDER BY p.oid)), '') "
-                "FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n "
-                "ON n.oid = p.pronamespace WHERE n.nspname || '.' || p.proname = ANY(%s)",
-                (names,)).fetchone()
-        return str(row[0]) if row else ""
+        return self.release_facts(conn, functions, [])[0]
 
-    def schema_change_in_progress(self, conn: Connection, tables: list[str]) -> list[str]:
-        """Of ``tables`` (schema.name), those another transaction holds a lock on that a
-        write would wait behind and that schema changes take (CREATE TRIGGER, ALTER TABLE,
-        CREATE INDEX...): what that transaction changes becomes visible only when it
-        commits, after any check (runs in a thread)."""
-        names = sorted({t for t in tables if t.count(".") == 1 and "*" not in t})
-        if not names:
-            return []
-        with connect_target(conn, "keyturn-locks", timeout=5,
+    def release_facts(self, conn: Connection, functions: list[str], tables: list[str]
+                      ) -> tuple[str, list[str]]:
+        """What an approved statement is checked against before it runs, on one short
+        connection (runs in a thread; raises when the target cannot be read):
+
+        - the digest of the user functions' definitions (``code_digest``);
+        - of ``tables`` (schema.name), those another transaction holds a lock on that a
+          write would wait behind and that schema changes take (CREATE TRIGGER, ALTER
+          TABLE, CREATE INDEX...): what that transaction changes becomes visible only when
+          it commits, after any check."""
+        names = sorted({f for f in functions if "." in f and not f.startswith("pg_catalog.")})
+        rels = sorted({t for t in tables if t.count(".") == 1 and "*" not in t})
+        if not names and not rels:
+            return "", []
+        digest, busy = "", []
+        with connect_target(conn, "keyturn-recheck", timeout=5,
                             options="-c statement_timeout=5000") as c:
-            rows = c.execute(
-                "SELECT DISTINCT n.nspname || '.' || c.relname FROM pg_catalog.pg_locks l "
-                "JOIN pg_catalog.pg_class c ON c.oid = l.relation "
-                "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-                "WHERE l.granted AND l.pid <> pg_catalog.pg_backend_pid() AND l.mode IN "
-                "('ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', "
-                "'AccessExclusiveLock') AND n.nspname || '.' || c.relname = ANY(%s)",
-                (names,)).fetchall()
-        return sorted(str(r[0]) for r in rows)
+            if names:
+                row = c.execute(
+                    "SELECT coalesce(md5(string_agg(n.nspname || '.' || p.proname || ':' || "
+                    "p.oid || ':' || md5(concat_ws('|', p.prosrc, p.probin, "
+                    "array_to_string(p.proconfig, ','), p.prosecdef, p.provolatile, "
+                    "p.proowner, p.prolang)), ',' ORDER BY p.oid)), '') "
+                    "FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n "
+                    "ON n.oid = p.pronamespace WHERE n.nspname || '.' || p.proname = ANY(%s)",
+                    (names,)).fetchone()
+                digest = str(row[0]) if row else ""
+            if rels:
+                busy = sorted(str(r[0]) for r in c.execute(
+                    "SELECT DISTINCT n.nspname || '.' || c.relname FROM pg_catalog.pg_locks l "
+                    "JOIN pg_catalog.pg_class c ON c.oid = l.relation "
+                    "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+                    "WHERE l.granted AND l.pid <> pg_catalog.pg_backend_pid() AND l.mode IN "
+                    "('ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', "
+                    "'AccessExclusiveLock') AND n.nspname || '.' || c.relname = ANY(%s)",
+                    (rels,)).fetchall())
+        return digest, busy
 
     def explain_rows(self, conn: Connection, sql: str, params: list[Any] | None) -> int | None:
         """The planner's row estimate for a DML statement (runs in a thread).

@@ -43,6 +43,7 @@ def _shape(decision: Decision) -> str:
              for s in decision.statements]
     return hashlib.sha256(json.dumps([parts, decision.opaque_code]).encode()).hexdigest()
 
+
 #: How long an approved statement waits for a fresh read of its target's catalog before
 #: it runs (it must run what was approved: see _changed_while_held).
 RECHECK_SECONDS = 10.0
@@ -159,7 +160,7 @@ class Holds(SessionState):
             return
         if outcome.ticket_id is not None:
             ctx.ticket_id = outcome.ticket_id
-        if outcome.run and outcome.status not in (holds.GRANTED,):
+        if outcome.run and outcome.status != holds.GRANTED:
             changed = await self._changed_while_held(decision, analysis, outcome.ticket_id)
             if changed is not None:
                 self._refuse(codec.encode_error(
@@ -217,24 +218,20 @@ class Holds(SessionState):
             return "what it runs on the target changed" + \
                 (f" (it now also touches {', '.join(new[:5])})" if new else
                  f" (it is now {now.classification})")
-        if "code" in recorded:
-            try:
-                code = await asyncio.to_thread(self.gw.code_digest, self.conn,
-                                               _functions_of(now))
-            except Exception:  # noqa: BLE001 - cannot tell: refuse
-                code = None
-            if code is None or recorded["code"] is None or code != recorded["code"]:
-                return ("the user code it runs (" + ", ".join(_functions_of(now)[:5]) +
-                        ") changed, or could not be read to compare")
-        # A schema change still open in another transaction (a trigger created, a function
-        # replaced, then ALTER TABLE to make this statement wait for its commit) is not in
-        # any catalog read yet: refused while one holds such a lock on a table it touches.
+        # One read for the rest: the user code it runs (compared with the digest taken
+        # when it was held), and any schema change still open in another transaction (a
+        # trigger created, a function replaced, then ALTER TABLE to make this statement
+        # wait for its commit), which no catalog read can show yet.
         tables = sorted({t for s in now.statements for t in s.tables})
         try:
-            busy = await asyncio.to_thread(self.gw.schema_change_in_progress, self.conn,
-                                           tables)
+            code, busy = await asyncio.to_thread(self.gw.release_facts, self.conn,
+                                                 _functions_of(now), tables)
         except Exception:  # noqa: BLE001 - cannot tell: refuse
-            busy = ["(the target's locks could not be read)"]
+            code, busy = None, ["(the target could not be read to compare)"]
+        if "code" in recorded and (code is None or recorded["code"] is None or
+                                   code != recorded["code"]):
+            return ("the user code it runs (" + ", ".join(_functions_of(now)[:5]) +
+                    ") changed, or could not be read to compare")
         if busy:
             return f"a schema change of {', '.join(busy[:5])} is in progress in another " \
                    "transaction"

@@ -637,8 +637,7 @@ def _program_class(prog: str, args: list[str]) -> tuple[str, str]:
 
 
 #: Builtins that only set shell variables (whose names are checked like assignments).
-ASSIGNING = frozenset({"read", "export", "local", "declare", "typeset", "readonly",
-                       "printf-v"})
+ASSIGNING = frozenset({"read", "export", "local", "declare", "typeset", "readonly"})
 _SED_ADDR = r"(?:\d+|\$|/(?:[^/\\]|\\.)*/)(?:,(?:\d+|\$|/(?:[^/\\]|\\.)*/))?!?"
 _SED_SUBST = r"s(?P<d>[^\\\n\w\s])(?:(?!(?P=d))[^\\]|\\.)*(?P=d)" \
              r"(?:(?!(?P=d))[^\\]|\\.)*(?P=d)[gpiImM0-9]*"
