@@ -485,12 +485,17 @@ def test_exec_of_an_empty_command_opens_a_shell_upstream(kt, box):
             SSHClientChannel._make_request = patched
             try:
                 r = await conn.run(input=f"touch {m}; id -un\nexit\n", timeout=30)
+            except BrokenPipeError:
+                # the gateway refused and closed the channel before the input went out
+                return None
             finally:
                 SSHClientChannel._make_request = orig
             return r
     r = asyncio.run(go())
-    print("exit", r.exit_status, "out", r.stdout, "err", r.stderr)
-    assert not m.exists(), ("a shell ran stdin", r.exit_status, r.stdout, r.stderr)
+    if r is not None:
+        print("exit", r.exit_status, "out", r.stdout, "err", r.stderr)
+        assert r.exit_status != 0, ("an empty exec succeeded", r.stdout, r.stderr)
+    assert not m.exists(), "a shell ran stdin"
 
 
 
