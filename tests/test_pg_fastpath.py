@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import re
+import shutil
 import struct
 import tempfile
 import time
@@ -197,7 +198,9 @@ _PLAYBOOKS: dict[int, PgPlaybook] = {}
 def _close_playbooks() -> Iterator[None]:
     yield
     while _PLAYBOOKS:
-        _PLAYBOOKS.popitem()[1].close()
+        pb = _PLAYBOOKS.popitem()[1]
+        pb.close()
+        shutil.rmtree(pb.base, ignore_errors=True)
 
 
 def new_session(fast: bool | str, records: list[bytes]) -> tuple[ClientSession, Upstream]:

@@ -457,7 +457,7 @@ def test_sftp_scratch_symlink_chain_escapes_scratch(kt):
     try:
         assert not (victim / "planted").exists(), "wrote outside scratch without approval"
     finally:
-        subprocess.run(["rm", "-rf", str(victim)], check=False)
+        subprocess.run(["rm", "-rf", str(victim), d], check=False)
 
 
 def test_exec_of_an_empty_command_opens_a_shell_upstream(kt, box):
