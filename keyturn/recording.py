@@ -26,6 +26,16 @@ make the same bytes. A recording that was never closed (the
 process died) is still a valid prefix of its format; ``verify_file`` tells whether a file
 still matches its reference.
 
+Seeking in long terminal recordings: a writer may add *keyframes* to an asciicast
+(``keyframe``). Each goes into an index next to the recording (``<name>.cast.idx``, one
+JSON line: ``{"t", "offset", "events", "markers", "cols", "rows", "screen"}``): where
+the next event starts in the file, how many markers came before it and, for a terminal,
+the screen at that moment as the ANSI text that redraws it. ``window`` cuts a
+self-contained asciicast out of a recording from one keyframe up to a later one (the
+screen first, then the events, their times moved to start at 0), so a player loads a few
+megabytes of a session of hours and starts at the right picture. The index's SHA-256 is
+sealed with the recording's.
+
 This module must not import protocol or web code.
 """
 
@@ -61,11 +71,19 @@ class RecordingRef:
     started: float
     duration: float
     events: int
+    index: str | None = None  # the keyframe index, relative like ``path``
+    index_sha256: str | None = None
+    keyframes: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "format": self.format, "sha256": self.sha256,
-                "bytes": self.bytes, "started": self.started, "duration": self.duration,
-                "events": self.events}
+        out: dict[str, Any] = {
+            "path": self.path, "format": self.format, "sha256": self.sha256,
+            "bytes": self.bytes, "started": self.started, "duration": self.duration,
+            "events": self.events}
+        if self.index is not None:
+            out.update(index=self.index, index_sha256=self.index_sha256,
+                       keyframes=self.keyframes)
+        return out
 
 
 class Recording:
@@ -95,6 +113,10 @@ class Recording:
         self._digest = hashlib.sha256()
         self._size = 0
         self.events = 0
+        self._index: IO[bytes] | None = None
+        self._index_digest = hashlib.sha256()
+        self.keyframes = 0
+        self.markers = 0
         first = {"version": 2, "timestamp": int(self.started), **header} \
             if fmt == "asciicast" else \
             {"format": "keyturn-transcript", "version": 1, "started": self.started, **header}
@@ -147,16 +169,36 @@ class Recording:
         if self.format == "asciicast":
             self._line(orjson.dumps([self.elapsed(), "m", label]))
             self.events += 1
+            self.markers += 1
 
     def resize(self, cols: int, rows: int) -> None:
         if self.format == "asciicast":
             self._line(orjson.dumps([self.elapsed(), "r", f"{int(cols)}x{int(rows)}"]))
             self.events += 1
 
+    def keyframe(self, cols: int, rows: int, screen: str | None = None) -> None:
+        """A point a player may start from (asciicast): the next event's place in the file
+        and ``screen``, the ANSI text that redraws the terminal as it is now (None: a
+        stream without a screen, such as a command's output without a terminal)."""
+        if self.format != "asciicast":
+            raise ValueError("keyframes index asciicasts")
+        if self._index is None:
+            self._index = open(  # noqa: SIM115 - kept open until close
+                self.path.with_name(self.path.name + ".idx"), "xb", buffering=8192)
+        line = orjson.dumps({"t": self.elapsed(), "offset": self._size,
+                             "events": self.events, "markers": self.markers,
+                             "cols": int(cols), "rows": int(rows),
+                             "screen": screen}) + b"\n"
+        self._index.write(line)
+        self._index_digest.update(line)
+        self.keyframes += 1
+
     def flush(self) -> None:
         """Hand what is buffered to the OS (readers see it; no fsync)."""
         if self._file is not None:
             self._file.flush()
+        if self._index is not None:
+            self._index.flush()
 
     def suspend(self) -> None:
         """Flush and close the file but keep the recording open: the next write reopens
@@ -175,11 +217,19 @@ class Recording:
             os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
+            if self._index is not None:
+                self._index.flush()
+                os.fsync(self._index.fileno())
+                self._index.close()
             self._closed = True
         end = at if at is not None else self._last_at
         duration = round(end - self.started, 6) if end is not None else self.elapsed()
+        indexed = self.keyframes > 0
         return RecordingRef(self.relpath, self.format, self._digest.hexdigest(), self._size,
-                            self.started, duration, self.events)
+                            self.started, duration, self.events,
+                            index=self.relpath + ".idx" if indexed else None,
+                            index_sha256=self._index_digest.hexdigest() if indexed else None,
+                            keyframes=self.keyframes)
 
 
 class Recorder:
@@ -204,14 +254,94 @@ class Recorder:
         return full
 
     def verify_file(self, ref: RecordingRef | dict[str, Any]) -> str | None:
-        """None when the file matches its reference, else what is wrong."""
-        want = ref.sha256 if isinstance(ref, RecordingRef) else str(ref["sha256"])
+        """None when the file (and its keyframe index, if it has one) matches its
+        reference, else what is wrong."""
+        d = ref.to_json() if isinstance(ref, RecordingRef) else ref
+        problem = _check(self.path(d), str(d["sha256"]))
+        if problem is None and d.get("index"):
+            problem = _check(self.path({"path": d["index"]}), str(d.get("index_sha256")))
+            if problem is not None:
+                problem = f"its keyframe index: {problem}"
+        return problem
+
+    def keyframes(self, ref: RecordingRef | dict[str, Any]) -> list[dict[str, Any]]:
+        """Where a player can start an asciicast: its beginning, then the keyframes of
+        its index (if it has one). Check the files with ``verify_file`` first."""
+        d = ref.to_json() if isinstance(ref, RecordingRef) else ref
+        with open(self.path(d), "rb") as f:
+            first = f.readline()
+        header = orjson.loads(first)
+        out = [{"t": 0.0, "offset": len(first), "events": 0, "markers": 0,
+                "cols": header.get("width", 80), "rows": header.get("height", 24),
+                "screen": None}]
+        if d.get("index"):
+            with open(self.path({"path": d["index"]}), "rb") as f:
+                out += [orjson.loads(line) for line in f if line.strip()]
+        return out
+
+
+def _check(path: Path, want: str) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except OSError as exc:
+        return f"cannot read it: {exc.strerror or exc}"
+    got = digest.hexdigest()
+    return None if got == want else f"its SHA-256 is {got}, the audit trail says {want}"
+
+
+def window_end(keyframes: list[dict[str, Any]], start: int, max_bytes: int) -> int | None:
+    """The keyframe a window from ``start`` ends at (None: the end of the recording)."""
+    base = keyframes[start]["offset"]
+    return next((i for i in range(start + 1, len(keyframes))
+                 if keyframes[i]["offset"] - base >= max_bytes), None)
+
+
+def parts(keyframes: list[dict[str, Any]], max_bytes: int = 8 << 20) -> list[int]:
+    """The keyframes consecutive windows start at, the first at the beginning."""
+    out: list[int] = []
+    i: int | None = 0
+    while i is not None and keyframes:
+        out.append(i)
+        i = window_end(keyframes, i, max_bytes)
+    return out
+
+
+def window(path: Path, keyframes: list[dict[str, Any]], start: int,
+           max_bytes: int = 8 << 20) -> tuple[bytes, int | None]:
+    """A self-contained asciicast cut from the recording at ``path``: from keyframe
+    ``start`` (an index into ``keyframes``) up to the first later keyframe at least
+    ``max_bytes`` further into the file (or its end). Its header is the recording's with
+    the keyframe's size; a keyframe's screen comes first, as output at time 0; then the
+    events, their times moved back by the keyframe's. Returns the cast and the index of
+    the keyframe the next window starts at (None: this one reaches the end)."""
+    kf = keyframes[start]
+    nxt = window_end(keyframes, start, max_bytes)
+    end = None if nxt is None else keyframes[nxt]["offset"]
+    t0 = float(kf["t"])
+    with open(path, "rb") as f:
+        header = orjson.loads(f.readline())
+        header.update(width=kf["cols"], height=kf["rows"],
+                      keyturn_window={"from": t0, "keyframe": start})
+        out = [orjson.dumps(header)]
+        if kf.get("screen"):
+            out.append(orjson.dumps([0.0, "o", kf["screen"]]))
+        f.seek(kf["offset"])
+        left = None if end is None else end - kf["offset"]
+        data = f.read() if left is None else f.read(left)
+    for line in data.splitlines():
+        if not line.strip():
+            continue
         try:
-            data = self.path(ref).read_bytes()
-        except OSError as exc:
-            return f"cannot read it: {exc.strerror or exc}"
-        got = hashlib.sha256(data).hexdigest()
-        return None if got == want else f"its SHA-256 is {got}, the audit trail says {want}"
+            ev = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            break  # a recording cut short by a crash ends at its last whole line
+        ev[0] = round(max(0.0, float(ev[0]) - t0), 6)
+        out.append(orjson.dumps(ev))
+    return b"\n".join(out) + b"\n", nxt
 
 
-__all__ = ["FORMATS", "Recorder", "Recording", "RecordingRef", "safe_name"]
+__all__ = ["FORMATS", "Recorder", "Recording", "RecordingRef", "parts", "safe_name", "window",
+           "window_end"]

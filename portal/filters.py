@@ -42,6 +42,13 @@ def span(seconds: float | None) -> str:
     return f"{s}s"
 
 
+def clock(seconds: float | None) -> str:
+    """A position in a recording: ``4:05``, ``1:02:03``."""
+    s = int(max(seconds or 0, 0))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else \
+        f"{s // 60}:{s % 60:02d}"
+
+
 def age(ts: float | None) -> str:
     return span(time.time() - ts) if ts is not None else "—"
 
@@ -64,7 +71,7 @@ def capitalize_first(text: str) -> str:
 
 
 def init_app(app: Flask) -> None:
-    app.jinja_env.filters.update(when=when, iso=iso, age=age, left=left, span=span,
+    app.jinja_env.filters.update(when=when, iso=iso, age=age, clock=clock, left=left, span=span,
                                  sql=render_statement, shell=render_command, one_line=one_line,
                                  chat_place=chat_place, sentence=sentence, outcome=outcome,
                                  decision=decision, execution=execution,

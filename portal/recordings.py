@@ -5,7 +5,9 @@ The list comes from the audit trail: each channel's completed record (kind ``sta
 protocol ``ssh``) names its recording, and the ``recording`` record that sealed it holds its
 SHA-256. A recording is served only when the file still matches that digest, so a replay
 always shows what the trail vouches for. Auditors and admins see everyone's; everyone
-else sees their own.
+else sees their own. A recording larger than ``WINDOW`` plays in parts cut at its
+keyframes (``keyturn.recording.window``): the player loads one part at a time and starts
+at any keyframe, so a session of hours opens at once.
 
 It must not write or change recordings or records.
 """
@@ -19,7 +21,7 @@ from flask import Blueprint, Response, abort, current_app, render_template, requ
 from sqlalchemy import Text, cast, func, select
 
 from keyturn.models import AuditRecord
-from keyturn.recording import Recorder
+from keyturn.recording import Recorder, parts, window
 from keyturn.services import Services
 from portal import queries
 from portal.htmx import page_or_block
@@ -27,6 +29,7 @@ from portal.roles import ADMIN, AUDITOR, require, viewer
 
 bp = Blueprint("recordings", __name__)
 PAGE = 50
+WINDOW = 8 << 20  # bytes of asciicast the player loads at once
 #: The player decodes the terminal in WebAssembly: its page alone allows compiling it.
 PLAYER_CSP = ("default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; style-src 'self'; "
               "img-src 'self' data:; object-src 'none'; base-uri 'none'; "
@@ -138,8 +141,19 @@ def replay(seq: int):  # type: ignore[no-untyped-def]
         problem = "its digest is not in the audit trail yet (the session may still be open)"
     else:
         problem = recorder().verify_file(e.seal.detail)
+    keyframes: list[dict[str, Any]] = []
+    windows: list[dict[str, Any]] = []
+    if problem is None and e.seal is not None and int(e.seal.detail.get("bytes", 0)) > WINDOW:
+        keyframes = recorder().keyframes(e.seal.detail)
+        starts = parts(keyframes, WINDOW)
+        duration = float(e.seal.detail.get("duration") or 0)
+        windows = [{"from": i, "t": keyframes[i]["t"],
+                    "to": keyframes[starts[n + 1]]["t"] if n + 1 < len(starts) else duration}
+                   for n, i in enumerate(starts)]
     html = render_template("recording.html", e=e, problem=problem,
-                           speeds=(0.5, 1, 2, 4, 8))
+                           speeds=(0.5, 1, 2, 4, 8), windows=windows,
+                           keyframes=[{"t": k["t"], "markers": k.get("markers", 0)}
+                                      for k in keyframes])
     resp = Response(html)
     resp.headers["Content-Security-Policy"] = PLAYER_CSP
     return resp
@@ -152,5 +166,17 @@ def cast_file(seq: int):  # type: ignore[no-untyped-def]
     if e.seal is None or recorder().verify_file(e.seal.detail) is not None:
         abort(409, "the recording does not match the digest in the audit trail")
     path = recorder().path(e.seal.detail)
-    return send_file(path, mimetype="application/x-asciicast", max_age=0,
-                     download_name=path.name)
+    start = request.args.get("from", type=int)
+    if start is None and int(e.seal.detail.get("bytes", 0)) <= WINDOW:
+        return send_file(path, mimetype="application/x-asciicast", max_age=0,
+                         download_name=path.name)
+    keyframes = recorder().keyframes(e.seal.detail)
+    start = start or 0
+    if not 0 <= start < len(keyframes):
+        abort(404)
+    data, nxt = window(path, keyframes, start, WINDOW)
+    resp = Response(data, mimetype="application/x-asciicast")
+    resp.headers["Cache-Control"] = "no-store"
+    if nxt is not None:
+        resp.headers["X-Keyturn-Next-Keyframe"] = str(nxt)
+    return resp

@@ -60,3 +60,119 @@ def test_references_cannot_point_outside_the_directory(tmp_path: Path) -> None:
         rec.path({"path": "../../etc/passwd", "sha256": "0"})
     with pytest.raises(ValueError):
         rec.open("x", "mp4")
+
+
+def _screen(width: int, height: int, events: list[list]):  # type: ignore[no-untyped-def]
+    """A terminal emulator after the output and resizes of ``events``."""
+    import pyte
+
+    screen = pyte.Screen(width, height)
+    stream = pyte.Stream(screen)
+    for e in events:
+        if e[1] == "o":
+            stream.feed(e[2])
+        elif e[1] == "r":
+            cols, rows = map(int, e[2].split("x"))
+            screen.resize(rows, cols)
+    return screen
+
+
+def _cells(screen) -> list:  # type: ignore[no-untyped-def]
+    return [[screen.buffer[y][x] for x in range(screen.columns)] for y in range(screen.lines)]
+
+
+def test_keyframes_let_a_player_start_anywhere_on_the_screen_it_would_have_reached(
+        tmp_path: Path) -> None:
+    """A recording made as the SSH gateway makes one (its terminal emulator's snapshot at
+    each keyframe): every part cut at a keyframe opens on exactly the screen a player that
+    replayed everything before would show, the parts together hold every event once, and
+    a typed line's marker is found in the part the page loads for it."""
+    from keyturn.recording import parts, window
+    from proxies.ssh.terminal import TypedLines
+
+    rec = Recorder(tmp_path)
+    r = rec.open("long", "asciicast", width=40, height=8)
+    typed = TypedLines(40, 8)
+    size = (40, 8)
+    colours = ["\x1b[31m", "\x1b[1;44m", "\x1b[38;5;208m", "\x1b[48;2;10;20;30m", "\x1b[7m",
+               "\x1b[0m"]
+    for i in range(120):
+        if i % 7 == 3:
+            r.keyframe(*size, typed.snapshot())
+        if i == 50:
+            size = (52, 10)
+            r.resize(*size)
+            typed.resize(*size)
+        out = f"{colours[i % 6]}row {i} {'x' * (i % 37)}\x1b[0m\r\n$ ".encode()
+        if i % 11 == 0:
+            out += "\x1b[2;5H\x1b[K中文 overwritten".encode()
+        typed.output(out)
+        r.write("o", out)
+        line = f"echo {i}\r".encode()
+        r.write("i", line)
+        for done in typed.input(line):
+            r.marker(done)
+    ref = r.close()
+    assert ref.index and ref.keyframes == 17 and rec.verify_file(ref) is None
+
+    path = rec.path(ref)
+    lines = path.read_bytes().splitlines(keepends=True)
+    full = [json.loads(x) for x in lines[1:]]
+    kfs = rec.keyframes(ref)
+    assert len(kfs) == 18 and kfs[0]["offset"] == len(lines[0])
+    offsets = {sum(map(len, lines[:n])): n - 1 for n in range(1, len(lines) + 1)}
+    for k, kf in enumerate(kfs):
+        before = full[:offsets[kf["offset"]]]  # the events a player passed to get here
+        cast, _ = window(path, kfs, k, max_bytes=1 << 30)
+        head, *events = [json.loads(x) for x in cast.splitlines()]
+        assert (head["width"], head["height"]) == (kf["cols"], kf["rows"])
+        opening = events[:1] if kf["screen"] else []
+        want = _screen(40, 8, before)
+        got = _screen(head["width"], head["height"], opening)
+        assert _cells(got) == _cells(want), k
+        assert (got.cursor.x, got.cursor.y) == (want.cursor.x, want.cursor.y)
+        rest = events[len(opening):]
+        assert [e[1:] for e in rest] == [e[1:] for e in full[len(before):]]
+        assert rest[0][0] == pytest.approx(full[len(before)][0] - kf["t"], abs=1e-5)
+
+    starts = parts(kfs, max_bytes=2000)
+    assert len(starts) > 3 and starts[0] == 0
+    pieces: list[list] = []
+    for n, k in enumerate(starts):
+        cast, nxt = window(path, kfs, k, max_bytes=2000)
+        assert nxt == (starts[n + 1] if n + 1 < len(starts) else None)
+        events = [json.loads(x) for x in cast.splitlines()[1:]]
+        pieces += [e[1:] for e in (events[1:] if kfs[k]["screen"] else events)]
+    assert pieces == [e[1:] for e in full]
+
+    labels = [e[2] for e in full if e[1] == "m"]
+    assert labels[:2] == ["echo 0", "echo 1"] and len(labels) == 120
+    for m in (0, 5, 64, 119):
+        k = max(i for i, f in enumerate(kfs) if f["markers"] <= m)
+        cast, _ = window(path, kfs, k, max_bytes=2000)
+        local = [e[2] for e in map(json.loads, cast.splitlines()[1:]) if e[1] == "m"]
+        assert local[m - kfs[k]["markers"]] == labels[m]
+
+    index = rec.path({"path": ref.index})
+    index.write_bytes(index.read_bytes().replace(b'"t":', b'"t": ', 1))
+    assert "keyframe index" in (rec.verify_file(ref) or "")
+
+
+def test_a_flood_of_output_does_not_hold_the_terminal_emulator() -> None:
+    """`cat` of a big log in a recorded shell: the emulator is fed within its budget and
+    rebuilds the screen from the output's tail, which shows what the client's terminal
+    shows."""
+    from proxies.ssh.terminal import TypedLines
+
+    t = TypedLines(80, 24)
+    t.output(b"\x1b[1mprompt\x1b[0m$ cat big.log\r\n")
+    data = b"".join(b"line %d of the log\r\n" % i for i in range(600_000))
+    for i in range(0, len(data), 32768):
+        t.output(data[i:i + 32768])
+    t.output(b"$ ")
+    lines = t.input(b"uptime\r")
+    assert t.skipped > len(data) * 0.95  # not emulated byte by byte
+    assert lines == ["uptime"]
+    assert t.screen.display[-2].rstrip() == "line 599999 of the log"
+    assert [row.rstrip() for row in t.screen.display[:23]] == \
+        [f"line {i} of the log" for i in range(599977, 600000)]

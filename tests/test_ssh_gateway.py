@@ -68,7 +68,8 @@ def kt(pg: LocalPostgres, sshd: LocalSSHD,
     k = make_keyturn(base, pg, extra=SSH_POLICY)
     sport = free_port()
     text = k.config.read_text()
-    text = text.replace("gateway:\n", f"gateway:\n  ssh: 127.0.0.1:{sport}\n", 1)
+    text = text.replace("gateway:\n", f"gateway:\n  ssh: 127.0.0.1:{sport}\n"
+                        "  recording_keyframes: 1\n", 1)
     conns = "".join(
         f"  - name: {name}\n    type: ssh\n"
         f"    target: {{host: 127.0.0.1, port: {sshd.port}, user: {TARGET_USER}, "
@@ -491,6 +492,81 @@ def test_recordings_page_search_replay_and_keys_in_a_browser(kt: Keyturn, tmp_pa
                         str(kt.ssh_port), "bob:web1@127.0.0.1", "echo bob-in"],  # type: ignore[attr-defined]
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout == "bob-in\n", r.stderr
+
+
+def test_a_long_session_plays_in_parts_from_its_keyframes(kt: Keyturn, tmp_path: Path):
+    """12 MB of terminal output: the recording gets a keyframe index (sealed with it); each
+    keyframe's part opens on the screen the client saw at that point; the portal's player
+    loads the session part by part and starts at a chosen part."""
+    import pyte
+
+    from keyturn.recording import Recorder, window
+
+    cmd = "seq 1 1100000; sleep 1.5; echo long-session-done"
+    r = subprocess.run(_argv(kt, "alice", "web1", cmd, ("-tt",)), capture_output=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert b"long-session-done" in r.stdout
+    rec = wait_record(kt, lambda x: x["kind"] == "statement" and x["statement"] == cmd)
+    seal = wait_record(kt, lambda x: x["kind"] == "recording" and
+                       x["detail"]["path"] == rec["detail"]["recording"])["detail"]
+    assert seal["index"] and seal["keyframes"] >= 8 and seal["bytes"] > 8 << 20
+    recorder = Recorder(kt.base / "recordings")
+    assert recorder.verify_file(seal) is None
+    assert json.loads(kt.cli("audit", "verify", "--json").stdout)["ok"] is True
+    kfs = recorder.keyframes(seal)
+    path = recorder.path(seal)
+    raw = path.read_bytes()
+    for k in (1, len(kfs) // 2, len(kfs) - 1):
+        kf = kfs[k]
+        assert kf["screen"], "a terminal's keyframe holds its screen"
+        cast, _ = window(path, kfs, k)
+        opening = json.loads(cast.splitlines()[1])
+        assert opening[0] == 0.0
+        shown = pyte.Screen(kf["cols"], kf["rows"])
+        pyte.Stream(shown).feed(opening[2])
+        # What the client's terminal showed at that point: everything before it.
+        seen = pyte.Screen(kf["cols"], kf["rows"])
+        before = [json.loads(x) for x in raw[:kf["offset"]].splitlines()[1:]]
+        pyte.Stream(seen).feed("".join(e[2] for e in before if e[1] == "o")[-20000:])
+        assert shown.display == seen.display, k
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path("/usr/bin/chromium").exists():
+        pytest.skip("Debian's chromium is not installed")
+    from tests.portal_support import PASSWORD, set_portal_password
+
+    set_portal_password(kt, "alice")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
+                                    args=["--no-sandbox", "--disable-dev-shm-usage"])
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"{kt.url}/login")
+        page.get_by_label("User name").fill("alice")
+        page.get_by_label("Password").fill(PASSWORD)
+        page.get_by_role("button", name="Sign in").click()
+        page.wait_for_url(lambda url: "/login" not in url)
+        page.goto(f"{kt.url}/recordings/{rec['seq']}")
+        page.wait_for_selector(".ap-wrapper, .ap-player", timeout=20000)
+        part = page.get_by_label("Part")
+        options = part.locator("option")
+        assert options.count() >= 2
+        assert "plays in parts" in page.content()
+        last = options.nth(options.count() - 1).get_attribute("value")
+        resp = page.request.get(f"{kt.url}/recordings/{rec['seq']}.cast?from={last}")
+        assert resp.ok and len(resp.body()) <= (8 << 20) + 100_000
+        part.select_option(last)
+        page.evaluate("window.keyturnPlayer.play()")
+        end = time.monotonic() + 30
+        while "long-session-done" not in (text := page.locator("#player").inner_text()) \
+                and time.monotonic() < end:
+            page.wait_for_timeout(300)
+        assert "1100000" in text and "\n1\n" not in text
+        page.screenshot(path=str(tmp_path / "long-replay.png"), full_page=True)
+        assert not errors, errors
+        browser.close()
 
 
 def test_policy_explain_classifies_a_command_line(kt: Keyturn):

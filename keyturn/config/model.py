@@ -237,6 +237,8 @@ class GatewaySettings:
     # Session recordings (transcripts of PostgreSQL sessions, made by the audit ingester);
     # the portal and ``keyturn audit verify`` read them here.
     recordings: str = "recordings"
+    # Seconds of a terminal recording between two keyframes (where a player can start).
+    recording_keyframes: float = 30.0
 
     def listener(self, key: str) -> Listener | None:
         return next((lst for k, lst in self.listeners if k == key), None)

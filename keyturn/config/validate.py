@@ -47,7 +47,7 @@ from keyturn.errors import ConfigError
 from keyturn.request import known_classes, resource_kinds
 
 _GATEWAY_KEYS = {"tls", "id", "client_auth", "audit_spool", "recordings", "mask_key_env",
-                 "mask_key_file", "limits"}
+                 "mask_key_file", "limits", "recording_keyframes"}
 
 
 def _installed_types() -> str:
@@ -315,13 +315,19 @@ class Validator(Checker):
         tls = self.mapping(g.get("tls"), ("gateway", "tls"), {"cert_file", "key_file"})
         if bool(tls.get("cert_file")) != bool(tls.get("key_file")):
             raise self.err(("gateway", "tls"), "give both cert_file and key_file")
+        keyframes = g.get("recording_keyframes", 30)
+        if isinstance(keyframes, bool) or not isinstance(keyframes, int | float) or \
+                not 1 <= keyframes <= 3600:
+            raise self.err(("gateway", "recording_keyframes"),
+                           "expected seconds between keyframes, 1 to 3600")
         return GatewaySettings(self.listeners(g, types, connections),
                                tls.get("cert_file"), tls.get("key_file"),
                                str(g.get("id", "gateway")), client_auth,
                                self.relative_path(g.get("audit_spool", "audit-spool")),
                                self.secret(g, "mask_key", ("gateway",)),
                                self.limits(g.get("limits")),
-                               self.relative_path(g.get("recordings", "recordings")))
+                               self.relative_path(g.get("recordings", "recordings")),
+                               float(keyframes))
 
     def listeners(self, g: dict, types: list[registry.ConnectionType],
                   connections: dict[str, Connection]) -> tuple[tuple[str, Listener], ...]:

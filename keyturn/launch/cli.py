@@ -256,6 +256,9 @@ def cmd_recordings(args: argparse.Namespace) -> int:
             manifest.append(json.dumps(entry, default=str).encode() + b"\n")
             if problem is None:
                 tar.add(recorder.path(ref), arcname=f"recordings/{ref['path']}")
+                if ref.get("index"):
+                    tar.add(recorder.path({"path": ref["index"]}),
+                            arcname=f"recordings/{ref['index']}")
         data = b"".join(manifest)
         info = tarfile.TarInfo("manifest.jsonl")
         info.size = len(data)

@@ -72,6 +72,7 @@ SEPARATORS = (":", "+")
 HOST_KEY_NAME = "ssh_host_ed25519_key"
 KEEPALIVE = 30.0  # seconds between keepalives: a held client stays open through NAT
 CHUNK = 65536
+KEYFRAME_BYTES = 1 << 20  # a keyframe at least every MiB of output, however fast
 #: Ciphers offered, fastest first where the machine has AES instructions (the client's
 #: order decides, so ChaCha20, which asyncssh runs slower, is not offered: every OpenSSH
 #: client has AES-GCM).
@@ -662,6 +663,19 @@ class _Session(asyncssh.SSHServer):
                     ) -> tuple[int | None, Any]:
         """Move bytes both ways until the target's command ends; record them."""
 
+        every = self.gw.config.gateway.recording_keyframes
+        size = list(process.get_terminal_size()[:2]) if typed is not None else [80, 24]
+        since = {"t": 0.0, "bytes": 0}
+
+        def keyframe(n: int) -> None:
+            """A keyframe every ``every`` seconds or MiB of output (see Recording)."""
+            since["bytes"] += n
+            now = rec.elapsed()
+            if now - since["t"] >= every or since["bytes"] >= KEYFRAME_BYTES:
+                rec.keyframe(size[0] or 80, size[1] or 24,
+                             typed.snapshot() if typed is not None else None)
+                since.update(t=now, bytes=0)
+
         async def client_to_target() -> None:
             while True:
                 try:
@@ -669,6 +683,7 @@ class _Session(asyncssh.SSHServer):
                 except asyncssh.TerminalSizeChanged as exc:
                     remote.change_terminal_size(exc.width, exc.height)
                     rec.resize(exc.width, exc.height)
+                    size[:] = [exc.width, exc.height]
                     if typed is not None:
                         typed.resize(exc.width, exc.height)
                     continue
@@ -694,9 +709,10 @@ class _Session(asyncssh.SSHServer):
                 if not data:
                     return
                 stats["bytes_out"] += len(data)
-                rec.write("o", data)
+                keyframe(len(data))  # the screen before this output, which starts here
                 if typed is not None:
                     typed.output(data)
+                rec.write("o", data)
                 dst.write(data)
                 await dst.drain()
 

@@ -7,15 +7,54 @@ the screen shows on the cursor's line (tab completion, history recall and other 
 happen in the shell, so only the screen knows the result). The lines are a search aid and
 navigation, not a control: a shell runs what it runs, whatever was shown.
 
+``snapshot`` gives the screen as ANSI text that redraws it (characters, colours,
+attributes, the cursor): the keyframes a player starts from in a long recording.
+
+The emulator costs a few microseconds per byte, so a channel pouring out output (``cat``
+of a big log) would hold the gateway's event loop. Each channel has a budget
+(``BUDGET`` bytes a second, ``BURST`` at once); output beyond it is not emulated as it
+comes: only its last screenful or so is kept and fed when the screen is next needed (a
+keyframe, an Enter), starting at a line break. Typing and ordinary output stay exact; after
+a flood the screen is rebuilt from its tail (text exact, colours set before the tail may
+differ).
+
 Sans-I/O: it must not import asyncio, sockets or asyncssh.
 """
 
 from __future__ import annotations
 
+import time
+
 import pyte
+from pyte import graphics
 
 MAX_LINES = 5000
 MAX_LINE = 2000
+BUDGET = 32768  # bytes a second each channel's emulator is fed as output comes
+BURST = 65536
+
+_FG = {name: code for code, name in {**graphics.FG_ANSI, **graphics.FG_AIXTERM}.items()}
+_BG = {name: code for code, name in {**graphics.BG_ANSI, **graphics.BG_AIXTERM}.items()}
+_FLAGS = (("bold", 1), ("italics", 3), ("underscore", 4), ("blink", 5), ("reverse", 7),
+          ("strikethrough", 9))
+
+
+def _colour(value: str, names: dict[str, int], base: int) -> list[str]:
+    if value == "default":
+        return []
+    if value in names:
+        return [str(names[value])]
+    try:
+        r, g, b = (int(value[i:i + 2], 16) for i in (0, 2, 4))
+    except ValueError:
+        return []
+    return [str(base), "2", str(r), str(g), str(b)]
+
+
+def _sgr(ch: pyte.screens.Char) -> str:
+    codes = ["0"] + [str(n) for attr, n in _FLAGS if getattr(ch, attr)]
+    codes += _colour(ch.fg, _FG, 38) + _colour(ch.bg, _BG, 48)
+    return "\x1b[" + ";".join(codes) + "m"
 
 
 class TypedLines:
@@ -25,14 +64,59 @@ class TypedLines:
         self.lines: list[str] = []
         self._typed = bytearray()
         self._plain = True
+        self._tokens = float(BURST)
+        self._refilled = time.monotonic()
+        self._tail = bytearray()  # output not emulated yet (over budget)
+        self._lost = False  # the tail lost its beginning
+        self.skipped = 0  # bytes never emulated (only their tail was)
 
     def output(self, data: bytes) -> None:
+        now = time.monotonic()
+        self._tokens = min(BURST, self._tokens + (now - self._refilled) * BUDGET)
+        self._refilled = now
+        if not self._tail and len(data) <= self._tokens:
+            self._tokens -= len(data)
+            self._feed(data)
+            return
+        self._tail += data
+        keep = self._keep()
+        if len(self._tail) > 2 * keep:
+            self.skipped += len(self._tail) - keep
+            self._lost = True
+            del self._tail[:len(self._tail) - keep]
+        if len(self._tail) <= self._tokens:
+            self.catch_up()
+
+    def _keep(self) -> int:
+        """Bytes of output that surely redraw a screen of plain text (4 per cell)."""
+        return min(4 * self.screen.columns * self.screen.lines, 262144)
+
+    def catch_up(self) -> None:
+        """Feed the output kept over budget (from a line break when some was dropped)."""
+        if not self._tail:
+            return
+        data = bytes(self._tail)
+        self._tail.clear()
+        if len(data) > self._keep():
+            self.skipped += len(data) - self._keep()
+            self._lost = True
+            data = data[-self._keep():]
+        if self._lost:
+            cut = data.find(b"\n")
+            if cut >= 0:
+                data = b"\r\n" + data[cut + 1:]
+            self._lost = False
+        self._tokens -= len(data)
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
         try:
             self.stream.feed(data)
         except Exception:  # noqa: BLE001 - a terminal emulator must never stop the relay
             self.screen.reset()
 
     def resize(self, width: int, height: int) -> None:
+        self.catch_up()
         self.screen.resize(max(height, 2), max(width, 2))
 
     def input(self, data: bytes) -> list[str]:
@@ -62,7 +146,32 @@ class TypedLines:
             self.lines.extend(done[:MAX_LINES - len(self.lines)])
         return done
 
+    def snapshot(self) -> str:
+        """The screen as ANSI text that redraws it on a terminal of the same size."""
+        self.catch_up()
+        screen = self.screen
+        out = ["\x1b[0m\x1b[H\x1b[2J"]
+        for y in range(screen.lines):
+            row = screen.buffer[y]
+            blank = screen.default_char
+            last = max((x for x, ch in row.items() if ch != blank), default=-1)
+            sgr = ""
+            if y:
+                out.append(f"\x1b[{y + 1};1H")
+            for x in range(min(last + 1, screen.columns)):
+                ch = row[x]
+                want = _sgr(ch)
+                if want != sgr:
+                    out.append(want)
+                    sgr = want
+                out.append(ch.data)
+        out.append(f"\x1b[0m\x1b[{screen.cursor.y + 1};{screen.cursor.x + 1}H")
+        if screen.cursor.hidden:
+            out.append("\x1b[?25l")
+        return "".join(out)
+
     def _line(self) -> str:
+        self.catch_up()
         if self._plain:
             return self._typed.decode("utf-8", "replace").strip()
         row = self.screen.display[self.screen.cursor.y]
