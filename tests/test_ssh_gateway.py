@@ -65,6 +65,9 @@ def kt(pg: LocalPostgres, sshd: LocalSSHD,
     keygen(base / "target_key", "keyturn -> target")
     sshd.authorize(base / "target_key.pub")
     wrong = "SHA256:" + "A" * 43
+    keygen(base / "user_ca", "people's CA")
+    (base / "user_cas.pub").write_text("# the CA that signs people's keys\n" +
+                                       (base / "user_ca.pub").read_text())
     k = make_keyturn(base, pg, extra=SSH_POLICY)
     sport = free_port()
     text = k.config.read_text()
@@ -74,6 +77,7 @@ def kt(pg: LocalPostgres, sshd: LocalSSHD,
         f"  - name: {name}\n    type: ssh\n"
         f"    target: {{host: 127.0.0.1, port: {sshd.port}, user: {TARGET_USER}, "
         f"key_file: {base / 'target_key'}, host_key: \"{fp}\"}}\n    policy: ssh-ops\n"
+        f"    user_ca: {base / 'user_cas.pub'}\n"
         for name, fp in (("web1", sshd.host_fingerprint), ("spoofed", wrong)))
     text = text.replace("connections:\n", "connections:\n" + conns, 1)
     k.config.write_text(text)
@@ -267,6 +271,47 @@ def test_token_login_and_unknown_keys(kt: Keyturn, tmp_path: Path):
     failed = wait_record(kt, lambda r: r["kind"] == "auth_failed" and r["user"] == "bob"
                          and "public key" in (r["reason"] or ""))
     assert failed["connection"] == "web1"
+
+
+def test_certificates_signed_by_the_user_ca_log_in_for_their_principal(kt: Keyturn,
+                                                                         tmp_path: Path):
+    """A key nobody registered logs in with a certificate the connection's user CA signed
+    for the user name; another principal, an expired certificate, another CA's or one with
+    a forced command do not."""
+    def signed(name: str, *opts: str, ca: Path = kt.base / "user_ca") -> Path:
+        key = tmp_path / name
+        keygen(key, name)
+        subprocess.run(["ssh-keygen", "-q", "-s", str(ca), "-I", f"{name}-id", *opts,
+                        str(key) + ".pub"], check=True, capture_output=True)
+        assert (tmp_path / f"{name}-cert.pub").exists()
+        return key
+
+    def login(key: Path, user: str = "alice") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["ssh", *ssh_options(), "-i", str(key), "-o",
+             f"CertificateFile={key}-cert.pub", "-p", str(kt.ssh_port),  # type: ignore[attr-defined]
+             f"{user}:web1@127.0.0.1", "echo cert-in"],
+            capture_output=True, text=True, timeout=60)
+
+    good = signed("alice-laptop", "-n", "alice", "-V", "-5m:+1h")
+    r = login(good)
+    assert r.returncode == 0 and r.stdout == "cert-in\n", r.stderr
+    rec = wait_record(kt, lambda x: x["kind"] == "connect" and
+                      x["detail"].get("auth") == "certificate")
+    assert rec["user"] == "alice"
+    assert rec["detail"]["key"] == "CA " + fingerprint(kt.base / "user_ca.pub")
+    # The same certificate does not make its holder bob.
+    assert login(good, "bob").returncode == 255
+    keygen(tmp_path / "rogue_ca", "rogue CA")
+    for key in (signed("for-bob", "-n", "bob"), signed("expired", "-n", "alice", "-V",
+                                                       "-2h:-1h"),
+                signed("rogue", "-n", "alice", ca=tmp_path / "rogue_ca"),
+                signed("no-principal")):
+        r = login(key)
+        assert r.returncode == 255 and "cert-in" not in r.stdout, (key.name, r.stderr)
+    r = login(signed("forced", "-n", "alice", "-O", "force-command=id"))
+    assert r.returncode != 0 and "cert-in" not in r.stdout
+    assert "forced command" in r.stderr
 
 
 def test_a_target_with_the_wrong_host_key_is_refused(kt: Keyturn):

@@ -33,8 +33,10 @@ shell.py gives) nor what an audit record holds (keyturn.auditschema).
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -55,7 +57,7 @@ from keyturn.recording import Recorder, Recording
 from keyturn.request import Request
 from keyturn.services import Services
 from portal.settings import PORTAL
-from proxies.ssh.register import SSHTarget, target_of
+from proxies.ssh.register import SSHTarget, ca_lines, target_of
 from proxies.ssh.sftp import SFTPRelay
 from proxies.ssh.shell import ShellAction, classify
 from proxies.ssh.terminal import TypedLines
@@ -69,6 +71,7 @@ REFUSED_STATUS = 126
 #: Exit status when the target cannot be reached or verified (like ssh's own failures).
 UNREACHABLE_STATUS = 255
 SEPARATORS = (":", "+")
+_USER_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,63}\Z")  # as the config allows them
 HOST_KEY_NAME = "ssh_host_ed25519_key"
 KEEPALIVE = 30.0  # seconds between keepalives: a held client stays open through NAT
 CHUNK = 65536
@@ -334,7 +337,29 @@ class _Session(asyncssh.SSHServer):
         conn = self.gw.config.connections.get(conn_name or "")
         self.connection = conn if conn is not None and conn.type == "ssh" else None
         self._wanted = conn_name
+        self._trust_user_cas()
         return True
+
+    def _trust_user_cas(self) -> None:
+        """Certificates signed by the connection's user CAs for this user name (a
+        principal equal to it) log in; asyncssh checks the signature, the validity
+        period, the principal and source-address."""
+        self.cas: list[str] = []
+        if self.connection is None or self.conn is None or \
+                self.user not in self.gw.config.users or not _USER_NAME.match(self.user):
+            return
+        for path in self.connection.option("user_ca", ()):
+            try:
+                self.cas += ca_lines(path)
+            except (OSError, ValueError) as exc:
+                log.error("ssh: user CA file %s unusable (%s): certificate logins refused",
+                          path, exc)
+                self.cas = []
+                return
+        if self.cas:
+            lines = [f'cert-authority,principals="{self.user}",'
+                     f'environment="KEYTURN_CA={i}" {ca}' for i, ca in enumerate(self.cas)]
+            self.conn.set_authorized_keys(asyncssh.import_authorized_keys("\n".join(lines)))
 
     def public_key_auth_supported(self) -> bool:
         return True
@@ -392,7 +417,23 @@ class _Session(asyncssh.SSHServer):
 
     def auth_completed(self) -> None:
         assert self.connection is not None
-        if self.identity is None:  # by key
+        assert self.conn is not None
+        ca = (self.conn.get_key_option("environment") or {}).get("KEYTURN_CA") \
+            if self.conn.get_key_option("cert-authority", False) else None
+        if ca is not None:  # by a certificate one of the connection's CAs signed
+            if self.conn.get_certificate_option("force-command") is not None:
+                self.gw.audit(kind="auth_failed", user=self.user,
+                              connection=self.connection.name,
+                              client_addr=self.client_addr, outcome="refused",
+                              reason="certificates with force-command are not accepted")
+                self.close("keyturn: certificates with a forced command are not accepted; "
+                           "the gateway decides per command")
+                return
+            self.identity = self.gw.services.identities.identity_of(self.user)
+            blob = base64.b64decode(self.cas[int(ca)].split()[1])
+            self._key_fingerprint = "CA " + key_fingerprint(blob)
+            method = "certificate"
+        elif self.identity is None:  # by key
             fp = getattr(self, "_key_fingerprint", "")
             try:
                 self.identity = self.gw.services.identities.key_used(self.user, fp)
@@ -414,7 +455,7 @@ class _Session(asyncssh.SSHServer):
                       session_id=self.session_id, client_addr=self.client_addr,
                       detail={"auth": method, "target": target_of(self.connection).address,
                               **({"key": getattr(self, "_key_fingerprint", "")}
-                                 if method == "publickey" else {})})
+                                 if method in ("publickey", "certificate") else {})})
 
     # Forwarding of every kind is refused (asyncssh's defaults refuse them too; saying so
     # here keeps it so whatever the defaults become).

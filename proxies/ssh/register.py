@@ -5,7 +5,9 @@ A ``type: ssh`` connection names one host. Its ``target:`` says where (``host``,
 reference: ``key_file``/``key_env``, ``password_file``/``password_env``) and how the
 gateway knows it reached the right host: ``host_key`` (one or more fingerprints,
 ``SHA256:...`` as ``ssh-keygen -lf`` prints them) or ``known_hosts`` (a file). One of the
-two is required: the gateway never logs in to a host it cannot verify. Its listener is
+two is required: the gateway never logs in to a host it cannot verify. ``user_ca`` (a file,
+or a list of files, of OpenSSH CA public keys) lets people log in with a certificate one of
+those CAs signed for their user name (a principal). Its listener is
 ``gateway.ssh`` (default 127.0.0.1:2222) and its gateway ``SSHGateway``. Importing it also
 registers SSH's class vocabulary.
 
@@ -19,11 +21,14 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from pathlib import Path
+
 from keyturn.config import (
     Checker,
     Connection,
     ConnectionType,
     Listener,
+    Option,
     SecretRef,
     Target,
     register_connection_type,
@@ -40,6 +45,35 @@ VOCABULARY = register(Vocabulary(
     resources=("programs", "paths")))
 
 _FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]{43}\Z")
+_PUBLIC_KEY = re.compile(r"(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)|"
+                         r"sk-ssh-ed25519@openssh\.com|sk-ecdsa-sha2-nistp256@openssh\.com)"
+                         r" [A-Za-z0-9+/]+={0,2}( .*)?\Z")
+
+
+def ca_lines(path: str) -> list[str]:
+    """The CA public keys in a ``user_ca`` file ("algorithm base64 [comment]" lines;
+    blank lines and ``#`` comments skipped). Raises ValueError naming a bad line."""
+    out = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if not _PUBLIC_KEY.match(line):
+            raise ValueError(f"line {n} is not an OpenSSH public key")
+        out.append(" ".join(line.split()[:2]))
+    return out
+
+
+def _user_ca(check: Checker, value: Any, at: KeyPath) -> tuple[str, ...]:
+    files = tuple(check.relative_path(f) for f in check.str_list(value, at))
+    for f in files:
+        try:
+            if not ca_lines(f):
+                raise ValueError("it holds no public key")
+        except (OSError, ValueError) as exc:
+            raise check.err(at, f"cannot use {f} as a user CA: "
+                            f"{getattr(exc, 'strerror', None) or exc}") from None
+    return files
 
 
 @dataclass(frozen=True)
@@ -91,6 +125,7 @@ def target_of(conn: Connection) -> SSHTarget:
 SSH = register_connection_type(ConnectionType(
     name="ssh",
     target=_target,
+    options={"user_ca": Option(_user_ca, ())},
     listener="ssh",
     default_listener=Listener("127.0.0.1", 2222),
     gateway="proxies.ssh.gateway:SSHGateway",
