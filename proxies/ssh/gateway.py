@@ -418,8 +418,9 @@ class _Session(asyncssh.SSHServer):
     def auth_completed(self) -> None:
         assert self.connection is not None
         assert self.conn is not None
-        ca = (self.conn.get_key_option("environment") or {}).get("KEYTURN_CA") \
-            if self.conn.get_key_option("cert-authority", False) else None
+        env: dict[str, str] = self.conn.get_key_option("environment") or {}  # type: ignore[assignment]
+        ca = env.get("KEYTURN_CA") if self.conn.get_key_option("cert-authority", False) \
+            else None
         if ca is not None:  # by a certificate one of the connection's CAs signed
             if self.conn.get_certificate_option("force-command") is not None:
                 self.gw.audit(kind="auth_failed", user=self.user,
