@@ -434,13 +434,14 @@ class _Session(asyncssh.SSHServer):
             blob = base64.b64decode(self.cas[int(ca)].split()[1])
             self._key_fingerprint = "CA " + key_fingerprint(blob)
             method = "certificate"
-        elif self.identity is None:  # by key
-            fp = getattr(self, "_key_fingerprint", "")
+        elif self.identity is None:  # by key (validate_public_key found it registered)
             try:
-                self.identity = self.gw.services.identities.key_used(self.user, fp)
-            except (Unauthorized, StoreUnavailable) as exc:
+                self.identity = self.gw.services.identities.identity_of(self.user)
+            except Unauthorized as exc:
                 self.close(f"keyturn: login refused ({exc})")
                 return
+            # The store write (last used, and the key still registered) off the loop.
+            self.gw.spawn(self._key_used(getattr(self, "_key_fingerprint", "")))
             method = "publickey"
         else:
             method = "token"
@@ -457,6 +458,16 @@ class _Session(asyncssh.SSHServer):
                       detail={"auth": method, "target": target_of(self.connection).address,
                               **({"key": getattr(self, "_key_fingerprint", "")}
                                  if method in ("publickey", "certificate") else {})})
+
+    async def _key_used(self, fingerprint: str) -> None:
+        try:
+            await asyncio.to_thread(self.gw.services.identities.key_used, self.user,
+                                    fingerprint)
+        except Unauthorized as exc:  # removed between the check and now
+            self.close(f"keyturn: login refused ({exc})")
+        except StoreUnavailable as exc:
+            log.warning("ssh: could not note the use of %s's key %s: %s", self.user,
+                        fingerprint, exc)
 
     # Forwarding of every kind is refused (asyncssh's defaults refuse them too; saying so
     # here keeps it so whatever the defaults become).
