@@ -267,6 +267,12 @@ class PreparedStatements:
             top = _merge_candidates(name, top, other)
         return top
 
+    def texts(self, name: str) -> tuple[str, ...]:
+        """The text of every definition the server may hold under ``name`` ("" for
+        none): what an EXECUTE of it may run, for binding an approval to."""
+        return tuple("" if st is None else st.text
+                     for _, st in self._by_name.get(server_name(name), ()))
+
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self.lookup(name) is not None
 
@@ -1469,9 +1475,21 @@ def _defined(kind: str, body: dict[str, Any]) -> list[Ref]:
     return found
 
 
+_FUNCTION_OBJECTS = frozenset({"OBJECT_FUNCTION", "OBJECT_PROCEDURE", "OBJECT_ROUTINE",
+                               "OBJECT_AGGREGATE"})
+
+
 def _defined_by_name(kind: str, body: dict[str, Any]) -> list[Ref]:
     if kind == "CreateFunctionStmt":
         return [("f", *_split(_names(body.get("funcname"))))]
+    if kind == "AlterFunctionStmt":
+        # SET search_path / config, SECURITY DEFINER, STRICT...: what it runs changes.
+        names = _names((body.get("func") or {}).get("objname"))
+        return [("f", *_split(names))] if names else []
+    if kind == "AlterOwnerStmt" and body.get("objectType") in _FUNCTION_OBJECTS:
+        # A SECURITY DEFINER function runs with its (new) owner's rights.
+        names = _object_names(body.get("object"))
+        return [("f", *_split(names))] if names else []
     if kind == "DefineStmt":
         names = _names(body.get("defnames"))
         what = _DEFINE_KINDS.get(body.get("kind", ""), "t")

@@ -281,8 +281,9 @@ class _Judgement:
                     if any(fn in exact or fn.rpartition(".")[2] in anywhere
                            for _, fn in (*rel.on_write, *rel.on_read)):
                         self.tables[rel.qualified] = None
+        refresh = st.command == "REFRESH MATERIALIZED VIEW"
         for rel in list(seen.values()):
-            self.relation(rel, writes)
+            self.relation(rel, writes, runs_query=refresh)
             if "row_type" in st.facts and rel.row_users:
                 # Its row type is stored in these tables: their values change too.
                 self.tables.update(dict.fromkeys(rel.row_users))
@@ -310,9 +311,11 @@ class _Judgement:
             self.forbidden = ("it writes through a view over pg_settings, whose rules change "
                               "session settings, including the role")
 
-    def relation(self, rel: Relation, writes: bool) -> None:
+    def relation(self, rel: Relation, writes: bool, runs_query: bool = False) -> None:
+        """What using ``rel`` runs. ``runs_query``: a materialized view's query runs
+        (REFRESH), with write access, and counts like a view's: its functions too."""
         pg = STORED
-        if rel.view is not None and rel.materialized:
+        if rel.view is not None and rel.materialized and not runs_query:
             # Its rows hold data of the tables its query names; the query does not run.
             key = ("matview", rel.qualified, self.an.unknown_function_class)
             tables = self.catalog.memo.get(key) if self.catalog is not None else None
@@ -324,7 +327,8 @@ class _Judgement:
                     self.catalog.memo[key] = tables
             self.tables.update(dict.fromkeys(tables))
         elif rel.view is not None:
-            key = ("view", rel.qualified, self.an.unknown_function_class)
+            key = ("view" if not rel.materialized else "refresh", rel.qualified,
+                   self.an.unknown_function_class)
             judged = self.catalog.memo.get(key) if self.catalog is not None else None
             if judged is None:
                 inner = _Judgement(self.an, self.catalog, pg, self.depth)
@@ -423,7 +427,9 @@ def resolve(an: Analyzer, st: Statement, catalog: TargetCatalog | None, scope: S
     evaluates = st.command.upper() not in _NO_EXPRESSIONS
     hooked = catalog is not None and bool(catalog.hooks) and evaluates
     changed = evaluates and depth == 0 and any(k == "*" for k, _ in scope.created)
-    if not st.refs and not st.tables and not st.unqualified and not hooked and not changed:
+    redefines = any(kind == "f" for kind, _, _ in st.defines)
+    if not st.refs and not st.tables and not st.unqualified and not hooked and \
+            not changed and not redefines:
         return st
     j = _Judgement(an, catalog, scope, depth)
     j.refs(st)

@@ -7,6 +7,7 @@ to the client or the target; it says what a statement is and what the policy dec
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
     from proxies.postgres.session import ClientSession
 
 log = logging.getLogger(__name__)
+
+#: Statements that change session settings (SET, RESET, set_config, PREPARE...).
+_SETTING_CLASSES = frozenset({StatementClass.SESSION, StatementClass.SAFETY})
 
 
 _DEFAULT_SCHEMAS = frozenset(DEFAULT_SEARCH_PATH)
@@ -240,8 +244,12 @@ class Decisions(SessionState):
         return (*resolved[:first + 1], *again[first + 1:])
 
     def _note_search_path(self, statements: tuple[Statement, ...]) -> None:
-        """Widen the schemas unqualified names may resolve in; forget memoised verdicts."""
+        """Widen the schemas unqualified names may resolve in; forget memoised verdicts.
+        Note settings changes (``settings_seen``)."""
         for st in statements:
+            if st.cls in _SETTING_CLASSES:
+                self.settings_seen = hashlib.sha256(
+                    (self.settings_seen + "\0" + st.text).encode()).hexdigest()[:32]
             if st.search_path is None:
                 continue
             wider = self.schemas | set(st.search_path)

@@ -509,40 +509,36 @@ class PostgresGateway:
         except OSError:
             log.exception("could not forward a cancel request to %s", conn.name)
 
-    def code_digest(self, conn: Connection, functions: list[str]) -> str:
-        """A digest of the definitions of the user functions named (schema.name: every
-        overload), read on a short connection of its own (runs in a thread): a held
-        statement runs after approval only while it still matches. Raises when the target
-        cannot be read (the caller refuses then)."""
-        return self.release_facts(conn, functions, [])[0]
+    def code_digest(self, conn: Connection, tables: list[str]) -> str:
+        """A digest of every piece of user code stored on the target (see
+        ``release_facts``), read on a short connection of its own (runs in a thread): a
+        held statement runs after approval only while it still matches. Raises when the
+        target cannot be read (the caller refuses then)."""
+        return self.release_facts(conn, tables)[0]
 
-    def release_facts(self, conn: Connection, functions: list[str], tables: list[str]
-                      ) -> tuple[str, list[str]]:
+    def release_facts(self, conn: Connection, tables: list[str]) -> tuple[str, list[str]]:
         """What an approved statement is checked against before it runs, on one short
         connection (runs in a thread; raises when the target cannot be read):
 
-        - the digest of the user functions' definitions (``code_digest``);
+        - a digest of all the user code the target stores and of what decides when it
+          runs (``USER_CODE_SQL``): functions (bodies, settings, owners), triggers with
+          their arguments, rules, views, defaults, constraints and referential actions,
+          policies, operators, casts, aggregates, event triggers, types, inheritance.
+          Code reaches code the catalog does not link (a function's body calls another
+          by name), so any change, anywhere, counts. Objects of temporary schemas count
+          only when the statement names a temporary table (other sessions' temporary
+          tables come and go all the time);
         - of ``tables`` (schema.name), those another transaction holds a lock on that a
           write would wait behind and that schema changes take (CREATE TRIGGER, ALTER
           TABLE, CREATE INDEX...): what that transaction changes becomes visible only when
           it commits, after any check."""
-        names = sorted({f for f in functions if "." in f and not f.startswith("pg_catalog.")})
         rels = sorted({t for t in tables if t.count(".") == 1 and "*" not in t})
-        if not names and not rels:
-            return "", []
-        digest, busy = "", []
+        temp = any(t.startswith("pg_temp") for t in tables)
+        busy: list[str] = []
         with connect_target(conn, "keyturn-recheck", timeout=5,
                             options="-c statement_timeout=5000") as c:
-            if names:
-                row = c.execute(
-                    "SELECT coalesce(md5(string_agg(n.nspname || '.' || p.proname || ':' || "
-                    "p.oid || ':' || md5(concat_ws('|', p.prosrc, p.probin, "
-                    "array_to_string(p.proconfig, ','), p.prosecdef, p.provolatile, "
-                    "p.proowner, p.prolang)), ',' ORDER BY p.oid)), '') "
-                    "FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n "
-                    "ON n.oid = p.pronamespace WHERE n.nspname || '.' || p.proname = ANY(%s)",
-                    (names,)).fetchone()
-                digest = str(row[0]) if row else ""
+            row = c.execute(USER_CODE_SQL, {"temp": temp}).fetchone()
+            digest = str(row[0]) if row else ""
             if rels:
                 busy = sorted(str(r[0]) for r in c.execute(
                     "SELECT DISTINCT n.nspname || '.' || c.relname FROM pg_catalog.pg_locks l "
@@ -585,6 +581,67 @@ class PostgresGateway:
         while plan.get("Node Type") == "ModifyTable" and plan.get("Plans"):
             plan = plan["Plans"][0]
         return int(plan.get("Plan Rows", 0))
+
+
+#: The digest of the user code a target stores (release_facts): one md5 per catalog row
+#: that holds code or decides when code runs, then one of them all. OIDs below 16384 are
+#: the system's own. %(temp)s: include objects of temporary schemas.
+USER_CODE_SQL = """
+WITH ns AS (
+  SELECT oid FROM pg_catalog.pg_namespace
+  WHERE nspname NOT IN ('pg_catalog', 'information_schema')
+    AND (%(temp)s OR (nspname NOT LIKE 'pg\\_temp\\_%%'
+                      AND nspname NOT LIKE 'pg\\_toast\\_temp\\_%%'))),
+rel AS (SELECT c.oid FROM pg_catalog.pg_class c JOIN ns ON ns.oid = c.relnamespace),
+rows AS (
+  SELECT 'f' || p.oid || md5(concat_ws('|', p.pronamespace, p.proname, p.prosrc, p.probin,
+         p.proconfig::text, p.prosecdef, p.provolatile, p.proowner, p.prolang,
+         p.proargtypes::text, p.prorettype, p.proisstrict, p.prokind, p.proleakproof,
+         p.prosupport)) AS x
+    FROM pg_catalog.pg_proc p JOIN ns ON ns.oid = p.pronamespace
+  UNION ALL SELECT 't' || t.oid || md5(concat_ws('|', t.tgrelid, t.tgname, t.tgfoid,
+         t.tgtype, t.tgenabled, encode(t.tgargs, 'hex'), t.tgattr::text, t.tgqual::text,
+         t.tgdeferrable, t.tginitdeferred, t.tgoldtable, t.tgnewtable))
+    FROM pg_catalog.pg_trigger t JOIN rel ON rel.oid = t.tgrelid
+  UNION ALL SELECT 'r' || r.oid || md5(concat_ws('|', r.ev_class, r.rulename, r.ev_type,
+         r.ev_enabled, r.is_instead, r.ev_qual::text, r.ev_action::text))
+    FROM pg_catalog.pg_rewrite r JOIN rel ON rel.oid = r.ev_class
+  UNION ALL SELECT 'd' || a.oid || md5(concat_ws('|', a.adrelid, a.adnum, a.adbin::text))
+    FROM pg_catalog.pg_attrdef a JOIN rel ON rel.oid = a.adrelid
+  UNION ALL SELECT 'c' || k.oid || md5(concat_ws('|', k.conrelid, k.contypid, k.contype,
+         k.conbin::text, k.confrelid, k.confupdtype, k.confdeltype, k.confmatchtype,
+         k.conkey::text, k.confkey::text, k.convalidated, k.condeferrable,
+         k.condeferred))
+    FROM pg_catalog.pg_constraint k JOIN ns ON ns.oid = k.connamespace
+  UNION ALL SELECT 'p' || y.oid || md5(concat_ws('|', y.polrelid, y.polname, y.polcmd,
+         y.polpermissive, y.polroles::text, y.polqual::text, y.polwithcheck::text))
+    FROM pg_catalog.pg_policy y JOIN rel ON rel.oid = y.polrelid
+  UNION ALL SELECT 'x' || c.oid || md5(concat_ws('|', c.relname, c.relnamespace,
+         c.relkind, c.relowner, c.relrowsecurity, c.relforcerowsecurity, c.relispartition,
+         c.relpartbound::text, c.reloptions::text))
+    FROM pg_catalog.pg_class c JOIN rel ON rel.oid = c.oid
+    WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
+  UNION ALL SELECT 'i' || i.inhrelid || '.' || i.inhparent || '.' || i.inhseqno
+    FROM pg_catalog.pg_inherits i JOIN rel ON rel.oid = i.inhrelid
+  UNION ALL SELECT 'o' || o.oid || md5(concat_ws('|', o.oprname, o.oprnamespace,
+         o.oprleft, o.oprright, o.oprcode, o.oprowner))
+    FROM pg_catalog.pg_operator o WHERE o.oid >= 16384
+  UNION ALL SELECT 'k' || k.oid || md5(concat_ws('|', k.castsource, k.casttarget,
+         k.castfunc, k.castcontext, k.castmethod))
+    FROM pg_catalog.pg_cast k WHERE k.oid >= 16384
+  UNION ALL SELECT 'a' || g.aggfnoid::oid || md5(concat_ws('|', g.aggtransfn::oid,
+         g.aggfinalfn::oid, g.aggcombinefn::oid, g.aggmtransfn::oid, g.agginitval))
+    FROM pg_catalog.pg_aggregate g WHERE g.aggfnoid::oid >= 16384
+  UNION ALL SELECT 'e' || e.oid || md5(concat_ws('|', e.evtname, e.evtevent, e.evtfoid,
+         e.evtenabled, e.evttags::text))
+    FROM pg_catalog.pg_event_trigger e
+  UNION ALL SELECT 'y' || t.oid || md5(concat_ws('|', t.typname, t.typnamespace,
+         t.typinput, t.typoutput, t.typreceive, t.typsend, t.typbasetype, t.typnotnull,
+         t.typdefaultbin::text))
+    FROM pg_catalog.pg_type t JOIN ns ON ns.oid = t.typnamespace
+)
+SELECT coalesce(md5(string_agg(x, ',' ORDER BY x)), '') FROM rows
+"""
 
 
 def _literal(value: Any) -> str:

@@ -31,9 +31,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _functions_of(decision: Decision) -> list[str]:
-    """The functions a decision's statements call, user code included, sorted."""
-    return sorted({f for s in decision.statements for f in s.functions})
+def _tables_of(decision: Decision) -> list[str]:
+    return sorted({t for s in decision.statements for t in s.tables})
 
 
 def _shape(decision: Decision) -> str:
@@ -101,8 +100,14 @@ class Holds(SessionState):
         assert self.conn is not None and self.identity is not None and decision.review
         review = decision.review
         conn = self.conn
-        binding = binding_of(self.user, conn.name, ctx.statement, ctx.params)
         statements = analysis.statements
+        # EXECUTE p is bound to what p holds too: p may be prepared again with something
+        # else before a deferred approval's re-run.
+        executes = [list(self.prepared.texts(st.prepared_name)) for st in statements
+                    if st.command == "EXECUTE" and st.prepared_name and
+                    self.prepared is not None]
+        binding = binding_of(self.user, conn.name, ctx.statement if not executes else
+                             json.dumps([ctx.statement, executes]), ctx.params)
         readable = not ctx.params or not any(
             isinstance(p, str) and p.startswith("\\x") for p in ctx.params)
         # The planner runs code while it plans (immutable functions folded, stable ones and
@@ -119,7 +124,7 @@ class Holds(SessionState):
             # compared with what the target holds when it is released (_changed_while_held).
             try:
                 code = await asyncio.to_thread(self.gw.code_digest, conn,
-                                               _functions_of(decision))
+                                               _tables_of(decision))
             except Exception as exc:  # noqa: BLE001 - any failure: no digest, refused later
                 log.info("no code digest for a held statement on %s: %s", conn.name, exc)
                 code = None
@@ -137,7 +142,7 @@ class Holds(SessionState):
             tables=decision.tables, client_addr=self.client_addr,
             application=self.application, session_id=self.session_id,
             detail={"in_transaction": self.tx_status in ("T", "E"), "row_estimate": None,
-                    "shape": _shape(decision)},
+                    "shape": _shape(decision), "session": self._session_state()},
             language="sql",
             gateway_id=self.gw.config.gateway.gateway_id, binding=binding)
 
@@ -210,6 +215,9 @@ class Holds(SessionState):
         now = self._decide(analysis)
         if now.action == "block":
             return f"the policy now blocks it ({now.reason})"
+        if "session" in recorded and recorded["session"] != self._session_state():
+            return ("the session's settings changed (SET, search_path, PREPARE, or user "
+                    "code that ran), and stored code may read them")
         want = recorded.get("shape") or _shape(decision)
         if _shape(now) != want or (now.opaque_code and not decision.opaque_code):
             before = {t for s in decision.statements for t in (*s.tables, *s.functions)}
@@ -222,20 +230,27 @@ class Holds(SessionState):
         # when it was held), and any schema change still open in another transaction (a
         # trigger created, a function replaced, then ALTER TABLE to make this statement
         # wait for its commit), which no catalog read can show yet.
-        tables = sorted({t for s in now.statements for t in s.tables})
         try:
             code, busy = await asyncio.to_thread(self.gw.release_facts, self.conn,
-                                                 _functions_of(now), tables)
+                                                 _tables_of(now))
         except Exception:  # noqa: BLE001 - cannot tell: refuse
             code, busy = None, ["(the target could not be read to compare)"]
         if "code" in recorded and (code is None or recorded["code"] is None or
                                    code != recorded["code"]):
-            return ("the user code it runs (" + ", ".join(_functions_of(now)[:5]) +
-                    ") changed, or could not be read to compare")
+            return ("user code stored on the target (functions, triggers, rules, views, "
+                    "defaults, constraints or policies) changed, or could not be read to "
+                    "compare")
         if busy:
             return f"a schema change of {', '.join(busy[:5])} is in progress in another " \
                    "transaction"
         return None
+
+    def _session_state(self) -> str:
+        """What of this session's state stored code may read: the schemas its search_path
+        may name, whether user code ran (and may have set anything), the SETs sent."""
+        return hashlib.sha256(json.dumps(
+            [sorted(self.schemas), self.ran_user_code, self.settings_seen]).encode()
+        ).hexdigest()[:32]
 
     def _forward_approved(self, msg: Message, ctx: Ctx, kind: bytes) -> None:
         ctx.t0 = time.time()

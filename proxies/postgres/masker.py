@@ -30,12 +30,15 @@ _QUOTED = re.compile(r'"[^"]*"')
 _FAILING_ROW = re.compile(r"(Failing row contains |Key )\(.*\)(?=[^()]*$)", re.S)
 
 
-# SQLSTATE classes of errors raised before a statement reads any row (syntax, names,
-# privileges, transaction state, the server going away): their texts quote what the
-# client wrote, never a value of the data. Every other error or notice of a statement
-# that reads masked columns may print a value in any form (a date field out of range, an
-# XML or JSON parser's context line, a function's RAISE), so its texts are withheld.
-_BEFORE_DATA = frozenset(("42", "0A", "25", "3D", "3F", "08", "26", "34", "53", "57"))
+# SQLSTATE classes of errors whose texts quote what the client wrote, never a value of
+# the data (feature not supported, transaction state, the server going away, prepared
+# statement and cursor names, resources, cancels), and one code: permission denied. Every
+# other error or notice of a statement that reads masked columns may print a value in any
+# form (a date field out of range, an XML or JSON parser's context line, a function's
+# RAISE), so its texts are withheld. Names are no exception: a value cast to regclass,
+# regoper, regtype or regnamespace, or given to has_*_privilege, is looked up at run time
+# and the "does not exist" error (42P01, 42883, 42704, 42601, 3F000, 3D000...) prints it.
+_BEFORE_DATA = frozenset(("0A", "25", "08", "26", "34", "53", "57", "42501"))
 
 _WITHHELD = ("keyturn: the error text was withheld because the statement reads masked "
              "columns and the text may show their values (SQLSTATE {code})")
@@ -315,8 +318,8 @@ class ResultMasking(SessionState):
         quoting = ctx is not None and ctx.sens is not None and \
             ctx.sens.first({src for lin in ctx.lineages or () for src in
                             lin.all_sources | lin.predicates | lin.writes}) is not None
-        if quoting and fields.get("C", "")[:2] not in _BEFORE_DATA:
-            code = fields.get("C", "")
+        code = fields.get("C", "")
+        if quoting and code[:2] not in _BEFORE_DATA and code not in _BEFORE_DATA:
             for key in ("D", "H", "W", "q", "p"):
                 fields.pop(key, None)
             fields["M"] = _WITHHELD.format(code=code)

@@ -330,6 +330,9 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         # rolled back, so the gateway cannot know it was undone).
         self.schemas: frozenset[str] = frozenset(DEFAULT_SEARCH_PATH)
         self.ran_user_code = False  # see _client_message: names may resolve anywhere now
+        # A digest of the SETs (and other session-class statements) sent so far: stored
+        # code reads settings, so a deferred approval re-runs only under the same ones.
+        self.settings_seen = ""
         # User code ran since search_path and the role were last read from the target
         # (decisions.py _probe_search_path): until they are, every statement waits for
         # the one before it to complete.

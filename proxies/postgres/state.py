@@ -327,6 +327,7 @@ class SessionState:
     imp_bound: bool
     imp_ended: bool
     ran_user_code: bool
+    settings_seen: str
     upstream_ro: bool
     intent_n: int
     unsent: bool
