@@ -1,43 +1,22 @@
-"""Attack run 26 through the live gateway. Each test asserts the SAFE behaviour and checks
-the target directly, so a test FAILS while its bypass exists.
+"""Families from attack run 26 through the live gateway; each test asserts the safe
+behaviour and checks the target directly.
 
-FINDINGS (fail until fixed):
-- test_held_insert_trigger_arguments_swapped_while_held
-- test_held_insert_second_trigger_same_function_added_while_held
-- test_deferred_insert_trigger_arguments_swapped_after_approval
-- test_held_insert_default_arguments_swapped_while_held
-- test_held_insert_rule_action_swapped_while_held
-    family: the approval re-check compares only class / tables / function NAMES (+ the
-    digest of those functions): a trigger's arguments, a second trigger on the same
-    function, a default's or rule's arguments/action can change while held (or between a
-    deferred approval and its re-run) and the approved statement runs the new code.
-- test_held_insert_helper_replaced_while_held
-    family: the code digest covers only the functions the statement reaches directly (a
-    trigger function), not the functions their bodies call; replacing a helper while held.
-- test_deferred_insert_rerun_after_search_path_moved_trigger_body
-    family: session state the re-check does not compare (search_path, read by the
-    unqualified names inside a trigger body) changed between a deferred approval and the
-    re-run of the identical, fully qualified statement.
-- test_deferred_execute_of_a_prepared_name_redefined_after_approval
-    family: a deferred approval binds the text "EXECUTE p", not what p holds; p is
-    re-PREPAREd with another statement of the same shape before the re-run.
-- test_refresh_matview_runs_user_code_unseen
-    family: REFRESH MATERIALIZED VIEW runs the matview's query with write access, but the
-    gateway keeps only its tables (the functions it calls are dropped), so an allow rule
-    narrowed to public.* lets user code run that the same SELECT could not.
-- test_alter_function_of_a_vault_trigger_is_blocked
-    family: ALTER FUNCTION (SET search_path / config) of a function a vault trigger calls
-    is not seen as touching the vault table (CREATE OR REPLACE of it is, since run 25).
-- test_masked_value_in_a_name_lookup_error[*]
-    family: run-time errors of SQLSTATE classes the masker passes (42xxx) print masked
-    values unquoted (regoper, regoperator) or in quotes the value can break.
+- The approval re-check (hold and defer modes): a trigger's arguments, a second trigger
+  on the same function, a default's arguments, a rule's action, or a helper function a
+  trigger body calls changed while the write was held: the approved statement is refused
+  (55000), since the re-check compares a digest of all user code stored on the target.
+- A deferred re-run after the session's settings changed (search_path read by a trigger
+  body), and a deferred EXECUTE whose prepared name was prepared again with another
+  statement: refused or held anew.
+- REFRESH MATERIALIZED VIEW runs its query's functions: they count like a SELECT's.
+- ALTER FUNCTION (SET search_path, owner, SECURITY DEFINER...) of a function a vault
+  trigger calls counts the vault table.
+- Masked values in run-time name-lookup errors (regoper, regoperator, regclass, regtype,
+  has_table_privilege): the error text is withheld.
 
-HELD (pass): test_mask_via_setting[*] (set_config of a masked value, then SHOW /
-current_setting / application_name ParameterStatus), test_mask_probe26[*] (cursors,
-PREPARE/EXECUTE, COPY table forms, JOIN USING, ts_* functions, casts to reg* types with
-quoted errors, VARIADIC arrays...), test_malformed_messages_do_not_stop_the_gateway[*]
-(bad Bind/Parse counts, bad Describe/Close kinds, CopyData outside COPY, FunctionCall,
-PasswordMessage after login, missing terminators, invalid UTF-8).
+And what held: masked values parked in settings, ~70 masking probes (cursors, PREPARE,
+COPY forms, JOIN USING, reg* casts with quoted errors, VARIADIC...), malformed protocol
+messages (each ends at most its own session).
 """
 
 from __future__ import annotations
