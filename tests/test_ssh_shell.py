@@ -35,7 +35,22 @@ RISK = {c: i for i, c in enumerate(CLASSES)}
     ("rm -rf /var/lib/app", "destructive"),
 ])
 def test_plain_commands(line: str, cls: str) -> None:
-    assert classify(line).cls == cls
+    """Without a terminal (ssh host CMD): nothing pages its output."""
+    assert classify(line, terminal=False).cls == cls
+
+
+@pytest.mark.parametrize("line, cls", [
+    ("systemctl status nginx", "unknown"), ("journalctl -u nginx", "unknown"),
+    ("dmesg -H", "unknown"), ("systemctl status nginx --no-pager", "read"),
+    ("journalctl -u nginx | tail", "read"), ("systemctl status nginx > /tmp/s", "write"),
+    ("{ journalctl; } | cat", "read"), ("systemctl status x > /dev/tty", "unknown"),
+    ("systemctl restart nginx", "admin"), ("dmesg", "read"),
+])
+def test_pagers_with_a_terminal(line: str, cls: str) -> None:
+    """With a terminal (ssh -t), systemd tools and dmesg -H page through less, which runs
+    shell commands typed in it: unknown unless the pager is off or output is not the
+    terminal."""
+    assert classify(line, terminal=True).cls == cls, classify(line, terminal=True)
 
 
 # Each evasion still runs rm (destructive) or something keyturn cannot see into (unknown).
@@ -230,3 +245,30 @@ def test_ticket_lists_show_control_characters_instead_of_obeying_them() -> None:
     from keyturn.launch.cli import _printable
 
     assert _printable("rm x #\x1b[2K\x1b[G* 99 read ls") == "rm x #\\x1b[2K\\x1b[G* 99 read ls"
+
+
+@pytest.mark.parametrize("line, at_least", [
+    ("sort --o=F x", "write"), ("sed --in s/a/b/ f", "write"), ("date --se=1", "admin"),
+    ("cp {-t,/etc} f", "write"), ("mv x{,.bak}", "write"), ("o=-o; sort $o F x", "write"),
+    ("sort \"$o\" F x", "unknown"), ("sort x$o", "unknown"),
+    ("if true; then o=-o; fi; sort $o F x", "unknown"),
+    ("timeout -k 1 5 rm x", "destructive"), ("sudo -nu root rm x", "destructive"),
+    ("tar xIf sh a.tar", "unknown"), ("ldd /tmp/x", "unknown"), ("rg --pre=sh x", "unknown"),
+])
+def test_attack_run_2_families(line: str, at_least: str) -> None:
+    assert RISK[classify(line).cls] >= RISK[at_least], (line, classify(line))
+
+
+@pytest.mark.parametrize("line", [
+    "cat /proc/self/root/etc/shadow", "cat /proc/1/cwd/x", "cat /proc/*/root/etc/x",
+    "cd /proc/self/root/etc && cat shadow", "cat /dev/fd/3", "cat /proc/thread-self/root/x",
+    "cp -t/proc/self/cwd x", "diff --from-file=/proc/self/root/etc/x y",
+])
+def test_magic_links_name_any_path(line: str) -> None:
+    assert "*" in classify(line, terminal=False).paths, classify(line)
+
+
+def test_long_lines_are_refused_unparsed() -> None:
+    a = classify("ls|" * 3000 + "ls")
+    assert a.cls == "unknown" and "KiB" in a.reasons[0]
+    assert classify("cat {1..1000}").cls == "unknown"  # too many words

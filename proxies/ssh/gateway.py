@@ -26,6 +26,11 @@ command is a new channel on one, not a new login.
 Audit: a command's intent record reaches the spool file before the upstream channel
 opens (write-ahead); its outcome (exit status, bytes, duration) completes it.
 
+The event loop serves every client: a command line is classified in a worker thread
+(lines over 8 KiB are refused unparsed), and one connection serves at most
+MAX_CHANNELS exec/shell/subsystem channels at a time (like sshd's MaxSessions); more are
+refused and audited.
+
 This module must not decide what a command may do (keyturn.policy does, from the class
 shell.py gives) nor what an audit record holds (keyturn.auditschema).
 """
@@ -73,6 +78,7 @@ UNREACHABLE_STATUS = 255
 SEPARATORS = (":", "+")
 _USER_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,63}\Z")  # as the config allows them
 HOST_KEY_NAME = "ssh_host_ed25519_key"
+MAX_CHANNELS = 10  # open exec/shell/subsystem channels per client connection
 KEEPALIVE = 30.0  # seconds between keepalives: a held client stays open through NAT
 CHUNK = 65536
 KEYFRAME_BYTES = 1 << 20  # a keyframe at least every MiB of output, however fast
@@ -239,6 +245,17 @@ class SSHGateway:
     async def _process(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
         session = process.get_extra_info("connection").get_owner()
         assert isinstance(session, _Session)
+        if len(session.processes) >= MAX_CHANNELS and session.identity is not None:
+            why = (f"too many channels open on this connection ({MAX_CHANNELS}); wait "
+                   "for one to end or open another connection")
+            self.audit(kind="statement", user=session.user, connection=session._conn_name,
+                       session_id=session.session_id, client_addr=session.client_addr,
+                       statement=process.command if process.command is not None else
+                       f"subsystem {process.subsystem}" if process.subsystem else
+                       "(interactive shell)", classification="unknown", action="block",
+                       rule="builtin:channels", reason=why, outcome="refused")
+            _refuse(process, f"keyturn: {why}", REFUSED_STATUS)
+            return
         session.processes.add(process)
         try:
             await session.serve(process)
@@ -527,7 +544,10 @@ class _Session(asyncssh.SSHServer):
                                  ("an interactive shell runs whatever is typed",),
                                  ("*",), ("*",))
         else:
-            action = classify(command)
+            # Off the event loop: a long line takes bashlex a while (and is refused over
+            # shell.MAX_TEXT). Pagers take commands only with a terminal.
+            action = await asyncio.to_thread(
+                classify, command, terminal=process.get_terminal_type() is not None)
         req = Request(user=self.user, groups=self.identity.groups, connection=conn,
                       actions=[action], client_addr=self.client_addr,
                       session_id=self.session_id)

@@ -48,6 +48,7 @@ from asyncssh.constants import (
 
 from keyturn.auditspool import AuditUnwritable
 from keyturn.request import Request
+from proxies.ssh.shell import magic_link
 
 if TYPE_CHECKING:
     from proxies.ssh.gateway import _Session
@@ -108,12 +109,16 @@ class _Open:
 
 def _path(raw: bytes) -> str:
     """A path as rules see it: absolute, or under ``~`` (the login's home) when relative;
-    ``*`` (anywhere) with a ``..`` in it, which the host resolves through symbolic links."""
+    ``*`` (anywhere) with a ``..`` in it, which the host resolves through symbolic links,
+    or through a /proc magic link (``/proc/self/root/...``, ``/proc/<pid>/cwd``,
+    ``/dev/fd/N``)."""
     p = raw.decode("utf-8", "surrogateescape")
     if ".." in p.split("/"):
         return "*"
     if p.startswith("/"):
-        return "/" + posixpath.normpath(p).lstrip("/")
+        p = "/" + posixpath.normpath(p).lstrip("/")
+        # /proc/self/root/etc/passwd is /etc/passwd: a magic link may lead anywhere.
+        return "*" if magic_link(p) else p
     return posixpath.normpath(posixpath.join("~", p)) if p not in ("", ".") else "~"
 
 

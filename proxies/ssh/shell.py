@@ -26,6 +26,7 @@ raise on any input (a hypothesis test feeds it arbitrary text).
 
 from __future__ import annotations
 
+import fnmatch
 import posixpath
 import re
 from collections.abc import Iterable
@@ -107,8 +108,15 @@ READ_SUBCOMMANDS = {
     "hostnamectl": frozenset({"status"}),
     "loginctl": frozenset({"list-sessions", "list-users", "list-seats", "show-session",
                            "show-user", "session-status", "user-status"}),
-    "journalctl": frozenset(),
 }
+#: Short options that take a value, per program (the letters after one are its value).
+VALUED_SHORT = {"tar": "bCfFgHIKLNTVX", "sort": "kotSTy", "sed": "efl", "date": "dfrs",
+                "dmesg": "Fflns", "scp": "cFiJlPoS", "hostname": "F"}
+#: Programs that show their output in a pager (less) when it is a terminal: less runs
+#: shell commands typed in it (systemd's secure mode depends on the host's logind).
+PAGING = frozenset({"systemctl", "journalctl", "loginctl", "timedatectl", "hostnamectl",
+                    "localectl", "busctl", "networkctl", "resolvectl", "coredumpctl",
+                    "machinectl", "bootctl", "dmesg"})
 #: Options that make an otherwise known program run a command of the caller's choosing.
 EXEC_OPTIONS: dict[str, tuple[str, ...]] = {
     "git": ("-c", "--exec-path", "--config-env", "-C"),
@@ -116,12 +124,15 @@ EXEC_OPTIONS: dict[str, tuple[str, ...]] = {
     "tar": ("-I", "--use-compress-program", "--to-command", "--checkpoint-action",
             "-F", "--info-script", "--new-volume-script", "--rsh-command"),
     "sort": ("--compress-program",),
+    "rg": ("--pre",),
+    "ag": ("--pager",),
     "zip": ("-T", "-TT", "--unzip-command"),
     "scp": ("-S", "-o", "-F"),
     "curl": ("-K", "--config"),
     "less": ("-k", "--lesskey-file"),
     "journalctl": ("--vacuum-size", "--vacuum-time", "--vacuum-files", "--rotate",
-                   "--flush", "--relinquish-var", "--setup-keys"),
+                   "--flush", "--relinquish-var", "--setup-keys", "--sync",
+                   "--update-catalog", "--smart-relinquish-var"),
 }
 #: git subcommands that change the repository (the read-only ones are above); any other
 #: name may be an alias or an external git-<name> program.
@@ -154,27 +165,31 @@ UNSEEABLE_BUILTINS = frozenset({"eval", "source", ".", "alias", "unalias", "shop
                                 "shift", "return", "exit", "break", "continue", "fg", "bg",
                                 "disown", "caller", "compgen", "pushd",
                                 "popd", "dirs", "suspend", "times", "logout"})
-#: Wrappers that run the rest of their arguments as a command: options they take that
-#: consume a value.
-WRAPPERS: dict[str, frozenset[str]] = {
-    "sudo": frozenset({"-u", "-g", "-h", "-p", "-C", "-D", "-r", "-t", "-T", "-U",
-                       "--user", "--group", "--host", "--prompt", "--chdir"}),
-    "doas": frozenset({"-u", "-C"}),
-    "env": frozenset({"-u", "--unset", "-C", "--chdir", "-S", "--split-string"}),
-    "nice": frozenset({"-n", "--adjustment"}),
-    "ionice": frozenset({"-c", "-n", "-p", "-P", "-u"}),
-    "nohup": frozenset(),
-    "setsid": frozenset(),
-    "stdbuf": frozenset({"-i", "-o", "-e"}),
-    "timeout": frozenset({"-k", "--kill-after", "-s", "--signal"}),
-    "chrt": frozenset(),
-    "taskset": frozenset(),
-    "xargs": frozenset({"-a", "-d", "-E", "-I", "-L", "-n", "-P", "-s",
-                        "--arg-file", "--delimiter", "--max-args", "--max-procs",
-                        "--max-chars", "--replace", "--max-lines"}),
-    "time": frozenset({"-f", "--format", "-o", "--output"}),
-    "flock": frozenset({"-w", "--wait", "--timeout", "-E", "--conflict-exit-code",
-                        "-c", "--command"}),
+#: Wrappers that run the rest of their arguments as a command, with their options as
+#: getopt reads them: (short options that take a value, short options whose value is
+#: optional and attached, long options that take a value, long options whose value is
+#: optional and given with ``=``). Every wrapper stops reading options at its first operand.
+WRAPPERS: dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
+    "sudo": ("aCcDghpRrTtUu", "", (
+        "--auth-type", "--close-from", "--login-class", "--chdir", "--group", "--host",
+        "--prompt", "--chroot", "--role", "--command-timeout", "--type", "--other-user",
+        "--user"), ("--preserve-env",)),
+    "doas": ("Cu", "", (), ()),
+    "env": ("uCS", "", ("--unset", "--chdir", "--split-string"),
+            ("--default-signal", "--ignore-signal", "--block-signal")),
+    "nice": ("n", "", ("--adjustment",), ()),
+    "ionice": ("cnpPu", "", ("--class", "--classdata", "--pid", "--pgid", "--uid"), ()),
+    "nohup": ("", "", (), ()),
+    "setsid": ("", "", (), ()),
+    "stdbuf": ("ioe", "", ("--input", "--output", "--error"), ()),
+    "timeout": ("ks", "", ("--kill-after", "--signal"), ()),
+    "chrt": ("", "", (), ()),
+    "taskset": ("", "", (), ()),
+    "xargs": ("aEILnsPd", "eil", (
+        "--arg-file", "--delimiter", "--max-args", "--max-procs", "--max-chars",
+        "--process-slot-var"), ("--eof", "--replace", "--max-lines")),
+    "time": ("fo", "", ("--format", "--output"), ()),
+    "flock": ("wE", "", ("--wait", "--timeout", "--conflict-exit-code"), ()),
 }
 #: Wrappers that raise privileges: the command they run is at least ``admin``.
 ELEVATING = frozenset({"sudo", "doas"})
@@ -204,6 +219,17 @@ class _Walk:
     commands: list[str] = field(default_factory=list)
     cwd: str | None = "~"  # None: unknown after ``cd $X``
     depth: int = 0
+    #: Whether the command may have a terminal (its pagers then take commands).
+    terminal: bool = True
+    #: Above 0 while the commands walked write their output into a pipe or a file.
+    piped: int = 0
+    #: Above 0 inside a condition, loop, pipeline or background list: an assignment
+    #: there may or may not happen.
+    maybe: int = 0
+    #: Shell variables set on the line: their literal value, or None when not known.
+    vars: dict[str, str | None] = field(default_factory=dict)
+    #: The text being walked (bashlex positions point into it).
+    src: str = ""
 
     def raise_to(self, cls: str, why: str) -> None:
         if why not in self.reasons:
@@ -216,22 +242,34 @@ class _Walk:
         if p not in self.paths:
             self.paths.append(p)
 
+    def any_path(self) -> None:
+        if "*" not in self.paths:
+            self.paths.append("*")
+
 
 class _Unknown(Exception):
     """Stop: the command line holds something that cannot be seen into."""
 
 
 MAX_DEPTH = 8  # nested sh -c / eval bodies before the line counts as unknown
-MAX_TEXT = 64 * 1024
+#: Longer command lines are not parsed: bashlex takes about 50 ms per KiB.
+MAX_TEXT = 8 * 1024
 
 
-def classify(text: str) -> ShellAction:
-    """The class, programs and paths of the command line ``text`` (never raises)."""
-    walk = _Walk()
+def classify(text: str, *, terminal: bool = True) -> ShellAction:
+    """The class, programs and paths of the command line ``text`` (never raises).
+    ``terminal``: whether it runs with a terminal (the gateway knows; unknown counts as
+    yes), where programs that page their output take commands."""
+    walk = _Walk(terminal=terminal)
     if not text.strip():
         # An exec request with no command: SSH servers start the login shell for it.
         return ShellAction(text, "unknown", ("an empty command starts a shell on the host",),
                            ("*",), ("*",))
+    if len(text) > MAX_TEXT:
+        # Decided before any parsing: a long line would hold a thread for seconds.
+        return ShellAction(text, "unknown", (
+            f"a command line over {MAX_TEXT // 1024} KiB ({len(text)} bytes) is not "
+            "analysed; put it in a script or split it",), ("*",), ("*",))
     try:
         _parse_into(walk, text)
     except _Unknown as exc:
@@ -272,8 +310,13 @@ def _parse_into(walk: _Walk, text: str) -> None:
             ValueError, AssertionError) as exc:
         raise _Unknown(f"the command line cannot be parsed "
                        f"({getattr(exc, 'message', exc) or type(exc).__name__})") from None
-    for tree in trees:
-        _node(walk, tree)
+    saved = walk.src
+    walk.src = text
+    try:
+        for tree in trees:
+            _node(walk, tree)
+    finally:
+        walk.src = saved
 
 
 def _node(walk: _Walk, node: Any) -> None:
@@ -281,20 +324,45 @@ def _node(walk: _Walk, node: Any) -> None:
     if kind == "command":
         _command(walk, node)
     elif kind in ("list", "pipeline", "compound"):
-        for part in getattr(node, "parts", None) or getattr(node, "list", None) or ():
-            _node(walk, part)
-        for r in getattr(node, "redirects", ()) or ():
+        parts = list(getattr(node, "parts", None) or getattr(node, "list", None) or ())
+        redirects = list(getattr(node, "redirects", ()) or ())
+        # An assignment in a pipeline (a subshell), a compound, or after && || & may not
+        # happen for what follows.
+        maybe = kind != "list" or any(p.kind == "operator" and p.op in ("&&", "||", "&")
+                                      for p in parts)
+        out = _stdout_redirected(redirects)
+        last = [p for p in parts if p.kind not in ("pipe", "operator")][-1:] \
+            if kind == "pipeline" else parts
+        walk.maybe += maybe
+        walk.piped += out
+        try:
+            for part in parts:
+                piped = kind == "pipeline" and part.kind != "pipe" and part not in last
+                walk.piped += piped
+                try:
+                    _node(walk, part)
+                finally:
+                    walk.piped -= piped
+        finally:
+            walk.maybe -= maybe
+            walk.piped -= out
+        for r in redirects:
             _redirect(walk, r)
     elif kind in ("if", "for", "while", "until"):
         if kind == "for":
             names = [p for p in node.parts if p.kind == "word"]
             if names:
                 _check_name(names[0].word)  # for PATH in /tmp; do ls; done
-        for part in node.parts:
-            if part.kind == "word":
-                _word_expansions(walk, part)
-            elif part.kind != "reservedword":
-                _node(walk, part)
+                walk.vars[names[0].word] = None
+        walk.maybe += 1
+        try:
+            for part in node.parts:
+                if part.kind == "word":
+                    _word_expansions(walk, part)
+                elif part.kind != "reservedword":
+                    _node(walk, part)
+        finally:
+            walk.maybe -= 1
     elif kind == "function":
         # A function runs its body wherever its name is called, in whatever directory
         # and order: not followed.
@@ -323,9 +391,11 @@ def _has_expansion(word: Any) -> bool:
 
 def _command(walk: _Walk, node: Any) -> None:
     words: list[Any] = []
+    assignments: list[Any] = []
     for part in node.parts:
         if part.kind == "assignment":
             _assignment(walk, part)
+            assignments.append(part)
         elif part.kind == "redirect":
             _redirect(walk, part)
         elif part.kind == "word":
@@ -334,12 +404,209 @@ def _command(walk: _Walk, node: Any) -> None:
         else:
             _node(walk, part)
     if not words:
+        for part in assignments:  # `o=-o`: a shell variable for the rest of the line
+            name, _eq, value = part.word.partition("=")
+            raw = walk.src[part.pos[0]:part.pos[1]]
+            known = not walk.maybe and not name.endswith("+") and raw == part.word and \
+                not set(value) & set("$`\\'\"{}*?[~") and not walk.depth
+            walk.vars[name.rstrip("+")] = value if known else None
         return
-    argv = [w.word for w in words]
     if _has_expansion(words[0]):
         raise _Unknown("a variable or substitution in command position")
-    expanded = [_has_expansion(w) for w in words]
-    _argv(walk, argv, expanded)
+    argv: list[str] = []
+    expanded: list[bool] = []
+    risky: list[tuple[int, str]] = []
+    for i, w in enumerate(words):
+        raw = walk.src[w.pos[0]:w.pos[1]] if walk.src else w.word
+        if i and _braces(raw):
+            # Brace expansion makes several words (`{-o,F}` is `-o F`): expanded here
+            # when the word is plain text, unknown otherwise.
+            if raw != w.word or _has_expansion(w):
+                raise _Unknown(f"brace expansion in a quoted or expanded word ({raw})")
+            items = _brace_expand(raw)
+            argv += items
+            expanded += [False] * len(items)
+            continue
+        if not _has_expansion(w):
+            argv.append(w.word)
+            expanded.append(False)
+            continue
+        m = re.fullmatch(r'(")?\$([A-Za-z_][A-Za-z0-9_]*)(?(1)")', raw)
+        value = walk.vars.get(m.group(2)) if m else None
+        if m and value is not None:
+            # A variable set on the line to a literal: its value, split when unquoted.
+            if m.group(1):
+                items = [value]
+            elif set(value) & set("*?["):
+                raise _Unknown(f"{raw} expands to a pattern ({value})")
+            else:
+                items = value.split()
+            argv += items
+            expanded += [False] * len(items)
+            continue
+        if _may_be_option(raw, walk.vars):
+            risky.append((len(argv), raw))
+        argv.append(w.word)
+        expanded.append(True)
+    if risky and _program(walk, argv[0]) not in HARMLESS_OPTIONS:
+        # After `--` a getopt program takes every word for an operand (find does not).
+        dashdash = argv.index("--") if "--" in argv and argv[0] != "find" else len(argv)
+        for at, raw in risky:
+            if at < dashdash:
+                raise _Unknown(f"{raw} may expand to an option or to several words (its "
+                               "value is not known from the command line)")
+    if argv[0] == "printf":
+        for j, a in enumerate(argv):
+            if a.startswith("-v"):
+                name = a[2:] or (argv[j + 1] if j + 1 < len(argv) else "")
+                walk.vars[name] = None
+    walk.piped += _stdout_redirected([p for p in node.parts if p.kind == "redirect"])
+    try:
+        _argv(walk, argv, expanded)
+    finally:
+        walk.piped -= _stdout_redirected([p for p in node.parts if p.kind == "redirect"])
+
+
+#: Programs none of whose options does harm: a variable there may hold one.
+HARMLESS_OPTIONS = frozenset({"echo", "true", "false", ":", "test", "[", "cd", "sleep",
+                              "basename", "dirname"})
+
+
+def _stdout_redirected(redirects: list[Any]) -> bool:
+    """Whether these redirections send standard output to a file (not a terminal)."""
+    for r in redirects:
+        out = getattr(r, "output", None)
+        if getattr(r, "type", None) not in (">", ">>", ">|", "&>", "&>>", ">&") or \
+                getattr(r, "input", None) not in (None, 1) or out is None or \
+                isinstance(out, int) or _has_expansion(out):
+            continue
+        if out.word == "/dev/null" or not out.word.startswith(("/dev/", "/proc/")):
+            return True
+    return False
+
+
+def _may_be_option(raw: str, known: dict[str, str | None]) -> bool:
+    """Whether a word with expansions may become an option, or several words: an
+    unquoted expansion of a variable not known (word splitting makes any words of it),
+    or one in double quotes before any literal text (its value may start with ``-``)."""
+    i, quoted, lead = 0, False, False
+    while i < len(raw):
+        c = raw[i]
+        if c == "'" and not quoted:
+            end = raw.find("'", i + 1)
+            lead = lead or end > i + 1
+            i = len(raw) if end < 0 else end + 1
+            continue
+        if c == '"':
+            quoted = not quoted
+            i += 1
+            continue
+        if c == "\\":
+            lead = True
+            i += 2
+            continue
+        if c == "$" and i + 1 < len(raw):
+            m = re.match(r"[A-Za-z_][A-Za-z0-9_]*|[0-9@*#?$!-]", raw[i + 1:])
+            if m is None:
+                lead = True
+                i += 1
+                continue
+            name = m.group(0)
+            i += 1 + len(name)
+            if name in "#?$!-0":
+                lead = True  # digits, or the shell's flags (no dash)
+                continue
+            value = known.get(name)
+            if value is None:
+                if not quoted or not lead:
+                    return True
+                continue
+            if not quoted and (set(value) & set(" \t\n*?[")) or \
+                    not lead and value.startswith("-"):
+                return True
+            lead = lead or bool(value)
+            continue
+        lead = True
+        i += 1
+    return False
+
+
+def _braces(raw: str) -> bool:
+    """Whether a word holds a brace expansion bash would make (``{a,b}``, ``{1..3}``)
+    outside quotes."""
+    i, quoted = 0, ""
+    depth = 0
+    for i, c in enumerate(raw):
+        if quoted:
+            if c == quoted:
+                quoted = ""
+            continue
+        if c in "'\"":
+            quoted = c
+        elif c == "{" and (i == 0 or raw[i - 1] != "$"):
+            depth += 1
+        elif c == "}" and depth:
+            depth -= 1
+        elif depth and (c == "," or raw.startswith("..", i)):
+            return True
+    return False
+
+
+MAX_BRACE_WORDS = 256
+
+
+def _brace_expand(word: str) -> list[str]:
+    """Bash's brace expansion of a plain word: comma lists and ``{a..b[..step]}``."""
+    for i, c in enumerate(word):
+        if c != "{":
+            continue
+        depth, commas, j = 0, [], i
+        for j in range(i, len(word)):
+            if word[j] == "{":
+                depth += 1
+            elif word[j] == "}":
+                depth -= 1
+                if depth == 0:
+                    break
+            elif word[j] == "," and depth == 1:
+                commas.append(j)
+        if depth:
+            continue
+        inner, pre, post = word[i + 1:j], word[:i], word[j + 1:]
+        if commas:
+            cuts = [i, *commas, j]
+            alts = [word[cuts[k] + 1:cuts[k + 1]] for k in range(len(cuts) - 1)]
+        else:
+            seq = _sequence(inner)
+            if seq is None:
+                continue
+            alts = seq
+        out: list[str] = []
+        for alt in alts:
+            out += _brace_expand(pre + alt + post)
+            if len(out) > MAX_BRACE_WORDS:
+                raise _Unknown(f"a brace expansion of over {MAX_BRACE_WORDS} words")
+        return out
+    return [word]
+
+
+def _sequence(inner: str) -> list[str] | None:
+    m = re.fullmatch(r"(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?|([A-Za-z])\.\.([A-Za-z])"
+                     r"(?:\.\.(-?\d+))?", inner)
+    if m is None:
+        return None
+    if m.group(1) is not None:
+        a, b = int(m.group(1)), int(m.group(2))
+        if re.match(r"-?0\d", m.group(1)) or re.match(r"-?0\d", m.group(2)):
+            raise _Unknown(f"a zero-padded brace sequence ({{{inner}}})")
+        step = abs(int(m.group(3) or 1)) or 1
+    else:
+        a, b = ord(m.group(4)), ord(m.group(5))
+        step = abs(int(m.group(6) or 1)) or 1
+    if abs(b - a) // step > MAX_BRACE_WORDS:
+        raise _Unknown(f"a brace expansion of over {MAX_BRACE_WORDS} words")
+    seq = range(a, b + 1, step) if a <= b else range(a, b - 1, -step)
+    return [str(v) if m.group(1) is not None else chr(v) for v in seq]
 
 
 def _assignment(walk: _Walk, part: Any) -> None:
@@ -406,33 +673,54 @@ def _argv(walk: _Walk, argv: list[str], expanded: list[bool]) -> None:
     walk.programs.append(prog) if prog not in walk.programs else None
     walk.commands.append(" ".join(argv))
     if prog in WRAPPERS:
-        rest = _after_options(args, WRAPPERS[prog], prog)
+        opts, k = _getopt(args, *WRAPPERS[prog], numbers=prog == "nice")
+        rest = args[k:]
+        given = [o for o, _ in opts]
         if prog in ELEVATING:
-            if not rest or any(a in ("-s", "-i", "--shell", "--login", "-e", "--edit")
-                               for a in args[:len(args) - len(rest)]):
+            if not rest or _given(given, ("-s", "--shell"), ("-i", "--login"),
+                                  ("-e", "--edit")):
                 walk.raise_to("shell", f"{prog} opens a shell or an editor")
                 raise _Unknown(f"{prog} without a command runs an interactive shell")
             walk.raise_to("admin", f"runs as another user ({prog})")
-            if any(a in ("-D", "--chdir", "-E", "--preserve-env") or
-                   a.startswith(("--chdir=", "--preserve-env=")) for a in args):
-                raise _Unknown(f"{prog} options that change the directory or keep the "
-                               "environment are not analysed")
-        if prog == "env" and any(a.startswith("-") and a not in (
-                "-i", "-", "--ignore-environment", "-u", "--unset", "-0", "--null") and
-                not a.startswith("--unset=") and "=" not in a for a in
-                args[:len(args) - len(rest)]):
-            raise _Unknown("env options that split strings or change directory are not "
-                           "analysed")
+            if _given(given, ("-D", "--chdir"), ("-E", "--preserve-env"),
+                      ("-R", "--chroot"), ("-C", "--close-from")) or \
+                    prog == "doas" and _given(given, ("-C", "")):
+                raise _Unknown(f"{prog} options that change the directory, the root or "
+                               "keep the environment are not analysed")
+        else:
+            # An option's value may name a file (xargs -a FILE, time -o FILE).
+            for _, v in opts:
+                if v is not None:
+                    walk.path(v)
+            if any(args_expanded[:k]):
+                walk.any_path()
+        if prog == "env":
+            if any(o not in ("-i", "-u", "-0") and not _given(
+                    [o], ("", "--ignore-environment"), ("", "--unset"), ("", "--null"))
+                    for o in given):
+                raise _Unknown("env options that split strings, change directory or "
+                               "signals are not analysed")
+            while rest and rest[0] == "-":
+                rest = rest[1:]  # `env -` is env -i
         if prog == "flock":
-            body = _option_value(args, ("-c", "--command"))
-            if body is not None:
-                _nested(walk, body, "flock -c")
+            # flock [options] FILE -c BODY | flock [options] FILE COMMAND...
+            if len(rest) >= 2 and rest[1] in ("-c", "--command"):
+                if len(rest) < 3 or args_expanded[k + 2]:
+                    raise _Unknown("flock -c with a body keyturn cannot see")
+                walk.path(rest[0])
+                _nested(walk, rest[2], "flock -c")
                 return
-            rest = rest[1:]  # the lock file or descriptor
-        if prog == "time" and any(a in ("-o", "--output") or a.startswith("--output=")
-                                  for a in args[:len(args) - len(rest)]):
+            if rest:
+                walk.path(rest[0])  # the lock file or descriptor
+            rest = rest[1:]
+        if prog == "time" and _given(given, ("-o", "--output")):
             walk.raise_to("write", "time -o writes a file")
-            walk.paths.append("*")
+        if prog == "ionice" and _given(given, ("-p", "--pid"), ("-P", "--pgid"),
+                                       ("-u", "--uid")):
+            # Its operands are process ids: it changes running processes.
+            walk.raise_to("admin", "ionice -p/-P/-u changes the I/O class of running "
+                          "processes")
+            return
         while rest and "=" in rest[0] and prog == "env":
             _check_name(rest[0].split("=", 1)[0])
             rest = rest[1:]
@@ -448,19 +736,24 @@ def _argv(walk: _Walk, argv: list[str], expanded: list[bool]) -> None:
         if prog == "xargs":
             walk.raise_to("read", "xargs runs its command with input as arguments")
             # Its input becomes arguments: paths unknown.
-            if "*" not in walk.paths:
-                walk.paths.append("*")
+            walk.any_path()
         _argv(walk, rest, expanded[n:])
         return
     if prog == "su":
-        if any(a in ("-s", "--shell", "-p", "-m", "--preserve-environment") or
-               a.startswith("--shell=") for a in args):
+        opts, _k = _getopt(args, "cgGsw", "", ("--command", "--session-command", "--group",
+                                               "--supp-group", "--shell",
+                                               "--whitelist-environment"), (),
+                           permute=True)
+        given = [o for o, _ in opts]
+        if _given(given, ("-s", "--shell"), ("-p", "--preserve-environment"), ("-m", ""),
+                  ("-w", "--whitelist-environment"), ("-P", "--pty")):
             raise _Unknown("su with a shell or the caller's environment is not analysed")
-        body = _option_value(args, ("-c", "--command"))
-        if body is None:
+        bodies = [v for o, v in opts if _given([o], ("-c", "--command"),
+                                                ("", "--session-command"))]
+        if not bodies or bodies[-1] is None:
             raise _Unknown("su without -c runs an interactive shell")
         walk.raise_to("admin", "runs as another user (su)")
-        _nested(walk, body, "su -c")
+        _nested(walk, bodies[-1], "su -c")
         return
     if prog in SHELLS:
         options = []
@@ -482,7 +775,7 @@ def _argv(walk: _Walk, argv: list[str], expanded: list[bool]) -> None:
     if prog in INTERPRETERS:
         raise _Unknown(f"{prog} runs code keyturn cannot see into")
     if prog in ASSIGNING:
-        _assigning(prog, args)
+        _assigning(walk, prog, args)
         return
     if prog == "printf":
         for i, a in enumerate(args):
@@ -514,31 +807,48 @@ def _argv(walk: _Walk, argv: list[str], expanded: list[bool]) -> None:
                 and not target.startswith("~/"):
             walk.cwd = None
         else:
-            walk.cwd = _resolve(target, walk.cwd) if walk.cwd is not None else None
+            cwd = _resolve(target, walk.cwd) if walk.cwd is not None else None
+            walk.cwd = None if cwd == "*" else cwd
         return
     if prog == "find":
         _find(walk, args, args_expanded)
         return
+    if prog == "tar" and args and not args[0].startswith("-"):
+        # Old-style options: the first word is a bundle of option letters whose values
+        # are the next words (`tar tIf PROG ARCHIVE` is `tar -t -I PROG -f ARCHIVE`).
+        args = ["-" + args[0], *args[1:]]
+    valued = VALUED_SHORT.get(prog, "")
     for opt in EXEC_OPTIONS.get(prog, ()):
-        if any(a == opt or (opt.startswith("--") and _long(a, opt))
-               or (not opt.startswith("--") and len(opt) == 2 and a.startswith(opt)
-                   and not a.startswith("--"))
-               for a in args):
+        if any(a == opt or _long(a, opt)
+               or (len(opt) == 2 and opt[1] in _bundle(a, valued)) for a in args):
             raise _Unknown(f"{prog} {opt} may run a command of the caller's choosing")
     cls, why = _program_class(prog, args)
     walk.raise_to(cls, why)
-    if prog == "sed":
-        operands = [a for a in args if not a.startswith("-")]
-        if not any(a in ("-e", "--expression") or a.startswith("--expression=")
-                   for a in args):
-            operands = operands[1:]  # the script
-        args = [a for a in args if a.startswith("-")] + operands
-    for a, e in zip(args, args_expanded, strict=False):
-        if a == "{}":
-            continue  # find -exec's placeholder: find's own paths stand for it
+    if cls == "read" and walk.terminal and not walk.piped and prog in PAGING and not any(
+            _long(a, "--no-pager") or _long(a, "--nopager") for a in args) and (
+            prog != "dmesg" or any("H" in _bundle(a, valued) or _long(a, "--human")
+                                   for a in args)):
+        raise _Unknown(f"with a terminal, {prog} shows its output in a pager (less), "
+                       "which runs shell commands typed in it (add --no-pager, or pipe "
+                       "its output)")
+    script = _sed(args)[1] if prog == "sed" else None
+    for i, (a, e) in enumerate(zip(args, args_expanded, strict=False)):
+        if a == "{}" or i == script:
+            continue  # find -exec's placeholder (find's own paths stand for it); sed's script
         if e:
-            if "*" not in walk.paths:
-                walk.paths.append("*")  # a variable may name any file
+            walk.any_path()  # a variable may name any file
+        elif a.startswith("--"):
+            # --name=VALUE: the value may be a file (--from-file=F, --target-directory=D).
+            value = a.partition("=")[2]
+            if value:
+                walk.path(value)
+        elif a.startswith("-") and len(a) > 2 and not a[1:].isdigit():
+            # An attached short-option value (-f/etc/x, -tDIR) may be a file: every tail of
+            # the bundle after its option letters.
+            for j in range(2, len(a)):
+                if not a[1:j].isalnum():
+                    break
+                walk.path(a[j:])
         elif a and not a.startswith("-"):
             # Any operand may be a file name (relative to the tracked directory).
             walk.path(a)
@@ -576,29 +886,76 @@ def _program_class(prog: str, args: list[str]) -> tuple[str, str]:
                            "or an external command may run anything)")
         if prog == "ip" or prog in ("apt", "dpkg", "crontab"):
             return "admin", f"{prog} changes the system"
+        if sub is None and prog in ("systemctl", "loginctl", "timedatectl", "hostnamectl"):
+            return "read", f"{prog} without a command shows the status"
+        if sub is not None:
+            # Only the subcommands listed read; any other (or a word taken for one) may
+            # change something.
+            return "admin", f"{prog} {sub} changes the system"
     if prog == "sed":
-        _sed(args)
-        if any(a == "-i" or a.startswith(("-i", "--in-place")) or
-               (a.startswith("-") and not a.startswith("--") and "i" in a[1:])
-               for a in args):
+        if _given(_sed(args)[0], ("-i", "--in-place")):
             return "write", "sed -i edits files in place"
         return "read", "sed without -i only prints"
     if prog == "sort" and any(_long(a, "--output") or _long(a, "--compress-program") or
-                              (a.startswith("-") and not a.startswith("--") and "o" in a)
-                              for a in args):
+                              "o" in _bundle(a, VALUED_SHORT["sort"]) for a in args):
         return "write", "sort -o writes a file"
     if prog == "uniq" and len([a for a in args if not a.startswith("-")]) >= 2:
         return "write", "uniq INPUT OUTPUT writes a file"
-    if prog == "xxd" and any(a.startswith("-") and "r" in a for a in args):
-        return "write", "xxd -r writes a file"
-    if prog == "dmesg" and any(a in ("-C", "-c", "-D", "-E", "-n") or _long(a, "--clear") or
+    if prog == "xxd":
+        xxd_operands, i = [], 0
+        while i < len(args):
+            a = args[i]
+            if a.startswith("-") and len(a) > 1:
+                if a[1] in "cglnosR" and (len(a) == 2 or a[2:].isalpha()):
+                    i += 1  # its value is the next word
+                elif "r" in a[1:2]:
+                    return "write", "xxd -r writes a file"
+            else:
+                xxd_operands.append(a)
+            i += 1
+        if len(xxd_operands) >= 2:
+            return "write", "xxd INPUT OUTPUT writes OUTPUT"
+    if prog == "yq" and any(_long(a, "--in-place") or _long(a, "--inplace") or
+                            _long(a, "--split-exp") or set(_bundle(a)) & set("is")
+                            for a in args):
+        return "write", "yq -i edits files in place (yq -s writes files)"
+    if prog in ("top", "htop", "atop"):
+        if prog == "top" and any("b" in _bundle(a, "dnoOpsuUw") for a in args):
+            return "read", "top -b only prints"
+        return "admin", f"{prog} takes commands that kill and renice processes"
+    if prog == "ss":
+        if any("K" in _bundle(a, "fADFN") or _long(a, "--kill") for a in args):
+            return "admin", "ss -K closes sockets"
+        if any("D" in _bundle(a, "fADFN") or _long(a, "--diag") for a in args):
+            return "write", "ss -D writes a file"
+    if prog == "sar" and any("o" in _bundle(a) for a in args):
+        return "write", "sar -o writes a file"
+    if prog == "ifconfig" and len([a for a in args if not a.startswith("-")]) >= 2:
+        return "admin", "ifconfig INTERFACE ... changes network settings"
+    if prog == "lastlog" and any(set(_bundle(a, "btu")) & set("CS") or _long(a, "--clear")
+                                 or _long(a, "--set") for a in args):
+        return "admin", "lastlog -C/-S changes the login records"
+    if prog == "file" and any("C" in _bundle(a, "efFmP") or _long(a, "--compile")
+                              for a in args):
+        return "write", "file -C writes a magic file"
+    if prog == "ldd":
+        raise _Unknown("ldd may run the program it is given")
+    if prog == "dmesg" and any(set(_bundle(a, "Fflns")) & set("CcDEn") or
+                               _long(a, "--clear") or
                                _long(a, "--read-clear") or _long(a, "--console-off") or
                                _long(a, "--console-on") or _long(a, "--console-level")
                                for a in args):
         return "admin", "dmesg clears the ring buffer or changes the console"
-    if prog == "date" and any(not a.startswith(("-", "+")) for a in args):
-        return "admin", "date MMDDhhmm sets the clock"
-    if prog == "hostname" and any(a.startswith(("-F", "-b")) or _long(a, "--file") or
+    if prog == "date":
+        operands: list[str] = []
+        opts, _k = _getopt(args, "dfrs", "I", ("--date", "--file", "--reference", "--set",
+                                               "--rfc-3339"), ("--iso-8601",),
+                           operands=operands)
+        if _given([o for o, _ in opts], ("-s", "--set")):
+            return "admin", "date --set changes the clock"
+        if any(not a.startswith("+") for a in operands):
+            return "admin", "date MMDDhhmm sets the clock"
+    if prog == "hostname" and any(set(_bundle(a, "F")) & set("Fb") or _long(a, "--file") or
                                   _long(a, "--boot") for a in args):
         return "admin", "hostname -F renames the host"
     if prog == "rsync":
@@ -608,14 +965,9 @@ def _program_class(prog: str, args: list[str]) -> tuple[str, str]:
         if any(a.startswith("-") and not a.startswith("--") and "e" in a for a in args):
             raise _Unknown("rsync -e runs a command of the caller's choosing")
     if prog == "tar":
-        first = args[0] if args else ""
-        if any(a in ("-t", "--list") for a in args) or (
-                not first.startswith("--") and "t" in first.lstrip("-")
-                and first.lstrip("-").isalpha()):
+        if any("t" in _bundle(a, VALUED_SHORT["tar"]) or _long(a, "--list") for a in args):
             return "read", "tar -t only lists"
         return "write", "tar creates or extracts files"
-    if prog == "date" and any(a in ("-s", "--set") or a.startswith("--set=") for a in args):
-        return "admin", "date --set changes the clock"
     if prog == "hostname" and any(not a.startswith("-") for a in args):
         return "admin", "hostname NAME renames the host"
     if prog == "kill" and args and all(a in ("-l", "-L", "-0") or a.isdigit() and
@@ -645,28 +997,20 @@ _SED_CMD = re.compile(rf"\s*(?:{_SED_ADDR})?\s*(?:{_SED_SUBST}|[pdqQ=lnNgGhHxDP]
                       r"y/(?:[^/\\]|\\.)*/(?:[^/\\]|\\.)*/|\{|\})?\s*")
 
 
-def _sed(args: list[str]) -> None:
+def _sed(args: list[str]) -> tuple[list[str], int | None]:
     """sed scripts may run commands (``e``, ``s///e``) or write files (``w``): only
-    scripts of plain commands are analysed (anything else is unknown)."""
-    scripts: list[str] = []
-    i, positional = 0, True
-    while i < len(args):
-        a = args[i]
-        if a in ("-e", "--expression"):
-            scripts.append(args[i + 1] if i + 1 < len(args) else "")
-            positional = False
-            i += 2
-            continue
-        if a.startswith("--expression="):
-            scripts.append(a.split("=", 1)[1])
-            positional = False
-        elif _long(a, "--file") or (a.startswith("-") and not a.startswith("--")
-                                     and "f" in a):
-            raise _Unknown("sed -f runs a script file keyturn cannot see")
-        elif not a.startswith("-") and positional:
-            scripts.append(a)
-            positional = False
-        i += 1
+    scripts of plain commands are analysed (anything else is unknown). Returns the options
+    given and the index of the script operand (None with -e)."""
+    opts, first = _getopt(args, "efl", "i", ("--expression", "--file", "--line-length"),
+                          ("--in-place",), permute=True)
+    given = [o for o, _ in opts]
+    if _given(given, ("-f", "--file")):
+        raise _Unknown("sed -f runs a script file keyturn cannot see")
+    scripts = [v or "" for o, v in opts if _given([o], ("-e", "--expression"))]
+    script_at: int | None = None
+    if not scripts and first < len(args):
+        script_at = first
+        scripts = [args[first]]
     for script in scripts:
         for part in re.split(r"[;\n]", script) if "s" not in script else [script]:
             pos = 0
@@ -678,9 +1022,10 @@ def _sed(args: list[str]) -> None:
                 pos = m.end()
                 if pos < len(part) and part[pos] == ";":
                     pos += 1
+    return given, script_at
 
 
-def _assigning(prog: str, args: list[str]) -> None:
+def _assigning(walk: _Walk, prog: str, args: list[str]) -> None:
     if prog in ("declare", "typeset", "export", "local", "readonly") and any(
             a.startswith("-") and a not in ("-r", "-x", "-i", "-a", "-A", "-l", "-u")
             for a in args):
@@ -691,16 +1036,96 @@ def _assigning(prog: str, args: list[str]) -> None:
         name = a.split("=", 1)[0]
         if _NAME.match(name):
             _check_name(name)
+            walk.vars[name] = None  # read x, export x=...: not followed
 
 
 def _long(arg: str, option: str) -> bool:
-    """Whether ``arg`` is the long option ``option`` as GNU programs read it: in full, or
-    any unambiguous-looking prefix of it of three letters or more, with or without a
-    ``=value``."""
-    if not arg.startswith("--"):
+    """Whether ``arg`` is the long option ``option`` as GNU getopt_long reads it: in full
+    or any prefix of it (``--in`` is ``--in-place``, ``--o=F`` is ``--output=F``), with or
+    without a ``=value``. An abbreviation that fits several options counts as each of them
+    (the riskiest reading; the program itself refuses an ambiguous one)."""
+    if not arg.startswith("--") or not option.startswith("--"):
         return False
     name = arg.split("=", 1)[0]
-    return len(name) >= 5 and option.startswith(name)
+    return len(name) >= 3 and option.startswith(name)
+
+
+def _given(opts: Iterable[str], *pairs: tuple[str, str]) -> bool:
+    """Whether any of ``opts`` (as _getopt gives them) is one of the (short, long) pairs."""
+    return any(o == short or (long and _long(o, long))
+               for o in opts for short, long in pairs if o)
+
+
+def _getopt(args: list[str], short: str, short_optional: str, long: Iterable[str],
+            long_optional: Iterable[str], *, numbers: bool = False, permute: bool = False,
+            operands: list[str] | None = None) -> tuple[list[tuple[str, str | None]], int]:
+    """A program's options as getopt_long reads them: (option, value) pairs and the index of
+    the first operand. A bundle of short options is read letter by letter; the first letter
+    that takes a value takes the rest of the bundle, or the next word. A long option is any
+    prefix of its name; a prefix of one that takes a value takes one (``--arg FILE``).
+    Reading stops at ``--`` or the first operand (``permute``, or ``operands`` to collect
+    them: operands are skipped, as getopt does without a leading ``+``)."""
+    permute = permute or operands is not None
+    opts: list[tuple[str, str | None]] = []
+    long, long_optional = tuple(long), tuple(long_optional)
+    first: int | None = None
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            if operands is not None:
+                operands.extend(args[i + 1:])
+            return opts, (i + 1 if first is None else first)
+        if not a.startswith("-") or a == "-":
+            if not permute:
+                return opts, i
+            first = i if first is None else first
+            if operands is not None:
+                operands.append(a)
+            i += 1
+            continue
+        if a.startswith("--"):
+            name, eq, value = a.partition("=")
+            if eq:
+                opts.append((name, value))
+            elif any(_long(name, o) for o in long):
+                opts.append((name, args[i + 1] if i + 1 < len(args) else None))
+                i += 1
+            else:
+                opts.append((name, None))
+            i += 1
+            continue
+        if numbers and a[1:].isdigit():
+            opts.append((a, None))
+            i += 1
+            continue
+        for j in range(1, len(a)):
+            letter = "-" + a[j]
+            if a[j] in short:
+                if j + 1 < len(a):
+                    opts.append((letter, a[j + 1:]))
+                else:
+                    opts.append((letter, args[i + 1] if i + 1 < len(args) else None))
+                    i += 1
+                break
+            if a[j] in short_optional:
+                opts.append((letter, a[j + 1:] or None))
+                break
+            opts.append((letter, None))
+        i += 1
+    return opts, (len(args) if first is None else first)
+
+
+def _bundle(arg: str, valued: str = "") -> str:
+    """The option letters of a short-option bundle (``-tIf`` -> ``tIf``), up to and with
+    the first that takes a value (the rest is its value); empty for anything else. With
+    ``valued`` unknown every character counts (the riskiest reading)."""
+    if not arg.startswith("-") or arg.startswith("--") or len(arg) < 2:
+        return ""
+    for j in range(1, len(arg)):
+        if arg[j] in valued:
+            return arg[1:j + 1]
+    return arg[1:]
 
 
 def _find(walk: _Walk, args: list[str], expanded: list[bool]) -> None:
@@ -734,28 +1159,6 @@ def _find(walk: _Walk, args: list[str], expanded: list[bool]) -> None:
             elif _looks_like_path(a) or a == ".":
                 walk.path(a)
         i += 1
-
-
-def _after_options(args: list[str], valued: frozenset[str], prog: str) -> list[str]:
-    """The arguments after a wrapper's own options: the command it runs."""
-    i = 0
-    while i < len(args):
-        a = args[i]
-        if a == "--":
-            return args[i + 1:]
-        if not a.startswith("-") or a == "-":
-            if prog == "env" and a == "-":
-                i += 1
-                continue
-            return args[i:]
-        if a in valued:
-            i += 2
-            continue
-        if prog in ("nice",) and a[1:].isdigit():
-            i += 1
-            continue
-        i += 1
-    return []
 
 
 def _option_value(args: list[str], flags: Iterable[str]) -> str | None:
@@ -800,14 +1203,44 @@ def _resolve(word: str, cwd: str | None) -> str:
     if ".." in parts:
         return "*"
     if word.startswith("/"):
-        return "/" + posixpath.normpath(word).lstrip("/")
+        p = "/" + posixpath.normpath(word).lstrip("/")
+        return "*" if magic_link(p) else p
     if word == "~" or word.startswith("~/"):
         return posixpath.normpath(word)
-    if word.startswith("~") or cwd is None:
+    if word.startswith("~") or cwd is None or cwd == "*":
         return "*"
     if ".." in cwd.split("/"):
         return "*"
-    return posixpath.normpath(posixpath.join(cwd, word))
+    p = posixpath.normpath(posixpath.join(cwd, word))
+    return "*" if magic_link(p) else p
 
 
-__all__ = ["CLASSES", "ShellAction", "classify"]
+#: /proc and /dev links that lead anywhere: a process's root and working directory, its
+#: open files (and each thread's); ``*`` stands for any one name.
+_MAGIC = (("proc", "*", ("root", "cwd", "fd", "map_files")),
+          ("proc", "*", "task", "*", ("root", "cwd", "fd", "map_files")),
+          ("dev", "fd"))
+
+
+def magic_link(path: str) -> bool:
+    """Whether an absolute, normalised path goes through a /proc magic link
+    (``/proc/self/root/etc/passwd`` is /etc/passwd; ``/proc/<pid>/cwd``, ``/proc/*/fd/N``,
+    ``/proc/thread-self/...``, ``/dev/fd/N``): it may name any file. Components with glob
+    characters match what they could match."""
+    parts = path.split("/")[1:]
+    for shape in _MAGIC:
+        if len(parts) < len(shape):
+            continue
+        for part, want in zip(parts, shape, strict=False):
+            names = (want,) if isinstance(want, str) else want
+            if want == "*" or part in names:
+                continue
+            if set(part) & _GLOB and any(fnmatch.fnmatchcase(n, part) for n in names):
+                continue
+            break
+        else:
+            return True
+    return False
+
+
+__all__ = ["CLASSES", "ShellAction", "classify", "magic_link"]
