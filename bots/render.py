@@ -41,7 +41,7 @@ SESSION_ENDED = "the requester's session ended (the gateway holding it stopped);
 def full_text(ticket: dict[str, Any]) -> str:
     """Everything an approver must read before approving: the statement and, when the
     request carried them, its parameters (one per line, ``$1 = 'x'``)."""
-    text = (ticket.get("statement") or "").strip()
+    text = wording.reveal((ticket.get("statement") or "").strip())
     params = ticket.get("params")
     if params:
         text += "\n-- parameters:" + "".join(

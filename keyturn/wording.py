@@ -12,10 +12,24 @@ quoted part separately, and each surface marks them up its own way.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from keyturn import approvals as states
+
+_HIDDEN = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def reveal(text: str) -> str:
+    """A statement or command as approvers may see it: control characters other than
+    newline and tab, and Unicode format characters (bidirectional overrides and
+    isolates, zero-width characters: a page or a chat message could show the text in
+    another order than the one that runs) written as ``⟨U+202E⟩``."""
+    if text.isascii():
+        return _HIDDEN.sub(lambda m: f"⟨U+{ord(m.group()):04X}⟩", text)
+    return "".join(f"⟨U+{ord(c):04X}⟩" if (c not in "\n\t" and (
+        unicodedata.category(c) in ("Cc", "Cf"))) else c for c in text)
 
 
 class Decided(Protocol):

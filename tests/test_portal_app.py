@@ -160,6 +160,24 @@ def test_api_stays_token_authenticated_without_csrf(app: Flask, svc: Services) -
     assert r.status_code == 401 and r.json["error"] == "unauthorized"
 
 
+def test_reordering_and_invisible_characters_are_shown_to_approvers(svc: Services,
+                                                                    auth: Auth) -> None:
+    """A right-to-left override in a comment would make the page (or a chat message) show
+    the statement's end in another order than the one that runs: approvers see it named."""
+    from bots.render import full_text
+
+    sql = "DELETE FROM orders -- \u202e1 = diw ;\u202c\u200b WHERE id = 1"
+    tid = make_ticket(svc, statement=sql)
+    auth.login("bob")
+    html = auth.client.get(f"/tickets/{tid}").get_data(as_text=True)
+    assert "\u202e" not in html and "\u200b" not in html
+    assert "⟨U+202E⟩" in html and "⟨U+200B⟩" in html
+    queue = auth.client.get("/queue").get_data(as_text=True)
+    assert "\u202e" not in queue and "⟨U+202E⟩" in queue
+    shown = full_text(svc.approvals.get(tid).__dict__)
+    assert "\u202e" not in shown and "⟨U+202E⟩" in shown and "⟨U+202C⟩" in shown
+
+
 # ---------------------------------------------------------------- authorization matrix
 
 ROUTES = ["/queue", "/mine", "/history", "/audit", "/audit/chain", "/export", "/tokens",
