@@ -216,7 +216,14 @@ def test_a_write_still_running_when_its_client_dies_is_recorded(
     wait_port(kt.gateway_port)
     sql = "INSERT INTO wal_log SELECT -1 FROM pg_sleep(2)"
     client = kt.psql("alice", sql)
-    time.sleep(0.7)
+    with psycopg.connect(pg.dsn("shop", user="app", password=APP_PASSWORD),
+                         autocommit=True) as c:
+        end = time.monotonic() + 30
+        while not c.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE "
+                            "'%%wal_log SELECT -1 FROM pg_sleep(2)%%' AND state = 'active' "
+                            "AND pid <> pg_backend_pid()").fetchone()[0]:
+            assert time.monotonic() < end, "the INSERT never reached the target"
+            time.sleep(0.05)
     client.kill()  # kill -9 of psql while the INSERT runs on the target
     client.wait(10)
     deadline = time.monotonic() + 10
