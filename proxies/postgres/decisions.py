@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 #: Statements that change session settings (SET, RESET, set_config, PREPARE...).
 _SETTING_CLASSES = frozenset({StatementClass.SESSION, StatementClass.SAFETY})
+#: ... and DDL or riskier: objects the session made (temporary tables, which unqualified
+#: names in stored code find first) count as its state too.
+_DDL_RISK = StatementClass.DDL.risk
 
 
 _DEFAULT_SCHEMAS = frozenset(DEFAULT_SEARCH_PATH)
@@ -245,9 +248,9 @@ class Decisions(SessionState):
 
     def _note_search_path(self, statements: tuple[Statement, ...]) -> None:
         """Widen the schemas unqualified names may resolve in; forget memoised verdicts.
-        Note settings changes (``settings_seen``)."""
+        Note settings changes and DDL (``settings_seen``)."""
         for st in statements:
-            if st.cls in _SETTING_CLASSES:
+            if st.cls in _SETTING_CLASSES or st.cls.risk >= _DDL_RISK:
                 self.settings_seen = hashlib.sha256(
                     (self.settings_seen + "\0" + st.text).encode()).hexdigest()[:32]
             if st.search_path is None:

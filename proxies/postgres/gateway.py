@@ -516,7 +516,8 @@ class PostgresGateway:
         target cannot be read (the caller refuses then)."""
         return self.release_facts(conn, tables)[0]
 
-    def release_facts(self, conn: Connection, tables: list[str]) -> tuple[str, list[str]]:
+    def release_facts(self, conn: Connection, tables: list[str], *,
+                      exclusive: bool = False) -> tuple[str, list[str]]:
         """What an approved statement is checked against before it runs, on one short
         connection (runs in a thread; raises when the target cannot be read):
 
@@ -530,8 +531,13 @@ class PostgresGateway:
           tables come and go all the time);
         - of ``tables`` (schema.name), those another transaction holds a lock on that a
           write would wait behind and that schema changes take (CREATE TRIGGER, ALTER
-          TABLE, CREATE INDEX...): what that transaction changes becomes visible only when
-          it commits, after any check."""
+          TABLE, CREATE INDEX...), or any lock at all when the statement takes an
+          exclusive one (``exclusive``: TRUNCATE, REFRESH, ALTER, DROP, LOCK...): waiting
+          behind it, the statement would run only after that transaction commits, and
+          what it changed becomes visible only then, after any check;
+        - catalogs another transaction is changing right now (its old rows carry the
+          number of a transaction still running: a function replaced, a table altered,
+          not committed yet), named "catalog pg_proc" and so on."""
         rels = sorted({t for t in tables if t.count(".") == 1 and "*" not in t})
         temp = any(t.startswith("pg_temp") for t in tables)
         busy: list[str] = []
@@ -540,14 +546,19 @@ class PostgresGateway:
             row = c.execute(USER_CODE_SQL, {"temp": temp}).fetchone()
             digest = str(row[0]) if row else ""
             if rels:
+                modes = ["ShareLock", "ShareRowExclusiveLock", "ExclusiveLock",
+                         "AccessExclusiveLock"]
+                if exclusive:
+                    modes += ["AccessShareLock", "RowShareLock", "RowExclusiveLock",
+                              "ShareUpdateExclusiveLock"]
                 busy = sorted(str(r[0]) for r in c.execute(
                     "SELECT DISTINCT n.nspname || '.' || c.relname FROM pg_catalog.pg_locks l "
                     "JOIN pg_catalog.pg_class c ON c.oid = l.relation "
                     "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-                    "WHERE l.granted AND l.pid <> pg_catalog.pg_backend_pid() AND l.mode IN "
-                    "('ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', "
-                    "'AccessExclusiveLock') AND n.nspname || '.' || c.relname = ANY(%s)",
-                    (rels,)).fetchall())
+                    "WHERE l.granted AND l.pid <> pg_catalog.pg_backend_pid() AND "
+                    "l.mode = ANY(%s) AND n.nspname || '.' || c.relname = ANY(%s)",
+                    (modes, rels)).fetchall())
+            busy += [f"catalog {r[0]}" for r in c.execute(CATALOG_CHANGES_SQL).fetchall()]
         return digest, busy
 
     def explain_rows(self, conn: Connection, sql: str, params: list[Any] | None) -> int | None:
@@ -642,6 +653,36 @@ rows AS (
 )
 SELECT coalesce(md5(string_agg(x, ',' ORDER BY x)), '') FROM rows
 """
+
+
+#: Catalogs holding user code with a row another, still running, transaction updated or
+#: deleted (its old version, still visible, carries that transaction's number as xmax).
+#: Rows of temporary relations are left out: sessions create and drop them all the time.
+_CHANGED_ROWS = {
+    "pg_proc": "", "pg_operator": "", "pg_cast": "", "pg_aggregate": "",
+    "pg_event_trigger": "", "pg_namespace": " AND nspname NOT LIKE 'pg!_%temp!_%' ESCAPE '!'",
+    "pg_class": " AND oid NOT IN (SELECT oid FROM temp_rels)",
+    "pg_type": " AND typrelid NOT IN (SELECT oid FROM temp_rels)",
+    "pg_trigger": " AND tgrelid NOT IN (SELECT oid FROM temp_rels)",
+    "pg_rewrite": " AND ev_class NOT IN (SELECT oid FROM temp_rels)",
+    "pg_attrdef": " AND adrelid NOT IN (SELECT oid FROM temp_rels)",
+    "pg_constraint": " AND conrelid NOT IN (SELECT oid FROM temp_rels)",
+    "pg_policy": " AND polrelid NOT IN (SELECT oid FROM temp_rels)",
+    "pg_inherits": " AND inhrelid NOT IN (SELECT oid FROM temp_rels)",
+}
+CATALOG_CHANGES_SQL = (
+    "WITH snap AS (SELECT pg_catalog.pg_current_snapshot() AS s), "
+    # in progress: listed in the snapshot, or not finished before it (at or past its xmax)
+    "running AS (SELECT mod(x::text::bigint, 4294967296)::text AS x "
+    "FROM snap, pg_catalog.pg_snapshot_xip(s) AS x), "
+    "later AS (SELECT mod(pg_catalog.pg_snapshot_xmax(s)::text::bigint, 4294967296) AS x "
+    "FROM snap), "
+    "temp_rels AS (SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
+    "ON n.oid = c.relnamespace WHERE n.nspname LIKE 'pg!_%temp!_%' ESCAPE '!') " +
+    " UNION ALL ".join(
+        f"(SELECT '{cat}' FROM pg_catalog.{cat} WHERE (xmax::text IN (SELECT x FROM running)"
+        " OR (xmax::text <> '0' AND xmax::text::bigint >= (SELECT x FROM later)))"
+        f"{extra} LIMIT 1)" for cat, extra in _CHANGED_ROWS.items()))
 
 
 def _literal(value: Any) -> str:

@@ -231,9 +231,13 @@ class Holds(SessionState):
         # trigger created, a function replaced, then ALTER TABLE to make this statement
         # wait for its commit), which no catalog read can show yet.
         try:
-            code, busy = await asyncio.to_thread(self.gw.release_facts, self.conn,
-                                                 _tables_of(now))
-        except Exception:  # noqa: BLE001 - cannot tell: refuse
+            # Anything but plain DML may take an exclusive lock, which waits behind any.
+            code, busy = await asyncio.to_thread(
+                self.gw.release_facts, self.conn, _tables_of(now),
+                exclusive=any(not getattr(s, "is_dml", False) for s in analysis.statements))
+        except Exception as exc:  # noqa: BLE001 - cannot tell: refuse
+            log.warning("session %s: the approval re-check could not read %s: %s",
+                        self.session_id, self.conn.name, exc)
             code, busy = None, ["(the target could not be read to compare)"]
         if "code" in recorded and (code is None or recorded["code"] is None or
                                    code != recorded["code"]):
@@ -241,8 +245,8 @@ class Holds(SessionState):
                     "defaults, constraints or policies) changed, or could not be read to "
                     "compare")
         if busy:
-            return f"a schema change of {', '.join(busy[:5])} is in progress in another " \
-                   "transaction"
+            return f"another transaction is changing or holding {', '.join(busy[:5])} " \
+                   "(its changes would count only once it commits, after this check)"
         return None
 
     def _session_state(self) -> str:
