@@ -26,6 +26,7 @@ raise on any input (a hypothesis test feeds it arbitrary text).
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import posixpath
 import re
@@ -122,7 +123,7 @@ EXEC_OPTIONS: dict[str, tuple[str, ...]] = {
     "git": ("-c", "--exec-path", "--config-env", "-C"),
     "rsync": ("-e", "--rsh", "--rsync-path"),
     "tar": ("-I", "--use-compress-program", "--to-command", "--checkpoint-action",
-            "-F", "--info-script", "--new-volume-script", "--rsh-command"),
+            "-F", "--info-script", "--new-volume-script", "--rsh-command", "--rmt-command"),
     "sort": ("--compress-program",),
     "rg": ("--pre",),
     "ag": ("--pager",),
@@ -217,7 +218,15 @@ class _Walk:
     programs: list[str] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
-    cwd: str | None = "~"  # None: unknown after ``cd $X``
+    #: Every directory the shell may be in (``*``: anywhere, after ``cd $X``): a ``cd``
+    #: may fail, be skipped or run in a subshell, so a relative path is resolved
+    #: against each.
+    cwds: tuple[str, ...] = ("~",)
+    #: Where the last ``cd`` walked goes when it succeeds (for what follows ``&&``).
+    cd_to: tuple[str, ...] | None = None
+    #: Whether a variable may have the integer attribute (``declare -i``): a value
+    #: assigned to it is evaluated as arithmetic, which expands subscripts again.
+    integer: bool = False
     depth: int = 0
     #: Whether the command may have a terminal (its pagers then take commands).
     terminal: bool = True
@@ -237,10 +246,14 @@ class _Walk:
         if _RISK[cls] > _RISK[self.cls]:
             self.cls = cls
 
-    def path(self, word: str) -> None:
-        p = _resolve(word, self.cwd)
-        if p not in self.paths:
-            self.paths.append(p)
+    def path(self, word: str, under: bool = False) -> None:
+        """Record ``word`` as a path (against every directory the shell may be in); with
+        ``under``, everything below it too (``DIR/*``: a recursive program reaches it)."""
+        for cwd in self.cwds:
+            p = _resolve(word, cwd)
+            for q in (p, _below(p)) if under else (p,):
+                if q not in self.paths:
+                    self.paths.append(q)
 
     def any_path(self) -> None:
         if "*" not in self.paths:
@@ -261,6 +274,8 @@ def classify(text: str, *, terminal: bool = True) -> ShellAction:
     ``terminal``: whether it runs with a terminal (the gateway knows; unknown counts as
     yes), where programs that page their output take commands."""
     walk = _Walk(terminal=terminal)
+    # `declare -i` (anywhere, in any spelling) makes assignments arithmetic.
+    walk.integer = bool(re.search(r"declare|typeset|local", re.sub(r"[\\'\"]", "", text)))
     if not text.strip():
         # An exec request with no command: SSH servers start the login shell for it.
         return ShellAction(text, "unknown", ("an empty command starts a shell on the host",),
@@ -319,11 +334,94 @@ def _parse_into(walk: _Walk, text: str) -> None:
         walk.src = saved
 
 
+def _union(*sets: Iterable[str]) -> tuple[str, ...]:
+    out: list[str] = []
+    for s in sets:
+        out += [c for c in s if c not in out]
+    return tuple(out)
+
+
+def _below(path: str) -> str:
+    """The pattern for everything below ``path`` (``*`` matches ``/`` in rules too)."""
+    if path == "*":
+        return "*"
+    return path.rstrip("/") + "/*"
+
+
+def _and_or(walk: _Walk, elements: list[Any], ops: list[str]) -> None:
+    """An and-or list (``a && b || c``): where each element starts and where the shell
+    is after it. A ``cd`` that fails leaves the directory as it was; a ``&&`` after it
+    runs only where it succeeded, a ``||`` only where it failed (or what came before)."""
+    before = walk.cwds
+    ok: tuple[str, ...] = before
+    bad: tuple[str, ...] = ()
+    for i, el in enumerate(elements):
+        op = ops[i - 1] if i and i - 1 < len(ops) else None
+        start = before if op is None else ok if op == "&&" else bad
+        walk.cwds = start or before
+        walk.cd_to = None
+        _node(walk, el)
+        after, cd_to = walk.cwds, walk.cd_to
+        walk.cd_to = None
+        succeeded, failed = (cd_to, start) if (
+            cd_to is not None and el.kind == "command") else (after, after)
+        if op is None:
+            ok, bad = succeeded, failed
+        elif op == "&&":
+            ok, bad = succeeded, _union(bad, failed)
+        else:
+            ok, bad = _union(ok, succeeded), failed
+    walk.cwds = _union(ok, bad) or before
+
+
+def _loop_state(walk: _Walk, node: Any) -> None:
+    """A loop body runs any number of times: walked once on a copy first, a directory or
+    variable it changes is unknown where the real walk starts (the second time round)."""
+    trial = copy.deepcopy(walk)
+    trial.reasons, trial.paths, trial.commands, trial.programs = [], [], [], []
+    for part in node.parts:
+        if part.kind not in ("word", "reservedword"):
+            _node(trial, part)
+    if trial.cwds != walk.cwds:
+        walk.cwds = _union(walk.cwds, trial.cwds, ("*",))
+    for name, value in trial.vars.items():
+        if walk.vars.get(name, "\0") != value:
+            walk.vars[name] = None
+    walk.integer = walk.integer or trial.integer
+
+
 def _node(walk: _Walk, node: Any) -> None:
     kind = node.kind
     if kind == "command":
         _command(walk, node)
-    elif kind in ("list", "pipeline", "compound"):
+    elif kind == "list":
+        parts = list(node.parts)
+        redirects = list(getattr(node, "redirects", ()) or ())
+        # An assignment after && || & may not happen for what follows.
+        maybe = any(p.kind == "operator" and p.op in ("&&", "||", "&") for p in parts)
+        walk.maybe += maybe
+        try:
+            elements: list[Any] = []
+            ops: list[str] = []
+            for part in [*parts, None]:
+                if part is not None and part.kind == "operator" and part.op in ("&&", "||"):
+                    ops.append(part.op)
+                    continue
+                if part is not None and part.kind != "operator":
+                    elements.append(part)
+                    continue
+                if elements:
+                    background = part is not None and part.op == "&"
+                    before = walk.cwds
+                    _and_or(walk, elements, ops)
+                    if background:
+                        walk.cwds = before  # a background job is a subshell
+                elements, ops = [], []
+        finally:
+            walk.maybe -= maybe
+        for r in redirects:
+            _redirect(walk, r)
+    elif kind in ("pipeline", "compound"):
         parts = list(getattr(node, "parts", None) or getattr(node, "list", None) or ())
         redirects = list(getattr(node, "redirects", ()) or ())
         # An assignment in a pipeline (a subshell), a compound, or after && || & may not
@@ -333,12 +431,20 @@ def _node(walk: _Walk, node: Any) -> None:
         out = _stdout_redirected(redirects)
         last = [p for p in parts if p.kind not in ("pipe", "operator")][-1:] \
             if kind == "pipeline" else parts
+        # Each command of a pipeline runs in a subshell (the last one too, unless
+        # lastpipe is on), and so does ( ... ): a cd there does not move the shell.
+        subshell = kind == "pipeline" or bool(parts) and parts[0].kind == "reservedword" \
+            and parts[0].word == "("
+        before = walk.cwds
+        saved_vars = dict(walk.vars)
         walk.maybe += maybe
         walk.piped += out
         try:
             for part in parts:
                 piped = kind == "pipeline" and part.kind != "pipe" and part not in last
                 walk.piped += piped
+                if kind == "pipeline":
+                    walk.cwds = before
                 try:
                     _node(walk, part)
                 finally:
@@ -346,6 +452,12 @@ def _node(walk: _Walk, node: Any) -> None:
         finally:
             walk.maybe -= maybe
             walk.piped -= out
+        if subshell:
+            walk.cwds = _union(before, walk.cwds) if kind == "pipeline" else before
+            for name in set(walk.vars) | set(saved_vars):
+                if walk.vars.get(name) != saved_vars.get(name):
+                    walk.vars[name] = None  # set or not: not followed
+        walk.cd_to = None
         for r in redirects:
             _redirect(walk, r)
     elif kind in ("if", "for", "while", "until"):
@@ -356,11 +468,18 @@ def _node(walk: _Walk, node: Any) -> None:
                 walk.vars[names[0].word] = None
         walk.maybe += 1
         try:
+            if kind != "if":
+                _loop_state(walk, node)
+            before = walk.cwds
             for part in node.parts:
                 if part.kind == "word":
                     _word_expansions(walk, part)
                 elif part.kind != "reservedword":
+                    # Each branch may start where any earlier part left the shell.
+                    walk.cwds = _union(before, walk.cwds)
                     _node(walk, part)
+            walk.cwds = _union(before, walk.cwds)
+            walk.cd_to = None
         finally:
             walk.maybe -= 1
     elif kind == "function":
@@ -431,7 +550,7 @@ def _command(walk: _Walk, node: Any) -> None:
             argv.append(w.word)
             expanded.append(False)
             continue
-        m = re.fullmatch(r'(")?\$([A-Za-z_][A-Za-z0-9_]*)(?(1)")', raw)
+        m = re.fullmatch(r'(")?\$([A-Za-z_][A-Za-z0-9_]*|[0-9])(?(1)")', raw)
         value = walk.vars.get(m.group(2)) if m else None
         if m and value is not None:
             # A variable set on the line to a literal: its value, split when unquoted.
@@ -455,11 +574,10 @@ def _command(walk: _Walk, node: Any) -> None:
             if at < dashdash:
                 raise _Unknown(f"{raw} may expand to an option or to several words (its "
                                "value is not known from the command line)")
-    if argv[0] == "printf":
-        for j, a in enumerate(argv):
-            if a.startswith("-v"):
-                name = a[2:] or (argv[j + 1] if j + 1 < len(argv) else "")
-                walk.vars[name] = None
+    for part in assignments:
+        # `o=-o eval ...`, `o=-o bash -c ...`: the command (and code it runs) sees the
+        # new value; the words above were expanded with the old one. Not followed.
+        walk.vars[part.word.split("=", 1)[0].rstrip("+")] = None
     walk.piped += _stdout_redirected([p for p in node.parts if p.kind == "redirect"])
     try:
         _argv(walk, argv, expanded)
@@ -513,8 +631,10 @@ def _may_be_option(raw: str, known: dict[str, str | None]) -> bool:
                 continue
             name = m.group(0)
             i += 1 + len(name)
-            if name in "#?$!-0":
-                lead = True  # digits, or the shell's flags (no dash)
+            if name in "#?$!-":
+                # Digits, or the shell's flags (no dash). Not $0: in `sh -c BODY ARG0` it
+                # is ARG0, chosen by the line (known only when given literally).
+                lead = True
                 continue
             value = known.get(name)
             if value is None:
@@ -615,6 +735,26 @@ def _assignment(walk: _Walk, part: Any) -> None:
         if sub.kind in ("commandsubstitution", "processsubstitution"):
             raise _Unknown("command substitution: its output becomes part of the command")
     _check_name(name)
+    raw = walk.src[part.pos[0]:part.pos[1]] if walk.src else part.word
+    _integer_value(walk, part.word.partition("=")[2] + raw.partition("=")[2])
+
+
+def _integer_value(walk: _Walk, value: str) -> None:
+    """A value assigned where ``declare -i`` may have made the variable an integer is
+    evaluated as arithmetic: a name in it is a variable whose value is evaluated in turn,
+    and a subscript there is expanded again (``b[\\$\\(cmd\\)]`` runs cmd)."""
+    if walk.integer and re.search(r"[][$`\\A-Za-z_(]", value):
+        raise _Unknown("a value assigned where declare -i may make it arithmetic (array "
+                       "subscripts in it are expanded again and may run commands)")
+
+
+def _subscript(name: str, how: str) -> None:
+    """Bash evaluates the subscript of a name given to a builtin as arithmetic (``printf
+    -v 'a[x]'``, ``read 'a[x]'``, ``declare 'a[x]=1'``, ``test -v 'a[x]'``): x's value
+    is expanded again there, and may run a command."""
+    if "[" in name:
+        raise _Unknown(f"{how} with an array subscript ({name}): bash evaluates it as "
+                       "arithmetic, which may run commands")
 
 
 def _check_name(name: str) -> None:
@@ -708,7 +848,7 @@ def _argv(walk: _Walk, argv: list[str], expanded: list[bool]) -> None:
                 if len(rest) < 3 or args_expanded[k + 2]:
                     raise _Unknown("flock -c with a body keyturn cannot see")
                 walk.path(rest[0])
-                _nested(walk, rest[2], "flock -c")
+                _nested(walk, rest[2], "flock -c", params={})
                 return
             if rest:
                 walk.path(rest[0])  # the lock file or descriptor
@@ -733,11 +873,36 @@ def _argv(walk: _Walk, argv: list[str], expanded: list[bool]) -> None:
                 walk.raise_to("read", "xargs echo")
             return
         n = len(argv) - len(rest)
+        rest_expanded = list(expanded[n:])
         if prog == "xargs":
             walk.raise_to("read", "xargs runs its command with input as arguments")
             # Its input becomes arguments: paths unknown.
             walk.any_path()
-        _argv(walk, rest, expanded[n:])
+            replace = _xargs_replace(opts)
+            if replace is None:
+                # Input words are appended: any of them may be an option.
+                base = _program(walk, rest[0])
+                if base not in HARMLESS_OPTIONS and "--" not in rest[1:] and \
+                        base not in SHELLS:
+                    raise _Unknown(f"xargs appends its input to {base}'s arguments: a "
+                                   "word of it may be an option")
+            else:
+                # -I R / -i / --replace: R inside any argument (not the program name)
+                # becomes an input line, inside an sh -c body too.
+                for j in range(1, len(rest)):
+                    if replace in rest[j]:
+                        rest_expanded[j] = True
+                dashdash = rest.index("--", 1) if "--" in rest[1:] else len(rest)
+                if any(rest_expanded[1:dashdash]) and \
+                        _program(walk, rest[0]) not in HARMLESS_OPTIONS:
+                    raise _Unknown(f"xargs puts its input where {replace} is: an input "
+                                   "line may be an option or shell code")
+        # What a wrapper runs is a program of its own: a cd there moves no shell.
+        before = walk.cwds
+        try:
+            _argv(walk, rest, rest_expanded)
+        finally:
+            walk.cwds, walk.cd_to = before, None
         return
     if prog == "su":
         opts, _k = _getopt(args, "cgGsw", "", ("--command", "--session-command", "--group",
@@ -753,24 +918,13 @@ def _argv(walk: _Walk, argv: list[str], expanded: list[bool]) -> None:
         if not bodies or bodies[-1] is None:
             raise _Unknown("su without -c runs an interactive shell")
         walk.raise_to("admin", "runs as another user (su)")
-        _nested(walk, bodies[-1], "su -c")
+        if _expanded_at(args, args_expanded, bodies[-1]):
+            raise _Unknown("su -c with a body built from variables or input")
+        _nested(walk, bodies[-1], "su -c", params={})
         return
     if prog in SHELLS:
-        options = []
-        for a in args:
-            if not a.startswith("-"):
-                break
-            options.append(a)
-        if any(a in ("--rcfile", "--init-file", "--login") or
-               (not a.startswith("--") and ("i" in a or "l" in a)) for a in options):
-            raise _Unknown(f"{prog} as an interactive or login shell runs its start-up "
-                           "files")
-        body = _option_value(args, ("-c",))
-        if body is None or prog in ("busybox", "fish", "csh", "tcsh"):
-            raise _Unknown(f"{prog} runs a script or its input, which keyturn cannot see")
-        if _expanded_at(args, args_expanded, body):
-            raise _Unknown(f"{prog} -c with a body built from variables")
-        _nested(walk, body, f"{prog} -c")
+        body, params = _shell_body(prog, args, args_expanded)
+        _nested(walk, body, f"{prog} -c", params=params)
         return
     if prog in INTERPRETERS:
         raise _Unknown(f"{prog} runs code keyturn cannot see into")
@@ -778,14 +932,21 @@ def _argv(walk: _Walk, argv: list[str], expanded: list[bool]) -> None:
         _assigning(walk, prog, args)
         return
     if prog == "printf":
+        i = 0
+        while i < len(args) and args[i].startswith("-v"):
+            name = args[i][2:] or (args[i + 1] if i + 1 < len(args) else "")
+            i += 1 if args[i][2:] else 2
+            _set_by_builtin(walk, name, "printf -v")
+    if prog == "wait":
         for i, a in enumerate(args):
-            if a == "-v" and i + 1 < len(args):
-                _check_name(args[i + 1])
-            elif a.startswith("-v") and len(a) > 2:
-                _check_name(a[2:])
+            if a.startswith("-") and "p" in a[1:]:
+                _set_by_builtin(walk, args[i + 1] if i + 1 < len(args) else "", "wait -p")
+    if prog in ("test", "[") and "-v" in args:
+        for a in args:
+            _subscript(a, f"{prog} -v")
     if prog in UNSEEABLE_BUILTINS:
         if prog == "eval" and args and not any(args_expanded):
-            _nested(walk, " ".join(args), "eval")
+            _nested(walk, " ".join(args), "eval", params=None)
             return
         if prog == "exec" and not args:
             return  # redirections only
@@ -798,17 +959,23 @@ def _argv(walk: _Walk, argv: list[str], expanded: list[bool]) -> None:
             if i < len(args) and args[i] == "--":
                 i += 1
             if i < len(args):
+                before = walk.cwds
                 _argv(walk, args[i:], args_expanded[i:])
+                if prog == "exec":
+                    walk.cwds, walk.cd_to = before, None  # a program, not the builtin cd
             return
         raise _Unknown(f"the builtin {prog} changes how later commands run")
     if prog == "cd":
+        # cd may fail (no such directory, not one, no permission): the shell then stays
+        # where it was. Both are recorded; only what follows `&&` knows it succeeded.
         target = next((a for a in args if not a.startswith("-")), "~")
         if any(args_expanded) or "-" in args or target.startswith("~") and target != "~" \
                 and not target.startswith("~/"):
-            walk.cwd = None
+            to: tuple[str, ...] = ("*",)
         else:
-            cwd = _resolve(target, walk.cwd) if walk.cwd is not None else None
-            walk.cwd = None if cwd == "*" else cwd
+            to = _union(_resolve(target, c) for c in walk.cwds)
+        walk.cd_to = to
+        walk.cwds = _union(walk.cwds, to)
         return
     if prog == "find":
         _find(walk, args, args_expanded)
@@ -832,6 +999,9 @@ def _argv(walk: _Walk, argv: list[str], expanded: list[bool]) -> None:
                        "which runs shell commands typed in it (add --no-pager, or pipe "
                        "its output)")
     script = _sed(args)[1] if prog == "sed" else None
+    under = _recursive(prog, args)
+    if under and not _has_operand(prog, args):
+        walk.path(".", under=True)  # grep -r PATTERN, rg, du, ls -R: the working directory
     for i, (a, e) in enumerate(zip(args, args_expanded, strict=False)):
         if a == "{}" or i == script:
             continue  # find -exec's placeholder (find's own paths stand for it); sed's script
@@ -841,17 +1011,59 @@ def _argv(walk: _Walk, argv: list[str], expanded: list[bool]) -> None:
             # --name=VALUE: the value may be a file (--from-file=F, --target-directory=D).
             value = a.partition("=")[2]
             if value:
-                walk.path(value)
+                walk.path(value, under)
         elif a.startswith("-") and len(a) > 2 and not a[1:].isdigit():
             # An attached short-option value (-f/etc/x, -tDIR) may be a file: every tail of
             # the bundle after its option letters.
             for j in range(2, len(a)):
                 if not a[1:j].isalnum():
                     break
-                walk.path(a[j:])
+                walk.path(a[j:], under)
         elif a and not a.startswith("-"):
-            # Any operand may be a file name (relative to the tracked directory).
-            walk.path(a)
+            # Any operand may be a file name (relative to the tracked directory); below
+            # it too for a recursive program (grep -r X /etc reads /etc/passwd).
+            walk.path(a, under)
+
+
+#: Programs that always reach everything below a directory operand.
+ALWAYS_RECURSIVE = frozenset({"rg", "ag", "du", "tar", "mv", "rsync", "unzip", "zip",
+                              "scp"})
+#: Programs that do with an option: (option letters, long options, short options that
+#: take a value).
+RECURSIVE_WITH = {
+    "grep": ("rRd", ("--recursive", "--dereference-recursive", "--directories"),
+             "efmABCDd"),
+    "diff": ("r", ("--recursive",), "CDFILSUWxX"),
+    "ls": ("R", ("--recursive",), "ITw"),
+    "cp": ("rRa", ("--recursive", "--archive"), "St"),
+    "chmod": ("R", ("--recursive",), ""), "chown": ("R", ("--recursive",), ""),
+    "chgrp": ("R", ("--recursive",), ""), "chattr": ("R", (), "pv"),
+    "setfacl": ("R", ("--recursive",), "mMxX"), "rm": ("rR", ("--recursive",), ""),
+    "gzip": ("r", ("--recursive",), "S"), "gunzip": ("r", ("--recursive",), "S"),
+}
+for _g in ("egrep", "fgrep", "zgrep"):
+    RECURSIVE_WITH[_g] = RECURSIVE_WITH["grep"]
+
+
+def _recursive(prog: str, args: list[str]) -> bool:
+    """Whether ``prog`` reaches what is below its operands (the riskiest reading of
+    option bundles: ``-d``'s value is not looked at, any ``-d`` counts)."""
+    if prog in ALWAYS_RECURSIVE:
+        return True
+    letters, longs, valued = RECURSIVE_WITH.get(prog, ("", (), ""))
+    return any(set(_bundle(a, valued)) & set(letters) or any(_long(a, o) for o in longs)
+               for a in args if letters or longs)
+
+
+def _has_operand(prog: str, args: list[str]) -> bool:
+    """Whether a recursive program is given a path to start from (grep's first operand is
+    its pattern unless -e/-f gives one)."""
+    operands = [a for a in args if not a.startswith("-")]
+    if prog in ("grep", "egrep", "fgrep", "zgrep", "rg", "ag") and not any(
+            set(_bundle(a, "efmABCDd")) & set("ef") or _long(a, "--regexp") or
+            _long(a, "--file") for a in args):
+        operands = operands[1:]
+    return bool(operands)
 
 
 def _program_class(prog: str, args: list[str]) -> tuple[str, str]:
@@ -965,7 +1177,26 @@ def _program_class(prog: str, args: list[str]) -> tuple[str, str]:
         if any(a.startswith("-") and not a.startswith("--") and "e" in a for a in args):
             raise _Unknown("rsync -e runs a command of the caller's choosing")
     if prog == "tar":
-        if any("t" in _bundle(a, VALUED_SHORT["tar"]) or _long(a, "--list") for a in args):
+        valued = VALUED_SHORT["tar"]
+        for i, a in enumerate(args):
+            bundle = _bundle(a, valued)
+            if "M" in bundle or _long(a, "--multi-volume"):
+                raise _Unknown("tar -M prompts for volumes, and its prompt runs a shell")
+            value = None
+            if bundle.endswith("f"):
+                value = a[len(bundle) + 1:] or (args[i + 1] if i + 1 < len(args) else "")
+            elif _long(a, "--file"):
+                value = a.partition("=")[2] or (args[i + 1] if "=" not in a and
+                                                i + 1 < len(args) else "")
+            if value and ":" in value and not any(_long(b, "--force-local") for b in args):
+                raise _Unknown("tar -f HOST:FILE runs a remote shell (rsh) to reach it")
+        if any(_long(a, "--remove-files") for a in args):
+            return "destructive", "tar --remove-files removes what it archives"
+        if any("g" in _bundle(a, valued) or _long(a, "--listed-incremental") or
+               _long(a, "--index-file") or _long(a, "--volno-file") for a in args):
+            return "write", "tar -g/--index-file/--volno-file write a file (in list mode " \
+                            "too)"
+        if any("t" in _bundle(a, valued) or _long(a, "--list") for a in args):
             return "read", "tar -t only lists"
         return "write", "tar creates or extracts files"
     if prog == "hostname" and any(not a.startswith("-") for a in args):
@@ -1030,13 +1261,111 @@ def _assigning(walk: _Walk, prog: str, args: list[str]) -> None:
             a.startswith("-") and a not in ("-r", "-x", "-i", "-a", "-A", "-l", "-u")
             for a in args):
         raise _Unknown(f"{prog} with options keyturn does not analyse")
+    if prog != "read" and any(a.startswith(("-", "+")) and "i" in a for a in args):
+        walk.integer = True
     for a in args:
         if a.startswith("-"):
             continue
-        name = a.split("=", 1)[0]
+        name, eq, value = a.partition("=")
+        _subscript(name, prog)
+        if prog == "read" or eq:
+            # read x (a line of input), declare x=...: not followed from here on.
+            if prog == "read" and walk.integer:
+                raise _Unknown("read sets a variable declare -i may have made an integer "
+                               "(its input is evaluated as arithmetic)")
+            _integer_value(walk, value)
         if _NAME.match(name):
             _check_name(name)
-            walk.vars[name] = None  # read x, export x=...: not followed
+            walk.vars[name] = None
+
+
+def _set_by_builtin(walk: _Walk, name: str, how: str) -> None:
+    """A builtin sets the variable ``name`` (printf -v, read, wait -p...): its value is
+    not followed from here on."""
+    _subscript(name, how)
+    if walk.integer:
+        raise _Unknown(f"{how} sets a variable declare -i may have made an integer (its "
+                       "value is evaluated as arithmetic)")
+    if _NAME.match(name):
+        _check_name(name)
+    walk.vars[name] = None
+
+
+def _xargs_replace(opts: list[tuple[str, str | None]]) -> str | None:
+    """The replace string of xargs -I R / -i[R] / --replace[=R] (None without)."""
+    replace: str | None = None
+    for o, v in opts:
+        if o == "-I":
+            replace = v if v is not None else ""
+        elif o == "-i" or _long(o, "--replace"):
+            replace = v or "{}"
+    if replace == "":
+        raise _Unknown("xargs -I without a replace string")
+    return replace
+
+
+#: set -o options a nested shell may be given (the others change how it runs).
+SHELL_SET_OPTIONS = frozenset({"errexit", "nounset", "pipefail", "xtrace", "verbose",
+                               "noglob", "noclobber", "allexport", "posix", "errtrace",
+                               "functrace", "hashall", "braceexpand", "noexec", "notify"})
+
+
+def _shell_body(prog: str, args: list[str], expanded: list[bool]
+                ) -> tuple[str, dict[str, str | None]]:
+    """A POSIX shell's invocation read like the shell reads it: options end at the first
+    word that is not one (or ``-``/``--``); with ``-c`` that word is the body and the
+    words after it are $0, $1...; without, it is a script file (``bash /dev/stdin -c
+    ls`` runs stdin with ``-c ls`` as its arguments). Returns the body and the positional
+    parameters given literally."""
+    if prog not in ("sh", "bash", "dash", "ash"):
+        raise _Unknown(f"{prog} is not a shell whose syntax keyturn analyses")
+    command = False
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if expanded[i]:
+            raise _Unknown(f"{prog} with an option or operand from a variable or input")
+        if a in ("-", "--"):
+            i += 1
+            break
+        if a.startswith("--"):
+            if prog == "bash" and a in ("--norc", "--noprofile", "--posix", "--noediting",
+                                        "--restricted", "--verbose", "--version",
+                                        "--help"):
+                i += 1
+                continue
+            raise _Unknown(f"{prog} {a} (start-up files, a debugger or an option keyturn "
+                           "does not analyse)")
+        if a[:1] not in ("-", "+") or len(a) < 2:
+            break
+        for ch in a[1:]:
+            if ch == "c" and a[0] == "-":
+                command = True
+            elif ch in "oO":
+                i += 1
+                value = args[i] if i < len(args) else None
+                if ch == "O" or value not in SHELL_SET_OPTIONS or expanded[i]:
+                    raise _Unknown(f"{prog} {a[0]}{ch} {value} changes how it runs")
+            elif ch in "il":
+                raise _Unknown(f"{prog} as an interactive or login shell runs its "
+                               "start-up files")
+            elif ch not in "aBbCEefHhmnPpTtuvxr":
+                raise _Unknown(f"{prog} {a[0]}{ch} (reads its input, or an option keyturn "
+                               "does not analyse)")
+        i += 1
+    if not command:
+        raise _Unknown(f"{prog} runs a script or its input, which keyturn cannot see")
+    if i >= len(args):
+        raise _Unknown(f"{prog} -c without a body")
+    if expanded[i]:
+        raise _Unknown(f"{prog} -c with a body built from variables or input")
+    # $0, $1... are the words after the body; any not given here may still come from
+    # elsewhere (xargs appends its input), so only literal ones are known.
+    params: dict[str, str | None] = {}
+    for n in range(min(len(args) - i - 1, 10)):
+        if not expanded[i + 1 + n]:
+            params[str(n)] = args[i + 1 + n]
+    return args[i], params
 
 
 def _long(arg: str, option: str) -> bool:
@@ -1140,7 +1469,15 @@ def _find(walk: _Walk, args: list[str], expanded: list[bool]) -> None:
             inner = args[i + 1:j]
             if not inner:
                 raise _Unknown("find -exec without a command")
-            _argv(walk, inner, expanded[i + 1:j])
+            # find puts each file name where {} is, inside any argument (an sh -c
+            # body too): those arguments are anyone's to choose.
+            inner_expanded = [e or k > 0 and "{}" in a for k, (a, e) in enumerate(
+                zip(inner, expanded[i + 1:j], strict=False))]
+            before = walk.cwds
+            try:
+                _argv(walk, inner, inner_expanded)
+            finally:
+                walk.cwds, walk.cd_to = before, None
             if "*" not in walk.paths:
                 walk.paths.append("*")  # it runs on whatever find finds
             i = j + 1
@@ -1157,8 +1494,10 @@ def _find(walk: _Walk, args: list[str], expanded: list[bool]) -> None:
             if expanded[i]:
                 walk.paths.append("*") if "*" not in walk.paths else None
             elif _looks_like_path(a) or a == ".":
-                walk.path(a)
+                walk.path(a, under=True)  # everything below a starting point
         i += 1
+    if not args or args[0].startswith(("-", "(", "!")):
+        walk.path(".", under=True)  # no starting point: the working directory
 
 
 def _option_value(args: list[str], flags: Iterable[str]) -> str | None:
@@ -1178,15 +1517,24 @@ def _expanded_at(args: list[str], expanded: list[bool], value: str) -> bool:
     return any(e for a, e in zip(args, expanded, strict=False) if a == value)
 
 
-def _nested(walk: _Walk, body: str, how: str) -> None:
+def _nested(walk: _Walk, body: str, how: str,
+            params: dict[str, str | None] | None) -> None:
+    """Walk a body of shell code. ``params`` None: it runs in this shell (eval), whose
+    directory and variables it changes; otherwise in a shell of its own, which sees
+    none of the line's variables (only ``params``, its $0, $1... given literally) and
+    changes nothing here."""
     walk.raise_to("read", f"{how} body analysed")
     walk.depth += 1
-    saved = walk.cwd
+    saved_cwds, saved_vars = walk.cwds, walk.vars
+    if params is not None:
+        walk.vars = dict(params)
     try:
         _parse_into(walk, body)
     finally:
         walk.depth -= 1
-        walk.cwd = saved
+        walk.cd_to = None
+        if params is not None:
+            walk.cwds, walk.vars = saved_cwds, saved_vars
 
 
 def _looks_like_path(arg: str) -> bool:
