@@ -1,32 +1,18 @@
 """Families from the SSH gateway's attack run 3, end to end through the real ssh client,
-the gateway and a throwaway OpenSSH server (the classifier alone where noted). Each test
-asserts the safe behaviour and checks the host directly; they FAIL while the bypass
-exists. The held_* tests are things tried that the gateway already handled (they pass).
-
-Findings (fail):
-- test_e2e_cd_that_does_not_happen_escapes_path_rule: the tracked `cd` is assumed to
-  succeed and to persist (a failing `cd`, `(cd X)`, `cd X &`, `cd X | ...`).
-- test_e2e_arithmetic_evaluation_runs_escaped_substitution: bash evaluates array
-  subscripts of integer assignments / `printf -v 'a[x]'` / `read 'a[x]'` arithmetically,
-  and a variable's value there is expanded again: `\\$\\(cmd\\)` written escaped runs cmd.
-- test_e2e_variable_changed_unseen: a literal variable the classifier follows is changed
-  for a nested shell by a prefix assignment (`o=-o eval ...`, `o=-o bash -c ...`) or
-  through its array element 0 (`printf -v 'o[0]' ...`, `$o` is `${o[0]}`).
-- test_e2e_dollar_zero_of_sh_c_becomes_an_option: `$0` in an `sh -c` body is the first
-  argument after the body and is taken for a harmless non-option.
-- test_e2e_shell_script_operand_then_c: `bash FILE -c ls` runs FILE (here /dev/stdin);
-  the classifier takes the later `-c ls` for the body.
-- test_e2e_xargs_replace_string_in_shell_body: `xargs -i sh -c 'ls {}'` (or `-I ls sh -c
-  ls`) puts its input into the shell body.
-- test_classifier_find_exec_shell_body_with_placeholder: the same with find's `{}`
-  (file names become shell code).
-- test_e2e_tar_list_writes_a_file: `tar -t --index-file=F` / `--volno-file=F` write F.
-- test_e2e_recursive_read_of_a_parent_directory: `grep -r PATTERN /etc` reads
-  /etc/passwd past a path rule naming /etc/passwd.
-
-Held (pass): test_held_classifier_families, test_held_xargs_replace_does_not_touch_the_
-program, test_held_sftp_stays_at_version_3.
-"""
+the gateway and a throwaway OpenSSH server (the classifier alone where noted): a `cd`
+that does not happen (it fails, is skipped by `&&`/`||`, or runs in a subshell, a
+background job or a pipeline: the shell may still be where it was, so relative paths are
+resolved against every directory it may be in), arithmetic evaluation that expands an
+escaped substitution again (subscripts of names given to builtins, values assigned where
+`declare -i` may be on: unknown), variables changed unseen (prefix assignments on `eval`
+/ `bash -c`, `printf -v 'o[0]'`, builtins, loops, nested code: unknown from there on),
+`$0`/`$1` of `sh -c BODY ARG0 ...` chosen by the line, a shell's script operand before
+`-c` (options end at the first operand), xargs/find placeholders inside a shell body
+(input lines and file names become code), tar options that write in list mode, and
+recursive programs reaching what is below a directory operand (recorded as `DIR/*`).
+Each test asserts the safe behaviour and checks the host directly; the held_* tests are
+things tried that the gateway already handled. No expectation was changed from the run's
+findings."""
 from __future__ import annotations
 
 import asyncio

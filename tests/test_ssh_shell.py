@@ -272,3 +272,57 @@ def test_long_lines_are_refused_unparsed() -> None:
     a = classify("ls|" * 3000 + "ls")
     assert a.cls == "unknown" and "KiB" in a.reasons[0]
     assert classify("cat {1..1000}").cls == "unknown"  # too many words
+
+
+# Run 3 of the SSH attacks, generalised (tests/test_ssh_attack_run_3.py has the findings).
+@pytest.mark.parametrize("line", [
+    "cd /tmp; eval cd /etc; cat passwd", "cd /tmp; ! cd /etc && cat passwd",
+    "for i in 1 2; do cat passwd; cd /etc; done", "cd /etc; env cd /tmp && cat passwd",
+    "cd /etc; cd /tmp || true; cat passwd", "cd /etc; { cd /tmp; } & cat passwd",
+    "grep -R x /", "cd /etc && rg root", "cd /etc && du -a", "find /etc -name x", "ls -lR /etc",
+    "diff -r /etc /tmp/x", "tar -cf /tmp/a.tar /etc",
+])
+def test_attack_run_3_paths_meet_a_rule_on_etc_passwd(line: str) -> None:
+    from fnmatch import fnmatchcase
+
+    a = classify(line, terminal=False)
+    if a.cls == "unknown":
+        return  # refused anyway
+    assert any(p == "*" or fnmatchcase("/etc/passwd", p) for p in a.paths), (line, a.paths)
+
+
+@pytest.mark.parametrize("line", [
+    "o=x; for i in 1 2; do sort $o F x; o=-o; done", "command printf -v o -- -o; sort $o F",
+    "o=x; o=-o sh -c 'sort $o F x'", "o=x; export o=-o; bash -c 'sort $o F x'",
+    "bash -c 'sort $0 F x'", "xargs sh -c 'sort $0 F x'",
+    "declare -i y; read y", "declare -i y; printf -v y %s x", "dec\\lare -i y; y=a[0]",
+    "typeset -i y; for y in x; do :; done", "test -v 'a[x]'", "declare 'a[x]=1'",
+    "read -a 'a[x]'", "bash -- -c ls", "bash -x /dev/stdin", "sh -s", "bash -O extglob -c ls",
+    "bash -o history -c ls", "zsh -c ls", "ksh -c ls", "xargs sort", "xargs -I{} sort {} x",
+    "find . -exec sh -c {} \\;", "find . -exec env sh -c 'ls {}' \\;",
+    "xargs -I{} su -c 'ls {}'", "tar -tMf a.tar", "tar -tf host:a.tar", "tar tf h:a",
+    "tar -tf a --rmt-command=/tmp/x",
+])
+def test_attack_run_3_unknown(line: str) -> None:
+    a = classify(line, terminal=False)
+    assert a.cls == "unknown", (line, a)
+
+
+@pytest.mark.parametrize("line, cls", [
+    ("cd /etc && cat passwd", "read"), ("sh -c 'sort $0 F x' -o", "write"),
+    ("sh -c 'sort $1 F x' _ -o", "write"),
+    ("bash -e -o pipefail -c 'ls /srv'", "read"), ("xargs -I{} echo {}", "read"),
+    ("tar -tf a.tar --index-file=F", "write"), ("tar -tg F -f a.tar", "write"),
+    ("tar -cf a.tar x --remove-files", "destructive"), ("tar tf h:a --force-local", "read"),
+    ("xargs sort --", "read"), ("find /srv -exec cat {} +", "read"),
+])
+def test_attack_run_3_classes(line: str, cls: str) -> None:
+    assert classify(line, terminal=False).cls == cls, (line, classify(line, terminal=False))
+
+
+def test_attack_run_3_recursive_paths() -> None:
+    assert set(classify("grep -r x /etc").paths) >= {"/etc", "/etc/*"}
+    assert "/*" in classify("grep -r x /").paths
+    assert set(classify("cd /srv && rg x").paths) >= {"/srv", "/srv/*"}
+    assert "/etc/passwd/*" not in classify("grep x /etc/passwd").paths  # not recursive
+    assert set(classify("cd /etc; cd /tmp; cat f").paths) == {"~/f", "/etc/f", "/tmp/f"}

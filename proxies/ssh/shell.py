@@ -20,6 +20,14 @@ directories (``./ls``, ``/tmp/ls``), an interpreter given a script or stdin (``s
 a literal, a variable that changes how commands are found or run (``PATH=``,
 ``LD_PRELOAD=``, ``BASH_ENV=``) — all are ``unknown``, the riskiest class.
 
+What the line may leave uncertain is taken at its riskiest: a ``cd`` may fail, be skipped
+or run in a subshell, so relative paths are resolved against every directory the shell
+may be in (``*`` when one is unknown); a variable is followed only while nothing else may
+change it (prefix assignments, builtins, loops and nested code make it unknown); a
+recursive program's directory operands also stand for everything below them
+(``DIR/*``); text bash may evaluate as arithmetic with subscripts (``printf -v 'a[x]'``,
+values assigned where ``declare -i`` may be on) is unknown.
+
 This module is sans-I/O: it must not import asyncio, sockets or asyncssh, and must never
 raise on any input (a hypothesis test feeds it arbitrary text).
 """
@@ -464,8 +472,8 @@ def _node(walk: _Walk, node: Any) -> None:
         if kind == "for":
             names = [p for p in node.parts if p.kind == "word"]
             if names:
-                _check_name(names[0].word)  # for PATH in /tmp; do ls; done
-                walk.vars[names[0].word] = None
+                # for PATH in /tmp; do ls; done; for y in ... after declare -i y
+                _set_by_builtin(walk, names[0].word, "for")
         walk.maybe += 1
         try:
             if kind != "if":
