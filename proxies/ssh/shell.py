@@ -247,6 +247,8 @@ class _Walk:
     vars: dict[str, str | None] = field(default_factory=dict)
     #: The text being walked (bashlex positions point into it).
     src: str = ""
+    #: Inside a loop body's trial walk (loops nested in it are walked once).
+    trial: bool = False
 
     def raise_to(self, cls: str, why: str) -> None:
         if why not in self.reasons:
@@ -385,8 +387,13 @@ def _and_or(walk: _Walk, elements: list[Any], ops: list[str]) -> None:
 def _loop_state(walk: _Walk, node: Any) -> None:
     """A loop body runs any number of times: walked once on a copy first, a directory or
     variable it changes is unknown where the real walk starts (the second time round)."""
+    if walk.trial:
+        # A loop inside a trial: the outer trial sees whatever this one changes (and
+        # one trial per level keeps nested loops linear, not exponential).
+        return
     trial = copy.deepcopy(walk)
     trial.reasons, trial.paths, trial.commands, trial.programs = [], [], [], []
+    trial.trial = True
     for part in node.parts:
         if part.kind not in ("word", "reservedword"):
             _node(trial, part)
