@@ -802,34 +802,73 @@ class _Session(asyncssh.SSHServer):
         return remote.exit_status, remote.exit_signal
 
 
+class PoolFull(OSError):
+    """Every login to a target the pool may hold is busy (UpstreamPool.LOGINS)."""
+
+
 class UpstreamPool:
     """Logged-in connections to the targets, reused: a command opens a channel on one
     (a few ms) instead of logging in again (a key exchange and an authentication, over
     100 ms). Every command runs as the connection's target user whoever asks, so sharing
     a connection shares nothing a new login would not. At most ``CHANNELS`` commands run
-    on one connection at a time (below sshd's MaxSessions, 10); connections unused for
-    ``IDLE`` seconds are closed."""
+    on one connection at a time (below sshd's MaxSessions, 10) and at most ``LOGINS``
+    logins to one target are open or being made (sshd's MaxStartups and the host's
+    patience are finite): a command beyond waits up to ``WAIT`` seconds for a channel to
+    free, then fails with a clear message. Connections unused for ``IDLE`` seconds are
+    closed."""
 
     CHANNELS = 8
+    LOGINS = 16
+    WAIT = 30.0
     IDLE = 60.0
 
     def __init__(self) -> None:
         self._pools: dict[SSHTarget, list[list[Any]]] = {}  # [conn, in use, last used]
+        self._connecting: dict[SSHTarget, int] = {}
+        self._waiters: list[asyncio.Future[None]] = []
         self._reaper: asyncio.TimerHandle | None = None
 
     async def acquire(self, target: SSHTarget, *, fresh: bool = False
                       ) -> asyncssh.SSHClientConnection:
-        entries = self._pools.setdefault(target, [])
-        entries[:] = [e for e in entries if not e[0].is_closed()]
-        if not fresh:
-            for e in entries:
-                if e[1] < self.CHANNELS:
-                    e[1] += 1
-                    return e[0]  # type: ignore[no-any-return]
-        conn = await _connect(target)
+        deadline = time.monotonic() + self.WAIT
+        while True:
+            entries = self._pools.setdefault(target, [])
+            entries[:] = [e for e in entries if not e[0].is_closed()]
+            if not fresh:
+                for e in entries:
+                    if e[1] < self.CHANNELS:
+                        e[1] += 1
+                        return e[0]  # type: ignore[no-any-return]
+            if len(entries) + self._connecting.get(target, 0) < self.LOGINS:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PoolFull(f"{self.LOGINS * self.CHANNELS} commands already run on "
+                               f"{target.address} through the gateway; try again later")
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, left)
+            except TimeoutError:
+                pass
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+        self._connecting[target] = self._connecting.get(target, 0) + 1
+        try:
+            conn = await _connect(target)
+        finally:
+            self._connecting[target] -= 1
+            self._wake()
         entries.append([conn, 1, time.monotonic()])
         self._schedule()
         return conn
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
 
     def release(self, target: SSHTarget, conn: asyncssh.SSHClientConnection, *,
                 broken: bool = False) -> None:
@@ -839,7 +878,8 @@ class UpstreamPool:
                 e[2] = time.monotonic()
                 if broken:
                     e[0].close()
-                return
+                break
+        self._wake()
 
     def _schedule(self) -> None:
         if self._reaper is None:
@@ -903,6 +943,8 @@ def _connect_error(target: SSHTarget, exc: BaseException) -> str:
     if isinstance(exc, asyncssh.PermissionDenied):
         return (f"the target {target.address} refused the gateway's credentials; ask an "
                 "operator to check the connection's key or password")
+    if isinstance(exc, PoolFull):
+        return str(exc)
     if isinstance(exc, TimeoutError):
         return f"the target {target.host}:{target.port} did not answer within 30 s"
     return f"cannot reach {target.host}:{target.port}: {exc}"
