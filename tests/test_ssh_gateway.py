@@ -610,6 +610,14 @@ def test_a_long_session_plays_in_parts_from_its_keyframes(kt: Keyturn, tmp_path:
             page.wait_for_timeout(300)
         assert "1100000" in text and "\n1\n" not in text
         page.screenshot(path=str(tmp_path / "long-replay.png"), full_page=True)
+        phone = browser.new_page(viewport={"width": 390, "height": 844})
+        phone.on("pageerror", lambda e: errors.append(str(e)))
+        phone.context.add_cookies(page.context.cookies())
+        phone.goto(f"{kt.url}/recordings/{rec['seq']}")
+        phone.wait_for_selector(".ap-wrapper, .ap-player", timeout=20000)
+        assert phone.get_by_label("Part").is_visible()
+        assert phone.get_by_label("Start at").is_visible()
+        phone.screenshot(path=str(tmp_path / "long-replay-phone.png"), full_page=True)
         assert not errors, errors
         browser.close()
 
