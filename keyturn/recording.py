@@ -41,6 +41,7 @@ This module must not import protocol or web code.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
 import re
@@ -117,6 +118,7 @@ class Recording:
         self._index_digest = hashlib.sha256()
         self.keyframes = 0
         self.markers = 0
+        self._decoders: dict[str, Any] = {}
         first = {"version": 2, "timestamp": int(self.started), **header} \
             if fmt == "asciicast" else \
             {"format": "keyturn-transcript", "version": 1, "started": self.started, **header}
@@ -143,7 +145,17 @@ class Recording:
         """Terminal output (``o``) or input (``i``), as it passed (asciicast)."""
         if direction not in ("i", "o"):
             raise ValueError("direction is i or o")
-        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+        if isinstance(data, bytes):
+            # One decoder per stream: a character split between two reads stays whole.
+            decoder = self._decoders.get(direction)
+            if decoder is None:
+                decoder = self._decoders[direction] = codecs.getincrementaldecoder(
+                    "utf-8")("replace")
+            text = decoder.decode(data)
+            if not text:
+                return
+        else:
+            text = data
         if self.format == "asciicast":
             self._line(orjson.dumps([self.elapsed(), direction, text]))
         else:

@@ -65,7 +65,7 @@ from portal.settings import PORTAL
 from proxies.ssh.register import SSHTarget, ca_lines, target_of
 from proxies.ssh.sftp import SFTPRelay
 from proxies.ssh.shell import ShellAction, classify
-from proxies.ssh.terminal import TypedLines
+from proxies.ssh.terminal import TypedLines, clamp_size
 
 log = logging.getLogger(__name__)
 
@@ -658,8 +658,10 @@ class _Session(asyncssh.SSHServer):
                 watch.cancel()
 
     async def _watch_cancel(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
-        """While a command is held: Ctrl-C typed in a terminal cancels its ticket (input
-        typed before that is kept for the command)."""
+        """While a command is held: Ctrl-C typed in a terminal cancels its ticket; other
+        keys typed in the terminal meanwhile are discarded (the approved command starts
+        with what is typed after it starts). Without a terminal stdin is not read here:
+        it waits for the command."""
         if process.get_terminal_type() is None:
             await asyncio.Event().wait()  # only a hang-up (connection_lost) cancels
         while True:
@@ -689,8 +691,9 @@ class _Session(asyncssh.SSHServer):
             why = _connect_error(target, exc)
             _refuse(process, f"keyturn: {why}", UNREACHABLE_STATUS)
             return {"outcome": "error", "error": why}
+        shown = clamp_size(width or 80, height or 24)  # what is emulated and recorded
         recording = self.gw.recorder.open(
-            f"{self.session_id}-{n}", "asciicast", width=width or 80, height=height or 24,
+            f"{self.session_id}-{n}", "asciicast", width=shown[0], height=shown[1],
             title=f"{self.user}@{conn.name}: {command if command is not None else 'shell'}",
             command=command, env={"TERM": term or ""})
         stats = {"bytes_in": 0, "bytes_out": 0}
@@ -745,8 +748,8 @@ class _Session(asyncssh.SSHServer):
             since["bytes"] += n
             now = rec.elapsed()
             if now - since["t"] >= every or since["bytes"] >= KEYFRAME_BYTES:
-                rec.keyframe(size[0] or 80, size[1] or 24,
-                             typed.snapshot() if typed is not None else None)
+                cols, rows = clamp_size(size[0] or 80, size[1] or 24)
+                rec.keyframe(cols, rows, typed.snapshot() if typed is not None else None)
                 since.update(t=now, bytes=0)
 
         async def client_to_target() -> None:
@@ -755,7 +758,7 @@ class _Session(asyncssh.SSHServer):
                     data = await process.stdin.read(CHUNK)
                 except asyncssh.TerminalSizeChanged as exc:
                     remote.change_terminal_size(exc.width, exc.height)
-                    rec.resize(exc.width, exc.height)
+                    rec.resize(*clamp_size(exc.width, exc.height))
                     size[:] = [exc.width, exc.height]
                     if typed is not None:
                         typed.resize(exc.width, exc.height)

@@ -24,6 +24,7 @@ Sans-I/O: it must not import asyncio, sockets or asyncssh.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pyte
 from pyte import graphics
@@ -32,6 +33,49 @@ MAX_LINES = 5000
 MAX_LINE = 2000
 BUDGET = 32768  # bytes a second each channel's emulator is fed as output comes
 BURST = 65536
+#: The largest terminal emulated: a client may declare any size (SSH carries uint32), and
+#: the emulator's work and memory grow with it. A bigger terminal is emulated at this size
+#: (its typed lines and keyframes show the top-left part).
+MAX_COLUMNS = 500
+MAX_ROWS = 200
+
+
+def clamp_size(width: int, height: int) -> tuple[int, int]:
+    """A terminal size as emulated and recorded (at most MAX_COLUMNS x MAX_ROWS)."""
+    return min(max(int(width), 2), MAX_COLUMNS), min(max(int(height), 2), MAX_ROWS)
+
+
+class _Screen(pyte.Screen):  # type: ignore[misc]
+    """pyte's screen with the alternate screen of full-screen programs (modes 47, 1047,
+    1049: less, vim, top): leaving it brings back the main screen as it was."""
+
+    _ALTERNATE = {47, 1047, 1049}
+
+    def __init__(self, columns: int, lines: int):
+        super().__init__(columns, lines)
+        self._saved: tuple[Any, Any] | None = None
+
+    def set_mode(self, *modes: int, **kwargs: Any) -> None:
+        if kwargs.get("private") and self._ALTERNATE.intersection(modes) and \
+                self._saved is None:
+            self._saved = ({y: dict(row) for y, row in self.buffer.items()},
+                           (self.cursor.x, self.cursor.y))
+            self.erase_in_display(2)
+        super().set_mode(*modes, **kwargs)
+
+    def reset_mode(self, *modes: int, **kwargs: Any) -> None:
+        super().reset_mode(*modes, **kwargs)
+        if kwargs.get("private") and self._ALTERNATE.intersection(modes) and \
+                self._saved is not None:
+            rows, (x, y) = self._saved
+            self._saved = None
+            self.erase_in_display(2)
+            for row_y, row in rows.items():
+                if row_y < self.lines:
+                    self.buffer[row_y].update(
+                        {cx: ch for cx, ch in row.items() if cx < self.columns})
+            self.cursor_position(y + 1, x + 1)
+            self.dirty.update(range(self.lines))
 
 _FG = {name: code for code, name in {**graphics.FG_ANSI, **graphics.FG_AIXTERM}.items()}
 _BG = {name: code for code, name in {**graphics.BG_ANSI, **graphics.BG_AIXTERM}.items()}
@@ -59,7 +103,7 @@ def _sgr(ch: pyte.screens.Char) -> str:
 
 class TypedLines:
     def __init__(self, width: int, height: int):
-        self.screen = pyte.Screen(max(width, 2), max(height, 2))
+        self.screen = _Screen(*clamp_size(width, height))
         self.stream = pyte.ByteStream(self.screen)
         self.lines: list[str] = []
         self._typed = bytearray()
@@ -89,7 +133,7 @@ class TypedLines:
 
     def _keep(self) -> int:
         """Bytes of output that surely redraw a screen of plain text (4 per cell)."""
-        return min(4 * self.screen.columns * self.screen.lines, 262144)
+        return min(4 * self.screen.columns * self.screen.lines, 65536)
 
     def catch_up(self) -> None:
         """Feed the output kept over budget (from a line break when some was dropped)."""
@@ -102,9 +146,14 @@ class TypedLines:
             self._lost = True
             data = data[-self._keep():]
         if self._lost:
+            # Start at a line break, else at an escape sequence: never inside one (its
+            # tail would show as text the terminal never printed).
             cut = data.find(b"\n")
             if cut >= 0:
                 data = b"\r\n" + data[cut + 1:]
+            else:
+                esc = data.find(b"\x1b")
+                data = data[esc:] if esc >= 0 else data
             self._lost = False
         self._tokens -= len(data)
         self._feed(data)
@@ -117,7 +166,8 @@ class TypedLines:
 
     def resize(self, width: int, height: int) -> None:
         self.catch_up()
-        self.screen.resize(max(height, 2), max(width, 2))
+        cols, rows = clamp_size(width, height)
+        self.screen.resize(rows, cols)
 
     def input(self, data: bytes) -> list[str]:
         """Feed what the client typed; returns the lines its Enter keys completed."""
@@ -178,4 +228,4 @@ class TypedLines:
         return row.rstrip()[:MAX_LINE]
 
 
-__all__ = ["TypedLines"]
+__all__ = ["MAX_COLUMNS", "MAX_ROWS", "TypedLines", "clamp_size"]
