@@ -483,7 +483,10 @@ def connect_target(conn: Connection, application: str, *, timeout: int = 5,
 
 def read_catalog(conn: Connection) -> TargetCatalog:
     """The connection's user-defined code (blocking: run it in a thread)."""
-    with connect_target(conn, "keyturn-catalog") as c:
+    # Printing a view's definition locks the tables it reads: a transaction holding one
+    # (an open ALTER TABLE) must not hang the read, and with it every session's checks.
+    with connect_target(conn, "keyturn-catalog",
+                        options="-c lock_timeout=2000 -c statement_timeout=20000") as c:
         user, path = c.execute("SELECT current_user, current_setting('search_path')").fetchone()
         # Definitions printed with only pg_catalog on the path name every other object
         # with its schema, so they are read exactly, whatever a session's search_path.

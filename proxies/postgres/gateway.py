@@ -538,7 +538,9 @@ class PostgresGateway:
         - catalogs another transaction is changing right now (its old rows carry the
           number of a transaction still running: a function replaced, a table altered,
           not committed yet), named "catalog pg_proc" and so on."""
-        rels = sorted({t for t in tables if t.count(".") == 1 and "*" not in t})
+        # schema.name as written ("public.t.x" for a quoted name holding a dot): compared
+        # with nspname || '.' || relname, which is spelled the same way.
+        rels = sorted({t for t in tables if "." in t and "*" not in t})
         temp = any(t.startswith("pg_temp") for t in tables)
         busy: list[str] = []
         with connect_target(conn, "keyturn-recheck", timeout=5,
