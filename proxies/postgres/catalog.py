@@ -485,9 +485,12 @@ def read_catalog(conn: Connection) -> TargetCatalog:
     """The connection's user-defined code (blocking: run it in a thread)."""
     # Printing a view's definition locks the tables it reads: a transaction holding one
     # (an open ALTER TABLE) must not hang the read, and with it every session's checks.
-    with connect_target(conn, "keyturn-catalog",
-                        options="-c lock_timeout=2000 -c statement_timeout=20000") as c:
+    # The target's own timeouts are read first, before the gateway's own replace them.
+    with connect_target(conn, "keyturn-catalog") as c:
         user, path = c.execute("SELECT current_user, current_setting('search_path')").fetchone()
+        settings = c.execute(_SETTINGS).fetchall()
+        c.execute("SET lock_timeout = 2000")
+        c.execute("SET statement_timeout = 20000")
         # Definitions printed with only pg_catalog on the path name every other object
         # with its schema, so they are read exactly, whatever a session's search_path.
         c.execute("SET search_path = pg_catalog")
@@ -496,10 +499,10 @@ def read_catalog(conn: Connection) -> TargetCatalog:
             ("type_bases", _TYPE_BASES), ("views", _VIEWS), ("rules", _RULES),
             ("relation_code", _RELATION_CODE), ("typed_columns", _TYPED_COLUMNS),
             ("expressions", _EXPRESSIONS), ("type_oids", _TYPE_OIDS),
-            ("hooks", _HOOKS), ("children", _CHILDREN), ("settings", _SETTINGS),
+            ("hooks", _HOOKS), ("children", _CHILDREN),
             ("sort_code", _SORT_CODE), ("cascades", _CASCADES),
             ("row_users", _ROW_USERS))}
-    return TargetCatalog.from_rows(user=user, search_path=path, **rows)
+    return TargetCatalog.from_rows(user=user, search_path=path, settings=settings, **rows)
 
 
 def target_key(conn: Connection) -> tuple[str, int, str, str]:
