@@ -181,7 +181,7 @@ def _defer_approve(kt: Keyturn, r: RawConn, sql: str) -> list:
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "known limit (docs/postgres-gateway.md, 'What the re-check cannot see'): stored code "
+    "known limit (docs/postgres-gateway.md, 'What the checks cannot see'): stored code "
     "that runs SQL read from a table does what the data says when it runs; the re-check "
     "compares code and settings, not data"))
 def test_held_insert_trigger_runs_commands_queued_while_held(kt: Keyturn,

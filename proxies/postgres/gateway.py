@@ -563,6 +563,54 @@ class PostgresGateway:
             busy += [f"catalog {r[0]}" for r in c.execute(CATALOG_CHANGES_SQL).fetchall()]
         return digest, busy
 
+    # The check after an approved statement ran (holding.py _post_check): the session's
+    # own last statement waits for an advisory lock this connection of the gateway's holds.
+
+    def post_check_open(self, conn: Connection, key: int) -> Any:
+        """A connection of the gateway's own holding advisory lock ``key`` (runs in a
+        thread; raises when the target cannot be reached)."""
+        c = connect_target(conn, "keyturn-postcheck", timeout=5,
+                           options="-c statement_timeout=20000")
+        try:
+            c.execute("SELECT pg_catalog.pg_advisory_lock(%s::pg_catalog.int8)", (key,))
+        except Exception:
+            c.close()
+            raise
+        return c
+
+    @staticmethod
+    def post_check_state(c: Any, pid: int, key: int) -> str:
+        """Where backend ``pid`` is: "waiting" for lock ``key``, "gone", or "busy"."""
+        row = c.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_locks l WHERE l.pid = a.pid "
+            "AND l.locktype = 'advisory' AND NOT l.granted AND l.classid = %s "
+            "AND l.objid = %s AND l.objsubid = 1) FROM pg_catalog.pg_stat_activity a "
+            "WHERE a.pid = %s", (key >> 32, key & 0xFFFFFFFF, pid)).fetchone()
+        if row is None:
+            return "gone"
+        return "waiting" if row[0] else "busy"
+
+    @classmethod
+    def post_check_refuse(cls, c: Any, pid: int, key: int) -> None:
+        """Make backend ``pid``, waiting for lock ``key``, fail (its transaction rolls
+        back): cancel its wait, and end the backend if the wait is still there after 5 s.
+        Returns once it no longer waits (the lock may then be released)."""
+        c.execute("SELECT pg_catalog.pg_cancel_backend(%s)", (pid,))
+        deadline = time.monotonic() + 5
+        while cls.post_check_state(c, pid, key) == "waiting":
+            if time.monotonic() > deadline:
+                c.execute("SELECT pg_catalog.pg_terminate_backend(%s, 5000)", (pid,))
+                deadline = time.monotonic() + 3600
+            time.sleep(0.01)
+
+    @staticmethod
+    def post_check_close(c: Any) -> None:
+        """Release the lock (the waiting statement goes on and commits) and close."""
+        try:
+            c.close()
+        except Exception:  # noqa: BLE001 - closing releases the lock either way
+            log.info("closing a post-check connection failed", exc_info=True)
+
     def explain_rows(self, conn: Connection, sql: str, params: list[Any] | None) -> int | None:
         """The planner's row estimate for a DML statement (runs in a thread).
 
@@ -598,7 +646,9 @@ class PostgresGateway:
 
 #: The digest of the user code a target stores (release_facts): one md5 per catalog row
 #: that holds code or decides when code runs, then one of them all. OIDs below 16384 are
-#: the system's own. %(temp)s: include objects of temporary schemas.
+#: the system's own. %(temp)s: include objects of temporary schemas. Functions, triggers
+#: and rules count with their row's version (xmin): one replaced and put back again, in
+#: between two reads, counts as changed.
 USER_CODE_SQL = """
 WITH ns AS (
   SELECT oid FROM pg_catalog.pg_namespace
@@ -607,17 +657,17 @@ WITH ns AS (
                       AND nspname NOT LIKE 'pg\\_toast\\_temp\\_%%'))),
 rel AS (SELECT c.oid FROM pg_catalog.pg_class c JOIN ns ON ns.oid = c.relnamespace),
 rows AS (
-  SELECT 'f' || p.oid || md5(concat_ws('|', p.pronamespace, p.proname, p.prosrc, p.probin,
-         p.proconfig::text, p.prosecdef, p.provolatile, p.proowner, p.prolang,
+  SELECT 'f' || p.oid || md5(concat_ws('|', p.xmin, p.pronamespace, p.proname, p.prosrc,
+         p.probin, p.proconfig::text, p.prosecdef, p.provolatile, p.proowner, p.prolang,
          p.proargtypes::text, p.prorettype, p.proisstrict, p.prokind, p.proleakproof,
          p.prosupport)) AS x
     FROM pg_catalog.pg_proc p JOIN ns ON ns.oid = p.pronamespace
-  UNION ALL SELECT 't' || t.oid || md5(concat_ws('|', t.tgrelid, t.tgname, t.tgfoid,
-         t.tgtype, t.tgenabled, encode(t.tgargs, 'hex'), t.tgattr::text, t.tgqual::text,
+  UNION ALL SELECT 't' || t.oid || md5(concat_ws('|', t.xmin, t.tgrelid, t.tgname,
+         t.tgfoid, t.tgtype, t.tgenabled, encode(t.tgargs, 'hex'), t.tgattr::text, t.tgqual::text,
          t.tgdeferrable, t.tginitdeferred, t.tgoldtable, t.tgnewtable))
     FROM pg_catalog.pg_trigger t JOIN rel ON rel.oid = t.tgrelid
-  UNION ALL SELECT 'r' || r.oid || md5(concat_ws('|', r.ev_class, r.rulename, r.ev_type,
-         r.ev_enabled, r.is_instead, r.ev_qual::text, r.ev_action::text))
+  UNION ALL SELECT 'r' || r.oid || md5(concat_ws('|', r.xmin, r.ev_class, r.rulename,
+         r.ev_type, r.ev_enabled, r.is_instead, r.ev_qual::text, r.ev_action::text))
     FROM pg_catalog.pg_rewrite r JOIN rel ON rel.oid = r.ev_class
   UNION ALL SELECT 'd' || a.oid || md5(concat_ws('|', a.adrelid, a.adnum, a.adbin::text))
     FROM pg_catalog.pg_attrdef a JOIN rel ON rel.oid = a.adrelid

@@ -100,6 +100,12 @@ def _needs_rw(st: Any) -> bool:
     return str(st.cls) in RW_CLASSES
 
 
+def outside_block(st: Any) -> bool:
+    """Whether a statement alone in its message runs outside any transaction block
+    (VACUUM, CREATE DATABASE, CALL, which may COMMIT...): see plan_query."""
+    return _needs_rw(st) and not st.facts and st.command not in _BLOCK_SAFE
+
+
 def plan_query(statements: Sequence[Any], state: TxState) -> Plan:
     """The statements to send for one simple Query whose ``statements`` were all allowed,
     starting from ``state``. Raises Refused for the few orders it cannot guard."""

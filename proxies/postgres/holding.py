@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import secrets
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
@@ -46,6 +47,34 @@ def _shape(decision: Decision) -> str:
 #: How long an approved statement waits for a fresh read of its target's catalog before
 #: it runs (it must run what was approved: see _changed_while_held).
 RECHECK_SECONDS = 10.0
+
+
+def post_check_sql(key: int) -> str:
+    """The statement an approved Query ends with: it waits for the gateway's advisory
+    lock ``key`` (holding.py _post_check), answers no rows and names only pg_catalog."""
+    return ("DO $keyturn$BEGIN PERFORM pg_catalog.pg_advisory_xact_lock("
+            f"{int(key)}::pg_catalog.int8); END$keyturn$")
+
+
+def with_post_check(parts: Sequence[int | str], statements: Sequence[Any],
+                    key: int) -> list[int | str]:
+    """``parts`` (the client's statements by index, the guard's own as text) with the
+    check inserted where the approved statements' transaction is still open: before the
+    first COMMIT/ROLLBACK that follows one of them, else after the last of them."""
+    out = list(parts)
+    last = max((i for i, p in enumerate(out) if isinstance(p, int)), default=-1)
+    seen_work = False
+    for i, p in enumerate(out):
+        if not isinstance(p, int):
+            continue
+        facts: frozenset[str] = getattr(statements[p], "facts", frozenset())
+        if seen_work and facts & {"end", "chain"}:
+            last = i - 1
+            break
+        if not facts:
+            seen_work = True
+    out.insert(last + 1, post_check_sql(key))
+    return out
 
 
 _OUTCOME_SQLSTATE = {holds.DEFERRED: "42501", "rejected": "42501", "expired": "57014",
@@ -165,8 +194,23 @@ class Holds(SessionState):
             return
         if outcome.ticket_id is not None:
             ctx.ticket_id = outcome.ticket_id
+        post: tuple[Any, str] | None = None
         if outcome.run and outcome.status != holds.GRANTED:
-            changed = await self._changed_while_held(decision, analysis, outcome.ticket_id)
+            changed, code = await self._changed_while_held(decision, analysis,
+                                                           outcome.ticket_id)
+            if changed is None and code is not None and self._post_checkable(analysis, kind):
+                # Checked again after it ran, before its transaction commits: what it
+                # waited behind (a row lock, a table lock of stored code) may have
+                # committed new code in between (_post_check).
+                ctx.post_key = secrets.randbits(62) | (1 << 40)
+                try:
+                    lock = await asyncio.to_thread(self.gw.post_check_open, conn, ctx.post_key)
+                    post = (lock, code)
+                except Exception as exc:  # noqa: BLE001 - cannot check after: refuse
+                    log.warning("session %s: no post-execution check on %s: %s",
+                                self.session_id, conn.name, exc)
+                    ctx.post_key = None
+                    changed = "the target could not be reached to check it after it runs"
             if changed is not None:
                 self._refuse(codec.encode_error(
                     "ERROR", "55000", f"keyturn: {outcome.message}, but {changed} since it "
@@ -188,6 +232,8 @@ class Holds(SessionState):
             if ctx.barrier and kind == b"E":
                 self.code_in_batch = True
             self._forward_approved(msg, ctx, kind)
+            if post is not None:
+                self._spawn(self._post_check(ctx, *post, _tables_of(decision)))
             return
         self._refuse(codec.encode_error("ERROR", _OUTCOME_SQLSTATE.get(outcome.status, "42501"),
                                         f"keyturn: {outcome.message}"), kind)
@@ -197,27 +243,36 @@ class Holds(SessionState):
         self._audit(ctx, outcome=outcome.status)
 
     async def _changed_while_held(self, decision: Decision, analysis: Any,
-                                  ticket_id: int | None) -> str | None:
+                                  ticket_id: int | None) -> tuple[str | None, str | None]:
         """Why an approved statement must not run: what it would run on the target now
         (triggers, rules, views, defaults added or changed while it waited, by any session;
         the bodies of the user functions it calls) or the policy's verdict differs from
         what its ticket recorded when approvers were asked (in defer mode the statement
-        sent again is compared with the one approved). None: it is the same."""
+        sent again is compared with the one approved). None: it is the same. With it, the
+        digest of the target's code recorded on the ticket (None: none recorded)."""
         assert self.conn is not None
         if not getattr(analysis, "statements", ()):
-            return None
+            return None, None
+        why, recorded = await self._recheck(decision, analysis, ticket_id)
+        code = recorded.get("code")
+        return why, code if isinstance(code, str) else None
+
+    async def _recheck(self, decision: Decision, analysis: Any,
+                       ticket_id: int | None) -> tuple[str | None, dict[str, Any]]:
+        assert self.conn is not None
         recorded: dict[str, Any] = {}
         if ticket_id is not None:
             t = await asyncio.to_thread(self.gw.services.approvals.get, ticket_id)
             recorded = dict(t.detail or {})
         if not await self.gw.catalogs.fresh(self.conn, RECHECK_SECONDS):
-            return "the target's catalog could not be read again to check what it runs"
+            return "the target's catalog could not be read again to check what it runs", \
+                recorded
         now = self._decide(analysis)
         if now.action == "block":
-            return f"the policy now blocks it ({now.reason})"
+            return f"the policy now blocks it ({now.reason})", recorded
         if "session" in recorded and recorded["session"] != self._session_state():
             return ("the session's settings changed (SET, search_path, PREPARE, or user "
-                    "code that ran), and stored code may read them")
+                    "code that ran), and stored code may read them"), recorded
         want = recorded.get("shape") or _shape(decision)
         if _shape(now) != want or (now.opaque_code and not decision.opaque_code):
             before = {t for s in decision.statements for t in (*s.tables, *s.functions)}
@@ -225,7 +280,7 @@ class Holds(SessionState):
                          - before)
             return "what it runs on the target changed" + \
                 (f" (it now also touches {', '.join(new[:5])})" if new else
-                 f" (it is now {now.classification})")
+                 f" (it is now {now.classification})"), recorded
         # One read for the rest: the user code it runs (compared with the digest taken
         # when it was held), and any schema change still open in another transaction (a
         # trigger created, a function replaced, then ALTER TABLE to make this statement
@@ -243,11 +298,70 @@ class Holds(SessionState):
                                    code != recorded["code"]):
             return ("user code stored on the target (functions, triggers, rules, views, "
                     "defaults, constraints or policies) changed, or could not be read to "
-                    "compare")
+                    "compare"), recorded
         if busy:
             return f"another transaction is changing or holding {', '.join(busy[:5])} " \
-                   "(its changes would count only once it commits, after this check)"
-        return None
+                   "(its changes would count only once it commits, after this check)", \
+                recorded
+        return None, recorded
+
+    @staticmethod
+    def _post_checkable(analysis: Any, kind: bytes) -> bool:
+        """Whether an approved statement can be checked after it ran: one the analyser
+        read (the check is appended to a simple Query as its last statement, or sent
+        right behind an Execute, in its transaction; commands that cannot run in a
+        transaction block are told apart when the Query is planned:
+        session._forward_query)."""
+        return kind in (b"Q", b"E") and getattr(analysis, "error", None) is None and \
+            bool(getattr(analysis, "statements", ()))
+
+    async def _post_check(self, ctx: Ctx, lock: Any, want: str, tables: list[str]) -> None:
+        """After an approved Query's statements ran, before its transaction commits: the
+        target's code digest again, compared with the one its approvers were shown.
+
+        The Query ends with post_check_sql, which waits for an advisory lock ``lock`` (a
+        connection of the gateway's own) holds. Once the session waits there, every
+        transaction the statement waited behind has committed (or not), so a new read
+        sees what it ran with: the same → the lock is released and the Query commits;
+        changed (or unreadable) → the wait is cancelled, its transaction rolls back, and
+        the client gets a 55000 error saying so (ordering.py _on_error)."""
+        key = ctx.post_key
+        try:
+            if key is None or self.upstream is None or not self.upstream.backend_key \
+                    or self.conn is None:
+                return  # not appended (a command that cannot run in a block)
+            pid = self.upstream.backend_key[0]
+            delay = 0.01
+            while True:
+                state = await asyncio.to_thread(self.gw.post_check_state, lock, pid, key)
+                if state == "waiting":
+                    break
+                if state == "gone" or ctx.post_done:
+                    return  # it failed before the check (rolled back) or the session ended
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+            try:
+                code: str | None = await asyncio.to_thread(self.gw.code_digest, self.conn,
+                                                           tables)
+            except Exception as exc:  # noqa: BLE001 - cannot compare: refuse
+                log.warning("session %s: the post-execution check could not read %s: %s",
+                            self.session_id, self.conn.name, exc)
+                code = None
+            if code == want:
+                return
+            ctx.post_refused = (
+                "keyturn: the approved statement ran, but user code stored on the target "
+                "(functions, triggers, rules, views, defaults, constraints or policies) "
+                "changed before it completed (committed by a transaction it waited behind, "
+                "or while it ran), or could not be read to compare; it was rolled back" +
+                ("" if self.tx_status != "T" else
+                 " with the failed transaction (roll the transaction back)") +
+                "; send it again to ask for a new approval")
+            log.warning("session %s: approved statement rolled back: the target's code "
+                        "changed while it ran (ticket %s)", self.session_id, ctx.ticket_id)
+            await asyncio.to_thread(self.gw.post_check_refuse, lock, pid, key)
+        finally:
+            await asyncio.to_thread(self.gw.post_check_close, lock)
 
     def _session_state(self) -> str:
         """What of this session's state stored code may read: the schemas its search_path

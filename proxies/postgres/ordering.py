@@ -275,6 +275,10 @@ class ResponseRelay(SessionState):
                 if entry.kind not in (b"S", b"Q") and entry.ctx.error is None:
                     entry.ctx.error = {"C": "", "M": "skipped after an earlier error"}
                 self._finished(entry.ctx)
+            elif entry.post is not None and not entry.post.post_done:
+                if entry.post.error is None:
+                    entry.post.error = {"C": "", "M": "rolled back: its check did not run"}
+                self._finished(entry.post)
             if entry.kind == b"S" or entry.kind == b"Q":
                 break
         if not expect:
@@ -302,6 +306,8 @@ class ResponseRelay(SessionState):
             self.expect.popleft()
             if head.probe is not None:
                 self._probed(head.probe)
+            if head.post is not None and not head.post.post_done:
+                self._finished(head.post)  # the approved Execute, checked after it ran
             return _COMPLETED  # (our own messages queued behind it go out now)
         elif head.kind != b"E" and head.kind != b"Q":
             return self._out_of_step(t, head)
@@ -315,8 +321,8 @@ class ResponseRelay(SessionState):
             ctx.rows = _rows(tag, ctx.rows)
         if head.kind == b"E":
             self.expect.popleft()
-            if ctx is not None:
-                self._finished(ctx)
+            if ctx is not None and ctx.post_key is None:
+                self._finished(ctx)  # (else once the gateway's check behind it answered)
         return _COMPLETED
 
     def _on_error(self, sp: Splice, head: Expect, t: bytes, start: int, end: int) -> int:
@@ -331,7 +337,16 @@ class ResponseRelay(SessionState):
                 self._skip_to_sync(None)
             return _NEXT
         fields = codec.decode_error_fields(body)
-        if head.rewritten is not None and "P" in fields:
+        checked = head.ctx if head.ctx is not None else head.post
+        if checked is not None and checked.post_refused:
+            # The gateway cancelled its own check's wait (holding.py _post_check): the
+            # client is told why its approved statement was rolled back.
+            fields = {"S": "ERROR", "V": "ERROR", "C": "55000", "M": checked.post_refused}
+            sp.replace(start, end, codec.encode_error("ERROR", "55000",
+                                                      checked.post_refused))
+            checked.post_refused = None
+            checked.error = fields
+        elif head.rewritten is not None and "P" in fields:
             # A position in the text sent: as a position in the client's text.
             moved = head.rewritten.client_position(int(fields["P"] or 0))
             sp.replace(start, end, _error_at(body, moved))
@@ -375,6 +390,11 @@ class ResponseRelay(SessionState):
                 if dropped.ctx.error is None:
                     dropped.ctx.error = fields
                 self._finished(dropped.ctx)
+            elif dropped.post is not None and not dropped.post.post_done:
+                if dropped.post.error is None:
+                    dropped.post.error = fields or {"C": "", "M": "rolled back: its check "
+                                                    "did not run"}
+                self._finished(dropped.post)
         if not expect:
             self.target_skipping = True  # up to a Sync the client has not sent yet
 

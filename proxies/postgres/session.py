@@ -52,7 +52,7 @@ from proxies.postgres.auth import ScramServer
 from proxies.postgres.codec import Message, ProtocolError
 from proxies.postgres.decisions import Decisions
 from proxies.postgres.enforce import ReadOnlyGuard
-from proxies.postgres.holding import Holds
+from proxies.postgres.holding import Holds, post_check_sql, with_post_check
 from proxies.postgres.masker import ResultMasking
 from proxies.postgres.ordering import ResponseRelay
 from proxies.postgres.startup import StartupSteps
@@ -1382,6 +1382,9 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                          out)
             self._audit(ctx, outcome="blocked")
             return True
+        if ctx.post_key is not None and (analysis is None or any(
+                guard.outside_block(st) for st in analysis.statements)):
+            ctx.post_key = None  # VACUUM, CALL...: they commit on their own
         self._guard_before_execute(ctx, out)
         if self.masking:
             # Learn the result's shape and formats before its rows: our own Describe of
@@ -1393,6 +1396,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                 # the batch and aborts its transaction: the Execute (and every later
                 # message) waits for the Describe's answer.
                 out.append(codec.encode_flush())
+                ctx.post_key = None  # (sent later, on its own: not checked after it ran)
                 self.expect.append(Expect(b"D", plan_for=ctx, then=msg))
                 self.holding = True
                 return False
@@ -1400,12 +1404,25 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         self.expect.append(Expect(kind, ctx))
         self._intent(ctx)
         out.append(msg.raw)
+        if ctx.post_key is not None:
+            self._post_check_execute(ctx, ctx.post_key, out)
         if ctx.barrier:
             # Code that runs here may DEALLOCATE and PREPARE the gateway's own statement
             # names (through EXECUTE in a function): prepared again before their next use.
             self.guard_stmts.clear()
         self._guard_after_execute(ctx, out)
         return True
+
+    def _post_check_execute(self, ctx: Ctx, key: int, out: list[bytes]) -> None:
+        """The gateway's check right behind an approved Execute, in its transaction (before
+        the client's Sync): statement and portal of their own, closed again."""
+        name = f"keyturn_post_{key}"
+        out += [codec.encode_parse(name, post_check_sql(key)), codec.encode_bind(name, name),
+                codec.encode_close("S", name), codec.encode_execute(name, 0),
+                codec.encode_close("P", name)]
+        self.expect.extend([Expect(b"P", swallow=True), Expect(b"B", swallow=True),
+                            Expect(b"C", swallow=True), Expect(b"E", swallow=True, post=ctx),
+                            Expect(b"C", swallow=True)])
 
     def _refuse_copy(self, sql: str, kind: bytes, out: list[bytes]) -> None:
         """COPY FROM STDIN other than alone in a simple Query: refused before it is sent
@@ -1439,6 +1456,8 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             self._refuse(codec.encode_error("ERROR", "25000", f"keyturn: {exc}"), b"Q", out)
             self._audit(ctx, outcome="blocked")
             return True
+        if ctx.post_key is not None and (plan is None or plan.toggle):
+            ctx.post_key = None  # nothing to check, or a command outside any transaction
         if plan is not None and (plan.changed or plan.toggle) and self.imp_started \
                 and not self.imp_bound and not self.txs.block and not self.target_skipping:
             # Parse/Describe without a Sync (asyncpg prepares so) began an implicit
@@ -1461,13 +1480,17 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             self.expect.append(Expect(b"Q", hide=True))
             out += [_DEFAULT_RW_QUERY, msg.raw, _DEFAULT_RO_QUERY]
             return True
-        if not plan.changed:
+        if not plan.changed and ctx.post_key is None:
             self.expect.append(Expect(b"Q", ctx))
             out.append(msg.raw)
             return True
         texts = [ctx.statement] if analysis.error is not None else \
             getattr(analysis, "texts", None) or [st.text for st in analysis.statements]
-        new = guard.rewrite(ctx.statement, texts, plan.parts)
+        parts = plan.parts if plan.changed else list(range(len(texts)))
+        if ctx.post_key is not None:
+            # An approved Query: it ends waiting for the gateway's check (holding.py).
+            parts = with_post_check(parts, analysis.statements, ctx.post_key)
+        new = guard.rewrite(ctx.statement, texts, parts)
         self.expect.append(Expect(b"Q", ctx, ours=new.ours, rewritten=new,
                                   as_idle=plan.explicit))
         out.append(codec.encode_query(new.sql))
@@ -1505,6 +1528,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
     # ------------------------------------------------------------ target -> client
 
     def _finished(self, ctx: Ctx) -> None:
+        ctx.post_done = True
         if self.copy_window is ctx:
             self.copy_window = None  # it failed before it read any COPY data
         if ctx.barrier:

@@ -92,6 +92,12 @@ class Ctx:
     # Masked connections: SQL cursors and prepared statements it creates, kept once it
     # completed without error (masker.py _follow / _defined).
     defines: Any = None
+    # An approved statement checked after it ran (holding.py _post_check): the advisory
+    # lock its Query waits for at its end, and the refusal the client gets instead of the
+    # cancelled wait when the code it ran had changed.
+    post_key: int | None = None
+    post_refused: str | None = None
+    post_done: bool = False  # its answer completed (the check ran or was skipped)
     n: int = 0  # the number of its intent record (written before it was sent), 0: none
 
 
@@ -136,6 +142,9 @@ class Expect:
     # The gateway's own read of search_path and the role after user code ran
     # (decisions.py _probe_search_path): its rows, hidden from the client.
     probe: Probe | None = None
+    # The Execute of the gateway's check after an approved Execute (holding.py
+    # _post_check): its answer (or its skipping) completes that statement's request.
+    post: Ctx | None = None
     # A Sync after user code ran in its batch: the client's next messages wait for its
     # ReadyForQuery (and the settings the target reports with it).
     release: bool = False

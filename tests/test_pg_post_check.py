@@ -1,0 +1,239 @@
+"""The check after an approved statement ran (proxies/postgres/holding.py _post_check).
+
+An approved statement that waits behind another transaction (a row lock on its own row)
+runs what that transaction commits meanwhile: a helper its trigger calls, replaced after
+the approval's re-check. The gateway ends the approved statement's transaction with a
+wait for a lock of its own, reads the target's code again once the statement ran, and
+rolls it back when the code differs from what the approvers were shown. Driven with
+psycopg (extended protocol with parameters, in and outside a client transaction) and raw
+simple Queries; the concurrent transaction runs directly on the target. Any change of
+stored code counts, as in the re-check before release.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+import requests
+
+from keyturn.launch.localpg import LocalPostgres
+from tests.conftest import APP_PASSWORD, Keyturn, keyturn_on_database
+from tests.pg_raw import Q, RawConn, errors, read_until, tags, vault_policy, vault_schema
+
+DB = "postcheck"
+V = "pc_vault"
+
+POLICIES = vault_policy("pc", [V], """\
+      - name: w
+        match: {class: [write], tables: ["public.*"]}
+        action: review
+        review: {approvers: [approvers], timeout: 10m}
+      - name: d
+        match: {class: [ddl]}
+        action: review
+        review: {approvers: [approvers], timeout: 10m}
+""")
+
+SCHEMA = vault_schema(V) + f"""
+CREATE FUNCTION public.helper() RETURNS void LANGUAGE sql AS $$ SELECT 1 $$;
+CREATE FUNCTION public.t_fn() RETURNS trigger LANGUAGE plpgsql AS
+  $$BEGIN PERFORM helper(); RETURN NEW; END$$;
+CREATE TABLE public.box (id int PRIMARY KEY, v text);
+INSERT INTO public.box SELECT g, 'a' FROM generate_series(1, 20) g;
+CREATE TRIGGER t BEFORE UPDATE ON public.box FOR EACH ROW EXECUTE FUNCTION public.t_fn();
+CREATE TABLE public.plain (id int PRIMARY KEY, v text);
+INSERT INTO public.plain SELECT g, 'a' FROM generate_series(1, 20) g;
+CREATE TABLE {V}.victim (v text);
+INSERT INTO {V}.victim VALUES ('keep me');
+"""
+
+EVIL = ("CREATE OR REPLACE FUNCTION public.helper() RETURNS void LANGUAGE plpgsql AS "
+        f"$$BEGIN DELETE FROM {V}.victim; END$$")
+GOOD = "CREATE OR REPLACE FUNCTION public.helper() RETURNS void LANGUAGE sql AS $$ SELECT 1 $$"
+
+
+@pytest.fixture(scope="module")
+def kt(pg: LocalPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyturn]:
+    k = keyturn_on_database(pg, tmp_path_factory.mktemp("pc"), DB, schema=SCHEMA,
+                            policies=POLICIES, connections={"pc": "policy: pc"})
+    k.start()
+    yield k
+    k.stop()
+
+
+def direct(pg: LocalPostgres, sql: str) -> list[tuple]:
+    with psycopg.connect(pg.dsn(DB, user="app", password=APP_PASSWORD),
+                         autocommit=True) as c:
+        cur = c.execute(sql)
+        return cur.fetchall() if cur.description else []
+
+
+def _reset(pg: LocalPostgres, kt: Keyturn) -> None:
+    direct(pg, GOOD)
+    direct(pg, f"DELETE FROM {V}.victim; INSERT INTO {V}.victim VALUES ('keep me')")
+    direct(pg, "UPDATE public.box SET v = 'a'")
+    direct(pg, "UPDATE public.plain SET v = 'a'")
+    direct(pg, "DROP FUNCTION IF EXISTS public.unrelated()")
+    kt.skip_pending()
+
+
+def _ticket(kt: Keyturn, tid: int, final: set[str], timeout: float = 15) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        t = requests.get(f"{kt.url}/api/v1/tickets/{tid}", timeout=5, headers={
+            "Authorization": f"Bearer {kt.tokens['bob']}"}).json()
+        if t["status"] in final or time.monotonic() > deadline:
+            return t
+        time.sleep(0.2)
+
+
+def _own_connections(pg: LocalPostgres) -> list[tuple]:
+    return direct(pg, "SELECT pid FROM pg_stat_activity "
+                      "WHERE application_name = 'keyturn-postcheck'")
+
+
+class Client(threading.Thread):
+    """A psycopg client sending a parameterised statement (extended protocol), held."""
+
+    def __init__(self, kt: Keyturn, sql: str, params: tuple, *, in_tx: bool) -> None:
+        super().__init__(daemon=True)
+        self.dsn, self.sql, self.params, self.in_tx = kt.dsn("alice", dbname="pc"), sql, \
+            params, in_tx
+        self.error: psycopg.Error | None = None
+        self.rowcount: int | None = None
+        self.after: str | None = None
+
+    def run(self) -> None:
+        with psycopg.connect(self.dsn, autocommit=not self.in_tx) as c:
+            try:
+                self.rowcount = c.execute(self.sql, self.params).rowcount
+                c.commit()
+            except psycopg.Error as exc:
+                self.error = exc
+                c.rollback()
+            # the session goes on serving
+            self.after = str(c.execute("SELECT v FROM public.plain WHERE id = 20").fetchone())
+
+
+#: Any change of stored code counts (code reaches code the catalog does not link).
+UNRELATED = "CREATE FUNCTION public.unrelated() RETURNS int LANGUAGE sql AS $$ SELECT 1 $$"
+
+
+def _race(kt: Keyturn, pg: LocalPostgres, client: Client, row: int, *, change: bool) -> int:
+    """Hold the client's UPDATE of ``row`` of public.plain, lock that row in another
+    transaction, approve, then (``change``) create a function and commit while the
+    UPDATE waits. (A parameterised statement that runs user code is refused before it
+    is sent, never held: the extended protocol's held statements run none when held.)"""
+    client.start()
+    try:
+        ticket = kt.wait_ticket()
+    except TimeoutError:
+        client.join(5)
+        raise AssertionError(f"not held: {client.error!r}") from None
+    with psycopg.connect(pg.dsn(DB, user="app", password=APP_PASSWORD)) as other:
+        other.execute("SELECT id FROM public.plain WHERE id = %s FOR UPDATE", (row,))
+        kt.cli("approve", str(ticket["id"]), token_of="bob")
+        time.sleep(3)  # the re-check passed; the approved UPDATE waits for the row lock
+        assert client.is_alive()
+        if change:
+            other.execute(UNRELATED)
+        other.commit()
+    client.join(30)
+    assert not client.is_alive()
+    return int(ticket["id"])
+
+
+@pytest.mark.parametrize("in_tx", [False, True], ids=["autocommit", "transaction"])
+def test_extended_update_is_rolled_back_when_code_changed_while_it_waited(
+        kt: Keyturn, pg: LocalPostgres, in_tx: bool) -> None:
+    _reset(pg, kt)
+    row = 1 + int(in_tx)
+    client = Client(kt, "UPDATE public.plain SET v = %s WHERE id = %s", ("b", row),
+                    in_tx=in_tx)
+    tid = _race(kt, pg, client, row, change=True)
+    assert client.error is not None, client.rowcount
+    assert client.error.sqlstate == "55000", client.error
+    assert "rolled back" in str(client.error)
+    assert "changed" in str(client.error)
+    assert direct(pg, f"SELECT v FROM public.plain WHERE id = {row}") == [("a",)]
+    assert client.after == "('a',)"
+    t = _ticket(kt, tid, {"failed"})
+    assert t["status"] == "failed", t
+    time.sleep(0.5)
+    assert _own_connections(pg) == []
+
+
+def test_simple_query_update_is_rolled_back_when_a_helper_changed_while_it_waited(
+        kt: Keyturn, pg: LocalPostgres) -> None:
+    _reset(pg, kt)
+    with RawConn(kt.dsn("alice", dbname="pc")) as r:
+        r.send(Q("UPDATE public.box SET v = 'q' WHERE id = 2"))
+        read_until(r, b"N")
+        ticket = kt.wait_ticket()
+        with psycopg.connect(pg.dsn(DB, user="app", password=APP_PASSWORD)) as other:
+            other.execute("SELECT id FROM public.box WHERE id = 2 FOR UPDATE")
+            kt.cli("approve", str(ticket["id"]), token_of="bob")
+            time.sleep(3)
+            other.execute(EVIL)
+            other.commit()
+        a = r.until_ready()
+        assert [e["C"] for e in errors(a)] == ["55000"], a
+        after = r.run(Q("SELECT v FROM public.box WHERE id = 2"))
+    assert (b"D", b"\x00\x01\x00\x00\x00\x01a") in after, after
+    assert direct(pg, f"SELECT count(*) FROM {V}.victim") == [(1,)]
+    assert _ticket(kt, int(ticket["id"]), {"failed"})["status"] == "failed"
+
+
+@pytest.mark.parametrize("in_tx", [False, True], ids=["autocommit", "transaction"])
+def test_an_approved_update_that_waited_for_nothing_new_commits(
+        kt: Keyturn, pg: LocalPostgres, in_tx: bool) -> None:
+    """The other transaction only held the row: the same code ran, the UPDATE commits."""
+    _reset(pg, kt)
+    row = 3 + int(in_tx)
+    client = Client(kt, "UPDATE public.plain SET v = %s WHERE id = %s", ("ok", row),
+                    in_tx=in_tx)
+    tid = _race(kt, pg, client, row, change=False)
+    assert client.error is None, client.error
+    assert client.rowcount == 1
+    assert direct(pg, f"SELECT v FROM public.plain WHERE id = {row}") == [("ok",)]
+    assert _ticket(kt, tid, {"executed"})["status"] == "executed"
+    time.sleep(0.5)
+    assert _own_connections(pg) == []
+
+
+def test_an_approved_statement_that_changes_code_itself_runs(
+        kt: Keyturn, pg: LocalPostgres) -> None:
+    """Its own change is not another transaction's: the check reads committed code only,
+    so approved DDL that replaces a function is not rolled back by its own change."""
+    _reset(pg, kt)
+    with RawConn(kt.dsn("alice", dbname="pc")) as r:
+        r.send(Q("CREATE OR REPLACE FUNCTION public.helper3() RETURNS int LANGUAGE sql "
+                 "AS $$ SELECT 3 $$"))
+        read_until(r, b"N")
+        ticket = kt.wait_ticket()
+        kt.cli("approve", str(ticket["id"]), token_of="bob")
+        a = r.until_ready()
+    assert not errors(a), a
+    assert "CREATE FUNCTION" in tags(a)
+    assert direct(pg, "SELECT public.helper3()") == [(3,)]
+    direct(pg, "DROP FUNCTION public.helper3()")
+
+
+def test_an_approved_statement_that_fails_ends_the_check_and_the_session_goes_on(
+        kt: Keyturn, pg: LocalPostgres) -> None:
+    _reset(pg, kt)
+    client = Client(kt, "UPDATE public.plain SET id = %s WHERE id = %s", (6, 5), in_tx=False)
+    client.start()
+    ticket = kt.wait_ticket()
+    kt.cli("approve", str(ticket["id"]), token_of="bob")
+    client.join(30)
+    assert client.error is not None and client.error.sqlstate == "23505", client.error
+    assert client.after == "('a',)"
+    assert _ticket(kt, int(ticket["id"]), {"failed"})["status"] == "failed"
+    time.sleep(0.5)
+    assert _own_connections(pg) == []
