@@ -527,6 +527,7 @@ class _Session(asyncssh.SSHServer):
             _refuse(process, "keyturn: not logged in", UNREACHABLE_STATUS)
             return
         self.channels += 1
+        n = self.channels  # before any wait: channels of one connection run concurrently
         conn = self.connection
         if process.subsystem:
             self.gw.audit(kind="statement", user=self.user, connection=conn.name,
@@ -552,7 +553,6 @@ class _Session(asyncssh.SSHServer):
                       actions=[action], client_addr=self.client_addr,
                       session_id=self.session_id)
         decision = self.gw.policy.evaluate(req)
-        n = self.channels
         shown = action.text
         common = dict(user=self.user, connection=conn.name, session_id=self.session_id,
                       client_addr=self.client_addr, statement=shown,
@@ -578,7 +578,14 @@ class _Session(asyncssh.SSHServer):
                               outcome=outcome.status, detail=detail, **common)
                 _refuse(process, f"keyturn: {outcome.message}", REFUSED_STATUS)
                 return
-            process.stderr.write(f"keyturn: {outcome.message}\n".encode())
+            try:
+                process.stderr.write(f"keyturn: {outcome.message}\n".encode())
+            except (OSError, asyncssh.Error):
+                # Approved as the client closed the channel: nobody is there to run it for.
+                self.gw.audit(kind="statement", action="review", rule=decision.rule,
+                              reason="the client closed the channel as it was approved",
+                              ticket_id=ticket_id, outcome="gone", detail=detail, **common)
+                return
         # Write-ahead: the intent reaches the spool file before the target is asked.
         self.gw.audit(kind="intent", n=n, action=decision.action, rule=decision.rule,
                       reason=decision.reason, ticket_id=ticket_id, detail=detail, **common)
@@ -608,14 +615,25 @@ class _Session(asyncssh.SSHServer):
 
     async def hold_action(self, action: Any, req: Request, decision: Any,
                           say: Callable[[str], None], *,
-                          process: asyncssh.SSHServerProcess[bytes] | None = None
-                          ) -> holds.Outcome:
+                          process: asyncssh.SSHServerProcess[bytes] | None = None,
+                          channel: Any = None, eof_ends: bool = False) -> holds.Outcome:
         """Hold one action (an exec command, an SFTP operation) until it is decided;
-        ``say`` tells the client (its stderr). Hanging up cancels the ticket, and so does
-        Ctrl-C typed in ``process``'s terminal."""
+        ``say`` tells the client (its stderr). Hanging up cancels the ticket, and so do
+        the client closing the action's channel (``channel``, or ``process``'s: with a
+        shared connection, ssh's ControlMaster, ending a client closes only its channel)
+        and Ctrl-C typed in ``process``'s terminal. ``eof_ends``: the end of the client's
+        input ends the session too (sftp-server exits at the end of its input).
+
+        The approval is bound to the user, the connection, the text and whether the
+        command has a terminal (with one, programs page their output in less, which runs
+        shell commands: a defer-mode approval given without one is not claimed with
+        one)."""
         conn = req.connection
         review = decision.review
         target = target_of(conn)
+        pty = process is not None and process.get_terminal_type() is not None
+        binding = binding_of(self.user, conn.name, action.text,
+                             {"pty": True} if pty else None)
         ticket = TicketRequest(
             requester=self.user, requester_groups=req.groups, connection=conn.name,
             statement=action.text, classification=decision.classification,
@@ -630,10 +648,10 @@ class _Session(asyncssh.SSHServer):
                    ("paths", ", ".join(action.paths) or "—"),
                    ("parsed", " ; ".join(getattr(action, "commands", ())) or "—")),
             detail={"programs": list(action.programs), "paths": list(action.paths),
-                    "reasons": list(action.reasons),
-                    "pty": process is not None and process.get_terminal_type() is not None})
-        binding = binding_of(self.user, conn.name, action.text, None)
+                    "reasons": list(action.reasons), "pty": pty},
+            binding=binding)
         mine: list[int] = []
+        gone: list[str] = []  # why the client gave up, once it has
 
         def on_held(held: holds.Held) -> None:
             if held.mode != "defer":
@@ -643,39 +661,64 @@ class _Session(asyncssh.SSHServer):
             if ticket_id is not None:
                 mine.append(ticket_id)
                 self.held.add(ticket_id)
+                if gone:  # the channel closed while the ticket was being made
+                    self.gw.spawn(asyncio.to_thread(self.gw.holds.cancel, ticket_id,
+                                                    self.user, gone[0]))
             else:
                 for t in mine:
                     self.held.discard(t)
 
-        watch = self.gw.spawn(self._watch_cancel(process)) if process is not None else None
+        if channel is None and process is not None:
+            channel = process.channel
+        watch = self.gw.spawn(self._watch_cancel(process, channel, mine, gone, eof_ends))
         try:
             return await self.gw.holds.hold(
                 ticket, binding=binding, noun="command" if process is not None
                 else "operation", on_held=on_held, on_wait=on_wait,
-                is_gone=lambda: self.closed or (watch is not None and watch.done()))
+                is_gone=lambda: self.closed or bool(gone) or watch.done())
         finally:
-            if watch is not None:
-                watch.cancel()
+            watch.cancel()
 
-    async def _watch_cancel(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
-        """While a command is held: Ctrl-C typed in a terminal cancels its ticket; other
-        keys typed in the terminal meanwhile are discarded (the approved command starts
-        with what is typed after it starts). Without a terminal stdin is not read here:
-        it waits for the command."""
-        if process.get_terminal_type() is None:
+    async def _watch_cancel(self, process: asyncssh.SSHServerProcess[bytes] | None,
+                            channel: Any, mine: list[int], gone: list[str],
+                            eof_ends: bool = False) -> None:
+        """While an action is held: its channel closing, or Ctrl-C typed in its terminal,
+        cancels its ticket; other keys typed in the terminal meanwhile are discarded (the
+        approved command starts with what is typed after it starts). Without a terminal
+        stdin is not read here: it waits for the command."""
+        waits: list[asyncio.Future[Any]] = []
+        if channel is not None:
+            waits.append(asyncio.ensure_future(_channel_gone(channel, eof_ends)))
+        if process is not None and process.get_terminal_type() is not None:
+            waits.append(asyncio.ensure_future(self._ctrl_c(process)))
+        if not waits:
             await asyncio.Event().wait()  # only a hang-up (connection_lost) cancels
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        typed = any(not w.cancelled() and w.exception() is None and w.result() is True
+                    for w in done)
+        gone.append("cancelled with Ctrl-C while held" if typed else
+                    "the client closed the channel while it was held")
+        for ticket_id in list(mine):
+            await asyncio.to_thread(self.gw.holds.cancel, ticket_id, self.user, gone[0])
+
+    @staticmethod
+    async def _ctrl_c(process: asyncssh.SSHServerProcess[bytes]) -> bool:
+        """True once Ctrl-C is typed in the terminal (never after the end of input)."""
         while True:
             try:
                 data = await process.stdin.read(1)
             except asyncssh.TerminalSizeChanged:
                 continue
+            except (asyncssh.BreakReceived, asyncssh.SignalReceived):
+                continue
             if not data:
                 await asyncio.Event().wait()
             if data == b"\x03":
-                for ticket_id in list(self.held):
-                    await asyncio.to_thread(self.gw.holds.cancel, ticket_id, self.user,
-                                            "cancelled with Ctrl-C while held")
-                return
+                return True
 
     # ---- running it on the target
 
@@ -686,27 +729,35 @@ class _Session(asyncssh.SSHServer):
         width, height = process.get_terminal_size()[:2] if term else (80, 24)
         pool = self.gw.upstreams
         try:
-            upstream = await pool.acquire(target)
+            first = await pool.acquire(target, owner=self.user)
         except (OSError, asyncssh.Error, ValueError) as exc:
             why = _connect_error(target, exc)
             _refuse(process, f"keyturn: {why}", UNREACHABLE_STATUS)
             return {"outcome": "error", "error": why}
+        upstream: asyncssh.SSHClientConnection | None = first
         shown = clamp_size(width or 80, height or 24)  # what is emulated and recorded
-        recording = self.gw.recorder.open(
-            f"{self.session_id}-{n}", "asciicast", width=shown[0], height=shown[1],
-            title=f"{self.user}@{conn.name}: {command if command is not None else 'shell'}",
-            command=command, env={"TERM": term or ""})
+        try:
+            recording = self.gw.recorder.open(
+                f"{self.session_id}-{n}", "asciicast", width=shown[0], height=shown[1],
+                title=f"{self.user}@{conn.name}: "
+                      f"{command if command is not None else 'shell'}",
+                command=command, env={"TERM": term or ""})
+        except BaseException:
+            pool.release(target, first, owner=self.user)
+            raise
         stats = {"bytes_in": 0, "bytes_out": 0}
         typed = TypedLines(width or 80, height or 24) if term else None
         try:
+            assert upstream is not None
             try:
                 remote = await upstream.create_process(
                     command, term_type=term, term_size=(width, height) if term else None,
                     encoding=None)
             except (OSError, asyncssh.Error):
                 # A pooled connection the target closed meanwhile: once more, on a new one.
-                pool.release(target, upstream, broken=True)
-                upstream = await pool.acquire(target, fresh=True)
+                pool.release(target, upstream, broken=True, owner=self.user)
+                upstream = None
+                upstream = await pool.acquire(target, fresh=True, owner=self.user)
                 remote = await upstream.create_process(
                     command, term_type=term, term_size=(width, height) if term else None,
                     encoding=None)
@@ -715,12 +766,15 @@ class _Session(asyncssh.SSHServer):
             ref = recording.close()
             self._sealed(ref, conn, n)
             why = f"the connection to {target.address} failed: {exc}"
-            if isinstance(exc, asyncssh.HostKeyNotVerifiable | asyncssh.PermissionDenied):
+            if isinstance(exc, ClientGone):
+                why = str(exc)
+            elif isinstance(exc, asyncssh.HostKeyNotVerifiable | asyncssh.PermissionDenied):
                 why = _connect_error(target, exc)
             _refuse(process, f"keyturn: {why}", UNREACHABLE_STATUS)
             return {"outcome": "error", "error": why, **stats}
         finally:
-            pool.release(target, upstream)
+            if upstream is not None:
+                pool.release(target, upstream, owner=self.user)
         ref = recording.close()
         self._sealed(ref, conn, n)
         exit_status, signal = status
@@ -792,80 +846,141 @@ class _Session(asyncssh.SSHServer):
                 dst.write(data)
                 await dst.drain()
 
+        async def finish() -> None:
+            await asyncio.gather(*outs)
+            await remote.wait_closed()
+
         inbound = asyncio.ensure_future(client_to_target())
         outs = [asyncio.ensure_future(target_to_client(remote.stdout, process.stdout)),
                 asyncio.ensure_future(target_to_client(remote.stderr, process.stderr))]
+        finished = asyncio.ensure_future(finish())
+        hung_up = asyncio.ensure_future(process.channel.wait_closed())
         try:
-            await asyncio.gather(*outs)
-            await remote.wait_closed()
+            done, _ = await asyncio.wait([finished, hung_up],
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if finished not in done:
+                raise ClientGone("the client went away while the command ran")
+            finished.result()
         finally:
-            inbound.cancel()
-            for t in outs:
+            for t in (finished, hung_up, inbound, *outs):
                 t.cancel()
+            # The client went away (or the relay failed): the command's channel closes,
+            # as sshd closes a session's pipes (and hangs up its terminal) when its client
+            # goes; a pooled login must not keep it running.
+            remote.close()
         return remote.exit_status, remote.exit_signal
 
 
+async def _channel_gone(channel: Any, eof_ends: bool) -> None:
+    """Returns once the client closed ``channel`` (or, with ``eof_ends``, ended its input).
+    asyncssh says when a channel closes, not when its input ends while the server is
+    busy with a request, so that is looked at (its receive state) a few times a second."""
+    closed = asyncio.ensure_future(channel.wait_closed())
+    try:
+        while not closed.done():
+            if eof_ends and getattr(channel, "_recv_state", "open") != "open":
+                return
+            await asyncio.wait([closed], timeout=0.25)
+    finally:
+        closed.cancel()
+
+
+class ClientGone(OSError):
+    """The client closed the channel (or the connection) while its command ran."""
+
+
 class PoolFull(OSError):
-    """Every login to a target the pool may hold is busy (UpstreamPool.LOGINS)."""
+    """Every login to a target the pool may hold is busy (UpstreamPool.LOGINS), or the
+    user already has their share of them (UpstreamPool.SHARE)."""
 
 
 class UpstreamPool:
-    """Logged-in connections to the targets, reused: a command opens a channel on one
-    (a few ms) instead of logging in again (a key exchange and an authentication, over
-    100 ms). Every command runs as the connection's target user whoever asks, so sharing
-    a connection shares nothing a new login would not. At most ``CHANNELS`` commands run
-    on one connection at a time (below sshd's MaxSessions, 10) and at most ``LOGINS``
-    logins to one target are open or being made (sshd's MaxStartups and the host's
-    patience are finite): a command beyond waits up to ``WAIT`` seconds for a channel to
-    free, then fails with a clear message. Connections unused for ``IDLE`` seconds are
+    """Logged-in connections to the targets, reused: a command (or an sftp session) opens
+    a channel on one (a few ms) instead of logging in again (a key exchange and an
+    authentication, over 100 ms). Every command runs as the connection's target user
+    whoever asks, so sharing a connection shares nothing a new login would not. At most
+    ``CHANNELS`` channels run on one connection at a time (below sshd's MaxSessions, 10)
+    and at most ``LOGINS`` logins to one target are open or being made (sshd's MaxStartups
+    and the host's patience are finite); one user (``owner``) holds at most ``SHARE`` of
+    a target's channels, so one person's commands cannot take every login and starve
+    everyone else. A command beyond waits up to ``WAIT`` seconds for a channel to free,
+    then fails with a clear message. Connections unused for ``IDLE`` seconds are
     closed."""
 
     CHANNELS = 8
     LOGINS = 16
+    SHARE = 32  # channels of one target one user may hold: a quarter of LOGINS x CHANNELS
     WAIT = 30.0
     IDLE = 60.0
 
     def __init__(self) -> None:
         self._pools: dict[SSHTarget, list[list[Any]]] = {}  # [conn, in use, last used]
         self._connecting: dict[SSHTarget, int] = {}
+        self._owned: dict[tuple[SSHTarget, str], int] = {}  # channels held per user
         self._waiters: list[asyncio.Future[None]] = []
         self._reaper: asyncio.TimerHandle | None = None
 
-    async def acquire(self, target: SSHTarget, *, fresh: bool = False
-                      ) -> asyncssh.SSHClientConnection:
+    async def acquire(self, target: SSHTarget, *, fresh: bool = False,
+                      owner: str | None = None) -> asyncssh.SSHClientConnection:
         deadline = time.monotonic() + self.WAIT
         while True:
+            mine = self._owned.get((target, owner), 0) if owner is not None else 0
+            left = deadline - time.monotonic()
+            if mine >= self.SHARE:
+                if left <= 0:
+                    raise PoolFull(f"you already run {self.SHARE} commands on "
+                                   f"{target.address} through the gateway; wait for one "
+                                   "to end")
+                await self._wait(left)
+                continue
             entries = self._pools.setdefault(target, [])
             entries[:] = [e for e in entries if not e[0].is_closed()]
             if not fresh:
                 for e in entries:
                     if e[1] < self.CHANNELS:
                         e[1] += 1
+                        self._own(target, owner, 1)
                         return e[0]  # type: ignore[no-any-return]
             if len(entries) + self._connecting.get(target, 0) < self.LOGINS:
                 break
-            left = deadline - time.monotonic()
             if left <= 0:
                 raise PoolFull(f"{self.LOGINS * self.CHANNELS} commands already run on "
                                f"{target.address} through the gateway; try again later")
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await asyncio.wait_for(waiter, left)
-            except TimeoutError:
-                pass
-            finally:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
+            await self._wait(left)
         self._connecting[target] = self._connecting.get(target, 0) + 1
+        self._own(target, owner, 1)
         try:
             conn = await _connect(target)
+        except BaseException:
+            self._own(target, owner, -1)
+            raise
         finally:
             self._connecting[target] -= 1
             self._wake()
         entries.append([conn, 1, time.monotonic()])
         self._schedule()
         return conn
+
+    def _own(self, target: SSHTarget, owner: str | None, n: int) -> None:
+        if owner is None:
+            return
+        key = (target, owner)
+        count = self._owned.get(key, 0) + n
+        if count > 0:
+            self._owned[key] = count
+        else:
+            self._owned.pop(key, None)
+
+    async def _wait(self, left: float) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, left)
+        except TimeoutError:
+            pass
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
 
     def _wake(self) -> None:
         waiters, self._waiters = self._waiters, []
@@ -874,7 +989,8 @@ class UpstreamPool:
                 w.set_result(None)
 
     def release(self, target: SSHTarget, conn: asyncssh.SSHClientConnection, *,
-                broken: bool = False) -> None:
+                broken: bool = False, owner: str | None = None) -> None:
+        self._own(target, owner, -1)
         for e in self._pools.get(target, []):
             if e[0] is conn:
                 e[1] = max(0, e[1] - 1)

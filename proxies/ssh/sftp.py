@@ -15,7 +15,12 @@ stderr) or held for approval (the request waits; "held for approval — ticket N
 stderr, which OpenSSH's sftp and scp print). Opens, removes, renames, setstats, mkdirs,
 rmdirs, links and directory listings are audited with their paths; a file's record is
 completed when it is closed, with the bytes read and written. Stat-like lookups are judged
-but only refusals are audited (a client makes thousands).
+but only refusals are audited (a client makes thousands). A held operation is cancelled
+when the client closes the channel or ends its input (sftp-server's end of a session).
+Paths that are not UTF-8 are judged and shown with those bytes as ``\\xNN``; an unexpected
+failure is refused with a generic message (never the exception's text). The session runs
+on one of the gateway's pooled logins to the host (gateway.UpstreamPool), within the
+host's cap of logins and the user's share of them.
 
 A transfer keeps the pipeline full although asyncssh's server answers one request at a
 time: sequential reads are issued ahead (READ_AHEAD blocks), and writes are answered
@@ -109,10 +114,12 @@ class _Open:
 
 def _path(raw: bytes) -> str:
     """A path as rules see it: absolute, or under ``~`` (the login's home) when relative;
-    ``*`` (anywhere) with a ``..`` in it, which the host resolves through symbolic links,
-    or through a /proc magic link (``/proc/self/root/...``, ``/proc/<pid>/cwd``,
-    ``/dev/fd/N``)."""
-    p = raw.decode("utf-8", "surrogateescape")
+    bytes that are not UTF-8 as ``\\xNN``; ``*`` (anywhere) with a ``..`` in it, which
+    the host resolves through symbolic links, or through a /proc magic link
+    (``/proc/self/root/...``, ``/proc/<pid>/cwd``, ``/dev/fd/N``)."""
+    # Bytes that are not UTF-8 are shown escaped (``\\xff``): tickets, audit records and
+    # the store hold text.
+    p = raw.decode("utf-8", "backslashreplace")
     if ".." in p.split("/"):
         return "*"
     if p.startswith("/"):
@@ -131,20 +138,35 @@ class SFTPRelay(asyncssh.SFTPServer):
         self._conn: asyncssh.SSHClientConnection | None = None
         self._client: asyncssh.SFTPClient | None = None
         self._lock = asyncio.Lock()
+        self._pooled: Any = None  # the target whose pooled login self._conn is
 
     # ---- the target
 
     async def _target(self) -> asyncssh.SFTPClient:
         async with self._lock:
             if self._client is None:
-                from proxies.ssh.gateway import _connect, _connect_error
+                from proxies.ssh.gateway import _connect_error
                 from proxies.ssh.register import target_of
 
                 assert self.session.connection is not None
                 target = target_of(self.session.connection)
+                # On the gateway's pooled logins to the host, like commands: an sftp session
+                # is a channel on one, within the host's cap of logins and the user's share.
+                pool, user = self.session.gw.upstreams, self.session.user
                 try:
-                    self._conn = await _connect(target)
-                    self._client = await self._conn.start_sftp_client()
+                    conn = await pool.acquire(target, owner=user)
+                    try:
+                        client = await conn.start_sftp_client()
+                    except (OSError, asyncssh.Error):
+                        # A pooled login the target closed meanwhile: once more, anew.
+                        pool.release(target, conn, broken=True, owner=user)
+                        conn = await pool.acquire(target, fresh=True, owner=user)
+                        try:
+                            client = await conn.start_sftp_client()
+                        except BaseException:
+                            pool.release(target, conn, owner=user)
+                            raise
+                    self._conn, self._client, self._pooled = conn, client, target
                 except (OSError, asyncssh.Error, ValueError) as exc:
                     why = _connect_error(target, exc)
                     self._say(why)
@@ -162,7 +184,21 @@ class SFTPRelay(asyncssh.SFTPServer):
     async def _judge(self, op: str, cls: str, paths: tuple[str, ...], *,
                      audited: bool = True) -> tuple[int, dict[str, Any]] | None:
         """Decide one operation; raise SFTPPermissionDenied when it must not run. Returns
-        (n, common fields) of its intent record when it is audited."""
+        (n, common fields) of its intent record when it is audited. An unexpected failure
+        refuses the operation with a generic message (asyncssh would send the client the
+        exception's text: the gateway's SQL, its parameters)."""
+        try:
+            return await self._decide(op, cls, paths, audited=audited)
+        except (asyncssh.SFTPError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            log.exception("ssh: judging sftp %s for %s failed", op, self.session.user)
+            self._say("internal error; the operation was not run")
+            raise asyncssh.SFTPFailure("keyturn: internal error; the operation was not "
+                                       "run") from exc
+
+    async def _decide(self, op: str, cls: str, paths: tuple[str, ...], *,
+                      audited: bool) -> tuple[int, dict[str, Any]] | None:
         s = self.session
         conn = s.connection
         assert conn is not None and s.identity is not None
@@ -181,7 +217,8 @@ class SFTPRelay(asyncssh.SFTPServer):
             self._say(f"blocked by rule {decision.rule}: {decision.reason}")
             raise asyncssh.SFTPPermissionDenied(f"keyturn: blocked by rule {decision.rule}")
         if decision.action == "review":
-            outcome = await s.hold_action(action, req, decision, self._say)
+            outcome = await s.hold_action(action, req, decision, self._say,
+                                          channel=self._chan, eof_ends=True)
             ticket_id = outcome.ticket_id
             if not outcome.run:
                 s.gw.audit(kind="statement", action="review", rule=decision.rule,
@@ -397,8 +434,11 @@ class SFTPRelay(asyncssh.SFTPServer):
     def exit(self) -> None:
         if self._client is not None:
             self._client.exit()
-        if self._conn is not None:
-            self._conn.close()
+            self._client = None
+        if self._conn is not None and self._pooled is not None:
+            self.session.gw.upstreams.release(self._pooled, self._conn,
+                                              owner=self.session.user)
+        self._conn = self._pooled = None
         # Like sshd's sftp-server: an exit status, which scp waits for (without one it
         # reports a failure even though every file arrived).
         try:

@@ -15,9 +15,9 @@ data for good), ``shell`` (an interactive shell: the gateway cannot know what wi
 Fail closed: a parse error, a construct bashlex does not implement (arithmetic,
 ``[[ ]]``, ``case``), command or process substitution, a variable or glob in command
 position, a program not in the tables below, a program named by a path outside the system
-directories (``./ls``, ``/tmp/ls``), an interpreter given a script or stdin (``sh``,
-``python -c``, ``perl -e``, ``base64 -d | sh``), ``eval``/``source`` of anything that is not
-a literal, a variable that changes how commands are found or run (``PATH=``,
+directories (``./ls``, ``/tmp/ls``) or through ``..``, an interpreter given a script or
+stdin (``sh``, ``python -c``, ``perl -e``, ``base64 -d | sh``), ``eval``/``source`` of
+anything that is not a literal, a variable that changes how commands are found or run (``PATH=``,
 ``LD_PRELOAD=``, ``BASH_ENV=``) — all are ``unknown``, the riskiest class.
 
 What the line may leave uncertain is taken at its riskiest: a ``cd`` may fail, be skipped
@@ -815,6 +815,10 @@ def _program(walk: _Walk, name: str) -> str:
     if any(c in _GLOB for c in name):
         raise _Unknown(f"a pattern in command position ({name})")
     if "/" in name:
+        if ".." in name.split("/"):
+            # The host resolves `..` through symbolic links (`/tmp/l/../../usr/bin/ls`
+            # may be a script under /tmp), which the text cannot.
+            raise _Unknown(f"a program named through `..` ({name})")
         d, base = posixpath.split(posixpath.normpath(name))
         if d not in SYSTEM_DIRS:
             raise _Unknown(f"a program outside the system directories ({name})")
