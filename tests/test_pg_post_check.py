@@ -237,3 +237,32 @@ def test_an_approved_statement_that_fails_ends_the_check_and_the_session_goes_on
     assert _ticket(kt, int(ticket["id"]), {"failed"})["status"] == "failed"
     time.sleep(0.5)
     assert _own_connections(pg) == []
+
+
+def test_the_check_fails_closed_when_the_gateway_s_lock_connection_is_killed(
+        kt: Keyturn, pg: LocalPostgres) -> None:
+    """Code with the target role's rights can end the gateway's check connection (same
+    role), which releases its lock early: the waiting statement must not take that for
+    a passed check. Nothing changed here but the connection: rolled back all the same."""
+    _reset(pg, kt)
+    with RawConn(kt.dsn("alice", dbname="pc")) as r:
+        r.send(Q("UPDATE public.plain SET v = 'k' WHERE id = 7"))
+        read_until(r, b"N")
+        ticket = kt.wait_ticket()
+        with psycopg.connect(pg.dsn(DB, user="app", password=APP_PASSWORD)) as other:
+            other.execute("SELECT id FROM public.plain WHERE id = 7 FOR UPDATE")
+            kt.cli("approve", str(ticket["id"]), token_of="bob")
+            time.sleep(3)
+            killed = other.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'keyturn-postcheck'").fetchall()
+            assert killed == [(True,)], killed
+            other.commit()
+        a = r.until_ready()
+        assert [e["C"] for e in errors(a)] == ["55000"], a
+        assert b"rolled back" in b"".join(body for _, body in errors_raw(a))
+    assert direct(pg, "SELECT v FROM public.plain WHERE id = 7") == [("a",)]
+
+
+def errors_raw(answers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return [(t, body) for t, body in answers if t == b"E"]

@@ -487,13 +487,16 @@ def read_catalog(conn: Connection) -> TargetCatalog:
     # (an open ALTER TABLE) must not hang the read, and with it every session's checks.
     # The target's own timeouts are read first, before the gateway's own replace them.
     with connect_target(conn, "keyturn-catalog") as c:
-        user, path = c.execute("SELECT current_user, current_setting('search_path')").fetchone()
+        # (Every name qualified: the role's own search_path may put a schema of the
+        # target role's before pg_catalog.)
+        user, path = c.execute("SELECT CURRENT_USER, pg_catalog.current_setting("
+                               "'search_path')").fetchone()
+        c.execute("SET search_path = pg_catalog")
         settings = c.execute(_SETTINGS).fetchall()
         c.execute("SET lock_timeout = 2000")
         c.execute("SET statement_timeout = 20000")
         # Definitions printed with only pg_catalog on the path name every other object
         # with its schema, so they are read exactly, whatever a session's search_path.
-        c.execute("SET search_path = pg_catalog")
         rows = {name: c.execute(sql).fetchall() for name, sql in (
             ("routines", _ROUTINES), ("operators", _OPERATORS), ("type_code", _TYPE_CODE),
             ("type_bases", _TYPE_BASES), ("views", _VIEWS), ("rules", _RULES),

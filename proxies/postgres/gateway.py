@@ -524,7 +524,8 @@ class PostgresGateway:
         - a digest of all the user code the target stores and of what decides when it
           runs (``USER_CODE_SQL``): functions (bodies, settings, owners), triggers with
           their arguments, rules, views, defaults, constraints and referential actions,
-          policies, operators, casts, aggregates, event triggers, types, inheritance.
+          policies, operators, casts, aggregates, event triggers, types, inheritance,
+          indexes (expressions, predicates, operator classes), role and database settings.
           Code reaches code the catalog does not link (a function's body calls another
           by name), so any change, anywhere, counts. Objects of temporary schemas count
           only when the statement names a temporary table (other sessions' temporary
@@ -544,7 +545,7 @@ class PostgresGateway:
         temp = any(t.startswith("pg_temp") for t in tables)
         busy: list[str] = []
         with connect_target(conn, "keyturn-recheck", timeout=5,
-                            options="-c statement_timeout=5000") as c:
+                            options=f"-c statement_timeout=5000 {OWN_PATH}") as c:
             row = c.execute(USER_CODE_SQL, {"temp": temp}).fetchone()
             digest = str(row[0]) if row else ""
             if rels:
@@ -570,7 +571,7 @@ class PostgresGateway:
         """A connection of the gateway's own holding advisory lock ``key`` (runs in a
         thread; raises when the target cannot be reached)."""
         c = connect_target(conn, "keyturn-postcheck", timeout=5,
-                           options="-c statement_timeout=20000")
+                           options=f"-c statement_timeout=20000 {OWN_PATH}")
         try:
             c.execute("SELECT pg_catalog.pg_advisory_lock(%s::pg_catalog.int8)", (key,))
         except Exception:
@@ -590,18 +591,12 @@ class PostgresGateway:
             return "gone"
         return "waiting" if row[0] else "busy"
 
-    @classmethod
-    def post_check_refuse(cls, c: Any, pid: int, key: int) -> None:
-        """Make backend ``pid``, waiting for lock ``key``, fail (its transaction rolls
-        back): cancel its wait, and end the backend if the wait is still there after 5 s.
-        Returns once it no longer waits (the lock may then be released)."""
-        c.execute("SELECT pg_catalog.pg_cancel_backend(%s)", (pid,))
-        deadline = time.monotonic() + 5
-        while cls.post_check_state(c, pid, key) == "waiting":
-            if time.monotonic() > deadline:
-                c.execute("SELECT pg_catalog.pg_terminate_backend(%s, 5000)", (pid,))
-                deadline = time.monotonic() + 3600
-            time.sleep(0.01)
+    @staticmethod
+    def post_check_pass(c: Any, key: int, name: str) -> None:
+        """The check passed: say so (application_name, which the waiting session reads
+        once it has the lock) and release the lock."""
+        c.execute("SELECT pg_catalog.set_config('application_name', %s, false)", (name,))
+        c.execute("SELECT pg_catalog.pg_advisory_unlock(%s::pg_catalog.int8)", (key,))
 
     @staticmethod
     def post_check_close(c: Any) -> None:
@@ -643,6 +638,11 @@ class PostgresGateway:
             plan = plan["Plans"][0]
         return int(plan.get("Plan Rows", 0))
 
+
+#: The gateway's own reading connections resolve names in pg_catalog alone (a startup
+#: option outranks the role's and the database's own search_path, which the target role
+#: may set to a schema of its own that shadows md5, string_agg or =).
+OWN_PATH = "-c search_path=pg_catalog"
 
 #: The digest of the user code a target stores (release_facts): one md5 per catalog row
 #: that holds code or decides when code runs, then one of them all. OIDs below 16384 are
@@ -698,6 +698,11 @@ rows AS (
   UNION ALL SELECT 'e' || e.oid || md5(concat_ws('|', e.evtname, e.evtevent, e.evtfoid,
          e.evtenabled, e.evttags::text))
     FROM pg_catalog.pg_event_trigger e
+  UNION ALL SELECT 'n' || i.indexrelid || md5(concat_ws('|', i.indrelid, i.indkey::text,
+         i.indclass::text, i.indexprs::text, i.indpred::text, i.indisunique))
+    FROM pg_catalog.pg_index i JOIN rel ON rel.oid = i.indrelid
+  UNION ALL SELECT 's' || md5(concat_ws('|', s.setdatabase, s.setrole, s.setconfig::text))
+    FROM pg_catalog.pg_db_role_setting s
   UNION ALL SELECT 'y' || t.oid || md5(concat_ws('|', t.typname, t.typnamespace,
          t.typinput, t.typoutput, t.typreceive, t.typsend, t.typbasetype, t.typnotnull,
          t.typdefaultbin::text))
@@ -721,6 +726,7 @@ _CHANGED_ROWS = {
     "pg_constraint": " AND conrelid NOT IN (SELECT oid FROM temp_rels)",
     "pg_policy": " AND polrelid NOT IN (SELECT oid FROM temp_rels)",
     "pg_inherits": " AND inhrelid NOT IN (SELECT oid FROM temp_rels)",
+    "pg_index": " AND indrelid NOT IN (SELECT oid FROM temp_rels)",
 }
 CATALOG_CHANGES_SQL = (
     "WITH snap AS (SELECT pg_catalog.pg_current_snapshot() AS s), "

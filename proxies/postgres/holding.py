@@ -49,31 +49,73 @@ def _shape(decision: Decision) -> str:
 RECHECK_SECONDS = 10.0
 
 
-def post_check_sql(key: int) -> str:
-    """The statement an approved Query ends with: it waits for the gateway's advisory
-    lock ``key`` (holding.py _post_check), answers no rows and names only pg_catalog."""
-    return ("DO $keyturn$BEGIN PERFORM pg_catalog.pg_advisory_xact_lock("
-            f"{int(key)}::pg_catalog.int8); END$keyturn$")
+def post_check_sql(key: int, pid: int) -> str:
+    """The statement an approved Query ends with (holding.py _post_check): it waits for
+    the gateway's advisory lock ``key``, then goes on only if the gateway's connection
+    (backend ``pid``) says the check passed, in its application_name; a gateway
+    connection that ended, or anything else, fails it, and its transaction rolls back.
+    Its transaction holding ``key`` already (stored code that took it, so that the
+    gateway checked too early) fails it too. It answers no rows and names only
+    pg_catalog."""
+    held = ("SELECT FROM pg_catalog.pg_locks l WHERE l.pid OPERATOR(pg_catalog.=) "
+            "pg_catalog.pg_backend_pid() AND l.locktype OPERATOR(pg_catalog.=) "
+            "'advisory'::pg_catalog.text AND l.classid OPERATOR(pg_catalog.=) "
+            f"{key >> 32}::pg_catalog.oid AND l.objid OPERATOR(pg_catalog.=) "
+            f"{key & 0xFFFFFFFF}::pg_catalog.oid")
+    fail = ("RAISE EXCEPTION USING ERRCODE = '55000', MESSAGE = 'keyturn: the check after "
+            "this approved statement did not pass; it was rolled back'")
+    return ("DO $keyturn$BEGIN "
+            f"IF EXISTS ({held}) THEN {fail}; END IF; "
+            "PERFORM pg_catalog.pg_advisory_xact_lock("
+            f"{int(key)}::pg_catalog.int8); PERFORM pg_catalog.pg_stat_clear_snapshot(); "
+            "IF NOT EXISTS (SELECT FROM pg_catalog.pg_stat_activity a WHERE a.pid "
+            f"OPERATOR(pg_catalog.=) {int(pid)} AND a.application_name "
+            f"OPERATOR(pg_catalog.=) '{post_check_name(key)}'::pg_catalog.text) THEN "
+            f"{fail}; END IF; END$keyturn$")
+
+
+def post_check_name(key: int) -> str:
+    """What the gateway's check connection calls itself once the check passed."""
+    return f"keyturn-passed-{int(key)}"
+
+
+#: Transaction control that ends, or lets the client roll back, part of the approved
+#: statements' transaction: the check must come before it.
+_CONTROL = frozenset({"begin", "end", "chain", "savepoint", "sp_destroy"})
+
+
+def post_check_order(statements: Sequence[Any]) -> bool:
+    """Whether one check can cover an approved Query: no work statement after
+    transaction control that followed another work statement ("UPDATE a; SAVEPOINT s;
+    UPDATE b" would leave the second unchecked, or let ROLLBACK TO undo the check)."""
+    seen_work = control_after_work = False
+    for st in statements:
+        facts: frozenset[str] = getattr(st, "facts", frozenset())
+        if facts & _CONTROL:
+            control_after_work = control_after_work or seen_work
+        elif control_after_work:
+            return False
+        else:
+            seen_work = True
+    return True
 
 
 def with_post_check(parts: Sequence[int | str], statements: Sequence[Any],
-                    key: int) -> list[int | str]:
+                    key: int, pid: int, *, immediate: bool = False) -> list[int | str]:
     """``parts`` (the client's statements by index, the guard's own as text) with the
-    check inserted where the approved statements' transaction is still open: before the
-    first COMMIT/ROLLBACK that follows one of them, else after the last of them."""
+    check inserted right after the last approved statement that is not transaction
+    control, before any COMMIT, SAVEPOINT, RELEASE or ROLLBACK TO behind it
+    (post_check_order). ``immediate``: deferred constraint triggers fire first (a
+    transaction that ends with the Query: they would run at its COMMIT, after the
+    check)."""
     out = list(parts)
-    last = max((i for i, p in enumerate(out) if isinstance(p, int)), default=-1)
-    seen_work = False
-    for i, p in enumerate(out):
-        if not isinstance(p, int):
-            continue
-        facts: frozenset[str] = getattr(statements[p], "facts", frozenset())
-        if seen_work and facts & {"end", "chain"}:
-            last = i - 1
-            break
-        if not facts:
-            seen_work = True
-    out.insert(last + 1, post_check_sql(key))
+    last = max((i for i, p in enumerate(out) if isinstance(p, int)
+                and not getattr(statements[p], "facts", frozenset()) & _CONTROL),
+               default=max((i for i, p in enumerate(out) if isinstance(p, int)), default=-1))
+    check = [post_check_sql(key, pid)]
+    if immediate:
+        check.insert(0, "SET CONSTRAINTS ALL IMMEDIATE")
+    out[last + 1:last + 1] = check
     return out
 
 
@@ -198,6 +240,17 @@ class Holds(SessionState):
         if outcome.run and outcome.status != holds.GRANTED:
             changed, code = await self._changed_while_held(decision, analysis,
                                                            outcome.ticket_id)
+            if changed is None and code is not None and kind == b"Q" and \
+                    not post_check_order(getattr(analysis, "statements", ())):
+                changed = ("it has statements after a SAVEPOINT, RELEASE, ROLLBACK TO or "
+                           "COMMIT that follows another of its statements, which one check "
+                           "after it ran cannot cover; send them as separate messages")
+            if changed is None and code is not None and self._code_runs(analysis, decision) \
+                    and any("hold_cursor" in getattr(st, "facts", ())
+                            for st in getattr(analysis, "statements", ())):
+                changed = ("a WITH HOLD cursor runs its query when its transaction commits, "
+                           "after any check, and its query runs user code; declare it "
+                           "without HOLD inside a transaction")
             if changed is None and code is not None and self._post_checkable(analysis, kind):
                 # Checked again after it ran, before its transaction commits: what it
                 # waited behind (a row lock, a table lock of stored code) may have
@@ -205,6 +258,11 @@ class Holds(SessionState):
                 ctx.post_key = secrets.randbits(62) | (1 << 40)
                 try:
                     lock = await asyncio.to_thread(self.gw.post_check_open, conn, ctx.post_key)
+                    ctx.post_pid = int(lock.info.backend_pid)
+                    # A command that would run outside a transaction block (CALL...) runs
+                    # in one when it runs user code, so that it is checked too (one that
+                    # cannot, such as VACUUM, then fails: nothing unchecked runs code).
+                    ctx.post_in_block = self._code_runs(analysis, decision)
                     post = (lock, code)
                 except Exception as exc:  # noqa: BLE001 - cannot check after: refuse
                     log.warning("session %s: no post-execution check on %s: %s",
@@ -322,9 +380,11 @@ class Holds(SessionState):
         The Query ends with post_check_sql, which waits for an advisory lock ``lock`` (a
         connection of the gateway's own) holds. Once the session waits there, every
         transaction the statement waited behind has committed (or not), so a new read
-        sees what it ran with: the same → the lock is released and the Query commits;
-        changed (or unreadable) → the wait is cancelled, its transaction rolls back, and
-        the client gets a 55000 error saying so (ordering.py _on_error)."""
+        sees what it ran with: the same → ``lock`` names itself as passed and releases
+        the lock, and the Query commits; changed (or unreadable) → the lock is released
+        unnamed, the check fails, its transaction rolls back and the client gets a 55000
+        error saying why (ordering.py _on_error). Fails closed: a lock connection that
+        ends (killed by code the statement ran, say) releases the lock unnamed too."""
         key = ctx.post_key
         try:
             if key is None or self.upstream is None or not self.upstream.backend_key \
@@ -348,6 +408,13 @@ class Holds(SessionState):
                             self.session_id, self.conn.name, exc)
                 code = None
             if code == want:
+                await asyncio.to_thread(self.gw.post_check_pass, lock, key,
+                                        post_check_name(key))
+                # Open until the session read the name (its Query completed).
+                for _ in range(600):
+                    if ctx.post_done or self.closed:
+                        break
+                    await asyncio.sleep(0.1)
                 return
             ctx.post_refused = (
                 "keyturn: the approved statement ran, but user code stored on the target "
@@ -359,7 +426,9 @@ class Holds(SessionState):
                 "; send it again to ask for a new approval")
             log.warning("session %s: approved statement rolled back: the target's code "
                         "changed while it ran (ticket %s)", self.session_id, ctx.ticket_id)
-            await asyncio.to_thread(self.gw.post_check_refuse, lock, pid, key)
+        except Exception:
+            log.exception("session %s: the post-execution check failed (the approved "
+                          "statement's check fails closed)", self.session_id)
         finally:
             await asyncio.to_thread(self.gw.post_check_close, lock)
 

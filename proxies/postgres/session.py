@@ -1405,7 +1405,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         self._intent(ctx)
         out.append(msg.raw)
         if ctx.post_key is not None:
-            self._post_check_execute(ctx, ctx.post_key, out)
+            self._post_check_execute(ctx, ctx.post_key, ctx.post_pid, out)
         if ctx.barrier:
             # Code that runs here may DEALLOCATE and PREPARE the gateway's own statement
             # names (through EXECUTE in a function): prepared again before their next use.
@@ -1413,11 +1413,12 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         self._guard_after_execute(ctx, out)
         return True
 
-    def _post_check_execute(self, ctx: Ctx, key: int, out: list[bytes]) -> None:
+    def _post_check_execute(self, ctx: Ctx, key: int, pid: int, out: list[bytes]) -> None:
         """The gateway's check right behind an approved Execute, in its transaction (before
         the client's Sync): statement and portal of their own, closed again."""
         name = f"keyturn_post_{key}"
-        out += [codec.encode_parse(name, post_check_sql(key)), codec.encode_bind(name, name),
+        out += [codec.encode_parse(name, post_check_sql(key, pid)),
+                codec.encode_bind(name, name),
                 codec.encode_close("S", name), codec.encode_execute(name, 0),
                 codec.encode_close("P", name)]
         self.expect.extend([Expect(b"P", swallow=True), Expect(b"B", swallow=True),
@@ -1456,6 +1457,11 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             self._refuse(codec.encode_error("ERROR", "25000", f"keyturn: {exc}"), b"Q", out)
             self._audit(ctx, outcome="blocked")
             return True
+        if ctx.post_key is not None and plan is not None and plan.toggle and \
+                ctx.post_in_block:
+            # An approved command that would run outside a block and runs user code:
+            # in an implicit transaction with write access, checked before it commits.
+            plan = guard.Plan([guard.SQL_RW_LOCAL, 0], self.txs.copy())
         if ctx.post_key is not None and (plan is None or plan.toggle):
             ctx.post_key = None  # nothing to check, or a command outside any transaction
         if plan is not None and (plan.changed or plan.toggle) and self.imp_started \
@@ -1489,7 +1495,9 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         parts = plan.parts if plan.changed else list(range(len(texts)))
         if ctx.post_key is not None:
             # An approved Query: it ends waiting for the gateway's check (holding.py).
-            parts = with_post_check(parts, analysis.statements, ctx.post_key)
+            parts = with_post_check(
+                parts, analysis.statements, ctx.post_key, ctx.post_pid,
+                immediate=not plan.state.block)
         new = guard.rewrite(ctx.statement, texts, parts)
         self.expect.append(Expect(b"Q", ctx, ours=new.ours, rewritten=new,
                                   as_idle=plan.explicit))

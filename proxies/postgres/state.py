@@ -96,6 +96,8 @@ class Ctx:
     # lock its Query waits for at its end, and the refusal the client gets instead of the
     # cancelled wait when the code it ran had changed.
     post_key: int | None = None
+    post_pid: int = 0  # the backend of the gateway's connection holding that lock
+    post_in_block: bool = False  # it runs user code: checked inside a block, always
     post_refused: str | None = None
     post_done: bool = False  # its answer completed (the check ran or was skipped)
     n: int = 0  # the number of its intent record (written before it was sent), 0: none
