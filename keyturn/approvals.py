@@ -24,6 +24,7 @@ change feed, keyturn.feed) and, with PostgreSQL, NOTIFYed on
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -208,16 +209,18 @@ class Approvals:
 
     def create(self, req: TicketRequest, *, now: float | None = None) -> Ticket:
         now = time.time() if now is None else now
+        # Bound to the request exactly as sent; stored and shown with any lone
+        # surrogate (undecodable client bytes) escaped, which no store encodes.
+        binding = req.binding or binding_of(req.requester, req.connection, req.statement,
+                                            req.params)
+        req = _storable(req)
         t = Ticket(
             status=PENDING, requester=req.requester, requester_groups=list(req.requester_groups),
             connection=req.connection, protocol=req.protocol, client_addr=req.client_addr,
             application=req.application, session_id=req.session_id, statement=req.statement,
             language=req.language, facts=[[label, value] for label, value in req.facts],
-            params=req.params,
-            binding=req.binding or binding_of(req.requester, req.connection, req.statement,
-                                              req.params),
-            classification=req.classification, tables=list(req.tables), rule=req.rule,
-            reason=req.reason, detail=dict(req.detail),
+            params=req.params, binding=binding, classification=req.classification,
+            tables=list(req.tables), rule=req.rule, reason=req.reason, detail=dict(req.detail),
             approver_groups=list(req.approver_groups), min_approvals=req.min_approvals,
             escalate_at=now + req.escalate_after if req.escalate_to and req.escalate_after
             else None, escalate_to=list(req.escalate_to) or None,
@@ -491,3 +494,26 @@ class Approvals:
                        reason=ABANDONED_COMMENT if claimed_at is None else OUTCOME_UNKNOWN)
             done.append((tid, t.status))
         return done
+
+
+def _escaped(value: Any) -> Any:
+    """``value`` with lone surrogates in its strings written as \\xNN (bytes decoded
+    with surrogateescape) or \\uNNNN (any other)."""
+    if isinstance(value, str):
+        if not any("\ud800" <= c <= "\udfff" for c in value):
+            return value
+        return "".join(c if not "\ud800" <= c <= "\udfff" else
+                       f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else
+                       f"\\u{ord(c):04x}" for c in value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_escaped(v) for v in value)
+    if isinstance(value, dict):
+        return {_escaped(k): _escaped(v) for k, v in value.items()}
+    return value
+
+
+def _storable(req: TicketRequest) -> TicketRequest:
+    """What of a request is stored, with lone surrogates escaped (see _escaped)."""
+    return dataclasses.replace(req, **{f.name: _escaped(getattr(req, f.name))
+                                       for f in dataclasses.fields(req)
+                                       if f.name != "binding"})

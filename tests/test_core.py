@@ -733,3 +733,25 @@ def test_a_stale_compiled_extension_is_not_used(monkeypatch: pytest.MonkeyPatch)
     finally:
         monkeypatch.undo()
         importlib.reload(speedups)
+
+
+def test_a_ticket_for_undecodable_client_bytes_is_stored_escaped_and_bound_exactly(
+        svc: Services) -> None:
+    """Client bytes that are not UTF-8 reach the gateway as lone surrogates
+    (surrogateescape); no store encodes them. The ticket shows them escaped and stays
+    bound to the statement exactly as it was sent."""
+    raw = "DELETE FROM orders WHERE note = '" + b"\xff\xfe".decode("utf-8", "surrogateescape")
+    t = svc.approvals.create(TicketRequest(
+        requester="alice", requester_groups=svc.config.groups_of("alice"),
+        connection="shop", statement=raw + "\ud800'", classification="write",
+        rule="writes", reason="r", approver_groups=("approvers",), min_approvals=1,
+        timeout=600, params=["x\udcff"]))
+    stored = svc.approvals.get(t.id)
+    assert stored.statement == "DELETE FROM orders WHERE note = '\\xff\\xfe\\ud800'"
+    assert stored.params == ["x\\xff"]
+    other = svc.approvals.create(TicketRequest(
+        requester="alice", requester_groups=svc.config.groups_of("alice"),
+        connection="shop", statement="DELETE FROM orders WHERE note = '\\xff\\xfe\\ud800'",
+        classification="write", rule="writes", reason="r", approver_groups=("approvers",),
+        min_approvals=1, timeout=600, params=["x\\xff"]))
+    assert stored.binding != svc.approvals.get(other.id).binding
