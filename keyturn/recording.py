@@ -42,6 +42,7 @@ This module must not import protocol or web code.
 from __future__ import annotations
 
 import codecs
+import errno
 import hashlib
 import os
 import re
@@ -53,6 +54,29 @@ from typing import IO, Any
 import orjson
 
 FORMATS = ("asciicast", "transcript")
+#: How often (bytes written to one recording) the free space of its disk is looked at.
+FREE_CHECK_BYTES = 1 << 20
+
+
+class RecordingFull(OSError):
+    """The recordings' disk has less free space than the gateway keeps (or none): a
+    session that cannot be recorded must not go on (or start)."""
+
+
+def free_bytes(directory: Path) -> int:
+    """Bytes an unprivileged writer may still use on ``directory``'s file system."""
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def _check_free(directory: Path, keep: int, free: Any) -> None:
+    if keep <= 0:
+        return
+    left = int(free(directory))
+    if left < keep:
+        raise RecordingFull(
+            f"the recordings disk ({directory}) has {left >> 20} MiB free, less than the "
+            f"{keep >> 20} MiB the gateway keeps free (gateway.recording_min_free_mib)")
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -92,11 +116,19 @@ class Recording:
 
     def __init__(self, directory: Path, name: str, fmt: str, header: dict[str, Any],
                  *, clock: Any = time.time, started: float | None = None,
-                 replace: bool = False, buffering: int = 65536):
+                 replace: bool = False, buffering: int = 65536, keep_free: int = 0,
+                 free: Any = free_bytes):
         """``started``: when the recorded session began (default now); ``replace``: write
-        over a file of the same name (rebuilding it) instead of refusing to."""
+        over a file of the same name (rebuilding it) instead of refusing to;
+        ``keep_free``: bytes the disk keeps free, looked at (with ``free``) when it opens
+        and every FREE_CHECK_BYTES written: below, RecordingFull (a full disk raises it
+        too)."""
         if fmt not in FORMATS:
             raise ValueError(f"unknown recording format {fmt!r}")
+        directory.mkdir(parents=True, exist_ok=True)
+        _check_free(directory, keep_free, free)
+        self._keep_free, self._free, self._dir = keep_free, free, directory
+        self._unchecked = 0
         self.format = fmt
         self._clock = clock
         self.started = clock() if started is None else float(started)
@@ -129,9 +161,18 @@ class Recording:
         if self._file is None:  # suspended: go on appending where it stopped
             self._file = open(self.path, "ab", buffering=self._buffering)  # noqa: SIM115
         data += b"\n"
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise RecordingFull(f"the recordings disk ({self._dir}) is full") from exc
+            raise
         self._digest.update(data)
         self._size += len(data)
+        self._unchecked += len(data)
+        if self._unchecked >= FREE_CHECK_BYTES:
+            self._unchecked = 0
+            _check_free(self._dir, self._keep_free, self._free)
 
     @property
     def last_at(self) -> float | None:
@@ -247,8 +288,11 @@ class Recording:
 class Recorder:
     """Opens recordings under one directory (``<data dir>/recordings``)."""
 
-    def __init__(self, directory: str | os.PathLike[str]):
+    def __init__(self, directory: str | os.PathLike[str], *, keep_free_mib: int = 0):
+        """``keep_free_mib``: recordings stop (RecordingFull) rather than fill the disk
+        below this many MiB free (0: only a full disk stops them)."""
         self.directory = Path(directory)
+        self.keep_free = keep_free_mib << 20
 
     def open(self, name: str, fmt: str, *, started: float | None = None,
              replace: bool = False, buffering: int = 65536, **header: Any) -> Recording:
@@ -256,7 +300,7 @@ class Recorder:
         (asciicast: width, height, title, env; transcript: protocol, user, connection).
         ``started``, ``replace``, ``buffering``: see ``Recording``."""
         return Recording(self.directory, name, fmt, header, started=started,
-                         replace=replace, buffering=buffering)
+                         replace=replace, buffering=buffering, keep_free=self.keep_free)
 
     def path(self, ref: RecordingRef | dict[str, Any]) -> Path:
         rel = ref.path if isinstance(ref, RecordingRef) else str(ref["path"])

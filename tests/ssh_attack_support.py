@@ -74,13 +74,21 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSSHD]:
 @pytest.fixture(scope="module")
 def kt(pg: LocalPostgres, sshd: LocalSSHD,
        tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyturn]:
-    base = tmp_path_factory.mktemp("kt-ssh")
+    k = start_gateway(pg, sshd, tmp_path_factory.mktemp("kt-ssh"))
+    yield k
+    k.stop()
+
+
+def start_gateway(pg: LocalPostgres, sshd: LocalSSHD, base: Path,
+                  gateway: str = "") -> Keyturn:
+    """The gateway described above, started; ``gateway``: more lines of its gateway
+    section (indented by two spaces)."""
     keygen(base / "target_key", "keyturn -> target")
     sshd.authorize(base / "target_key.pub")
     k = make_keyturn(base, pg, extra=POLICY)
     sport = free_port()
     text = k.config.read_text()
-    text = text.replace("gateway:\n", f"gateway:\n  ssh: 127.0.0.1:{sport}\n", 1)
+    text = text.replace("gateway:\n", f"gateway:\n  ssh: 127.0.0.1:{sport}\n{gateway}", 1)
     conns = (f"  - name: web1\n    type: ssh\n"
              f"    target: {{host: 127.0.0.1, port: {sshd.port}, user: {TARGET_USER}, "
              f"key_file: {base / 'target_key'}, host_key: \"{sshd.host_fingerprint}\"}}\n"
@@ -96,8 +104,7 @@ def kt(pg: LocalPostgres, sshd: LocalSSHD,
         k.cli("key", "add", "--user", user, str(base / f"{user}_key.pub"))
     k.start()
     wait_port(sport, proc=k.proc)
-    yield k
-    k.stop()
+    return k
 
 
 def _argv(kt, user, conn, command, extra=()):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from keyturn.recording import Recorder
+from keyturn.recording import FREE_CHECK_BYTES, Recorder, Recording, RecordingFull
 
 
 def test_an_asciicast_recording_replays_and_verifies(tmp_path: Path) -> None:
@@ -176,3 +176,35 @@ def test_a_flood_of_output_does_not_hold_the_terminal_emulator() -> None:
     assert t.screen.display[-2].rstrip() == "line 599999 of the log"
     assert [row.rstrip() for row in t.screen.display[:23]] == \
         [f"line {i} of the log" for i in range(599977, 600000)]
+
+
+def test_a_recording_does_not_start_on_a_disk_below_what_it_keeps_free(
+        tmp_path: Path) -> None:
+    rec = Recorder(tmp_path, keep_free_mib=1 << 30)  # 1 PiB: more than this disk has
+    with pytest.raises(RecordingFull, match="recording_min_free_mib"):
+        rec.open("s1", "asciicast", width=80, height=24)
+    assert not list(tmp_path.rglob("*.cast"))
+    # 0 keeps nothing free: it opens
+    Recorder(tmp_path, keep_free_mib=0).open("s2", "asciicast", width=80, height=24).close()
+
+
+def test_a_recording_stops_when_the_disk_falls_below_what_it_keeps_free(
+        tmp_path: Path) -> None:
+    """Looked at every FREE_CHECK_BYTES written; what was written stays sealed whole."""
+    left = [64 << 20]
+
+    def free(_: Path) -> int:
+        return left[0]
+
+    r = Recording(tmp_path, "s", "asciicast", {"width": 80, "height": 24},
+                  keep_free=32 << 20, free=free)
+    chunk = b"x" * 4096
+    r.write("o", chunk)
+    left[0] = 16 << 20  # another writer filled the disk
+    with pytest.raises(RecordingFull, match="16 MiB free"):
+        for _ in range(2 * FREE_CHECK_BYTES // len(chunk)):
+            r.write("o", chunk)
+    ref = r.close()
+    data = (tmp_path / ref.path).read_bytes()
+    assert hashlib.sha256(data).hexdigest() == ref.sha256
+    assert ref.bytes == len(data) > FREE_CHECK_BYTES

@@ -239,6 +239,10 @@ class GatewaySettings:
     recordings: str = "recordings"
     # Seconds of a terminal recording between two keyframes (where a player can start).
     recording_keyframes: float = 30.0
+    # Terminal recordings end their session (and new ones are refused) rather than fill
+    # the disk below this many MiB free: nothing runs unrecorded, the audit spool keeps
+    # room.
+    recording_min_free_mib: int = 256
 
     def listener(self, key: str) -> Listener | None:
         return next((lst for k, lst in self.listeners if k == key), None)

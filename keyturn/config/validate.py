@@ -47,7 +47,7 @@ from keyturn.errors import ConfigError
 from keyturn.request import known_classes, resource_kinds
 
 _GATEWAY_KEYS = {"tls", "id", "client_auth", "audit_spool", "recordings", "mask_key_env",
-                 "mask_key_file", "limits", "recording_keyframes"}
+                 "mask_key_file", "limits", "recording_keyframes", "recording_min_free_mib"}
 
 
 def _installed_types() -> str:
@@ -320,6 +320,10 @@ class Validator(Checker):
                 not 1 <= keyframes <= 3600:
             raise self.err(("gateway", "recording_keyframes"),
                            "expected seconds between keyframes, 1 to 3600")
+        keep = g.get("recording_min_free_mib", 256)
+        if isinstance(keep, bool) or not isinstance(keep, int) or not 0 <= keep <= 1 << 30:
+            raise self.err(("gateway", "recording_min_free_mib"),
+                           "expected MiB the recordings' disk keeps free, 0 or more")
         return GatewaySettings(self.listeners(g, types, connections),
                                tls.get("cert_file"), tls.get("key_file"),
                                str(g.get("id", "gateway")), client_auth,
@@ -327,7 +331,7 @@ class Validator(Checker):
                                self.secret(g, "mask_key", ("gateway",)),
                                self.limits(g.get("limits")),
                                self.relative_path(g.get("recordings", "recordings")),
-                               float(keyframes))
+                               float(keyframes), keep)
 
     def listeners(self, g: dict, types: list[registry.ConnectionType],
                   connections: dict[str, Connection]) -> tuple[tuple[str, Listener], ...]:

@@ -58,7 +58,7 @@ from keyturn.config import Connection
 from keyturn.errors import StoreUnavailable, Unauthorized
 from keyturn.identity import Identity, LoginThrottle, key_fingerprint
 from keyturn.policy import PolicyEngine
-from keyturn.recording import Recorder, Recording
+from keyturn.recording import Recorder, Recording, RecordingFull
 from keyturn.request import Request
 from keyturn.services import Services
 from portal.settings import PORTAL
@@ -127,7 +127,8 @@ class SSHGateway:
         self.holds = holds.HoldService(services.approvals, self.watcher, self.audit,
                                        public_url=PORTAL.of(self.config).public_url)
         self.policy = PolicyEngine(self.config)
-        self.recorder = Recorder(self.config.gateway.recordings)
+        self.recorder = Recorder(self.config.gateway.recordings,
+                                 keep_free_mib=self.config.gateway.recording_min_free_mib)
         self.limits = self.config.gateway.limits
         self.throttle = LoginThrottle(self.limits.auth_throttle)
         # Connections not logged in yet, oldest first (the oldest makes room for new ones).
@@ -742,6 +743,12 @@ class _Session(asyncssh.SSHServer):
                 title=f"{self.user}@{conn.name}: "
                       f"{command if command is not None else 'shell'}",
                 command=command, env={"TERM": term or ""})
+        except RecordingFull as exc:
+            pool.release(target, first, owner=self.user)
+            why = f"{exc}; sessions are not started unrecorded"
+            log.error("ssh: %s", why)
+            _refuse(process, f"keyturn: {why}", UNREACHABLE_STATUS)
+            return {"outcome": "error", "error": why}
         except BaseException:
             pool.release(target, first, owner=self.user)
             raise
@@ -768,6 +775,9 @@ class _Session(asyncssh.SSHServer):
             why = f"the connection to {target.address} failed: {exc}"
             if isinstance(exc, ClientGone):
                 why = str(exc)
+            elif isinstance(exc, RecordingFull):
+                why = f"{exc}; the session was ended so that nothing runs unrecorded"
+                log.error("ssh: %s", why)
             elif isinstance(exc, asyncssh.HostKeyNotVerifiable | asyncssh.PermissionDenied):
                 why = _connect_error(target, exc)
             _refuse(process, f"keyturn: {why}", UNREACHABLE_STATUS)
