@@ -573,6 +573,13 @@ class PostgresGateway:
         c = connect_target(conn, "keyturn-postcheck", timeout=5,
                            options=f"-c statement_timeout=20000 {OWN_PATH}")
         try:
+            # It waits idle for as long as the approved statement runs: a role's own idle
+            # timeout must not end it (that would roll the statement back).
+            for name in ("idle_session_timeout", "idle_in_transaction_session_timeout"):
+                try:
+                    c.execute(f"SET {name} = 0")
+                except Exception:  # noqa: BLE001 - a server without the setting
+                    log.debug("the target has no %s", name)
             c.execute("SELECT pg_catalog.pg_advisory_lock(%s::pg_catalog.int8)", (key,))
         except Exception:
             c.close()
