@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -79,10 +79,10 @@ def kt(pg: LocalPostgres, sshd: LocalSSHD,
     k.stop()
 
 
-def start_gateway(pg: LocalPostgres, sshd: LocalSSHD, base: Path,
-                  gateway: str = "") -> Keyturn:
+def start_gateway(pg: LocalPostgres, sshd: LocalSSHD, base: Path, gateway: str = "",
+                  edit: Callable[[str], str] | None = None) -> Keyturn:
     """The gateway described above, started; ``gateway``: more lines of its gateway
-    section (indented by two spaces)."""
+    section (indented by two spaces); ``edit``: changes the config's text once more."""
     keygen(base / "target_key", "keyturn -> target")
     sshd.authorize(base / "target_key.pub")
     k = make_keyturn(base, pg, extra=POLICY)
@@ -97,7 +97,7 @@ def start_gateway(pg: LocalPostgres, sshd: LocalSSHD, base: Path,
     conns += one.replace("web1", "web2").replace("ssh-atk", "ssh-atk2")
     conns += one.replace("web1", "web3").replace("ssh-atk", "ssh-atk3")
     text = text.replace("connections:\n", "connections:\n" + conns, 1)
-    k.config.write_text(text)
+    k.config.write_text(edit(text) if edit is not None else text)
     k.ssh_port = sport  # type: ignore[attr-defined]
     for user in ("alice", "bob"):
         keygen(base / f"{user}_key", f"{user}'s laptop")

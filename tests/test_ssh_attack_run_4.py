@@ -25,6 +25,7 @@ And what held:
   (not yet valid, source-address, connection without the CA, no principals, `*`
   principal, force-command), test_held_certificate_no_pty_honoured.
 """
+# ruff: noqa: F811 - test parameters name the fixtures imported from tests.ssh_attack_support
 from __future__ import annotations
 
 import asyncio
@@ -34,7 +35,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,116 +43,22 @@ import pytest
 
 from proxies.ssh.shell import classify
 from proxies.ssh.terminal import TypedLines
-from tests.conftest import Keyturn, LocalPostgres, free_port, make_keyturn, wait_port
-from tests.ssh_support import TARGET_USER, LocalSSHD, keygen, ssh_options
-
-RISK = {c: i for i, c in enumerate(["read", "write", "forward", "admin", "destructive",
-                                    "shell", "unknown"])}
-
-POLICY = """
-  ssh-atk:
-    default: block
-    rules:
-      - name: no-secrets
-        match: {paths: ["/etc/passwd", "/etc/hostname*"]}
-        action: block
-        reason: secrets
-      - name: reads
-        match: {class: read}
-        action: allow
-      - name: changes-need-approval
-        match: {class: [write, forward, admin, destructive]}
-        action: review
-        review: {approvers: [approvers], timeout: 4s}
-  ssh-atk3:
-    default: block
-    rules:
-      - name: no-secrets
-        match: {paths: ["/etc/passwd"]}
-        action: block
-      - name: reads
-        match: {class: read}
-        action: allow
-      - name: scratch-space
-        match: {class: write, paths: ["/tmp/ktsftp-*"]}
-        action: allow
-      - name: changes-need-approval
-        match: {class: [write, forward, admin, destructive]}
-        action: review
-        review: {approvers: [approvers], timeout: 4s}
-  ssh-atk2:
-    default: block
-    rules:
-      - name: reads
-        match: {class: read}
-        action: allow
-      - name: changes-need-approval
-        match: {class: [write, forward, admin, destructive]}
-        action: review
-        review: {approvers: [approvers], timeout: 4s}
-"""
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSSHD]:
-    server = LocalSSHD(tmp_path_factory.mktemp("sshd"))
-    server.start()
-    yield server
-    server.stop()
+from tests.conftest import Keyturn, LocalPostgres
+from tests.ssh_attack_support import RISK, box, ssh, sshd, start_gateway  # noqa: F401 - fixtures
+from tests.ssh_support import LocalSSHD, keygen, ssh_options
 
 
 @pytest.fixture(scope="module")
 def kt(pg: LocalPostgres, sshd: LocalSSHD,
        tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyturn]:
     base = tmp_path_factory.mktemp("kt-ssh")
-    keygen(base / "target_key", "keyturn -> target")
-    sshd.authorize(base / "target_key.pub")
     keygen(base / "user_ca", "people's CA")
-    k = make_keyturn(base, pg, extra=POLICY)
-    sport = free_port()
-    text = k.config.read_text()
-    text = text.replace("gateway:\n", f"gateway:\n  ssh: 127.0.0.1:{sport}\n"
-                        "  recording_keyframes: 1\n", 1)
-    conns = (f"  - name: web1\n    type: ssh\n"
-             f"    target: {{host: 127.0.0.1, port: {sshd.port}, user: {TARGET_USER}, "
-             f"key_file: {base / 'target_key'}, host_key: \"{sshd.host_fingerprint}\"}}\n"
-             f"    policy: ssh-atk\n")
-    one = conns
-    conns += one.replace("web1", "web2").replace("ssh-atk", "ssh-atk2")
-    conns += one.replace("web1", "web3").replace("ssh-atk", "ssh-atk3")
-    text = text.replace("connections:\n", "connections:\n" + conns, 1)
-    text = text.replace("    policy: ssh-atk2\n",
-                        f"    policy: ssh-atk2\n    user_ca: {base / 'user_ca.pub'}\n", 1)
-    k.config.write_text(text)
-    k.ssh_port = sport  # type: ignore[attr-defined]
-    for user in ("alice", "bob"):
-        keygen(base / f"{user}_key", f"{user}'s laptop")
-        k.cli("key", "add", "--user", user, str(base / f"{user}_key.pub"))
-    k.start()
-    wait_port(sport, proc=k.proc)
+    k = start_gateway(pg, sshd, base, gateway="  recording_keyframes: 1\n",
+                      edit=lambda text: text.replace(
+                          "    policy: ssh-atk2\n",
+                          f"    policy: ssh-atk2\n    user_ca: {base / 'user_ca.pub'}\n", 1))
     yield k
     k.stop()
-
-
-def _argv(kt, user, conn, command, extra=()):
-    return ["ssh", *ssh_options(), "-i", str(kt.base / f"{user}_key"), "-p",
-            str(kt.ssh_port), *extra, f"{user}:{conn}@127.0.0.1",
-            *([command] if command is not None else [])]
-
-
-def ssh(kt, command, user="alice", conn="web1", extra=(), timeout=60, **kw):
-    return subprocess.run(_argv(kt, user, conn, command, extra), capture_output=True,
-                          text=True, timeout=timeout, **kw)
-
-
-@pytest.fixture
-def box() -> Iterator[Path]:
-    d = Path(f"/tmp/ktatk-{uuid.uuid4().hex[:10]}")
-    d.mkdir()
-    os.chmod(d, 0o777)
-    yield d
-    subprocess.run(["rm", "-rf", str(d)], check=False)
-
 
 
 def _file(path: Path, text: str, mode: int = 0o666) -> Path:
