@@ -80,12 +80,15 @@ def kt(pg: LocalPostgres, sshd: LocalSSHD,
 
 
 def start_gateway(pg: LocalPostgres, sshd: LocalSSHD, base: Path, gateway: str = "",
-                  edit: Callable[[str], str] | None = None) -> Keyturn:
+                  edit: Callable[[str], str] | None = None, policies: str = "",
+                  connections: tuple[tuple[str, str], ...] = ()) -> Keyturn:
     """The gateway described above, started; ``gateway``: more lines of its gateway
-    section (indented by two spaces); ``edit``: changes the config's text once more."""
+    section (indented by two spaces); ``edit``: changes the config's text once more;
+    ``policies``: more policies (YAML as POLICY); ``connections``: more ssh connections
+    to the same host, as (name, policy)."""
     keygen(base / "target_key", "keyturn -> target")
     sshd.authorize(base / "target_key.pub")
-    k = make_keyturn(base, pg, extra=POLICY)
+    k = make_keyturn(base, pg, extra=POLICY + policies)
     sport = free_port()
     text = k.config.read_text()
     text = text.replace("gateway:\n", f"gateway:\n  ssh: 127.0.0.1:{sport}\n{gateway}", 1)
@@ -96,6 +99,8 @@ def start_gateway(pg: LocalPostgres, sshd: LocalSSHD, base: Path, gateway: str =
     one = conns
     conns += one.replace("web1", "web2").replace("ssh-atk", "ssh-atk2")
     conns += one.replace("web1", "web3").replace("ssh-atk", "ssh-atk3")
+    for name, policy in connections:
+        conns += one.replace("web1", name).replace("ssh-atk", policy)
     text = text.replace("connections:\n", "connections:\n" + conns, 1)
     k.config.write_text(edit(text) if edit is not None else text)
     k.ssh_port = sport  # type: ignore[attr-defined]

@@ -37,9 +37,9 @@ import asyncssh
 import pytest
 
 from proxies.ssh.shell import classify
-from tests.conftest import Keyturn, LocalPostgres, free_port, make_keyturn, wait_port
-from tests.ssh_attack_support import POLICY, _argv, box, ssh, sshd  # noqa: F401 - fixtures
-from tests.ssh_support import TARGET_USER, LocalSSHD, keygen
+from tests.conftest import Keyturn, LocalPostgres
+from tests.ssh_attack_support import _argv, box, ssh, sshd, start_gateway  # noqa: F401 - fixtures
+from tests.ssh_support import LocalSSHD
 
 #: web4: changes and unknown commands are reviewed in defer mode (the ticket is made, the
 #: client runs the identical command again once it is approved).
@@ -61,29 +61,8 @@ DEFER_POLICY = """
 def kt(pg: LocalPostgres, sshd: LocalSSHD,
        tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyturn]:
     """tests/ssh_attack_support.py's gateway (web1-3) and web4 (DEFER_POLICY)."""
-    base = tmp_path_factory.mktemp("kt-ssh")
-    keygen(base / "target_key", "keyturn -> target")
-    sshd.authorize(base / "target_key.pub")
-    k = make_keyturn(base, pg, extra=POLICY + DEFER_POLICY)
-    sport = free_port()
-    text = k.config.read_text()
-    text = text.replace("gateway:\n", f"gateway:\n  ssh: 127.0.0.1:{sport}\n", 1)
-    one = (f"  - name: web1\n    type: ssh\n"
-           f"    target: {{host: 127.0.0.1, port: {sshd.port}, user: {TARGET_USER}, "
-           f"key_file: {base / 'target_key'}, host_key: \"{sshd.host_fingerprint}\"}}\n"
-           f"    policy: ssh-atk\n")
-    conns = one
-    conns += one.replace("web1", "web2").replace("ssh-atk", "ssh-atk2")
-    conns += one.replace("web1", "web3").replace("ssh-atk", "ssh-atk3")
-    conns += one.replace("web1", "web4").replace("ssh-atk", "ssh-atk5d")
-    text = text.replace("connections:\n", "connections:\n" + conns, 1)
-    k.config.write_text(text)
-    k.ssh_port = sport  # type: ignore[attr-defined]
-    for user in ("alice", "bob"):
-        keygen(base / f"{user}_key", f"{user}'s laptop")
-        k.cli("key", "add", "--user", user, str(base / f"{user}_key.pub"))
-    k.start()
-    wait_port(sport, proc=k.proc)
+    k = start_gateway(pg, sshd, tmp_path_factory.mktemp("kt-ssh"), policies=DEFER_POLICY,
+                      connections=(("web4", "ssh-atk5d"),))
     yield k
     k.stop()
 

@@ -607,7 +607,8 @@ class PostgresGateway:
 
     @staticmethod
     def post_check_close(c: Any) -> None:
-        """Release the lock (the waiting statement goes on and commits) and close."""
+        """Close, which releases the lock (unless post_check_pass named the connection
+        first, the waiting statement then fails and its transaction rolls back)."""
         try:
             c.close()
         except Exception:  # noqa: BLE001 - closing releases the lock either way

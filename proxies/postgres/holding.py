@@ -240,17 +240,8 @@ class Holds(SessionState):
         if outcome.run and outcome.status != holds.GRANTED:
             changed, code = await self._changed_while_held(decision, analysis,
                                                            outcome.ticket_id)
-            if changed is None and code is not None and kind == b"Q" and \
-                    not post_check_order(getattr(analysis, "statements", ())):
-                changed = ("it has statements after a SAVEPOINT, RELEASE, ROLLBACK TO or "
-                           "COMMIT that follows another of its statements, which one check "
-                           "after it ran cannot cover; send them as separate messages")
-            if changed is None and code is not None and self._code_runs(analysis, decision) \
-                    and any("hold_cursor" in getattr(st, "facts", ())
-                            for st in getattr(analysis, "statements", ())):
-                changed = ("a WITH HOLD cursor runs its query when its transaction commits, "
-                           "after any check, and its query runs user code; declare it "
-                           "without HOLD inside a transaction")
+            if changed is None and code is not None:
+                changed = self._uncheckable(analysis, decision, kind)
             if changed is None and code is not None and self._post_checkable(analysis, kind):
                 # Checked again after it ran, before its transaction commits: what it
                 # waited behind (a row lock, a table lock of stored code) may have
@@ -362,6 +353,21 @@ class Holds(SessionState):
                    "(its changes would count only once it commits, after this check)", \
                 recorded
         return None, recorded
+
+    def _uncheckable(self, analysis: Any, decision: Decision, kind: bytes) -> str | None:
+        """Why an approved statement must not run for want of a check after it ran
+        (None: it may)."""
+        statements = getattr(analysis, "statements", ())
+        if kind == b"Q" and not post_check_order(statements):
+            return ("it has statements after a SAVEPOINT, RELEASE, ROLLBACK TO or COMMIT "
+                    "that follows another of its statements, which one check after it ran "
+                    "cannot cover; send them as separate messages")
+        if any("hold_cursor" in getattr(st, "facts", ()) for st in statements) and \
+                self._code_runs(analysis, decision):
+            return ("a WITH HOLD cursor runs its query when its transaction commits, after "
+                    "any check, and its query runs user code; declare it without HOLD "
+                    "inside a transaction")
+        return None
 
     @staticmethod
     def _post_checkable(analysis: Any, kind: bytes) -> bool:

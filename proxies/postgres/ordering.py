@@ -275,10 +275,8 @@ class ResponseRelay(SessionState):
                 if entry.kind not in (b"S", b"Q") and entry.ctx.error is None:
                     entry.ctx.error = {"C": "", "M": "skipped after an earlier error"}
                 self._finished(entry.ctx)
-            elif entry.post is not None and not entry.post.post_done:
-                if entry.post.error is None:
-                    entry.post.error = {"C": "", "M": "rolled back: its check did not run"}
-                self._finished(entry.post)
+            elif entry.post is not None:
+                self._check_dropped(entry.post, None)
             if entry.kind == b"S" or entry.kind == b"Q":
                 break
         if not expect:
@@ -339,8 +337,8 @@ class ResponseRelay(SessionState):
         fields = codec.decode_error_fields(body)
         checked = head.ctx if head.ctx is not None else head.post
         if checked is not None and checked.post_refused:
-            # The gateway cancelled its own check's wait (holding.py _post_check): the
-            # client is told why its approved statement was rolled back.
+            # The gateway's check after an approved statement failed it (holding.py
+            # _post_check): the client is told why the statement was rolled back.
             fields = {"S": "ERROR", "V": "ERROR", "C": "55000", "M": checked.post_refused}
             sp.replace(start, end, codec.encode_error("ERROR", "55000",
                                                       checked.post_refused))
@@ -390,13 +388,19 @@ class ResponseRelay(SessionState):
                 if dropped.ctx.error is None:
                     dropped.ctx.error = fields
                 self._finished(dropped.ctx)
-            elif dropped.post is not None and not dropped.post.post_done:
-                if dropped.post.error is None:
-                    dropped.post.error = fields or {"C": "", "M": "rolled back: its check "
-                                                    "did not run"}
-                self._finished(dropped.post)
+            elif dropped.post is not None:
+                self._check_dropped(dropped.post, fields)
         if not expect:
             self.target_skipping = True  # up to a Sync the client has not sent yet
+
+    def _check_dropped(self, ctx: Ctx, fields: dict[str, str] | None) -> None:
+        """The gateway's check behind an approved Execute was skipped (an error before
+        it): the statement's transaction rolls back; its request completes as failed."""
+        if ctx.post_done:
+            return
+        if ctx.error is None:
+            ctx.error = fields or {"C": "", "M": "rolled back: its check did not run"}
+        self._finished(ctx)
 
     def _on_parameters(self, sp: Splice, head: Expect, t: bytes, start: int, end: int
                        ) -> int:
