@@ -13,7 +13,10 @@ Rules enforced here and nowhere else:
 * N-of-M: the ticket is approved when ``min_approvals`` distinct approvers
   approved; one rejection rejects it;
 * an approval binds to the statement text, bind parameters, connection and
-  requester (``binding``) and is claimed to run exactly once.
+  requester (``binding``) and is claimed to run exactly once;
+* a requester has at most ``max_pending`` tickets pending at once, counted in the
+  store (so across every gateway process) in the transaction that adds one
+  (``TooManyPending``; gateway.max_pending_per_user).
 
 This module must not know about sockets or protocols. Decisions are
 announced through ``on_change`` (the bus), called after commit; every timeline
@@ -43,6 +46,7 @@ from keyturn.errors import (
     NotAnApprover,
     NotFound,
     SelfApproval,
+    TooManyPending,
 )
 from keyturn.identity import Identity
 from keyturn.models import GatewayInstance, Ticket, TicketEvent, Vote
@@ -165,6 +169,9 @@ class Approvals:
         # This process's gateway instance (keyturn.liveness), stamped on the tickets it
         # creates: when the instance dies, they are abandoned. None: not a gateway.
         self.instance_id: str | None = None
+        # Pending tickets one requester may have at once (gateway.max_pending_per_user,
+        # set by build_services); 0: no limit.
+        self.max_pending = 0
 
     # ---- reading
 
@@ -202,6 +209,28 @@ class Approvals:
             rows = s.execute(select(Ticket.id, Ticket.status).where(Ticket.id.in_(ids)))
             return {i: st for i, st in rows}
 
+    def pending_of(self, requester: str, *, now: float | None = None,
+                   session: Any = None) -> int:
+        """How many tickets of ``requester`` wait for a decision now (one past its expiry
+        that the sweeper has not reached yet no longer does)."""
+        now = time.time() if now is None else now
+        q = select(func.count()).select_from(Ticket).where(
+            Ticket.requester == requester, Ticket.status == PENDING, Ticket.expires_at > now)
+        if session is not None:
+            return session.scalar(q) or 0
+        with self.store.session() as s:
+            return s.scalar(q) or 0
+
+    def check_pending(self, requester: str, *, now: float | None = None,
+                      session: Any = None) -> None:
+        """Raise ``TooManyPending`` when ``requester`` may not have one more ticket
+        pending (``max_pending``; 0: never)."""
+        limit = self.max_pending
+        if limit > 0:
+            pending = self.pending_of(requester, now=now, session=session)
+            if pending >= limit:
+                raise TooManyPending(requester, pending, limit)
+
     def can_decide(self, ident: Identity, t: Ticket) -> bool:
         return ident.user != t.requester and bool(set(ident.groups) & set(t.approver_groups))
 
@@ -229,6 +258,14 @@ class Approvals:
             expires_at=now + req.timeout,
         )
         with self.store.write() as s:
+            if self.max_pending > 0:
+                # Counted and added in one transaction: with SQLite the write lock is
+                # taken at BEGIN; with PostgreSQL two creates for one requester take
+                # turns on an advisory lock of its name (no row to lock).
+                if not self.store.is_sqlite:
+                    s.execute(text("SELECT pg_catalog.pg_advisory_xact_lock(:ns, :key)"),
+                              {"ns": _PENDING_LOCK, "key": _lock_key(req.requester)})
+                self.check_pending(req.requester, now=now, session=s)
             s.add(t)
             s.flush()
             s.add(TicketEvent(ticket_id=t.id, at=now, kind="created", actor=req.requester,
@@ -494,6 +531,17 @@ class Approvals:
                        reason=ABANDONED_COMMENT if claimed_at is None else OUTCOME_UNKNOWN)
             done.append((tid, t.status))
         return done
+
+
+# The class of the store's advisory locks that serialise one requester's ticket
+# creations (the other key is _lock_key of the requester).
+_PENDING_LOCK = 0x4B54_7001
+
+
+def _lock_key(requester: str) -> int:
+    """A requester's name as a signed 32-bit advisory lock key."""
+    return int.from_bytes(hashlib.sha256(requester.encode("utf-8", "surrogatepass"))
+                          .digest()[:4], "big", signed=True)
 
 
 def _escaped(value: Any) -> Any:

@@ -68,6 +68,23 @@ class InvalidTransition(KeyturnError):
     code = "invalid_transition"
 
 
+class TooManyPending(KeyturnError):
+    """A requester already has ``limit`` (or more: ``pending``) tickets waiting for a
+    decision (gateway.max_pending_per_user): no ticket was opened."""
+
+    status = 429
+    code = "too_many_pending"
+
+    def __init__(self, requester: str, pending: int, limit: int):
+        super().__init__(f"you have {pending} request{'s' if pending != 1 else ''} waiting "
+                         f"for approval (limit {limit}); wait for a decision or cancel one",
+                         requester=requester,
+                         pending=pending, limit=limit)
+        self.requester = requester
+        self.pending = pending
+        self.limit = limit
+
+
 class StoreUnavailable(KeyturnError):
     """The store cannot be read or written (disk full, file unwritable, server down).
     ``reason`` is the driver's one-line complaint, for messages people read."""

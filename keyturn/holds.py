@@ -5,6 +5,9 @@ request the policy sent to review: a time-boxed grant that already covers it (th
 is here; ``Grants``), an approval of the identical request made earlier in ``defer``
 mode, the ticket, its ``held`` audit record, the wait (any process may decide: the
 decision bus wakes it), expiry, cancellation, and the single-use claim of an approval.
+A requester who already has gateway.max_pending_per_user tickets pending gets no new
+one: the request is refused at once (``REFUSED``, with a ``held`` audit record whose
+outcome is ``refused``), nothing is held.
 It returns an ``Outcome``; the protocol renders it natively (PostgreSQL: a NOTICE and
 the result, or an ERROR with a SQLSTATE; an SSH exit status and stderr; an HTTP status).
 
@@ -25,15 +28,16 @@ from typing import Protocol
 from keyturn import wording
 from keyturn.approvals import APPROVED, CANCELLED, EXPIRED, REJECTED, Approvals, TicketRequest
 from keyturn.bus import DecisionWatcher
-from keyturn.errors import AlreadyDecided, InvalidTransition
+from keyturn.errors import AlreadyDecided, InvalidTransition, TooManyPending
 from keyturn.models import Ticket
 
 #: Outcome statuses besides a ticket's own (approved, rejected, expired, cancelled,
 #: abandoned...): ``claimed`` (an earlier approval of the identical request in defer mode
 #: was used), ``deferred`` (a ticket was made; the client must send the request again
 #: once it is approved), ``granted`` (a grant covers it: no ticket), ``gone`` (the
-#: client went away while it waited).
-CLAIMED, DEFERRED, GRANTED, GONE = "claimed", "deferred", "granted", "gone"
+#: client went away while it waited), ``refused`` (no ticket was opened: the requester
+#: has too many pending already; the message says how many and the limit).
+CLAIMED, DEFERRED, GRANTED, GONE, REFUSED = "claimed", "deferred", "granted", "gone", "refused"
 
 #: Slack beyond the review timeout before the holder expires the ticket itself (the
 #: decision watcher normally expires it on time, in any process).
@@ -120,9 +124,15 @@ class HoldService:
                 return Outcome(CLAIMED, True, f"running ticket {claimed.id}, approved by "
                                               f"{claimed.decided_by}",
                                claimed.id, claimed.decided_by, claimed.decision_comment)
-        if enrich is not None:
-            req = await enrich(req)
-        ticket = await asyncio.to_thread(approvals.create, req)
+        try:
+            # Before the work of enriching (an EXPLAIN on the target): a flood stays cheap.
+            # create() counts again, in the transaction that adds the ticket.
+            await asyncio.to_thread(approvals.check_pending, req.requester)
+            if enrich is not None:
+                req = await enrich(req)
+            ticket = await asyncio.to_thread(approvals.create, req)
+        except TooManyPending as exc:
+            return self.too_many(req, exc)
         url = self.ticket_url(ticket.id)
         self.audit(kind="held", user=req.requester, connection=req.connection,
                    session_id=req.session_id, client_addr=req.client_addr,
@@ -159,6 +169,18 @@ class HoldService:
             # Someone else (a replayed request, a second holder) used the approval first.
             status, t = CANCELLED, await asyncio.to_thread(approvals.get, ticket.id)
         return self.refusal(t, status, noun, req.timeout)
+
+    def too_many(self, req: TicketRequest, exc: TooManyPending) -> Outcome:
+        """The outcome of a request refused because its requester has too many tickets
+        pending: audited here (no ticket, nothing held), rendered by the protocol."""
+        self.audit(kind="held", user=req.requester, connection=req.connection,
+                   session_id=req.session_id, client_addr=req.client_addr,
+                   statement=req.statement, classification=req.classification,
+                   action="review", rule=req.rule or None, reason=exc.message,
+                   outcome=REFUSED,
+                   detail={**req.detail, "mode": req.mode, "pending": exc.pending,
+                           "limit": exc.limit})
+        return Outcome(REFUSED, False, exc.message)
 
     def refusal(self, t: Ticket, status: str, noun: str, timeout: float) -> Outcome:
         """The outcome of a ticket that ended without running its request."""
@@ -199,5 +221,5 @@ def human_duration(seconds: float) -> str:
     return f"{int(seconds)}s"
 
 
-__all__ = ["CLAIMED", "DEFERRED", "GONE", "GRANTED", "Grants", "Held", "HoldService",
-           "NoGrants", "Outcome", "human_duration"]
+__all__ = ["CLAIMED", "DEFERRED", "GONE", "GRANTED", "REFUSED", "Grants", "Held",
+           "HoldService", "NoGrants", "Outcome", "human_duration"]

@@ -45,4 +45,5 @@ def build_services(config: Config, *, store: Store | None = None, upgrade: bool 
     # Decisions are audited through the process's sink: the gateway's spool, or a
     # synchronous append for low-volume surfaces.
     services.approvals.audit = audit_sink or services.record_audit
+    services.approvals.max_pending = config.gateway.max_pending_per_user
     return services

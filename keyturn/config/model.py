@@ -243,6 +243,10 @@ class GatewaySettings:
     # the disk below this many MiB free: nothing runs unrecorded, the audit spool keeps
     # room.
     recording_min_free_mib: int = 256
+    # Pending tickets one requester may have at once, across every gateway process (the
+    # store counts them): one more is refused at once instead of held, so one user cannot
+    # flood the approvers. 0: no limit.
+    max_pending_per_user: int = 20
 
     def listener(self, key: str) -> Listener | None:
         return next((lst for k, lst in self.listeners if k == key), None)

@@ -47,7 +47,8 @@ from keyturn.errors import ConfigError
 from keyturn.request import known_classes, resource_kinds
 
 _GATEWAY_KEYS = {"tls", "id", "client_auth", "audit_spool", "recordings", "mask_key_env",
-                 "mask_key_file", "limits", "recording_keyframes", "recording_min_free_mib"}
+                 "mask_key_file", "limits", "recording_keyframes", "recording_min_free_mib",
+                 "max_pending_per_user"}
 
 
 def _installed_types() -> str:
@@ -324,6 +325,12 @@ class Validator(Checker):
         if isinstance(keep, bool) or not isinstance(keep, int) or not 0 <= keep <= 1 << 30:
             raise self.err(("gateway", "recording_min_free_mib"),
                            "expected MiB the recordings' disk keeps free, 0 or more")
+        pending = g.get("max_pending_per_user", 20)
+        if isinstance(pending, bool) or not isinstance(pending, int) or \
+                not 0 <= pending <= 1_000_000:
+            raise self.err(("gateway", "max_pending_per_user"),
+                           "expected the pending tickets one user may have at once, "
+                           "0 (no limit) or more")
         return GatewaySettings(self.listeners(g, types, connections),
                                tls.get("cert_file"), tls.get("key_file"),
                                str(g.get("id", "gateway")), client_auth,
@@ -331,7 +338,7 @@ class Validator(Checker):
                                self.secret(g, "mask_key", ("gateway",)),
                                self.limits(g.get("limits")),
                                self.relative_path(g.get("recordings", "recordings")),
-                               float(keyframes), keep)
+                               float(keyframes), keep, pending)
 
     def listeners(self, g: dict, types: list[registry.ConnectionType],
                   connections: dict[str, Connection]) -> tuple[tuple[str, Listener], ...]:

@@ -119,8 +119,10 @@ def with_post_check(parts: Sequence[int | str], statements: Sequence[Any],
     return out
 
 
+# A requester over gateway.max_pending_per_user (holds.REFUSED): 53400
+# configuration_limit_exceeded, a configured limit a later retry may pass.
 _OUTCOME_SQLSTATE = {holds.DEFERRED: "42501", "rejected": "42501", "expired": "57014",
-                     "cancelled": "57014"}
+                     "cancelled": "57014", holds.REFUSED: "53400"}
 
 
 def ticket_facts(classification: str, tables: Sequence[str], row_estimate: int | None,
