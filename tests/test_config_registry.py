@@ -122,9 +122,9 @@ def error(text: str) -> str:
 def test_an_unregistered_connection_type_names_file_line_key_and_the_installed_types() -> None:
     msg = error("  - name: orders\n    type: mysql\n    target: {host: h}\n    policy: p\n")
     assert msg == ("k.yaml:7: connections[1].type: no gateway for connection type 'mysql' "
-                   "is installed (installed: postgres, ssh)")
+                   "is installed (installed: http, postgres, ssh)")
     assert error("  - {name: orders, target: {host: h}, policy: p}\n").startswith(
-        "k.yaml:6: connections[1].type: is required (installed: postgres, ssh)")
+        "k.yaml:6: connections[1].type: is required (installed: http, postgres, ssh)")
 
 
 def test_a_second_protocol_validates_its_own_target_options_and_listener(

@@ -102,6 +102,24 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
             args.user, list(cfg.groups_of(args.user)), conn.name
         print(json.dumps(out, indent=2))
         return 0
+    if conn.type == "http":
+        from proxies.http.codec import Refused, action_of, normalise
+
+        method, _, path = sql.strip().partition(" ")
+        try:
+            target = normalise(f"/{conn.name}/{path.strip().lstrip('/')}")
+        except Refused as exc:
+            raise KeyturnError(f"the gateway refuses this path ({exc.status}): "
+                               f"{exc.message}") from None
+        act = action_of(method.upper(), target, conn.option("routes", ()))
+        out = evaluate(cfg, Request(args.user, cfg.groups_of(args.user), conn,
+                                    [act])).to_json()
+        out["statements"][0].update(paths=list(act.paths), methods=list(act.methods),
+                                    reasons=list(act.reasons))
+        out["user"], out["groups"], out["connection"] = \
+            args.user, list(cfg.groups_of(args.user)), conn.name
+        print(json.dumps(out, indent=2))
+        return 0
     analyzer = Analyzer(unknown_function_class=StatementClass(conn.unknown_function_class))
     analysis = analyzer.analyze(sql)
     decision = evaluate(cfg, Request(args.user, cfg.groups_of(args.user), conn,
@@ -536,7 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     pol = sub.add_parser("policy", help="policy tools")
     pols = pol.add_subparsers(dest="policy_cmd", required=True)
     ex = pols.add_parser("explain", help="print the Decision for a statement (or, on an ssh "
-                                         "connection, a command line) as JSON")
+                                         "connection, a command line; on an http one, "
+                                         "METHOD /path) as JSON")
     ex.add_argument("--user", required=True)
     ex.add_argument("--connection", required=True)
     ex.add_argument("sql", help="the statement ('-' reads stdin)")

@@ -28,6 +28,7 @@ def install() -> None:
     """Import every registration (once; importing again does nothing)."""
     import bots.settings  # noqa: F401  integrations: (the chat bots)
     import portal.settings  # noqa: F401  portal:
+    import proxies.http.register  # noqa: F401  type: http
     import proxies.postgres.register  # noqa: F401  type: postgres
     import proxies.ssh.register  # noqa: F401  type: ssh
 
