@@ -227,6 +227,13 @@ class Service:
         rec = {"method": request.method, "path": request.raw_path,
                "headers": list(request.headers.items()), "body": body.decode("latin-1")}
         self.seen.append(rec)
+        if request.raw_path.startswith("/base/broken"):
+            resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
+            await resp.prepare(request)
+            await resp.write(b"partial " * 100)
+            assert request.transport is not None
+            request.transport.abort()  # the service dies mid-answer
+            return resp
         if request.raw_path.startswith("/base/stream"):
             resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
             await resp.prepare(request)
@@ -668,3 +675,14 @@ def test_an_expired_hold_gets_403(kt: Keyturn, service: Service) -> None:
     doc = json.loads(body)
     assert status == 403 and doc["status"] == "expired" and doc["ticket"]
     assert "expired" in doc["error"] and len(service.seen) == n
+
+
+def test_an_answer_the_target_breaks_off_reaches_the_client_broken(
+        kt: Keyturn, service: Service) -> None:
+    res = subprocess.run(["curl", "-sS", "--cacert", CA[0], url(kt, "/api/broken"),
+                          *bearer(kt)], capture_output=True, timeout=60)
+    assert res.returncode != 0, "a truncated answer was passed off as complete"
+    rec = wait_record(kt, lambda r: r["kind"] == "statement" and
+                      r["statement"] == "GET /broken")
+    assert rec["outcome"] == "error" and "broke off" in rec["reason"]
+    assert rec["detail"]["status"] == 200

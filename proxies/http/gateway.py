@@ -506,6 +506,12 @@ class _Exchange:
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             error = _target_error(self.http, exc) if status is None else \
                 f"the exchange broke off after the status line: {exc!r}"
+            if response is not None and response.prepared:
+                # The client must see a broken answer as broken, not as a shorter whole
+                # one (aiohttp would end a chunked body cleanly when the handler returns).
+                transport = self.request.transport
+                if transport is not None:
+                    transport.abort()
         outcome = "ok" if error is None and status is not None and status < 400 else "error"
         if ticket_id is not None:
             gw.spawn(asyncio.to_thread(
