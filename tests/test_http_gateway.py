@@ -267,6 +267,7 @@ store: {{url: "sqlite:///keyturn.db"}}
 gateway:
   http: 127.0.0.1:{hport}
   tls: {{cert_file: {base}/gw.crt, key_file: {base}/gw.key}}
+  limits: {{max_connections_per_user: 3}}
 portal:
   listen: 127.0.0.1:{pport}
 identity:
@@ -291,6 +292,12 @@ connections:
       url: https://127.0.0.1:{tport}
       ca_file: {base}/svc.crt
       auth: {{type: header, header: X-Api-Key, value_file: {base}/target.token}}
+    policy: api
+  - name: nocred
+    type: http
+    target:
+      url: http://127.0.0.1:{sport}
+      auth: {{type: bearer, token_env: KEYTURN_TEST_UNSET_TOKEN}}
     policy: api
   - name: untrusted
     type: http
@@ -686,3 +693,35 @@ def test_an_answer_the_target_breaks_off_reaches_the_client_broken(
                       r["statement"] == "GET /broken")
     assert rec["outcome"] == "error" and "broke off" in rec["reason"]
     assert rec["detail"]["status"] == 200
+
+
+def test_a_credential_that_cannot_be_read_is_said_at_start_and_gives_502(
+        kt: Keyturn, service: Service) -> None:
+    assert "connection nocred cannot authenticate to its target" in kt.log()
+    assert "KEYTURN_TEST_UNSET_TOKEN is not set" in kt.log()
+    n = len(service.seen)
+    status, _, body = curl(url(kt, "/nocred/users/1"), *bearer(kt))
+    assert status == 502 and "credential" in json.loads(body)["error"]
+    assert len(service.seen) == n
+
+
+def test_requests_in_flight_per_user_are_capped(kt: Keyturn, service: Service) -> None:
+    held = []
+    for i in range(3):
+        held.append(_held(kt, [url(kt, f"/api/orders/{100 + i}"), "-X", "DELETE",
+                               *bearer(kt)]))
+        kt.wait_ticket()
+    status, _, body = curl(url(kt, "/api/users/1"), *bearer(kt))
+    assert status == 429 and "too many requests" in json.loads(body)["error"]
+    status, _, _ = curl(url(kt, "/api/users/1"), *bearer(kt, "bob"))
+    assert status == 200  # another person is not held up
+    for p in held:
+        p.kill()
+        p.communicate()
+    end = time.monotonic() + 20
+    while time.monotonic() < end:
+        status, _, _ = curl(url(kt, "/api/users/1"), *bearer(kt))
+        if status == 200:
+            break
+        time.sleep(0.2)
+    assert status == 200

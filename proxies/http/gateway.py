@@ -40,6 +40,7 @@ import logging
 import secrets
 import ssl
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -110,6 +111,9 @@ class HTTPGateway:
         # Tokens checked recently: sha256(token) -> (identity, until). A revoked token
         # stops working within revocation_check seconds, as other gateways' sessions end.
         self._tokens: dict[str, tuple[Identity, float]] = {}
+        # Requests in flight per user (held ones too): at most
+        # limits.max_connections_per_user, so one person cannot take the gateway.
+        self.in_flight: Counter[str] = Counter()
         self._client: aiohttp.ClientSession | None = None
         self._contexts: dict[str, ssl.SSLContext | bool] = {}
         self._runner: web.ServerRunner | None = None
@@ -128,7 +132,14 @@ class HTTPGateway:
             auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT))
         for conn in self.config.connections_of("http"):
-            self._contexts[conn.name] = _client_tls(target_of(conn))
+            target = target_of(conn)
+            self._contexts[conn.name] = _client_tls(target)
+            if target.auth is not None:
+                try:
+                    target.auth.secret.resolve()
+                except ConfigError as exc:  # said now; each request through it gets 502
+                    log.error("http: connection %s cannot authenticate to its target: %s",
+                              conn.name, exc)
         server = web.Server(self.handle, access_log=None)
         self._runner = web.ServerRunner(server, handle_signals=False)
         await self._runner.setup()
@@ -184,7 +195,23 @@ class HTTPGateway:
                        reason="no such http connection", outcome="refused",
                        detail={"method": request.method, "status": 404})
             return _json(404, {"error": f"no http connection {target.connection!r}"})
-        return await _Exchange(self, request, ident, conn, target, sid, addr).run()
+        user = ident.user
+        if self.in_flight[user] >= self.limits.max_connections_per_user:
+            why = (f"too many requests of user {user} in flight "
+                   f"({self.limits.max_connections_per_user}); wait for one to end")
+            self.audit(kind="statement", user=user, connection=conn.name, session_id=sid,
+                       client_addr=addr, statement=f"{request.method} {target.path_qs}",
+                       classification="unknown", action="block", rule="builtin:limits",
+                       reason=why, outcome="refused",
+                       detail={"method": request.method, "status": 429})
+            return _json(429, {"error": why})
+        self.in_flight[user] += 1
+        try:
+            return await _Exchange(self, request, ident, conn, target, sid, addr).run()
+        finally:
+            self.in_flight[user] -= 1
+            if not self.in_flight[user]:
+                del self.in_flight[user]
 
     async def _authenticate(self, request: web.BaseRequest,
                             addr: str) -> Identity | web.StreamResponse:
