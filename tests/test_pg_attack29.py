@@ -34,8 +34,10 @@ resolve names in pg_catalog alone; deferred triggers fire before the check when 
 transaction ends with the Query; CALL and other block-less commands that run user code
 run in a block and are checked; the check goes before SAVEPOINT/RELEASE/ROLLBACK TO;
 a transaction already holding the key fails the check; pg_index in the digest; an
-approved WITH HOLD cursor whose query runs user code is refused. xfail (documented):
-deferred triggers at a client transaction's own COMMIT; the open-catalog-change refusal.
+approved WITH HOLD cursor whose query runs user code is refused; the client
+transaction's own COMMIT is checked too, after the deferred triggers fired (a later
+session's fix); an open catalog change elsewhere no longer refuses a statement that
+is checked after it ran (a later session's fix).
 
 Held (no test): a client that disconnects while its approved statement waits (the
 backend is ended), FETCH from an approved cursor (runs read-only), an extended-protocol
@@ -311,11 +313,6 @@ def test_role_search_path_shadows_md5_and_blinds_the_digest(
 # ------------------------------------------------------------------ code after the check
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known limit (docs/postgres-gateway.md, 'Checked again after it ran'): inside a client "
-    "transaction, deferred constraint triggers the approved statement queued run at the "
-    "client's COMMIT, after the check (SET CONSTRAINTS ALL IMMEDIATE would change the "
-    "rest of the client's transaction)"))
 def test_deferred_constraint_trigger_runs_replaced_helper_at_the_clients_commit(
         kt: Keyturn, pg: LocalPostgres) -> None:
     """In a client transaction the approved UPDATE is checked when it ran; its deferred
@@ -478,10 +475,6 @@ def test_a_with_hold_cursor_runs_its_query_at_commit_after_the_check(
 # ------------------------------------------------------------------ denial of service
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open (availability, not a bypass): an uncommitted catalog change anywhere refuses "
-    "approvals on the target while it stays open; kept as defence in depth while the "
-    "check after the statement is lock-based (docs/postgres-gateway.md)"))
 def test_an_open_unrelated_function_change_refuses_every_approval_on_the_target(
         kt: Keyturn, pg: LocalPostgres) -> None:
     """Any role that may replace one function anywhere (its own schema) and leave the

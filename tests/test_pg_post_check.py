@@ -23,7 +23,19 @@ import requests
 
 from keyturn.launch.localpg import LocalPostgres
 from tests.conftest import APP_PASSWORD, Keyturn, keyturn_on_database
-from tests.pg_raw import Q, RawConn, errors, read_until, tags, vault_policy, vault_schema
+from tests.pg_raw import (
+    B,
+    E,
+    P,
+    Q,
+    RawConn,
+    S,
+    errors,
+    read_until,
+    tags,
+    vault_policy,
+    vault_schema,
+)
 
 DB = "postcheck"
 V = "pc_vault"
@@ -40,7 +52,7 @@ POLICIES = vault_policy("pc", [V], """\
 """)
 
 SCHEMA = vault_schema(V) + f"""
-CREATE FUNCTION public.helper() RETURNS void LANGUAGE sql AS $$ SELECT 1 $$;
+CREATE FUNCTION public.helper() RETURNS void LANGUAGE plpgsql AS $$BEGIN PERFORM 1; END$$;
 CREATE FUNCTION public.t_fn() RETURNS trigger LANGUAGE plpgsql AS
   $$BEGIN PERFORM helper(); RETURN NEW; END$$;
 CREATE TABLE public.box (id int PRIMARY KEY, v text);
@@ -48,13 +60,46 @@ INSERT INTO public.box SELECT g, 'a' FROM generate_series(1, 20) g;
 CREATE TRIGGER t BEFORE UPDATE ON public.box FOR EACH ROW EXECUTE FUNCTION public.t_fn();
 CREATE TABLE public.plain (id int PRIMARY KEY, v text);
 INSERT INTO public.plain SELECT g, 'a' FROM generate_series(1, 20) g;
+CREATE FUNCTION public.early_fn() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE k int8;
+BEGIN
+  SELECT (l.classid::int8 << 32) | l.objid::int8 INTO k FROM pg_locks l
+    JOIN pg_stat_activity a ON a.pid = l.pid
+   WHERE a.application_name = 'keyturn-postcheck' AND l.locktype = 'advisory'
+     AND l.granted LIMIT 1;
+  IF k IS NOT NULL THEN
+    PERFORM pg_advisory_lock(k);
+    IF TG_ARGV[0] = 'release' THEN PERFORM pg_advisory_unlock(k); END IF;
+  END IF;
+  FOR i IN 1..100 LOOP
+    EXIT WHEN EXISTS (SELECT FROM public.plain WHERE id = 20 AND v = 'go');
+    PERFORM pg_sleep(0.1);
+  END LOOP;
+  EXECUTE 'SELECT public.helper()';
+  RETURN NEW;
+END$$;
+CREATE TABLE public.early (id int PRIMARY KEY, v text);
+INSERT INTO public.early VALUES (1, 'a');
+CREATE TRIGGER t BEFORE UPDATE ON public.early FOR EACH ROW
+  EXECUTE FUNCTION public.early_fn('release');
+CREATE TABLE public.early2 (id int PRIMARY KEY, v text);
+INSERT INTO public.early2 VALUES (1, 'a');
+CREATE TRIGGER t BEFORE UPDATE ON public.early2 FOR EACH ROW
+  EXECUTE FUNCTION public.early_fn('keep');
+CREATE FUNCTION public.d_fn() RETURNS trigger LANGUAGE plpgsql AS
+  $$BEGIN PERFORM helper(); RETURN NULL; END$$;
+CREATE TABLE public.dbox (id int PRIMARY KEY, v text);
+INSERT INTO public.dbox SELECT g, 'a' FROM generate_series(1, 20) g;
+CREATE CONSTRAINT TRIGGER dt AFTER UPDATE ON public.dbox DEFERRABLE INITIALLY DEFERRED
+  FOR EACH ROW EXECUTE FUNCTION public.d_fn();
 CREATE TABLE {V}.victim (v text);
 INSERT INTO {V}.victim VALUES ('keep me');
 """
 
 EVIL = ("CREATE OR REPLACE FUNCTION public.helper() RETURNS void LANGUAGE plpgsql AS "
         f"$$BEGIN DELETE FROM {V}.victim; END$$")
-GOOD = "CREATE OR REPLACE FUNCTION public.helper() RETURNS void LANGUAGE sql AS $$ SELECT 1 $$"
+GOOD = ("CREATE OR REPLACE FUNCTION public.helper() RETURNS void LANGUAGE plpgsql AS "
+        "$$BEGIN PERFORM 1; END$$")
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +123,8 @@ def _reset(pg: LocalPostgres, kt: Keyturn) -> None:
     direct(pg, f"DELETE FROM {V}.victim; INSERT INTO {V}.victim VALUES ('keep me')")
     direct(pg, "UPDATE public.box SET v = 'a'")
     direct(pg, "UPDATE public.plain SET v = 'a'")
+    direct(pg, "UPDATE public.early SET v = 'a'; UPDATE public.early2 SET v = 'a'")
+    direct(pg, "UPDATE public.dbox SET v = 'a'")
     direct(pg, "DROP FUNCTION IF EXISTS public.unrelated()")
     kt.skip_pending()
 
@@ -266,3 +313,127 @@ def test_the_check_fails_closed_when_the_gateway_s_lock_connection_is_killed(
 
 def errors_raw(answers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     return [(t, body) for t, body in answers if t == b"E"]
+
+
+@pytest.mark.parametrize("table", ["early", "early2"], ids=["released", "kept"])
+def test_stored_code_that_waits_for_the_gateway_s_lock_cannot_pass_the_check_early(
+        kt: Keyturn, pg: LocalPostgres, table: str) -> None:
+    """The approved statement's trigger finds the gateway's lock in pg_locks (readable by
+    every role) and waits for it, so that the gateway sees its session wait there and
+    compares while the statement is still running: the code is the same, the gateway
+    passes and lets go. The trigger then waits for a helper replaced meanwhile and runs
+    it. The check statement at the end must not take the early pass: the gateway's
+    connection no longer holds the lock when it starts (released), or its own
+    transaction holds it (kept). Rolled back, nothing the new helper did remains."""
+    _reset(pg, kt)
+    with RawConn(kt.dsn("alice", dbname="pc")) as r:
+        r.send(Q(f"UPDATE public.{table} SET v = 'q' WHERE id = 1"))
+        read_until(r, b"N")
+        ticket = kt.wait_ticket()
+        kt.cli("approve", str(ticket["id"]), token_of="bob")
+        deadline = time.monotonic() + 15
+        while not direct(pg, "SELECT 1 FROM pg_stat_activity "
+                             "WHERE application_name LIKE 'keyturn-passed-%'"):
+            assert time.monotonic() < deadline, "the gateway never passed the check"
+            time.sleep(0.05)
+        direct(pg, EVIL)  # after the (early) pass, before the trigger calls the helper
+        direct(pg, "UPDATE public.plain SET v = 'go' WHERE id = 20")
+        a = r.until_ready()
+    assert direct(pg, f"SELECT count(*) FROM {V}.victim") == [(1,)], (
+        f"the replaced helper ran and committed after an early pass: {a}")
+    assert [e["C"] for e in errors(a)] == ["55000"], a
+    assert direct(pg, f"SELECT v FROM public.{table} WHERE id = 1") == [("a",)]
+
+
+def _approved(kt: Keyturn, r: RawConn, sql: str) -> tuple[int, list[tuple[bytes, bytes]]]:
+    r.send(Q(sql))
+    read_until(r, b"N")
+    ticket = kt.wait_ticket()
+    kt.cli("approve", str(ticket["id"]), token_of="bob")
+    return int(ticket["id"]), r.until_ready()
+
+
+def test_commit_of_a_transaction_with_approved_statements_checks_and_commits(
+        kt: Keyturn, pg: LocalPostgres) -> None:
+    """Two approved UPDATEs of a table with a deferred constraint trigger in one client
+    transaction: nothing changed, so the COMMIT (their triggers fire first, then the
+    gateway compares) commits both; no connection of the gateway's is left."""
+    _reset(pg, kt)
+    with RawConn(kt.dsn("alice", dbname="pc")) as r:
+        assert not errors(r.run(Q("BEGIN")))
+        t1, a = _approved(kt, r, "UPDATE public.dbox SET v = 'x' WHERE id = 1")
+        assert not errors(a), a
+        t2, a = _approved(kt, r, "UPDATE public.dbox SET v = 'y' WHERE id = 2")
+        assert not errors(a), a
+        c = r.run(Q("COMMIT"))
+        assert not errors(c), c
+        assert tags(c) == ["COMMIT"], c
+        assert (b"Z", b"I") in c
+    assert direct(pg, "SELECT v FROM public.dbox WHERE id IN (1, 2) ORDER BY id") == \
+        [("x",), ("y",)]
+    assert _ticket(kt, t1, {"executed"})["status"] == "executed"
+    assert _ticket(kt, t2, {"executed"})["status"] == "executed"
+    time.sleep(0.5)
+    assert _own_connections(pg) == []
+
+
+def test_commit_is_refused_when_code_changed_before_the_deferred_triggers_ran(
+        kt: Keyturn, pg: LocalPostgres) -> None:
+    """The helper the deferred trigger calls is replaced (committed elsewhere) after the
+    approved UPDATE ran and before the client's COMMIT: the triggers fire at the COMMIT,
+    so the gateway's check there fails and nothing is committed."""
+    _reset(pg, kt)
+    with RawConn(kt.dsn("alice", dbname="pc")) as r:
+        assert not errors(r.run(Q("BEGIN")))
+        _, a = _approved(kt, r, "UPDATE public.dbox SET v = 'z' WHERE id = 3")
+        assert not errors(a), a
+        direct(pg, EVIL)
+        c = r.run(Q("COMMIT"))
+        assert [e["C"] for e in errors(c)] == ["55000"], c
+        assert "not committed" in errors(c)[0]["M"], c
+        assert (b"Z", b"E") in c
+        assert tags(r.run(Q("ROLLBACK"))) == ["ROLLBACK"]
+        assert not errors(r.run(Q("SELECT 1")))  # the session goes on
+    assert direct(pg, f"SELECT count(*) FROM {V}.victim") == [(1,)]
+    assert direct(pg, "SELECT v FROM public.dbox WHERE id = 3") == [("a",)]
+    time.sleep(0.5)
+    assert _own_connections(pg) == []
+
+
+def test_rolled_back_transaction_owes_no_check_and_leaves_no_connection(
+        kt: Keyturn, pg: LocalPostgres) -> None:
+    _reset(pg, kt)
+    with RawConn(kt.dsn("alice", dbname="pc")) as r:
+        assert not errors(r.run(Q("BEGIN")))
+        _, a = _approved(kt, r, "UPDATE public.dbox SET v = 'r' WHERE id = 4")
+        assert not errors(a), a
+        assert tags(r.run(Q("ROLLBACK"))) == ["ROLLBACK"]
+        time.sleep(0.5)
+        assert _own_connections(pg) == []
+        # A later transaction of the session commits unchecked, as usual.
+        c = r.run(Q("BEGIN; SELECT 1; COMMIT"))
+        assert not errors(c) and "COMMIT" in tags(c), c
+    assert direct(pg, "SELECT v FROM public.dbox WHERE id = 4") == [("a",)]
+
+
+def test_set_constraints_or_an_extended_protocol_commit_after_an_approved_statement_is_refused(
+        kt: Keyturn, pg: LocalPostgres) -> None:
+    """Either would run the approved statement's deferred triggers where the gateway
+    does not check them: refused with the way to go on (COMMIT as a simple Query)."""
+    _reset(pg, kt)
+    with RawConn(kt.dsn("alice", dbname="pc")) as r:
+        assert not errors(r.run(Q("BEGIN")))
+        _, a = _approved(kt, r, "UPDATE public.dbox SET v = 's' WHERE id = 5")
+        assert not errors(a), a
+        direct(pg, EVIL)
+        e = errors(r.run(Q("SET CONSTRAINTS ALL IMMEDIATE")))
+        assert [x["C"] for x in e] == ["25000"] and "SET CONSTRAINTS" in e[0]["M"], e
+        assert tags(r.run(Q("ROLLBACK"))) == ["ROLLBACK"]
+        assert not errors(r.run(Q("BEGIN")))
+        _, a = _approved(kt, r, "UPDATE public.dbox SET v = 's' WHERE id = 6")
+        assert not errors(a), a
+        e = errors(r.run(P("", "COMMIT"), B("", ""), E("", 0), S()))
+        assert [x["C"] for x in e] == ["25000"] and "simple Query" in e[0]["M"], e
+        assert tags(r.run(Q("ROLLBACK"))) == ["ROLLBACK"]
+    assert direct(pg, f"SELECT count(*) FROM {V}.victim") == [(1,)]
+    assert direct(pg, "SELECT v FROM public.dbox WHERE id IN (5, 6)") == [("a",), ("a",)]

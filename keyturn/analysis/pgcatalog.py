@@ -229,16 +229,20 @@ class TargetCatalog:
         _inherit(code, bases)
         exprs = keep(expressions)
         checks: dict[tuple[str, str], set[tuple[str, str]]] = {}
+        defaults: dict[tuple[str, str], set[tuple[str, str]]] = {}
         for kind, s, t, what, expr in exprs:
-            if kind == "t":
-                checks.setdefault((s, t), set()).add((what, f"SELECT {expr}"))
+            if kind == "t" or kind == "d":
+                (checks if kind == "t" else defaults).setdefault((s, t), set()).add(
+                    (what, f"SELECT {expr}"))
         _inherit(checks, bases)
+        _inherit(defaults, bases)
         type_sql: dict[str, list[tuple[str, str, str]]] = {}
         for (s, t), found in checks.items():
             type_sql.setdefault(t, []).extend((s, what, sql) for what, sql in sorted(found))
         types: dict[str, list[tuple[str, str, str]]] = {}
         for (s, t), funcs in code.items():
-            types.setdefault(t, []).extend((s, what, fn) for what, fn in sorted(funcs))
+            types.setdefault(t, []).extend((s, what, fn) for what, fn in sorted(funcs)
+                                           if what != "its default")  # (not for a cast)
         rels: dict[tuple[str, str], dict[str, Any]] = {}
 
         def rel(s: str, n: str) -> dict[str, Any]:
@@ -275,7 +279,12 @@ class TargetCatalog:
                 rel(s, n)["on_read"].append((f"its row type ({what})", fn))
         for s, n, col, ts, tn in keep(typed_columns):
             for what, fn in sorted(code.get((ts, tn), ())):
-                rel(s, n)["on_read"].append((f"column {col} of type {ts}.{tn} ({what})", fn))
+                # (A domain's default runs on writes only: INSERT, and UPDATE ... DEFAULT.)
+                rel(s, n)["on_write" if what == "its default" else "on_read"].append(
+                    (f"column {col} of type {ts}.{tn} ({what})", fn))
+            for what, sql in sorted(defaults.get((ts, tn), ())):
+                rel(s, n)["on_write_sql"].append(
+                    (f"column {col} of type {ts}.{tn} ({what})", sql))
             # A row of the table may be made from other values (json_populate_record of
             # the table's row type): its columns' domain checks run.
             for what, sql in sorted(checks.get((ts, tn), ())):

@@ -130,6 +130,12 @@ WITH code(typ, what, fn) AS (
     JOIN pg_depend d ON d.classid = 'pg_constraint'::regclass AND d.objid = c.oid
      AND d.refclassid = 'pg_proc'::regclass WHERE c.contypid <> 0
   UNION ALL
+  -- A domain's default runs on every INSERT that leaves a column of it out.
+  SELECT t.oid, 'its default', d.refobjid FROM pg_type t
+    JOIN pg_depend d ON d.classid = 'pg_type'::regclass AND d.objid = t.oid
+     AND d.refclassid = 'pg_proc'::regclass
+  WHERE t.typtype = 'd' AND t.typdefaultbin IS NOT NULL
+  UNION ALL
   SELECT t, 'an operator class', a.amproc FROM pg_amproc a,
     unnest(ARRAY[a.amproclefttype, a.amprocrighttype]) AS t
   UNION ALL
@@ -457,7 +463,11 @@ UNION ALL
 SELECT 't', n.nspname, t.typname, 'check ' || c.conname, pg_get_expr(c.conbin, 0)
 FROM pg_constraint c JOIN pg_type t ON t.oid = c.contypid
 JOIN pg_namespace n ON n.oid = t.typnamespace
-WHERE c.contypid <> 0 AND c.conbin IS NOT NULL AND {_user("n", "t")}"""
+WHERE c.contypid <> 0 AND c.conbin IS NOT NULL AND {_user("n", "t")}
+UNION ALL
+SELECT 'd', n.nspname, t.typname, 'its default', pg_get_expr(t.typdefaultbin, 0)
+FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+WHERE t.typtype = 'd' AND t.typdefaultbin IS NOT NULL AND {_user("n", "t")}"""
 
 _TYPED_COLUMNS = f"""
 SELECT n.nspname, c.relname, a.attname, tn.nspname, t.typname

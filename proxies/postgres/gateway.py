@@ -26,6 +26,7 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from keyturn.analysis import Analyzer, StatementClass
@@ -89,6 +90,12 @@ class PostgresGateway:
         self.analysis_budget = LoopBudget(LOOP_ANALYSIS_BUDGET, cheap=CHEAP_ANALYSIS,
                                           own=SESSION_CHEAP_BUDGET)
         self._origins: dict[str, MaskCatalog] = {}
+        # Reads of column origins (masked connections) run on threads of their own, one
+        # per connection at a time: a read that waits for a lock (a view over a table
+        # someone locked) must not take the threads logins and checks need.
+        self._origin_pool = ThreadPoolExecutor(max_workers=2,
+                                               thread_name_prefix="keyturn-origins")
+        self._origin_locks: dict[str, asyncio.Lock] = {}
         # Each connection's user-defined code, judged into every decision (catalog.py).
         self.catalogs = Catalogs(self, read=catalog_reader)
         self.mask_key = _mask_key(self.config)
@@ -223,6 +230,7 @@ class PostgresGateway:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.catalogs.stop()
         await self.watcher.stop()
+        self._origin_pool.shutdown(wait=False, cancel_futures=True)
         if self.analysis_pool is not None:
             self.analysis_pool.close()
         if self.write_ahead is not None:
@@ -418,6 +426,17 @@ class PostgresGateway:
             self._analyzers[conn.unknown_function_class] = a
         return a
 
+    async def origins(self, conn: Connection) -> MaskCatalog:
+        """column_origins off the event loop, one read per connection at a time (the
+        others wait for its result, not for a thread)."""
+        cached = self._origins.get(conn.name)
+        if cached is not None:
+            return cached
+        lock = self._origin_locks.setdefault(conn.name, asyncio.Lock())
+        async with lock:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._origin_pool, self.column_origins, conn)
+
     def column_origins(self, conn: Connection) -> MaskCatalog:
         """(table oid, column number) -> ``schema.table.column`` for every user column of
         the connection's database, which RowDescription names as each field's origin.
@@ -425,7 +444,10 @@ class PostgresGateway:
         cached = self._origins.get(conn.name)
         if cached is not None:
             return cached
-        with connect_target(conn, "keyturn-catalog") as c:
+        # Printing a view locks the tables it reads: bounded waits, as read_catalog's.
+        with connect_target(conn, "keyturn-catalog", timeout=5,
+                            options="-c lock_timeout=2000 -c statement_timeout=20000 "
+                                    f"{OWN_PATH}") as c:
             rows = c.execute(
                 "SELECT c.oid, a.attnum, n.nspname, c.relname, a.attname "
                 "FROM pg_catalog.pg_attribute a "
@@ -715,6 +737,15 @@ rows AS (
          t.typinput, t.typoutput, t.typreceive, t.typsend, t.typbasetype, t.typnotnull,
          t.typdefaultbin::text))
     FROM pg_catalog.pg_type t JOIN ns ON ns.oid = t.typnamespace
+  -- Names stored code resolves when it runs: schemas (two swapped by ALTER SCHEMA
+  -- RENAME swap every function in them) and columns (two swapped by RENAME COLUMN).
+  UNION ALL SELECT 'N' || n.oid || md5(concat_ws('|', n.nspname, n.nspowner))
+    FROM pg_catalog.pg_namespace n JOIN ns ON ns.oid = n.oid
+  UNION ALL SELECT 'A' || a.attrelid || '.' || a.attnum || md5(concat_ws('|', a.attname,
+         a.atttypid, a.atttypmod, a.attisdropped, a.attgenerated, a.attcollation))
+    FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
+    JOIN ns ON ns.oid = c.relnamespace
+    WHERE a.attnum > 0 AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
 )
 SELECT coalesce(md5(string_agg(x, ',' ORDER BY x)), '') FROM rows
 """

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any, cast
 from keyturn import holds
 from keyturn.approvals import TicketRequest, binding_of
 from keyturn.policy import Decision
-from proxies.postgres import codec
+from proxies.postgres import codec, guard
 from proxies.postgres.codec import Message
-from proxies.postgres.state import Ctx, SessionState
+from proxies.postgres.state import CommitCheck, Ctx, SessionState
 
 if TYPE_CHECKING:
     from proxies.postgres.session import ClientSession
@@ -49,29 +49,39 @@ def _shape(decision: Decision) -> str:
 RECHECK_SECONDS = 10.0
 
 
-def post_check_sql(key: int, pid: int) -> str:
+def post_check_sql(key: int, pid: int, *, last: bool = False) -> str:
     """The statement an approved Query ends with (holding.py _post_check): it waits for
     the gateway's advisory lock ``key``, then goes on only if the gateway's connection
     (backend ``pid``) says the check passed, in its application_name; a gateway
     connection that ended, or anything else, fails it, and its transaction rolls back.
-    Its transaction holding ``key`` already (stored code that took it, so that the
-    gateway checked too early) fails it too. It answers no rows and names only
-    pg_catalog."""
-    held = ("SELECT FROM pg_catalog.pg_locks l WHERE l.pid OPERATOR(pg_catalog.=) "
-            "pg_catalog.pg_backend_pid() AND l.locktype OPERATOR(pg_catalog.=) "
-            "'advisory'::pg_catalog.text AND l.classid OPERATOR(pg_catalog.=) "
-            f"{key >> 32}::pg_catalog.oid AND l.objid OPERATOR(pg_catalog.=) "
-            f"{key & 0xFFFFFFFF}::pg_catalog.oid")
+    Its transaction holding ``key`` already, or the gateway's connection no longer
+    holding it when the statement starts (stored code that waited for it, so that the
+    gateway checked, passed and let go too early, whether that code kept the lock or
+    released it), fails it too: the gateway lets go only after it saw this statement
+    wait, which it does only once both were true. ``last``: nothing of the transaction's
+    own runs after it but its COMMIT (deferred triggers fired before it): the rest of
+    the transaction is read-only, so stored code that made work for COMMIT anyway (a
+    trigger deferring again, a WITH HOLD cursor declared through EXECUTE, whose query
+    runs at COMMIT) cannot write there. It answers no rows and names only pg_catalog."""
+    def lock(holder: str) -> str:
+        return ("SELECT FROM pg_catalog.pg_locks l WHERE l.pid OPERATOR(pg_catalog.=) "
+                f"{holder} AND l.granted AND l.locktype OPERATOR(pg_catalog.=) "
+                "'advisory'::pg_catalog.text AND l.classid OPERATOR(pg_catalog.=) "
+                f"{key >> 32}::pg_catalog.oid AND l.objid OPERATOR(pg_catalog.=) "
+                f"{key & 0xFFFFFFFF}::pg_catalog.oid AND l.objsubid OPERATOR(pg_catalog.=) 1")
     fail = ("RAISE EXCEPTION USING ERRCODE = '55000', MESSAGE = 'keyturn: the check after "
             "this approved statement did not pass; it was rolled back'")
     return ("DO $keyturn$BEGIN "
-            f"IF EXISTS ({held}) THEN {fail}; END IF; "
+            f"IF EXISTS ({lock('pg_catalog.pg_backend_pid()')}) OR NOT EXISTS "
+            f"({lock(str(int(pid)))}) THEN {fail}; END IF; "
             "PERFORM pg_catalog.pg_advisory_xact_lock("
             f"{int(key)}::pg_catalog.int8); PERFORM pg_catalog.pg_stat_clear_snapshot(); "
             "IF NOT EXISTS (SELECT FROM pg_catalog.pg_stat_activity a WHERE a.pid "
             f"OPERATOR(pg_catalog.=) {int(pid)} AND a.application_name "
             f"OPERATOR(pg_catalog.=) '{post_check_name(key)}'::pg_catalog.text) THEN "
-            f"{fail}; END IF; END$keyturn$")
+            f"{fail}; END IF; " +
+            ("PERFORM pg_catalog.set_config('transaction_read_only', 'on', true); "
+             if last else "") + "END$keyturn$")
 
 
 def post_check_name(key: int) -> str:
@@ -112,7 +122,7 @@ def with_post_check(parts: Sequence[int | str], statements: Sequence[Any],
     last = max((i for i, p in enumerate(out) if isinstance(p, int)
                 and not getattr(statements[p], "facts", frozenset()) & _CONTROL),
                default=max((i for i, p in enumerate(out) if isinstance(p, int)), default=-1))
-    check = [post_check_sql(key, pid)]
+    check = [post_check_sql(key, pid, last=immediate)]
     if immediate:
         check.insert(0, "SET CONSTRAINTS ALL IMMEDIATE")
     out[last + 1:last + 1] = check
@@ -241,7 +251,7 @@ class Holds(SessionState):
         post: tuple[Any, str] | None = None
         if outcome.run and outcome.status != holds.GRANTED:
             changed, code = await self._changed_while_held(decision, analysis,
-                                                           outcome.ticket_id)
+                                                           outcome.ticket_id, kind)
             if changed is None and code is not None:
                 changed = self._uncheckable(analysis, decision, kind)
             if changed is None and code is not None and self._post_checkable(analysis, kind):
@@ -257,10 +267,24 @@ class Holds(SessionState):
                     # cannot, such as VACUUM, then fails: nothing unchecked runs code).
                     ctx.post_in_block = self._code_runs(analysis, decision)
                     post = (lock, code)
+                    if kind == b"Q" and self.commit_check is None and (
+                            self.txs.block or any("begin" in st.facts
+                                                  for st in analysis.statements)):
+                        # It may leave a transaction open whose COMMIT runs the deferred
+                        # triggers it queued: that COMMIT is checked too (a second lock,
+                        # given back at once when the Query leaves no transaction open).
+                        ctx.commit_key = secrets.randbits(62) | (1 << 40)
+                        ctx.commit_lock = await asyncio.to_thread(
+                            self.gw.post_check_open, conn, ctx.commit_key)
+                        ctx.commit_pid = int(ctx.commit_lock.info.backend_pid)
                 except Exception as exc:  # noqa: BLE001 - cannot check after: refuse
                     log.warning("session %s: no post-execution check on %s: %s",
                                 self.session_id, conn.name, exc)
-                    ctx.post_key = None
+                    ctx.post_key = ctx.commit_key = None
+                    for opened in (post[0] if post else None, ctx.commit_lock):
+                        if opened is not None:
+                            await asyncio.to_thread(self.gw.post_check_close, opened)
+                    post = ctx.commit_lock = None
                     changed = "the target could not be reached to check it after it runs"
             if changed is not None:
                 self._refuse(codec.encode_error(
@@ -284,7 +308,11 @@ class Holds(SessionState):
                 self.code_in_batch = True
             self._forward_approved(msg, ctx, kind)
             if post is not None:
-                self._spawn(self._post_check(ctx, *post, _tables_of(decision)))
+                self._arm_commit_check(ctx, post[1], _tables_of(decision))
+                self._spawn(self._post_check(ctx, post[0], ctx.post_key,
+                                             [(post[1], _tables_of(decision))]))
+            elif ctx.commit_lock is not None:
+                self._spawn(asyncio.to_thread(self.gw.post_check_close, ctx.commit_lock))
             return
         self._refuse(codec.encode_error("ERROR", _OUTCOME_SQLSTATE.get(outcome.status, "42501"),
                                         f"keyturn: {outcome.message}"), kind)
@@ -294,7 +322,8 @@ class Holds(SessionState):
         self._audit(ctx, outcome=outcome.status)
 
     async def _changed_while_held(self, decision: Decision, analysis: Any,
-                                  ticket_id: int | None) -> tuple[str | None, str | None]:
+                                  ticket_id: int | None, kind: bytes = b""
+                                  ) -> tuple[str | None, str | None]:
         """Why an approved statement must not run: what it would run on the target now
         (triggers, rules, views, defaults added or changed while it waited, by any session;
         the bodies of the user functions it calls) or the policy's verdict differs from
@@ -304,12 +333,21 @@ class Holds(SessionState):
         assert self.conn is not None
         if not getattr(analysis, "statements", ()):
             return None, None
-        why, recorded = await self._recheck(decision, analysis, ticket_id)
+        # Checked after it ran (very likely: _post_checkable, nothing that runs outside a
+        # block, no masked result format to check first): a catalog change still open
+        # elsewhere counts there if it commits while the statement runs, and not at all
+        # if it commits later, so it need not refuse the statement now.
+        statements = analysis.statements
+        after = self._post_checkable(analysis, kind) and not self.masking and \
+            self._uncheckable(analysis, decision, kind) is None and \
+            not any(guard.outside_block(st) for st in statements)
+        why, recorded = await self._recheck(decision, analysis, ticket_id,
+                                            post_checked=after)
         code = recorded.get("code")
         return why, code if isinstance(code, str) else None
 
-    async def _recheck(self, decision: Decision, analysis: Any,
-                       ticket_id: int | None) -> tuple[str | None, dict[str, Any]]:
+    async def _recheck(self, decision: Decision, analysis: Any, ticket_id: int | None, *,
+                       post_checked: bool = False) -> tuple[str | None, dict[str, Any]]:
         assert self.conn is not None
         recorded: dict[str, Any] = {}
         if ticket_id is not None:
@@ -350,6 +388,8 @@ class Holds(SessionState):
             return ("user code stored on the target (functions, triggers, rules, views, "
                     "defaults, constraints or policies) changed, or could not be read to "
                     "compare"), recorded
+        if post_checked:
+            busy = [b for b in busy if not b.startswith("catalog ")]
         if busy:
             return f"another transaction is changing or holding {', '.join(busy[:5])} " \
                    "(its changes would count only once it commits, after this check)", \
@@ -381,19 +421,55 @@ class Holds(SessionState):
         return kind in (b"Q", b"E") and getattr(analysis, "error", None) is None and \
             bool(getattr(analysis, "statements", ()))
 
-    async def _post_check(self, ctx: Ctx, lock: Any, want: str, tables: list[str]) -> None:
-        """After an approved Query's statements ran, before its transaction commits: the
-        target's code digest again, compared with the one its approvers were shown.
+    def _arm_commit_check(self, ctx: Ctx, want: str, tables: list[str]) -> None:
+        """An approved Query that left its transaction open (session._forward_query set
+        ``commit_armed``): the deferred triggers it queued run at that transaction's
+        COMMIT, after its own check, so the COMMIT is checked too (session._commit_check:
+        SET CONSTRAINTS ALL IMMEDIATE and a wait for ``commit_key`` come before it). A
+        second approved statement in the same transaction joins the first one's check."""
+        lock, ctx.commit_lock = ctx.commit_lock, None
+        if ctx.commit_armed:
+            if self.commit_check is not None:
+                self.commit_check.checks.append((ctx, want, tables))  # (its lock: closed)
+            elif lock is not None and ctx.commit_key is not None:
+                self.commit_check = CommitCheck(lock, ctx.commit_key, ctx.commit_pid,
+                                                [(ctx, want, tables)])
+                if self.fast is not None:
+                    self.fast.disarm()  # the COMMIT must come through the session
+                return
+        if lock is not None:
+            self._spawn(asyncio.to_thread(self.gw.post_check_close, lock))
 
-        The Query ends with post_check_sql, which waits for an advisory lock ``lock`` (a
-        connection of the gateway's own) holds. Once the session waits there, every
-        transaction the statement waited behind has committed (or not), so a new read
-        sees what it ran with: the same → ``lock`` names itself as passed and releases
-        the lock, and the Query commits; changed (or unreadable) → the lock is released
-        unnamed, the check fails, its transaction rolls back and the client gets a 55000
-        error saying why (ordering.py _on_error). Fails closed: a lock connection that
-        ends (killed by code the statement ran, say) releases the lock unnamed too."""
-        key = ctx.post_key
+    def _drop_commit_check(self, ctx: Ctx | None = None) -> None:
+        """The transaction ended (or ``ctx``, one of its approved statements, was rolled
+        back by its own check): nothing (more) of it is owed at COMMIT."""
+        cc = self.commit_check
+        if cc is None:
+            return
+        if ctx is not None:
+            cc.checks = [c for c in cc.checks if c[0] is not ctx]
+            if cc.checks:
+                return
+        self.commit_check = None
+        self._spawn(asyncio.to_thread(self.gw.post_check_close, cc.lock))
+
+    async def _post_check(self, ctx: Ctx, lock: Any, key: int | None,
+                          checks: list[tuple[str, list[str]]], *,
+                          at_commit: bool = False) -> None:
+        """After an approved Query's statements ran, before its transaction commits: the
+        target's code digest again, compared with the one its approvers were shown
+        (``checks``: per approved statement, that digest and the tables it names).
+
+        The Query ends with post_check_sql, which waits for advisory lock ``key`` that
+        ``lock`` (a connection of the gateway's own) holds. Once the session waits there,
+        every transaction the statement waited behind has committed (or not), so a new
+        read sees what it ran with: the same → ``lock`` names itself as passed and
+        releases the lock, and the Query commits; changed (or unreadable) → the lock is
+        released unnamed, the check fails, its transaction rolls back and the client gets
+        a 55000 error saying why (ordering.py _on_error). Fails closed: a lock connection
+        that ends (killed by code the statement ran, say) releases the lock unnamed too.
+        ``at_commit``: the client's COMMIT of a transaction that ran approved statements,
+        after their deferred triggers fired (session._commit_check)."""
         try:
             if key is None or self.upstream is None or not self.upstream.backend_key \
                     or self.conn is None:
@@ -408,14 +484,17 @@ class Holds(SessionState):
                     return  # it failed before the check (rolled back) or the session ended
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
-            try:
-                code: str | None = await asyncio.to_thread(self.gw.code_digest, self.conn,
-                                                           tables)
-            except Exception as exc:  # noqa: BLE001 - cannot compare: refuse
-                log.warning("session %s: the post-execution check could not read %s: %s",
-                            self.session_id, self.conn.name, exc)
-                code = None
-            if code == want:
+            same = True
+            for want, tables in checks:
+                try:
+                    code: str | None = await asyncio.to_thread(self.gw.code_digest,
+                                                               self.conn, tables)
+                except Exception as exc:  # noqa: BLE001 - cannot compare: refuse
+                    log.warning("session %s: the post-execution check could not read %s: "
+                                "%s", self.session_id, self.conn.name, exc)
+                    code = None
+                same = same and code == want
+            if same:
                 await asyncio.to_thread(self.gw.post_check_pass, lock, key,
                                         post_check_name(key))
                 # Open until the session read the name (its Query completed).
@@ -424,14 +503,25 @@ class Holds(SessionState):
                         break
                     await asyncio.sleep(0.1)
                 return
-            ctx.post_refused = (
-                "keyturn: the approved statement ran, but user code stored on the target "
-                "(functions, triggers, rules, views, defaults, constraints or policies) "
-                "changed before it completed (committed by a transaction it waited behind, "
-                "or while it ran), or could not be read to compare; it was rolled back" +
-                ("" if self.tx_status != "T" else
-                 " with the failed transaction (roll the transaction back)") +
-                "; send it again to ask for a new approval")
+            if at_commit:
+                ctx.post_refused = (
+                    "keyturn: this transaction ran an approved statement whose deferred "
+                    "triggers run at COMMIT, but user code stored on the target (functions, "
+                    "triggers, rules, views, defaults, constraints or policies) changed "
+                    "since it was approved, or could not be read to compare; the "
+                    "transaction was not committed (roll it back) and the approved "
+                    "statement must be sent again for a new approval")
+            else:
+                ctx.post_refused = (
+                    "keyturn: the approved statement ran, but user code stored on the "
+                    "target (functions, triggers, rules, views, defaults, constraints or "
+                    "policies) changed before it completed (committed by a transaction it "
+                    "waited behind, or while it ran), or could not be read to compare; it "
+                    "was rolled back" +
+                    ("" if self.tx_status != "T" else
+                     " with the failed transaction (roll the transaction back)") +
+                    "; send it again to ask for a new approval")
+                self._drop_commit_check(ctx)  # what it queued is rolled back with it
             log.warning("session %s: approved statement rolled back: the target's code "
                         "changed while it ran (ticket %s)", self.session_id, ctx.ticket_id)
         except Exception:

@@ -9,7 +9,6 @@ It must not let a value it cannot mask through: the result is refused instead.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import functools
 import logging
@@ -227,7 +226,7 @@ class ResultMasking(SessionState):
 
         async def refresh() -> None:
             try:
-                self.catalog = await asyncio.to_thread(self.gw.column_origins, conn)
+                self.catalog = await self.gw.origins(conn)
             except Exception:
                 log.exception("re-reading the catalog of %s failed", conn.name)
             finally:

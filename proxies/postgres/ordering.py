@@ -279,6 +279,10 @@ class ResponseRelay(SessionState):
                 self._check_dropped(entry.post, None)
             if entry.kind == b"S" or entry.kind == b"Q":
                 break
+        cc = self.commit_check
+        if cc is not None and self.tx_status == "I" and all(c.post_done for c, _, _ in
+                                                             cc.checks):
+            self._drop_commit_check()  # rolled back: its COMMIT owes nothing
         if not expect:
             self._guard_sync()
             if self.closed:

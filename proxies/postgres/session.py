@@ -65,6 +65,7 @@ from proxies.postgres.state import (
     _NAMESPACE_COMMANDS,
     _TEXT_OIDS,
     PROTOCOL,
+    CommitCheck,
     Ctx,
     Expect,
     StmtInfo,
@@ -279,6 +280,9 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         # sends: "target"; too much waits in the backlog: "backlog").
         self.read_paused: set[str] = set()
         self.held_ticket: int | None = None
+        # Approved statements in the open transaction whose COMMIT must check again
+        # (holding.py _arm_commit_check); None outside such a transaction.
+        self.commit_check: CommitCheck | None = None
         # Analysis off the event loop (keyturn.analysis.elsewhere): characters of text
         # analysed here in this turn, Parse texts analysed elsewhere for the messages
         # in hand, and the last SQL text analysed elsewhere with the session's
@@ -425,6 +429,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                 # while it is quiet, statements it plans change it as Python would.)
                 up = self.upstream
                 if fast is not None and not self.expect and not self.holding and \
+                        self.commit_check is None and \
                         not self.turn_yield and \
                         not self.batch_open and \
                         self.gw.audit_spool.accepting and self._guard_synced() and \
@@ -479,6 +484,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             self.upstream.close()
         if self.held_ticket is not None:
             self._cancel_held("client disconnected")
+        self._drop_commit_check()
         self._unfinished("the session ended before the outcome was known: the statement "
                          "was sent to the target and may have run")
         if self.identity is not None:
@@ -1385,6 +1391,17 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         if ctx.post_key is not None and (analysis is None or any(
                 guard.outside_block(st) for st in analysis.statements)):
             ctx.post_key = None  # VACUUM, CALL...: they commit on their own
+        if self._commit_at(ctx, analysis) != -1:
+            if ctx.action != "block":
+                ctx.action, ctx.rule = "block", "builtin:commit-check"
+                ctx.reason = ("keyturn checks the COMMIT of a transaction that ran an "
+                              "approved statement: send COMMIT as a simple Query")
+            elif ctx.reason and not ctx.reason.endswith("simple Query"):
+                ctx.reason += " (send COMMIT as a simple Query)"
+            self._refuse(codec.encode_error("ERROR", "25000", f"keyturn: {ctx.reason}"), b"E",
+                         out)
+            self._audit(ctx, outcome="blocked")
+            return True
         self._guard_before_execute(ctx, out)
         if self.masking:
             # Learn the result's shape and formats before its rows: our own Describe of
@@ -1412,6 +1429,36 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             self.guard_stmts.clear()
         self._guard_after_execute(ctx, out)
         return True
+
+    def _commit_at(self, ctx: Ctx, analysis: Any) -> int:
+        """Where a Query commits a transaction whose COMMIT owes a check (the index of
+        its first COMMIT, END or PREPARE TRANSACTION), -1 when it does not, -2 when it
+        is refused (ctx says why): SET CONSTRAINTS would run the approved statements'
+        deferred triggers outside the check, and a Query the analyser could not read may
+        commit."""
+        if self.commit_check is None or analysis is None:
+            return -1
+        if self.tx_status == "E" and not self.expect:
+            return -1  # an aborted transaction: its COMMIT only rolls back
+        if analysis.error is not None:
+            if not may_change_transaction(ctx.statement):
+                return -1
+            ctx.reason = ("keyturn cannot analyse this statement and it may commit a "
+                          "transaction that ran an approved statement, whose COMMIT the "
+                          "gateway checks")
+        else:
+            for i, st in enumerate(analysis.statements):
+                if st.command in ("COMMIT", "PREPARE TRANSACTION"):
+                    return i
+                if st.command == "SET CONSTRAINTS":
+                    ctx.reason = ("SET CONSTRAINTS in a transaction that ran an approved "
+                                  "statement would run its deferred triggers where the "
+                                  "gateway cannot check them; COMMIT runs them, checked")
+                    break
+            else:
+                return -1
+        ctx.action, ctx.rule = "block", "builtin:commit-check"
+        return -2
 
     def _post_check_execute(self, ctx: Ctx, key: int, pid: int, out: list[bytes]) -> None:
         """The gateway's check right behind an approved Execute, in its transaction (before
@@ -1464,6 +1511,12 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             plan = guard.Plan([guard.SQL_RW_LOCAL, 0], self.txs.copy())
         if ctx.post_key is not None and (plan is None or plan.toggle):
             ctx.post_key = None  # nothing to check, or a command outside any transaction
+        at_commit = self._commit_at(ctx, analysis)
+        if at_commit == -2:
+            self._refuse(codec.encode_error("ERROR", "25000", f"keyturn: {ctx.reason}"), b"Q",
+                         out)
+            self._audit(ctx, outcome="blocked")
+            return True
         if plan is not None and (plan.changed or plan.toggle) and self.imp_started \
                 and not self.imp_bound and not self.txs.block and not self.target_skipping:
             # Parse/Describe without a Sync (asyncpg prepares so) began an implicit
@@ -1486,18 +1539,35 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             self.expect.append(Expect(b"Q", hide=True))
             out += [_DEFAULT_RW_QUERY, msg.raw, _DEFAULT_RO_QUERY]
             return True
-        if not plan.changed and ctx.post_key is None:
+        if not plan.changed and ctx.post_key is None and at_commit < 0:
             self.expect.append(Expect(b"Q", ctx))
             out.append(msg.raw)
             return True
         texts = [ctx.statement] if analysis.error is not None else \
             getattr(analysis, "texts", None) or [st.text for st in analysis.statements]
-        parts = plan.parts if plan.changed else list(range(len(texts)))
+        parts: list[int | str] = list(plan.parts) if plan.changed else \
+            list(range(len(texts)))
         if ctx.post_key is not None:
             # An approved Query: it ends waiting for the gateway's check (holding.py).
             parts = with_post_check(
                 parts, analysis.statements, ctx.post_key, ctx.post_pid,
                 immediate=not plan.state.block)
+            # Left its transaction open: the COMMIT is checked too (_arm_commit_check).
+            ctx.commit_armed = plan.state.block and (
+                ctx.commit_lock is not None or self.commit_check is not None)
+        cc = self.commit_check
+        if at_commit >= 0 and cc is not None:
+            # The COMMIT of a transaction that ran approved statements: their deferred
+            # triggers fire first, then the gateway compares the code again.
+            # (The guard's plan keeps every client statement; if not, ValueError ends the
+            # session, which rolls the transaction back: fails closed.)
+            i = parts.index(at_commit)
+            parts[i:i] = ["SET CONSTRAINTS ALL IMMEDIATE",
+                          post_check_sql(cc.key, cc.pid, last=True)]
+            self.commit_check = None  # the check below owns its lock now
+            self._spawn(self._post_check(ctx, cc.lock, cc.key,
+                                         [(want, tables) for _, want, tables in cc.checks],
+                                         at_commit=True))
         new = guard.rewrite(ctx.statement, texts, parts)
         self.expect.append(Expect(b"Q", ctx, ours=new.ours, rewritten=new,
                                   as_idle=plan.explicit))

@@ -301,7 +301,7 @@ class StartupSteps(SessionState):
             from keyturn.masking.detectors import DetectorSet
 
             try:
-                self.catalog = await asyncio.to_thread(self.gw.column_origins, self.conn)
+                self.catalog = await self.gw.origins(self.conn)
                 self.detectors = DetectorSet.build(self.conn.detectors,
                                                    dict(self.conn.custom_detectors)) \
                     if self.conn.detectors != () else None

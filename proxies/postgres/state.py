@@ -100,7 +100,32 @@ class Ctx:
     post_in_block: bool = False  # it runs user code: checked inside a block, always
     post_refused: str | None = None
     post_done: bool = False  # its answer completed (the check ran or was skipped)
+    # Approved inside a client transaction (holding.py _arm_commit_check): the check the
+    # transaction's COMMIT waits for (its deferred triggers run then): a second
+    # connection of the gateway's holding ``commit_key`` (backend ``commit_pid``), and
+    # whether the Query left the transaction open (session._forward_query).
+    commit_lock: Any = None
+    commit_key: int | None = None
+    commit_pid: int = 0
+    commit_armed: bool = False
     n: int = 0  # the number of its intent record (written before it was sent), 0: none
+
+
+@dataclass(slots=True)
+class CommitCheck:
+    """What an open client transaction that ran approved statements owes its COMMIT
+    (holding.py _arm_commit_check): the deferred triggers they queued run at COMMIT, so
+    the gateway makes them fire first (SET CONSTRAINTS ALL IMMEDIATE) and compares the
+    target's code again before the COMMIT goes on. ``lock``: the gateway's connection
+    holding ``key`` (backend ``pid``); ``checks``: per approved statement, its request,
+    the code digest its approvers were shown and the tables it names; ``used``: the
+    COMMIT carrying the check was sent."""
+
+    lock: Any
+    key: int
+    pid: int
+    checks: list[tuple[Ctx, str, list[str]]]
+    used: bool = False
 
 
 @dataclass(slots=True)
@@ -288,6 +313,7 @@ class SessionState:
     turn_yield: bool
     holding: bool
     held_ticket: int | None
+    commit_check: CommitCheck | None
     turn_analysed: int
     pre_parsed: dict[str, Any]
     elsewhere: tuple[str, bytes, Any, Any] | None
@@ -388,6 +414,7 @@ class SessionState:
                   out: list[bytes] | None, seg: int) -> tuple[list[bytes] | None, int]: ...
         def _send(self, data: bytes) -> None: ...
         def _spawn(self, coro: Any) -> None: ...
+        def _drop_commit_check(self, ctx: Ctx | None = None) -> None: ...
         def _take_fast(self) -> None: ...
         def _verdict(self, analysis: Any) -> Decision: ...
         @property
