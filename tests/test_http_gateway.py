@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import ssl
 import subprocess
 import threading
@@ -21,6 +22,8 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from keyturn.config import parse_config
 from keyturn.errors import ConfigError
@@ -87,6 +90,34 @@ def test_ambiguous_paths_are_refused(raw: str, why: str) -> None:
     with pytest.raises(Refused) as exc:
         normalise(raw)
     assert exc.value.status == 400 and why in exc.value.message
+
+
+PIECES = ["a", "B", ".", "..", "%2e", "%2E%2e", ".%2e", "", ";x=1", "%3B", "%2f", "%5C",
+          "%61", "%7e", "%25", "%252e", "%00", "%c0%ae", "%C3%A9", "é", " ", "~", "*", "?",
+          "%", "%g1", ":", "@"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(PIECES), max_size=12), st.text(max_size=30))
+def test_normalised_paths_are_fixed_points_with_no_tricks_left(pieces: list[str],
+                                                               fuzz: str) -> None:
+    """Whatever the client sends: refused, or a path with no dot segments, no empty
+    segments but a trailing one, nothing encoded that two servers could read two ways,
+    and which normalises to itself (what is judged is what is forwarded)."""
+    for raw in ("/api/" + "/".join(pieces), "/api/" + "".join(pieces), "/api/" + fuzz):
+        try:
+            t = normalise(raw)
+        except Refused as exc:
+            assert exc.status in (400, 404)
+            continue
+        assert t.connection == "api" and t.path.startswith("/")
+        segments = t.path.split("/")[1:]
+        assert all(seg not in (".", "..") for seg in segments)
+        assert all(segments[:-1]), t.path
+        low = t.path.lower()
+        assert "%2f" not in low and "%5c" not in low and "\\" not in t.path
+        assert not re.search("%25[0-9a-f]{2}", low)  # no escape that decodes to an escape
+        assert normalise(f"/api{t.path_qs}") == t
 
 
 def test_a_path_names_a_connection() -> None:
