@@ -330,6 +330,12 @@ connections:
       url: http://127.0.0.1:{sport}
       auth: {{type: bearer, token_env: KEYTURN_TEST_UNSET_TOKEN}}
     policy: api
+  - name: badcred
+    type: http
+    target:
+      url: http://127.0.0.1:{sport}
+      auth: {{type: bearer, token_file: {base}/bad.token}}
+    policy: api
   - name: untrusted
     type: http
     target: {{url: "https://127.0.0.1:{tport}"}}
@@ -395,6 +401,7 @@ def tls_service(certs: Path) -> Iterator[Service]:
 def kt(service: Service, tls_service: Service, certs: Path) -> Iterator[Keyturn]:
     base = certs
     (base / "target.token").write_text(TARGET_TOKEN + "\n")
+    (base / "bad.token").write_text("abc\r\nX-Injected: 1\n")
     hport, pport = free_port(), free_port()
     path = base / "keyturn.yaml"
     path.write_text(CONFIG.format(hport=hport, pport=pport, sport=service.port,
@@ -734,6 +741,11 @@ def test_a_credential_that_cannot_be_read_is_said_at_start_and_gives_502(
     status, _, body = curl(url(kt, "/nocred/users/1"), *bearer(kt))
     assert status == 502 and "credential" in json.loads(body)["error"]
     assert len(service.seen) == n
+    # A secret with a line break would smuggle headers into the target's request.
+    status, _, body = curl(url(kt, "/badcred/users/1"), *bearer(kt))
+    assert status == 502 and "credential" in json.loads(body)["error"]
+    assert len(service.seen) == n
+    assert "the secret holds a line break" in kt.log()
 
 
 def test_requests_in_flight_per_user_are_capped(kt: Keyturn, service: Service) -> None:

@@ -208,6 +208,14 @@ class HTTPGateway:
         self.in_flight[user] += 1
         try:
             return await _Exchange(self, request, ident, conn, target, sid, addr).run()
+        except Exception as exc:
+            log.exception("http: the request of %s failed", user)
+            self.audit(kind="statement", user=user, connection=conn.name, session_id=sid,
+                       client_addr=addr, statement=f"{request.method} {target.path_qs}",
+                       classification="unknown", action="block", rule="builtin:error",
+                       reason=f"internal error: {exc!r}", outcome="error",
+                       detail={"method": request.method, "status": 500})
+            return _json(500, {"error": "internal error in the gateway; see its log"})
         finally:
             self.in_flight[user] -= 1
             if not self.in_flight[user]:
@@ -463,6 +471,9 @@ class _Exchange:
         auth = http.auth
         if auth is not None:
             secret = auth.secret.resolve()
+            if any(c in secret for c in "\r\n\0"):
+                # It would end the header and start others of its own in the target's request.
+                raise ConfigError(f"{auth.secret.where}: the secret holds a line break or NUL")
             if auth.kind == "bearer":
                 out.append(("Authorization", f"Bearer {secret}"))
             elif auth.kind == "basic":
