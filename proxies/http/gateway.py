@@ -177,41 +177,38 @@ class HTTPGateway:
         if isinstance(ident, web.StreamResponse):
             return ident
         sid = "http-" + secrets.token_hex(8)
+        user = ident.user
+
+        def refuse(status: int, rule: str, why: str, statement: str,
+                   connection: str | None = None) -> web.Response:
+            self.audit(kind="statement", user=user, connection=connection, session_id=sid,
+                       client_addr=addr, statement=statement, classification="unknown",
+                       action="block", rule=rule, reason=why, outcome="refused",
+                       detail={"method": request.method, "status": status})
+            return _json(status, {"error": why})
+
         try:
             target = normalise(request.raw_path)
         except Refused as exc:
-            self.audit(kind="statement", user=ident.user, session_id=sid, client_addr=addr,
-                       statement=f"{request.method} {request.raw_path[:1000]}",
-                       classification="unknown", action="block", rule="builtin:path",
-                       reason=exc.message, outcome="refused",
-                       detail={"method": request.method, "status": exc.status})
-            return _json(exc.status, {"error": exc.message})
+            return refuse(exc.status, "builtin:path", exc.message,
+                          f"{request.method} {request.raw_path[:1000]}")
+        line = f"{request.method} {target.path_qs}"
         conn = self.config.connections.get(target.connection)
         if conn is None or conn.type != PROTOCOL:
-            self.audit(kind="statement", user=ident.user, connection=target.connection,
-                       session_id=sid, client_addr=addr,
-                       statement=f"{request.method} {target.path_qs}",
-                       classification="unknown", action="block", rule="builtin:connection",
-                       reason="no such http connection", outcome="refused",
-                       detail={"method": request.method, "status": 404})
-            return _json(404, {"error": f"no http connection {target.connection!r}"})
-        user = ident.user
+            return refuse(404, "builtin:connection",
+                          f"no http connection {target.connection!r}", line, target.connection)
         if self.in_flight[user] >= self.limits.max_connections_per_user:
-            why = (f"too many requests of user {user} in flight "
-                   f"({self.limits.max_connections_per_user}); wait for one to end")
-            self.audit(kind="statement", user=user, connection=conn.name, session_id=sid,
-                       client_addr=addr, statement=f"{request.method} {target.path_qs}",
-                       classification="unknown", action="block", rule="builtin:limits",
-                       reason=why, outcome="refused",
-                       detail={"method": request.method, "status": 429})
-            return _json(429, {"error": why})
+            return refuse(429, "builtin:limits",
+                          f"too many requests of user {user} in flight "
+                          f"({self.limits.max_connections_per_user}); wait for one to end",
+                          line, conn.name)
         self.in_flight[user] += 1
         try:
             return await _Exchange(self, request, ident, conn, target, sid, addr).run()
         except Exception as exc:
             log.exception("http: the request of %s failed", user)
             self.audit(kind="statement", user=user, connection=conn.name, session_id=sid,
-                       client_addr=addr, statement=f"{request.method} {target.path_qs}",
+                       client_addr=addr, statement=line,
                        classification="unknown", action="block", rule="builtin:error",
                        reason=f"internal error: {exc!r}", outcome="error",
                        detail={"method": request.method, "status": 500})
