@@ -11,6 +11,8 @@ command -v pgbench >/dev/null 2>&1 || need+=(postgresql-contrib)
 # The SSH gateway's tests run a throwaway OpenSSH server and the real ssh/scp/sftp clients.
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
+# The HTTP gateway's tests drive it with curl.
+command -v curl >/dev/null 2>&1 || need+=(curl)
 # The portal's browser tests drive Debian's chromium through Playwright. Optional:
 # if it cannot be installed, those tests skip and say why.
 optional=()
