@@ -44,6 +44,7 @@ from __future__ import annotations
 import codecs
 import errno
 import hashlib
+import logging
 import os
 import re
 import time
@@ -56,6 +57,8 @@ import orjson
 FORMATS = ("asciicast", "transcript")
 #: How often (bytes written to one recording) the free space of its disk is looked at.
 FREE_CHECK_BYTES = 1 << 20
+
+log = logging.getLogger(__name__)
 
 
 class RecordingFull(OSError):
@@ -99,6 +102,9 @@ class RecordingRef:
     index: str | None = None  # the keyframe index, relative like ``path``
     index_sha256: str | None = None
     keyframes: int = 0
+    # Why the file may lack its end (the disk failed, full, as it was sealed): its
+    # sha256 is of everything written to it, which the file then does not hold whole.
+    incomplete: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -108,6 +114,8 @@ class RecordingRef:
         if self.index is not None:
             out.update(index=self.index, index_sha256=self.index_sha256,
                        keyframes=self.keyframes)
+        if self.incomplete is not None:
+            out["incomplete"] = self.incomplete
         return out
 
 
@@ -142,6 +150,7 @@ class Recording:
         self._file: IO[bytes] | None = open(  # noqa: SIM115 - kept open
             self.path, "wb" if replace else "xb", buffering=buffering)
         self._closed = False
+        self.incomplete: str | None = None  # see RecordingRef.incomplete
         self._last_at: float | None = None
         self._digest = hashlib.sha256()
         self._size = 0
@@ -264,17 +273,27 @@ class Recording:
         """Seal the recording (fsync) and return its reference. ``at``: when the session
         ended (default: now, or the last event's ``at`` for a recording built from them)."""
         if not self._closed:
-            if self._file is None:
-                self._file = open(self.path, "ab")  # noqa: SIM115 - closed just below
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
-            if self._index is not None:
-                self._index.flush()
-                os.fsync(self._index.fileno())
-                self._index.close()
             self._closed = True
+            for name, f in (("recording", self._file), ("index", self._index)):
+                if f is None and name == "recording":
+                    try:
+                        f = open(self.path, "ab")  # noqa: SIM115 - closed just below
+                    except OSError as exc:
+                        self._failed(name, exc)
+                        continue
+                if f is None:
+                    continue
+                try:
+                    f.flush()
+                    os.fsync(f.fileno())
+                except OSError as exc:
+                    self._failed(name, exc)
+                finally:
+                    try:
+                        f.close()
+                    except OSError as exc:  # (the buffer's flush, once more)
+                        self._failed(name, exc)
+            self._file = self._index = None
         end = at if at is not None else self._last_at
         duration = round(end - self.started, 6) if end is not None else self.elapsed()
         indexed = self.keyframes > 0
@@ -282,7 +301,16 @@ class Recording:
                             self.started, duration, self.events,
                             index=self.relpath + ".idx" if indexed else None,
                             index_sha256=self._index_digest.hexdigest() if indexed else None,
-                            keyframes=self.keyframes)
+                            keyframes=self.keyframes, incomplete=self.incomplete)
+
+    def _failed(self, name: str, exc: OSError) -> None:
+        """Sealing failed (a full or failing disk): said on the reference, never raised,
+        so that the session's end and its audit record are not lost with it."""
+        why = "the disk is full" if exc.errno == errno.ENOSPC else str(exc)
+        log.error("recording %s: its %s could not be written whole as it was sealed: %s",
+                  self.relpath, name, why)
+        if self.incomplete is None:
+            self.incomplete = f"its {name} could not be written whole as it was sealed ({why})"
 
 
 class Recorder:

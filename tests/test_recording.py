@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,26 @@ def test_a_recording_stops_when_the_disk_falls_below_what_it_keeps_free(
     data = (tmp_path / ref.path).read_bytes()
     assert hashlib.sha256(data).hexdigest() == ref.sha256
     assert ref.bytes == len(data) > FREE_CHECK_BYTES
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_disk_that_fails_as_the_recording_is_sealed_is_said_not_raised(
+        tmp_path: Path) -> None:
+    """The kernel's /dev/full answers every write with ENOSPC: the buffered end of the
+    recording cannot reach the disk when it is sealed. Closing does not raise (the
+    session's end and its audit record must not be lost with it); the reference says
+    the file is incomplete."""
+    started = 1_800_000_000.0
+    day = time.strftime("%Y/%m/%d", time.gmtime(started))
+    (tmp_path / day).mkdir(parents=True)
+    (tmp_path / day / "s.cast").symlink_to("/dev/full")
+    r = Recording(tmp_path, "s", "asciicast", {"width": 80, "height": 24},
+                  started=started, replace=True)
+    r.write("o", b"$ rm -rf /tmp/x\r\n")
+    ref = r.close()
+    assert ref.incomplete is not None and "disk is full" in ref.incomplete
+    assert ref.to_json()["incomplete"] == ref.incomplete
+    assert ref.events == 1 and ref.bytes > 0
+    # a healthy recording says nothing of the kind
+    ok = Recording(tmp_path, "t", "asciicast", {"width": 80, "height": 24}).close()
+    assert ok.incomplete is None and "incomplete" not in ok.to_json()

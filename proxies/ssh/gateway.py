@@ -611,8 +611,8 @@ class _Session(asyncssh.SSHServer):
         """A channel's recording is closed: its digest enters the audit chain."""
         self.gw.audit(kind="recording", user=self.user, connection=conn.name,
                       session_id=self.session_id, client_addr=self.client_addr,
-                      outcome="ok", detail={**ref.to_json(), "name": Path(ref.path).name,
-                                            "channel": n})
+                      outcome="ok" if ref.incomplete is None else "error",
+                      detail={**ref.to_json(), "name": Path(ref.path).name, "channel": n})
 
     async def hold_action(self, action: Any, req: Request, decision: Any,
                           say: Callable[[str], None], *,
