@@ -10,16 +10,23 @@ action:
   target receives exactly the path policy judged;
 - its class comes from the method (read, write, delete), or from the connection's
   ``routes``; keyturn.policy decides with the path and method as resources;
-- allowed, it is forwarded with the client's credentials and hop-by-hop headers
-  stripped and the target's credential (and the identity header) injected, both bodies
-  streamed; blocked, the client gets 403 with a JSON body;
+- a HEAD is judged as the GET it runs as too, and a POST naming ``_method`` (query or
+  body, read first when it is a form or JSON) as each method it may run as; the
+  strictest decision wins;
+- allowed, it is forwarded with the client's credentials, hop-by-hop, override,
+  address and credential headers stripped (codec.STRIPPED) and the target's credential
+  (and the identity header) injected, both bodies streamed, the target's cookies and
+  redirects scoped to the connection; blocked, the client gets 403 with a JSON body;
+- each connection has its own client pool (``max_target_connections``, a user holds at
+  most half) and timeouts: a target silent for ``read_timeout`` gets 504;
 - ``review`` holds it (keyturn.holds): the body is read, up to the connection's
   ``inspect_bytes`` (larger ones get 413), and shown in the ticket with its size,
-  SHA-256 and, for JSON, an excerpt; the client simply waits. Approved, exactly that
-  request is sent once and the answer streamed back; rejected or expired, 403 with
+  SHA-256, content type, the forwarded headers and, for JSON, an excerpt; the client
+  simply waits. Approved, exactly that request is sent once and the answer streamed
+  back; rejected or expired, 403 with
   ``{"error", "ticket", "decided_by", "reason"}``. A client that hangs up while it waits
   cancels the ticket. ``defer`` mode answers 202 with the ticket; the identical request
-  sent again once it is approved runs once.
+  sent again once it is approved (same headers too) runs once.
 
 Audit: every request has a record (user, connection, method, path, status, bytes,
 duration). A forwarded request's intent reaches the spool file before the target is
@@ -63,9 +70,12 @@ from proxies.http.codec import (
     HTTPAction,
     Refused,
     Target,
-    action_of,
+    actions_of,
     answered_headers,
+    bound_headers,
     forwarded_headers,
+    may_override,
+    method_overrides,
     normalise,
     summarise,
 )
@@ -75,7 +85,7 @@ log = logging.getLogger(__name__)
 
 PROTOCOL = "http"
 CHUNK = 65536
-CONNECT_TIMEOUT = 30.0
+KEEPALIVE = 75.0
 GONE_POLL = 0.25  # seconds between looks at a held client's socket
 TICKET_HEADER = "X-Keyturn-Ticket"
 _SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
@@ -114,7 +124,11 @@ class HTTPGateway:
         # Requests in flight per user (held ones too): at most
         # limits.max_connections_per_user, so one person cannot take the gateway.
         self.in_flight: Counter[str] = Counter()
-        self._client: aiohttp.ClientSession | None = None
+        # Requests in flight per (user, connection): at most half the connection's pool.
+        self.in_flight_on: Counter[tuple[str, str]] = Counter()
+        # One client session per connection: its own pool and timeouts, so a silent or
+        # slow target (or one user's unread downloads) cannot take another's connections.
+        self._clients: dict[str, aiohttp.ClientSession] = {}
         self._contexts: dict[str, ssl.SSLContext | bool] = {}
         self._runner: web.ServerRunner | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -127,12 +141,19 @@ class HTTPGateway:
         assert listen is not None
         self.watcher.hear_local_decisions(asyncio.get_running_loop())
         self.watcher.start()
-        # auto_decompress off: bodies pass as the target sent them (Content-Encoding too).
-        self._client = aiohttp.ClientSession(
-            auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT))
         for conn in self.config.connections_of("http"):
             target = target_of(conn)
+            connect = float(conn.option("connect_timeout"))
+            # auto_decompress off: bodies pass as the target sent them (Content-Encoding
+            # too). ``connect`` covers waiting for a pooled connection as well: a full pool
+            # answers 504 after it instead of queueing forever.
+            self._clients[conn.name] = aiohttp.ClientSession(
+                auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+                connector=aiohttp.TCPConnector(
+                    limit=int(conn.option("max_target_connections")), limit_per_host=0),
+                timeout=aiohttp.ClientTimeout(
+                    total=None, connect=connect, sock_connect=connect,
+                    sock_read=float(conn.option("read_timeout"))))
             self._contexts[conn.name] = _client_tls(target)
             if target.auth is not None:
                 try:
@@ -140,7 +161,9 @@ class HTTPGateway:
                 except ConfigError as exc:  # said now; each request through it gets 502
                     log.error("http: connection %s cannot authenticate to its target: %s",
                               conn.name, exc)
-        server = web.Server(self.handle, access_log=None)
+        # An idle keep-alive connection is closed after KEEPALIVE (aiohttp keeps one an
+        # hour by default). aiohttp has no timeout for reading a request's head.
+        server = web.Server(self.handle, access_log=None, keepalive_timeout=KEEPALIVE)
         self._runner = web.ServerRunner(server, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, listen.host, listen.port, ssl_context=self.tls,
@@ -155,8 +178,8 @@ class HTTPGateway:
             await self._runner.cleanup()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=10)
-        if self._client is not None:
-            await self._client.close()
+        for client in self._clients.values():
+            await client.close()
         await self.watcher.stop()
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
@@ -202,7 +225,14 @@ class HTTPGateway:
                           f"too many requests of user {user} in flight "
                           f"({self.limits.max_connections_per_user}); wait for one to end",
                           line, conn.name)
+        share = max(1, int(conn.option("max_target_connections")) // 2)
+        if self.in_flight_on[user, conn.name] >= share:
+            return refuse(429, "builtin:limits",
+                          f"too many requests of user {user} in flight on {conn.name} "
+                          f"({share}, half its max_target_connections); wait for one to "
+                          f"end", line, conn.name)
         self.in_flight[user] += 1
+        self.in_flight_on[user, conn.name] += 1
         try:
             return await _Exchange(self, request, ident, conn, target, sid, addr).run()
         except Exception as exc:
@@ -217,14 +247,24 @@ class HTTPGateway:
             self.in_flight[user] -= 1
             if not self.in_flight[user]:
                 del self.in_flight[user]
+            self.in_flight_on[user, conn.name] -= 1
+            if not self.in_flight_on[user, conn.name]:
+                del self.in_flight_on[user, conn.name]
 
     async def _authenticate(self, request: web.BaseRequest,
                             addr: str) -> Identity | web.StreamResponse:
         """The caller's identity from its access token, or the 401 to answer."""
-        token, user = _credential(request.headers.get("Authorization", ""))
+        header = request.headers.get("Authorization", "")
+        token, user = _credential(header)
         if token is None:
-            return _unauthorized("send your Keyturn access token: Authorization: Bearer "
-                                 "<token>, or basic auth with the token as the password")
+            # Audited and slowed down like a bad token: probing leaves a trace.
+            why = ("no access token" if not header.strip() else
+                   "an Authorization header that is not Bearer <token> or basic auth with "
+                   "the token as the password")
+            return await self._failed(user or "", addr, why, request,
+                                      "send your Keyturn access token: Authorization: "
+                                      "Bearer <token>, or basic auth with the token as the "
+                                      "password")
         key = hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
         now = time.monotonic()
         hit = self._tokens.get(key)
@@ -234,7 +274,7 @@ class HTTPGateway:
                 ident = await asyncio.to_thread(
                     self.services.identities.authenticate_token, token)
             except Unauthorized as exc:
-                return await self._failed(user or "", addr, exc.message)
+                return await self._failed(user or "", addr, exc.message, request)
             except StoreUnavailable as exc:
                 log.error("http: the store is unavailable (%s)", exc)
                 return _json(503, {"error": "the gateway cannot check tokens right now"})
@@ -245,16 +285,32 @@ class HTTPGateway:
             if wait:
                 await asyncio.sleep(wait)
         if user and user != ident.user:
-            return await self._failed(user, addr, "the token belongs to another user")
+            return await self._failed(user, addr, "the token belongs to another user",
+                                      request)
         return ident
 
-    async def _failed(self, user: str, addr: str, why: str) -> web.StreamResponse:
+    async def _failed(self, user: str, addr: str, why: str, request: web.BaseRequest,
+                      answer: str | None = None) -> web.StreamResponse:
+        """Audit a failed authentication and answer it after the throttle's delay, as the
+        PostgreSQL gateway does: one auth_failed record per request (the delay paces
+        them per user and per address), and auth_throttled when the delay starts."""
         verdict = self.throttle.failed(user, addr)
-        self.audit(kind="auth_failed", user=user or None, client_addr=addr,
-                   outcome="refused", reason=why, detail=verdict.detail())
+        conn = request.raw_path.lstrip("/").split("/", 1)[0].split("?", 1)[0][:100]
+        who = dict(user=user or None, client_addr=addr,
+                   connection=conn if conn in self.config.connections else None)
+        if verdict.started:
+            log.warning("http: login throttling started for user %r / address %s (%d / %d "
+                        "failures)", user, addr, verdict.failures_user,
+                        verdict.failures_addr)
+            self.audit(kind="auth_throttled", **who, outcome="delayed",
+                       reason="repeated failed logins: failures are answered after a "
+                              "growing delay", detail=verdict.detail())
+        self.audit(kind="auth_failed", **who, outcome="refused", reason=why,
+                   statement=f"{request.method} {request.raw_path[:1000]}",
+                   detail=verdict.detail())
         if verdict.wait:
             await asyncio.sleep(verdict.wait)
-        return _unauthorized(why)
+        return _unauthorized(answer or why)
 
 
 def _credential(header: str) -> tuple[str | None, str | None]:
@@ -306,11 +362,26 @@ class _Exchange:
         self.detail: dict[str, Any] = {"method": self.method, "path": target.path,
                                        "query": target.query}
         self.common: dict[str, Any] = {}
+        # The body's beginning, read before the decision when it may name a _method (and
+        # whether that is the whole body); forwarded ahead of the rest.
+        self.prefix: bytes | None = None
+        self.whole = True
+        self._continued = False
 
     async def run(self) -> web.StreamResponse:
-        action = action_of(self.method, self.target, self.conn.option("routes", ()))
+        cap = int(self.conn.option("inspect_bytes"))
+        ctype = self.request.headers.get("Content-Type", "")
+        if may_override(self.method, ctype) and self.request.can_read_body:
+            self.prefix, self.whole = await self._read_upto(cap)
+        overrides = method_overrides(self.method, self.target.query, self.prefix, ctype,
+                                     self.whole)
+        actions = actions_of(self.method, self.target, self.conn.option("routes", ()),
+                             overrides)
+        action = actions[0]
+        if overrides:
+            self.detail["overrides"] = sorted(set(overrides))
         req = Request(user=self.ident.user, groups=self.ident.groups, connection=self.conn,
-                      actions=[action], client_addr=self.addr, session_id=self.sid,
+                      actions=list(actions), client_addr=self.addr, session_id=self.sid,
                       application=self.request.headers.get("User-Agent", "")[:200])
         decision = self.gw.policy.evaluate(req)
         self.common = dict(user=self.ident.user, connection=self.conn.name,
@@ -351,6 +422,8 @@ class _Exchange:
         """A held request's body, whole (up to ``inspect_bytes``), or the 413 to answer."""
         cap = int(self.conn.option("inspect_bytes"))
         request = self.request
+        if self.prefix is not None and self.whole:
+            return self.prefix
         if not request.can_read_body:
             return b""
         length = request.content_length
@@ -361,22 +434,34 @@ class _Exchange:
         if length is not None and length > cap:
             return self._refuse(413, too_big, decision, "refused",
                                 reason=f"body of {length} bytes over inspect_bytes {cap}")
+        if self.prefix is not None:  # read before the decision, and more than the cap
+            return self._refuse(413, too_big, decision, "refused",
+                                reason=f"body over inspect_bytes {cap}")
+        body, whole = await self._read_upto(cap)
+        if not whole:
+            return self._refuse(413, too_big, decision, "refused",
+                                reason=f"body over inspect_bytes {cap}")
+        return body
+
+    async def _read_upto(self, cap: int) -> tuple[bytes, bool]:
+        """Up to ``cap`` bytes of the body (one more, when there is more) and whether
+        that is all of it."""
         await self._continue()
         chunks, size = [], 0
         while size <= cap:
-            chunk = await request.content.read(cap + 1 - size)
+            chunk = await self.request.content.read(cap + 1 - size)
             if not chunk:
                 break
             chunks.append(chunk)
             size += len(chunk)
-        if size > cap:
-            return self._refuse(413, too_big, decision, "refused",
-                                reason=f"body over inspect_bytes {cap}")
-        return b"".join(chunks)
+        return b"".join(chunks), size <= cap
 
     async def _continue(self) -> None:
         """Answer ``Expect: 100-continue`` once the gateway means to read the body (a
         refused request's body is never sent)."""
+        if self._continued:
+            return
+        self._continued = True
         if self.request.headers.get("Expect", "").lower() == "100-continue" and \
                 self.request.version >= aiohttp.HttpVersion11:
             await self.request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -386,16 +471,29 @@ class _Exchange:
         review = decision.review
         assert review is not None
         ctype = self.request.headers.get("Content-Type", "")
-        summary = summarise(body, ctype)
+        encoding = self.request.headers.get("Content-Encoding", "")
+        summary = summarise(body, ctype, encoding)
         self.detail.update(body_bytes=summary.size, body_sha256=summary.sha256)
+        # The approval binds what reaches the target: the request line, the body, and the
+        # client's headers that pass (after stripping); another header is another request.
+        headers_sha256, shown = bound_headers(self._client_headers())
         binding = binding_of(self.ident.user, self.conn.name, action.text,
-                             {"body_sha256": summary.sha256, "content_type": ctype})
+                             {"body_sha256": summary.sha256, "content_type": ctype,
+                              "headers_sha256": headers_sha256})
         facts = [("target", self.http.url), ("method", self.method),
                  ("path", self.target.path), ("query", self.target.query or "—"),
+                 ("content type", ctype or "none"),
                  ("body", f"{summary.size} bytes, sha256 {summary.sha256}"
                           if summary.size else "none")]
+        if encoding:
+            facts.append(("content encoding", encoding))
+        if "overrides" in self.detail:
+            facts.append(("judged also as", ", ".join(self.detail["overrides"])))
+        facts.append(("headers", "; ".join(shown) if shown else "none"))
         if summary.excerpt is not None:
             facts.append(("excerpt", summary.excerpt))
+        if summary.warning is not None:
+            facts.append(("warning", summary.warning))
         ticket = TicketRequest(
             requester=self.ident.user, requester_groups=req.groups,
             connection=self.conn.name, statement=action.text,
@@ -460,11 +558,16 @@ class _Exchange:
 
     # ---- forwarding
 
-    def _headers(self) -> list[tuple[str, str]]:
+    def _client_headers(self) -> list[tuple[str, str]]:
+        """The client's headers that reach the target (codec.forwarded_headers)."""
         http = self.http
         drop = [h for h in (http.identity_header,
                             http.auth.header if http.auth is not None else None) if h]
-        out = forwarded_headers(self.request.headers.items(), drop=drop)
+        return forwarded_headers(self.request.headers.items(), drop=drop)
+
+    def _headers(self) -> list[tuple[str, str]]:
+        http = self.http
+        out = self._client_headers()
         auth = http.auth
         if auth is not None:
             secret = auth.secret.resolve()
@@ -481,6 +584,7 @@ class _Exchange:
         if http.identity_header:
             out.append((http.identity_header, self.ident.user))
         out.append(("X-Forwarded-For", self.addr))
+        out.append(("X-Real-IP", self.addr))
         out.append(("X-Forwarded-Proto", "https" if self.gw.tls else "http"))
         return out
 
@@ -514,32 +618,45 @@ class _Exchange:
             headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
             if data is not None:
                 headers.append(("Content-Length", str(len(body))))
+        elif self.prefix is not None and self.whole:
+            data = self.prefix  # read before the decision: all of it (the client's framing)
+            stats["bytes_in"] = len(self.prefix)
+            headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+            headers.append(("Content-Length", str(len(self.prefix))))
         elif self.request.can_read_body:
             await self._continue()
             data = self._stream_in(stats)
         url = URL(self.http.url + self.target.path_qs, encoded=True)
-        assert gw._client is not None
+        client = gw._clients[self.conn.name]
+        idle = float(self.conn.option("read_timeout"))
         status: int | None = None
+        timed_out = False
         error: str | None = None
         response: web.StreamResponse | None = None
         try:
-            async with gw._client.request(
+            async with client.request(
                     self.method, url, headers=headers, data=data, allow_redirects=False,
                     ssl=gw._contexts.get(self.conn.name, True),
                     skip_auto_headers=_SKIP_AUTO) as answer:
                 status = answer.status
                 response = web.StreamResponse(status=answer.status, reason=answer.reason)
-                for k, v in answered_headers(answer.headers.items()):
+                for k, v in answered_headers(answer.headers.items(),
+                                             connection=self.conn.name,
+                                             target_url=self.http.url):
                     response.headers.add(k, v)
                 if ticket_id is not None:
                     response.headers[TICKET_HEADER] = str(ticket_id)
                 await response.prepare(self.request)
                 async for chunk in answer.content.iter_chunked(CHUNK):
                     stats["bytes_out"] += len(chunk)
-                    await response.write(chunk)
+                    # A client that stops reading must not hold the target's connection
+                    # for ever: past read_timeout of back-pressure the exchange is cut.
+                    async with asyncio.timeout(idle):
+                        await response.write(chunk)
                 await response.write_eof()
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            error = _target_error(self.http, exc) if status is None else \
+            timed_out = isinstance(exc, TimeoutError)
+            error = _target_error(self.http, exc, self.conn) if status is None else \
                 f"the exchange broke off after the status line: {exc!r}"
             if response is not None and response.prepared:
                 # The client must see a broken answer as broken, not as a shorter whole
@@ -560,19 +677,28 @@ class _Exchange:
                  **self.common)
         if response is not None:
             return response
-        return _json(502, {"error": error, **({"ticket": ticket_id} if ticket_id else {})})
+        return _json(504 if timed_out else 502,
+                     {"error": error, **({"ticket": ticket_id} if ticket_id else {})})
 
     async def _stream_in(self, stats: dict[str, int]) -> AsyncIterator[bytes]:
+        if self.prefix:  # read before the decision; the rest follows
+            stats["bytes_in"] += len(self.prefix)
+            yield self.prefix
         async for chunk in self.request.content.iter_chunked(CHUNK):
             stats["bytes_in"] += len(chunk)
             yield chunk
 
 
-def _target_error(target: HTTPTarget, exc: BaseException) -> str:
+def _target_error(target: HTTPTarget, exc: BaseException, conn: Connection) -> str:
     if isinstance(exc, aiohttp.ClientConnectorCertificateError | ssl.SSLError):
         return f"the certificate of {target.url} could not be verified: {exc}"
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return (f"could not connect to {target.url} within "
+                f"{float(conn.option('connect_timeout')):g} s (the connection's "
+                f"connect_timeout; its pool may be full)")
     if isinstance(exc, TimeoutError):
-        return f"{target.url} did not answer within {CONNECT_TIMEOUT:g} s"
+        return (f"{target.url} did not answer within "
+                f"{float(conn.option('read_timeout')):g} s (the connection's read_timeout)")
     return f"cannot reach {target.url}: {exc}"
 
 

@@ -10,8 +10,12 @@ trust instead of the system's), how the gateway authenticates to it (``auth``: `
 told who asks (``identity_header``, e.g. ``X-Keyturn-User``). Options of the connection:
 ``routes`` (a class per method and path glob, overriding the class by method) and
 ``inspect_bytes`` (the most of a held request's body the gateway reads and shows in its
-ticket; default 1 MiB). Its listener is ``gateway.http`` (default 127.0.0.1:8443) and its
-gateway ``HTTPGateway``. Importing it also registers HTTP's class vocabulary.
+ticket; default 1 MiB), ``connect_timeout`` and ``read_timeout`` (seconds to connect to
+the target, and the longest silence of the target or of a client reading its answer;
+default 10 and 60) and ``max_target_connections`` (the connection's own pool to its
+target, default 512; one user holds at most half of it). Its listener is
+``gateway.http`` (default 127.0.0.1:8443) and its gateway ``HTTPGateway``. Importing it
+also registers HTTP's class vocabulary.
 
 Like every registration this module must stay light: it must not import aiohttp, the
 gateway, asyncio or anything that serves connections.
@@ -43,9 +47,30 @@ from keyturn.request import Vocabulary, register
 #: any other method (PROPFIND, TRACE...), or a request the gateway could not read.
 CLASSES = ("read", "write", "delete", "admin", "unknown")
 
+
+
+def path_key(path: str) -> str:
+    """A normalised path as globs match it: with one trailing slash, so ``/export`` and
+    ``/export/`` (one handler to most frameworks) are one name."""
+    return path if path.endswith("/") else path + "/"
+
+
+def glob_key(glob: str) -> str:
+    """A route's or rule's path glob as it matches ``path_key`` names: ``/export`` and
+    ``/export/`` both become ``/export/`` (the path with or without its trailing slash);
+    a glob ending in ``*`` stays as it is, so ``/admin/*`` also covers ``/admin``."""
+    if glob.endswith("*"):
+        return glob
+    return glob.rstrip("/") + "/"
+
+
+def _normalize(kind: str, glob: str) -> str:
+    return glob_key(glob) if kind == "paths" else glob
+
+
 VOCABULARY = register(Vocabulary(
     protocol="http", classes=CLASSES, write_classes=frozenset(CLASSES[1:]),
-    resources=("paths", "methods")))
+    resources=("paths", "methods"), normalize=_normalize))
 
 AUTH_KINDS = ("bearer", "basic", "header")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # an RFC 9110 token
@@ -56,6 +81,9 @@ RESERVED_HEADERS = frozenset({
     "trailer", "transfer-encoding", "upgrade", "content-length", "content-type", "cookie",
     "forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "expect"})
 DEFAULT_INSPECT = 1 << 20
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_READ_TIMEOUT = 60.0
+DEFAULT_POOL = 512
 
 
 @dataclass(frozen=True)
@@ -86,7 +114,8 @@ class HTTPTarget(Target):
 @dataclass(frozen=True)
 class Route:
     """A class for the requests whose method is one of ``methods`` (all when empty) and
-    whose normalised path matches ``path`` (a glob; ``*`` crosses ``/``)."""
+    whose normalised path matches ``path`` (a glob; ``*`` crosses ``/``; with or without
+    a trailing slash, see ``glob_key``)."""
 
     path: str
     cls: str
@@ -186,6 +215,18 @@ def _inspect(check: Checker, value: Any, at: KeyPath) -> int:
     return value
 
 
+def _seconds(check: Checker, value: Any, at: KeyPath) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+        raise check.err(at, "expected a number of seconds above 0")
+    return float(value)
+
+
+def _pool(check: Checker, value: Any, at: KeyPath) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+        raise check.err(at, "expected a number of connections of at least 2")
+    return value
+
+
 def target_of(conn: Connection) -> HTTPTarget:
     if not isinstance(conn.target, HTTPTarget):
         raise TypeError(f"connection {conn.name!r} is not an http connection "
@@ -196,8 +237,11 @@ def target_of(conn: Connection) -> HTTPTarget:
 HTTP = register_connection_type(ConnectionType(
     name="http",
     target=_target,
-    options={"routes": Option(_routes, ()), "inspect_bytes": Option(_inspect,
-                                                                   DEFAULT_INSPECT)},
+    options={"routes": Option(_routes, ()),
+             "inspect_bytes": Option(_inspect, DEFAULT_INSPECT),
+             "connect_timeout": Option(_seconds, DEFAULT_CONNECT_TIMEOUT),
+             "read_timeout": Option(_seconds, DEFAULT_READ_TIMEOUT),
+             "max_target_connections": Option(_pool, DEFAULT_POOL)},
     listener="http",
     default_listener=Listener("127.0.0.1", 8443),
     gateway="proxies.http.gateway:HTTPGateway",
