@@ -330,6 +330,9 @@ class Service:
             assert request.transport is not None
             request.transport.abort()  # the service dies mid-answer
             return resp
+        if request.raw_path.startswith("/base/silent"):
+            await asyncio.sleep(2.5)  # longer than the slow connection's read_timeout
+            return web.Response(text="late")
         if request.raw_path.startswith("/base/stream"):
             resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
             await resp.prepare(request)
@@ -405,6 +408,12 @@ connections:
     type: http
     target: {{url: "https://127.0.0.1:{tport}"}}
     policy: api
+  - name: slow
+    type: http
+    target: {{url: "http://127.0.0.1:{sport}/base"}}
+    policy: api
+    read_timeout: 1
+    connect_timeout: 2
 policies:
   api:
     default: block
@@ -839,3 +848,14 @@ def test_requests_in_flight_per_user_are_capped(kt: Keyturn, service: Service) -
             break
         time.sleep(0.2)
     assert status == 200
+
+
+def test_a_silent_target_gets_504_after_read_timeout(kt: Keyturn, service: Service) -> None:
+    started = time.monotonic()
+    status, _, body = curl(url(kt, "/slow/silent"), *bearer(kt))
+    assert status == 504 and "read_timeout" in json.loads(body)["error"]
+    assert time.monotonic() - started < 2.5
+    rec = wait_record(kt, lambda r: r.get("connection") == "slow" and
+                      r.get("kind") == "statement" and r.get("outcome") == "error")
+    assert "read_timeout" in rec["reason"] and rec["detail"]["status"] is None
+    time.sleep(max(0.0, started + 2.7 - time.monotonic()))  # the service's answer ends
