@@ -699,53 +699,67 @@ rows AS (
   UNION ALL SELECT 'r' || r.oid || md5(concat_ws('|', r.xmin, r.ev_class, r.rulename,
          r.ev_type, r.ev_enabled, r.is_instead, r.ev_qual::text, r.ev_action::text))
     FROM pg_catalog.pg_rewrite r JOIN rel ON rel.oid = r.ev_class
-  UNION ALL SELECT 'd' || a.oid || md5(concat_ws('|', a.adrelid, a.adnum, a.adbin::text))
+  UNION ALL SELECT 'd' || a.oid || md5(concat_ws('|', a.xmin, a.adrelid, a.adnum,
+         a.adbin::text))
     FROM pg_catalog.pg_attrdef a JOIN rel ON rel.oid = a.adrelid
-  UNION ALL SELECT 'c' || k.oid || md5(concat_ws('|', k.conrelid, k.contypid, k.contype,
+  UNION ALL SELECT 'c' || k.oid || md5(concat_ws('|', k.xmin, k.conrelid, k.contypid,
+         k.contype,
          k.conbin::text, k.confrelid, k.confupdtype, k.confdeltype, k.confmatchtype,
          k.conkey::text, k.confkey::text, k.convalidated, k.condeferrable,
          k.condeferred))
     FROM pg_catalog.pg_constraint k JOIN ns ON ns.oid = k.connamespace
-  UNION ALL SELECT 'p' || y.oid || md5(concat_ws('|', y.polrelid, y.polname, y.polcmd,
+  UNION ALL SELECT 'p' || y.oid || md5(concat_ws('|', y.xmin, y.polrelid, y.polname,
+         y.polcmd,
          y.polpermissive, y.polroles::text, y.polqual::text, y.polwithcheck::text))
     FROM pg_catalog.pg_policy y JOIN rel ON rel.oid = y.polrelid
-  UNION ALL SELECT 'x' || c.oid || md5(concat_ws('|', c.relname, c.relnamespace,
+  UNION ALL SELECT 'x' || c.oid || md5(concat_ws('|', c.xmin, c.relname, c.relnamespace,
          c.relkind, c.relowner, c.relrowsecurity, c.relforcerowsecurity, c.relispartition,
          c.relpartbound::text, c.reloptions::text))
     FROM pg_catalog.pg_class c JOIN rel ON rel.oid = c.oid
-    WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
+    WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f', 'c', 'S')
   UNION ALL SELECT 'i' || i.inhrelid || '.' || i.inhparent || '.' || i.inhseqno
     FROM pg_catalog.pg_inherits i JOIN rel ON rel.oid = i.inhrelid
-  UNION ALL SELECT 'o' || o.oid || md5(concat_ws('|', o.oprname, o.oprnamespace,
+  UNION ALL SELECT 'o' || o.oid || md5(concat_ws('|', o.xmin, o.oprname, o.oprnamespace,
          o.oprleft, o.oprright, o.oprcode, o.oprowner))
     FROM pg_catalog.pg_operator o WHERE o.oid >= 16384
-  UNION ALL SELECT 'k' || k.oid || md5(concat_ws('|', k.castsource, k.casttarget,
+  UNION ALL SELECT 'k' || k.oid || md5(concat_ws('|', k.xmin, k.castsource, k.casttarget,
          k.castfunc, k.castcontext, k.castmethod))
     FROM pg_catalog.pg_cast k WHERE k.oid >= 16384
-  UNION ALL SELECT 'a' || g.aggfnoid::oid || md5(concat_ws('|', g.aggtransfn::oid,
+  UNION ALL SELECT 'a' || g.aggfnoid::oid || md5(concat_ws('|', g.xmin, g.aggtransfn::oid,
          g.aggfinalfn::oid, g.aggcombinefn::oid, g.aggmtransfn::oid, g.agginitval))
     FROM pg_catalog.pg_aggregate g WHERE g.aggfnoid::oid >= 16384
-  UNION ALL SELECT 'e' || e.oid || md5(concat_ws('|', e.evtname, e.evtevent, e.evtfoid,
+  UNION ALL SELECT 'e' || e.oid || md5(concat_ws('|', e.xmin, e.evtname, e.evtevent,
+         e.evtfoid,
          e.evtenabled, e.evttags::text))
     FROM pg_catalog.pg_event_trigger e
-  UNION ALL SELECT 'n' || i.indexrelid || md5(concat_ws('|', i.indrelid, i.indkey::text,
+  UNION ALL SELECT 'n' || i.indexrelid || md5(concat_ws('|', i.xmin, i.indrelid,
+         i.indkey::text,
          i.indclass::text, i.indexprs::text, i.indpred::text, i.indisunique))
     FROM pg_catalog.pg_index i JOIN rel ON rel.oid = i.indrelid
-  UNION ALL SELECT 's' || md5(concat_ws('|', s.setdatabase, s.setrole, s.setconfig::text))
+  UNION ALL SELECT 's' || md5(concat_ws('|', s.xmin, s.setdatabase, s.setrole,
+         s.setconfig::text))
     FROM pg_catalog.pg_db_role_setting s
-  UNION ALL SELECT 'y' || t.oid || md5(concat_ws('|', t.typname, t.typnamespace,
+  UNION ALL SELECT 'y' || t.oid || md5(concat_ws('|', t.xmin, t.typname, t.typnamespace,
          t.typinput, t.typoutput, t.typreceive, t.typsend, t.typbasetype, t.typnotnull,
          t.typdefaultbin::text))
     FROM pg_catalog.pg_type t JOIN ns ON ns.oid = t.typnamespace
   -- Names stored code resolves when it runs: schemas (two swapped by ALTER SCHEMA
-  -- RENAME swap every function in them) and columns (two swapped by RENAME COLUMN).
-  UNION ALL SELECT 'N' || n.oid || md5(concat_ws('|', n.nspname, n.nspowner))
+  -- RENAME swap every function in them; USAGE decides which a search_path reaches),
+  -- columns and composite types' attributes (two swapped by RENAME), enum labels.
+  -- Every row with its row version: changed and changed back counts as changed.
+  UNION ALL SELECT 'N' || n.oid || md5(concat_ws('|', n.xmin, n.nspname, n.nspowner,
+         n.nspacl::text))
     FROM pg_catalog.pg_namespace n JOIN ns ON ns.oid = n.oid
-  UNION ALL SELECT 'A' || a.attrelid || '.' || a.attnum || md5(concat_ws('|', a.attname,
+  UNION ALL SELECT 'A' || a.attrelid || '.' || a.attnum || md5(concat_ws('|', a.xmin,
+         a.attname,
          a.atttypid, a.atttypmod, a.attisdropped, a.attgenerated, a.attcollation))
     FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
     JOIN ns ON ns.oid = c.relnamespace
-    WHERE a.attnum > 0 AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+    WHERE a.attnum > 0 AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'c')
+  UNION ALL SELECT 'E' || e.oid || md5(concat_ws('|', e.xmin, e.enumtypid, e.enumsortorder,
+         e.enumlabel))
+    FROM pg_catalog.pg_enum e JOIN pg_catalog.pg_type t ON t.oid = e.enumtypid
+    JOIN ns ON ns.oid = t.typnamespace
 )
 SELECT coalesce(md5(string_agg(x, ',' ORDER BY x)), '') FROM rows
 """

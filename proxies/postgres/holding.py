@@ -430,7 +430,8 @@ class Holds(SessionState):
         lock, ctx.commit_lock = ctx.commit_lock, None
         if ctx.commit_armed:
             if self.commit_check is not None:
-                self.commit_check.checks.append((ctx, want, tables))  # (its lock: closed)
+                if not self.commit_check.spent:
+                    self.commit_check.checks.append((ctx, want, tables))  # (lock closed)
             elif lock is not None and ctx.commit_key is not None:
                 self.commit_check = CommitCheck(lock, ctx.commit_key, ctx.commit_pid,
                                                 [(ctx, want, tables)])
@@ -447,11 +448,14 @@ class Holds(SessionState):
         if cc is None:
             return
         if ctx is not None:
+            if cc.spent:
+                return  # owed until the transaction ends
             cc.checks = [c for c in cc.checks if c[0] is not ctx]
             if cc.checks:
                 return
         self.commit_check = None
-        self._spawn(asyncio.to_thread(self.gw.post_check_close, cc.lock))
+        if not cc.spent:
+            self._spawn(asyncio.to_thread(self.gw.post_check_close, cc.lock))
 
     async def _post_check(self, ctx: Ctx, lock: Any, key: int | None,
                           checks: list[tuple[str, list[str]]], *,

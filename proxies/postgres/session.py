@@ -1436,11 +1436,22 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
         is refused (ctx says why): SET CONSTRAINTS would run the approved statements'
         deferred triggers outside the check, and a Query the analyser could not read may
         commit."""
-        if self.commit_check is None or analysis is None:
+        cc = self.commit_check
+        if cc is None or analysis is None:
             return -1
-        if self.tx_status == "E" and not self.expect:
-            return -1  # an aborted transaction: its COMMIT only rolls back
-        if analysis.error is not None:
+        if self.tx_status == "E" and not self.expect and analysis.error is None and \
+                analysis.statements and all(st.command in ("COMMIT", "ROLLBACK")
+                                            for st in analysis.statements[:1]):
+            return -1  # an aborted transaction: a COMMIT first only rolls it back
+        if cc.spent and analysis.error is None and not any(
+                st.command in ("COMMIT", "PREPARE TRANSACTION", "SET CONSTRAINTS")
+                for st in analysis.statements):
+            return -1
+        if cc.spent:
+            ctx.reason = ("this transaction's COMMIT check already ran (it failed, or its "
+                          "COMMIT did not run) and the transaction ran approved statements: "
+                          "roll it back")
+        elif analysis.error is not None:
             if not may_change_transaction(ctx.statement):
                 return -1
             ctx.reason = ("keyturn cannot analyse this statement and it may commit a "
@@ -1564,7 +1575,10 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             i = parts.index(at_commit)
             parts[i:i] = ["SET CONSTRAINTS ALL IMMEDIATE",
                           post_check_sql(cc.key, cc.pid, last=True)]
-            self.commit_check = None  # the check below owns its lock now
+            # The check below owns its lock now. Owed until the transaction ends ('I'):
+            # a COMMIT that did not end it (its check failed, an error skipped it, then
+            # ROLLBACK TO SAVEPOINT revived it; or AND CHAIN) cannot commit again.
+            cc.spent = True
             self._spawn(self._post_check(ctx, cc.lock, cc.key,
                                          [(want, tables) for _, want, tables in cc.checks],
                                          at_commit=True))

@@ -118,14 +118,16 @@ class CommitCheck:
     the gateway makes them fire first (SET CONSTRAINTS ALL IMMEDIATE) and compares the
     target's code again before the COMMIT goes on. ``lock``: the gateway's connection
     holding ``key`` (backend ``pid``); ``checks``: per approved statement, its request,
-    the code digest its approvers were shown and the tables it names; ``used``: the
-    COMMIT carrying the check was sent."""
+    the code digest its approvers were shown and the tables it names; ``spent``: a
+    COMMIT carrying the check was sent (the check's task owns ``lock`` now), so another
+    COMMIT in the same transaction (that one failed or was skipped, and ROLLBACK TO
+    SAVEPOINT revived the transaction) is refused until it ends."""
 
     lock: Any
     key: int
     pid: int
     checks: list[tuple[Ctx, str, list[str]]]
-    used: bool = False
+    spent: bool = False
 
 
 @dataclass(slots=True)
