@@ -183,3 +183,14 @@ def in_step(r: RawConn) -> None:
         a = r.run(codec.encode_query(f"SELECT '{word}'::text"))
         rows = [body for t, body in a if t == b"D"]
         assert len(rows) == 1 and rows[0].endswith(word.encode()), a
+
+
+def direct_on(dsn: str, sql: str) -> list[tuple] | str:
+    """``sql`` run straight on the target (not through the gateway), in autocommit: its
+    rows ([] for none), or the target's error as text ("target error: ...")."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        try:
+            cur = c.execute(sql)
+        except psycopg.Error as exc:
+            return f"target error: {exc}"
+        return cur.fetchall() if cur.description else []

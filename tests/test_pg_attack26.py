@@ -24,7 +24,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-import psycopg
 import pytest
 
 from keyturn.launch.localpg import LocalPostgres
@@ -33,6 +32,7 @@ from tests.conftest import APP_PASSWORD, Keyturn, keyturn_on_database
 from tests.pg_raw import (
     Q,
     RawConn,
+    direct_on,
     drain,
     errors,
     masked_policy,
@@ -161,13 +161,7 @@ def leaked(answers: list[tuple[bytes, bytes]]) -> bool:
 
 
 def direct(pg: LocalPostgres, sql: str) -> list[tuple] | str:
-    with psycopg.connect(pg.dsn(DB, user="app", password=APP_PASSWORD),
-                         autocommit=True) as c:
-        try:
-            cur = c.execute(sql)
-        except psycopg.Error as exc:
-            return f"target error: {exc}"
-        return cur.fetchall() if cur.description else []
+    return direct_on(pg.dsn(DB, user="app", password=APP_PASSWORD), sql)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-import psycopg
 import pytest
 
 from keyturn.launch.localpg import LocalPostgres
@@ -30,6 +29,7 @@ from tests.conftest import APP_PASSWORD, Keyturn, keyturn_on_database
 from tests.pg_raw import (
     Q,
     RawConn,
+    direct_on,
     errors,
     masked_policy,
     read_until,
@@ -146,13 +146,7 @@ def leaked(answers: list[tuple[bytes, bytes]]) -> bool:
 
 
 def direct(pg: LocalPostgres, sql: str) -> list[tuple] | str:
-    with psycopg.connect(pg.dsn(DB, user="app", password=APP_PASSWORD),
-                         autocommit=True) as c:
-        try:
-            cur = c.execute(sql)
-        except psycopg.Error as exc:
-            return f"target error: {exc}"
-        return cur.fetchall() if cur.description else []
+    return direct_on(pg.dsn(DB, user="app", password=APP_PASSWORD), sql)
 
 
 @pytest.fixture(scope="module")

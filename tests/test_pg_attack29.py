@@ -55,7 +55,7 @@ import pytest
 
 from keyturn.launch.localpg import LocalPostgres
 from tests.conftest import APP_PASSWORD, Keyturn, keyturn_on_database
-from tests.pg_raw import Q, RawConn, errors, read_until, vault_policy, vault_schema
+from tests.pg_raw import Q, RawConn, direct_on, errors, read_until, vault_policy, vault_schema
 
 DB = "atk29"
 V = "a29_vault"
@@ -157,13 +157,7 @@ def kt(pg: LocalPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 def direct(pg: LocalPostgres, sql: str) -> list[tuple] | str:
-    with psycopg.connect(pg.dsn(DB, user="app", password=APP_PASSWORD),
-                         autocommit=True) as c:
-        try:
-            cur = c.execute(sql)
-        except psycopg.Error as exc:
-            return f"target error: {exc}"
-        return cur.fetchall() if cur.description else []
+    return direct_on(pg.dsn(DB, user="app", password=APP_PASSWORD), sql)
 
 
 def victim(pg: LocalPostgres) -> list[tuple] | str:

@@ -43,7 +43,16 @@ import pytest
 
 from keyturn.launch.localpg import LocalPostgres
 from tests.conftest import APP_PASSWORD, Keyturn, keyturn_on_database
-from tests.pg_raw import Q, RawConn, errors, masked_policy, read_until, vault_policy, vault_schema
+from tests.pg_raw import (
+    Q,
+    RawConn,
+    direct_on,
+    errors,
+    masked_policy,
+    read_until,
+    vault_policy,
+    vault_schema,
+)
 
 DB = "atk30"
 V = "a30_vault"
@@ -170,13 +179,7 @@ def kt(pg: LocalPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 def direct(pg: LocalPostgres, sql: str) -> list[tuple] | str:
-    with psycopg.connect(pg.dsn(DB, user="app", password=APP_PASSWORD),
-                         autocommit=True) as c:
-        try:
-            cur = c.execute(sql)
-        except psycopg.Error as exc:
-            return f"target error: {exc}"
-        return cur.fetchall() if cur.description else []
+    return direct_on(pg.dsn(DB, user="app", password=APP_PASSWORD), sql)
 
 
 def victim(pg: LocalPostgres) -> list[tuple] | str:

@@ -1241,6 +1241,11 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                                         f"keyturn: blocked by {rule}: {ctx.reason}"), kind, out)
         self._audit(ctx, outcome="blocked")
 
+    def _refused_here(self, ctx: Ctx, kind: bytes, out: list[bytes]) -> None:
+        """Refused for where it stands in its transaction (25000, ctx.reason), audited."""
+        self._refuse(codec.encode_error("ERROR", "25000", f"keyturn: {ctx.reason}"), kind, out)
+        self._audit(ctx, outcome="blocked")
+
     def _refuse(self, error: bytes, kind: bytes, out: list[bytes] | None = None) -> None:
         """Answer a Query (kind Q) or Execute (kind E) with our error instead of running it.
 
@@ -1384,9 +1389,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             ctx.reason = ("keyturn cannot analyse this statement and it may end its "
                           "transaction and go on in another (DO, CALL), which keyturn cannot "
                           "keep read-only")
-            self._refuse(codec.encode_error("ERROR", "25000", f"keyturn: {ctx.reason}"), b"E",
-                         out)
-            self._audit(ctx, outcome="blocked")
+            self._refused_here(ctx, b"E", out)
             return True
         if ctx.post_key is not None and (analysis is None or any(
                 guard.outside_block(st) for st in analysis.statements)):
@@ -1398,9 +1401,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                               "approved statement: send COMMIT as a simple Query")
             elif ctx.reason and not ctx.reason.endswith("simple Query"):
                 ctx.reason += " (send COMMIT as a simple Query)"
-            self._refuse(codec.encode_error("ERROR", "25000", f"keyturn: {ctx.reason}"), b"E",
-                         out)
-            self._audit(ctx, outcome="blocked")
+            self._refused_here(ctx, b"E", out)
             return True
         self._guard_before_execute(ctx, out)
         if self.masking:
@@ -1512,8 +1513,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
                 plan = guard.plan_query(analysis.statements, self.txs)
         except guard.Refused as exc:
             ctx.action, ctx.reason = "block", str(exc)
-            self._refuse(codec.encode_error("ERROR", "25000", f"keyturn: {exc}"), b"Q", out)
-            self._audit(ctx, outcome="blocked")
+            self._refused_here(ctx, b"Q", out)
             return True
         if ctx.post_key is not None and plan is not None and plan.toggle and \
                 ctx.post_in_block:
@@ -1524,9 +1524,7 @@ class ClientSession(StartupSteps, Decisions, Holds, ReadOnlyGuard, ResultMasking
             ctx.post_key = None  # nothing to check, or a command outside any transaction
         at_commit = self._commit_at(ctx, analysis)
         if at_commit == -2:
-            self._refuse(codec.encode_error("ERROR", "25000", f"keyturn: {ctx.reason}"), b"Q",
-                         out)
-            self._audit(ctx, outcome="blocked")
+            self._refused_here(ctx, b"Q", out)
             return True
         if plan is not None and (plan.changed or plan.toggle) and self.imp_started \
                 and not self.imp_bound and not self.txs.block and not self.target_skipping:
